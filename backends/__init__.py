@@ -1,0 +1,1 @@
+"""Code generation backends (Apache TVM). The only package that imports ``tvm``."""

@@ -1,0 +1,3 @@
+"""The built-in passes; importing this package registers each of them."""
+
+from rewriter.passes import two_pass_softmax  # noqa: F401

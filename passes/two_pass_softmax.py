@@ -1,0 +1,242 @@
+"""Softmax(x) -> TwoPassSoftmax(x), LogSoftmax(x) -> TwoPassLogSoftmax(x).
+
+Implements Dukhan & Ablavatski, "The Two-Pass Softmax Algorithm" (2020,
+arXiv 2001.04438): exponentials are kept as (mantissa, exponent) pairs so the
+row needs no max pass. Exact: the rewritten model computes the same function
+(float64 inside the function body; agreement with the original to ~2e-7 relative).
+
+The new operators live in the ``ai.rewriter`` domain and carry model-local ONNX
+function bodies written in standard ops (from the model's own opset), so ONNX
+Runtime, ``onnx.reference`` and the checker accept the result as it is; the TVM
+backend replaces them with its vectorized kernel. ``TwoPassSoftmax`` works along
+the last axis: a Softmax over another axis is wrapped in Transpose (opset >= 13
+semantics) or Flatten/Reshape (opset < 13, which coerces the input to 2-D).
+
+Requires: default-domain opset >= 9 (for ``Where``). Ensures: no Softmax or
+LogSoftmax is left except those reported as skipped, each new operator has its
+function body, the model's IR version is >= 8 (model-local functions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+
+from rewriter import two_pass_math as tpm
+from rewriter.pass_base import DOMAIN, DOMAIN_VERSION, RewritePass, RewriteResult
+from rewriter.registry import register
+
+MIN_OPSET = 9
+# Model-local functions exist since IR version 8.
+MIN_IR_VERSION = 8
+# CastLike (opset 15) lets one body serve every float type; below it the body casts
+# back to float32, so only float32 Softmax nodes are rewritten there.
+CASTLIKE_OPSET = 15
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+# source op -> our op
+TARGETS = {"Softmax": "TwoPassSoftmax", "LogSoftmax": "TwoPassLogSoftmax"}
+
+
+@dataclasses.dataclass
+class TwoPassSoftmaxOptions:
+    """Options of ``two-pass-softmax``.
+
+    log_softmax: also rewrite LogSoftmax into TwoPassLogSoftmax.
+    """
+
+    log_softmax: bool = True
+
+
+@register
+class TwoPassSoftmaxPass(RewritePass):
+    """Replace Softmax and LogSoftmax by the exact two-pass algorithm."""
+
+    name = "two-pass-softmax"
+    exact = True
+    description = "Softmax/LogSoftmax -> two-pass (mantissa, exponent) softmax (Dukhan & Ablavatski 2020)"
+    Options = TwoPassSoftmaxOptions
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 1)
+        if opset < MIN_OPSET:
+            raise ir.passes.PreconditionError(
+                f"{self.name} needs opset >= {MIN_OPSET}, the model has {opset}: "
+                "upgrade it with onnx.version_converter.convert_version"
+            )
+
+    def call(self, model: ir.Model) -> RewriteResult:
+        opset = model.opset_imports.get("", 1)
+        sources = ["Softmax", "LogSoftmax"] if self.options.log_softmax else ["Softmax"]
+        if any(_find(model, source) for source in sources):
+            # Dtype and rank decide how each node is rewritten.
+            ir.passes.common.ShapeInferencePass()(model)
+        stats: dict[str, int] = {}
+        for source in sources:
+            rules = RewriteRuleSet([_ToTwoPass.rule(source, opset)])
+            stats[_stat_name(source)] = rules.apply_to_model(model)
+            if stats[_stat_name(source)]:
+                _add_function(model, TARGETS[source], opset)
+        notes = [
+            f"{node.op_type} {node.name!r} left as is: {_unsupported_reason(node, opset)}"
+            for source in sources
+            for node in _find(model, source)
+        ]
+        stats["skipped"] = len(notes)
+        modified = any(stats[_stat_name(source)] for source in sources)
+        return RewriteResult(model, modified, stats=stats, notes=notes)
+
+    def ensures(self, model: ir.Model) -> None:
+        super().ensures(model)
+        if any(node.domain == DOMAIN for node in ir.traversal.RecursiveGraphIterator(model.graph)):
+            assert model.ir_version >= MIN_IR_VERSION
+
+
+def _stat_name(source: str) -> str:
+    return {"Softmax": "softmax_replaced", "LogSoftmax": "log_softmax_replaced"}[source]
+
+
+def _find(model: ir.Model, op_type: str) -> list[ir.Node]:
+    return [
+        node
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.op_type == op_type and node.domain in ("", "ai.onnx")
+    ]
+
+
+class _ToTwoPass(RewriteRuleClassBase):
+    """``Softmax(x, axis)`` -> ``TwoPassSoftmax`` along the last axis, moving ``axis`` there."""
+
+    def __init__(self, source: str, opset: int) -> None:
+        super().__init__(name=f"{source}ToTwoPass")
+        self.source = source
+        self.target = TARGETS[source]
+        self.opset = opset
+
+    def pattern(self, op, x):
+        return getattr(op, self.source)(x, _allow_other_attributes=True, _outputs=["y"])
+
+    def check(self, context, x, y) -> MatchResult:
+        del context, x
+        reason = _unsupported_reason(y.producer(), self.opset)
+        return MatchResult().fail(reason) if reason else MatchResult()
+
+    def rewrite(self, op, x, y):
+        rank = _rank(x)
+        axis = y.producer().attributes.get_int("axis", 1 if self.opset < 13 else -1)
+        last = axis == -1 or (rank is not None and axis % rank == rank - 1)
+        if last:
+            return op.op(self.target, x, _domain=DOMAIN)
+        if self.opset < 13:
+            # Softmax-1/11 coerce the input to 2-D at `axis`.
+            flat = op.Flatten(x, axis=axis)
+            return op.Reshape(op.op(self.target, flat, _domain=DOMAIN), op.Shape(x))
+        assert rank is not None
+        perm = list(range(rank))
+        perm[axis % rank], perm[-1] = perm[-1], perm[axis % rank]
+        moved = op.Transpose(x, perm=perm)
+        return op.Transpose(op.op(self.target, moved, _domain=DOMAIN), perm=perm)
+
+
+def _rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+def _unsupported_reason(node: ir.Node, opset: int) -> str:
+    """Why ``node`` cannot be rewritten, or "" when it can."""
+    x = node.inputs[0]
+    if x is None:
+        return "no input"
+    dtype = x.dtype
+    if dtype is None:
+        return "input type unknown (shape inference could not infer it)"
+    if dtype not in FLOAT_TYPES:
+        return f"input type {dtype} is not a float type"
+    if opset < CASTLIKE_OPSET and dtype != ir.DataType.FLOAT:
+        return f"{dtype} input needs opset >= {CASTLIKE_OPSET} (CastLike); the model has {opset}"
+    axis = node.attributes.get_int("axis", 1 if opset < 13 else -1)
+    if opset >= 13 and axis != -1 and _rank(x) is None:
+        return f"axis {axis} with input rank unknown"
+    return ""
+
+
+def _add_function(model: ir.Model, op_type: str, opset: int) -> None:
+    key = (DOMAIN, op_type, "")
+    if key not in model.functions:
+        proto = function_proto(op_type, opset)
+        model.functions[key] = ir.serde.deserialize_function(proto)
+    model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    model.ir_version = max(model.ir_version or 0, MIN_IR_VERSION)
+
+
+def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
+    """The ONNX function body of ``TwoPassSoftmax`` or ``TwoPassLogSoftmax`` at ``opset``.
+
+    Computed in float64 along the last axis; see :mod:`rewriter.two_pass_math`.
+
+    >>> function_proto("TwoPassSoftmax", 17).name
+    'TwoPassSoftmax'
+    """
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op: str, inputs: list[str], output: str, **attributes) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], **attributes))
+        return output
+
+    def const(name: str, value: float) -> str:
+        tensor = helper.make_tensor(name, TensorProto.DOUBLE, [], [value])
+        return node("Constant", [], name, value=tensor)
+
+    def reduce(op: str, x: str, output: str) -> str:
+        # axes became an input in ReduceSum-13 and ReduceMax-18.
+        if (op == "ReduceSum" and opset >= 13) or opset >= 18:
+            axes = node("Constant", [], output + "_axes", value=helper.make_tensor(
+                output + "_axes", TensorProto.INT64, [1], [-1]))
+            return node(op, [x, axes], output, keepdims=1)
+        return node(op, [x], output, axes=[-1], keepdims=1)
+
+    xd = node("Cast", ["X"], "xd", to=TensorProto.DOUBLE)
+    # Pass 1: n = round(x log2 e), t = x - n ln2 (Cody-Waite), m = p(t).
+    scaled = node("Mul", [xd, const("log2e", tpm.LOG2E)], "x_log2e")
+    n = node("Floor", [node("Add", [scaled, const("half", 0.5)], "x_log2e_half")], "n")
+    t_hi = node("Sub", [xd, node("Mul", [n, const("ln2_hi", tpm.LN2_HI)], "n_ln2_hi")], "t_hi")
+    t = node("Sub", [t_hi, node("Mul", [n, const("ln2_lo", tpm.LN2_LO)], "n_ln2_lo")], "t_raw")
+    # -inf has no mantissa (t is NaN): give it m = 1, its 2**(n - N) = 0 removes it.
+    neg_inf = node("Less", [xd, const("lowest", float(np.finfo(np.float64).min))], "is_neg_inf")
+    t = node("Where", [neg_inf, const("zero", 0.0), t], "t_finite")
+    t = node("Max", [t, const("t_min", -tpm.T_CLAMP)], "t_low")
+    t = node("Min", [t, const("t_max", tpm.T_CLAMP)], "t")
+    m = const("c5", tpm.EXP_POLY[5])
+    for degree in range(4, -1, -1):
+        m = node("Mul", [m, t], f"p{degree}_mul")
+        m = node("Add", [m, const(f"c{degree}", tpm.EXP_POLY[degree])], f"p{degree}")
+    n_max = reduce("ReduceMax", n, "n_max")
+    delta = node("Sub", [n, n_max], "n_delta")
+    scale = node("Pow", [const("two", 2.0), delta], "scale")
+    contribution = node("Mul", [m, scale], "contribution")
+    total = reduce("ReduceSum", contribution, "m_sum")
+    # Pass 2: y = m / M * 2**(n - N).
+    if op_type == "TwoPassSoftmax":
+        yd = node("Div", [contribution, total], "yd")
+    else:
+        log_m = node("Log", [m], "log_m")
+        shifted = node("Add", [log_m, node("Mul", [delta, const("ln2", tpm.LN2)], "delta_ln2")], "log_num")
+        yd = node("Sub", [shifted, node("Log", [total], "log_sum")], "yd")
+    if opset >= CASTLIKE_OPSET:
+        node("CastLike", [yd, "X"], "Y")
+    else:
+        node("Cast", [yd], "Y", to=TensorProto.FLOAT)
+    return helper.make_function(
+        DOMAIN,
+        op_type,
+        ["X"],
+        ["Y"],
+        nodes,
+        [helper.make_opsetid("", opset)],
+        doc_string=f"{op_type} along the last axis (two-pass algorithm, float64 inside).",
+    )

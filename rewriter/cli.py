@@ -1,0 +1,160 @@
+"""The ``rewrite`` command line.
+
+    rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx [--report-json R.json]
+    rewrite --list-passes
+
+Exit codes: 0 success; 2 bad input (one line on stderr, no output file);
+3 an exact pipeline failed verification (no output file); 1 an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from rewriter import registry, verify
+from rewriter.errors import InputError, RewriterError
+from rewriter.job import Report, rewrite_file
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rewrite",
+        description="Rewrite an ONNX model with verified passes.",
+        epilog="Pass options: NAME(key=value,...), e.g. --passes 'two-pass-softmax(log_softmax=false)'.",
+    )
+    parser.add_argument("model", nargs="?", help="input ONNX model (never modified)")
+    parser.add_argument("-o", "--output", help="where to write the rewritten model")
+    passes = parser.add_mutually_exclusive_group()
+    passes.add_argument("--passes", help="comma-separated pass list, NAME or NAME(key=value,...)")
+    passes.add_argument("--pipeline", help="TOML pipeline file with [[pass]] tables")
+    parser.add_argument("--list-passes", action="store_true", help="list the available passes and exit")
+    parser.add_argument("--report-json", metavar="PATH", help="write the report as JSON")
+    parser.add_argument("--no-verify", action="store_true", help="skip running the models to compare them")
+    parser.add_argument("--inputs", metavar="NPZ", help="verification inputs (.npz keyed by input name)")
+    parser.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"value of a symbolic input dimension (defaults: {verify.DEFAULT_DIMS}, others {verify.DEFAULT_DIM})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default 0)")
+    parser.add_argument("--rtol", type=float, help="relative tolerance of exact passes (default by dtype; float32 1e-5)")
+    parser.add_argument("--atol", type=float, help="absolute tolerance of exact passes (default by dtype; float32 1e-6)")
+    parser.add_argument("--force", action="store_true", help="allow the output to replace the input file")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _run(parser, args)
+    except RewriterError as exc:
+        if args.verbose:
+            raise
+        print(f"rewrite: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("rewrite: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: one line unless -v
+        if args.verbose:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"rewrite: internal error: {type(exc).__name__}: {first} (run with -v for details)", file=sys.stderr)
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.list_passes:
+        for name, cls in registry.available().items():
+            kind = "exact" if cls.exact else "approximate"
+            print(f"{name:<24} {kind:<12} {cls.description}")
+        return 0
+    if not args.model:
+        parser.error("a model is required (or --list-passes)")
+    if not args.output:
+        raise InputError("an output path is required: -o OUT.onnx")
+    if not args.passes and not args.pipeline:
+        raise InputError("no passes given: use --passes NAME[,NAME...] or --pipeline FILE")
+    passes = registry.load_pipeline(args.pipeline) if args.pipeline else registry.parse_pipeline(args.passes)
+    tolerance = None
+    if args.rtol is not None or args.atol is not None:
+        default = verify.DEFAULT_TOLERANCE["float32"]
+        tolerance = verify.Tolerance(
+            rtol=args.rtol if args.rtol is not None else default.rtol,
+            atol=args.atol if args.atol is not None else default.atol,
+        )
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    report = rewrite_file(
+        args.model,
+        args.output,
+        passes,
+        inputs=args.inputs,
+        dims=_parse_dims(args.dim),
+        seed=args.seed,
+        check=not args.no_verify,
+        tolerance=tolerance,
+        force=args.force,
+        progress=progress,
+    )
+    if args.report_json:
+        report.write_json(args.report_json)
+    if not args.quiet:
+        print(format_report(report))
+    return 0
+
+
+def _parse_dims(items: Sequence[str]) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit() or int(value) < 1:
+            raise InputError(f"--dim {item!r}: expected NAME=POSITIVE_INT")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def format_report(report: Report) -> str:
+    """The human-readable summary printed after a rewrite."""
+    lines = [f"{report.input} -> {report.output} ({report.seconds:.1f} s)"]
+    for record in report.passes:
+        kind = "exact" if record.exact else "approximate"
+        stats = ", ".join(f"{key}={value}" for key, value in record.stats.items()) or "no changes"
+        lines.append(f"  {record.name} [{kind}] {stats} ({record.seconds:.2f} s)")
+        lines.extend(f"    note: {note}" for note in record.notes)
+    if report.verification is None:
+        lines.append("  verification: skipped (--no-verify)")
+        return "\n".join(lines)
+    shapes = ", ".join(f"{name}{shape}" for name, shape in report.verification.inputs.items())
+    lines.append(f"  verification on {shapes}:")
+    lines.append(f"    {'output':<28} {'max abs err':>12} {'max rel err':>12} {'cosine':>10} {'argmax':>8}  result")
+    for output in report.verification.outputs:
+        argmax = "-" if output.argmax_agreement is None else f"{output.argmax_agreement:.3f}"
+        verdict = {True: "ok", False: "FAIL", None: "reported"}[output.passed]
+        lines.append(
+            f"    {output.name[:28]:<28} {output.max_abs_err:>12.3g} {output.max_rel_err:>12.3g} "
+            f"{output.cosine:>10.6f} {argmax:>8}  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Errors the tool reports to users, each mapped to a CLI exit code.
+
+``InputError`` (exit 2) is bad input: a file, a pass name, an option or data the
+user gave. ``VerificationError`` (exit 3) is an exact rewrite whose output
+differs from the original by more than the stated tolerance.
+"""
+
+from __future__ import annotations
+
+
+class RewriterError(Exception):
+    """Base class of the errors shown to users as one line."""
+
+    exit_code = 1
+
+
+class InputError(RewriterError):
+    """The user's input is unusable: missing or corrupt model, unknown pass, bad option."""
+
+    exit_code = 2
+
+
+class VerificationError(RewriterError):
+    """An exact pipeline changed the model's outputs beyond the tolerance."""
+
+    exit_code = 3

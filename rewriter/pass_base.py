@@ -1,0 +1,114 @@
+"""The base every rewrite pass shares.
+
+A pass is an onnx-ir in-place pass: ``call(model) -> RewriteResult``, where the
+result adds ``stats`` (counts of what the pass did, e.g. ``{"softmax_replaced": 6}``)
+and ``notes`` (why candidates were left alone) to onnx-ir's ``PassResult``.
+``requires`` and ``ensures`` are run around ``call`` by onnx-ir's ``PassBase``.
+
+Each pass declares whether it is exact (the rewritten model computes the same
+function up to rounding: verification enforces a tolerance) or approximate (the
+function changes: verification reports fidelity) and its options as a dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from rewriter.errors import InputError
+
+# The ONNX domain of the operators our passes introduce.
+DOMAIN = "ai.rewriter"
+DOMAIN_VERSION = 1
+
+
+@dataclasses.dataclass
+class RewriteResult(ir.passes.PassResult):
+    """A ``PassResult`` with the statistics of what the pass did and why it skipped."""
+
+    stats: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """Options of a pass that takes none."""
+
+
+class RewritePass(ir.passes.InPlacePass):
+    """Base class of the tool's passes.
+
+    Subclasses set ``name`` (the registry name), ``exact``, ``description`` (one
+    line) and ``Options`` (a dataclass whose fields have defaults), and implement
+    ``call``.
+
+    >>> from rewriter.registry import create_pass
+    >>> result = create_pass("two-pass-softmax")(model)  # doctest: +SKIP
+    >>> result.stats  # doctest: +SKIP
+    {'softmax_replaced': 6, 'log_softmax_replaced': 0, 'skipped': 0}
+    """
+
+    name: ClassVar[str]
+    exact: ClassVar[bool]
+    description: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> RewritePass:
+        """Build the pass from ``key=value`` strings, converting each to its field's type."""
+        return cls(parse_options(cls.Options, values, pass_name=cls.name))
+
+    def ensures(self, model: ir.Model) -> None:
+        """Every operator of our domain left in the graph must have its function body."""
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.domain == DOMAIN and node.op_identifier() not in model.functions:
+                raise ir.passes.PostconditionError(
+                    f"{self.name}: node {node.name!r} ({node.op_type}) has no function body"
+                )
+
+
+def parse_options(options_type: type, values: dict[str, str], *, pass_name: str) -> Any:
+    """Convert ``{"key": "text"}`` into an ``options_type`` instance, with typed fields."""
+    fields = {field.name: field for field in dataclasses.fields(options_type)}
+    hints = typing.get_type_hints(options_type)
+    kwargs: dict[str, Any] = {}
+    for key, text in values.items():
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise InputError(f"pass '{pass_name}' has no option '{key}' (options: {known})")
+        kwargs[key] = _convert(text, hints[key], pass_name=pass_name, key=key)
+    return options_type(**kwargs)
+
+
+def _convert(text: str, hint: Any, *, pass_name: str, key: str) -> Any:
+    if not isinstance(text, str):  # already typed (from a TOML pipeline)
+        return text
+    kind = hint if isinstance(hint, type) else typing.get_origin(hint)
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind in (int, float, str):
+            return kind(text)
+        if kind in (list, tuple):
+            return [item.strip() for item in text.split("|") if item.strip()]
+        if typing.get_origin(hint) is typing.Union or type(hint).__name__ == "UnionType":
+            args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+            if text.strip().lower() == "none":
+                return None
+            return _convert(text, args[0], pass_name=pass_name, key=key)
+    except ValueError:
+        pass
+    else:
+        return text
+    raise InputError(f"pass '{pass_name}': option '{key}' expects {getattr(hint, '__name__', hint)}, got {text!r}")

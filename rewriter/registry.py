@@ -1,0 +1,125 @@
+"""The registry of pass names, and parsing of pipeline specs.
+
+A pipeline is written ``name`` or ``name(key=value,...)``, comma-separated:
+``two-pass-softmax,quantize(bits=8)``. It can also come from a TOML file::
+
+    [[pass]]
+    name = "two-pass-softmax"
+
+    [[pass]]
+    name = "quantize"
+    options = { bits = 8 }
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from rewriter.errors import InputError
+from rewriter.pass_base import RewritePass, parse_options
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_REGISTRY: dict[str, type[RewritePass]] = {}
+
+
+def register(cls: type[RewritePass]) -> type[RewritePass]:
+    """Class decorator adding a pass to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"pass name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> dict[str, type[RewritePass]]:
+    """All registered passes by name, sorted.
+
+    >>> "two-pass-softmax" in available()
+    True
+    """
+    _load_builtin_passes()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def create_pass(name: str, options: dict[str, Any] | None = None) -> RewritePass:
+    """Instantiate the pass registered as ``name`` with ``options`` (strings or typed values).
+
+    >>> create_pass("two-pass-softmax").exact
+    True
+    """
+    passes = available()
+    if name not in passes:
+        known = ", ".join(passes)
+        raise InputError(f"unknown pass '{name}' (available: {known})")
+    cls = passes[name]
+    return cls(parse_options(cls.Options, options or {}, pass_name=name))
+
+
+_SPEC = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\(([^()]*)\))?\s*(?:,|$)")
+
+
+def parse_pipeline(spec: str) -> list[RewritePass]:
+    """Parse ``"a,b(key=value,key2=value2)"`` into pass instances.
+
+    >>> [p.name for p in parse_pipeline("two-pass-softmax")]
+    ['two-pass-softmax']
+    """
+    passes: list[RewritePass] = []
+    position = 0
+    spec = spec.strip()
+    while position < len(spec):
+        match = _SPEC.match(spec, position)
+        if match is None or match.end() == position:
+            raise InputError(f"cannot parse pass list at: {spec[position:]!r}")
+        name, arguments = match.group(1), match.group(2)
+        passes.append(create_pass(name, _parse_arguments(name, arguments)))
+        position = match.end()
+    if not passes:
+        raise InputError("no passes given")
+    return passes
+
+
+def load_pipeline(path: str | Path) -> list[RewritePass]:
+    """Read a TOML pipeline file (``[[pass]]`` tables with ``name`` and ``options``)."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such pipeline file") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a valid TOML pipeline ({exc})") from exc
+    entries = document.get("pass")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{path}: expected one or more [[pass]] tables")
+    passes = []
+    for entry in entries:
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise InputError(f"{path}: each [[pass]] needs a name")
+        options = entry.get("options", {})
+        if not isinstance(options, dict):
+            raise InputError(f"{path}: options of pass '{entry['name']}' must be a table")
+        passes.append(create_pass(entry["name"], options))
+    return passes
+
+
+def _parse_arguments(name: str, arguments: str | None) -> dict[str, str]:
+    if not arguments or not arguments.strip():
+        return {}
+    values: dict[str, str] = {}
+    for item in arguments.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"pass '{name}': option {item.strip()!r} is not key=value")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def _load_builtin_passes() -> None:
+    # Importing the package registers every built-in pass.
+    import rewriter.passes  # noqa: F401

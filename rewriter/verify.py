@@ -1,0 +1,301 @@
+"""Verification: run the original and the rewritten model on the same inputs and compare.
+
+Inputs come from an ``.npz`` file or are generated from the model's input types:
+
+* symbolic dimensions take the value given by ``dims`` (``--dim name=value``), else a
+  default by name: :data:`DEFAULT_DIMS` (``batch`` -> 2, ``seq``/``sequence``/``len``
+  -> 16), else :data:`DEFAULT_DIM` (8);
+* float inputs are standard normal;
+* integer inputs that index a table (they reach a ``Gather`` whose data is an
+  initializer, e.g. token ids) are uniform in ``[0, rows)``; integer or bool inputs
+  whose name contains ``mask`` are all ones/True; other integers are uniform in
+  ``[0, DEFAULT_INT_HIGH)``.
+
+Each output is compared with :func:`compare`; :data:`DEFAULT_TOLERANCE` states the
+tolerance of exact passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from rewriter.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DIMS = {"batch": 2, "seq": 16, "sequence": 16, "len": 16, "length": 16}
+DEFAULT_DIM = 8
+DEFAULT_INT_HIGH = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """An output passes when ``max_abs_err <= atol + rtol * max|reference|``.
+
+    Relative to the output's scale, not elementwise: elementwise relative errors are
+    meaningless next to zeros, and softmax outputs have many near-zero entries.
+    """
+
+    rtol: float
+    atol: float
+
+    def allows(self, max_abs_err: float, scale: float) -> bool:
+        return max_abs_err <= self.atol + self.rtol * scale
+
+
+# Exact rewrites only reorder float operations. In float32 a reordered reduction
+# differs by a few ulp (1.2e-7 each) per layer; 1e-5 of the output scale leaves room
+# for ~10 layers of that and still catches any real change. float16 has an ulp of
+# 9.8e-4 and its models accumulate in float16 between ops, hence 4e-3.
+DEFAULT_TOLERANCE = {
+    "float32": Tolerance(rtol=1e-5, atol=1e-6),
+    "float64": Tolerance(rtol=1e-9, atol=1e-12),
+    "float16": Tolerance(rtol=4e-3, atol=1e-4),
+    "bfloat16": Tolerance(rtol=3e-2, atol=1e-3),
+}
+
+
+@dataclasses.dataclass
+class OutputComparison:
+    """How one output of the rewritten model differs from the original's."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    max_abs_err: float
+    max_rel_err: float
+    cosine: float
+    argmax_agreement: float | None
+    nan_mismatch: int
+    passed: bool | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {key: _json_float(value) for key, value in dataclasses.asdict(self).items()}
+
+
+def _json_float(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputComparison:
+    """Compare one output: errors, cosine similarity, argmax agreement on the last axis.
+
+    NaN and infinities count as equal where both outputs have the same value;
+    ``max_rel_err`` is ``max_abs_err / max|reference|`` over the finite entries.
+
+    >>> compare("y", np.array([1.0, 2.0]), np.array([1.0, 2.5])).max_abs_err
+    0.5
+    """
+    if reference.shape != candidate.shape:
+        raise ValueError(f"output {name}: shape {candidate.shape} != original {reference.shape}")
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    same = (ref == cand) | (np.isnan(ref) & np.isnan(cand))
+    finite = np.isfinite(ref) & np.isfinite(cand)
+    mismatch = int(np.count_nonzero(~same & ~finite))
+    diff = np.where(finite, np.abs(ref - cand), 0.0)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    if mismatch:
+        max_abs = math.inf
+    scale = float(np.abs(np.where(finite, ref, 0.0)).max()) if ref.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    a, b = np.where(finite, ref, 0.0).ravel(), np.where(finite, cand, 0.0).ravel()
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cosine = float(a @ b / norms) if norms > 0 else (1.0 if not a.any() and not b.any() else 0.0)
+    argmax = None
+    if ref.ndim >= 2 and np.issubdtype(reference.dtype, np.floating) and ref.shape[-1] > 1:
+        argmax = float(np.mean(np.argmax(np.nan_to_num(ref), -1) == np.argmax(np.nan_to_num(cand), -1)))
+    return OutputComparison(
+        name=name,
+        shape=list(reference.shape),
+        dtype=str(reference.dtype),
+        max_abs_err=max_abs,
+        max_rel_err=max_rel,
+        cosine=cosine,
+        argmax_agreement=argmax,
+        nan_mismatch=mismatch,
+    )
+
+
+def check_tolerance(
+    comparison: OutputComparison, reference: np.ndarray, tolerance: Tolerance | None = None
+) -> bool:
+    """Mark ``comparison.passed`` against ``tolerance`` (default: by dtype) and return it."""
+    tolerance = tolerance or DEFAULT_TOLERANCE.get(comparison.dtype, DEFAULT_TOLERANCE["float32"])
+    ref = np.asarray(reference, dtype=np.float64)
+    finite = ref[np.isfinite(ref)]
+    scale = float(np.abs(finite).max()) if finite.size else 0.0
+    comparison.passed = comparison.nan_mismatch == 0 and tolerance.allows(comparison.max_abs_err, scale)
+    return comparison.passed
+
+
+def session(model: str | Path | bytes) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with warnings silenced.
+
+    A model ONNX Runtime rejects raises :class:`InputError` naming the reason.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types
+        where = "the model" if isinstance(model, bytes) else str(model)
+        raise InputError(f"ONNX Runtime cannot load {where}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def run(model: str | Path | bytes, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``model`` in ONNX Runtime and return its outputs by name."""
+    sess = session(model)
+    names = [output.name for output in sess.get_outputs()]
+    values = sess.run(names, {i.name: inputs[i.name] for i in sess.get_inputs()})
+    return dict(zip(names, values, strict=True))
+
+
+def make_inputs(
+    model_path: str | Path,
+    *,
+    dims: Mapping[str, int] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Generate seeded inputs for ``model_path`` following the rules of this module.
+
+    >>> inputs = make_inputs("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
+    """
+    dims = dict(dims or {})
+    proto = onnx.load(str(model_path), load_external_data=False)
+    table_rows = _index_table_rows(proto)
+    rng = np.random.default_rng(seed)
+    inputs: dict[str, np.ndarray] = {}
+    for info in session(model_path).get_inputs():
+        shape = [_dim_value(dim, dims, info.name, axis) for axis, dim in enumerate(info.shape)]
+        dtype = _numpy_dtype(info.type)
+        if np.issubdtype(dtype, np.floating):
+            inputs[info.name] = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in info.name.lower():
+            inputs[info.name] = np.ones(shape, dtype=dtype)
+        elif dtype == np.bool_:
+            inputs[info.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            high = table_rows.get(info.name, DEFAULT_INT_HIGH)
+            inputs[info.name] = rng.integers(0, high, shape).astype(dtype)
+    return inputs
+
+
+def load_inputs(path: str | Path, model_path: str | Path) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` of inputs and check names, dtypes and shapes against the model."""
+    try:
+        with np.load(path) as archive:
+            inputs = {name: archive[name] for name in archive.files}
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such inputs file") from exc
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from exc
+    expected = {info.name: info for info in session(model_path).get_inputs()}
+    missing = sorted(set(expected) - set(inputs))
+    extra = sorted(set(inputs) - set(expected))
+    if missing or extra:
+        raise InputError(
+            f"{path}: input names do not match the model (missing: {missing or 'none'}, "
+            f"unknown: {extra or 'none'}; the model takes {sorted(expected)})"
+        )
+    bound: dict[str, int] = {}
+    for name, info in expected.items():
+        value, dtype = inputs[name], _numpy_dtype(info.type)
+        if value.dtype != dtype:
+            raise InputError(f"{path}: input '{name}' has dtype {value.dtype}, the model takes {dtype}")
+        if len(value.shape) != len(info.shape):
+            raise InputError(
+                f"{path}: input '{name}' has rank {value.ndim}, the model takes shape {_shape_text(info.shape)}"
+            )
+        for size, dim in zip(value.shape, info.shape, strict=True):
+            fixed = isinstance(dim, int) and dim >= 0
+            if (fixed and size != dim) or (isinstance(dim, str) and bound.setdefault(dim, size) != size):
+                raise InputError(
+                    f"{path}: input '{name}' has shape {list(value.shape)}, the model takes {_shape_text(info.shape)}"
+                )
+    return inputs
+
+
+def _shape_text(shape: list[object]) -> str:
+    return "[" + ", ".join(str(dim) if dim is not None else "?" for dim in shape) + "]"
+
+
+def _dim_value(dim: object, dims: Mapping[str, int], input_name: str, axis: int) -> int:
+    if isinstance(dim, int) and dim >= 0:
+        return dim
+    if isinstance(dim, str) and dim:
+        if dim in dims:
+            return dims[dim]
+        for word in re.split(r"[^a-z]+", dim.lower()):
+            if word in DEFAULT_DIMS:
+                return DEFAULT_DIMS[word]
+        logger.info("dimension %r of input %r: using default %d", dim, input_name, DEFAULT_DIM)
+        return DEFAULT_DIM
+    key = f"{input_name}.{axis}"
+    return dims.get(key, DEFAULT_DIMS["batch"] if axis == 0 else DEFAULT_DIM)
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _numpy_dtype(ort_type: str) -> np.dtype:
+    if ort_type not in _ORT_TYPES:
+        raise InputError(f"cannot generate inputs of type {ort_type}; pass them with --inputs")
+    return np.dtype(_ORT_TYPES[ort_type])
+
+
+def _index_table_rows(proto: onnx.ModelProto) -> dict[str, int]:
+    """Graph inputs used as Gather indices into an initializer: the table's row count."""
+    shapes = {init.name: list(init.dims) for init in proto.graph.initializer}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    rows: dict[str, int] = {}
+    graph_inputs = {i.name for i in proto.graph.input}
+    for node in proto.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[0] not in shapes:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        size = shapes[node.input[0]][axis]
+        source = _trace_to_input(node.input[1], producers, graph_inputs)
+        if source is not None:
+            rows[source] = min(rows.get(source, size), size)
+    return rows
+
+
+def _trace_to_input(name: str, producers: dict[str, onnx.NodeProto], graph_inputs: set[str]) -> str | None:
+    """Follow shape-preserving ops (Cast, Reshape, ...) from ``name`` back to a graph input."""
+    passthrough = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten", "Expand"}
+    for _ in range(8):
+        if name in graph_inputs:
+            return name
+        node = producers.get(name)
+        if node is None or node.op_type not in passthrough:
+            return None
+        name = node.input[0]
+    return None
