@@ -133,8 +133,8 @@ class _ToTwoPass(RewriteRuleClassBase):
         if last:
             return op.op(self.target, x, _domain=DOMAIN)
         if self.opset < 13:
-            # Softmax-1/11 coerce the input to 2-D at `axis`.
-            flat = op.Flatten(x, axis=axis)
+            # Softmax-1/11 coerce the input to 2-D at `axis` (Flatten-9 takes no negative axis).
+            flat = op.Flatten(x, axis=axis % rank if rank is not None else axis)
             return op.Reshape(op.op(self.target, flat, _domain=DOMAIN), op.Shape(x))
         assert rank is not None
         perm = list(range(rank))
@@ -162,6 +162,8 @@ def _unsupported_reason(node: ir.Node, opset: int) -> str:
     axis = node.attributes.get_int("axis", 1 if opset < 13 else -1)
     if opset >= 13 and axis != -1 and _rank(x) is None:
         return f"axis {axis} with input rank unknown"
+    if opset < 11 and axis < -1 and _rank(x) is None:
+        return f"negative axis {axis} with input rank unknown (Flatten-{opset} needs axis >= 0)"
     return ""
 
 

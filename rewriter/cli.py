@@ -99,8 +99,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     started = time.perf_counter()
 
+    # Progress goes to an interactive terminal (or with -v); logs and pipes get the
+    # summary and, on failure, exactly one error line.
+    show_progress = not args.quiet and (sys.stderr.isatty() or args.verbose)
+
     def progress(message: str) -> None:
-        if not args.quiet:
+        if show_progress:
             print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     report = rewrite_file(
