@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true", help="skip running the models to compare them")
     parser.add_argument("--inputs", metavar="NPZ", help="verification inputs (.npz keyed by input name)")
     parser.add_argument(
+        "--calibration", metavar="NPZ", help="calibration inputs for passes that measure the model (.npz keyed by input name)"
+    )
+    parser.add_argument(
         "--dim",
         action="append",
         default=[],
@@ -112,6 +115,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         args.output,
         passes,
         inputs=args.inputs,
+        calibration=args.calibration,
         dims=_parse_dims(args.dim),
         seed=args.seed,
         check=not args.no_verify,
@@ -157,6 +161,11 @@ def format_report(report: Report) -> str:
             f"    {output.name[:28]:<28} {output.max_abs_err:>12.3g} {output.max_rel_err:>12.3g} "
             f"{output.cosine:>10.6f} {argmax:>8}  {verdict}"
         )
+        if output.pooled_cosine_mean is not None:
+            lines.append(
+                f"    {'':<28} over the attention mask: max abs err {output.masked_max_abs_err:.3g}, "
+                f"pooled cosine mean {output.pooled_cosine_mean:.6f} min {output.pooled_cosine_min:.6f}"
+            )
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from rewriter import io, verify
 from rewriter.errors import InputError, VerificationError
 from rewriter.manager import PassRecord, run_pipeline
-from rewriter.pass_base import RewritePass
+from rewriter.pass_base import PassContext, RewritePass
 from rewriter.registry import parse_pipeline
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def rewrite_file(
     passes: str | Sequence[RewritePass],
     *,
     inputs: str | Path | Mapping[str, np.ndarray] | None = None,
+    calibration: str | Path | Mapping[str, np.ndarray] | None = None,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
     check: bool = True,
@@ -99,7 +100,9 @@ def rewrite_file(
     With ``check`` the original and the rewritten model run on the same inputs
     (``inputs``: an ``.npz`` path or arrays; else generated with ``dims`` and
     ``seed``); an exact pipeline whose outputs differ beyond ``tolerance`` raises
-    :class:`VerificationError` and writes nothing.
+    :class:`VerificationError` and writes nothing. ``calibration`` (an ``.npz``
+    path or arrays, checked against the model's inputs) is what passes that measure
+    the model calibrate on.
     """
     say = progress or (lambda message: logger.info("%s", message))
     start = time.perf_counter()
@@ -113,12 +116,17 @@ def rewrite_file(
     feeds: dict[str, np.ndarray] | None = None
     if check:
         feeds = _inputs(source, inputs, dims, seed)
-    records: list[PassRecord] = []
+    context = PassContext(dims=dict(dims or {}), seed=seed, source=source)
+    if isinstance(calibration, (str, Path)):
+        context.calibration = [verify.load_inputs(calibration, source, what="calibration")]
+    elif calibration is not None:
+        verify.check_inputs(calibration, source, source="calibration data")
+        context.calibration = [dict(calibration)]
 
     def announce(index: int, rewrite_pass: RewritePass) -> None:
         say(f"pass {index + 1}/{len(passes)}: {rewrite_pass.name}")
 
-    result = run_pipeline(model, passes, on_pass=announce)
+    result = run_pipeline(model, passes, context=context, on_pass=announce)
     records = result.records
     verification = None
     with io.staged_output(destination) as staged:
@@ -154,6 +162,7 @@ def _inputs(
         return verify.make_inputs(source, dims=dims, seed=seed)
     if isinstance(inputs, (str, Path)):
         return verify.load_inputs(inputs, source)
+    verify.check_inputs(inputs, source, source="inputs")
     return dict(inputs)
 
 
@@ -171,8 +180,9 @@ def _verify(
     candidate = verify.run(rewritten, feeds)
     outputs = []
     used: dict[str, float] | None = None
+    mask = verify.find_attention_mask(feeds)
     for name, ref in reference.items():
-        comparison = verify.compare(name, ref, candidate[name])
+        comparison = verify.compare(name, ref, candidate[name], mask=mask)
         if exact and np.issubdtype(ref.dtype, np.floating):
             chosen = tolerance or verify.DEFAULT_TOLERANCE.get(str(ref.dtype), verify.DEFAULT_TOLERANCE["float32"])
             verify.check_tolerance(comparison, ref, chosen)

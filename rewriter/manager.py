@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
-from rewriter.pass_base import RewritePass, RewriteResult
+from rewriter.pass_base import PassContext, RewritePass, RewriteResult
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,12 @@ def run_pipeline(
     model: ir.Model,
     passes: Sequence[RewritePass],
     *,
+    context: PassContext | None = None,
     on_pass: Callable[[int, RewritePass], None] | None = None,
 ) -> PipelineResult:
     """Apply ``passes`` in order to ``model`` (in place) and record what each did.
+
+    ``context`` (calibration data and the like) is handed to every pass.
 
     >>> from rewriter.registry import parse_pipeline
     >>> result = run_pipeline(model, parse_pipeline("two-pass-softmax"))  # doctest: +SKIP
@@ -63,6 +66,8 @@ def run_pipeline(
     """
     records = []
     for index, rewrite_pass in enumerate(passes):
+        if context is not None:
+            rewrite_pass.context = context
         if on_pass is not None:
             on_pass(index, rewrite_pass)
         start = time.perf_counter()

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx_ir as ir
 
 from rewriter.errors import InputError
@@ -31,6 +33,31 @@ class RewriteResult(ir.passes.PassResult):
 
     stats: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass may need beyond the model, given by the pipeline's caller.
+
+    ``calibration`` holds batches of model inputs (from ``--calibration FILE``);
+    passes that measure the model (importance, distortion) use them, or one batch
+    generated from the model's input types (``dims``, ``seed``, as verification does)
+    when none were given.
+    """
+
+    calibration: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
+    dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    source: Path | None = None
+
+    def calibration_inputs(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
+        """The calibration batches, or one generated batch when none were given."""
+        from rewriter import verify
+
+        if self.calibration:
+            return self.calibration
+        origin = self.source if self.source is not None else ir.serde.serialize_model(model)
+        return [verify.make_inputs(origin, dims=self.dims, seed=self.seed)]
 
 
 @dataclasses.dataclass
@@ -58,6 +85,7 @@ class RewritePass(ir.passes.InPlacePass):
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
+        self.context = PassContext()
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> RewritePass:

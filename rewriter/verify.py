@@ -76,6 +76,12 @@ class OutputComparison:
     cosine: float
     argmax_agreement: float | None
     nan_mismatch: int
+    # Over the positions an attention mask keeps (for [batch, seq, ...] outputs of a
+    # model that takes one): the error there, and the cosine of the mean-pooled
+    # vectors per sequence (mean and min over the batch). Padding carries no meaning.
+    masked_max_abs_err: float | None = None
+    pooled_cosine_mean: float | None = None
+    pooled_cosine_min: float | None = None
     passed: bool | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -88,11 +94,15 @@ def _json_float(value: object) -> object:
     return value
 
 
-def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputComparison:
+def compare(
+    name: str, reference: np.ndarray, candidate: np.ndarray, *, mask: np.ndarray | None = None
+) -> OutputComparison:
     """Compare one output: errors, cosine similarity, argmax agreement on the last axis.
 
     NaN and infinities count as equal where both outputs have the same value;
     ``max_rel_err`` is ``max_abs_err / max|reference|`` over the finite entries.
+    With ``mask`` ([batch, seq], nonzero = real token) and an output of shape
+    [batch, seq, ...], the masked figures are filled in too.
 
     >>> compare("y", np.array([1.0, 2.0]), np.array([1.0, 2.5])).max_abs_err
     0.5
@@ -116,7 +126,7 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputCo
     argmax = None
     if ref.ndim >= 2 and np.issubdtype(reference.dtype, np.floating) and ref.shape[-1] > 1:
         argmax = float(np.mean(np.argmax(np.nan_to_num(ref), -1) == np.argmax(np.nan_to_num(cand), -1)))
-    return OutputComparison(
+    comparison = OutputComparison(
         name=name,
         shape=list(reference.shape),
         dtype=str(reference.dtype),
@@ -126,6 +136,36 @@ def compare(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputCo
         argmax_agreement=argmax,
         nan_mismatch=mismatch,
     )
+    if mask is not None and ref.ndim >= 3 and ref.shape[:2] == mask.shape:
+        keep = np.asarray(mask) != 0
+        comparison.masked_max_abs_err = float(np.abs(ref - cand)[keep].max()) if keep.any() else 0.0
+        pooled = pooled_cosine(ref, cand, keep)
+        comparison.pooled_cosine_mean = float(pooled.mean())
+        comparison.pooled_cosine_min = float(pooled.min())
+    return comparison
+
+
+def pooled_cosine(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per sequence: cosine of the mask-weighted mean over positions of two [batch, seq, ...] outputs.
+
+    >>> pooled_cosine(np.ones((1, 2, 3)), np.ones((1, 2, 3)), np.array([[1, 0]])).tolist()
+    [1.0]
+    """
+    weights = np.asarray(mask, dtype=np.float64).reshape(mask.shape + (1,) * (reference.ndim - 2))
+    count = np.maximum(weights.sum(axis=1), 1.0)
+    a = (np.asarray(reference, np.float64) * weights).sum(axis=1) / count
+    b = (np.asarray(candidate, np.float64) * weights).sum(axis=1) / count
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
+
+
+def find_attention_mask(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The [batch, seq] attention mask among a model's inputs, if it takes one."""
+    for name, value in inputs.items():
+        if "mask" in name.lower() and np.asarray(value).ndim == 2:
+            return np.asarray(value)
+    return None
 
 
 def check_tolerance(
@@ -168,69 +208,106 @@ def run(model: str | Path | bytes, inputs: Mapping[str, np.ndarray]) -> dict[str
     return dict(zip(names, values, strict=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A graph input (not an initializer): name, numpy dtype, dims (int, name or None)."""
+
+    name: str
+    dtype: np.dtype
+    dims: list[int | str | None]
+
+
+def input_specs(model: str | Path | onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs, read from the graph (initializers listed as inputs excluded)."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    initializers = {init.name for init in proto.graph.initializer}
+    specs = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise InputError(f"input '{value.name}' is not a tensor; pass inputs with --inputs")
+        dims: list[int | str | None] = []
+        for dim in tensor.shape.dim:
+            if dim.HasField("dim_value"):
+                dims.append(dim.dim_value)
+            else:
+                dims.append(dim.dim_param or None)
+        specs.append(InputSpec(value.name, _numpy_dtype_of(tensor.elem_type, value.name), dims))
+    return specs
+
+
 def make_inputs(
-    model_path: str | Path,
+    model: str | Path | onnx.ModelProto,
     *,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Generate seeded inputs for ``model_path`` following the rules of this module.
+    """Generate seeded inputs for ``model`` following the rules of this module.
 
     >>> inputs = make_inputs("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
     """
     dims = dict(dims or {})
-    proto = onnx.load(str(model_path), load_external_data=False)
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     table_rows = _index_table_rows(proto)
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
-    for info in session(model_path).get_inputs():
-        shape = [_dim_value(dim, dims, info.name, axis) for axis, dim in enumerate(info.shape)]
-        dtype = _numpy_dtype(info.type)
-        if np.issubdtype(dtype, np.floating):
-            inputs[info.name] = rng.standard_normal(shape).astype(dtype)
-        elif "mask" in info.name.lower():
-            inputs[info.name] = np.ones(shape, dtype=dtype)
-        elif dtype == np.bool_:
-            inputs[info.name] = rng.integers(0, 2, shape).astype(np.bool_)
+    for spec in input_specs(proto):
+        shape = [_dim_value(dim, dims, spec.name, axis) for axis, dim in enumerate(spec.dims)]
+        if np.issubdtype(spec.dtype, np.floating):
+            inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif "mask" in spec.name.lower():
+            inputs[spec.name] = np.ones(shape, dtype=spec.dtype)
+        elif spec.dtype == np.bool_:
+            inputs[spec.name] = rng.integers(0, 2, shape).astype(np.bool_)
         else:
-            high = table_rows.get(info.name, DEFAULT_INT_HIGH)
-            inputs[info.name] = rng.integers(0, high, shape).astype(dtype)
+            high = table_rows.get(spec.name, DEFAULT_INT_HIGH)
+            inputs[spec.name] = rng.integers(0, high, shape).astype(spec.dtype)
     return inputs
 
 
-def load_inputs(path: str | Path, model_path: str | Path) -> dict[str, np.ndarray]:
-    """Read an ``.npz`` of inputs and check names, dtypes and shapes against the model."""
+def load_inputs(path: str | Path, model: str | Path | onnx.ModelProto, *, what: str = "inputs") -> dict[str, np.ndarray]:
+    """Read an ``.npz`` of inputs and check names, dtypes and shapes against the model.
+
+    ``what`` names the file in error messages (``inputs``, ``calibration``).
+    """
     try:
         with np.load(path) as archive:
             inputs = {name: archive[name] for name in archive.files}
     except FileNotFoundError as exc:
-        raise InputError(f"{path}: no such inputs file") from exc
+        raise InputError(f"{path}: no such {what} file") from exc
     except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from exc
-    expected = {info.name: info for info in session(model_path).get_inputs()}
+        raise InputError(f"{path}: not a readable .npz {what} file ({exc})") from exc
+    check_inputs(inputs, model, source=f"{path}")
+    return inputs
+
+
+def check_inputs(inputs: Mapping[str, np.ndarray], model: str | Path | onnx.ModelProto, *, source: str) -> None:
+    """Raise :class:`InputError` unless ``inputs`` match the model's input names, dtypes and shapes."""
+    expected = {spec.name: spec for spec in input_specs(model)}
     missing = sorted(set(expected) - set(inputs))
     extra = sorted(set(inputs) - set(expected))
     if missing or extra:
         raise InputError(
-            f"{path}: input names do not match the model (missing: {missing or 'none'}, "
+            f"{source}: input names do not match the model (missing: {missing or 'none'}, "
             f"unknown: {extra or 'none'}; the model takes {sorted(expected)})"
         )
     bound: dict[str, int] = {}
-    for name, info in expected.items():
-        value, dtype = inputs[name], _numpy_dtype(info.type)
-        if value.dtype != dtype:
-            raise InputError(f"{path}: input '{name}' has dtype {value.dtype}, the model takes {dtype}")
-        if len(value.shape) != len(info.shape):
+    for name, spec in expected.items():
+        value = np.asarray(inputs[name])
+        if value.dtype != spec.dtype:
+            raise InputError(f"{source}: input '{name}' has dtype {value.dtype}, the model takes {spec.dtype}")
+        if len(value.shape) != len(spec.dims):
             raise InputError(
-                f"{path}: input '{name}' has rank {value.ndim}, the model takes shape {_shape_text(info.shape)}"
+                f"{source}: input '{name}' has rank {value.ndim}, the model takes shape {_shape_text(spec.dims)}"
             )
-        for size, dim in zip(value.shape, info.shape, strict=True):
-            fixed = isinstance(dim, int) and dim >= 0
+        for size, dim in zip(value.shape, spec.dims, strict=True):
+            fixed = isinstance(dim, int)
             if (fixed and size != dim) or (isinstance(dim, str) and bound.setdefault(dim, size) != size):
                 raise InputError(
-                    f"{path}: input '{name}' has shape {list(value.shape)}, the model takes {_shape_text(info.shape)}"
+                    f"{source}: input '{name}' has shape {list(value.shape)}, the model takes {_shape_text(spec.dims)}"
                 )
-    return inputs
 
 
 def _shape_text(shape: list[object]) -> str:
@@ -252,23 +329,12 @@ def _dim_value(dim: object, dims: Mapping[str, int], input_name: str, axis: int)
     return dims.get(key, DEFAULT_DIMS["batch"] if axis == 0 else DEFAULT_DIM)
 
 
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
-
-def _numpy_dtype(ort_type: str) -> np.dtype:
-    if ort_type not in _ORT_TYPES:
-        raise InputError(f"cannot generate inputs of type {ort_type}; pass them with --inputs")
-    return np.dtype(_ORT_TYPES[ort_type])
+def _numpy_dtype_of(elem_type: int, name: str) -> np.dtype:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError) as exc:
+        kind = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() else elem_type
+        raise InputError(f"input '{name}' has element type {kind}, which cannot be fed from numpy") from exc
 
 
 def _index_table_rows(proto: onnx.ModelProto) -> dict[str, int]:

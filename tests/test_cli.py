@@ -86,6 +86,25 @@ def test_inputs_file(model_path, tmp_path):
     assert json.loads(report.read_text())["verification"]["inputs"] == {"x": [3, 16]}
 
 
+def test_calibration_file_reaches_the_passes(model_path, tmp_path, monkeypatch):
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, x=np.full((4, 16), 0.5, np.float32))
+    seen = []
+    from rewriter.passes.two_pass_softmax import TwoPassSoftmaxPass
+
+    original = TwoPassSoftmaxPass.call
+
+    def spy(self, model):
+        seen.append(self.context.calibration_inputs(model))
+        return original(self, model)
+
+    monkeypatch.setattr(TwoPassSoftmaxPass, "call", spy)
+    assert main([str(model_path), "--passes", "two-pass-softmax", "-o", str(tmp_path / "o.onnx"), "-q",
+                 "--calibration", str(calibration)]) == 0
+    ((batch,),) = seen
+    np.testing.assert_array_equal(batch["x"], np.full((4, 16), 0.5, np.float32))
+
+
 def test_pipeline_file(model_path, tmp_path):
     pipeline = tmp_path / "pipeline.toml"
     pipeline.write_text('[[pass]]\nname = "two-pass-softmax"\noptions = { log_softmax = false }\n')
@@ -151,6 +170,8 @@ def _bad_cases(tmp_path: Path, model_path: Path) -> dict[str, list[str]]:
         "missing external data": [str(external), *passes, "-o", out],
         "output is input": [model, *passes, "-o", model],
         "bad dim": [model, *passes, "-o", out, "--dim", "batch=zero"],
+        "calibration wrong shape": [model, *passes, "-o", out, "--calibration", str(wrong_shape)],
+        "calibration wrong names": [model, *passes, "-o", out, "--calibration", str(wrong_names)],
         "no output": [model, *passes],
         "no passes": [model, "-o", out],
     }
@@ -164,7 +185,7 @@ def _bad_cases(tmp_path: Path, model_path: Path) -> dict[str, list[str]]:
         "missing file", "truncated file", "not onnx", "unknown pass", "unknown option",
         "bad option value", "malformed pass list", "inputs wrong names", "inputs wrong shape",
         "inputs wrong dtype", "inputs missing file", "missing external data", "output is input",
-        "bad dim", "no output", "no passes",
+        "bad dim", "no output", "no passes", "calibration wrong shape", "calibration wrong names",
     ],
 )
 def test_bad_input_one_line_exit_2_no_output(case, model_path, tmp_path, capsys):
