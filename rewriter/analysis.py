@@ -35,7 +35,7 @@ class WeightOp:
         shape = self.weight.shape
         assert shape is not None
         count = 1
-        for dim in shape:
+        for dim in shape.numpy():
             count *= int(dim)
         return count
 
@@ -53,7 +53,7 @@ def weight_ops(model: ir.Model) -> list[WeightOp]:
         if index is None or node.domain not in ("", "ai.onnx") or len(node.inputs) <= index:
             continue
         weight = node.inputs[index]
-        if weight is None or weight.name not in initializers or initializers[weight.name] is not weight:
+        if weight is None or weight.name is None or initializers.get(weight.name) is not weight:
             continue
         if weight.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
             continue
@@ -115,13 +115,19 @@ def residual_blocks(model: ir.Model, output: ir.Value | None = None) -> list[Blo
         return []
     order = {node: position for position, node in enumerate(model.graph)}
     ops = weight_ops(model)
-    blocks = []
+    blocks: list[Block] = []
     for entry, exit_ in zip(stream, stream[1:], strict=False):
-        start, stop = order[entry.producer()], order[exit_.producer()]
+        start, stop = order[_producer(entry)], order[_producer(exit_)]
         inside = tuple(op for op in ops if start < order[op.node] <= stop)
         if inside:
             blocks.append(Block(len(blocks), entry, exit_, inside))
     return blocks
+
+
+def _producer(value: ir.Value) -> ir.Node:
+    node = value.producer()
+    assert node is not None, f"value {value.name} has no producer"
+    return node
 
 
 def _dominator_chain(flow: nx.DiGraph, graph_input: ir.Value, target: ir.Node) -> list[ir.Node]:

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -310,7 +310,7 @@ def check_inputs(inputs: Mapping[str, np.ndarray], model: str | Path | onnx.Mode
                 )
 
 
-def _shape_text(shape: list[object]) -> str:
+def _shape_text(shape: Sequence[object]) -> str:
     return "[" + ", ".join(str(dim) if dim is not None else "?" for dim in shape) + "]"
 
 
