@@ -122,16 +122,22 @@ def _log_softmax_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, N
     return (g - torch.exp(yy) * g.sum(ctx.dim, keepdim=True)).to(grad.dtype), None
 
 
-for _op, _backward in ((two_pass_softmax, _softmax_backward), (two_pass_log_softmax, _log_softmax_backward)):
+for _op, _backward in (
+    (two_pass_softmax, _softmax_backward),
+    (two_pass_log_softmax, _log_softmax_backward),
+):
     _op.register_fake(_fake)
     _op.register_autograd(_backward, setup_context=_save_output)
 
-# our op -> (the ONNX operator it exports to, the stats key of what it replaces)
+# our op -> the ONNX operator (of the ONNX pass) it exports to
 _OPS = {
-    torch.ops.rewriter.two_pass_softmax.default: ("TwoPassSoftmax", "softmax_replaced"),
-    torch.ops.rewriter.two_pass_log_softmax.default: ("TwoPassLogSoftmax", "log_softmax_replaced"),
+    torch.ops.rewriter.two_pass_softmax.default: onnx_two_pass.TARGETS["Softmax"],
+    torch.ops.rewriter.two_pass_log_softmax.default: onnx_two_pass.TARGETS["LogSoftmax"],
 }
-_OP_FOR = {False: torch.ops.rewriter.two_pass_softmax.default, True: torch.ops.rewriter.two_pass_log_softmax.default}
+_OP_FOR = {
+    False: torch.ops.rewriter.two_pass_softmax.default,
+    True: torch.ops.rewriter.two_pass_log_softmax.default,
+}
 
 # --------------------------------------------------------------------------------------
 # fx passes: a registry keyed by the ONNX registry's names
@@ -172,9 +178,17 @@ _FX_PASSES: dict[str, type[FxPass]] = {}
 
 
 def register_fx_pass(cls: type[FxPass]) -> type[FxPass]:
-    """Class decorator adding an fx pass under the name of the ONNX pass it mirrors."""
+    """Class decorator adding an fx pass under the name of the ONNX pass it mirrors.
+
+    The fx pass must take the ONNX pass's ``Options``: one option definition, two fronts.
+    """
     if cls.name in _FX_PASSES and _FX_PASSES[cls.name] is not cls:
         raise ValueError(f"fx pass name {cls.name!r} registered twice")
+    twin = registry.available().get(cls.name)
+    if twin is None or twin.Options is not cls.Options or twin.exact != cls.exact:
+        raise ValueError(
+            f"fx pass {cls.name!r} must mirror a registered ONNX pass's Options and exact"
+        )
     _FX_PASSES[cls.name] = cls
     return cls
 
@@ -200,7 +214,7 @@ def parse_fx_pipeline(passes: str | Sequence[str | FxPass]) -> list[FxPass]:
         if isinstance(item, FxPass):
             result.append(item)
             continue
-        for name, arguments in _split_spec(item):
+        for name, arguments in registry.split_pipeline(item):
             if name not in _FX_PASSES:
                 known = ", ".join(available())
                 where = "has no fx implementation" if name in registry.available() else "is unknown"
@@ -210,20 +224,6 @@ def parse_fx_pipeline(passes: str | Sequence[str | FxPass]) -> list[FxPass]:
     if not result:
         raise InputError("no passes given")
     return result
-
-
-def _split_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
-    """``"a,b(k=v)"`` -> ``[("a", {}), ("b", {"k": "v"})]``, with the ONNX registry's syntax."""
-    entries = []
-    position, spec = 0, spec.strip()
-    while position < len(spec):
-        match = registry._SPEC.match(spec, position)
-        if match is None or match.end() == position:
-            raise InputError(f"cannot parse pass list at: {spec[position:]!r}")
-        name = match.group(1)
-        entries.append((name, registry._parse_arguments(name, match.group(2))))
-        position = match.end()
-    return entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +249,10 @@ _FUNCTION_FORMS: dict[Any, _Form] = {
     _aten._log_softmax.default: _Form(log=True, params=("dim", "half_to_float")),
 }
 _METHOD_FORMS = {"softmax": _Form(log=False), "log_softmax": _Form(log=True)}
-_MODULE_FORMS = {torch.nn.Softmax: _Form(log=False, implicit_dim=True), torch.nn.LogSoftmax: _Form(log=True, implicit_dim=True)}
+_MODULE_FORMS = {
+    torch.nn.Softmax: _Form(log=False, implicit_dim=True),
+    torch.nn.LogSoftmax: _Form(log=True, implicit_dim=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +271,7 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[_Form, fx.Node, dict[str,
     if node.op == "call_function":
         form = _FUNCTION_FORMS.get(node.target)
     elif node.op == "call_method":
-        form = _METHOD_FORMS.get(node.target)  # type: ignore[call-overload]
+        form = _METHOD_FORMS.get(str(node.target))
     elif node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         form = _MODULE_FORMS.get(type(module))
@@ -287,9 +290,9 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[_Form, fx.Node, dict[str,
 def _tensor_meta(node: fx.Node) -> tuple[torch.dtype, int] | None:
     """``(dtype, rank)`` of a node's value, from torch.export's or ShapeProp's metadata."""
     value = node.meta.get("val", node.meta.get("tensor_meta"))
-    if hasattr(value, "dtype") and hasattr(value, "shape"):  # a (fake) tensor or TensorMetadata
-        return value.dtype, len(value.shape)
-    return None
+    if value is None or not hasattr(value, "dtype") or not hasattr(value, "shape"):
+        return None
+    return value.dtype, len(value.shape)  # a (fake) tensor or ShapeProp's TensorMetadata
 
 
 def _plan(form: _Form, x: fx.Node, arguments: dict[str, Any]) -> _Plan | str:
@@ -312,7 +315,7 @@ def _plan(form: _Form, x: fx.Node, arguments: dict[str, Any]) -> _Plan | str:
             return "implicit dim (dim=None) needs the input's rank: pass example_inputs"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dim = F._get_softmax_dim("softmax", meta[1], 0)
+            dim = F._get_softmax_dim("softmax", meta[1], 0)  # type: ignore[attr-defined]
     if isinstance(dim, str):
         return f"named dimension {dim!r}"
     if not isinstance(dim, int):
@@ -479,7 +482,10 @@ def rewrite(
 
 
 def _graph_module(
-    model: torch.nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None, notes: list[str]
+    model: torch.nn.Module,
+    args: tuple[Any, ...] | None,
+    kwargs: dict[str, Any] | None,
+    notes: list[str],
 ) -> tuple[fx.GraphModule, str]:
     """A GraphModule to rewrite, never ``model`` itself, and how it was obtained."""
     if isinstance(model, fx.GraphModule):
@@ -492,11 +498,15 @@ def _graph_module(
         except Exception as exc:  # tracing raises whatever the model's code raises on proxies
             reason = f"torch.fx.symbolic_trace failed ({type(exc).__name__}: {_first_line(exc)})"
             if args is None:
-                raise InputError(f"{reason}; pass example_inputs to trace with torch.export") from exc
+                raise InputError(
+                    f"{reason}; pass example_inputs to trace with torch.export"
+                ) from exc
             try:
                 gm = torch.export.export(model, args, kwargs).module()
             except Exception as export_exc:
-                raise InputError(f"{reason}; torch.export failed too ({_first_line(export_exc)})") from export_exc
+                raise InputError(
+                    f"{reason}; torch.export failed too ({_first_line(export_exc)})"
+                ) from export_exc
             notes.append(f"{reason}: traced with torch.export instead")
             traced_with = "torch.export"
     gm.training = model.training  # not recursive: submodules may be shared with model
@@ -534,7 +544,9 @@ def _verify(
     ref_leaves, ref_spec = pytree.tree_flatten_with_path(reference)
     cand_leaves, cand_spec = pytree.tree_flatten_with_path(candidate)
     if len(ref_leaves) != len(cand_leaves):
-        raise VerificationError(f"the rewritten module returns {cand_spec}, the original {ref_spec}")
+        raise VerificationError(
+            f"the rewritten module returns {cand_spec}, the original {ref_spec}"
+        )
     outputs, used = [], None
     for (path, ref), (_, cand) in zip(ref_leaves, cand_leaves, strict=True):
         if not isinstance(ref, torch.Tensor):
@@ -544,7 +556,9 @@ def _verify(
         comparison = verify.compare(name, _numpy(ref), _numpy(cand))
         comparison.dtype = dtype
         if exact and ref.is_floating_point():
-            chosen = tolerance or verify.DEFAULT_TOLERANCE.get(dtype, verify.DEFAULT_TOLERANCE["float32"])
+            chosen = tolerance or verify.DEFAULT_TOLERANCE.get(
+                dtype, verify.DEFAULT_TOLERANCE["float32"]
+            )
             verify.check_tolerance(comparison, _numpy(ref), chosen)
             used = {"rtol": chosen.rtol, "atol": chosen.atol}
         elif exact:
@@ -559,7 +573,9 @@ def _verify(
     return Verification(outputs=outputs, inputs=inputs, tolerance=used, enforced=exact)
 
 
-def _run_seeded(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int) -> Any:
+def _run_seeded(
+    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int
+) -> Any:
     # The same seed for both runs: dropout in training mode draws the same masks.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -635,7 +651,7 @@ def export_onnx(
     opset = model.opset_imports.get("", 1)
     used = {node.op_type for node in model.graph.all_nodes() if node.domain == DOMAIN}
     for op_type in sorted(used):
-        onnx_two_pass._add_function(model, op_type, opset)
+        onnx_two_pass.add_function(model, op_type, opset)
     io.save(model, path)
     logger.info("exported %s (%s)", path, ", ".join(sorted(used)) or "no ai.rewriter ops")
     return path
@@ -654,12 +670,13 @@ def _last_axis_perm(dim: int, rank: int) -> list[int] | None:
 def _dynamo_translations() -> dict[Any, Callable[..., Any]]:
     """onnxscript translations of our ops for ``torch.onnx.export(dynamo=True)``."""
     import onnx
-    from onnxscript import opset18 as op
+    from onnxscript import opset18
     from onnxscript.values import Op, Opset
 
     schema_type = onnx.defs.OpSchema
     float_types = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
     opset = Opset(DOMAIN, DOMAIN_VERSION)
+    op: Any = opset18  # untyped: attribute values are plain Python here
 
     def translation(op_type: str) -> Callable[..., Any]:
         # A schema object, not registered in onnx: the body is attached after export.
@@ -685,7 +702,7 @@ def _dynamo_translations() -> dict[Any, Callable[..., Any]]:
 
         return translate
 
-    return {torch_op: translation(op_type) for torch_op, (op_type, _) in _OPS.items()}
+    return {torch_op: translation(op_type) for torch_op, op_type in _OPS.items()}
 
 
 def _torchscript_export(
@@ -693,7 +710,9 @@ def _torchscript_export(
 ) -> Any:
     """Export with the TorchScript exporter and load the result into onnx-ir."""
     if opset < onnx_two_pass.CASTLIKE_OPSET:
-        raise InputError(f"export_onnx(dynamo=False) needs opset >= {onnx_two_pass.CASTLIKE_OPSET}, got {opset}")
+        raise InputError(
+            f"export_onnx(dynamo=False) needs opset >= {onnx_two_pass.CASTLIKE_OPSET}, got {opset}"
+        )
     import onnx
     import onnx_ir as ir
     from torch.onnx import symbolic_helper
@@ -708,7 +727,9 @@ def _torchscript_export(
                 scalar = g.op("Constant", value_t=torch.tensor([], dtype=torch.int64))
                 return g.op("Reshape", g.op(name, flat), scalar)
             if rank is None and dim != -1:
-                return symbolic_helper._unimplemented(op_type, "dim other than -1 with unknown rank", x)
+                return symbolic_helper._unimplemented(
+                    op_type, "dim other than -1 with unknown rank", x
+                )
             perm = _last_axis_perm(dim, rank) if rank is not None else None
             if perm is None:
                 return g.op(name, x)
@@ -717,7 +738,7 @@ def _torchscript_export(
 
         return symbolic
 
-    for torch_op, (op_type, _) in _OPS.items():
+    for torch_op, op_type in _OPS.items():
         qualified = torch_op.name().removesuffix(".default")
         torch.onnx.register_custom_op_symbolic(qualified, symbolic_for(op_type), 9)
     with tempfile.TemporaryDirectory(prefix="rewriter-fx-") as folder:

@@ -64,22 +64,32 @@ def create_pass(name: str, options: dict[str, Any] | None = None) -> RewritePass
 _SPEC = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\(([^()]*)\))?\s*(?:,|$)")
 
 
-def parse_pipeline(spec: str) -> list[RewritePass]:
-    """Parse ``"a,b(key=value,key2=value2)"`` into pass instances.
+def split_pipeline(spec: str) -> list[tuple[str, dict[str, str]]]:
+    """Split ``"a,b(k=v)"`` into ``[("a", {}), ("b", {"k": "v"})]`` (names not checked).
 
-    >>> [p.name for p in parse_pipeline("two-pass-softmax")]
-    ['two-pass-softmax']
+    >>> split_pipeline("a,b(k=v)")
+    [('a', {}), ('b', {'k': 'v'})]
     """
-    passes: list[RewritePass] = []
+    entries = []
     position = 0
     spec = spec.strip()
     while position < len(spec):
         match = _SPEC.match(spec, position)
         if match is None or match.end() == position:
             raise InputError(f"cannot parse pass list at: {spec[position:]!r}")
-        name, arguments = match.group(1), match.group(2)
-        passes.append(create_pass(name, _parse_arguments(name, arguments)))
+        name = match.group(1)
+        entries.append((name, _parse_arguments(name, match.group(2))))
         position = match.end()
+    return entries
+
+
+def parse_pipeline(spec: str) -> list[RewritePass]:
+    """Parse ``"a,b(key=value,key2=value2)"`` into pass instances.
+
+    >>> [p.name for p in parse_pipeline("two-pass-softmax")]
+    ['two-pass-softmax']
+    """
+    passes = [create_pass(name, arguments) for name, arguments in split_pipeline(spec)]
     if not passes:
         raise InputError("no passes given")
     return passes

@@ -114,7 +114,9 @@ def compare(
     same = (ref == cand) | (np.isnan(ref) & np.isnan(cand))
     finite = np.isfinite(ref) & np.isfinite(cand)
     mismatch = int(np.count_nonzero(~same & ~finite))
-    diff = np.where(finite, np.abs(ref - cand), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf where both are inf
+        delta = np.abs(ref - cand)
+    diff = np.where(finite, delta, 0.0)
     max_abs = float(diff.max()) if diff.size else 0.0
     if mismatch:
         max_abs = math.inf
@@ -138,7 +140,8 @@ def compare(
     )
     if mask is not None and ref.ndim >= 3 and ref.shape[:2] == mask.shape:
         keep = np.asarray(mask) != 0
-        comparison.masked_max_abs_err = float(np.abs(ref - cand)[keep].max()) if keep.any() else 0.0
+        masked = np.where(finite, delta, np.where(same, 0.0, np.inf))[keep]
+        comparison.masked_max_abs_err = float(masked.max()) if masked.size else 0.0
         pooled = pooled_cosine(ref, cand, keep)
         comparison.pooled_cosine_mean = float(pooled.mean())
         comparison.pooled_cosine_min = float(pooled.min())
