@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from rewriter import two_pass_math as tpm
-from rewriter.pass_base import DOMAIN, DOMAIN_VERSION, RewritePass, RewriteResult
+from rewriter.pass_base import DOMAIN, DOMAIN_VERSION, RewritePass, RewriteResult, all_nodes
 from rewriter.registry import register
 
 MIN_OPSET = 9
@@ -82,8 +82,10 @@ class TwoPassSoftmaxPass(RewritePass):
             stats[_stat_name(source)] = rules.apply_to_model(model)
             if stats[_stat_name(source)]:
                 add_function(model, TARGETS[source], opset)
+        in_functions = _function_nodes(model)
         notes = [
-            f"{node.op_type} {node.name!r} left as is: {_unsupported_reason(node, opset)}"
+            f"{node.op_type} {node.name!r} left as is: "
+            + _unsupported_reason(node, opset, in_function=node in in_functions)
             for source in sources
             for node in _find(model, source)
         ]
@@ -93,7 +95,7 @@ class TwoPassSoftmaxPass(RewritePass):
 
     def ensures(self, model: ir.Model) -> None:
         super().ensures(model)
-        if any(node.domain == DOMAIN for node in ir.traversal.RecursiveGraphIterator(model.graph)):
+        if any(node.domain == DOMAIN for node in all_nodes(model)):
             assert model.ir_version >= MIN_IR_VERSION
 
 
@@ -101,12 +103,12 @@ def _stat_name(source: str) -> str:
     return {"Softmax": "softmax_replaced", "LogSoftmax": "log_softmax_replaced"}[source]
 
 
+def _function_nodes(model: ir.Model) -> set[ir.Node]:
+    return {node for function in model.functions.values() for node in ir.traversal.RecursiveGraphIterator(function)}
+
+
 def _find(model: ir.Model, op_type: str) -> list[ir.Node]:
-    return [
-        node
-        for node in ir.traversal.RecursiveGraphIterator(model.graph)
-        if node.op_type == op_type and node.domain in ("", "ai.onnx")
-    ]
+    return [node for node in all_nodes(model) if node.op_type == op_type and node.domain in ("", "ai.onnx")]
 
 
 class _ToTwoPass(RewriteRuleClassBase):
@@ -122,8 +124,9 @@ class _ToTwoPass(RewriteRuleClassBase):
         return getattr(op, self.source)(x, _allow_other_attributes=True, _outputs=["y"])
 
     def check(self, context, x, y) -> MatchResult:
-        del context, x
-        reason = _unsupported_reason(y.producer(), self.opset)
+        del x
+        in_function = isinstance(context.graph_or_function, ir.Function)
+        reason = _unsupported_reason(y.producer(), self.opset, in_function=in_function)
         return MatchResult().fail(reason) if reason else MatchResult()
 
     def rewrite(self, op, x, y):
@@ -147,12 +150,18 @@ def _rank(value: ir.Value) -> int | None:
     return len(value.shape) if value.shape is not None else None
 
 
-def _unsupported_reason(node: ir.Node, opset: int) -> str:
+def _unsupported_reason(node: ir.Node, opset: int, *, in_function: bool = False) -> str:
     """Why ``node`` cannot be rewritten, or "" when it can."""
     x = node.inputs[0]
     if x is None:
         return "no input"
     dtype = x.dtype
+    axis = node.attributes.get_int("axis", 1 if opset < 13 else -1)
+    if dtype is None and in_function and opset >= CASTLIKE_OPSET and axis == -1:
+        # Shape inference does not type model-local function bodies. Softmax only takes
+        # float types and the body (CastLike) serves each; a float64 call would lose
+        # exactness, which verification reports.
+        return ""
     if dtype is None:
         return "input type unknown (shape inference could not infer it)"
     if dtype == ir.DataType.DOUBLE:
@@ -161,7 +170,6 @@ def _unsupported_reason(node: ir.Node, opset: int) -> str:
         return f"input type {dtype} is not a float type"
     if opset < CASTLIKE_OPSET and dtype != ir.DataType.FLOAT:
         return f"{dtype} input needs opset >= {CASTLIKE_OPSET} (CastLike); the model has {opset}"
-    axis = node.attributes.get_int("axis", 1 if opset < 13 else -1)
     if opset >= 13 and axis != -1 and _rank(x) is None:
         return f"axis {axis} with input rank unknown"
     if opset < 11 and axis < -1 and _rank(x) is None:

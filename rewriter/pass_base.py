@@ -93,12 +93,20 @@ class RewritePass(ir.passes.InPlacePass):
         return cls(parse_options(cls.Options, values, pass_name=cls.name))
 
     def ensures(self, model: ir.Model) -> None:
-        """Every operator of our domain left in the graph must have its function body."""
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        """Every operator of our domain left in the model must have its function body."""
+        for node in all_nodes(model):
             if node.domain == DOMAIN and node.op_identifier() not in model.functions:
                 raise ir.passes.PostconditionError(
                     f"{self.name}: node {node.name!r} ({node.op_type}) has no function body"
                 )
+
+
+def all_nodes(model: ir.Model) -> list[ir.Node]:
+    """Every node of the model: the main graph, its subgraphs and the model-local functions."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for function in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
+    return nodes
 
 
 def parse_options(options_type: type, values: dict[str, str], *, pass_name: str) -> Any:
