@@ -24,6 +24,7 @@ class PassRecord:
     notes: list[str]
     seconds: float
     modified: bool
+    tables: dict[str, list[dict[str, object]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -75,6 +76,7 @@ def run_pipeline(
         seconds = time.perf_counter() - start
         stats = result.stats if isinstance(result, RewriteResult) else {}
         notes = result.notes if isinstance(result, RewriteResult) else []
+        tables = result.tables if isinstance(result, RewriteResult) else {}
         model = result.model
         records.append(
             PassRecord(
@@ -84,6 +86,7 @@ def run_pipeline(
                 notes=list(notes),
                 seconds=seconds,
                 modified=result.modified,
+                tables=dict(tables),
             )
         )
         logger.info("%s: %s (%.3f s)", rewrite_pass.name, stats, seconds)

@@ -33,6 +33,8 @@ class RewriteResult(ir.passes.PassResult):
 
     stats: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # Per-item tables for the report, e.g. {"layers": [{"layer": ..., "bits": 4}, ...]}.
+    tables: dict[str, list[dict[str, object]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
