@@ -162,7 +162,7 @@ def test_pass_names_and_options_come_from_the_onnx_registry() -> None:
     (fx_pass,) = rfx.parse_fx_pipeline(["two-pass-softmax(log_softmax=no)"])
     assert fx_pass.options == rfx.onnx_two_pass.TwoPassSoftmaxOptions(log_softmax=False)
     with pytest.raises(
-        InputError, match=r"'no-such-pass' is unknown \(fx passes: two-pass-softmax\)"
+        InputError, match=r"'no-such-pass' is unknown \(fx passes: .*two-pass-softmax"
     ):
         rfx.parse_fx_pipeline("no-such-pass")
     with pytest.raises(InputError, match="has no option 'bits'"):
