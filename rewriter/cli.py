@@ -1,6 +1,7 @@
 """The ``rewrite`` command line.
 
     rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx [--report-json R.json]
+    rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx --target avx512 --lib OUT.so
     rewrite --list-passes
 
 Exit codes: 0 success; 2 bad input (one line on stderr, no output file);
@@ -14,6 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from rewriter import registry, verify
 from rewriter.errors import InputError, RewriterError
@@ -49,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rtol", type=float, help="relative tolerance of exact passes (default by dtype; float32 1e-5)")
     parser.add_argument("--atol", type=float, help="absolute tolerance of exact passes (default by dtype; float32 1e-6)")
     parser.add_argument("--force", action="store_true", help="allow the output to replace the input file")
+    parser.add_argument(
+        "--target",
+        choices=("llvm", "avx2", "avx512", "cuda"),
+        help="also compile the rewritten model with TVM for this target and compare it with the original",
+    )
+    parser.add_argument("--lib", metavar="PATH", help="write the compiled model here (.so, needs --target)")
+    parser.add_argument("--cuda-arch", default="sm_90", help="GPU architecture of --target cuda (default sm_90)")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -122,6 +131,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         tolerance=tolerance,
         force=args.force,
         progress=progress,
+        target=args.target,
+        library=args.lib,
+        cuda_arch=args.cuda_arch,
     )
     if args.report_json:
         report.write_json(args.report_json)
@@ -150,7 +162,7 @@ def format_report(report: Report) -> str:
         lines.extend(f"    note: {note}" for note in record.notes)
     if report.verification is None:
         lines.append("  verification: skipped (--no-verify)")
-        return "\n".join(lines)
+        return "\n".join(lines + _compiled_lines(report.compiled))
     shapes = ", ".join(f"{name}{shape}" for name, shape in report.verification.inputs.items())
     lines.append(f"  verification on {shapes}:")
     lines.append(f"    {'output':<28} {'max abs err':>12} {'max rel err':>12} {'cosine':>10} {'argmax':>8}  result")
@@ -166,7 +178,24 @@ def format_report(report: Report) -> str:
                 f"    {'':<28} over the attention mask: max abs err {output.masked_max_abs_err:.3g}, "
                 f"pooled cosine mean {output.pooled_cosine_mean:.6f} min {output.pooled_cosine_min:.6f}"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + _compiled_lines(report.compiled))
+
+
+def _compiled_lines(compiled: Any) -> list[str]:
+    """The report lines of the TVM-compiled model (``--target``): a ``CompiledCheck`` or None."""
+    if compiled is None:
+        return []
+    where = f", written to {compiled.library}" if compiled.library else ""
+    lines = [f"  compiled for {compiled.target} ({compiled.compile_seconds:.1f} s{where}):"]
+    if compiled.note:
+        lines.append(f"    note: {compiled.note}")
+    for output in compiled.outputs:
+        verdict = {True: "ok", False: "FAIL", None: "reported"}[output.passed]
+        lines.append(
+            f"    {output.name[:28]:<28} {output.max_abs_err:>12.3g} {output.max_rel_err:>12.3g} "
+            f"{output.cosine:>10.6f} {'':>8}  {verdict} (vs ONNX Runtime on the original)"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ class Report:
     passes: list[PassRecord]
     verification: Verification | None
     seconds: float
+    # With a --target: the compiled model (rewriter.backends.compile_check.CompiledCheck).
+    compiled: Any = None
 
     @property
     def exact(self) -> bool:
@@ -73,6 +75,7 @@ class Report:
             "exact": self.exact,
             "passes": [dataclasses.asdict(record) for record in self.passes],
             "verification": self.verification.to_json() if self.verification else None,
+            "compiled": self.compiled.to_json() if self.compiled is not None else None,
             "seconds": self.seconds,
         }
 
@@ -94,6 +97,9 @@ def rewrite_file(
     tolerance: verify.Tolerance | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    target: str | None = None,
+    library: str | Path | None = None,
+    cuda_arch: str = "sm_90",
 ) -> Report:
     """Rewrite the model at ``source`` with ``passes`` and write it to ``destination``.
 
@@ -103,6 +109,11 @@ def rewrite_file(
     :class:`VerificationError` and writes nothing. ``calibration`` (an ``.npz``
     path or arrays, checked against the model's inputs) is what passes that measure
     the model calibrate on.
+
+    With ``target`` (a preset of :mod:`rewriter.backends.targets`) the rewritten
+    model is also compiled with TVM for the verification inputs' shapes, run, and
+    compared with ONNX Runtime on the original (``Report.compiled``); ``library``
+    is where its shared library goes (written only if that check passes).
     """
     say = progress or (lambda message: logger.info("%s", message))
     start = time.perf_counter()
@@ -111,6 +122,12 @@ def rewrite_file(
         passes = parse_pipeline(passes)
     if source.resolve() == destination.resolve() and not force:
         raise InputError(f"{destination}: output would overwrite the input (use --force to allow)")
+    if library is not None and target is None:
+        raise InputError("--lib needs --target: the library is compiled for a target")
+    if target is not None:
+        from rewriter.backends import targets
+
+        targets.target_dict(target, cuda_arch=cuda_arch)  # an unknown target fails early
     say(f"loading {source}")
     model = io.load(source)
     feeds: dict[str, np.ndarray] | None = None
@@ -129,12 +146,16 @@ def rewrite_file(
     result = run_pipeline(model, passes, context=context, on_pass=announce)
     records = result.records
     verification = None
+    compiled = None
     with io.staged_output(destination) as staged:
         say(f"writing {destination}")
         io.write(result.model, staged)
+        reference = None
         if check:
             assert feeds is not None
-            verification = _verify(source, staged, feeds, result.exact, tolerance, say)
+            say("verifying: running the original model")
+            reference = verify.run(source, feeds)
+            verification = _verify(staged, feeds, reference, result.exact, tolerance, say)
             if verification.enforced and not verification.passed:
                 worst = max(verification.outputs, key=lambda o: o.max_rel_err)
                 raise VerificationError(
@@ -143,13 +164,48 @@ def rewrite_file(
                     f"(rtol {verification.tolerance['rtol']:.3g}, atol {verification.tolerance['atol']:.3g}); "  # type: ignore[index]
                     "nothing written"
                 )
+        if target is not None:
+            compiled = _compile(source, staged, target, cuda_arch, library, feeds, dims, seed, reference, result.exact, say)
     return Report(
         input=str(source),
         output=str(destination),
         passes=records,
         verification=verification,
         seconds=time.perf_counter() - start,
+        compiled=compiled,
     )
+
+
+def _compile(
+    source: Path,
+    rewritten: Path,
+    target: str,
+    cuda_arch: str,
+    library: str | Path | None,
+    feeds: dict[str, np.ndarray] | None,
+    dims: Mapping[str, int] | None,
+    seed: int,
+    reference: dict[str, np.ndarray] | None,
+    exact: bool,
+    say: Progress,
+) -> Any:
+    """Compile the rewritten model for ``target``; raise if it disagrees with the original."""
+    from rewriter.backends import compile_check
+
+    if feeds is None:  # --no-verify: compile for the shapes verification would use
+        feeds = verify.make_inputs(source, dims=dims, seed=seed)
+    compiled = compile_check.check_compiled(
+        rewritten, target, feeds=feeds, reference=reference, cuda_arch=cuda_arch,
+        library=library, enforce=exact, say=say,
+    )
+    if compiled.enforced and not compiled.passed:
+        worst = max(compiled.outputs, key=lambda o: o.max_rel_err)
+        raise VerificationError(
+            f"the model compiled for {target} changed output '{worst.name}': max abs err "
+            f"{worst.max_abs_err:.3g}, max rel err {worst.max_rel_err:.3g} exceed the compiled "
+            f"tolerance (rtol {compiled.tolerance['rtol']:.3g}); nothing written"  # type: ignore[index]
+        )
+    return compiled
 
 
 def _inputs(
@@ -167,15 +223,13 @@ def _inputs(
 
 
 def _verify(
-    source: Path,
     rewritten: Path,
     feeds: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
     exact: bool,
     tolerance: verify.Tolerance | None,
     say: Progress,
 ) -> Verification:
-    say("verifying: running the original model")
-    reference = verify.run(source, feeds)
     say("verifying: running the rewritten model")
     candidate = verify.run(rewritten, feeds)
     outputs = []

@@ -274,8 +274,8 @@ def test_second_run_changes_nothing() -> None:
 def test_report_json_has_the_onnx_report_shape() -> None:
     _, report = rfx.rewrite(nn.Softmax(-1), "two-pass-softmax", (torch.randn(2, 3),))
     document = json.loads(json.dumps(report.to_json()))
-    assert set(document["passes"][0]) == {"name", "exact", "stats", "notes", "seconds", "modified"}
-    assert set(document["verification"]) == {"outputs", "inputs", "tolerance", "enforced", "passed"}
+    assert set(document["passes"][0]) >= {"name", "exact", "stats", "notes", "seconds", "modified"}
+    assert set(document["verification"]) >= {"outputs", "inputs", "tolerance", "enforced", "passed"}
     assert document["verification"]["inputs"] == {"args[0]": [2, 3]}
     assert document["verification"]["tolerance"] == {"rtol": 1e-5, "atol": 1e-6}
 

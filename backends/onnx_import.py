@@ -1,0 +1,239 @@
+"""ONNX -> Relax import: clean the model up so real exports import, and lower our ops.
+
+TVM's importer (``tvm.relax.frontend.onnx.from_onnx``) has two gaps this module closes:
+
+1. It fails on common exports. A transformers BERT export builds ``Expand`` shapes with
+   ``Where(Equal(shape, -1), ConstantOfShape(...) * -1, shape)``; onnxscript's
+   optimizer keeps ``ConstantOfShape`` unfolded on purpose, and the importer then
+   sees a rank-0 shape. :func:`prepare` runs the optimizer (constant folding, model
+   -local function inlining, dead-code removal) with ``ConstantOfShape`` folding
+   allowed, after optionally fixing symbolic input dimensions (``dims``), which
+   folds every shape computation away.
+2. It has no hook for custom ops and ignores domains. :func:`prepare` renames each
+   ``ai.rewriter`` node to ``ai.rewriter::<OpType>`` (its model-local function body
+   is dropped, not inlined), and a subclass of TVM's ``ONNXGraphImporter`` that
+   overrides only ``_convert_operator`` and ``_check_for_unsupported_ops`` lowers
+   those nodes with :func:`rewriter.backends.lowering.emit_two_pass_softmax`
+   (``R.call_tir`` of our TIR kernel from :mod:`rewriter.backends.kernels.softmax`,
+   N-D inputs reshaped to ``[rows, cols]`` around it). Nothing global is patched.
+
+>>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from functools import reduce
+from typing import TYPE_CHECKING, Any
+
+import onnx
+import onnx_ir as ir
+
+from rewriter.errors import InputError
+from rewriter.pass_base import DOMAIN
+
+if TYPE_CHECKING:
+    import tvm
+    from tvm import relax
+
+logger = logging.getLogger(__name__)
+
+# Our ops, renamed so that the importer (which sees only op_type) cannot confuse them
+# with a standard op of the same name: renamed op_type -> log-softmax flag.
+CUSTOM_OPS = {
+    f"{DOMAIN}::TwoPassSoftmax": False,
+    f"{DOMAIN}::TwoPassLogSoftmax": True,
+}
+# Name prefix of the kernels' GlobalVars in the Relax module (tests look for it).
+KERNEL_PREFIX = "rewriter_two_pass"  # = lowering.KERNEL_PREFIX (kept here: no tvm import)
+
+ModelLike = str | os.PathLike[str] | onnx.ModelProto | ir.Model
+KernelFactory = Callable[..., Any]
+
+
+def to_ir(model: ModelLike) -> ir.Model:
+    """A private copy of ``model`` as an onnx-ir model (the caller's object is untouched)."""
+    # External tensors are read into memory: TVM embeds the weights as constants.
+    if isinstance(model, ir.Model):
+        proto = ir.serde.serialize_model(model)
+        base_dirs = {
+            value.const_value.base_dir
+            for value in model.graph.initializers.values()
+            if isinstance(value.const_value, ir.ExternalTensor)
+        }
+        for base_dir in base_dirs:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(base_dir))
+        return ir.serde.deserialize_model(proto)
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    from rewriter import io
+
+    io.load(model)  # checks the file and its external data, with clear errors
+    return ir.serde.deserialize_model(onnx.load(str(model), load_external_data=True))
+
+
+def prepare(model: ModelLike, *, dims: Mapping[str, int] | None = None) -> onnx.ModelProto:
+    """Clean ``model`` up for TVM's importer; returns a new proto.
+
+    ``dims`` fixes symbolic input dimensions by name (``{"batch": 1, "sequence":
+    128}``) or by ``input.axis`` (``{"input_ids.1": 128}``); fixed shapes let every
+    shape computation fold to a constant.
+
+    >>> proto = prepare("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
+    """
+    from onnxscript.optimizer._optimizer import optimize_ir
+
+    work = to_ir(model)
+    if dims:
+        _fix_dims(work, dims)
+    for key in [key for key in work.functions if key[0] == DOMAIN]:
+        del work.functions[key]
+    # The folder logs a warning for every node it tries and cannot evaluate (shape ops
+    # on symbolic dims); those nodes are simply left to TVM's importer.
+    folding_logger = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding_logger.level
+    folding_logger.setLevel(logging.ERROR)
+    try:
+        optimize_ir(work, should_fold=_fold_constant_of_shape)
+    finally:
+        folding_logger.setLevel(level)
+    ir.passes.common.RemoveUnusedNodesPass()(work)
+    for node in ir.traversal.RecursiveGraphIterator(work.graph):
+        if node.domain == DOMAIN:
+            renamed = f"{DOMAIN}::{node.op_type}"
+            if renamed not in CUSTOM_OPS:
+                raise InputError(f"{DOMAIN} op {node.op_type!r} has no TVM lowering")
+            node.op_type, node.domain = renamed, ""
+    work.opset_imports.pop(DOMAIN, None)
+    return ir.serde.serialize_model(work)
+
+
+def _fold_constant_of_shape(node: ir.Node) -> bool | None:
+    """Let the optimizer fold ``ConstantOfShape`` (it keeps it by default) when small."""
+    if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx"):
+        shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+        if shape is not None:
+            size = reduce(lambda a, b: a * int(b), shape.numpy().tolist(), 1)
+            return size <= 1 << 16
+    return None
+
+
+def _fix_dims(model: ir.Model, dims: Mapping[str, int]) -> None:
+    for value in model.graph.inputs:
+        if value.shape is None:
+            continue
+        fixed: list[int | ir.SymbolicDim] = []
+        for axis, dim in enumerate(value.shape):
+            if isinstance(dim, int):
+                fixed.append(dim)
+            elif f"{value.name}.{axis}" in dims:
+                fixed.append(int(dims[f"{value.name}.{axis}"]))
+            elif dim.value is not None and dim.value in dims:
+                fixed.append(int(dims[dim.value]))
+            else:
+                fixed.append(dim)
+        value.shape = ir.Shape(fixed)
+
+
+def input_signature(proto: onnx.ModelProto) -> list[tuple[str, list[int | str | None], str]]:
+    """``(name, shape, numpy dtype)`` of each graph input that is not an initializer."""
+    initializers = {init.name for init in proto.graph.initializer}
+    signature = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        shape: list[int | str | None] = [
+            dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+            for dim in tensor.shape.dim
+        ]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        signature.append((value.name, shape, dtype))
+    return signature
+
+
+def import_onnx(
+    model: ModelLike,
+    *,
+    target: tvm.target.Target,
+    dims: Mapping[str, int] | None = None,
+    kernel: KernelFactory | None = None,
+) -> tvm.IRModule:
+    """Import ``model`` into a Relax module, our ops as ``call_tir`` to our kernels.
+
+    ``kernel`` replaces the kernel factory (default
+    :func:`rewriter.backends.kernels.softmax.two_pass_softmax`); it is called as
+    ``kernel(rows, cols, dtype=..., log=..., target=...)`` and returns a PrimFunc with
+    parameters ``(X[rows, cols], Y[rows, cols])``.
+
+    >>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
+    >>> any(gv.name_hint.startswith(KERNEL_PREFIX) for gv in mod.get_global_vars())  # doctest: +SKIP
+    True
+    """
+    proto = prepare(model, dims=dims)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    importer = _importer_class()(target=target, kernel=kernel or default_kernel())
+    with warnings.catch_warnings():
+        # The importer warns about every renamed input and unknown dimension.
+        warnings.simplefilter("ignore")
+        try:
+            return importer.from_onnx(proto.graph, opset)
+        except Exception as exc:
+            if type(exc).__name__ == "OpNotImplemented":
+                raise InputError(f"TVM cannot import the model: {exc}") from exc
+            raise
+
+
+def default_kernel() -> KernelFactory:
+    """The two-pass softmax kernel factory; see :func:`rewriter.backends.lowering.default_kernel`."""
+    from rewriter.backends import lowering
+
+    return lowering.default_kernel()
+
+
+_IMPORTER: type | None = None
+
+
+def _importer_class() -> type:
+    """TVM's ``ONNXGraphImporter`` with our ops added (built on first use: tvm is lazy)."""
+    global _IMPORTER
+    if _IMPORTER is not None:
+        return _IMPORTER
+    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+
+    from rewriter.backends import lowering
+
+    class Importer(ONNXGraphImporter):
+        def __init__(self, *, target: tvm.target.Target, kernel: KernelFactory) -> None:
+            super().__init__(
+                shape_dict={}, dtype_dict={}, keep_params_in_input=False, sanitize=True
+            )
+            self._target = target
+            self._kernel = kernel
+
+        def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
+            ours = onnx.GraphProto()
+            ours.CopyFrom(graph)
+            kept = [node for node in ours.node if node.op_type not in CUSTOM_OPS]
+            del ours.node[:]
+            ours.node.extend(kept)
+            super()._check_for_unsupported_ops(ours)
+
+        def _convert_operator(
+            self, op_name: str, inputs: list, attrs: dict, opset: int
+        ) -> relax.Expr:
+            if op_name not in CUSTOM_OPS:
+                return super()._convert_operator(op_name, inputs, attrs, opset)
+            return lowering.emit_two_pass_softmax(
+                self.bb,
+                inputs[0],
+                log=CUSTOM_OPS[op_name],
+                target=self._target,
+                kernel=self._kernel,
+            )
+
+    _IMPORTER = Importer
+    return Importer

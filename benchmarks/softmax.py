@@ -1,0 +1,193 @@
+"""Benchmark: the two-pass softmax TIR kernel against its peers, measured in one run.
+
+The two-pass algorithm (Dukhan & Ablavatski, "The Two-Pass Softmax Algorithm", 2020,
+arXiv 2001.04438) reads each row twice and writes it once. Columns, all on the same
+64-byte-aligned float32 buffers:
+
+* ``two-pass``: ours (``rewriter.backends.kernels.two_pass_softmax``)
+* ``tvm-stock``: TVM's softmax (``topi.nn.softmax``, as Relax legalizes ``nn.softmax``)
+  through the default pipeline, which does not schedule it (one thread)
+* ``three-pass``: ours, max / sum of exp / scale, same vectorization and exp
+* ``torch``: ``aten::_softmax.out``
+* ``ort``: ONNX Runtime ``Softmax`` (axis -1) with its output bound to our buffer
+* ``memcpy``: ``numpy.copyto`` (one read, one write)
+* ``floor``: 2 reads + 1 write at the read and write bandwidths measured on the spot
+  with TIR probes that use the same loads and stores as the kernel
+
+Each measurement is the median over rounds; within a round the methods run in turn
+(interleaved), so a noisy machine slows all of them alike. Each thread count runs in a
+child process (TVM's pool, torch and ORT are set to it). Run:
+
+    .venv/bin/python benchmarks/softmax.py [--quick] [--threads 1,0] [--clock auto|wall|cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+IN_CACHE = [(64, 1024), (1, 32768), (128, 4096)]
+OUT_OF_CACHE = [(1, 1 << 24), (1, 1 << 26), (4096, 16384)]
+PEERS = ["tvm-stock", "three-pass", "torch", "ort"]
+
+
+def _ort_softmax(x: np.ndarray, y: np.ndarray, threads: int) -> Callable[[], None]:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
+        "softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y.shape))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    binding = session.io_binding()
+    binding.bind_input("x", "cpu", 0, np.float32, list(x.shape), x.ctypes.data)
+    binding.bind_output("y", "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+    return lambda: session.run_with_iobinding(binding)
+
+
+def _torch_softmax(x: np.ndarray, y: np.ndarray, threads: int) -> Callable[[], None]:
+    import torch
+
+    torch.set_num_threads(threads)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    op = torch.ops.aten._softmax.out
+    return lambda: op(tx, -1, False, out=ty)
+
+
+def _time(fn: Callable[[], None], min_seconds: float, clock: Callable[[], float]) -> float:
+    """Seconds per call: repeat until ``min_seconds`` have passed on ``clock``."""
+    calls, start = 0, clock()
+    while True:
+        fn()
+        calls += 1
+        elapsed = clock() - start
+        if elapsed >= min_seconds:
+            return elapsed / calls
+
+
+def measure_shape(
+    rows: int, cols: int, threads: int, rounds: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
+    """Median seconds per call of every column for one shape."""
+    from rewriter.backends.kernels import three_pass_softmax, two_pass_softmax
+    from rewriter.backends.kernels.probes import (
+        aligned_empty,
+        bind,
+        cpu_target,
+        read_probe,
+        stock_softmax,
+        write_probe,
+    )
+
+    target = cpu_target()
+    x = aligned_empty((rows, cols))
+    x[:] = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32) * 4
+    y = aligned_empty((rows, cols))
+    y[:] = 0
+    scratch = aligned_empty((rows, cols))
+    scratch[:] = 0
+    fns = {
+        "two-pass": bind(two_pass_softmax(rows, cols, target=target), target, x, y),
+        "tvm-stock": bind(stock_softmax(rows, cols), target, x, y),
+        "three-pass": bind(three_pass_softmax(rows, cols, target=target), target, x, y),
+        "torch": _torch_softmax(x, y, threads),
+        "ort": _ort_softmax(x, y, threads),
+        "memcpy": lambda: np.copyto(y, x),
+        "read": bind(read_probe(rows, cols, target), target, x, scratch),
+        "write": bind(write_probe(rows, cols, target), target, x, y),
+    }
+    big = rows * cols * 4 > (32 << 20)
+    min_seconds = 0.0 if big else 0.02
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm up: page faults, thread pools, caches
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if name == "tvm-stock" and big and len(samples[name]) >= 3:
+                continue  # slow and steady: three samples are enough
+            samples[name].append(_time(fn, min_seconds, clock))
+    result = {name: float(np.median(v)) for name, v in samples.items()}
+    result["floor"] = 2 * result["read"] + result["write"]
+    return result
+
+
+def _child(threads: int, shapes: list[tuple[int, int]], rounds: int, clock_name: str) -> None:
+    from rewriter.backends.kernels.probes import set_num_threads
+
+    set_num_threads(threads)
+    n = threads or os.cpu_count() or 1
+    if clock_name == "auto":
+        clock_name = "cpu" if n == 1 else "wall"
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    print(
+        f"\n## {n} thread(s), {clock_name} time, median of {rounds} interleaved rounds"
+        " (ns per element; ratio = peer time / two-pass time)"
+    )
+    head = ["shape", "two-pass", *PEERS, "memcpy", "floor"]
+    head += [f"vs {p}" for p in PEERS] + ["of floor"]
+    print(" | ".join(f"{h:>13}" for h in head))
+    for rows, cols in shapes:
+        t = measure_shape(rows, cols, n, rounds, clock)
+        per = {k: v / (rows * cols) * 1e9 for k, v in t.items()}
+        cells = [f"{rows}x{cols}"] + [
+            f"{per[k]:.3f}" for k in ["two-pass", *PEERS, "memcpy", "floor"]
+        ]
+        cells += [f"{t[p] / t['two-pass']:.2f}x" for p in PEERS]
+        cells += [f"{t['floor'] / t['two-pass']:.0%}"]
+        print(" | ".join(f"{c:>13}" for c in cells), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and shapes")
+    parser.add_argument("--threads", default="1,0", help="thread counts; 0 = all cores")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--clock",
+        choices=["auto", "wall", "cpu"],
+        default="auto",
+        help="auto: process CPU time with one thread (robust to a busy machine), else wall time",
+    )
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    rounds = args.rounds or (3 if args.quick else 9)
+    shapes = IN_CACHE + OUT_OF_CACHE
+    if args.quick:
+        shapes = [(64, 1024), (1, 32768), (1, 1 << 24), (4096, 16384)]
+    if args.child is not None:
+        _child(args.child, shapes, rounds, args.clock)
+        return
+    for threads in [int(t) for t in args.threads.split(",")]:
+        env = dict(os.environ)
+        count = threads or os.cpu_count() or 1
+        env.update(TVM_NUM_THREADS=str(count), OMP_NUM_THREADS=str(count))
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(threads),
+            "--rounds",
+            str(rounds),
+            "--clock",
+            args.clock,
+        ]
+        subprocess.run(cmd + (["--quick"] if args.quick else []), env=env, check=True)
+
+
+if __name__ == "__main__":
+    main()
