@@ -196,10 +196,17 @@ def register_fx_pass(cls: type[FxPass]) -> type[FxPass]:
 def available() -> dict[str, type[FxPass]]:
     """The passes with an fx implementation, by name.
 
-    >>> list(available())
-    ['two-pass-softmax']
+    >>> "two-pass-softmax" in available()
+    True
     """
+    _load_builtin_fx_passes()
     return dict(sorted(_FX_PASSES.items()))
+
+
+def _load_builtin_fx_passes() -> None:
+    # Modules with fx passes register them on import; they import this module, so
+    # they are loaded here, on first use, not at the top.
+    import rewriter.attention_fx  # noqa: F401
 
 
 def parse_fx_pipeline(passes: str | Sequence[str | FxPass]) -> list[FxPass]:
@@ -208,6 +215,7 @@ def parse_fx_pipeline(passes: str | Sequence[str | FxPass]) -> list[FxPass]:
     >>> [p.options.log_softmax for p in parse_fx_pipeline("two-pass-softmax(log_softmax=false)")]
     [False]
     """
+    _load_builtin_fx_passes()
     items = [passes] if isinstance(passes, str) else list(passes)
     result: list[FxPass] = []
     for item in items:

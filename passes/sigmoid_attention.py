@@ -1,0 +1,152 @@
+"""MatMul(Softmax(QKᵀ·s + mask), V) -> SigmoidAttention(Q, K, V, mask) = sigmoid(QKᵀ·s - ln n + mask)·V.
+
+Implements Ramapuram et al., "Theory, Analysis, and Best Practices for Sigmoid
+Self-Attention" (2024, arXiv 2409.04431): the row softmax is replaced by an elementwise
+sigmoid with the scalar bias b = -ln(n), n the longest sequence the model is trained on
+(option ``max_seq_len``; by default the graph's static key length, else the option is
+required). Approximate: the rewritten model computes another function; verification
+reports the fidelity it measures, and the torch.fx twin (:mod:`rewriter.attention_fx`)
+fine-tunes the rewritten model to recover accuracy.
+
+Every attention :mod:`rewriter.attention` finds is rewritten (subgraphs of the torch
+exporters and the ``Attention`` operator of opset 23). A masked position contributes
+exactly 0: sigmoid(-inf) is 0, and ONNX Runtime's float32 Sigmoid gives 0 for
+``finfo.min`` masks too, but a backend's approximate sigmoid (a clamped polynomial, or
+0.5·(1 + tanh(x/2)) with an approximate tanh) need not, so the body also zeroes
+positions whose additive mask is <= :data:`rewriter.attention.MASKED_AT_OR_BELOW`
+with ``Where``. A Softmax that is not attention (a classifier's output) is left as is
+and noted.
+
+Requires: default-domain opset >= 15 (CastLike, Shape(start, end)). Ensures: each
+``ai.rewriter::SigmoidAttention`` has its function body (standard ops of the model's
+opset, so ONNX Runtime, ``onnx.reference`` and the checker run it as is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx import helper
+
+from rewriter import attention
+from rewriter.attention import AttentionMatch, AttentionRule
+from rewriter.errors import InputError
+from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult
+from rewriter.registry import register
+
+OP_TYPE = "SigmoidAttention"
+
+
+@dataclasses.dataclass
+class SigmoidAttentionOptions:
+    """Options of ``sigmoid-attention``.
+
+    max_seq_len: n of the bias b = -ln(n), the longest sequence used in training
+    (default: each attention's static key length; required when it is dynamic).
+    """
+
+    max_seq_len: int | None = None
+
+
+@register
+class SigmoidAttentionPass(RewritePass):
+    """Replace softmax attention by sigmoid attention (Ramapuram et al. 2024)."""
+
+    name = "sigmoid-attention"
+    exact = False
+    description = "softmax attention -> sigmoid(QK^T/sqrt(d) - ln n)V (Ramapuram et al. 2024)"
+    Options = SigmoidAttentionOptions
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 1)
+        if opset < attention.MIN_OPSET and attention.has_candidates(model):
+            raise ir.passes.PreconditionError(
+                f"{self.name} needs opset >= {attention.MIN_OPSET}, the model has {opset}"
+            )
+
+    def call(self, model: ir.Model) -> RewriteResult:
+        opset = model.opset_imports.get("", 1)
+        n = self.options.max_seq_len
+        if n is not None and n < 1:
+            raise InputError(f"{self.name}: max_seq_len must be >= 1, got {n}")
+        attention.prepare(model)
+        if n is None:
+            dynamic = [m.name for m in attention.find_attention(model) if m.key_length() is None]
+            if dynamic:
+                raise InputError(
+                    f"{self.name}: the sequence length of {dynamic[0]!r} is dynamic; give "
+                    "max_seq_len=N (the longest sequence the model is trained on: b = -ln N)"
+                )
+        rule_set, instances = attention.rules(_ToSigmoid, n)
+        replaced = rule_set.apply_to_model(model)
+        if replaced:
+            attention.add_function(model, function_proto(opset))
+        notes = attention.softmax_notes(model, instances)
+        stats = {"attention_replaced": replaced, "softmax_left": len(notes)}
+        return RewriteResult(model, bool(replaced), stats=stats, notes=notes)
+
+
+class _ToSigmoid(AttentionRule):
+    def __init__(self, max_seq_len: int | None) -> None:
+        super().__init__("AttentionToSigmoid")
+        self.max_seq_len = max_seq_len
+
+    def refuse(self, match: AttentionMatch) -> str:
+        if self.max_seq_len is None and match.key_length() is None:
+            return "dynamic sequence length and no max_seq_len"
+        return ""
+
+    def rewrite_attention(self, op: Any, match: AttentionMatch) -> ir.Value:
+        n = self.max_seq_len or match.key_length()
+        assert n is not None
+        return op.op(
+            OP_TYPE,
+            match.query,
+            attention.key(op, match),
+            attention.value(op, match),
+            attention.additive_mask(op, match),
+            _domain=DOMAIN,
+            scale=match.scale,
+            bias=-math.log(n),
+        )
+
+
+def function_proto(opset: int) -> onnx.FunctionProto:
+    """The body of ``SigmoidAttention(Q, K, V, Mask)`` at ``opset``.
+
+    Q [B, H, Nq, D], K [B, H, Nk, D], V [B, H, Nk, Dv], Mask additive, broadcastable to
+    [B, H, Nq, Nk] (0 for none); attributes ``scale`` and ``bias``:
+    ``Y = Where(Mask > -1e4, sigmoid(Q·scale·Kᵀ + bias + Mask), 0) · V``.
+
+    >>> function_proto(18).name
+    'SigmoidAttention'
+    """
+    body = attention.FunctionBody(opset)
+    scale = body.node("CastLike", [body.attribute("scale", "float"), "Q"], "scale")
+    bias = body.node("CastLike", [body.attribute("bias", "float"), "Q"], "bias")
+    scores = body.node(
+        "MatMul", [body.node("Mul", ["Q", scale], "q_scaled"), body.swap_last("K", "k_t")], "scores"
+    )
+    logits = body.node("Add", [body.node("Add", [scores, bias], "biased"), "Mask"], "logits")
+    probs = body.node("Sigmoid", [logits], "probs")
+    keep = body.node(
+        "Greater",
+        ["Mask", body.const("masked_at", attention.MASKED_AT_OR_BELOW, like="Mask")],
+        "keep",
+    )
+    kept = body.node("Where", [keep, probs, body.const("zero", 0.0, like="Q")], "kept")
+    body.node("MatMul", [kept, "V"], "Y")
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        ["Q", "K", "V", "Mask"],
+        ["Y"],
+        body.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=["scale", "bias"],
+        doc_string="Sigmoid attention (Ramapuram et al. 2024): sigmoid(QK^T*scale + bias + Mask) V.",
+    )

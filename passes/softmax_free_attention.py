@@ -1,0 +1,261 @@
+"""MatMul(Softmax(QKᵀ·s + mask), V) -> SoftmaxFreeAttention(Q, K, V, mask) = K(Q,K̃)·pinv(K(Q̃,K̃))·K(Q̃,K)·V.
+
+Implements SOFT: Lu et al., "SOFT: Softmax-free Transformer with Linear Complexity"
+(NeurIPS 2021, arXiv 2110.11945) and "Softmax-free Linear Transformers" (2022, arXiv
+2207.03341). The softmax is replaced by the Gaussian kernel
+k(a, b) = exp(-||a - b||²/2) = exp(a·b - ||a||²/2 - ||b||²/2) on Q and K scaled by
+sqrt(s) (d^(-1/4) each for s = 1/sqrt(d)), approximated by Nyström with m landmarks
+(option ``landmarks``, default 32): the landmarks are the average pools of the
+sequence over m segments (the training-free choice; the paper learns a strided
+convolution), and pinv of the m×m landmark kernel is taken by ``iterations`` (default
+20) Newton–Schulz steps V ← 2V − V·A·V from V0 = Aᵀ / (||A||₁·||A||∞), which converges
+for every A (Ben-Israel & Cohen 1966; ||A||₂² <= ||A||₁·||A||∞). The paper's start
+α(A + εI) assumes a symmetric A, which the asymmetric form below does not have. Cost: O(n·m·d), linear in the sequence length n.
+
+Asymmetric by default (``symmetric=false``): landmarks of Q and of K separately,
+X = K(Q, K̃)·pinv(K(Q̃, K̃))·K(Q̃, K)·V. The paper ties K to Q (``symmetric=true``:
+K(Q, Q̃)·pinv(K(Q̃, Q̃))·K(Q̃, Q)·V), which is how SOFT is trained from scratch; a
+pretrained softmax model's keys carry what its queries match against, so rewriting
+one with K := Q would throw its key projection away: the asymmetric form keeps it and
+is the default here.
+
+Approximate: the Gaussian kernel is not normalized as softmax is, so a pretrained
+model needs the fine-tuning of :mod:`rewriter.attention_fx`; verification reports the
+fidelity it measures. Masks: masked keys (additive mask <= -1e4) contribute exactly 0
+and are left out of the landmark pools. SOFT is bidirectional: a query-dependent
+(causal) mask is reduced to its key padding (a key is kept if any query may see it);
+the pass says so in its notes for masks whose query axis is not 1. Self-attention
+only: the landmark pools of Q and K share the key positions' segments.
+
+Requires: default-domain opset >= 15. Ensures: each ``ai.rewriter::SoftmaxFreeAttention``
+has its function body (computed in float32; standard ops with a ``Loop`` for the
+Newton–Schulz steps), which ONNX Runtime, ``onnx.reference`` and the checker run as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper
+
+from rewriter import attention
+from rewriter.attention import AttentionMatch, AttentionRule
+from rewriter.errors import InputError
+from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult
+from rewriter.registry import register
+
+OP_TYPE = "SoftmaxFreeAttention"
+# The landmark pools divide by the number of kept positions in a segment, at least this.
+EMPTY_SEGMENT = 1e-6
+# ||A||₁·||A||∞ below this is an all-zero kernel; its pinv is 0.
+TINY = 1e-30
+
+
+@dataclasses.dataclass
+class SoftmaxFreeAttentionOptions:
+    """Options of ``softmax-free-attention``.
+
+    landmarks: m, the number of landmarks (average pools of the sequence).
+    iterations: Newton–Schulz steps of the pseudo-inverse.
+    symmetric: tie K to Q, as the paper trains SOFT (default: landmarks of Q and K apart).
+    """
+
+    landmarks: int = 32
+    iterations: int = 20
+    symmetric: bool = False
+
+
+@register
+class SoftmaxFreeAttentionPass(RewritePass):
+    """Replace softmax attention by SOFT Gaussian-kernel Nyström attention (Lu et al.)."""
+
+    name = "softmax-free-attention"
+    exact = False
+    description = (
+        "softmax attention -> SOFT Gaussian-kernel Nystrom attention, linear in n (Lu et al. 2021)"
+    )
+    Options = SoftmaxFreeAttentionOptions
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 1)
+        if opset < attention.MIN_OPSET and attention.has_candidates(model):
+            raise ir.passes.PreconditionError(
+                f"{self.name} needs opset >= {attention.MIN_OPSET}, the model has {opset}"
+            )
+
+    def call(self, model: ir.Model) -> RewriteResult:
+        if self.options.landmarks < 1 or self.options.iterations < 0:
+            raise InputError(f"{self.name}: landmarks must be >= 1 and iterations >= 0")
+        opset = model.opset_imports.get("", 1)
+        attention.prepare(model)
+        rule_set, instances = attention.rules(_ToSoft, self.options)
+        replaced = rule_set.apply_to_model(model)
+        if replaced:
+            attention.add_function(model, function_proto(opset))
+        notes = attention.softmax_notes(model, instances)
+        stats = {"attention_replaced": replaced, "softmax_left": len(notes)}
+        notes += [
+            f"{name!r}: its mask may depend on the query (causal); SOFT is "
+            "bidirectional and keeps only the key padding"
+            for instance in instances
+            for name in getattr(instance, "query_masks", [])
+        ]
+        return RewriteResult(model, bool(replaced), stats=stats, notes=notes)
+
+
+class _ToSoft(AttentionRule):
+    def __init__(self, options: SoftmaxFreeAttentionOptions) -> None:
+        super().__init__("AttentionToSoft")
+        self.options = options
+        self.query_masks: list[str] = []
+
+    def refuse(self, match: AttentionMatch) -> str:
+        n_q = match.query.shape[-2] if match.query.shape is not None else None
+        n_k = match.key_length()
+        if isinstance(n_q, int) and isinstance(n_k, int) and n_q != n_k:
+            return f"cross-attention ({n_q} queries, {n_k} keys): SOFT pools shared positions"
+        return ""
+
+    def rewrite_attention(self, op: Any, match: AttentionMatch) -> ir.Value:
+        mask = attention.additive_mask(op, match, rank4=True)
+        shape = match.mask.shape if match.mask is not None else None
+        if match.causal or (match.mask is not None and (shape is None or shape[-2] != 1)):
+            self.query_masks.append(match.name)
+        k = match.query if self.options.symmetric else attention.key(op, match)
+        return op.op(
+            OP_TYPE,
+            match.query,
+            k,
+            attention.value(op, match),
+            mask,
+            _domain=DOMAIN,
+            scale=match.scale,
+            landmarks=self.options.landmarks,
+            iterations=self.options.iterations,
+        )
+
+
+def function_proto(opset: int) -> onnx.FunctionProto:
+    """The body of ``SoftmaxFreeAttention(Q, K, V, Mask)`` at ``opset``, float32 inside.
+
+    Q, K [B, H, N, D], V [B, H, N, Dv], Mask additive of rank 4, broadcastable to
+    [B, H, N, N]; attributes ``scale``, ``landmarks`` (m) and ``iterations``.
+
+    >>> function_proto(18).name
+    'SoftmaxFreeAttention'
+    """
+    body = attention.FunctionBody(opset)
+    node, const = body.node, body.const
+    f32 = TensorProto.FLOAT
+    root = node("Sqrt", [body.attribute("scale", "float")], "root_scale")
+    q = node("Mul", [node("Cast", ["Q"], "q32", to=f32), root], "q")
+    k = node("Mul", [node("Cast", ["K"], "k32", to=f32), root], "k")
+    v = node("Cast", ["V"], "v32", to=f32)
+    # keep [.., 1, N]: 1 for keys some query may attend to.
+    masked_at = const("masked_at", attention.MASKED_AT_OR_BELOW, like="Mask")
+    keep_all = node("Cast", [node("Greater", ["Mask", masked_at], "keep_bool")], "keep_all", to=f32)
+    keep = body.reduce("ReduceMax", keep_all, [2], "keep")
+    # Segment j of m holds positions i with floor(i·m/n) = j; the pools average the kept ones.
+    n = node("Shape", [k], "n", start=2, end=3)
+    m_attribute = node(
+        "Reshape", [body.attribute("landmarks", "int"), const("one_axis", [1])], "m_attr"
+    )
+    m = node("Min", [m_attribute, n], "m")
+    no_dims = const("scalar_shape", [])
+
+    def scalar(x: str) -> str:
+        return node("Reshape", [x, no_dims], x + "_scalar")
+
+    zero_i, one_i = const("zero_i", [0]), const("one_i", [1])
+    start, step, n_s, m_s = scalar(zero_i), scalar(one_i), scalar(n), scalar(m)
+    positions = node("Range", [start, n_s, step], "positions")
+    segment = node("Div", [node("Mul", [positions, m_s], "positions_m"), n_s], "segment")
+    columns = node("Range", [start, m_s, step], "columns")
+    same = node(
+        "Equal",
+        [
+            node("Unsqueeze", [segment, one_i], "segment_col"),
+            node("Unsqueeze", [columns, zero_i], "columns_row"),
+        ],
+        "same_segment",
+    )
+    onehot = node("Cast", [same], "onehot", to=f32)  # [N, m]
+    weights = node("Mul", [onehot, body.swap_last(keep, "keep_col")], "weights")  # [.., N, m]
+    counts = node(
+        "Max",
+        [body.reduce("ReduceSum", weights, [2], "counts"), const("empty", EMPTY_SEGMENT)],
+        "counts_safe",
+    )
+    pools = body.swap_last(node("Div", [weights, counts], "pool_weights"), "pools")  # [.., m, N]
+    q_land = node("MatMul", [pools, q], "q_landmarks")  # [.., m, D]
+    k_land = node("MatMul", [pools, k], "k_landmarks")
+    half_norms: dict[str, str] = {}
+
+    def half_sq_norm(x: str) -> str:
+        """||x||²/2 over the last axis, [.., p, 1] (computed once per tensor)."""
+        if x not in half_norms:
+            squared = body.reduce("ReduceSum", node("Mul", [x, x], x + "_sq"), [-1], x + "_sqsum")
+            half_norms[x] = node("Mul", [squared, const(x + "_half", 0.5)], x + "_hsq")
+        return half_norms[x]
+
+    def kernel(a: str, b: str, out: str) -> str:
+        """exp(a·bᵀ - ||a||²/2 - ||b||²/2), [.., p, q]."""
+        dots = node("MatMul", [a, body.swap_last(b, f"{b}_t_{out}")], out + "_dots")
+        shifted = node("Sub", [dots, half_sq_norm(a)], out + "_a")
+        b_norm = body.swap_last(half_sq_norm(b), f"{b}_hsq_t_{out}")
+        return node("Exp", [node("Sub", [shifted, b_norm], out + "_ab")], out)
+
+    left = kernel(q, k_land, "left")  # [.., N, m]
+    middle = kernel(q_land, k_land, "middle")  # [.., m, m]
+    right = node("Mul", [kernel(q_land, k, "right_raw"), keep], "right")  # [.., m, N]
+    right_v = node("MatMul", [right, v], "right_v")  # [.., m, Dv]
+    # Newton–Schulz: X0 = Aᵀ / (||A||₁ ||A||∞), X <- 2X - X A X.
+    absolute = node("Abs", [middle], "middle_abs")
+    col_sums = body.reduce("ReduceSum", absolute, [-2], "col_sums")
+    row_sums = body.reduce("ReduceSum", absolute, [-1], "row_sums")
+    norm_1 = body.reduce("ReduceMax", col_sums, [-1], "norm_1")
+    norm_inf = body.reduce("ReduceMax", row_sums, [-2], "norm_inf")
+    norms = node(
+        "Max", [node("Mul", [norm_1, norm_inf], "norm_product"), const("tiny", TINY)], "norms"
+    )
+    alpha = node("Reciprocal", [norms], "alpha")
+    x0 = node("Mul", [body.swap_last(middle, "middle_t"), alpha], "x0")
+    step = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_in", middle], ["xa"]),
+            helper.make_node("MatMul", ["xa", "x_in"], ["xax"]),
+            helper.make_node("Add", ["x_in", "x_in"], ["two_x"]),
+            helper.make_node("Sub", ["two_x", "xax"], ["x_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "newton_schulz_step",
+        [
+            helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", f32, None),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", f32, None),
+        ],
+    )
+    trips = body.attribute("iterations", "int")
+    true = node(
+        "Constant", [], "true", value=helper.make_tensor("true", TensorProto.BOOL, [], [True])
+    )
+    inverse = node("Loop", [trips, true, x0], "middle_pinv", body=step)
+    y = node("MatMul", [left, node("MatMul", [inverse, right_v], "pinv_right_v")], "y32")
+    node("CastLike", [y, "Q"], "Y")
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        ["Q", "K", "V", "Mask"],
+        ["Y"],
+        body.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=["scale", "landmarks", "iterations"],
+        doc_string="SOFT attention (Lu et al. 2021): Gaussian-kernel Nystrom with Newton-Schulz pinv.",
+    )
