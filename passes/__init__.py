@@ -1,6 +1,9 @@
 """The built-in passes; importing this package registers each of them."""
 
 from rewriter.passes import (  # noqa: F401
+    prune,
+    prune_2to4,
+    prune_width,
     quantize,
     sigmoid_attention,
     softmax_free_attention,
