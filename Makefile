@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# Lint and type checks first (seconds), then the tests.
 test: $(STAMP)
+	$(PY) -m ruff check rewriter passes backends tests examples benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)

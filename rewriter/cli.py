@@ -15,11 +15,13 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rewriter import registry, verify
 from rewriter.errors import InputError, RewriterError
 from rewriter.job import Report, rewrite_file
+from rewriter.pass_base import RewritePass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=VALUE",
         help=f"value of a symbolic input dimension (defaults: {verify.DEFAULT_DIMS}, others {verify.DEFAULT_DIM})",
+    )
+    parser.add_argument(
+        "--plot", metavar="PNG", help="write the per-layer plot of passes that draw one (prune, quantize) here"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default 0)")
     parser.add_argument("--rtol", type=float, help="relative tolerance of exact passes (default by dtype; float32 1e-5)")
@@ -102,6 +107,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.passes and not args.pipeline:
         raise InputError("no passes given: use --passes NAME[,NAME...] or --pipeline FILE")
     passes = registry.load_pipeline(args.pipeline) if args.pipeline else registry.parse_pipeline(args.passes)
+    if args.plot:
+        _route_plot(passes, Path(args.plot))
     tolerance = None
     if args.rtol is not None or args.atol is not None:
         default = verify.DEFAULT_TOLERANCE["float32"]
@@ -140,6 +147,16 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_report(report))
     return 0
+
+
+def _route_plot(passes: Sequence[RewritePass], path: Path) -> None:
+    """Give ``--plot`` to the passes with a ``plot`` option (``NAME.PASS.png`` when several)."""
+    drawing = [p for p in passes if hasattr(p.options, "plot") and not p.options.plot]
+    if not drawing:
+        raise InputError("--plot: none of the passes draws a plot (prune and quantize do)")
+    for rewrite_pass in drawing:
+        target = path if len(drawing) == 1 else path.with_name(f"{path.stem}.{rewrite_pass.name}{path.suffix}")
+        rewrite_pass.options.plot = str(target)
 
 
 def _parse_dims(items: Sequence[str]) -> dict[str, int]:

@@ -105,6 +105,13 @@ def test_calibration_file_reaches_the_passes(model_path, tmp_path, monkeypatch):
     np.testing.assert_array_equal(batch["x"], np.full((4, 16), 0.5, np.float32))
 
 
+def test_plot_goes_to_the_passes_that_draw(model_path, tmp_path):
+    plot = tmp_path / "layers.png"
+    assert main([str(model_path), "--passes", "quantize(bits=8)", "-o", str(tmp_path / "q.onnx"), "-q",
+                 "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_pipeline_file(model_path, tmp_path):
     pipeline = tmp_path / "pipeline.toml"
     pipeline.write_text('[[pass]]\nname = "two-pass-softmax"\noptions = { log_softmax = false }\n')
@@ -170,6 +177,7 @@ def _bad_cases(tmp_path: Path, model_path: Path) -> dict[str, list[str]]:
         "missing external data": [str(external), *passes, "-o", out],
         "output is input": [model, *passes, "-o", model],
         "bad dim": [model, *passes, "-o", out, "--dim", "batch=zero"],
+        "plot without a drawing pass": [model, *passes, "-o", out, "--plot", str(tmp_path / "p.png")],
         "calibration wrong shape": [model, *passes, "-o", out, "--calibration", str(wrong_shape)],
         "calibration wrong names": [model, *passes, "-o", out, "--calibration", str(wrong_names)],
         "no output": [model, *passes],
@@ -186,6 +194,7 @@ def _bad_cases(tmp_path: Path, model_path: Path) -> dict[str, list[str]]:
         "bad option value", "malformed pass list", "inputs wrong names", "inputs wrong shape",
         "inputs wrong dtype", "inputs missing file", "missing external data", "output is input",
         "bad dim", "no output", "no passes", "calibration wrong shape", "calibration wrong names",
+        "plot without a drawing pass",
     ],
 )
 def test_bad_input_one_line_exit_2_no_output(case, model_path, tmp_path, capsys):
