@@ -1,6 +1,7 @@
 """The built-in passes; importing this package registers each of them."""
 
 from rewriter.passes import (  # noqa: F401
+    fuse_cross_entropy,
     prune,
     prune_2to4,
     prune_width,

@@ -207,6 +207,7 @@ def _load_builtin_fx_passes() -> None:
     # Modules with fx passes register them on import; they import this module, so
     # they are loaded here, on first use, not at the top.
     import rewriter.attention_fx  # noqa: F401
+    import rewriter.fused_cross_entropy  # noqa: F401
     import rewriter.prune_fx  # noqa: F401
     import rewriter.prune_width_fx  # noqa: F401
 
