@@ -10,8 +10,9 @@ TVM's importer (``tvm.relax.frontend.onnx.from_onnx``) has two gaps this module 
    allowed, after optionally fixing symbolic input dimensions (``dims``), which
    folds every shape computation away.
 2. It has no hook for custom ops and ignores domains. :func:`prepare` renames each
-   ``ai.rewriter`` node to ``ai.rewriter::<OpType>`` (its model-local function body
-   is dropped, not inlined), and a subclass of TVM's ``ONNXGraphImporter`` that
+   ``ai.rewriter`` node that has a kernel of ours to ``ai.rewriter::<OpType>`` (its
+   model-local function body is dropped, not inlined; ops without a kernel yet, such
+   as ``SigmoidAttention``, are inlined from their function body and logged), and a subclass of TVM's ``ONNXGraphImporter`` that
    overrides only ``_convert_operator`` and ``_check_for_unsupported_ops`` lowers
    those nodes with :func:`rewriter.backends.lowering.emit_two_pass_softmax`
    (``R.call_tir`` of our TIR kernel from :mod:`rewriter.backends.kernels.softmax`,
@@ -89,8 +90,13 @@ def prepare(model: ModelLike, *, dims: Mapping[str, int] | None = None) -> onnx.
     work = to_ir(model)
     if dims:
         _fix_dims(work, dims)
+    # Ops with a kernel of ours lose their function body here; the others keep it and
+    # the optimizer inlines it into standard ops (said in the log: no fused kernel yet).
     for key in [key for key in work.functions if key[0] == DOMAIN]:
-        del work.functions[key]
+        if f"{DOMAIN}::{key[1]}" in CUSTOM_OPS:
+            del work.functions[key]
+        else:
+            logger.warning("%s has no TVM kernel yet: compiled from its ONNX function body", key[1])
     # The folder logs a warning for every node it tries and cannot evaluate (shape ops
     # on symbolic dims); those nodes are simply left to TVM's importer.
     folding_logger = logging.getLogger("onnxscript.optimizer._constant_folding")

@@ -85,15 +85,8 @@ class FuseCrossEntropyPass(RewritePass):
     name = "fuse-cross-entropy"
     exact = True
     description = "cross-entropy forms (+ LM head) -> FusedCrossEntropy / FusedLinearCrossEntropy (Liger, CCE)"
+    min_opset = MIN_OPSET
     Options = FuseCrossEntropyOptions
-
-    def requires(self, model: ir.Model) -> None:
-        opset = model.opset_imports.get("", 1)
-        if opset < MIN_OPSET:
-            raise ir.passes.PreconditionError(
-                f"{self.name} needs opset >= {MIN_OPSET}, the model has {opset}: "
-                "upgrade it with onnx.version_converter.convert_version"
-            )
 
     def call(self, model: ir.Model) -> RewriteResult:
         opset = model.opset_imports.get("", 1)

@@ -59,14 +59,11 @@ class SigmoidAttentionPass(RewritePass):
     name = "sigmoid-attention"
     exact = False
     description = "softmax attention -> sigmoid(QK^T/sqrt(d) - ln n)V (Ramapuram et al. 2024)"
+    min_opset = attention.MIN_OPSET
     Options = SigmoidAttentionOptions
 
-    def requires(self, model: ir.Model) -> None:
-        opset = model.opset_imports.get("", 1)
-        if opset < attention.MIN_OPSET and attention.has_candidates(model):
-            raise ir.passes.PreconditionError(
-                f"{self.name} needs opset >= {attention.MIN_OPSET}, the model has {opset}"
-            )
+    def applies_to(self, model: ir.Model) -> bool:
+        return attention.has_candidates(model)
 
     def call(self, model: ir.Model) -> RewriteResult:
         opset = model.opset_imports.get("", 1)

@@ -77,14 +77,11 @@ class SoftmaxFreeAttentionPass(RewritePass):
     description = (
         "softmax attention -> SOFT Gaussian-kernel Nystrom attention, linear in n (Lu et al. 2021)"
     )
+    min_opset = attention.MIN_OPSET
     Options = SoftmaxFreeAttentionOptions
 
-    def requires(self, model: ir.Model) -> None:
-        opset = model.opset_imports.get("", 1)
-        if opset < attention.MIN_OPSET and attention.has_candidates(model):
-            raise ir.passes.PreconditionError(
-                f"{self.name} needs opset >= {attention.MIN_OPSET}, the model has {opset}"
-            )
+    def applies_to(self, model: ir.Model) -> bool:
+        return attention.has_candidates(model)
 
     def call(self, model: ir.Model) -> RewriteResult:
         if self.options.landmarks < 1 or self.options.iterations < 0:

@@ -60,15 +60,8 @@ class TwoPassSoftmaxPass(RewritePass):
     name = "two-pass-softmax"
     exact = True
     description = "Softmax/LogSoftmax -> two-pass (mantissa, exponent) softmax (Dukhan & Ablavatski 2020)"
+    min_opset = MIN_OPSET
     Options = TwoPassSoftmaxOptions
-
-    def requires(self, model: ir.Model) -> None:
-        opset = model.opset_imports.get("", 1)
-        if opset < MIN_OPSET:
-            raise ir.passes.PreconditionError(
-                f"{self.name} needs opset >= {MIN_OPSET}, the model has {opset}: "
-                "upgrade it with onnx.version_converter.convert_version"
-            )
 
     def call(self, model: ir.Model) -> RewriteResult:
         opset = model.opset_imports.get("", 1)

@@ -84,6 +84,8 @@ class RewritePass(ir.passes.InPlacePass):
     exact: ClassVar[bool]
     description: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    # The default-domain opset the pass's function bodies and rules need.
+    min_opset: ClassVar[int] = 1
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -93,6 +95,20 @@ class RewritePass(ir.passes.InPlacePass):
     def from_strings(cls, values: dict[str, str]) -> RewritePass:
         """Build the pass from ``key=value`` strings, converting each to its field's type."""
         return cls(parse_options(cls.Options, values, pass_name=cls.name))
+
+    def applies_to(self, model: ir.Model) -> bool:
+        """Whether ``model`` has candidates for this pass (``requires`` checks only then)."""
+        del model
+        return True
+
+    def requires(self, model: ir.Model) -> None:
+        """The model's opset must be at least ``min_opset`` when the pass has work in it."""
+        opset = model.opset_imports.get("", 1)
+        if opset < self.min_opset and self.applies_to(model):
+            raise ir.passes.PreconditionError(
+                f"{self.name} needs opset >= {self.min_opset}, the model has {opset}: "
+                "upgrade it with onnx.version_converter.convert_version"
+            )
 
     def ensures(self, model: ir.Model) -> None:
         """Every operator of our domain left in the model must have its function body."""

@@ -485,3 +485,20 @@ def test_cli_cuda_target_builds_and_says_it_did_not_run(tmp_path):
     assert compiled["target_json"]["arch"] == "sm_90"
     if not backend.Compiled(None, None, device="cuda").runnable:  # type: ignore[arg-type]
         assert compiled["ran"] is False and "not run" in compiled["note"]
+
+
+def test_op_without_a_kernel_compiles_from_its_function_body(caplog):
+    # SigmoidAttention has no fused TVM kernel yet: the backend inlines its ONNX body
+    # (standard ops) and says so, rather than refusing the model.
+    from tests import attention_models
+
+    model = attention_models.attention_model("div_transpose_additive")
+    feeds = attention_models.feeds("div_transpose_additive")
+    assert create_pass("sigmoid-attention")(model).stats["attention_replaced"] == 1
+    proto = ir.serde.serialize_model(model)
+    expected = verify.run(proto.SerializeToString(), feeds)["y"]
+    with caplog.at_level("WARNING"):
+        compiled = backend.compile(proto, target="llvm")
+    assert "SigmoidAttention has no TVM kernel yet" in caplog.text
+    got = compiled.run(feeds)["y"]
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
