@@ -145,14 +145,7 @@ class PrunePass(RewritePass):
                 layer.weight.const_value = ir.Tensor(pruned, name=layer.weight.name)
                 modified = True
         total = sum(params)
-        stats = {
-            "layers_pruned": sum(1 for count in allocation.counts if count > 0),
-            "layers_dense": sum(1 for count in allocation.counts if count == 0),
-            "params_total": total,
-            "params_zeroed": zeroed,
-            "sparsity_permille": round(1000 * zeroed / total),
-            "allocation_ms": round(1000 * seconds),
-        }
+        stats = pruning.allocation_stats(allocation.counts, zeroed, total, seconds)
         notes.append(
             f"allocation {options.allocation}: {zeroed}/{total} weights zero "
             f"({zeroed / total:.4f}, target {options.sparsity:g}) in {seconds:.2f} s"

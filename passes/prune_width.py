@@ -117,12 +117,7 @@ class PruneWidthPass(RewritePass):
         ratio = self.options.ratio
         if not 0.0 <= ratio < 1.0:
             raise InputError(f"prune-width: ratio must be in [0, 1), got {ratio}")
-        if self.options.criterion not in pruning.CHANNEL_CRITERIA:
-            known = ", ".join(pruning.CHANNEL_CRITERIA)
-            raise InputError(
-                f"prune-width: criterion must be one of {known}, got {self.options.criterion!r}"
-            )
-        score = pruning.CHANNEL_CRITERIA[self.options.criterion]
+        score = pruning.channel_criterion(self.options.criterion)
         mlps, notes = find_mlps(model)
         stats = {
             "glu_pruned": 0,

@@ -162,14 +162,7 @@ def prune_module(
             zeroed += int(np.count_nonzero(pruned == 0))
             layer.weight.mul_(torch.from_numpy(pruned != 0).to(layer.weight.device))
     total = sum(params)
-    stats = {
-        "layers_pruned": sum(1 for count in allocation.counts if count > 0),
-        "layers_dense": sum(1 for count in allocation.counts if count == 0),
-        "params_total": total,
-        "params_zeroed": zeroed,
-        "sparsity_permille": round(1000 * zeroed / total),
-        "allocation_ms": round(1000 * seconds),
-    }
+    stats = pruning.allocation_stats(allocation.counts, zeroed, total, seconds)
     for index, ((name, _), count) in enumerate(zip(layers, allocation.counts, strict=True)):
         measured = (
             f", distortion {allocation.distortion[index]:.3e}" if allocation.distortion else ""

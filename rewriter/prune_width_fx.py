@@ -189,11 +189,7 @@ def prune_width_module(
     options = options or PruneWidthOptions()
     if not 0.0 <= options.ratio < 1.0:
         raise InputError(f"prune-width: ratio must be in [0, 1), got {options.ratio}")
-    if options.criterion not in pruning.CHANNEL_CRITERIA:
-        raise InputError(
-            f"prune-width: criterion must be one of {', '.join(pruning.CHANNEL_CRITERIA)}"
-        )
-    score = pruning.CHANNEL_CRITERIA[options.criterion]
+    score = pruning.channel_criterion(options.criterion)
     mlps, notes = find_mlps(module)
     stats = {
         "glu_pruned": 0,

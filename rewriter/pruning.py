@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import reduce
 
 import numpy as np
@@ -306,6 +306,25 @@ def l2_scores(matrices: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
 
 
 CHANNEL_CRITERIA = {"maw": maw_scores, "l2": l2_scores}
+
+
+def channel_criterion(name: str) -> Callable[[Sequence[tuple[np.ndarray, int]]], np.ndarray]:
+    """The channel score function called ``name``; an unknown name is an InputError."""
+    if name not in CHANNEL_CRITERIA:
+        raise InputError(f"prune-width: criterion must be one of {', '.join(CHANNEL_CRITERIA)}, got {name!r}")
+    return CHANNEL_CRITERIA[name]
+
+
+def allocation_stats(counts: Sequence[int], zeroed: int, total: int, seconds: float) -> dict[str, int]:
+    """The statistics both fronts of ``prune`` report for an applied allocation."""
+    return {
+        "layers_pruned": sum(1 for count in counts if count > 0),
+        "layers_dense": sum(1 for count in counts if count == 0),
+        "params_total": total,
+        "params_zeroed": zeroed,
+        "sparsity_permille": round(1000 * zeroed / total),
+        "allocation_ms": round(1000 * seconds),
+    }
 
 
 def channels_to_keep(scores: np.ndarray, ratio: float, *, multiple: int = 1) -> np.ndarray:
