@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from functools import reduce
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -107,6 +108,8 @@ def prepare(model: ModelLike, *, dims: Mapping[str, int] | None = None) -> onnx.
     finally:
         folding_logger.setLevel(level)
     ir.passes.common.RemoveUnusedNodesPass()(work)
+    _widen_4bit_initializers(work)
+    _expand_blocked_dequantize(work)
     for node in ir.traversal.RecursiveGraphIterator(work.graph):
         if node.domain == DOMAIN:
             renamed = f"{DOMAIN}::{node.op_type}"
@@ -115,6 +118,63 @@ def prepare(model: ModelLike, *, dims: Mapping[str, int] | None = None) -> onnx.
             node.op_type, node.domain = renamed, ""
     work.opset_imports.pop(DOMAIN, None)
     return ir.serde.serialize_model(work)
+
+
+_WIDER = {ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8}
+
+
+def _widen_4bit_initializers(model: ir.Model) -> None:
+    """Store int4/uint4 initializers (``quantize`` weights, zero points) as int8/uint8.
+
+    TVM's importer copies packed 4-bit tensors with the byte size of an unpacked one
+    and fails; DequantizeLinear gives the same values from the 8-bit form.
+    """
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype not in _WIDER:
+            continue
+        wide = _WIDER[tensor.dtype]
+        value.const_value = ir.Tensor(tensor.numpy().astype(wide.numpy()), name=value.name)
+        value.dtype = wide
+
+
+def _expand_blocked_dequantize(model: ir.Model) -> None:
+    """Rewrite blocked ``DequantizeLinear`` (per-group scales) of constant weights.
+
+    TVM's importer has no blocked quantization; ``(x - zero_point) * scale`` with the
+    scales repeated over each block computes the same weights with standard ops.
+    """
+    for node in list(model.graph):
+        block = node.attributes.get_int("block_size", 0) if node.op_type == "DequantizeLinear" else 0
+        if not block or any(v is None or v.const_value is None for v in node.inputs):
+            continue
+        axis = node.attributes.get_int("axis", 1)
+        x, scale = node.inputs[0].const_value.numpy(), node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        zero = node.inputs[2].const_value.numpy() if len(node.inputs) > 2 else np.zeros_like(scale)  # type: ignore[union-attr]
+        full_scale = _repeat_blocks(scale, block, axis, x.shape[axis]).astype(scale.dtype)
+        full_zero = _repeat_blocks(zero.astype(np.float32), block, axis, x.shape[axis]).astype(scale.dtype)
+        name = node.outputs[0].name or "dequantized"
+        scale_value = ir.Value(name=f"{name}_scale_full", const_value=ir.Tensor(full_scale, name=f"{name}_scale_full"))
+        zero_value = ir.Value(name=f"{name}_zero_full", const_value=ir.Tensor(full_zero, name=f"{name}_zero_full"))
+        model.graph.register_initializer(scale_value)
+        model.graph.register_initializer(zero_value)
+        cast = ir.node("Cast", [node.inputs[0]], attributes={"to": _dtype_of(full_scale)})
+        shifted = ir.node("Sub", [cast.outputs[0], zero_value])
+        scaled = ir.node("Mul", [shifted.outputs[0], scale_value])
+        model.graph.insert_before(node, [cast, shifted, scaled])
+        ir.convenience.replace_all_uses_with(node.outputs[0], scaled.outputs[0])
+        if node.outputs[0].is_graph_output():
+            model.graph.outputs[model.graph.outputs.index(node.outputs[0])] = scaled.outputs[0]
+        model.graph.remove(node, safe=True)
+
+
+def _repeat_blocks(values: np.ndarray, block: int, axis: int, size: int) -> np.ndarray:
+    """Repeat each entry ``block`` times along ``axis``, cut to ``size`` (a last partial block)."""
+    return np.repeat(values, block, axis=axis).take(np.arange(size), axis=axis)
+
+
+def _dtype_of(array: np.ndarray) -> ir.DataType:
+    return ir.DataType.from_numpy(array.dtype)
 
 
 def _fold_constant_of_shape(node: ir.Node) -> bool | None:
