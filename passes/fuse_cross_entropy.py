@@ -53,11 +53,16 @@ from onnx import helper
 from onnxscript.rewriter import MatchResult, RewriteRule, RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter.pattern import OrValue
 
-from rewriter.pass_base import DOMAIN, DOMAIN_VERSION, RewritePass, RewriteResult
+from rewriter.pass_base import (
+    DOMAIN,
+    FUNCTIONS_IR_VERSION,
+    RewritePass,
+    RewriteResult,
+    add_function,
+)
 from rewriter.registry import register
 
 MIN_OPSET = 13
-MIN_IR_VERSION = 8
 LOSS = "FusedCrossEntropy"
 LINEAR_LOSS = "FusedLinearCrossEntropy"
 # Op types whose presence means a loss may be there to fuse.
@@ -101,7 +106,7 @@ class FuseCrossEntropyPass(RewritePass):
                 stats["linear_cross_entropy_fused" if linear else "cross_entropy_fused"] += count
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain == DOMAIN and node.op_type in (LOSS, LINEAR_LOSS):
-                _add_function(model, node.op_type, opset)
+                add_function(model, function_proto(node.op_type, opset))
         if stats["cross_entropy_fused"] or stats["linear_cross_entropy_fused"]:
             # The matched subgraphs leave their constants (Reshape shapes, axes) unused.
             ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -113,7 +118,7 @@ class FuseCrossEntropyPass(RewritePass):
     def ensures(self, model: ir.Model) -> None:
         super().ensures(model)
         if any(node.domain == DOMAIN for node in ir.traversal.RecursiveGraphIterator(model.graph)):
-            assert model.ir_version >= MIN_IR_VERSION
+            assert model.ir_version >= FUNCTIONS_IR_VERSION
 
 
 # --------------------------------------------------------------------------------------
@@ -399,14 +404,6 @@ def _skipped(model: ir.Model) -> list[str]:
 # --------------------------------------------------------------------------------------
 # Function bodies
 # --------------------------------------------------------------------------------------
-
-
-def _add_function(model: ir.Model, op_type: str, opset: int) -> None:
-    key = (DOMAIN, op_type, "")
-    if key not in model.functions:
-        model.functions[key] = ir.serde.deserialize_function(function_proto(op_type, opset))
-    model.opset_imports[DOMAIN] = DOMAIN_VERSION
-    model.ir_version = max(model.ir_version or 0, MIN_IR_VERSION)
 
 
 def _ref(name: str, kind: str, caller_name: str | None = None) -> onnx.AttributeProto:

@@ -35,7 +35,7 @@ from onnx import helper
 from rewriter import attention
 from rewriter.attention import AttentionMatch, AttentionRule
 from rewriter.errors import InputError
-from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult
+from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult, add_function
 from rewriter.registry import register
 
 OP_TYPE = "SigmoidAttention"
@@ -81,7 +81,7 @@ class SigmoidAttentionPass(RewritePass):
         rule_set, instances = attention.rules(_ToSigmoid, n)
         replaced = rule_set.apply_to_model(model)
         if replaced:
-            attention.add_function(model, function_proto(opset))
+            add_function(model, function_proto(opset))
         notes = attention.softmax_notes(model, instances)
         stats = {"attention_replaced": replaced, "softmax_left": len(notes)}
         return RewriteResult(model, bool(replaced), stats=stats, notes=notes)

@@ -44,7 +44,7 @@ from onnx import TensorProto, helper
 from rewriter import attention
 from rewriter.attention import AttentionMatch, AttentionRule
 from rewriter.errors import InputError
-from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult
+from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult, add_function
 from rewriter.registry import register
 
 OP_TYPE = "SoftmaxFreeAttention"
@@ -91,7 +91,7 @@ class SoftmaxFreeAttentionPass(RewritePass):
         rule_set, instances = attention.rules(_ToSoft, self.options)
         replaced = rule_set.apply_to_model(model)
         if replaced:
-            attention.add_function(model, function_proto(opset))
+            add_function(model, function_proto(opset))
         notes = attention.softmax_notes(model, instances)
         stats = {"attention_replaced": replaced, "softmax_left": len(notes)}
         notes += [

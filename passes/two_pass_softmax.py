@@ -28,12 +28,17 @@ from onnx import TensorProto, helper
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
 from rewriter import two_pass_math as tpm
-from rewriter.pass_base import DOMAIN, DOMAIN_VERSION, RewritePass, RewriteResult, all_nodes
+from rewriter.pass_base import (
+    DOMAIN,
+    FUNCTIONS_IR_VERSION,
+    RewritePass,
+    RewriteResult,
+    add_function,
+    all_nodes,
+)
 from rewriter.registry import register
 
 MIN_OPSET = 9
-# Model-local functions exist since IR version 8.
-MIN_IR_VERSION = 8
 # CastLike (opset 15) lets one body serve every float type; below it the body casts
 # back to float32, so only float32 Softmax nodes are rewritten there.
 CASTLIKE_OPSET = 15
@@ -74,7 +79,7 @@ class TwoPassSoftmaxPass(RewritePass):
             rules = RewriteRuleSet([_ToTwoPass.rule(source, opset)])
             stats[_stat_name(source)] = rules.apply_to_model(model)
             if stats[_stat_name(source)]:
-                add_function(model, TARGETS[source], opset)
+                add_function(model, function_proto(TARGETS[source], opset))
         in_functions = _function_nodes(model)
         notes = [
             f"{node.op_type} {node.name!r} left as is: "
@@ -89,7 +94,7 @@ class TwoPassSoftmaxPass(RewritePass):
     def ensures(self, model: ir.Model) -> None:
         super().ensures(model)
         if any(node.domain == DOMAIN for node in all_nodes(model)):
-            assert model.ir_version >= MIN_IR_VERSION
+            assert model.ir_version >= FUNCTIONS_IR_VERSION
 
 
 def _stat_name(source: str) -> str:
@@ -168,16 +173,6 @@ def _unsupported_reason(node: ir.Node, opset: int, *, in_function: bool = False)
     if opset < 11 and axis < -1 and _rank(x) is None:
         return f"negative axis {axis} with input rank unknown (Flatten-{opset} needs axis >= 0)"
     return ""
-
-
-def add_function(model: ir.Model, op_type: str, opset: int) -> None:
-    """Add the function body of ``op_type`` (at ``opset``) to ``model`` if missing, with our domain's import."""
-    key = (DOMAIN, op_type, "")
-    if key not in model.functions:
-        proto = function_proto(op_type, opset)
-        model.functions[key] = ir.serde.deserialize_function(proto)
-    model.opset_imports[DOMAIN] = DOMAIN_VERSION
-    model.ir_version = max(model.ir_version or 0, MIN_IR_VERSION)
 
 
 def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:

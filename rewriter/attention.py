@@ -493,12 +493,3 @@ class FunctionBody:
         return self.node("Transpose", [x], output, perm=[0, 1, 3, 2])
 
 
-def add_function(model: ir.Model, proto: Any) -> None:
-    """Add a function body (an ``onnx.FunctionProto``) to ``model`` if missing."""
-    from rewriter.pass_base import DOMAIN, DOMAIN_VERSION
-
-    key = (proto.domain, proto.name, "")
-    if key not in model.functions:
-        model.functions[key] = ir.serde.deserialize_function(proto)
-    model.opset_imports[DOMAIN] = DOMAIN_VERSION
-    model.ir_version = max(model.ir_version or 0, 8)  # model-local functions

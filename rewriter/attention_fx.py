@@ -38,7 +38,8 @@ from torch import fx
 
 from rewriter import attention_math as amath
 from rewriter.errors import InputError
-from rewriter.fx import FxPass, FxPassResult, register_fx_pass
+from rewriter.fx import FxPass, FxPassResult, register_fx_pass, register_onnx_export
+from rewriter.fx import export_onnx as export
 from rewriter.passes import sigmoid_attention as onnx_sigmoid
 from rewriter.passes import softmax_free_attention as onnx_soft
 
@@ -504,23 +505,15 @@ def dynamo_translations() -> dict[Any, Any]:
 
 
 def export_onnx(gm: torch.nn.Module, args: tuple[Any, ...], path: Any) -> Any:
-    """Export a module rewritten by these passes with the dynamo exporter, attaching the
-    ONNX passes' function bodies, so the file runs in ONNX Runtime as it is.
+    """Export a module rewritten by these passes (dynamo exporter, function bodies attached);
+    the same as :func:`rewriter.fx.export_onnx`.
 
     >>> export_onnx(gm, (x,), "model.onnx")  # doctest: +SKIP
     """
-    from rewriter import attention, io
+    return export(gm, args, path)
 
-    program = torch.onnx.export(
-        gm, args, dynamo=True, custom_translation_table=dynamo_translations(), verbose=False
-    )
-    assert program is not None
-    model = program.model
-    opset = model.opset_imports.get("", 18)
-    used = {node.op_type for node in model.graph.all_nodes()}
-    if onnx_sigmoid.OP_TYPE in used:
-        attention.add_function(model, onnx_sigmoid.function_proto(opset))
-    if onnx_soft.OP_TYPE in used:
-        attention.add_function(model, onnx_soft.function_proto(opset))
-    io.save(model, path)
-    return path
+
+register_onnx_export(
+    dynamo_translations,
+    {onnx_sigmoid.OP_TYPE: onnx_sigmoid.function_proto, onnx_soft.OP_TYPE: onnx_soft.function_proto},
+)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import tempfile
 import time
@@ -40,7 +41,7 @@ from rewriter import two_pass_math as tpm
 from rewriter.errors import InputError, VerificationError
 from rewriter.job import Verification
 from rewriter.manager import PassRecord
-from rewriter.pass_base import DOMAIN, DOMAIN_VERSION, parse_options
+from rewriter.pass_base import DOMAIN, DOMAIN_VERSION, add_function, parse_options
 from rewriter.passes import two_pass_softmax as onnx_two_pass
 
 logger = logging.getLogger(__name__)
@@ -639,7 +640,8 @@ def export_onnx(
 
     ``torch.ops.rewriter.two_pass_(log_)softmax`` become ``ai.rewriter::TwoPassSoftmax``
     / ``TwoPassLogSoftmax`` along the last axis (between Transposes for another dim),
-    whose bodies come from :func:`rewriter.passes.two_pass_softmax.function_proto`.
+    whose bodies come from :func:`rewriter.passes.two_pass_softmax.function_proto`; the
+    other custom ops (attention) come from the modules that :func:`register_onnx_export`.
     ``dynamo=False`` uses the (deprecated) TorchScript exporter.
 
     >>> export_onnx(gm, (torch.randn(2, 8),), "model.onnx")  # doctest: +SKIP
@@ -652,7 +654,7 @@ def export_onnx(
             kwargs=kwargs,
             dynamo=True,
             opset_version=opset_version,
-            custom_translation_table=_dynamo_translations(),
+            custom_translation_table=_export_translations(),
             verbose=False,
         )
         assert program is not None
@@ -662,7 +664,7 @@ def export_onnx(
     opset = model.opset_imports.get("", 1)
     used = {node.op_type for node in model.graph.all_nodes() if node.domain == DOMAIN}
     for op_type in sorted(used):
-        onnx_two_pass.add_function(model, op_type, opset)
+        add_function(model, _ONNX_BODIES[op_type](opset))
     io.save(model, path)
     logger.info("exported %s (%s)", path, ", ".join(sorted(used)) or "no ai.rewriter ops")
     return path
@@ -676,6 +678,32 @@ def _last_axis_perm(dim: int, rank: int) -> list[int] | None:
     perm = list(range(rank))
     perm[axis], perm[-1] = perm[-1], perm[axis]
     return perm
+
+
+# How our custom ops export to ONNX: each module with custom ops registers the dynamo
+# translations of its torch ops and the builders of its ONNX ops' function bodies.
+_ONNX_TRANSLATIONS: list[Callable[[], dict[Any, Callable[..., Any]]]] = []
+_ONNX_BODIES: dict[str, Callable[[int], Any]] = {}
+
+
+def register_onnx_export(
+    translations: Callable[[], dict[Any, Callable[..., Any]]], bodies: dict[str, Callable[[int], Any]]
+) -> None:
+    """Make :func:`export_onnx` translate a module's custom ops and attach their bodies.
+
+    ``translations()`` gives ``{torch op: onnxscript translation}``; ``bodies`` maps each
+    ``ai.rewriter`` op type to ``opset -> onnx.FunctionProto``.
+    """
+    _ONNX_TRANSLATIONS.append(translations)
+    _ONNX_BODIES.update(bodies)
+
+
+def _export_translations() -> dict[Any, Callable[..., Any]]:
+    _load_builtin_fx_passes()
+    table: dict[Any, Callable[..., Any]] = {}
+    for translations in _ONNX_TRANSLATIONS:
+        table.update(translations())
+    return table
 
 
 def _dynamo_translations() -> dict[Any, Callable[..., Any]]:
@@ -767,3 +795,9 @@ def _torchscript_export(
             )
         # Read everything (external data included) before the folder goes away.
         return ir.serde.deserialize_model(onnx.load(str(staged)))
+
+
+register_onnx_export(
+    _dynamo_translations,
+    {op_type: functools.partial(onnx_two_pass.function_proto, op_type) for op_type in onnx_two_pass.TARGETS.values()},
+)

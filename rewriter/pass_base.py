@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from rewriter.errors import InputError
@@ -25,6 +26,8 @@ from rewriter.errors import InputError
 # The ONNX domain of the operators our passes introduce.
 DOMAIN = "ai.rewriter"
 DOMAIN_VERSION = 1
+# Model-local functions exist since IR version 8.
+FUNCTIONS_IR_VERSION = 8
 
 
 @dataclasses.dataclass
@@ -117,6 +120,16 @@ class RewritePass(ir.passes.InPlacePass):
                 raise ir.passes.PostconditionError(
                     f"{self.name}: node {node.name!r} ({node.op_type}) has no function body"
                 )
+
+
+def add_function(model: ir.Model, proto: onnx.FunctionProto) -> None:
+    """Give ``model`` the function body ``proto`` of one of our ops (once), our domain's
+    import, and an IR version that has model-local functions."""
+    key = (proto.domain, proto.name, "")
+    if key not in model.functions:
+        model.functions[key] = ir.serde.deserialize_function(proto)
+    model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    model.ir_version = max(model.ir_version or 0, FUNCTIONS_IR_VERSION)
 
 
 def all_nodes(model: ir.Model) -> list[ir.Node]:
