@@ -11,12 +11,17 @@ TVM's importer (``tvm.relax.frontend.onnx.from_onnx``) has two gaps this module 
    folds every shape computation away.
 2. It has no hook for custom ops and ignores domains. :func:`prepare` renames each
    ``ai.rewriter`` node that has a kernel of ours to ``ai.rewriter::<OpType>`` (its
-   model-local function body is dropped, not inlined; ops without a kernel yet, such
-   as ``SigmoidAttention``, are inlined from their function body and logged), and a subclass of TVM's ``ONNXGraphImporter`` that
-   overrides only ``_convert_operator`` and ``_check_for_unsupported_ops`` lowers
-   those nodes with :func:`rewriter.backends.lowering.emit_two_pass_softmax`
-   (``R.call_tir`` of our TIR kernel from :mod:`rewriter.backends.kernels.softmax`,
-   N-D inputs reshaped to ``[rows, cols]`` around it). Nothing global is patched.
+   model-local function body is dropped, not inlined; ops without a kernel yet are
+   inlined from their function body and logged), and a subclass of TVM's
+   ``ONNXGraphImporter`` that overrides only ``_convert_operator`` and
+   ``_check_for_unsupported_ops`` lowers those nodes with
+   :func:`rewriter.backends.lowering.emit_two_pass_softmax` (``R.call_tir`` of our TIR
+   kernel from :mod:`rewriter.backends.kernels.softmax`, N-D inputs reshaped to
+   ``[rows, cols]`` around it). ``SigmoidAttention`` (:data:`STATIC_KERNEL_OPS`) has a
+   fused CPU kernel for static 4-D float32 shapes
+   (:func:`rewriter.backends.lowering_attention.emit_sigmoid_attention`); nodes with
+   other shapes, or on GPU targets, are inlined from the function body. Nothing global
+   is patched.
 
 >>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
 """
@@ -34,6 +39,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from rewriter.backends.loss_decompose import expand_losses
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN
 
@@ -49,6 +55,10 @@ CUSTOM_OPS = {
     f"{DOMAIN}::TwoPassSoftmax": False,
     f"{DOMAIN}::TwoPassLogSoftmax": True,
 }
+# Our ops whose kernel needs static shapes: op_type -> renamed op_type. Nodes whose
+# inputs are static 4-D float32 get the kernel, the others their function body.
+STATIC_KERNEL_OPS = {"SigmoidAttention": f"{DOMAIN}::SigmoidAttention"}
+_STATIC_MARK = "__static_kernel"
 # Name prefix of the kernels' GlobalVars in the Relax module (tests look for it).
 KERNEL_PREFIX = "rewriter_two_pass"  # = lowering.KERNEL_PREFIX (kept here: no tvm import)
 
@@ -77,27 +87,76 @@ def to_ir(model: ModelLike) -> ir.Model:
     return ir.serde.deserialize_model(onnx.load(str(model), load_external_data=True))
 
 
-def prepare(model: ModelLike, *, dims: Mapping[str, int] | None = None) -> onnx.ModelProto:
+def prepare(
+    model: ModelLike, *, dims: Mapping[str, int] | None = None, fuse_attention: bool = True
+) -> onnx.ModelProto:
     """Clean ``model`` up for TVM's importer; returns a new proto.
 
     ``dims`` fixes symbolic input dimensions by name (``{"batch": 1, "sequence":
     128}``) or by ``input.axis`` (``{"input_ids.1": 128}``); fixed shapes let every
     shape computation fold to a constant.
 
+    ``fuse_attention=False`` inlines ``SigmoidAttention`` from its function body
+    (GPU targets: the fused kernel is CPU only).
+
     >>> proto = prepare("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
     """
-    from onnxscript.optimizer._optimizer import optimize_ir
-
     work = to_ir(model)
     if dims:
         _fix_dims(work, dims)
     # Ops with a kernel of ours lose their function body here; the others keep it and
     # the optimizer inlines it into standard ops (said in the log: no fused kernel yet).
+    # Ops whose kernel needs static shapes keep their body aside until the optimizer
+    # has inferred the shapes of their inputs.
+    held: dict[ir.OperatorIdentifier, ir.Function] = {}
     for key in [key for key in work.functions if key[0] == DOMAIN]:
         if f"{DOMAIN}::{key[1]}" in CUSTOM_OPS:
             del work.functions[key]
+        elif key[1] in STATIC_KERNEL_OPS and fuse_attention:
+            held[key] = work.functions.pop(key)
         else:
             logger.warning("%s has no TVM kernel yet: compiled from its ONNX function body", key[1])
+    _optimize(work)
+    if held:
+        inline = False
+        for node in ir.traversal.RecursiveGraphIterator(work.graph):
+            if node.domain == DOMAIN and node.op_type in STATIC_KERNEL_OPS:
+                if _static_4d(node):
+                    node.op_type += _STATIC_MARK  # no function of that name: kept as is
+                else:
+                    inline = True
+                    logger.warning(
+                        "%s %r: shapes not static 4-D float32, no fused kernel: compiled "
+                        "from its ONNX function body",
+                        node.op_type,
+                        node.name,
+                    )
+        if inline:
+            work.functions.update(held)
+            _optimize(work)
+            for key in held:
+                work.functions.pop(key, None)
+    ir.passes.common.RemoveUnusedNodesPass()(work)
+    _widen_4bit_initializers(work)
+    expand_losses(work)
+    _expand_blocked_dequantize(work)
+    for node in ir.traversal.RecursiveGraphIterator(work.graph):
+        if node.domain == DOMAIN:
+            if node.op_type.endswith(_STATIC_MARK):
+                renamed = STATIC_KERNEL_OPS[node.op_type.removesuffix(_STATIC_MARK)]
+            else:
+                renamed = f"{DOMAIN}::{node.op_type}"
+            if renamed not in CUSTOM_OPS and renamed not in STATIC_KERNEL_OPS.values():
+                raise InputError(f"{DOMAIN} op {node.op_type!r} has no TVM lowering")
+            node.op_type, node.domain = renamed, ""
+    work.opset_imports.pop(DOMAIN, None)
+    return ir.serde.serialize_model(work)
+
+
+def _optimize(work: ir.Model) -> None:
+    """onnxscript's optimizer (folding, local-function inlining), ConstantOfShape folded."""
+    from onnxscript.optimizer._optimizer import optimize_ir
+
     # The folder logs a warning for every node it tries and cannot evaluate (shape ops
     # on symbolic dims); those nodes are simply left to TVM's importer.
     folding_logger = logging.getLogger("onnxscript.optimizer._constant_folding")
@@ -107,17 +166,21 @@ def prepare(model: ModelLike, *, dims: Mapping[str, int] | None = None) -> onnx.
         optimize_ir(work, should_fold=_fold_constant_of_shape)
     finally:
         folding_logger.setLevel(level)
-    ir.passes.common.RemoveUnusedNodesPass()(work)
-    _widen_4bit_initializers(work)
-    _expand_blocked_dequantize(work)
-    for node in ir.traversal.RecursiveGraphIterator(work.graph):
-        if node.domain == DOMAIN:
-            renamed = f"{DOMAIN}::{node.op_type}"
-            if renamed not in CUSTOM_OPS:
-                raise InputError(f"{DOMAIN} op {node.op_type!r} has no TVM lowering")
-            node.op_type, node.domain = renamed, ""
-    work.opset_imports.pop(DOMAIN, None)
-    return ir.serde.serialize_model(work)
+
+
+def _static_4d(node: ir.Node) -> bool:
+    """Whether Q, K, V of ``node`` are static 4-D float32 and its mask static (or absent)."""
+    if len(node.inputs) < 3 or any(value is None for value in node.inputs[:3]):
+        return False
+    for index, value in enumerate(node.inputs):
+        if value is None:
+            continue
+        shape = value.shape
+        if shape is None or not all(isinstance(dim, int) for dim in shape):
+            return False
+        if value.dtype != ir.DataType.FLOAT or (index < 3 and len(shape) != 4) or len(shape) > 4:
+            return False
+    return True
 
 
 _WIDER = {ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8}
@@ -239,7 +302,7 @@ def import_onnx(
     >>> any(gv.name_hint.startswith(KERNEL_PREFIX) for gv in mod.get_global_vars())  # doctest: +SKIP
     True
     """
-    proto = prepare(model, dims=dims)
+    proto = prepare(model, dims=dims, fuse_attention=target.kind.name != "cuda")
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _importer_class()(target=target, kernel=kernel or default_kernel())
     with warnings.catch_warnings():
@@ -270,7 +333,9 @@ def _importer_class() -> type:
         return _IMPORTER
     from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
-    from rewriter.backends import lowering
+    from rewriter.backends import lowering, lowering_attention
+
+    ours_ops = {*CUSTOM_OPS, *STATIC_KERNEL_OPS.values()}
 
     class Importer(ONNXGraphImporter):
         def __init__(self, *, target: tvm.target.Target, kernel: KernelFactory) -> None:
@@ -283,7 +348,7 @@ def _importer_class() -> type:
         def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
             ours = onnx.GraphProto()
             ours.CopyFrom(graph)
-            kept = [node for node in ours.node if node.op_type not in CUSTOM_OPS]
+            kept = [node for node in ours.node if node.op_type not in ours_ops]
             del ours.node[:]
             ours.node.extend(kept)
             super()._check_for_unsupported_ops(ours)
@@ -291,6 +356,17 @@ def _importer_class() -> type:
         def _convert_operator(
             self, op_name: str, inputs: list, attrs: dict, opset: int
         ) -> relax.Expr:
+            if op_name == STATIC_KERNEL_OPS["SigmoidAttention"]:
+                return lowering_attention.emit_sigmoid_attention(
+                    self.bb,
+                    inputs[0],
+                    inputs[1],
+                    inputs[2],
+                    inputs[3] if len(inputs) > 3 else None,
+                    scale=float(attrs.get("scale", 1.0)),
+                    bias=float(attrs.get("bias", 0.0)),
+                    target=self._target,
+                )
             if op_name not in CUSTOM_OPS:
                 return super()._convert_operator(op_name, inputs, attrs, opset)
             return lowering.emit_two_pass_softmax(

@@ -1,0 +1,145 @@
+"""``ai.rewriter::SigmoidAttention`` as ``call_tir`` to our fused kernel in a Relax module.
+
+For static 4-D float32 inputs Q [B, H, N, D], K [B, H, M, D], V [B, H, M, Dv] and an
+additive mask broadcastable to [B, H, N, M], in Relax::
+
+    q = R.reshape(Q, [B*H, N, D])
+    kt = R.permute_dims(R.reshape(K, [B*H, M, D]), [0, 2, 1])      # keys padded to Mp
+    v = R.reshape(V, [B*H, M, Dv])                                 # zero rows up to Mp
+    mask = R.reshape(R.broadcast_to(Mask, [B|1, H|1, N|1, M]), ...)  # unless all-zero
+    y = R.call_tir(rewriter_sigmoid_attention, (q, kt, v[, mask]))  # [B*H, N, Dv]
+    out = R.reshape(y, [B, H, N, Dv])
+
+The kernel is :func:`rewriter.backends.kernels.sigmoid_attention.sigmoid_attention`
+(sigmoid and ``p·V`` fused, no n x m matrix). A constant all-zero mask (the rewrite's
+"no mask") is dropped. Shapes that are not static are not lowered here:
+:func:`rewriter.backends.onnx_import.prepare` inlines the op's ONNX function body instead.
+
+>>> y = emit_sigmoid_attention(bb, q, k, v, mask, scale=0.125, bias=-6.9, target=target)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rewriter.backends.lowering import OPAQUE, _with_root_block
+from rewriter.errors import InputError
+
+if TYPE_CHECKING:
+    import tvm
+    from tvm import relax
+
+# Name of the kernel's GlobalVar in the Relax module (tests look for it).
+KERNEL_NAME = "rewriter_sigmoid_attention"
+
+
+def static_shape(expr: relax.Expr) -> list[int] | None:
+    """The static shape of a Relax tensor expression, or None."""
+    from tvm import tirx
+
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    values = list(shape.values)
+    if not all(isinstance(v, tirx.IntImm) for v in values):
+        return None
+    return [int(v.value) for v in values]
+
+
+def emit_sigmoid_attention(
+    bb: relax.BlockBuilder,
+    q: relax.Expr,
+    k: relax.Expr,
+    v: relax.Expr,
+    mask: relax.Expr | None,
+    *,
+    scale: float,
+    bias: float,
+    target: tvm.target.Target,
+) -> relax.Expr:
+    """Emit ``SigmoidAttention(q, k, v, mask; scale, bias)`` as ``call_tir`` into ``bb``.
+
+    Raises :class:`InputError` unless Q, K, V are static 4-D float32 and the mask's
+    shape is static and broadcastable to [B, H, N, M].
+    """
+    from tvm import relax
+
+    from rewriter.backends.kernels.sigmoid_attention import key_lanes, sigmoid_attention
+
+    q, k, v = (bb.normalize(x) for x in (q, k, v))
+    shapes = [static_shape(x) for x in (q, k, v)]
+    if any(s is None or len(s) != 4 for s in shapes) or any(
+        x.ty.dtype != "float32" for x in (q, k, v)
+    ):
+        raise InputError("SigmoidAttention kernel: Q, K, V must be static 4-D float32 tensors")
+    (b, h, n, d), (bk, hk, m, dk), (bv, hv, mv, dv) = shapes  # type: ignore[misc]
+    if (bk, hk, dk) != (b, h, d) or (bv, hv, mv) != (b, h, m):
+        raise InputError(f"SigmoidAttention kernel: incompatible shapes {shapes}")
+    bh = b * h
+    lanes = key_lanes(target)
+    mp = -(-m // lanes) * lanes
+    pad = mp - m
+
+    def padded_keys(x: relax.Expr, axis: int) -> relax.Expr:
+        if not pad:
+            return x
+        shape = static_shape(x)
+        assert shape is not None
+        shape[axis] = pad
+        zeros = relax.const(np.zeros(shape, np.float32))
+        return bb.emit(relax.op.concat([x, zeros], axis=axis))
+
+    q3 = bb.emit(relax.op.reshape(q, [bh, n, d]))
+    kt = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(k, [bh, m, d])), [0, 2, 1]))
+    kt = padded_keys(kt, 2)
+    v3 = padded_keys(bb.emit(relax.op.reshape(v, [bh, m, dv])), 1)
+    args = [q3, kt, v3]
+    mask_heads = mask_rows = 1
+    if mask is not None and not _all_zero(mask):
+        mask = bb.normalize(mask)
+        mshape = static_shape(mask)
+        if mshape is None or len(mshape) > 4 or mask.ty.dtype != "float32":
+            raise InputError("SigmoidAttention kernel: the mask must be static float32, rank <= 4")
+        mshape = [1] * (4 - len(mshape)) + mshape
+        for size, full in zip(mshape, (b, h, n, m), strict=True):
+            if size not in (1, full):
+                raise InputError(f"SigmoidAttention kernel: mask {mshape} vs [{b}, {h}, {n}, {m}]")
+        per_head = mshape[0] != 1 or mshape[1] != 1
+        mask_heads = bh if per_head else 1
+        mask_rows = n if mshape[2] != 1 else 1
+        full = [b if per_head else 1, h if per_head else 1, mask_rows, m]
+        mask4 = bb.emit(relax.op.reshape(mask, mshape))
+        if mshape != full:
+            mask4 = bb.emit(relax.op.broadcast_to(mask4, full))
+        args.append(padded_keys(bb.emit(relax.op.reshape(mask4, [mask_heads, mask_rows, m])), 2))
+    func = sigmoid_attention(
+        bh,
+        n,
+        mp,
+        d,
+        target=target,
+        has_mask=len(args) == 4,
+        value_dim=dv,
+        mask_heads=mask_heads,
+        mask_rows=mask_rows,
+        scale=float(scale),
+        bias=float(bias),
+    )
+    func = _with_root_block(func).without_attr("global_symbol")
+    func = func.with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
+    gvar = bb.add_func(func, KERNEL_NAME)
+    y = bb.emit(relax.call_tir(gvar, args, relax.TensorType([bh, n, dv], "float32")))
+    return bb.emit(relax.op.reshape(y, [b, h, n, dv]))
+
+
+def _all_zero(mask: Any) -> bool:
+    """Whether ``mask`` is a constant tensor of zeros (the rewrite's "no mask")."""
+    from tvm import ir
+
+    if not isinstance(mask, ir.expr.Constant):
+        return False
+    value = mask.value
+    data = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    return not np.any(data)
