@@ -38,8 +38,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from rewriter.backends.loss_decompose import expand_losses
+from rewriter.backends.unroll import unroll_loops
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN
 
@@ -139,6 +141,7 @@ def prepare(
     ir.passes.common.RemoveUnusedNodesPass()(work)
     _widen_4bit_initializers(work)
     expand_losses(work)
+    unroll_loops(work)
     _expand_blocked_dequantize(work)
     for node in ir.traversal.RecursiveGraphIterator(work.graph):
         if node.domain == DOMAIN:

@@ -49,6 +49,7 @@ import dataclasses
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 from onnx import helper
 from onnxscript.rewriter import MatchResult, RewriteRule, RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter.pattern import OrValue

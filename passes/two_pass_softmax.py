@@ -24,6 +24,7 @@ import dataclasses
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 from onnx import TensorProto, helper
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 

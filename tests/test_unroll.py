@@ -1,0 +1,52 @@
+"""Unrolling constant-trip Loops for TVM, and SOFT attention compiling through it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from rewriter import verify
+from rewriter.backends.unroll import unroll_loops
+from rewriter.registry import create_pass
+from tests import attention_models
+from tests.helpers import model_from_text, to_proto
+
+
+def test_constant_trip_loop_is_unrolled_and_equal():
+    model = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 2] a, float[2, 2] x0) => (float[2, 2] y) {
+            trips = Constant<value = int64 {5}>()
+            cond = Constant<value = bool {1}>()
+            y = Loop(trips, cond, x0) <body = step (int64 i, bool c, float[2, 2] x) => (bool c_out, float[2, 2] x_out) {
+                c_out = Identity(c)
+                ax = MatMul(x, a)
+                x_out = Add(ax, x)
+            }>
+        }
+        """
+    )
+    feeds = {"a": np.array([[0.5, 0.1], [0.0, 0.3]], np.float32), "x0": np.eye(2, dtype=np.float32)}
+    expected = verify.run(to_proto(model).SerializeToString(), feeds)["y"]
+    for node in model.graph:  # constants as the optimizer leaves them
+        if node.op_type == "Constant":
+            node.outputs[0].const_value = node.attributes["value"].as_tensor()
+    assert unroll_loops(model) == 1
+    assert "Loop" not in {node.op_type for node in model.graph}
+    assert [node.op_type for node in model.graph].count("MatMul") == 5
+    got = verify.run(to_proto(model).SerializeToString(), feeds)["y"]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_softmax_free_attention_compiles_with_tvm():
+    from rewriter.backends import tvm as backend
+
+    form = "mul_mask_first"
+    model = attention_models.attention_model(form)
+    feeds = attention_models.feeds(form)
+    assert create_pass("softmax-free-attention", {"landmarks": "4"})(model).stats["attention_replaced"] == 1
+    proto = ir.serde.serialize_model(model)
+    expected = verify.run(proto.SerializeToString(), feeds)["y"]
+    got = backend.compile(proto, target="llvm").run(feeds)["y"]
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
