@@ -11,9 +11,11 @@ additive mask broadcastable to [B, H, N, M], in Relax::
     out = R.reshape(y, [B, H, N, Dv])
 
 The kernel is :func:`rewriter.backends.kernels.sigmoid_attention.sigmoid_attention`
-(sigmoid and ``p·V`` fused, no n x m matrix). A constant all-zero mask (the rewrite's
-"no mask") is dropped. Shapes that are not static are not lowered here:
-:func:`rewriter.backends.onnx_import.prepare` inlines the op's ONNX function body instead.
+(sigmoid and ``p·V`` fused, no n x m matrix), on CUDA targets
+:func:`rewriter.backends.kernels.sigmoid_attention_cuda.sigmoid_attention_cuda`. A
+constant all-zero mask (the rewrite's "no mask") is dropped. Shapes that are not static
+are not lowered here: :func:`rewriter.backends.onnx_import.prepare` inlines the op's ONNX
+function body instead.
 
 >>> y = emit_sigmoid_attention(bb, q, k, v, mask, scale=0.125, bias=-6.9, target=target)  # doctest: +SKIP
 """
@@ -66,8 +68,12 @@ def emit_sigmoid_attention(
     """
     from tvm import relax
 
-    from rewriter.backends.kernels.sigmoid_attention import key_lanes, sigmoid_attention
+    from rewriter.backends.kernels import sigmoid_attention as cpu_kernel
+    from rewriter.backends.kernels import sigmoid_attention_cuda as cuda_kernel
 
+    key_lanes, sigmoid_attention = cpu_kernel.key_lanes, cpu_kernel.sigmoid_attention
+    if target.kind.name == "cuda":
+        key_lanes, sigmoid_attention = cuda_kernel.key_lanes, cuda_kernel.sigmoid_attention_cuda
     q, k, v = (bb.normalize(x) for x in (q, k, v))
     shapes = [static_shape(x) for x in (q, k, v)]
     if any(s is None or len(s) != 4 for s in shapes) or any(

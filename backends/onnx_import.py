@@ -18,9 +18,9 @@ TVM's importer (``tvm.relax.frontend.onnx.from_onnx``) has two gaps this module 
    :func:`rewriter.backends.lowering.emit_two_pass_softmax` (``R.call_tir`` of our TIR
    kernel from :mod:`rewriter.backends.kernels.softmax`, N-D inputs reshaped to
    ``[rows, cols]`` around it). ``SigmoidAttention`` (:data:`STATIC_KERNEL_OPS`) has a
-   fused CPU kernel for static 4-D float32 shapes
+   fused kernel (CPU, and CUDA on GPU targets) for static 4-D float32 shapes
    (:func:`rewriter.backends.lowering_attention.emit_sigmoid_attention`); nodes with
-   other shapes, or on GPU targets, are inlined from the function body. Nothing global
+   other shapes are inlined from the function body. Nothing global
    is patched.
 
 >>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
@@ -98,8 +98,8 @@ def prepare(
     128}``) or by ``input.axis`` (``{"input_ids.1": 128}``); fixed shapes let every
     shape computation fold to a constant.
 
-    ``fuse_attention=False`` inlines ``SigmoidAttention`` from its function body
-    (GPU targets: the fused kernel is CPU only).
+    ``fuse_attention=False`` inlines ``SigmoidAttention`` from its function body (the
+    fused kernels exist for CPU and CUDA targets; this is for other backends and tests).
 
     >>> proto = prepare("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
     """
@@ -305,7 +305,7 @@ def import_onnx(
     >>> any(gv.name_hint.startswith(KERNEL_PREFIX) for gv in mod.get_global_vars())  # doctest: +SKIP
     True
     """
-    proto = prepare(model, dims=dims, fuse_attention=target.kind.name != "cuda")
+    proto = prepare(model, dims=dims)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _importer_class()(target=target, kernel=kernel or default_kernel())
     with warnings.catch_warnings():
