@@ -329,6 +329,18 @@ def default_kernel() -> KernelFactory:
 _IMPORTER: type | None = None
 
 
+def _bounds_safe_take(bb: Any, expr: Any) -> Any:
+    """TVM lowers ONNX Gather to ``take(mode="fast")``, which reads out of bounds (and can
+    crash the process) on an invalid index such as a token id past the vocabulary; a
+    deployed library must not. ``mode="clip"`` costs a clamp per index."""
+    import tvm
+    from tvm import relax
+
+    if isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.take") and expr.attrs.mode == "fast":
+        return bb.normalize(relax.op.take(expr.args[0], expr.args[1], expr.attrs.axis, mode="clip"))
+    return expr
+
+
 def _importer_class() -> type:
     """TVM's ``ONNXGraphImporter`` with our ops added (built on first use: tvm is lazy)."""
     global _IMPORTER
@@ -370,6 +382,8 @@ def _importer_class() -> type:
                     bias=float(attrs.get("bias", 0.0)),
                     target=self._target,
                 )
+            if op_name == "Gather":
+                return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
             if op_name not in CUSTOM_OPS:
                 return super()._convert_operator(op_name, inputs, attrs, opset)
             return lowering.emit_two_pass_softmax(

@@ -527,3 +527,21 @@ def rewriter_pipeline(model: ir.Model, spec: str) -> ir.Model:
     from rewriter import parse_pipeline, run_pipeline
 
     return run_pipeline(model, parse_pipeline(spec)).model
+
+
+def test_gather_with_an_out_of_range_index_does_not_read_out_of_bounds():
+    # TVM's stock lowering (take, mode="fast") reads past the table; ours clamps.
+    table = np.arange(28, dtype=np.float32).reshape(7, 4)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [3, 4])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    compiled = backend.compile(model, target="llvm")
+    valid = compiled.run({"ids": np.array([0, 6, 3], np.int64)})["rows"]
+    np.testing.assert_array_equal(valid, table[[0, 6, 3]])
+    clamped = compiled.run({"ids": np.array([1, 10**9, 2], np.int64)})["rows"]
+    np.testing.assert_array_equal(clamped, table[[1, 6, 2]])
