@@ -76,49 +76,20 @@ def peers(
 
 def tvm_peers(n: int, heads: int) -> dict[str, Callable[[], object]]:
     """Compiled softmax and (inlined) sigmoid attention at length ``n``, or {} with a note."""
+    import sys
+    from pathlib import Path
+
     import numpy as np
-    import onnx
-    import onnx.inliner
-    from onnx import TensorProto, helper
 
     from rewriter.backends import tvm as backend
-    from rewriter.pass_base import DOMAIN, DOMAIN_VERSION
-    from rewriter.passes import sigmoid_attention
 
+    # The same models as the fused-kernel benchmark beside this file.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sigmoid_attention_tvm import models
+
+    built = models(n, heads)
+    softmax, sigmoid = built["softmax"], built["inlined"]
     shape = [1, heads, n, HEAD_DIM]
-    values = [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape) for x in "qkv"]
-    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]
-    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [1.0 / math.sqrt(HEAD_DIM)])
-    softmax_nodes = [
-        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
-        helper.make_node("Mul", ["q", "s"], ["qs"]),
-        helper.make_node("MatMul", ["qs", "kt"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
-        helper.make_node("MatMul", ["p", "v"], ["y"]),
-    ]
-    softmax = helper.make_model(
-        helper.make_graph(softmax_nodes, "softmax", values, out, [scale]),
-        opset_imports=[helper.make_opsetid("", 18)],
-    )
-    zero = helper.make_tensor("mask", TensorProto.FLOAT, [1, 1, 1, 1], [0.0])
-    node = helper.make_node(
-        sigmoid_attention.OP_TYPE,
-        ["q", "k", "v", "mask"],
-        ["y"],
-        domain=DOMAIN,
-        scale=1.0 / math.sqrt(HEAD_DIM),
-        bias=-math.log(n),
-    )
-    sigmoid = onnx.inliner.inline_local_functions(
-        helper.make_model(
-            helper.make_graph([node], "sigmoid", values, out, [zero]),
-            opset_imports=[
-                helper.make_opsetid("", 18),
-                helper.make_opsetid(DOMAIN, DOMAIN_VERSION),
-            ],
-            functions=[sigmoid_attention.function_proto(18)],
-        )
-    )
     rng = np.random.default_rng(n)
     feeds = {x: rng.standard_normal(shape).astype(np.float32) for x in "qkv"}
     peers: dict[str, Callable[[], object]] = {}
