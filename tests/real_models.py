@@ -191,6 +191,27 @@ def bert_torchscript(
     path = directory / f"bert_{attn_implementation}_torchscript{suffix}.onnx"
     dynamic = {name: {0: "batch", 1: "sequence"} for name in inputs}
     dynamic |= {"last_hidden_state": {0: "batch", 1: "sequence"}, "pooler_output": {0: "batch"}}
+    return _export_torchscript(
+        model,
+        inputs,
+        path,
+        outputs=["last_hidden_state", "pooler_output"],
+        dynamic_axes=dynamic,
+        dims={"batch": BATCH, "sequence": SEQUENCE},
+    )
+
+
+def _export_torchscript(
+    model: torch.nn.Module,
+    inputs: dict[str, np.ndarray],
+    path: Path,
+    *,
+    outputs: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    dims: dict[str, int],
+    **options: Any,
+) -> RealModel:
+    """Export with the TorchScript exporter (opset 17), inputs in ``inputs``' order."""
     start = time.perf_counter()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated and transformers emits TracerWarnings.
@@ -202,8 +223,9 @@ def bert_torchscript(
             dynamo=False,
             opset_version=17,
             input_names=list(inputs),
-            output_names=["last_hidden_state", "pooler_output"],
-            dynamic_axes=dynamic,
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            **options,
         )
     return RealModel(
         name=path.stem,
@@ -211,7 +233,7 @@ def bert_torchscript(
         inputs=inputs,
         exporter="torchscript",
         seconds=time.perf_counter() - start,
-        dims={"batch": BATCH, "sequence": SEQUENCE},
+        dims=dims,
     )
 
 
@@ -347,28 +369,13 @@ def vit_torchscript(directory: Path) -> RealModel:
     rng = np.random.default_rng(SEED)
     inputs = {"pixel_values": rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)}
     path = directory / "vit_torchscript.onnx"
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.from_numpy(inputs["pixel_values"]),),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=["pixel_values"],
-            output_names=["probabilities", "log_probabilities"],
-            dynamic_axes={
-                name: {0: "batch"}
-                for name in ("pixel_values", "probabilities", "log_probabilities")
-            },
-        )
-    return RealModel(
-        name=path.stem,
-        path=path,
-        inputs=inputs,
-        exporter="torchscript",
-        seconds=time.perf_counter() - start,
+    names = ("pixel_values", "probabilities", "log_probabilities")
+    return _export_torchscript(
+        model,
+        inputs,
+        path,
+        outputs=["probabilities", "log_probabilities"],
+        dynamic_axes={name: {0: "batch"} for name in names},
         dims={"batch": BATCH},
     )
 
@@ -426,31 +433,14 @@ def encoder_with_functions_torchscript(directory: Path) -> RealModel:
     mask[1, :, -2:] = -np.inf
     inputs = {"x": rng.standard_normal((BATCH, 8, 16)).astype(np.float32), "mask": mask}
     path = directory / "encoder_with_functions_torchscript.onnx"
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            tuple(torch.from_numpy(value) for value in inputs.values()),
-            str(path),
-            dynamo=False,
-            opset_version=17,
-            input_names=list(inputs),
-            output_names=["log_probabilities"],
-            dynamic_axes={
-                "x": {0: "batch"},
-                "mask": {0: "batch"},
-                "log_probabilities": {0: "batch"},
-            },
-            export_modules_as_functions={_SelfAttention, _LogSoftmaxHead},
-        )
-    return RealModel(
-        name=path.stem,
-        path=path,
-        inputs=inputs,
-        exporter="torchscript",
-        seconds=time.perf_counter() - start,
+    return _export_torchscript(
+        model,
+        inputs,
+        path,
+        outputs=["log_probabilities"],
+        dynamic_axes={name: {0: "batch"} for name in ("x", "mask", "log_probabilities")},
         dims={"batch": BATCH},
+        export_modules_as_functions={_SelfAttention, _LogSoftmaxHead},
     )
 
 
