@@ -20,8 +20,11 @@ TVM's importer (``tvm.relax.frontend.onnx.from_onnx``) has two gaps this module 
    ``[rows, cols]`` around it). ``SigmoidAttention`` (:data:`STATIC_KERNEL_OPS`) has a
    fused kernel (CPU, and CUDA on GPU targets) for static 4-D float32 shapes
    (:func:`rewriter.backends.lowering_attention.emit_sigmoid_attention`); nodes with
-   other shapes are inlined from the function body. Nothing global
-   is patched.
+   other shapes are inlined from the function body. ``FusedCrossEntropy`` and
+   ``FusedLinearCrossEntropy`` (:data:`LOSS_OPS`) become ``call_tir`` to our loss kernels
+   (:mod:`rewriter.backends.lowering_loss`) for static float32 inputs when
+   ``fuse_loss`` (CPU targets); anything else, and CUDA targets, get the function body.
+   Which path each node takes is logged. Nothing global is patched.
 
 >>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
 """
@@ -40,6 +43,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from rewriter.backends import qdq_matmul
 from rewriter.backends.loss_decompose import expand_losses
 from rewriter.backends.unroll import unroll_loops
 from rewriter.errors import InputError
@@ -58,8 +62,15 @@ CUSTOM_OPS = {
     f"{DOMAIN}::TwoPassLogSoftmax": True,
 }
 # Our ops whose kernel needs static shapes: op_type -> renamed op_type. Nodes whose
-# inputs are static 4-D float32 get the kernel, the others their function body.
-STATIC_KERNEL_OPS = {"SigmoidAttention": f"{DOMAIN}::SigmoidAttention"}
+# inputs the kernel takes (static 4-D float32 for SigmoidAttention, static float32 for
+# the losses) get the kernel, the others their function body.
+STATIC_KERNEL_OPS = {
+    "SigmoidAttention": f"{DOMAIN}::SigmoidAttention",
+    "FusedCrossEntropy": f"{DOMAIN}::FusedCrossEntropy",
+    "FusedLinearCrossEntropy": f"{DOMAIN}::FusedLinearCrossEntropy",
+}
+# The loss ops (CPU kernels only: prepare(fuse_loss=False) inlines their bodies).
+LOSS_OPS = ("FusedCrossEntropy", "FusedLinearCrossEntropy")
 _STATIC_MARK = "__static_kernel"
 # Name prefix of the kernels' GlobalVars in the Relax module (tests look for it).
 KERNEL_PREFIX = "rewriter_two_pass"  # = lowering.KERNEL_PREFIX (kept here: no tvm import)
@@ -90,7 +101,12 @@ def to_ir(model: ModelLike) -> ir.Model:
 
 
 def prepare(
-    model: ModelLike, *, dims: Mapping[str, int] | None = None, fuse_attention: bool = True
+    model: ModelLike,
+    *,
+    dims: Mapping[str, int] | None = None,
+    fuse_attention: bool = True,
+    fuse_loss: bool = True,
+    int8_matmul: bool = False,
 ) -> onnx.ModelProto:
     """Clean ``model`` up for TVM's importer; returns a new proto.
 
@@ -100,6 +116,12 @@ def prepare(
 
     ``fuse_attention=False`` inlines ``SigmoidAttention`` from its function body (the
     fused kernels exist for CPU and CUDA targets; this is for other backends and tests).
+    ``fuse_loss=False`` inlines ``FusedCrossEntropy``/``FusedLinearCrossEntropy`` from
+    their function bodies (their kernels are CPU only: CUDA targets pass False).
+
+    ``int8_matmul=True`` rewrites QDQ MatMuls (int8 activations and weights) into
+    integer matmuls (:func:`rewriter.backends.qdq_matmul.fuse`); :func:`import_onnx`
+    sets it for targets with AVX-512 VNNI.
 
     >>> proto = prepare("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
     """
@@ -114,7 +136,9 @@ def prepare(
     for key in [key for key in work.functions if key[0] == DOMAIN]:
         if f"{DOMAIN}::{key[1]}" in CUSTOM_OPS:
             del work.functions[key]
-        elif key[1] in STATIC_KERNEL_OPS and fuse_attention:
+        elif key[1] in STATIC_KERNEL_OPS and (
+            fuse_loss if key[1] in LOSS_OPS else fuse_attention
+        ):
             held[key] = work.functions.pop(key)
         else:
             logger.warning("%s has no TVM kernel yet: compiled from its ONNX function body", key[1])
@@ -123,15 +147,17 @@ def prepare(
         inline = False
         for node in ir.traversal.RecursiveGraphIterator(work.graph):
             if node.domain == DOMAIN and node.op_type in STATIC_KERNEL_OPS:
-                if _static_4d(node):
+                refusal = _kernel_refusal(node)
+                if not refusal:
+                    logger.info("%s %r: fused TIR kernel", node.op_type, node.name)
                     node.op_type += _STATIC_MARK  # no function of that name: kept as is
                 else:
                     inline = True
                     logger.warning(
-                        "%s %r: shapes not static 4-D float32, no fused kernel: compiled "
-                        "from its ONNX function body",
+                        "%s %r: %s, no fused kernel: compiled from its ONNX function body",
                         node.op_type,
                         node.name,
+                        refusal,
                     )
         if inline:
             work.functions.update(held)
@@ -143,6 +169,9 @@ def prepare(
     expand_losses(work)
     unroll_loops(work)
     _expand_blocked_dequantize(work)
+    for node in list(ir.traversal.RecursiveGraphIterator(work.graph)):
+        if node.domain == DOMAIN and node.op_type == "FusedCrossEntropy" + _STATIC_MARK:
+            _drop_unused_log_prob(node)
     for node in ir.traversal.RecursiveGraphIterator(work.graph):
         if node.domain == DOMAIN:
             if node.op_type.endswith(_STATIC_MARK):
@@ -153,6 +182,8 @@ def prepare(
                 raise InputError(f"{DOMAIN} op {node.op_type!r} has no TVM lowering")
             node.op_type, node.domain = renamed, ""
     work.opset_imports.pop(DOMAIN, None)
+    if int8_matmul:
+        qdq_matmul.fuse(work)
     return ir.serde.serialize_model(work)
 
 
@@ -184,6 +215,52 @@ def _static_4d(node: ir.Node) -> bool:
         if value.dtype != ir.DataType.FLOAT or (index < 3 and len(shape) != 4) or len(shape) > 4:
             return False
     return True
+
+
+def _kernel_refusal(node: ir.Node) -> str:
+    """Why our kernel cannot take ``node`` (one of STATIC_KERNEL_OPS), or "" when it can."""
+    if node.op_type == "SigmoidAttention":
+        return "" if _static_4d(node) else "shapes not static 4-D float32"
+    labels = 2 if node.op_type == "FusedLinearCrossEntropy" else 1
+    for index, value in enumerate(node.inputs):
+        if value is None:
+            continue
+        shape = value.shape
+        if shape is None or not all(isinstance(dim, int) for dim in shape):
+            return f"input {index} has no static shape"
+        wanted = (
+            (ir.DataType.INT64, ir.DataType.INT32) if index == labels else (ir.DataType.FLOAT,)
+        )
+        if value.dtype not in wanted:
+            return f"input {index} is {value.dtype}, not {' or '.join(str(w) for w in wanted)}"
+    if len(node.inputs) <= labels or node.inputs[0] is None or node.inputs[labels] is None:
+        return "missing inputs"
+    if node.op_type == "FusedLinearCrossEntropy" and (
+        node.inputs[1] is None or len(node.inputs[1].shape or ()) != 2
+    ):
+        return "the weight is not 2-D"
+    return ""
+
+
+def _drop_unused_log_prob(node: ir.Node) -> None:
+    """Replace ``node`` (a FusedCrossEntropy) by one without its second output when nothing
+    reads it, so that the kernel does not write the log-probabilities."""
+    log_prob = node.outputs[1] if len(node.outputs) > 1 else None
+    if log_prob is None or log_prob.uses() or log_prob.is_graph_output():
+        return
+    graph = node.graph
+    assert graph is not None
+    new = ir.node(
+        node.op_type,
+        list(node.inputs),
+        attributes=dict(node.attributes),
+        domain=node.domain,
+        name=node.name,
+        num_outputs=1,
+    )
+    ir.convenience.replace_nodes_and_values(
+        graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
+    )
 
 
 _WIDER = {ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8}
@@ -293,19 +370,25 @@ def import_onnx(
     target: tvm.target.Target,
     dims: Mapping[str, int] | None = None,
     kernel: KernelFactory | None = None,
+    int8_matmul: bool | None = None,
 ) -> tvm.IRModule:
     """Import ``model`` into a Relax module, our ops as ``call_tir`` to our kernels.
 
     ``kernel`` replaces the kernel factory (default
     :func:`rewriter.backends.kernels.softmax.two_pass_softmax`); it is called as
     ``kernel(rows, cols, dtype=..., log=..., target=...)`` and returns a PrimFunc with
-    parameters ``(X[rows, cols], Y[rows, cols])``.
+    parameters ``(X[rows, cols], Y[rows, cols])``. ``int8_matmul`` (default: whether
+    ``target`` has AVX-512 VNNI) runs QDQ MatMuls as integer matmuls (see :func:`prepare`).
 
     >>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
     >>> any(gv.name_hint.startswith(KERNEL_PREFIX) for gv in mod.get_global_vars())  # doctest: +SKIP
     True
     """
-    proto = prepare(model, dims=dims)
+    if int8_matmul is None:
+        int8_matmul = qdq_matmul.supported(target)
+    proto = prepare(
+        model, dims=dims, fuse_loss=target.kind.name != "cuda", int8_matmul=int8_matmul
+    )
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _importer_class()(target=target, kernel=kernel or default_kernel())
     with warnings.catch_warnings():
@@ -348,9 +431,10 @@ def _importer_class() -> type:
         return _IMPORTER
     from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
-    from rewriter.backends import lowering, lowering_attention
+    from rewriter.backends import lowering, lowering_attention, lowering_loss
 
-    ours_ops = {*CUSTOM_OPS, *STATIC_KERNEL_OPS.values()}
+    ours_ops = {*CUSTOM_OPS, *STATIC_KERNEL_OPS.values(), qdq_matmul.OP_TYPE}
+    loss_ops = {STATIC_KERNEL_OPS[op] for op in LOSS_OPS}
 
     class Importer(ONNXGraphImporter):
         def __init__(self, *, target: tvm.target.Target, kernel: KernelFactory) -> None:
@@ -382,6 +466,10 @@ def _importer_class() -> type:
                     bias=float(attrs.get("bias", 0.0)),
                     target=self._target,
                 )
+            if op_name == qdq_matmul.OP_TYPE:
+                return qdq_matmul.emit_int8_matmul(self.bb, inputs, target=self._target)
+            if op_name in loss_ops:
+                return self._emit_loss(op_name, inputs, attrs)
             if op_name == "Gather":
                 return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
             if op_name not in CUSTOM_OPS:
@@ -392,6 +480,22 @@ def _importer_class() -> type:
                 log=CUSTOM_OPS[op_name],
                 target=self._target,
                 kernel=self._kernel,
+            )
+
+        def _emit_loss(self, op_name: str, inputs: list, attrs: dict) -> relax.Expr:
+            args = list(inputs) + [None] * 5
+            if op_name == STATIC_KERNEL_OPS["FusedCrossEntropy"]:
+                return lowering_loss.emit_cross_entropy(
+                    self.bb,
+                    args[0],
+                    args[1],
+                    args[2],
+                    attrs,
+                    log_prob=attrs["tvm_custom"]["num_outputs"] > 1,
+                    target=self._target,
+                )
+            return lowering_loss.emit_linear_cross_entropy(
+                self.bb, args[0], args[1], args[2], args[3], args[4], attrs, target=self._target
             )
 
     _IMPORTER = Importer

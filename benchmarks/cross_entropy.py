@@ -10,7 +10,8 @@ allocate (logits, log-softmax, gradients, chunk temporaries). Time is the fastes
 * ``compiled``: the same function under ``torch.compile`` (skipped with ``--no-compile``);
 * ``fused``: :func:`rewriter.fused_cross_entropy.fused_linear_cross_entropy`.
 
-Ratios are fused / peer (memory: lower is better; time: lower is better).
+Ratios are fused / peer (memory: lower is better; time: lower is better). The compiled
+(TVM) forward loss is benchmarked by ``benchmarks/cross_entropy_tvm.py``.
 
     python benchmarks/cross_entropy.py --quick          # < 2 min on 2 cores
     python benchmarks/cross_entropy.py                   # tokens 4k-16k, hidden 512-2048, vocab 32k-128k

@@ -28,7 +28,11 @@ Vincent (2016):
     loss_i = (1 - eps) (lse - z[y_i]) + eps (lse - mean_j z_j) + z_loss lse**2
 
 zero where ``y_i == ignore_index``; reduced by ``none``/``sum``/``mean`` (mean: over the
-tokens not ignored, as torch does). ``fused_cross_entropy`` is the same function on
+tokens not ignored, as torch does). With class weights ``w`` (torch's ``weight=``) the
+terms are torch's, ``(1 - eps) w[y_i] (lse - z[y_i]) + eps / V sum_j w_j (lse - z_j)``
+(and ``z_loss w[y_i] lse**2``), and ``mean`` divides by ``sum_i w[y_i]`` over the tokens
+not ignored; the gradient is ``p ((1 - eps) w[y] + eps / V sum_j w_j + 2 z_loss w[y] lse)
+- (1 - eps) w[y] onehot(y) - eps w / V``. The weights get no gradient. ``fused_cross_entropy`` is the same function on
 logits already computed (no weight): it saves the logits (which its caller holds anyway)
 and the ``lse``, not the log-softmax that ``F.cross_entropy`` saves.
 
@@ -36,7 +40,7 @@ and the ``lse``, not the log-softmax that ``F.cross_entropy`` saves.
 ``nll_loss(log_softmax(x, 1))`` in a ``torch.fx.GraphModule`` and replaces them, fed by an
 ``nn.Linear`` / ``F.linear`` / ``matmul(h, W.t())`` head (optionally flattened with
 ``view(-1, V)``), by :func:`fused_linear_cross_entropy`, else by
-:func:`fused_cross_entropy`. Class weights are not fused (reported in the notes).
+:func:`fused_cross_entropy`, class weights included.
 """
 
 from __future__ import annotations
@@ -74,7 +78,9 @@ def auto_chunk_size(tokens: int, vocab: int) -> int:
     return min(max(tokens, 1), 1 << (rows.bit_length() - 1))
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+def _chunk_logits(
+    h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
     """One chunk's logits in float32 (or float64): ``h @ W.T + b``, or ``h`` itself without W."""
     acc = torch.promote_types(h.dtype, torch.float32)
     if weight is None:  # a copy: the gradient is formed in place
@@ -102,38 +108,41 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         weight: torch.Tensor | None,
         target: torch.Tensor,
         bias: torch.Tensor | None,
+        class_weight: torch.Tensor | None,
         options: _Options,
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)
         lse = torch.empty(tokens, dtype=acc, device=hidden.device)
         losses = torch.empty_like(lse)
-        valid = target != options.ignore_index
-        count = valid.sum()
+        classes = _Classes.of(class_weight, target, options, acc)
         needs = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
         grads = _Grads.zeros(hidden, weight, bias, acc, needs) if options.grad_in_forward else None
         # The upstream gradient of a sum/mean loss is a scalar g: grad = g * (this scale).
-        scale = (1.0 / count.to(acc)) if options.reduction == "mean" else torch.ones((), dtype=acc)
+        scale = (1.0 / classes.total) if options.reduction == "mean" else torch.ones((), dtype=acc)
         for start in range(0, tokens, options.chunk_size):
             rows = slice(start, start + options.chunk_size)
             z = _chunk_logits(hidden[rows], weight, bias)
-            lse[rows], losses[rows] = _chunk_loss(z, target[rows], options)  # z is now softmax(z)
+            # z is now softmax(z)
+            lse[rows], losses[rows] = _chunk_loss(z, target[rows], options, classes.chunk(rows))
             if grads is not None:
-                grad_z = _grad_logits(z, lse[rows], target[rows], scale, options)
+                grad_z = _grad_logits(
+                    z, lse[rows], target[rows], scale, options, classes.chunk(rows)
+                )
                 grads.accumulate(rows, grad_z, hidden, weight)
         ctx.options = options
         ctx.grads = grads
-        ctx.count = count
+        ctx.classes = classes
         ctx.save_for_backward(*((hidden, weight, target, bias, lse) if grads is None else ()))
         if options.reduction == "none":
             return losses.to(hidden.dtype)
         total = losses.sum()
-        return (total / count if options.reduction == "mean" else total).to(hidden.dtype)
+        return (total / classes.total if options.reduction == "mean" else total).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grads = _recompute(ctx, grad_output) if ctx.grads is None else ctx.grads.scaled(grad_output)
-        return grads.h, grads.w, None, grads.b, None
+        return grads.h, grads.w, None, grads.b, None, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +154,34 @@ class _Options:
     z_loss: float
     vocab: int
     grad_in_forward: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Classes:
+    """Class weights and what the loss needs of them: ``w`` (None: unweighted), each
+    token's ``w[y]`` (0 where ignored, None unweighted), the divisor of ``mean`` (the
+    tokens not ignored, or the sum of their ``w[y]``) and ``sum_j w_j``."""
+
+    w: torch.Tensor | None
+    token: torch.Tensor | None
+    total: torch.Tensor
+    w_sum: torch.Tensor | None
+
+    @classmethod
+    def of(
+        cls, w: torch.Tensor | None, target: torch.Tensor, options: _Options, acc: torch.dtype
+    ) -> _Classes:
+        valid = target != options.ignore_index
+        if w is None:
+            return cls(None, None, valid.sum().to(acc), None)
+        w = w.to(acc)
+        token = torch.where(valid, w[torch.where(valid, target, 0)], 0.0)
+        return cls(w, token, token.sum(), w.sum())
+
+    def chunk(self, rows: slice) -> _Classes:
+        return _Classes(
+            self.w, None if self.token is None else self.token[rows], self.total, self.w_sum
+        )
 
 
 @dataclasses.dataclass
@@ -169,10 +206,16 @@ class _Grads:
             torch.empty_like(hidden) if needs[0] else None,
             torch.zeros_like(weight, dtype=acc) if weight is not None and needs[1] else None,
             torch.zeros_like(bias, dtype=acc) if bias is not None and needs[2] else None,
-            (hidden.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype),
+            (
+                hidden.dtype,
+                None if weight is None else weight.dtype,
+                None if bias is None else bias.dtype,
+            ),
         )
 
-    def accumulate(self, rows: slice, grad_z: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor | None) -> None:
+    def accumulate(
+        self, rows: slice, grad_z: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor | None
+    ) -> None:
         if weight is None:  # hidden is the logits
             if self.h is not None:
                 self.h[rows] = grad_z.to(self.h.dtype)
@@ -206,48 +249,79 @@ def _recompute(ctx: Any, grad_output: torch.Tensor) -> _Grads:
     acc = lse.dtype
     need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
     grads = _Grads.zeros(hidden, weight, bias, acc, (need_h, need_w, need_b))
+    classes: _Classes = ctx.classes
     scale = grad_output.to(acc)
     if options.reduction == "mean":
-        scale = scale / ctx.count
+        scale = scale / classes.total
     for start in range(0, hidden.shape[0], options.chunk_size):
         rows = slice(start, start + options.chunk_size)
         p = torch.exp_(_chunk_logits(hidden[rows], weight, bias).sub_(lse[rows, None]))
         row_scale = scale[rows] if options.reduction == "none" else scale
-        grads.accumulate(rows, _grad_logits(p, lse[rows], target[rows], row_scale, options), hidden, weight)
+        grad_z = _grad_logits(p, lse[rows], target[rows], row_scale, options, classes.chunk(rows))
+        grads.accumulate(rows, grad_z, hidden, weight)
     return grads.scaled()
 
 
 def _grad_logits(
-    p: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, options: _Options
+    p: torch.Tensor,
+    lse: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    options: _Options,
+    classes: _Classes,
 ) -> torch.Tensor:
     """d loss / d z of one chunk from its softmax ``p``, overwritten:
-    ``p (1 + 2 z_loss lse) - (1 - eps) onehot(y) - eps / V``, times ``scale``."""
+    ``p (1 + 2 z_loss lse) - (1 - eps) onehot(y) - eps / V``, times ``scale``; with
+    class weights ``p ((1 - eps) w[y] + eps/V sum w + 2 z_loss w[y] lse) - (1 - eps) w[y]
+    onehot(y) - eps w / V``."""
+    eps = options.label_smoothing
     valid = target != options.ignore_index
-    if options.z_loss:
-        p.mul_(1.0 + 2.0 * options.z_loss * lse[:, None])
     picked = torch.where(valid, target, 0)[:, None]
-    p.scatter_add_(1, picked, p.new_full(picked.shape, options.label_smoothing - 1.0))
-    if options.label_smoothing:
-        p.sub_(options.label_smoothing / options.vocab)
+    if classes.w is None or classes.token is None or classes.w_sum is None:
+        if options.z_loss:
+            p.mul_(1.0 + 2.0 * options.z_loss * lse[:, None])
+        p.scatter_add_(1, picked, p.new_full(picked.shape, eps - 1.0))
+        if eps:
+            p.sub_(eps / options.vocab)
+    else:
+        token = classes.token
+        p.mul_(
+            (
+                (1.0 - eps) * token
+                + eps / options.vocab * classes.w_sum
+                + 2.0 * options.z_loss * token * lse
+            )[:, None]
+        )
+        p.scatter_add_(1, picked, ((eps - 1.0) * token)[:, None])
+        if eps:
+            p.sub_(classes.w * (eps / options.vocab))
     return p.mul_(torch.where(valid, scale, 0.0)[:, None])
 
 
-def _chunk_loss(z: torch.Tensor, target: torch.Tensor, options: _Options) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss(
+    z: torch.Tensor, target: torch.Tensor, options: _Options, classes: _Classes
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lse, per-token loss)`` of one chunk (loss 0 at ignored tokens); turns ``z`` into
     ``softmax(z)`` in place (max-shifted: ``lse = m + log sum exp(z - m)``)."""
+    eps = options.label_smoothing
     valid = target != options.ignore_index
     picked = z.gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
-    mean = z.mean(1) if options.label_smoothing else None
+    # The smoothing term's sum over classes, eps/V sum_j w_j (lse - z_j), without lse.
+    smoothing = None
+    if eps:
+        smoothing = z.mean(1) if classes.w is None else z @ classes.w / options.vocab
     row_max = z.amax(1)
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # all -inf rows: no shift
     total = torch.exp_(z.sub_(row_max[:, None])).sum(1)
     z.div_(total[:, None])
     lse = row_max + torch.log(total)
-    loss = (1.0 - options.label_smoothing) * (lse - picked)
-    if mean is not None:
-        loss = loss + options.label_smoothing * (lse - mean)
+    token = 1.0 if classes.token is None else classes.token
+    loss = (1.0 - eps) * token * (lse - picked)
+    if smoothing is not None:
+        w_mean = 1.0 if classes.w_sum is None else classes.w_sum / options.vocab
+        loss = loss + eps * (w_mean * lse - smoothing)
     if options.z_loss:
-        loss = loss + options.z_loss * lse * lse
+        loss = loss + options.z_loss * token * lse * lse
     return lse, torch.where(valid, loss, 0.0)
 
 
@@ -261,8 +335,18 @@ def _options(
     z_loss: float,
     recompute: bool,
     inputs: tuple[torch.Tensor | None, ...],
+    class_weight: torch.Tensor | None,
 ) -> _Options:
     _check(reduction, label_smoothing, chunk_size)
+    if class_weight is not None:
+        if class_weight.shape != (vocab,):
+            raise ValueError(
+                f"class_weight must have shape ({vocab},), got {tuple(class_weight.shape)}"
+            )
+        if torch.is_grad_enabled() and class_weight.requires_grad:
+            raise ValueError(
+                "class_weight requires grad: the fused loss gives class weights no gradient"
+            )
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     return _Options(
         chunk_size=chunk_size or auto_chunk_size(tokens, vocab),
@@ -290,6 +374,7 @@ def fused_linear_cross_entropy(
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
+    class_weight: torch.Tensor | None = None,
     chunk_size: int | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -297,10 +382,11 @@ def fused_linear_cross_entropy(
     z_loss: float = 0.0,
     recompute: bool = False,
 ) -> torch.Tensor:
-    """``F.cross_entropy(F.linear(hidden, weight, bias), target)`` without the full logits.
+    """``F.cross_entropy(F.linear(hidden, weight, bias), target, weight=class_weight)`` without the full logits.
 
     ``hidden`` is ``[..., H]`` (flattened to ``[tokens, H]``), ``weight`` is ``[V, H]``
-    (``nn.Linear``'s layout), ``target`` holds one class per token. ``chunk_size`` rows
+    (``nn.Linear``'s layout), ``target`` holds one class per token, ``class_weight``
+    (optional, ``[V]``) weighs each class as torch's ``weight=`` does. ``chunk_size`` rows
     are processed at a time (default: :func:`auto_chunk_size`). ``z_loss`` adds
     ``z_loss * logsumexp(z)**2`` per token. ``reduction="none"`` returns ``target``'s shape.
     Gradients are formed during the forward pass (Liger-Kernel) for ``sum``/``mean``;
@@ -317,9 +403,19 @@ def fused_linear_cross_entropy(
     flat_t = target.reshape(-1)
     if flat_h.shape[0] != flat_t.shape[0]:
         raise ValueError(f"{flat_h.shape[0]} tokens of hidden states but {flat_t.shape[0]} targets")
-    options = _options(flat_h.shape[0], weight.shape[0], chunk_size, ignore_index, reduction,
-                       label_smoothing, z_loss, recompute, (flat_h, weight, bias))
-    loss = _FusedLinearCrossEntropy.apply(flat_h, weight, flat_t, bias, options)
+    options = _options(
+        flat_h.shape[0],
+        weight.shape[0],
+        chunk_size,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        recompute,
+        (flat_h, weight, bias),
+        class_weight,
+    )
+    loss = _FusedLinearCrossEntropy.apply(flat_h, weight, flat_t, bias, class_weight, options)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -327,6 +423,7 @@ def fused_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
+    class_weight: torch.Tensor | None = None,
     chunk_size: int | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -334,22 +431,41 @@ def fused_cross_entropy(
     z_loss: float = 0.0,
     recompute: bool = False,
 ) -> torch.Tensor:
-    """``F.cross_entropy(logits, target)`` (class axis 1) saving ``logsumexp`` instead of the log-softmax.
+    """``F.cross_entropy(logits, target, weight=class_weight)`` (class axis 1) saving ``logsumexp`` instead of the log-softmax.
 
     >>> z, y = torch.randn(5, 7), torch.tensor([0, 1, 2, 3, 4])
     >>> torch.allclose(fused_cross_entropy(z, y, reduction="sum"), F.cross_entropy(z, y, reduction="sum"))
     True
     """
     if logits.dim() == 1:  # one sample, no batch axis
-        return fused_cross_entropy(logits[None], target.reshape(1), chunk_size=chunk_size,
-                                   ignore_index=ignore_index, reduction=reduction,
-                                   label_smoothing=label_smoothing, z_loss=z_loss,
-                                   recompute=recompute).reshape(target.shape)
+        return fused_cross_entropy(
+            logits[None],
+            target.reshape(1),
+            class_weight=class_weight,
+            chunk_size=chunk_size,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            recompute=recompute,
+        ).reshape(target.shape)
     classes = logits.shape[1]
     flat = logits.movedim(1, -1).reshape(-1, classes)
-    options = _options(flat.shape[0], classes, chunk_size, ignore_index, reduction,
-                       label_smoothing, z_loss, recompute, (flat,))
-    loss = _FusedLinearCrossEntropy.apply(flat, None, target.reshape(-1), None, options)
+    options = _options(
+        flat.shape[0],
+        classes,
+        chunk_size,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        recompute,
+        (flat,),
+        class_weight,
+    )
+    loss = _FusedLinearCrossEntropy.apply(
+        flat, None, target.reshape(-1), None, class_weight, options
+    )
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -368,6 +484,7 @@ class _Loss:
     reduction: str
     label_smoothing: float
     consumer: fx.Node  # the node reading the logits: the loss, or its log-softmax
+    class_weight: fx.Node | str | None = None  # a node, or the path of a module's buffer
 
 
 @dataclasses.dataclass
@@ -380,7 +497,16 @@ class _Head:
     guarded: bool = False
 
 
-_CE_PARAMS = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
+_CE_PARAMS = (
+    "input",
+    "target",
+    "weight",
+    "size_average",
+    "ignore_index",
+    "reduce",
+    "reduction",
+    "label_smoothing",
+)
 _NLL_PARAMS = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction")
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax}
 
@@ -391,11 +517,15 @@ def _arguments(node: fx.Node, params: tuple[str, ...]) -> dict[str, Any]:
 
 def _match_loss(gm: fx.GraphModule, node: fx.Node) -> _Loss | str | None:
     """The loss a node computes, why it cannot be fused (a string), or None when it is no loss."""
-    if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.CrossEntropyLoss):
+    if node.op == "call_module" and isinstance(
+        gm.get_submodule(str(node.target)), nn.CrossEntropyLoss
+    ):
         module = gm.get_submodule(str(node.target))
         arguments = _arguments(node, ("input", "target")) | {
-            "weight": module.weight, "ignore_index": module.ignore_index,
-            "reduction": module.reduction, "label_smoothing": module.label_smoothing,
+            "weight": None if module.weight is None else f"{node.target}.weight",
+            "ignore_index": module.ignore_index,
+            "reduction": module.reduction,
+            "label_smoothing": module.label_smoothing,
         }
     elif node.op == "call_function" and node.target is F.cross_entropy:
         arguments = _arguments(node, _CE_PARAMS)
@@ -413,18 +543,34 @@ def _match_loss(gm: fx.GraphModule, node: fx.Node) -> _Loss | str | None:
         arguments["input"], arguments["log_softmax"] = log_prob.args[0], log_prob
     else:
         return None
-    if arguments.get("weight") is not None:
-        return "class weights are not fused"
+    class_weight = arguments.get("weight")
+    if class_weight is not None and not isinstance(class_weight, (fx.Node, str)):
+        return "class weights are not a traced value"
     if arguments.get("size_average") is not None or arguments.get("reduce") is not None:
         return "legacy size_average/reduce arguments"
     logits, reduction = arguments.get("input"), arguments.get("reduction", "mean")
-    ignore_index, smoothing = arguments.get("ignore_index", -100), arguments.get("label_smoothing", 0.0)
+    ignore_index, smoothing = (
+        arguments.get("ignore_index", -100),
+        arguments.get("label_smoothing", 0.0),
+    )
     if not isinstance(logits, fx.Node):
         return "the logits are not a traced value"
-    if reduction not in REDUCTIONS or not isinstance(ignore_index, int) or not isinstance(smoothing, (int, float)):
+    if (
+        reduction not in REDUCTIONS
+        or not isinstance(ignore_index, int)
+        or not isinstance(smoothing, (int, float))
+    ):
         return "reduction, ignore_index or label_smoothing is computed at run time"
     consumer = arguments.pop("log_softmax", node)
-    return _Loss(logits, arguments.get("target"), ignore_index, reduction, float(smoothing), consumer)
+    return _Loss(
+        logits,
+        arguments.get("target"),
+        ignore_index,
+        reduction,
+        float(smoothing),
+        consumer,
+        class_weight,
+    )
 
 
 def _log_softmax_dim(node: Any) -> int | None:
@@ -496,7 +642,11 @@ def _linear(gm: fx.GraphModule, node: fx.Node) -> _Head | None:
     if node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Linear:
         with gm.graph.inserting_before(node):
             weight = gm.graph.get_attr(f"{node.target}.weight")
-            bias = gm.graph.get_attr(f"{node.target}.bias") if gm.get_submodule(str(node.target)).bias is not None else None
+            bias = (
+                gm.graph.get_attr(f"{node.target}.bias")
+                if gm.get_submodule(str(node.target)).bias is not None
+                else None
+            )
         return _Head(node.args[0], weight, bias)
     if node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear):
         arguments = _arguments(node, ("input", "weight", "bias"))
@@ -506,7 +656,12 @@ def _linear(gm: fx.GraphModule, node: fx.Node) -> _Head | None:
         # matmul(h, W.t()) or h @ W.T: the weight is transposed back to [V, H].
         if isinstance(w_t, fx.Node) and w_t.op == "call_method" and w_t.target == "t":
             return _Head(h, w_t.args[0], None)
-        if isinstance(w_t, fx.Node) and w_t.op == "call_function" and w_t.target is getattr and w_t.args[1] == "T":
+        if (
+            isinstance(w_t, fx.Node)
+            and w_t.op == "call_function"
+            and w_t.target is getattr
+            and w_t.args[1] == "T"
+        ):
             return _Head(h, w_t.args[0], None)
     return None
 
@@ -548,13 +703,26 @@ def rewrite_fx(
         if isinstance(loss, str):
             skipped.append(f"loss {node.name!r} left as is: {loss}")
             continue
-        options: dict[str, Any] = {"chunk_size": chunk_size, "ignore_index": loss.ignore_index, "reduction": loss.reduction,
-                   "label_smoothing": loss.label_smoothing, "z_loss": z_loss}
+        options: dict[str, Any] = {
+            "chunk_size": chunk_size,
+            "ignore_index": loss.ignore_index,
+            "reduction": loss.reduction,
+            "label_smoothing": loss.label_smoothing,
+            "z_loss": z_loss,
+        }
         head = _match_head(gm, loss.logits, loss.consumer) if linear else None
         with graph.inserting_before(node):
+            if isinstance(loss.class_weight, str):  # nn.CrossEntropyLoss's weight buffer
+                options["class_weight"] = graph.get_attr(loss.class_weight)
+            elif loss.class_weight is not None:
+                options["class_weight"] = loss.class_weight
             if head is not None:
-                function = _linear_cross_entropy_if_2d if head.guarded else fused_linear_cross_entropy
-                new = graph.call_function(function, (head.hidden, head.weight, loss.target, head.bias), options)
+                function = (
+                    _linear_cross_entropy_if_2d if head.guarded else fused_linear_cross_entropy
+                )
+                new = graph.call_function(
+                    function, (head.hidden, head.weight, loss.target, head.bias), options
+                )
                 stats["linear_cross_entropy_fused"] += 1
             else:
                 new = graph.call_function(fused_cross_entropy, (loss.logits, loss.target), options)
@@ -575,7 +743,11 @@ def rewrite_fx(
 
 
 def _linear_cross_entropy_if_2d(
-    hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None = None, **options: Any
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    **options: Any,
 ) -> torch.Tensor:
     """The fused loss for 2-D hidden states; the original ``cross_entropy(linear)`` otherwise.
 
@@ -588,12 +760,15 @@ def _linear_cross_entropy_if_2d(
     options.pop("chunk_size", None)
     if z_loss:
         raise ValueError("z_loss needs 2-D hidden states")
-    return F.cross_entropy(F.linear(hidden, weight, bias), target, **options)
+    class_weight = options.pop("class_weight", None)
+    return F.cross_entropy(F.linear(hidden, weight, bias), target, weight=class_weight, **options)
 
 
 def _drop_unused_modules(gm: fx.GraphModule) -> None:
-    """Delete loss modules the rewrite replaced (parameters stay: the fused call reads them)."""
+    """Delete loss modules the rewrite replaced (parameters stay: the fused call reads them;
+    a loss module whose class weights the fused call reads stays too)."""
     used = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    used |= {str(n.target).rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
     for name, module in list(gm.named_children()):
         if isinstance(module, nn.CrossEntropyLoss) and name not in used:
             gm.delete_submodule(name)
@@ -602,6 +777,7 @@ def _drop_unused_modules(gm: fx.GraphModule) -> None:
 # --------------------------------------------------------------------------------------
 # The fx pass, by the ONNX pass's name and options
 # --------------------------------------------------------------------------------------
+
 
 @register_fx_pass
 class FuseCrossEntropyFxPass(FxPass):

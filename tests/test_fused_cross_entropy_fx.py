@@ -32,7 +32,9 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def _inputs(tokens: int = 37, hidden: int = 16, vocab: int = 50, *, bias: bool = True, ignore: bool = True):
+def _inputs(
+    tokens: int = 37, hidden: int = 16, vocab: int = 50, *, bias: bool = True, ignore: bool = True
+):
     h = torch.randn(tokens, hidden, requires_grad=True)
     w = (torch.randn(vocab, hidden) * hidden**-0.5).requires_grad_()
     b = torch.randn(vocab, requires_grad=True) if bias else None
@@ -42,7 +44,9 @@ def _inputs(tokens: int = 37, hidden: int = 16, vocab: int = 50, *, bias: bool =
     return h, w, b, y
 
 
-def _grads(loss: torch.Tensor, tensors: list[torch.Tensor], upstream: torch.Tensor) -> list[torch.Tensor]:
+def _grads(
+    loss: torch.Tensor, tensors: list[torch.Tensor], upstream: torch.Tensor
+) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss, tensors, upstream))
 
 
@@ -53,12 +57,21 @@ def _grads(loss: torch.Tensor, tensors: list[torch.Tensor], upstream: torch.Tens
 def test_loss_and_gradients_match_unfused(recompute, reduction, label_smoothing, bias):
     h, w, b, y = _inputs(bias=bias)
     params = [h, w] + ([b] if bias else [])
-    expected = F.cross_entropy(F.linear(h, w, b), y, reduction=reduction, label_smoothing=label_smoothing)
+    expected = F.cross_entropy(
+        F.linear(h, w, b), y, reduction=reduction, label_smoothing=label_smoothing
+    )
     upstream = torch.rand_like(expected) + 0.5
     expected_grads = _grads(expected, params, upstream)
     # chunk 8 does not divide 37 tokens: the last chunk is short.
     loss = fused_linear_cross_entropy(
-        h, w, y, b, chunk_size=8, reduction=reduction, label_smoothing=label_smoothing, recompute=recompute
+        h,
+        w,
+        y,
+        b,
+        chunk_size=8,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        recompute=recompute,
     )
     torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
     for got, want in zip(_grads(loss, params, upstream), expected_grads, strict=True):
@@ -83,7 +96,9 @@ def test_z_loss_adds_the_squared_logsumexp():
     expected = per_token.sum() / valid.sum()
     expected_grads = _grads(expected, [h, w, b], torch.ones(()))
     for recompute in (False, True):
-        loss = fused_linear_cross_entropy(h, w, y, b, z_loss=1e-2, chunk_size=16, recompute=recompute)
+        loss = fused_linear_cross_entropy(
+            h, w, y, b, z_loss=1e-2, chunk_size=16, recompute=recompute
+        )
         torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
         for got, want in zip(_grads(loss, [h, w, b], torch.ones(())), expected_grads, strict=True):
             torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
@@ -200,7 +215,9 @@ class PlainLoss(nn.Module):
         return F.cross_entropy(z * 2.0, y)
 
 
-def _run_both(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, dict[str, int], list[str]]:
+def _run_both(
+    module: nn.Module, args: tuple[torch.Tensor, ...]
+) -> tuple[fx.GraphModule, dict[str, int], list[str]]:
     """Rewrite a trace of ``module``; check lint, loss and parameter gradients."""
     notes: list[str] = []
     gm, stats = rewrite_fx(fx.symbolic_trace(copy.deepcopy(module)), notes=notes)
@@ -212,7 +229,9 @@ def _run_both(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[fx.Gra
     got.backward()
     fused_params = dict(gm.named_parameters())
     for name, param in module.named_parameters():
-        torch.testing.assert_close(fused_params[name].grad, param.grad, rtol=RTOL, atol=ATOL, msg=name)
+        torch.testing.assert_close(
+            fused_params[name].grad, param.grad, rtol=RTOL, atol=ATOL, msg=name
+        )
     return gm, stats, notes
 
 
@@ -222,8 +241,20 @@ def _targets(gm: fx.GraphModule) -> list[object]:
 
 @pytest.mark.parametrize(
     "module,linear",
-    [(LinearHeadLM(), True), (LinearHeadLM(bias=True), True), (ModuleLoss(), True), (LogSoftmaxNll(), True), (MatmulTransposed(), True)],
-    ids=["view_flattened", "view_flattened_bias", "nn_CrossEntropyLoss", "log_softmax_nll_loss", "matmul_t"],
+    [
+        (LinearHeadLM(), True),
+        (LinearHeadLM(bias=True), True),
+        (ModuleLoss(), True),
+        (LogSoftmaxNll(), True),
+        (MatmulTransposed(), True),
+    ],
+    ids=[
+        "view_flattened",
+        "view_flattened_bias",
+        "nn_CrossEntropyLoss",
+        "log_softmax_nll_loss",
+        "matmul_t",
+    ],
 )
 def test_fx_linear_forms_are_fused(module, linear):
     if isinstance(module, LinearHeadLM):
@@ -266,7 +297,9 @@ def test_fx_head_on_3d_logits_keeps_the_original_semantics():
 
 
 def test_fx_plain_loss_is_fused_without_head():
-    gm, stats, _ = _run_both(PlainLoss(), (torch.randn(9, 6, requires_grad=True), torch.randint(0, 6, (9,))))
+    gm, stats, _ = _run_both(
+        PlainLoss(), (torch.randn(9, 6, requires_grad=True), torch.randint(0, 6, (9,)))
+    )
     assert stats == {"cross_entropy_fused": 1, "linear_cross_entropy_fused": 0, "skipped": 0}
     assert fused_cross_entropy in _targets(gm)
 
@@ -277,9 +310,9 @@ def test_fx_linear_false_keeps_the_head():
     assert any(node.op == "call_module" and node.target == "head" for node in gm.graph.nodes)
 
 
-class WeightedLoss(nn.Module):
+class LegacyReduceLoss(nn.Module):
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(z, y, weight=torch.ones(6))
+        return F.cross_entropy(z, y, reduce=False)
 
 
 class WrongAxisNll(nn.Module):
@@ -287,7 +320,10 @@ class WrongAxisNll(nn.Module):
         return F.nll_loss(F.log_softmax(z, dim=0), y)
 
 
-@pytest.mark.parametrize("module,reason", [(WeightedLoss(), "class weights"), (WrongAxisNll(), "dim 0")])
+@pytest.mark.parametrize(
+    "module,reason", [(LegacyReduceLoss(), "legacy"), (WrongAxisNll(), "dim 0")]
+)
+@pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
 def test_fx_near_misses_are_left_and_explained(module, reason):
     notes: list[str] = []
     gm, stats = rewrite_fx(fx.symbolic_trace(module), notes=notes)
@@ -312,7 +348,10 @@ def test_fused_model_trains_like_the_unfused_one():
     assert stats["linear_cross_entropy_fused"] == 1
     generator = torch.Generator().manual_seed(1)
     batches = [
-        (torch.randint(0, 64, (4, 9), generator=generator), torch.randint(0, 64, (4, 9), generator=generator))
+        (
+            torch.randint(0, 64, (4, 9), generator=generator),
+            torch.randint(0, 64, (4, 9), generator=generator),
+        )
         for _ in range(5)
     ]
     curves = []
@@ -329,7 +368,145 @@ def test_fused_model_trains_like_the_unfused_one():
             losses.append(loss.item())
         curves.append(losses)
     assert curves[0][-1] < curves[0][0]  # it does learn
-    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=RTOL, atol=0.0)
+    torch.testing.assert_close(
+        torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=RTOL, atol=0.0
+    )
     fused_params = dict(fused.named_parameters())
     for name, param in reference.named_parameters():
         torch.testing.assert_close(fused_params[name], param, rtol=RTOL, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------
+# Class weights (torch's weight=)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["grad_in_forward", "recompute"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_class_weights_match_unfused(recompute, reduction, label_smoothing):
+    h, w, b, y = _inputs()
+    class_weight = torch.rand(w.shape[0]) + 0.25
+    expected = F.cross_entropy(
+        F.linear(h, w, b),
+        y,
+        weight=class_weight,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    upstream = torch.rand_like(expected) + 0.5
+    expected_grads = _grads(expected, [h, w, b], upstream)
+    loss = fused_linear_cross_entropy(
+        h,
+        w,
+        y,
+        b,
+        class_weight=class_weight,
+        chunk_size=8,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        recompute=recompute,
+    )
+    torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
+    for got, want in zip(_grads(loss, [h, w, b], upstream), expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 5, 3)])
+def test_class_weights_on_logits(shape):
+    z = torch.randn(*shape, requires_grad=True)
+    y = torch.randint(0, 5, (shape[0],) + shape[2:])
+    y.view(-1)[::4] = -100
+    class_weight = torch.tensor([0.5, 2.0, 1.0, 0.0, 3.0])  # a class of weight 0
+    for reduction in ("mean", "sum", "none"):
+        expected = F.cross_entropy(
+            z, y, weight=class_weight, reduction=reduction, label_smoothing=0.2
+        )
+        loss = fused_cross_entropy(
+            z, y, class_weight=class_weight, reduction=reduction, label_smoothing=0.2, chunk_size=4
+        )
+        torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
+        upstream = torch.rand_like(expected)
+        torch.testing.assert_close(
+            _grads(loss, [z], upstream)[0], _grads(expected, [z], upstream)[0], rtol=RTOL, atol=ATOL
+        )
+
+
+def test_class_weights_with_z_loss_weigh_the_z_loss_too():
+    h, w, b, y = _inputs()
+    class_weight = torch.rand(w.shape[0]) + 0.25
+    z = F.linear(h, w, b)
+    valid = y != -100
+    token = torch.where(valid, class_weight[torch.where(valid, y, 0)], 0.0)
+    per_token = (
+        F.cross_entropy(z, y, weight=class_weight, reduction="none")
+        + 1e-2 * token * torch.logsumexp(z, 1) ** 2
+    )
+    expected = per_token.sum() / token.sum()
+    expected_grads = _grads(expected, [h, w, b], torch.ones(()))
+    for recompute in (False, True):
+        loss = fused_linear_cross_entropy(
+            h, w, y, b, class_weight=class_weight, z_loss=1e-2, chunk_size=16, recompute=recompute
+        )
+        torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
+        for got, want in zip(_grads(loss, [h, w, b], torch.ones(())), expected_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_class_weights_get_no_gradient():
+    h, w, _, y = _inputs(bias=False)
+    with pytest.raises(ValueError, match="no gradient"):
+        fused_linear_cross_entropy(h, w, y, class_weight=torch.ones(w.shape[0], requires_grad=True))
+    with pytest.raises(ValueError, match="shape"):
+        fused_linear_cross_entropy(h, w, y, class_weight=torch.ones(3))
+
+
+class WeightedHead(nn.Module):
+    """``F.cross_entropy(lm_head(h), y, weight=self.class_weight)`` (a buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(12, 40)
+        self.register_buffer("class_weight", torch.rand(40) + 0.5)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(h), y, weight=self.class_weight, label_smoothing=0.1)
+
+
+class WeightedModuleLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(12, 40)
+        self.loss = nn.CrossEntropyLoss(
+            weight=torch.rand(40) + 0.5, reduction="mean", ignore_index=3
+        )
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.head(h), y)
+
+
+class WeightedNll(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(40, 12) * 0.3)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(
+            F.log_softmax(F.linear(h, self.weight), dim=1), y, weight=torch.linspace(0.5, 2.0, 40)
+        )
+
+
+@pytest.mark.parametrize(
+    "module",
+    [WeightedHead(), WeightedModuleLoss(), WeightedNll()],
+    ids=["buffer", "nn_CrossEntropyLoss", "nll_loss"],
+)
+def test_fx_class_weights_are_fused(module):
+    args = (torch.randn(21, 12), torch.randint(0, 40, (21,)))
+    gm, stats, notes = _run_both(module, args)
+    assert stats == {"cross_entropy_fused": 0, "linear_cross_entropy_fused": 1, "skipped": 0}
+    assert notes == []
+    assert not {F.cross_entropy, F.nll_loss, F.log_softmax} & set(_targets(gm))
+    # The weights are read where they lived: the traced module's state dict is unchanged.
+    assert set(gm.state_dict()) == set(fx.symbolic_trace(module).state_dict())
+    gm.graph.lint()

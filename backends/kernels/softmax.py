@@ -8,7 +8,8 @@ rounding (the polynomial error is 2e-7, see :mod:`rewriter.backends.kernels.exp_
 
 CPU schedule (built here by hand, not by a tuner): one row per loop iteration, rows
 parallel over threads; 16 lanes (AVX512, ``vscalefps``) or 8 (AVX2) or 4 (generic).
-Pass 1 computes 8 independent ``(m, n)`` vectors per block and folds them into the
+Pass 1 (:mod:`rewriter.backends.kernels.pair_sum`, shared with the cross-entropy
+kernels) computes 8 independent ``(m, n)`` vectors per block and folds them into the
 running pair of each lane with one max and a tree of ``vscalefps`` and adds; the vectors
 after the last block and the scalar tail (``cols % lanes``) are added one at a time.
 Pass 2 depends on the row length (static ``cols``):
@@ -35,12 +36,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import numpy as np
 import tvm
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from rewriter import two_pass_math as tpm
 from rewriter.backends.kernels import exp_pair as ep
 from rewriter.backends.kernels import softmax_cuda
 from rewriter.backends.kernels.cpu_plan import (
@@ -52,6 +51,7 @@ from rewriter.backends.kernels.cpu_plan import (
     isa,
     span,
 )
+from rewriter.backends.kernels.pair_sum import PairSum, log_prob, log_prob_exact, log_terms
 from rewriter.backends.kernels.three_pass import three_pass_cpu
 
 logger = logging.getLogger(__name__)
@@ -64,81 +64,7 @@ def _two_pass_cpu(
     lanes, width, scalef = p.lanes, p.lanes * UNROLL, p.scalef
     f32, f64 = "float32", "float64"
     keep = p.keep_exp and not log
-
-    def m_at(tmp: tirx.Buffer, u: int) -> tirx.Expr:
-        return tmp[span(u * lanes, lanes)]
-
-    def n_at(tmp: tirx.Buffer, u: int) -> tirx.Expr:
-        return tmp[span((UNROLL + u) * lanes, lanes)]
-
-    def slot(k: int) -> tirx.Expr:
-        return span((2 * UNROLL + k) * lanes, lanes)
-
-    def new_n(acc_n: tirx.Buffer, tmp: tirx.Buffer) -> tirx.Expr:
-        return ep.tree(T.max, [acc_n[span(0, lanes)]] + [n_at(tmp, u) for u in range(UNROLL)])
-
-    @T.macro
-    def accumulate_block(acc_m, acc_n, acc_c, tmp, X, Y, row, r, base):
-        # UNROLL independent (m, n) vectors; one max and one tree sum per block update the
-        # running pair: N' = max(N, n_0..7), M' = M 2**(N-N') + sum_u m_u 2**(n_u-N').
-        for u in T.unroll(UNROLL):
-            tmp[span(u * lanes, lanes)] = ep.exp_pair(p.load(X, r, base + u * lanes, lanes), lanes)[
-                0
-            ]
-            tmp[span((UNROLL + u) * lanes, lanes)] = ep.exp_pair(
-                p.load(X, r, base + u * lanes, lanes), lanes
-            )[1]
-            if keep:
-                Y[r, span(base + u * lanes, lanes)] = ep.scale(
-                    tmp[span(u * lanes, lanes)],
-                    tmp[span((UNROLL + u) * lanes, lanes)] - bcast(row[4], lanes),
-                    lanes,
-                    scalef,
-                )
-        # Kahan-compensated: a long row adds thousands of blocks to one pair per lane.
-        tmp[slot(0)] = new_n(acc_n, tmp)
-        tmp[slot(1)] = ep.tree(
-            tirx.Add,
-            [
-                ep.scale(m_at(tmp, u), n_at(tmp, u) - tmp[slot(0)], lanes, scalef)
-                for u in range(UNROLL)
-            ],
-        ) - ep.scale(acc_c[span(0, lanes)], acc_n[span(0, lanes)] - tmp[slot(0)], lanes, scalef)
-        tmp[slot(2)] = ep.scale(
-            acc_m[span(0, lanes)], acc_n[span(0, lanes)] - tmp[slot(0)], lanes, scalef
-        )
-        acc_m[span(0, lanes)] = tmp[slot(2)] + tmp[slot(1)]
-        acc_c[span(0, lanes)] = (acc_m[span(0, lanes)] - tmp[slot(2)]) - tmp[slot(1)]
-        acc_n[span(0, lanes)] = tmp[slot(0)]
-
-    @T.macro
-    def accumulate(acc_m, acc_n, tmp, off, x, Y, row, r, col):
-        # Assignments in TVMScript declare buffers, so values go through tmp and stores.
-        tmp[span(0, lanes)] = ep.exp_pair(x, lanes)[0]
-        tmp[span(lanes, lanes)] = ep.exp_pair(x, lanes)[1]
-        acc_m[span(off, lanes)] = ep.pair_add(
-            acc_m[span(off, lanes)],
-            acc_n[span(off, lanes)],
-            tmp[span(0, lanes)],
-            tmp[span(lanes, lanes)],
-            lanes,
-            scalef,
-        )[0]
-        acc_n[span(off, lanes)] = ep.pair_add(
-            acc_m[span(off, lanes)],
-            acc_n[span(off, lanes)],
-            tmp[span(0, lanes)],
-            tmp[span(lanes, lanes)],
-            lanes,
-            scalef,
-        )[1]
-        if keep:
-            Y[r, span(col, lanes)] = ep.scale(
-                tmp[span(0, lanes)],
-                tmp[span(lanes, lanes)] - bcast(row[4], lanes),
-                lanes,
-                scalef,
-            )
+    sums = PairSum(p, keep=keep)
 
     @T.macro
     def store(Y, tmp, r, off, y):
@@ -154,23 +80,21 @@ def _two_pass_cpu(
 
     def fast_y(x: tirx.Expr, row: tirx.Buffer, n_lanes: int) -> tirx.Expr:
         if log:
-            # y = x - N ln2 - log M, with N ln2 split like t so that it stays exact.
-            return x - bcast(row[2], n_lanes) - bcast(row[3], n_lanes)
+            return log_prob(x, row, n_lanes)
         m, n = ep.exp_pair(x, n_lanes)
         return ep.scale(m * bcast(row[2], n_lanes), n - bcast(row[0], n_lanes), n_lanes, scalef)
 
     def exact_y(x: tirx.Expr, srow: tirx.Buffer) -> tirx.Expr:
-        m, n = ep.exp_pair(x, 1, f64)
         if log:
-            return tirx.log(m) - tirx.log(srow[1]) + (n - srow[0]) * tirx.const(tpm.LN2, f64)
+            return log_prob_exact(x, srow)
+        m, n = ep.exp_pair(x, 1, f64)
         return m / srow[1] * ep.pow2(n - srow[0], 1, f64)
 
     @T.macro
     def recompute(X, Y, tmp, row, r):
         # Pass 2 (float32): recompute (m, n), write m / M * 2**(n - N).
         if log:
-            row[2] = row[0] * T.float32(ep.LN2_HI_F32)
-            row[3] = row[0] * T.float32(ep.LN2_LO_F32) + T.log(row[1])
+            log_terms(row)
         else:
             row[2] = T.float32(1) / row[1]
         for j in T.serial(p.blocks):
@@ -204,45 +128,12 @@ def _two_pass_cpu(
     ):
         T.func_attr({"tir.noalias": True})
         for r in T.parallel(p.rows):
-            acc_m = T.alloc_buffer((lanes,), f32, scope="global")
-            acc_n = T.alloc_buffer((lanes,), f32, scope="global")
-            acc_c = T.alloc_buffer((lanes,), f32, scope="global")
-            tmp = T.alloc_buffer(((2 * UNROLL + 3) * lanes,), f32, scope="global")
+            st = T.alloc_buffer((PairSum.STATE * lanes,), f32, scope="global")
+            tmp = T.alloc_buffer((sums.tmp_size,), f32, scope="global")
             row = T.alloc_buffer((5,), f32, scope="global")
             srow = T.alloc_buffer((2,), f64, scope="global")
             # Pass 1: a running pair per lane, fed UNROLL independent vectors per block.
-            if keep:
-                row[4] = ep.exp_pair(p.load(X, r, 0, 1), 1)[1]
-            acc_m[span(0, lanes)] = p.vec(0.0)
-            acc_n[span(0, lanes)] = p.vec(ep.N_LOW)
-            acc_c[span(0, lanes)] = p.vec(0.0)
-            for j in T.serial(p.blocks):
-                accumulate_block(acc_m, acc_n, acc_c, tmp, X, Y, row, r, j * width)
-            acc_m[span(0, lanes)] = acc_m[span(0, lanes)] - acc_c[span(0, lanes)]
-            for j in T.serial(p.rest):
-                accumulate(
-                    acc_m,
-                    acc_n,
-                    tmp,
-                    0,
-                    p.load(X, r, p.blocks * width + j * lanes, lanes),
-                    Y,
-                    row,
-                    r,
-                    p.blocks * width + j * lanes,
-                )
-            row[0] = T.float32(ep.N_LOW)
-            row[1] = T.float32(0)
-            for k in T.unroll(lanes):
-                row[1] = ep.pair_add(row[1], row[0], acc_m[k], acc_n[k], 1, False)[0]
-                row[0] = T.max(row[0], acc_n[k])
-            for k in T.serial(p.tail):
-                tmp[0] = ep.exp_pair(p.load(X, r, p.cols - p.tail + k, 1), 1)[0]
-                tmp[1] = ep.exp_pair(p.load(X, r, p.cols - p.tail + k, 1), 1)[1]
-                row[1] = ep.pair_add(row[1], row[0], tmp[0], tmp[1], 1, False)[0]
-                row[0] = T.max(row[0], tmp[1])
-                if keep:
-                    Y[r, p.cols - p.tail + k] = tmp[0] * ep.pow2(tmp[1] - row[4], 1)
+            sums.row_sum(X, Y, r, st, tmp, row)
             if ep.fast_path_ok(row[0], row[1]):
                 if keep and row[0] - row[4] <= T.float32(KEEP_EXP_MAX_SHIFT):
                     # Pass 2 on the kept e**x: one multiply by 2**(n(x[0]) - N) / M.
@@ -262,17 +153,10 @@ def _two_pass_cpu(
                     recompute(X, Y, tmp, row, r)
             else:
                 # Rows with inf, NaN or huge magnitudes: the same algorithm in float64.
-                srow[0] = T.float64(-np.inf)
-                srow[1] = T.float64(0)
+                sums.exact_init(srow)
                 for k in T.serial(p.cols):
-                    srow[1] = ep.pair_add_exact(
-                        srow[1], srow[0], *ep.exp_pair(T.Cast(f64, X[r, k]), 1, f64)
-                    )[0]
-                    srow[0] = ep.pair_add_exact(
-                        srow[1], srow[0], *ep.exp_pair(T.Cast(f64, X[r, k]), 1, f64)
-                    )[1]
-                # A row of -inf has no largest term: NaN, as ONNX gives (-inf - -inf).
-                srow[1] = T.Select(srow[0] == T.float64(-np.inf), T.float64(np.nan), srow[1])
+                    sums.exact_add(srow, T.Cast(f64, X[r, k]))
+                sums.exact_finish(srow)
                 for k in T.serial(p.cols):
                     Y[r, k] = T.Cast(dtype, exact_y(T.Cast(f64, X[r, k]), srow))
 
