@@ -2,18 +2,19 @@
 
 Layer-wise mixed-precision quantization after Dumitru et al., "Layer-Wise Quantization:
 A Pragmatic and Effective Method for Quantizing LLMs Beyond Integer Bit-Levels" (2024,
-arXiv 2406.17415). Approximate: the weights change by at most half a quantization step.
+arXiv 2406.17415). Approximate: each weight moves to its nearest quantization level
+(with ``clip=mse`` the few beyond the clipped range saturate).
 
 Each float weight initializer of a MatMul, Gemm or Conv is replaced by an int8 or int4
 (packed) initializer and a float32 scale, followed by ``DequantizeLinear``: symmetric,
-per output channel (``axis``), or for int4 optionally per group of ``group_size``
+per output channel (``axis``), or for int4 per group of ``group_size`` (default 128)
 weights along the reduction axis (``block_size``, DequantizeLinear-21). The file shrinks
-by the bits: 8 -> 2 + scales, 4 -> 1 + scales bytes per weight out of 4.
+by the bits: 4 bytes per weight become 1 (int8) or 1/2 (int4), plus the scales.
 
 Widths: ``bits`` for all layers, or ``avg_bits`` (fractional) with ``high``/``low``:
 the layers are ranked by importance (``lim``, ``zd`` or ``random``, see
 :mod:`rewriter.quantize_math`) and the least important move to ``low`` until the
-parameter-weighted average is at most ``avg_bits``. A layer is a residual-stream block
+storage bits per weight, scales included, are at most ``avg_bits``. A layer is a residual-stream block
 (:func:`rewriter.analysis.residual_blocks`: for a BERT encoder, each attention and each
 MLP sub-layer with its weight ops); a weight op outside every block is its own layer.
 LIM runs the model in ONNX Runtime on the calibration data with the layers' input and
@@ -61,13 +62,17 @@ class QuantizeOptions:
     """Options of ``quantize``.
 
     bits: one width for every layer (4 or 8; 8 when neither it nor avg_bits is given).
-    avg_bits: target parameter-weighted average width; layers get ``high`` or ``low``.
+    avg_bits: target storage bits per weight, scales included (a size: 5 is the size of
+        uniform int4 with a scale per 32 weights); layers get ``high`` or ``low``.
     importance: how layers are ranked for avg_bits: lim, zd or random (with ``seed``).
-    group_size: per-group scales for int4 weights (0: per output channel).
+    group_size: int4 weights get a scale per this many weights along the reduction axis
+        (128, as ONNX Runtime's MatMulNBits and GPTQ/AWQ use); 0: per output channel.
+        Weights whose reduction size it does not divide, and Conv weights, get per-channel
+        scales.
     activations: "none" or "int8" (QDQ on the activation inputs of quantized ops).
     calibrate: activation range, "minmax" or "percentile" (``percentile`` of each tail).
-    clip: weight range, "none" (max|w|: every weight within half a step) or "mse" (per
-        channel or group, the clipped range with the least squared error).
+    clip: weight range, "mse" (per channel or group, the clipped range with the least
+        squared error) or "none" (max|w|: every weight within half a step).
     exclude: node or weight name globs left in float, separated by ``|`` on the CLI.
     plot: write a PNG bar chart of the layers' importance (colored by width) here.
     """
@@ -77,11 +82,11 @@ class QuantizeOptions:
     high: int = 8
     low: int = 4
     importance: str = "lim"
-    group_size: int = 0
+    group_size: int = 128
     activations: str = "none"
     calibrate: str = "minmax"
     percentile: float = 99.99
-    clip: str = "none"
+    clip: str = "mse"
     exclude: list[str] = dataclasses.field(default_factory=list)
     seed: int = 0
     plot: str = ""
@@ -146,7 +151,8 @@ class QuantizePass(RewritePass):
             int4_weights=sum(bits == 4 for bits in widths),
             grouped_weights=sum(bool(layer.group) for layer in layers),
             params_quantized=sum(params),
-            avg_bits_x100=round(100 * qm.average_bits(params, widths)),
+            avg_bits_x100=round(100 * storage_bits(layers)),
+            weight_bits_x100=round(100 * qm.average_bits(params, widths)),
             size_before_bytes=size_before,
             size_after_bytes=initializer_bytes(model),
             opset=model.opset_imports.get("", 1),
@@ -156,7 +162,8 @@ class QuantizePass(RewritePass):
             "quantizes activations to int8 (session config session.qdq_matmulnbits_accuracy_level=4); "
             "set it to 0 to compute with the dequantized weights as they are"
         )
-        notes.extend(layer_table(layers))
+        rows = layer_rows(layers)
+        notes.extend(qm.format_table(rows))
         if options.plot:
             values = [layer.importance if options.avg_bits is not None else layer.op.params for layer in layers]
             values = [0.0 if np.isnan(value) else value for value in values]
@@ -165,7 +172,7 @@ class QuantizePass(RewritePass):
             except OSError as exc:
                 raise InputError(f"quantize: cannot write the plot {options.plot}: {exc}") from exc
             notes.append(f"plot written to {options.plot} (bars: importance per layer, blue int8, orange int4)")
-        return RewriteResult(model, True, stats=stats, notes=notes)
+        return RewriteResult(model, True, stats=stats, notes=notes, tables={"layers": [row.to_json() for row in rows]})
 
     def _layers(self, model: ir.Model, notes: list[str]) -> tuple[list[Layer], int, int]:
         """The weight ops to quantize, each with its layer (unit) name."""
@@ -245,33 +252,71 @@ class QuantizePass(RewritePass):
 
     def _assign_bits(self, layers: list[Layer], notes: list[str]) -> None:
         options: QuantizeOptions = self.options
+        low_groups = {id(layer): _group(layer, options.group_size) for layer in layers}
+        ungrouped = [layer.op.name for layer in layers if options.group_size and not low_groups[id(layer)]]
         if options.avg_bits is None:
             bits = {layer.unit: options.bits or 8 for layer in layers}
         else:
-            params: dict[str, int] = {}
+            units: dict[str, list[Layer]] = {}
             for layer in layers:
-                params[layer.unit] = params.get(layer.unit, 0) + layer.op.params
-            units = [qm.Unit(unit, size, next(x.importance for x in layers if x.unit == unit)) for unit, size in params.items()]
-            bits = qm.allocate(units, avg_bits=options.avg_bits, high=options.high, low=options.low)
-            moved = sorted((unit for unit in bits if bits[unit] == options.low), key=list(params).index)
-            notes.append(f"avg_bits {options.avg_bits}: {len(moved)} of {len(units)} layers at {options.low} bits: {', '.join(moved)}")
-            reached = qm.average_bits(list(params.values()), [bits[unit] for unit in params])
-            if reached > options.avg_bits:
-                notes.append(
-                    f"avg_bits {options.avg_bits} not reached ({reached:.2f}): the layers without an importance "
-                    f"score stay at {options.high} bits"
+                units.setdefault(layer.unit, []).append(layer)
+            ranked = [
+                qm.Unit(
+                    unit,
+                    sum(layer.op.params for layer in members),
+                    members[0].importance,
+                    _unit_bits(members, options.high, {}),
+                    _unit_bits(members, options.low, low_groups),
                 )
+                for unit, members in units.items()
+            ]
+            bits = qm.allocate(ranked, avg_bits=options.avg_bits, high=options.high, low=options.low)
+            moved = [unit for unit in units if bits[unit] == options.low]
+            notes.append(f"avg_bits {options.avg_bits}: {len(moved)} of {len(units)} layers at {options.low} bits: {', '.join(moved)}")
         for layer in layers:
             layer.bits = bits[layer.unit]
-            shape = layer.op.weight.shape
-            assert shape is not None  # weight_ops: initializers, whose shapes are known
-            if options.group_size and layer.bits == 4:
-                axis = layer.layout.group_axis
-                size = shape[axis] if axis is not None else None
-                if isinstance(size, int) and size % options.group_size == 0:
-                    layer.group = options.group_size
-                else:
-                    notes.append(f"{layer.op.name!r}: per-channel scales (reduction size not a multiple of {options.group_size}, or Conv)")
+            layer.group = low_groups[id(layer)] if layer.bits == 4 else 0
+        if ungrouped and any(layer.bits == 4 for layer in layers):
+            notes.append(
+                f"per-channel scales for {len(ungrouped)} weight(s) whose reduction size is not a multiple of "
+                f"{options.group_size} (or Conv): {', '.join(ungrouped[:5])}{' ...' if len(ungrouped) > 5 else ''}"
+            )
+        reached = storage_bits(layers)
+        if options.avg_bits is not None and reached > options.avg_bits:
+            notes.append(
+                f"avg_bits {options.avg_bits} not reached ({reached:.2f} bits per weight): the layers without an "
+                f"importance score stay at {options.high} bits"
+            )
+
+
+def _group(layer: Layer, group_size: int) -> int:
+    """The group size ``layer`` gets at 4 bits: ``group_size`` if it divides the reduction axis, else 0."""
+    shape = layer.op.weight.shape
+    assert shape is not None  # weight_ops: initializers, whose shapes are known
+    axis = layer.layout.group_axis
+    size = shape[axis] if axis is not None else None
+    return group_size if group_size and isinstance(size, int) and size % group_size == 0 else 0
+
+
+def _per_scale(layer: Layer, group: int) -> int:
+    """Weights that share one scale: the group, or one output channel."""
+    shape = layer.op.weight.shape
+    assert shape is not None
+    channels = shape[layer.layout.axis]
+    assert isinstance(channels, int)  # initializers have static shapes
+    return group or max(1, layer.op.params // channels)
+
+
+def _unit_bits(members: list[Layer], bits: int, groups: Mapping[int, int]) -> float:
+    """Storage bits per weight of a unit's layers at ``bits`` (with the ``groups`` each gets)."""
+    stored = [qm.storage_bits(bits, _per_scale(layer, groups.get(id(layer), 0))) for layer in members]
+    return qm.average_bits([layer.op.params for layer in members], stored)
+
+
+def storage_bits(layers: Sequence[Layer]) -> float:
+    """Storage bits per weight of the quantized ``layers`` (integers and float32 scales)."""
+    stored = [qm.storage_bits(layer.bits, _per_scale(layer, layer.group)) for layer in layers]
+    return qm.average_bits([layer.op.params for layer in layers], stored)
 
 
 def validate(options: QuantizeOptions) -> None:
@@ -353,12 +398,7 @@ def _fetch(model: ir.Model, names: Sequence[str], batches: Sequence[Mapping[str,
 
 def _range(arrays: list[np.ndarray], options: QuantizeOptions) -> tuple[float, float]:
     """The calibrated (low, high) of an activation, widened to include 0."""
-    if options.calibrate == "minmax":
-        low, high = min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
-    else:
-        flat = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
-        low, high = (float(v) for v in np.percentile(flat, [100.0 - options.percentile, options.percentile]))
-    return min(low, 0.0), max(high, 0.0)
+    return qm.activation_range(arrays, options.calibrate, options.percentile)
 
 
 def _upgrade(model: ir.Model, layers: list[Layer]) -> list[str]:
@@ -441,7 +481,6 @@ def _quantize_activations(
     notes: list[str],
 ) -> int:
     """Insert asymmetric int8 QuantizeLinear/DequantizeLinear on the quantized ops' inputs."""
-    low_q, high_q = qm.qrange(8)
     done: dict[str, ir.Value] = {}
     for node in (node for readers in consumers.values() for node in readers):
         x = node.inputs[0]
@@ -449,9 +488,7 @@ def _quantize_activations(
             notes.append(f"{node.name!r}: activation left in float (no float calibration range)")
             continue
         if x.name not in done:
-            low, high = ranges[x.name]
-            scale = (high - low) / (high_q - low_q) or 1.0
-            zero = int(np.clip(round(low_q - low / scale), low_q, high_q))
+            scale, zero = qm.activation_qparams(*ranges[x.name])
             s_value = _initializer(model, f"{x.name}_act_scale", np.array(scale, dtype=np.float32))
             z_value = _initializer(model, f"{x.name}_act_zero_point", np.array(zero, dtype=np.int8))
             quant = ir.node("QuantizeLinear", [x, s_value, z_value], name=f"{x.name}_QuantizeLinear")
@@ -475,8 +512,17 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None)
 
 
-def layer_table(layers: list[Layer]) -> list[str]:
-    """The per-layer report: layer, block, params, importance, bits (one note per line)."""
-    return qm.format_table(
-        [qm.Row(layer.op.name, layer.unit, layer.op.params, layer.importance, layer.bits, layer.group) for layer in layers]
-    )
+def layer_rows(layers: list[Layer]) -> list[qm.Row]:
+    """The per-layer report rows: layer, block, params, importance, bits, bits per weight."""
+    return [
+        qm.Row(
+            layer.op.name,
+            layer.unit,
+            layer.op.params,
+            layer.importance,
+            layer.bits,
+            layer.group,
+            qm.storage_bits(layer.bits, _per_scale(layer, layer.group)),
+        )
+        for layer in layers
+    ]

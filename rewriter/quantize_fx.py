@@ -19,7 +19,15 @@ graph on ``calibration`` inputs.
 :func:`export_onnx` exports the result with ``torch.onnx.export(dynamo=True)``: each
 ``dequantize_weight`` becomes ``DequantizeLinear`` on an integer initializer, and the
 ``weight_int4`` initializers are packed into INT4 (opset 21), the ONNX pass's form.
-``activations=int8`` is ONNX-only.
+
+``activations=int8`` (needs ``calibration``) measures the input of every quantized module
+on the calibration batches (the float model; ``calibrate`` min-max or percentile, the
+ONNX pass's math in :mod:`rewriter.quantize_math`) and inserts, once per distinct input,
+``torch.ops.rewriter.quantize_linear`` -> ``dequantize_linear`` (asymmetric int8, scalar
+scale and zero point stored as buffers ``<input>_act_scale`` / ``<input>_act_zero_point``
+of the graph module). They run in torch as ONNX's QuantizeLinear (divide, round half to
+even, saturate) and DequantizeLinear, and :func:`export_onnx` writes them as those ops:
+the QDQ form of the ONNX pass.
 
 The pass is not in the fx registry by name yet (``rewriter.fx.register_fx_pass``
 checks it mirrors the ONNX pass's options); give an instance to ``rewrite``.
@@ -71,6 +79,35 @@ def _(q: torch.Tensor, scale: torch.Tensor, axis: int, group_size: int) -> torch
     return q.new_empty(q.shape, dtype=scale.dtype)
 
 
+@torch.library.custom_op("rewriter::quantize_linear", mutates_args=())
+def quantize_linear(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+) -> torch.Tensor:
+    """ONNX QuantizeLinear, per tensor: ``saturate(round(x / scale) + zero_point)`` (round half
+    to even) in the zero point's integer type."""
+    info = torch.iinfo(zero_point.dtype)
+    q = torch.round(x / scale) + zero_point.to(x.dtype)
+    return q.clamp(info.min, info.max).to(zero_point.dtype)
+
+
+@quantize_linear.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=zero_point.dtype)
+
+
+@torch.library.custom_op("rewriter::dequantize_linear", mutates_args=())
+def dequantize_linear(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+) -> torch.Tensor:
+    """ONNX DequantizeLinear, per tensor: ``(q - zero_point) * scale`` (the difference exact)."""
+    return (q.to(torch.int32) - zero_point.to(torch.int32)).to(scale.dtype) * scale
+
+
+@dequantize_linear.register_fake
+def _(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape, dtype=scale.dtype)
+
+
 class QuantizedWeight(nn.Module):
     """A Linear or Conv whose weight is stored as integers and scales.
 
@@ -113,9 +150,12 @@ class QuantizeFxPass(FxPass):
     def __init__(self, options: QuantizeOptions | None = None, calibration: Sequence[tuple[Any, ...]] = ()) -> None:
         super().__init__(options)
         validate(self.options)
-        if self.options.activations != "none":
-            raise InputError("quantize (fx): activations=int8 is only implemented on the ONNX front")
         self.calibration = list(calibration)
+        if self.options.activations == "int8" and not self.calibration:
+            raise InputError(
+                "quantize (fx): activations=int8 needs calibration inputs: "
+                "QuantizeFxPass(options, calibration=[args, ...])"
+            )
 
     def call(self, gm: fx.GraphModule) -> FxPassResult:
         options: QuantizeOptions = self.options
@@ -136,22 +176,42 @@ class QuantizeFxPass(FxPass):
             notes.append("no float nn.Linear/nn.Conv module to quantize (graphs from torch.export are not supported)")
             return FxPassResult(gm, False, stats, notes)
         size_before = _module_bytes(gm)
+        # Activation ranges are measured on the float model, as the ONNX pass does.
+        ranges = self._activation_ranges(gm, nodes) if options.activations == "int8" else {}
         units = {str(node.target): _unit(str(node.target)) for node in nodes}
         params = {node.target: _weight(gm, node).numel() for node in nodes}
         importance = self._importance(gm, nodes, units, notes) if options.avg_bits is not None else {}
+        groups = {str(node.target): _group(gm.get_submodule(node.target), options.group_size) for node in nodes}
+        per_channel = {str(node.target): _per_channel(gm, str(node.target)) for node in nodes}
         if options.avg_bits is None:
             unit_bits = {unit: options.bits or 8 for unit in units.values()}
         else:
-            sizes: dict[str, int] = {}
+            members: dict[str, list[str]] = {}
             for target, unit in units.items():
-                sizes[unit] = sizes.get(unit, 0) + params[target]
-            ranked = [qm.Unit(unit, size, importance.get(unit, float("nan"))) for unit, size in sizes.items()]
+                members.setdefault(unit, []).append(target)
+
+            def stored(targets: list[str], bits: int, grouped: bool) -> float:
+                per_scale = [groups[t] if grouped and groups[t] else per_channel[t] for t in targets]
+                return qm.average_bits(
+                    [params[t] for t in targets], [qm.storage_bits(bits, n) for n in per_scale]
+                )
+
+            ranked = [
+                qm.Unit(
+                    unit,
+                    sum(params[t] for t in targets),
+                    importance.get(unit, float("nan")),
+                    stored(targets, options.high, False),
+                    stored(targets, options.low, options.low == 4),
+                )
+                for unit, targets in members.items()
+            ]
             unit_bits = qm.allocate(ranked, avg_bits=options.avg_bits, high=options.high, low=options.low)
         rows = []
         for node in nodes:
             module = gm.get_submodule(node.target)
             bits = unit_bits[units[node.target]]
-            group = options.group_size if bits == 4 and isinstance(module, nn.Linear) and module.in_features % max(options.group_size, 1) == 0 else 0
+            group = groups[str(node.target)] if bits == 4 else 0
             weight = _weight(gm, node).detach().cpu().numpy()
             if isinstance(module, nn.Linear):
                 # [in, out] as an ONNX MatMul weight: channels on axis 1, groups along axis 0.
@@ -161,7 +221,20 @@ class QuantizeFxPass(FxPass):
                 q, scale = qm.quantize_weight(weight, bits=bits, axis=0, clip=options.clip)
                 axis = 0
             gm.add_submodule(node.target, QuantizedWeight(module, q, scale, bits=bits, axis=axis, group_size=group))
-            rows.append(qm.Row(node.target, units[node.target], params[node.target], importance.get(units[node.target], float("nan")), bits, group))
+            per_scale = group or per_channel[str(node.target)]
+            rows.append(
+                qm.Row(
+                    node.target,
+                    units[node.target],
+                    params[node.target],
+                    importance.get(units[node.target], float("nan")),
+                    bits,
+                    group,
+                    qm.storage_bits(bits, per_scale),
+                )
+            )
+        if ranges:
+            stats["activations_quantized"] = _quantize_activations(gm, nodes, ranges)
         widths = [row.bits for row in rows]
         stats.update(
             weights_quantized=len(rows),
@@ -169,12 +242,26 @@ class QuantizeFxPass(FxPass):
             int4_weights=widths.count(4),
             grouped_weights=sum(bool(row.group) for row in rows),
             params_quantized=sum(row.params for row in rows),
-            avg_bits_x100=round(100 * qm.average_bits([row.params for row in rows], widths)),
+            avg_bits_x100=round(100 * qm.average_bits([row.params for row in rows], [row.stored for row in rows])),
+            weight_bits_x100=round(100 * qm.average_bits([row.params for row in rows], widths)),
             size_before_bytes=size_before,
             size_after_bytes=_module_bytes(gm, packed=True),
         )
         notes.extend(qm.format_table(rows))
         return FxPassResult(gm, True, stats, notes)
+
+    def _activation_ranges(
+        self, gm: fx.GraphModule, nodes: list[fx.Node]
+    ) -> dict[fx.Node, tuple[float, float]]:
+        """The calibrated range of each distinct float input of the modules ``nodes``."""
+        options: QuantizeOptions = self.options
+        inputs = {node.args[0] for node in nodes if isinstance(node.args[0], fx.Node)}
+        recorded = _record(gm, inputs, self.calibration)
+        return {
+            node: qm.activation_range(arrays, options.calibrate, options.percentile)
+            for node, arrays in recorded.items()
+            if arrays and all(np.issubdtype(a.dtype, np.floating) for a in arrays)
+        }
 
     def _importance(self, gm: fx.GraphModule, nodes: list[fx.Node], units: dict[str, str], notes: list[str]) -> dict[str, float]:
         options: QuantizeOptions = self.options
@@ -201,10 +288,56 @@ class QuantizeFxPass(FxPass):
 
 
 
+def _quantize_activations(
+    gm: fx.GraphModule, nodes: list[fx.Node], ranges: dict[fx.Node, tuple[float, float]]
+) -> int:
+    """Insert ``quantize_linear`` -> ``dequantize_linear`` once per input in ``ranges``; the
+    modules ``nodes`` that read it read the dequantized value. Returns how many."""
+    done: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        x = node.args[0]
+        if not isinstance(x, fx.Node) or x not in ranges:
+            continue
+        if x not in done:
+            scale, zero = qm.activation_qparams(*ranges[x])
+            names = (f"{x.name}_act_scale", f"{x.name}_act_zero_point")
+            gm.register_buffer(names[0], torch.tensor(scale, dtype=torch.float32))
+            gm.register_buffer(names[1], torch.tensor(zero, dtype=torch.int8))
+            with gm.graph.inserting_after(x):
+                scale_node = gm.graph.get_attr(names[0])
+            with gm.graph.inserting_after(scale_node):
+                zero_node = gm.graph.get_attr(names[1])
+            with gm.graph.inserting_after(zero_node):
+                quantized = gm.graph.call_function(
+                    torch.ops.rewriter.quantize_linear.default, (x, scale_node, zero_node)
+                )
+            with gm.graph.inserting_after(quantized):
+                done[x] = gm.graph.call_function(
+                    torch.ops.rewriter.dequantize_linear.default, (quantized, scale_node, zero_node)
+                )
+        node.args = (done[x], *node.args[1:])
+    return len(done)
+
+
 def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     weight = gm.get_submodule(str(node.target)).weight
     assert isinstance(weight, torch.Tensor)
     return weight
+
+
+def _group(module: nn.Module, group_size: int) -> int:
+    """The group size a module's weight gets at 4 bits: ``group_size`` along ``in_features``
+    of an nn.Linear it divides, else 0 (per channel; always for convolutions)."""
+    if isinstance(module, nn.Linear) and group_size and module.in_features % group_size == 0:
+        return group_size
+    return 0
+
+
+def _per_channel(gm: fx.GraphModule, target: str) -> int:
+    """Weights of one output channel of the module at ``target`` (those sharing one scale)."""
+    weight = gm.get_submodule(target).weight
+    assert isinstance(weight, torch.Tensor)
+    return max(1, weight.numel() // int(weight.shape[0]))
 
 
 def _unit(target: str) -> str:
@@ -266,12 +399,22 @@ def export_onnx(gm: nn.Module, args: tuple[Any, ...], path: str | Path) -> Path:
             return opset21.DequantizeLinear(q, scale, axis=axis, block_size=group_size)
         return opset18.DequantizeLinear(q, scale, axis=axis)
 
+    def quantize(x: Any, scale: Any, zero_point: Any) -> Any:
+        return opset18.QuantizeLinear(x, scale, zero_point)
+
+    def dequantize(q: Any, scale: Any, zero_point: Any) -> Any:
+        return opset18.DequantizeLinear(q, scale, zero_point)
+
     program = torch.onnx.export(
         gm,
         args,
         dynamo=True,
         opset_version=INT4_OPSET if int4 else EXPORT_OPSET,
-        custom_translation_table={torch.ops.rewriter.dequantize_weight.default: translate},
+        custom_translation_table={
+            torch.ops.rewriter.dequantize_weight.default: translate,
+            torch.ops.rewriter.quantize_linear.default: quantize,
+            torch.ops.rewriter.dequantize_linear.default: dequantize,
+        },
         verbose=False,
     )
     assert program is not None

@@ -17,7 +17,10 @@ Layer importance and allocation follow Dumitru et al., "Layer-Wise Quantization"
   set by ``max|w|``, is coarsest for the bulk of its weights. So ``zd_importance``
   returns ``-share`` and, as for every score here, higher means more important.
 * Allocation: rank the layers, then move the least important ones to the low width
-  until the parameter-weighted average bits per weight is at most the target.
+  until the average bits per weight is at most the target. The bits are those the file
+  stores (:func:`storage_bits`): the integer width plus the weight's share of its
+  float32 scale, so the target is a size: ``avg_bits=5`` is as large as uniform int4
+  with a scale per 32 weights, and a mix has to beat that to be worth it.
 
 >>> q, s = quantize_weight(np.array([[0.5, -1.0], [1.0, 0.25]]), bits=8, axis=1)
 >>> q.tolist(), [round(float(x), 5) for x in s]
@@ -85,6 +88,38 @@ def quantize_weight(
     else:
         scale = scale.reshape(-1)
     return q.astype(np.int8), scale.astype(np.float32)
+
+
+def activation_range(
+    arrays: Sequence[np.ndarray], calibrate: str, percentile: float = 99.99
+) -> tuple[float, float]:
+    """The calibrated ``(low, high)`` of an activation seen as ``arrays``, widened to include 0.
+
+    ``calibrate="minmax"``: the extremes; ``"percentile"``: the ``100 - percentile`` and
+    ``percentile`` percentiles of all values together (each tail clipped).
+
+    >>> activation_range([np.array([0.5, 2.0]), np.array([1.0])], "minmax")
+    (0.0, 2.0)
+    """
+    if calibrate == "minmax":
+        low, high = min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
+    else:
+        flat = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
+        low, high = (float(v) for v in np.percentile(flat, [100.0 - percentile, percentile]))
+    return min(low, 0.0), max(high, 0.0)
+
+
+def activation_qparams(low: float, high: float, bits: int = 8) -> tuple[float, int]:
+    """Asymmetric ``(scale, zero_point)`` mapping ``[low, high]`` (containing 0) onto the
+    signed ``bits`` range: ``q = clip(round(x / scale) + zero_point)``.
+
+    >>> activation_qparams(-1.0, 3.0)
+    (0.01568627450980392, -64)
+    """
+    low_q, high_q = qrange(bits)
+    scale = (high - low) / (high_q - low_q) or 1.0
+    zero = int(np.clip(round(low_q - low / scale), low_q, high_q))
+    return scale, zero
 
 
 # The clipping ratios ``clip="mse"`` tries (1.0 is the unclipped range).
@@ -185,18 +220,40 @@ def lim_importance(entry: np.ndarray, exit_: np.ndarray, mask: np.ndarray | None
     return -float(cosine.mean())
 
 
+def storage_bits(bits: int, weights_per_scale: int) -> float:
+    """Bits of storage per weight: the integer and its share of one float32 scale.
+
+    ``weights_per_scale`` is the group size, or for per-channel scales the weights of
+    one output channel. This is what the file pays: int4 with a scale per 32 weights
+    costs 5 bits per weight, as much as int4 per channel mixed 3:1 with int8.
+
+    >>> storage_bits(4, 32), storage_bits(4, 128)
+    (5.0, 4.25)
+    """
+    return bits + SCALE_BITS / weights_per_scale
+
+
+SCALE_BITS = 32  # scales are float32
+
+
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """What allocation moves as one: a block's weight layers (or one layer), its size and score."""
+    """What allocation moves as one: a block's weight layers (or one layer), its size and score.
+
+    ``high_bits`` and ``low_bits`` are the unit's storage bits per weight at the high and
+    the low width (:func:`storage_bits`, averaged over its layers).
+    """
 
     name: str
     params: int
     importance: float
+    high_bits: float = 8.0
+    low_bits: float = 4.0
 
 
 def allocate(units: Sequence[Unit], *, avg_bits: float, high: int, low: int) -> dict[str, int]:
     """Bits per unit: all at ``high``, then the least important moved to ``low`` in order
-    until the parameter-weighted average is at most ``avg_bits``.
+    until the storage bits per weight (scales included) are at most ``avg_bits``.
 
     Ties in importance keep the units' order. Units with a NaN score (not measurable)
     are never moved.
@@ -209,21 +266,21 @@ def allocate(units: Sequence[Unit], *, avg_bits: float, high: int, low: int) -> 
     total = sum(unit.params for unit in units)
     if total == 0:
         return bits
-    weighted = high * total
+    stored = sum(unit.high_bits * unit.params for unit in units)
     ranked = sorted(
         (unit for unit in units if not np.isnan(unit.importance)), key=lambda unit: unit.importance
     )
     for unit in ranked:
-        if weighted <= avg_bits * total:
+        if stored <= avg_bits * total:
             break
         bits[unit.name] = low
-        weighted -= (high - low) * unit.params
+        stored -= (unit.high_bits - unit.low_bits) * unit.params
     return bits
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One row of the per-layer report."""
+    """One row of the per-layer report; ``stored`` is the storage bits per weight."""
 
     layer: str
     unit: str
@@ -231,29 +288,43 @@ class Row:
     importance: float
     bits: int
     group: int = 0
+    stored: float = float("nan")
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "layer": self.layer,
+            "block": self.unit,
+            "params": self.params,
+            "importance": None if np.isnan(self.importance) else round(self.importance, 6),
+            "bits": self.bits,
+            "group": self.group,
+            "bits_per_weight": None if np.isnan(self.stored) else round(self.stored, 4),
+        }
 
 
 def format_table(rows: Sequence[Row]) -> list[str]:
-    """The per-layer report as text lines: layer, block, params, importance, bits.
+    """The per-layer report as text lines: layer, block, params, importance, bits, and
+    the storage bits per weight (scales included).
 
     ``block`` is ``-`` when the layer is its own unit; ``bits`` reads ``4/g32`` with
     per-group scales.
 
-    >>> format_table([Row("fc", "fc", 64, 0.5, 8)])[1].split()
-    ['fc', '-', '64', '0.5000', '8']
+    >>> format_table([Row("fc", "fc", 64, 0.5, 8, 0, 8.5)])[1].split()
+    ['fc', '-', '64', '0.5000', '8', '8.50']
     """
     width = max([len("layer")] + [len(row.layer) for row in rows])
-    lines = [f"{'layer':<{width}}  {'block':<7} {'params':>9} {'importance':>10} {'bits':>6}"]
+    lines = [f"{'layer':<{width}}  {'block':<7} {'params':>9} {'importance':>10} {'bits':>7} {'bits/w':>6}"]
     for row in rows:
         importance = "-" if np.isnan(row.importance) else f"{row.importance:.4f}"
         bits = f"{row.bits}/g{row.group}" if row.group else str(row.bits)
         unit = row.unit if row.unit != row.layer else "-"
-        lines.append(f"{row.layer:<{width}}  {unit:<7} {row.params:>9} {importance:>10} {bits:>6}")
+        stored = "-" if np.isnan(row.stored) else f"{row.stored:.2f}"
+        lines.append(f"{row.layer:<{width}}  {unit:<7} {row.params:>9} {importance:>10} {bits:>7} {stored:>6}")
     return lines
 
 
-def average_bits(params: Sequence[int], bits: Sequence[int]) -> float:
-    """The parameter-weighted average bit width.
+def average_bits(params: Sequence[int], bits: Sequence[float]) -> float:
+    """The parameter-weighted average of ``bits`` (widths, or storage bits per weight).
 
     >>> average_bits([10, 30], [8, 4])
     5.0
