@@ -54,6 +54,8 @@ class CompiledCheck:
     tolerance: dict[str, float] | None
     enforced: bool
     compile_seconds: float
+    # With tuning: rewriter.backends.tuning.TuningReport.to_json().
+    tuning: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -72,6 +74,7 @@ class CompiledCheck:
             "enforced": self.enforced,
             "passed": self.passed,
             "compile_seconds": self.compile_seconds,
+            "tuning": self.tuning,
         }
 
 
@@ -85,13 +88,17 @@ def check_compiled(
     library: str | Path | None = None,
     enforce: bool = True,
     say: Callable[[str], None] | None = None,
+    tune: int | None = None,
+    tune_db: str | Path | None = None,
+    tune_seconds: float | None = None,
 ) -> CompiledCheck:
     """Compile ``model`` for ``target`` at the shapes of ``feeds`` and compare with ``reference``.
 
     ``reference`` is ONNX Runtime's output of the original model on ``feeds`` (None:
     build only). ``library``: where to write the shared library (atomically, with its
     ``.json`` metadata), only when the check passed. ``enforce`` marks each float output against
-    :data:`COMPILED_TOLERANCE`.
+    :data:`COMPILED_TOLERANCE`. ``tune``, ``tune_db``, ``tune_seconds``: MetaSchedule
+    tuning (see :func:`rewriter.backends.tvm.compile`); its progress goes to ``say``.
 
     >>> check_compiled("out.onnx", "cuda", feeds=feeds, reference=None).ran  # doctest: +SKIP
     False
@@ -102,7 +109,14 @@ def check_compiled(
     say(f"compiling for {target} with TVM")
     start = time.perf_counter()
     compiled = backend.compile(
-        model, target, cuda_arch=cuda_arch, dims=backend.shape_dims(model, feeds)
+        model,
+        target,
+        cuda_arch=cuda_arch,
+        dims=backend.shape_dims(model, feeds),
+        tune=tune,
+        tune_db=tune_db,
+        tune_seconds=tune_seconds,
+        progress=say,
     )
     seconds = time.perf_counter() - start
     note = None
@@ -140,6 +154,7 @@ def check_compiled(
         tolerance=used,
         enforced=enforce and ran,
         compile_seconds=seconds,
+        tuning=compiled.tuning.to_json() if compiled.tuning is not None else None,
     )
     if library is not None and check.passed:
         say(f"writing {library}")

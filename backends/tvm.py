@@ -9,9 +9,14 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    stock ``softmax``) become TVM's polynomial versions (BERT outputs move by ~1e-6
    relative; our two-pass kernel is not touched);
 3. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``);
-4. scheduling: on CPUs our rules (:mod:`rewriter.backends.schedules`: register-tiled
-   matmul, vectorized row reductions and elementwise loops); on CUDA
-   ``tvm.s_tir.dlight`` (Matmul, GEMV, Reduction, GeneralReduction, Fallback);
+4. scheduling: on CPUs constant matmul weights packed in panels
+   (:mod:`rewriter.backends.pack_weights`), then our rules
+   (:mod:`rewriter.backends.schedules`: register-tiled matmul, vectorized row
+   reductions and elementwise loops); on CUDA
+   ``tvm.s_tir.dlight`` (Matmul, GEMV, Reduction, GeneralReduction, Fallback). With
+   ``tune``/``tune_db`` (CPU targets), before our rules: the tuning stage
+   (:mod:`rewriter.backends.tuning`) tunes what the database lacks and gives each
+   function its best record where that beat ours side by side; our rules schedule the rest;
 5. TVM's lowering to the Relax VM.
 
 >>> compiled = compile("model.onnx", target="avx512", dims={"batch": 1})  # doctest: +SKIP
@@ -33,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends import onnx_import, targets, torch_import
+from rewriter.backends import onnx_import, targets, torch_import, tuning
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -87,6 +92,8 @@ class Compiled:
         self.signature = signature
         self.device = device
         self._vm: Any = None
+        # With compile(tune=...): what the tuning stage did (a tuning.TuningReport).
+        self.tuning: tuning.TuningReport | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -218,6 +225,10 @@ def compile(
     dims: Mapping[str, int] | None = None,
     fast_math: bool = True,
     kernel: onnx_import.KernelFactory | None = None,
+    tune: int | None = None,
+    tune_db: str | os.PathLike[str] | None = None,
+    tune_seconds: float | None = None,
+    progress: tuning.Progress | None = None,
 ) -> Compiled:
     """Compile a model for ``target``: an ONNX model (path, ``onnx.ModelProto`` or
     ``onnx_ir.Model``) or a ``torch.export.ExportedProgram`` (inputs by placeholder
@@ -228,16 +239,29 @@ def compile(
     faster code. ``fast_math`` uses TVM's polynomial ``exp``/``erf``/``tanh``
     (relative error ~1e-7). ``kernel`` overrides the two-pass softmax kernel factory.
 
+    ``tune`` (CPU targets): tune with MetaSchedule, ``tune`` trials shared by the
+    functions the database ``tune_db`` (default :func:`tuning.default_database`) has no
+    record of, for at most ``tune_seconds``; then each function with a record uses its
+    best schedule, unless ours was faster side by side (``tune=0`` or ``tune_db``
+    alone: apply the records, tune nothing).
+    ``compiled.tuning`` says what was tuned and reused; ``progress`` gets a line per batch.
+    Without ``tune`` and ``tune_db`` no database is read: our schedules only.
+
     >>> compiled = compile("bert_tp.onnx", "avx512", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
+    >>> tuned = compile("bert_tp.onnx", "avx512", dims={"batch": 1}, tune=64)  # doctest: +SKIP
     """
     from tvm import relax
 
     tvm_target = targets.resolve(target, cuda_arch=cuda_arch)
+    tuning.check_options(target, tune, tune_db, tune_seconds)
+    tuner = None
+    if tune is not None or tune_db is not None:
+        tuner = tuning.Tuner(tune or 0, tune_db, tune_seconds, progress)
     if torch_import.is_exported_program(model):
         inputs, outputs = torch_import.signature(model)
         source: Any = model
     else:
-        source = onnx_import.prepare(model, dims=dims)
+        source = onnx_import.prepare(model, dims=dims, fuse_loss=not targets.is_gpu(target))
         inputs = onnx_import.input_signature(source)
         outputs = [output.name for output in source.graph.output]
     signature = Signature(
@@ -257,7 +281,7 @@ def compile(
             mod = torch_import.import_exported_program(source, target=tvm_target, kernel=kernel)
         else:
             mod = onnx_import.import_onnx(source, target=tvm_target, kernel=kernel)
-        pipeline = relax_pipeline(tvm_target, fast_math=fast_math)
+        pipeline = relax_pipeline(tvm_target, fast_math=fast_math, tuner=tuner)
         executable = relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
     except InputError:
         raise
@@ -270,15 +294,19 @@ def compile(
             f"TVM cannot compile the model with symbolic input dimensions "
             f"({', '.join(symbolic)}): {first}; fix them with dims= (CLI: --dim NAME=VALUE)"
         ) from exc
-    return Compiled(executable, signature, device="cuda" if targets.is_gpu(target) else "cpu")
+    compiled = Compiled(executable, signature, device="cuda" if targets.is_gpu(target) else "cpu")
+    compiled.tuning = tuner.report if tuner is not None else None
+    return compiled
 
 
-def relax_pipeline(target: tvm.target.Target, *, fast_math: bool = True) -> tvm.transform.Pass:
+def relax_pipeline(
+    target: tvm.target.Target, *, fast_math: bool = True, tuner: tuning.Tuner | None = None
+) -> tvm.transform.Pass:
     """The Relax pipeline of :func:`compile` for ``target`` (see the module docstring)."""
     import tvm
     from tvm import relax
 
-    from rewriter.backends import schedules
+    from rewriter.backends import pack_weights, schedules
 
     gpu = "gpu" in target.keys
     if gpu:
@@ -291,6 +319,9 @@ def relax_pipeline(target: tvm.target.Target, *, fast_math: bool = True) -> tvm.
         passes.append(relax.transform.FastMathTransform())
     passes += stages.legalize_passes(target)  # CUDA's ends with dlight's default rules
     if not gpu:
+        passes.append(pack_weights.pack_matmul_weights(target))
+        if tuner is not None:  # tuned records first; our rules skip what they scheduled
+            passes += tuner.passes(target)
         passes.append(schedules.cpu_schedule(target))
     passes += stages.dataflow_lower_passes(target)
     passes += stages.finalize_passes(target)

@@ -18,7 +18,8 @@ Each ``--threads`` count runs in a fresh subprocess (TVM reads ``TVM_NUM_THREADS
 when its thread pool starts; ORT gets ``intra_op_num_threads``, torch
 ``torch.set_num_threads``). Outputs are compared with ORT's before timing; times are
 medians of interleaved rounds. Then a per-kernel breakdown of ``ours`` (the Relax VM's
-instrument hook; this TVM's VM has no ``profile``). ::
+instrument hook; this TVM's VM has no ``profile``) beside ORT's per-op-type breakdown
+(its profiler), both on the fewest threads. ::
 
     .venv/bin/python benchmarks/e2e.py --quick        # batch 1, one thread
     .venv/bin/python benchmarks/e2e.py                # batch 1 and 8, threads 1 and 2
@@ -170,6 +171,42 @@ def profile_kernels(
     )
 
 
+def profile_ort(
+    original: str, feeds: dict[str, np.ndarray], threads: int, runs: int, folder: Path
+) -> list[tuple[str, int, float]]:
+    """Per ORT op type: (op type, nodes run per run, seconds per run), from ORT's profiler."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(folder / "ort_profile")
+    session = ort.InferenceSession(original, options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)  # warm up; its events are dropped below
+    for _ in range(runs):
+        session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    start = sorted(e["ts"] for e in events if e.get("name") == "model_run")[1]
+    totals: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        if event["ts"] < start:
+            continue
+        op = event["args"]["op_name"]
+        totals[op] = totals.get(op, 0.0) + event["dur"] * 1e-6
+        calls[op] = calls.get(op, 0) + 1
+    return sorted(
+        ((op, calls[op] // runs, total / runs) for op, total in totals.items()),
+        key=lambda row: -row[2],
+    )
+
+
 def worker(args: argparse.Namespace) -> None:
     """One thread count, in its own process: check outputs, time, profile; JSON to --out."""
     import onnxruntime as ort
@@ -235,9 +272,15 @@ def worker(args: argparse.Namespace) -> None:
                 f"  timed {model} batch {batch} on {threads} thread(s)", file=sys.stderr, flush=True
             )
             if args.profile:
-                profiles[f"{model}/{batch}"] = profile_kernels(
-                    plan[model]["libs"][f"ours/{batch}"], feeds, runs=3 if args.quick else 10
-                )
+                runs_profiled = 3 if args.quick else 10
+                profiles[f"{model}/{batch}"] = {
+                    "ours": profile_kernels(
+                        plan[model]["libs"][f"ours/{batch}"], feeds, runs=runs_profiled
+                    ),
+                    "ort": profile_ort(
+                        original, feeds, threads, runs_profiled, Path(args.plan).parent
+                    ),
+                }
     Path(args.out).write_text(json.dumps({"results": results, "profiles": profiles}))
 
 
@@ -261,16 +304,26 @@ def print_tables(results: list[dict[str, Any]], profiles: dict[str, Any], thread
     for row in results:
         errs = " ".join(f"{row['err'][c]:>9.1e}" for c in CONTENDERS)
         print(f"{row['model']:<7} {row['batch']:>5} {row['threads']:>3} {errs}")
-    for key, rows in profiles.items():
+    for key, profile in profiles.items():
         model, batch = key.split("/")
+        rows = profile["ours"]
         total = sum(seconds for _, _, seconds in rows)
         print(
             f"\nTop 10 kernels of ours, {model} batch {batch}, {threads} thread(s): "
             f"{total * 1e3:.2f} ms per run in {sum(c for _, c, _ in rows)} VM calls (instrumented)"
         )
-        print(f"{'kernel':<48} {'calls':>5} {'ms':>8} {'%':>6}")
+        print(f"{'kernel':<60} {'calls':>5} {'ms':>8} {'%':>6}")
         for name, count, seconds in rows[:10]:
-            print(f"{name[:48]:<48} {count:>5} {seconds * 1e3:>8.3f} {100 * seconds / total:>6.1f}")
+            print(f"{name[:60]:<60} {count:>5} {seconds * 1e3:>8.3f} {100 * seconds / total:>6.1f}")
+        rows = profile["ort"]
+        total = sum(seconds for _, _, seconds in rows)
+        print(
+            f"Top 10 op types of ORT, same model and threads: {total * 1e3:.2f} ms per run "
+            f"in kernels (profiler)"
+        )
+        print(f"{'op type':<60} {'nodes':>5} {'ms':>8} {'%':>6}")
+        for name, count, seconds in rows[:10]:
+            print(f"{name[:60]:<60} {count:>5} {seconds * 1e3:>8.3f} {100 * seconds / total:>6.1f}")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
     rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx [--report-json R.json]
     rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx --target avx512 --lib OUT.so
+    rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx --target avx512 --tune 64 --tune-time 600
     rewrite --list-passes
 
 Exit codes: 0 success; 2 bad input (one line on stderr, no output file);
@@ -63,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--lib", metavar="PATH", help="write the compiled model here (.so, needs --target)")
     parser.add_argument("--cuda-arch", default="sm_90", help="GPU architecture of --target cuda (default sm_90)")
+    parser.add_argument(
+        "--tune",
+        type=int,
+        metavar="TRIALS",
+        help="tune the compiled model with MetaSchedule: TRIALS measured candidates in all, for the "
+        "functions the tuning database has no record of (CPU targets; 0: apply the records only)",
+    )
+    parser.add_argument(
+        "--tune-db",
+        metavar="DIR",
+        help="the tuning database (default ~/.cache/rewriter/tuning/<target key>); "
+        "without --tune its records are applied and nothing is tuned",
+    )
+    parser.add_argument(
+        "--tune-time", type=float, metavar="SECONDS", help="stop tuning after about this long, keeping the best so far"
+    )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -141,6 +158,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         target=args.target,
         library=args.lib,
         cuda_arch=args.cuda_arch,
+        tune=args.tune,
+        tune_db=args.tune_db,
+        tune_seconds=args.tune_time,
     )
     if args.report_json:
         report.write_json(args.report_json)
@@ -206,11 +226,40 @@ def _compiled_lines(compiled: Any) -> list[str]:
     lines = [f"  compiled for {compiled.target} ({compiled.compile_seconds:.1f} s{where}):"]
     if compiled.note:
         lines.append(f"    note: {compiled.note}")
+    lines.extend(_tuning_lines(compiled.tuning))
     for output in compiled.outputs:
         verdict = {True: "ok", False: "FAIL", None: "reported"}[output.passed]
         lines.append(
             f"    {output.name[:28]:<28} {output.max_abs_err:>12.3g} {output.max_rel_err:>12.3g} "
             f"{output.cosine:>10.6f} {'':>8}  {verdict} (vs ONNX Runtime on the original)"
+        )
+    return lines
+
+
+def _tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
+    """The report lines of MetaSchedule tuning (``--tune``): totals, then one line per task."""
+    if tuning is None:
+        return []
+    counts = tuning["counts"]
+    tuned = [task for task in tuning["tasks"] if task["status"] == "tuned"]
+    limit = "; stopped at --tune-time" if tuning["stopped_by_time"] else ""
+    lines = [
+        f"    tuning: {counts['tuned']} tasks tuned ({sum(t['trials'] for t in tuned)} trials, "
+        f"{tuning['seconds']:.1f} s{limit}), {counts['reused']} reused, "
+        f"{counts['untuned'] + counts['failed']} on our schedules; "
+        f"{len(tuning['applied'])} functions use tuned schedules (database {tuning['database']})"
+    ]
+    for task in tuning["tasks"]:
+        if task["status"] == "untuned":
+            continue
+        times = ""
+        if task["best_us"] is not None:
+            times = f"best {task['best_us']:.1f} us"
+            if task["ours_us"] is not None:
+                times += f", ours {task['ours_us']:.1f} us ({task['speedup']:.2f}x)"
+        chosen = {"tuned": "tuned schedule used", "ours": "ours kept", None: ""}[task["choice"]]
+        lines.append(
+            f"      {task['name'][:32]:<32} {task['status']:<7} {task['flop_share']:>6.1%} of FLOPs  {times}  {chosen}".rstrip()
         )
     return lines
 

@@ -100,6 +100,9 @@ def rewrite_file(
     target: str | None = None,
     library: str | Path | None = None,
     cuda_arch: str = "sm_90",
+    tune: int | None = None,
+    tune_db: str | Path | None = None,
+    tune_seconds: float | None = None,
 ) -> Report:
     """Rewrite the model at ``source`` with ``passes`` and write it to ``destination``.
 
@@ -114,6 +117,8 @@ def rewrite_file(
     model is also compiled with TVM for the verification inputs' shapes, run, and
     compared with ONNX Runtime on the original (``Report.compiled``); ``library``
     is where its shared library goes (written only if that check passes).
+    ``tune`` (trials), ``tune_db`` and ``tune_seconds`` tune it with MetaSchedule
+    first (:mod:`rewriter.backends.tuning`; CPU targets).
     """
     say = progress or (lambda message: logger.info("%s", message))
     start = time.perf_counter()
@@ -124,10 +129,16 @@ def rewrite_file(
         raise InputError(f"{destination}: output would overwrite the input (use --force to allow)")
     if library is not None and target is None:
         raise InputError("--lib needs --target: the library is compiled for a target")
+    tuning_options = (tune, tune_db, tune_seconds)
+    flags = ("--tune", "--tune-db", "--tune-time")
+    given = [flag for flag, value in zip(flags, tuning_options, strict=True) if value is not None]
+    if target is None and given:
+        raise InputError(f"{given[0]} needs --target: tuning measures code compiled for a target")
     if target is not None:
-        from rewriter.backends import targets
+        from rewriter.backends import targets, tuning
 
         targets.target_dict(target, cuda_arch=cuda_arch)  # an unknown target fails early
+        tuning.check_options(target, *tuning_options)
     say(f"loading {source}")
     model = io.load(source)
     feeds: dict[str, np.ndarray] | None = None
@@ -165,7 +176,10 @@ def rewrite_file(
                     "nothing written"
                 )
         if target is not None:
-            compiled = _compile(source, staged, target, cuda_arch, library, feeds, dims, seed, reference, result.exact, say)
+            compiled = _compile(
+                source, staged, target, cuda_arch, library, feeds, dims, seed, reference, result.exact, say,
+                tuning_options,
+            )
     return Report(
         input=str(source),
         output=str(destination),
@@ -188,15 +202,17 @@ def _compile(
     reference: dict[str, np.ndarray] | None,
     exact: bool,
     say: Progress,
+    tuning_options: tuple[int | None, str | Path | None, float | None] = (None, None, None),
 ) -> Any:
     """Compile the rewritten model for ``target``; raise if it disagrees with the original."""
     from rewriter.backends import compile_check
 
     if feeds is None:  # --no-verify: compile for the shapes verification would use
         feeds = verify.make_inputs(source, dims=dims, seed=seed)
+    tune, tune_db, tune_seconds = tuning_options
     compiled = compile_check.check_compiled(
         rewritten, target, feeds=feeds, reference=reference, cuda_arch=cuda_arch,
-        library=library, enforce=exact, say=say,
+        library=library, enforce=exact, say=say, tune=tune, tune_db=tune_db, tune_seconds=tune_seconds,
     )
     if compiled.enforced and not compiled.passed:
         worst = max(compiled.outputs, key=lambda o: o.max_rel_err)

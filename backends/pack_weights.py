@@ -1,0 +1,182 @@
+"""``call_tir(matmul, [x, W[K, N]])`` -> ``call_tir(matmul_packed, [x, Wp[N/NB, K, NB]])``.
+
+A matmul's weight is a constant of the module, so its layout is free: this pass stores
+it as column panels, ``Wp[jb, k, jj] = W[k, jb * NB + jj]``, with ``NB`` the width of
+the matmul's register tile (:func:`rewriter.backends.schedules.pack_width`). The
+micro-kernel (:mod:`rewriter.backends.schedules`) then reads its ``K x NB`` panel
+of B as one contiguous stream, instead of ``NB`` floats from each of ``K`` rows ``N``
+floats apart (which thrashes the L1 sets and the TLB once ``N`` is large). This is the
+packed B panel of Goto and van de Geijn, "Anatomy of High-Performance Matrix
+Multiplication" (ACM TOMS 2008), done once at compile time since B is constant.
+
+It runs after ``FuseTIR`` and before the schedules, on each fused PrimFunc whose one
+reduction block is a float32 ``C[..., i, j] += A[..., i, k] * W[k, j]`` with ``W`` a
+2-D parameter: the PrimFunc gets ``transform_layout`` (``W[k, j]`` becomes
+``Wp[j // NB, k, j % NB]``; nothing else changes), and each ``call_tir`` that passes a
+constant for ``W`` calls the packed copy (``<name>_packed``) with the constant
+repacked in numpy at compile time. Calls with a computed ``W`` keep the original.
+
+Exact: the same products are summed in the same order; only addresses change.
+Requires: a Relax module after ``FuseTIR`` (PrimFuncs not yet scheduled).
+Ensures: no ``call_tir`` passes a packable constant weight in ``[K, N]`` layout.
+
+>>> mod = pack_matmul_weights(target)(mod)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rewriter.backends import schedules
+
+if TYPE_CHECKING:
+    import tvm
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = "_packed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Packable:
+    """A PrimFunc whose matmul (block ``block``) reads call argument ``arg`` as ``W[K, N]``."""
+
+    block: str
+    arg: int
+    k: int
+    n: int
+
+
+def pack(weight: np.ndarray, width: int) -> np.ndarray:
+    """``W[K, N]`` as ``Wp[N / width, K, width]`` (``Wp[jb, k, jj] = W[k, jb * width + jj]``).
+
+    >>> pack(np.arange(8.0).reshape(2, 4), 2)[1]
+    array([[2., 3.],
+           [6., 7.]])
+    """
+    k, n = weight.shape
+    return np.ascontiguousarray(weight.reshape(k, n // width, width).transpose(1, 0, 2))
+
+
+def find_packable(func: tvm.tirx.PrimFunc, width: int) -> Packable | None:
+    """Where ``func``'s matmul reads its weight, if it can be packed ``width`` columns wide.
+
+    The one reduction block must be ``C[..., j] += A[..., k] * W[k, j]`` in float32 with
+    ``W`` a static 2-D parameter, ``k`` its only reduction and ``j`` its last spatial
+    iterator, and ``N % width == 0``.
+    """
+    from tvm import s_tir, tirx
+
+    if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+        return None
+    sch = s_tir.Schedule(func)
+    try:
+        blocks = [sch.get(rv) for rv in sch.get_child_blocks(sch.get_sblock("root"))]
+    except Exception:  # no root block: not a function TVM's fusion wrote
+        return None
+    reduce = tirx.IterVar.CommReduce
+    reductions = [b for b in blocks if any(iv.iter_type == reduce for iv in b.iter_vars)]
+    if len(reductions) != 1:
+        return None
+    block = reductions[0]
+    kinds = [iv.iter_type for iv in block.iter_vars]
+    if len(kinds) < 2 or kinds[-1] != reduce or reduce in kinds[:-1]:
+        return None
+    if len(block.reads) != 2 or len(block.writes) != 1:
+        return None
+    j_var, k_var = block.iter_vars[-2].var, block.iter_vars[-1].var
+    a_read, w_read = block.reads
+    weight = w_read.source
+    arg = next((i for i, param in enumerate(func.params) if weight.same_as(param)), None)
+    if arg is None or len(weight.shape) != 2:
+        return None
+    if any(r.source.dtype != "float32" for r in (a_read, w_read, *block.writes)):
+        return None
+    w_index = [r.min for r in w_read.region]
+    if not (w_index[0].same_as(k_var) and w_index[1].same_as(j_var)):
+        return None
+    if not a_read.region[-1].min.same_as(k_var):
+        return None
+    if not all(isinstance(dim, tirx.IntImm) for dim in weight.shape):
+        return None
+    k, n = (int(dim) for dim in weight.shape)
+    if n % width:
+        return None
+    return Packable(block.name_hint, arg, k, n)
+
+
+def packed_func(func: tvm.tirx.PrimFunc, site: Packable, width: int) -> tvm.tirx.PrimFunc:
+    """``func`` reading its weight as ``Wp[j // width, k, j % width]``."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock(site.block)
+    sch.transform_layout(block, ("read", 1), lambda k, j: (j // width, k, j % width))
+    return sch.mod["main"]
+
+
+def pack_matmul_weights(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The module pass (see the module docstring) for CPU ``target``."""
+    import tvm
+    from tvm import relax
+
+    width = schedules.pack_width(target)
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    @tvm.transform.module_pass(opt_level=0, name="PackMatmulWeights")
+    def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        sites: dict[str, Packable] = {}
+        for gv, func in mod.functions.items():
+            if isinstance(func, tvm.tirx.PrimFunc):
+                site = find_packable(func, width)
+                if site is not None:
+                    sites[gv.name_hint] = site
+        if not sites:
+            return mod
+        packed_vars: dict[str, Any] = {}
+        repacked: dict[Any, Any] = {}
+
+        @relax.expr_functor.mutator
+        class Repack(relax.PyExprMutator):  # type: ignore[misc]
+            def visit_call_(self, call: Any) -> Any:
+                call = super().visit_call_(call)
+                if not call.op.same_as(call_tir):
+                    return call
+                name = call.args[0].name_hint
+                site = sites.get(name)
+                args = list(call.args[1].fields)
+                if site is None or site.arg >= len(args):
+                    return call
+                weight = args[site.arg]
+                if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(
+                    weight.value, tvm.runtime.Tensor
+                ):
+                    return call
+                if weight not in repacked:
+                    repacked[weight] = relax.const(pack(weight.value.numpy(), width))
+                args[site.arg] = repacked[weight]
+                if name not in packed_vars:
+                    func = packed_func(mod[name], site, width)
+                    packed_vars[name] = self.builder_.add_func(func, name + SUFFIX)
+                return relax.Call(
+                    call.op,
+                    [packed_vars[name], relax.Tuple(args), *call.args[2:]],
+                    call.attrs,
+                    call.ty_args,
+                )
+
+        mutator = Repack(mod)
+        for gv, func in mod.functions.items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        logger.debug(
+            "packed %d matmul weights %d wide, for %s", len(repacked), width, sorted(packed_vars)
+        )
+        # The originals no longer called are dropped.
+        return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+
+    return pass_
