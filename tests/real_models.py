@@ -335,6 +335,47 @@ def _dynamo_export(
         )
 
 
+class _CausalLMLoss(torch.nn.Module):
+    """The causal-LM loss only (returning the logits too would keep them alive)."""
+
+    def __init__(self, llama: torch.nn.Module) -> None:
+        super().__init__()
+        self.llama = llama
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.llama(input_ids=ids, labels=labels, use_cache=False).loss
+
+
+def llama_training_loss(
+    path: Path, *, vocab: int
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A one-layer Llama (hidden 32) whose output is its training loss, exported to ``path``
+    by the dynamo exporter (static shapes, batch 2 x 8 tokens, the first two labels -100).
+
+    Returns the module and its inputs (ids, labels); raises what the exporter raises.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = _CausalLMLoss(LlamaForCausalLM(config).eval())
+    ids = torch.randint(0, vocab, (2, 8))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (ids, labels), str(path), dynamo=True, opset_version=18)
+    return model, ids, labels
+
+
 class _ViTProbabilities(torch.nn.Module):
     def __init__(self, vit: torch.nn.Module) -> None:
         super().__init__()

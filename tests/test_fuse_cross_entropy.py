@@ -479,35 +479,14 @@ def test_exported_tiny_lm_loss_is_fused(tmp_path, dynamo, bias):
 @pytest.mark.slow  # imports transformers and exports a Llama with torch.export: ~30 s on 2 cores
 def test_exported_tiny_llama_training_loss_is_fused(tmp_path):
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from tests import real_models
 
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(config).eval()
-
-    class TrainingLoss(torch.nn.Module):
-        """The causal-LM loss only (returning the logits too would keep them alive)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.llama = llama
-
-        def forward(self, ids, labels):
-            return self.llama(input_ids=ids, labels=labels, use_cache=False).loss
-
-    ids = torch.randint(0, 128, (2, 8))
-    labels = ids.clone()
-    labels[:, :2] = -100
     path = tmp_path / "tiny_llama.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(TrainingLoss(), (ids, labels), str(path), dynamo=True, opset_version=18)
-        except Exception as exc:
-            pytest.skip(f"torch.onnx.export(dynamo=True) failed: {type(exc).__name__}")
+    try:
+        loss, ids, labels = real_models.llama_training_loss(path, vocab=128)
+    except Exception as exc:
+        pytest.skip(f"torch.onnx.export(dynamo=True) failed: {type(exc).__name__}")
     proto = onnx.load(str(path))
     feeds = {info.name: value for info, value in zip(proto.graph.input, (ids.numpy(), labels.numpy()), strict=True)}
     expected = run(proto, feeds)
@@ -519,4 +498,4 @@ def test_exported_tiny_llama_training_loss_is_fused(tmp_path):
     for key, value in expected.items():
         np.testing.assert_allclose(got[key], value, rtol=RTOL, err_msg=key)
     with torch.no_grad():
-        np.testing.assert_allclose(next(iter(got.values())), TrainingLoss()(ids, labels).numpy(), rtol=RTOL)
+        np.testing.assert_allclose(next(iter(got.values())), loss(ids, labels).numpy(), rtol=RTOL)

@@ -324,41 +324,15 @@ def test_llama_shaped_training_loss(tmp_path, caplog: pytest.LogCaptureFixture) 
 
 @pytest.mark.slow  # imports transformers and exports a Llama with torch.export: ~40 s on 2 cores
 def test_transformers_llama_training_loss(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests import real_models
 
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(config).eval()
-
-    class TrainingLoss(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.llama = llama
-
-        def forward(self, ids, labels):
-            return self.llama(input_ids=ids, labels=labels, use_cache=False).loss
-
-    ids = torch.randint(0, 512, (2, 8))
-    labels = ids.clone()
-    labels[:, :2] = -100
     path = tmp_path / "llama_loss.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                TrainingLoss(), (ids, labels), str(path), dynamo=True, opset_version=18
-            )
-        except Exception as exc:
-            pytest.skip(f"torch.onnx.export(dynamo=True) failed: {type(exc).__name__}")
+    try:
+        _, ids, labels = real_models.llama_training_loss(path, vocab=512)
+    except Exception as exc:
+        pytest.skip(f"torch.onnx.export(dynamo=True) failed: {type(exc).__name__}")
     proto = onnx.load(str(path))
     feeds = _feeds(proto, [ids.numpy(), labels.numpy()])
     expected = run(proto, feeds)
