@@ -148,12 +148,11 @@ def _rules() -> dict[str, Any]:
             extents.append(int(extent.value))
         return extents
 
-    class RegisterTiledMatmul(ScheduleRule):
-        """``C[..., i, j] += A[..., i, k] * B[..., k, j]`` (+ elementwise epilogue), register-tiled.
+    class CpuRule(ScheduleRule):
+        """A rule for LLVM targets: ``_schedule`` returns a schedule, or None to pass the
+        function on; a schedule primitive that refuses also passes it on (logged)."""
 
-        B is read either as ``B[..., k, j]`` or packed, ``Bp[j // NB, k, j % NB]``
-        (:mod:`rewriter.backends.pack_weights`); a packed B fixes the tile's width to NB.
-        """
+        what = "cpu"
 
         def __init__(self, lanes: int) -> None:
             self.lanes = lanes
@@ -164,8 +163,20 @@ def _rules() -> dict[str, Any]:
             try:
                 return self._schedule(func)
             except Exception as exc:  # a primitive refused: leave the function to other rules
-                logger.debug("matmul schedule not applied: %s", exc)
+                logger.debug("%s schedule not applied: %s", self.what, exc)
                 return None
+
+        def _schedule(self, func: tirx.PrimFunc) -> Any:
+            raise NotImplementedError
+
+    class RegisterTiledMatmul(CpuRule):
+        """``C[..., i, j] += A[..., i, k] * B[..., k, j]`` (+ elementwise epilogue), register-tiled.
+
+        B is read either as ``B[..., k, j]`` or packed, ``Bp[j // NB, k, j % NB]``
+        (:mod:`rewriter.backends.pack_weights`); a packed B fixes the tile's width to NB.
+        """
+
+        what = "matmul"
 
         def _schedule(self, func: tirx.PrimFunc) -> Any:
             sch = s_tir.Schedule(func)
@@ -260,7 +271,7 @@ def _rules() -> dict[str, Any]:
                 return None
         return int(width)
 
-    class VectorizedRowReduction(ScheduleRule):
+    class VectorizedRowReduction(CpuRule):
         """Reductions over the last axis with elementwise neighbours (layer norm, softmax).
 
         One row per iteration of the parallel loop, every block computed at it. Each
@@ -270,17 +281,7 @@ def _rules() -> dict[str, Any]:
         consumer are inlined, the others vectorized.
         """
 
-        def __init__(self, lanes: int) -> None:
-            self.lanes = lanes
-
-        def apply(self, func: tirx.PrimFunc, target: Any, _tunable: bool) -> Any:
-            if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-                return None
-            try:
-                return self._schedule(func)
-            except Exception as exc:  # a primitive refused: leave it to dlight's rule
-                logger.debug("row reduction schedule not applied: %s", exc)
-                return None
+        what = "row reduction"
 
         def _schedule(self, func: tirx.PrimFunc) -> Any:
             sch = s_tir.Schedule(func)
@@ -349,40 +350,33 @@ def _rules() -> dict[str, Any]:
     def _is_reduction(sch: Any, block: Any) -> bool:
         return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
-    class VectorizedElementwise(ScheduleRule):
+    class VectorizedElementwise(CpuRule):
         """A single injective block with static shapes: vectorize the fused loop."""
 
-        def __init__(self, lanes: int) -> None:
-            self.lanes = lanes
+        what = "elementwise"
 
-        def apply(self, func: tirx.PrimFunc, target: Any, _tunable: bool) -> Any:
-            if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        def _schedule(self, func: tirx.PrimFunc) -> Any:
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None or not all(info.is_injective() for info in infos):
                 return None
-            try:
-                sch = s_tir.Schedule(func)
-                infos = normalize_prim_func(sch)
-                if infos is None or not all(info.is_injective() for info in infos):
-                    return None
-                for info in infos[:-1]:
-                    sch.compute_inline(info.block_rv)
-                block = infos[-1].block_rv
-                loops = sch.get_loops(block)
-                extents = static_extents(sch, loops)
-                if not loops or extents is None:
-                    return None
-                fused = sch.fuse(*loops)
-                total = 1
-                for extent in extents:
-                    total *= extent
-                if total % self.lanes:
-                    return None
-                outer, inner = sch.split(fused, [None, self.lanes])
-                sch.vectorize(inner)
-                sch.parallel(outer)
-                return sch
-            except Exception as exc:
-                logger.debug("elementwise schedule not applied: %s", exc)
+            for info in infos[:-1]:
+                sch.compute_inline(info.block_rv)
+            block = infos[-1].block_rv
+            loops = sch.get_loops(block)
+            extents = static_extents(sch, loops)
+            if not loops or extents is None:
                 return None
+            fused = sch.fuse(*loops)
+            total = 1
+            for extent in extents:
+                total *= extent
+            if total % self.lanes:
+                return None
+            outer, inner = sch.split(fused, [None, self.lanes])
+            sch.vectorize(inner)
+            sch.parallel(outer)
+            return sch
 
     _RULES["matmul"] = RegisterTiledMatmul
     _RULES["elementwise"] = VectorizedElementwise
