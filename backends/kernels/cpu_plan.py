@@ -7,14 +7,18 @@ them load and store the same way for a given shape and target.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
 import tvm
 from tvm import tirx
+from tvm.script import tirx as T
 
 from rewriter.backends.kernels import exp_pair as ep
 
 Extent: TypeAlias = int | tirx.Var
+# ``value(x, row, lanes)``: an output vector of ``lanes`` from input ``x`` and row state ``row``.
+RowValue: TypeAlias = Callable[[tirx.Expr, tirx.Buffer, int], tirx.Expr]
 UNROLL = 8
 # Outputs larger than this (bytes) bypass the caches in pass 2 (about L2 size per core).
 STREAM_MIN_BYTES = 8 << 20
@@ -89,3 +93,52 @@ def bcast(value: tirx.Expr, lanes: int) -> tirx.Expr:
 
 def span(off: tirx.Expr, lanes: int) -> tirx.Expr:
     return tirx.Ramp(off, 1, lanes)
+
+
+def row_writer(p: Plan, value: RowValue) -> Any:
+    """The macro ``write_row(X, Y, tmp, r, row)``: ``Y[r, :] = value(X[r, :], row)``, read
+    and written as every kernel here does: UNROLL vectors per block, then single vectors,
+    then scalars; with ``p.stream`` each vector goes through ``tmp`` as one non-temporal
+    64-byte store (``movdir64b``; TVM's buffers are 64-byte aligned), then an ``sfence``.
+    """
+    lanes, width = p.lanes, p.lanes * UNROLL
+
+    @T.macro
+    def store(Y, tmp, r, off, y):
+        if p.stream:
+            tmp[span(0, lanes)] = y
+            T.evaluate(
+                T.call_llvm_intrin(
+                    "void", "llvm.x86.movdir64b", T.address_of(Y[r, off]), T.address_of(tmp[0])
+                )
+            )
+        else:
+            Y[r, span(off, lanes)] = p.cast_out(y, lanes)
+
+    @T.macro
+    def write_row(X, Y, tmp, r, row):
+        for j in T.serial(p.blocks):
+            for u in T.unroll(UNROLL):
+                store(
+                    Y,
+                    tmp,
+                    r,
+                    j * width + u * lanes,
+                    value(p.load(X, r, j * width + u * lanes, lanes), row, lanes),
+                )
+        for j in T.serial(p.rest):
+            store(
+                Y,
+                tmp,
+                r,
+                p.blocks * width + j * lanes,
+                value(p.load(X, r, p.blocks * width + j * lanes, lanes), row, lanes),
+            )
+        for k in T.serial(p.tail):
+            Y[r, p.cols - p.tail + k] = p.cast_out(
+                value(p.load(X, r, p.cols - p.tail + k, 1), row, 1), 1
+            )
+        if p.stream:
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.sse.sfence"))
+
+    return write_row

@@ -49,6 +49,7 @@ from rewriter.backends.kernels.cpu_plan import (
     Plan,
     bcast,
     isa,
+    row_writer,
     span,
 )
 from rewriter.backends.kernels.pair_sum import PairSum, log_prob, log_prob_exact, log_terms
@@ -66,18 +67,6 @@ def _two_pass_cpu(
     keep = p.keep_exp and not log
     sums = PairSum(p, keep=keep)
 
-    @T.macro
-    def store(Y, tmp, r, off, y):
-        if p.stream:
-            tmp[span(0, lanes)] = y
-            T.evaluate(
-                T.call_llvm_intrin(
-                    "void", "llvm.x86.movdir64b", T.address_of(Y[r, off]), T.address_of(tmp[0])
-                )
-            )
-        else:
-            Y[r, span(off, lanes)] = p.cast_out(y, lanes)
-
     def fast_y(x: tirx.Expr, row: tirx.Buffer, n_lanes: int) -> tirx.Expr:
         if log:
             return log_prob(x, row, n_lanes)
@@ -90,6 +79,8 @@ def _two_pass_cpu(
         m, n = ep.exp_pair(x, 1, f64)
         return m / srow[1] * ep.pow2(n - srow[0], 1, f64)
 
+    write_row = row_writer(p, fast_y)
+
     @T.macro
     def recompute(X, Y, tmp, row, r):
         # Pass 2 (float32): recompute (m, n), write m / M * 2**(n - N).
@@ -97,29 +88,7 @@ def _two_pass_cpu(
             log_terms(row)
         else:
             row[2] = T.float32(1) / row[1]
-        for j in T.serial(p.blocks):
-            for u in T.unroll(UNROLL):
-                store(
-                    Y,
-                    tmp,
-                    r,
-                    j * width + u * lanes,
-                    fast_y(p.load(X, r, j * width + u * lanes, lanes), row, lanes),
-                )
-        for j in T.serial(p.rest):
-            store(
-                Y,
-                tmp,
-                r,
-                p.blocks * width + j * lanes,
-                fast_y(p.load(X, r, p.blocks * width + j * lanes, lanes), row, lanes),
-            )
-        for k in T.serial(p.tail):
-            Y[r, p.cols - p.tail + k] = p.cast_out(
-                fast_y(p.load(X, r, p.cols - p.tail + k, 1), row, 1), 1
-            )
-        if p.stream:
-            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.sse.sfence"))
+        write_row(X, Y, tmp, r, row)
 
     @T.prim_func
     def two_pass_softmax(

@@ -15,7 +15,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from rewriter.backends.kernels import exp_pair as ep
-from rewriter.backends.kernels.cpu_plan import UNROLL, Extent, Plan, span
+from rewriter.backends.kernels.cpu_plan import UNROLL, Extent, Plan, row_writer, span
 
 
 def three_pass_cpu(
@@ -39,17 +39,7 @@ def three_pass_cpu(
             return shifted(x, row, n_lanes) - b(row[2])
         return exp_of(shifted(x, row, n_lanes), n_lanes) * b(row[2])
 
-    @T.macro
-    def store(Y, tmp, r, off, y):
-        if p.stream:
-            tmp[span(0, lanes)] = y
-            T.evaluate(
-                T.call_llvm_intrin(
-                    "void", "llvm.x86.movdir64b", T.address_of(Y[r, off]), T.address_of(tmp[0])
-                )
-            )
-        else:
-            Y[r, span(off, lanes)] = p.cast_out(y, lanes)
+    write_row = row_writer(p, out)
 
     @T.prim_func
     def three_pass_softmax(
@@ -100,28 +90,6 @@ def three_pass_cpu(
                 row[2] = T.log(row[1])
             else:
                 row[2] = T.float32(1) / row[1]
-            for j in T.serial(p.blocks):
-                for u in T.unroll(UNROLL):
-                    store(
-                        Y,
-                        tmp,
-                        r,
-                        j * width + u * lanes,
-                        out(p.load(X, r, j * width + u * lanes, lanes), row, lanes),
-                    )
-            for j in T.serial(p.rest):
-                store(
-                    Y,
-                    tmp,
-                    r,
-                    p.blocks * width + j * lanes,
-                    out(p.load(X, r, p.blocks * width + j * lanes, lanes), row, lanes),
-                )
-            for k in T.serial(p.tail):
-                Y[r, p.cols - p.tail + k] = p.cast_out(
-                    out(p.load(X, r, p.cols - p.tail + k, 1), row, 1), 1
-                )
-            if p.stream:
-                T.evaluate(T.call_llvm_intrin("void", "llvm.x86.sse.sfence"))
+            write_row(X, Y, tmp, r, row)
 
     return three_pass_softmax
