@@ -2,7 +2,10 @@
 
 * ``llvm``: generic x86-64 (SSE2 only), runs on any x86-64 CPU;
 * ``avx2``: Haswell and later (AVX2 + FMA);
-* ``avx512``: Sapphire Rapids class (AVX-512 F/BW/VL/VNNI/BF16), the CI machine;
+* ``avx512``: AVX-512 F/BW/CD/DQ/VL (``x86-64-v4``) with VNNI and BF16: Intel Sapphire
+  Rapids and later, AMD Zen 4 and later. An ISA level, not a CPU model: with
+  ``mcpu=sapphirerapids`` LLVM may use AVX512-FP16, AVX-VNNI or MOVDIR64B, and the
+  library dies with an illegal instruction on Zen 4;
 * ``cuda``: NVIDIA GPUs, ``arch`` from ``cuda_arch`` (default ``sm_90``, Hopper), with
   a generic x86-64 host.
 
@@ -31,7 +34,7 @@ CPU_PRESETS: dict[str, dict[str, Any]] = {
     "avx512": {
         "kind": "llvm",
         "mtriple": "x86_64-linux-gnu",
-        "mcpu": "sapphirerapids",
+        "mcpu": "x86-64-v4",
         "mattr": ["+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni", "+avx512bf16"],
     },
 }

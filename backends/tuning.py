@@ -180,7 +180,7 @@ def tuning_target(target: tvm.target.Target) -> tvm.target.Target:
 
 
 def target_key(target: tvm.target.Target) -> str:
-    """A directory name for ``target``'s records, e.g. ``llvm-sapphirerapids-2c-41f51c53cc``.
+    """A directory name for ``target``'s records, e.g. ``llvm-x86-64-v4-2c-41f51c53cc``.
 
     The digest covers the whole target (features, core count) and the TVM version.
     """
@@ -197,7 +197,7 @@ def default_database(target: tvm.target.Target) -> Path:
     """``$XDG_CACHE_HOME/rewriter/tuning/<target key>`` (``~/.cache`` without it).
 
     >>> default_database(targets.resolve("avx512"))  # doctest: +SKIP
-    PosixPath('/root/.cache/rewriter/tuning/llvm-sapphirerapids-2c-41f51c53cc')
+    PosixPath('/root/.cache/rewriter/tuning/llvm-x86-64-v4-2c-41f51c53cc')
     """
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "rewriter" / "tuning" / target_key(target)

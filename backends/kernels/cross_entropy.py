@@ -147,7 +147,7 @@ def cross_entropy(
     (with ``options.weighted``), ``Loss[rows]`` (``none``) or ``Loss[1]``, ``LogProb[rows,
     cols]`` (with ``log_prob_output``). CPU (llvm) targets; see the module docstring.
 
-    >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+    >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})
     >>> func = cross_entropy(8, 1000, options=LossOptions("mean", ignore_index=-100), target=target)
     >>> [p.name for p in func.params]
     ['X', 'Y', 'Loss']

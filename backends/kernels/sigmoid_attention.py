@@ -116,7 +116,7 @@ def sigmoid_attention(
     module docstring for the buffer layout. ``mask_heads`` (1 or ``batch_heads``) and
     ``mask_rows`` (1 or ``q_len``) give the mask's broadcast layout. float32 only.
 
-    >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+    >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})
     >>> func = sigmoid_attention(2, 8, 16, 4, target=target, has_mask=False, scale=0.5)
     >>> [p.name for p in func.params]
     ['Q', 'Kt', 'V', 'Out']
