@@ -19,10 +19,17 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import tirx  # noqa: E402
 
-from rewriter.backends.kernels import three_pass_softmax, two_pass_softmax  # noqa: E402
+from rewriter.backends import targets  # noqa: E402
+from rewriter.backends.kernels import (  # noqa: E402
+    cpu_plan,
+    softmax,
+    three_pass_softmax,
+    two_pass_softmax,
+)
 from rewriter.two_pass_math import reference_softmax  # noqa: E402
 
-AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+AVX512 = targets.resolve("avx512")
+SAPPHIRE_RAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
 GENERIC = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
@@ -164,6 +171,47 @@ def test_edge_cases_follow_onnx(kind: str, symbolic: bool) -> None:
             np.testing.assert_allclose(y, reference_softmax(x), rtol=0, atol=SOFTMAX_TOL)
 
 
+def _assert_matches_edges(y: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    ok = ~np.isnan(expected)
+    np.testing.assert_allclose(y[ok], expected[ok], rtol=1e-5, atol=1e-12)
+
+
+def test_split_segments_for_few_long_rows() -> None:
+    assert softmax.split_segments(1, 1 << 26) == softmax.PARALLEL_ITEMS
+    assert softmax.split_segments(9, 1 << 17) == 4  # segments of MIN_SEGMENT
+    assert softmax.split_segments(1, 1000 * 1000) == 1  # no block-aligned divisor
+    assert softmax.split_segments(64, 1 << 20) == 1  # enough rows to share out
+    assert softmax.split_segments(ROWS, 1 << 20) == 1  # symbolic
+
+
+# A row of 2**20 is cut into 32 segments of 32768, short enough to keep e**x in Y;
+# with no kept rows (threshold 0), pass 2 recomputes each segment.
+@pytest.mark.parametrize(("log", "keep_bytes"), [(False, None), (False, 0), (True, None)])
+def test_long_row_split_over_threads(
+    log: bool, keep_bytes: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if keep_bytes is not None:
+        monkeypatch.setattr(cpu_plan, "KEEP_EXP_MAX_ROW_BYTES", keep_bytes)
+    x = _random(1, 1 << 20, seed=7)
+    func = two_pass_softmax(1, 1 << 20, log=log, target=AVX512)
+    assert str(func).count("T.parallel") == 3  # pass 1, merge, pass 2
+    y = tvm.runtime.tensor(np.zeros_like(x))
+    tvm.compile(func, target=AVX512)(tvm.runtime.tensor(x), y)
+    if log:
+        ref = _numpy_softmax(x, log=True)
+        bound = LOG_TOL_ULPS * np.finfo(np.float32).eps * np.abs(ref).max()
+        assert np.abs(y.numpy() - ref).max() <= bound
+    else:
+        _assert_softmax_close(y.numpy(), x)
+        np.testing.assert_allclose(y.numpy(), _numpy_softmax(x), rtol=1e-5)
+
+
+def test_split_rows_follow_onnx_on_edge_cases() -> None:
+    x, expected = _edge_rows(1 << 17)  # 9 rows of 4 segments
+    _assert_matches_edges(_run("two", x), expected)
+
+
 def test_edge_expectations_match_onnxruntime() -> None:
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
@@ -244,12 +292,16 @@ def test_avx512_assembly_uses_zmm_and_vscalefps() -> None:
 
 
 def test_streaming_stores_on_large_outputs() -> None:
-    x = _random(2, 1 << 20, seed=6)  # 8 MiB output, 4 MiB rows: pass 2 uses movdir64b
-    ex = _build("two", 2, 1 << 20, AVX512)
+    # 64 rows (not split) of 1 MiB (too long to keep e**x in Y): pass 2 uses movdir64b.
+    shape = (64, 1 << 18)
+    ex = _build("two", *shape, SAPPHIRE_RAPIDS)
     assert "movdir64b" in _asm(ex) and "sfence" in _asm(ex)
+    # The portable avx512 preset has no MOVDIR64B (AMD Zen 4 lacks it): plain stores.
+    assert "movdir64b" not in _asm(_build("two", *shape, AVX512))
     if not _cpu_has("movdir64b"):
         pytest.skip("this CPU has no MOVDIR64B to run the streaming store on")
-    _assert_softmax_close(_run("two", x), x)
+    x = _random(*shape, seed=6)
+    _assert_softmax_close(_run("two", x, SAPPHIRE_RAPIDS), x)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The (mantissa, exponent) exponential of the two-pass softmax as TIR expressions.
 
 Dukhan & Ablavatski, "The Two-Pass Softmax Algorithm", 2020 (arXiv 2001.04438): e**x is
-kept as a pair ``(m, n)`` with value ``m * 2**n``, where ``n = floor(x log2(e) + 1/2)``,
+kept as a pair ``(m, n)`` with value ``m * 2**n``, where ``n`` is ``x log2(e)`` rounded,
 ``t = x - n ln2`` (Cody-Waite) and ``m = p(t)``. The helpers here build that pair, and
 the scaling by ``2**d``, for any vector width (``lanes == 1`` is scalar), so the CPU and
 CUDA kernels share one copy of the math. :mod:`rewriter.two_pass_math` holds the float64
@@ -51,6 +51,7 @@ N_LOW = -4096.0
 X_LOW = -2900.0
 N_HIGH = 4000.0
 N_MARGIN = 200.0
+ROUND_MAGIC = 12582912.0
 
 
 def const(value: float, dtype: str, lanes: int) -> tirx.Expr:
@@ -69,32 +70,65 @@ def max_keep_nan(low: tirx.Expr, x: tirx.Expr) -> tirx.Expr:
     return tirx.Select(low > x, low, x)
 
 
-def exp_pair(x: tirx.Expr, lanes: int, dtype: str = "float32") -> tuple[tirx.Expr, tirx.Expr]:
+def exp_pair(
+    x: tirx.Expr, lanes: int, dtype: str = "float32", *, llvm: bool = True
+) -> tuple[tirx.Expr, tirx.Expr]:
     """The pair ``(m, n)`` with ``e**x = m * 2**n`` (float32: ``x`` clamped for the fast path).
 
-    float32 uses the constants above, float64 those of :mod:`rewriter.two_pass_math`
-    (where -inf gets ``t = 0`` and ``|t| <= 1`` as in ``reference_softmax``).
+    float32 is :func:`exponent` (``llvm``: see there) and :func:`mantissa`; float64 uses the constants of
+    :mod:`rewriter.two_pass_math` (where -inf gets ``t = 0`` and ``|t| <= 1`` as in
+    ``reference_softmax``).
     """
+    if dtype == "float32":
+        n = exponent(x, lanes, llvm=llvm)
+        return mantissa(x, n, lanes), n
 
     def c(v: float) -> tirx.Expr:
         return const(v, dtype, lanes)
 
-    if dtype == "float32":
-        log2e, hi, lo, poly = LOG2E_F32, LN2_HI_F32, LN2_LO_F32, EXP_POLY_F32
-    else:
-        log2e, hi, lo, poly = tpm.LOG2E, tpm.LN2_HI, tpm.LN2_LO, tpm.EXP_POLY
-    if dtype == "float32":
-        x = max_keep_nan(c(X_LOW), x)
-    n = tirx.floor(x * c(log2e) + c(0.5))
-    t = x - n * c(hi) - n * c(lo)
-    if dtype == "float64":
-        t = tirx.Select(x == c(-np.inf), c(0.0), t)
-        t = tirx.Select(t < c(-tpm.T_CLAMP), c(-tpm.T_CLAMP), t)
-        t = tirx.Select(t > c(tpm.T_CLAMP), c(tpm.T_CLAMP), t)
-    m = c(poly[-1])
+    n = tirx.floor(x * c(tpm.LOG2E) + c(0.5))
+    t = x - n * c(tpm.LN2_HI) - n * c(tpm.LN2_LO)
+    t = tirx.Select(x == c(-np.inf), c(0.0), t)
+    t = tirx.Select(t < c(-tpm.T_CLAMP), c(-tpm.T_CLAMP), t)
+    t = tirx.Select(t > c(tpm.T_CLAMP), c(tpm.T_CLAMP), t)
+    return _horner(tpm.EXP_POLY, t, dtype, lanes), n
+
+
+def exponent(x: tirx.Expr, lanes: int, *, llvm: bool = True) -> tirx.Expr:
+    """``n``, ``x log2(e)`` rounded to an integer, of the float32 pair of ``e**x``.
+
+    For LLVM targets it rounds by adding and subtracting ``ROUND_MAGIC`` (``1.5 * 2**23``,
+    where the float32 spacing is 1): one FMA and one subtraction, where ``floor`` costs a
+    ``vrndscaleps`` that, with the polynomial's FMAs, bounded pass 1 of the two-pass
+    softmax on AMD Zen 4. Exact for ``|x log2(e)| < 2**22``; a larger ``x`` fails
+    :func:`fast_path_ok` either way. The FMA is ``tirx.fma`` because TVM's simplifier
+    folds ``(a + magic) - magic`` to ``a``; the CUDA codegen has no ``tirx.fma``, so
+    ``llvm=False`` gives ``floor(x log2(e) + 1/2)``. Either ``n`` gives the same
+    ``m 2**n`` (they differ only at ties, by one, where ``m`` doubles).
+    """
+    c = const(LOG2E_F32, "float32", lanes)
+    x = max_keep_nan(const(X_LOW, "float32", lanes), x)
+    if not llvm:
+        return tirx.floor(x * c + const(0.5, "float32", lanes))
+    magic = const(ROUND_MAGIC, "float32", lanes)
+    return tirx.op.fma(x, c, magic) - magic
+
+
+def mantissa(x: tirx.Expr, n: tirx.Expr, lanes: int) -> tirx.Expr:
+    """``m = p(x - n ln2)`` of the float32 pair of ``e**x``, given its ``n`` = :func:`exponent`.
+
+    Separate from :func:`exponent` so that a kernel can keep ``n`` and compute it once.
+    """
+    x = max_keep_nan(const(X_LOW, "float32", lanes), x)
+    t = x - n * const(LN2_HI_F32, "float32", lanes) - n * const(LN2_LO_F32, "float32", lanes)
+    return _horner(EXP_POLY_F32, t, "float32", lanes)
+
+
+def _horner(poly: tuple[float, ...], t: tirx.Expr, dtype: str, lanes: int) -> tirx.Expr:
+    m = const(poly[-1], dtype, lanes)
     for coefficient in poly[-2::-1]:
-        m = m * t + c(coefficient)
-    return m, n
+        m = m * t + const(coefficient, dtype, lanes)
+    return m
 
 
 def pow2(d: tirx.Expr, lanes: int, dtype: str = "float32") -> tirx.Expr:

@@ -148,7 +148,7 @@ def linear_cross_entropy(
     See the module docstring for the layout. ``biased`` must be true when ``vocab`` is not
     a multiple of :func:`panel_width` (the padding columns are masked by the bias).
 
-    >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+    >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})
     >>> func = linear_cross_entropy(16, 32, 128, options=LossOptions("sum"), biased=False, target=target)
     >>> [p.name for p in func.params]
     ['H', 'Wp', 'Y', 'Loss']
@@ -211,7 +211,7 @@ def linear_cross_entropy(
     def consume(Y, B, sc, st, pk, tmp, r0, i0, pn):
         # Fold a half tile's exponentials into its rows' pairs; pick the target logits.
         for i in T.unroll(HALF_ROWS):
-            sums.fold(st, (i0 + i) * state, tmp, logits(sc, B, i, pn))
+            sums.fold(st, (i0 + i) * state, logits(sc, B, i, pn), None, None, None, None)
             for u in T.unroll(vectors):
                 pk[span((i0 + i) * lanes, lanes)] = T.Select(
                     columns(pn, u) == bcast(T.Cast("int32", label(Y, row_of(r0, i), vocab)), lanes),

@@ -11,7 +11,9 @@ whose rows of logits come from memory or from a register tile of a matmul).
 
 * ``fold``: ``units`` vectors into one lane-wise running pair with one max and one tree of
   ``vscalefps`` and adds, ``N' = max(N, n_0..)``, ``M' = M 2**(N-N') + sum_u m_u 2**(n_u-N')``,
-  Kahan-compensated (a long row folds thousands of blocks into one pair per lane);
+  Kahan-compensated (a long row folds thousands of blocks into one pair per lane); its
+  scratch is small enough for LLVM to keep in registers, and each ``n`` is computed once
+  (pass 1 is bound by the FMA pipes on AMD Zen 4, not by memory, so every op counts);
 * ``add``/``add_scalar``: one vector, or one element, without compensation;
 * ``merge``: the lanes into the row's pair ``row[0] = N``, ``row[1] = M``;
 * ``row_sum``: all of pass 1 over ``X[r, :]`` (blocks of ``UNROLL`` vectors, the vectors
@@ -52,8 +54,8 @@ class PairSum:
 
     >>> import tvm
     >>> plan = Plan(4, 1000, "float32", tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
-    >>> PairSum(plan).tmp_size  # (2 UNROLL + 3) vectors of 8 lanes
-    152
+    >>> PairSum(plan).tmp_size  # two vectors of 8 lanes
+    16
     """
 
     STATE = 3  # vectors per running pair: M, N and the Kahan compensation
@@ -62,7 +64,7 @@ class PairSum:
         p = plan
         lanes, scalef, width = p.lanes, p.scalef, p.lanes * UNROLL
         self.plan, self.units, self.keep = plan, units, keep
-        self.tmp_size = (2 * units + 3) * lanes
+        self.tmp_size = 2 * lanes
 
         def m_of(st: tirx.Buffer, off: tirx.Expr) -> tirx.Expr:
             return st[span(off, lanes)]
@@ -72,9 +74,6 @@ class PairSum:
 
         def c_of(st: tirx.Buffer, off: tirx.Expr) -> tirx.Expr:
             return st[span(off + 2 * lanes, lanes)]
-
-        def slot(k: int) -> tirx.Expr:
-            return span((2 * units + k) * lanes, lanes)
 
         def loads(X: tirx.Buffer, r: tirx.Expr, base: tirx.Expr) -> VectorAt:
             return lambda u: p.load(X, r, base + u * lanes, lanes)
@@ -86,31 +85,51 @@ class PairSum:
             st[span(off + 2 * lanes, lanes)] = p.vec(0.0)
 
         @T.macro
-        def fold(st, off, tmp, x_at):
+        def fold(st, off, x_at, Y, r, base, row):
             # units independent (m, n) vectors; one max and one tree sum update the pair.
+            # The scratch is under TVM's stack-allocation limit, so LLVM keeps it in
+            # registers, and n is computed once for m and for the max. With Y (not None),
+            # also keep e**x scaled by 2**-row[4] in Y[r, base:] (PairSum's keep).
+            tm = T.alloc_buffer((units * lanes,), "float32", scope="global")
+            tn = T.alloc_buffer((units * lanes,), "float32", scope="global")
+            big_n = T.alloc_buffer((lanes,), "float32", scope="global")
+            tot = T.alloc_buffer((lanes,), "float32", scope="global")
+            old = T.alloc_buffer((lanes,), "float32", scope="global")
             for u in T.unroll(units):
-                tmp[span(u * lanes, lanes)] = ep.exp_pair(x_at(u), lanes)[0]
-                tmp[span((units + u) * lanes, lanes)] = ep.exp_pair(x_at(u), lanes)[1]
-            tmp[slot(0)] = ep.tree(
-                T.max,
-                [n_of(st, off)] + [tmp[span((units + u) * lanes, lanes)] for u in range(units)],
+                tn[span(u * lanes, lanes)] = ep.exponent(x_at(u), lanes)
+                tm[span(u * lanes, lanes)] = ep.mantissa(x_at(u), tn[span(u * lanes, lanes)], lanes)
+            big_n[span(0, lanes)] = ep.tree(
+                T.max, [n_of(st, off)] + [tn[span(u * lanes, lanes)] for u in range(units)]
             )
-            tmp[slot(1)] = ep.tree(
+            tot[span(0, lanes)] = ep.tree(
                 tirx.Add,
                 [
                     ep.scale(
-                        tmp[span(u * lanes, lanes)],
-                        tmp[span((units + u) * lanes, lanes)] - tmp[slot(0)],
+                        tm[span(u * lanes, lanes)],
+                        tn[span(u * lanes, lanes)] - big_n[span(0, lanes)],
                         lanes,
                         scalef,
                     )
                     for u in range(units)
                 ],
-            ) - ep.scale(c_of(st, off), n_of(st, off) - tmp[slot(0)], lanes, scalef)
-            tmp[slot(2)] = ep.scale(m_of(st, off), n_of(st, off) - tmp[slot(0)], lanes, scalef)
-            st[span(off, lanes)] = tmp[slot(2)] + tmp[slot(1)]
-            st[span(off + 2 * lanes, lanes)] = (m_of(st, off) - tmp[slot(2)]) - tmp[slot(1)]
-            st[span(off + lanes, lanes)] = tmp[slot(0)]
+            ) - ep.scale(c_of(st, off), n_of(st, off) - big_n[span(0, lanes)], lanes, scalef)
+            old[span(0, lanes)] = ep.scale(
+                m_of(st, off), n_of(st, off) - big_n[span(0, lanes)], lanes, scalef
+            )
+            st[span(off, lanes)] = old[span(0, lanes)] + tot[span(0, lanes)]
+            st[span(off + 2 * lanes, lanes)] = (m_of(st, off) - old[span(0, lanes)]) - tot[
+                span(0, lanes)
+            ]
+            st[span(off + lanes, lanes)] = big_n[span(0, lanes)]
+            if Y is not None:
+                # keep: e**x scaled by 2**-n(x[0]) into Y[r, base:], for a short row's pass 2.
+                for u in T.unroll(units):
+                    Y[r, span(base + u * lanes, lanes)] = ep.scale(
+                        tm[span(u * lanes, lanes)],
+                        tn[span(u * lanes, lanes)] - bcast(row[4], lanes),
+                        lanes,
+                        scalef,
+                    )
 
         @T.macro
         def settle(st, off):
@@ -120,8 +139,8 @@ class PairSum:
         @T.macro
         def add(st, off, tmp, x):
             # Assignments in TVMScript declare buffers, so values go through tmp and stores.
-            tmp[span(0, lanes)] = ep.exp_pair(x, lanes)[0]
-            tmp[span(lanes, lanes)] = ep.exp_pair(x, lanes)[1]
+            tmp[span(lanes, lanes)] = ep.exponent(x, lanes)
+            tmp[span(0, lanes)] = ep.mantissa(x, tmp[span(lanes, lanes)], lanes)
             st[span(off, lanes)] = ep.pair_add(
                 m_of(st, off),
                 n_of(st, off),
@@ -149,8 +168,8 @@ class PairSum:
 
         @T.macro
         def add_scalar(row, tmp, x):
-            tmp[0] = ep.exp_pair(x, 1)[0]
-            tmp[1] = ep.exp_pair(x, 1)[1]
+            tmp[1] = ep.exponent(x, 1)
+            tmp[0] = ep.mantissa(x, tmp[1], 1)
             row[1] = ep.pair_add(row[1], row[0], tmp[0], tmp[1], 1, False)[0]
             row[0] = T.max(row[0], tmp[1])
 
@@ -158,18 +177,10 @@ class PairSum:
         def row_sum(X, Y, r, st, tmp, row):
             # Pass 1 over X[r, :]: row[0] = N, row[1] = M (the per-lane pairs in st[0:3 lanes]).
             if keep:
-                row[4] = ep.exp_pair(p.load(X, r, 0, 1), 1)[1]
+                row[4] = ep.exponent(p.load(X, r, 0, 1), 1)
             init(st, 0)
             for j in T.serial(p.blocks):
-                fold(st, 0, tmp, loads(X, r, j * width))
-                if keep:
-                    for u in T.unroll(units):
-                        Y[r, span(j * width + u * lanes, lanes)] = ep.scale(
-                            tmp[span(u * lanes, lanes)],
-                            tmp[span((units + u) * lanes, lanes)] - bcast(row[4], lanes),
-                            lanes,
-                            scalef,
-                        )
+                fold(st, 0, loads(X, r, j * width), Y if keep else None, r, j * width, row)
             settle(st, 0)
             for j in T.serial(p.rest):
                 add(st, 0, tmp, p.load(X, r, p.blocks * width + j * lanes, lanes))
