@@ -208,3 +208,17 @@ def tree(op: Callable[[tirx.Expr, tirx.Expr], tirx.Expr], items: list[tirx.Expr]
             [items[-1]] if len(items) % 2 else []
         )
     return items[0]
+
+
+def across_lanes(
+    op: Callable[[tirx.Expr, tirx.Expr], tirx.Expr], v: tirx.Expr, lanes: int
+) -> tirx.Expr:
+    """``op`` over the ``lanes`` (a power of two) lanes of ``v``, as a scalar: halves are
+    combined ``log2(lanes)`` times (shuffles), a short dependency chain where a loop over
+    the lanes is a long one."""
+    while lanes > 1:
+        lanes //= 2
+        low = tirx.Shuffle([v], [tirx.IntImm("int32", i) for i in range(lanes)])
+        high = tirx.Shuffle([v], [tirx.IntImm("int32", lanes + i) for i in range(lanes)])
+        v = op(low, high)
+    return v

@@ -160,11 +160,13 @@ class PairSum:
 
         @T.macro
         def merge(st, off, row):
-            row[0] = T.float32(ep.N_LOW)
-            row[1] = T.float32(0)
-            for k in T.unroll(lanes):
-                row[1] = ep.pair_add(row[1], row[0], st[off + k], st[off + lanes + k], 1, False)[0]
-                row[0] = T.max(row[0], st[off + lanes + k])
+            # N = max over lanes, M = sum over lanes of M 2**(N_lane - N): halving trees.
+            row[0] = ep.across_lanes(T.max, n_of(st, off), lanes)
+            row[1] = ep.across_lanes(
+                tirx.Add,
+                ep.scale(m_of(st, off), n_of(st, off) - bcast(row[0], lanes), lanes, scalef),
+                lanes,
+            )
 
         @T.macro
         def add_scalar(row, tmp, x):

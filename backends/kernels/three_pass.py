@@ -63,9 +63,9 @@ def three_pass_cpu(
                 acc[span(0, lanes)] = T.max(
                     acc[span(0, lanes)], p.load(X, r, p.blocks * width + j * lanes, lanes)
                 )
-            row[0] = T.float32(-np.inf)
-            for k in T.unroll(width):
-                row[0] = T.max(row[0], acc[k])
+            row[0] = ep.across_lanes(
+                T.max, ep.tree(T.max, [acc[span(u * lanes, lanes)] for u in range(UNROLL)]), lanes
+            )
             for k in T.serial(p.tail):
                 row[0] = T.max(row[0], p.load(X, r, p.cols - p.tail + k, 1))
             # Pass 2: sum of exp(x - max).
@@ -80,9 +80,11 @@ def three_pass_cpu(
                 acc[span(0, lanes)] = acc[span(0, lanes)] + exp_of(
                     shifted(p.load(X, r, p.blocks * width + j * lanes, lanes), row, lanes), lanes
                 )
-            row[1] = T.float32(0)
-            for k in T.unroll(width):
-                row[1] = row[1] + acc[k]
+            row[1] = ep.across_lanes(
+                tirx.Add,
+                ep.tree(tirx.Add, [acc[span(u * lanes, lanes)] for u in range(UNROLL)]),
+                lanes,
+            )
             for k in T.serial(p.tail):
                 row[1] = row[1] + exp_of(shifted(p.load(X, r, p.cols - p.tail + k, 1), row, 1), 1)
             # Pass 3: scale.
