@@ -1,4 +1,4 @@
-"""``call_tir(matmul, [x, W[K, N]])`` -> ``call_tir(matmul_packed, [x, Wp[N/NB, K, NB]])``.
+"""``call_tir(matmul, [x, W[K, N]])`` -> ``call_tir(matmul_packed, [x, Wp[ceil(N/NB), K, NB]])``.
 
 A matmul's weight is a constant of the module, so its layout is free: this pass stores
 it as column panels, ``Wp[jb, k, jj] = W[k, jb * NB + jj]``, with ``NB`` the width of
@@ -12,11 +12,18 @@ Multiplication" (ACM TOMS 2008), done once at compile time since B is constant.
 It runs after ``FuseTIR`` and before the schedules, on each fused PrimFunc whose one
 reduction block is a float32 ``C[..., i, j] += A[..., i, k] * W[k, j]`` with ``W`` a
 2-D parameter: the PrimFunc gets ``transform_layout`` (``W[k, j]`` becomes
-``Wp[j // NB, k, j % NB]``; nothing else changes), and each ``call_tir`` that passes a
-constant for ``W`` calls the packed copy (``<name>_packed``) with the constant
-repacked in numpy at compile time. Calls with a computed ``W`` keep the original.
+``Wp[j // NB, k, j % NB]``), and each ``call_tir`` that passes a constant for ``W``
+calls the packed copy (``<name>_packed``) with the constant repacked in numpy at
+compile time. Calls with a computed ``W`` keep the original.
 
-Exact: the same products are summed in the same order; only addresses change.
+Where ``NB`` does not divide ``N`` (an ImageNet head: 1000; BERT's MLM head: 30522)
+the last panel is zero-padded and the matmul computes whole panels, keeping the ``N``
+real columns (:func:`packed_func`); where the rows of A leave the register tile short
+(ViT's 197 tokens) they are padded too, by a copy of A in the function. Otherwise the
+micro-kernel would have no whole tile to run, and the function would stay scalar.
+
+Exact: each output kept sums the same products in the same order; only addresses
+change (padded rows and columns are computed from zeros, and dropped).
 Requires: a Relax module after ``FuseTIR`` (PrimFuncs not yet scheduled).
 Ensures: no ``call_tir`` passes a packable constant weight in ``[K, N]`` layout.
 
@@ -43,23 +50,31 @@ SUFFIX = "_packed"
 
 @dataclasses.dataclass(frozen=True)
 class Packable:
-    """A PrimFunc whose matmul (block ``block``) reads call argument ``arg`` as ``W[K, N]``."""
+    """A PrimFunc whose matmul (block ``block``) reads call argument ``arg`` as ``W[K, N]``,
+    for ``rows`` rows of A (0: not static)."""
 
     block: str
     arg: int
     k: int
     n: int
+    rows: int
 
 
 def pack(weight: np.ndarray, width: int) -> np.ndarray:
-    """``W[K, N]`` as ``Wp[N / width, K, width]`` (``Wp[jb, k, jj] = W[k, jb * width + jj]``).
+    """``W[K, N]`` as ``Wp[ceil(N / width), K, width]`` (``Wp[jb, k, jj] = W[k, jb * width + jj]``,
+    zero past column N).
 
     >>> pack(np.arange(8.0).reshape(2, 4), 2)[1]
     array([[2., 3.],
            [6., 7.]])
+    >>> pack(np.arange(6.0).reshape(2, 3), 2)[1]
+    array([[2., 0.],
+           [5., 0.]])
     """
     k, n = weight.shape
-    return np.ascontiguousarray(weight.reshape(k, n // width, width).transpose(1, 0, 2))
+    panels = -(-n // width)
+    weight = np.pad(weight, ((0, 0), (0, panels * width - n)))
+    return np.ascontiguousarray(weight.reshape(k, panels, width).transpose(1, 0, 2))
 
 
 def find_packable(func: tvm.tirx.PrimFunc, width: int) -> Packable | None:
@@ -67,7 +82,7 @@ def find_packable(func: tvm.tirx.PrimFunc, width: int) -> Packable | None:
 
     The one reduction block must be ``C[..., j] += A[..., k] * W[k, j]`` in float32 with
     ``W`` a static 2-D parameter, ``k`` its only reduction and ``j`` its last spatial
-    iterator, and ``N % width == 0``.
+    iterator. ``N`` need not be a multiple of ``width`` (see :func:`packed_func`).
     """
     from tvm import s_tir, tirx
 
@@ -104,19 +119,58 @@ def find_packable(func: tvm.tirx.PrimFunc, width: int) -> Packable | None:
     if not all(isinstance(dim, tirx.IntImm) for dim in weight.shape):
         return None
     k, n = (int(dim) for dim in weight.shape)
-    if n % width:
-        return None
-    return Packable(block.name_hint, arg, k, n)
+    rows = 1
+    if len(block.iter_vars) > 2:
+        extent = block.iter_vars[-3].dom.extent
+        rows = int(extent) if isinstance(extent, tirx.IntImm) else 0
+    return Packable(block.name_hint, arg, k, n, rows)
 
 
-def packed_func(func: tvm.tirx.PrimFunc, site: Packable, width: int) -> tvm.tirx.PrimFunc:
-    """``func`` reading its weight as ``Wp[j // width, k, j % width]``."""
+def packed_func(
+    func: tvm.tirx.PrimFunc, site: Packable, width: int, lanes: int
+) -> tvm.tirx.PrimFunc:
+    """``func`` reading its weight as ``Wp[j // width, k, j % width]``.
+
+    Where :func:`schedules.padding` asks for it (``width`` does not divide ``N``, or the
+    rows leave the register tile short), the matmul is first padded to whole panels and
+    row tiles (:func:`schedules.zero_pad`): it computes ``ceil(N / width) * width``
+    columns into a padded result, of which the epilogue keeps the ``N`` real ones. The
+    weight parameter becomes the padded panels, zero past column ``N``, as :func:`pack`
+    writes them; padded rows of A are copied in the function, per call.
+    """
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     block = sch.get_sblock(site.block)
+    pad = schedules.padding(site.rows or 1, site.n, lanes, packed=width)
+    schedules.zero_pad(sch, block, pad)
     sch.transform_layout(block, ("read", 1), lambda k, j: (j // width, k, j % width))
-    return sch.mod["main"]
+    if pad[1] == 1:
+        return sch.mod["main"]
+    weight = sch.get(block).reads[1].source
+    (pad,) = [b for b in sch.get_producers(block) if sch.get(b).writes[0].source.same_as(weight)]
+    return _precomputed(sch, pad, site.arg)
+
+
+def _precomputed(sch: Any, block: Any, arg: int) -> tvm.tirx.PrimFunc:
+    """The function of ``sch`` without root-level ``block``: what ``block`` writes (from
+    parameter ``arg``) becomes parameter ``arg``, computed by the caller (here
+    :func:`pack`, at compile time). TVM's ``SplitLayoutRewritePreproc`` does the same
+    for MetaSchedule's layout rewrites, as a second function the caller runs."""
+    from tvm import s_tir, tirx
+
+    func = sch.mod["main"]
+    written = sch.get(block).writes[0].source
+    nest = sch.get(sch.get_loops(block)[0])
+    root = func.body.block
+    body = tirx.SeqStmt([stmt for stmt in root.body.seq if not stmt.same_as(nest)])
+    allocs = [buffer for buffer in root.alloc_buffers if not buffer.same_as(written)]
+    params = list(func.params)
+    params[arg] = written
+    root = s_tir.SBlock(
+        [], [], [], root.name_hint, body, alloc_buffers=allocs, annotations=root.annotations
+    )
+    return tirx.PrimFunc(params, s_tir.SBlockRealize([], True, root), attrs=func.attrs)
 
 
 def pack_matmul_weights(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -125,16 +179,21 @@ def pack_matmul_weights(target: tvm.target.Target) -> tvm.transform.Pass:
     from tvm import relax
 
     width = schedules.pack_width(target)
+    lanes = schedules.vector_lanes(target)
     call_tir = tvm.ir.Op.get("relax.call_tir")
 
     @tvm.transform.module_pass(opt_level=0, name="PackMatmulWeights")
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        sites: dict[str, Packable] = {}
+        sites: dict[str, tuple[Packable, tvm.tirx.PrimFunc]] = {}
         for gv, func in mod.functions.items():
             if isinstance(func, tvm.tirx.PrimFunc):
                 site = find_packable(func, width)
-                if site is not None:
-                    sites[gv.name_hint] = site
+                if site is None:
+                    continue
+                try:
+                    sites[gv.name_hint] = site, packed_func(func, site, width, lanes)
+                except Exception as exc:  # a primitive refused: leave the function unpacked
+                    logger.debug("%s not packed: %s", gv.name_hint, exc)
         if not sites:
             return mod
         packed_vars: dict[str, Any] = {}
@@ -147,9 +206,11 @@ def pack_matmul_weights(target: tvm.target.Target) -> tvm.transform.Pass:
                 if not call.op.same_as(call_tir):
                     return call
                 name = call.args[0].name_hint
-                site = sites.get(name)
+                if name not in sites:
+                    return call
+                site, func = sites[name]
                 args = list(call.args[1].fields)
-                if site is None or site.arg >= len(args):
+                if site.arg >= len(args):
                     return call
                 weight = args[site.arg]
                 if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(
@@ -160,7 +221,6 @@ def pack_matmul_weights(target: tvm.target.Target) -> tvm.transform.Pass:
                     repacked[weight] = relax.const(pack(weight.value.numpy(), width))
                 args[site.arg] = repacked[weight]
                 if name not in packed_vars:
-                    func = packed_func(mod[name], site, width)
                     packed_vars[name] = self.builder_.add_func(func, name + SUFFIX)
                 return relax.Call(
                     call.op,

@@ -17,7 +17,11 @@ loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
   stream past it; the packed panel is one contiguous stream. The epilogue (bias,
   GELU, residual add) runs on each finished tile (a 1 KiB local buffer, in L1) and
   writes the output once; batch, row blocks and panels are fused into the parallel
-  loop.
+  loop. Shapes without whole tiles (N = 197 or 1000; 197 rows) are padded to them
+  (:func:`padding`, :func:`zero_pad`): zero-padded copies of A and B, made once per
+  call, feed the micro-kernel, and the epilogue writes only the real part; a packed B
+  was padded when it was packed. Without it the function would stay scalar (~40x
+  slower).
 * :class:`VectorizedRowReduction`: reductions over the last axis with elementwise
   neighbours (layer norm, softmax): one row per parallel iteration, each row sum or
   max accumulated in ``lanes`` partial results (``rfactor``), elementwise steps
@@ -49,6 +53,8 @@ PANEL_VECTORS = 2
 K_UNROLL = 4
 # A row block of A (rows x K float32) is kept under this many bytes (half of L2).
 ROW_BLOCK_BYTES = 1 << 20
+# Marks the zero-padded input copies that zero_pad adds (kept out of the micro-kernel).
+PAD_ANNOTATION = "rewriter.zero_pad"
 
 
 def cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -109,9 +115,70 @@ def register_tile(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[in
     tile_j = packed or _largest_divisor(cols, PANEL_VECTORS * lanes, lanes)
     if tile_j is None:
         return None
-    accumulators = ACCUMULATORS.get(lanes * 32, 12)
-    tile_i = _largest_divisor(rows, min(MAX_TILE_ROWS, max(accumulators * lanes // tile_j, 1)))
+    tile_i = _largest_divisor(rows, _tile_rows(tile_j, lanes))
     return tile_i or 1, tile_j
+
+
+def padding(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[int, int]:
+    """Multiples to pad a ``rows x cols`` output to (1: as it is), for whole register tiles.
+
+    Columns go to whole panels: ``packed`` wide if B is packed, else ``PANEL_VECTORS *
+    lanes`` wide where no multiple of ``lanes`` up to that divides them. Rows whose best
+    tile (:func:`register_tile`) is under half the tile's height (197 rows: 1) leave too
+    few accumulators to hide the FMA latency; they go to whole tiles where that wastes
+    a smaller fraction of the work than it gains.
+
+    >>> padding(197, 197, 16)
+    (8, 32)
+    >>> padding(128, 1000, 16), padding(128, 1000, 16, packed=32)
+    ((1, 32), (1, 32))
+    >>> padding(128, 1024, 16), padding(9, 64, 16)
+    ((1, 1), (1, 1))
+    """
+    if packed:
+        width, pad_j = packed, packed if cols % packed else 1
+    else:
+        divisor = _largest_divisor(cols, PANEL_VECTORS * lanes, lanes)
+        width = divisor or PANEL_VECTORS * lanes
+        pad_j = 1 if divisor else width
+    limit = _tile_rows(width, lanes)
+    tile_i = _largest_divisor(rows, limit) or 1
+    padded = -(-rows // limit) * limit
+    pad_i = limit if 2 * tile_i < limit and 2 * tile_i * padded < limit * rows else 1
+    return pad_i, pad_j
+
+
+def zero_pad(sch: Any, block: Any, pad: tuple[int, int]) -> bool:
+    """Pad matmul ``block`` (``..., i, j, k``) to multiples ``pad`` of its rows and columns,
+    as :func:`padding` gives them, with ``pad_einsum``; False if there is nothing to pad.
+
+    The inputs whose extents grow are copied, zero-padded, by new producer blocks
+    (annotated :data:`PAD_ANNOTATION`: the matmul rule runs them as copies before the
+    matmul, and never inlines them, which would put their bounds checks in the
+    micro-kernel); the matmul writes a padded result, of which a new consumer block
+    copies the real part. Exact: the padded rows and columns are zeros, and dropped.
+
+    >>> zero_pad(sch, sch.get_sblock("matmul"), (8, 32))  # doctest: +SKIP
+    True
+    """
+    if pad == (1, 1):
+        return False
+    pads = [1] * len(sch.get(block).iter_vars)
+    pads[-2] = pad[1]
+    if pad[0] != 1:
+        pads[-3] = pad[0]
+    before = {sch.get(producer).name_hint for producer in sch.get_producers(block)}
+    sch.pad_einsum(block, pads)
+    for producer in sch.get_producers(block):
+        if sch.get(producer).name_hint not in before:
+            sch.annotate(producer, PAD_ANNOTATION, 1)
+    return True
+
+
+def _tile_rows(tile_j: int, lanes: int) -> int:
+    """Rows of a register tile ``tile_j`` wide, at most: accumulators fill the registers."""
+    accumulators = ACCUMULATORS.get(lanes * 32, 12)
+    return min(MAX_TILE_ROWS, max(accumulators * lanes // tile_j, 1))
 
 
 def _row_block(rows: int, depth: int, tile_i: int) -> int:
@@ -189,10 +256,17 @@ def _rules() -> dict[str, Any]:
             packed = _matmul_b_layout(sch, reductions[0].block_rv)
             if packed is None:
                 return None
+            gemv = not reductions[0].dom_kind().endswith("SSR")
+            if not packed:  # a packed B was padded, if need be, when it was packed
+                infos = self._pad(sch, infos, reductions[0].block_rv, gemv)
+                reductions = [info for info in infos if not info.is_injective()]
             position = infos.index(reductions[0])
-            # Producers (e.g. a transpose of B) are computed inline into the matmul.
+            # Producers (e.g. a transpose of B) are computed inline into the matmul, or
+            # into the zero-padded copy of its input they feed; those copies stay apart.
+            pad_copies = [info.block_rv for info in infos[:position] if _is_pad(sch, info)]
             for info in infos[:position]:
-                sch.compute_inline(info.block_rv)
+                if not _is_pad(sch, info):
+                    sch.compute_inline(info.block_rv)
             epilogue = infos[position + 1 :]
             for info in epilogue[:-1]:
                 sch.compute_inline(info.block_rv)
@@ -201,7 +275,7 @@ def _rules() -> dict[str, Any]:
             extents = static_extents(sch, loops)
             if extents is None:
                 return None
-            if not reductions[0].dom_kind().endswith("SSR"):
+            if gemv:
                 # One row (a GEMV, its unit row loop normalized away): tile a unit loop.
                 sch.add_unit_loop(loops[-2])
                 loops = sch.get_loops(block)
@@ -239,7 +313,26 @@ def _rules() -> dict[str, Any]:
                 sch.vectorize(inner)
             sch.parallel(sch.fuse(*batch, mc, jo))
             sch.decompose_reduction(block, k_loops[0])
+            for copy in pad_copies:
+                # Once per call, before the matmul: rows in parallel, vectorized along them.
+                *outer, inner = sch.get_loops(copy)
+                sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                sch.vectorize(inner)
             return sch
+
+        def _pad(self, sch: Any, infos: list[Any], block: Any, gemv: bool) -> list[Any]:
+            """``infos`` once matmul ``block`` is padded to whole register tiles, if it
+            needs to be (:func:`padding`, :func:`zero_pad`)."""
+            extents = static_extents(sch, sch.get_loops(block))
+            if extents is None:
+                return infos
+            pad = padding(1 if gemv else extents[-3], extents[-2], self.lanes)
+            if not zero_pad(sch, block, pad):
+                return infos
+            return normalize_prim_func(sch) or []
+
+    def _is_pad(sch: Any, info: Any) -> bool:
+        return PAD_ANNOTATION in sch.get(info.block_rv).annotations
 
     def _matmul_b_layout(sch: Any, block: Any) -> int | None:
         """0 for ``A[..., i, k] * B[..., k, j]``, NB for a packed ``Bp[j // NB, k, j % NB]``,

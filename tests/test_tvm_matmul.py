@@ -4,6 +4,9 @@
   copy of its PrimFunc, the weight repacked as ``[N / NB, K, NB]``; other matmuls are left.
 * :mod:`rewriter.backends.schedules`: the packed matmul gets the register-tiled
   micro-kernel (zmm FMAs on avx512), row reductions (layer norm) a vectorized rfactor.
+* Ragged shapes (N = 197, 1000, 30522; 197 rows): the constant weight is packed
+  zero-padded to whole panels, a computed B is padded in the function
+  (``pad_einsum``), and the micro-kernel runs on whole tiles; the real columns are kept.
 * Every compiled model agrees with ONNX Runtime within
   :data:`rewriter.backends.compile_check.COMPILED_TOLERANCE` (float32: 1e-4 of the
   output's scale). Packing is exact (same products, same order); the tiled schedule
@@ -92,6 +95,31 @@ def layer_norm_model(shape: tuple[int, ...]) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def attention_model(heads: int, sequence: int, dim: int) -> onnx.ModelProto:
+    """``(Q @ K^T * scale) @ V`` (attention's two matmuls, the softmax left out) as an
+    export writes it, K^T a Transpose: batched matmuls with a computed B, N = sequence
+    and then N = dim."""
+    qkv = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, heads, sequence, dim])
+        for name in "qkv"
+    ]
+    scale = numpy_helper.from_array(np.array(dim**-0.5, np.float32), "scale")
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Mul", ["s", "scale"], ["p"]),
+        helper.make_node("MatMul", ["p", "v"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        qkv,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, heads, sequence, dim])],
+        [scale],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def feeds_for(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(SEED + 1)
     feeds = {}
@@ -129,6 +157,36 @@ def prim_funcs(mod: object) -> dict[str, object]:
     return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}  # type: ignore[attr-defined]
 
 
+def scheduled(proto: onnx.ModelProto, target: str = "avx512") -> dict[str, object]:
+    """The PrimFuncs as :func:`backend.compile` schedules them: packed, then our rules."""
+    mod, tvm_target = fused(proto, target)
+    with tvm_target:
+        mod = pack_weights.pack_matmul_weights(tvm_target)(mod)
+        mod = schedules.cpu_schedule(tvm_target)(mod)
+    return prim_funcs(mod)
+
+
+def micro_kernel(func: object) -> list[tuple[object, int]]:
+    """``(kind, extent)`` of the loops around the matmul's update block."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("matmul_update"))]
+    return [(loop.kind, int(loop.extent)) for loop in loops]
+
+
+def assert_register_tiled(funcs: dict[str, object], count: int, rows: int = 8) -> None:
+    """``count`` matmuls, each scheduled with whole ``rows`` x 32 register tiles (avx512)."""
+    import tvm
+
+    matmuls = [f for name, f in funcs.items() if "matmul" in name]
+    assert len(matmuls) == count, sorted(funcs)
+    for func in matmuls:
+        assert func.attrs["tirx.is_scheduled"]  # type: ignore[attr-defined]
+        unrolled, vectorized = tvm.tirx.ForKind.UNROLLED, tvm.tirx.ForKind.VECTORIZED
+        assert micro_kernel(func)[-2:] == [(unrolled, rows), (vectorized, 32)]
+
+
 # --- packing ---------------------------------------------------------------------------
 
 
@@ -160,6 +218,27 @@ def test_constant_weight_is_packed_and_original_dropped():
     )
 
 
+def test_pack_pads_the_last_panel_with_zeros():
+    weight = np.arange(1, 16, dtype=np.float32).reshape(3, 5)
+    packed = pack_weights.pack(weight, 4)
+    assert packed.shape == (2, 3, 4)
+    np.testing.assert_array_equal(packed[1, :, :1], weight[:, 4:])
+    np.testing.assert_array_equal(packed[1, :, 1:], 0.0)
+
+
+def test_ragged_weight_is_packed_in_padded_panels():
+    mod, target = fused(dense_model((1, 16, 64), 40))
+    funcs = prim_funcs(pack_weights.pack_matmul_weights(target)(mod))
+    (name,) = [n for n in funcs if n.endswith(pack_weights.SUFFIX)]
+    script = funcs[name].script()
+    # N = 40: two 32-column panels, the weight parameter itself (no copy in the function).
+    panels = r"param_\d+_pad: T.Buffer\(\(T.int64\(2\), T.int64\(64\), T.int64\(32\)\)"
+    assert re.search(panels, script)
+    assert "if_then_else" not in script
+    # The matmul fills 64 columns; the epilogue writes the 40 real ones.
+    assert "T.sblock_alloc_buffer((T.int64(1), T.int64(16), T.int64(64)))" in script
+
+
 def test_pack_pass_is_idempotent():
     import tvm
 
@@ -169,16 +248,8 @@ def test_pack_pass_is_idempotent():
     tvm.ir.assert_structural_equal(once, twice)
 
 
-@pytest.mark.parametrize(
-    "model",
-    [
-        dense_model((1, 16, 64), 96, weight_input=True),  # W is computed: nothing to pack
-        dense_model((1, 16, 64), 40),  # N = 40 is no multiple of the 32-wide panel
-    ],
-    ids=["weight-input", "n-not-multiple"],
-)
-def test_matmuls_that_cannot_be_packed_are_left(model):
-    mod, target = fused(model)
+def test_matmul_with_computed_weight_is_left_unpacked():
+    mod, target = fused(dense_model((1, 16, 64), 96, weight_input=True))
     packed = pack_weights.pack_matmul_weights(target)(mod)
     assert not any(name.endswith(pack_weights.SUFFIX) for name in prim_funcs(packed))
     assert set(prim_funcs(packed)) == set(prim_funcs(mod))
@@ -202,24 +273,72 @@ def test_register_tile_sizes():
     assert schedules.register_tile(7, 40, 16) is None  # no vector-multiple column tile
 
 
+def test_padding_sizes():
+    assert schedules.padding(128, 1024, 16) == (1, 1)  # whole tiles already
+    assert schedules.padding(128, 1000, 16) == (1, 32)  # 1000 -> 1024 columns
+    assert schedules.padding(197, 197, 16) == (8, 32)  # ViT scores: 200 x 224
+    assert schedules.padding(197, 64, 16) == (8, 1)  # ViT context: a 1-row tile otherwise
+    assert schedules.padding(9, 64, 16) == (1, 1)  # 3-row tiles beat 16 rows for 9
+    assert schedules.padding(12, 36, 8) == (1, 16)  # AVX2: 16-column panels
+
+
 def test_packed_matmul_gets_the_register_tiled_schedule():
     import tvm
-    from tvm import s_tir
 
-    mod, target = fused(dense_model((1, 16, 64), 96))
-    with target:
-        mod = schedules.cpu_schedule(target)(pack_weights.pack_matmul_weights(target)(mod))
-    (name,) = [n for n in prim_funcs(mod) if n.endswith(pack_weights.SUFFIX)]
-    func = prim_funcs(mod)[name]
+    funcs = scheduled(dense_model((1, 16, 64), 96))
+    (name,) = [n for n in funcs if n.endswith(pack_weights.SUFFIX)]
+    func = funcs[name]
     assert func.attrs["tirx.is_scheduled"]
-    sch = s_tir.Schedule(func)
-    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("matmul_update"))]
-    kinds = [loop.kind for loop in loops]
-    extents = [int(loop.extent) for loop in loops]
+    kinds, extents = zip(*micro_kernel(func), strict=True)
     # parallel panels, row tiles, k / 4, then k unrolled by 4, 8 rows unrolled, 32 lanes.
     assert kinds[0] == tvm.tirx.ForKind.PARALLEL
-    assert kinds[-3:] == [tvm.tirx.ForKind.UNROLLED] * 2 + [tvm.tirx.ForKind.VECTORIZED]
-    assert extents[-3:] == [schedules.K_UNROLL, 8, 32]
+    assert list(kinds[-3:]) == [tvm.tirx.ForKind.UNROLLED] * 2 + [tvm.tirx.ForKind.VECTORIZED]
+    assert list(extents[-3:]) == [schedules.K_UNROLL, 8, 32]
+
+
+@pytest.mark.parametrize(
+    ("n", "epilogue", "weight_input"),
+    [
+        (197, "none", False),
+        (1000, "gelu", False),  # an ImageNet head
+        (30522, "residual", False),  # BERT's MLM head
+        (197, "gelu", True),
+        (1000, "tanh", True),
+    ],
+    ids=["197-const", "1000-gelu-const", "30522-residual-const", "197-gelu-input", "1000-input"],
+)
+def test_ragged_n_gets_whole_tiles_and_agrees(n, epilogue, weight_input):
+    # M = 8, K = 64 keep the build and ORT fast; N has no 16-multiple divisor up to 32.
+    model = dense_model((1, 8, 64), n, epilogue, weight_input=weight_input)
+    funcs = scheduled(model)
+    assert_register_tiled(funcs, 1)
+    (name,) = [name for name in funcs if "matmul" in name]
+    assert name.endswith(pack_weights.SUFFIX) != weight_input  # constant weights are packed
+    assert_agrees_with_ort(model)
+
+
+@pytest.mark.parametrize("weight_input", [False, True], ids=["const", "input"])
+def test_ragged_gemv_gets_whole_tiles_and_agrees(weight_input):
+    # One row (a batch-1 classifier head): the GEMV path, 1000 columns in 32 panels.
+    model = dense_model((1, 64), 1000, "tanh", weight_input=weight_input)
+    assert_register_tiled(scheduled(model), 1, rows=1)
+    assert_agrees_with_ort(model)
+
+
+def test_ragged_rows_of_a_packed_matmul_get_whole_tiles_and_agree():
+    # ViT's linear layers: 197 rows (a 1-row tile otherwise), padded to 200; N divides.
+    model = dense_model((1, 197, 64), 96, "gelu")
+    funcs = scheduled(model)
+    assert_register_tiled(funcs, 1)
+    assert all(name.endswith(pack_weights.SUFFIX) for name in funcs)
+    assert_agrees_with_ort(model)
+
+
+def test_attention_with_197_tokens_gets_whole_tiles_and_agrees():
+    # ViT: scores 197 x 197 (rows and columns padded), context 197 x 64 (rows padded).
+    model = attention_model(heads=2, sequence=197, dim=64)
+    assert_register_tiled(scheduled(model), 2)
+    assert_agrees_with_ort(model)
 
 
 def test_avx512_matmul_uses_zmm_fma():
