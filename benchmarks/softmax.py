@@ -12,7 +12,8 @@ arXiv 2001.04438) reads each row twice and writes it once. Columns, all on the s
 * ``ort``: ONNX Runtime ``Softmax`` (axis -1) with its output bound to our buffer
 * ``memcpy``: ``numpy.copyto`` (one read, one write)
 * ``floor``: 2 reads + 1 write at the read and write bandwidths measured on the spot
-  with TIR probes that use the same loads and stores as the kernel
+  with TIR probes that use the same loads and stores as the kernel (and the same
+  segments of a long row, so the same number of threads)
 
 Each measurement is the median over rounds; within a round the methods run in turn
 (interleaved), so a noisy machine slows all of them alike. Each thread count runs in a
@@ -32,7 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-IN_CACHE = [(64, 1024), (1, 32768), (128, 4096)]
+IN_CACHE = [(64, 1024), (1, 32768), (128, 4096), (1536, 128)]  # the last: BERT attention rows
 OUT_OF_CACHE = [(1, 1 << 24), (1, 1 << 26), (4096, 16384)]
 PEERS = ["tvm-stock", "three-pass", "torch", "ort"]
 
@@ -93,8 +94,11 @@ def measure_shape(
         stock_softmax,
         write_probe,
     )
+    from rewriter.backends.kernels.softmax import split_segments
 
     target = cpu_target()
+    segments = split_segments(rows, cols)
+    view = (rows * segments, cols // segments)
     x = aligned_empty((rows, cols))
     x[:] = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32) * 4
     y = aligned_empty((rows, cols))
@@ -108,8 +112,9 @@ def measure_shape(
         "torch": _torch_softmax(x, y, threads),
         "ort": _ort_softmax(x, y, threads),
         "memcpy": lambda: np.copyto(y, x),
-        "read": bind(read_probe(rows, cols, target), target, x, scratch),
-        "write": bind(write_probe(rows, cols, target), target, x, y),
+        # On the kernel's segments of a long row, so that the probes use as many threads.
+        "read": bind(read_probe(*view, target), target, x.reshape(view), scratch.reshape(view)),
+        "write": bind(write_probe(*view, target), target, x.reshape(view), y.reshape(view)),
     }
     big = rows * cols * 4 > (32 << 20)
     min_seconds = 0.0 if big else 0.02
@@ -168,7 +173,7 @@ def main() -> None:
     rounds = args.rounds or (3 if args.quick else 9)
     shapes = IN_CACHE + OUT_OF_CACHE
     if args.quick:
-        shapes = [(64, 1024), (1, 32768), (1, 1 << 24), (4096, 16384)]
+        shapes = [(64, 1024), (1536, 128), (1, 1 << 24), (4096, 16384)]
     if args.child is not None:
         _child(args.child, shapes, rounds, args.clock)
         return
