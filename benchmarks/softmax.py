@@ -52,6 +52,8 @@ def _ort_softmax(x: np.ndarray, y: np.ndarray, threads: int) -> Callable[[], Non
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Its idle threads must not spin on the cores the next contender runs on.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
@@ -180,7 +182,10 @@ def main() -> None:
     for threads in [int(t) for t in args.threads.split(",")]:
         env = dict(os.environ)
         count = threads or os.cpu_count() or 1
-        env.update(TVM_NUM_THREADS=str(count), OMP_NUM_THREADS=str(count))
+        # OMP_WAIT_POLICY: torch's idle OpenMP threads sleep instead of spinning.
+        env.update(
+            TVM_NUM_THREADS=str(count), OMP_NUM_THREADS=str(count), OMP_WAIT_POLICY="PASSIVE"
+        )
         cmd = [
             sys.executable,
             __file__,

@@ -1,0 +1,221 @@
+"""Benchmark: matmuls without whole register tiles against their divisible neighbours.
+
+Shapes real models have whose output width (or row count) no register tile divides:
+a 1000-class head, BERT's 30522-word LM head, ViT's 197 tokens (its linears, and its
+attention scores ``Q @ K^T`` with K an input). Each is compiled through our pipeline
+(``rewriter.backends.tvm.compile``, which pads them to whole tiles: zero-padded weight
+panels at compile time, zero-padded copies of computed inputs once per call), and
+timed side by side, in interleaved rounds on one thread, against:
+
+* ``unpadded``: the same pipeline with the padding turned off, as it was before: such a
+  matmul is left to TVM's stock lowering (scalar loops);
+* ``ort``: ONNX Runtime on the same model;
+* the divisible neighbour (N = 1024, 30528; 192 rows) through our pipeline: how much
+  of the whole-tile speed the padded shape keeps.
+
+GFLOP/s count the real (unpadded) flops; ratios are peer time / our time. Run::
+
+    TVM_NUM_THREADS=1 .venv/bin/python benchmarks/matmul_shapes.py [--seconds 4] [--only lm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from rewriter.backends import pack_weights, schedules
+from rewriter.backends import tvm as backend
+
+
+def dense(rows: int, k: int, n: int, gelu: bool) -> onnx.ModelProto:
+    """``x[1, rows, k] @ W[k, n] + b`` (then erf-GELU), as a BERT export writes it."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Add", ["h", "b"], ["y"]),
+    ]
+    if gelu:
+        for name, value in (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5)):
+            inits.append(numpy_helper.from_array(np.array(value, np.float32), name))
+        nodes[-1] = helper.make_node("Add", ["h", "b"], ["z"])
+        nodes += [
+            helper.make_node("Div", ["z", "sqrt2"], ["d"]),
+            helper.make_node("Erf", ["d"], ["e"]),
+            helper.make_node("Add", ["e", "one"], ["e1"]),
+            helper.make_node("Mul", ["z", "e1"], ["m"]),
+            helper.make_node("Mul", ["m", "half"], ["y"]),
+        ]
+    return _model(nodes, {"x": [1, rows, k]}, [1, rows, n], inits)
+
+
+def scores(heads: int, tokens: int, depth: int) -> onnx.ModelProto:
+    """Attention scores ``Q @ K^T / 8`` with ``K^T`` an input (not a constant)."""
+    inits = [numpy_helper.from_array(np.array(0.125, np.float32), "c")]
+    nodes = [
+        helper.make_node("MatMul", ["q", "kt"], ["m"]),
+        helper.make_node("Mul", ["m", "c"], ["y"]),
+    ]
+    shapes = {"q": [1, heads, tokens, depth], "kt": [1, heads, depth, tokens]}
+    return _model(nodes, shapes, [1, heads, tokens, tokens], inits)
+
+
+def _model(
+    nodes: list[onnx.NodeProto],
+    inputs: dict[str, list[int]],
+    out: list[int],
+    inits: list[onnx.TensorProto],
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "matmul",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+# (group, label, model, flops, neighbour label, neighbour model)
+CASES = [
+    (
+        "dense",
+        "128x768x1000 +b",
+        dense(128, 768, 1000, False),
+        "N=1024",
+        dense(128, 768, 1024, False),
+    ),
+    (
+        "gelu",
+        "128x768x1000 gelu",
+        dense(128, 768, 1000, True),
+        "N=1024",
+        dense(128, 768, 1024, True),
+    ),
+    ("lm", "8x768x30522 +b", dense(8, 768, 30522, False), "N=30528", dense(8, 768, 30528, False)),
+    ("vit", "197x768x768 gelu", dense(197, 768, 768, True), "M=192", dense(192, 768, 768, True)),
+    ("scores", "12x197x64x197", scores(12, 197, 64), "192 tokens", scores(12, 192, 64)),
+]
+
+
+def flops(model: onnx.ModelProto) -> float:
+    """2 x the multiply-adds of the model's MatMul (from its input and output shapes)."""
+    dims = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*model.graph.input, *model.graph.output]
+    }
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    matmul = model.graph.node[0]
+    depth = {**dims, **weights}[matmul.input[1]][-2]
+    return 2.0 * float(np.prod(dims["y"])) * depth
+
+
+@contextmanager
+def unpadded() -> Iterator[None]:
+    """Our pipeline as it was before padding: ragged shapes neither packed nor padded."""
+    padding, find = schedules.padding, pack_weights.find_packable
+
+    def whole_panels_only(func, width):  # type: ignore[no-untyped-def]
+        site = find(func, width)
+        return site if site is not None and site.n % width == 0 else None
+
+    schedules.padding = lambda *args, **kwargs: (1, 1)
+    pack_weights.find_packable = whole_panels_only
+    try:
+        yield
+    finally:
+        schedules.padding, pack_weights.find_packable = padding, find
+
+
+def feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {
+        v.name: rng.standard_normal([d.dim_value for d in v.type.tensor_type.shape.dim]).astype(
+            np.float32
+        )
+        for v in model.graph.input
+    }
+
+
+def tvm_call(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> Callable[[], None]:
+    """Compile for avx512, check against ORT (1e-4 of the output scale), return one call."""
+    import tvm
+
+    compiled = backend.compile(model, "avx512")
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, inputs)[0]
+    error = float(np.abs(compiled.run(inputs)["y"] - expected).max() / np.abs(expected).max())
+    assert error < 1e-4, f"compiled output differs from ONNX Runtime's by {error:.2g}"
+    vm = compiled._machine()
+    args = [tvm.runtime.tensor(inputs[name], tvm.cpu(0)) for name in compiled.input_names]
+    return lambda: vm["main"](*args)
+
+
+def ort_call(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> Callable[[], None]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return lambda: session.run(None, inputs)
+
+
+def interleaved(calls: dict[str, Callable[[], None]], seconds: float) -> dict[str, float]:
+    """Median seconds per call of each: rounds of ~20 ms of calls of each, in turn."""
+    repeats = {}
+    for name, call in calls.items():
+        call()
+        start = time.perf_counter()
+        call()
+        repeats[name] = max(1, int(0.02 / (time.perf_counter() - start)))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times[next(iter(calls))]) < 5:
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(repeats[name]):
+                call()
+            times[name].append((time.perf_counter() - start) / repeats[name])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="timing per case")
+    parser.add_argument("--only", default="", help="groups whose name contains this")
+    args = parser.parse_args()
+    print(
+        f"{'shape':18} {'ours GF/s':>9} {'unpadded':>9} {'ort':>9} {'neighbour':>16}"
+        f" {'vs unpadded':>11} {'vs ort':>7} {'of neighbour':>12}"
+    )
+    for group, label, model, other_label, other in CASES:
+        if args.only not in group:
+            continue
+        inputs, other_inputs = feeds(model), feeds(other)
+        calls = {"ours": tvm_call(model, inputs), "neighbour": tvm_call(other, other_inputs)}
+        with unpadded():
+            calls["unpadded"] = tvm_call(model, inputs)
+        calls["ort"] = ort_call(model, inputs)
+        t = interleaved(calls, args.seconds)
+        work = {name: flops(other if name == "neighbour" else model) for name in t}
+        rate = {name: work[name] / t[name] / 1e9 for name in t}
+        print(
+            f"{label:18} {rate['ours']:9.1f} {rate['unpadded']:9.1f} {rate['ort']:9.1f}"
+            f" {other_label:>8} {rate['neighbour']:7.1f} {t['unpadded'] / t['ours']:10.1f}x"
+            f" {t['ort'] / t['ours']:6.2f}x {rate['ours'] / rate['neighbour']:11.0%}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
