@@ -18,8 +18,7 @@ configurations are then ``TOKENS,0,VOCAB``.
 Time: after a warm-up run, the methods run in turn within each round (interleaved, so a
 noisy machine slows all of them alike); the minimum and the median over rounds are
 printed, and the ratios fused / peer of the medians. A peer whose warm-up took over
-``SLOW_S`` is timed once (TVM's unfused graph at vocabulary 50257: no column tile of
-``backends/schedules.py`` divides it, so its matmul is not register-tiled, ~0.6 GFLOP/s). Memory, per peer:
+``SLOW_S`` is timed once. Memory, per peer:
 
 * ``largest``: the largest intermediate of the compiled module: the Relax VM's memory
   plan and each kernel's own buffers (per thread), from
