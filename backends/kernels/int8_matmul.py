@@ -11,14 +11,13 @@ The inner product is ``vpdpbusd`` (``llvm.x86.avx512.vpdpbusd.512``: 16 int32 la
 adding 4 u8 x s8 products, exact, no saturation), one per 16 output channels and 4
 k-values, applied by tensorizing the 16 x 4 block with :data:`VNNI_INTRIN`.
 
-Schedule (by hand): a ``TILE_M x (TILE_G * 16)`` block of the int32 accumulator lives in
-registers (8 x 48 int32: 24 of the 32 zmm registers), the k loop in steps of 4 runs
-outside the tile, each step broadcasts 4 bytes of each A row and loads one 64-byte row
-of W per 16 channels. Loops, outside in: channel tiles, row tiles, k, the tile; so the
-``K x 48`` panel of W (18 KiB for K = 384) stays in L1 while the rows of A stream past
-it. The epilogue (scale, compensation, bias) runs on the tile before it is stored,
-vectorized by 16; the outer tile loops are fused and parallel. (Measured on one Sapphire
-Rapids core: 600 GOPS for 256 x 384 x 384, 350 for 256 x 384 x 1536.)
+Schedule (by hand, shared with the bf16 kernel: :mod:`rewriter.backends.kernels.dot_tile`):
+an 8 x 48 block of the int32 accumulator lives in registers, the k loop in steps of 4
+runs outside the tile, each step broadcasts 4 bytes of each A row and loads one 64-byte
+row of W per 16 channels; the ``K x 48`` panel of W (18 KiB for K = 384) stays in L1
+while the rows of A stream past it. The epilogue (scale, compensation, bias) runs on the
+tile before it is stored. (Measured on one Sapphire Rapids core: 600 GOPS for 256 x 384 x
+384, 350 for 256 x 384 x 1536.)
 
 Requires static shapes, ``K % 4 == 0``, ``N % 16 == 0`` and a target with ``avx512vnni``
 (:func:`rewriter.backends.qdq_matmul.supported`).
@@ -32,13 +31,11 @@ import tvm
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
+from rewriter.backends.kernels import dot_tile
 from rewriter.backends.qdq_matmul import GROUP, LANES, supported
 
 # Name under which the 16 x 4 VNNI dot product is registered for tensorize.
 VNNI_INTRIN = "rewriter_vnni_dot_16x4"
-# The register tile: TILE_M rows of A times TILE_G groups of 16 output channels.
-TILE_M = 8
-TILE_G = 3
 # LLVM 22 retyped the vpdpbusd operands from <16 x i32> to <64 x i8> (llvm-project #155194).
 _BYTE_OPERANDS_LLVM = 22
 
@@ -92,10 +89,6 @@ def _register_intrinsic() -> None:
 _registered: set[str] = set()
 
 
-def _largest_divisor(extent: int, limit: int) -> int:
-    return next(d for d in range(min(extent, limit), 0, -1) if extent % d == 0)
-
-
 def int8_matmul(m: int, k: int, n: int, *, bias: bool, target: tvm.target.Target) -> tirx.PrimFunc:
     """The scheduled PrimFunc ``(A, W_packed, scale, comp[, bias], Y)``; see the module docstring.
 
@@ -129,31 +122,4 @@ def int8_matmul(m: int, k: int, n: int, *, bias: bool, target: tvm.target.Target
 
     out = te.compute((m, n), epilogue, name="Y")
     func = te.create_prim_func([a, w, scale, comp, *([b] if bias else []), out])
-    return _schedule(func, m, n)
-
-
-def _schedule(func: tirx.PrimFunc, m: int, n: int) -> tirx.PrimFunc:
-    sch = s_tir.Schedule(func)
-    block = sch.get_sblock("acc")
-    i, j, k = sch.get_loops(block)
-    io, ii = sch.split(i, [None, _largest_divisor(m, TILE_M)])
-    jo, jg, jl = sch.split(j, [None, _largest_divisor(n // LANES, TILE_G), LANES])
-    ko, kl = sch.split(k, [None, GROUP])
-    sch.reorder(jo, io, ko, ii, jg, jl, kl)
-    tail = sch.get_sblock("Y")
-    sch.reverse_compute_at(tail, io)
-    rows, cols = sch.get_loops(tail)[-2:]
-    sch.vectorize(sch.split(cols, [None, LANES])[1])
-    sch.unroll(rows)
-    # Annotate before decompose_reduction and tensorize: the parts of the reduction
-    # block are no longer complete blocks, and parallel refuses loops over them.
-    sch.unroll(ii)
-    sch.unroll(jg)
-    sch.parallel(sch.fuse(jo, io))
-    init = sch.decompose_reduction(block, ko)
-    sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, LANES])[1])
-    sch.tensorize(jl, VNNI_INTRIN)
-    # The accumulator tile goes to registers (after tensorize: the intrinsic's
-    # description has a global-scope output).
-    sch.set_scope(init, 0, "local")
-    return sch.mod["main"]
+    return dot_tile.schedule(func, m, n, group=GROUP, intrin=VNNI_INTRIN)

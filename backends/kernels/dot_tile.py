@@ -1,0 +1,80 @@
+"""The register-tiled matmul schedule around a tensorized 16-lane dot-product instruction.
+
+Shared by the int8 kernel (``vpdpbusd``, :mod:`rewriter.backends.kernels.int8_matmul`)
+and the bf16 kernel (``vdpbf16ps``, :mod:`rewriter.backends.kernels.bf16_matmul`). Both
+compute ``acc[m, n] = sum_k A[m, k] W[k, n]`` with ``W`` packed as ``[N/16, K/g, 16,
+g]`` (one 64-byte row holds the ``g`` k-values of 16 output channels), one instruction
+per 16 channels and ``g`` k-values, then an elementwise epilogue ``Y = f(acc)``.
+
+The schedule: a ``TILE_M x (TILE_G * 16)`` block of the accumulator lives in registers
+(8 x 48: 24 of AVX-512's 32 zmm registers), the k loop in steps of ``g`` runs outside
+the tile, each step broadcasts ``g`` values of each A row and loads one 64-byte row of
+W per 16 channels. Loops, outside in: channel tiles, row tiles, k, the tile; so the
+``K x 48`` panel of W stays in L1 while the rows of A stream past it. The epilogue runs
+on the tile before it is stored, vectorized by 16; the outer tile loops are fused and
+parallel.
+
+>>> func = schedule(func, m, n, group=2, intrin="rewriter_bf16_dot_16x2")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from tvm import s_tir, tirx
+
+LANES = 16  # output channels per instruction (32-bit lanes of a zmm register)
+# The register tile: TILE_M rows of A times TILE_G groups of 16 output channels.
+TILE_M = 8
+TILE_G = 3
+
+
+def largest_divisor(extent: int, limit: int) -> int:
+    """The largest divisor of ``extent`` up to ``limit``.
+
+    >>> largest_divisor(12, 8), largest_divisor(7, 3)
+    (6, 1)
+    """
+    return next(d for d in range(min(extent, limit), 0, -1) if extent % d == 0)
+
+
+def schedule(
+    func: tirx.PrimFunc,
+    m: int,
+    n: int,
+    *,
+    group: int,
+    intrin: str,
+    annotations: Mapping[str, str] | None = None,
+) -> tirx.PrimFunc:
+    """Schedule ``func`` (blocks ``acc`` [m, n], reducing over k, and ``Y``, its epilogue)
+    as the module docstring says, tensorizing 16 channels x ``group`` k-values with
+    ``intrin``. ``annotations`` go on the outermost (parallel) loop.
+    """
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("acc")
+    i, j, k = sch.get_loops(block)
+    io, ii = sch.split(i, [None, largest_divisor(m, TILE_M)])
+    jo, jg, jl = sch.split(j, [None, largest_divisor(n // LANES, TILE_G), LANES])
+    ko, kl = sch.split(k, [None, group])
+    sch.reorder(jo, io, ko, ii, jg, jl, kl)
+    tail = sch.get_sblock("Y")
+    sch.reverse_compute_at(tail, io)
+    rows, cols = sch.get_loops(tail)[-2:]
+    sch.vectorize(sch.split(cols, [None, LANES])[1])
+    sch.unroll(rows)
+    # Annotate before decompose_reduction and tensorize: the parts of the reduction
+    # block are no longer complete blocks, and parallel refuses loops over them.
+    sch.unroll(ii)
+    sch.unroll(jg)
+    outer = sch.fuse(jo, io)
+    sch.parallel(outer)
+    for key, value in (annotations or {}).items():
+        sch.annotate(outer, key, value)
+    init = sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.split(sch.get_loops(init)[-1], [None, LANES])[1])
+    sch.tensorize(jl, intrin)
+    # The accumulator tile goes to registers (after tensorize: the intrinsic's
+    # description has a global-scope output).
+    sch.set_scope(init, 0, "local")
+    return sch.mod["main"]
