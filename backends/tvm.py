@@ -4,7 +4,9 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
 
 1. import (:mod:`rewriter.backends.onnx_import` for ONNX,
    :mod:`rewriter.backends.torch_import` for a ``torch.export.ExportedProgram``): our
-   ops become ``call_tir`` to our kernels, weights become constants of the module;
+   ops become ``call_tir`` to our kernels, weights become constants of the module; on
+   targets with AVX512-BF16, bf16 matmuls with a constant weight become ``call_tir`` to
+   our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.bf16_matmul`);
 2. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
    stock ``softmax``) become TVM's polynomial versions (BERT outputs move by ~1e-6
    relative; our two-pass kernel is not touched);
@@ -306,7 +308,7 @@ def relax_pipeline(
     import tvm
     from tvm import relax
 
-    from rewriter.backends import pack_weights, schedules
+    from rewriter.backends import bf16_matmul, bf16_upcast, pack_weights, schedules
 
     gpu = "gpu" in target.keys
     if gpu:
@@ -314,7 +316,10 @@ def relax_pipeline(
     else:
         from tvm.relax.backend.cpu_generic import pipeline as stages
 
-    passes = list(stages.library_dispatch_passes(target))
+    passes = [bf16_upcast.upcast_pass()]  # TVM legalizes no bf16 layer norm
+    if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
+        passes.append(bf16_matmul.rewrite_pass(target))
+    passes += stages.library_dispatch_passes(target)
     if fast_math:
         passes.append(relax.transform.FastMathTransform())
     passes += stages.legalize_passes(target)  # CUDA's ends with dlight's default rules

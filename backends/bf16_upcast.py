@@ -1,0 +1,71 @@
+"""``layer_norm(x_bf16, g, b) -> astype(layer_norm(astype(x, f32), ...), bf16)`` in Relax.
+
+TVM's legalization of ``layer_norm`` and ``rms_norm`` accepts float32 and float16 only
+("layer_norm: only support float32 and float16 for now"), so a bf16 BERT export did not
+compile. Their bf16 calls are computed in float32 here, inputs widened (exact) and the
+result rounded to bf16 once: what TVM's own bf16 legalization does for the ops it
+handles (its TIR computes bf16 arithmetic in float32).
+
+Exact up to that final rounding. Runs before legalization, on every target
+(:func:`rewriter.backends.tvm.relax_pipeline`).
+
+>>> mod = upcast_pass()(mod)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tvm
+
+logger = logging.getLogger(__name__)
+
+# Relax ops whose legalization has no bfloat16.
+UPCAST_OPS = ("relax.nn.layer_norm", "relax.nn.rms_norm")
+
+
+def upcast(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, int]]:
+    """``mod`` with the bf16 calls of :data:`UPCAST_OPS` computed in float32, and how many."""
+    import tvm
+    from tvm import relax
+
+    ops = [tvm.ir.Op.get(name) for name in UPCAST_OPS]
+    stats = {"bf16_norms_upcast": 0}
+
+    @relax.expr_functor.mutator
+    class Upcast(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not any(call.op.same_as(op) for op in ops) or call.ty.dtype != "bfloat16":
+                return call
+            args = [
+                relax.op.astype(arg, "float32")
+                if getattr(arg.ty, "dtype", None) == "bfloat16"
+                else arg
+                for arg in call.args
+            ]
+            stats["bf16_norms_upcast"] += 1
+            wide = self.builder_.emit(relax.Call(call.op, args, call.attrs))
+            return relax.op.astype(wide, "bfloat16")
+
+    mutator = Upcast(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return (mutator.builder_.get() if stats["bf16_norms_upcast"] else mod), stats
+
+
+def upcast_pass() -> tvm.transform.Pass:
+    """:func:`upcast` as a module pass; its count goes to the log."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="UpcastBf16Norms")
+    def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod, stats = upcast(mod)
+        if stats["bf16_norms_upcast"]:
+            logger.info("%d bf16 normalizations computed in float32", stats["bf16_norms_upcast"])
+        return mod
+
+    return pass_

@@ -1,0 +1,152 @@
+"""``Y = A_bf16 @ W_bf16 (+ bias)``, accumulated in float32, as a scheduled TIR PrimFunc (AVX512-BF16).
+
+The kernel of a bf16 matmul with a constant weight (see :mod:`rewriter.backends.bf16_matmul`
+for how the model gets here): ``A`` [M, K] bfloat16, ``W`` bfloat16 packed as
+``[N/16, K/2, 16, 2]`` (``W_packed[n // 16, k // 2, n % 16, k % 2] = W[k, n]``, so one
+64-byte row is the 2 k-values of 16 output channels), accumulated in float32; then, per
+output channel, ``Y[m, n] = acc[m, n] (+ bias[n])`` in float32, stored as float32 or
+rounded to bfloat16 (to nearest, ties to even).
+
+The inner product is ``vdpbf16ps`` (``llvm.x86.avx512bf16.dpbf16ps.512``: 16 float32
+lanes, each adding the 2 products of a pair of bf16 values; the products are exact in
+float32), one per 16 output channels and 2 k-values, applied by tensorizing the 16 x 2
+block with :data:`BF16_INTRIN`. The register tile and loop order are the int8 kernel's
+(:mod:`rewriter.backends.kernels.dot_tile`: 8 x 48 float32 accumulators).
+
+TVM cannot hand LLVM a bfloat vector: its LLVM code generator has no ``bfloat`` type
+(a ``bfloat16`` vector crashes it), and its bf16 legalization turns every bfloat16
+operand into float32. LLVM 17 and later type the intrinsic's operands ``<32 x bfloat>``.
+So the kernel passes the pairs as ``int16x32`` to :data:`DOT_FUNCTION`, a four-line LLVM
+IR function that bitcasts them and calls the intrinsic; TVM links it into the kernel's
+module (``pragma_import_llvm``, always inlined), and the call becomes one ``vdpbf16ps``.
+
+Requires static shapes, ``K % 2 == 0``, ``N % 16 == 0`` and a target with ``avx512bf16``
+(:func:`rewriter.backends.bf16_matmul.supported`).
+
+>>> func = bf16_matmul(128, 384, 1536, bias=True, out_dtype="bfloat16", target=resolve("avx512"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, te, tirx
+from tvm.script import tirx as T
+
+from rewriter.backends.bf16_matmul import GROUP, LANES, supported
+from rewriter.backends.kernels import dot_tile
+
+# Name under which the 16 x 2 bf16 dot product is registered for tensorize.
+BF16_INTRIN = "rewriter_bf16_dot_16x2"
+# The LLVM IR function the intrinsic's implementation calls (see the module docstring).
+DOT_FUNCTION = "rewriter_dpbf16ps"
+OUT_DTYPES = ("bfloat16", "float32")
+# LLVM 17 retyped the vdpbf16ps operands from <16 x i32> to <32 x bfloat>.
+_BFLOAT_OPERANDS_LLVM = 17
+
+
+def dot_function_ir() -> str:
+    """The LLVM IR of :data:`DOT_FUNCTION`: ``(acc <16 x float>, a <32 x i16>, b <32 x i16>)
+    -> <16 x float>``, one ``vdpbf16ps``."""
+    bfloat = tvm.target.codegen.llvm_version_major() >= _BFLOAT_OPERANDS_LLVM
+    operand = "<32 x bfloat>" if bfloat else "<16 x i32>"
+    return f"""
+define <16 x float> @{DOT_FUNCTION}(<16 x float> %acc, <32 x i16> %a, <32 x i16> %b) {{
+  %x = bitcast <32 x i16> %a to {operand}
+  %y = bitcast <32 x i16> %b to {operand}
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, {operand} %x, {operand} %y)
+  ret <16 x float> %r
+}}
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, {operand}, {operand})
+"""
+
+
+def _register_intrinsic() -> None:
+    """Register :data:`BF16_INTRIN` for tensorize."""
+    if BF16_INTRIN in _registered:
+        return
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        a: T.Buffer((GROUP,), "bfloat16", offset_factor=1),  # type: ignore[valid-type]
+        b: T.Buffer((LANES, GROUP), "bfloat16", offset_factor=1),  # type: ignore[valid-type]
+        c: T.Buffer((LANES,), "float32", offset_factor=1),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:LANES], a[0:GROUP], b[0:LANES, 0:GROUP])
+            T.writes(c[0:LANES])
+            for i, k in T.grid(LANES, GROUP):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vk], "float32") * T.cast(b[vi, vk], "float32")
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        a: T.Buffer((GROUP,), "bfloat16", offset_factor=1),  # type: ignore[valid-type]
+        b: T.Buffer((LANES, GROUP), "bfloat16", offset_factor=1),  # type: ignore[valid-type]
+        c: T.Buffer((LANES,), "float32", offset_factor=1),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:LANES], a[0:GROUP], b[0:LANES, 0:GROUP])
+            T.writes(c[0:LANES])
+            # The pair of A broadcast to the 16 lanes; one 64-byte row of W.
+            c[T.ramp(T.int32(0), 1, LANES)] = T.call_pure_extern(
+                "float32x16",
+                DOT_FUNCTION,
+                c.vload([0], "float32x16"),
+                T.reinterpret(
+                    "int16x32",
+                    T.broadcast(T.reinterpret("int32", a.vload([0], "bfloat16x2")), LANES),
+                ),
+                T.reinterpret("int16x32", b.vload([0, 0], "bfloat16x32")),
+            )
+
+    s_tir.TensorIntrin.register(BF16_INTRIN, desc, impl, override=True)
+    _registered.add(BF16_INTRIN)
+
+
+_registered: set[str] = set()
+
+
+def bf16_matmul(
+    m: int, k: int, n: int, *, bias: bool, out_dtype: str, target: tvm.target.Target
+) -> tirx.PrimFunc:
+    """The scheduled PrimFunc ``(A, W_packed[, bias], Y)``; see the module docstring.
+
+    Shapes: ``A`` [m, k] bfloat16, ``W_packed`` [n/16, k/2, 16, 2] bfloat16, ``bias`` [n]
+    float32, ``Y`` [m, n] ``out_dtype`` (bfloat16 or float32).
+    """
+    if not supported(target):
+        raise ValueError(f"bf16_matmul needs an x86 target with avx512bf16, not {target}")
+    if k % GROUP or n % LANES:
+        raise ValueError(f"bf16_matmul needs k % {GROUP} == 0 and n % {LANES} == 0 (k={k}, n={n})")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"bf16_matmul writes {' or '.join(OUT_DTYPES)}, not {out_dtype}")
+    _register_intrinsic()
+    a = te.placeholder((m, k), "bfloat16", name="A")
+    w = te.placeholder((n // LANES, k // GROUP, LANES, GROUP), "bfloat16", name="W")
+    b = te.placeholder((n,), "float32", name="bias")
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute(
+        (m, n),
+        lambda i, j: te.sum(
+            a[i, r].astype("float32")
+            * w[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("float32"),
+            axis=r,
+        ),
+        name="acc",
+    )
+
+    def epilogue(i: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
+        y = acc[i, j] + b[j] if bias else acc[i, j]
+        return y.astype(out_dtype)  # TVM's bf16 legalization rounds to nearest even
+
+    out = te.compute((m, n), epilogue, name="Y")
+    func = te.create_prim_func([a, w, *([b] if bias else []), out])
+    return dot_tile.schedule(
+        func,
+        m,
+        n,
+        group=GROUP,
+        intrin=BF16_INTRIN,
+        annotations={"pragma_import_llvm": dot_function_ir()},
+    )

@@ -1,0 +1,164 @@
+"""Benchmark: our bf16 matmul kernel (vdpbf16ps) against our float32 path and torch.
+
+BERT-shaped linears ``x[1, M, K] @ W[K, N] + b``, each timed side by side in interleaved
+rounds, on one thread:
+
+* ``bf16``: the bf16 ONNX model through ``rewriter.backends.tvm.compile`` for avx512
+  (the Relax rewrite runs our kernel, :mod:`rewriter.backends.bf16_matmul`);
+* ``fp32``: the float32 model through the same pipeline (packed panels, 8 x 32 FMA tile);
+* ``tvm bf16``: the bf16 model with the rewrite off (TVM's bf16 legalization: each bf16
+  operand widened to float32 in our float32 schedule), what bf16 models got before;
+* ``torch bf16`` and ``torch fp32``: ``torch.matmul(x, W) + b`` (oneDNN).
+
+Each TVM library is first checked against float64 numpy on the same values. GFLOP/s
+count ``2 M K N``; ratios are peer time / our bf16 time. Run::
+
+    .venv/bin/python benchmarks/bf16_matmul.py [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts
+
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import torch  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rewriter.backends import bf16_matmul  # noqa: E402
+from rewriter.backends import tvm as backend  # noqa: E402
+
+BF16 = ml_dtypes.bfloat16
+SHAPES = [(128, 384, 1536), (128, 1536, 384), (128, 768, 768)]
+
+
+def dense(m: int, k: int, n: int, dtype: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``x[1, m, k] @ W + b`` as an ONNX model in ``dtype`` (bfloat16 or float32), and its values."""
+    rng = np.random.default_rng(0)
+    values = {
+        "x": rng.standard_normal((1, m, k)).astype(BF16),
+        "w": (rng.standard_normal((k, n)) / np.sqrt(k)).astype(BF16),
+        "b": rng.standard_normal(n).astype(BF16),
+    }
+    if dtype == "float32":
+        values = {name: value.astype(np.float32) for name, value in values.items()}
+        inits = [numpy_helper.from_array(values[name], name) for name in ("w", "b")]
+        elem = TensorProto.FLOAT
+    else:
+        elem = TensorProto.BFLOAT16
+        inits = [
+            helper.make_tensor(
+                name, elem, values[name].shape, values[name].view(np.uint16).tobytes(), raw=True
+            )
+            for name in ("w", "b")
+        ]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "dense",
+        [helper.make_tensor_value_info("x", elem, [1, m, k])],
+        [helper.make_tensor_value_info("y", elem, [1, m, n])],
+        inits,
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8
+    ), values
+
+
+def tvm_call(
+    model: onnx.ModelProto, values: dict[str, np.ndarray], *, rewrite: bool = True
+) -> Callable[[], None]:
+    """Compile for avx512, check against float64 numpy (bf16: 2**-7 of |x| @ |W| + |b|,
+    two bf16 roundings; fp32: 1e-5), return one call."""
+    import tvm
+
+    supported = bf16_matmul.supported
+    if not rewrite:  # the pipeline as it was: no target has the kernel
+        bf16_matmul.supported = lambda target: False  # type: ignore[assignment]
+    try:
+        compiled = backend.compile(model, "avx512")
+    finally:
+        bf16_matmul.supported = supported  # type: ignore[assignment]
+    x, w, b = (values[name].astype(np.float64) for name in ("x", "w", "b"))
+    expected, magnitude = x @ w + b, np.abs(x) @ np.abs(w) + np.abs(b)
+    got = compiled.run({"x": values["x"]})["y"].astype(np.float64)
+    bound = (2.0**-7 if values["x"].dtype == BF16 else 1e-5) * magnitude
+    assert np.all(np.abs(got - expected) <= bound), "compiled output disagrees with numpy"
+    vm = compiled._machine()
+    x_arg = tvm.runtime.tensor(values["x"], tvm.cpu(0))
+    return lambda: vm["main"](x_arg)
+
+
+def torch_call(values: dict[str, np.ndarray], dtype: torch.dtype) -> Callable[[], None]:
+    x, w, b = (torch.from_numpy(values[n].astype(np.float32)).to(dtype) for n in ("x", "w", "b"))
+
+    def call() -> None:
+        with torch.no_grad():
+            torch.matmul(x, w) + b
+
+    return call
+
+
+def interleaved(calls: dict[str, Callable[[], None]], seconds: float) -> dict[str, float]:
+    """Median seconds per call of each: rounds of ~20 ms of calls of each, in turn."""
+    repeats = {}
+    for name, call in calls.items():
+        call()
+        start = time.perf_counter()
+        call()
+        repeats[name] = max(1, int(0.02 / (time.perf_counter() - start)))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times[next(iter(calls))]) < 5:
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(repeats[name]):
+                call()
+            times[name].append((time.perf_counter() - start) / repeats[name])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per shape")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    names = ["bf16", "fp32", "tvm bf16", "torch bf16", "torch fp32"]
+    print(f"GFLOP/s, 1 thread; ratios: peer time / bf16 (ours) time. torch {torch.__version__}")
+    print(
+        f"{'M x K x N':16}"
+        + "".join(f"{name:>11}" for name in names)
+        + "".join(f"{'/' + name:>12}" for name in names[1:])
+    )
+    for m, k, n in SHAPES:
+        model, values = dense(m, k, n, "bfloat16")
+        model32, values32 = dense(m, k, n, "float32")
+        calls = {
+            "bf16": tvm_call(model, values),
+            "fp32": tvm_call(model32, values32),
+            "tvm bf16": tvm_call(model, values, rewrite=False),
+            "torch bf16": torch_call(values, torch.bfloat16),
+            "torch fp32": torch_call(values, torch.float32),
+        }
+        t = interleaved(calls, args.seconds)
+        rate = {name: 2.0 * m * k * n / t[name] / 1e9 for name in names}
+        print(
+            f"{f'{m}x{k}x{n}':16}"
+            + "".join(f"{rate[name]:11.1f}" for name in names)
+            + "".join(f"{t[name] / t['bf16']:11.2f}x" for name in names[1:]),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""bf16 models on the TVM backend: the vdpbf16ps kernel, the Relax rewrite, the fallback.
+
+The reference is float64 numpy on the same bf16 values (ONNX Runtime's CPU provider
+lacks most bf16 kernels). Tolerances, derived rather than picked (``u = 2**-24``, the
+float32 unit roundoff; ``mag = |x| @ |W| + |b|``, which bounds every partial sum):
+
+* float32 output: the kernel sums ``K`` exact products in float32 and adds the bias, so
+  ``|y - ref| <= (K + 2) u mag`` (the classical bound for a float32 sum);
+* bf16 output: that value rounded once to bf16 (8 significant bits, to nearest even: at
+  most ``2**-8`` of it), so ``|y - ref| <= 2**-8 |ref| + 2 (K + 2) u mag``;
+* TVM's own bf16 path (the fallback) rounds the matmul to bf16 before the bias add
+  rounds again: two roundings of values at most ``mag``, ``|y - ref| <= 2**-7 mag``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+tvm = pytest.importorskip("tvm")
+
+from rewriter.backends import bf16_matmul, bf16_upcast, onnx_import, targets  # noqa: E402
+from rewriter.backends import tvm as backend  # noqa: E402
+from rewriter.backends.kernels import bf16_matmul as kernel  # noqa: E402
+
+BF16 = ml_dtypes.bfloat16
+U = 2.0**-24  # float32 unit roundoff
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+needs_bf16 = pytest.mark.skipif(not _cpu_has("avx512_bf16"), reason="this CPU has no AVX512-BF16")
+
+
+def bf16_tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
+    return helper.make_tensor(
+        name, TensorProto.BFLOAT16, array.shape, array.view(np.uint16).tobytes(), raw=True
+    )
+
+
+def dense(
+    rows: int = 32, k: int = 64, n: int = 48, *, bias: bool = True, gemm: bool = False
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``x[1, rows, k] @ W[k, n] (+ b)`` in bf16 (``gemm``: ``Gemm(x[rows, k], W^T, b, transB=1)``)."""
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(BF16)
+    b = rng.standard_normal(n).astype(BF16)
+    shape = [rows, k] if gemm else [1, rows, k]
+    if gemm:
+        nodes = [helper.make_node("Gemm", ["x", "wt", "b"], ["y"], transB=1)]
+        inits = [bf16_tensor(np.ascontiguousarray(weight.T), "wt"), bf16_tensor(b, "b")]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h" if bias else "y"])]
+        inits = [bf16_tensor(weight, "w")]
+        if bias:
+            nodes.append(helper.make_node("Add", ["h", "b"], ["y"]))
+            inits.append(bf16_tensor(b, "b"))
+    graph = helper.make_graph(
+        nodes,
+        "dense",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [*shape[:-1], n])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    x = rng.standard_normal(shape).astype(BF16)
+    return model, {"x": x, "w": weight, "b": b if (bias or gemm) else np.zeros(n, BF16)}
+
+
+def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``x @ w + b`` in float64 from the bf16 values, and ``mag = |x| @ |w| + |b|``."""
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    b64 = np.zeros(w.shape[1]) if b is None else b.astype(np.float64)
+    return x64 @ w64 + b64, np.abs(x64) @ np.abs(w64) + np.abs(b64)
+
+
+def kernel_bound(ref: np.ndarray, mag: np.ndarray, k: int, out_dtype: str) -> np.ndarray:
+    accumulation = (k + 2) * U * mag
+    return accumulation if out_dtype == "float32" else 2.0**-8 * np.abs(ref) + 2 * accumulation
+
+
+def kernel_names(module: tvm.IRModule) -> list[str]:
+    return [gv.name_hint for gv in module.get_global_vars()]
+
+
+def bindings(module: tvm.IRModule) -> list[tuple[str, list[object]]]:
+    """``(op or call_tir callee, constant arguments as numpy)`` of each binding of main."""
+    found = []
+    for block in module["main"].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            args = list(call.args[1].fields) if call.op.name == "relax.call_tir" else call.args
+            name = call.args[0].name_hint if call.op.name == "relax.call_tir" else call.op.name
+            constants = [
+                arg.value.numpy() for arg in args if isinstance(arg, tvm.ir.expr.GenericConst)
+            ]
+            found.append((name, constants))
+    return found
+
+
+# The packing (no TVM build)
+
+
+def test_packed_layout():
+    weight = np.arange(6 * 32).reshape(6, 32)
+    packed = bf16_matmul.pack_weight(weight)
+    assert packed.shape == (2, 3, 16, 2)
+    for k, n in [(0, 0), (5, 31), (3, 17), (4, 2)]:
+        assert packed[n // 16, k // 2, n % 16, k % 2] == weight[k, n]
+
+
+# The kernel
+
+
+@pytest.mark.parametrize(
+    "bias, out_dtype", [(True, "bfloat16"), (False, "float32"), (True, "float32")]
+)
+def test_kernel_uses_vdpbf16ps_on_zmm(bias, out_dtype):
+    target = targets.resolve("avx512")
+    func = kernel.bf16_matmul(6, 64, 48, bias=bias, out_dtype=out_dtype, target=target)
+    asm = tvm.compile(func, target=target).mod.inspect_source("asm")
+    assert "vdpbf16ps" in asm and "zmm" in asm
+
+
+@needs_bf16
+@pytest.mark.parametrize(
+    "m, k, n, bias, out_dtype",
+    [
+        (6, 64, 48, True, "bfloat16"),  # row tile 6, channel tile 3 x 16: not the defaults
+        (16, 96, 32, False, "float32"),
+        (8, 384, 64, True, "float32"),
+    ],
+)
+def test_kernel_agrees_with_float_reference(m, k, n, bias, out_dtype):
+    target = targets.resolve("avx512")
+    lib = tvm.compile(
+        kernel.bf16_matmul(m, k, n, bias=bias, out_dtype=out_dtype, target=target), target=target
+    )
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k)).astype(BF16)
+    weight = rng.standard_normal((k, n)).astype(BF16)
+    b = rng.standard_normal(n).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros((m, n), BF16 if out_dtype == "bfloat16" else np.float32))
+    args = [a, bf16_matmul.pack_weight(weight), *([b] if bias else [])]
+    lib(*[tvm.runtime.tensor(arg) for arg in args], y)
+    ref, mag = reference(a, weight, b.astype(BF16) if bias else None)
+    if bias:  # b is float32 here, not bf16: the reference takes it as it is
+        ref, mag = ref - b.astype(BF16) + b, mag - np.abs(b.astype(BF16)) + np.abs(b)
+    error = np.abs(y.numpy().astype(np.float64) - ref)
+    assert np.all(error <= kernel_bound(ref, mag, k, out_dtype))
+
+
+def test_kernel_refuses_targets_without_bf16_and_ragged_shapes():
+    assert not bf16_matmul.supported(targets.resolve("avx2"))
+    assert bf16_matmul.supported(targets.resolve("avx512"))
+    with pytest.raises(ValueError, match="avx512bf16"):
+        kernel.bf16_matmul(
+            4, 16, 16, bias=False, out_dtype="float32", target=targets.resolve("avx2")
+        )
+    with pytest.raises(ValueError, match="k % 2"):
+        kernel.bf16_matmul(
+            4, 15, 16, bias=False, out_dtype="float32", target=targets.resolve("avx512")
+        )
+
+
+# The Relax rewrite
+
+
+def rewritten(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict[str, object]]:
+    target = targets.resolve("avx512")
+    return bf16_matmul.rewrite(onnx_import.import_onnx(model, target=target), target)
+
+
+@pytest.mark.parametrize(
+    "build, bias_fused",
+    [(lambda: dense(), 1), (lambda: dense(bias=False), 0), (lambda: dense(gemm=True), 1)],
+)
+def test_rewrite_calls_the_kernel(build, bias_fused):
+    model, data = build()
+    module, stats = rewritten(model)
+    assert stats == {"bf16_matmuls": 1, "bias_fused": bias_fused, "skipped": []}
+    assert kernel_names(module).count(bf16_matmul.KERNEL_NAME) == 1
+    found = bindings(module)
+    names = [name for name, _ in found]
+    # The N-D activation is flattened to [M, K] around the kernel; nothing else is left.
+    flatten = ["relax.reshape"] if data["x"].ndim > 2 else []
+    assert names == [*flatten, bf16_matmul.KERNEL_NAME, *flatten]
+    constants = found[len(flatten)][1]
+    np.testing.assert_array_equal(constants[0], bf16_matmul.pack_weight(data["w"]))
+    if bias_fused:
+        np.testing.assert_array_equal(constants[1], data["b"].astype(np.float32))
+    assert len(constants) == 1 + bias_fused
+    again, stats = bf16_matmul.rewrite(module, targets.resolve("avx512"))
+    assert stats["bf16_matmuls"] == 0 and again.same_as(module)
+
+
+@pytest.mark.parametrize("k, n", [(63, 48), (64, 40)])
+def test_ragged_shapes_keep_tvm_path_and_say_why(k, n):
+    module, stats = rewritten(dense(k=k, n=n)[0])
+    assert stats["bf16_matmuls"] == 0
+    assert stats["skipped"] == [f"K={k}, N={n}: the kernel needs K % 2 == 0 and N % 16 == 0"]
+    assert bf16_matmul.KERNEL_NAME not in kernel_names(module)
+    assert "R.matmul" in module["main"].script()
+
+
+# Compiled models
+
+
+@needs_bf16
+@pytest.mark.parametrize("gemm", [False, True])
+def test_compiled_model_agrees_with_float_reference(gemm, caplog):
+    model, data = dense(gemm=gemm)
+    with caplog.at_level(logging.INFO, logger=bf16_matmul.__name__):
+        got = backend.compile(model, "avx512").run({"x": data["x"]})["y"]
+    assert (
+        "1 bf16 matmuls run the vdpbf16ps kernel (1 with their bias folded in)" in caplog.messages
+    )
+    ref, mag = reference(data["x"].reshape(-1, 64), data["w"], data["b"])
+    error = np.abs(got.reshape(ref.shape).astype(np.float64) - ref)
+    assert np.all(error <= kernel_bound(ref, mag, 64, "bfloat16"))
+
+
+@pytest.mark.parametrize("k, n", [(64, 48), (63, 48)])
+def test_fallback_compiles_and_agrees(k, n):
+    """Targets without AVX512-BF16 (and ragged shapes on avx512) keep TVM's bf16 path."""
+    model, data = dense(k=k, n=n)
+    target = "avx2" if k % 2 == 0 else "avx512"
+    if target == "avx512" and not _cpu_has("avx512_bf16"):
+        pytest.skip("this CPU has no AVX-512")
+    got = backend.compile(model, target).run({"x": data["x"]})["y"]
+    ref, mag = reference(data["x"].reshape(-1, k), data["w"], data["b"])
+    error = np.abs(got.reshape(ref.shape).astype(np.float64) - ref)
+    assert np.all(error <= 2.0**-7 * mag)
+
+
+def test_bf16_layer_norm_compiles():
+    """TVM legalizes no bf16 layer_norm: it is computed in float32 and rounded once."""
+    rng = np.random.default_rng(0)
+    scale, shift = rng.standard_normal(64).astype(BF16), rng.standard_normal(64).astype(BF16)
+    graph = helper.make_graph(
+        [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)],
+        "ln",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [4, 64])],
+        [bf16_tensor(scale, "g"), bf16_tensor(shift, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    module, stats = bf16_upcast.upcast(
+        onnx_import.import_onnx(model, target=targets.resolve("avx2"))
+    )
+    assert stats == {"bf16_norms_upcast": 1}
+    x = (rng.standard_normal((4, 64)) * 3 + 1).astype(BF16)
+    got = backend.compile(model, "avx2").run({"x": x})["y"].astype(np.float64)
+    x64 = x.astype(np.float64)
+    normal = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    ref = normal * scale.astype(np.float64) + shift.astype(np.float64)
+    # One bf16 rounding (2**-8 relative) of a float32 result; float32's own error in the
+    # mean, variance and products is ~1e-6 of the row's scale (|ref| <= |g| |normal| + |b|).
+    magnitude = np.abs(normal * scale.astype(np.float64)) + np.abs(shift.astype(np.float64))
+    assert np.all(np.abs(got - ref) <= 2.0**-8 * np.abs(ref) + 1e-5 * magnitude)
