@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rewriter.backends import pack_weights, targets
+
 if TYPE_CHECKING:
     import tvm
     from tvm import relax
@@ -62,12 +64,7 @@ def supported(target: tvm.target.Target) -> bool:
     >>> supported(resolve("avx512")), supported(resolve("avx2"))  # doctest: +SKIP
     (True, False)
     """
-    import tvm
-
-    if target.kind.name != "llvm":
-        return False
-    has = tvm.target.codegen.target_has_features
-    return bool(has("avx512f", target) and has("avx512bf16", target))
+    return targets.x86_has(target, "avx512bf16")
 
 
 def pack_weight(weight: np.ndarray) -> np.ndarray:
@@ -76,10 +73,7 @@ def pack_weight(weight: np.ndarray) -> np.ndarray:
     >>> int(pack_weight(np.arange(4 * 32).reshape(4, 32))[1, 1, 2, 1])  # weight[3, 18]
     114
     """
-    k, n = weight.shape
-    return np.ascontiguousarray(
-        weight.reshape(k // GROUP, GROUP, n // LANES, LANES).transpose(2, 0, 3, 1)
-    )
+    return pack_weights.pack_groups(weight, GROUP, LANES)
 
 
 def refusal(k: int, n: int) -> str:

@@ -77,6 +77,21 @@ def pack(weight: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(k, panels, width).transpose(1, 0, 2))
 
 
+def pack_groups(weight: np.ndarray, group: int, lanes: int = 16) -> np.ndarray:
+    """``W[K, N]`` as ``[N / lanes, K / group, lanes, group]``, the layout of the dot-product
+    kernels (:mod:`rewriter.backends.kernels.dot_tile`): ``packed[n // lanes, k // group,
+    n % lanes, k % group] = W[k, n]``, so one row holds the ``group`` k-values of ``lanes``
+    output channels.
+
+    >>> int(pack_groups(np.arange(8 * 16).reshape(8, 16), 4)[0, 1, 2, 3])  # W[7, 2]
+    114
+    """
+    k, n = weight.shape
+    return np.ascontiguousarray(
+        weight.reshape(k // group, group, n // lanes, lanes).transpose(2, 0, 3, 1)
+    )
+
+
 def find_packable(func: tvm.tirx.PrimFunc, width: int) -> Packable | None:
     """Where ``func``'s matmul reads its weight, if it can be packed ``width`` columns wide.
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from rewriter.backends import pack_weights, targets
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN
 
@@ -211,10 +212,7 @@ def pack_weight(weight: np.ndarray) -> np.ndarray:
     >>> int(pack_weight(np.arange(8 * 16).reshape(8, 16))[0, 1, 2, 3])  # weight[7, 2]
     114
     """
-    k, n = weight.shape
-    return np.ascontiguousarray(
-        weight.reshape(k // GROUP, GROUP, n // LANES, LANES).transpose(2, 0, 3, 1)
-    )
+    return pack_weights.pack_groups(weight, GROUP, LANES)
 
 
 def constants(match: Match) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -290,12 +288,7 @@ def supported(target: tvm.target.Target) -> bool:
     >>> supported(resolve("avx512")), supported(resolve("avx2"))  # doctest: +SKIP
     (True, False)
     """
-    import tvm
-
-    if target.kind.name != "llvm":
-        return False
-    has = tvm.target.codegen.target_has_features
-    return bool(has("avx512f", target) and has("avx512vnni", target))
+    return targets.x86_has(target, "avx512vnni")
 
 
 def emit_int8_matmul(

@@ -69,6 +69,19 @@ def target_dict(name: str, *, cuda_arch: str = DEFAULT_CUDA_ARCH) -> dict[str, A
     raise InputError(f"unknown target {name!r}: choose one of {', '.join(PRESETS)}")
 
 
+def x86_has(target: tvm.target.Target, *features: str) -> bool:
+    """Whether ``target`` is an LLVM (CPU) target with AVX-512 F and every one of ``features``.
+
+    >>> x86_has(resolve("avx512"), "avx512vnni"), x86_has(resolve("avx2"), "avx512vnni")  # doctest: +SKIP
+    (True, False)
+    """
+    import tvm
+
+    if target.kind.name != "llvm":
+        return False
+    return all(tvm.target.codegen.target_has_features(f, target) for f in ("avx512f", *features))
+
+
 def is_gpu(name: str) -> bool:
     """True for presets whose code runs on a GPU (it needs a device to run)."""
     return name == "cuda"

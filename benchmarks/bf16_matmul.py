@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts
 
@@ -33,8 +29,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import interleaved  # noqa: E402
 
 from rewriter.backends import bf16_matmul  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
@@ -107,25 +102,6 @@ def torch_call(values: dict[str, np.ndarray], dtype: torch.dtype) -> Callable[[]
             torch.matmul(x, w) + b
 
     return call
-
-
-def interleaved(calls: dict[str, Callable[[], None]], seconds: float) -> dict[str, float]:
-    """Median seconds per call of each: rounds of ~20 ms of calls of each, in turn."""
-    repeats = {}
-    for name, call in calls.items():
-        call()
-        start = time.perf_counter()
-        call()
-        repeats[name] = max(1, int(0.02 / (time.perf_counter() - start)))
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times[next(iter(calls))]) < 5:
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(repeats[name]):
-                call()
-            times[name].append((time.perf_counter() - start) / repeats[name])
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:

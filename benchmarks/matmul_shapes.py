@@ -21,8 +21,6 @@ GFLOP/s count the real (unpadded) flops; ratios are peer time / our time. Run::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -30,6 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from timing import interleaved
 
 from rewriter.backends import pack_weights, schedules
 from rewriter.backends import tvm as backend
@@ -168,25 +167,6 @@ def ort_call(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> Callable[
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     return lambda: session.run(None, inputs)
-
-
-def interleaved(calls: dict[str, Callable[[], None]], seconds: float) -> dict[str, float]:
-    """Median seconds per call of each: rounds of ~20 ms of calls of each, in turn."""
-    repeats = {}
-    for name, call in calls.items():
-        call()
-        start = time.perf_counter()
-        call()
-        repeats[name] = max(1, int(0.02 / (time.perf_counter() - start)))
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times[next(iter(calls))]) < 5:
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(repeats[name]):
-                call()
-            times[name].append((time.perf_counter() - start) / repeats[name])
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:

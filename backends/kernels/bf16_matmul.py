@@ -29,8 +29,7 @@ Requires static shapes, ``K % 2 == 0``, ``N % 16 == 0`` and a target with ``avx5
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, te, tirx
-from tvm.script import tirx as T
+from tvm import te, tirx
 
 from rewriter.backends.bf16_matmul import GROUP, LANES, supported
 from rewriter.backends.kernels import dot_tile
@@ -61,50 +60,19 @@ declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, {operand}, 
 
 
 def _register_intrinsic() -> None:
-    """Register :data:`BF16_INTRIN` for tensorize."""
-    if BF16_INTRIN in _registered:
-        return
+    """Register :data:`BF16_INTRIN` for tensorize: the pairs go to :data:`DOT_FUNCTION`
+    as ``int16x32`` (see the module docstring)."""
 
-    @T.prim_func(s_tir=True)
-    def desc(
-        a: T.Buffer((GROUP,), "bfloat16", offset_factor=1),  # type: ignore[valid-type]
-        b: T.Buffer((LANES, GROUP), "bfloat16", offset_factor=1),  # type: ignore[valid-type]
-        c: T.Buffer((LANES,), "float32", offset_factor=1),  # type: ignore[valid-type]
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:LANES], a[0:GROUP], b[0:LANES, 0:GROUP])
-            T.writes(c[0:LANES])
-            for i, k in T.grid(LANES, GROUP):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    c[vi] = c[vi] + T.cast(a[vk], "float32") * T.cast(b[vi, vk], "float32")
+    def dot(acc: tirx.Expr, a: tirx.Expr, w: tirx.Expr) -> tirx.Expr:
+        return tirx.call_pure_extern(
+            "float32x16",
+            DOT_FUNCTION,
+            acc,
+            tirx.reinterpret("int16x32", a),
+            tirx.reinterpret("int16x32", w),
+        )
 
-    @T.prim_func(s_tir=True)
-    def impl(
-        a: T.Buffer((GROUP,), "bfloat16", offset_factor=1),  # type: ignore[valid-type]
-        b: T.Buffer((LANES, GROUP), "bfloat16", offset_factor=1),  # type: ignore[valid-type]
-        c: T.Buffer((LANES,), "float32", offset_factor=1),  # type: ignore[valid-type]
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:LANES], a[0:GROUP], b[0:LANES, 0:GROUP])
-            T.writes(c[0:LANES])
-            # The pair of A broadcast to the 16 lanes; one 64-byte row of W.
-            c[T.ramp(T.int32(0), 1, LANES)] = T.call_pure_extern(
-                "float32x16",
-                DOT_FUNCTION,
-                c.vload([0], "float32x16"),
-                T.reinterpret(
-                    "int16x32",
-                    T.broadcast(T.reinterpret("int32", a.vload([0], "bfloat16x2")), LANES),
-                ),
-                T.reinterpret("int16x32", b.vload([0, 0], "bfloat16x32")),
-            )
-
-    s_tir.TensorIntrin.register(BF16_INTRIN, desc, impl, override=True)
-    _registered.add(BF16_INTRIN)
-
-
-_registered: set[str] = set()
+    dot_tile.register_intrinsic(BF16_INTRIN, "bfloat16", "bfloat16", "float32", GROUP, dot)
 
 
 def bf16_matmul(

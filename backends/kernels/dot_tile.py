@@ -19,9 +19,10 @@ parallel.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from tvm import s_tir, tirx
+from tvm.script import tirx as T
 
 LANES = 16  # output channels per instruction (32-bit lanes of a zmm register)
 # The register tile: TILE_M rows of A times TILE_G groups of 16 output channels.
@@ -36,6 +37,56 @@ def largest_divisor(extent: int, limit: int) -> int:
     (6, 1)
     """
     return next(d for d in range(min(extent, limit), 0, -1) if extent % d == 0)
+
+
+# ``dot(acc, a, w)``: the instruction's result from the accumulator vector, a group of A
+# (its g values as one 32-bit value broadcast to the 16 lanes) and a 64-byte row of W.
+Dot = Callable[[tirx.Expr, tirx.Expr, tirx.Expr], tirx.Expr]
+
+
+def register_intrinsic(
+    name: str, a_dtype: str, w_dtype: str, acc_dtype: str, group: int, dot: Dot
+) -> None:
+    """Register ``name`` for tensorize (once): ``c[16] += A[g] . W[16, g]`` in ``acc_dtype``,
+    implemented as ``c = dot(c, broadcast A group, W row)``."""
+    if name in _registered:
+        return
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        a: T.Buffer((group,), a_dtype, offset_factor=1),  # type: ignore[valid-type]
+        b: T.Buffer((LANES, group), w_dtype, offset_factor=1),  # type: ignore[valid-type]
+        c: T.Buffer((LANES,), acc_dtype, offset_factor=1),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:LANES], a[0:group], b[0:LANES, 0:group])
+            T.writes(c[0:LANES])
+            for i, k in T.grid(LANES, group):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vk], acc_dtype) * T.cast(b[vi, vk], acc_dtype)
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        a: T.Buffer((group,), a_dtype, offset_factor=1),  # type: ignore[valid-type]
+        b: T.Buffer((LANES, group), w_dtype, offset_factor=1),  # type: ignore[valid-type]
+        c: T.Buffer((LANES,), acc_dtype, offset_factor=1),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:LANES], a[0:group], b[0:LANES, 0:group])
+            T.writes(c[0:LANES])
+            # One expression: a TVMScript binding would become a one-element buffer.
+            c[T.ramp(T.int32(0), 1, LANES)] = dot(
+                c.vload([0], f"{acc_dtype}x{LANES}"),
+                T.broadcast(T.reinterpret("int32", a.vload([0], f"{a_dtype}x{group}")), LANES),
+                b.vload([0, 0], f"{w_dtype}x{LANES * group}"),
+            )
+
+    s_tir.TensorIntrin.register(name, desc, impl, override=True)
+    _registered.add(name)
+
+
+_registered: set[str] = set()
 
 
 def schedule(

@@ -28,8 +28,7 @@ Requires static shapes, ``K % 4 == 0``, ``N % 16 == 0`` and a target with ``avx5
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, te, tirx
-from tvm.script import tirx as T
+from tvm import te, tirx
 
 from rewriter.backends.kernels import dot_tile
 from rewriter.backends.qdq_matmul import GROUP, LANES, supported
@@ -43,50 +42,19 @@ _BYTE_OPERANDS_LLVM = 22
 def _register_intrinsic() -> None:
     """Register :data:`VNNI_INTRIN` (TVM's own ``dot_16x4_vnni`` passes the operands as
     ``int32x16``, which LLVM 22 rejects)."""
-    if VNNI_INTRIN in _registered:
-        return
     byte_operands = tvm.target.codegen.llvm_version_major() >= _BYTE_OPERANDS_LLVM
     operand = "int8x64" if byte_operands else "int32x16"
 
-    @T.prim_func(s_tir=True)
-    def desc(
-        a: T.Buffer((GROUP,), "uint8", offset_factor=1),  # type: ignore[valid-type]
-        b: T.Buffer((LANES, GROUP), "int8", offset_factor=1),  # type: ignore[valid-type]
-        c: T.Buffer((LANES,), "int32", offset_factor=1),  # type: ignore[valid-type]
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:LANES], a[0:GROUP], b[0:LANES, 0:GROUP])
-            T.writes(c[0:LANES])
-            for i, k in T.grid(LANES, GROUP):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+    def dot(acc: tirx.Expr, a: tirx.Expr, w: tirx.Expr) -> tirx.Expr:
+        return tirx.call_llvm_pure_intrin(
+            "int32x16",
+            "llvm.x86.avx512.vpdpbusd.512",
+            acc,
+            tirx.reinterpret(operand, a),
+            tirx.reinterpret(operand, w),
+        )
 
-    @T.prim_func(s_tir=True)
-    def impl(
-        a: T.Buffer((GROUP,), "uint8", offset_factor=1),  # type: ignore[valid-type]
-        b: T.Buffer((LANES, GROUP), "int8", offset_factor=1),  # type: ignore[valid-type]
-        c: T.Buffer((LANES,), "int32", offset_factor=1),  # type: ignore[valid-type]
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:LANES], a[0:GROUP], b[0:LANES, 0:GROUP])
-            T.writes(c[0:LANES])
-            # One expression: a TVMScript binding would become a one-element buffer.
-            c[T.ramp(T.int32(0), 1, LANES)] = T.call_llvm_pure_intrin(
-                "int32x16",
-                "llvm.x86.avx512.vpdpbusd.512",
-                c.vload([0], "int32x16"),
-                T.reinterpret(
-                    operand, T.broadcast(T.reinterpret("int32", a.vload([0], "uint8x4")), LANES)
-                ),
-                T.reinterpret(operand, b.vload([0, 0], "int8x64")),
-            )
-
-    s_tir.TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
-    _registered.add(VNNI_INTRIN)
-
-
-_registered: set[str] = set()
+    dot_tile.register_intrinsic(VNNI_INTRIN, "uint8", "int8", "int32", GROUP, dot)
 
 
 def int8_matmul(m: int, k: int, n: int, *, bias: bool, target: tvm.target.Target) -> tirx.PrimFunc:
