@@ -23,9 +23,11 @@ def cpu_target() -> str:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "llvm"
-    if " avx512f" in flags and " avx512bw" in flags:
+    words = set(flags.split())
+    # The avx512 preset is x86-64-v4 plus VNNI and BF16 (backends/targets.py).
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16"} <= words:
         return "avx512"
-    return "avx2" if " avx2" in flags else "llvm"
+    return "avx2" if {"avx2", "fma"} <= words else "llvm"
 
 
 def run() -> int:
