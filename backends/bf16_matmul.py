@@ -3,10 +3,11 @@
 On targets with AVX512-BF16, a Relax ``matmul`` of a static bfloat16 activation by a
 constant 2-D bfloat16 weight (or ``permute_dims`` of one: Gemm with ``transB``, a torch
 ``Linear``) runs our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.kernels.bf16_matmul`):
-the weight is packed as ``[N/16, K/2, 16, 2]`` here, at compile time, and a following
-``add`` of a constant ``[N]`` bias (the matmul's only use) is folded into the kernel's
-epilogue. The output keeps the matmul's dtype: bfloat16 (rounded to nearest even) or
-float32 (``out_dtype``).
+the weight is packed as ``[ceil(N/16), K/2, 16, 2]`` here, at compile time (zero past
+column N: a head of 30522 or 1000 classes computes whole groups of 16 channels and
+stores its N), and a following ``add`` of a constant ``[N]`` bias (the matmul's only
+use) is folded into the kernel's epilogue. The output keeps the matmul's dtype: bfloat16
+(rounded to nearest even) or float32 (``out_dtype``).
 
 Without it, TVM legalizes the bf16 matmul to a loop that converts each bf16 operand to
 float32 and multiplies in float32 (our register-tiled schedule), so the rewrite changes
@@ -17,8 +18,8 @@ value; at most one bf16 unit in the last place apart).
 
 Runs before legalization (:func:`rewriter.backends.tvm.relax_pipeline` puts it first on
 CPU targets that :func:`supported` accepts); other targets keep TVM's path. Matmuls it
-cannot take (``K`` odd, ``N`` not a multiple of 16, symbolic shapes, a computed weight)
-keep TVM's path, and :func:`rewrite` says why in its statistics (logged).
+cannot take (``K`` odd, symbolic shapes, a computed weight) keep TVM's path, and
+:func:`rewrite` says why in its statistics (logged).
 
 >>> mod, stats = rewrite(mod, target)  # doctest: +SKIP
 >>> stats["bf16_matmuls"], stats["bias_fused"]  # doctest: +SKIP
@@ -68,7 +69,8 @@ def supported(target: tvm.target.Target) -> bool:
 
 
 def pack_weight(weight: np.ndarray) -> np.ndarray:
-    """Pack ``weight`` [K, N] as ``[N/16, K/2, 16, 2]``: ``packed[n // 16, k // 2, n % 16, k % 2] = weight[k, n]``.
+    """Pack ``weight`` [K, N] as ``[ceil(N/16), K/2, 16, 2]``: ``packed[n // 16, k // 2, n % 16,
+    k % 2] = weight[k, n]``, zero past column N.
 
     >>> int(pack_weight(np.arange(4 * 32).reshape(4, 32))[1, 1, 2, 1])  # weight[3, 18]
     114
@@ -77,9 +79,14 @@ def pack_weight(weight: np.ndarray) -> np.ndarray:
 
 
 def refusal(k: int, n: int) -> str:
-    """Why the kernel cannot take a ``K x N`` weight, or "" when it can."""
-    if k % GROUP or n % LANES:
-        return f"K={k}, N={n}: the kernel needs K % {GROUP} == 0 and N % {LANES} == 0"
+    """Why the kernel cannot take a ``K x N`` weight, or "" when it can (any ``N``: the
+    weight is zero-padded to whole groups of 16 channels).
+
+    >>> refusal(64, 30522), refusal(63, 48)
+    ('', 'K=63, N=48: the kernel needs K % 2 == 0')
+    """
+    if k % GROUP:
+        return f"K={k}, N={n}: the kernel needs K % {GROUP} == 0"
     return ""
 
 

@@ -78,17 +78,23 @@ def pack(weight: np.ndarray, width: int) -> np.ndarray:
 
 
 def pack_groups(weight: np.ndarray, group: int, lanes: int = 16) -> np.ndarray:
-    """``W[K, N]`` as ``[N / lanes, K / group, lanes, group]``, the layout of the dot-product
-    kernels (:mod:`rewriter.backends.kernels.dot_tile`): ``packed[n // lanes, k // group,
-    n % lanes, k % group] = W[k, n]``, so one row holds the ``group`` k-values of ``lanes``
-    output channels.
+    """``W[K, N]`` as ``[ceil(N / lanes), K / group, lanes, group]``, the layout of the
+    dot-product kernels (:mod:`rewriter.backends.kernels.dot_tile`): ``packed[n // lanes,
+    k // group, n % lanes, k % group] = W[k, n]``, zero past column N (as :func:`pack`
+    pads its last panel), so one row holds the ``group`` k-values of ``lanes`` output
+    channels.
 
     >>> int(pack_groups(np.arange(8 * 16).reshape(8, 16), 4)[0, 1, 2, 3])  # W[7, 2]
     114
+    >>> ragged = pack_groups(np.arange(4 * 18).reshape(4, 18), 2)  # N = 18: 2 groups of 16
+    >>> ragged.shape, int(ragged[1, 1, 1, 0]), int(ragged[1, 1, 2, 0])  # W[2, 17], padding
+    ((2, 2, 16, 2), 53, 0)
     """
     k, n = weight.shape
+    groups = -(-n // lanes)
+    weight = np.pad(weight, ((0, 0), (0, groups * lanes - n)))
     return np.ascontiguousarray(
-        weight.reshape(k // group, group, n // lanes, lanes).transpose(2, 0, 3, 1)
+        weight.reshape(k // group, group, groups, lanes).transpose(2, 0, 3, 1)
     )
 
 

@@ -15,6 +15,7 @@ float32 unit roundoff; ``mag = |x| @ |W| + |b|``, which bounds every partial sum
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import ml_dtypes
@@ -121,17 +122,53 @@ def test_packed_layout():
         assert packed[n // 16, k // 2, n % 16, k % 2] == weight[k, n]
 
 
+def test_packed_layout_pads_ragged_n_with_zeros():
+    weight = np.arange(1, 6 * 40 + 1).reshape(6, 40).astype(BF16)  # no zero of its own
+    packed = bf16_matmul.pack_weight(weight)
+    assert packed.shape == (3, 3, 16, 2) and packed.dtype == BF16
+    for k, n in [(0, 0), (5, 39), (3, 32), (4, 17)]:
+        assert packed[n // 16, k // 2, n % 16, k % 2] == weight[k, n]
+    assert not packed[2, :, 8:, :].astype(np.float32).any()  # columns 40..47
+
+
 # The kernel
 
 
 @pytest.mark.parametrize(
-    "bias, out_dtype", [(True, "bfloat16"), (False, "float32"), (True, "float32")]
+    "n, bias, out_dtype",
+    [(48, True, "bfloat16"), (48, False, "float32"), (48, True, "float32"), (40, True, "bfloat16")],
 )
-def test_kernel_uses_vdpbf16ps_on_zmm(bias, out_dtype):
+def test_kernel_uses_vdpbf16ps_on_zmm(n, bias, out_dtype):
     target = targets.resolve("avx512")
-    func = kernel.bf16_matmul(6, 64, 48, bias=bias, out_dtype=out_dtype, target=target)
+    func = kernel.bf16_matmul(6, 64, n, bias=bias, out_dtype=out_dtype, target=target)
     asm = tvm.compile(func, target=target).mod.inspect_source("asm")
     assert "vdpbf16ps" in asm and "zmm" in asm
+
+
+@tvm.instrument.pass_instrument
+class KeepVectorized:
+    """Keeps the module as TVM's ``VectorizeLoop`` leaves it."""
+
+    def __init__(self) -> None:
+        self.mod: tvm.IRModule | None = None
+
+    def run_after_pass(self, mod: tvm.IRModule, info: tvm.transform.PassInfo) -> None:
+        if info.name.endswith("VectorizeLoop"):
+            self.mod = mod
+
+
+@pytest.mark.parametrize("n, vector", [(48, [True]), (40, [True, False]), (1000, [True, False])])
+def test_epilogue_stores_whole_groups_as_vectors(n, vector):
+    """A ragged N adds one scalar store (the partial group); the whole groups stay vectors."""
+    target = targets.resolve("avx512")
+    keep = KeepVectorized()
+    func = kernel.bf16_matmul(8, 64, n, bias=True, out_dtype="bfloat16", target=target)
+    with tvm.transform.PassContext(instruments=[keep]):
+        tvm.compile(func, target=target)
+    assert keep.mod is not None
+    # The stores to Y, in order: a vector store writes a slice, Y[i:i + 16].
+    stores = re.findall(r"^\s*Y\w*\[(.*?)\] = ", keep.mod["main"].script(), re.M)
+    assert [":" in index for index in stores] == vector
 
 
 @needs_bf16
@@ -141,6 +178,8 @@ def test_kernel_uses_vdpbf16ps_on_zmm(bias, out_dtype):
         (6, 64, 48, True, "bfloat16"),  # row tile 6, channel tile 3 x 16: not the defaults
         (16, 96, 32, False, "float32"),
         (8, 384, 64, True, "float32"),
+        (8, 64, 40, True, "bfloat16"),  # ragged N: the last group of 16 is half padding
+        (20, 32, 1000, False, "float32"),  # 4 row tiles of 5 x 21 channel tiles, the last 8 wide
     ],
 )
 def test_kernel_agrees_with_float_reference(m, k, n, bias, out_dtype):
@@ -162,7 +201,7 @@ def test_kernel_agrees_with_float_reference(m, k, n, bias, out_dtype):
     assert np.all(error <= kernel_bound(ref, mag, k, out_dtype))
 
 
-def test_kernel_refuses_targets_without_bf16_and_ragged_shapes():
+def test_kernel_refuses_targets_without_bf16_and_odd_k():
     assert not bf16_matmul.supported(targets.resolve("avx2"))
     assert bf16_matmul.supported(targets.resolve("avx512"))
     with pytest.raises(ValueError, match="avx512bf16"):
@@ -206,13 +245,25 @@ def test_rewrite_calls_the_kernel(build, bias_fused):
     assert stats["bf16_matmuls"] == 0 and again.same_as(module)
 
 
-@pytest.mark.parametrize("k, n", [(63, 48), (64, 40)])
-def test_ragged_shapes_keep_tvm_path_and_say_why(k, n):
-    module, stats = rewritten(dense(k=k, n=n)[0])
+def test_odd_k_keeps_tvm_path_and_says_why():
+    module, stats = rewritten(dense(k=63, n=48)[0])
     assert stats["bf16_matmuls"] == 0
-    assert stats["skipped"] == [f"K={k}, N={n}: the kernel needs K % 2 == 0 and N % 16 == 0"]
+    assert stats["skipped"] == ["K=63, N=48: the kernel needs K % 2 == 0"]
     assert bf16_matmul.KERNEL_NAME not in kernel_names(module)
     assert "R.matmul" in module["main"].script()
+
+
+@pytest.mark.parametrize("n", [40, 1000])
+def test_ragged_n_calls_the_kernel(n):
+    """N not a multiple of 16: the weight is packed zero-padded, the kernel writes [M, N]."""
+    model, data = dense(rows=4, k=32, n=n)
+    module, stats = rewritten(model)
+    assert stats == {"bf16_matmuls": 1, "bias_fused": 1, "skipped": []}
+    names = [name for name, _ in bindings(module)]
+    assert names == ["relax.reshape", bf16_matmul.KERNEL_NAME, "relax.reshape"]
+    packed = bindings(module)[1][1][0]
+    assert packed.shape == (-(-n // 16), 16, 16, 2)
+    np.testing.assert_array_equal(packed, bf16_matmul.pack_weight(data["w"]))
 
 
 # Compiled models
@@ -232,9 +283,24 @@ def test_compiled_model_agrees_with_float_reference(gemm, caplog):
     assert np.all(error <= kernel_bound(ref, mag, 64, "bfloat16"))
 
 
+@needs_bf16
+@pytest.mark.parametrize("n", [40, 1000])
+def test_compiled_ragged_n_agrees_with_float_reference(n, caplog):
+    model, data = dense(rows=4, k=32, n=n)
+    with caplog.at_level(logging.INFO, logger=bf16_matmul.__name__):
+        got = backend.compile(model, "avx512").run({"x": data["x"]})["y"]
+    assert (
+        "1 bf16 matmuls run the vdpbf16ps kernel (1 with their bias folded in)" in caplog.messages
+    )
+    assert got.shape == (1, 4, n)
+    ref, mag = reference(data["x"].reshape(-1, 32), data["w"], data["b"])
+    error = np.abs(got.reshape(ref.shape).astype(np.float64) - ref)
+    assert np.all(error <= kernel_bound(ref, mag, 32, "bfloat16"))
+
+
 @pytest.mark.parametrize("k, n", [(64, 48), (63, 48)])
 def test_fallback_compiles_and_agrees(k, n):
-    """Targets without AVX512-BF16 (and ragged shapes on avx512) keep TVM's bf16 path."""
+    """Targets without AVX512-BF16 (and an odd K on avx512) keep TVM's bf16 path."""
     model, data = dense(k=k, n=n)
     target = "avx2" if k % 2 == 0 else "avx512"
     if target == "avx512" and not _cpu_has("avx512_bf16"):

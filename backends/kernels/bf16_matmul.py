@@ -2,10 +2,12 @@
 
 The kernel of a bf16 matmul with a constant weight (see :mod:`rewriter.backends.bf16_matmul`
 for how the model gets here): ``A`` [M, K] bfloat16, ``W`` bfloat16 packed as
-``[N/16, K/2, 16, 2]`` (``W_packed[n // 16, k // 2, n % 16, k % 2] = W[k, n]``, so one
-64-byte row is the 2 k-values of 16 output channels), accumulated in float32; then, per
-output channel, ``Y[m, n] = acc[m, n] (+ bias[n])`` in float32, stored as float32 or
-rounded to bfloat16 (to nearest, ties to even).
+``[ceil(N/16), K/2, 16, 2]`` (``W_packed[n // 16, k // 2, n % 16, k % 2] = W[k, n]``, zero
+past column N, so one 64-byte row is the 2 k-values of 16 output channels), accumulated
+in float32 over whole groups of 16 channels; then, per output channel ``n < N``,
+``Y[m, n] = acc[m, n] (+ bias[n])`` in float32, stored as float32 or rounded to bfloat16
+(to nearest, ties to even). Where 16 does not divide ``N`` (BERT's MLM head: 30522),
+the padded channels are computed from zeros and never stored: ``Y`` is [M, N].
 
 The inner product is ``vdpbf16ps`` (``llvm.x86.avx512bf16.dpbf16ps.512``: 16 float32
 lanes, each adding the 2 products of a pair of bf16 values; the products are exact in
@@ -20,10 +22,10 @@ So the kernel passes the pairs as ``int16x32`` to :data:`DOT_FUNCTION`, a four-l
 IR function that bitcasts them and calls the intrinsic; TVM links it into the kernel's
 module (``pragma_import_llvm``, always inlined), and the call becomes one ``vdpbf16ps``.
 
-Requires static shapes, ``K % 2 == 0``, ``N % 16 == 0`` and a target with ``avx512bf16``
+Requires static shapes, ``K % 2 == 0`` and a target with ``avx512bf16``
 (:func:`rewriter.backends.bf16_matmul.supported`).
 
->>> func = bf16_matmul(128, 384, 1536, bias=True, out_dtype="bfloat16", target=resolve("avx512"))  # doctest: +SKIP
+>>> func = bf16_matmul(8, 768, 30522, bias=True, out_dtype="bfloat16", target=resolve("avx512"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -80,22 +82,24 @@ def bf16_matmul(
 ) -> tirx.PrimFunc:
     """The scheduled PrimFunc ``(A, W_packed[, bias], Y)``; see the module docstring.
 
-    Shapes: ``A`` [m, k] bfloat16, ``W_packed`` [n/16, k/2, 16, 2] bfloat16, ``bias`` [n]
-    float32, ``Y`` [m, n] ``out_dtype`` (bfloat16 or float32).
+    Shapes: ``A`` [m, k] bfloat16, ``W_packed`` [ceil(n/16), k/2, 16, 2] bfloat16
+    (:func:`rewriter.backends.bf16_matmul.pack_weight`), ``bias`` [n] float32, ``Y`` [m, n]
+    ``out_dtype`` (bfloat16 or float32).
     """
     if not supported(target):
         raise ValueError(f"bf16_matmul needs an x86 target with avx512bf16, not {target}")
-    if k % GROUP or n % LANES:
-        raise ValueError(f"bf16_matmul needs k % {GROUP} == 0 and n % {LANES} == 0 (k={k}, n={n})")
+    if k % GROUP:
+        raise ValueError(f"bf16_matmul needs k % {GROUP} == 0 (k={k})")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"bf16_matmul writes {' or '.join(OUT_DTYPES)}, not {out_dtype}")
     _register_intrinsic()
     a = te.placeholder((m, k), "bfloat16", name="A")
-    w = te.placeholder((n // LANES, k // GROUP, LANES, GROUP), "bfloat16", name="W")
+    groups = -(-n // LANES)  # the accumulator's channels: whole groups of 16
+    w = te.placeholder((groups, k // GROUP, LANES, GROUP), "bfloat16", name="W")
     b = te.placeholder((n,), "float32", name="bias")
     r = te.reduce_axis((0, k), name="k")
     acc = te.compute(
-        (m, n),
+        (m, groups * LANES),
         lambda i, j: te.sum(
             a[i, r].astype("float32")
             * w[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("float32"),
@@ -108,12 +112,12 @@ def bf16_matmul(
         y = acc[i, j] + b[j] if bias else acc[i, j]
         return y.astype(out_dtype)  # TVM's bf16 legalization rounds to nearest even
 
-    out = te.compute((m, n), epilogue, name="Y")
+    out = te.compute((m, n), epilogue, name="Y")  # the real channels only
     func = te.create_prim_func([a, w, *([b] if bias else []), out])
     return dot_tile.schedule(
         func,
         m,
-        n,
+        groups * LANES,
         group=GROUP,
         intrin=BF16_INTRIN,
         annotations={"pragma_import_llvm": dot_function_ir()},

@@ -14,6 +14,13 @@ W per 16 channels. Loops, outside in: channel tiles, row tiles, k, the tile; so 
 on the tile before it is stored, vectorized by 16; the outer tile loops are fused and
 parallel.
 
+The epilogue may be narrower than the accumulator: ``Y`` [M, N] from ``acc`` [M, N_pad]
+with ``N_pad = ceil(N / 16) * 16`` (W zero-padded to whole groups of 16 channels), so a
+ragged ``N`` needs no slice copy. Then only the last group of 16 of the last channel tile
+is partial: the epilogue's loop over groups carries TVM's ``pragma_loop_partition_hint``,
+and ``LoopPartition`` splits it where the bound ``j < N`` stops holding, so the whole
+groups stay vectorized and only the partial one runs scalar, storing its real columns.
+
 >>> func = schedule(func, m, n, group=2, intrin="rewriter_bf16_dot_16x2")  # doctest: +SKIP
 """
 
@@ -98,9 +105,10 @@ def schedule(
     intrin: str,
     annotations: Mapping[str, str] | None = None,
 ) -> tirx.PrimFunc:
-    """Schedule ``func`` (blocks ``acc`` [m, n], reducing over k, and ``Y``, its epilogue)
-    as the module docstring says, tensorizing 16 channels x ``group`` k-values with
-    ``intrin``. ``annotations`` go on the outermost (parallel) loop.
+    """Schedule ``func`` (blocks ``acc`` [m, n], reducing over k, and ``Y``, its epilogue,
+    [m, n] or narrower, down to ``n - 15`` columns) as the module docstring says,
+    tensorizing 16 channels x ``group`` k-values with ``intrin``. ``annotations`` go on
+    the outermost (parallel) loop.
     """
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("acc")
@@ -110,9 +118,15 @@ def schedule(
     ko, kl = sch.split(k, [None, group])
     sch.reorder(jo, io, ko, ii, jg, jl, kl)
     tail = sch.get_sblock("Y")
+    width = int(sch.get(tail).iter_vars[-1].dom.extent)
+    if not n - LANES < width <= n:
+        raise ValueError(f"an epilogue of {width} columns must end in the last group of {n}")
     sch.reverse_compute_at(tail, io)
     rows, cols = sch.get_loops(tail)[-2:]
-    sch.vectorize(sch.split(cols, [None, LANES])[1])
+    groups, lanes = sch.split(cols, [None, LANES])
+    sch.vectorize(lanes)
+    if width < n:  # the last group is partial
+        sch.annotate(groups, "pragma_loop_partition_hint", 1)
     sch.unroll(rows)
     # Annotate before decompose_reduction and tensorize: the parts of the reduction
     # block are no longer complete blocks, and parallel refuses loops over them.
