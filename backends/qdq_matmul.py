@@ -14,15 +14,17 @@ clipping, shifted by 128), so the activation is quantized once, straight to uint
 term, so K up to 65793); ``comp[n] = zu colsum_n(W_q)`` and ``scale[n] = sx sw[n]``
 (rounded once to float32) are computed here, at compile time, and a following ``Add`` of
 a constant ``[N]`` bias is folded into the kernel's epilogue. The weight is packed as
-``[N/16, K/4, 16, 4]`` for the kernel (:mod:`rewriter.backends.kernels.int8_matmul`).
+``[ceil(N/16), K/4, 16, 4]`` for the kernel (:mod:`rewriter.backends.kernels.int8_matmul`),
+zero past column N: a head of 1000 or 30522 classes computes whole groups of 16 channels
+and stores its N (``scale``, ``comp`` and ``bias`` stay [N]).
 
 Exact up to float32 rounding: ONNX Runtime on the QDQ model sums ``K`` float32 products
 of dequantized values; here only the scale, the int32 -> float conversion and the bias
 add round (see ``tests/test_tvm_int8.py`` for the tolerance).
 
-Fires only on MatMuls with a 2-D constant weight, static input shape, ``K % 4 == 0`` and
-``N % 16 == 0``; the others keep their QDQ form (TVM dequantizes and multiplies in
-float32), and :func:`fuse` says why in its result. :func:`emit_int8_matmul` lowers the
+Fires only on MatMuls with a 2-D constant weight, static input shape and ``K % 4 == 0``
+(any ``N``); the others keep their QDQ form (TVM dequantizes and multiplies in float32),
+and :func:`fuse` says why in its result. :func:`emit_int8_matmul` lowers the
 op into Relax as ``call_tir`` of the kernel.
 
 >>> stats = fuse(model)  # doctest: +SKIP
@@ -154,8 +156,8 @@ def _match(node: ir.Node) -> Match | str:
     shape = node.inputs[0].shape if node.inputs[0] is not None else None
     if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
         return "the activation's shape is not static (fix the input dims)"
-    if k % GROUP or n % LANES or k > MAX_K:
-        return f"K={k}, N={n}: the kernel needs K % {GROUP} == 0, N % {LANES} == 0, K <= {MAX_K}"
+    if k % GROUP or k > MAX_K:
+        return f"K={k}, N={n}: the kernel needs K % {GROUP} == 0, K <= {MAX_K}"
     add, bias = _bias(node, n)
     scale, zero = activation
     return Match(quantize, node, add, weight, per_channel, scale, zero, bias)
@@ -207,7 +209,8 @@ def _bias(matmul: ir.Node, n: int) -> tuple[ir.Node | None, np.ndarray | None]:
 
 
 def pack_weight(weight: np.ndarray) -> np.ndarray:
-    """Pack ``weight`` [K, N] as ``[N/16, K/4, 16, 4]``: ``packed[n // 16, k // 4, n % 16, k % 4] = weight[k, n]``.
+    """Pack ``weight`` [K, N] as ``[ceil(N/16), K/4, 16, 4]``: ``packed[n // 16, k // 4, n % 16,
+    k % 4] = weight[k, n]``, zero past column N.
 
     >>> int(pack_weight(np.arange(8 * 16).reshape(8, 16))[0, 1, 2, 3])  # weight[7, 2]
     114
@@ -296,7 +299,8 @@ def emit_int8_matmul(
 ) -> relax.Expr:
     """Emit ``Int8MatMul(u8, packed, scale, comp[, bias])`` as ``call_tir`` of the kernel into ``bb``.
 
-    ``u8`` [..., K] is flattened to [M, K] around the kernel.
+    ``u8`` [..., K] is flattened to [M, K] around the kernel; ``N`` is the length of
+    ``scale`` (the packed weight holds whole groups of 16 channels).
     """
     from tvm import relax
 
@@ -306,10 +310,10 @@ def emit_int8_matmul(
 
     u8 = bb.normalize(inputs[0])
     shape = static_shape(u8)
-    packed = static_shape(bb.normalize(inputs[1]))
-    if shape is None or packed is None or len(shape) < 2:
+    scale = static_shape(bb.normalize(inputs[2]))
+    if shape is None or scale is None or len(shape) < 2:
         raise InputError(f"{OP_TYPE}: the activation's shape must be static (rank >= 2)")
-    k, n = shape[-1], packed[0] * LANES
+    k, (n,) = shape[-1], scale
     m = int(np.prod(shape[:-1]))
     func = int8_matmul(m, k, n, bias=len(inputs) > 4, target=target)
     func = _with_root_block(func).without_attr("global_symbol")

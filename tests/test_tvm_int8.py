@@ -203,6 +203,34 @@ def test_packed_layout():
         assert packed[n // 16, k // 4, n % 16, k % 4] == weight[k, n]
 
 
+def test_packed_layout_pads_ragged_n_with_zeros():
+    weight = np.arange(1, 8 * 40 + 1).reshape(8, 40)  # no zero of its own
+    packed = qdq_matmul.pack_weight(weight)
+    assert packed.shape == (3, 2, 16, 4)
+    for k, n in [(0, 0), (7, 39), (5, 32), (3, 17)]:
+        assert packed[n // 16, k // 4, n % 16, k % 4] == weight[k, n]
+    assert not packed[2, :, 8:, :].any()  # columns 40..47
+
+
+@pytest.mark.parametrize("n", [40, 1000])
+def test_ragged_n_is_rewritten(n):
+    """N not a multiple of 16: the weight is packed zero-padded, the rest stays [N]."""
+    proto, _ = single(n=n)
+    model, stats = fused(proto)
+    assert stats == {"int8_matmuls": 1, "bias_fused": 1, "skipped": []}
+    (node,) = [node for node in model.graph if node.op_type == qdq_matmul.OP_TYPE]
+    _, packed, scale, comp, bias = (value.const_value for value in node.inputs)
+    assert packed is not None and packed.shape == (-(-n // 16), 16, 16, 4)
+    assert all(c is not None and c.shape == (n,) for c in (scale, comp, bias))
+    weight = numpy_helper.to_array(proto.graph.initializer[2])
+    np.testing.assert_array_equal(packed.numpy(), qdq_matmul.pack_weight(weight))
+
+
+def test_mlp_with_ragged_head_is_rewritten_whole():
+    _, stats = fused(qdq(mlp(out=40)), batch=2)
+    assert stats["int8_matmuls"] == 3 and stats["skipped"] == []
+
+
 def test_second_run_changes_nothing():
     model, _ = fused(qdq(mlp()), batch=2)
     assert qdq_matmul.fuse(model)["int8_matmuls"] == 0
@@ -218,7 +246,7 @@ def test_weight_only_quantization_is_not_rewritten():
 @pytest.mark.parametrize(
     "build, dims, reason",
     [
-        (lambda: qdq(mlp(out=40)), {"batch": 2}, "N % 16 == 0"),
+        (lambda: single(k=62)[0], {}, "K % 4 == 0"),
         (lambda: qdq(mlp(batch="batch")), {}, "not static"),
         (lambda: single(weight_zero=3)[0], {}, "nonzero zero point"),
     ],
@@ -232,9 +260,24 @@ def test_near_misses_stay_float_and_say_why(build, dims, reason):
 # The kernel
 
 
+@pytest.mark.parametrize("n", [48, 40])
+def test_kernel_uses_vpdpbusd_on_zmm(n):
+    target = targets.resolve("avx512")
+    func = kernel.int8_matmul(6, 64, n, bias=True, target=target)
+    asm = tvm.compile(func, target=target).mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "zmm" in asm
+
+
 @needs_vnni
-def test_kernel_is_exact_and_uses_vpdpbusd():
-    m, k, n = 6, 64, 48  # row tile 3, channel tile 3 x 16: not the defaults
+@pytest.mark.parametrize(
+    "m, k, n",
+    [
+        (6, 64, 48),  # row tile 3, channel tile 3 x 16: not the defaults
+        (8, 64, 40),  # ragged N: the last group of 16 is half padding
+        (20, 32, 1000),  # 4 row tiles of 5 x 21 channel tiles, the last 8 wide
+    ],
+)
+def test_kernel_is_exact_and_uses_vpdpbusd(m, k, n):
     target = targets.resolve("avx512")
     lib = tvm.compile(kernel.int8_matmul(m, k, n, bias=False, target=target), target=target)
     assert "vpdpbusd" in lib.mod.inspect_source("asm")
@@ -258,19 +301,31 @@ def test_kernel_refuses_targets_without_vnni():
     )
     with pytest.raises(ValueError, match="avx512vnni"):
         kernel.int8_matmul(4, 16, 16, bias=False, target=targets.resolve("avx2"))
+    with pytest.raises(ValueError, match="k % 4 == 0"):
+        kernel.int8_matmul(4, 18, 40, bias=False, target=targets.resolve("avx512"))
 
 
 # Compiled models against ONNX Runtime
 
 
 @needs_vnni
-@pytest.mark.parametrize("zero_dtype, bias", [(np.int8, True), (np.uint8, True), (np.int8, False)])
-def test_single_layer_agrees_within_the_rounding_bound(zero_dtype, bias):
-    model, feeds = single(zero_dtype=zero_dtype, bias=bias)
+@pytest.mark.parametrize(
+    "zero_dtype, bias, n",
+    [
+        (np.int8, True, 32),
+        (np.uint8, True, 32),
+        (np.int8, False, 32),
+        (np.int8, True, 40),  # ragged N: the kernel writes [M, N] from whole groups
+        (np.uint8, False, 1000),
+    ],
+)
+def test_single_layer_agrees_within_the_rounding_bound(zero_dtype, bias, n):
+    model, feeds = single(zero_dtype=zero_dtype, bias=bias, n=n)
     module = onnx_import.import_onnx(model, target=targets.resolve("avx512"))
     assert any(gv.name_hint.startswith(qdq_matmul.KERNEL_NAME) for gv in module.get_global_vars())
     got = backend.compile(model, "avx512").run(feeds)["y"]
     (expected,) = ort_literal(model, feeds)
+    assert got.shape == expected.shape == (3, n)
     # |x_dq| @ |w_dq| (+ |b|) from ORT's own dequantized operands (extra outputs).
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

@@ -2,10 +2,13 @@
 
 The integer matmul of a QDQ MatMul (see :mod:`rewriter.backends.qdq_matmul` for how the
 model gets here): ``A`` [M, K] uint8 activations, ``W`` int8 weights packed as
-``[N/16, K/4, 16, 4]`` (``W_packed[n // 16, k // 4, n % 16, k % 4] = W[k, n]``, so one
-64-byte row is the 4 k-values of 16 output channels), accumulated exactly in int32; then,
-per output channel ``n``, in float32: ``Y[m, n] = scale[n] * float(acc[m, n] - comp[n])
-(+ bias[n])``.
+``[ceil(N/16), K/4, 16, 4]`` (``W_packed[n // 16, k // 4, n % 16, k % 4] = W[k, n]``,
+zero past column N, so one 64-byte row is the 4 k-values of 16 output channels),
+accumulated exactly in int32 over whole groups of 16 channels; then, per output channel
+``n < N``, in float32: ``Y[m, n] = scale[n] * float(acc[m, n] - comp[n]) (+ bias[n])``.
+Where 16 does not divide ``N`` (an ImageNet head: 1000; BERT's MLM head: 30522), the
+padded channels are computed from zeros and never stored: ``Y``, ``scale``, ``comp``
+and ``bias`` are [M, N] and [N].
 
 The inner product is ``vpdpbusd`` (``llvm.x86.avx512.vpdpbusd.512``: 16 int32 lanes, each
 adding 4 u8 x s8 products, exact, no saturation), one per 16 output channels and 4
@@ -19,10 +22,10 @@ while the rows of A stream past it. The epilogue (scale, compensation, bias) run
 tile before it is stored. (Measured on one Sapphire Rapids core: 600 GOPS for 256 x 384 x
 384, 350 for 256 x 384 x 1536.)
 
-Requires static shapes, ``K % 4 == 0``, ``N % 16 == 0`` and a target with ``avx512vnni``
+Requires static shapes, ``K % 4 == 0`` and a target with ``avx512vnni``
 (:func:`rewriter.backends.qdq_matmul.supported`).
 
->>> func = int8_matmul(128, 384, 1536, bias=True, target=resolve("avx512"))  # doctest: +SKIP
+>>> func = int8_matmul(8, 768, 30522, bias=True, target=resolve("avx512"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -60,22 +63,24 @@ def _register_intrinsic() -> None:
 def int8_matmul(m: int, k: int, n: int, *, bias: bool, target: tvm.target.Target) -> tirx.PrimFunc:
     """The scheduled PrimFunc ``(A, W_packed, scale, comp[, bias], Y)``; see the module docstring.
 
-    Shapes: ``A`` [m, k] uint8, ``W_packed`` [n/16, k/4, 16, 4] int8, ``scale`` [n]
-    float32, ``comp`` [n] int32, ``bias`` [n] float32, ``Y`` [m, n] float32.
+    Shapes: ``A`` [m, k] uint8, ``W_packed`` [ceil(n/16), k/4, 16, 4] int8
+    (:func:`rewriter.backends.qdq_matmul.pack_weight`), ``scale`` [n] float32, ``comp``
+    [n] int32, ``bias`` [n] float32, ``Y`` [m, n] float32.
     """
     if not supported(target):
         raise ValueError(f"int8_matmul needs an x86 target with avx512vnni, not {target}")
-    if k % GROUP or n % LANES:
-        raise ValueError(f"int8_matmul needs k % {GROUP} == 0 and n % {LANES} == 0 (k={k}, n={n})")
+    if k % GROUP:
+        raise ValueError(f"int8_matmul needs k % {GROUP} == 0 (k={k})")
     _register_intrinsic()
     a = te.placeholder((m, k), "uint8", name="A")
-    w = te.placeholder((n // LANES, k // GROUP, LANES, GROUP), "int8", name="W")
+    groups = -(-n // LANES)  # the accumulator's channels: whole groups of 16
+    w = te.placeholder((groups, k // GROUP, LANES, GROUP), "int8", name="W")
     scale = te.placeholder((n,), "float32", name="scale")
     comp = te.placeholder((n,), "int32", name="comp")
     b = te.placeholder((n,), "float32", name="bias")
     r = te.reduce_axis((0, k), name="k")
     acc = te.compute(
-        (m, n),
+        (m, groups * LANES),
         lambda i, j: te.sum(
             a[i, r].astype("int32")
             * w[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("int32"),
@@ -88,6 +93,6 @@ def int8_matmul(m: int, k: int, n: int, *, bias: bool, target: tvm.target.Target
         y = scale[j] * (acc[i, j] - comp[j]).astype("float32")
         return y + b[j] if bias else y
 
-    out = te.compute((m, n), epilogue, name="Y")
+    out = te.compute((m, n), epilogue, name="Y")  # the real channels only
     func = te.create_prim_func([a, w, scale, comp, *([b] if bias else []), out])
-    return dot_tile.schedule(func, m, n, group=GROUP, intrin=VNNI_INTRIN)
+    return dot_tile.schedule(func, m, groups * LANES, group=GROUP, intrin=VNNI_INTRIN)
