@@ -29,12 +29,14 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,7 +176,10 @@ class Compiled:
         _write_atomically(
             meta, lambda tmp: tmp.write_text(json.dumps(self.signature.to_json(), indent=2) + "\n")
         )
-        _write_atomically(path, lambda tmp: self.executable.export_library(str(tmp)), mode=0o755)
+        with _without_stderr_lines(EXPORT_NOISE):
+            _write_atomically(
+                path, lambda tmp: self.executable.export_library(str(tmp)), mode=0o755
+            )
         logger.info("wrote %s and %s", path, meta)
         return path
 
@@ -191,6 +196,30 @@ class Compiled:
                 return str(module.inspect_source())
             pending.extend(module.imports)
         return None
+
+
+# TVM's VM logs one of these per constant when it saves an executable that has run (109
+# for MiniLM, after the CLI's check), with an empty scope: noise that buries the report.
+EXPORT_NOISE = "Warning: Scope Saving:"
+
+
+@contextlib.contextmanager
+def _without_stderr_lines(noise: str) -> Iterator[None]:
+    """Drop the lines containing ``noise`` that C++ code writes to stderr (fd 2) inside the
+    block; every other line is written to stderr after it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(True) if noise.encode() not in line]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def _flatten(result: Any) -> list[Any]:
