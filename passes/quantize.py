@@ -390,7 +390,9 @@ def _fetch(model: ir.Model, names: Sequence[str], batches: Sequence[Mapping[str,
     fetched: dict[str, list[np.ndarray]] = {name: [] for name in names}
     outputs = [name for name in names if name not in inputs]
     for batch in batches:
-        results = dict(zip(outputs, session.run(outputs, {name: batch[name] for name in feeds_names}), strict=True))
+        # Nothing to run when every name is a graph input (ORT reads [] as all outputs).
+        values = session.run(outputs, {name: batch[name] for name in feeds_names}) if outputs else []
+        results = dict(zip(outputs, values, strict=True))
         for name in names:
             fetched[name].append(np.asarray(batch[name] if name in inputs else results[name]))
     return fetched

@@ -392,6 +392,29 @@ def test_int8_activations(calibrate):
     assert cosine(verify.run(to_proto(result.model).SerializeToString(), inputs)["y"], reference) >= 0.999
 
 
+def test_int8_activations_that_are_all_graph_inputs():
+    # x @ W + b: the only activation to calibrate is the graph input, so nothing is fetched
+    # from the model (ORT would read an empty fetch list as "all outputs").
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+        [
+            numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    pass_ = QuantizePass(QuantizeOptions(bits=8, activations="int8"))
+    pass_.context.calibration = [{"x": rng.standard_normal((4, 64)).astype(np.float32)}]
+    result = pass_(ir.serde.deserialize_model(proto))
+    assert result.stats["activations_quantized"] == 1
+    inputs = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    assert cosine(run_exact(result.model, inputs), run_exact(proto, inputs)) >= 0.999
+
+
 # Allocation
 
 
