@@ -33,7 +33,7 @@ from __future__ import annotations
 import tvm
 from tvm import te, tirx
 
-from rewriter.backends.bf16_matmul import GROUP, LANES, supported
+from rewriter.backends.bf16_matmul import GROUP, supported
 from rewriter.backends.kernels import dot_tile
 
 # Name under which the 16 x 2 bf16 dot product is registered for tensorize.
@@ -94,19 +94,8 @@ def bf16_matmul(
         raise ValueError(f"bf16_matmul writes {' or '.join(OUT_DTYPES)}, not {out_dtype}")
     _register_intrinsic()
     a = te.placeholder((m, k), "bfloat16", name="A")
-    groups = -(-n // LANES)  # the accumulator's channels: whole groups of 16
-    w = te.placeholder((groups, k // GROUP, LANES, GROUP), "bfloat16", name="W")
+    w, acc = dot_tile.accumulate(a, n, GROUP, "bfloat16", "float32")
     b = te.placeholder((n,), "float32", name="bias")
-    r = te.reduce_axis((0, k), name="k")
-    acc = te.compute(
-        (m, groups * LANES),
-        lambda i, j: te.sum(
-            a[i, r].astype("float32")
-            * w[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("float32"),
-            axis=r,
-        ),
-        name="acc",
-    )
 
     def epilogue(i: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
         y = acc[i, j] + b[j] if bias else acc[i, j]
@@ -117,7 +106,7 @@ def bf16_matmul(
     return dot_tile.schedule(
         func,
         m,
-        groups * LANES,
+        int(acc.shape[1]),
         group=GROUP,
         intrin=BF16_INTRIN,
         annotations={"pragma_import_llvm": dot_function_ir()},

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from tvm import s_tir, tirx
+from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
 LANES = 16  # output channels per instruction (32-bit lanes of a zmm register)
@@ -94,6 +94,28 @@ def register_intrinsic(
 
 
 _registered: set[str] = set()
+
+
+def accumulate(
+    a: te.Tensor, n: int, group: int, w_dtype: str, acc_dtype: str
+) -> tuple[te.Tensor, te.Tensor]:
+    """The packed weight placeholder ``W`` [ceil(n/16), k/group, 16, group] and the block
+    ``acc`` [m, ceil(n/16) * 16] ``= A @ W`` in ``acc_dtype``, for :func:`schedule`: whole
+    groups of 16 channels (W zero past column n); the caller's epilogue keeps n of them."""
+    m, k = (int(dim) for dim in a.shape)
+    groups = -(-n // LANES)
+    w = te.placeholder((groups, k // group, LANES, group), w_dtype, name="W")
+    r = te.reduce_axis((0, k), name="k")
+    acc = te.compute(
+        (m, groups * LANES),
+        lambda i, j: te.sum(
+            a[i, r].astype(acc_dtype)
+            * w[j // LANES, r // group, j % LANES, r % group].astype(acc_dtype),
+            axis=r,
+        ),
+        name="acc",
+    )
+    return w, acc
 
 
 def schedule(

@@ -34,7 +34,7 @@ import tvm
 from tvm import te, tirx
 
 from rewriter.backends.kernels import dot_tile
-from rewriter.backends.qdq_matmul import GROUP, LANES, supported
+from rewriter.backends.qdq_matmul import GROUP, supported
 
 # Name under which the 16 x 4 VNNI dot product is registered for tensorize.
 VNNI_INTRIN = "rewriter_vnni_dot_16x4"
@@ -73,21 +73,10 @@ def int8_matmul(m: int, k: int, n: int, *, bias: bool, target: tvm.target.Target
         raise ValueError(f"int8_matmul needs k % {GROUP} == 0 (k={k})")
     _register_intrinsic()
     a = te.placeholder((m, k), "uint8", name="A")
-    groups = -(-n // LANES)  # the accumulator's channels: whole groups of 16
-    w = te.placeholder((groups, k // GROUP, LANES, GROUP), "int8", name="W")
+    w, acc = dot_tile.accumulate(a, n, GROUP, "int8", "int32")
     scale = te.placeholder((n,), "float32", name="scale")
     comp = te.placeholder((n,), "int32", name="comp")
     b = te.placeholder((n,), "float32", name="bias")
-    r = te.reduce_axis((0, k), name="k")
-    acc = te.compute(
-        (m, groups * LANES),
-        lambda i, j: te.sum(
-            a[i, r].astype("int32")
-            * w[j // LANES, r // GROUP, j % LANES, r % GROUP].astype("int32"),
-            axis=r,
-        ),
-        name="acc",
-    )
 
     def epilogue(i: tirx.Var, j: tirx.Var) -> tirx.PrimExpr:
         y = scale[j] * (acc[i, j] - comp[j]).astype("float32")
@@ -95,4 +84,4 @@ def int8_matmul(m: int, k: int, n: int, *, bias: bool, target: tvm.target.Target
 
     out = te.compute((m, n), epilogue, name="Y")  # the real channels only
     func = te.create_prim_func([a, w, scale, comp, *([b] if bias else []), out])
-    return dot_tile.schedule(func, m, groups * LANES, group=GROUP, intrin=VNNI_INTRIN)
+    return dot_tile.schedule(func, m, int(acc.shape[1]), group=GROUP, intrin=VNNI_INTRIN)
