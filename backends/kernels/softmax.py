@@ -189,8 +189,9 @@ def _two_pass_split_cpu(
 ) -> tirx.PrimFunc:
     """The two-pass kernel with each row cut into ``segments`` (see :func:`split_segments`).
 
-    Pass 1 runs on the segments in parallel (one pair per segment), a short serial step
-    merges each row's pairs, and pass 2 runs on the segments in parallel again. The
+    Pass 1 runs on the segments in parallel (one pair per segment), a short step per row
+    merges its segments' pairs (or redoes the row in float64), and pass 2 runs on the
+    segments in parallel again. The
     segments are rows of a ``[rows * segments, cols / segments]`` view of X and Y, so the
     row macros are the same as the unsplit kernel's.
     """
