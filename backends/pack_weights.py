@@ -71,9 +71,8 @@ def pack(weight: np.ndarray, width: int) -> np.ndarray:
     array([[2., 0.],
            [5., 0.]])
     """
-    k, n = weight.shape
-    panels = -(-n // width)
-    weight = np.pad(weight, ((0, 0), (0, panels * width - n)))
+    k = weight.shape[0]
+    weight, panels = _pad_columns(weight, width)
     return np.ascontiguousarray(weight.reshape(k, panels, width).transpose(1, 0, 2))
 
 
@@ -90,12 +89,19 @@ def pack_groups(weight: np.ndarray, group: int, lanes: int = 16) -> np.ndarray:
     >>> ragged.shape, int(ragged[1, 1, 1, 0]), int(ragged[1, 1, 2, 0])  # W[2, 17], padding
     ((2, 2, 16, 2), 53, 0)
     """
-    k, n = weight.shape
-    groups = -(-n // lanes)
-    weight = np.pad(weight, ((0, 0), (0, groups * lanes - n)))
+    k = weight.shape[0]
+    weight, groups = _pad_columns(weight, lanes)
     return np.ascontiguousarray(
         weight.reshape(k // group, group, groups, lanes).transpose(2, 0, 3, 1)
     )
+
+
+def _pad_columns(weight: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
+    """``weight`` [K, N] with zero columns up to a multiple of ``multiple``, and how many
+    ``multiple``-wide blocks it then has."""
+    n = weight.shape[1]
+    blocks = -(-n // multiple)
+    return np.pad(weight, ((0, 0), (0, blocks * multiple - n))), blocks
 
 
 def find_packable(func: tvm.tirx.PrimFunc, width: int) -> Packable | None:
