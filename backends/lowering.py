@@ -99,15 +99,20 @@ def emit_two_pass_softmax(
         log=log,
         target=target,
     )
-    # Private (no global symbol: a kernel may call itself "main"), opaque to fusion, and
-    # already scheduled for the target (dlight and our CPU rules skip it).
-    func = _with_root_block(func).without_attr("global_symbol")
-    func = func.with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
-    gvar = bb.add_func(func, f"{KERNEL_PREFIX}_{'log_softmax' if log else 'softmax'}")
+    name = f"{KERNEL_PREFIX}_{'log_softmax' if log else 'softmax'}"
+    gvar = bb.add_func(scheduled_kernel(func), name)
     flat_shape = [rows_expr, cols_expr]
     flat = x if rank == 2 else bb.emit(relax.op.reshape(x, flat_shape))
     y = bb.emit(relax.call_tir(gvar, [flat], relax.TensorType(flat_shape, x.ty.dtype)))
     return y if rank == 2 else bb.emit(relax.op.reshape(y, shape))
+
+
+def scheduled_kernel(func: Any) -> Any:
+    """Our hand-scheduled kernel ``func`` as a ``call_tir`` callee: private (no global
+    symbol: a kernel may call itself "main"), opaque to fusion, and marked scheduled
+    for the target (dlight and our CPU rules skip it)."""
+    func = _with_root_block(func).without_attr("global_symbol")
+    return func.with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
 
 
 def _with_root_block(func: Any) -> Any:

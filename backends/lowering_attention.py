@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends.lowering import OPAQUE, _with_root_block
+from rewriter.backends.lowering import scheduled_kernel
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -133,9 +133,7 @@ def emit_sigmoid_attention(
         scale=float(scale),
         bias=float(bias),
     )
-    func = _with_root_block(func).without_attr("global_symbol")
-    func = func.with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
-    gvar = bb.add_func(func, KERNEL_NAME)
+    gvar = bb.add_func(scheduled_kernel(func), KERNEL_NAME)
     y = bb.emit(relax.call_tir(gvar, args, relax.TensorType([bh, n, dv], "float32")))
     return bb.emit(relax.op.reshape(y, [b, h, n, dv]))
 

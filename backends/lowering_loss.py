@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends.lowering import OPAQUE, _with_root_block
+from rewriter.backends.lowering import scheduled_kernel
 from rewriter.backends.lowering_attention import static_shape
 from rewriter.errors import InputError
 
@@ -59,10 +59,7 @@ def loss_options(attrs: Mapping[str, Any], weighted: bool) -> Any:
 
 
 def _add_kernel(bb: relax.BlockBuilder, func: Any, name: str) -> Any:
-    # Private, opaque to fusion, already scheduled (dlight and our CPU rules skip it).
-    func = _with_root_block(func).without_attr("global_symbol")
-    func = func.with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
-    return bb.add_func(func, name)
+    return bb.add_func(scheduled_kernel(func), name)
 
 
 def _labels(bb: relax.BlockBuilder, labels: relax.Expr, rows: int) -> relax.Expr:

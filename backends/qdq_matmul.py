@@ -305,7 +305,7 @@ def emit_int8_matmul(
     from tvm import relax
 
     from rewriter.backends.kernels.int8_matmul import int8_matmul
-    from rewriter.backends.lowering import OPAQUE, _with_root_block
+    from rewriter.backends.lowering import scheduled_kernel
     from rewriter.backends.lowering_attention import static_shape
 
     u8 = bb.normalize(inputs[0])
@@ -316,9 +316,7 @@ def emit_int8_matmul(
     k, (n,) = shape[-1], scale
     m = int(np.prod(shape[:-1]))
     func = int8_matmul(m, k, n, bias=len(inputs) > 4, target=target)
-    func = _with_root_block(func).without_attr("global_symbol")
-    func = func.with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
-    gvar = bb.add_func(func, KERNEL_NAME)
+    gvar = bb.add_func(scheduled_kernel(func), KERNEL_NAME)
     flat = u8 if len(shape) == 2 else bb.emit(relax.op.reshape(u8, [m, k]))
     y = bb.emit(relax.call_tir(gvar, [flat, *inputs[1:]], relax.TensorType([m, n], "float32")))
     return y if len(shape) == 2 else bb.emit(relax.op.reshape(y, [*shape[:-1], n]))
