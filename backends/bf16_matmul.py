@@ -164,9 +164,9 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule,
             assert weight is not None and shape is not None
             return Site(x, shape, weight, str(call.ty.dtype))
 
-        def bias_of(self, call: relax.Call) -> tuple[relax.Call, np.ndarray] | None:
-            """``(matmul, bias [N] float32)`` when ``call`` adds a constant bias to a matmul
-            we rewrite that nothing else reads."""
+        def bias_of(self, call: relax.Call) -> tuple[relax.Call, Site, np.ndarray] | None:
+            """``(matmul, its site, bias [N] float32)`` when ``call`` adds a constant bias to
+            a matmul we rewrite that nothing else reads."""
             if not call.op.same_as(add_op):
                 return None
             for index in (0, 1):
@@ -184,23 +184,21 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule,
                     and bias.shape[-1:] == (n,)
                     and str(call.ty.dtype) == site.out_dtype
                 ):
-                    return matmul, bias.astype(np.float32).reshape(n)
+                    return matmul, site, bias.astype(np.float32).reshape(n)
             return None
 
         def visit_call_(self, call: relax.Call) -> relax.Expr:
             folded = self.bias_of(call)
             if folded is not None:
-                matmul, bias = folded
-                site = self.site(matmul, report=False)
-                assert site is not None
+                _, site, bias = folded
                 stats["bias_fused"] += 1
                 return self.emit(site, bias)
             if any(call.same_as(matmul) for matmul in self.absorbed):
                 return super().visit_call_(call)  # dead once its add is rewritten
-            site = self.site(call, report=True)
-            if site is None:
+            alone = self.site(call, report=True)
+            if alone is None:
                 return super().visit_call_(call)
-            return self.emit(site, None)
+            return self.emit(alone, None)
 
         def emit(self, site: Site, bias: np.ndarray | None) -> relax.Expr:
             stats["bf16_matmuls"] += 1
@@ -236,11 +234,9 @@ def kernel_func(
 ) -> tvm.tirx.PrimFunc:
     """The kernel as a private, opaque, already scheduled PrimFunc for ``call_tir``."""
     from rewriter.backends.kernels.bf16_matmul import bf16_matmul
-    from rewriter.backends.lowering import OPAQUE, _with_root_block
+    from rewriter.backends.lowering import scheduled_kernel
 
-    func = bf16_matmul(m, k, n, bias=bias, out_dtype=out_dtype, target=target)
-    func = _with_root_block(func).without_attr("global_symbol")
-    return func.with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
+    return scheduled_kernel(bf16_matmul(m, k, n, bias=bias, out_dtype=out_dtype, target=target))
 
 
 def rewrite_pass(target: tvm.target.Target) -> tvm.transform.Pass:
