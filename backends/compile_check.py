@@ -56,6 +56,9 @@ class CompiledCheck:
     compile_seconds: float
     # With tuning: rewriter.backends.tuning.TuningReport.to_json().
     tuning: dict[str, Any] | None = None
+    # CPU targets: rewriter.backends.schedules.ScheduleRecord.to_json() (which rule
+    # scheduled each function; the functions left to TVM's default lowering).
+    schedules: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -75,6 +78,7 @@ class CompiledCheck:
             "passed": self.passed,
             "compile_seconds": self.compile_seconds,
             "tuning": self.tuning,
+            "schedules": self.schedules,
         }
 
 
@@ -155,6 +159,7 @@ def check_compiled(
         enforced=enforce and ran,
         compile_seconds=seconds,
         tuning=compiled.tuning.to_json() if compiled.tuning is not None else None,
+        schedules=compiled.schedules.to_json() if compiled.schedules is not None else None,
     )
     if library is not None and check.passed:
         say(f"writing {library}")

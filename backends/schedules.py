@@ -34,6 +34,7 @@ loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -57,17 +58,78 @@ ROW_BLOCK_BYTES = 1 << 20
 PAD_ANNOTATION = "rewriter.zero_pad"
 
 
-def cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The module pass that schedules every unscheduled PrimFunc for CPU ``target``."""
+@dataclasses.dataclass
+class ScheduleRecord:
+    """What scheduled each PrimFunc of a build: ``scheduled`` maps a function's name to the
+    rule that scheduled it (``matmul``, ``conv``, ...; ``kernel`` for our hand-written
+    kernels and applied tuning records); ``unscheduled`` lists the functions no rule took,
+    left to TVM's default lowering (scalar loops): where a model loses its time."""
+
+    scheduled: dict[str, str] = dataclasses.field(default_factory=dict)
+    unscheduled: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scheduled": dict(self.scheduled), "unscheduled": list(self.unscheduled)}
+
+
+def cpu_rules(target: tvm.target.Target) -> list[Any]:
+    """Our CPU schedule rules for ``target``, in the order they are tried."""
     from tvm.s_tir import dlight as dl
 
+    from rewriter.backends import conv, transpose
+
     lanes = vector_lanes(target)
-    return dl.ApplyDefaultSchedule(
+    return [
         _rules()["matmul"](lanes),
+        conv.rules()["conv"](lanes),
+        conv.rules()["window"](lanes),
         _rules()["row_reduction"](lanes),
         dl.cpu.Reduction(),
+        transpose.rule()(lanes),
         _rules()["elementwise"](lanes),
-    )
+    ]
+
+
+def cpu_schedule(target: tvm.target.Target, record: ScheduleRecord | None = None) -> tvm.transform.Pass:
+    """The module pass that schedules every unscheduled PrimFunc for CPU ``target``: the
+    first of :func:`cpu_rules` that takes a function schedules it (as dlight's
+    ``ApplyDefaultSchedule``), and ``record`` (if given) says which rule took which."""
+    import tvm
+
+    rules = cpu_rules(target)
+    record = record if record is not None else ScheduleRecord()
+
+    @tvm.transform.module_pass(opt_level=0, name="RewriterCpuSchedule")
+    def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        updated = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            name = gv.name_hint
+            if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+                record.scheduled[name] = "kernel"
+                continue
+            for rule in rules:
+                space = rule.apply(func, target, False)
+                if space is None:
+                    continue
+                schedule = space[0] if isinstance(space, list) else space
+                updated[gv] = schedule.mod["main"].with_attr("tirx.is_scheduled", True)
+                record.scheduled[name] = getattr(rule, "what", type(rule).__name__)
+                break
+            else:
+                record.unscheduled.append(name)
+        for gv, func in updated.items():
+            mod[gv] = func
+        if record.unscheduled:
+            logger.info(
+                "%d functions left to TVM's default lowering (no schedule of ours): %s",
+                len(record.unscheduled),
+                ", ".join(sorted(record.unscheduled)),
+            )
+        return mod
+
+    return pass_
 
 
 def vector_lanes(target: tvm.target.Target) -> int:
@@ -115,7 +177,7 @@ def register_tile(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[in
     tile_j = packed or _largest_divisor(cols, PANEL_VECTORS * lanes, lanes)
     if tile_j is None:
         return None
-    tile_i = _largest_divisor(rows, _tile_rows(tile_j, lanes))
+    tile_i = _largest_divisor(rows, tile_rows(tile_j, lanes))
     return tile_i or 1, tile_j
 
 
@@ -141,7 +203,7 @@ def padding(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[int, int
         divisor = _largest_divisor(cols, PANEL_VECTORS * lanes, lanes)
         width = divisor or PANEL_VECTORS * lanes
         pad_j = 1 if divisor else width
-    limit = _tile_rows(width, lanes)
+    limit = tile_rows(width, lanes)
     tile_i = _largest_divisor(rows, limit) or 1
     padded = -(-rows // limit) * limit
     pad_i = limit if 2 * tile_i < limit and 2 * tile_i * padded < limit * rows else 1
@@ -175,7 +237,12 @@ def zero_pad(sch: Any, block: Any, pad: tuple[int, int]) -> bool:
     return True
 
 
-def _tile_rows(tile_j: int, lanes: int) -> int:
+def cpu_rule_base() -> type:
+    """The base class of our CPU rules (``_schedule(func)`` returns a schedule or None)."""
+    return _rules()["base"]  # type: ignore[no-any-return]
+
+
+def tile_rows(tile_j: int, lanes: int) -> int:
     """Rows of a register tile ``tile_j`` wide, at most: accumulators fill the registers."""
     accumulators = ACCUMULATORS.get(lanes * 32, 12)
     return min(MAX_TILE_ROWS, max(accumulators * lanes // tile_j, 1))
@@ -471,6 +538,7 @@ def _rules() -> dict[str, Any]:
             sch.parallel(outer)
             return sch
 
+    _RULES["base"] = CpuRule
     _RULES["matmul"] = RegisterTiledMatmul
     _RULES["elementwise"] = VectorizedElementwise
     _RULES["row_reduction"] = VectorizedRowReduction

@@ -256,7 +256,7 @@ def our_schedule(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
     """The traced ``s_tir.Schedule`` our CPU rules give ``func``, or None (no rule fits)."""
     from rewriter.backends import schedules
 
-    for rule in schedules.cpu_schedule(target).rules:
+    for rule in schedules.cpu_rules(target):
         space = rule.apply(func, target, False)
         if space is not None:
             return space[0] if isinstance(space, list) else space

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends import onnx_import, targets, torch_import, tuning
+from rewriter.backends import onnx_import, schedules, targets, torch_import, tuning
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -98,6 +98,8 @@ class Compiled:
         self._vm: Any = None
         # With compile(tune=...): what the tuning stage did (a tuning.TuningReport).
         self.tuning: tuning.TuningReport | None = None
+        # CPU builds: which rule scheduled each function, and which none did.
+        self.schedules: schedules.ScheduleRecord | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -312,7 +314,8 @@ def compile(
             mod = torch_import.import_exported_program(source, target=tvm_target, kernel=kernel)
         else:
             mod = onnx_import.import_onnx(source, target=tvm_target, kernel=kernel)
-        pipeline = relax_pipeline(tvm_target, fast_math=fast_math, tuner=tuner)
+        record = schedules.ScheduleRecord()
+        pipeline = relax_pipeline(tvm_target, fast_math=fast_math, tuner=tuner, record=record)
         executable = relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
     except InputError:
         raise
@@ -327,17 +330,23 @@ def compile(
         ) from exc
     compiled = Compiled(executable, signature, device="cuda" if targets.is_gpu(target) else "cpu")
     compiled.tuning = tuner.report if tuner is not None else None
+    compiled.schedules = None if targets.is_gpu(target) else record
     return compiled
 
 
 def relax_pipeline(
-    target: tvm.target.Target, *, fast_math: bool = True, tuner: tuning.Tuner | None = None
+    target: tvm.target.Target,
+    *,
+    fast_math: bool = True,
+    tuner: tuning.Tuner | None = None,
+    record: schedules.ScheduleRecord | None = None,
 ) -> tvm.transform.Pass:
-    """The Relax pipeline of :func:`compile` for ``target`` (see the module docstring)."""
+    """The Relax pipeline of :func:`compile` for ``target`` (see the module docstring);
+    ``record`` (CPU targets) collects which rule scheduled each function."""
     import tvm
     from tvm import relax
 
-    from rewriter.backends import bf16_matmul, bf16_upcast, pack_weights, schedules
+    from rewriter.backends import bf16_matmul, bf16_upcast, conv, pack_weights
 
     gpu = "gpu" in target.keys
     if gpu:
@@ -346,6 +355,8 @@ def relax_pipeline(
         from tvm.relax.backend.cpu_generic import pipeline as stages
 
     passes = [bf16_upcast.upcast_pass()]  # TVM legalizes no bf16 layer norm
+    if not gpu:  # convolutions channels-last, for our conv schedules
+        passes.append(conv.channels_last())
     if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)
@@ -356,7 +367,7 @@ def relax_pipeline(
         passes.append(pack_weights.pack_matmul_weights(target))
         if tuner is not None:  # tuned records first; our rules skip what they scheduled
             passes += tuner.passes(target)
-        passes.append(schedules.cpu_schedule(target))
+        passes.append(schedules.cpu_schedule(target, record))
     passes += stages.dataflow_lower_passes(target)
     passes += stages.finalize_passes(target)
 

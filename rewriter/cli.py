@@ -227,6 +227,10 @@ def _compiled_lines(compiled: Any) -> list[str]:
     if compiled.note:
         lines.append(f"    note: {compiled.note}")
     lines.extend(_tuning_lines(compiled.tuning))
+    unscheduled = (compiled.schedules or {}).get("unscheduled", [])
+    if unscheduled:
+        names = ", ".join(sorted(unscheduled)[:8]) + (", ..." if len(unscheduled) > 8 else "")
+        lines.append(f"    {len(unscheduled)} functions on TVM's default lowering (no schedule of ours): {names}")
     for output in compiled.outputs:
         verdict = {True: "ok", False: "FAIL", None: "reported"}[output.passed]
         lines.append(
