@@ -54,7 +54,11 @@ K_UNROLL = 4
 
 def channels_last() -> tvm.transform.Pass:
     """The Relax pass converting convolutions to channels-last layouts (see the module
-    docstring). A module TVM's ``ConvertLayout`` cannot convert is left as it is (logged)."""
+    docstring). Where TVM's ``ConvertLayout`` fails on some op of the model, each
+    convolution is converted on its own instead, between two transposes (logged).
+    Then convolutions whose output channels no whole vector divides (1000 classes, 40 or
+    72 channels) get zero output channels up to a multiple of :data:`CHANNEL_MULTIPLE`
+    (:func:`pad_channels`), the extra ones sliced off."""
     import tvm
     from tvm import relax
 
@@ -63,12 +67,102 @@ def channels_last() -> tvm.transform.Pass:
         if not _has_conv(mod):
             return mod
         try:
-            return relax.transform.ConvertLayout(LAYOUTS)(mod)
-        except Exception as exc:  # an op ConvertLayout has no rule for: keep NCHW
-            logger.warning("convolutions kept in their layout (ConvertLayout failed: %s)", _first_line(exc))
-            return mod
+            mod = relax.transform.ConvertLayout(LAYOUTS)(mod)
+        except Exception as exc:  # an op ConvertLayout has no rule for
+            logger.info("convolutions converted one by one (ConvertLayout failed: %s)", _first_line(exc))
+            mod = _rewrite_convs(mod, _each_channels_last)
+        mod = relax.transform.FoldConstant()(mod)
+        return _rewrite_convs(mod, pad_channels)
 
     return pass_
+
+
+def _rewrite_convs(mod: tvm.IRModule, rewrite: Any) -> tvm.IRModule:
+    """``mod`` with every conv1d/conv2d call ``c`` replaced by ``rewrite(builder, c)``
+    (which returns the new expression, or None to keep ``c``)."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name in LAYOUTS:
+                new = rewrite(self.builder_, call)
+                if new is not None:
+                    return new
+            return call
+
+    mutator = Mutator(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def _each_channels_last(builder: Any, call: Any) -> Any:
+    """One NCHW/NCW convolution as ``transpose -> channels-last conv -> transpose``."""
+    from tvm import relax
+
+    attrs = call.attrs
+    data_layout, kernel_layout = LAYOUTS[call.op.name]
+    if attrs.data_layout != data_layout[0] + "C" + data_layout[1:-1] or attrs.kernel_layout != "OI" + kernel_layout[:-2]:
+        return None
+    rank = len(data_layout)
+    to_last = [0, *range(2, rank), 1]
+    to_first = [0, rank - 1, *range(1, rank - 1)]
+    weight_perm = [*range(2, rank), 1, 0]
+    make = relax.op.nn.conv2d if rank == 4 else relax.op.nn.conv1d
+    data = builder.emit(relax.op.permute_dims(call.args[0], to_last))
+    weight = builder.emit(relax.op.permute_dims(call.args[1], weight_perm))
+    out = builder.emit(
+        make(
+            data, weight, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+            groups=attrs.groups, data_layout=data_layout, kernel_layout=kernel_layout,
+            out_dtype=attrs.out_dtype if attrs.out_dtype else None,
+        )
+    )
+    return relax.op.permute_dims(out, to_first)
+
+
+# Output channels are padded to a multiple of this (one AVX-512 vector) where that wastes
+# at most MAX_CHANNEL_WASTE of the convolution's work; below, narrower tiles are used.
+CHANNEL_MULTIPLE = 16
+MAX_CHANNEL_WASTE = 0.25
+
+
+def pad_channels(builder: Any, call: Any) -> Any:
+    """A channels-last, ungrouped convolution with a constant weight and ``N`` output
+    channels that :data:`CHANNEL_MULTIPLE` does not divide, as the convolution with
+    zero weights up to the next multiple, sliced back to ``N`` channels (exact: the extra
+    channels are computed from zeros and dropped). None where it does not apply."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    attrs = call.attrs
+    weight = call.args[1]
+    if attrs.groups != 1 or attrs.data_layout not in ("NHWC", "NWC"):
+        return None
+    if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(weight.value, tvm.runtime.Tensor):
+        return None
+    array = weight.value.numpy()
+    channels = array.shape[-1]
+    padded = -(-channels // CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
+    if padded == channels or (padded - channels) > MAX_CHANNEL_WASTE * channels:
+        return None
+    widths = [(0, 0)] * (array.ndim - 1) + [(0, padded - channels)]
+    wide = relax.const(np.pad(array, widths), str(array.dtype))
+    make = relax.op.nn.conv2d if attrs.data_layout == "NHWC" else relax.op.nn.conv1d
+    out = builder.emit(
+        make(
+            call.args[0], wide, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+            groups=1, data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout,
+            out_dtype=attrs.out_dtype if attrs.out_dtype else None,
+        )
+    )
+    rank = len(attrs.data_layout)
+    return relax.op.strided_slice(out, axes=[rank - 1], begin=[0], end=[channels])
 
 
 def _has_conv(mod: tvm.IRModule) -> bool:
@@ -103,6 +197,29 @@ def conv_tile_width(channels: int, lanes: int) -> int | None:
             return width
         width //= 2
     return None
+
+
+def group_size(index: Any, channel: Any, reduction: Any) -> int | None:
+    """Output channels per group of a convolution whose input-channel index is ``index``:
+    0 for a dense one (``index`` is the input-channel iterator ``reduction``), ``G`` for a
+    grouped one (``channel // G * C_g + reduction``, as TVM writes it), else None."""
+    from tvm import tirx
+
+    if index.same_as(reduction):
+        return 0
+    if not (isinstance(index, tirx.Add) and index.b.same_as(reduction) and isinstance(index.a, tirx.Mul)):
+        return None
+    group, _ = index.a.a, index.a.b
+    if isinstance(group, tirx.FloorDiv) and group.a.same_as(channel) and isinstance(group.b, tirx.IntImm):
+        return int(group.b)
+    return None
+
+
+def conv_width(channels: int, group: int, lanes: int) -> int | None:
+    """The register tile's width for a convolution with ``channels`` outputs in groups of
+    ``group`` (0: dense): a tile never spans two groups, so every lane of it reads the
+    same input channels."""
+    return conv_tile_width(group or channels, lanes)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -190,10 +307,19 @@ def rules() -> dict[str, Any]:
                 sch.vectorize(inner)
             sch.parallel(rows if rows is not None else sch.get_loops(block)[0])
 
-    def tile(sch: Any, block: Any, tail: Any, tile_i: int, tile_j: int, unroll_k: bool) -> None:
-        """The register tile: ``tile_i`` pixels x ``tile_j`` channels accumulated in
-        registers over the reduction loops, ``tail`` (the epilogue, or a copy out) run on
-        each finished tile."""
+    def tile(sch: Any, block: Any, tail: Any, pixels: int, limit: int, tile_j: int, unroll_k: bool) -> None:
+        """The register tile: ``tile_i`` pixels (at most ``limit``) x ``tile_j`` channels
+        accumulated in registers over the reduction loops, ``tail`` (the epilogue, or a
+        copy out) run on each finished tile.
+
+        ``tile_i`` divides ``pixels`` where a divisor of at least half of ``limit`` does;
+        else (169 = 13 x 13 pixels) it is ``limit`` and the last tile is partial: its
+        rows are masked, and ``LoopPartition`` (``pragma_loop_partition_hint``) peels it
+        off the tile loop, so the whole tiles run unmasked."""
+        tile_i = max(d for d in range(1, limit + 1) if pixels % d == 0)
+        ragged = 2 * tile_i < limit
+        if ragged:
+            tile_i = limit
         reduction = sch.get_loops(block)[2:]
         pixel, channel = sch.get_loops(block)[:2]
         po, pi = sch.split(pixel, [None, tile_i])
@@ -212,12 +338,17 @@ def rules() -> dict[str, Any]:
             sch.unroll(inner[-1])
         last = sch.get_loops(tail)[-1]
         sch.vectorize(last)
-        sch.parallel(sch.fuse(co, po))
+        if ragged:  # the tile loop stays apart, for LoopPartition to peel its last tile
+            sch.annotate(po, "pragma_loop_partition_hint", 1)
+            sch.parallel(co)
+        else:
+            sch.parallel(sch.fuse(co, po))
         sch.decompose_reduction(block, inner[0])
 
     class ConvRule(base):  # type: ignore[misc, valid-type]
         """``Y[p..., f] += X[g(p..., r...), rc] * W[r..., rc, f]`` (+ epilogue): a
-        channels-last convolution as an implicit GEMM (module docstring, item 2)."""
+        channels-last convolution as an implicit GEMM (module docstring, item 2); grouped
+        ones (``X[..., f // G * C_g + rc]``) too, with tiles inside a group."""
 
         what = "conv"
 
@@ -238,18 +369,18 @@ def rules() -> dict[str, Any]:
             if len(write) != lead or not all(w.same_as(v) for w, v in zip(write, ivars[:lead], strict=True)):
                 return None
             data, weight = stmt.reads
-            if not data.region[-1].min.same_as(reductions[-1]):
-                return None
-            if any(_mentions(r.min, channel) for r in data.region):
-                return None  # a grouped convolution: the window rule's
+            group = group_size(data.region[-1].min, channel, reductions[-1])
+            if group is None or any(_mentions(r.min, channel) for r in data.region[:-1]):
+                return None  # a depthwise convolution or pooling: the window rule's
             packed = stmt.annotations.get(PACKED_ANNOTATION)
             weight_index = [r.min for r in weight.region]
             if packed is None and not (
-                len(weight_index) == len(reductions) + 1
+                len(weight_index) >= 3  # a matmul's weight (2-D) is the matmul rule's
+                and len(weight_index) == len(reductions) + 1
                 and all(w.same_as(v) for w, v in zip(weight_index, [*reductions, channel], strict=True))
             ):
                 return None
-            tile_j = int(packed) if packed is not None else conv_tile_width(extents[lead - 1], self.lanes)
+            tile_j = int(packed) if packed is not None else conv_width(extents[lead - 1], group, self.lanes)
             if tile_j is None:
                 return None
             for producer in producers:
@@ -264,9 +395,7 @@ def rules() -> dict[str, Any]:
             pixels = 1
             for extent in extents[: lead - 1]:
                 pixels *= extent
-            limit = schedules.tile_rows(tile_j, self.lanes)
-            tile_i = max(d for d in range(1, limit + 1) if pixels % d == 0)
-            tile(sch, block, tail, tile_i, tile_j, True)
+            tile(sch, block, tail, pixels, schedules.tile_rows(tile_j, self.lanes), tile_j, True)
             finish_producers(sch, producers, self.lanes)
             return sch
 
@@ -313,8 +442,7 @@ def rules() -> dict[str, Any]:
             pixels = 1
             for extent in extents[: lead - 1]:
                 pixels *= extent
-            tile_i = max(d for d in range(1, WINDOW_PIXELS + 1) if pixels % d == 0)
-            tile(sch, block, tail, tile_i, tile_j, False)
+            tile(sch, block, tail, pixels, WINDOW_PIXELS, tile_j, False)
             finish_producers(sch, producers, self.lanes)
             return sch
 

@@ -43,7 +43,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from rewriter.backends import qdq_matmul
+from rewriter.backends import onnx_simplify, qdq_matmul
 from rewriter.backends.loss_decompose import expand_losses
 from rewriter.backends.unroll import unroll_loops
 from rewriter.errors import InputError
@@ -165,6 +165,7 @@ def prepare(
             for key in held:
                 work.functions.pop(key, None)
     ir.passes.common.RemoveUnusedNodesPass()(work)
+    logger.debug("simplified for the importer: %s", onnx_simplify.simplify(work))
     _widen_4bit_initializers(work)
     expand_losses(work)
     unroll_loops(work)
@@ -192,14 +193,20 @@ def _optimize(work: ir.Model) -> None:
     from onnxscript.optimizer._optimizer import optimize_ir
 
     # The folder logs a warning for every node it tries and cannot evaluate (shape ops
-    # on symbolic dims); those nodes are simply left to TVM's importer.
-    folding_logger = logging.getLogger("onnxscript.optimizer._constant_folding")
-    level = folding_logger.level
-    folding_logger.setLevel(logging.ERROR)
+    # on symbolic dims), and the deduplication one for every initializer that is also a
+    # graph input (old Caffe2 exports: hundreds of lines); both leave the model right.
+    quiet = [
+        logging.getLogger("onnxscript.optimizer._constant_folding"),
+        logging.getLogger("onnx_ir.passes.common.initializer_deduplication"),
+    ]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
     try:
         optimize_ir(work, should_fold=_fold_constant_of_shape)
     finally:
-        folding_logger.setLevel(level)
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
 
 
 def _static_4d(node: ir.Node) -> bool:

@@ -153,16 +153,17 @@ def find_packable(func: tvm.tirx.PrimFunc, width: int, lanes: int = 16) -> Packa
     w_index = [r.min for r in w_read.region]
     if not all(index.same_as(var) for index, var in zip(w_index, [*r_vars, j_var], strict=True)):
         return None
-    if not a_read.region[-1].min.same_as(r_vars[-1]):
+    from rewriter.backends import conv
+
+    group = conv.group_size(a_read.region[-1].min, j_var, r_vars[-1])
+    if group is None or (group and len(r_vars) == 1):
         return None
     if not all(isinstance(dim, tirx.IntImm) for dim in weight.shape):
         return None
     *r_dims, n = (int(dim) for dim in weight.shape)
     k = int(np.prod(r_dims))
-    if len(r_vars) > 1:  # a channels-last convolution: its tile width divides N
-        from rewriter.backends import conv
-
-        conv_width = conv.conv_tile_width(n, lanes)
+    if len(r_vars) > 1:  # a channels-last convolution: its tile width divides N (and G)
+        conv_width = conv.conv_width(n, group, lanes)
         if conv_width is None or conv_width & (conv_width - 1):
             return None  # j // width and j % width of a vector lane fold only for powers of two
         return Packable(block.name_hint, arg, k, n, 0, conv_width, conv=True)

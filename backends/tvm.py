@@ -355,6 +355,14 @@ def relax_pipeline(
         from tvm.relax.backend.cpu_generic import pipeline as stages
 
     passes = [bf16_upcast.upcast_pass()]  # TVM legalizes no bf16 layer norm
+    # Inference forms: batch norms folded into the convolutions before them (the rest
+    # decomposed into a scale and a shift), and the weights' computations folded.
+    passes += [
+        relax.transform.FoldConstant(),
+        relax.transform.FoldBatchnormToConv2D(),
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.FoldConstant(),
+    ]
     if not gpu:  # convolutions channels-last, for our conv schedules
         passes.append(conv.channels_last())
     if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization

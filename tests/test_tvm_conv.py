@@ -132,31 +132,33 @@ def pooled(pool: onnx.NodeProto, shape: list[int]) -> onnx.ModelProto:
 
 
 WINDOWS = [
-    pytest.param(conv_model([1, 32, 14, 14], 32, 3, 1, 1, 32), [1, 32, 14, 14], id="depthwise-3x3"),
-    pytest.param(conv_model([1, 48, 15, 15], 48, 5, 2, 2, 48), [1, 48, 15, 15], id="depthwise-5x5-stride2"),
+    pytest.param(conv_model([1, 32, 14, 14], 32, 3, 1, 1, 32), [1, 32, 14, 14], "conv", id="depthwise-3x3"),
+    pytest.param(conv_model([1, 48, 15, 15], 48, 5, 2, 2, 48), [1, 48, 15, 15], "conv", id="depthwise-5x5-stride2"),
     pytest.param(
         pooled(helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4), [1, 16, 15, 15]),
         [1, 16, 15, 15],
+        "max_pool",
         id="maxpool",
     ),
     pytest.param(
         pooled(helper.make_node("AveragePool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2]), [1, 32, 8, 8]),
         [1, 32, 8, 8],
+        "avg_pool",
         id="avgpool",
     ),
     pytest.param(
-        pooled(helper.make_node("GlobalAveragePool", ["c"], ["y"]), [1, 32, 7, 7]), [1, 32, 7, 7], id="global-avgpool"
+        pooled(helper.make_node("GlobalAveragePool", ["c"], ["y"]), [1, 32, 7, 7]), [1, 32, 7, 7], "mean", id="global-avgpool"
     ),
 ]
 
 
-@pytest.mark.parametrize(("model", "shape"), WINDOWS)
-def test_depthwise_conv_and_pooling_get_the_window_schedule_and_agree(model, shape):
+@pytest.mark.parametrize(("model", "shape", "function"), WINDOWS)
+def test_depthwise_conv_and_pooling_get_the_window_schedule_and_agree(model, shape, function):
     compiled, error = _run(model, shape)
     assert error < TOLERANCE.rtol
     rules = _rules(compiled)
-    windows = [name for name in rules if ("conv" in name and rules[name] != "matmul") or "pool" in name or name == "mean"]
-    assert windows and all(rules[name] == "channels-last window" for name in windows), rules
+    windows = [name for name, rule in rules.items() if rule == "channels-last window"]
+    assert any(function in name for name in windows), rules
 
 
 def test_small_resnet_block_agrees_with_nothing_left_unscheduled():
@@ -168,11 +170,23 @@ def test_small_resnet_block_agrees_with_nothing_left_unscheduled():
     assert compiled.schedules.unscheduled == []
 
 
-def test_grouped_conv_is_left_to_the_default_lowering_and_agrees():
-    # Groups of 4 channels: neither dense nor depthwise; it still computes right.
-    compiled, error = _run(conv_model([1, 16, 8, 8], 16, 3, 1, 1, 4), [1, 16, 8, 8])
+@pytest.mark.parametrize(("channels", "groups", "rule"), [(32, 2, "conv"), (16, 4, None)])
+def test_grouped_conv_tiles_inside_a_group_and_agrees(channels, groups, rule):
+    # 16 output channels per group: tiles of 16 inside each group; groups of 4 channels
+    # are too narrow for a vector (left to another rule), and still compute right.
+    compiled, error = _run(conv_model([1, channels, 8, 8], channels, 3, 1, 1, groups), [1, channels, 8, 8])
     assert error < TOLERANCE.rtol
-    assert compiled.schedules is not None
+    convs = {name: kind for name, kind in _rules(compiled).items() if "conv" in name}
+    assert convs and all((kind == "conv") == (rule == "conv") for kind in convs.values()), convs
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1000, 13), (40, 9)])
+def test_ragged_channels_and_pixels_get_whole_tiles_and_agree(channels, size):
+    # 1000 output channels are padded to 1008 (sliced back); 13 x 13 = 169 pixels (a
+    # prime square) run whole 8-pixel tiles and a masked last one.
+    compiled, error = _run(conv_model([1, 64, size, size], channels, 1), [1, 64, size, size])
+    assert error < TOLERANCE.rtol
+    assert "conv" in _rules(compiled).values()
 
 
 def test_transpose_at_the_edge_is_tiled():
