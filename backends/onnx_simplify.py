@@ -99,15 +99,15 @@ def _split_variadic(node: ir.Node) -> bool:
     if any(value is None for value in inputs):
         return False
     new: list[ir.Node] = []
-    result = inputs[0]
-    assert result is not None
+    first = result = inputs[0]
+    assert first is not None
     for value in inputs[1:]:
         assert value is not None
         created = ir.node("Add", [result, value])
         new.append(created)
         result = created.outputs[0]
     if node.op_type == "Mean":
-        dtype = (inputs[0].dtype or ir.DataType.FLOAT).numpy()
+        dtype = (first.dtype or ir.DataType.FLOAT).numpy()
         count = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(len(inputs), dtype=dtype))})
         divided = ir.node("Div", [result, count.outputs[0]])
         new += [count, divided]
