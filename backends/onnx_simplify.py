@@ -99,8 +99,9 @@ def _split_variadic(node: ir.Node) -> bool:
     if any(value is None for value in inputs):
         return False
     new: list[ir.Node] = []
-    first = result = inputs[0]
+    first = inputs[0]
     assert first is not None
+    result: ir.Value = first
     for value in inputs[1:]:
         assert value is not None
         created = ir.node("Add", [result, value])
