@@ -38,8 +38,10 @@ from torch import fx
 
 from rewriter import attention_math as amath
 from rewriter.errors import InputError
-from rewriter.fx import FxPass, FxPassResult, register_fx_pass, register_onnx_export
-from rewriter.fx import export_onnx as export
+from rewriter.fx.export import export_onnx as export
+from rewriter.fx.export import register_onnx_export
+from rewriter.fx.pass_base import FxPass, FxPassResult
+from rewriter.fx.registry import register_fx_pass
 from rewriter.passes import sigmoid_attention as onnx_sigmoid
 from rewriter.passes import softmax_free_attention as onnx_soft
 

@@ -54,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from rewriter.fx import FxPass, FxPassResult, register_fx_pass
+from rewriter.fx.pass_base import FxPass, FxPassResult
+from rewriter.fx.registry import register_fx_pass
 from rewriter.passes import fuse_cross_entropy as _onnx_pass
 
 logger = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ from torch import fx, nn
 from rewriter import io
 from rewriter import quantize_math as qm
 from rewriter.errors import InputError
-from rewriter.fx import FxPass, FxPassResult
+from rewriter.fx.pass_base import FxPass, FxPassResult
 from rewriter.passes.quantize import INT4_IR_VERSION, INT4_OPSET, QuantizeOptions, validate
 
 WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

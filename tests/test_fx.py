@@ -16,6 +16,8 @@ from rewriter import fx as rfx
 from rewriter import two_pass_math as tpm
 from rewriter import verify
 from rewriter.errors import InputError, VerificationError
+from rewriter.fx import two_pass_softmax as fx_two_pass
+from rewriter.fx.verify import to_numpy
 
 OUR_OPS = {
     torch.ops.rewriter.two_pass_softmax.default,
@@ -160,7 +162,7 @@ def test_log_softmax_option_false_leaves_log_softmax() -> None:
 
 def test_pass_names_and_options_come_from_the_onnx_registry() -> None:
     (fx_pass,) = rfx.parse_fx_pipeline(["two-pass-softmax(log_softmax=no)"])
-    assert fx_pass.options == rfx.onnx_two_pass.TwoPassSoftmaxOptions(log_softmax=False)
+    assert fx_pass.options == fx_two_pass.onnx_two_pass.TwoPassSoftmaxOptions(log_softmax=False)
     with pytest.raises(
         InputError, match=r"'no-such-pass' is unknown \(fx passes: .*two-pass-softmax"
     ):
@@ -280,7 +282,7 @@ def test_report_json_has_the_onnx_report_shape() -> None:
     assert document["verification"]["tolerance"] == {"rtol": 1e-5, "atol": 1e-6}
 
 
-class BreakSoftmax(rfx.TwoPassSoftmaxFxPass):
+class BreakSoftmax(fx_two_pass.TwoPassSoftmaxFxPass):
     """An 'exact' pass that is not: verification must catch it."""
 
     def call(self, gm: fx.GraphModule) -> rfx.FxPassResult:
@@ -352,7 +354,7 @@ def test_edge_cases_follow_torch_semantics(dtype: torch.dtype, log: bool) -> Non
     y = op(x, -1)
     reference = (torch.log_softmax if log else torch.softmax)(x, -1)
     assert y.dtype == dtype
-    ref_np, y_np = rfx._numpy(reference), rfx._numpy(y)
+    ref_np, y_np = to_numpy(reference), to_numpy(y)
     # NaN and infinities must sit where torch puts them; finite values within the
     # dtype's exact-rewrite tolerance.
     comparison = verify.compare("y", ref_np, y_np)
