@@ -19,7 +19,7 @@ _FX_PASSES: dict[str, type[FxPass]] = {}
 
 # The modules that register the built-in fx passes, imported on first use.
 _BUILTIN_MODULES = (
-    "rewriter.fx.two_pass_softmax",
+    "rewriter.passes.two_pass_softmax.fx",
     "rewriter.attention_fx",
     "rewriter.fused_cross_entropy",
     "rewriter.prune_fx",

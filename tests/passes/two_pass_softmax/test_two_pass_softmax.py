@@ -7,8 +7,8 @@ import onnx
 import onnx.reference
 import pytest
 
-from rewriter import two_pass_math as tpm
 from rewriter.pass_base import DOMAIN
+from rewriter.passes.two_pass_softmax import math as tpm
 from rewriter.registry import create_pass
 from tests.helpers import model_from_text, op_types, run, softmax_model, to_proto
 

@@ -4,7 +4,7 @@ The fx twin of ``two-pass-softmax``: it replaces every softmax and log-softmax c
 ``F.softmax``, ``Tensor.softmax``, ``nn.Softmax``, ``torch.special.softmax``, the
 ``aten`` overloads of exported graphs, and the log variants) by the custom operators
 ``torch.ops.rewriter.two_pass_softmax(x, dim)`` and ``two_pass_log_softmax(x, dim)``:
-the two-pass algorithm of :mod:`rewriter.two_pass_math` (Dukhan & Ablavatski 2020,
+the two-pass algorithm of :mod:`rewriter.passes.two_pass_softmax.math` (Dukhan & Ablavatski 2020,
 arXiv 2001.04438) in float64, with the exact softmax backward, so the rewritten model
 still trains, exports with ``torch.export`` and, through
 :func:`rewriter.fx.export_onnx`, becomes
@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from rewriter import two_pass_math as tpm
 from rewriter.fx.export import register_onnx_export
 from rewriter.fx.pass_base import FxPass, FxPassResult
 from rewriter.fx.registry import register_fx_pass
 from rewriter.pass_base import DOMAIN, DOMAIN_VERSION
-from rewriter.passes import two_pass_softmax as onnx_two_pass
+from rewriter.passes.two_pass_softmax import body
+from rewriter.passes.two_pass_softmax import math as tpm
+from rewriter.passes.two_pass_softmax import onnx as onnx_two_pass
 
 # --------------------------------------------------------------------------------------
 # The custom operators
@@ -116,8 +117,8 @@ for _op, _backward in (
 
 # our op -> the ONNX operator (of the ONNX pass) it exports to
 _OPS = {
-    torch.ops.rewriter.two_pass_softmax.default: onnx_two_pass.TARGETS["Softmax"],
-    torch.ops.rewriter.two_pass_log_softmax.default: onnx_two_pass.TARGETS["LogSoftmax"],
+    torch.ops.rewriter.two_pass_softmax.default: body.TARGETS["Softmax"],
+    torch.ops.rewriter.two_pass_log_softmax.default: body.TARGETS["LogSoftmax"],
 }
 _OP_FOR = {
     False: torch.ops.rewriter.two_pass_softmax.default,
@@ -365,6 +366,6 @@ def _torchscript_symbolics() -> dict[str, Callable[..., Any]]:
 
 register_onnx_export(
     _dynamo_translations,
-    {op_type: functools.partial(onnx_two_pass.function_proto, op_type) for op_type in onnx_two_pass.TARGETS.values()},
+    {op_type: functools.partial(body.function_proto, op_type) for op_type in body.TARGETS.values()},
     torchscript=_torchscript_symbolics,
 )

@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
-from onnx import TensorProto, helper
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from rewriter import two_pass_math as tpm
 from rewriter.pass_base import (
     DOMAIN,
     FUNCTIONS_IR_VERSION,
@@ -37,16 +33,11 @@ from rewriter.pass_base import (
     add_function,
     all_nodes,
 )
+from rewriter.passes.two_pass_softmax.body import CASTLIKE_OPSET, TARGETS, function_proto
 from rewriter.registry import register
 
 MIN_OPSET = 9
-# CastLike (opset 15) lets one body serve every float type; below it the body casts
-# back to float32, so only float32 Softmax nodes are rewritten there.
-CASTLIKE_OPSET = 15
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-
-# source op -> our op
-TARGETS = {"Softmax": "TwoPassSoftmax", "LogSoftmax": "TwoPassLogSoftmax"}
 
 
 @dataclasses.dataclass
@@ -174,71 +165,3 @@ def _unsupported_reason(node: ir.Node, opset: int, *, in_function: bool = False)
     if opset < 11 and axis < -1 and _rank(x) is None:
         return f"negative axis {axis} with input rank unknown (Flatten-{opset} needs axis >= 0)"
     return ""
-
-
-def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
-    """The ONNX function body of ``TwoPassSoftmax`` or ``TwoPassLogSoftmax`` at ``opset``.
-
-    Computed in float64 along the last axis; see :mod:`rewriter.two_pass_math`.
-
-    >>> function_proto("TwoPassSoftmax", 17).name
-    'TwoPassSoftmax'
-    """
-    nodes: list[onnx.NodeProto] = []
-
-    def node(op: str, inputs: list[str], output: str, **attributes) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], **attributes))
-        return output
-
-    def const(name: str, value: float) -> str:
-        tensor = helper.make_tensor(name, TensorProto.DOUBLE, [], [value])
-        return node("Constant", [], name, value=tensor)
-
-    def reduce(op: str, x: str, output: str) -> str:
-        # axes became an input in ReduceSum-13 and ReduceMax-18.
-        if (op == "ReduceSum" and opset >= 13) or opset >= 18:
-            axes = node("Constant", [], output + "_axes", value=helper.make_tensor(
-                output + "_axes", TensorProto.INT64, [1], [-1]))
-            return node(op, [x, axes], output, keepdims=1)
-        return node(op, [x], output, axes=[-1], keepdims=1)
-
-    xd = node("Cast", ["X"], "xd", to=TensorProto.DOUBLE)
-    # Pass 1: n = round(x log2 e), t = x - n ln2 (Cody-Waite), m = p(t).
-    scaled = node("Mul", [xd, const("log2e", tpm.LOG2E)], "x_log2e")
-    n = node("Floor", [node("Add", [scaled, const("half", 0.5)], "x_log2e_half")], "n")
-    t_hi = node("Sub", [xd, node("Mul", [n, const("ln2_hi", tpm.LN2_HI)], "n_ln2_hi")], "t_hi")
-    t = node("Sub", [t_hi, node("Mul", [n, const("ln2_lo", tpm.LN2_LO)], "n_ln2_lo")], "t_raw")
-    # -inf has no mantissa (t is NaN): give it m = 1, its 2**(n - N) = 0 removes it.
-    neg_inf = node("Less", [xd, const("lowest", float(np.finfo(np.float64).min))], "is_neg_inf")
-    t = node("Where", [neg_inf, const("zero", 0.0), t], "t_finite")
-    t = node("Max", [t, const("t_min", -tpm.T_CLAMP)], "t_low")
-    t = node("Min", [t, const("t_max", tpm.T_CLAMP)], "t")
-    m = const("c5", tpm.EXP_POLY[5])
-    for degree in range(4, -1, -1):
-        m = node("Mul", [m, t], f"p{degree}_mul")
-        m = node("Add", [m, const(f"c{degree}", tpm.EXP_POLY[degree])], f"p{degree}")
-    n_max = reduce("ReduceMax", n, "n_max")
-    delta = node("Sub", [n, n_max], "n_delta")
-    scale = node("Pow", [const("two", 2.0), delta], "scale")
-    contribution = node("Mul", [m, scale], "contribution")
-    total = reduce("ReduceSum", contribution, "m_sum")
-    # Pass 2: y = m / M * 2**(n - N).
-    if op_type == "TwoPassSoftmax":
-        yd = node("Div", [contribution, total], "yd")
-    else:
-        log_m = node("Log", [m], "log_m")
-        shifted = node("Add", [log_m, node("Mul", [delta, const("ln2", tpm.LN2)], "delta_ln2")], "log_num")
-        yd = node("Sub", [shifted, node("Log", [total], "log_sum")], "yd")
-    if opset >= CASTLIKE_OPSET:
-        node("CastLike", [yd, "X"], "Y")
-    else:
-        node("Cast", [yd], "Y", to=TensorProto.FLOAT)
-    return helper.make_function(
-        DOMAIN,
-        op_type,
-        ["X"],
-        ["Y"],
-        nodes,
-        [helper.make_opsetid("", opset)],
-        doc_string=f"{op_type} along the last axis (two-pass algorithm, float64 inside).",
-    )
