@@ -5,15 +5,15 @@ Self-Attention" (2024, arXiv 2409.04431): the row softmax is replaced by an elem
 sigmoid with the scalar bias b = -ln(n), n the longest sequence the model is trained on
 (option ``max_seq_len``; by default the graph's static key length, else the option is
 required). Approximate: the rewritten model computes another function; verification
-reports the fidelity it measures, and the torch.fx twin (:mod:`rewriter.attention_fx`)
+reports the fidelity it measures, and the torch.fx twin (:mod:`rewriter.passes.attention.fx_match`)
 fine-tunes the rewritten model to recover accuracy.
 
-Every attention :mod:`rewriter.attention` finds is rewritten (subgraphs of the torch
+Every attention :mod:`rewriter.passes.attention.onnx_match` finds is rewritten (subgraphs of the torch
 exporters and the ``Attention`` operator of opset 23). A masked position contributes
 exactly 0: sigmoid(-inf) is 0, and ONNX Runtime's float32 Sigmoid gives 0 for
 ``finfo.min`` masks too, but a backend's approximate sigmoid (a clamped polynomial, or
 0.5·(1 + tanh(x/2)) with an approximate tanh) need not, so the body also zeroes
-positions whose additive mask is <= :data:`rewriter.attention.MASKED_AT_OR_BELOW`
+positions whose additive mask is <= :data:`rewriter.passes.attention.onnx_match.MASKED_AT_OR_BELOW`
 with ``Where``. A Softmax that is not attention (a classifier's output) is left as is
 and noted.
 
@@ -32,10 +32,10 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from rewriter import attention
-from rewriter.attention import AttentionMatch, AttentionRule
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult, add_function
+from rewriter.passes.attention import onnx_match as attention
+from rewriter.passes.attention.onnx_match import AttentionMatch, AttentionRule
 from rewriter.registry import register
 
 OP_TYPE = "SigmoidAttention"

@@ -20,7 +20,7 @@ one with K := Q would throw its key projection away: the asymmetric form keeps i
 is the default here.
 
 Approximate: the Gaussian kernel is not normalized as softmax is, so a pretrained
-model needs the fine-tuning of :mod:`rewriter.attention_fx`; verification reports the
+model needs the fine-tuning of :mod:`rewriter.passes.attention.fx_match`; verification reports the
 fidelity it measures. Masks: masked keys (additive mask <= -1e4) contribute exactly 0
 and are left out of the landmark pools. SOFT is bidirectional: a query-dependent
 (causal) mask is reduced to its key padding (a key is kept if any query may see it);
@@ -41,10 +41,10 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper
 
-from rewriter import attention
-from rewriter.attention import AttentionMatch, AttentionRule
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult, add_function
+from rewriter.passes.attention import onnx_match as attention
+from rewriter.passes.attention.onnx_match import AttentionMatch, AttentionRule
 from rewriter.registry import register
 
 OP_TYPE = "SoftmaxFreeAttention"

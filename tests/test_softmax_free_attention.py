@@ -8,9 +8,9 @@ import onnx.reference
 import pytest
 import torch
 
-from rewriter import attention_math as amath
 from rewriter.job import rewrite_file
 from rewriter.pass_base import DOMAIN
+from rewriter.passes.attention import math as amath
 from rewriter.passes.softmax_free_attention import OP_TYPE, SoftmaxFreeAttentionPass, function_proto
 from tests import attention_models as am
 from tests.helpers import model_from_text, op_types, run, to_proto

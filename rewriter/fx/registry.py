@@ -20,7 +20,7 @@ _FX_PASSES: dict[str, type[FxPass]] = {}
 # The modules that register the built-in fx passes, imported on first use.
 _BUILTIN_MODULES = (
     "rewriter.passes.two_pass_softmax.fx",
-    "rewriter.attention_fx",
+    "rewriter.passes.attention.fx_match",
     "rewriter.fused_cross_entropy",
     "rewriter.prune_fx",
     "rewriter.prune_width_fx",

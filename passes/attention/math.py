@@ -1,6 +1,6 @@
 """softmax(QKᵀ·s + mask)·V -> sigmoid / SOFT attention: the math in torch, in one place.
 
-The torch.fx custom operators (:mod:`rewriter.attention_fx`), the benchmark
+The torch.fx custom operators (:mod:`rewriter.passes.attention.fx_match`), the benchmark
 (``benchmarks/attention.py``) and the fine-tuning example call these functions; the
 ONNX function bodies of ``passes/sigmoid_attention.py`` and
 ``passes/softmax_free_attention.py`` compute the same formulas, and the tests check
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-MASKED_AT_OR_BELOW = -1e4  # rewriter.attention.MASKED_AT_OR_BELOW (no onnx import here)
+MASKED_AT_OR_BELOW = -1e4  # attention.onnx_match.MASKED_AT_OR_BELOW (no onnx import here)
 EMPTY_SEGMENT = 1e-6
 TINY = 1e-30
 

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewriter import attention_fx, attention_math
 from rewriter import fx as rewriter_fx
 from rewriter.errors import InputError
+from rewriter.passes.attention import fx_match as attention_fx
+from rewriter.passes.attention import math as attention_math
 from rewriter.passes.sigmoid_attention import OP_TYPE as SIGMOID_OP
 from rewriter.passes.sigmoid_attention import SigmoidAttentionOptions
 from rewriter.passes.sigmoid_attention import function_proto as sigmoid_body

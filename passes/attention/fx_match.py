@@ -19,7 +19,7 @@ Attention is found in two forms:
   (removed: the swap changes the function anyway, and fine-tuning sees no dropout).
 
 Each becomes one call of a custom operator (``torch.library``), whose math is
-:mod:`rewriter.attention_math` and whose backward differentiates that math (recomputed
+:mod:`rewriter.passes.attention.math` and whose backward differentiates that math (recomputed
 under autograd), so the rewritten module trains; ``register_fake`` lets it be traced and
 exported. Softmax calls that are not attention are left alone and noted.
 """
@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from rewriter import attention_math as amath
 from rewriter.errors import InputError
 from rewriter.fx.export import export_onnx as export
 from rewriter.fx.export import register_onnx_export
@@ -44,6 +43,7 @@ from rewriter.fx.pass_base import FxPass, FxPassResult
 from rewriter.fx.registry import register_fx_pass
 from rewriter.passes import sigmoid_attention as onnx_sigmoid
 from rewriter.passes import softmax_free_attention as onnx_soft
+from rewriter.passes.attention import math as amath
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def sigmoid_attention(
     bias: float,
     causal: bool,
 ) -> torch.Tensor:
-    """Sigmoid attention (see :func:`rewriter.attention_math.sigmoid_attention`).
+    """Sigmoid attention (see :func:`rewriter.passes.attention.math.sigmoid_attention`).
 
     >>> x = torch.zeros(1, 1, 2, 4)
     >>> torch.ops.rewriter.sigmoid_attention(x, x, x, None, 0.5, -0.69, False).shape
@@ -81,7 +81,7 @@ def softmax_free_attention(
     landmarks: int,
     iterations: int,
 ) -> torch.Tensor:
-    """SOFT attention (see :func:`rewriter.attention_math.softmax_free_attention`).
+    """SOFT attention (see :func:`rewriter.passes.attention.math.softmax_free_attention`).
 
     >>> x = torch.randn(1, 1, 8, 4)
     >>> torch.ops.rewriter.softmax_free_attention(x, x, x, None, 0.5, 4, 20).shape

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from rewriter import attention
+from rewriter.passes.attention import onnx_match as attention
 from tests import attention_models as am
 from tests.helpers import model_from_text
 from tests.real_models import count_ops
