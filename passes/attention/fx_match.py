@@ -1,11 +1,10 @@
-"""softmax attention -> rewriter::sigmoid_attention / rewriter::softmax_free_attention, on torch.fx.
+"""matmul(softmax(q @ kᵀ · s + mask), v) in a torch.fx graph: the attention finder of the fx twins.
 
-The fx twins of ``sigmoid-attention`` (Ramapuram et al. 2024, arXiv 2409.04431) and
-``softmax-free-attention`` (SOFT, Lu et al. 2021, arXiv 2110.11945), registered with
-:func:`rewriter.fx.register_fx_pass` under the same names and with the same ``Options``.
-Approximate, like their ONNX twins: the point of this front is that the rewritten
-module trains, so it can be fine-tuned to recover the accuracy the swap costs
-(``examples/finetune_attention.py``).
+The fx twins of ``sigmoid-attention`` (:mod:`rewriter.passes.sigmoid_attention.fx`) and
+``softmax-free-attention`` (:mod:`rewriter.passes.softmax_free_attention.fx`) find
+attention with :func:`find_sites`, replace each site by a call of their custom op with
+:func:`replace_site`, give the op its fake and backward with
+:func:`register_attention_op` and export it with :func:`dynamo_translation`.
 
 Attention is found in two forms:
 
@@ -30,66 +29,20 @@ import dataclasses
 import logging
 import math
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
-from rewriter.errors import InputError
-from rewriter.fx.export import export_onnx as export
-from rewriter.fx.export import register_onnx_export
-from rewriter.fx.pass_base import FxPass, FxPassResult
-from rewriter.fx.registry import register_fx_pass
-from rewriter.passes import sigmoid_attention as onnx_sigmoid
-from rewriter.passes import softmax_free_attention as onnx_soft
 from rewriter.passes.attention import math as amath
 
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------
-# Custom operators
+# Custom operators: what the attention ops of the passes share
 # --------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("rewriter::sigmoid_attention", mutates_args=())
-def sigmoid_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    bias: float,
-    causal: bool,
-) -> torch.Tensor:
-    """Sigmoid attention (see :func:`rewriter.passes.attention.math.sigmoid_attention`).
-
-    >>> x = torch.zeros(1, 1, 2, 4)
-    >>> torch.ops.rewriter.sigmoid_attention(x, x, x, None, 0.5, -0.69, False).shape
-    torch.Size([1, 1, 2, 4])
-    """
-    return amath.sigmoid_attention(q, k, v, mask, scale=scale, bias=bias, causal=causal)
-
-
-@torch.library.custom_op("rewriter::softmax_free_attention", mutates_args=())
-def softmax_free_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    landmarks: int,
-    iterations: int,
-) -> torch.Tensor:
-    """SOFT attention (see :func:`rewriter.passes.attention.math.softmax_free_attention`).
-
-    >>> x = torch.randn(1, 1, 8, 4)
-    >>> torch.ops.rewriter.softmax_free_attention(x, x, x, None, 0.5, 4, 20).shape
-    torch.Size([1, 1, 8, 4])
-    """
-    return amath.softmax_free_attention(
-        q, k, v, mask, scale=scale, landmarks=landmarks, iterations=iterations
-    )
 
 
 def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, *args: Any) -> torch.Tensor:
@@ -104,16 +57,12 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     ctx.save_for_backward(q, k, v, mask)
 
 
-def _backward_of(op: Any) -> Any:
-    """A backward that differentiates ``op``'s torch math, recomputed under autograd."""
-    math_of = {
-        "sigmoid_attention": lambda q, k, v, mask, a: amath.sigmoid_attention(
-            q, k, v, mask, scale=a[0], bias=a[1], causal=a[2]
-        ),
-        "softmax_free_attention": lambda q, k, v, mask, a: amath.softmax_free_attention(
-            q, k, v, mask, scale=a[0], landmarks=a[1], iterations=a[2]
-        ),
-    }[op._name.split("::")[-1]]
+def register_attention_op(op: Any, math_of: Callable[..., torch.Tensor]) -> None:
+    """Give the custom op ``op(q, k, v, mask, *attributes)`` its fake and its backward.
+
+    ``math_of(q, k, v, mask, attributes)`` is the op's torch math: the backward
+    differentiates it, recomputed under autograd.
+    """
 
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         q, k, v, mask = ctx.saved_tensors
@@ -123,12 +72,9 @@ def _backward_of(op: Any) -> Any:
             grads = torch.autograd.grad(out, leaves, grad)
         return (*grads, None, None, None, None)
 
-    return backward
+    op.register_fake(_fake)
+    op.register_autograd(backward, setup_context=_setup)
 
-
-for _op in (sigmoid_attention, softmax_free_attention):
-    _op.register_fake(_fake)
-    _op.register_autograd(_backward_of(_op), setup_context=_setup)
 
 # --------------------------------------------------------------------------------------
 # Finding attention in a graph
@@ -159,7 +105,7 @@ _DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
 
 
 @dataclasses.dataclass
-class _Site:
+class Site:
     """A matched attention: its inputs (fx nodes, or the mask's constant), and the node
     whose value it replaces."""
 
@@ -195,7 +141,7 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _sdpa_site(node: fx.Node) -> _Site | str | None:
+def _sdpa_site(node: fx.Node) -> Site | str | None:
     if not _is_call(node, _SDPA):
         return None
     arguments = dict(zip(_SDPA_PARAMS, node.args, strict=False)) | dict(node.kwargs)
@@ -209,7 +155,7 @@ def _sdpa_site(node: fx.Node) -> _Site | str | None:
         if shape is None or not isinstance(shape[-1], int):
             return "scale=None and the head dimension is unknown (pass example_inputs)"
         scale = 1.0 / math.sqrt(shape[-1])
-    return _Site(
+    return Site(
         q=arguments["query"],
         k=arguments["key"],
         k_t=None,
@@ -259,7 +205,7 @@ def _is_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
     return _is_call(node, _DROPOUT_FUNCTIONS, ("dropout",))
 
 
-def _explicit_site(gm: fx.GraphModule, node: fx.Node) -> _Site | str | None:
+def _explicit_site(gm: fx.GraphModule, node: fx.Node) -> Site | str | None:
     found = _softmax_dim(gm, node)
     if found is None:
         return None
@@ -309,7 +255,7 @@ def _explicit_site(gm: fx.GraphModule, node: fx.Node) -> _Site | str | None:
     out = users[0]
     if out.args[0] is not (node if not dropout else list(node.users)[0]):
         return "not attention (the probabilities are the right operand)"
-    return _Site(q, k, k_t, out.args[1], mask, mask_from_fill, scale, False, out, dropout)  # type: ignore[arg-type]
+    return Site(q, k, k_t, out.args[1], mask, mask_from_fill, scale, False, out, dropout)  # type: ignore[arg-type]
 
 
 def _swaps_last_two(node: fx.Node) -> bool:
@@ -321,7 +267,8 @@ def _swaps_last_two(node: fx.Node) -> bool:
     return set(dims) == {-2, -1}
 
 
-def _sites(gm: fx.GraphModule) -> tuple[list[_Site], list[str]]:
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[str]]:
+    """The attention sites of ``gm``, and one note per softmax that is not attention."""
     sites, notes = [], []
     for node in list(gm.graph.nodes):
         site = _sdpa_site(node)
@@ -335,7 +282,8 @@ def _sites(gm: fx.GraphModule) -> tuple[list[_Site], list[str]]:
     return sites, notes
 
 
-def _rewrite(gm: fx.GraphModule, site: _Site, op: Any, attributes: list[Any]) -> None:
+def replace_site(gm: fx.GraphModule, site: Site, op: Any, attributes: list[Any]) -> None:
+    """Replace ``site`` by ``op(q, k, v, mask, *attributes)``."""
     graph = gm.graph
     with graph.inserting_before(site.output):
         k = site.k if site.k is not None else graph.call_method("transpose", (site.k_t, -2, -1))
@@ -351,7 +299,8 @@ def _rewrite(gm: fx.GraphModule, site: _Site, op: Any, attributes: list[Any]) ->
     graph.eliminate_dead_code()
 
 
-def _key_length(site: _Site) -> int | None:
+def key_length(site: Site) -> int | None:
+    """The static number of keys of ``site``, or None."""
     shape = _shape(site.k) if site.k is not None else _shape(site.k_t)
     if shape is None:
         return None
@@ -359,100 +308,19 @@ def _key_length(site: _Site) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-@register_fx_pass
-class SigmoidAttentionFxPass(FxPass):
-    """Attention -> ``torch.ops.rewriter.sigmoid_attention`` (b = -ln ``max_seq_len``).
-
-    >>> gm = torch.fx.symbolic_trace(module)  # doctest: +SKIP
-    >>> SigmoidAttentionFxPass(SigmoidAttentionOptions(max_seq_len=128))(gm).stats  # doctest: +SKIP
-    {'attention_replaced': 2, 'softmax_left': 0}
-    """
-
-    name = onnx_sigmoid.SigmoidAttentionPass.name
-    exact = onnx_sigmoid.SigmoidAttentionPass.exact
-    Options = onnx_sigmoid.SigmoidAttentionOptions
-
-    def call(self, gm: fx.GraphModule) -> FxPassResult:
-        sites, notes = _sites(gm)
-        n = self.options.max_seq_len
-        for site in sites:
-            length = n or _key_length(site)
-            if length is None:
-                raise InputError(
-                    f"{self.name}: the sequence length of {site.output.name!r} is unknown; give "
-                    "max_seq_len=N or example_inputs with the training length"
-                )
-            if site.dropout:
-                notes.append(
-                    f"{site.output.name!r}: the dropout on the attention weights is removed"
-                )
-            _rewrite(
-                gm,
-                site,
-                torch.ops.rewriter.sigmoid_attention.default,
-                [site.scale, -math.log(length), site.causal],
-            )
-        stats = {
-            "attention_replaced": len(sites),
-            "softmax_left": sum("left as is" in n for n in notes),
-        }
-        return FxPassResult(gm, bool(sites), stats, notes)
-
-
-@register_fx_pass
-class SoftmaxFreeAttentionFxPass(FxPass):
-    """Attention -> ``torch.ops.rewriter.softmax_free_attention`` (SOFT).
-
-    >>> SoftmaxFreeAttentionFxPass()(torch.fx.symbolic_trace(module)).stats  # doctest: +SKIP
-    {'attention_replaced': 2, 'softmax_left': 0}
-    """
-
-    name = onnx_soft.SoftmaxFreeAttentionPass.name
-    exact = onnx_soft.SoftmaxFreeAttentionPass.exact
-    Options = onnx_soft.SoftmaxFreeAttentionOptions
-
-    def call(self, gm: fx.GraphModule) -> FxPassResult:
-        sites, notes = _sites(gm)
-        options = self.options
-        for site in sites:
-            if site.causal:
-                notes.append(f"{site.output.name!r}: is_causal dropped, SOFT is bidirectional")
-            if site.dropout:
-                notes.append(
-                    f"{site.output.name!r}: the dropout on the attention weights is removed"
-                )
-            if options.symmetric:
-                site.k, site.k_t = site.q, None
-            _rewrite(
-                gm,
-                site,
-                torch.ops.rewriter.softmax_free_attention.default,
-                [site.scale, options.landmarks, options.iterations],
-            )
-        stats = {
-            "attention_replaced": len(sites),
-            "softmax_left": sum("left as is" in n for n in notes),
-        }
-        return FxPassResult(gm, bool(sites), stats, notes)
-
-
 # --------------------------------------------------------------------------------------
 # ONNX export: our ops -> ai.rewriter::SigmoidAttention / SoftmaxFreeAttention
 # --------------------------------------------------------------------------------------
 
-# custom op -> (ONNX operator, its attributes after q, k, v, mask)
-_EXPORTED = {
-    "sigmoid_attention": (onnx_sigmoid.OP_TYPE, ("scale", "bias", "causal")),
-    "softmax_free_attention": (onnx_soft.OP_TYPE, ("scale", "landmarks", "iterations")),
-}
+def dynamo_translation(op_type: str, attribute_names: tuple[str, ...]) -> Callable[..., Any]:
+    """The onnxscript translation of an attention custom op ``(q, k, v, mask, *attributes)``
+    into ``ai.rewriter::<op_type>(Q, K, V, Mask)``, for ``torch.onnx.export(dynamo=True,
+    custom_translation_table=...)``; :func:`rewriter.fx.export_onnx` adds the body.
 
+    The mask becomes additive (0 when there is none), and ``causal`` (when among
+    ``attribute_names``) a lower-triangular additive mask, as the ONNX passes make them.
 
-def dynamo_translations() -> dict[Any, Any]:
-    """onnxscript translations of the attention custom ops for ``torch.onnx.export(dynamo=True,
-    custom_translation_table=...)``; the function bodies are added by :func:`export_onnx`.
-
-    >>> sorted(str(op) for op in dynamo_translations())  # doctest: +SKIP
-    ['rewriter.sigmoid_attention.default', 'rewriter.softmax_free_attention.default']
+    >>> dynamo_translation("SigmoidAttention", ("scale", "bias", "causal"))  # doctest: +SKIP
     """
     import onnx
     from onnxscript import opset18
@@ -463,59 +331,39 @@ def dynamo_translations() -> dict[Any, Any]:
     schema_type = onnx.defs.OpSchema
     float_types = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
     op: Any = opset18
+    kinds = {"scale": schema_type.AttrType.FLOAT, "bias": schema_type.AttrType.FLOAT}
+    schema = schema_type(
+        op_type,
+        DOMAIN,
+        DOMAIN_VERSION,
+        inputs=[schema_type.FormalParameter(x, "T") for x in ("Q", "K", "V", "Mask")],
+        outputs=[schema_type.FormalParameter("Y", "T")],
+        type_constraints=[("T", float_types, "float tensors")],
+        attributes=[
+            schema_type.Attribute(a, kinds.get(a, schema_type.AttrType.INT), "")
+            for a in attribute_names
+            if a != "causal"
+        ],
+    )
+    target = Op(Opset(DOMAIN, DOMAIN_VERSION), op_type, schema)
 
-    def translation(name: str) -> Any:
-        op_type, attribute_names = _EXPORTED[name]
-        kinds = {"scale": schema_type.AttrType.FLOAT, "bias": schema_type.AttrType.FLOAT}
-        schema = schema_type(
-            op_type,
-            DOMAIN,
-            DOMAIN_VERSION,
-            inputs=[schema_type.FormalParameter(x, "T") for x in ("Q", "K", "V", "Mask")],
-            outputs=[schema_type.FormalParameter("Y", "T")],
-            type_constraints=[("T", float_types, "float tensors")],
-            attributes=[
-                schema_type.Attribute(a, kinds.get(a, schema_type.AttrType.INT), "")
-                for a in attribute_names
-                if a != "causal"
-            ],
-        )
-        target = Op(Opset(DOMAIN, DOMAIN_VERSION), op_type, schema)
+    def translate(q: Any, k: Any, v: Any, mask: Any, *values: Any) -> Any:
+        attributes = dict(zip(attribute_names, values, strict=True))
+        zero = op.CastLike(op.Constant(value_float=0.0), q)
+        minus_inf = op.CastLike(op.Constant(value_float=-math.inf), q)
+        if mask is None:
+            additive = op.CastLike(op.Constant(value_floats=[0.0]), q)
+            additive = op.Reshape(additive, op.Constant(value_ints=[1, 1, 1, 1]))
+        elif mask.dtype is not None and mask.dtype.name == "BOOL":
+            additive = op.Where(mask, zero, minus_inf)
+        else:
+            additive = op.CastLike(mask, q)
+        if attributes.pop("causal", False):
+            lengths = op.Concat(
+                op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3), axis=0
+            )
+            lower = op.Trilu(op.Expand(op.Constant(value_ints=[1]), lengths), upper=0)
+            additive = op.Add(additive, op.Where(op.Cast(lower, to=9), zero, minus_inf))
+        return target(q, k, v, additive, **attributes)
 
-        def translate(q: Any, k: Any, v: Any, mask: Any, *values: Any) -> Any:
-            attributes = dict(zip(attribute_names, values, strict=True))
-            zero = op.CastLike(op.Constant(value_float=0.0), q)
-            minus_inf = op.CastLike(op.Constant(value_float=-math.inf), q)
-            if mask is None:
-                additive = op.CastLike(op.Constant(value_floats=[0.0]), q)
-                additive = op.Reshape(additive, op.Constant(value_ints=[1, 1, 1, 1]))
-            elif mask.dtype is not None and mask.dtype.name == "BOOL":
-                additive = op.Where(mask, zero, minus_inf)
-            else:
-                additive = op.CastLike(mask, q)
-            if attributes.pop("causal", False):
-                lengths = op.Concat(
-                    op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3), axis=0
-                )
-                lower = op.Trilu(op.Expand(op.Constant(value_ints=[1]), lengths), upper=0)
-                additive = op.Add(additive, op.Where(op.Cast(lower, to=9), zero, minus_inf))
-            return target(q, k, v, additive, **attributes)
-
-        return translate
-
-    return {getattr(torch.ops.rewriter, name).default: translation(name) for name in _EXPORTED}
-
-
-def export_onnx(gm: torch.nn.Module, args: tuple[Any, ...], path: Any) -> Any:
-    """Export a module rewritten by these passes (dynamo exporter, function bodies attached);
-    the same as :func:`rewriter.fx.export_onnx`.
-
-    >>> export_onnx(gm, (x,), "model.onnx")  # doctest: +SKIP
-    """
-    return export(gm, args, path)
-
-
-register_onnx_export(
-    dynamo_translations,
-    {onnx_sigmoid.OP_TYPE: onnx_sigmoid.function_proto, onnx_soft.OP_TYPE: onnx_soft.function_proto},
-)
+    return translate

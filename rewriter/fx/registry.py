@@ -20,7 +20,8 @@ _FX_PASSES: dict[str, type[FxPass]] = {}
 # The modules that register the built-in fx passes, imported on first use.
 _BUILTIN_MODULES = (
     "rewriter.passes.two_pass_softmax.fx",
-    "rewriter.passes.attention.fx_match",
+    "rewriter.passes.sigmoid_attention.fx",
+    "rewriter.passes.softmax_free_attention.fx",
     "rewriter.fused_cross_entropy",
     "rewriter.prune_fx",
     "rewriter.prune_width_fx",

@@ -13,11 +13,11 @@ from torch import nn
 
 from rewriter import fx as rewriter_fx
 from rewriter.errors import InputError
-from rewriter.passes.attention import fx_match as attention_fx
 from rewriter.passes.attention import math as attention_math
 from rewriter.passes.sigmoid_attention import OP_TYPE as SIGMOID_OP
 from rewriter.passes.sigmoid_attention import SigmoidAttentionOptions
 from rewriter.passes.sigmoid_attention import function_proto as sigmoid_body
+from rewriter.passes.sigmoid_attention.fx import SigmoidAttentionFxPass
 from rewriter.passes.softmax_free_attention import OP_TYPE as SOFT_OP
 from rewriter.passes.softmax_free_attention import function_proto as soft_body
 from tests import attention_models as am
@@ -107,10 +107,10 @@ def test_idempotent_and_negative():
 def test_sigmoid_needs_a_length_without_shapes():
     gm = torch.fx.symbolic_trace(Explicit())  # no example inputs: no shapes
     with pytest.raises(InputError, match="max_seq_len"):
-        attention_fx.SigmoidAttentionFxPass()(gm)
+        SigmoidAttentionFxPass()(gm)
     options = SigmoidAttentionOptions(max_seq_len=8)
     # Without shapes the SDPA scale (1/sqrt(d)) is unknown: skipped and said why.
-    result = attention_fx.SigmoidAttentionFxPass(options)(torch.fx.symbolic_trace(Sdpa()))
+    result = SigmoidAttentionFxPass(options)(torch.fx.symbolic_trace(Sdpa()))
     assert result.stats["attention_replaced"] == 0 and "head dimension" in result.notes[0]
 
 
@@ -188,7 +188,7 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path, module, spec, op_type):
     from rewriter import verify
 
     gm, _ = rewriter_fx.rewrite(module().eval(), spec, inputs())
-    path = attention_fx.export_onnx(gm, inputs(), tmp_path / "model.onnx")
+    path = rewriter_fx.export_onnx(gm, inputs(), tmp_path / "model.onnx")
     onnx.checker.check_model(str(path), full_check=True)
     proto = onnx.load(str(path))
     assert [node.op_type for node in proto.graph.node if node.domain] == [op_type]

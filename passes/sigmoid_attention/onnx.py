@@ -5,7 +5,7 @@ Self-Attention" (2024, arXiv 2409.04431): the row softmax is replaced by an elem
 sigmoid with the scalar bias b = -ln(n), n the longest sequence the model is trained on
 (option ``max_seq_len``; by default the graph's static key length, else the option is
 required). Approximate: the rewritten model computes another function; verification
-reports the fidelity it measures, and the torch.fx twin (:mod:`rewriter.passes.attention.fx_match`)
+reports the fidelity it measures, and the torch.fx twin (:mod:`rewriter.passes.sigmoid_attention.fx`)
 fine-tunes the rewritten model to recover accuracy.
 
 Every attention :mod:`rewriter.passes.attention.onnx_match` finds is rewritten (subgraphs of the torch
@@ -28,17 +28,14 @@ import dataclasses
 import math
 from typing import Any
 
-import onnx
 import onnx_ir as ir
-from onnx import helper
 
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult, add_function
 from rewriter.passes.attention import onnx_match as attention
 from rewriter.passes.attention.onnx_match import AttentionMatch, AttentionRule
+from rewriter.passes.sigmoid_attention.body import OP_TYPE, function_proto
 from rewriter.registry import register
-
-OP_TYPE = "SigmoidAttention"
 
 
 @dataclasses.dataclass
@@ -110,40 +107,3 @@ class _ToSigmoid(AttentionRule):
             scale=match.scale,
             bias=-math.log(n),
         )
-
-
-def function_proto(opset: int) -> onnx.FunctionProto:
-    """The body of ``SigmoidAttention(Q, K, V, Mask)`` at ``opset``.
-
-    Q [B, H, Nq, D], K [B, H, Nk, D], V [B, H, Nk, Dv], Mask additive, broadcastable to
-    [B, H, Nq, Nk] (0 for none); attributes ``scale`` and ``bias``:
-    ``Y = Where(Mask > -1e4, sigmoid(Q·scale·Kᵀ + bias + Mask), 0) · V``.
-
-    >>> function_proto(18).name
-    'SigmoidAttention'
-    """
-    body = attention.FunctionBody(opset)
-    scale = body.node("CastLike", [body.attribute("scale", "float"), "Q"], "scale")
-    bias = body.node("CastLike", [body.attribute("bias", "float"), "Q"], "bias")
-    scores = body.node(
-        "MatMul", [body.node("Mul", ["Q", scale], "q_scaled"), body.swap_last("K", "k_t")], "scores"
-    )
-    logits = body.node("Add", [body.node("Add", [scores, bias], "biased"), "Mask"], "logits")
-    probs = body.node("Sigmoid", [logits], "probs")
-    keep = body.node(
-        "Greater",
-        ["Mask", body.const("masked_at", attention.MASKED_AT_OR_BELOW, like="Mask")],
-        "keep",
-    )
-    kept = body.node("Where", [keep, probs, body.const("zero", 0.0, like="Q")], "kept")
-    body.node("MatMul", [kept, "V"], "Y")
-    return helper.make_function(
-        DOMAIN,
-        OP_TYPE,
-        ["Q", "K", "V", "Mask"],
-        ["Y"],
-        body.nodes,
-        [helper.make_opsetid("", opset)],
-        attributes=["scale", "bias"],
-        doc_string="Sigmoid attention (Ramapuram et al. 2024): sigmoid(QK^T*scale + bias + Mask) V.",
-    )
