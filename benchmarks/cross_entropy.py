@@ -8,7 +8,7 @@ allocate (logits, log-softmax, gradients, chunk temporaries). Time is the fastes
 
 * ``unfused``: ``F.cross_entropy(F.linear(h, W), y)`` in eager torch;
 * ``compiled``: the same function under ``torch.compile`` (skipped with ``--no-compile``);
-* ``fused``: :func:`rewriter.fused_cross_entropy.fused_linear_cross_entropy`.
+* ``fused``: :func:`rewriter.passes.fuse_cross_entropy.loss.fused_linear_cross_entropy`.
 
 Ratios are fused / peer (memory: lower is better; time: lower is better). The compiled
 (TVM) forward loss is benchmarked by ``benchmarks/cross_entropy_tvm.py``.
@@ -48,7 +48,7 @@ def measure(kind: str, tokens: int, hidden: int, vocab: int, repeat: int, chunk:
     import torch
     import torch.nn.functional as F
 
-    from rewriter.fused_cross_entropy import fused_linear_cross_entropy
+    from rewriter.passes.fuse_cross_entropy.loss import fused_linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, requires_grad=True)

@@ -22,7 +22,7 @@ _BUILTIN_MODULES = (
     "rewriter.passes.two_pass_softmax.fx",
     "rewriter.passes.sigmoid_attention.fx",
     "rewriter.passes.softmax_free_attention.fx",
-    "rewriter.fused_cross_entropy",
+    "rewriter.passes.fuse_cross_entropy.fx",
     "rewriter.prune_fx",
     "rewriter.prune_width_fx",
 )

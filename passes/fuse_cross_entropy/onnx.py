@@ -1,7 +1,7 @@
 """SoftmaxCrossEntropyLoss / NLL(LogSoftmax) / decomposed CE -> FusedCrossEntropy; fed by MatMul/Gemm -> FusedLinearCrossEntropy.
 
 The ONNX side of the cross-entropy fusion (the training side, a chunked autograd
-function and its fx rewrite, is :mod:`rewriter.fused_cross_entropy`). Recognized, by
+function and its fx rewrite, are :mod:`.loss` and :mod:`.fx`). Recognized, by
 one rule class per loss form with pattern alternatives (``OrValue``) for the variants:
 
 * ``SoftmaxCrossEntropyLoss(scores, labels[, weights])``, with or without its
@@ -23,7 +23,7 @@ node is ``FusedLinearCrossEntropy(hidden, weight, labels[, bias[, weights]]) -> 
 with ``transpose_weight`` (0: W is [H, V], 1: [V, H]): a runtime implementing it never
 holds the ``[tokens x vocab]`` logits (Liger-Kernel, Hsu et al. 2024, arXiv 2410.10989;
 Cut Cross-Entropy, Wijmans et al. 2024, arXiv 2411.09009; the chunked algorithm is
-:func:`rewriter.fused_cross_entropy.fused_linear_cross_entropy`).
+:func:`rewriter.passes.fuse_cross_entropy.loss.fused_linear_cross_entropy`).
 
 Exact. The function bodies are the reference semantics, not the fused algorithm: the
 linear body computes the logits (``Flatten`` + ``Gemm``), then both compute
@@ -47,10 +47,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
-from onnx import helper
 from onnxscript.rewriter import MatchResult, RewriteRule, RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter.pattern import OrValue
 
@@ -61,11 +59,10 @@ from rewriter.pass_base import (
     RewriteResult,
     add_function,
 )
+from rewriter.passes.fuse_cross_entropy.body import LINEAR_LOSS, LOSS, function_proto
 from rewriter.registry import register
 
 MIN_OPSET = 13
-LOSS = "FusedCrossEntropy"
-LINEAR_LOSS = "FusedLinearCrossEntropy"
 # Op types whose presence means a loss may be there to fuse.
 CANDIDATES = {"SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss", "GatherElements"}
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -400,64 +397,3 @@ def _skipped(model: ir.Model) -> list[str]:
                     f"log-softmax over the class axis 1 only used by the loss (axis {axis})"
                 )
     return notes
-
-
-# --------------------------------------------------------------------------------------
-# Function bodies
-# --------------------------------------------------------------------------------------
-
-
-def _ref(name: str, kind: str, caller_name: str | None = None) -> onnx.AttributeProto:
-    """An attribute taking the value of the calling node's attribute ``caller_name`` (default: ``name``)."""
-    attribute = helper.make_attribute_ref(name, onnx.AttributeProto.AttributeType.Value(kind))
-    attribute.ref_attr_name = caller_name or name
-    return attribute
-
-
-def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
-    """The ONNX function body of ``FusedCrossEntropy`` or ``FusedLinearCrossEntropy`` at ``opset``.
-
-    ``log_prob = z - logsumexp(z)`` over axis 1 (max-shifted), then
-    ``NegativeLogLikelihoodLoss`` with the caller's ``reduction`` and ``ignore_index``;
-    the linear one first computes ``z = Gemm(Flatten(hidden, -1), weight, bias)``.
-
-    >>> function_proto("FusedLinearCrossEntropy", 18).input
-    ['hidden', 'weight', 'labels', 'bias', 'weights']
-    """
-    nodes: list[onnx.NodeProto] = []
-
-    def node(op: str, inputs: list[str], output: str, **attributes) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], **attributes))
-        return output
-
-    def reduce(op: str, x: str, output: str) -> str:
-        # axes became an input in ReduceSum-13 and ReduceMax-18.
-        if op == "ReduceSum" or opset >= 18:
-            axes = node("Constant", [], output + "_axes", value=helper.make_tensor(output + "_axes", onnx.TensorProto.INT64, [1], [1]))
-            return node(op, [x, axes], output, keepdims=1)
-        return node(op, [x], output, axes=[1], keepdims=1)
-
-    attributes = ["reduction", "ignore_index"]
-    if op_type == LINEAR_LOSS:
-        inputs, outputs = ["hidden", "weight", "labels", "bias", "weights"], ["loss"]
-        flat = node("Flatten", ["hidden"], "flat_hidden", axis=-1)
-        nodes.append(helper.make_node("Gemm", [flat, "weight", "bias"], ["scores"]))
-        nodes[-1].attribute.append(_ref("transB", "INT", "transpose_weight"))
-        attributes.append("transpose_weight")
-    else:
-        inputs, outputs = ["scores", "labels", "weights"], ["loss", "log_prob"]
-    shifted = node("Sub", ["scores", reduce("ReduceMax", "scores", "row_max")], "shifted")
-    total = reduce("ReduceSum", node("Exp", [shifted], "exp"), "row_sum")
-    node("Sub", [shifted, node("Log", [total], "log_sum")], "log_prob")
-    nodes.append(helper.make_node("NegativeLogLikelihoodLoss", ["log_prob", "labels", "weights"], ["loss"]))
-    nodes[-1].attribute.extend([_ref("reduction", "STRING"), _ref("ignore_index", "INT")])
-    return helper.make_function(
-        DOMAIN,
-        op_type,
-        inputs,
-        outputs,
-        nodes,
-        [helper.make_opsetid("", opset)],
-        attributes=attributes,
-        doc_string=f"{op_type}: the reference semantics (logits computed in full); see passes/fuse_cross_entropy.py.",
-    )

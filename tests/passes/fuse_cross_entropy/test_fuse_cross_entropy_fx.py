@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from rewriter.fused_cross_entropy import (
-    _linear_cross_entropy_if_2d,
+from rewriter.passes.fuse_cross_entropy.fx import _linear_cross_entropy_if_2d, rewrite_fx
+from rewriter.passes.fuse_cross_entropy.loss import (
     auto_chunk_size,
     fused_cross_entropy,
     fused_linear_cross_entropy,
-    rewrite_fx,
 )
 
 # float32: the fused loss sums the same terms in another order (per chunk, then over

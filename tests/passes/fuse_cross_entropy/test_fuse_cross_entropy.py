@@ -12,7 +12,7 @@ import onnx.reference
 import onnx_ir as ir
 import pytest
 
-import rewriter.passes.fuse_cross_entropy as fce
+import rewriter.passes.fuse_cross_entropy.onnx as fce
 from rewriter.pass_base import DOMAIN
 from tests.helpers import model_from_text, op_types, run, to_proto
 
