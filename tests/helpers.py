@@ -11,6 +11,9 @@ import onnx_ir as ir
 
 from rewriter import verify
 
+# The repository's root (examples/ and its data are there).
+REPO = Path(__file__).resolve().parents[1]
+
 
 def model_from_text(text: str) -> ir.Model:
     """Parse ONNX text syntax into an onnx-ir model (checked)."""

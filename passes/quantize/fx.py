@@ -1,8 +1,8 @@
 """nn.Linear / nn.Conv weight -> rewriter::dequantize_weight(int weight, scale), with per-layer widths.
 
-The fx front of :mod:`rewriter.passes.quantize` (Dumitru et al., "Layer-Wise
+The fx front of :mod:`rewriter.passes.quantize.onnx` (Dumitru et al., "Layer-Wise
 Quantization", 2024, arXiv 2406.17415); approximate. The same options, the same math
-(:mod:`rewriter.quantize_math`: symmetric per-channel or per-group int8/int4, ZD, LIM,
+(:mod:`rewriter.passes.quantize.math`: symmetric per-channel or per-group int8/int4, ZD, LIM,
 allocation) on the ``call_module`` nodes of ``nn.Linear`` and ``nn.Conv1d/2d/3d``:
 each such module is replaced by a :class:`QuantizedWeight` module that stores the
 integer weight (an int8 tensor: ``weight_int8``, or ``weight_int4`` holding values in
@@ -22,7 +22,7 @@ graph on ``calibration`` inputs.
 
 ``activations=int8`` (needs ``calibration``) measures the input of every quantized module
 on the calibration batches (the float model; ``calibrate`` min-max or percentile, the
-ONNX pass's math in :mod:`rewriter.quantize_math`) and inserts, once per distinct input,
+ONNX pass's math in :mod:`rewriter.passes.quantize.math`) and inserts, once per distinct input,
 ``torch.ops.rewriter.quantize_linear`` -> ``dequantize_linear`` (asymmetric int8, scalar
 scale and zero point stored as buffers ``<input>_act_scale`` / ``<input>_act_zero_point``
 of the graph module). They run in torch as ONNX's QuantizeLinear (divide, round half to
@@ -51,10 +51,10 @@ import torch
 from torch import fx, nn
 
 from rewriter import io
-from rewriter import quantize_math as qm
 from rewriter.errors import InputError
 from rewriter.fx.pass_base import FxPass, FxPassResult
-from rewriter.passes.quantize import INT4_IR_VERSION, INT4_OPSET, QuantizeOptions, validate
+from rewriter.passes.quantize import math as qm
+from rewriter.passes.quantize.onnx import INT4_IR_VERSION, INT4_OPSET, QuantizeOptions, validate
 
 WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 EXPORT_OPSET = 18  # the dynamo exporter's own opset; int4 needs INT4_OPSET

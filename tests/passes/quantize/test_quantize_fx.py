@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from rewriter import fx as rfx
-from rewriter import quantize_math as qm
 from rewriter.errors import InputError
 from rewriter.passes.quantize import QuantizeOptions, QuantizePass
-from rewriter.quantize_fx import QuantizedWeight, QuantizeFxPass, export_onnx
+from rewriter.passes.quantize import math as qm
+from rewriter.passes.quantize.fx import QuantizedWeight, QuantizeFxPass, export_onnx
 
 
 class Block(nn.Module):

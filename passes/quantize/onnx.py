@@ -13,7 +13,7 @@ by the bits: 4 bytes per weight become 1 (int8) or 1/2 (int4), plus the scales.
 
 Widths: ``bits`` for all layers, or ``avg_bits`` (fractional) with ``high``/``low``:
 the layers are ranked by importance (``lim``, ``zd`` or ``random``, see
-:mod:`rewriter.quantize_math`) and the least important move to ``low`` until the
+:mod:`rewriter.passes.quantize.math`) and the least important move to ``low`` until the
 storage bits per weight, scales included, are at most ``avg_bits``. A layer is a residual-stream block
 (:func:`rewriter.analysis.residual_blocks`: for a BERT encoder, each attention and each
 MLP sub-layer with its weight ops); a weight op outside every block is its own layer.
@@ -42,10 +42,10 @@ import onnx_ir as ir
 from onnx import version_converter
 
 from rewriter import png, verify
-from rewriter import quantize_math as qm
 from rewriter.analysis import WeightOp, residual_blocks, weight_ops
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
+from rewriter.passes.quantize import math as qm
 from rewriter.registry import register
 
 logger = logging.getLogger(__name__)

