@@ -38,8 +38,10 @@ import onnx_ir as ir
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples import minilm  # noqa: E402
-from rewriter import io, prune_probe, pruning, verify  # noqa: E402
-from rewriter.passes import prune, prune_width  # noqa: E402
+from rewriter import io, verify  # noqa: E402
+from rewriter.passes.pruning import math as pruning  # noqa: E402
+from rewriter.passes.pruning import probe as prune_probe  # noqa: E402
+from rewriter.passes.pruning import prune, prune_width  # noqa: E402
 
 CALIBRATION = [
     "The committee postponed its decision until next spring.",

@@ -2,9 +2,7 @@
 
 from rewriter.passes import (  # noqa: F401
     fuse_cross_entropy,
-    prune,
-    prune_2to4,
-    prune_width,
+    pruning,
     quantize,
     sigmoid_attention,
     softmax_free_attention,

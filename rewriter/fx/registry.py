@@ -23,8 +23,7 @@ _BUILTIN_MODULES = (
     "rewriter.passes.sigmoid_attention.fx",
     "rewriter.passes.softmax_free_attention.fx",
     "rewriter.passes.fuse_cross_entropy.fx",
-    "rewriter.prune_fx",
-    "rewriter.prune_width_fx",
+    "rewriter.passes.pruning.fx",
 )
 
 

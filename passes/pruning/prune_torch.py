@@ -1,7 +1,8 @@
 """nn.Linear(W) -> nn.Linear(W * mask): unstructured and 2:4 pruning on torch modules, in place.
 
-The torch twins of the ONNX passes ``prune`` and ``prune-2to4``,
-with the same options dataclasses and the same arithmetic (:mod:`rewriter.pruning`):
+The torch twins of the ONNX passes ``prune`` and ``prune-2to4`` (their fx passes, in
+:mod:`rewriter.passes.pruning.fx`, call these),
+with the same options dataclasses and the same arithmetic (:mod:`rewriter.passes.pruning.math`):
 
 * :func:`prune_module`: layer-adaptive unstructured magnitude pruning (Xu et al.,
   ICCV 2023, arXiv 2308.10438), the ``rd`` allocation measuring each layer's
@@ -10,7 +11,7 @@ with the same options dataclasses and the same arithmetic (:mod:`rewriter.prunin
   ``nn.Linear`` and ``nn.Conv1d/2d/3d`` modules.
 * :func:`prune_2to4_module`: 2:4 semi-structured magnitude sparsity, in place.
 * width pruning, which rebuilds ``nn.Linear`` modules with smaller shapes, lives in
-  :mod:`rewriter.prune_width_fx`.
+  :mod:`rewriter.passes.pruning.prune_width_torch`.
 
 All are approximate. The LM head (a module named ``*lm_head``, or a Linear sharing its
 weight with an ``nn.Embedding``) is left dense unless ``include_lm_head``.
@@ -30,11 +31,10 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from rewriter import fx as fx_front
-from rewriter import pruning
 from rewriter.errors import InputError
-from rewriter.passes.prune import PruneOptions
-from rewriter.passes.prune_2to4 import Prune2to4Options
+from rewriter.passes.pruning import math as pruning
+from rewriter.passes.pruning.prune import PruneOptions
+from rewriter.passes.pruning.prune_2to4 import Prune2to4Options
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def prune_module(
     500
     """
     options = options or PruneOptions()
-    from rewriter.passes.prune import _check_options
+    from rewriter.passes.pruning.prune import _check_options
 
     _check_options(options)
     layers, notes = prunable_modules(
@@ -257,11 +257,11 @@ def prune_2to4_module(
 
 
 # --------------------------------------------------------------------------------------
-# The fx passes: ``rewriter.fx.rewrite(model, "prune-2to4", ...)``
+# What the fx passes (rewriter.passes.pruning.fx) need
 # --------------------------------------------------------------------------------------
 
 
-def _unshared(
+def unshared(
     gm: torch.nn.Module, layers: Sequence[tuple[str, Prunable]]
 ) -> list[tuple[str, Prunable]]:
     """Give ``gm`` its own copies of ``layers``: a traced module shares its submodules with
@@ -275,54 +275,5 @@ def _unshared(
     return copies
 
 
-def _zeros(module: torch.nn.Module) -> int:
+def zeros(module: torch.nn.Module) -> int:
     return sum(int((m.weight == 0).sum()) for m in module.modules() if isinstance(m, PRUNABLE))
-
-
-@fx_front.register_fx_pass
-class PruneFxPass(fx_front.FxPass):
-    """``prune`` on a GraphModule: the ``uniform`` and ``global-magnitude`` allocations.
-
-    ``rd`` needs calibration batches, which an fx pass does not get: call
-    :func:`prune_module` with them instead.
-    """
-
-    name = "prune"
-    exact = False
-    Options = PruneOptions
-
-    def call(self, gm: torch.fx.GraphModule) -> fx_front.FxPassResult:
-        if self.options.allocation == "rd":
-            raise InputError(
-                "prune (fx): the rd allocation needs calibration batches; call "
-                "rewriter.prune_fx.prune_module(module, batches, options), or use allocation=uniform"
-            )
-        before = _zeros(gm)
-        layers, _ = prunable_modules(
-            gm, exclude=self.options.exclude, include_lm_head=self.options.include_lm_head
-        )
-        _unshared(gm, layers)
-        report = prune_module(gm, [], self.options)
-        return fx_front.FxPassResult(gm, _zeros(gm) != before, report.stats, report.notes)
-
-
-@fx_front.register_fx_pass
-class Prune2to4FxPass(fx_front.FxPass):
-    """``prune-2to4`` on a GraphModule's Linear/Conv modules."""
-
-    name = "prune-2to4"
-    exact = False
-    Options = Prune2to4Options
-
-    def call(self, gm: torch.fx.GraphModule) -> fx_front.FxPassResult:
-        before = _zeros(gm)
-        options = self.options
-        layers, _ = prunable_modules(
-            gm,
-            include=options.include,
-            exclude=options.exclude,
-            include_lm_head=options.include_lm_head,
-        )
-        _unshared(gm, layers)
-        report = prune_2to4_module(gm, options)
-        return fx_front.FxPassResult(gm, _zeros(gm) != before, report.stats, report.notes)

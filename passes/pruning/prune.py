@@ -5,11 +5,11 @@ in Deep Neural Networks" (ICCV 2023, arXiv 2308.10438). For every prunable layer
 ``l`` and every amount ``a`` on a grid, only that layer is pruned by magnitude and the
 distortion ``D_l(a)`` of the model's output on calibration data is measured; the
 amounts minimizing ``sum_l D_l(a_l)`` under the global sparsity target come from an
-exact dynamic program (:func:`rewriter.pruning.allocate_rd`). Baselines:
+exact dynamic program (:func:`rewriter.passes.pruning.math.allocate_rd`). Baselines:
 ``allocation=uniform`` (every layer by the target) and ``global-magnitude`` (one
 threshold over all layers).
 
-The curves are measured in ONNX Runtime (:mod:`rewriter.prune_probe`): the prunable
+The curves are measured in ONNX Runtime (:mod:`rewriter.passes.pruning.probe`): the prunable
 weights are graph inputs, so pruning a layer is a change of feeds, never a rebuilt
 session, and each layer runs only the part of the graph after its first use, fed with
 values captured once from the dense model; each layer's weights are zeroed
@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from rewriter import pruning
 from rewriter.analysis import weight_ops
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
-from rewriter.prune_probe import DistortionProbe
+from rewriter.passes.pruning import math as pruning
+from rewriter.passes.pruning.probe import DistortionProbe
 from rewriter.registry import register
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def measure_curves(
 ) -> np.ndarray:
     """``curves[l, j]``: the output distortion with only layer ``l`` pruned by ``amounts[j]``.
 
-    Measured by a :class:`rewriter.prune_probe.DistortionProbe` (weights as graph
+    Measured by a :class:`rewriter.passes.pruning.probe.DistortionProbe` (weights as graph
     inputs, suffix sessions after each layer's first use); progress is logged per layer.
     """
     weights = {layer.weight.name or "": layer.array() for layer in layers}

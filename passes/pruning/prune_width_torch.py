@@ -1,11 +1,11 @@
 """Linear(d, h) -> Linear(d, h'): MLP width pruning on torch modules, the twin of ``prune-width``.
 
-MAW width pruning (arXiv 2512.22671; :func:`rewriter.pruning.maw_scores`) of the MLPs
+MAW width pruning (arXiv 2512.22671; :func:`rewriter.passes.pruning.math.maw_scores`) of the MLPs
 found by tracing submodules with ``torch.fx``: Llama/Mistral-style
 ``down(act(gate(x)) * up(x))`` and plain ``down(act(up(x)))``, inside one traceable
 module (an untraceable outer model is searched submodule by submodule). The two or
 three ``nn.Linear`` modules are rebuilt with smaller shapes; options are the ONNX
-pass's :class:`~rewriter.passes.prune_width.PruneWidthOptions`. An MLP split over two
+pass's :class:`~rewriter.passes.pruning.prune_width.PruneWidthOptions`. An MLP split over two
 modules (BERT's ``intermediate`` and ``output``) is not found. Approximate.
 """
 
@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from rewriter import fx as fx_front
-from rewriter import pruning
 from rewriter.errors import InputError
-from rewriter.passes.prune_width import PruneWidthOptions
-from rewriter.prune_fx import PRUNABLE, PruneReport, _numpy
+from rewriter.passes.pruning import math as pruning
+from rewriter.passes.pruning.prune_torch import PRUNABLE, PruneReport, _numpy
+from rewriter.passes.pruning.prune_width import PruneWidthOptions
 
 _ELEMENTWISE_FUNCTIONS = {
     operator.mul,
@@ -265,18 +264,3 @@ def _get_linear(module: torch.nn.Module, name: str) -> torch.nn.Linear:
     linear = module.get_submodule(name)
     assert isinstance(linear, torch.nn.Linear)
     return linear
-
-
-@fx_front.register_fx_pass
-class PruneWidthFxPass(fx_front.FxPass):
-    """``prune-width`` on a GraphModule (traced with ``symbolic_trace``: its Linear modules
-    are rebuilt in the GraphModule only, the traced model keeps its own)."""
-
-    name = "prune-width"
-    exact = False
-    Options = PruneWidthOptions
-
-    def call(self, gm: fx.GraphModule) -> fx_front.FxPassResult:
-        report = prune_width_module(gm, self.options)
-        modified = report.stats["glu_pruned"] + report.stats["mlp_pruned"] > 0
-        return fx_front.FxPassResult(gm, modified, report.stats, report.notes)

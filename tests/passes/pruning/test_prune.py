@@ -11,10 +11,11 @@ import pytest
 from helpers import op_types, run, to_proto
 from onnx import TensorProto, helper, numpy_helper
 
-from rewriter import prune_probe, pruning
 from rewriter.errors import InputError
 from rewriter.pass_base import PassContext
-from rewriter.passes import prune
+from rewriter.passes.pruning import math as pruning
+from rewriter.passes.pruning import probe as prune_probe
+from rewriter.passes.pruning import prune
 
 SIZES = (8, 32, 32, 16)
 

@@ -11,9 +11,9 @@ import pytest
 from helpers import op_types, run, to_proto
 from onnx import TensorProto, helper, numpy_helper
 
-from rewriter import pruning
 from rewriter.errors import InputError
-from rewriter.passes import prune_width
+from rewriter.passes.pruning import math as pruning
+from rewriter.passes.pruning import prune_width
 
 D, H = 8, 16
 

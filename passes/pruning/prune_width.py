@@ -28,9 +28,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from rewriter import pruning
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
+from rewriter.passes.pruning import math as pruning
 from rewriter.registry import register
 
 # Ops that act position by position and keep the hidden dimension last.

@@ -24,8 +24,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from rewriter import pruning, verify
+from rewriter import verify
 from rewriter.errors import InputError
+from rewriter.passes.pruning import math as pruning
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ MIN_RUN_FOR_SUFFIXES = 0.05
 class DistortionProbe:
     """Runs the model with any one weight replaced and measures the output distortion.
 
-    ``distortion``: ``mse`` or ``pooled`` (see :func:`rewriter.pruning.distortion_features`);
+    ``distortion``: ``mse`` or ``pooled`` (see :func:`rewriter.passes.pruning.math.distortion_features`);
     ``outputs``: the graph outputs measured (default: every float output);
     ``suffixes``: build suffix sessions (default: when a dense run takes >= 50 ms).
     """

@@ -9,8 +9,8 @@ import pytest
 from helpers import op_types, run, to_proto
 from onnx import TensorProto, helper, numpy_helper
 
-from rewriter import pruning
-from rewriter.passes import prune_2to4
+from rewriter.passes.pruning import math as pruning
+from rewriter.passes.pruning import prune_2to4
 
 
 def model() -> ir.Model:

@@ -26,9 +26,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from rewriter import pruning
 from rewriter.pass_base import RewritePass, RewriteResult
-from rewriter.passes.prune import Layer, prunable_layers
+from rewriter.passes.pruning import math as pruning
+from rewriter.passes.pruning.prune import Layer, prunable_layers
 from rewriter.registry import register
 
 

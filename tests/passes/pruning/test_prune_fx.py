@@ -1,4 +1,4 @@
-"""Tests of the torch front of pruning (rewriter.prune_fx): masks in place, Linear modules rebuilt."""
+"""Tests of the torch front of pruning (rewriter.passes.pruning.prune_torch, prune_width_torch, fx): masks in place, Linear modules rebuilt."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from rewriter import prune_fx, prune_width_fx, pruning
 from rewriter.errors import InputError
-from rewriter.passes.prune import PruneOptions
-from rewriter.passes.prune_2to4 import Prune2to4Options
-from rewriter.passes.prune_width import PruneWidthOptions
+from rewriter.passes.pruning import math as pruning
+from rewriter.passes.pruning import prune_torch, prune_width_torch
+from rewriter.passes.pruning.prune import PruneOptions
+from rewriter.passes.pruning.prune_2to4 import Prune2to4Options
+from rewriter.passes.pruning.prune_width import PruneWidthOptions
 
 
 class Glu(torch.nn.Module):
@@ -59,7 +60,7 @@ def linear_weights(module: torch.nn.Module) -> dict[str, np.ndarray]:
 def test_prune_module_reaches_the_sparsity(allocation: str) -> None:
     net = Net()
     before = linear_weights(net)
-    report = prune_fx.prune_module(
+    report = prune_torch.prune_module(
         net, [batch()], PruneOptions(sparsity=0.5, allocation=allocation)
     )
     after = linear_weights(net)
@@ -74,31 +75,31 @@ def test_prune_module_reaches_the_sparsity(allocation: str) -> None:
 def test_prune_module_rd_matches_the_onnx_arithmetic() -> None:
     """The torch curves feed the same DP: the allocation is the DP's on those curves."""
     net = Net()
-    layers, _ = prune_fx.prunable_modules(net)
+    layers, _ = prune_torch.prunable_modules(net)
     amounts = pruning.amount_grid(0.95, 32)
-    curves = prune_fx._curves(net, layers, amounts, [batch()], "mse")
+    curves = prune_torch._curves(net, layers, amounts, [batch()], "mse")
     assert curves[:, 0].tolist() == [0.0] * len(layers)
     assert np.all(np.diff(pruning.monotone(curves), axis=1) >= 0)
     expected = pruning.allocate_rd(
         pruning.monotone(curves), [m.weight.numel() for _, m in layers], amounts, 0.5
     )
-    report = prune_fx.prune_module(net, [batch()], PruneOptions(sparsity=0.5))
+    report = prune_torch.prune_module(net, [batch()], PruneOptions(sparsity=0.5))
     assert report.stats["params_zeroed"] == sum(expected.counts)
 
 
 def test_prune_module_restores_weights_while_measuring_and_excludes() -> None:
     net = Net()
-    report = prune_fx.prune_module(net, [batch()], PruneOptions(sparsity=0.0, exclude=["head"]))
+    report = prune_torch.prune_module(net, [batch()], PruneOptions(sparsity=0.0, exclude=["head"]))
     assert report.stats["params_zeroed"] == 0
     assert "layer head: excluded by name" in report.notes
     with pytest.raises(InputError, match="calibration"):
-        prune_fx.prune_module(net, [], PruneOptions())
+        prune_torch.prune_module(net, [], PruneOptions())
 
 
 def test_two_four_in_place() -> None:
     net = Net()
     before = linear_weights(net)
-    report = prune_fx.prune_2to4_module(net, Prune2to4Options(exclude=["head"]))
+    report = prune_torch.prune_2to4_module(net, Prune2to4Options(exclude=["head"]))
     assert report.stats == {
         "layers_sparsified": 6,
         "layers_skipped": 0,
@@ -112,7 +113,7 @@ def test_two_four_in_place() -> None:
         groups = weight.reshape(weight.shape[0], -1, 4)
         assert (np.count_nonzero(groups, axis=-1) == 2).all()
         np.testing.assert_array_equal(weight != 0, pruning.two_four_mask(before[name], 1))
-    again = prune_fx.prune_2to4_module(net, Prune2to4Options(exclude=["head"]))
+    again = prune_torch.prune_2to4_module(net, Prune2to4Options(exclude=["head"]))
     assert again.stats["params_zeroed"] == report.stats["params_zeroed"]
 
 
@@ -127,7 +128,7 @@ def test_width_rebuilds_linears_in_untraceable_models() -> None:
             torch.nn.functional.silu(block.gate_proj.weight[keep] @ x[0, 0])
             * (block.up_proj.weight[keep] @ x[0, 0])
         )
-    report = prune_width_fx.prune_width_module(net, PruneWidthOptions(ratio=0.5))
+    report = prune_width_torch.prune_width_module(net, PruneWidthOptions(ratio=0.5))
     assert report.stats == {
         "glu_pruned": 2,
         "mlp_pruned": 0,
@@ -147,13 +148,13 @@ def test_width_rebuilds_linears_in_untraceable_models() -> None:
 def test_width_plain_mlp_in_sequential_and_near_miss() -> None:
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
-    report = prune_width_fx.prune_width_module(mlp, PruneWidthOptions(ratio=0.25))
+    report = prune_width_torch.prune_width_module(mlp, PruneWidthOptions(ratio=0.25))
     assert report.stats["mlp_pruned"] == 1 and mlp[0].out_features == 6 and mlp[2].in_features == 6
     assert mlp(torch.randn(2, 4)).shape == (2, 4)
     # No activation between the Linears: nothing to prune, nothing changed.
     plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 4))
     assert (
-        prune_width_fx.prune_width_module(plain, PruneWidthOptions(ratio=0.5)).stats["mlp_pruned"]
+        prune_width_torch.prune_width_module(plain, PruneWidthOptions(ratio=0.5)).stats["mlp_pruned"]
         == 0
     )
     assert plain[0].out_features == 8
@@ -176,14 +177,14 @@ def test_width_on_transformers_llama() -> None:
     ids = torch.randint(0, 100, (2, 10))
     with torch.no_grad():
         dense = model(input_ids=ids).logits
-    report = prune_width_fx.prune_width_module(model, PruneWidthOptions(ratio=0.25))
+    report = prune_width_torch.prune_width_module(model, PruneWidthOptions(ratio=0.25))
     assert report.stats["glu_pruned"] == 2 and report.stats["channels_after"] == 2 * 48
     assert model.model.layers[0].mlp.down_proj.in_features == 48
     with torch.no_grad():
         pruned = model(input_ids=ids).logits
     assert pruned.shape == dense.shape and torch.isfinite(pruned).all()
     # The LM head shares nothing with width pruning, and unstructured pruning leaves it dense.
-    layers, notes = prune_fx.prunable_modules(model)
+    layers, notes = prune_torch.prunable_modules(model)
     assert "lm_head" not in [name for name, _ in layers]
 
 
