@@ -1,6 +1,6 @@
 """The fx passes by name: the ONNX registry's names, each pass mirroring its ONNX twin.
 
-The built-in fx passes live in the pass packages (``rewriter.passes.<name>``), which
+The built-in fx passes live in the pass packages, in ``rewriter.passes.<name>.fx``, which
 import this module to register themselves; this module finds them by module name
 (:mod:`importlib`), so the fx front never imports a pass.
 """
@@ -8,6 +8,7 @@ import this module to register themselves; this module finds them by module name
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Sequence
 
 from rewriter import registry
@@ -16,16 +17,6 @@ from rewriter.fx.pass_base import FxPass
 from rewriter.pass_base import parse_options
 
 _FX_PASSES: dict[str, type[FxPass]] = {}
-
-# The modules that register the built-in fx passes, imported on first use.
-_BUILTIN_MODULES = (
-    "rewriter.passes.two_pass_softmax.fx",
-    "rewriter.passes.sigmoid_attention.fx",
-    "rewriter.passes.softmax_free_attention.fx",
-    "rewriter.passes.fuse_cross_entropy.fx",
-    "rewriter.passes.pruning.fx",
-)
-
 
 def register_fx_pass(cls: type[FxPass]) -> type[FxPass]:
     """Class decorator adding an fx pass under the name of the ONNX pass it mirrors.
@@ -54,9 +45,16 @@ def available() -> dict[str, type[FxPass]]:
 
 
 def load_builtin_fx_passes() -> None:
-    """Import the modules of the built-in fx passes (they register themselves)."""
-    for name in _BUILTIN_MODULES:
-        importlib.import_module(name)
+    """Import the ``fx`` module of every pass package that has one (it registers its passes).
+
+    By name, so the fx front has no import of a pass: an fx module imports this module,
+    never the other way round.
+    """
+    passes = importlib.import_module("rewriter.passes")
+    for package in passes.PACKAGES:
+        name = f"{passes.__name__}.{package}.fx"
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
 
 
 def parse_fx_pipeline(passes: str | Sequence[str | FxPass]) -> list[FxPass]:
