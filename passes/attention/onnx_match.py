@@ -38,6 +38,8 @@ import onnx_ir.passes.common
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter import _ir_utils as ir_utils
 
+from rewriter.function_body import FunctionBody
+
 # An additive mask value at or below this masks its position. Exporters fill with -inf,
 # finfo(float32).min (-3.4e38), finfo(float16).min (-65504) or, in older transformers,
 # -10000; learned additive biases (ALiBi, relative positions) stay far above it.
@@ -439,58 +441,10 @@ def prepare(model: ir.Model) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Function bodies: a small builder shared by the passes' operators
+# Function bodies: what the passes' attention operators share
 # --------------------------------------------------------------------------------------
 
 
-class FunctionBody:
-    """Builds the node list of a model-local function at ``opset``.
-
-    >>> body = FunctionBody(18)
-    >>> body.node("Relu", ["X"], "Y")
-    'Y'
-    """
-
-    def __init__(self, opset: int) -> None:
-        self.opset = opset
-        self.nodes: list[Any] = []
-
-    def node(self, op: str, inputs: list[str], output: str, **attributes: Any) -> str:
-        from onnx import helper
-
-        self.nodes.append(helper.make_node(op, inputs, [output], **attributes))
-        return output
-
-    def const(self, name: str, value: float | list[int], like: str | None = None) -> str:
-        """A float scalar (cast like ``like``) or an int64 vector."""
-        from onnx import TensorProto, helper
-
-        if isinstance(value, list):
-            tensor = helper.make_tensor(name, TensorProto.INT64, [len(value)], value)
-            return self.node("Constant", [], name, value=tensor)
-        tensor = helper.make_tensor(name, TensorProto.FLOAT, [], [value])
-        out = self.node("Constant", [], name + "_f32" if like else name, value=tensor)
-        return self.node("CastLike", [out, like], name) if like else out
-
-    def attribute(self, name: str, kind: str) -> str:
-        """A Constant holding the function's attribute ``name`` (``"float"`` or ``"int"``)."""
-        from onnx import AttributeProto, helper
-
-        attribute_type = AttributeProto.FLOAT if kind == "float" else AttributeProto.INT
-        constant = helper.make_node("Constant", [], [f"attr_{name}"])
-        constant.attribute.append(
-            helper.make_attribute_ref(f"value_{kind}", attribute_type, ref_attr_name=name)
-        )
-        self.nodes.append(constant)
-        return f"attr_{name}"
-
-    def reduce(self, op: str, x: str, axes: list[int], output: str) -> str:
-        """``op`` (ReduceSum/ReduceMax) over ``axes``, keepdims; axes is an input from 13/18."""
-        if (op == "ReduceSum" and self.opset >= 13) or self.opset >= 18:
-            return self.node(op, [x, self.const(output + "_axes", axes)], output, keepdims=1)
-        return self.node(op, [x], output, axes=axes, keepdims=1)
-
-    def swap_last(self, x: str, output: str) -> str:
-        return self.node("Transpose", [x], output, perm=[0, 1, 3, 2])
-
-
+def swap_last(body: FunctionBody, x: str, output: str) -> str:
+    """``output = x`` with its last two axes swapped (rank 4, as the operators' inputs)."""
+    return body.node("Transpose", [x], output, perm=[0, 1, 3, 2])

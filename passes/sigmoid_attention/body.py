@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
-from rewriter.pass_base import DOMAIN
+from rewriter.function_body import FunctionBody
 from rewriter.passes.attention import onnx_match as attention
 
 OP_TYPE = "SigmoidAttention"
@@ -21,11 +20,11 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     >>> function_proto(18).name
     'SigmoidAttention'
     """
-    body = attention.FunctionBody(opset)
+    body = FunctionBody(opset)
     scale = body.node("CastLike", [body.attribute("scale", "float"), "Q"], "scale")
     bias = body.node("CastLike", [body.attribute("bias", "float"), "Q"], "bias")
     scores = body.node(
-        "MatMul", [body.node("Mul", ["Q", scale], "q_scaled"), body.swap_last("K", "k_t")], "scores"
+        "MatMul", [body.node("Mul", ["Q", scale], "q_scaled"), attention.swap_last(body, "K", "k_t")], "scores"
     )
     logits = body.node("Add", [body.node("Add", [scores, bias], "biased"), "Mask"], "logits")
     probs = body.node("Sigmoid", [logits], "probs")
@@ -36,13 +35,10 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     )
     kept = body.node("Where", [keep, probs, body.const("zero", 0.0, like="Q")], "kept")
     body.node("MatMul", [kept, "V"], "Y")
-    return helper.make_function(
-        DOMAIN,
+    return body.function(
         OP_TYPE,
         ["Q", "K", "V", "Mask"],
         ["Y"],
-        body.nodes,
-        [helper.make_opsetid("", opset)],
         attributes=["scale", "bias"],
-        doc_string="Sigmoid attention (Ramapuram et al. 2024): sigmoid(QK^T*scale + bias + Mask) V.",
+        doc="Sigmoid attention (Ramapuram et al. 2024): sigmoid(QK^T*scale + bias + Mask) V.",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from rewriter.pass_base import DOMAIN
+from rewriter.function_body import FunctionBody
 from rewriter.passes.attention import onnx_match as attention
 
 OP_TYPE = "SoftmaxFreeAttention"
@@ -24,7 +24,7 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     >>> function_proto(18).name
     'SoftmaxFreeAttention'
     """
-    body = attention.FunctionBody(opset)
+    body = FunctionBody(opset)
     node, const = body.node, body.const
     f32 = TensorProto.FLOAT
     root = node("Sqrt", [body.attribute("scale", "float")], "root_scale")
@@ -60,13 +60,13 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         "same_segment",
     )
     onehot = node("Cast", [same], "onehot", to=f32)  # [N, m]
-    weights = node("Mul", [onehot, body.swap_last(keep, "keep_col")], "weights")  # [.., N, m]
+    weights = node("Mul", [onehot, attention.swap_last(body, keep, "keep_col")], "weights")  # [.., N, m]
     counts = node(
         "Max",
         [body.reduce("ReduceSum", weights, [2], "counts"), const("empty", EMPTY_SEGMENT)],
         "counts_safe",
     )
-    pools = body.swap_last(node("Div", [weights, counts], "pool_weights"), "pools")  # [.., m, N]
+    pools = attention.swap_last(body, node("Div", [weights, counts], "pool_weights"), "pools")  # [.., m, N]
     q_land = node("MatMul", [pools, q], "q_landmarks")  # [.., m, D]
     k_land = node("MatMul", [pools, k], "k_landmarks")
     half_norms: dict[str, str] = {}
@@ -80,9 +80,9 @@ def function_proto(opset: int) -> onnx.FunctionProto:
 
     def kernel(a: str, b: str, out: str) -> str:
         """exp(a·bᵀ - ||a||²/2 - ||b||²/2), [.., p, q]."""
-        dots = node("MatMul", [a, body.swap_last(b, f"{b}_t_{out}")], out + "_dots")
+        dots = node("MatMul", [a, attention.swap_last(body, b, f"{b}_t_{out}")], out + "_dots")
         shifted = node("Sub", [dots, half_sq_norm(a)], out + "_a")
-        b_norm = body.swap_last(half_sq_norm(b), f"{b}_hsq_t_{out}")
+        b_norm = attention.swap_last(body, half_sq_norm(b), f"{b}_hsq_t_{out}")
         return node("Exp", [node("Sub", [shifted, b_norm], out + "_ab")], out)
 
     left = kernel(q, k_land, "left")  # [.., N, m]
@@ -99,7 +99,7 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         "Max", [node("Mul", [norm_1, norm_inf], "norm_product"), const("tiny", TINY)], "norms"
     )
     alpha = node("Reciprocal", [norms], "alpha")
-    x0 = node("Mul", [body.swap_last(middle, "middle_t"), alpha], "x0")
+    x0 = node("Mul", [attention.swap_last(body, middle, "middle_t"), alpha], "x0")
     step = helper.make_graph(
         [
             helper.make_node("MatMul", ["x_in", middle], ["xa"]),
@@ -126,13 +126,10 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     inverse = node("Loop", [trips, true, x0], "middle_pinv", body=step)
     y = node("MatMul", [left, node("MatMul", [inverse, right_v], "pinv_right_v")], "y32")
     node("CastLike", [y, "Q"], "Y")
-    return helper.make_function(
-        DOMAIN,
+    return body.function(
         OP_TYPE,
         ["Q", "K", "V", "Mask"],
         ["Y"],
-        body.nodes,
-        [helper.make_opsetid("", opset)],
         attributes=["scale", "landmarks", "iterations"],
-        doc_string="SOFT attention (Lu et al. 2021): Gaussian-kernel Nystrom with Newton-Schulz pinv.",
+        doc="SOFT attention (Lu et al. 2021): Gaussian-kernel Nystrom with Newton-Schulz pinv.",
     )

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
-from rewriter.pass_base import DOMAIN
+from rewriter.function_body import FunctionBody
 from rewriter.passes.two_pass_softmax import math as tpm
 
 # CastLike (opset 15) lets one body serve every float type; below it the body casts
@@ -29,23 +29,14 @@ def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
     >>> function_proto("TwoPassSoftmax", 17).name
     'TwoPassSoftmax'
     """
-    nodes: list[onnx.NodeProto] = []
-
-    def node(op: str, inputs: list[str], output: str, **attributes) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], **attributes))
-        return output
+    body = FunctionBody(opset)
+    node = body.node
 
     def const(name: str, value: float) -> str:
-        tensor = helper.make_tensor(name, TensorProto.DOUBLE, [], [value])
-        return node("Constant", [], name, value=tensor)
+        return body.const(name, value, dtype=TensorProto.DOUBLE)
 
     def reduce(op: str, x: str, output: str) -> str:
-        # axes became an input in ReduceSum-13 and ReduceMax-18.
-        if (op == "ReduceSum" and opset >= 13) or opset >= 18:
-            axes = node("Constant", [], output + "_axes", value=helper.make_tensor(
-                output + "_axes", TensorProto.INT64, [1], [-1]))
-            return node(op, [x, axes], output, keepdims=1)
-        return node(op, [x], output, axes=[-1], keepdims=1)
+        return body.reduce(op, x, [-1], output)
 
     xd = node("Cast", ["X"], "xd", to=TensorProto.DOUBLE)
     # Pass 1: n = round(x log2 e), t = x - n ln2 (Cody-Waite), m = p(t).
@@ -78,12 +69,9 @@ def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
         node("CastLike", [yd, "X"], "Y")
     else:
         node("Cast", [yd], "Y", to=TensorProto.FLOAT)
-    return helper.make_function(
-        DOMAIN,
+    return body.function(
         op_type,
         ["X"],
         ["Y"],
-        nodes,
-        [helper.make_opsetid("", opset)],
-        doc_string=f"{op_type} along the last axis (two-pass algorithm, float64 inside).",
+        doc=f"{op_type} along the last axis (two-pass algorithm, float64 inside).",
     )
