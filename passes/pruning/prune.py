@@ -37,11 +37,11 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from rewriter import plot
 from rewriter.analysis import weight_ops
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
@@ -66,7 +66,7 @@ class PruneOptions:
     exclude: name globs (node or weight name) of layers left dense.
     include_lm_head: also prune the LM head (excluded by default).
     outputs: graph outputs the distortion is measured on (default: all float outputs).
-    plot: write the distortion curves and the chosen amounts to this PNG (needs matplotlib).
+    plot: write the distortion curves and the chosen amounts to this PNG.
     """
 
     sparsity: float = 0.5
@@ -109,8 +109,6 @@ class PrunePass(RewritePass):
     def call(self, model: ir.Model) -> RewriteResult:
         options = self.options
         _check_options(options)
-        if options.plot and options.allocation == "rd":
-            _pyplot()  # fail before the measurement, not after
         layers, notes = prunable_layers(
             model, exclude=options.exclude, include_lm_head=options.include_lm_head
         )
@@ -287,8 +285,8 @@ def plot_curves(
     allocation: pruning.Allocation,
 ) -> None:
     """Write the distortion curves (log scale) and each layer's chosen amount to a PNG."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(8, 5))
+    figure = plot.figure(8, 5)
+    axes = figure.subplots()
     for index, layer in enumerate(layers):
         line = axes.plot(
             amounts, np.maximum(curves[index], 1e-12), linewidth=0.8, label=layer.name
@@ -303,18 +301,4 @@ def plot_curves(
     axes.set_title("per-layer distortion curves; dots: the DP's choice")
     if len(layers) <= 12:
         axes.legend(fontsize=6)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def _pyplot() -> Any:
-    """matplotlib.pyplot with the Agg backend, imported only when a plot is asked for."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise InputError("prune: plot= needs matplotlib (pip install matplotlib)") from exc
-    return plt
+    plot.save(figure, path)

@@ -41,7 +41,7 @@ import onnx
 import onnx_ir as ir
 from onnx import version_converter
 
-from rewriter import png, verify
+from rewriter import plot, verify
 from rewriter.analysis import WeightOp, residual_blocks, weight_ops
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
@@ -168,7 +168,14 @@ class QuantizePass(RewritePass):
             values = [layer.importance if options.avg_bits is not None else layer.op.params for layer in layers]
             values = [0.0 if np.isnan(value) else value for value in values]
             try:
-                png.write_bar_chart(options.plot, values, [COLORS.get(layer.bits, (0, 0, 0)) for layer in layers])
+                plot.bar_chart(
+                    options.plot,
+                    values,
+                    [COLORS.get(layer.bits, (0, 0, 0)) for layer in layers],
+                    labels=[layer.op.name for layer in layers],
+                    ylabel="importance" if options.avg_bits is not None else "parameters",
+                    title="quantize: blue int8, orange int4",
+                )
             except OSError as exc:
                 raise InputError(f"quantize: cannot write the plot {options.plot}: {exc}") from exc
             notes.append(f"plot written to {options.plot} (bars: importance per layer, blue int8, orange int4)")
