@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Callable
 
+import timing
 import torch
 import torch.nn.functional as F
 
@@ -47,16 +47,9 @@ LONG = [16384]  # only sdpa and SOFT: the explicit n×n peers would need 2 GiB p
 
 
 def timed(function: Callable[[], torch.Tensor], repeat: int) -> float:
-    """Minimum seconds of ``function()`` after one warm-up."""
-    function()
-    times: list[float] = []
-    while len(times) < repeat or sum(times) < 0.5:
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-        if len(times) >= 200:
-            break
-    return min(times)
+    """Minimum seconds of ``function()`` after one warm-up: ``repeat`` runs and 0.5 s (200 at most)."""
+    runs = timing.samples({"f": function}, rounds=repeat, seconds=0.5, max_rounds=200)
+    return timing.fastest(runs)["f"]
 
 
 def peers(

@@ -24,8 +24,9 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import timing
 
 # --quick: one small configuration (< 1 min on 2 cores).
 QUICK = [(2048, 256, 32768)]
@@ -74,15 +75,11 @@ def measure(kind: str, tokens: int, hidden: int, vocab: int, repeat: int, chunk:
     h.grad = w.grad = None
     baseline = _rss_bytes()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = timing.samples({"step": step}, rounds=repeat, max_rounds=repeat, warmup=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # ru_maxrss only grows: if warm-up set the peak, the steady-state peak is at most it.
     # The minimum: the least disturbed run on a shared machine.
-    return {"peak_bytes": max(peak, peak_before) - baseline, "seconds": min(times)}
+    return {"peak_bytes": max(peak, peak_before) - baseline, "seconds": timing.fastest(times)["step"]}
 
 
 def _child(kind: str, config: tuple[int, int, int], repeat: int, chunk: int | None) -> dict[str, float] | None:

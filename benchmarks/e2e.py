@@ -213,7 +213,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tvm_vs_ort import interleaved_medians
+    import timing
 
     from rewriter import verify
     from rewriter.backends import tvm as backend
@@ -258,7 +258,7 @@ def worker(args: argparse.Namespace) -> None:
                 errors[label] = max(
                     verify.compare(n, reference[n], outputs[label][n]).max_rel_err for n in OUTPUTS
                 )
-            medians = interleaved_medians(runs, budget=args.budget)
+            medians = timing.median(timing.samples(runs, rounds=7, seconds=args.budget, warmup=2))
             results.append(
                 {
                     "model": model,

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import onnx_ir as ir
 import onnxruntime as ort
+import timing
 import torch
 import transformers
 
@@ -75,20 +74,9 @@ def interleaved_medians(
     runs: dict[str, Callable[[], object]], *, budget: float = 6.0
 ) -> dict[str, float]:
     """Median time of each callable, timed in rounds (one call of each per round) so that
-    load changes on a shared machine hit every contender alike."""
-    once = 0.0
-    for run in runs.values():
-        run()
-        start = time.perf_counter()
-        run()
-        once += time.perf_counter() - start
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(max(7, int(budget / max(once, 1e-4)))):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    load changes on a shared machine hit every contender alike: at least 7 rounds, and
+    ``budget`` seconds."""
+    return timing.median(timing.samples(runs, rounds=7, seconds=budget, warmup=2))
 
 
 def main() -> None:
