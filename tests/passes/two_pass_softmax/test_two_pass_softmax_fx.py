@@ -428,18 +428,11 @@ def test_onnx_export_runs_in_onnxruntime(dynamo: bool, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def tiny_bert() -> tuple[nn.Module, torch.Tensor, int]:
     """A 2-layer BERT from a tiny config, eager attention (an explicit softmax per layer)."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
-    return model, torch.randint(0, config.vocab_size, (2, 8)), config.num_hidden_layers
+    pytest.importorskip("transformers")
+    from examples.bert import random_bert
+
+    model = random_bert(hidden=32, layers=2, heads=2, intermediate=64, vocab=100, seed=0)
+    return model, torch.randint(0, 100, (2, 8)), 2
 
 
 def test_tiny_bert_attention_softmaxes_are_replaced(tiny_bert) -> None:
