@@ -2,8 +2,8 @@
 
 The torch.fx custom operators (:mod:`rewriter.passes.attention.fx_match`), the benchmark
 (``benchmarks/attention.py``) and the fine-tuning example call these functions; the
-ONNX function bodies of ``passes/sigmoid_attention.py`` and
-``passes/softmax_free_attention.py`` compute the same formulas, and the tests check
+ONNX function bodies of ``passes/sigmoid_attention/body.py`` and
+``passes/softmax_free_attention/body.py`` compute the same formulas, and the tests check
 them against each other and against numpy.
 
 * Sigmoid attention, Ramapuram et al. 2024 (arXiv 2409.04431):
