@@ -3,9 +3,6 @@ the ONNX conformance cases and a tiny LM exported with its loss."""
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import numpy as np
 import onnx
 import onnx.reference
@@ -15,6 +12,7 @@ import pytest
 import rewriter.passes.fuse_cross_entropy.onnx as fce
 from rewriter.pass_base import DOMAIN
 from tests.helpers import model_from_text, op_types, run, to_proto
+from tests.loss_models import CASE_NAMES, conformance_cases, export_tiny_lm
 
 # Exact pass: the body's max-shifted logsumexp in float32 against ORT's LogSoftmax/SCE
 # kernels (and numpy's float32 expected outputs) differs by float32 rounding of a sum
@@ -354,22 +352,6 @@ def test_function_bodies_check_at_each_opset(opset):
 # --------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _cases() -> dict[str, tuple[onnx.ModelProto, list]]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import onnx.backend.test.case.node as node_cases
-
-        collected = node_cases.collect_testcases(None)
-    ops = ("SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss")
-    return {
-        case.name: (case.model, case.data_sets)
-        for case in collected
-        if any(node.op_type in ops for node in case.model.graph.node)
-    }
-
-
-CASE_NAMES = sorted(_cases())
 
 
 def test_conformance_cases_were_found():
@@ -389,7 +371,7 @@ def _expected_stats(name: str) -> int:
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_conformance_expected_outputs_after_rewrite(name):
-    proto, data_sets = _cases()[name]
+    proto, data_sets = conformance_cases()[name]
     result = rewrite(ir.serde.deserialize_model(proto))
     assert result.stats["cross_entropy_fused"] == _expected_stats(name)
     rewritten = to_proto(result.model)
@@ -408,7 +390,7 @@ def test_conformance_expected_outputs_after_rewrite(name):
 @pytest.mark.parametrize("name", [n for n in CASE_NAMES if n.startswith("test_nllloss")])
 def test_conformance_nll_behind_log_softmax(name):
     """The NLL cases with a LogSoftmax(axis=1) put in front: fused, same as ORT's original."""
-    proto, data_sets = _cases()[name]
+    proto, data_sets = conformance_cases()[name]
     model = ir.serde.deserialize_model(proto)
     node = model.graph[0]
     raw = model.graph.inputs[0]
@@ -431,39 +413,9 @@ def test_conformance_nll_behind_log_softmax(name):
 # --------------------------------------------------------------------------------------
 
 
-def _export_tiny_lm(tmp_path, dynamo: bool, bias: bool):
-    torch = pytest.importorskip("torch")
-    from torch import nn
-    from torch.nn import functional as F
-
-    class TinyLM(nn.Module):
-        def __init__(self, vocab: int = 64, hidden: int = 16) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(vocab, hidden)
-            self.mlp = nn.Linear(hidden, hidden)
-            self.lm_head = nn.Linear(hidden, vocab, bias=bias)
-
-        def forward(self, ids, labels):
-            logits = self.lm_head(torch.tanh(self.mlp(self.embed(ids))))
-            return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-
-    torch.manual_seed(0)
-    ids = torch.randint(0, 64, (2, 9))
-    labels = torch.randint(0, 64, (2, 9))
-    labels[:, -1] = -100
-    path = tmp_path / f"tiny_lm_{'dynamo' if dynamo else 'torchscript'}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(TinyLM(), (ids, labels), str(path), dynamo=dynamo, opset_version=18 if dynamo else 17)
-        except Exception as exc:  # the exporter's own failure is not this pass's
-            pytest.skip(f"torch.onnx.export(dynamo={dynamo}) failed: {type(exc).__name__}")
-    return onnx.load(str(path)), {"ids": ids.numpy(), "labels": labels.numpy()}
-
-
 @pytest.mark.parametrize("dynamo,bias", [(False, True), (True, False)])
 def test_exported_tiny_lm_loss_is_fused(tmp_path, dynamo, bias):
-    proto, arrays = _export_tiny_lm(tmp_path, dynamo, bias)
+    proto, arrays = export_tiny_lm(tmp_path, dynamo, bias)
     feeds = {info.name: value for info, value in zip(proto.graph.input, arrays.values(), strict=True)}
     expected = run(proto, feeds)
     result = rewrite(ir.serde.deserialize_model(proto))
