@@ -4,10 +4,10 @@ One process, one thread count, the same inputs (batch 1, ``--heads`` heads, head
 64, float32, seeded) for every peer at each length:
 
 * ``sdpa``: ``F.scaled_dot_product_attention`` (torch's fused softmax attention);
-* ``softmax``: explicit ``softmax(QKᵀ/sqrt(d))·V`` (:func:`rewriter.attention_math.softmax_attention`);
-* ``sigmoid``: :func:`rewriter.attention_math.sigmoid_attention` (Ramapuram et al. 2024),
+* ``softmax``: explicit ``softmax(QKᵀ/sqrt(d))·V`` (:func:`rewriter.passes.attention.math.softmax_attention`);
+* ``sigmoid``: :func:`rewriter.passes.attention.math.sigmoid_attention` (Ramapuram et al. 2024),
   what the ``sigmoid-attention`` rewrite computes;
-* ``soft``: :func:`rewriter.attention_math.softmax_free_attention` (Lu et al. 2021),
+* ``soft``: :func:`rewriter.passes.attention.math.softmax_free_attention` (Lu et al. 2021),
   m = ``--landmarks`` (32), ``--iterations`` (20) Newton–Schulz steps.
 
 Times are the minimum over repeats (at least ``--repeat``, and enough for 0.5 s): on a
@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Callable
 
+import timing
 import torch
 import torch.nn.functional as F
 
-from rewriter import attention_math as amath
+from rewriter.passes.attention import math as amath
 
 HEAD_DIM = 64
 LENGTHS = [128, 256, 512, 1024, 2048, 4096]
@@ -47,16 +47,9 @@ LONG = [16384]  # only sdpa and SOFT: the explicit n×n peers would need 2 GiB p
 
 
 def timed(function: Callable[[], torch.Tensor], repeat: int) -> float:
-    """Minimum seconds of ``function()`` after one warm-up."""
-    function()
-    times: list[float] = []
-    while len(times) < repeat or sum(times) < 0.5:
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-        if len(times) >= 200:
-            break
-    return min(times)
+    """Minimum seconds of ``function()`` after one warm-up: ``repeat`` runs and 0.5 s (200 at most)."""
+    runs = timing.samples({"f": function}, rounds=repeat, seconds=0.5, max_rounds=200)
+    return timing.fastest(runs)["f"]
 
 
 def peers(

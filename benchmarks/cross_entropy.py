@@ -8,7 +8,7 @@ allocate (logits, log-softmax, gradients, chunk temporaries). Time is the fastes
 
 * ``unfused``: ``F.cross_entropy(F.linear(h, W), y)`` in eager torch;
 * ``compiled``: the same function under ``torch.compile`` (skipped with ``--no-compile``);
-* ``fused``: :func:`rewriter.fused_cross_entropy.fused_linear_cross_entropy`.
+* ``fused``: :func:`rewriter.passes.fuse_cross_entropy.loss.fused_linear_cross_entropy`.
 
 Ratios are fused / peer (memory: lower is better; time: lower is better). The compiled
 (TVM) forward loss is benchmarked by ``benchmarks/cross_entropy_tvm.py``.
@@ -24,8 +24,9 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import timing
 
 # --quick: one small configuration (< 1 min on 2 cores).
 QUICK = [(2048, 256, 32768)]
@@ -48,7 +49,7 @@ def measure(kind: str, tokens: int, hidden: int, vocab: int, repeat: int, chunk:
     import torch
     import torch.nn.functional as F
 
-    from rewriter.fused_cross_entropy import fused_linear_cross_entropy
+    from rewriter.passes.fuse_cross_entropy.loss import fused_linear_cross_entropy
 
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, requires_grad=True)
@@ -74,15 +75,11 @@ def measure(kind: str, tokens: int, hidden: int, vocab: int, repeat: int, chunk:
     h.grad = w.grad = None
     baseline = _rss_bytes()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = timing.samples({"step": step}, rounds=repeat, max_rounds=repeat, warmup=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # ru_maxrss only grows: if warm-up set the peak, the steady-state peak is at most it.
     # The minimum: the least disturbed run on a shared machine.
-    return {"peak_bytes": max(peak, peak_before) - baseline, "seconds": min(times)}
+    return {"peak_bytes": max(peak, peak_before) - baseline, "seconds": timing.fastest(times)["step"]}
 
 
 def _child(kind: str, config: tuple[int, int, int], repeat: int, chunk: int | None) -> dict[str, float] | None:

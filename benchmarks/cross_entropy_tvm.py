@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+import timing
 
 # (tokens, hidden, vocab). Quick: logits 128 MiB. Full: up to 500 MiB of logits and a
 # 256 MiB weight (TVM holds a few copies of a constant weight while compiling; larger
@@ -178,12 +178,6 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.2f}"
 
 
-def _timed(run: Callable[[], float]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
 def measure(config: tuple[int, int, int], rounds: int) -> None:
     tokens, hidden, vocab = config
     # Memory first, one peer at a time (children, then the parent's lowering): the
@@ -199,15 +193,13 @@ def measure(config: tuple[int, int, int], rounds: int) -> None:
         loss[peer] = runs[peer]()
         warm_up[peer] = time.perf_counter() - start
     # A peer slower than SLOW_S per run (see the module docstring) is timed once.
-    times = {peer: [_timed(runs[peer])] for peer in PEERS if warm_up[peer] >= SLOW_S}
-    timed = [peer for peer in PEERS if peer not in times]
-    times |= {peer: [] for peer in timed}
-    for _ in range(rounds):
-        for peer in timed:
-            times[peer].append(_timed(runs[peer]))
-    del runs
+    slow = {peer: runs[peer] for peer in PEERS if warm_up[peer] >= SLOW_S}
+    times = timing.samples(slow, rounds=1, max_rounds=1, warmup=0)
+    timed = {peer: runs[peer] for peer in PEERS if peer not in slow}
+    times |= timing.samples(timed, rounds=rounds, max_rounds=rounds, warmup=0)
+    del runs, slow, timed
     gc.collect()
-    median = {peer: statistics.median(values) for peer, values in times.items()}
+    median = timing.median(times)
     logits = tokens * vocab * 4
     head = f"hidden {hidden}" if hidden else "the loss on given logits"
     print(f"\ntokens {tokens}  {head}  vocab {vocab}  (logits {_mib(logits)} MiB)")

@@ -65,38 +65,11 @@ def torch_model(name: str) -> Any:
 
 def export_random(path: Path) -> None:
     """Export the random BERT as ``examples.minilm.prepare`` exports MiniLM."""
-    import torch
+    from examples import bert
 
-    encoder = torch_model("random")
-
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(
-            self,
-            input_ids: torch.Tensor,
-            attention_mask: torch.Tensor,
-            token_type_ids: torch.Tensor,
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            out = self.encoder(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            )
-            return out.last_hidden_state, out.pooler_output
-
-    ids = torch.ones((1, 32), dtype=torch.int64)
-    with torch.no_grad():
-        torch.onnx.export(
-            Encoder().eval(),
-            (ids, torch.ones_like(ids), torch.zeros_like(ids)),
-            str(path),
-            input_names=list(INPUTS),
-            output_names=list(OUTPUTS),
-            dynamic_axes={name: {0: "batch", 1: "sequence"} for name in INPUTS},
-            opset_version=17,
-            dynamo=False,
-        )
+    ids = np.ones((1, 32), dtype=np.int64)
+    inputs = dict(zip(INPUTS, (ids, np.ones_like(ids), np.zeros_like(ids)), strict=True))
+    bert.export_bert(torch_model("random"), path, inputs, no_grad=True)
 
 
 def prepare(work: Path, batches: list[int], sequence: int, target: str) -> dict[str, Any]:
@@ -213,7 +186,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tvm_vs_ort import interleaved_medians
+    import timing
 
     from rewriter import verify
     from rewriter.backends import tvm as backend
@@ -258,7 +231,7 @@ def worker(args: argparse.Namespace) -> None:
                 errors[label] = max(
                     verify.compare(n, reference[n], outputs[label][n]).max_rel_err for n in OUTPUTS
                 )
-            medians = interleaved_medians(runs, budget=args.budget)
+            medians = timing.median(timing.samples(runs, rounds=7, seconds=args.budget, warmup=2))
             results.append(
                 {
                     "model": model,

@@ -37,9 +37,13 @@ import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import timing  # noqa: E402
+
 from examples import minilm  # noqa: E402
-from rewriter import io, prune_probe, pruning, verify  # noqa: E402
-from rewriter.passes import prune, prune_width  # noqa: E402
+from rewriter import io, verify  # noqa: E402
+from rewriter.passes.pruning import math as pruning  # noqa: E402
+from rewriter.passes.pruning import probe as prune_probe  # noqa: E402
+from rewriter.passes.pruning import prune, prune_width  # noqa: E402
 
 CALIBRATION = [
     "The committee postponed its decision until next spring.",
@@ -308,16 +312,7 @@ def tvm_speedup(
 
 def timed(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
     """Median seconds per run: blocks of BLOCK runs, models interleaved, so load bursts hit all alike."""
-    for run in runs.values():
-        run()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(ROUNDS):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for _ in range(BLOCK):
-                run()
-            samples[name].append((time.perf_counter() - start) / BLOCK)
-    return {name: float(np.median(values)) for name, values in samples.items()}
+    return timing.median(timing.samples(runs, rounds=ROUNDS, max_rounds=ROUNDS, block=BLOCK))
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,8 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import timing  # noqa: E402
 
 from examples import minilm  # noqa: E402
 from rewriter import verify  # noqa: E402
@@ -111,16 +112,9 @@ def latency(
     The two alternate run by run, so load from other processes hits both alike; the
     fastest run is the one least disturbed by it.
     """
-    for _ in range(2):
-        session.run(None, feeds)
-        reference.run(None, feeds)
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for which, runner in enumerate((session, reference)):
-            start = time.perf_counter()
-            runner.run(None, feeds)
-            times[which].append(time.perf_counter() - start)
-    return min(times[0]), min(times[1])
+    runs = {"session": lambda: session.run(None, feeds), "reference": lambda: reference.run(None, feeds)}
+    best = timing.fastest(timing.samples(runs, rounds=repeats, max_rounds=repeats, warmup=2))
+    return best["session"], best["reference"]
 
 
 def measure(

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +46,8 @@ import onnxruntime as ort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import timing  # noqa: E402
 
 from benchmarks.quantize import calibration_batch  # noqa: E402
 from examples import minilm  # noqa: E402
@@ -106,16 +107,7 @@ def interleaved_medians(
     runs: dict[str, Callable[[], np.ndarray]], budget: float
 ) -> dict[str, float]:
     """Median seconds per run of each callable, one run of each per round, for ``budget`` s."""
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    deadline = time.perf_counter() + budget
-    while time.perf_counter() < deadline or len(times[next(iter(runs))]) < 7:
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return timing.median(timing.samples(runs, rounds=7, seconds=budget))
 
 
 def main() -> int:

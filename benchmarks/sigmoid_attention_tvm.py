@@ -25,10 +25,10 @@ import argparse
 import math
 import os
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
+import timing
 
 HEAD_DIM = 64
 LENGTHS = [128, 256, 512, 1024, 2048, 4096]
@@ -39,19 +39,7 @@ PEERS = ("fused", "softmax", "inlined")
 def timed(functions: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
     """Minimum seconds of each function, run in turn (interleaved: a noisy machine slows
     all of them alike), after one warm-up each; at least ``repeat`` rounds and 0.5 s."""
-    best = dict.fromkeys(functions, math.inf)
-    for function in functions.values():
-        function()
-    spent, rounds = 0.0, 0
-    while rounds < repeat or spent < 0.5:
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            elapsed = time.perf_counter() - start
-            best[name] = min(best[name], elapsed)
-            spent += elapsed
-        rounds += 1
-    return best
+    return timing.fastest(timing.samples(functions, rounds=repeat, seconds=0.5))
 
 
 def models(n: int, heads: int) -> dict[str, object]:

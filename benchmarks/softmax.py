@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import timing
 
 IN_CACHE = [(64, 1024), (1, 32768), (128, 4096), (1536, 128)]  # the last: BERT attention rows
 OUT_OF_CACHE = [(1, 1 << 24), (1, 1 << 26), (4096, 16384)]
@@ -72,17 +73,6 @@ def _torch_softmax(x: np.ndarray, y: np.ndarray, threads: int) -> Callable[[], N
     return lambda: op(tx, -1, False, out=ty)
 
 
-def _time(fn: Callable[[], None], min_seconds: float, clock: Callable[[], float]) -> float:
-    """Seconds per call: repeat until ``min_seconds`` have passed on ``clock``."""
-    calls, start = 0, clock()
-    while True:
-        fn()
-        calls += 1
-        elapsed = clock() - start
-        if elapsed >= min_seconds:
-            return elapsed / calls
-
-
 def measure_shape(
     rows: int, cols: int, threads: int, rounds: int, clock: Callable[[], float] = time.perf_counter
 ) -> dict[str, float]:
@@ -119,16 +109,17 @@ def measure_shape(
         "write": bind(write_probe(*view, target), target, x.reshape(view), y.reshape(view)),
     }
     big = rows * cols * 4 > (32 << 20)
-    min_seconds = 0.0 if big else 0.02
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm up: page faults, thread pools, caches
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if name == "tvm-stock" and big and len(samples[name]) >= 3:
-                continue  # slow and steady: three samples are enough
-            samples[name].append(_time(fn, min_seconds, clock))
-    result = {name: float(np.median(v)) for name, v in samples.items()}
+    # The warm-up takes the page faults, starts the thread pools and fills the caches; a
+    # big shape is one call per sample, and tvm-stock (slow and steady) three samples.
+    times = timing.samples(
+        fns,
+        rounds=rounds,
+        max_rounds=rounds,
+        block=1 if big else "auto",
+        max_samples={"tvm-stock": 3} if big else None,
+        clock=clock,
+    )
+    result = timing.median(times)
     result["floor"] = 2 * result["read"] + result["write"]
     return result
 

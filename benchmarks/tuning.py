@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import timing
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import verify
@@ -64,17 +64,7 @@ def interleaved_times(
     The contenders take turns within each round, in an order rotated every round, so that
     load changes on the shared machine, and the threads one contender leaves spinning,
     hit all alike."""
-    for run in runs.values():
-        run()
-    names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for index in range(rounds):
-        for name in names[index % len(names) :] + names[: index % len(names)]:
-            start = time.perf_counter()
-            for _ in range(calls):
-                runs[name]()
-            times[name].append((time.perf_counter() - start) / calls)
-    return times
+    return timing.samples(runs, rounds=rounds, max_rounds=rounds, block=calls, rotate=True)
 
 
 def main() -> None:
@@ -133,8 +123,8 @@ def main() -> None:
     runs: dict[str, Callable[[], object]] = {"ort": lambda: session.run(["y"], feeds)}
     runs.update({name: lambda c=compiled: c.run(feeds) for name, compiled in contenders.items()})
     times = interleaved_times(runs, args.rounds, args.calls)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    fastest = {name: min(values) for name, values in times.items()}
+    medians = timing.median(times)
+    fastest = timing.fastest(times)
     report = tuned.tuning
     assert report is not None
     flop = 2.0 * m * k * n

@@ -19,76 +19,37 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-import torch
-import transformers
+import timing
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples import bert  # noqa: E402
 from rewriter import verify
 from rewriter.backends import tvm as backend
 from rewriter.registry import create_pass
 
 
 def export_bert(path: Path, *, hidden: int, layers: int, heads: int, intermediate: int) -> None:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=intermediate,
-        attn_implementation="eager",
-    )
-    bert = transformers.BertModel(config).eval()
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(
-            self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-        ) -> tuple[torch.Tensor, ...]:
-            out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
-            return out.last_hidden_state, out.pooler_output
-
-    ids = torch.zeros((1, 8), dtype=torch.int64)
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-    torch.onnx.export(
-        Wrapper().eval(),
-        (ids, torch.ones_like(ids)),
-        str(path),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["last_hidden_state", "pooler_output"],
-        dynamic_axes=axes,
-        opset_version=17,
-        dynamo=False,
-    )
+    model = bert.random_bert(hidden=hidden, layers=layers, heads=heads, intermediate=intermediate)
+    ids = np.zeros((1, 8), dtype=np.int64)
+    bert.export_bert(model, path, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
 
 
 def interleaved_medians(
     runs: dict[str, Callable[[], object]], *, budget: float = 6.0
 ) -> dict[str, float]:
     """Median time of each callable, timed in rounds (one call of each per round) so that
-    load changes on a shared machine hit every contender alike."""
-    once = 0.0
-    for run in runs.values():
-        run()
-        start = time.perf_counter()
-        run()
-        once += time.perf_counter() - start
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(max(7, int(budget / max(once, 1e-4)))):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    load changes on a shared machine hit every contender alike: at least 7 rounds, and
+    ``budget`` seconds."""
+    return timing.median(timing.samples(runs, rounds=7, seconds=budget, warmup=2))
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ is downloaded): 16 tokens of 2x2 pixels, 2 layers, 2 heads of 16 dimensions, usi
 
 1. accuracy with softmax attention (the trained model);
 2. accuracy right after the swap (``rewriter.fx.rewrite`` with the fx pass: the
-   custom operators of :mod:`rewriter.attention_fx`), no training;
+   custom operators of :mod:`rewriter.passes.attention.fx_match`), no training;
 3. accuracy after a short fine-tune of the rewritten module (all weights, Adam).
 
 Run: ``.venv/bin/python examples/finetune_attention.py`` (``--epochs``, ``--finetune-epochs``,
@@ -30,9 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewriter import fx as rewriter_fx
-
-# Registers the fx passes "sigmoid-attention" and "softmax-free-attention".
-from rewriter import attention_fx  # noqa: F401  isort: skip
 
 PATCH = 2
 TOKENS = (8 // PATCH) ** 2  # 16

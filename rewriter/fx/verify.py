@@ -1,0 +1,104 @@
+"""Verification of an fx rewrite: the original and the rewritten module, run on the same inputs.
+
+Both run under the same seed (dropout in training mode draws the same masks) with their
+buffers restored afterwards; every tensor output is compared with :mod:`rewriter.verify`,
+with the ONNX front's tolerances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from rewriter import verify
+from rewriter.errors import VerificationError
+from rewriter.job import Verification
+
+
+def verify_rewrite(
+    original: torch.nn.Module,
+    rewritten: fx.GraphModule,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    exact: bool,
+    tolerance: verify.Tolerance | None,
+    seed: int,
+) -> Verification:
+    """Run ``original`` and ``rewritten`` on the same inputs and seed; compare their outputs.
+
+    An ``exact`` rewrite's float outputs must agree within ``tolerance`` (default: by
+    dtype, :data:`rewriter.verify.DEFAULT_TOLERANCE`), its other outputs bit for bit;
+    the result says whether they do (the caller raises).
+
+    >>> verify_rewrite(model, gm, (x,), {}, True, None, 0).passed  # doctest: +SKIP
+    True
+    """
+    with torch.no_grad(), _buffers_restored(original, rewritten):
+        reference = _run_seeded(original, args, kwargs, seed)
+        candidate = _run_seeded(rewritten, args, kwargs, seed)
+    ref_leaves, ref_spec = pytree.tree_flatten_with_path(reference)
+    cand_leaves, cand_spec = pytree.tree_flatten_with_path(candidate)
+    if len(ref_leaves) != len(cand_leaves):
+        raise VerificationError(
+            f"the rewritten module returns {cand_spec}, the original {ref_spec}"
+        )
+    outputs, used = [], None
+    for (path, ref), (_, cand) in zip(ref_leaves, cand_leaves, strict=True):
+        if not isinstance(ref, torch.Tensor):
+            continue
+        name = pytree.keystr(path) or "output"
+        dtype = str(ref.dtype).removeprefix("torch.")
+        comparison = verify.compare(name, to_numpy(ref), to_numpy(cand))
+        comparison.dtype = dtype
+        if exact and ref.is_floating_point():
+            chosen = tolerance or verify.DEFAULT_TOLERANCE.get(
+                dtype, verify.DEFAULT_TOLERANCE["float32"]
+            )
+            verify.check_tolerance(comparison, to_numpy(ref), chosen)
+            used = {"rtol": chosen.rtol, "atol": chosen.atol}
+        elif exact:
+            comparison.passed = comparison.max_abs_err == 0
+        outputs.append(comparison)
+    inputs = {
+        prefix + pytree.keystr(path): list(value.shape)
+        for prefix, tree in (("args", args), ("kwargs", kwargs))
+        for path, value in pytree.tree_flatten_with_path(tree)[0]
+        if isinstance(value, torch.Tensor)
+    }
+    return Verification(outputs=outputs, inputs=inputs, tolerance=used, enforced=exact)
+
+
+def _run_seeded(
+    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int
+) -> Any:
+    # The same seed for both runs: dropout in training mode draws the same masks.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return module(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _buffers_restored(*modules: torch.nn.Module) -> Iterator[None]:
+    """Undo buffer updates (BatchNorm statistics in training mode) of the verification runs."""
+    buffers = {id(b): b for module in modules for b in module.buffers()}
+    saved = {key: b.detach().clone() for key, b in buffers.items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for key, buffer in buffers.items():
+                buffer.copy_(saved[key])
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A detached CPU copy of ``tensor`` as numpy (bfloat16, which numpy lacks, as float32)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+        tensor = tensor.float()
+    return tensor.numpy()

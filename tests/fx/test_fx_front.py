@@ -1,0 +1,67 @@
+"""Tests of the torch.fx front itself (``rewriter.fx``): names, tracing, reports, verification.
+
+The two-pass-softmax fx pass serves as the pass under test; its own tests are in
+tests/passes/two_pass_softmax/.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from rewriter import fx as rfx
+from rewriter.errors import InputError, VerificationError
+from rewriter.passes.two_pass_softmax import TwoPassSoftmaxOptions
+from rewriter.passes.two_pass_softmax.fx import TwoPassSoftmaxFxPass
+
+
+def test_pass_names_and_options_come_from_the_onnx_registry() -> None:
+    (fx_pass,) = rfx.parse_fx_pipeline(["two-pass-softmax(log_softmax=no)"])
+    assert fx_pass.options == TwoPassSoftmaxOptions(log_softmax=False)
+    with pytest.raises(
+        InputError, match=r"'no-such-pass' is unknown \(fx passes: .*two-pass-softmax"
+    ):
+        rfx.parse_fx_pipeline("no-such-pass")
+    with pytest.raises(InputError, match="has no option 'bits'"):
+        rfx.parse_fx_pipeline("two-pass-softmax(bits=8)")
+    with pytest.raises(InputError, match="expects bool"):
+        rfx.parse_fx_pipeline("two-pass-softmax(log_softmax=maybe)")
+
+
+def test_untraceable_module_without_inputs_is_an_input_error() -> None:
+    class Branchy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.softmax(-1) if x.sum() > 0 else x
+
+    with pytest.raises(InputError, match="pass example_inputs to trace with torch.export"):
+        rfx.rewrite(Branchy(), "two-pass-softmax")
+
+
+def test_report_json_has_the_onnx_report_shape() -> None:
+    _, report = rfx.rewrite(nn.Softmax(-1), "two-pass-softmax", (torch.randn(2, 3),))
+    document = json.loads(json.dumps(report.to_json()))
+    assert set(document["passes"][0]) >= {"name", "exact", "stats", "notes", "seconds", "modified"}
+    assert set(document["verification"]) >= {"outputs", "inputs", "tolerance", "enforced", "passed"}
+    assert document["verification"]["inputs"] == {"args[0]": [2, 3]}
+    assert document["verification"]["tolerance"] == {"rtol": 1e-5, "atol": 1e-6}
+
+
+class BreakSoftmax(TwoPassSoftmaxFxPass):
+    """An 'exact' pass that is not: verification must catch it."""
+
+    def call(self, gm: fx.GraphModule) -> rfx.FxPassResult:
+        for node in list(gm.graph.nodes):
+            if node.target is F.softmax:
+                with gm.graph.inserting_before(node):
+                    node.replace_all_uses_with(gm.graph.call_function(torch.relu, node.args[:1]))
+                gm.graph.erase_node(node)
+        return rfx.FxPassResult(gm, True, {"softmax_replaced": 1})
+
+
+def test_verification_error_when_an_exact_pass_changes_outputs() -> None:
+    with pytest.raises(VerificationError, match="exact fx rewrite changed output"):
+        rfx.rewrite(nn.Softmax(-1), [BreakSoftmax()], (torch.randn(2, 3),))

@@ -1,0 +1,208 @@
+"""The two-pass-softmax pass: structure, negatives, idempotence, validity, numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.reference
+import pytest
+
+from rewriter.pass_base import DOMAIN
+from rewriter.passes.two_pass_softmax import math as tpm
+from rewriter.registry import create_pass
+from tests.helpers import model_from_text, op_types, run, softmax_model, to_proto
+
+# The float32 rewrite agrees with ONNX Runtime's Softmax to the polynomial's error
+# (7.5e-8 relative, twice: numerator and sum) plus float32 rounding of the result.
+RTOL_F32 = 1e-6
+
+
+def rewrite(model, **options):
+    return create_pass("two-pass-softmax", options)(model)
+
+
+def reference(model, feeds):
+    return onnx.reference.ReferenceEvaluator(to_proto(model)).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("op,target", [("Softmax", "TwoPassSoftmax"), ("LogSoftmax", "TwoPassLogSoftmax")])
+def test_structure(op, target):
+    model = softmax_model(op)
+    result = rewrite(model)
+    assert result.modified
+    key = "softmax_replaced" if op == "Softmax" else "log_softmax_replaced"
+    assert result.stats[key] == 1 and result.stats["skipped"] == 0
+    assert op_types(result.model) == [target]
+    assert result.model.graph[0].domain == DOMAIN
+    assert (DOMAIN, target, "") in result.model.functions
+    assert result.model.opset_imports[DOMAIN] == 1
+
+
+def test_log_softmax_option_off_leaves_log_softmax():
+    result = rewrite(softmax_model("LogSoftmax"), log_softmax="false")
+    assert not result.modified
+    assert op_types(result.model) == ["LogSoftmax"]
+    assert result.stats == {"softmax_replaced": 0, "skipped": 0}
+
+
+def test_negative_near_miss_is_unchanged_and_explained():
+    # An integer "softmax" input cannot be rewritten: Hardmax is a near miss that must not match.
+    model = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x) => (float[2, 4] y) {
+            y = Hardmax(x)
+        }
+        """
+    )
+    result = rewrite(model)
+    assert not result.modified
+    assert result.stats == {"softmax_replaced": 0, "log_softmax_replaced": 0, "skipped": 0}
+    assert op_types(result.model) == ["Hardmax"]
+
+
+def test_unsupported_dtype_is_skipped_with_reason():
+    # float16 below opset 15 has no CastLike for the function body to cast back.
+    model = softmax_model(opset=13, dtype="float16")
+    result = rewrite(model)
+    assert result.stats["softmax_replaced"] == 0 and result.stats["skipped"] == 1
+    assert "opset >= 15" in result.notes[0]
+    assert op_types(result.model) == ["Softmax"]
+
+
+def test_float64_is_skipped_with_reason():
+    # The degree-5 polynomial is exact for float32 and narrower, not for float64.
+    result = rewrite(softmax_model(dtype="double"))
+    assert result.stats["softmax_replaced"] == 0 and result.stats["skipped"] == 1
+    assert "float64" in result.notes[0]
+
+
+def test_idempotent():
+    model = softmax_model()
+    rewrite(model)
+    again = rewrite(model)
+    assert not again.modified
+    assert again.stats == {"softmax_replaced": 0, "log_softmax_replaced": 0, "skipped": 0}
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 15, 17, 18, 21])
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("axis", [None, 0, 1, -1, -2])
+def test_numbers_every_opset_and_axis(opset, op, axis):
+    model = softmax_model(op, opset=opset, shape="[3, 4, 6]", axis=axis)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 4, 6)).astype(np.float32) * 4}
+    expected = run(model, feeds)["y"]
+    result = rewrite(model)
+    assert result.stats["skipped"] == 0
+    proto = to_proto(result.model)
+    onnx.checker.check_model(proto, full_check=True)
+    np.testing.assert_allclose(run(proto, feeds)["y"], expected, rtol=RTOL_F32, atol=1e-7)
+    np.testing.assert_allclose(reference(result.model, feeds), expected, rtol=RTOL_F32, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,np_dtype,rtol", [("float16", np.float16, 5e-4)])
+def test_numbers_other_float_types(dtype, np_dtype, rtol):
+    model = softmax_model(dtype=dtype, opset=17)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 5)).astype(np_dtype)}
+    # The float64 truth: the onnx reference computes float16 softmax in float16.
+    expected = tpm.reference_softmax(feeds["x"].astype(np.float64))
+    result = rewrite(model)
+    onnx.checker.check_model(to_proto(result.model), full_check=True)
+    actual = run(result.model, feeds)["y"]
+    assert actual.dtype == np_dtype
+    # float16: the function computes in float64 and rounds once, so it is within half
+    # an ulp (4.9e-4) of the float64 truth.
+    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=rtol)
+
+
+EDGE_ROWS = np.array(
+    [
+        [1.0, 2.0, 3.0, 4.0],
+        [-np.inf, 0.0, 1.0, -np.inf],  # masked entries -> exactly 0
+        [-np.inf, -np.inf, -np.inf, -np.inf],  # fully masked row -> NaN (x - max is NaN)
+        [np.inf, 0.0, 1.0, 2.0],  # +inf -> NaN row
+        [np.nan, 0.0, 1.0, 2.0],  # NaN -> NaN row
+        [3e38, 2.5e38, -3e38, 0.0],  # near the float maximum -> one-hot
+        [-3e38, -3e38, -3.4e38, -1e30],  # all hugely negative -> no underflow to 0/0
+        [88.0, 89.0, -104.0, 0.0],  # around expf's overflow and underflow
+        [1e-30, -1e-30, 0.0, 1e-45],  # tiny magnitudes
+    ],
+    dtype=np.float32,
+)
+
+
+def three_pass_float64(x: np.ndarray, *, log: bool) -> np.ndarray:
+    """The ONNX definition, evaluated in float64: x - max, exp, sum, divide (or log)."""
+    xd = x.astype(np.float64)
+    with np.errstate(all="ignore"):
+        shifted = xd - xd.max(-1, keepdims=True)
+        total = np.exp(shifted).sum(-1, keepdims=True)
+        out = shifted - np.log(total) if log else np.exp(shifted) / total
+    return out.astype(x.dtype)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("opset", [9, 13, 18])
+def test_edge_cases_match_reference_semantics(op, opset):
+    # onnx.reference computes LogSoftmax as log(softmax) and loses range (it gives -inf
+    # where x - max - log(sum) is -5e37); ONNX Runtime and the float64 definition agree.
+    model = softmax_model(op, opset=opset, shape="[9, 4]", axis=1)
+    feeds = {"x": EDGE_ROWS}
+    expected = three_pass_float64(EDGE_ROWS, log=op == "LogSoftmax")
+    ort_expected = run(model, feeds)["y"]
+    result = rewrite(model)
+    actual = run(result.model, feeds)["y"]
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    np.testing.assert_allclose(actual, expected, rtol=RTOL_F32, atol=1e-7, equal_nan=True)
+    np.testing.assert_allclose(actual, ort_expected, rtol=RTOL_F32, atol=1e-7, equal_nan=True)
+    if op == "Softmax":
+        with np.errstate(all="ignore"):
+            np.testing.assert_allclose(actual, reference(model, feeds), rtol=RTOL_F32, atol=1e-7, equal_nan=True)
+
+
+def test_masked_entries_are_exactly_zero():
+    model = softmax_model(shape="[1, 4]", axis=-1)
+    result = rewrite(model)
+    y = run(result.model, {"x": EDGE_ROWS[1:2]})["y"]
+    assert y[0, 0] == 0.0 and y[0, 3] == 0.0
+
+
+def test_reference_math_matches_three_pass_softmax():
+    x = np.random.default_rng(2).standard_normal((16, 257)) * 30
+    three_pass = np.exp(x - x.max(-1, keepdims=True))
+    three_pass /= three_pass.sum(-1, keepdims=True)
+    np.testing.assert_allclose(tpm.reference_softmax(x), three_pass, rtol=2 * tpm.EXP_POLY_MAX_REL_ERROR + 1e-12)
+
+
+def test_polynomial_error_bound_holds():
+    t = np.linspace(-np.log(2) / 2, np.log(2) / 2, 100_001)
+    p = np.polynomial.polynomial.polyval(t, tpm.EXP_POLY)
+    assert np.max(np.abs(p / np.exp(t) - 1)) <= tpm.EXP_POLY_MAX_REL_ERROR
+
+
+def test_softmax_inside_if_subgraph_is_rewritten():
+    model = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (bool c, float[2, 3] x) => (float[2, 3] y) {
+            y = If(c) <
+                then_branch = t () => (float[2, 3] a) { a = Softmax(x) },
+                else_branch = e () => (float[2, 3] b) { b = Identity(x) }
+            >
+        }
+        """
+    )
+    feeds = {"c": np.array(True), "x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    expected = run(model, feeds)["y"]
+    result = rewrite(model)
+    assert result.stats["softmax_replaced"] == 1
+    assert "Softmax" not in op_types(result.model)
+    onnx.checker.check_model(to_proto(result.model), full_check=True)
+    np.testing.assert_allclose(run(result.model, feeds)["y"], expected, rtol=RTOL_F32)
+
+
+def test_requires_opset_9():
+    from onnx_ir.passes import PreconditionError
+
+    with pytest.raises(PreconditionError, match="opset >= 9"):
+        rewrite(softmax_model(opset=8))
