@@ -346,7 +346,7 @@ def relax_pipeline(
     import tvm
     from tvm import relax
 
-    from rewriter.backends import bf16_matmul, bf16_upcast, conv, pack_weights
+    from rewriter.backends import activations, bf16_matmul, bf16_upcast, conv, pack_weights
 
     gpu = "gpu" in target.keys
     if gpu:
@@ -368,8 +368,8 @@ def relax_pipeline(
     if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)
-    if fast_math:
-        passes.append(relax.transform.FastMathTransform())
+    if fast_math:  # sigmoid, silu, gelu as exp/tanh/erf first: their fast forms vectorize
+        passes += [activations.expand_activations(), relax.transform.FastMathTransform()]
     passes += stages.legalize_passes(target)  # CUDA's ends with dlight's default rules
     if not gpu:
         passes.append(pack_weights.pack_matmul_weights(target))
