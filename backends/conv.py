@@ -260,21 +260,26 @@ def rules() -> dict[str, Any]:
             return None
         return lead
 
-    def static(stmt: Any) -> list[int] | None:
-        extents = []
-        for iv in stmt.iter_vars:
-            if not isinstance(iv.dom.extent, tirx.IntImm):
-                return None
-            extents.append(int(iv.dom.extent))
-        return extents
+    def static(stmt: Any, lead: int) -> tuple[list[int], int] | None:
+        """The iterators' extents, and how many leading axes stay apart from the pixels:
+        0, or 1 for a symbolic batch (a model compiled for any batch size; its other
+        extents static, and a pixel axis besides it)."""
+        extents = [iv.dom.extent for iv in stmt.iter_vars]
+        keep = 0 if isinstance(extents[0], tirx.IntImm) else 1
+        if keep and lead < 3:
+            return None
+        if not all(isinstance(extent, tirx.IntImm) for extent in extents[keep:]):
+            return None
+        return [1] * keep + [int(extent) for extent in extents[keep:]], keep
 
     def _mentions(expr: Any, var: Any) -> bool:
         return any(free.same_as(var) for free in tirx.analysis.undefined_vars(expr, []))
 
-    def flatten_pixels(sch: Any, block: Any, tail: Any, lead: int, extents: list[int]) -> None:
-        """Fuse the ``lead - 1`` pixel iterators of ``block`` (and of its epilogue, and the
-        accumulator it writes) into one, so tiles of pixels may span image rows."""
-        pixel_extents = extents[: lead - 1]
+    def flatten_pixels(sch: Any, block: Any, tail: Any, lead: int, extents: list[int], keep: int) -> None:
+        """Fuse the pixel iterators of ``block`` (the ``lead - 1`` before its channel, but
+        the ``keep`` first: a symbolic batch), and of its epilogue and the accumulator it
+        writes, into one, so tiles of pixels may span image rows."""
+        pixel_extents = extents[keep : lead - 1]
         if len(pixel_extents) == 1:
             return
         index_map = tirx.IndexMap.from_func
@@ -285,11 +290,12 @@ def rules() -> dict[str, Any]:
                 position = position * extent + value
             return position
 
-        sch.transform_layout(block, ("write", 0), index_map(lambda *a: (flat(*a[:-1]), a[-1]), ndim=lead))
-        sch.transform_block_layout(
-            block, index_map(lambda *a: (flat(*a[: lead - 1]), *a[lead - 1 :]), ndim=len(extents))
-        )
-        sch.transform_block_layout(tail, index_map(lambda *a: (flat(*a[:-1]), a[-1]), ndim=lead))
+        def fused(*a: Any) -> tuple[Any, ...]:
+            return (*a[:keep], flat(*a[keep : lead - 1]), *a[lead - 1 :])
+
+        sch.transform_layout(block, ("write", 0), index_map(fused, ndim=lead))
+        sch.transform_block_layout(block, index_map(fused, ndim=len(extents)))
+        sch.transform_block_layout(tail, index_map(fused, ndim=lead))
 
     def finish_producers(sch: Any, producers: list[Any], lanes: int) -> None:
         """Padding copies, computed once per call: image rows in parallel, each row (its
@@ -307,7 +313,9 @@ def rules() -> dict[str, Any]:
                 sch.vectorize(inner)
             sch.parallel(rows if rows is not None else sch.get_loops(block)[0])
 
-    def tile(sch: Any, block: Any, tail: Any, pixels: int, limit: int, tile_j: int, unroll_k: bool) -> None:
+    def tile(
+        sch: Any, block: Any, tail: Any, pixels: int, limit: int, tile_j: int, unroll_k: bool, keep: int
+    ) -> None:
         """The register tile: ``tile_i`` pixels (at most ``limit``) x ``tile_j`` channels
         accumulated in registers over the reduction loops, ``tail`` (the epilogue, or a
         copy out) run on each finished tile.
@@ -320,8 +328,8 @@ def rules() -> dict[str, Any]:
         ragged = 2 * tile_i < limit
         if ragged:
             tile_i = limit
-        reduction = sch.get_loops(block)[2:]
-        pixel, channel = sch.get_loops(block)[:2]
+        loops = sch.get_loops(block)
+        outer, (pixel, channel), reduction = loops[:keep], loops[keep : keep + 2], loops[keep + 2 :]
         po, pi = sch.split(pixel, [None, tile_i])
         co, ci = sch.split(channel, [None, tile_j])
         inner = list(reduction)
@@ -338,11 +346,15 @@ def rules() -> dict[str, Any]:
             sch.unroll(inner[-1])
         last = sch.get_loops(tail)[-1]
         sch.vectorize(last)
-        if ragged:  # the tile loop stays apart, for LoopPartition to peel its last tile
+        if ragged and not outer:  # the tile loop stays apart, for LoopPartition to peel its last tile
             sch.annotate(po, "pragma_loop_partition_hint", 1)
             sch.parallel(co)
+        elif ragged:
+            # Under a symbolic batch, TVM's LoopPartition fails (int32 and int64 mixed in
+            # its bounds): the last tile's mask stays in every tile, a branch per row.
+            sch.parallel(sch.fuse(*outer, co))
         else:
-            sch.parallel(sch.fuse(co, po))
+            sch.parallel(sch.fuse(*outer, co, po))
         sch.decompose_reduction(block, inner[0])
 
     class ConvRule(base):  # type: ignore[misc, valid-type]
@@ -360,9 +372,10 @@ def rules() -> dict[str, Any]:
             producers, block, epilogue = parts
             stmt = sch.get(block)
             lead = spatial_then_reduce(stmt)
-            extents = static(stmt)
-            if lead is None or extents is None or len(stmt.reads) != 2 or len(stmt.writes) != 1:
+            shape = static(stmt, lead) if lead is not None else None
+            if lead is None or shape is None or len(stmt.reads) != 2 or len(stmt.writes) != 1:
                 return None
+            extents, keep = shape
             ivars = [iv.var for iv in stmt.iter_vars]
             channel, reductions = ivars[lead - 1], ivars[lead:]
             write = [r.min for r in stmt.writes[0].region]
@@ -391,11 +404,11 @@ def rules() -> dict[str, Any]:
             tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
             if len(sch.get(tail).iter_vars) != lead:
                 return None
-            flatten_pixels(sch, block, tail, lead, extents)
+            flatten_pixels(sch, block, tail, lead, extents, keep)
             pixels = 1
             for extent in extents[: lead - 1]:
                 pixels *= extent
-            tile(sch, block, tail, pixels, schedules.tile_rows(tile_j, self.lanes), tile_j, True)
+            tile(sch, block, tail, pixels, schedules.tile_rows(tile_j, self.lanes), tile_j, True, keep)
             finish_producers(sch, producers, self.lanes)
             return sch
 
@@ -413,9 +426,10 @@ def rules() -> dict[str, Any]:
             producers, block, epilogue = parts
             stmt = sch.get(block)
             lead = spatial_then_reduce(stmt)
-            extents = static(stmt)
-            if lead is None or extents is None or len(stmt.writes) != 1 or not stmt.reads:
+            shape = static(stmt, lead) if lead is not None else None
+            if lead is None or shape is None or len(stmt.writes) != 1 or not stmt.reads:
                 return None
+            extents, keep = shape
             ivars = [iv.var for iv in stmt.iter_vars]
             channel = ivars[lead - 1]
             write = [r.min for r in stmt.writes[0].region]
@@ -438,11 +452,11 @@ def rules() -> dict[str, Any]:
             tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
             if len(sch.get(tail).iter_vars) != lead:
                 return None
-            flatten_pixels(sch, block, tail, lead, extents)
+            flatten_pixels(sch, block, tail, lead, extents, keep)
             pixels = 1
             for extent in extents[: lead - 1]:
                 pixels *= extent
-            tile(sch, block, tail, pixels, WINDOW_PIXELS, tile_j, False)
+            tile(sch, block, tail, pixels, WINDOW_PIXELS, tile_j, False, keep)
             finish_producers(sch, producers, self.lanes)
             return sch
 

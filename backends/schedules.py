@@ -343,29 +343,39 @@ def _rules() -> dict[str, Any]:
                 sch.compute_inline(info.block_rv)
             block = reductions[0].block_rv
             loops = sch.get_loops(block)
-            extents = static_extents(sch, loops)
+            # Columns and depth are tiled: static. Batch loops may be symbolic (a model
+            # compiled for any batch size): they only feed the parallel loop. So may rows
+            # (batch x tokens): then whole row tiles run unmasked and the last, partial one
+            # masked, peeled off by LoopPartition (pragma_loop_partition_hint).
+            extents = static_extents(sch, loops[-2:])
             if extents is None:
                 return None
             if gemv:
                 # One row (a GEMV, its unit row loop normalized away): tile a unit loop.
                 sch.add_unit_loop(loops[-2])
                 loops = sch.get_loops(block)
-                extents = [*extents[:-2], 1, *extents[-2:]]
             *batch, i, j, k = loops
-            rows, cols, depth = extents[-3:]
-            tile = register_tile(rows, cols, self.lanes, packed)
+            cols, depth = extents
+            rows = 1 if gemv else (static_extents(sch, [i]) or [0])[0]
+            tile = register_tile(rows or MAX_TILE_ROWS, cols, self.lanes, packed)
             if tile is None:
                 return None
             tile_i, tile_j = tile
-            row_block = _row_block(rows, depth, tile_i)
-            mc, mo, mi = sch.split(i, [None, row_block // tile_i, tile_i])
             jo, ji = sch.split(j, [None, tile_j])
             k_loops = [k]
             if depth % K_UNROLL == 0 and depth > K_UNROLL:
                 k_loops = list(sch.split(k, [None, K_UNROLL]))
+            if rows:
+                row_block = _row_block(rows, depth, tile_i)
+                mc, mo, mi = sch.split(i, [None, row_block // tile_i, tile_i])
+                outer = [*batch, mc, jo]
+            else:
+                mo, mi = sch.split(i, [None, tile_i])
+                sch.annotate(mo, "pragma_loop_partition_hint", 1)
+                outer = [*batch, jo]
             # Panels of B outside, rows of A inside: a K x tile_j panel of B stays in
             # cache while every row tile of the row block streams past it.
-            sch.reorder(*batch, mc, jo, mo, *k_loops, mi, ji)
+            sch.reorder(*outer, mo, *k_loops, mi, ji)
             if epilogue:
                 tail = epilogue[-1].block_rv
                 sch.reverse_compute_at(tail, mo)
@@ -382,7 +392,7 @@ def _rules() -> dict[str, Any]:
             inner = sch.get_loops(tail)[-1]
             if (static_extents(sch, [inner]) or [1])[0] % self.lanes == 0:
                 sch.vectorize(inner)
-            sch.parallel(sch.fuse(*batch, mc, jo))
+            sch.parallel(sch.fuse(*outer))
             sch.decompose_reduction(block, k_loops[0])
             for copy in pad_copies:
                 # Once per call, before the matmul: rows in parallel, vectorized along them.
@@ -394,8 +404,8 @@ def _rules() -> dict[str, Any]:
         def _pad(self, sch: Any, infos: list[Any], block: Any, gemv: bool) -> list[Any]:
             """``infos`` once matmul ``block`` is padded to whole register tiles, if it
             needs to be (:func:`padding`, :func:`zero_pad`)."""
-            extents = static_extents(sch, sch.get_loops(block))
-            if extents is None:
+            extents = static_extents(sch, sch.get_loops(block)[-2 if gemv else -3 :])
+            if extents is None:  # symbolic rows: padded by a masked row tile, not here
                 return infos
             pad = padding(1 if gemv else extents[-3], extents[-2], self.lanes)
             if not zero_pad(sch, block, pad):
@@ -525,7 +535,10 @@ def _rules() -> dict[str, Any]:
         return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
     class VectorizedElementwise(CpuRule):
-        """A single injective block with static shapes: vectorize the fused loop."""
+        """A single injective block: its static inner loops fused and vectorized, the
+        outer ones (symbolic sizes: a batch) parallel. A row no whole vectors cover is
+        split by the vector width anyway, its last vector masked and peeled off by
+        ``LoopPartition`` (``pragma_loop_partition_hint``), so the others stay whole."""
 
         what = "elementwise"
 
@@ -538,18 +551,28 @@ def _rules() -> dict[str, Any]:
                 sch.compute_inline(info.block_rv)
             block = infos[-1].block_rv
             loops = sch.get_loops(block)
-            extents = static_extents(sch, loops)
-            if not loops or extents is None:
+            if not loops:
                 return None
-            fused = sch.fuse(*loops)
-            total = 1
-            for extent in extents:
-                total *= extent
+            static = len(loops)
+            while static > 0 and static_extents(sch, [loops[static - 1]]) is not None:
+                static -= 1
+            outer, inner = loops[:static], loops[static:]
+            if not inner:
+                return None
+            row = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+            total = static_extents(sch, [row])[0]  # type: ignore[index]
+            if total < self.lanes:
+                if outer:
+                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                return sch if outer else None
+            vectors, lanes = sch.split(row, [None, self.lanes])
+            sch.vectorize(lanes)
             if total % self.lanes:
-                return None
-            outer, inner = sch.split(fused, [None, self.lanes])
-            sch.vectorize(inner)
-            sch.parallel(outer)
+                sch.annotate(vectors, "pragma_loop_partition_hint", 1)
+                if outer:
+                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+            else:
+                sch.parallel(sch.fuse(*outer, vectors))
             return sch
 
     _RULES["base"] = CpuRule
