@@ -46,13 +46,6 @@ _COMPILED: dict[tuple, object] = {}
 ROWS, COLS = tirx.Var("rows", "int64"), tirx.Var("cols", "int64")
 
 
-def _cpu_has(feature: str) -> bool:
-    try:
-        return feature in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def _build(
     kind: str,
     rows: int | tirx.Var,
@@ -291,15 +284,14 @@ def test_avx512_assembly_uses_zmm_and_vscalefps() -> None:
     assert not math_calls, f"calls to libm in the kernel: {math_calls}"
 
 
-def test_streaming_stores_on_large_outputs() -> None:
+def test_streaming_stores_on_large_outputs(require_cpu: Callable[..., None]) -> None:
     # 64 rows (not split) of 1 MiB (too long to keep e**x in Y): pass 2 uses movdir64b.
     shape = (64, 1 << 18)
     ex = _build("two", *shape, SAPPHIRE_RAPIDS)
     assert "movdir64b" in _asm(ex) and "sfence" in _asm(ex)
     # The portable avx512 preset has no MOVDIR64B (AMD Zen 4 lacks it): plain stores.
     assert "movdir64b" not in _asm(_build("two", *shape, AVX512))
-    if not _cpu_has("movdir64b"):
-        pytest.skip("this CPU has no MOVDIR64B to run the streaming store on")
+    require_cpu("movdir64b")  # to run the streaming store on
     x = _random(*shape, seed=6)
     _assert_softmax_close(_run("two", x, SAPPHIRE_RAPIDS), x)
 
@@ -310,13 +302,16 @@ def test_streaming_stores_on_large_outputs() -> None:
     ids=["avx2", "generic"],
 )
 def test_narrower_targets(
-    target: tvm.target.Target, register: str, wider: str, feature: str
+    target: tvm.target.Target,
+    register: str,
+    wider: str,
+    feature: str,
+    require_cpu: Callable[..., None],
 ) -> None:
     ex = _build("two", 9, 200, target)
     asm = _asm(ex)
     assert register in asm and wider not in asm and "vscalefps" not in asm
-    if not _cpu_has(feature):
-        pytest.skip(f"this CPU has no {feature} to run the kernel on")
+    require_cpu(feature)  # to run the kernel on
     x, expected = _edge_rows(200)
     y = _run("two", x, target=target)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
@@ -343,15 +338,7 @@ def test_cuda_source_and_ptx(kind: str, tmp_path: Path) -> None:
     assert "shfl.sync" in text and "ex2" not in text
 
 
-def _has_gpu() -> bool:
-    try:
-        return bool(tvm.cuda(0).exist)
-    except Exception:  # no CUDA runtime at all
-        return False
-
-
 @pytest.mark.cuda
-@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("kind", ["two", "three"])
 def test_cuda_run(kind: str) -> None:
     x, expected = _edge_rows(1000)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -34,14 +33,7 @@ BF16 = ml_dtypes.bfloat16
 U = 2.0**-24  # float32 unit roundoff
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-
-
-needs_bf16 = pytest.mark.skipif(not _cpu_has("avx512_bf16"), reason="this CPU has no AVX512-BF16")
+needs_bf16 = pytest.mark.requires_cpu("avx512_bf16")
 
 
 def bf16_tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
@@ -299,12 +291,12 @@ def test_compiled_ragged_n_agrees_with_float_reference(n, caplog):
 
 
 @pytest.mark.parametrize("k, n", [(64, 48), (63, 48)])
-def test_fallback_compiles_and_agrees(k, n):
+def test_fallback_compiles_and_agrees(k, n, require_cpu):
     """Targets without AVX512-BF16 (and an odd K on avx512) keep TVM's bf16 path."""
     model, data = dense(k=k, n=n)
     target = "avx2" if k % 2 == 0 else "avx512"
-    if target == "avx512" and not _cpu_has("avx512_bf16"):
-        pytest.skip("this CPU has no AVX-512")
+    if target == "avx512":
+        require_cpu("avx512_bf16")
     got = backend.compile(model, target).run({"x": data["x"]})["y"]
     ref, mag = reference(data["x"].reshape(-1, k), data["w"], data["b"])
     error = np.abs(got.reshape(ref.shape).astype(np.float64) - ref)

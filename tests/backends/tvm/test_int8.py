@@ -33,16 +33,7 @@ from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.kernels import int8_matmul as kernel  # noqa: E402
 from rewriter.passes.quantize import QuantizeOptions, QuantizePass  # noqa: E402
 
-
-def _cpu_has(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-
-
-VNNI = _cpu_has("avx512_vnni")
-needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI")
+needs_vnni = pytest.mark.requires_cpu("avx512_vnni")
 U = 2.0**-24  # float32 unit roundoff
 HIDDEN, INNER, OUT = 64, 128, 48
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -35,14 +36,6 @@ AVX512 = resolve("avx512")
 GENERIC = resolve("llvm")
 FORM_SCALE = 0.5  # every form of attention_models scales the logits by 1/2
 TOLERANCE = 1e-5  # of the output's scale, float32 kernel vs float64 numpy
-
-
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return flag in cpuinfo.read()
-    except OSError:
-        return False
 
 
 def reference(
@@ -160,9 +153,9 @@ def test_keys_in_several_chunks() -> None:
 
 
 @pytest.mark.parametrize("target_name", ["llvm", "avx2"])
-def test_kernel_other_vector_widths(target_name: str) -> None:
-    if target_name == "avx2" and not _cpu_has("avx2"):
-        pytest.skip("no AVX2 on this CPU")
+def test_kernel_other_vector_widths(target_name: str, require_cpu: Callable[..., None]) -> None:
+    if target_name == "avx2":
+        require_cpu("avx2")
     q, k, v = inputs(2, 7, 21, 8, 12, seed=3)
     mask = np.where(np.arange(21) % 5 == 0, -np.inf, 0.25).astype(np.float32)[None, None]
     mask = np.broadcast_to(mask, (1, 7, 21)).copy()

@@ -493,7 +493,7 @@ def test_cli_cuda_target_builds_and_says_it_did_not_run(tmp_path):
 def test_op_without_a_kernel_compiles_from_its_function_body(caplog):
     # SigmoidAttention has a fused CPU kernel for static shapes only: with a symbolic
     # query length the backend inlines its ONNX body (standard ops) and says so, rather
-    # than refusing the model. (The fused kernel: tests/test_tvm_sigmoid_attention.py.)
+    # than refusing the model. (The fused kernel: tests/backends/tvm/test_sigmoid_attention.py.)
     from tests import attention_models
 
     model = attention_models.attention_model("div_transpose_additive")
