@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rewriter import cli, io, verify
 from rewriter.backends import compile_check, onnx_import, targets
 from rewriter.backends import tvm as backend
+from rewriter.backends.tvm import build
 from rewriter.errors import InputError
 from rewriter.registry import create_pass
 from tests.helpers import to_proto
@@ -275,7 +276,7 @@ def test_export_and_load_in_a_fresh_process(tiny_bert, compiled_bert, tmp_path, 
     library = tmp_path / "bert.so"
     compiled_bert.run(inputs)  # a VM that has run logs a warning per constant on export
     compiled_bert.export(library)
-    assert backend.EXPORT_NOISE not in capfd.readouterr().err
+    assert build.EXPORT_NOISE not in capfd.readouterr().err
     assert library.is_file() and Path(str(library) + ".json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
     np.savez(tmp_path / "inputs.npz", **inputs)

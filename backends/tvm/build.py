@@ -1,25 +1,10 @@
-"""Compile a model with TVM: import, schedule, build, run, export and load.
+"""Compile a model with TVM: import, build, run, export and load.
 
-The pipeline, in order (each stage a list in :func:`relax_pipeline`):
-
-1. import (:mod:`rewriter.backends.onnx_import` for ONNX,
-   :mod:`rewriter.backends.torch_import` for a ``torch.export.ExportedProgram``): our
-   ops become ``call_tir`` to our kernels, weights become constants of the module; on
-   targets with AVX512-BF16, bf16 matmuls with a constant weight become ``call_tir`` to
-   our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.bf16_matmul`);
-2. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
-   stock ``softmax``) become TVM's polynomial versions (BERT outputs move by ~1e-6
-   relative; our two-pass kernel is not touched);
-3. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``);
-4. scheduling: on CPUs constant matmul weights packed in panels
-   (:mod:`rewriter.backends.pack_weights`), then our rules
-   (:mod:`rewriter.backends.schedules`: register-tiled matmul, vectorized row
-   reductions and elementwise loops); on CUDA
-   ``tvm.s_tir.dlight`` (Matmul, GEMV, Reduction, GeneralReduction, Fallback). With
-   ``tune``/``tune_db`` (CPU targets), before our rules: the tuning stage
-   (:mod:`rewriter.backends.tuning`) tunes what the database lacks and gives each
-   function its best record where that beat ours side by side; our rules schedule the rest;
-5. TVM's lowering to the Relax VM.
+:func:`compile` imports the model into Relax (:mod:`rewriter.backends.tvm.import_onnx`
+or :mod:`rewriter.backends.tvm.import_torch`), runs the Relax pipeline of
+:func:`rewriter.backends.tvm.pipeline.relax_pipeline` and builds the Relax VM
+executable; :class:`Compiled` runs it and exports it as a shared library with a JSON
+sidecar (:class:`Signature`) that :func:`load` reads back in any process.
 
 >>> compiled = compile("model.onnx", target="avx512", dims={"batch": 1})  # doctest: +SKIP
 >>> outputs = compiled.run({"x": x})  # doctest: +SKIP
@@ -43,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rewriter.backends import onnx_import, targets, torch_import, tuning
+from rewriter.backends.tvm.pipeline import relax_pipeline
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
     import torch
-    import tvm
 
 logger = logging.getLogger(__name__)
 
@@ -328,44 +313,6 @@ def compile(
     compiled = Compiled(executable, signature, device="cuda" if targets.is_gpu(target) else "cpu")
     compiled.tuning = tuner.report if tuner is not None else None
     return compiled
-
-
-def relax_pipeline(
-    target: tvm.target.Target, *, fast_math: bool = True, tuner: tuning.Tuner | None = None
-) -> tvm.transform.Pass:
-    """The Relax pipeline of :func:`compile` for ``target`` (see the module docstring)."""
-    import tvm
-    from tvm import relax
-
-    from rewriter.backends import bf16_matmul, bf16_upcast, pack_weights, schedules
-
-    gpu = "gpu" in target.keys
-    if gpu:
-        from tvm.relax.backend.cuda import pipeline as stages
-    else:
-        from tvm.relax.backend.cpu_generic import pipeline as stages
-
-    passes = [bf16_upcast.upcast_pass()]  # TVM legalizes no bf16 layer norm
-    if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
-        passes.append(bf16_matmul.rewrite_pass(target))
-    passes += stages.library_dispatch_passes(target)
-    if fast_math:
-        passes.append(relax.transform.FastMathTransform())
-    passes += stages.legalize_passes(target)  # CUDA's ends with dlight's default rules
-    if not gpu:
-        passes.append(pack_weights.pack_matmul_weights(target))
-        if tuner is not None:  # tuned records first; our rules skip what they scheduled
-            passes += tuner.passes(target)
-        passes.append(schedules.cpu_schedule(target))
-    passes += stages.dataflow_lower_passes(target)
-    passes += stages.finalize_passes(target)
-
-    @tvm.transform.module_pass(opt_level=0, name="RewriterPipeline")
-    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
-            return tvm.transform.Sequential(passes)(mod)
-
-    return pipeline
 
 
 def load(path: str | os.PathLike[str], device: str = "cpu") -> Compiled:
