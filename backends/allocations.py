@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from rewriter.backends import onnx_import, targets
+from rewriter.backends import onnx_import
+from rewriter.backends.tvm import targets
 
 _STORAGE_OPS = ("relax.vm.alloc_storage", "relax.memory.alloc_storage")
 _TENSOR_OPS = ("relax.builtin.alloc_tensor",)

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends import pack_weights, targets
+from rewriter.backends import pack_weights
+from rewriter.backends.tvm import targets
 
 if TYPE_CHECKING:
     import tvm

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from rewriter import verify
-from rewriter.backends import targets
+from rewriter.backends.tvm import targets
 
 logger = logging.getLogger(__name__)
 

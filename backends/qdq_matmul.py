@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.backends import pack_weights, targets
+from rewriter.backends import pack_weights
+from rewriter.backends.tvm import targets
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN
 

@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends import targets
+from rewriter.backends.tvm import targets
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:

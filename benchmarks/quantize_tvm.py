@@ -73,8 +73,9 @@ def tvm_library(
     """Compile ``path`` (int8 MatMuls on or off) and return a runner of its hidden state."""
     from tvm import relax
 
-    from rewriter.backends import onnx_import, targets
+    from rewriter.backends import onnx_import
     from rewriter.backends import tvm as backend
+    from rewriter.backends.tvm import targets
 
     tvm_target = targets.resolve(target)
     proto = onnx_import.prepare(str(path), dims=dims)

@@ -113,7 +113,7 @@ def rewrite_file(
     path or arrays, checked against the model's inputs) is what passes that measure
     the model calibrate on.
 
-    With ``target`` (a preset of :mod:`rewriter.backends.targets`) the rewritten
+    With ``target`` (a preset of :mod:`rewriter.backends.tvm.targets`) the rewritten
     model is also compiled with TVM for the verification inputs' shapes, run, and
     compared with ONNX Runtime on the original (``Report.compiled``); ``library``
     is where its shared library goes (written only if that check passes).
@@ -135,7 +135,8 @@ def rewrite_file(
     if target is None and given:
         raise InputError(f"{given[0]} needs --target: tuning measures code compiled for a target")
     if target is not None:
-        from rewriter.backends import targets, tuning
+        from rewriter.backends import tuning
+        from rewriter.backends.tvm import targets
 
         targets.target_dict(target, cuda_arch=cuda_arch)  # an unknown target fails early
         tuning.check_options(target, *tuning_options)

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends import onnx_import, targets, torch_import, tuning
+from rewriter.backends import onnx_import, torch_import, tuning
+from rewriter.backends.tvm import targets
 from rewriter.backends.tvm.pipeline import relax_pipeline
 from rewriter.errors import InputError
 
@@ -250,7 +251,7 @@ def compile(
     ``onnx_ir.Model``) or a ``torch.export.ExportedProgram`` (inputs by placeholder
     name, outputs ``output_0``, ...; our fx ops lowered to our kernels).
 
-    ``target`` is a preset of :mod:`rewriter.backends.targets`. ``dims`` fixes
+    ``target`` is a preset of :mod:`rewriter.backends.tvm.targets`. ``dims`` fixes
     symbolic input dimensions (see :func:`onnx_import.prepare`); fixed shapes give
     faster code. ``fast_math`` uses TVM's polynomial ``exp``/``erf``/``tanh``
     (relative error ~1e-7). ``kernel`` overrides the two-pass softmax kernel factory.

@@ -22,9 +22,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import cli, io, verify
-from rewriter.backends import compile_check, onnx_import, targets
+from rewriter.backends import compile_check, onnx_import
 from rewriter.backends import tvm as backend
-from rewriter.backends.tvm import build
+from rewriter.backends.tvm import build, targets
 from rewriter.errors import InputError
 from rewriter.registry import create_pass
 from tests.helpers import to_proto

@@ -23,7 +23,7 @@ from rewriter.backends.kernels.cross_entropy import (  # noqa: E402
     cross_entropy,
     drop_params,
 )
-from rewriter.backends.targets import resolve  # noqa: E402
+from rewriter.backends.tvm.targets import resolve  # noqa: E402
 
 AVX512 = resolve("avx512")
 AVX2 = resolve("avx2")

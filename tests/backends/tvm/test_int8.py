@@ -28,9 +28,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
-from rewriter.backends import onnx_import, qdq_matmul, targets  # noqa: E402
+from rewriter.backends import onnx_import, qdq_matmul  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.kernels import int8_matmul as kernel  # noqa: E402
+from rewriter.backends.tvm import targets  # noqa: E402
 from rewriter.passes.quantize import QuantizeOptions, QuantizePass  # noqa: E402
 
 needs_vnni = pytest.mark.requires_cpu("avx512_vnni")

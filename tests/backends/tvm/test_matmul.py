@@ -23,8 +23,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import verify
-from rewriter.backends import compile_check, onnx_import, pack_weights, schedules, targets
+from rewriter.backends import compile_check, onnx_import, pack_weights, schedules
 from rewriter.backends import tvm as backend
+from rewriter.backends.tvm import targets
 
 TOLERANCE = compile_check.COMPILED_TOLERANCE["float32"]
 SEED = 0

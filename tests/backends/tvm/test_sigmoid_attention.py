@@ -28,7 +28,7 @@ from rewriter.backends.kernels.sigmoid_attention import (  # noqa: E402
     sigmoid_attention,
 )
 from rewriter.backends.lowering_attention import KERNEL_NAME  # noqa: E402
-from rewriter.backends.targets import resolve  # noqa: E402
+from rewriter.backends.tvm.targets import resolve  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
 from tests import attention_models  # noqa: E402
 

@@ -33,7 +33,7 @@ from rewriter.backends.kernels.sigmoid_attention_cuda import (  # noqa: E402
     sigmoid_attention_cuda,
 )
 from rewriter.backends.lowering_attention import KERNEL_NAME  # noqa: E402
-from rewriter.backends.targets import resolve  # noqa: E402
+from rewriter.backends.tvm.targets import resolve  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
 from tests import attention_models  # noqa: E402
 from tests.backends.tvm.test_sigmoid_attention import FORM_SCALE, inputs, reference  # noqa: E402

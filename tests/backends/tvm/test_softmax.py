@@ -19,13 +19,13 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import tirx  # noqa: E402
 
-from rewriter.backends import targets  # noqa: E402
 from rewriter.backends.kernels import (  # noqa: E402
     cpu_plan,
     softmax,
     three_pass_softmax,
     two_pass_softmax,
 )
+from rewriter.backends.tvm import targets  # noqa: E402
 from rewriter.two_pass_math import reference_softmax  # noqa: E402
 
 AVX512 = targets.resolve("avx512")

@@ -23,8 +23,9 @@ import tvm_ffi
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import cli, verify
-from rewriter.backends import compile_check, targets, tuning, tuning_measure
+from rewriter.backends import compile_check, tuning, tuning_measure
 from rewriter.backends import tvm as backend
+from rewriter.backends.tvm import targets
 from rewriter.errors import InputError
 from rewriter.registry import create_pass
 from tests.helpers import to_proto
