@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from rewriter.backends import onnx_import
-from rewriter.backends.tvm import targets
+from rewriter.backends.tvm import import_onnx, targets
 
 _STORAGE_OPS = ("relax.vm.alloc_storage", "relax.memory.alloc_storage")
 _TENSOR_OPS = ("relax.builtin.alloc_tensor",)
@@ -44,14 +43,14 @@ class Allocation:
 
 
 def lowered(
-    model: onnx_import.ModelLike, target: str = "avx512", *, dims: Mapping[str, int] | None = None
+    model: import_onnx.ModelLike, target: str = "avx512", *, dims: Mapping[str, int] | None = None
 ) -> Any:
     """``model`` imported and run through the Relax pipeline of ``compile`` for ``target``."""
     from rewriter.backends import tvm as backend
 
     tvm_target = targets.resolve(target)
-    proto = onnx_import.prepare(model, dims=dims, fuse_loss=not targets.is_gpu(target))
-    mod = onnx_import.import_onnx(proto, target=tvm_target)
+    proto = import_onnx.prepare(model, dims=dims, fuse_loss=not targets.is_gpu(target))
+    mod = import_onnx.import_onnx(proto, target=tvm_target)
     return backend.relax_pipeline(tvm_target)(mod)
 
 

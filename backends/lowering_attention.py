@@ -14,7 +14,7 @@ The kernel is :func:`rewriter.backends.kernels.sigmoid_attention.sigmoid_attenti
 (sigmoid and ``p·V`` fused, no n x m matrix), on CUDA targets
 :func:`rewriter.backends.kernels.sigmoid_attention_cuda.sigmoid_attention_cuda`. A
 constant all-zero mask (the rewrite's "no mask") is dropped. Shapes that are not static
-are not lowered here: :func:`rewriter.backends.onnx_import.prepare` inlines the op's ONNX
+are not lowered here: :func:`rewriter.backends.tvm.import_onnx.prepare` inlines the op's ONNX
 function body instead.
 
 >>> y = emit_sigmoid_attention(bb, q, k, v, mask, scale=0.125, bias=-6.9, target=target)  # doctest: +SKIP

@@ -1,6 +1,6 @@
 """``ai.rewriter::FusedCrossEntropy`` / ``FusedLinearCrossEntropy`` as ``call_tir`` to our loss kernels.
 
-For static float32 inputs on CPU targets (``onnx_import.prepare`` inlines the op's ONNX
+For static float32 inputs on CPU targets (``import_onnx.prepare`` inlines the op's ONNX
 function body for anything else), in Relax::
 
     # FusedCrossEntropy(scores [N, C, d...], labels [N, d...][, weights [C]])

@@ -2,8 +2,8 @@
 
 The pipeline, in order (each stage a list in :func:`relax_pipeline`):
 
-1. import (:mod:`rewriter.backends.onnx_import` for ONNX,
-   :mod:`rewriter.backends.torch_import` for a ``torch.export.ExportedProgram``): our
+1. import (:mod:`rewriter.backends.tvm.import_onnx` for ONNX,
+   :mod:`rewriter.backends.tvm.import_torch` for a ``torch.export.ExportedProgram``): our
    ops become ``call_tir`` to our kernels, weights become constants of the module; on
    targets with AVX512-BF16, bf16 matmuls with a constant weight become ``call_tir`` to
    our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.bf16_matmul`);

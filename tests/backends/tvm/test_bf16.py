@@ -25,10 +25,10 @@ from onnx import TensorProto, helper
 
 tvm = pytest.importorskip("tvm")
 
-from rewriter.backends import bf16_matmul, bf16_upcast, onnx_import  # noqa: E402
+from rewriter.backends import bf16_matmul, bf16_upcast  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.kernels import bf16_matmul as kernel  # noqa: E402
-from rewriter.backends.tvm import targets  # noqa: E402
+from rewriter.backends.tvm import import_onnx, targets  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
 U = 2.0**-24  # float32 unit roundoff
@@ -212,7 +212,7 @@ def test_kernel_refuses_targets_without_bf16_and_odd_k():
 
 def rewritten(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict[str, object]]:
     target = targets.resolve("avx512")
-    return bf16_matmul.rewrite(onnx_import.import_onnx(model, target=target), target)
+    return bf16_matmul.rewrite(import_onnx.import_onnx(model, target=target), target)
 
 
 @pytest.mark.parametrize(
@@ -317,7 +317,7 @@ def test_bf16_layer_norm_compiles():
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     module, stats = bf16_upcast.upcast(
-        onnx_import.import_onnx(model, target=targets.resolve("avx2"))
+        import_onnx.import_onnx(model, target=targets.resolve("avx2"))
     )
     assert stats == {"bf16_norms_upcast": 1}
     x = (rng.standard_normal((4, 64)) * 3 + 1).astype(BF16)

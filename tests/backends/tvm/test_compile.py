@@ -22,9 +22,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import cli, io, verify
-from rewriter.backends import compile_check, onnx_import
+from rewriter.backends import compile_check
 from rewriter.backends import tvm as backend
-from rewriter.backends.tvm import build, targets
+from rewriter.backends.tvm import build, import_onnx, targets
 from rewriter.errors import InputError
 from rewriter.registry import create_pass
 from tests.helpers import to_proto
@@ -85,7 +85,7 @@ def ort(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.nd
 
 
 def relax_text(proto: onnx.ModelProto, target: str = "llvm") -> tuple[list[str], str]:
-    mod = onnx_import.import_onnx(proto, target=targets.resolve(target))
+    mod = import_onnx.import_onnx(proto, target=targets.resolve(target))
     return [gv.name_hint for gv in mod.get_global_vars()], str(mod["main"])
 
 
@@ -115,8 +115,8 @@ def test_unknown_target_and_bad_arch_are_input_errors():
 def test_rewritten_model_imports_as_call_tir_to_our_kernel(op):
     names, main = relax_text(rewritten(matmul_softmax(op)))
     kernel = "log_softmax" if op == "LogSoftmax" else "softmax"
-    assert f"{onnx_import.KERNEL_PREFIX}_{kernel}" in names
-    assert f"R.call_tir({onnx_import.KERNEL_PREFIX}_{kernel}" in main
+    assert f"{import_onnx.KERNEL_PREFIX}_{kernel}" in names
+    assert f"R.call_tir({import_onnx.KERNEL_PREFIX}_{kernel}" in main
     assert "R.nn.softmax" not in main and "R.nn.log_softmax" not in main
     # N-D inputs are flattened to [rows, cols] around the kernel: 2 * 5 rows of 40.
     assert "R.Tensor((10, 40)" in main
@@ -124,7 +124,7 @@ def test_rewritten_model_imports_as_call_tir_to_our_kernel(op):
 
 def test_original_model_imports_stock_softmax():
     names, main = relax_text(matmul_softmax())
-    assert not any(name.startswith(onnx_import.KERNEL_PREFIX) for name in names)
+    assert not any(name.startswith(import_onnx.KERNEL_PREFIX) for name in names)
     assert "R.nn.softmax" in main
 
 
@@ -140,7 +140,7 @@ def test_missing_kernel_raises_instead_of_using_stock_softmax(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_kernels)
     with pytest.raises(InputError, match="refusing to fall back to stock softmax"):
-        onnx_import.import_onnx(rewritten(matmul_softmax()), target=targets.resolve("llvm"))
+        import_onnx.import_onnx(rewritten(matmul_softmax()), target=targets.resolve("llvm"))
 
 
 # --- compile and run: hand-built models ----------------------------------------------
@@ -248,8 +248,8 @@ def test_tiny_bert_original_compiles_and_agrees(tiny_bert):
 
 def test_tiny_bert_rewritten_compiles_and_agrees(tiny_bert, compiled_bert):
     path, rewritten_path, inputs = tiny_bert
-    names, main = relax_text(onnx_import.prepare(rewritten_path, dims=BERT_DIMS), "avx512")
-    assert f"{onnx_import.KERNEL_PREFIX}_softmax" in names
+    names, main = relax_text(import_onnx.prepare(rewritten_path, dims=BERT_DIMS), "avx512")
+    assert f"{import_onnx.KERNEL_PREFIX}_softmax" in names
     assert main.count("R.call_tir(rewriter_two_pass_softmax") == 2  # one per layer
     assert "R.nn.softmax" not in main
     assert_agrees(verify.run(path, inputs), compiled_bert.run(inputs))
@@ -262,7 +262,7 @@ def test_bert_export_imports_after_cleanup(tiny_bert):
     path, _, _ = tiny_bert
     with pytest.raises(Exception, match="broadcast_to"):
         from_onnx(onnx.load(str(path)))
-    assert onnx_import.import_onnx(path, target=targets.resolve("llvm")) is not None
+    assert import_onnx.import_onnx(path, target=targets.resolve("llvm")) is not None
 
 
 def test_symbolic_dims_that_tvm_cannot_build_are_an_input_error(tiny_bert):
@@ -311,7 +311,7 @@ def test_load_without_metadata_is_an_input_error(tmp_path):
 def test_exported_program_with_our_fx_ops_compiles_and_agrees():
     torch = pytest.importorskip("torch")
     import rewriter.fx  # noqa: F401  (registers torch.ops.rewriter.*)
-    from rewriter.backends import torch_import
+    from rewriter.backends.tvm import import_torch
 
     class Scores(torch.nn.Module):
         def __init__(self) -> None:
@@ -328,7 +328,7 @@ def test_exported_program_with_our_fx_ops_compiles_and_agrees():
     module = Scores().eval()
     x = torch.randn(2, 5, 24)
     program = torch.export.export(module, (x,))
-    mod = torch_import.import_exported_program(program, target=targets.resolve("llvm"))
+    mod = import_torch.import_exported_program(program, target=targets.resolve("llvm"))
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert {"rewriter_two_pass_softmax", "rewriter_two_pass_log_softmax"} <= set(names)
     assert "R.nn.softmax" not in str(mod["main"]) and "R.nn.log_softmax" not in str(mod["main"])

@@ -28,10 +28,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
-from rewriter.backends import onnx_import, qdq_matmul  # noqa: E402
+from rewriter.backends import qdq_matmul  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.kernels import int8_matmul as kernel  # noqa: E402
-from rewriter.backends.tvm import targets  # noqa: E402
+from rewriter.backends.tvm import import_onnx, targets  # noqa: E402
 from rewriter.passes.quantize import QuantizeOptions, QuantizePass  # noqa: E402
 
 needs_vnni = pytest.mark.requires_cpu("avx512_vnni")
@@ -150,7 +150,7 @@ def op_types(proto: onnx.ModelProto) -> list[str]:
 
 
 def fused(proto: onnx.ModelProto, **dims: int) -> tuple[ir.Model, dict[str, object]]:
-    model = ir.serde.deserialize_model(onnx_import.prepare(proto, dims=dims or None))
+    model = ir.serde.deserialize_model(import_onnx.prepare(proto, dims=dims or None))
     return model, qdq_matmul.fuse(model)
 
 
@@ -313,7 +313,7 @@ def test_kernel_refuses_targets_without_vnni():
 )
 def test_single_layer_agrees_within_the_rounding_bound(zero_dtype, bias, n):
     model, feeds = single(zero_dtype=zero_dtype, bias=bias, n=n)
-    module = onnx_import.import_onnx(model, target=targets.resolve("avx512"))
+    module = import_onnx.import_onnx(model, target=targets.resolve("avx512"))
     assert any(gv.name_hint.startswith(qdq_matmul.KERNEL_NAME) for gv in module.get_global_vars())
     got = backend.compile(model, "avx512").run(feeds)["y"]
     (expected,) = ort_literal(model, feeds)
@@ -338,7 +338,7 @@ def test_single_layer_agrees_within_the_rounding_bound(zero_dtype, bias, n):
 def test_quantize_pass_output_compiles_to_int8_and_agrees():
     proto = qdq(mlp())
     feeds = inputs()
-    module = onnx_import.import_onnx(proto, target=targets.resolve("avx512"), dims={"batch": 2})
+    module = import_onnx.import_onnx(proto, target=targets.resolve("avx512"), dims={"batch": 2})
     assert (
         sum(gv.name_hint.startswith(qdq_matmul.KERNEL_NAME) for gv in module.get_global_vars()) >= 1
     )
@@ -354,7 +354,7 @@ def test_quantize_pass_output_compiles_to_int8_and_agrees():
 def test_targets_without_vnni_keep_the_float_path():
     proto = qdq(mlp())
     feeds = inputs()
-    module = onnx_import.import_onnx(proto, target=targets.resolve("avx2"), dims={"batch": 2})
+    module = import_onnx.import_onnx(proto, target=targets.resolve("avx2"), dims={"batch": 2})
     assert not any(
         gv.name_hint.startswith(qdq_matmul.KERNEL_NAME) for gv in module.get_global_vars()
     )
@@ -391,7 +391,7 @@ def test_minilm_int8_library_matches_ort_on_the_qdq_model(minilm_qdq):
     path, feeds = minilm_qdq
     mask = feeds["attention_mask"]
     dims = {"batch": mask.shape[0], "sequence": mask.shape[1]}
-    prepared = onnx_import.prepare(str(path), dims=dims, int8_matmul=True)
+    prepared = import_onnx.prepare(str(path), dims=dims, int8_matmul=True)
     # Every encoder MatMul (Q, K, V, output, up, down x 6 layers); the pooler is a Gemm.
     assert op_types(prepared).count(qdq_matmul.OP_TYPE) == 36
     got = backend.compile(path, "avx512", dims=dims).run(feeds)["last_hidden_state"]

@@ -21,9 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("tvm")
 
-from rewriter.backends import onnx_import  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.allocations import allocations, largest, lowered  # noqa: E402
+from rewriter.backends.tvm import import_onnx  # noqa: E402
 from rewriter.pass_base import DOMAIN  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
 from tests.helpers import run  # noqa: E402
@@ -51,7 +51,7 @@ def fuse(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
 def compile_and_run(
     proto: onnx.ModelProto, feeds: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
 ) -> dict[str, np.ndarray]:
-    with caplog.at_level(logging.INFO, logger="rewriter.backends.onnx_import"):
+    with caplog.at_level(logging.INFO, logger="rewriter.backends.tvm.import_onnx"):
         return backend.compile(proto, target="avx512").run(feeds)
 
 
@@ -210,8 +210,8 @@ def test_symbolic_shapes_fall_back_to_the_function_body(caplog: pytest.LogCaptur
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "tokens"
     proto.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "tokens"
     fused, _ = fuse(proto)
-    with caplog.at_level(logging.INFO, logger="rewriter.backends.onnx_import"):
-        prepared = onnx_import.prepare(fused)
+    with caplog.at_level(logging.INFO, logger="rewriter.backends.tvm.import_onnx"):
+        prepared = import_onnx.prepare(fused)
     assert FALLBACK_LOG in caplog.text and "no static shape" in caplog.text
     assert not any("FusedLinearCrossEntropy" in node.op_type for node in prepared.graph.node)
     got = backend.compile(fused, target="avx512", dims={"h.0": 20, "y.0": 20}).run(feeds)["loss"]
@@ -222,9 +222,9 @@ def test_cuda_targets_get_the_function_body(caplog: pytest.LogCaptureFixture) ->
     # No loss kernel for CUDA: prepare(fuse_loss=False), which compile() passes for GPU
     # targets, inlines the body (the logits in full, then LogSoftmax and the NLL).
     fused, _ = fuse(lm_head_loss(20, 16, 100)[0])
-    kept = onnx_import.prepare(fused)
+    kept = import_onnx.prepare(fused)
     assert any(node.op_type == f"{DOMAIN}::FusedLinearCrossEntropy" for node in kept.graph.node)
-    inlined = onnx_import.prepare(fused, fuse_loss=False)
+    inlined = import_onnx.prepare(fused, fuse_loss=False)
     op_types = {node.op_type for node in inlined.graph.node}
     assert "Gemm" in op_types and not any(DOMAIN in op for op in op_types)
 

@@ -23,9 +23,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import verify
-from rewriter.backends import compile_check, onnx_import, pack_weights, schedules
+from rewriter.backends import compile_check, pack_weights, schedules
 from rewriter.backends import tvm as backend
-from rewriter.backends.tvm import targets
+from rewriter.backends.tvm import import_onnx, targets
 
 TOLERANCE = compile_check.COMPILED_TOLERANCE["float32"]
 SEED = 0
@@ -146,7 +146,7 @@ def fused(proto: onnx.ModelProto, target: str = "avx512") -> tuple[object, objec
     from tvm.relax.backend.cpu_generic import pipeline as stages
 
     tvm_target = targets.resolve(target)
-    mod = onnx_import.import_onnx(proto, target=tvm_target)
+    mod = import_onnx.import_onnx(proto, target=tvm_target)
     with tvm_target:
         mod = tvm.transform.Sequential(stages.legalize_passes(tvm_target))(mod)
     return mod, tvm_target

@@ -20,7 +20,6 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from rewriter import io, verify  # noqa: E402
-from rewriter.backends import onnx_import  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.kernels.sigmoid_attention import (  # noqa: E402
     CHUNK_KEYS,
@@ -28,6 +27,7 @@ from rewriter.backends.kernels.sigmoid_attention import (  # noqa: E402
     sigmoid_attention,
 )
 from rewriter.backends.lowering_attention import KERNEL_NAME  # noqa: E402
+from rewriter.backends.tvm import import_onnx  # noqa: E402
 from rewriter.backends.tvm.targets import resolve  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
 from tests import attention_models  # noqa: E402
@@ -183,7 +183,7 @@ def test_compiled_rewritten_attention_agrees_with_onnxruntime(form: str) -> None
     assert create_pass("sigmoid-attention")(model).stats["attention_replaced"] == 1
     proto = ir.serde.serialize_model(model)
     expected = verify.run(proto.SerializeToString(), feeds)["y"]
-    mod = onnx_import.import_onnx(proto, target=AVX512)
+    mod = import_onnx.import_onnx(proto, target=AVX512)
     kernels = [gv for gv in mod.get_global_vars() if gv.name_hint.startswith(KERNEL_NAME)]
     assert len(kernels) == 1
     assert f"R.call_tir(cls.{kernels[0].name_hint}" in mod.script()
@@ -205,18 +205,18 @@ def test_dynamic_shapes_and_gpu_fall_back_to_the_function_body(caplog) -> None:
     create_pass("sigmoid-attention")(model)
     proto = ir.serde.serialize_model(model)
     # fuse_attention=False (GPU targets): inlined into standard ops.
-    inlined = onnx_import.prepare(proto, fuse_attention=False)
+    inlined = import_onnx.prepare(proto, fuse_attention=False)
     assert {node.op_type for node in inlined.graph.node} >= {"MatMul", "Sigmoid", "Where"}
     assert not any("SigmoidAttention" in node.op_type for node in inlined.graph.node)
     # A symbolic query length: no static kernel, the body is inlined and the log says so.
     dynamic = ir.serde.deserialize_model(proto)
     dynamic.graph.inputs[0].shape = ir.Shape([2, 2, "n", 4])
     with caplog.at_level(logging.WARNING):
-        prepared = onnx_import.prepare(dynamic)
+        prepared = import_onnx.prepare(dynamic)
     assert "no fused kernel" in caplog.text
     assert not any("SigmoidAttention" in node.op_type for node in prepared.graph.node)
     # Static: one fused node survives.
-    fused = onnx_import.prepare(proto)
+    fused = import_onnx.prepare(proto)
     assert [n.op_type for n in fused.graph.node if "Sigmoid" in n.op_type] == [
         "ai.rewriter::SigmoidAttention"
     ]
@@ -231,7 +231,7 @@ def test_real_llama_export_uses_the_kernel(real_model, tmp_path) -> None:
     io.save(result.model, path)
     expected = verify.run(path, model.inputs)
     dims = backend.shape_dims(path, model.inputs)
-    prepared = onnx_import.prepare(path, dims=dims)
+    prepared = import_onnx.prepare(path, dims=dims)
     fused = [n for n in prepared.graph.node if n.op_type == "ai.rewriter::SigmoidAttention"]
     assert len(fused) == result.stats["attention_replaced"]
     got = backend.compile(path, "avx512", dims=dims).run(model.inputs)

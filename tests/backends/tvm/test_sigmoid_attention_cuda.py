@@ -23,7 +23,6 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from rewriter.backends import onnx_import  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.kernels.sigmoid_attention_cuda import (  # noqa: E402
     ROWS,
@@ -33,6 +32,7 @@ from rewriter.backends.kernels.sigmoid_attention_cuda import (  # noqa: E402
     sigmoid_attention_cuda,
 )
 from rewriter.backends.lowering_attention import KERNEL_NAME  # noqa: E402
+from rewriter.backends.tvm import import_onnx  # noqa: E402
 from rewriter.backends.tvm.targets import resolve  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
 from tests import attention_models  # noqa: E402
@@ -220,7 +220,7 @@ def test_compiled_rewritten_attention_uses_the_cuda_kernel(form: str) -> None:
     model = attention_models.attention_model(form)
     assert create_pass("sigmoid-attention")(model).stats["attention_replaced"] == 1
     proto = ir.serde.serialize_model(model)
-    mod = onnx_import.import_onnx(proto, target=CUDA)
+    mod = import_onnx.import_onnx(proto, target=CUDA)
     kernels = [gv for gv in mod.get_global_vars() if gv.name_hint.startswith(KERNEL_NAME)]
     assert len(kernels) == 1
     compiled = backend.compile(proto, target="cuda")
