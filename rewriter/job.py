@@ -61,7 +61,7 @@ class Report:
     passes: list[PassRecord]
     verification: Verification | None
     seconds: float
-    # With a --target: the compiled model (rewriter.backends.compile_check.CompiledCheck).
+    # With a --target: the compiled model (rewriter.backends.tvm.verify.CompiledCheck).
     compiled: Any = None
 
     @property
@@ -206,7 +206,7 @@ def _compile(
     tuning_options: tuple[int | None, str | Path | None, float | None] = (None, None, None),
 ) -> Any:
     """Compile the rewritten model for ``target``; raise if it disagrees with the original."""
-    from rewriter.backends import compile_check
+    from rewriter.backends.tvm import verify as compile_check
 
     if feeds is None:  # --no-verify: compile for the shapes verification would use
         feeds = verify.make_inputs(source, dims=dims, seed=seed)

@@ -1,7 +1,7 @@
 """The TVM compile path: import (with our kernels), schedule, build, run, export, load, CLI.
 
 Every compiled model is compared with ONNX Runtime on the *original* model. The
-tolerance is :data:`rewriter.backends.compile_check.COMPILED_TOLERANCE` (float32: max
+tolerance is :data:`rewriter.backends.tvm.verify.COMPILED_TOLERANCE` (float32: max
 abs err <= 1e-4 of the output's scale, see there why).
 """
 
@@ -22,14 +22,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import cli, io, verify
-from rewriter.backends import compile_check
 from rewriter.backends import tvm as backend
 from rewriter.backends.tvm import build, import_onnx, targets
+from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
 from rewriter.errors import InputError
 from rewriter.registry import create_pass
 from tests.helpers import to_proto
 
-TOLERANCE = compile_check.COMPILED_TOLERANCE["float32"]
+TOLERANCE = COMPILED_TOLERANCE["float32"]
 SEED = 0
 
 

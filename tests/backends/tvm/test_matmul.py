@@ -8,7 +8,7 @@
   zero-padded to whole panels, a computed B is padded in the function
   (``pad_einsum``), and the micro-kernel runs on whole tiles; the real columns are kept.
 * Every compiled model agrees with ONNX Runtime within
-  :data:`rewriter.backends.compile_check.COMPILED_TOLERANCE` (float32: 1e-4 of the
+  :data:`rewriter.backends.tvm.verify.COMPILED_TOLERANCE` (float32: 1e-4 of the
   output's scale). Packing is exact (same products, same order); the tiled schedule
   sums ``k`` in order per output, the row reductions in 16 partial sums.
 """
@@ -23,11 +23,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import verify
-from rewriter.backends import compile_check, pack_weights, schedules
+from rewriter.backends import pack_weights, schedules
 from rewriter.backends import tvm as backend
 from rewriter.backends.tvm import import_onnx, targets
+from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
 
-TOLERANCE = compile_check.COMPILED_TOLERANCE["float32"]
+TOLERANCE = COMPILED_TOLERANCE["float32"]
 SEED = 0
 
 

@@ -2,7 +2,7 @@
 reuse without re-tuning, the time limit, and agreement with ONNX Runtime.
 
 Tuned code is compared with ONNX Runtime on the same model at
-:data:`rewriter.backends.compile_check.COMPILED_TOLERANCE` (float32: max abs err <= 1e-4
+:data:`rewriter.backends.tvm.verify.COMPILED_TOLERANCE` (float32: max abs err <= 1e-4
 of the output's scale; a tuned schedule only reorders the float32 sums of a matmul,
 ~sqrt(K) ulp, while a wrong schedule is off by O(1)).
 """
@@ -23,14 +23,15 @@ import tvm_ffi
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import cli, verify
-from rewriter.backends import compile_check, tuning, tuning_measure
+from rewriter.backends import tuning, tuning_measure
 from rewriter.backends import tvm as backend
 from rewriter.backends.tvm import targets
+from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
 from rewriter.errors import InputError
 from rewriter.registry import create_pass
 from tests.helpers import to_proto
 
-TOLERANCE = compile_check.COMPILED_TOLERANCE["float32"]
+TOLERANCE = COMPILED_TOLERANCE["float32"]
 SEED = 0
 
 
