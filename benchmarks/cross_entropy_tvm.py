@@ -22,7 +22,7 @@ printed, and the ratios fused / peer of the medians. A peer whose warm-up took o
 
 * ``largest``: the largest intermediate of the compiled module: the Relax VM's memory
   plan and each kernel's own buffers (per thread), from
-  :mod:`rewriter.backends.allocations` (TVM peers only: ORT's planner is not inspected);
+  :mod:`rewriter.backends.tvm.allocations` (TVM peers only: ORT's planner is not inspected);
 * ``peak``: the growth of the peak resident set over the first run after the build, in
   a child process (the peak is reset after the build; the runtimes keep their pools after
   a run, so later runs allocate nothing new), for every peer.
@@ -139,7 +139,7 @@ def largest_intermediate(peer: str, proto: onnx.ModelProto) -> int | None:
     """Bytes of the compiled module's largest allocation (TVM peers)."""
     if peer == "ort":
         return None
-    from rewriter.backends.allocations import allocations, largest, lowered
+    from rewriter.backends.tvm.allocations import allocations, largest, lowered
 
     found = largest(allocations(lowered(_fused(proto) if peer == "fused" else proto, "avx512")))
     return None if found is None else found.nbytes

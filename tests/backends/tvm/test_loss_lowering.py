@@ -22,8 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 pytest.importorskip("tvm")
 
 from rewriter.backends import tvm as backend  # noqa: E402
-from rewriter.backends.allocations import allocations, largest, lowered  # noqa: E402
 from rewriter.backends.tvm import import_onnx  # noqa: E402
+from rewriter.backends.tvm.allocations import allocations, largest, lowered  # noqa: E402
 from rewriter.pass_base import DOMAIN  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
 from tests.helpers import run  # noqa: E402

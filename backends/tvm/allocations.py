@@ -46,12 +46,12 @@ def lowered(
     model: import_onnx.ModelLike, target: str = "avx512", *, dims: Mapping[str, int] | None = None
 ) -> Any:
     """``model`` imported and run through the Relax pipeline of ``compile`` for ``target``."""
-    from rewriter.backends import tvm as backend
+    from rewriter.backends.tvm.pipeline import relax_pipeline
 
     tvm_target = targets.resolve(target)
     proto = import_onnx.prepare(model, dims=dims, fuse_loss=not targets.is_gpu(target))
     mod = import_onnx.import_onnx(proto, target=tvm_target)
-    return backend.relax_pipeline(tvm_target)(mod)
+    return relax_pipeline(tvm_target)(mod)
 
 
 def allocations(mod: Any) -> list[Allocation]:
