@@ -118,7 +118,7 @@ def rewrite_file(
     compared with ONNX Runtime on the original (``Report.compiled``); ``library``
     is where its shared library goes (written only if that check passes).
     ``tune`` (trials), ``tune_db`` and ``tune_seconds`` tune it with MetaSchedule
-    first (:mod:`rewriter.backends.tuning`; CPU targets).
+    first (:mod:`rewriter.backends.tvm.tuning`; CPU targets).
     """
     say = progress or (lambda message: logger.info("%s", message))
     start = time.perf_counter()
@@ -135,8 +135,7 @@ def rewrite_file(
     if target is None and given:
         raise InputError(f"{given[0]} needs --target: tuning measures code compiled for a target")
     if target is not None:
-        from rewriter.backends import tuning
-        from rewriter.backends.tvm import targets
+        from rewriter.backends.tvm import targets, tuning
 
         targets.target_dict(target, cuda_arch=cuda_arch)  # an unknown target fails early
         tuning.check_options(target, *tuning_options)

@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends import tuning
 from rewriter.backends.tvm import import_onnx as onnx_import
 from rewriter.backends.tvm import import_torch as torch_import
-from rewriter.backends.tvm import targets
+from rewriter.backends.tvm import targets, tuning
 from rewriter.backends.tvm.pipeline import relax_pipeline
 from rewriter.errors import InputError
 

@@ -17,7 +17,7 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    reductions and elementwise loops); on CUDA
    ``tvm.s_tir.dlight`` (Matmul, GEMV, Reduction, GeneralReduction, Fallback). With
    ``tune``/``tune_db`` (CPU targets), before our rules: the tuning stage
-   (:mod:`rewriter.backends.tuning`) tunes what the database lacks and gives each
+   (:mod:`rewriter.backends.tvm.tuning`) tunes what the database lacks and gives each
    function its best record where that beat ours side by side; our rules schedule the rest;
 5. TVM's lowering to the Relax VM.
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rewriter.backends import tuning
+from rewriter.backends.tvm import tuning
 
 if TYPE_CHECKING:
     import tvm

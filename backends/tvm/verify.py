@@ -54,7 +54,7 @@ class CompiledCheck:
     tolerance: dict[str, float] | None
     enforced: bool
     compile_seconds: float
-    # With tuning: rewriter.backends.tuning.TuningReport.to_json().
+    # With tuning: rewriter.backends.tvm.tuning.TuningReport.to_json().
     tuning: dict[str, Any] | None = None
 
     @property

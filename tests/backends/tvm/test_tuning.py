@@ -23,9 +23,9 @@ import tvm_ffi
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import cli, verify
-from rewriter.backends import tuning, tuning_measure
 from rewriter.backends import tvm as backend
-from rewriter.backends.tvm import targets
+from rewriter.backends.tvm import targets, tuning
+from rewriter.backends.tvm.tuning import measure, search
 from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
 from rewriter.errors import InputError
 from rewriter.registry import create_pass
@@ -76,7 +76,7 @@ def assert_best_record_agrees_with_ort(
     """Compile with the search's best record applied, whichever was chosen (a copy of the
     database without our choices applies its best as MetaSchedule would)."""
     copy = scratch / "records-only"
-    shutil.copytree(database, copy, ignore=shutil.ignore_patterns(tuning.CHOICES_FILE))
+    shutil.copytree(database, copy, ignore=shutil.ignore_patterns(search.CHOICES_FILE))
     compiled = backend.compile(model, "avx512", tune_db=copy)
     assert compiled.tuning is not None and compiled.tuning.applied == [task]
     assert_agrees_with_ort(model, compiled)
@@ -100,18 +100,18 @@ def forbid_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise TuningForbidden("the compile tried to tune")
 
-    monkeypatch.setattr(tuning_measure, "Measure", refuse)
+    monkeypatch.setattr(measure, "Measure", refuse)
 
 
 # --- options, keys, budget --------------------------------------------------------------
 
 
 def test_allocate_splits_trials_by_flops_and_skips_zero_weights():
-    assert tuning.allocate(10, [3.0, 1.0, 0.0]) == [8, 2, 0]
-    assert tuning.allocate(1, [5.0, 1.0]) == [1, 0]
-    assert tuning.allocate(7, [1.0, 1.0, 1.0]) == [3, 2, 2]
-    assert tuning.allocate(0, [1.0]) == [0]
-    assert tuning.allocate(5, [0.0, 0.0]) == [0, 0]
+    assert search.allocate(10, [3.0, 1.0, 0.0]) == [8, 2, 0]
+    assert search.allocate(1, [5.0, 1.0]) == [1, 0]
+    assert search.allocate(7, [1.0, 1.0, 1.0]) == [3, 2, 2]
+    assert search.allocate(0, [1.0]) == [0]
+    assert search.allocate(5, [0.0, 0.0]) == [0, 0]
 
 
 @pytest.mark.parametrize(
@@ -128,7 +128,7 @@ def test_allocate_splits_trials_by_flops_and_skips_zero_weights():
 def test_bad_tuning_options_are_input_errors(target, trials, database, seconds, message, tmp_path):
     database = str(tmp_path / database) if database else None
     with pytest.raises(InputError, match=message):
-        tuning.check_options(target, trials, database, seconds)
+        search.check_options(target, trials, database, seconds)
     with pytest.raises(InputError, match=message):  # before the model is read
         backend.compile(
             linear(4, 8, 8), target, tune=trials, tune_db=database, tune_seconds=seconds
@@ -138,12 +138,12 @@ def test_bad_tuning_options_are_input_errors(target, trials, database, seconds, 
 def test_database_key_separates_targets_and_core_counts(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
-    avx512 = tuning.default_database(targets.resolve("avx512"))
+    avx512 = search.default_database(targets.resolve("avx512"))
     assert avx512.parent == tmp_path / "rewriter" / "tuning"
     assert avx512.name.startswith("llvm-x86-64-v4-2c-")
-    assert tuning.default_database(targets.resolve("avx2")) != avx512
+    assert search.default_database(targets.resolve("avx2")) != avx512
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
-    assert "-1c-" in tuning.default_database(targets.resolve("avx512")).name
+    assert "-1c-" in search.default_database(targets.resolve("avx512")).name
 
 
 def doubled(shape: tuple[object, ...]) -> tvm.IRModule:
@@ -156,8 +156,8 @@ def doubled(shape: tuple[object, ...]) -> tvm.IRModule:
 
 
 def test_functions_with_symbolic_shapes_are_not_tuned():
-    assert tuning.task_flops(doubled((4, 8))) == 32.0
-    assert tuning.task_flops(doubled((tvm.tirx.Var("rows", "int64"), 8))) == 0.0
+    assert search.task_flops(doubled((4, 8))) == 32.0
+    assert search.task_flops(doubled((tvm.tirx.Var("rows", "int64"), 8))) == 0.0
 
 
 def test_untuned_compile_reads_no_database(monkeypatch):
@@ -187,7 +187,7 @@ def test_time_limit_ends_the_task_after_its_batch(past_deadline):
     lines: list[str] = []
     ended: list[bool] = []
     deadline = -math.inf if past_deadline else math.inf
-    watch = tuning_measure.Watch(8, deadline, "tuning 1/1 fused_matmul_add", lines.append)
+    watch = measure.Watch(8, deadline, "tuning 1/1 fused_matmul_add", lines.append)
     watch.batch(
         [FakeRun(1e-5), FakeRun(None), FakeRun(3e-5), FakeRun(2e-5)], lambda: ended.append(True)
     )
@@ -220,15 +220,15 @@ def snapshot(mod: tvm.IRModule) -> tvm.IRModule:
 def legalized(model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch) -> tvm.IRModule:
     """The module the tuning stage sees (after fusion and weight packing)."""
     seen: list[tvm.IRModule] = []
-    apply = tuning.apply_database
+    apply = search.apply_database
 
     def spy(mod, target, directory):  # type: ignore[no-untyped-def]
         seen.append(snapshot(mod))
         return apply(mod, target, directory)
 
-    monkeypatch.setattr(tuning, "apply_database", spy)
+    monkeypatch.setattr(search, "apply_database", spy)
     backend.compile(model, "avx512", tune=0, tune_db=Path("/nonexistent/rewriter-tuning"))
-    monkeypatch.setattr(tuning, "apply_database", apply)
+    monkeypatch.setattr(search, "apply_database", apply)
     return seen[0]
 
 
@@ -239,15 +239,15 @@ def test_database_record_is_applied_and_reused_without_tuning(monkeypatch, tmp_p
 
     model = two_pass(linear(16, 32, 64, softmax=True))  # the softmax: our kernel
     mod = legalized(model, monkeypatch)
-    target = tuning.tuning_target(targets.resolve("avx512"))
+    target = search.tuning_target(targets.resolve("avx512"))
     tasks = [
         task
         for task in ms.relax_integration.extract_tasks(mod, target)
-        if not tuning.is_scheduled(task.dispatched[0]["main"]) and "matmul" in task.task_name
+        if not search.is_scheduled(task.dispatched[0]["main"]) and "matmul" in task.task_name
     ]
     assert len(tasks) == 1
     task = tasks[0]
-    tuning_measure.import_tensor_intrinsics()
+    measure.import_tensor_intrinsics()
     context = ms.TuneContext(
         mod=task.dispatched[0],
         target=target,
@@ -271,14 +271,14 @@ def test_database_record_is_applied_and_reused_without_tuning(monkeypatch, tmp_p
     expected = database.query_schedule(task.dispatched[0], target, task.task_name).mod["main"]
 
     applied_modules: list[tvm.IRModule] = []
-    apply = tuning.apply_database
+    apply = search.apply_database
 
     def spy(mod, target, directory):  # type: ignore[no-untyped-def]
         result = apply(mod, target, directory)
         applied_modules.append(snapshot(result[0]))
         return result
 
-    monkeypatch.setattr(tuning, "apply_database", spy)
+    monkeypatch.setattr(search, "apply_database", spy)
     forbid_tuning(monkeypatch)
     for options in ({"tune_db": tmp_path}, {"tune": 16, "tune_db": tmp_path}):
         compiled = backend.compile(model, "avx512", **options)
@@ -300,8 +300,8 @@ def test_database_record_is_applied_and_reused_without_tuning(monkeypatch, tmp_p
         assert tvm_ffi.structural_equal(by_name[name], before[name]), name
 
     # Where our schedule was timed faster side by side, the record is not applied.
-    key = tuning.workload_key(task.dispatched[0]["main"])
-    tuning.save_choice(tmp_path, key, {"task": task.task_name, "choice": "ours"})
+    key = search.workload_key(task.dispatched[0]["main"])
+    search.save_choice(tmp_path, key, {"task": task.task_name, "choice": "ours"})
     compiled = backend.compile(model, "avx512", tune_db=tmp_path)
     assert compiled.tuning is not None and compiled.tuning.applied == []
     by_name = {gv.name_hint: func for gv, func in applied_modules[-1].functions_items()}
@@ -321,8 +321,8 @@ def tuned(
     model = linear(16, 32, 64)
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tuning_measure, "REPEATS", 1)
-        patch.setattr(tuning_measure, "MIN_REPEAT_MS", 1)
+        patch.setattr(measure, "REPEATS", 1)
+        patch.setattr(measure, "MIN_REPEAT_MS", 1)
         compiled = backend.compile(model, "avx512", tune=2, tune_db=database, progress=lines.append)
     return model, database, compiled, lines
 
@@ -337,9 +337,9 @@ def test_tuning_measures_records_and_agrees_with_ort(tuned, tmp_path):
     assert task.ours_us is not None and task.best_us is not None  # timed side by side
     assert task.choice == ("tuned" if task.best_us < task.ours_us else "ours")
     assert report.applied == ([task.name] if task.choice == "tuned" else [])
-    choices = json.loads((database / tuning.CHOICES_FILE).read_text())["workloads"]
+    choices = json.loads((database / search.CHOICES_FILE).read_text())["workloads"]
     assert [entry["choice"] for entry in choices.values()] == [task.choice]
-    assert tuning.has_database(database)
+    assert search.has_database(database)
     assert "Trial #1" in (database / "logs" / "tuning.log").read_text()
     assert lines[0].startswith(f"tuning: {len(report.tasks)} tasks, 0 in the database")
     assert any(line.startswith(f"tuning 1/1 {task.name} [") for line in lines)

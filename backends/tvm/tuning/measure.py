@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import tvm
 
-    from rewriter.backends.tuning import Progress
-
 logger = logging.getLogger(__name__)
+
+# Where the tuning stage reports its progress: one line at a time (compile(progress=...)).
+Progress = Callable[[str], None]
 
 # Candidates built and measured per search round (the time limit is checked between rounds).
 BATCH = 16

@@ -8,7 +8,7 @@ packing and before :func:`rewriter.backends.schedules.cpu_schedule`:
    valid record in the database is *reused*. The others share the trial budget by their
    share of the model's FLOPs, heaviest first (a task whose share rounds to zero trials
    keeps our schedule). Each runs MetaSchedule's evolutionary search for its trials
-   (:mod:`rewriter.backends.tuning_measure`); then its best record and our schedule are
+   (:mod:`rewriter.backends.tvm.tuning.measure`); then its best record and our schedule are
    timed side by side, and the faster one is chosen (:data:`CHOICES_FILE`). The search's
    best is the minimum of many noisy measurements, so it flatters the winner: on the
    shared 2-core machine a 256-trial search recorded 1.05 ms for its best against
@@ -42,19 +42,19 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rewriter.backends.tvm import targets
+from rewriter.backends.tvm.tuning import measure
+from rewriter.backends.tvm.tuning.measure import Progress
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
     import tvm
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
 
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
 # Beside them: per workload (structural hash), our schedule and the database's best timed
@@ -375,8 +375,6 @@ def tune_module(
     """Tune the tasks of ``mod`` that ``directory`` has no record of; fill in ``report``."""
     from tvm.s_tir import meta_schedule as ms
 
-    from rewriter.backends import tuning_measure
-
     say = progress or (lambda message: logger.info("%s", message))
     deadline = time.perf_counter() + seconds if seconds is not None else math.inf
     tune_target = tuning_target(target)
@@ -404,7 +402,7 @@ def tune_module(
             result.status = "reused"
             decided = choices.get(workload_key(task.dispatched[0]["main"]), {})
             result.ours_us = decided.get("ours_us")
-            result.best_us = decided.get("best_us", tuning_measure.median_us(best.run_secs))
+            result.best_us = decided.get("best_us", measure.median_us(best.run_secs))
             result.choice = decided.get("choice", "tuned")
         elif flops[index] > 0:
             pending.append(index)
@@ -427,20 +425,20 @@ def tune_module(
 
     if out_of_time(len(work)):
         return
-    with tuning_measure.Measure(tune_target, directory) as measure:
+    with measure.Measure(tune_target, directory) as measurer:
         for done, (index, share) in enumerate(work):
             if out_of_time(len(work) - done):
                 break
             result, task = results[index], tasks[index]
             label = f"tuning {done + 1}/{len(work)} {result.name}"
-            result.trials = measure.search(task, share, database, deadline, label, say)
+            result.trials = measurer.search(task, share, database, deadline, label, say)
             best = database.query_tuning_record(task.dispatched[0], tune_target, result.name)
             if result.trials == 0 or best is None:
                 result.status = "failed"
                 say(f"{label}: no candidate built and ran; see {directory / 'logs'}")
                 continue
             result.status = "tuned"
-            result.ours_us, result.best_us = measure.side_by_side(task, best, target)
+            result.ours_us, result.best_us = measurer.side_by_side(task, best, target)
             faster = result.ours_us is None or (
                 result.best_us is not None and result.best_us < result.ours_us
             )
@@ -452,7 +450,7 @@ def tune_module(
                 {**entry, "choice": result.choice},
             )
             say(f"{label}: {_verdict(result)}")
-        report.stopped_by_time = report.stopped_by_time or measure.stopped_by_time
+        report.stopped_by_time = report.stopped_by_time or measurer.stopped_by_time
 
 
 def _verdict(result: TaskResult) -> str:
