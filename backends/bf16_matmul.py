@@ -2,7 +2,7 @@
 
 On targets with AVX512-BF16, a Relax ``matmul`` of a static bfloat16 activation by a
 constant 2-D bfloat16 weight (or ``permute_dims`` of one: Gemm with ``transB``, a torch
-``Linear``) runs our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.kernels.bf16_matmul`):
+``Linear``) runs our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.tvm.kernels.bf16_matmul`):
 the weight is packed as ``[ceil(N/16), K/2, 16, 2]`` here, at compile time (zero past
 column N: a head of 30522 or 1000 classes computes whole groups of 16 channels and
 stores its N), and a following ``add`` of a constant ``[N]`` bias (the matmul's only
@@ -234,8 +234,8 @@ def kernel_func(
     m: int, k: int, n: int, bias: bool, out_dtype: str, *, target: tvm.target.Target
 ) -> tvm.tirx.PrimFunc:
     """The kernel as a private, opaque, already scheduled PrimFunc for ``call_tir``."""
-    from rewriter.backends.kernels.bf16_matmul import bf16_matmul
     from rewriter.backends.lowering import scheduled_kernel
+    from rewriter.backends.tvm.kernels.bf16_matmul import bf16_matmul
 
     return scheduled_kernel(bf16_matmul(m, k, n, bias=bias, out_dtype=out_dtype, target=target))
 

@@ -8,7 +8,7 @@
     out = R.reshape(y, shape)
 
 with a ``permute_dims`` around it when the axis is not the last one. The kernel is
-:func:`rewriter.backends.kernels.softmax.two_pass_softmax`; there is no fallback to
+:func:`rewriter.backends.tvm.kernels.softmax.two_pass_softmax`; there is no fallback to
 TVM's stock softmax.
 
 >>> y = emit_two_pass_softmax(bb, x, log=False, target=target)  # doctest: +SKIP
@@ -44,13 +44,13 @@ def default_kernel() -> KernelFactory:
     'two_pass_softmax'
     """
     try:
-        from rewriter.backends.kernels.softmax import two_pass_softmax
+        from rewriter.backends.tvm.kernels.softmax import two_pass_softmax
     except ImportError as exc:
         reason = str(exc)
 
         def missing_two_pass_softmax_kernel(*args: object, **kwargs: object) -> Any:
             raise InputError(
-                "the TIR kernel rewriter.backends.kernels.softmax.two_pass_softmax is not "
+                "the TIR kernel rewriter.backends.tvm.kernels.softmax.two_pass_softmax is not "
                 f"available ({reason}); refusing to fall back to stock softmax"
             )
 

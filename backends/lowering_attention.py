@@ -10,9 +10,9 @@ additive mask broadcastable to [B, H, N, M], in Relax::
     y = R.call_tir(rewriter_sigmoid_attention, (q, kt, v[, mask]))  # [B*H, N, Dv]
     out = R.reshape(y, [B, H, N, Dv])
 
-The kernel is :func:`rewriter.backends.kernels.sigmoid_attention.sigmoid_attention`
+The kernel is :func:`rewriter.backends.tvm.kernels.sigmoid_attention.sigmoid_attention`
 (sigmoid and ``p·V`` fused, no n x m matrix), on CUDA targets
-:func:`rewriter.backends.kernels.sigmoid_attention_cuda.sigmoid_attention_cuda`. A
+:func:`rewriter.backends.tvm.kernels.sigmoid_attention_cuda.sigmoid_attention_cuda`. A
 constant all-zero mask (the rewrite's "no mask") is dropped. Shapes that are not static
 are not lowered here: :func:`rewriter.backends.tvm.import_onnx.prepare` inlines the op's ONNX
 function body instead.
@@ -68,8 +68,8 @@ def emit_sigmoid_attention(
     """
     from tvm import relax
 
-    from rewriter.backends.kernels import sigmoid_attention as cpu_kernel
-    from rewriter.backends.kernels import sigmoid_attention_cuda as cuda_kernel
+    from rewriter.backends.tvm.kernels import sigmoid_attention as cpu_kernel
+    from rewriter.backends.tvm.kernels import sigmoid_attention_cuda as cuda_kernel
 
     key_lanes, sigmoid_attention = cpu_kernel.key_lanes, cpu_kernel.sigmoid_attention
     if target.kind.name == "cuda":

@@ -12,13 +12,13 @@ function body for anything else), in Relax::
     loss = R.call_tir(rewriter_linear_cross_entropy, (R.reshape(hidden, [T, H]), Wp, labels'[, Bp][, weights]))
 
 ``labels'`` is the labels flattened, as int64. ``Wp`` is the weight in vocabulary panels and
-``Bp`` the bias padded with ``-inf`` (:mod:`rewriter.backends.kernels.linear_cross_entropy`):
+``Bp`` the bias padded with ``-inf`` (:mod:`rewriter.backends.tvm.kernels.linear_cross_entropy`):
 computed once in numpy when the weight (bias) is a constant of the module, as it is for an
 exported model's initializers, else by ``permute_dims``/``concat``/``reshape`` at run time
 (a copy of the weight, never of the logits). ``sum``/``mean`` losses come out of the kernel
 as ``[1]`` and are reshaped to a scalar. The kernels are
-:func:`rewriter.backends.kernels.cross_entropy.cross_entropy` and
-:func:`rewriter.backends.kernels.linear_cross_entropy.linear_cross_entropy`.
+:func:`rewriter.backends.tvm.kernels.cross_entropy.cross_entropy` and
+:func:`rewriter.backends.tvm.kernels.linear_cross_entropy.linear_cross_entropy`.
 
 >>> loss = emit_linear_cross_entropy(bb, h, w, y, None, None, attrs, target=target)  # doctest: +SKIP
 """
@@ -50,7 +50,7 @@ KERNEL_NAMES = {
 
 def loss_options(attrs: Mapping[str, Any], weighted: bool) -> Any:
     """The kernels' ``LossOptions`` from the ONNX node's attributes."""
-    from rewriter.backends.kernels.cross_entropy import LossOptions
+    from rewriter.backends.tvm.kernels.cross_entropy import LossOptions
 
     reduction = attrs.get("reduction", b"mean")
     reduction = reduction.decode() if isinstance(reduction, bytes) else str(reduction)
@@ -99,7 +99,7 @@ def emit_cross_entropy(
     """Emit ``FusedCrossEntropy`` into ``bb``: the loss, or ``(loss, log_prob)`` with ``log_prob``."""
     from tvm import relax
 
-    from rewriter.backends.kernels.cross_entropy import cross_entropy
+    from rewriter.backends.tvm.kernels.cross_entropy import cross_entropy
 
     scores = bb.normalize(scores)
     shape = _shape(scores, "scores")
@@ -146,7 +146,7 @@ def emit_linear_cross_entropy(
     """Emit ``FusedLinearCrossEntropy`` into ``bb`` (its one output, the loss)."""
     from tvm import relax
 
-    from rewriter.backends.kernels import linear_cross_entropy as kernel
+    from rewriter.backends.tvm.kernels import linear_cross_entropy as kernel
 
     hidden, weight = bb.normalize(hidden), bb.normalize(weight)
     h_shape, w_shape = _shape(hidden, "hidden"), _shape(weight, "weight")
@@ -198,7 +198,7 @@ def _packed_weight(
     """``weight`` in ``[panels, hidden, width]`` panels: numpy for a constant, else Relax ops."""
     from tvm import relax
 
-    from rewriter.backends.kernels.linear_cross_entropy import pack_weight
+    from rewriter.backends.tvm.kernels.linear_cross_entropy import pack_weight
 
     constant = _constant(weight)
     if constant is not None:
@@ -219,7 +219,7 @@ def _padded_bias(
     """The bias (zeros when absent) padded with ``-inf`` to whole panels."""
     from tvm import relax
 
-    from rewriter.backends.kernels.linear_cross_entropy import padded_bias
+    from rewriter.backends.tvm.kernels.linear_cross_entropy import padded_bias
 
     if bias is None or _constant(bias) is not None:
         return relax.const(padded_bias(_constant(bias), vocab, width))

@@ -78,7 +78,7 @@ def pack(weight: np.ndarray, width: int) -> np.ndarray:
 
 def pack_groups(weight: np.ndarray, group: int, lanes: int = 16) -> np.ndarray:
     """``W[K, N]`` as ``[ceil(N / lanes), K / group, lanes, group]``, the layout of the
-    dot-product kernels (:mod:`rewriter.backends.kernels.dot_tile`): ``packed[n // lanes,
+    dot-product kernels (:mod:`rewriter.backends.tvm.kernels.common.dot_tile`): ``packed[n // lanes,
     k // group, n % lanes, k % group] = W[k, n]``, zero past column N (as :func:`pack`
     pads its last panel), so one row holds the ``group`` k-values of ``lanes`` output
     channels.

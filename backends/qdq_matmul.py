@@ -14,7 +14,7 @@ clipping, shifted by 128), so the activation is quantized once, straight to uint
 term, so K up to 65793); ``comp[n] = zu colsum_n(W_q)`` and ``scale[n] = sx sw[n]``
 (rounded once to float32) are computed here, at compile time, and a following ``Add`` of
 a constant ``[N]`` bias is folded into the kernel's epilogue. The weight is packed as
-``[ceil(N/16), K/4, 16, 4]`` for the kernel (:mod:`rewriter.backends.kernels.int8_matmul`),
+``[ceil(N/16), K/4, 16, 4]`` for the kernel (:mod:`rewriter.backends.tvm.kernels.int8_matmul`),
 zero past column N: a head of 1000 or 30522 classes computes whole groups of 16 channels
 and stores its N (``scale``, ``comp`` and ``bias`` stay [N]).
 
@@ -305,9 +305,9 @@ def emit_int8_matmul(
     """
     from tvm import relax
 
-    from rewriter.backends.kernels.int8_matmul import int8_matmul
     from rewriter.backends.lowering import scheduled_kernel
     from rewriter.backends.lowering_attention import static_shape
+    from rewriter.backends.tvm.kernels.int8_matmul import int8_matmul
 
     u8 = bb.normalize(inputs[0])
     shape = static_shape(u8)

@@ -6,13 +6,13 @@ same inputs, one thread each (``TVM_NUM_THREADS=1`` is set here, ORT
 ``intra_op_num_threads=1``):
 
 * ``fused``: the graph after ``fuse-cross-entropy``, compiled by TVM: our chunked kernel
-  (``backends/kernels/linear_cross_entropy.py``), no ``tokens x vocab`` logits;
+  (``backends/tvm/kernels/linear_cross_entropy.py``), no ``tokens x vocab`` logits;
 * ``tvm``: the unfused graph compiled by TVM (MatMul with our CPU schedules, the loss
   spelled out by ``loss_decompose``: LogSoftmax, GatherElements, reductions);
 * ``ort``: ONNX Runtime on the unfused graph.
 
 With ``--logits`` the graph is the loss alone on given logits, ``SoftmaxCrossEntropyLoss(z,
-y)``, and ``fused`` is our one-pass kernel (``backends/kernels/cross_entropy.py``);
+y)``, and ``fused`` is our one-pass kernel (``backends/tvm/kernels/cross_entropy.py``);
 configurations are then ``TOKENS,0,VOCAB``.
 
 Time: after a warm-up run, the methods run in turn within each round (interleaved, so a

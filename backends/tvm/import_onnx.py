@@ -16,7 +16,7 @@ TVM's importer (``tvm.relax.frontend.onnx.from_onnx``) has two gaps this module 
    ``ONNXGraphImporter`` that overrides only ``_convert_operator`` and
    ``_check_for_unsupported_ops`` lowers those nodes with
    :func:`rewriter.backends.lowering.emit_two_pass_softmax` (``R.call_tir`` of our TIR
-   kernel from :mod:`rewriter.backends.kernels.softmax`, N-D inputs reshaped to
+   kernel from :mod:`rewriter.backends.tvm.kernels.softmax`, N-D inputs reshaped to
    ``[rows, cols]`` around it). ``SigmoidAttention`` (:data:`STATIC_KERNEL_OPS`) has a
    fused kernel (CPU, and CUDA on GPU targets) for static 4-D float32 shapes
    (:func:`rewriter.backends.lowering_attention.emit_sigmoid_attention`); nodes with
@@ -375,7 +375,7 @@ def import_onnx(
     """Import ``model`` into a Relax module, our ops as ``call_tir`` to our kernels.
 
     ``kernel`` replaces the kernel factory (default
-    :func:`rewriter.backends.kernels.softmax.two_pass_softmax`); it is called as
+    :func:`rewriter.backends.tvm.kernels.softmax.two_pass_softmax`); it is called as
     ``kernel(rows, cols, dtype=..., log=..., target=...)`` and returns a PrimFunc with
     parameters ``(X[rows, cols], Y[rows, cols])``. ``int8_matmul`` (default: whether
     ``target`` has AVX-512 VNNI) runs QDQ MatMuls as integer matmuls (see :func:`prepare`).

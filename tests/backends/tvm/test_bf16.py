@@ -27,8 +27,8 @@ tvm = pytest.importorskip("tvm")
 
 from rewriter.backends import bf16_matmul, bf16_upcast  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
-from rewriter.backends.kernels import bf16_matmul as kernel  # noqa: E402
 from rewriter.backends.tvm import import_onnx, targets  # noqa: E402
+from rewriter.backends.tvm.kernels import bf16_matmul as kernel  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
 U = 2.0**-24  # float32 unit roundoff

@@ -17,8 +17,8 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from rewriter.backends.kernels import linear_cross_entropy as lce  # noqa: E402
-from rewriter.backends.kernels.cross_entropy import (  # noqa: E402
+from rewriter.backends.tvm.kernels import linear_cross_entropy as lce  # noqa: E402
+from rewriter.backends.tvm.kernels.cross_entropy import (  # noqa: E402
     LossOptions,
     cross_entropy,
     drop_params,

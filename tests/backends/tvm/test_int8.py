@@ -30,8 +30,8 @@ tvm = pytest.importorskip("tvm")
 
 from rewriter.backends import qdq_matmul  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
-from rewriter.backends.kernels import int8_matmul as kernel  # noqa: E402
 from rewriter.backends.tvm import import_onnx, targets  # noqa: E402
+from rewriter.backends.tvm.kernels import int8_matmul as kernel  # noqa: E402
 from rewriter.passes.quantize import QuantizeOptions, QuantizePass  # noqa: E402
 
 needs_vnni = pytest.mark.requires_cpu("avx512_vnni")

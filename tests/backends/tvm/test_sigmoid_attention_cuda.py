@@ -24,15 +24,15 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from rewriter.backends import tvm as backend  # noqa: E402
-from rewriter.backends.kernels.sigmoid_attention_cuda import (  # noqa: E402
+from rewriter.backends.lowering_attention import KERNEL_NAME  # noqa: E402
+from rewriter.backends.tvm import import_onnx  # noqa: E402
+from rewriter.backends.tvm.kernels.sigmoid_attention_cuda import (  # noqa: E402
     ROWS,
     SHARED_BYTES,
     THREADS,
     key_tile,
     sigmoid_attention_cuda,
 )
-from rewriter.backends.lowering_attention import KERNEL_NAME  # noqa: E402
-from rewriter.backends.tvm import import_onnx  # noqa: E402
 from rewriter.backends.tvm.targets import resolve  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
 from tests import attention_models  # noqa: E402

@@ -19,13 +19,9 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import tirx  # noqa: E402
 
-from rewriter.backends.kernels import (  # noqa: E402
-    cpu_plan,
-    softmax,
-    three_pass_softmax,
-    two_pass_softmax,
-)
 from rewriter.backends.tvm import targets  # noqa: E402
+from rewriter.backends.tvm.kernels import softmax, three_pass_softmax, two_pass_softmax  # noqa: E402
+from rewriter.backends.tvm.kernels.common import simd_plan  # noqa: E402
 from rewriter.two_pass_math import reference_softmax  # noqa: E402
 
 AVX512 = targets.resolve("avx512")
@@ -185,7 +181,7 @@ def test_long_row_split_over_threads(
     log: bool, keep_bytes: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if keep_bytes is not None:
-        monkeypatch.setattr(cpu_plan, "KEEP_EXP_MAX_ROW_BYTES", keep_bytes)
+        monkeypatch.setattr(simd_plan, "KEEP_EXP_MAX_ROW_BYTES", keep_bytes)
     x = _random(1, 1 << 20, seed=7)
     func = two_pass_softmax(1, 1 << 20, log=log, target=AVX512)
     assert str(func).count("T.parallel") == 3  # pass 1, merge, pass 2

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from rewriter.backends.kernels.softmax import three_pass_softmax, two_pass_softmax
+from rewriter.backends.tvm.kernels.softmax import three_pass_softmax, two_pass_softmax
 
 __all__ = ["three_pass_softmax", "two_pass_softmax"]

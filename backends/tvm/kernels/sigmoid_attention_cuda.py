@@ -1,6 +1,6 @@
 """Sigmoid attention (arXiv 2409.04431) as one fused CUDA TIR kernel.
 
-Same contract as the CPU kernel :func:`rewriter.backends.kernels.sigmoid_attention.
+Same contract as the CPU kernel :func:`rewriter.backends.tvm.kernels.sigmoid_attention.
 sigmoid_attention`: ``Out[b, i, :] = sum_j p(b, i, j) * V[b, j, :]`` with ``p =
 sigmoid(scale * Q[b, i]·K[b, j] + bias + Mask[b, i, j])`` and ``p = 0`` exactly where
 ``Mask <= -1e4``; buffers ``Q[bh, n, d]``, ``Kt[bh, d, mp]``, ``V[bh, mp, dv]``,

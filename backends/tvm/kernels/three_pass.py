@@ -2,7 +2,7 @@
 
 The baseline of Dukhan & Ablavatski, "The Two-Pass Softmax Algorithm", 2020 (arXiv
 2001.04438): three reads and one write per element, with the same vectorization,
-exponential (:mod:`rewriter.backends.kernels.exp_pair`) and stores as the two-pass kernel,
+exponential (:mod:`rewriter.backends.tvm.kernels.common.exp_pair`) and stores as the two-pass kernel,
 for apples-to-apples comparisons. Exact up to float32 rounding; -inf, +inf, NaN and huge
 inputs follow ONNX Softmax (the max pass makes them safe in float32).
 """
@@ -14,8 +14,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from rewriter.backends.kernels import exp_pair as ep
-from rewriter.backends.kernels.cpu_plan import UNROLL, Extent, Plan, row_writer, span
+from rewriter.backends.tvm.kernels.common import exp_pair as ep
+from rewriter.backends.tvm.kernels.common.simd_plan import UNROLL, Extent, Plan, row_writer, span
 
 
 def three_pass_cpu(

@@ -1,4 +1,4 @@
-"""How a CPU softmax kernel is laid out: ISA, vector width, blocks, and kinds of store.
+"""The SIMD plan of a CPU row kernel: ISA, vector width, blocks, and kinds of store.
 
 Shared by the two-pass kernel (Dukhan & Ablavatski, "The Two-Pass Softmax Algorithm",
 2020, arXiv 2001.04438), the three-pass baseline and the benchmark probes, so that all of
@@ -14,7 +14,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from rewriter.backends.kernels import exp_pair as ep
+from rewriter.backends.tvm.kernels.common import exp_pair as ep
 
 Extent: TypeAlias = int | tirx.Var
 # ``value(x, row, lanes)``: an output vector of ``lanes`` from input ``x`` and row state ``row``.

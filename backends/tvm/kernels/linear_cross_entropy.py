@@ -6,10 +6,10 @@ labels[, weights])``. Following Liger-Kernel (Hsu et al. 2024, arXiv 2410.10989)
 Cross-Entropy (Wijmans et al. 2024, arXiv 2411.09009), this kernel computes the logits a
 register tile at a time and consumes each tile at once: the tile's exponentials are folded
 into per-row running ``(M, N)`` pairs (pass 1 of the two-pass softmax, Dukhan &
-Ablavatski 2020, arXiv 2001.04438, the macros of :mod:`rewriter.backends.kernels.pair_sum`
+Ablavatski 2020, arXiv 2001.04438, the macros of :mod:`rewriter.backends.tvm.kernels.common.pair_sum`
 shared with the softmax kernel), and the target logit is picked from the tile with a
 compare-and-select. The loss is the log-softmax formula at ``y`` with the weights, ignore
-mask and reduction of :func:`rewriter.backends.kernels.cross_entropy.loss_epilogue`.
+mask and reduction of :func:`rewriter.backends.tvm.kernels.cross_entropy.loss_epilogue`.
 
 Layout (the lowering, :mod:`rewriter.backends.lowering_loss`, produces it):
 
@@ -51,15 +51,20 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from rewriter.backends.kernels import exp_pair as ep
-from rewriter.backends.kernels.cpu_plan import Plan, bcast, isa, span
-from rewriter.backends.kernels.cross_entropy import (
+from rewriter.backends.tvm.kernels.common import exp_pair as ep
+from rewriter.backends.tvm.kernels.common.pair_sum import (
+    PairSum,
+    VectorAt,
+    log_prob_exact,
+    log_terms,
+)
+from rewriter.backends.tvm.kernels.common.simd_plan import Plan, bcast, isa, span
+from rewriter.backends.tvm.kernels.cross_entropy import (
     LossOptions,
     drop_params,
     label,
     loss_epilogue,
 )
-from rewriter.backends.kernels.pair_sum import PairSum, VectorAt, log_prob_exact, log_terms
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ op of ``passes/fuse_cross_entropy.py``; ``SoftmaxCrossEntropyLoss`` semantics) o
 
 ``logsumexp`` is pass 1 of the two-pass softmax (Dukhan & Ablavatski, "The Two-Pass
 Softmax Algorithm", 2020, arXiv 2001.04438), the same macros as the softmax kernel
-(:mod:`rewriter.backends.kernels.pair_sum`): one read of the row, no max pass, the sum
+(:mod:`rewriter.backends.tvm.kernels.common.pair_sum`): one read of the row, no max pass, the sum
 kept as per-lane ``(M, N)`` pairs. The target logit is one load, and the loss is the
 log-softmax kernel's formula at ``y``, ``(N ln2_hi - x[y]) + (N ln2_lo + log M)``, so it
 stays exact where ``x[y]`` is near ``logsumexp``. When the ``log_prob`` output is used, a
@@ -31,7 +31,7 @@ all ignored is 0/0 = NaN. Labels out of ``[0, cols)`` (undefined in ONNX) are cl
 the kernel never reads out of bounds.
 
 :func:`loss_epilogue` (the weights, the ignore mask and the reduction) is shared with the
-fused linear + cross-entropy kernel (:mod:`rewriter.backends.kernels.linear_cross_entropy`).
+fused linear + cross-entropy kernel (:mod:`rewriter.backends.tvm.kernels.linear_cross_entropy`).
 """
 
 from __future__ import annotations
@@ -44,9 +44,14 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from rewriter.backends.kernels import exp_pair as ep
-from rewriter.backends.kernels.cpu_plan import Extent, Plan, isa, span
-from rewriter.backends.kernels.pair_sum import PairSum, log_prob, log_prob_exact, log_terms
+from rewriter.backends.tvm.kernels.common import exp_pair as ep
+from rewriter.backends.tvm.kernels.common.pair_sum import (
+    PairSum,
+    log_prob,
+    log_prob_exact,
+    log_terms,
+)
+from rewriter.backends.tvm.kernels.common.simd_plan import Extent, Plan, isa, span
 
 logger = logging.getLogger(__name__)
 

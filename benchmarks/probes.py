@@ -20,7 +20,7 @@ import tvm
 from tvm import te, tirx, topi
 from tvm.script import tirx as T
 
-from rewriter.backends.kernels.cpu_plan import UNROLL, Plan
+from rewriter.backends.tvm.kernels.common.simd_plan import UNROLL, Plan
 
 
 def stock_softmax(rows: int, cols: int) -> tirx.PrimFunc:

@@ -4,14 +4,14 @@ The two-pass algorithm of Dukhan & Ablavatski, "The Two-Pass Softmax Algorithm",
 (arXiv 2001.04438): pass 1 keeps, per SIMD lane, a running pair ``(M, N)`` of the sum
 ``M * 2**N`` of the exponentials (no max pass), merged across lanes at the end; pass 2
 recomputes each ``(m, n)`` and writes ``m / M * 2**(n - N)``. It is exact up to float32
-rounding (the polynomial error is 2e-7, see :mod:`rewriter.backends.kernels.exp_pair`).
+rounding (the polynomial error is 2e-7, see :mod:`rewriter.backends.tvm.kernels.common.exp_pair`).
 
 CPU schedule (built here by hand, not by a tuner): one row per loop iteration, rows
 parallel over threads; 16 lanes (AVX512, ``vscalefps``) or 8 (AVX2) or 4 (generic).
 Fewer than ``PARALLEL_ITEMS`` long rows are cut into segments (:func:`split_segments`):
 pass 1 runs on all segments in parallel, each row's segment pairs are merged, and pass 2
 runs on the segments in parallel, so one long row uses every thread.
-Pass 1 (:mod:`rewriter.backends.kernels.pair_sum`, shared with the cross-entropy
+Pass 1 (:mod:`rewriter.backends.tvm.kernels.common.pair_sum`, shared with the cross-entropy
 kernels) computes 8 independent ``(m, n)`` vectors per block and folds them into the
 running pair of each lane with one max and a tree of ``vscalefps`` and adds; the vectors
 after the last block and the scalar tail (``cols % lanes``) are added one at a time.
@@ -46,9 +46,15 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from rewriter.backends.kernels import exp_pair as ep
-from rewriter.backends.kernels import softmax_cuda
-from rewriter.backends.kernels.cpu_plan import (
+from rewriter.backends.tvm.kernels import softmax_cuda
+from rewriter.backends.tvm.kernels.common import exp_pair as ep
+from rewriter.backends.tvm.kernels.common.pair_sum import (
+    PairSum,
+    log_prob,
+    log_prob_exact,
+    log_terms,
+)
+from rewriter.backends.tvm.kernels.common.simd_plan import (
     KEEP_EXP_MAX_SHIFT,
     UNROLL,
     Extent,
@@ -58,8 +64,7 @@ from rewriter.backends.kernels.cpu_plan import (
     row_writer,
     span,
 )
-from rewriter.backends.kernels.pair_sum import PairSum, log_prob, log_prob_exact, log_terms
-from rewriter.backends.kernels.three_pass import three_pass_cpu
+from rewriter.backends.tvm.kernels.three_pass import three_pass_cpu
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The register-tiled matmul schedule around a tensorized 16-lane dot-product instruction.
 
-Shared by the int8 kernel (``vpdpbusd``, :mod:`rewriter.backends.kernels.int8_matmul`)
-and the bf16 kernel (``vdpbf16ps``, :mod:`rewriter.backends.kernels.bf16_matmul`). Both
+Shared by the int8 kernel (``vpdpbusd``, :mod:`rewriter.backends.tvm.kernels.int8_matmul`)
+and the bf16 kernel (``vdpbf16ps``, :mod:`rewriter.backends.tvm.kernels.bf16_matmul`). Both
 compute ``acc[m, n] = sum_k A[m, k] W[k, n]`` with ``W`` packed as ``[N/16, K/g, 16,
 g]`` (one 64-byte row holds the ``g`` k-values of 16 output channels), one instruction
 per 16 channels and ``g`` k-values, then an elementwise epilogue ``Y = f(acc)``.

@@ -21,7 +21,7 @@ after the first chunk) in registers while it walks the chunk in blocks of
 register tile of outer products (a broadcast of ``q[i, c]`` times the vector
 ``Kt[c, j:j+lanes]``), then in place ``scale * s + bias (+ mask)``, the sigmoid
 ``1 / (1 + e**-s)`` with the polynomial exponential of
-:mod:`rewriter.backends.kernels.exp_pair` (``vscalefps``) and ``vrcp14ps`` plus a Newton
+:mod:`rewriter.backends.tvm.kernels.common.exp_pair` (``vscalefps``) and ``vrcp14ps`` plus a Newton
 step on AVX512 (a division elsewhere), the mask select, then ``acc[i, :] += p[i, j] *
 V[j, :]`` vectorized over ``dv``. The last query tile recomputes clamped rows and does
 not store them. The tile buffers are small "global" allocations (under TVM's 1 KiB stack
@@ -39,8 +39,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from rewriter.backends.kernels import exp_pair as ep
-from rewriter.backends.kernels.cpu_plan import bcast, isa, span
+from rewriter.backends.tvm.kernels.common import exp_pair as ep
+from rewriter.backends.tvm.kernels.common.simd_plan import bcast, isa, span
 
 # Query rows per tile and key vectors per block (a ROWS x KEY_VECTORS register tile of
 # scores; ROWS x dv / lanes output accumulators).

@@ -7,7 +7,7 @@ This module is that mechanism, once, for every kernel that needs ``log sum exp``
 the two-pass softmax (:mod:`.softmax`) and the cross-entropy kernels (:mod:`.cross_entropy`,
 whose rows of logits come from memory or from a register tile of a matmul).
 
-:class:`PairSum` builds TVMScript macros over one CPU :class:`~.cpu_plan.Plan`:
+:class:`PairSum` builds TVMScript macros over one CPU :class:`~.simd_plan.Plan`:
 
 * ``fold``: ``units`` vectors into one lane-wise running pair with one max and one tree of
   ``vscalefps`` and adds, ``N' = max(N, n_0..)``, ``M' = M 2**(N-N') + sum_u m_u 2**(n_u-N')``,
@@ -40,8 +40,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from rewriter import two_pass_math as tpm
-from rewriter.backends.kernels import exp_pair as ep
-from rewriter.backends.kernels.cpu_plan import UNROLL, Plan, bcast, span
+from rewriter.backends.tvm.kernels.common import exp_pair as ep
+from rewriter.backends.tvm.kernels.common.simd_plan import UNROLL, Plan, bcast, span
 
 VectorAt = Callable[[tirx.Expr], tirx.Expr]
 

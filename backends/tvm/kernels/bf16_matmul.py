@@ -13,7 +13,7 @@ The inner product is ``vdpbf16ps`` (``llvm.x86.avx512bf16.dpbf16ps.512``: 16 flo
 lanes, each adding the 2 products of a pair of bf16 values; the products are exact in
 float32), one per 16 output channels and 2 k-values, applied by tensorizing the 16 x 2
 block with :data:`BF16_INTRIN`. The register tile and loop order are the int8 kernel's
-(:mod:`rewriter.backends.kernels.dot_tile`: 8 x 48 float32 accumulators).
+(:mod:`rewriter.backends.tvm.kernels.common.dot_tile`: 8 x 48 float32 accumulators).
 
 TVM cannot hand LLVM a bfloat vector: its LLVM code generator has no ``bfloat`` type
 (a ``bfloat16`` vector crashes it), and its bf16 legalization turns every bfloat16
@@ -34,7 +34,7 @@ import tvm
 from tvm import te, tirx
 
 from rewriter.backends.bf16_matmul import GROUP, supported
-from rewriter.backends.kernels import dot_tile
+from rewriter.backends.tvm.kernels.common import dot_tile
 
 # Name under which the 16 x 2 bf16 dot product is registered for tensorize.
 BF16_INTRIN = "rewriter_bf16_dot_16x2"

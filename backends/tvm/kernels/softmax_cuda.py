@@ -1,7 +1,7 @@
 """Softmax along the last axis of a 2-D buffer on CUDA: one thread block per row.
 
 The two-pass algorithm of Dukhan & Ablavatski, "The Two-Pass Softmax Algorithm", 2020
-(arXiv 2001.04438), with the math of :mod:`rewriter.backends.kernels.exp_pair`: each
+(arXiv 2001.04438), with the math of :mod:`rewriter.backends.tvm.kernels.common.exp_pair`: each
 thread keeps a running ``(M, N)`` pair over a strided slice of the row, the block merges
 the pairs (warp shuffles, then one warp over the per-warp results in shared memory), and
 pass 2 writes ``m / M * 2**(n - N)``. Rows outside the float32 fast path's contract
@@ -17,7 +17,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from rewriter import two_pass_math as tpm
-from rewriter.backends.kernels import exp_pair as ep
+from rewriter.backends.tvm.kernels.common import exp_pair as ep
 
 THREADS = 256
 WARP = 32

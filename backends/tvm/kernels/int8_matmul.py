@@ -14,7 +14,7 @@ The inner product is ``vpdpbusd`` (``llvm.x86.avx512.vpdpbusd.512``: 16 int32 la
 adding 4 u8 x s8 products, exact, no saturation), one per 16 output channels and 4
 k-values, applied by tensorizing the 16 x 4 block with :data:`VNNI_INTRIN`.
 
-Schedule (by hand, shared with the bf16 kernel: :mod:`rewriter.backends.kernels.dot_tile`):
+Schedule (by hand, shared with the bf16 kernel: :mod:`rewriter.backends.tvm.kernels.common.dot_tile`):
 an 8 x 48 block of the int32 accumulator lives in registers, the k loop in steps of 4
 runs outside the tile, each step broadcasts 4 bytes of each A row and loads one 64-byte
 row of W per 16 channels; the ``K x 48`` panel of W (18 KiB for K = 384) stays in L1
@@ -33,8 +33,8 @@ from __future__ import annotations
 import tvm
 from tvm import te, tirx
 
-from rewriter.backends.kernels import dot_tile
 from rewriter.backends.qdq_matmul import GROUP, supported
+from rewriter.backends.tvm.kernels.common import dot_tile
 
 # Name under which the 16 x 4 VNNI dot product is registered for tensorize.
 VNNI_INTRIN = "rewriter_vnni_dot_16x4"
