@@ -9,7 +9,7 @@ sentences other than the evaluation ones). Contenders, all on the same inputs, o
 (``TVM_NUM_THREADS=1``, ORT ``intra_op_num_threads=1``):
 
 * ``tvm int8``: our library of the QDQ model (on a VNNI target the QDQ MatMuls run as
-  integer matmuls with ``vpdpbusd``, :mod:`rewriter.backends.qdq_matmul`);
+  integer matmuls with ``vpdpbusd``, :mod:`rewriter.backends.tvm.relax_passes.qdq_matmul`);
 * ``tvm qdq float``: the same QDQ model, the MatMuls on dequantized weights in float32
   (what the backend does without VNNI);
 * ``tvm fp32``: our library of the float model;

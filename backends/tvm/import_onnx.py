@@ -43,9 +43,9 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from rewriter.backends import qdq_matmul
-from rewriter.backends.loss_decompose import expand_losses
-from rewriter.backends.unroll import unroll_loops
+from rewriter.backends.tvm.relax_passes import qdq_matmul
+from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
+from rewriter.backends.tvm.relax_passes.unroll import unroll_loops
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN
 
@@ -120,7 +120,7 @@ def prepare(
     their function bodies (their kernels are CPU only: CUDA targets pass False).
 
     ``int8_matmul=True`` rewrites QDQ MatMuls (int8 activations and weights) into
-    integer matmuls (:func:`rewriter.backends.qdq_matmul.fuse`); :func:`import_onnx`
+    integer matmuls (:func:`rewriter.backends.tvm.relax_passes.qdq_matmul.fuse`); :func:`import_onnx`
     sets it for targets with AVX-512 VNNI.
 
     >>> proto = prepare("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP

@@ -6,14 +6,14 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    :mod:`rewriter.backends.tvm.import_torch` for a ``torch.export.ExportedProgram``): our
    ops become ``call_tir`` to our kernels, weights become constants of the module; on
    targets with AVX512-BF16, bf16 matmuls with a constant weight become ``call_tir`` to
-   our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.bf16_matmul`);
+   our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
 2. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
    stock ``softmax``) become TVM's polynomial versions (BERT outputs move by ~1e-6
    relative; our two-pass kernel is not touched);
 3. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``);
 4. scheduling: on CPUs constant matmul weights packed in panels
-   (:mod:`rewriter.backends.pack_weights`), then our rules
-   (:mod:`rewriter.backends.schedules`: register-tiled matmul, vectorized row
+   (:mod:`rewriter.backends.tvm.relax_passes.pack_weights`), then our rules
+   (:mod:`rewriter.backends.tvm.relax_passes.schedules`: register-tiled matmul, vectorized row
    reductions and elementwise loops); on CUDA
    ``tvm.s_tir.dlight`` (Matmul, GEMV, Reduction, GeneralReduction, Fallback). With
    ``tune``/``tune_db`` (CPU targets), before our rules: the tuning stage
@@ -41,7 +41,12 @@ def relax_pipeline(
     import tvm
     from tvm import relax
 
-    from rewriter.backends import bf16_matmul, bf16_upcast, pack_weights, schedules
+    from rewriter.backends.tvm.relax_passes import (
+        bf16_matmul,
+        legalize_bf16_norms,
+        pack_weights,
+        schedules,
+    )
 
     gpu = "gpu" in target.keys
     if gpu:
@@ -49,7 +54,7 @@ def relax_pipeline(
     else:
         from tvm.relax.backend.cpu_generic import pipeline as stages
 
-    passes = [bf16_upcast.upcast_pass()]  # TVM legalizes no bf16 layer norm
+    passes = [legalize_bf16_norms.upcast_pass()]  # TVM legalizes no bf16 layer norm
     if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)

@@ -1,6 +1,6 @@
 """``Y = A_bf16 @ W_bf16 (+ bias)``, accumulated in float32, as a scheduled TIR PrimFunc (AVX512-BF16).
 
-The kernel of a bf16 matmul with a constant weight (see :mod:`rewriter.backends.bf16_matmul`
+The kernel of a bf16 matmul with a constant weight (see :mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`
 for how the model gets here): ``A`` [M, K] bfloat16, ``W`` bfloat16 packed as
 ``[ceil(N/16), K/2, 16, 2]`` (``W_packed[n // 16, k // 2, n % 16, k % 2] = W[k, n]``, zero
 past column N, so one 64-byte row is the 2 k-values of 16 output channels), accumulated
@@ -23,7 +23,7 @@ IR function that bitcasts them and calls the intrinsic; TVM links it into the ke
 module (``pragma_import_llvm``, always inlined), and the call becomes one ``vdpbf16ps``.
 
 Requires static shapes, ``K % 2 == 0`` and a target with ``avx512bf16``
-(:func:`rewriter.backends.bf16_matmul.supported`).
+(:func:`rewriter.backends.tvm.relax_passes.bf16_matmul.supported`).
 
 >>> func = bf16_matmul(8, 768, 30522, bias=True, out_dtype="bfloat16", target=resolve("avx512"))  # doctest: +SKIP
 """
@@ -33,8 +33,8 @@ from __future__ import annotations
 import tvm
 from tvm import te, tirx
 
-from rewriter.backends.bf16_matmul import GROUP, supported
 from rewriter.backends.tvm.kernels.common import dot_tile
+from rewriter.backends.tvm.relax_passes.bf16_matmul import GROUP, supported
 
 # Name under which the 16 x 2 bf16 dot product is registered for tensorize.
 BF16_INTRIN = "rewriter_bf16_dot_16x2"
@@ -83,7 +83,7 @@ def bf16_matmul(
     """The scheduled PrimFunc ``(A, W_packed[, bias], Y)``; see the module docstring.
 
     Shapes: ``A`` [m, k] bfloat16, ``W_packed`` [ceil(n/16), k/2, 16, 2] bfloat16
-    (:func:`rewriter.backends.bf16_matmul.pack_weight`), ``bias`` [n] float32, ``Y`` [m, n]
+    (:func:`rewriter.backends.tvm.relax_passes.bf16_matmul.pack_weight`), ``bias`` [n] float32, ``Y`` [m, n]
     ``out_dtype`` (bfloat16 or float32).
     """
     if not supported(target):

@@ -1,6 +1,6 @@
 """``Y = scale * (A_u8 @ W_s8 - comp) + bias`` as a scheduled TIR PrimFunc (AVX-512 VNNI).
 
-The integer matmul of a QDQ MatMul (see :mod:`rewriter.backends.qdq_matmul` for how the
+The integer matmul of a QDQ MatMul (see :mod:`rewriter.backends.tvm.relax_passes.qdq_matmul` for how the
 model gets here): ``A`` [M, K] uint8 activations, ``W`` int8 weights packed as
 ``[ceil(N/16), K/4, 16, 4]`` (``W_packed[n // 16, k // 4, n % 16, k % 4] = W[k, n]``,
 zero past column N, so one 64-byte row is the 4 k-values of 16 output channels),
@@ -23,7 +23,7 @@ tile before it is stored. (Measured on one Sapphire Rapids core: 600 GOPS for 25
 384, 350 for 256 x 384 x 1536.)
 
 Requires static shapes, ``K % 4 == 0`` and a target with ``avx512vnni``
-(:func:`rewriter.backends.qdq_matmul.supported`).
+(:func:`rewriter.backends.tvm.relax_passes.qdq_matmul.supported`).
 
 >>> func = int8_matmul(8, 768, 30522, bias=True, target=resolve("avx512"))  # doctest: +SKIP
 """
@@ -33,8 +33,8 @@ from __future__ import annotations
 import tvm
 from tvm import te, tirx
 
-from rewriter.backends.qdq_matmul import GROUP, supported
 from rewriter.backends.tvm.kernels.common import dot_tile
+from rewriter.backends.tvm.relax_passes.qdq_matmul import GROUP, supported
 
 # Name under which the 16 x 4 VNNI dot product is registered for tensorize.
 VNNI_INTRIN = "rewriter_vnni_dot_16x4"
@@ -64,7 +64,7 @@ def int8_matmul(m: int, k: int, n: int, *, bias: bool, target: tvm.target.Target
     """The scheduled PrimFunc ``(A, W_packed, scale, comp[, bias], Y)``; see the module docstring.
 
     Shapes: ``A`` [m, k] uint8, ``W_packed`` [ceil(n/16), k/4, 16, 4] int8
-    (:func:`rewriter.backends.qdq_matmul.pack_weight`), ``scale`` [n] float32, ``comp``
+    (:func:`rewriter.backends.tvm.relax_passes.qdq_matmul.pack_weight`), ``scale`` [n] float32, ``comp``
     [n] int32, ``bias`` [n] float32, ``Y`` [m, n] float32.
     """
     if not supported(target):

@@ -255,7 +255,7 @@ class Watch:
 
 def our_schedule(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
     """The traced ``s_tir.Schedule`` our CPU rules give ``func``, or None (no rule fits)."""
-    from rewriter.backends import schedules
+    from rewriter.backends.tvm.relax_passes import schedules
 
     for rule in schedules.cpu_schedule(target).rules:
         space = rule.apply(func, target, False)

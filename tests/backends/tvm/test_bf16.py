@@ -25,10 +25,10 @@ from onnx import TensorProto, helper
 
 tvm = pytest.importorskip("tvm")
 
-from rewriter.backends import bf16_matmul, bf16_upcast  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.tvm import import_onnx, targets  # noqa: E402
 from rewriter.backends.tvm.kernels import bf16_matmul as kernel  # noqa: E402
+from rewriter.backends.tvm.relax_passes import bf16_matmul, legalize_bf16_norms  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
 U = 2.0**-24  # float32 unit roundoff
@@ -316,7 +316,7 @@ def test_bf16_layer_norm_compiles():
         [bf16_tensor(scale, "g"), bf16_tensor(shift, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    module, stats = bf16_upcast.upcast(
+    module, stats = legalize_bf16_norms.upcast(
         import_onnx.import_onnx(model, target=targets.resolve("avx2"))
     )
     assert stats == {"bf16_norms_upcast": 1}

@@ -1,7 +1,7 @@
 """Int8 QDQ MatMuls on the TVM backend: the rewrite, the VNNI kernel, agreement with ORT.
 
 ``quantize(activations=int8)`` gives ``DQ(Q(x)) @ DQ(W_q)``; on targets with AVX-512
-VNNI :func:`rewriter.backends.qdq_matmul.fuse` turns it into an integer matmul
+VNNI :func:`rewriter.backends.tvm.relax_passes.qdq_matmul.fuse` turns it into an integer matmul
 (``vpdpbusd``). The reference is ONNX Runtime on the QDQ model with graph optimizations
 off, so that it computes exactly what the graph says: dequantized float32 operands and a
 float32 MatMul.
@@ -28,10 +28,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
-from rewriter.backends import qdq_matmul  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.tvm import import_onnx, targets  # noqa: E402
 from rewriter.backends.tvm.kernels import int8_matmul as kernel  # noqa: E402
+from rewriter.backends.tvm.relax_passes import qdq_matmul  # noqa: E402
 from rewriter.passes.quantize import QuantizeOptions, QuantizePass  # noqa: E402
 
 needs_vnni = pytest.mark.requires_cpu("avx512_vnni")

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 
 from rewriter import verify
-from rewriter.backends.loss_decompose import expand_losses
+from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
 
 
 @functools.cache

@@ -1,8 +1,8 @@
 """Packed-weight matmuls and row reductions on CPU: the structure TVM is given, and its numbers.
 
-* :mod:`rewriter.backends.pack_weights`: a matmul with a constant weight calls a packed
+* :mod:`rewriter.backends.tvm.relax_passes.pack_weights`: a matmul with a constant weight calls a packed
   copy of its PrimFunc, the weight repacked as ``[N / NB, K, NB]``; other matmuls are left.
-* :mod:`rewriter.backends.schedules`: the packed matmul gets the register-tiled
+* :mod:`rewriter.backends.tvm.relax_passes.schedules`: the packed matmul gets the register-tiled
   micro-kernel (zmm FMAs on avx512), row reductions (layer norm) a vectorized rfactor.
 * Ragged shapes (N = 197, 1000, 30522; 197 rows): the constant weight is packed
   zero-padded to whole panels, a computed B is padded in the function
@@ -23,9 +23,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import verify
-from rewriter.backends import pack_weights, schedules
 from rewriter.backends import tvm as backend
 from rewriter.backends.tvm import import_onnx, targets
+from rewriter.backends.tvm.relax_passes import pack_weights, schedules
 from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
 
 TOLERANCE = COMPILED_TOLERANCE["float32"]

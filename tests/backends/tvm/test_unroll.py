@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from rewriter import verify
-from rewriter.backends.unroll import unroll_loops
+from rewriter.backends.tvm.relax_passes.unroll import unroll_loops
 from rewriter.registry import create_pass
 from tests import attention_models
 from tests.helpers import model_from_text, to_proto

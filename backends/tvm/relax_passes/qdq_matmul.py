@@ -20,7 +20,7 @@ and stores its N (``scale``, ``comp`` and ``bias`` stay [N]).
 
 Exact up to float32 rounding: ONNX Runtime on the QDQ model sums ``K`` float32 products
 of dequantized values; here only the scale, the int32 -> float conversion and the bias
-add round (see ``tests/test_tvm_int8.py`` for the tolerance).
+add round (see ``tests/backends/tvm/test_int8.py`` for the tolerance).
 
 Fires only on MatMuls with a 2-D constant weight, static input shape and ``K % 4 == 0``
 (any ``N``); the others keep their QDQ form (TVM dequantizes and multiplies in float32),
@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.backends import pack_weights
 from rewriter.backends.tvm import targets
+from rewriter.backends.tvm.relax_passes import pack_weights
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN
 

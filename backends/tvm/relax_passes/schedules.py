@@ -7,7 +7,7 @@ loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
 
 * :class:`RegisterTiledMatmul`: ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
   with an elementwise epilogue, B either plain or packed in ``NB``-column panels
-  (:mod:`rewriter.backends.pack_weights` packs constant weights). The micro-kernel
+  (:mod:`rewriter.backends.tvm.relax_passes.pack_weights` packs constant weights). The micro-kernel
   keeps a ``tile_i x tile_j`` block of C in registers (:func:`register_tile`: 8 x 32
   floats, 16 of AVX-512's 32 registers): for each ``k`` (unrolled by
   :data:`K_UNROLL`) it broadcasts ``tile_i`` values of A and multiplies-adds them
@@ -240,7 +240,7 @@ def _rules() -> dict[str, Any]:
         """``C[..., i, j] += A[..., i, k] * B[..., k, j]`` (+ elementwise epilogue), register-tiled.
 
         B is read either as ``B[..., k, j]`` or packed, ``Bp[j // NB, k, j % NB]``
-        (:mod:`rewriter.backends.pack_weights`); a packed B fixes the tile's width to NB.
+        (:mod:`rewriter.backends.tvm.relax_passes.pack_weights`); a packed B fixes the tile's width to NB.
         """
 
         what = "matmul"

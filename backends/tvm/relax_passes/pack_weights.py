@@ -2,8 +2,8 @@
 
 A matmul's weight is a constant of the module, so its layout is free: this pass stores
 it as column panels, ``Wp[jb, k, jj] = W[k, jb * NB + jj]``, with ``NB`` the width of
-the matmul's register tile (:func:`rewriter.backends.schedules.pack_width`). The
-micro-kernel (:mod:`rewriter.backends.schedules`) then reads its ``K x NB`` panel
+the matmul's register tile (:func:`rewriter.backends.tvm.relax_passes.schedules.pack_width`). The
+micro-kernel (:mod:`rewriter.backends.tvm.relax_passes.schedules`) then reads its ``K x NB`` panel
 of B as one contiguous stream, instead of ``NB`` floats from each of ``K`` rows ``N``
 floats apart (which thrashes the L1 sets and the TLB once ``N`` is large). This is the
 packed B panel of Goto and van de Geijn, "Anatomy of High-Performance Matrix
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends import schedules
+from rewriter.backends.tvm.relax_passes import schedules
 
 if TYPE_CHECKING:
     import tvm

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends import pack_weights
 from rewriter.backends.tvm import targets
+from rewriter.backends.tvm.relax_passes import pack_weights
 
 if TYPE_CHECKING:
     import tvm
