@@ -43,7 +43,6 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from rewriter.backends.tvm.relax_passes import qdq_matmul
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
 from rewriter.backends.tvm.relax_passes.unroll import unroll_loops
 from rewriter.errors import InputError
@@ -183,6 +182,8 @@ def prepare(
             node.op_type, node.domain = renamed, ""
     work.opset_imports.pop(DOMAIN, None)
     if int8_matmul:
+        from rewriter.backends.tvm.relax_passes import qdq_matmul  # imports tvm (the kernel's)
+
         qdq_matmul.fuse(work)
     return ir.serde.serialize_model(work)
 
@@ -385,7 +386,9 @@ def import_onnx(
     True
     """
     if int8_matmul is None:
-        int8_matmul = qdq_matmul.supported(target)
+        from rewriter.backends.tvm.kernels import int8_matmul as int8_kernel
+
+        int8_matmul = int8_kernel.supported(target)
     proto = prepare(
         model, dims=dims, fuse_loss=target.kind.name != "cuda", int8_matmul=int8_matmul
     )
@@ -432,6 +435,7 @@ def _importer_class() -> type:
     from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
     from rewriter.backends import lowering, lowering_attention, lowering_loss
+    from rewriter.backends.tvm.relax_passes import qdq_matmul
 
     ours_ops = {*CUSTOM_OPS, *STATIC_KERNEL_OPS.values(), qdq_matmul.OP_TYPE}
     loss_ops = {STATIC_KERNEL_OPS[op] for op in LOSS_OPS}

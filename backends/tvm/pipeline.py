@@ -41,6 +41,7 @@ def relax_pipeline(
     import tvm
     from tvm import relax
 
+    from rewriter.backends.tvm.kernels import bf16_matmul as bf16_kernel
     from rewriter.backends.tvm.relax_passes import (
         bf16_matmul,
         legalize_bf16_norms,
@@ -55,7 +56,7 @@ def relax_pipeline(
         from tvm.relax.backend.cpu_generic import pipeline as stages
 
     passes = [legalize_bf16_norms.upcast_pass()]  # TVM legalizes no bf16 layer norm
-    if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
+    if not gpu and bf16_kernel.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)
     if fast_math:

@@ -22,8 +22,7 @@ So the kernel passes the pairs as ``int16x32`` to :data:`DOT_FUNCTION`, a four-l
 IR function that bitcasts them and calls the intrinsic; TVM links it into the kernel's
 module (``pragma_import_llvm``, always inlined), and the call becomes one ``vdpbf16ps``.
 
-Requires static shapes, ``K % 2 == 0`` and a target with ``avx512bf16``
-(:func:`rewriter.backends.tvm.relax_passes.bf16_matmul.supported`).
+Requires static shapes, ``K % 2 == 0`` and a target with ``avx512bf16`` (:func:`supported`).
 
 >>> func = bf16_matmul(8, 768, 30522, bias=True, out_dtype="bfloat16", target=resolve("avx512"))  # doctest: +SKIP
 """
@@ -33,8 +32,10 @@ from __future__ import annotations
 import tvm
 from tvm import te, tirx
 
+from rewriter.backends.tvm import targets
 from rewriter.backends.tvm.kernels.common import dot_tile
-from rewriter.backends.tvm.relax_passes.bf16_matmul import GROUP, supported
+
+GROUP = 2  # k-values summed per lane by vdpbf16ps
 
 # Name under which the 16 x 2 bf16 dot product is registered for tensorize.
 BF16_INTRIN = "rewriter_bf16_dot_16x2"
@@ -43,6 +44,15 @@ DOT_FUNCTION = "rewriter_dpbf16ps"
 OUT_DTYPES = ("bfloat16", "float32")
 # LLVM 17 retyped the vdpbf16ps operands from <16 x i32> to <32 x bfloat>.
 _BFLOAT_OPERANDS_LLVM = 17
+
+
+def supported(target: tvm.target.Target) -> bool:
+    """Whether the bf16 kernel runs on ``target``: an x86 LLVM target with AVX512-BF16.
+
+    >>> supported(resolve("avx512")), supported(resolve("avx2"))  # doctest: +SKIP
+    (True, False)
+    """
+    return targets.x86_has(target, "avx512bf16")
 
 
 def dot_function_ir() -> str:

@@ -22,8 +22,7 @@ while the rows of A stream past it. The epilogue (scale, compensation, bias) run
 tile before it is stored. (Measured on one Sapphire Rapids core: 600 GOPS for 256 x 384 x
 384, 350 for 256 x 384 x 1536.)
 
-Requires static shapes, ``K % 4 == 0`` and a target with ``avx512vnni``
-(:func:`rewriter.backends.tvm.relax_passes.qdq_matmul.supported`).
+Requires static shapes, ``K % 4 == 0`` and a target with ``avx512vnni`` (:func:`supported`).
 
 >>> func = int8_matmul(8, 768, 30522, bias=True, target=resolve("avx512"))  # doctest: +SKIP
 """
@@ -33,13 +32,24 @@ from __future__ import annotations
 import tvm
 from tvm import te, tirx
 
+from rewriter.backends.tvm import targets
 from rewriter.backends.tvm.kernels.common import dot_tile
-from rewriter.backends.tvm.relax_passes.qdq_matmul import GROUP, supported
+
+GROUP = 4  # k-values summed per lane by vpdpbusd
 
 # Name under which the 16 x 4 VNNI dot product is registered for tensorize.
 VNNI_INTRIN = "rewriter_vnni_dot_16x4"
 # LLVM 22 retyped the vpdpbusd operands from <16 x i32> to <64 x i8> (llvm-project #155194).
 _BYTE_OPERANDS_LLVM = 22
+
+
+def supported(target: tvm.target.Target) -> bool:
+    """Whether the int8 kernel runs on ``target``: an x86 LLVM target with AVX-512 VNNI.
+
+    >>> supported(resolve("avx512")), supported(resolve("avx2"))  # doctest: +SKIP
+    (True, False)
+    """
+    return targets.x86_has(target, "avx512vnni")
 
 
 def _register_intrinsic() -> None:

@@ -17,7 +17,8 @@ where the graph rounds the matmul's result to bf16 before adding (closer to the 
 value; at most one bf16 unit in the last place apart).
 
 Runs before legalization (:func:`rewriter.backends.tvm.relax_pipeline` puts it first on
-CPU targets that :func:`supported` accepts); other targets keep TVM's path. Matmuls it
+CPU targets that :func:`rewriter.backends.tvm.kernels.bf16_matmul.supported` accepts);
+other targets keep TVM's path. Matmuls it
 cannot take (``K`` odd, symbolic shapes, a computed weight) keep TVM's path, and
 :func:`rewrite` says why in its statistics (logged).
 
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends.tvm import targets
+from rewriter.backends.tvm.kernels.bf16_matmul import GROUP, bf16_matmul
 from rewriter.backends.tvm.relax_passes import pack_weights
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ logger = logging.getLogger(__name__)
 # Name prefix of the kernels' GlobalVars in the Relax module (tests look for it).
 KERNEL_NAME = "rewriter_bf16_matmul"
 LANES = 16  # output channels per vdpbf16ps (float32 lanes of a zmm register)
-GROUP = 2  # k-values summed per lane by vdpbf16ps
 BF16 = "bfloat16"
 
 
@@ -58,15 +58,6 @@ class Site:
     shape: list[int]
     weight: np.ndarray  # bfloat16 [K, N]
     out_dtype: str
-
-
-def supported(target: tvm.target.Target) -> bool:
-    """Whether the bf16 kernel runs on ``target``: an x86 LLVM target with AVX512-BF16.
-
-    >>> supported(resolve("avx512")), supported(resolve("avx2"))  # doctest: +SKIP
-    (True, False)
-    """
-    return targets.x86_has(target, "avx512bf16")
 
 
 def pack_weight(weight: np.ndarray) -> np.ndarray:
@@ -235,7 +226,6 @@ def kernel_func(
 ) -> tvm.tirx.PrimFunc:
     """The kernel as a private, opaque, already scheduled PrimFunc for ``call_tir``."""
     from rewriter.backends.lowering import scheduled_kernel
-    from rewriter.backends.tvm.kernels.bf16_matmul import bf16_matmul
 
     return scheduled_kernel(bf16_matmul(m, k, n, bias=bias, out_dtype=out_dtype, target=target))
 

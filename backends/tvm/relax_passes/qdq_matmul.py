@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.backends.tvm import targets
+from rewriter.backends.tvm.kernels.int8_matmul import GROUP
 from rewriter.backends.tvm.relax_passes import pack_weights
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN
@@ -58,7 +58,6 @@ OP_TYPE = f"{DOMAIN}::Int8MatMul"
 # Name prefix of the kernels' GlobalVars in the Relax module (tests look for it).
 KERNEL_NAME = "rewriter_int8_matmul"
 LANES = 16  # output channels per vpdpbusd (int32 lanes of a zmm register)
-GROUP = 4  # k-values summed per lane by vpdpbusd
 SHIFT = 128  # int8 -> uint8
 MAX_K = (2**31 - 1) // (255 * 128)  # the int32 sum cannot overflow up to this K
 
@@ -284,15 +283,6 @@ def _replace(model: ir.Model, match: Match, u8: ir.Value) -> None:
     for dead in (match.add, match.matmul):
         if dead is not None:
             model.graph.remove(dead, safe=True)
-
-
-def supported(target: tvm.target.Target) -> bool:
-    """Whether the int8 kernel runs on ``target``: an x86 LLVM target with AVX-512 VNNI.
-
-    >>> supported(resolve("avx512")), supported(resolve("avx2"))  # doctest: +SKIP
-    (True, False)
-    """
-    return targets.x86_has(target, "avx512vnni")
 
 
 def emit_int8_matmul(

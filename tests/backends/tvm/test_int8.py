@@ -288,7 +288,7 @@ def test_kernel_is_exact_and_uses_vpdpbusd(m, k, n):
 
 
 def test_kernel_refuses_targets_without_vnni():
-    assert not qdq_matmul.supported(targets.resolve("avx2")) and qdq_matmul.supported(
+    assert not kernel.supported(targets.resolve("avx2")) and kernel.supported(
         targets.resolve("avx512")
     )
     with pytest.raises(ValueError, match="avx512vnni"):
