@@ -4,7 +4,7 @@ The two-pass algorithm (Dukhan & Ablavatski, "The Two-Pass Softmax Algorithm", 2
 arXiv 2001.04438) reads each row twice and writes it once. Columns, all on the same
 64-byte-aligned float32 buffers:
 
-* ``two-pass``: ours (``rewriter.backends.tvm.kernels.two_pass_softmax``)
+* ``two-pass``: ours (``rewriter.backends.tvm.kernels.softmax.two_pass_softmax``)
 * ``tvm-stock``: TVM's softmax (``topi.nn.softmax``, as Relax legalizes ``nn.softmax``)
   through the default pipeline, which does not schedule it (one thread)
 * ``three-pass``: ours, max / sum of exp / scale, same vectorization and exp
@@ -96,8 +96,11 @@ def measure_shape(
         write_probe,
     )
 
-    from rewriter.backends.tvm.kernels import three_pass_softmax, two_pass_softmax
-    from rewriter.backends.tvm.kernels.softmax import split_segments
+    from rewriter.backends.tvm.kernels.softmax import (
+        split_segments,
+        three_pass_softmax,
+        two_pass_softmax,
+    )
 
     target = cpu_target()
     segments = split_segments(rows, cols)

@@ -49,7 +49,7 @@ def lowered(
     from rewriter.backends.tvm.pipeline import relax_pipeline
 
     tvm_target = targets.resolve(target)
-    proto = import_onnx.prepare(model, dims=dims, fuse_loss=not targets.is_gpu(target))
+    proto = import_onnx.prepare(model, dims=dims, gpu=targets.is_gpu(target))
     mod = import_onnx.import_onnx(proto, target=tvm_target)
     return relax_pipeline(tvm_target)(mod)
 

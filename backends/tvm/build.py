@@ -279,7 +279,7 @@ def compile(
         inputs, outputs = torch_import.signature(model)
         source: Any = model
     else:
-        source = onnx_import.prepare(model, dims=dims, fuse_loss=not targets.is_gpu(target))
+        source = onnx_import.prepare(model, dims=dims, gpu=targets.is_gpu(target))
         inputs = onnx_import.input_signature(source)
         outputs = [output.name for output in source.graph.output]
     signature = Signature(

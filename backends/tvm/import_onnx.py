@@ -10,21 +10,17 @@ TVM's importer (``tvm.relax.frontend.onnx.from_onnx``) has two gaps this module 
    allowed, after optionally fixing symbolic input dimensions (``dims``), which
    folds every shape computation away.
 2. It has no hook for custom ops and ignores domains. :func:`prepare` renames each
-   ``ai.rewriter`` node that has a kernel of ours to ``ai.rewriter::<OpType>`` (its
-   model-local function body is dropped, not inlined; ops without a kernel yet are
-   inlined from their function body and logged), and a subclass of TVM's
-   ``ONNXGraphImporter`` that overrides only ``_convert_operator`` and
-   ``_check_for_unsupported_ops`` lowers those nodes with
-   :func:`rewriter.backends.lowering.emit_two_pass_softmax` (``R.call_tir`` of our TIR
-   kernel from :mod:`rewriter.backends.tvm.kernels.softmax`, N-D inputs reshaped to
-   ``[rows, cols]`` around it). ``SigmoidAttention`` (:data:`STATIC_KERNEL_OPS`) has a
-   fused kernel (CPU, and CUDA on GPU targets) for static 4-D float32 shapes
-   (:func:`rewriter.backends.lowering_attention.emit_sigmoid_attention`); nodes with
-   other shapes are inlined from the function body. ``FusedCrossEntropy`` and
-   ``FusedLinearCrossEntropy`` (:data:`LOSS_OPS`) become ``call_tir`` to our loss kernels
-   (:mod:`rewriter.backends.lowering_loss`) for static float32 inputs when
-   ``fuse_loss`` (CPU targets); anything else, and CUDA targets, get the function body.
-   Which path each node takes is logged. Nothing global is patched.
+   ``ai.rewriter`` node that has a lowering of ours (:mod:`rewriter.backends.tvm.ops`,
+   by op type) to ``ai.rewriter::<OpType>`` (its model-local function body is dropped,
+   not inlined; ops without a lowering yet are inlined from their function body and
+   logged), and a subclass of TVM's ``ONNXGraphImporter`` that overrides only
+   ``_convert_operator`` and ``_check_for_unsupported_ops`` hands those nodes to their
+   lowering (``R.call_tir`` of our TIR kernel). A lowering whose kernel needs static
+   shapes (``SigmoidAttention``, the fused losses) says which nodes it refuses once the
+   shapes are inferred, and those are inlined from their function body; one that is
+   CPU-only (the losses) is inlined on GPU targets; ``prepare(fuse_attention=False,
+   fuse_loss=False)`` inline them too. Which path each node takes is logged. Nothing
+   global is patched.
 
 >>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
 """
@@ -34,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import reduce
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +39,8 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from rewriter.backends.tvm import ops
+from rewriter.backends.tvm.ops import KernelFactory
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
 from rewriter.backends.tvm.relax_passes.unroll import unroll_loops
 from rewriter.errors import InputError
@@ -54,28 +52,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Our ops, renamed so that the importer (which sees only op_type) cannot confuse them
-# with a standard op of the same name: renamed op_type -> log-softmax flag.
-CUSTOM_OPS = {
-    f"{DOMAIN}::TwoPassSoftmax": False,
-    f"{DOMAIN}::TwoPassLogSoftmax": True,
-}
-# Our ops whose kernel needs static shapes: op_type -> renamed op_type. Nodes whose
-# inputs the kernel takes (static 4-D float32 for SigmoidAttention, static float32 for
-# the losses) get the kernel, the others their function body.
-STATIC_KERNEL_OPS = {
-    "SigmoidAttention": f"{DOMAIN}::SigmoidAttention",
-    "FusedCrossEntropy": f"{DOMAIN}::FusedCrossEntropy",
-    "FusedLinearCrossEntropy": f"{DOMAIN}::FusedLinearCrossEntropy",
-}
-# The loss ops (CPU kernels only: prepare(fuse_loss=False) inlines their bodies).
-LOSS_OPS = ("FusedCrossEntropy", "FusedLinearCrossEntropy")
+# Appended to the op type of a node that gets a static-shape kernel, while prepare runs
+# the optimizer again: no function has that name, so the node is kept as it is.
 _STATIC_MARK = "__static_kernel"
-# Name prefix of the kernels' GlobalVars in the Relax module (tests look for it).
-KERNEL_PREFIX = "rewriter_two_pass"  # = lowering.KERNEL_PREFIX (kept here: no tvm import)
 
 ModelLike = str | os.PathLike[str] | onnx.ModelProto | ir.Model
-KernelFactory = Callable[..., Any]
 
 
 def to_ir(model: ModelLike) -> ir.Model:
@@ -106,6 +87,7 @@ def prepare(
     fuse_attention: bool = True,
     fuse_loss: bool = True,
     int8_matmul: bool = False,
+    gpu: bool = False,
 ) -> onnx.ModelProto:
     """Clean ``model`` up for TVM's importer; returns a new proto.
 
@@ -116,7 +98,8 @@ def prepare(
     ``fuse_attention=False`` inlines ``SigmoidAttention`` from its function body (the
     fused kernels exist for CPU and CUDA targets; this is for other backends and tests).
     ``fuse_loss=False`` inlines ``FusedCrossEntropy``/``FusedLinearCrossEntropy`` from
-    their function bodies (their kernels are CPU only: CUDA targets pass False).
+    their function bodies. ``gpu=True`` (a GPU target) inlines the ops whose kernels are
+    CPU only (the losses).
 
     ``int8_matmul=True`` rewrites QDQ MatMuls (int8 activations and weights) into
     integer matmuls (:func:`rewriter.backends.tvm.relax_passes.qdq_matmul.fuse`); :func:`import_onnx`
@@ -131,22 +114,23 @@ def prepare(
     # the optimizer inlines it into standard ops (said in the log: no fused kernel yet).
     # Ops whose kernel needs static shapes keep their body aside until the optimizer
     # has inferred the shapes of their inputs.
+    options = {"fuse_attention": fuse_attention, "fuse_loss": fuse_loss}
     held: dict[ir.OperatorIdentifier, ir.Function] = {}
     for key in [key for key in work.functions if key[0] == DOMAIN]:
-        if f"{DOMAIN}::{key[1]}" in CUSTOM_OPS:
-            del work.functions[key]
-        elif key[1] in STATIC_KERNEL_OPS and (
-            fuse_loss if key[1] in LOSS_OPS else fuse_attention
-        ):
-            held[key] = work.functions.pop(key)
-        else:
+        lowering = ops.lowering(key[1])
+        if lowering is None or not lowering.wanted(options, gpu=gpu):
             logger.warning("%s has no TVM kernel yet: compiled from its ONNX function body", key[1])
+        elif lowering.refusal is None:
+            del work.functions[key]
+        else:
+            held[key] = work.functions.pop(key)
     _optimize(work)
     if held:
         inline = False
         for node in ir.traversal.RecursiveGraphIterator(work.graph):
-            if node.domain == DOMAIN and node.op_type in STATIC_KERNEL_OPS:
-                refusal = _kernel_refusal(node)
+            lowering = ops.lowering(node.op_type) if node.domain == DOMAIN else None
+            if lowering is not None and lowering.refusal is not None:
+                refusal = lowering.refusal(node)
                 if not refusal:
                     logger.info("%s %r: fused TIR kernel", node.op_type, node.name)
                     node.op_type += _STATIC_MARK  # no function of that name: kept as is
@@ -169,17 +153,17 @@ def prepare(
     unroll_loops(work)
     _expand_blocked_dequantize(work)
     for node in list(ir.traversal.RecursiveGraphIterator(work.graph)):
-        if node.domain == DOMAIN and node.op_type == "FusedCrossEntropy" + _STATIC_MARK:
-            _drop_unused_log_prob(node)
+        lowering = ops.lowering(node.op_type.removesuffix(_STATIC_MARK))
+        if node.domain != DOMAIN or lowering is None or lowering.before_import is None:
+            continue
+        if node.op_type.endswith(_STATIC_MARK) or lowering.refusal is None:  # gets the kernel
+            lowering.before_import(node)
     for node in ir.traversal.RecursiveGraphIterator(work.graph):
         if node.domain == DOMAIN:
-            if node.op_type.endswith(_STATIC_MARK):
-                renamed = STATIC_KERNEL_OPS[node.op_type.removesuffix(_STATIC_MARK)]
-            else:
-                renamed = f"{DOMAIN}::{node.op_type}"
-            if renamed not in CUSTOM_OPS and renamed not in STATIC_KERNEL_OPS.values():
+            op_type = node.op_type.removesuffix(_STATIC_MARK)
+            if ops.lowering(op_type) is None:
                 raise InputError(f"{DOMAIN} op {node.op_type!r} has no TVM lowering")
-            node.op_type, node.domain = renamed, ""
+            node.op_type, node.domain = ops.renamed(op_type), ""
     work.opset_imports.pop(DOMAIN, None)
     if int8_matmul:
         from rewriter.backends.tvm.relax_passes import qdq_matmul  # imports tvm (the kernel's)
@@ -201,67 +185,6 @@ def _optimize(work: ir.Model) -> None:
         optimize_ir(work, should_fold=_fold_constant_of_shape)
     finally:
         folding_logger.setLevel(level)
-
-
-def _static_4d(node: ir.Node) -> bool:
-    """Whether Q, K, V of ``node`` are static 4-D float32 and its mask static (or absent)."""
-    if len(node.inputs) < 3 or any(value is None for value in node.inputs[:3]):
-        return False
-    for index, value in enumerate(node.inputs):
-        if value is None:
-            continue
-        shape = value.shape
-        if shape is None or not all(isinstance(dim, int) for dim in shape):
-            return False
-        if value.dtype != ir.DataType.FLOAT or (index < 3 and len(shape) != 4) or len(shape) > 4:
-            return False
-    return True
-
-
-def _kernel_refusal(node: ir.Node) -> str:
-    """Why our kernel cannot take ``node`` (one of STATIC_KERNEL_OPS), or "" when it can."""
-    if node.op_type == "SigmoidAttention":
-        return "" if _static_4d(node) else "shapes not static 4-D float32"
-    labels = 2 if node.op_type == "FusedLinearCrossEntropy" else 1
-    for index, value in enumerate(node.inputs):
-        if value is None:
-            continue
-        shape = value.shape
-        if shape is None or not all(isinstance(dim, int) for dim in shape):
-            return f"input {index} has no static shape"
-        wanted = (
-            (ir.DataType.INT64, ir.DataType.INT32) if index == labels else (ir.DataType.FLOAT,)
-        )
-        if value.dtype not in wanted:
-            return f"input {index} is {value.dtype}, not {' or '.join(str(w) for w in wanted)}"
-    if len(node.inputs) <= labels or node.inputs[0] is None or node.inputs[labels] is None:
-        return "missing inputs"
-    if node.op_type == "FusedLinearCrossEntropy" and (
-        node.inputs[1] is None or len(node.inputs[1].shape or ()) != 2
-    ):
-        return "the weight is not 2-D"
-    return ""
-
-
-def _drop_unused_log_prob(node: ir.Node) -> None:
-    """Replace ``node`` (a FusedCrossEntropy) by one without its second output when nothing
-    reads it, so that the kernel does not write the log-probabilities."""
-    log_prob = node.outputs[1] if len(node.outputs) > 1 else None
-    if log_prob is None or log_prob.uses() or log_prob.is_graph_output():
-        return
-    graph = node.graph
-    assert graph is not None
-    new = ir.node(
-        node.op_type,
-        list(node.inputs),
-        attributes=dict(node.attributes),
-        domain=node.domain,
-        name=node.name,
-        num_outputs=1,
-    )
-    ir.convenience.replace_nodes_and_values(
-        graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
-    )
 
 
 _WIDER = {ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8}
@@ -375,25 +298,23 @@ def import_onnx(
 ) -> tvm.IRModule:
     """Import ``model`` into a Relax module, our ops as ``call_tir`` to our kernels.
 
-    ``kernel`` replaces the kernel factory (default
+    ``kernel`` replaces the two-pass softmax kernel factory (default
     :func:`rewriter.backends.tvm.kernels.softmax.two_pass_softmax`); it is called as
     ``kernel(rows, cols, dtype=..., log=..., target=...)`` and returns a PrimFunc with
     parameters ``(X[rows, cols], Y[rows, cols])``. ``int8_matmul`` (default: whether
     ``target`` has AVX-512 VNNI) runs QDQ MatMuls as integer matmuls (see :func:`prepare`).
 
     >>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
-    >>> any(gv.name_hint.startswith(KERNEL_PREFIX) for gv in mod.get_global_vars())  # doctest: +SKIP
+    >>> any(gv.name_hint.startswith("rewriter_two_pass") for gv in mod.get_global_vars())  # doctest: +SKIP
     True
     """
     if int8_matmul is None:
         from rewriter.backends.tvm.kernels import int8_matmul as int8_kernel
 
         int8_matmul = int8_kernel.supported(target)
-    proto = prepare(
-        model, dims=dims, fuse_loss=target.kind.name != "cuda", int8_matmul=int8_matmul
-    )
+    proto = prepare(model, dims=dims, gpu=target.kind.name == "cuda", int8_matmul=int8_matmul)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
-    importer = _importer_class()(target=target, kernel=kernel or default_kernel())
+    importer = _importer_class()(target=target, kernel=kernel)
     with warnings.catch_warnings():
         # The importer warns about every renamed input and unknown dimension.
         warnings.simplefilter("ignore")
@@ -403,13 +324,6 @@ def import_onnx(
             if type(exc).__name__ == "OpNotImplemented":
                 raise InputError(f"TVM cannot import the model: {exc}") from exc
             raise
-
-
-def default_kernel() -> KernelFactory:
-    """The two-pass softmax kernel factory; see :func:`rewriter.backends.lowering.default_kernel`."""
-    from rewriter.backends import lowering
-
-    return lowering.default_kernel()
 
 
 _IMPORTER: type | None = None
@@ -434,14 +348,11 @@ def _importer_class() -> type:
         return _IMPORTER
     from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
-    from rewriter.backends import lowering, lowering_attention, lowering_loss
-    from rewriter.backends.tvm.relax_passes import qdq_matmul
-
-    ours_ops = {*CUSTOM_OPS, *STATIC_KERNEL_OPS.values(), qdq_matmul.OP_TYPE}
-    loss_ops = {STATIC_KERNEL_OPS[op] for op in LOSS_OPS}
+    # Our ops by the name prepare gives them (ai.rewriter::<OpType>, default domain).
+    ours = {lowering.renamed: lowering for lowering in ops.lowerings().values()}
 
     class Importer(ONNXGraphImporter):
-        def __init__(self, *, target: tvm.target.Target, kernel: KernelFactory) -> None:
+        def __init__(self, *, target: tvm.target.Target, kernel: KernelFactory | None) -> None:
             super().__init__(
                 shape_dict={}, dtype_dict={}, keep_params_in_input=False, sanitize=True
             )
@@ -449,58 +360,23 @@ def _importer_class() -> type:
             self._kernel = kernel
 
         def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
-            ours = onnx.GraphProto()
-            ours.CopyFrom(graph)
-            kept = [node for node in ours.node if node.op_type not in ours_ops]
-            del ours.node[:]
-            ours.node.extend(kept)
-            super()._check_for_unsupported_ops(ours)
+            standard = onnx.GraphProto()
+            standard.CopyFrom(graph)
+            kept = [node for node in standard.node if node.op_type not in ours]
+            del standard.node[:]
+            standard.node.extend(kept)
+            super()._check_for_unsupported_ops(standard)
 
         def _convert_operator(
             self, op_name: str, inputs: list, attrs: dict, opset: int
         ) -> relax.Expr:
-            if op_name == STATIC_KERNEL_OPS["SigmoidAttention"]:
-                return lowering_attention.emit_sigmoid_attention(
-                    self.bb,
-                    inputs[0],
-                    inputs[1],
-                    inputs[2],
-                    inputs[3] if len(inputs) > 3 else None,
-                    scale=float(attrs.get("scale", 1.0)),
-                    bias=float(attrs.get("bias", 0.0)),
-                    target=self._target,
-                )
-            if op_name == qdq_matmul.OP_TYPE:
-                return qdq_matmul.emit_int8_matmul(self.bb, inputs, target=self._target)
-            if op_name in loss_ops:
-                return self._emit_loss(op_name, inputs, attrs)
+            lowering = ours.get(op_name)
+            if lowering is not None:
+                call = ops.OpCall(self.bb, inputs, attrs, self._target, self._kernel)
+                return lowering.emit(call)
             if op_name == "Gather":
                 return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
-            if op_name not in CUSTOM_OPS:
-                return super()._convert_operator(op_name, inputs, attrs, opset)
-            return lowering.emit_two_pass_softmax(
-                self.bb,
-                inputs[0],
-                log=CUSTOM_OPS[op_name],
-                target=self._target,
-                kernel=self._kernel,
-            )
-
-        def _emit_loss(self, op_name: str, inputs: list, attrs: dict) -> relax.Expr:
-            args = list(inputs) + [None] * 5
-            if op_name == STATIC_KERNEL_OPS["FusedCrossEntropy"]:
-                return lowering_loss.emit_cross_entropy(
-                    self.bb,
-                    args[0],
-                    args[1],
-                    args[2],
-                    attrs,
-                    log_prob=attrs["tvm_custom"]["num_outputs"] > 1,
-                    target=self._target,
-                )
-            return lowering_loss.emit_linear_cross_entropy(
-                self.bb, args[0], args[1], args[2], args[3], args[4], attrs, target=self._target
-            )
+            return super()._convert_operator(op_name, inputs, attrs, opset)
 
     _IMPORTER = Importer
     return Importer

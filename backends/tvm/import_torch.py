@@ -1,10 +1,12 @@
 """torch ``ExportedProgram`` -> Relax, our fx ops as ``call_tir`` to our kernels.
 
 ``tvm.relax.frontend.torch.from_exported_program`` takes a ``custom_convert_map``
-(keyed by the op overload's name); ``torch.ops.rewriter.two_pass_softmax`` and
-``two_pass_log_softmax`` (see :mod:`rewriter.fx`) are lowered there by
-:func:`rewriter.backends.lowering.emit_two_pass_softmax`, the same lowering as the
-ONNX front's.
+(keyed by the op overload's name); each of our torch ops that has a lowering in
+:mod:`rewriter.backends.tvm.ops` (registered with its ``torch_op``, e.g.
+``rewriter::two_pass_softmax``, see :mod:`rewriter.fx`) is lowered there by the same
+function as the ONNX front's op: its tensor arguments become the call's inputs, the
+others its attributes, by the names of the op's schema. The ops are found by name,
+without importing the fx front: a program that holds them was made where they exist.
 
 >>> program = torch.export.export(model, (x,))  # doctest: +SKIP
 >>> mod = import_exported_program(program, target=resolve("avx512"))  # doctest: +SKIP
@@ -15,15 +17,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends import lowering
+from rewriter.backends.tvm import ops
+from rewriter.backends.tvm.ops import KernelFactory
 
 if TYPE_CHECKING:
     import tvm
 
 logger = logging.getLogger(__name__)
-
-# fx op overload name -> log-softmax flag.
-CUSTOM_OPS = {"two_pass_softmax.default": False, "two_pass_log_softmax.default": True}
 
 
 def is_exported_program(model: object) -> bool:
@@ -35,7 +35,7 @@ def import_exported_program(
     program: Any,
     *,
     target: tvm.target.Target,
-    kernel: lowering.KernelFactory | None = None,
+    kernel: KernelFactory | None = None,
 ) -> tvm.IRModule:
     """Import ``program`` into Relax; our fx ops become ``call_tir`` to our kernels.
 
@@ -43,20 +43,44 @@ def import_exported_program(
     """
     from tvm.relax.frontend.torch import from_exported_program
 
-    import rewriter.fx  # noqa: F401  (registers torch.ops.rewriter.*)
-
-    def converter(log: bool) -> Any:
-        def convert(node: Any, importer: Any) -> Any:
-            x = importer.env[node.args[0]]
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
-            return lowering.emit_two_pass_softmax(
-                importer.block_builder, x, log=log, target=target, kernel=kernel, axis=int(dim)
-            )
-
-        return convert
-
-    custom = {name: converter(log) for name, log in CUSTOM_OPS.items()}
+    custom = {
+        _overload_key(name): _converter(lowering, target, kernel)
+        for name, lowering in ops.torch_lowerings().items()
+    }
     return from_exported_program(program, custom_convert_map=custom)
+
+
+def _overload_key(name: str) -> str:
+    """TVM's key for the default overload of torch op ``name``: ``rewriter::two_pass_softmax``
+    -> ``two_pass_softmax.default`` (the overload's ``__name__``)."""
+    return f"{name.partition('::')[2]}.default"
+
+
+def _converter(
+    lowering: ops.Lowering, target: tvm.target.Target, kernel: KernelFactory | None
+) -> Any:
+    """TVM's converter of an fx node of our op: an :class:`ops.OpCall` to ``lowering``."""
+
+    def convert(node: Any, importer: Any) -> Any:
+        import torch
+
+        inputs: list[Any] = []
+        attrs: dict[str, Any] = {}
+        for index, argument in enumerate(node.target._schema.arguments):
+            if index < len(node.args):
+                value = node.args[index]
+            elif argument.name in node.kwargs:
+                value = node.kwargs[argument.name]
+            else:
+                value = argument.default_value if argument.has_default_value() else None
+            if isinstance(value, torch.fx.Node):
+                inputs.append(importer.env[value])
+            else:
+                attrs[argument.name] = value
+        call = ops.OpCall(importer.block_builder, inputs, attrs, target, kernel)
+        return lowering.emit(call)
+
+    return convert
 
 
 def signature(program: Any) -> tuple[list[tuple[str, list[int | str | None], str]], list[str]]:

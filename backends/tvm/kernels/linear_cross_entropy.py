@@ -11,7 +11,7 @@ shared with the softmax kernel), and the target logit is picked from the tile wi
 compare-and-select. The loss is the log-softmax formula at ``y`` with the weights, ignore
 mask and reduction of :func:`rewriter.backends.tvm.kernels.cross_entropy.loss_epilogue`.
 
-Layout (the lowering, :mod:`rewriter.backends.lowering_loss`, produces it):
+Layout (the lowering, :mod:`rewriter.backends.tvm.ops.cross_entropy`, produces it):
 
 * ``H[tokens, hidden]``;
 * ``Wp[panels, hidden, width]``: the weight in panels of ``width`` vocabulary columns

@@ -6,7 +6,7 @@
 elementwise, so no row max and no row sum are needed: each block of scores is turned into
 probabilities and multiplied into V at once, and the n x m score matrix never exists.
 
-Layout (the lowering, :mod:`rewriter.backends.lowering_attention`, produces it):
+Layout (the lowering, :mod:`rewriter.backends.tvm.ops.sigmoid_attention`, produces it):
 
 * ``Q[bh, n, d]``, ``Kt[bh, d, mp]`` (K transposed, keys zero-padded to ``mp``, a multiple
   of the vector width), ``V[bh, mp, dv]`` (padded key rows are zero, so they add 0);

@@ -89,7 +89,7 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule,
     import tvm
     from tvm import relax
 
-    from rewriter.backends.lowering_attention import static_shape
+    from rewriter.backends.tvm.ops import static_shape
 
     matmul_op, add_op = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.add")
     permute_op = tvm.ir.Op.get("relax.permute_dims")
@@ -225,7 +225,7 @@ def kernel_func(
     m: int, k: int, n: int, bias: bool, out_dtype: str, *, target: tvm.target.Target
 ) -> tvm.tirx.PrimFunc:
     """The kernel as a private, opaque, already scheduled PrimFunc for ``call_tir``."""
-    from rewriter.backends.lowering import scheduled_kernel
+    from rewriter.backends.tvm.ops import scheduled_kernel
 
     return scheduled_kernel(bf16_matmul(m, k, n, bias=bias, out_dtype=out_dtype, target=target))
 

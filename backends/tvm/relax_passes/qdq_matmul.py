@@ -24,8 +24,8 @@ add round (see ``tests/backends/tvm/test_int8.py`` for the tolerance).
 
 Fires only on MatMuls with a 2-D constant weight, static input shape and ``K % 4 == 0``
 (any ``N``); the others keep their QDQ form (TVM dequantizes and multiplies in float32),
-and :func:`fuse` says why in its result. :func:`emit_int8_matmul` lowers the
-op into Relax as ``call_tir`` of the kernel.
+and :func:`fuse` says why in its result. :mod:`rewriter.backends.tvm.ops.int8_matmul`
+lowers the op into Relax as ``call_tir`` of the kernel.
 
 >>> stats = fuse(model)  # doctest: +SKIP
 >>> stats["int8_matmuls"]  # doctest: +SKIP
@@ -36,27 +36,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from rewriter.backends.tvm.kernels.int8_matmul import GROUP
+from rewriter.backends.tvm.ops import renamed
+from rewriter.backends.tvm.ops.int8_matmul import INT8_MATMUL
 from rewriter.backends.tvm.relax_passes import pack_weights
-from rewriter.errors import InputError
-from rewriter.pass_base import DOMAIN
-
-if TYPE_CHECKING:
-    import tvm
-    from tvm import relax
 
 logger = logging.getLogger(__name__)
 
-# The op the rewrite emits (default domain, renamed like our other ops: the importer sees
-# only op_type).
-OP_TYPE = f"{DOMAIN}::Int8MatMul"
-# Name prefix of the kernels' GlobalVars in the Relax module (tests look for it).
-KERNEL_NAME = "rewriter_int8_matmul"
+# The op the rewrite emits, in the default domain under the name prepare gives our other
+# ops (the rewrite runs after the renaming; the importer sees only op_type).
+OP_TYPE = renamed(INT8_MATMUL)
 LANES = 16  # output channels per vpdpbusd (int32 lanes of a zmm register)
 SHIFT = 128  # int8 -> uint8
 MAX_K = (2**31 - 1) // (255 * 128)  # the int32 sum cannot overflow up to this K
@@ -283,31 +277,3 @@ def _replace(model: ir.Model, match: Match, u8: ir.Value) -> None:
     for dead in (match.add, match.matmul):
         if dead is not None:
             model.graph.remove(dead, safe=True)
-
-
-def emit_int8_matmul(
-    bb: relax.BlockBuilder, inputs: list[Any], *, target: tvm.target.Target
-) -> relax.Expr:
-    """Emit ``Int8MatMul(u8, packed, scale, comp[, bias])`` as ``call_tir`` of the kernel into ``bb``.
-
-    ``u8`` [..., K] is flattened to [M, K] around the kernel; ``N`` is the length of
-    ``scale`` (the packed weight holds whole groups of 16 channels).
-    """
-    from tvm import relax
-
-    from rewriter.backends.lowering import scheduled_kernel
-    from rewriter.backends.lowering_attention import static_shape
-    from rewriter.backends.tvm.kernels.int8_matmul import int8_matmul
-
-    u8 = bb.normalize(inputs[0])
-    shape = static_shape(u8)
-    scale = static_shape(bb.normalize(inputs[2]))
-    if shape is None or scale is None or len(shape) < 2:
-        raise InputError(f"{OP_TYPE}: the activation's shape must be static (rank >= 2)")
-    k, (n,) = shape[-1], scale
-    m = int(np.prod(shape[:-1]))
-    func = int8_matmul(m, k, n, bias=len(inputs) > 4, target=target)
-    gvar = bb.add_func(scheduled_kernel(func), KERNEL_NAME)
-    flat = u8 if len(shape) == 2 else bb.emit(relax.op.reshape(u8, [m, k]))
-    y = bb.emit(relax.call_tir(gvar, [flat, *inputs[1:]], relax.TensorType([m, n], "float32")))
-    return y if len(shape) == 2 else bb.emit(relax.op.reshape(y, [*shape[:-1], n]))

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rewriter import cli, io, verify
 from rewriter.backends import tvm as backend
 from rewriter.backends.tvm import build, import_onnx, targets
+from rewriter.backends.tvm.ops.two_pass_softmax import KERNEL_PREFIX
 from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
 from rewriter.errors import InputError
 from rewriter.registry import create_pass
@@ -115,8 +116,8 @@ def test_unknown_target_and_bad_arch_are_input_errors():
 def test_rewritten_model_imports_as_call_tir_to_our_kernel(op):
     names, main = relax_text(rewritten(matmul_softmax(op)))
     kernel = "log_softmax" if op == "LogSoftmax" else "softmax"
-    assert f"{import_onnx.KERNEL_PREFIX}_{kernel}" in names
-    assert f"R.call_tir({import_onnx.KERNEL_PREFIX}_{kernel}" in main
+    assert f"{KERNEL_PREFIX}_{kernel}" in names
+    assert f"R.call_tir({KERNEL_PREFIX}_{kernel}" in main
     assert "R.nn.softmax" not in main and "R.nn.log_softmax" not in main
     # N-D inputs are flattened to [rows, cols] around the kernel: 2 * 5 rows of 40.
     assert "R.Tensor((10, 40)" in main
@@ -124,7 +125,7 @@ def test_rewritten_model_imports_as_call_tir_to_our_kernel(op):
 
 def test_original_model_imports_stock_softmax():
     names, main = relax_text(matmul_softmax())
-    assert not any(name.startswith(import_onnx.KERNEL_PREFIX) for name in names)
+    assert not any(name.startswith(KERNEL_PREFIX) for name in names)
     assert "R.nn.softmax" in main
 
 
@@ -133,12 +134,12 @@ def test_missing_kernel_raises_instead_of_using_stock_softmax(monkeypatch):
 
     real_import = builtins.__import__
 
-    def no_kernels(name, *args, **kwargs):
-        if name.startswith("rewriter.backends.tvm.kernels"):
-            raise ImportError("simulated: kernels not built")
+    def no_softmax_kernel(name, *args, **kwargs):
+        if name.startswith("rewriter.backends.tvm.kernels.softmax"):
+            raise ImportError("simulated: the softmax kernel not built")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_kernels)
+    monkeypatch.setattr(builtins, "__import__", no_softmax_kernel)
     with pytest.raises(InputError, match="refusing to fall back to stock softmax"):
         import_onnx.import_onnx(rewritten(matmul_softmax()), target=targets.resolve("llvm"))
 
@@ -249,7 +250,7 @@ def test_tiny_bert_original_compiles_and_agrees(tiny_bert):
 def test_tiny_bert_rewritten_compiles_and_agrees(tiny_bert, compiled_bert):
     path, rewritten_path, inputs = tiny_bert
     names, main = relax_text(import_onnx.prepare(rewritten_path, dims=BERT_DIMS), "avx512")
-    assert f"{import_onnx.KERNEL_PREFIX}_softmax" in names
+    assert f"{KERNEL_PREFIX}_softmax" in names
     assert main.count("R.call_tir(rewriter_two_pass_softmax") == 2  # one per layer
     assert "R.nn.softmax" not in main
     assert_agrees(verify.run(path, inputs), compiled_bert.run(inputs))

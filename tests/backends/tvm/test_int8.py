@@ -31,6 +31,7 @@ tvm = pytest.importorskip("tvm")
 from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.tvm import import_onnx, targets  # noqa: E402
 from rewriter.backends.tvm.kernels import int8_matmul as kernel  # noqa: E402
+from rewriter.backends.tvm.ops.int8_matmul import KERNEL_NAME  # noqa: E402
 from rewriter.backends.tvm.relax_passes import qdq_matmul  # noqa: E402
 from rewriter.passes.quantize import QuantizeOptions, QuantizePass  # noqa: E402
 
@@ -314,7 +315,7 @@ def test_kernel_refuses_targets_without_vnni():
 def test_single_layer_agrees_within_the_rounding_bound(zero_dtype, bias, n):
     model, feeds = single(zero_dtype=zero_dtype, bias=bias, n=n)
     module = import_onnx.import_onnx(model, target=targets.resolve("avx512"))
-    assert any(gv.name_hint.startswith(qdq_matmul.KERNEL_NAME) for gv in module.get_global_vars())
+    assert any(gv.name_hint.startswith(KERNEL_NAME) for gv in module.get_global_vars())
     got = backend.compile(model, "avx512").run(feeds)["y"]
     (expected,) = ort_literal(model, feeds)
     assert got.shape == expected.shape == (3, n)
@@ -340,7 +341,7 @@ def test_quantize_pass_output_compiles_to_int8_and_agrees():
     feeds = inputs()
     module = import_onnx.import_onnx(proto, target=targets.resolve("avx512"), dims={"batch": 2})
     assert (
-        sum(gv.name_hint.startswith(qdq_matmul.KERNEL_NAME) for gv in module.get_global_vars()) >= 1
+        sum(gv.name_hint.startswith(KERNEL_NAME) for gv in module.get_global_vars()) >= 1
     )
     got = backend.compile(proto, "avx512", dims={"batch": 2}).run(feeds)["y"]
     (expected,) = ort_literal(proto, feeds)
@@ -356,7 +357,7 @@ def test_targets_without_vnni_keep_the_float_path():
     feeds = inputs()
     module = import_onnx.import_onnx(proto, target=targets.resolve("avx2"), dims={"batch": 2})
     assert not any(
-        gv.name_hint.startswith(qdq_matmul.KERNEL_NAME) for gv in module.get_global_vars()
+        gv.name_hint.startswith(KERNEL_NAME) for gv in module.get_global_vars()
     )
     got = backend.compile(proto, "avx2", dims={"batch": 2}).run(feeds)["y"]
     (expected,) = ort_literal(proto, feeds)

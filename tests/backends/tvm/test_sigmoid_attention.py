@@ -21,13 +21,13 @@ tvm = pytest.importorskip("tvm")
 
 from rewriter import io, verify  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
-from rewriter.backends.lowering_attention import KERNEL_NAME  # noqa: E402
 from rewriter.backends.tvm import import_onnx  # noqa: E402
 from rewriter.backends.tvm.kernels.sigmoid_attention import (  # noqa: E402
     CHUNK_KEYS,
     key_lanes,
     sigmoid_attention,
 )
+from rewriter.backends.tvm.ops.sigmoid_attention import KERNEL_NAME  # noqa: E402
 from rewriter.backends.tvm.targets import resolve  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
 from tests import attention_models  # noqa: E402

@@ -24,7 +24,6 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from rewriter.backends import tvm as backend  # noqa: E402
-from rewriter.backends.lowering_attention import KERNEL_NAME  # noqa: E402
 from rewriter.backends.tvm import import_onnx  # noqa: E402
 from rewriter.backends.tvm.kernels.sigmoid_attention_cuda import (  # noqa: E402
     ROWS,
@@ -33,6 +32,7 @@ from rewriter.backends.tvm.kernels.sigmoid_attention_cuda import (  # noqa: E402
     key_tile,
     sigmoid_attention_cuda,
 )
+from rewriter.backends.tvm.ops.sigmoid_attention import KERNEL_NAME  # noqa: E402
 from rewriter.backends.tvm.targets import resolve  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
 from tests import attention_models  # noqa: E402

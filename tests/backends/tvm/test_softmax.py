@@ -20,8 +20,9 @@ tvm = pytest.importorskip("tvm")
 from tvm import tirx  # noqa: E402
 
 from rewriter.backends.tvm import targets  # noqa: E402
-from rewriter.backends.tvm.kernels import softmax, three_pass_softmax, two_pass_softmax  # noqa: E402
+from rewriter.backends.tvm.kernels import softmax  # noqa: E402
 from rewriter.backends.tvm.kernels.common import simd_plan  # noqa: E402
+from rewriter.backends.tvm.kernels.softmax import three_pass_softmax, two_pass_softmax  # noqa: E402
 from rewriter.two_pass_math import reference_softmax  # noqa: E402
 
 AVX512 = targets.resolve("avx512")

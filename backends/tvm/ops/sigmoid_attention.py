@@ -15,7 +15,8 @@ The kernel is :func:`rewriter.backends.tvm.kernels.sigmoid_attention.sigmoid_att
 :func:`rewriter.backends.tvm.kernels.sigmoid_attention_cuda.sigmoid_attention_cuda`. A
 constant all-zero mask (the rewrite's "no mask") is dropped. Shapes that are not static
 are not lowered here: :func:`rewriter.backends.tvm.import_onnx.prepare` inlines the op's ONNX
-function body instead.
+function body instead (:func:`refusal` says why); ``prepare(fuse_attention=False)`` always
+does.
 
 >>> y = emit_sigmoid_attention(bb, q, k, v, mask, scale=0.125, bias=-6.9, target=target)  # doctest: +SKIP
 """
@@ -25,8 +26,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx_ir as ir
 
-from rewriter.backends.lowering import scheduled_kernel
+from rewriter.backends.tvm.ops import OpCall, register, scheduled_kernel, static_shape
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -37,17 +39,41 @@ if TYPE_CHECKING:
 KERNEL_NAME = "rewriter_sigmoid_attention"
 
 
-def static_shape(expr: relax.Expr) -> list[int] | None:
-    """The static shape of a Relax tensor expression, or None."""
-    from tvm import tirx
+def refusal(node: ir.Node) -> str:
+    """Why the kernel cannot take ``node``, or "" when Q, K, V are static 4-D float32 and
+    its mask static (or absent)."""
+    return "" if _static_4d(node) else "shapes not static 4-D float32"
 
-    shape = getattr(expr.ty, "shape", None)
-    if shape is None or not hasattr(shape, "values"):
-        return None
-    values = list(shape.values)
-    if not all(isinstance(v, tirx.IntImm) for v in values):
-        return None
-    return [int(v.value) for v in values]
+
+def _static_4d(node: ir.Node) -> bool:
+    """Whether Q, K, V of ``node`` are static 4-D float32 and its mask static (or absent)."""
+    if len(node.inputs) < 3 or any(value is None for value in node.inputs[:3]):
+        return False
+    for index, value in enumerate(node.inputs):
+        if value is None:
+            continue
+        shape = value.shape
+        if shape is None or not all(isinstance(dim, int) for dim in shape):
+            return False
+        if value.dtype != ir.DataType.FLOAT or (index < 3 and len(shape) != 4) or len(shape) > 4:
+            return False
+    return True
+
+
+@register("SigmoidAttention", refusal=refusal, option="fuse_attention")
+def emit(call: OpCall) -> relax.Expr:
+    """``SigmoidAttention(q, k, v[, mask]; scale, bias)`` from the ONNX front."""
+    q, k, v = call.inputs[:3]
+    return emit_sigmoid_attention(
+        call.bb,
+        q,
+        k,
+        v,
+        call.input(3),
+        scale=float(call.attrs.get("scale", 1.0)),
+        bias=float(call.attrs.get("bias", 0.0)),
+        target=call.target,
+    )
 
 
 def emit_sigmoid_attention(

@@ -1,7 +1,8 @@
 """``ai.rewriter::FusedCrossEntropy`` / ``FusedLinearCrossEntropy`` as ``call_tir`` to our loss kernels.
 
 For static float32 inputs on CPU targets (``import_onnx.prepare`` inlines the op's ONNX
-function body for anything else), in Relax::
+function body for anything else: :func:`refusal` says why; and for GPU targets, or with
+``prepare(fuse_loss=False)``), in Relax::
 
     # FusedCrossEntropy(scores [N, C, d...], labels [N, d...][, weights [C]])
     x = R.reshape(R.permute_dims(scores, [0, 2.., 1]), [rows, C])   # class axis last
@@ -30,9 +31,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx_ir as ir
 
-from rewriter.backends.lowering import scheduled_kernel
-from rewriter.backends.lowering_attention import static_shape
+from rewriter.backends.tvm.ops import OpCall, register, scheduled_kernel, static_shape
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -46,6 +47,86 @@ KERNEL_NAMES = {
     "FusedCrossEntropy": "rewriter_cross_entropy",
     "FusedLinearCrossEntropy": "rewriter_linear_cross_entropy",
 }
+
+
+def refusal(node: ir.Node) -> str:
+    """Why our loss kernel cannot take ``node`` (a FusedCrossEntropy or
+    FusedLinearCrossEntropy), or "" when it can: static float32 inputs, int64 or int32
+    labels, a 2-D weight."""
+    labels = 2 if node.op_type == "FusedLinearCrossEntropy" else 1
+    for index, value in enumerate(node.inputs):
+        if value is None:
+            continue
+        shape = value.shape
+        if shape is None or not all(isinstance(dim, int) for dim in shape):
+            return f"input {index} has no static shape"
+        wanted = (ir.DataType.INT64, ir.DataType.INT32) if index == labels else (ir.DataType.FLOAT,)
+        if value.dtype not in wanted:
+            return f"input {index} is {value.dtype}, not {' or '.join(str(w) for w in wanted)}"
+    if len(node.inputs) <= labels or node.inputs[0] is None or node.inputs[labels] is None:
+        return "missing inputs"
+    if node.op_type == "FusedLinearCrossEntropy" and (
+        node.inputs[1] is None or len(node.inputs[1].shape or ()) != 2
+    ):
+        return "the weight is not 2-D"
+    return ""
+
+
+def drop_unused_log_prob(node: ir.Node) -> None:
+    """Replace ``node`` (a FusedCrossEntropy) by one without its second output when nothing
+    reads it, so that the kernel does not write the log-probabilities."""
+    log_prob = node.outputs[1] if len(node.outputs) > 1 else None
+    if log_prob is None or log_prob.uses() or log_prob.is_graph_output():
+        return
+    graph = node.graph
+    assert graph is not None
+    new = ir.node(
+        node.op_type,
+        list(node.inputs),
+        attributes=dict(node.attributes),
+        domain=node.domain,
+        name=node.name,
+        num_outputs=1,
+    )
+    ir.convenience.replace_nodes_and_values(
+        graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
+    )
+
+
+@register(
+    "FusedCrossEntropy",
+    refusal=refusal,
+    cpu_only=True,
+    option="fuse_loss",
+    before_import=drop_unused_log_prob,
+)
+def emit_fused_cross_entropy(call: OpCall) -> relax.Expr:
+    """``FusedCrossEntropy(scores, labels[, weights])``: the loss, and the log-probabilities
+    when the node has its second output."""
+    return emit_cross_entropy(
+        call.bb,
+        call.input(0),
+        call.input(1),
+        call.input(2),
+        call.attrs,
+        log_prob=call.attrs["tvm_custom"]["num_outputs"] > 1,
+        target=call.target,
+    )
+
+
+@register("FusedLinearCrossEntropy", refusal=refusal, cpu_only=True, option="fuse_loss")
+def emit_fused_linear_cross_entropy(call: OpCall) -> relax.Expr:
+    """``FusedLinearCrossEntropy(hidden, weight, labels[, bias[, weights]])``: the loss."""
+    return emit_linear_cross_entropy(
+        call.bb,
+        call.input(0),
+        call.input(1),
+        call.input(2),
+        call.input(3),
+        call.input(4),
+        call.attrs,
+        target=call.target,
+    )
 
 
 def loss_options(attrs: Mapping[str, Any], weighted: bool) -> Any:

@@ -1,7 +1,8 @@
-"""Our ops as TIR kernels in a Relax module: one lowering shared by the ONNX and torch fronts.
+"""``TwoPassSoftmax``/``TwoPassLogSoftmax`` as ``call_tir`` to our kernel: one lowering for both fronts.
 
-``TwoPassSoftmax``/``TwoPassLogSoftmax`` (ONNX, domain ``ai.rewriter``) and
-``torch.ops.rewriter.two_pass_(log_)softmax`` (fx) both become, in Relax::
+``TwoPassSoftmax``/``TwoPassLogSoftmax`` (ONNX, domain ``ai.rewriter``, along the last
+axis) and ``torch.ops.rewriter.two_pass_(log_)softmax`` (fx, along ``dim``) both become,
+in Relax::
 
     flat = R.reshape(x, [rows, cols])                   # rows = prod(shape[:-1])
     y = R.call_tir(rewriter_two_pass_softmax, (flat,))  # our scheduled TIR kernel
@@ -17,10 +18,10 @@ TVM's stock softmax.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from functools import reduce
 from typing import TYPE_CHECKING, Any
 
+from rewriter.backends.tvm.ops import KernelFactory, OpCall, register, scheduled_kernel
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -31,10 +32,25 @@ logger = logging.getLogger(__name__)
 
 # Name prefix of the kernels' GlobalVars in the Relax module (tests look for it).
 KERNEL_PREFIX = "rewriter_two_pass"
-# TVM's op-pattern kind "opaque": FuseOps never fuses the kernel with its neighbours.
-OPAQUE = 8
 
-KernelFactory = Callable[..., Any]
+
+@register("TwoPassSoftmax", torch_op="rewriter::two_pass_softmax")
+def emit_softmax(call: OpCall) -> relax.Expr:
+    """``TwoPassSoftmax(x)`` (last axis) or ``two_pass_softmax(x, dim)``."""
+    return _emit(call, log=False)
+
+
+@register("TwoPassLogSoftmax", torch_op="rewriter::two_pass_log_softmax")
+def emit_log_softmax(call: OpCall) -> relax.Expr:
+    """``TwoPassLogSoftmax(x)`` (last axis) or ``two_pass_log_softmax(x, dim)``."""
+    return _emit(call, log=True)
+
+
+def _emit(call: OpCall, *, log: bool) -> relax.Expr:
+    axis = int(call.attrs.get("dim", -1))  # the torch op's argument; the ONNX op has none
+    return emit_two_pass_softmax(
+        call.bb, call.inputs[0], log=log, target=call.target, kernel=call.kernel, axis=axis
+    )
 
 
 def default_kernel() -> KernelFactory:
@@ -105,28 +121,6 @@ def emit_two_pass_softmax(
     flat = x if rank == 2 else bb.emit(relax.op.reshape(x, flat_shape))
     y = bb.emit(relax.call_tir(gvar, [flat], relax.TensorType(flat_shape, x.ty.dtype)))
     return y if rank == 2 else bb.emit(relax.op.reshape(y, shape))
-
-
-def scheduled_kernel(func: Any) -> Any:
-    """Our hand-scheduled kernel ``func`` as a ``call_tir`` callee: private (no global
-    symbol: a kernel may call itself "main"), opaque to fusion, and marked scheduled
-    for the target (dlight and our CPU rules skip it)."""
-    func = _with_root_block(func).without_attr("global_symbol")
-    return func.with_attrs({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
-
-
-def _with_root_block(func: Any) -> Any:
-    """Wrap a hand-written (block-free) PrimFunc body in a root block.
-
-    Relax's ``RewriteDataflowReshape`` inspects every ``call_tir`` callee and fails on a
-    PrimFunc whose body is not a block realize.
-    """
-    from tvm import s_tir
-
-    if isinstance(func.body, s_tir.SBlockRealize):
-        return func
-    root = s_tir.SBlock(iter_vars=[], reads=[], writes=[], name_hint="root", body=func.body)
-    return func.with_body(s_tir.SBlockRealize(iter_values=[], predicate=True, block=root))
 
 
 def _kernel_dim(value: Any, name: str) -> Any:
