@@ -1,5 +1,5 @@
-"""The loss decomposition the TVM import uses: exact on the ONNX conformance cases,
-and the fused training loss compiles."""
+"""The loss decomposition the TVM import uses: a golden Before/Expected graph, exact on the
+ONNX conformance cases, and the fused training loss compiles."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 
 from rewriter import verify
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
+from tests.backends.tvm.onnx_golden import structure
+from tests.helpers import model_from_text
 
 
 @functools.cache
@@ -35,6 +37,45 @@ NAMES = sorted(_cases())
 
 def _feeds(proto: onnx.ModelProto, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {info.name: value for info, value in zip(proto.graph.input, inputs, strict=True)}
+
+
+def test_golden_softmax_cross_entropy_with_ignore_index():
+    before = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[3, 5] scores, int64[3] labels) => (float loss) {
+            loss = SoftmaxCrossEntropyLoss<reduction = "mean", ignore_index = -100>(scores, labels)
+        }
+        """
+    )
+    # As ONNX defines it: the ignored labels point at class 0 and weigh 0, the mean is over
+    # the kept rows.
+    expected = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[3, 5] scores, int64[3] labels) => (float loss) {
+            log_prob = LogSoftmax<axis = 1>(scores)
+            one = Constant<value = int64[1] {1}>()
+            ignore = Constant<value = int64 {-100}>()
+            ignored = Equal(labels, ignore)
+            zero = Constant<value = int64 {0}>()
+            safe = Where(ignored, zero, labels)
+            not_ignored = Not(ignored)
+            kept = Cast<to = 1>(not_ignored)
+            index = Unsqueeze(safe, one)
+            gathered = GatherElements<axis = 1>(log_prob, index)
+            picked = Squeeze(gathered, one)
+            negated = Neg(picked)
+            losses = Mul(negated, kept)
+            total = ReduceSum<keepdims = 0>(losses)
+            count = ReduceSum<keepdims = 0>(kept)
+            loss = Div(total, count)
+        }
+        """
+    )
+    assert expand_losses(before) == 1
+    assert structure(before) == structure(expected)
+    assert expand_losses(before) == 0  # idempotent: no loss op left
 
 
 def test_cases_were_found():

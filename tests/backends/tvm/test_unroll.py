@@ -1,4 +1,5 @@
-"""Unrolling constant-trip Loops for TVM, and SOFT attention compiling through it."""
+"""Unrolling constant-trip Loops for TVM (golden Before/Expected graphs), and SOFT attention
+compiling through it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from rewriter import verify
 from rewriter.backends.tvm.relax_passes.unroll import unroll_loops
 from rewriter.registry import create_pass
 from tests import attention_models
+from tests.backends.tvm.onnx_golden import structure
 from tests.helpers import model_from_text, to_proto
 
 
@@ -50,3 +52,56 @@ def test_softmax_free_attention_compiles_with_tvm():
     expected = verify.run(proto.SerializeToString(), feeds)["y"]
     got = backend.compile(proto, target="llvm").run(feeds)["y"]
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def _with_constant_values(model: ir.Model) -> ir.Model:
+    """``model`` with its Constant nodes' values on their outputs, as the optimizer leaves them."""
+    for node in model.graph:
+        if node.op_type == "Constant":
+            node.outputs[0].const_value = node.attributes["value"].as_tensor()
+    return model
+
+
+LOOP = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 2] a, float[2, 2] x0, int64 n) => (float[2, 2] y) {{
+        trips = {trips}
+        cond = Constant<value = bool {{1}}>()
+        y = Loop(trips, cond, x0) <body = step (int64 i, bool c, float[2, 2] x) => (bool c_out, float[2, 2] x_out) {{
+            c_out = Identity(c)
+            ax = MatMul(x, a)
+            x_out = Add(ax, x)
+        }}>
+    }}
+"""
+
+
+def test_golden_two_trips():
+    before = _with_constant_values(model_from_text(LOOP.format(trips="Constant<value = int64 {2}>()")))
+    # Each iteration: its index as a constant, then the body on the carried value; the
+    # condition's Identity is dropped, the trip count and condition are left to the optimizer.
+    expected = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 2] a, float[2, 2] x0, int64 n) => (float[2, 2] y) {
+            trips = Constant<value = int64 {2}>()
+            cond = Constant<value = bool {1}>()
+            i0 = Constant<value = int64 {0}>()
+            ax0 = MatMul(x0, a)
+            x1 = Add(ax0, x0)
+            i1 = Constant<value = int64 {1}>()
+            ax1 = MatMul(x1, a)
+            y = Add(ax1, x1)
+        }
+        """
+    )
+    assert unroll_loops(before) == 1
+    assert structure(before) == structure(expected)
+    assert unroll_loops(before) == 0  # idempotent: no Loop left
+
+
+def test_loop_with_a_computed_trip_count_is_left():
+    before = _with_constant_values(model_from_text(LOOP.format(trips="Identity(n)")))
+    unchanged = structure(before)
+    assert unroll_loops(before) == 0
+    assert structure(before) == unchanged
