@@ -357,15 +357,15 @@ def shape_dims(model: onnx_import.ModelLike, inputs: Mapping[str, np.ndarray]) -
     >>> shape_dims("bert.onnx", {"input_ids": np.zeros((1, 8), np.int64)})  # doctest: +SKIP
     {'input_ids.0': 1, 'input_ids.1': 8}
     """
-    proto = model if not isinstance(model, (str, os.PathLike)) else None
-    if proto is None:
-        import onnx
+    import onnx
+    import onnx_ir as ir
 
+    if isinstance(model, ir.Model):
+        proto = ir.serde.serialize_model(model)
+    elif isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
         proto = onnx.load(str(model), load_external_data=False)
-    if not hasattr(proto, "graph") or not hasattr(proto.graph, "initializer"):
-        import onnx_ir as ir
-
-        proto = ir.serde.serialize_model(proto)  # type: ignore[arg-type]
     dims: dict[str, int] = {}
     for name, shape, _ in onnx_import.input_signature(proto):
         if name not in inputs:

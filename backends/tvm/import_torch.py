@@ -21,12 +21,14 @@ from rewriter.backends.tvm import ops
 from rewriter.backends.tvm.ops import KernelFactory
 
 if TYPE_CHECKING:
+    import torch
     import tvm
+    from typing_extensions import TypeIs
 
 logger = logging.getLogger(__name__)
 
 
-def is_exported_program(model: object) -> bool:
+def is_exported_program(model: object) -> TypeIs[torch.export.ExportedProgram]:
     """True for a ``torch.export.ExportedProgram`` (checked without importing torch)."""
     return type(model).__name__ == "ExportedProgram" and type(model).__module__.startswith("torch.")
 
