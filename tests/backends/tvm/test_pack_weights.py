@@ -42,9 +42,9 @@ class Before:
                 C[vi, vj] = C[vi, vj] + A[vi, vk] * W[vk, vj]
 
     @R.function
-    def main(
-        x: R.Tensor((8, 16), "float32"), w: R.Tensor((16, 64), "float32")
-    ) -> R.Tensor((8, 64), "float32"):
+    def main(x: R.Tensor((8, 16), "float32"), w: R.Tensor((16, 64), "float32")) -> R.Tensor(
+        (8, 64), "float32"
+    ):
         cls = Before
         with R.dataflow():
             y = R.call_tir(cls.matmul, (x, w), out_ty=R.Tensor((8, 64), "float32"))
@@ -68,9 +68,9 @@ class Expected:
                 C[vi, vj] = C[vi, vj] + A[vi, vk] * W[vj // 32, vk, vj % 32]
 
     @R.function
-    def main(
-        x: R.Tensor((8, 16), "float32"), wp: R.Tensor((2, 16, 32), "float32")
-    ) -> R.Tensor((8, 64), "float32"):
+    def main(x: R.Tensor((8, 16), "float32"), wp: R.Tensor((2, 16, 32), "float32")) -> R.Tensor(
+        (8, 64), "float32"
+    ):
         cls = Expected
         with R.dataflow():
             y = R.call_tir(cls.matmul_packed, (x, wp), out_ty=R.Tensor((8, 64), "float32"))

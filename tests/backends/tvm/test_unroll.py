@@ -77,7 +77,9 @@ LOOP = """
 
 
 def test_golden_two_trips():
-    before = _with_constant_values(model_from_text(LOOP.format(trips="Constant<value = int64 {2}>()")))
+    before = _with_constant_values(
+        model_from_text(LOOP.format(trips="Constant<value = int64 {2}>()"))
+    )
     # Each iteration: its index as a constant, then the body on the carried value; the
     # condition's Identity is dropped, the trip count and condition are left to the optimizer.
     expected = model_from_text(
