@@ -135,19 +135,24 @@ def renamed(op_type: str) -> str:
 
 
 def lowerings() -> dict[str, Lowering]:
-    """Every registered lowering, by op type (the modules of this package are imported on
-    the first call)."""
-    global _LOADED
-    if not _LOADED:
-        for module in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{module.name}")
-        _LOADED = True
+    """Every registered lowering, by op type."""
+    _load()
     return dict(_LOWERINGS)
 
 
 def lowering(op_type: str) -> Lowering | None:
     """The lowering of ``ai.rewriter::<op_type>``, or None."""
-    return lowerings().get(op_type)
+    _load()
+    return _LOWERINGS.get(op_type)
+
+
+def _load() -> None:
+    """Import the modules of this package (once): each registers its lowerings."""
+    global _LOADED
+    if not _LOADED:
+        for module in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{module.name}")
+        _LOADED = True
 
 
 def torch_lowerings() -> dict[str, Lowering]:
