@@ -61,7 +61,7 @@ class Report:
     passes: list[PassRecord]
     verification: Verification | None
     seconds: float
-    # With a --target: the compiled model (rewriter.backends.compile_check.CompiledCheck).
+    # With a --target: the compiled model (rewriter.backends.tvm.verify.CompiledCheck).
     compiled: Any = None
 
     @property
@@ -113,12 +113,12 @@ def rewrite_file(
     path or arrays, checked against the model's inputs) is what passes that measure
     the model calibrate on.
 
-    With ``target`` (a preset of :mod:`rewriter.backends.targets`) the rewritten
+    With ``target`` (a preset of :mod:`rewriter.backends.tvm.targets`) the rewritten
     model is also compiled with TVM for the verification inputs' shapes, run, and
     compared with ONNX Runtime on the original (``Report.compiled``); ``library``
     is where its shared library goes (written only if that check passes).
     ``tune`` (trials), ``tune_db`` and ``tune_seconds`` tune it with MetaSchedule
-    first (:mod:`rewriter.backends.tuning`; CPU targets).
+    first (:mod:`rewriter.backends.tvm.tuning`; CPU targets).
     """
     say = progress or (lambda message: logger.info("%s", message))
     start = time.perf_counter()
@@ -135,7 +135,7 @@ def rewrite_file(
     if target is None and given:
         raise InputError(f"{given[0]} needs --target: tuning measures code compiled for a target")
     if target is not None:
-        from rewriter.backends import targets, tuning
+        from rewriter.backends.tvm import targets, tuning
 
         targets.target_dict(target, cuda_arch=cuda_arch)  # an unknown target fails early
         tuning.check_options(target, *tuning_options)
@@ -205,7 +205,7 @@ def _compile(
     tuning_options: tuple[int | None, str | Path | None, float | None] = (None, None, None),
 ) -> Any:
     """Compile the rewritten model for ``target``; raise if it disagrees with the original."""
-    from rewriter.backends import compile_check
+    from rewriter.backends.tvm import verify as compile_check
 
     if feeds is None:  # --no-verify: compile for the shapes verification would use
         feeds = verify.make_inputs(source, dims=dims, seed=seed)

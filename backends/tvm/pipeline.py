@@ -1,0 +1,78 @@
+"""The Relax pipeline of :func:`rewriter.backends.tvm.compile`, for a target.
+
+The pipeline, in order (each stage a list in :func:`relax_pipeline`):
+
+1. import (:mod:`rewriter.backends.tvm.import_onnx` for ONNX,
+   :mod:`rewriter.backends.tvm.import_torch` for a ``torch.export.ExportedProgram``): our
+   ops become ``call_tir`` to our kernels, weights become constants of the module; on
+   targets with AVX512-BF16, bf16 matmuls with a constant weight become ``call_tir`` to
+   our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
+2. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
+   stock ``softmax``) become TVM's polynomial versions (BERT outputs move by ~1e-6
+   relative; our two-pass kernel is not touched);
+3. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``);
+4. scheduling: on CPUs constant matmul weights packed in panels
+   (:mod:`rewriter.backends.tvm.relax_passes.pack_weights`), then our rules
+   (:mod:`rewriter.backends.tvm.relax_passes.schedules`: register-tiled matmul, vectorized row
+   reductions and elementwise loops); on CUDA
+   ``tvm.s_tir.dlight`` (Matmul, GEMV, Reduction, GeneralReduction, Fallback). With
+   ``tune``/``tune_db`` (CPU targets), before our rules: the tuning stage
+   (:mod:`rewriter.backends.tvm.tuning`) tunes what the database lacks and gives each
+   function its best record where that beat ours side by side; our rules schedule the rest;
+5. TVM's lowering to the Relax VM.
+
+>>> executable = relax.build(mod, target=target, relax_pipeline=relax_pipeline(target))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rewriter.backends.tvm import tuning
+
+if TYPE_CHECKING:
+    import tvm
+
+
+def relax_pipeline(
+    target: tvm.target.Target, *, fast_math: bool = True, tuner: tuning.Tuner | None = None
+) -> tvm.transform.Pass:
+    """The Relax pipeline of :func:`rewriter.backends.tvm.compile` for ``target`` (see the module docstring)."""
+    import tvm
+    from tvm import relax
+
+    from rewriter.backends.tvm.kernels import bf16_matmul as bf16_kernel
+    from rewriter.backends.tvm.relax_passes import (
+        bf16_matmul,
+        legalize_bf16_norms,
+        pack_weights,
+        schedules,
+    )
+
+    gpu = "gpu" in target.keys
+    if gpu:
+        from tvm.relax.backend.cuda import pipeline as stages
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as stages
+
+    passes = [legalize_bf16_norms.upcast_pass()]  # TVM legalizes no bf16 layer norm
+    if not gpu and bf16_kernel.supported(target):  # Relax matmuls, before legalization
+        passes.append(bf16_matmul.rewrite_pass(target))
+    passes += stages.library_dispatch_passes(target)
+    if fast_math:
+        passes.append(relax.transform.FastMathTransform())
+    passes += stages.legalize_passes(target)  # CUDA's ends with dlight's default rules
+    if not gpu:
+        passes.append(pack_weights.pack_matmul_weights(target))
+        if tuner is not None:  # tuned records first; our rules skip what they scheduled
+            passes += tuner.passes(target)
+        passes.append(schedules.cpu_schedule(target))
+    passes += stages.dataflow_lower_passes(target)
+    passes += stages.finalize_passes(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="RewriterPipeline")
+    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return pipeline
