@@ -11,8 +11,12 @@ Inputs come from an ``.npz`` file or are generated from the model's input types:
   whose name contains ``mask`` are all ones/True; other integers are uniform in
   ``[0, DEFAULT_INT_HIGH)``.
 
+Generated inputs are bounded: at most :data:`MAX_GENERATED_ELEMENTS` elements per
+input and :data:`MAX_GENERATED_BYTES` in all (a ``--dim`` typo must not try to
+allocate terabytes).
+
 Each output is compared with :func:`compare`; :data:`DEFAULT_TOLERANCE` states the
-tolerance of exact passes.
+tolerance of exact passes, applied per row along the last axis (:class:`Tolerance`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 import logging
 import math
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,6 +40,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_DIMS = {"batch": 2, "seq": 16, "sequence": 16, "len": 16, "length": 16}
 DEFAULT_DIM = 8
 DEFAULT_INT_HIGH = 2
+# Bounds of generated inputs: 2**31 elements is past any real batch of token ids or
+# images and still indexable with int32 by every runtime; 4 GiB in all keeps two
+# models' activations on top of them within a workstation's memory.
+MAX_GENERATED_ELEMENTS = 2**31
+MAX_GENERATED_BYTES = 4 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,10 +314,13 @@ def make_inputs(
     dims = dict(dims or {})
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     table_rows = _index_table_rows(proto)
+    specs = input_specs(proto)
+    shapes = {spec.name: [_dim_value(dim, dims, spec.name, axis) for axis, dim in enumerate(spec.dims)] for spec in specs}
+    _check_generated_size(specs, shapes)
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
-    for spec in input_specs(proto):
-        shape = [_dim_value(dim, dims, spec.name, axis) for axis, dim in enumerate(spec.dims)]
+    for spec in specs:
+        shape = shapes[spec.name]
         if np.issubdtype(spec.dtype, np.floating):
             inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif "mask" in spec.name.lower():
@@ -320,20 +333,52 @@ def make_inputs(
     return inputs
 
 
+def _check_generated_size(specs: Sequence[InputSpec], shapes: Mapping[str, list[int]]) -> None:
+    """Refuse generated inputs over :data:`MAX_GENERATED_ELEMENTS` each or :data:`MAX_GENERATED_BYTES` in all."""
+    total = 0
+    for spec in specs:
+        count = math.prod(shapes[spec.name])
+        total += count * spec.dtype.itemsize
+        if count > MAX_GENERATED_ELEMENTS or total > MAX_GENERATED_BYTES:
+            raise InputError(
+                f"generated input '{spec.name}' would have shape {shapes[spec.name]} ({count:.3g} elements); "
+                f"generated inputs are limited to 2**31 elements each and 4 GiB in all: "
+                "lower --dim or give --inputs"
+            )
+
+
 def load_inputs(path: str | Path, model: str | Path | onnx.ModelProto, *, what: str = "inputs") -> dict[str, np.ndarray]:
     """Read an ``.npz`` of inputs and check names, dtypes and shapes against the model.
 
     ``what`` names the file in error messages (``inputs``, ``calibration``).
     """
     try:
-        with np.load(path) as archive:
-            inputs = {name: archive[name] for name in archive.files}
+        archive = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
         raise InputError(f"{path}: no such {what} file") from exc
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable .npz {what} file ({exc})") from exc
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: not a readable .npz {what} file ({_first_line(exc)})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: a single array, not an .npz archive of {what} keyed by input name (np.savez)")
+    try:
+        with archive:
+            inputs = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: not a readable .npz {what} file ({_first_line(exc)})") from exc
     check_inputs(inputs, model, source=f"{path}")
     return inputs
+
+
+def check_calibration(inputs: Mapping[str, np.ndarray], *, source: str) -> None:
+    """Raise :class:`InputError` unless ``inputs`` hold samples to calibrate on: not all
+    empty, and no NaN in float inputs (a statistic over NaN is NaN)."""
+    values = {name: np.asarray(value) for name, value in inputs.items()}
+    if values and all(value.size == 0 for value in values.values()):
+        raise InputError(f"{source}: no calibration samples (every input is empty)")
+    for name, value in values.items():
+        floating = value.dtype.kind == "f" or value.dtype.name in ("bfloat16",)
+        if floating and np.isnan(value.astype(np.float32)).any():
+            raise InputError(f"{source}: calibration input '{name}' holds NaN values")
 
 
 def check_inputs(inputs: Mapping[str, np.ndarray], model: str | Path | onnx.ModelProto, *, source: str) -> None:
