@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="rewrite",
         description="Rewrite an ONNX model with verified passes.",
-        epilog="Pass options: NAME(key=value,...), e.g. --passes 'two-pass-softmax(log_softmax=false)'.",
+        epilog="Pass options: NAME(key=value,...), e.g. --passes 'two-pass-softmax(log_softmax=false)'. "
+        "Exit codes: 0 success, 2 bad input, 3 an exact rewrite failed verification, 130 interrupted "
+        "(no output is written unless the exit code is 0), 1 an internal error.",
     )
     parser.add_argument("model", nargs="?", help="input ONNX model (never modified)")
     parser.add_argument("-o", "--output", help="where to write the rewritten model")
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help=f"value of a symbolic input dimension (defaults: {verify.DEFAULT_DIMS}, others {verify.DEFAULT_DIM})",
+        help=f"value of a symbolic input dimension (defaults: {verify.DEFAULT_DIMS}, others {verify.DEFAULT_DIM}); "
+        "generated inputs are limited to 2**31 elements each and 4 GiB in all",
     )
     parser.add_argument(
         "--plot", metavar="PNG", help="write the per-layer plot of passes that draw one (prune, quantize) here"
@@ -69,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help=f"seed of the generated inputs, 0 to {MAX_SEED} (default 0)"
     )
-    parser.add_argument("--rtol", type=float, help="relative tolerance of exact passes (default by dtype; float32 1e-5)")
-    parser.add_argument("--atol", type=float, help="absolute tolerance of exact passes (default by dtype; float32 1e-6)")
+    parser.add_argument(
+        "--rtol", type=float, help="relative tolerance of exact passes, per row (default by dtype; float32 1e-5)"
+    )
+    parser.add_argument(
+        "--atol", type=float, help="absolute tolerance of exact passes, per row (default by dtype; float32 1e-6)"
+    )
     parser.add_argument(
         "--force",
         action="store_true",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -60,8 +61,6 @@ def softmax_cases(draw: st.DrawFn) -> tuple[onnx.ModelProto, np.ndarray, str]:
 def test_two_pass_softmax_matches_onnx_runtime(case):
     model, x, dtype_name = case
     reference = verify.run(model.SerializeToString(), {"x": x})["y"]
-    import onnx_ir as ir
-
     result = create_pass("two-pass-softmax")(ir.serde.deserialize_model(model))
     opset = model.opset_import[0].version
     rewritable = dtype_name == "float32" or (dtype_name == "float16" and opset >= 15)
