@@ -221,8 +221,9 @@ def test_no_traceback_without_verbose(folder):
 
 
 def test_a_pass_that_breaks_the_model_writes_nothing(folder, capsys, monkeypatch):
-    from rewriter.passes.two_pass_softmax import TwoPassSoftmaxPass
+    from rewriter.registry import available
 
+    TwoPassSoftmaxPass = available()["two-pass-softmax"]  # noqa: N806 (a class)
     original = TwoPassSoftmaxPass.call
 
     def broken(self, model):

@@ -19,7 +19,6 @@ from onnx import TensorProto, helper
 
 from rewriter import verify
 from rewriter.registry import create_pass
-from tests.helpers import to_proto
 
 DTYPES = {
     "float32": (np.float32, TensorProto.FLOAT),
@@ -65,7 +64,7 @@ def test_two_pass_softmax_matches_onnx_runtime(case):
     opset = model.opset_import[0].version
     rewritable = dtype_name == "float32" or (dtype_name == "float16" and opset >= 15)
     assert result.modified == rewritable, result.notes
-    rewritten = to_proto(result.model)
+    rewritten = ir.serde.serialize_model(result.model)
     onnx.checker.check_model(rewritten, full_check=True)
     candidate = verify.run(rewritten.SerializeToString(), {"x": x})["y"]
     assert candidate.dtype == reference.dtype and candidate.shape == reference.shape
