@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The sidecar beside an exported library: what load() needs besides the code.
+# The sidecar beside an exported library: what load() needs besides the code, and
+# the library's SHA-256 (version 2), checked before the library is mapped.
 METADATA_SUFFIX = ".json"
-METADATA_VERSION = 1
+METADATA_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -65,7 +67,8 @@ class Signature:
     def from_json(cls, data: Mapping[str, Any]) -> Signature:
         if data.get("version") != METADATA_VERSION:
             raise InputError(
-                f"compiled-model metadata version {data.get('version')} is not supported"
+                f"compiled-model metadata version {data.get('version')} is not supported "
+                f"(version {METADATA_VERSION} holds the library's SHA-256): export the model again"
             )
         return cls(
             inputs=[(i["name"], list(i["shape"]), i["dtype"]) for i in data["inputs"]],
@@ -120,26 +123,27 @@ class Compiled:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on ``inputs`` (by name); returns the outputs by name.
 
+        Raises :class:`InputError` naming the input for a missing or unknown name and
+        for a dtype, rank or shape the model does not take (a symbolic dimension takes
+        any size).
+
         >>> compiled.run({"input_ids": ids, "attention_mask": mask})["logits"].shape  # doctest: +SKIP
         (1, 2)
         """
         import tvm
 
         missing = [name for name in self.input_names if name not in inputs]
-        if missing:
-            raise InputError(
-                f"missing inputs {missing}; the compiled model takes {self.input_names}"
-            )
+        unknown = sorted(name for name in inputs if name not in self.input_names)
+        if missing or unknown:
+            problems = [f"{kind} inputs {names}" for kind, names in (("missing", missing), ("unknown", unknown)) if names]
+            raise InputError(f"{', '.join(problems)}; the compiled model takes {self.input_names}")
+        arrays = []
+        for name, shape, dtype in self.signature.inputs:
+            arrays.append(np.ascontiguousarray(inputs[name]))
+            _check_input(name, arrays[-1], shape, dtype)
         vm = self._machine()
         device = self._device(tvm)
-        args = []
-        for name, _, dtype in self.signature.inputs:
-            array = np.ascontiguousarray(inputs[name])
-            if array.dtype != np.dtype(dtype):
-                raise InputError(
-                    f"input {name!r} has dtype {array.dtype}, the compiled model takes {dtype}"
-                )
-            args.append(tvm.runtime.tensor(array, device))
+        args = [tvm.runtime.tensor(array, device) for array in arrays]
         result = vm["main"](*args)
         values = _flatten(result)
         if len(values) != len(self.output_names):
@@ -151,8 +155,10 @@ class Compiled:
     def export(self, path: str | os.PathLike[str]) -> Path:
         """Write the shared library to ``path`` and its metadata to ``path + '.json'``.
 
-        Both are written atomically (a temporary file beside the destination, then
-        ``os.replace``), the metadata first so a reader never sees a library without it.
+        The metadata holds the signature and the library's SHA-256, which :func:`load`
+        checks. Both are written atomically (a temporary file beside the destination,
+        then ``os.replace``), the metadata first so a reader never sees a library
+        without it.
 
         >>> compiled.export("bert.so")  # doctest: +SKIP
         """
@@ -160,13 +166,18 @@ class Compiled:
         if not path.parent.is_dir():
             raise InputError(f"{path.parent}: output folder does not exist")
         meta = Path(str(path) + METADATA_SUFFIX)
-        _write_atomically(
-            meta, lambda tmp: tmp.write_text(json.dumps(self.signature.to_json(), indent=2) + "\n")
-        )
-        with _without_stderr_lines(EXPORT_NOISE):
-            _write_atomically(
-                path, lambda tmp: self.executable.export_library(str(tmp)), mode=0o755
-            )
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        library = Path(name)
+        try:
+            with _without_stderr_lines(EXPORT_NOISE):
+                self.executable.export_library(str(library))
+            metadata = {**self.signature.to_json(), "sha256": file_sha256(library)}
+            _write_atomically(meta, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
+            _set_mode(library, 0o755)
+            os.replace(library, path)
+        finally:
+            library.unlink(missing_ok=True)
         logger.info("wrote %s and %s", path, meta)
         return path
 
@@ -227,12 +238,46 @@ def _write_atomically(path: Path, write: Any, mode: int = 0o644) -> None:
     tmp = Path(name)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, mode & ~umask)  # mkstemp makes the file private (0600)
+        _set_mode(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _set_mode(path: Path, mode: int) -> None:
+    """``chmod`` to ``mode`` less the umask (mkstemp makes files private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks, as hex.
+
+    >>> file_sha256("bert.so")  # doctest: +SKIP
+    '3f1c...'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_input(name: str, array: np.ndarray, shape: list[int | str | None], dtype: str) -> None:
+    """Raise :class:`InputError` unless ``array`` has the input's dtype, rank and static sizes."""
+    if array.dtype != np.dtype(dtype):
+        raise InputError(f"input {name!r} has dtype {array.dtype}, the compiled model takes {dtype}")
+    expected = "[" + ", ".join(str(dim) if dim is not None else "?" for dim in shape) + "]"
+    if array.ndim != len(shape):
+        raise InputError(
+            f"input {name!r} has rank {array.ndim} (shape {list(array.shape)}), the compiled model takes {expected}"
+        )
+    for size, dim in zip(array.shape, shape, strict=True):
+        if isinstance(dim, int) and dim > 0 and size != dim:
+            raise InputError(
+                f"input {name!r} has shape {list(array.shape)}, the compiled model takes {expected}"
+            )
 
 
 def compile(
@@ -320,6 +365,12 @@ def compile(
 def load(path: str | os.PathLike[str], device: str = "cpu") -> Compiled:
     """Load a library written by :meth:`Compiled.export` (in any process).
 
+    Loading a library runs its native code in this process: load only libraries you
+    built or trust. The library's SHA-256 is checked against its ``.json`` metadata
+    first, so a truncated or altered file is an :class:`InputError`, not a crash
+    (a library cut short can kill the process with SIGBUS when mapped); the check
+    guards against accidents, not against someone who can rewrite both files.
+
     >>> load("bert.so").run({"input_ids": ids, "attention_mask": mask})  # doctest: +SKIP
     """
     import tvm
@@ -331,12 +382,25 @@ def load(path: str | os.PathLike[str], device: str = "cpu") -> Compiled:
     if not meta.is_file():
         raise InputError(f"{meta}: metadata of the compiled model not found (written by export)")
     try:
-        signature = Signature.from_json(json.loads(meta.read_text()))
-    except (ValueError, KeyError, TypeError) as exc:
+        metadata = json.loads(meta.read_text())
+        signature = Signature.from_json(metadata)
+        expected = metadata["sha256"]
+        if not isinstance(expected, str):
+            raise TypeError("sha256 is not a string")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"{meta}: unreadable metadata ({exc})") from exc
     if device not in ("cpu", "cuda"):
         raise InputError(f"device {device!r}: expected cpu or cuda")
-    executable = tvm.runtime.load_module(str(path))
+    if file_sha256(path) != expected:
+        raise InputError(
+            f"{path}: the library does not match the SHA-256 in {meta.name} "
+            "(truncated or changed since export); not loaded"
+        )
+    try:
+        executable = tvm.runtime.load_module(str(path))
+    except Exception as exc:  # TVM's loader raises its own error types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{path}: cannot load the library ({first})") from exc
     return Compiled(executable, signature, device=device)
 
 
