@@ -6,7 +6,7 @@ kernel computes whole groups of 16 channels from a zero-padded weight), at M = 8
 the run short:
 
 * ``bf16``: the bf16 ONNX model through ``rewriter.backends.tvm.compile`` for avx512
-  (the Relax rewrite runs our kernel, :mod:`rewriter.backends.bf16_matmul`);
+  (the Relax rewrite runs our kernel, :mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
 * ``fp32``: the float32 model through the same pipeline (packed panels, 8 x 32 FMA tile);
 * ``tvm bf16``: the bf16 model with the rewrite off (TVM's bf16 legalization: each bf16
   operand widened to float32 in our float32 schedule), what bf16 models got before;
@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from timing import interleaved  # noqa: E402
 
-from rewriter.backends import bf16_matmul  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
+from rewriter.backends.tvm.relax_passes import bf16_matmul  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
 SHAPES = [(128, 384, 1536), (128, 1536, 384), (128, 768, 768), (8, 768, 30522)]

@@ -6,13 +6,13 @@ same inputs, one thread each (``TVM_NUM_THREADS=1`` is set here, ORT
 ``intra_op_num_threads=1``):
 
 * ``fused``: the graph after ``fuse-cross-entropy``, compiled by TVM: our chunked kernel
-  (``backends/kernels/linear_cross_entropy.py``), no ``tokens x vocab`` logits;
+  (``backends/tvm/kernels/linear_cross_entropy.py``), no ``tokens x vocab`` logits;
 * ``tvm``: the unfused graph compiled by TVM (MatMul with our CPU schedules, the loss
   spelled out by ``loss_decompose``: LogSoftmax, GatherElements, reductions);
 * ``ort``: ONNX Runtime on the unfused graph.
 
 With ``--logits`` the graph is the loss alone on given logits, ``SoftmaxCrossEntropyLoss(z,
-y)``, and ``fused`` is our one-pass kernel (``backends/kernels/cross_entropy.py``);
+y)``, and ``fused`` is our one-pass kernel (``backends/tvm/kernels/cross_entropy.py``);
 configurations are then ``TOKENS,0,VOCAB``.
 
 Time: after a warm-up run, the methods run in turn within each round (interleaved, so a
@@ -22,7 +22,7 @@ printed, and the ratios fused / peer of the medians. A peer whose warm-up took o
 
 * ``largest``: the largest intermediate of the compiled module: the Relax VM's memory
   plan and each kernel's own buffers (per thread), from
-  :mod:`rewriter.backends.allocations` (TVM peers only: ORT's planner is not inspected);
+  :mod:`rewriter.backends.tvm.allocations` (TVM peers only: ORT's planner is not inspected);
 * ``peak``: the growth of the peak resident set over the first run after the build, in
   a child process (the peak is reset after the build; the runtimes keep their pools after
   a run, so later runs allocate nothing new), for every peer.
@@ -139,7 +139,7 @@ def largest_intermediate(peer: str, proto: onnx.ModelProto) -> int | None:
     """Bytes of the compiled module's largest allocation (TVM peers)."""
     if peer == "ort":
         return None
-    from rewriter.backends.allocations import allocations, largest, lowered
+    from rewriter.backends.tvm.allocations import allocations, largest, lowered
 
     found = largest(allocations(lowered(_fused(proto) if peer == "fused" else proto, "avx512")))
     return None if found is None else found.nbytes

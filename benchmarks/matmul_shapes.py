@@ -30,8 +30,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from timing import interleaved
 
-from rewriter.backends import pack_weights, schedules
 from rewriter.backends import tvm as backend
+from rewriter.backends.tvm.relax_passes import pack_weights, schedules
 
 
 def dense(rows: int, k: int, n: int, gelu: bool) -> onnx.ModelProto:

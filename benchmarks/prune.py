@@ -12,7 +12,7 @@
    column-norm (``l2``) criterion, the same fidelity measure.
 3. A Llama-shaped tiny model (transformers LlamaModel from a config, random weights,
    torch.onnx.export): ``prune-width`` at 25/50%, cosine to the dense model; with
-   ``--tvm TARGET`` the dense and pruned models compiled by backends/tvm.py and timed.
+   ``--tvm TARGET`` the dense and pruned models compiled by rewriter.backends.tvm and timed.
 
     python benchmarks/prune.py               # full grid (1/32), both distortions
     python benchmarks/prune.py --quick       # grid 1/16, pooled distortion only
@@ -266,7 +266,7 @@ def llama_width(tvm_target: str) -> None:
             tvm_speedup(onnx.load(path), pruned_protos, feeds, tvm_target)
         else:
             print(
-                "compiled speed-up: not measured (pass --tvm avx2|avx512 to compile with backends/tvm.py)"
+                "compiled speed-up: not measured (pass --tvm avx2|avx512 to compile with rewriter.backends.tvm)"
             )
 
 

@@ -9,7 +9,7 @@ sentences other than the evaluation ones). Contenders, all on the same inputs, o
 (``TVM_NUM_THREADS=1``, ORT ``intra_op_num_threads=1``):
 
 * ``tvm int8``: our library of the QDQ model (on a VNNI target the QDQ MatMuls run as
-  integer matmuls with ``vpdpbusd``, :mod:`rewriter.backends.qdq_matmul`);
+  integer matmuls with ``vpdpbusd``, :mod:`rewriter.backends.tvm.relax_passes.qdq_matmul`);
 * ``tvm qdq float``: the same QDQ model, the MatMuls on dequantized weights in float32
   (what the backend does without VNNI);
 * ``tvm fp32``: our library of the float model;
@@ -74,17 +74,17 @@ def tvm_library(
     """Compile ``path`` (int8 MatMuls on or off) and return a runner of its hidden state."""
     from tvm import relax
 
-    from rewriter.backends import onnx_import, targets
     from rewriter.backends import tvm as backend
+    from rewriter.backends.tvm import import_onnx, targets
 
     tvm_target = targets.resolve(target)
-    proto = onnx_import.prepare(str(path), dims=dims)
-    module = onnx_import.import_onnx(proto, target=tvm_target, int8_matmul=int8)
+    proto = import_onnx.prepare(str(path), dims=dims)
+    module = import_onnx.import_onnx(proto, target=tvm_target, int8_matmul=int8)
     executable = relax.build(
         module, target=tvm_target, relax_pipeline=backend.relax_pipeline(tvm_target)
     )
     signature = backend.Signature(
-        inputs=onnx_import.input_signature(proto),
+        inputs=import_onnx.input_signature(proto),
         outputs=[output.name for output in proto.graph.output],
         target=target,
         target_json=targets.target_dict(target),

@@ -4,7 +4,7 @@ Three models compiled by ``rewriter.backends.tvm.compile`` for one target, run o
 same inputs (batch 1, ``--heads`` heads, head dim 64, float32, seeded) at each length:
 
 * ``fused``: ``ai.rewriter::SigmoidAttention`` lowered to our fused kernel
-  (:mod:`rewriter.backends.kernels.sigmoid_attention`: no n x m matrix in memory);
+  (:mod:`rewriter.backends.tvm.kernels.sigmoid_attention`: no n x m matrix in memory);
 * ``softmax``: the ONNX graph ``MatMul(Softmax(MatMul(Q·s, Kᵀ)), V)`` (our scheduled
   matmul and two-pass softmax kernels, the n x m probabilities in memory);
 * ``inlined``: ``SigmoidAttention`` with its ONNX function body inlined into standard

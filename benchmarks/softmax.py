@@ -4,7 +4,7 @@ The two-pass algorithm (Dukhan & Ablavatski, "The Two-Pass Softmax Algorithm", 2
 arXiv 2001.04438) reads each row twice and writes it once. Columns, all on the same
 64-byte-aligned float32 buffers:
 
-* ``two-pass``: ours (``rewriter.backends.kernels.two_pass_softmax``)
+* ``two-pass``: ours (``rewriter.backends.tvm.kernels.softmax.two_pass_softmax``)
 * ``tvm-stock``: TVM's softmax (``topi.nn.softmax``, as Relax legalizes ``nn.softmax``)
   through the default pipeline, which does not schedule it (one thread)
 * ``three-pass``: ours, max / sum of exp / scale, same vectorization and exp
@@ -12,7 +12,7 @@ arXiv 2001.04438) reads each row twice and writes it once. Columns, all on the s
 * ``ort``: ONNX Runtime ``Softmax`` (axis -1) with its output bound to our buffer
 * ``memcpy``: ``numpy.copyto`` (one read, one write)
 * ``floor``: 2 reads + 1 write at the read and write bandwidths measured on the spot
-  with TIR probes that use the same loads and stores as the kernel (and the same
+  with TIR probes (``probes.py`` beside this file) that use the same loads and stores as the kernel (and the same
   segments of a long row, so the same number of threads)
 
 Each measurement is the median over rounds; within a round the methods run in turn
@@ -77,8 +77,7 @@ def measure_shape(
     rows: int, cols: int, threads: int, rounds: int, clock: Callable[[], float] = time.perf_counter
 ) -> dict[str, float]:
     """Median seconds per call of every column for one shape."""
-    from rewriter.backends.kernels import three_pass_softmax, two_pass_softmax
-    from rewriter.backends.kernels.probes import (
+    from probes import (
         aligned_empty,
         bind,
         cpu_target,
@@ -86,7 +85,12 @@ def measure_shape(
         stock_softmax,
         write_probe,
     )
-    from rewriter.backends.kernels.softmax import split_segments
+
+    from rewriter.backends.tvm.kernels.softmax import (
+        split_segments,
+        three_pass_softmax,
+        two_pass_softmax,
+    )
 
     target = cpu_target()
     segments = split_segments(rows, cols)
@@ -125,7 +129,7 @@ def measure_shape(
 
 
 def _child(threads: int, shapes: list[tuple[int, int]], rounds: int, clock_name: str) -> None:
-    from rewriter.backends.kernels.probes import set_num_threads
+    from probes import set_num_threads
 
     set_num_threads(threads)
     n = threads or os.cpu_count() or 1

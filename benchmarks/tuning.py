@@ -37,8 +37,8 @@ import timing
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import verify
-from rewriter.backends import tuning
 from rewriter.backends import tvm as backend
+from rewriter.backends.tvm import tuning
 
 
 def linear(m: int, k: int, n: int, seed: int = 0) -> onnx.ModelProto:

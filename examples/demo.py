@@ -24,7 +24,7 @@ def cpu_target() -> str:
     except OSError:
         return "llvm"
     words = set(flags.split())
-    # The avx512 preset is x86-64-v4 plus VNNI and BF16 (backends/targets.py).
+    # The avx512 preset is x86-64-v4 plus VNNI and BF16 (backends/tvm/targets.py).
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16"} <= words:
         return "avx512"
     return "avx2" if {"avx2", "fma"} <= words else "llvm"

@@ -6,30 +6,45 @@
     rewrite --list-passes
 
 Exit codes: 0 success; 2 bad input (one line on stderr, no output file);
-3 an exact pipeline failed verification (no output file); 1 an internal error.
+3 an exact pipeline failed verification (no output file); 130 interrupted (no output
+file); 1 an internal error.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rewriter import registry, verify
-from rewriter.errors import InputError, RewriterError
-from rewriter.job import Report, rewrite_file
+from rewriter.errors import InputError, RewriterError, shorten
+from rewriter.job import MAX_SEED, Report, rewrite_file
 from rewriter.pass_base import RewritePass
+
+# One error line at most this long: a message that echoes a huge argument is cut.
+MAX_ERROR_CHARS = 1000
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, each argument it echoes shortened."""
+
+    def error(self, message: str) -> NoReturn:
+        words = " ".join(shorten(word) for word in message.split(" "))
+        self.exit(2, f"{self.prog}: error: {_one_line(words)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rewrite",
         description="Rewrite an ONNX model with verified passes.",
-        epilog="Pass options: NAME(key=value,...), e.g. --passes 'two-pass-softmax(log_softmax=false)'.",
+        epilog="Pass options: NAME(key=value,...), e.g. --passes 'two-pass-softmax(log_softmax=false)'. "
+        "Exit codes: 0 success, 2 bad input, 3 an exact rewrite failed verification, 130 interrupted "
+        "(no output is written unless the exit code is 0), 1 an internal error.",
     )
     parser.add_argument("model", nargs="?", help="input ONNX model (never modified)")
     parser.add_argument("-o", "--output", help="where to write the rewritten model")
@@ -48,15 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help=f"value of a symbolic input dimension (defaults: {verify.DEFAULT_DIMS}, others {verify.DEFAULT_DIM})",
+        help=f"value of a symbolic input dimension (defaults: {verify.DEFAULT_DIMS}, others {verify.DEFAULT_DIM}); "
+        "generated inputs are limited to 2**31 elements each and 4 GiB in all",
     )
     parser.add_argument(
         "--plot", metavar="PNG", help="write the per-layer plot of passes that draw one (prune, quantize) here"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default 0)")
-    parser.add_argument("--rtol", type=float, help="relative tolerance of exact passes (default by dtype; float32 1e-5)")
-    parser.add_argument("--atol", type=float, help="absolute tolerance of exact passes (default by dtype; float32 1e-6)")
-    parser.add_argument("--force", action="store_true", help="allow the output to replace the input file")
+    parser.add_argument(
+        "--seed", type=int, default=0, help=f"seed of the generated inputs, 0 to {MAX_SEED} (default 0)"
+    )
+    parser.add_argument(
+        "--rtol", type=float, help="relative tolerance of exact passes, per row (default by dtype; float32 1e-5)"
+    )
+    parser.add_argument(
+        "--atol", type=float, help="absolute tolerance of exact passes, per row (default by dtype; float32 1e-6)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="allow the output model to replace the input model (never its external data or other inputs)",
+    )
     parser.add_argument(
         "--target",
         choices=("llvm", "avx2", "avx512", "cuda"),
@@ -98,17 +124,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RewriterError as exc:
         if args.verbose:
             raise
-        print(f"rewrite: error: {exc}", file=sys.stderr)
+        print(f"rewrite: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("rewrite: interrupted; nothing written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"rewrite: interrupted; {str(exc) or 'nothing written'}", file=sys.stderr)
         return 130
     except Exception as exc:  # an internal error: one line unless -v
         if args.verbose:
             raise
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = _one_line((str(exc).strip().splitlines() or [""])[0])
         print(f"rewrite: internal error: {type(exc).__name__}: {first} (run with -v for details)", file=sys.stderr)
         return 1
+
+
+def _one_line(message: str) -> str:
+    """``message`` on one line of at most :data:`MAX_ERROR_CHARS` characters."""
+    return shorten(" ".join(message.split()), MAX_ERROR_CHARS)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -123,6 +154,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise InputError("an output path is required: -o OUT.onnx")
     if not args.passes and not args.pipeline:
         raise InputError("no passes given: use --passes NAME[,NAME...] or --pipeline FILE")
+    dims = _parse_dims(args.dim)
     passes = registry.load_pipeline(args.pipeline) if args.pipeline else registry.parse_pipeline(args.passes)
     if args.plot:
         _route_plot(passes, Path(args.plot))
@@ -149,7 +181,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         passes,
         inputs=args.inputs,
         calibration=args.calibration,
-        dims=_parse_dims(args.dim),
+        dims=dims,
         seed=args.seed,
         check=not args.no_verify,
         tolerance=tolerance,
@@ -161,11 +193,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         tune=args.tune,
         tune_db=args.tune_db,
         tune_seconds=args.tune_time,
+        report_json=args.report_json,
+        protect={"--pipeline": args.pipeline} if args.pipeline else None,
     )
-    if args.report_json:
-        report.write_json(args.report_json)
     if not args.quiet:
-        print(format_report(report))
+        try:
+            print(format_report(report))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("the outputs were written") from None
     return 0
 
 
@@ -180,11 +215,13 @@ def _route_plot(passes: Sequence[RewritePass], path: Path) -> None:
 
 
 def _parse_dims(items: Sequence[str]) -> dict[str, int]:
+    """``NAME=VALUE`` items as a dict; VALUE in ASCII digits, 1 to 12 of them (the
+    generated inputs' size is bounded later, see :func:`rewriter.verify.make_inputs`)."""
     dims: dict[str, int] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name or not value.strip().isdigit() or int(value) < 1:
-            raise InputError(f"--dim {item!r}: expected NAME=POSITIVE_INT")
+        if not sep or not name.strip() or not re.fullmatch(r"[0-9]{1,12}", value.strip()) or int(value) < 1:
+            raise InputError(f"--dim {shorten(item)!r}: expected NAME=POSITIVE_INT")
         dims[name.strip()] = int(value)
     return dims
 

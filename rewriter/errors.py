@@ -24,3 +24,12 @@ class VerificationError(RewriterError):
     """An exact pipeline changed the model's outputs beyond the tolerance."""
 
     exit_code = 3
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters plus "..." when longer: user input echoed in a message.
+
+    >>> shorten("x" * 100, 5)
+    'xxxxx...'
+    """
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,41 +1,59 @@
 """Loading and saving ONNX models, external data included.
 
-Loading never modifies the input file. Saving is atomic: the model (and its
-external-data file, if any) is written into a temporary folder beside the
-destination and renamed into place only when complete, so a failure leaves no
-half-written output.
+Loading never modifies the input file. It refuses external data outside the model's
+folder (:func:`rewriter.paths.resolve_inside`) and a model that fails
+``onnx.checker`` (full check, with shape inference). Saving is atomic: the model
+(and its external-data file, if any) is written into a stage folder beside the
+destination and renamed into place only when complete (:mod:`rewriter.staging`), so
+a failure leaves no half-written output.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from rewriter.errors import InputError
+from rewriter import paths, staging
+from rewriter.errors import InputError, shorten
 
 logger = logging.getLogger(__name__)
 
 # Protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30
 
+# Element types stored several to a byte: bits per element.
+_PACKED_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(onnx.TensorProto, name)
+}
+
 
 def load(path: str | os.PathLike[str]) -> ir.Model:
-    """Load an ONNX model into onnx-ir, checking its external data is present.
+    """Load an ONNX model into onnx-ir, checking it and its external data.
 
     Large tensors stored as external data are referenced, not read, so models over
-    the 2 GB protobuf limit load in little memory.
+    the 2 GB protobuf limit load in little memory. Raises :class:`InputError` for a
+    missing or corrupt file, external data that is missing, truncated, of the wrong
+    length or outside the model's folder, and a model ``onnx.checker`` rejects.
 
     >>> model = load("model.onnx")  # doctest: +SKIP
     """
+    return load_with_sources(path)[0]
+
+
+def load_with_sources(path: str | os.PathLike[str]) -> tuple[ir.Model, list[Path]]:
+    """:func:`load`, also returning the external-data files the model reads (real paths)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -45,14 +63,40 @@ def load(path: str | os.PathLike[str]) -> ir.Model:
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
     if not proto.graph.node and not proto.graph.output:
         raise InputError(f"{path}: not an ONNX model (no graph)")
-    _check_external_data(proto, path.parent)
+    data_files = _check_external_data(proto, path.parent)
+    check_model(path)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises several types on malformed protos
         raise InputError(f"{path}: malformed ONNX model ({_first_line(exc)})") from exc
     # External tensors are memory-mapped from the input's folder, read-only.
     ir.external_data.set_base_dir(model.graph, str(path.parent))
-    return model
+    return model, data_files
+
+
+def check_model(path: str | os.PathLike[str], *, name: str | os.PathLike[str] | None = None) -> None:
+    """Run ``onnx.checker`` (full check: shape inference too) on the model file at ``path``.
+
+    The path form reads external data only to check it exists, so it serves models
+    over 2 GB. Raises :class:`InputError` naming ``name`` (default ``path``) with
+    the checker's first line.
+
+    >>> check_model("model.onnx")  # doctest: +SKIP
+    """
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError, and others from C++
+        raise InputError(f"{name or path}: invalid ONNX model ({_first_line(exc)})") from exc
+
+
+def data_file(path: str | os.PathLike[str]) -> Path:
+    """Where :func:`save` puts the external data of a model written to ``path``.
+
+    >>> data_file("out/m.onnx").as_posix()
+    'out/m.onnx.data'
+    """
+    path = Path(path)
+    return path.with_name(path.name + ".data")
 
 
 def uses_external_data(model: ir.Model) -> bool:
@@ -70,10 +114,19 @@ def save(model: ir.Model, path: str | os.PathLike[str], *, external_data: bool |
     protobuf (or the model came with external data); the data file is
     ``<name>.data`` beside the model.
 
+    It refuses (:class:`InputError`) a path whose model or data file is one of the
+    files the model's external data is read from.
+
     >>> save(model, "out.onnx")  # doctest: +SKIP
     """
     path = Path(path)
-    with staged_output(path) as staged:
+    reads = [
+        (f"the external data of '{value.name}'", value.const_value.path)
+        for value in model.graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    ]
+    paths.check_overlaps(reads, [(paths.OUTPUT_MODEL, path), (paths.OUTPUT_DATA, data_file(path))])
+    with staged_output(path, companions=[data_file(path)]) as staged:
         write(model, staged, external_data=external_data)
 
 
@@ -88,27 +141,17 @@ def write(model: ir.Model, path: Path, *, external_data: bool | None = None) -> 
 
 
 @contextlib.contextmanager
-def staged_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename everything written there.
+def staged_output(path: Path, *, companions: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield a staged path for ``path``; when the block ends without error, put it in place.
 
-    Files written next to the staged model (its ``.data`` file) are moved too, data
-    first, so a reader never sees a model whose data is missing.
+    ``companions`` written beside the staged file (a model's ``.data`` file) are
+    moved too, first, so a reader never sees a model whose data is missing. See
+    :class:`rewriter.staging.Outputs` for several outputs at once.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory")
-    if not path.parent.is_dir():
-        raise InputError(f"{path.parent}: output folder does not exist")
-    stage_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staged = stage_dir / path.name
+    with staging.Outputs() as outputs:
+        staged = outputs.add(path, companions=companions)
         yield staged
-        for extra in sorted(stage_dir.iterdir()):
-            if extra != staged:
-                os.replace(extra, path.parent / extra.name)
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(stage_dir, ignore_errors=True)
+        outputs.commit()
 
 
 def _tensor_bytes(model: ir.Model) -> int:
@@ -119,23 +162,68 @@ def _tensor_bytes(model: ir.Model) -> int:
     )
 
 
-def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> list[Path]:
+    """Check each external tensor's location, offset and length; return the files (real paths).
+
+    A location outside ``base_dir`` is refused before anything there is looked at.
+    """
+    files: dict[Path, None] = {}
     for tensor in _all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
-        data_path = (base_dir / location).resolve()
-        if not location or not data_path.is_file():
+        where = f"external data of tensor '{tensor.name}'"
+        if not location:
+            raise InputError(f"{where}: no location given")
+        try:
+            data_path = paths.resolve_inside(base_dir, location)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}; external data must lie in the model's folder") from exc
+        offset = _byte_count(info, "offset", where) or 0
+        length = _byte_count(info, "length", where)
+        expected = _tensor_bytes_of(tensor)
+        if length is not None and expected is not None and length != expected:
             raise InputError(
-                f"external data file '{location}' of tensor '{tensor.name}' not found in {base_dir}"
+                f"{where}: length {length} does not match its shape {list(tensor.dims)} "
+                f"and type ({expected} bytes)"
             )
-        needed = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if data_path.stat().st_size < needed:
+        if not data_path.is_file():
+            raise InputError(f"external data file '{location}' of tensor '{tensor.name}' not found in {base_dir}")
+        needed = offset + (length if length is not None else expected or 0)
+        size = data_path.stat().st_size
+        if size < needed:
             raise InputError(
                 f"external data file '{location}' is truncated: tensor '{tensor.name}' "
-                f"needs {needed} bytes, file has {data_path.stat().st_size}"
+                f"needs {needed} bytes, file has {size}"
             )
+        files[data_path] = None
+    return list(files)
+
+
+def _byte_count(info: dict[str, str], key: str, where: str) -> int | None:
+    """The ``offset`` or ``length`` entry of external data (None when absent)."""
+    if key not in info:
+        return None
+    text = info[key].strip()
+    if not re.fullmatch(r"[0-9]{1,20}", text):
+        raise InputError(f"{where}: {key} {shorten(info[key])!r} is not a byte count")
+    return int(text)
+
+
+def _tensor_bytes_of(tensor: onnx.TensorProto) -> int | None:
+    """The bytes the tensor's data takes, from its shape and type (None: not a fixed size)."""
+    count = math.prod(tensor.dims)
+    if count < 0:
+        return None
+    if tensor.data_type in _PACKED_BITS:
+        return (count * _PACKED_BITS[tensor.data_type] + 7) // 8
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

@@ -11,22 +11,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
-from rewriter import io, verify
-from rewriter.errors import InputError, VerificationError
-from rewriter.manager import PassRecord, run_pipeline
+from rewriter import io, paths, staging, verify
+from rewriter.errors import InputError, RewriterError, VerificationError, shorten
+from rewriter.manager import PassRecord, PipelineResult, run_pipeline
 from rewriter.pass_base import PassContext, RewritePass
 from rewriter.registry import parse_pipeline
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+# numpy's seeds are 32-bit.
+MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass
@@ -61,7 +66,7 @@ class Report:
     passes: list[PassRecord]
     verification: Verification | None
     seconds: float
-    # With a --target: the compiled model (rewriter.backends.compile_check.CompiledCheck).
+    # With a --target: the compiled model (rewriter.backends.tvm.verify.CompiledCheck).
     compiled: Any = None
 
     @property
@@ -103,6 +108,8 @@ def rewrite_file(
     tune: int | None = None,
     tune_db: str | Path | None = None,
     tune_seconds: float | None = None,
+    report_json: str | Path | None = None,
+    protect: Mapping[str, str | Path] | None = None,
 ) -> Report:
     """Rewrite the model at ``source`` with ``passes`` and write it to ``destination``.
 
@@ -113,81 +120,210 @@ def rewrite_file(
     path or arrays, checked against the model's inputs) is what passes that measure
     the model calibrate on.
 
-    With ``target`` (a preset of :mod:`rewriter.backends.targets`) the rewritten
+    With ``target`` (a preset of :mod:`rewriter.backends.tvm.targets`) the rewritten
     model is also compiled with TVM for the verification inputs' shapes, run, and
     compared with ONNX Runtime on the original (``Report.compiled``); ``library``
     is where its shared library goes (written only if that check passes).
     ``tune`` (trials), ``tune_db`` and ``tune_seconds`` tune it with MetaSchedule
-    first (:mod:`rewriter.backends.tuning`; CPU targets).
+    first (:mod:`rewriter.backends.tvm.tuning`; CPU targets).
+
+    Every output (the model and its ``.data`` file, ``library`` and its ``.json``,
+    ``report_json``, the plots of passes with a ``plot`` option) is written, or none
+    is: before any work each is checked against every file the job reads (the model,
+    its external data, ``inputs``, ``calibration`` and the ``protect`` files, e.g. the
+    pipeline file, by role) and against the others, and all are renamed into place
+    together at the end (:mod:`rewriter.staging`). ``force`` lets the output model
+    replace the input model, nothing else.
     """
     say = progress or (lambda message: logger.info("%s", message))
     start = time.perf_counter()
-    source, destination = Path(source), Path(destination)
+    source = Path(source)
     if isinstance(passes, str):
         passes = parse_pipeline(passes)
-    if source.resolve() == destination.resolve() and not force:
-        raise InputError(f"{destination}: output would overwrite the input (use --force to allow)")
-    if library is not None and target is None:
-        raise InputError("--lib needs --target: the library is compiled for a target")
     tuning_options = (tune, tune_db, tune_seconds)
-    flags = ("--tune", "--tune-db", "--tune-time")
-    given = [flag for flag, value in zip(flags, tuning_options, strict=True) if value is not None]
-    if target is None and given:
-        raise InputError(f"{given[0]} needs --target: tuning measures code compiled for a target")
-    if target is not None:
-        from rewriter.backends import targets, tuning
+    _check_options(seed, tolerance, target, library, cuda_arch, tuning_options)
+    plots = {rewrite_pass: rewrite_pass.options.plot for rewrite_pass in passes if getattr(rewrite_pass.options, "plot", "")}
+    writes = _writes(destination, library, report_json, plots)
+    reads = [(paths.INPUT_MODEL, source), *_file_reads(inputs, calibration, protect)]
+    paths.check_overlaps(reads, writes, force=force)
+    with staging.Outputs() as outputs:
+        staged_model = outputs.add(destination, role=paths.OUTPUT_MODEL, companions=[io.data_file(destination)])
+        staged_library = None
+        if library is not None:
+            staged_library = outputs.add(library, role="--lib", companions=[_metadata_file(library)])
+        staged_report = outputs.add(report_json, role="--report-json") if report_json is not None else None
+        staged_plots = {rewrite_pass: outputs.add(plot, role="--plot") for rewrite_pass, plot in plots.items()}
+        destination = Path(destination)
 
-        targets.target_dict(target, cuda_arch=cuda_arch)  # an unknown target fails early
-        tuning.check_options(target, *tuning_options)
-    say(f"loading {source}")
-    model = io.load(source)
-    feeds: dict[str, np.ndarray] | None = None
-    if check:
-        feeds = _inputs(source, inputs, dims, seed)
-    context = PassContext(dims=dict(dims or {}), seed=seed, source=source)
-    if isinstance(calibration, (str, Path)):
-        context.calibration = [verify.load_inputs(calibration, source, what="calibration")]
-    elif calibration is not None:
-        verify.check_inputs(calibration, source, source="calibration data")
-        context.calibration = [dict(calibration)]
+        say(f"loading {source}")
+        model, data_files = io.load_with_sources(source)
+        reads += [("the input's external data", path) for path in data_files]
+        paths.check_overlaps(reads, writes, force=force)
+        feeds: dict[str, np.ndarray] | None = None
+        if check:
+            feeds = _inputs(source, inputs, dims, seed)
+        context = PassContext(dims=dict(dims or {}), seed=seed, source=source)
+        context.calibration = _calibration(source, calibration)
 
-    def announce(index: int, rewrite_pass: RewritePass) -> None:
-        say(f"pass {index + 1}/{len(passes)}: {rewrite_pass.name}")
-
-    result = run_pipeline(model, passes, context=context, on_pass=announce)
-    records = result.records
-    verification = None
-    compiled = None
-    with io.staged_output(destination) as staged:
+        result = _run_passes(model, passes, context, staged_plots, say)
+        records = result.records
+        verification = None
+        compiled = None
         say(f"writing {destination}")
-        io.write(result.model, staged)
+        io.write(result.model, staged_model)
+        try:
+            io.check_model(staged_model, name=destination)
+        except InputError as exc:
+            raise RewriterError(f"the rewritten model fails the ONNX checker: {exc}; nothing written") from exc
         reference = None
         if check:
             assert feeds is not None
             say("verifying: running the original model")
             reference = verify.run(source, feeds)
-            verification = _verify(staged, feeds, reference, result.exact, tolerance, say)
+            verification = _verify(staged_model, feeds, reference, result.exact, tolerance, say)
             if verification.enforced and not verification.passed:
-                worst = max(verification.outputs, key=lambda o: o.max_rel_err)
-                raise VerificationError(
-                    f"exact rewrite changed output '{worst.name}': max abs err {worst.max_abs_err:.3g}, "
-                    f"max rel err {worst.max_rel_err:.3g} exceed the tolerance "
-                    f"(rtol {verification.tolerance['rtol']:.3g}, atol {verification.tolerance['atol']:.3g}); "  # type: ignore[index]
-                    "nothing written"
-                )
+                raise _verification_error(verification)
         if target is not None:
             compiled = _compile(
-                source, staged, target, cuda_arch, library, feeds, dims, seed, reference, result.exact, say,
-                tuning_options,
+                source, staged_model, target, cuda_arch, staged_library, feeds, dims, seed, reference,
+                result.exact, say, tuning_options,
             )
-    return Report(
-        input=str(source),
-        output=str(destination),
-        passes=records,
-        verification=verification,
-        seconds=time.perf_counter() - start,
-        compiled=compiled,
+            if library is not None:
+                compiled.library = str(library)
+        report = Report(
+            input=str(source),
+            output=str(destination),
+            passes=records,
+            verification=verification,
+            seconds=time.perf_counter() - start,
+            compiled=compiled,
+        )
+        if staged_report is not None:
+            staged_report.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        outputs.commit()
+    return report
+
+
+def _calibration(
+    source: Path, calibration: str | Path | Mapping[str, np.ndarray] | None
+) -> list[dict[str, np.ndarray]]:
+    """The calibration batches given (none: the passes generate one), checked."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, (str, Path)):
+        batch = verify.load_inputs(calibration, source, what="calibration")
+        verify.check_calibration(batch, source=str(calibration))
+        return [batch]
+    verify.check_inputs(calibration, source, source="calibration data")
+    verify.check_calibration(calibration, source="calibration data")
+    return [dict(calibration)]
+
+
+def _verification_error(verification: Verification) -> VerificationError:
+    """The error of an exact rewrite that failed verification, naming its worst output."""
+    worst = max((o for o in verification.outputs if o.passed is False), key=lambda o: o.max_row_rel_err)
+    tolerance = verification.tolerance or {}
+    return VerificationError(
+        f"exact rewrite changed output '{worst.name}': max abs err {worst.max_abs_err:.3g}, "
+        f"max rel err {worst.max_rel_err:.3g} (worst row {worst.max_row_rel_err:.3g}) exceed the "
+        f"per-row tolerance (rtol {tolerance.get('rtol', math.nan):.3g}, "
+        f"atol {tolerance.get('atol', math.nan):.3g}); nothing written"
     )
+
+
+def _check_options(
+    seed: int,
+    tolerance: verify.Tolerance | None,
+    target: str | None,
+    library: str | Path | None,
+    cuda_arch: str,
+    tuning_options: tuple[int | None, str | Path | None, float | None],
+) -> None:
+    """Refuse option values that cannot work, before anything is read or written."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"--seed {shorten(str(seed))}: expected an integer from 0 to 2**32 - 1")
+    if tolerance is not None:
+        for name, value in (("--rtol", tolerance.rtol), ("--atol", tolerance.atol)):
+            if not math.isfinite(value) or value < 0:
+                raise InputError(f"{name} {value}: expected a finite number >= 0")
+    if library is not None and target is None:
+        raise InputError("--lib needs --target: the library is compiled for a target")
+    flags = ("--tune", "--tune-db", "--tune-time")
+    given = [flag for flag, value in zip(flags, tuning_options, strict=True) if value is not None]
+    if target is None and given:
+        raise InputError(f"{given[0]} needs --target: tuning measures code compiled for a target")
+    if target is not None:
+        from rewriter.backends.tvm import targets, tuning
+
+        targets.target_dict(target, cuda_arch=cuda_arch)  # an unknown target fails early
+        tuning.check_options(target, *tuning_options)
+
+
+def _writes(
+    destination: str | Path,
+    library: str | Path | None,
+    report_json: str | Path | None,
+    plots: Mapping[RewritePass, str],
+) -> list[tuple[str, str | Path]]:
+    """Every file the job may write, by role (the data file whether or not it is needed)."""
+    writes: list[tuple[str, str | Path]] = [
+        (paths.OUTPUT_MODEL, destination),
+        (paths.OUTPUT_DATA, io.data_file(destination)),
+    ]
+    if library is not None:
+        writes += [("--lib", library), ("the library's metadata", _metadata_file(library))]
+    if report_json is not None:
+        writes.append(("--report-json", report_json))
+    writes += [(f"the plot of {rewrite_pass.name}", plot) for rewrite_pass, plot in plots.items()]
+    return writes
+
+
+def _file_reads(
+    inputs: str | Path | Mapping[str, np.ndarray] | None,
+    calibration: str | Path | Mapping[str, np.ndarray] | None,
+    protect: Mapping[str, str | Path] | None,
+) -> list[tuple[str, str | Path]]:
+    """The files given as options that the job reads, by role."""
+    reads: list[tuple[str, str | Path]] = []
+    if isinstance(inputs, (str, Path)):
+        reads.append(("--inputs", inputs))
+    if isinstance(calibration, (str, Path)):
+        reads.append(("--calibration", calibration))
+    reads += [(role, path) for role, path in (protect or {}).items() if path is not None]
+    return reads
+
+
+def _metadata_file(library: str | Path) -> Path:
+    """The ``.json`` beside a compiled library (``Compiled.export`` writes it)."""
+    return Path(str(library) + ".json")
+
+
+def _run_passes(
+    model: ir.Model,
+    passes: Sequence[RewritePass],
+    context: PassContext,
+    staged_plots: Mapping[RewritePass, Path],
+    say: Progress,
+) -> PipelineResult:
+    """Run the pipeline with each pass's plot going to its staged path."""
+
+    def announce(index: int, rewrite_pass: RewritePass) -> None:
+        say(f"pass {index + 1}/{len(passes)}: {rewrite_pass.name}")
+
+    final = {rewrite_pass: rewrite_pass.options.plot for rewrite_pass in staged_plots}
+    for rewrite_pass, staged in staged_plots.items():
+        rewrite_pass.options.plot = str(staged)
+    try:
+        result = run_pipeline(model, passes, context=context, on_pass=announce)
+    except ir.passes.PreconditionError as exc:
+        raise InputError(shorten(" ".join(str(exc).split()), 500)) from exc
+    finally:
+        for rewrite_pass, plot in final.items():
+            rewrite_pass.options.plot = plot
+    for record in result.records:  # notes name the plot where it will be
+        for rewrite_pass, staged in staged_plots.items():
+            record.notes = [note.replace(str(staged), final[rewrite_pass]) for note in record.notes]
+    return result
 
 
 def _compile(
@@ -205,7 +341,7 @@ def _compile(
     tuning_options: tuple[int | None, str | Path | None, float | None] = (None, None, None),
 ) -> Any:
     """Compile the rewritten model for ``target``; raise if it disagrees with the original."""
-    from rewriter.backends import compile_check
+    from rewriter.backends.tvm import verify as compile_check
 
     if feeds is None:  # --no-verify: compile for the shapes verification would use
         feeds = verify.make_inputs(source, dims=dims, seed=seed)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rewriter.errors import InputError
+from rewriter.errors import InputError, shorten
 from rewriter.pass_base import RewritePass, parse_options
 
 if sys.version_info >= (3, 11):
@@ -57,7 +57,7 @@ def create_pass(name: str, options: dict[str, Any] | None = None) -> RewritePass
     passes = available()
     if name not in passes:
         known = ", ".join(passes)
-        raise InputError(f"unknown pass '{name}' (available: {known})")
+        raise InputError(f"unknown pass '{shorten(name)}' (available: {known})")
     cls = passes[name]
     return cls(parse_options(cls.Options, options or {}, pass_name=name))
 
@@ -77,7 +77,7 @@ def split_pipeline(spec: str) -> list[tuple[str, dict[str, str]]]:
     while position < len(spec):
         match = _SPEC.match(spec, position)
         if match is None or match.end() == position:
-            raise InputError(f"cannot parse pass list at: {spec[position:]!r}")
+            raise InputError(f"cannot parse pass list at: {shorten(spec[position:])!r}")
         name = match.group(1)
         entries.append((name, _parse_arguments(name, match.group(2))))
         position = match.end()
@@ -97,12 +97,21 @@ def parse_pipeline(spec: str) -> list[RewritePass]:
 
 
 def load_pipeline(path: str | Path) -> list[RewritePass]:
-    """Read a TOML pipeline file (``[[pass]]`` tables with ``name`` and ``options``)."""
+    """Read a TOML pipeline file (``[[pass]]`` tables with ``name`` and ``options``).
+
+    Option values go through the same conversion as ``--passes`` strings (a TOML
+    ``bits = 8`` is ``bits=8``, a list of strings is ``a|b``), so each is checked
+    against its option's type; a table or a date is refused.
+    """
     path = Path(path)
     try:
         document = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise InputError(f"{path}: no such pipeline file") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"{path}: is a folder, not a TOML pipeline file") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the pipeline file ({exc.strerror})") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a valid TOML pipeline ({exc})") from exc
     entries = document.get("pass")
@@ -110,13 +119,27 @@ def load_pipeline(path: str | Path) -> list[RewritePass]:
         raise InputError(f"{path}: expected one or more [[pass]] tables")
     passes = []
     for entry in entries:
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise InputError(f"{path}: each [[pass]] needs a name")
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InputError(f"{path}: each [[pass]] needs a name (a string)")
+        name = entry["name"]
         options = entry.get("options", {})
         if not isinstance(options, dict):
-            raise InputError(f"{path}: options of pass '{entry['name']}' must be a table")
-        passes.append(create_pass(entry["name"], options))
+            raise InputError(f"{path}: options of pass '{shorten(name)}' must be a table")
+        texts = {key: _option_text(path, name, key, value) for key, value in options.items()}
+        passes.append(create_pass(name, texts))
     return passes
+
+
+def _option_text(path: Path, name: str, key: str, value: Any) -> str:
+    """A TOML option value as the text ``--passes`` would give (bool, number, string, list of them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
+        return "|".join(str(item) for item in value)
+    kind = "a table" if isinstance(value, dict) else type(value).__name__
+    raise InputError(f"{path}: option '{shorten(str(key))}' of pass '{shorten(name)}' is {kind}; expected a value")
 
 
 def _parse_arguments(name: str, arguments: str | None) -> dict[str, str]:
@@ -126,7 +149,7 @@ def _parse_arguments(name: str, arguments: str | None) -> dict[str, str]:
     for item in arguments.split(","):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise InputError(f"pass '{name}': option {item.strip()!r} is not key=value")
+            raise InputError(f"pass '{name}': option {shorten(item.strip())!r} is not key=value")
         values[key.strip()] = value.strip()
     return values
 

@@ -11,8 +11,12 @@ Inputs come from an ``.npz`` file or are generated from the model's input types:
   whose name contains ``mask`` are all ones/True; other integers are uniform in
   ``[0, DEFAULT_INT_HIGH)``.
 
+Generated inputs are bounded: at most :data:`MAX_GENERATED_ELEMENTS` elements per
+input and :data:`MAX_GENERATED_BYTES` in all (a ``--dim`` typo must not try to
+allocate terabytes).
+
 Each output is compared with :func:`compare`; :data:`DEFAULT_TOLERANCE` states the
-tolerance of exact passes.
+tolerance of exact passes, applied per row along the last axis (:class:`Tolerance`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 import logging
 import math
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,14 +40,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_DIMS = {"batch": 2, "seq": 16, "sequence": 16, "len": 16, "length": 16}
 DEFAULT_DIM = 8
 DEFAULT_INT_HIGH = 2
+# Bounds of generated inputs: 2**31 elements is past any real batch of token ids or
+# images and still indexable with int32 by every runtime; 4 GiB in all keeps two
+# models' activations on top of them within a workstation's memory.
+MAX_GENERATED_ELEMENTS = 2**31
+MAX_GENERATED_BYTES = 4 << 30
 
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
-    """An output passes when ``max_abs_err <= atol + rtol * max|reference|``.
+    """An output passes when each row along its last axis has
+    ``max|candidate - reference| <= atol + rtol * max|reference row|``.
 
-    Relative to the output's scale, not elementwise: elementwise relative errors are
-    meaningless next to zeros, and softmax outputs have many near-zero entries.
+    Relative to the row's scale, not elementwise: elementwise relative errors are
+    meaningless next to zeros, and softmax outputs have many near-zero entries. Per
+    row, not over the whole output: one huge element (a float16 -65504 mask value in
+    a row of log-probabilities) must not widen the tolerance of every other row.
     """
 
     rtol: float
@@ -76,6 +89,9 @@ class OutputComparison:
     cosine: float
     argmax_agreement: float | None
     nan_mismatch: int
+    # The worst row along the last axis: max over rows of (row max abs err / row max
+    # |reference|), the figure the per-row tolerance bounds.
+    max_row_rel_err: float = 0.0
     # Over the positions an attention mask keeps (for [batch, seq, ...] outputs of a
     # model that takes one): the error there, and the cosine of the mean-pooled
     # vectors per sequence (mean and min over the batch). Padding carries no meaning.
@@ -83,9 +99,18 @@ class OutputComparison:
     pooled_cosine_mean: float | None = None
     pooled_cosine_min: float | None = None
     passed: bool | None = None
+    # Per row along the last axis: max abs error (inf where NaN or inf differ) and
+    # max |reference| (finite entries); what check_tolerance tests. Not reported.
+    row_errors: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    row_scales: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, object]:
-        return {key: _json_float(value) for key, value in dataclasses.asdict(self).items()}
+        skip = ("row_errors", "row_scales")
+        return {
+            field.name: _json_float(getattr(self, field.name))
+            for field in dataclasses.fields(self)
+            if field.name not in skip
+        }
 
 
 def _json_float(value: object) -> object:
@@ -101,6 +126,8 @@ def compare(
 
     NaN and infinities count as equal where both outputs have the same value;
     ``max_rel_err`` is ``max_abs_err / max|reference|`` over the finite entries.
+    Where they differ (NaN or inf in one output only) the error is infinite and the
+    cosine NaN: the finite entries alone say nothing then.
     With ``mask`` ([batch, seq], nonzero = real token) and an output of shape
     [batch, seq, ...], the masked figures are filled in too.
 
@@ -123,10 +150,20 @@ def compare(
     scale = float(np.abs(np.where(finite, ref, 0.0)).max()) if ref.size else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     a, b = np.where(finite, ref, 0.0).ravel(), np.where(finite, cand, 0.0).ravel()
+    largest = max(float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)))
+    if largest > 0:  # scaled, so that values near the float64 maximum do not overflow
+        a, b = a / largest, b / largest
     norms = float(np.linalg.norm(a) * np.linalg.norm(b))
     cosine = float(a @ b / norms) if norms > 0 else (1.0 if not a.any() and not b.any() else 0.0)
+    if mismatch:
+        cosine = math.nan
+    rows = (1, ref.size) if ref.ndim == 0 else (-1, ref.shape[-1])
+    row_errors = _row_max(np.where(finite, delta, np.where(same, 0.0, np.inf)), rows)
+    row_scales = _row_max(np.abs(np.where(np.isfinite(ref), ref, 0.0)), rows)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        row_rel = np.where(row_errors == 0, 0.0, row_errors / row_scales)
     argmax = None
-    if ref.ndim >= 2 and np.issubdtype(reference.dtype, np.floating) and ref.shape[-1] > 1:
+    if ref.ndim >= 2 and np.issubdtype(reference.dtype, np.floating) and ref.shape[-1] > 1 and ref.size:
         argmax = float(np.mean(np.argmax(np.nan_to_num(ref), -1) == np.argmax(np.nan_to_num(cand), -1)))
     comparison = OutputComparison(
         name=name,
@@ -137,6 +174,9 @@ def compare(
         cosine=cosine,
         argmax_agreement=argmax,
         nan_mismatch=mismatch,
+        max_row_rel_err=float(row_rel.max()) if row_rel.size else 0.0,
+        row_errors=row_errors,
+        row_scales=row_scales,
     )
     if mask is not None and ref.ndim >= 3 and ref.shape[:2] == mask.shape:
         keep = np.asarray(mask) != 0
@@ -146,6 +186,13 @@ def compare(
         comparison.pooled_cosine_mean = float(pooled.mean())
         comparison.pooled_cosine_min = float(pooled.min())
     return comparison
+
+
+def _row_max(values: np.ndarray, rows: tuple[int, int]) -> np.ndarray:
+    """Max of each row of ``values`` viewed as ``rows`` (no rows: an empty array)."""
+    if values.size == 0:
+        return np.zeros(0)
+    return values.reshape(rows).max(axis=1)
 
 
 def pooled_cosine(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -174,12 +221,25 @@ def find_attention_mask(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
 def check_tolerance(
     comparison: OutputComparison, reference: np.ndarray, tolerance: Tolerance | None = None
 ) -> bool:
-    """Mark ``comparison.passed`` against ``tolerance`` (default: by dtype) and return it."""
+    """Mark ``comparison.passed`` against ``tolerance`` (default: by dtype) and return it.
+
+    Each row along the last axis must pass on its own (see :class:`Tolerance`); a
+    comparison made without the rows counts as one row, scaled by ``reference``.
+
+    >>> c = compare("y", np.array([[1.0, 2.0], [9e4, 0.0]]), np.array([[1.0, 4.0], [9e4, 0.0]]))
+    >>> check_tolerance(c, np.array([[1.0, 2.0], [9e4, 0.0]]), Tolerance(rtol=4e-3, atol=1e-4))
+    False
+    """
     tolerance = tolerance or DEFAULT_TOLERANCE.get(comparison.dtype, DEFAULT_TOLERANCE["float32"])
-    ref = np.asarray(reference, dtype=np.float64)
-    finite = ref[np.isfinite(ref)]
-    scale = float(np.abs(finite).max()) if finite.size else 0.0
-    comparison.passed = comparison.nan_mismatch == 0 and tolerance.allows(comparison.max_abs_err, scale)
+    if comparison.row_errors is not None and comparison.row_scales is not None:
+        allowed = tolerance.atol + tolerance.rtol * comparison.row_scales
+        within = bool(np.all(comparison.row_errors <= allowed))
+    else:
+        ref = np.asarray(reference, dtype=np.float64)
+        finite = ref[np.isfinite(ref)]
+        scale = float(np.abs(finite).max()) if finite.size else 0.0
+        within = tolerance.allows(comparison.max_abs_err, scale)
+    comparison.passed = comparison.nan_mismatch == 0 and within
     return comparison.passed
 
 
@@ -254,10 +314,13 @@ def make_inputs(
     dims = dict(dims or {})
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     table_rows = _index_table_rows(proto)
+    specs = input_specs(proto)
+    shapes = {spec.name: [_dim_value(dim, dims, spec.name, axis) for axis, dim in enumerate(spec.dims)] for spec in specs}
+    _check_generated_size(specs, shapes)
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
-    for spec in input_specs(proto):
-        shape = [_dim_value(dim, dims, spec.name, axis) for axis, dim in enumerate(spec.dims)]
+    for spec in specs:
+        shape = shapes[spec.name]
         if np.issubdtype(spec.dtype, np.floating):
             inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif "mask" in spec.name.lower():
@@ -270,20 +333,52 @@ def make_inputs(
     return inputs
 
 
+def _check_generated_size(specs: Sequence[InputSpec], shapes: Mapping[str, list[int]]) -> None:
+    """Refuse generated inputs over :data:`MAX_GENERATED_ELEMENTS` each or :data:`MAX_GENERATED_BYTES` in all."""
+    total = 0
+    for spec in specs:
+        count = math.prod(shapes[spec.name])
+        total += count * spec.dtype.itemsize
+        if count > MAX_GENERATED_ELEMENTS or total > MAX_GENERATED_BYTES:
+            raise InputError(
+                f"generated input '{spec.name}' would have shape {shapes[spec.name]} ({count:.3g} elements); "
+                f"generated inputs are limited to 2**31 elements each and 4 GiB in all: "
+                "lower --dim or give --inputs"
+            )
+
+
 def load_inputs(path: str | Path, model: str | Path | onnx.ModelProto, *, what: str = "inputs") -> dict[str, np.ndarray]:
     """Read an ``.npz`` of inputs and check names, dtypes and shapes against the model.
 
     ``what`` names the file in error messages (``inputs``, ``calibration``).
     """
     try:
-        with np.load(path) as archive:
-            inputs = {name: archive[name] for name in archive.files}
+        archive = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
         raise InputError(f"{path}: no such {what} file") from exc
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable .npz {what} file ({exc})") from exc
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: not a readable .npz {what} file ({_first_line(exc)})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: a single array, not an .npz archive of {what} keyed by input name (np.savez)")
+    try:
+        with archive:
+            inputs = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: not a readable .npz {what} file ({_first_line(exc)})") from exc
     check_inputs(inputs, model, source=f"{path}")
     return inputs
+
+
+def check_calibration(inputs: Mapping[str, np.ndarray], *, source: str) -> None:
+    """Raise :class:`InputError` unless ``inputs`` hold samples to calibrate on: not all
+    empty, and no NaN in float inputs (a statistic over NaN is NaN)."""
+    values = {name: np.asarray(value) for name, value in inputs.items()}
+    if values and all(value.size == 0 for value in values.values()):
+        raise InputError(f"{source}: no calibration samples (every input is empty)")
+    for name, value in values.items():
+        floating = value.dtype.kind == "f" or value.dtype.name in ("bfloat16",)
+        if floating and np.isnan(value.astype(np.float32)).any():
+            raise InputError(f"{source}: calibration input '{name}' holds NaN values")
 
 
 def check_inputs(inputs: Mapping[str, np.ndarray], model: str | Path | onnx.ModelProto, *, source: str) -> None:

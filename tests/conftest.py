@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
 # Transitional, not a test module: re-exports tests/loss_models.py for the backend tests
 # (see its docstring); its basename is also tests/passes/fuse_cross_entropy's test module's.
-collect_ignore = ["test_fuse_cross_entropy.py"]
 
 # Filled by the real_model fixture; tests.real_models (torch) is imported only then,
 # so test runs that use no real model do not pay for importing torch.

@@ -24,9 +24,6 @@ BACKENDS = "rewriter.backends"
 CORE_EXCEPTIONS = {
     # --target: compiles the rewritten model (a lazy import of the TVM backend).
     "rewriter.job": (BACKENDS,),
-    # Transitional: re-exports rewriter.passes.two_pass_softmax.math for the backends'
-    # kernels until they import it from there; then this module goes.
-    "rewriter.two_pass_math": (PASSES,),
 }
 
 
@@ -71,11 +68,6 @@ def test_no_import_cycles_outside_the_backends(graph: nx.DiGraph) -> None:
     assert not cycles, "import cycles:\n" + _describe(cycles)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cycles inside rewriter.backends and fx -> job -> backends -> torch_import -> fx: "
-    "the backends layout breaks them; remove this mark when it is merged",
-)
 def test_no_import_cycles_at_all(graph: nx.DiGraph) -> None:
     cycles = _cycles(graph)
     assert not cycles, "import cycles:\n" + _describe(cycles)

@@ -233,7 +233,8 @@ def test_int8_activations_run_and_export_as_qdq(tmp_path, calibrate):
         assert cosine(gm(example()), net()(example())) >= 0.999
     # The TVM backend recognizes the export as the ONNX pass's QDQ form: the four block
     # Linears and the head (its 8 outputs padded to a group of 16) become integer matmuls.
-    from rewriter.backends import onnx_import, qdq_matmul
+    from rewriter.backends.tvm import import_onnx as onnx_import
+    from rewriter.backends.tvm.relax_passes import qdq_matmul
 
     prepared = ir.serde.deserialize_model(onnx_import.prepare(proto))
     assert qdq_matmul.fuse(prepared)["int8_matmuls"] == 5

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rewriter import fx as rfx
-from rewriter import two_pass_math as tpm
 from rewriter import verify
 from rewriter.fx.verify import to_numpy
+from rewriter.passes.two_pass_softmax import math as tpm
 
 OUR_OPS = {
     torch.ops.rewriter.two_pass_softmax.default,

@@ -1,0 +1,36 @@
+"""Compile models with Apache TVM (Relax + TIR): the public API of the backend.
+
+``compile`` a model (ONNX, or a ``torch.export.ExportedProgram``) for a target preset,
+run it, ``export`` it as a shared library and ``load`` it back. Where things live:
+
+* :mod:`.build`: compile, :class:`Compiled` (run, export), :func:`load`, the signature;
+* :mod:`.pipeline`: the Relax pipeline, stage by stage.
+
+>>> from rewriter.backends import tvm as backend
+>>> compiled = backend.compile("model.onnx", "avx512", dims={"batch": 1})  # doctest: +SKIP
+>>> backend.load(compiled.export("model.so")).run({"x": x})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from rewriter.backends.tvm.build import (
+    METADATA_SUFFIX,
+    Compiled,
+    Signature,
+    compile,
+    compile_and_run,
+    load,
+    shape_dims,
+)
+from rewriter.backends.tvm.pipeline import relax_pipeline
+
+__all__ = [
+    "METADATA_SUFFIX",
+    "Compiled",
+    "Signature",
+    "compile",
+    "compile_and_run",
+    "load",
+    "relax_pipeline",
+    "shape_dims",
+]

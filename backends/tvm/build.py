@@ -1,0 +1,445 @@
+"""Compile a model with TVM: import, build, run, export and load.
+
+:func:`compile` imports the model into Relax (:mod:`rewriter.backends.tvm.import_onnx`
+or :mod:`rewriter.backends.tvm.import_torch`), runs the Relax pipeline of
+:func:`rewriter.backends.tvm.pipeline.relax_pipeline` and builds the Relax VM
+executable; :class:`Compiled` runs it and exports it as a shared library with a JSON
+sidecar (:class:`Signature`) that :func:`load` reads back in any process.
+
+>>> compiled = compile("model.onnx", target="avx512", dims={"batch": 1})  # doctest: +SKIP
+>>> outputs = compiled.run({"x": x})  # doctest: +SKIP
+>>> compiled.export("model.so")  # doctest: +SKIP
+>>> load("model.so").run({"x": x})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rewriter.backends.tvm import import_onnx as onnx_import
+from rewriter.backends.tvm import import_torch as torch_import
+from rewriter.backends.tvm import targets, tuning
+from rewriter.backends.tvm.pipeline import relax_pipeline
+from rewriter.backends.tvm.relax_passes import cpu_schedule
+from rewriter.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# The sidecar beside an exported library: what load() needs besides the code, and
+# the library's SHA-256 (version 2), checked before the library is mapped.
+METADATA_SUFFIX = ".json"
+METADATA_VERSION = 2
+
+
+@dataclasses.dataclass
+class Signature:
+    """Names, dtypes and shapes of a compiled model's inputs, and its output names."""
+
+    inputs: list[tuple[str, list[int | str | None], str]]
+    outputs: list[str]
+    target: str
+    target_json: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": METADATA_VERSION,
+            "inputs": [{"name": n, "shape": s, "dtype": d} for n, s, d in self.inputs],
+            "outputs": self.outputs,
+            "target": self.target,
+            "target_json": self.target_json,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Signature:
+        if data.get("version") != METADATA_VERSION:
+            raise InputError(
+                f"compiled-model metadata version {data.get('version')} is not supported "
+                f"(version {METADATA_VERSION} holds the library's SHA-256): export the model again"
+            )
+        return cls(
+            inputs=[(i["name"], list(i["shape"]), i["dtype"]) for i in data["inputs"]],
+            outputs=list(data["outputs"]),
+            target=data["target"],
+            target_json=dict(data["target_json"]),
+        )
+
+
+class Compiled:
+    """A model built by TVM: run it (CPU targets), or export it as a shared library."""
+
+    def __init__(self, executable: Any, signature: Signature, *, device: str = "cpu") -> None:
+        self.executable = executable
+        self.signature = signature
+        self.device = device
+        self._vm: Any = None
+        # With compile(tune=...): what the tuning stage did (a tuning.TuningReport).
+        self.tuning: tuning.TuningReport | None = None
+        # CPU builds: which rule scheduled each function, and which none did.
+        self.schedules: cpu_schedule.ScheduleRecord | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [name for name, _, _ in self.signature.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.signature.outputs)
+
+    @property
+    def runnable(self) -> bool:
+        """False for GPU code on a machine without that GPU."""
+        import tvm
+
+        return self._device(tvm).exist
+
+    def _device(self, tvm: Any) -> Any:
+        return tvm.cuda(0) if self.device == "cuda" else tvm.cpu(0)
+
+    def _machine(self) -> Any:
+        if self._vm is None:
+            import tvm
+            from tvm import relax
+
+            device = self._device(tvm)
+            if not device.exist:
+                raise InputError(
+                    f"no {self.device} device on this machine: the model was built, not run"
+                )
+            self._vm = relax.VirtualMachine(self.executable, device)
+        return self._vm
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (by name); returns the outputs by name.
+
+        Raises :class:`InputError` naming the input for a missing or unknown name and
+        for a dtype, rank or shape the model does not take (a symbolic dimension takes
+        any size).
+
+        >>> compiled.run({"input_ids": ids, "attention_mask": mask})["logits"].shape  # doctest: +SKIP
+        (1, 2)
+        """
+        import tvm
+
+        missing = [name for name in self.input_names if name not in inputs]
+        unknown = sorted(name for name in inputs if name not in self.input_names)
+        if missing or unknown:
+            problems = [f"{kind} inputs {names}" for kind, names in (("missing", missing), ("unknown", unknown)) if names]
+            raise InputError(f"{', '.join(problems)}; the compiled model takes {self.input_names}")
+        arrays = []
+        for name, shape, dtype in self.signature.inputs:
+            arrays.append(np.ascontiguousarray(inputs[name]))
+            _check_input(name, arrays[-1], shape, dtype)
+        vm = self._machine()
+        device = self._device(tvm)
+        args = [tvm.runtime.tensor(array, device) for array in arrays]
+        result = vm["main"](*args)
+        values = _flatten(result)
+        if len(values) != len(self.output_names):
+            raise RuntimeError(
+                f"model returned {len(values)} outputs, expected {len(self.output_names)}"
+            )
+        return {name: value.numpy() for name, value in zip(self.output_names, values, strict=True)}
+
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Write the shared library to ``path`` and its metadata to ``path + '.json'``.
+
+        The metadata holds the signature and the library's SHA-256, which :func:`load`
+        checks. Both are written atomically (a temporary file beside the destination,
+        then ``os.replace``), the metadata first so a reader never sees a library
+        without it.
+
+        >>> compiled.export("bert.so")  # doctest: +SKIP
+        """
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise InputError(f"{path.parent}: output folder does not exist")
+        meta = Path(str(path) + METADATA_SUFFIX)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        library = Path(name)
+        try:
+            with _without_stderr_lines(EXPORT_NOISE):
+                self.executable.export_library(str(library))
+            metadata = {**self.signature.to_json(), "sha256": file_sha256(library)}
+            _write_atomically(meta, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
+            _set_mode(library, 0o755)
+            os.replace(library, path)
+        finally:
+            library.unlink(missing_ok=True)
+        logger.info("wrote %s and %s", path, meta)
+        return path
+
+    def device_source(self) -> str | None:
+        """The generated GPU source (CUDA C) of a GPU build; None for CPU targets.
+
+        >>> "__global__" in compile(model, "cuda").device_source()  # doctest: +SKIP
+        True
+        """
+        pending = [self.executable.mod if hasattr(self.executable, "mod") else self.executable]
+        while pending:
+            module = pending.pop()
+            if module.kind == "cuda":
+                return str(module.inspect_source())
+            pending.extend(module.imports)
+        return None
+
+
+# TVM's VM logs one of these per constant when it saves an executable that has run (109
+# for MiniLM, after the CLI's check), with an empty scope: noise that buries the report.
+EXPORT_NOISE = "Warning: Scope Saving:"
+
+
+@contextlib.contextmanager
+def _without_stderr_lines(noise: str) -> Iterator[None]:
+    """Drop the lines containing ``noise`` that C++ code writes to stderr (fd 2) inside the
+    block; every other line is written to stderr after it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(True) if noise.encode() not in line]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+def _flatten(result: Any) -> list[Any]:
+    import tvm
+
+    if isinstance(result, tvm.runtime.Tensor):
+        return [result]
+    values: list[Any] = []
+    for item in result:
+        values.extend(_flatten(item))
+    return values
+
+
+def _write_atomically(path: Path, write: Any, mode: int = 0o644) -> None:
+    """Write through ``write(tmp)`` to a temporary file beside ``path``, then rename it."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        _set_mode(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _set_mode(path: Path, mode: int) -> None:
+    """``chmod`` to ``mode`` less the umask (mkstemp makes files private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks, as hex.
+
+    >>> file_sha256("bert.so")  # doctest: +SKIP
+    '3f1c...'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_input(name: str, array: np.ndarray, shape: list[int | str | None], dtype: str) -> None:
+    """Raise :class:`InputError` unless ``array`` has the input's dtype, rank and static sizes."""
+    if array.dtype != np.dtype(dtype):
+        raise InputError(f"input {name!r} has dtype {array.dtype}, the compiled model takes {dtype}")
+    expected = "[" + ", ".join(str(dim) if dim is not None else "?" for dim in shape) + "]"
+    if array.ndim != len(shape):
+        raise InputError(
+            f"input {name!r} has rank {array.ndim} (shape {list(array.shape)}), the compiled model takes {expected}"
+        )
+    for size, dim in zip(array.shape, shape, strict=True):
+        if isinstance(dim, int) and dim > 0 and size != dim:
+            raise InputError(
+                f"input {name!r} has shape {list(array.shape)}, the compiled model takes {expected}"
+            )
+
+
+def compile(
+    model: onnx_import.ModelLike | torch.export.ExportedProgram,
+    target: str = "avx512",
+    *,
+    cuda_arch: str = targets.DEFAULT_CUDA_ARCH,
+    dims: Mapping[str, int] | None = None,
+    fast_math: bool = True,
+    kernel: onnx_import.KernelFactory | None = None,
+    tune: int | None = None,
+    tune_db: str | os.PathLike[str] | None = None,
+    tune_seconds: float | None = None,
+    progress: tuning.Progress | None = None,
+) -> Compiled:
+    """Compile a model for ``target``: an ONNX model (path, ``onnx.ModelProto`` or
+    ``onnx_ir.Model``) or a ``torch.export.ExportedProgram`` (inputs by placeholder
+    name, outputs ``output_0``, ...; our fx ops lowered to our kernels).
+
+    ``target`` is a preset of :mod:`rewriter.backends.tvm.targets`. ``dims`` fixes
+    symbolic input dimensions (see :func:`onnx_import.prepare`); fixed shapes give
+    faster code. ``fast_math`` uses TVM's polynomial ``exp``/``erf``/``tanh``
+    (relative error ~1e-7). ``kernel`` overrides the two-pass softmax kernel factory.
+
+    ``tune`` (CPU targets): tune with MetaSchedule, ``tune`` trials shared by the
+    functions the database ``tune_db`` (default :func:`tuning.default_database`) has no
+    record of, for at most ``tune_seconds``; then each function with a record uses its
+    best schedule, unless ours was faster side by side (``tune=0`` or ``tune_db``
+    alone: apply the records, tune nothing).
+    ``compiled.tuning`` says what was tuned and reused; ``progress`` gets a line per batch.
+    Without ``tune`` and ``tune_db`` no database is read: our schedules only.
+
+    >>> compiled = compile("bert_tp.onnx", "avx512", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
+    >>> tuned = compile("bert_tp.onnx", "avx512", dims={"batch": 1}, tune=64)  # doctest: +SKIP
+    """
+    from tvm import relax
+
+    tvm_target = targets.resolve(target, cuda_arch=cuda_arch)
+    tuning.check_options(target, tune, tune_db, tune_seconds)
+    tuner = None
+    if tune is not None or tune_db is not None:
+        tuner = tuning.Tuner(tune or 0, tune_db, tune_seconds, progress)
+    if torch_import.is_exported_program(model):
+        inputs, outputs = torch_import.signature(model)
+        source: Any = model
+    else:
+        source = onnx_import.prepare(model, dims=dims, gpu=targets.is_gpu(target))
+        inputs = onnx_import.input_signature(source)
+        outputs = [output.name for output in source.graph.output]
+    signature = Signature(
+        inputs=inputs,
+        outputs=outputs,
+        target=target,
+        target_json=targets.target_dict(target, cuda_arch=cuda_arch),
+    )
+    symbolic = [
+        f"{name}[{axis}]={dim or '?'}"
+        for name, shape, _ in signature.inputs
+        for axis, dim in enumerate(shape)
+        if not isinstance(dim, int) or dim <= 0
+    ]
+    try:
+        if torch_import.is_exported_program(source):
+            mod = torch_import.import_exported_program(source, target=tvm_target, kernel=kernel)
+        else:
+            mod = onnx_import.import_onnx(source, target=tvm_target, kernel=kernel)
+        record = cpu_schedule.ScheduleRecord()
+        pipeline = relax_pipeline(tvm_target, fast_math=fast_math, tuner=tuner, record=record)
+        executable = relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
+    except InputError:
+        raise
+    except Exception as exc:
+        if not symbolic:
+            raise
+        # TVM's importer and VM shape lowering fail on many data-dependent shapes.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise InputError(
+            f"TVM cannot compile the model with symbolic input dimensions "
+            f"({', '.join(symbolic)}): {first}; fix them with dims= (CLI: --dim NAME=VALUE)"
+        ) from exc
+    compiled = Compiled(executable, signature, device="cuda" if targets.is_gpu(target) else "cpu")
+    compiled.tuning = tuner.report if tuner is not None else None
+    compiled.schedules = None if targets.is_gpu(target) else record
+    return compiled
+
+
+def load(path: str | os.PathLike[str], device: str = "cpu") -> Compiled:
+    """Load a library written by :meth:`Compiled.export` (in any process).
+
+    Loading a library runs its native code in this process: load only libraries you
+    built or trust. The library's SHA-256 is checked against its ``.json`` metadata
+    first, so a truncated or altered file is an :class:`InputError`, not a crash
+    (a library cut short can kill the process with SIGBUS when mapped); the check
+    guards against accidents, not against someone who can rewrite both files.
+
+    >>> load("bert.so").run({"input_ids": ids, "attention_mask": mask})  # doctest: +SKIP
+    """
+    import tvm
+
+    path = Path(path)
+    meta = Path(str(path) + METADATA_SUFFIX)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if not meta.is_file():
+        raise InputError(f"{meta}: metadata of the compiled model not found (written by export)")
+    try:
+        metadata = json.loads(meta.read_text())
+        signature = Signature.from_json(metadata)
+        expected = metadata["sha256"]
+        if not isinstance(expected, str):
+            raise TypeError("sha256 is not a string")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{meta}: unreadable metadata ({exc})") from exc
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r}: expected cpu or cuda")
+    if file_sha256(path) != expected:
+        raise InputError(
+            f"{path}: the library does not match the SHA-256 in {meta.name} "
+            "(truncated or changed since export); not loaded"
+        )
+    try:
+        executable = tvm.runtime.load_module(str(path))
+    except Exception as exc:  # TVM's loader raises its own error types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{path}: cannot load the library ({first})") from exc
+    return Compiled(executable, signature, device=device)
+
+
+def compile_and_run(
+    model: onnx_import.ModelLike,
+    inputs: Mapping[str, np.ndarray],
+    target: str = "avx512",
+    **options: Any,
+) -> dict[str, np.ndarray]:
+    """Compile ``model`` for the shapes of ``inputs`` and run it once (a test helper)."""
+    compiled = compile(model, target, dims=shape_dims(model, inputs), **options)
+    return compiled.run(inputs)
+
+
+def shape_dims(model: onnx_import.ModelLike, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """``dims`` that fix each symbolic input dimension of ``model`` to the size in ``inputs``.
+
+    >>> shape_dims("bert.onnx", {"input_ids": np.zeros((1, 8), np.int64)})  # doctest: +SKIP
+    {'input_ids.0': 1, 'input_ids.1': 8}
+    """
+    import onnx
+    import onnx_ir as ir
+
+    if isinstance(model, ir.Model):
+        proto = ir.serde.serialize_model(model)
+    elif isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        proto = onnx.load(str(model), load_external_data=False)
+    dims: dict[str, int] = {}
+    for name, shape, _ in onnx_import.input_signature(proto):
+        if name not in inputs:
+            continue
+        for axis, (dim, size) in enumerate(zip(shape, inputs[name].shape, strict=False)):
+            if not isinstance(dim, int) or dim <= 0:
+                dims[f"{name}.{axis}"] = int(size)
+    return dims

@@ -1,0 +1,390 @@
+"""ONNX -> Relax import: clean the model up so real exports import, and lower our ops.
+
+TVM's importer (``tvm.relax.frontend.onnx.from_onnx``) has two gaps this module closes:
+
+1. It fails on common exports. A transformers BERT export builds ``Expand`` shapes with
+   ``Where(Equal(shape, -1), ConstantOfShape(...) * -1, shape)``; onnxscript's
+   optimizer keeps ``ConstantOfShape`` unfolded on purpose, and the importer then
+   sees a rank-0 shape. :func:`prepare` runs the optimizer (constant folding, model
+   -local function inlining, dead-code removal) with ``ConstantOfShape`` folding
+   allowed, after optionally fixing symbolic input dimensions (``dims``), which
+   folds every shape computation away.
+2. It has no hook for custom ops and ignores domains. :func:`prepare` renames each
+   ``ai.rewriter`` node that has a lowering of ours (:mod:`rewriter.backends.tvm.ops`,
+   by op type) to ``ai.rewriter::<OpType>`` (its model-local function body is dropped,
+   not inlined; ops without a lowering yet are inlined from their function body and
+   logged), and a subclass of TVM's ``ONNXGraphImporter`` that overrides only
+   ``_convert_operator`` and ``_check_for_unsupported_ops`` hands those nodes to their
+   lowering (``R.call_tir`` of our TIR kernel). A lowering whose kernel needs static
+   shapes (``SigmoidAttention``, the fused losses) says which nodes it refuses once the
+   shapes are inferred, and those are inlined from their function body; one that is
+   CPU-only (the losses) is inlined on GPU targets; ``prepare(fuse_attention=False,
+   fuse_loss=False)`` inline them too. Which path each node takes is logged. Nothing
+   global is patched.
+
+>>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from functools import reduce
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from rewriter.backends.tvm import ops
+from rewriter.backends.tvm.ops import KernelFactory
+from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
+from rewriter.backends.tvm.relax_passes.unroll import unroll_loops
+from rewriter.backends.tvm.relax_passes import onnx_simplify
+from rewriter.errors import InputError
+from rewriter.pass_base import DOMAIN
+
+if TYPE_CHECKING:
+    import tvm
+    from tvm import relax
+
+logger = logging.getLogger(__name__)
+
+# Appended to the op type of a node that gets a static-shape kernel, while prepare runs
+# the optimizer again: no function has that name, so the node is kept as it is.
+_STATIC_MARK = "__static_kernel"
+
+ModelLike = str | os.PathLike[str] | onnx.ModelProto | ir.Model
+
+
+def to_ir(model: ModelLike) -> ir.Model:
+    """A private copy of ``model`` as an onnx-ir model (the caller's object is untouched)."""
+    # External tensors are read into memory: TVM embeds the weights as constants.
+    if isinstance(model, ir.Model):
+        proto = ir.serde.serialize_model(model)
+        base_dirs = {
+            value.const_value.base_dir
+            for value in model.graph.initializers.values()
+            if isinstance(value.const_value, ir.ExternalTensor)
+        }
+        for base_dir in base_dirs:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(base_dir))
+        return ir.serde.deserialize_model(proto)
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    from rewriter import io
+
+    io.load(model)  # checks the file and its external data, with clear errors
+    return ir.serde.deserialize_model(onnx.load(str(model), load_external_data=True))
+
+
+def prepare(
+    model: ModelLike,
+    *,
+    dims: Mapping[str, int] | None = None,
+    fuse_attention: bool = True,
+    fuse_loss: bool = True,
+    int8_matmul: bool = False,
+    gpu: bool = False,
+) -> onnx.ModelProto:
+    """Clean ``model`` up for TVM's importer; returns a new proto.
+
+    ``dims`` fixes symbolic input dimensions by name (``{"batch": 1, "sequence":
+    128}``) or by ``input.axis`` (``{"input_ids.1": 128}``); fixed shapes let every
+    shape computation fold to a constant.
+
+    ``fuse_attention=False`` inlines ``SigmoidAttention`` from its function body (the
+    fused kernels exist for CPU and CUDA targets; this is for other backends and tests).
+    ``fuse_loss=False`` inlines ``FusedCrossEntropy``/``FusedLinearCrossEntropy`` from
+    their function bodies. ``gpu=True`` (a GPU target) inlines the ops whose kernels are
+    CPU only (the losses).
+
+    ``int8_matmul=True`` rewrites QDQ MatMuls (int8 activations and weights) into
+    integer matmuls (:func:`rewriter.backends.tvm.relax_passes.qdq_matmul.fuse`); :func:`import_onnx`
+    sets it for targets with AVX-512 VNNI.
+
+    >>> proto = prepare("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
+    """
+    work = to_ir(model)
+    if dims:
+        _fix_dims(work, dims)
+    # Ops with a kernel of ours lose their function body here; the others keep it and
+    # the optimizer inlines it into standard ops (said in the log: no fused kernel yet).
+    # Ops whose kernel needs static shapes keep their body aside until the optimizer
+    # has inferred the shapes of their inputs.
+    options = {"fuse_attention": fuse_attention, "fuse_loss": fuse_loss}
+    held: dict[ir.OperatorIdentifier, ir.Function] = {}
+    for key in [key for key in work.functions if key[0] == DOMAIN]:
+        lowering = ops.lowering(key[1])
+        if lowering is None or not lowering.wanted(options, gpu=gpu):
+            logger.warning("%s has no TVM kernel yet: compiled from its ONNX function body", key[1])
+        elif lowering.refusal is None:
+            del work.functions[key]
+        else:
+            held[key] = work.functions.pop(key)
+    _optimize(work)
+    if held:
+        inline = False
+        for node in ir.traversal.RecursiveGraphIterator(work.graph):
+            lowering = ops.lowering(node.op_type) if node.domain == DOMAIN else None
+            if lowering is not None and lowering.refusal is not None:
+                refusal = lowering.refusal(node)
+                if not refusal:
+                    logger.info("%s %r: fused TIR kernel", node.op_type, node.name)
+                    node.op_type += _STATIC_MARK  # no function of that name: kept as is
+                else:
+                    inline = True
+                    logger.warning(
+                        "%s %r: %s, no fused kernel: compiled from its ONNX function body",
+                        node.op_type,
+                        node.name,
+                        refusal,
+                    )
+        if inline:
+            work.functions.update(held)
+            _optimize(work)
+            for key in held:
+                work.functions.pop(key, None)
+    ir.passes.common.RemoveUnusedNodesPass()(work)
+    logger.debug("simplified for the importer: %s", onnx_simplify.simplify(work))
+    _widen_4bit_initializers(work)
+    expand_losses(work)
+    unroll_loops(work)
+    _expand_blocked_dequantize(work)
+    for node in list(ir.traversal.RecursiveGraphIterator(work.graph)):
+        lowering = ops.lowering(node.op_type.removesuffix(_STATIC_MARK))
+        if node.domain != DOMAIN or lowering is None or lowering.before_import is None:
+            continue
+        if node.op_type.endswith(_STATIC_MARK) or lowering.refusal is None:  # gets the kernel
+            lowering.before_import(node)
+    for node in ir.traversal.RecursiveGraphIterator(work.graph):
+        if node.domain == DOMAIN:
+            op_type = node.op_type.removesuffix(_STATIC_MARK)
+            if ops.lowering(op_type) is None:
+                raise InputError(f"{DOMAIN} op {node.op_type!r} has no TVM lowering")
+            node.op_type, node.domain = ops.renamed(op_type), ""
+    work.opset_imports.pop(DOMAIN, None)
+    if int8_matmul:
+        from rewriter.backends.tvm.relax_passes import qdq_matmul  # imports tvm (the kernel's)
+
+        qdq_matmul.fuse(work)
+    return ir.serde.serialize_model(work)
+
+
+def _optimize(work: ir.Model) -> None:
+    """onnxscript's optimizer (folding, local-function inlining), ConstantOfShape folded."""
+    from onnxscript.optimizer._optimizer import optimize_ir
+
+    # The folder logs a warning for every node it tries and cannot evaluate (shape ops
+    # on symbolic dims), and the deduplication one for every initializer that is also a
+    # graph input (old Caffe2 exports: hundreds of lines); both leave the model right.
+    quiet = [
+        logging.getLogger("onnxscript.optimizer._constant_folding"),
+        logging.getLogger("onnx_ir.passes.common.initializer_deduplication"),
+    ]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        optimize_ir(work, should_fold=_fold_constant_of_shape)
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+
+
+_WIDER = {ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8}
+
+
+def _widen_4bit_initializers(model: ir.Model) -> None:
+    """Store int4/uint4 initializers (``quantize`` weights, zero points) as int8/uint8.
+
+    TVM's importer copies packed 4-bit tensors with the byte size of an unpacked one
+    and fails; DequantizeLinear gives the same values from the 8-bit form.
+    """
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype not in _WIDER:
+            continue
+        wide = _WIDER[tensor.dtype]
+        value.const_value = ir.Tensor(tensor.numpy().astype(wide.numpy()), name=value.name)
+        value.dtype = wide
+
+
+def _expand_blocked_dequantize(model: ir.Model) -> None:
+    """Rewrite blocked ``DequantizeLinear`` (per-group scales) of constant weights.
+
+    TVM's importer has no blocked quantization; ``(x - zero_point) * scale`` with the
+    scales repeated over each block computes the same weights with standard ops.
+    """
+    for node in list(model.graph):
+        block = node.attributes.get_int("block_size", 0) if node.op_type == "DequantizeLinear" else 0
+        if not block or any(v is None or v.const_value is None for v in node.inputs):
+            continue
+        axis = node.attributes.get_int("axis", 1)
+        x, scale = node.inputs[0].const_value.numpy(), node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        zero = node.inputs[2].const_value.numpy() if len(node.inputs) > 2 else np.zeros_like(scale)  # type: ignore[union-attr]
+        full_scale = _repeat_blocks(scale, block, axis, x.shape[axis]).astype(scale.dtype)
+        full_zero = _repeat_blocks(zero.astype(np.float32), block, axis, x.shape[axis]).astype(scale.dtype)
+        name = node.outputs[0].name or "dequantized"
+        scale_value = ir.Value(name=f"{name}_scale_full", const_value=ir.Tensor(full_scale, name=f"{name}_scale_full"))
+        zero_value = ir.Value(name=f"{name}_zero_full", const_value=ir.Tensor(full_zero, name=f"{name}_zero_full"))
+        model.graph.register_initializer(scale_value)
+        model.graph.register_initializer(zero_value)
+        cast = ir.node("Cast", [node.inputs[0]], attributes={"to": _dtype_of(full_scale)})
+        shifted = ir.node("Sub", [cast.outputs[0], zero_value])
+        scaled = ir.node("Mul", [shifted.outputs[0], scale_value])
+        model.graph.insert_before(node, [cast, shifted, scaled])
+        ir.convenience.replace_all_uses_with(node.outputs[0], scaled.outputs[0])
+        if node.outputs[0].is_graph_output():
+            model.graph.outputs[model.graph.outputs.index(node.outputs[0])] = scaled.outputs[0]
+        model.graph.remove(node, safe=True)
+
+
+def _repeat_blocks(values: np.ndarray, block: int, axis: int, size: int) -> np.ndarray:
+    """Repeat each entry ``block`` times along ``axis``, cut to ``size`` (a last partial block)."""
+    return np.repeat(values, block, axis=axis).take(np.arange(size), axis=axis)
+
+
+def _dtype_of(array: np.ndarray) -> ir.DataType:
+    return ir.DataType.from_numpy(array.dtype)
+
+
+def _fold_constant_of_shape(node: ir.Node) -> bool | None:
+    """Let the optimizer fold ``ConstantOfShape`` (it keeps it by default) when small."""
+    if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx"):
+        shape = node.inputs[0].const_value if node.inputs and node.inputs[0] is not None else None
+        if shape is not None:
+            size = reduce(lambda a, b: a * int(b), shape.numpy().tolist(), 1)
+            return size <= 1 << 16
+    return None
+
+
+def _fix_dims(model: ir.Model, dims: Mapping[str, int]) -> None:
+    for value in model.graph.inputs:
+        if value.shape is None:
+            continue
+        fixed: list[int | ir.SymbolicDim] = []
+        for axis, dim in enumerate(value.shape):
+            if isinstance(dim, int):
+                fixed.append(dim)
+            elif f"{value.name}.{axis}" in dims:
+                fixed.append(int(dims[f"{value.name}.{axis}"]))
+            elif dim.value is not None and dim.value in dims:
+                fixed.append(int(dims[dim.value]))
+            else:
+                fixed.append(dim)
+        value.shape = ir.Shape(fixed)
+
+
+def input_signature(proto: onnx.ModelProto) -> list[tuple[str, list[int | str | None], str]]:
+    """``(name, shape, numpy dtype)`` of each graph input that is not an initializer."""
+    initializers = {init.name for init in proto.graph.initializer}
+    signature = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        shape: list[int | str | None] = [
+            dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+            for dim in tensor.shape.dim
+        ]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        signature.append((value.name, shape, dtype))
+    return signature
+
+
+def import_onnx(
+    model: ModelLike,
+    *,
+    target: tvm.target.Target,
+    dims: Mapping[str, int] | None = None,
+    kernel: KernelFactory | None = None,
+    int8_matmul: bool | None = None,
+) -> tvm.IRModule:
+    """Import ``model`` into a Relax module, our ops as ``call_tir`` to our kernels.
+
+    ``kernel`` replaces the two-pass softmax kernel factory (default
+    :func:`rewriter.backends.tvm.kernels.softmax.two_pass_softmax`); it is called as
+    ``kernel(rows, cols, dtype=..., log=..., target=...)`` and returns a PrimFunc with
+    parameters ``(X[rows, cols], Y[rows, cols])``. ``int8_matmul`` (default: whether
+    ``target`` has AVX-512 VNNI) runs QDQ MatMuls as integer matmuls (see :func:`prepare`).
+
+    >>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
+    >>> any(gv.name_hint.startswith("rewriter_two_pass") for gv in mod.get_global_vars())  # doctest: +SKIP
+    True
+    """
+    if int8_matmul is None:
+        from rewriter.backends.tvm.kernels import int8_matmul as int8_kernel
+
+        int8_matmul = int8_kernel.supported(target)
+    proto = prepare(model, dims=dims, gpu=target.kind.name == "cuda", int8_matmul=int8_matmul)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    importer = _importer_class()(target=target, kernel=kernel)
+    with warnings.catch_warnings():
+        # The importer warns about every renamed input and unknown dimension.
+        warnings.simplefilter("ignore")
+        try:
+            return importer.from_onnx(proto.graph, opset)
+        except Exception as exc:
+            if type(exc).__name__ == "OpNotImplemented":
+                raise InputError(f"TVM cannot import the model: {exc}") from exc
+            raise
+
+
+_IMPORTER: type | None = None
+
+
+def _bounds_safe_take(bb: Any, expr: Any) -> Any:
+    """TVM lowers ONNX Gather to ``take(mode="fast")``, which reads out of bounds (and can
+    crash the process) on an invalid index such as a token id past the vocabulary; a
+    deployed library must not. ``mode="clip"`` costs a clamp per index."""
+    import tvm
+    from tvm import relax
+
+    if isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.take") and expr.attrs.mode == "fast":
+        return bb.normalize(relax.op.take(expr.args[0], expr.args[1], expr.attrs.axis, mode="clip"))
+    return expr
+
+
+def _importer_class() -> type:
+    """TVM's ``ONNXGraphImporter`` with our ops added (built on first use: tvm is lazy)."""
+    global _IMPORTER
+    if _IMPORTER is not None:
+        return _IMPORTER
+    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+
+    # Our ops by the name prepare gives them (ai.rewriter::<OpType>, default domain).
+    ours = {lowering.renamed: lowering for lowering in ops.lowerings().values()}
+
+    class Importer(ONNXGraphImporter):
+        def __init__(self, *, target: tvm.target.Target, kernel: KernelFactory | None) -> None:
+            super().__init__(
+                shape_dict={}, dtype_dict={}, keep_params_in_input=False, sanitize=True
+            )
+            self._target = target
+            self._kernel = kernel
+
+        def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
+            standard = onnx.GraphProto()
+            standard.CopyFrom(graph)
+            kept = [node for node in standard.node if node.op_type not in ours]
+            del standard.node[:]
+            standard.node.extend(kept)
+            super()._check_for_unsupported_ops(standard)
+
+        def _convert_operator(
+            self, op_name: str, inputs: list, attrs: dict, opset: int
+        ) -> relax.Expr:
+            lowering = ours.get(op_name)
+            if lowering is not None:
+                call = ops.OpCall(self.bb, inputs, attrs, self._target, self._kernel)
+                return lowering.emit(call)
+            if op_name == "Gather":
+                return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
+            return super()._convert_operator(op_name, inputs, attrs, opset)
+
+    _IMPORTER = Importer
+    return Importer

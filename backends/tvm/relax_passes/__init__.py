@@ -1,0 +1,13 @@
+"""Our passes of the TVM pipeline, in the order they run.
+
+On the ONNX model, in :func:`rewriter.backends.tvm.import_onnx.prepare` (what TVM's
+importer lacks): ``loss_decompose`` (NLL and softmax cross-entropy losses spelled out),
+``unroll`` (constant-trip ``Loop`` nodes), ``qdq_matmul`` (QDQ MatMuls to the int8
+kernel's op, on VNNI targets).
+
+On the Relax module, in :func:`rewriter.backends.tvm.pipeline.relax_pipeline`:
+``legalize_bf16_norms`` (bf16 layer/RMS norms computed in float32), ``bf16_matmul``
+(bf16 matmuls to the ``vdpbf16ps`` kernel, before legalization), ``pack_weights``
+(constant matmul weights in panels, after fusion) and ``schedules`` (our dlight rules
+for the CPU).
+"""

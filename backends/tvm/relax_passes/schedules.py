@@ -1,0 +1,509 @@
+"""CPU schedules: what TVM's default CPU pipeline leaves as scalar loops.
+
+TVM's generic CPU pipeline schedules nothing, so a matmul runs as a scalar triple
+loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
+``ApplyDefaultSchedule`` (first rule that fits each PrimFunc wins; functions marked
+``tirx.is_scheduled``, like our kernels, are skipped):
+
+* :class:`RegisterTiledMatmul`: ``C[..., i, j] += A[..., i, k] * B[..., k, j]``
+  with an elementwise epilogue, B either plain or packed in ``NB``-column panels
+  (:mod:`rewriter.backends.tvm.relax_passes.pack_weights` packs constant weights). The micro-kernel
+  keeps a ``tile_i x tile_j`` block of C in registers (:func:`register_tile`: 8 x 32
+  floats, 16 of AVX-512's 32 registers): for each ``k`` (unrolled by
+  :data:`K_UNROLL`) it broadcasts ``tile_i`` values of A and multiplies-adds them
+  with ``tile_j / lanes`` vectors of B (``vfmadd231ps`` on zmm). Loops, outside in:
+  batch, row blocks of A sized for L2 (:func:`_row_block`), panels of B, row tiles,
+  ``k``, the tile. So a ``K x tile_j`` panel of B stays in L1/L2 while the row tiles
+  stream past it; the packed panel is one contiguous stream. The epilogue (bias,
+  GELU, residual add) runs on each finished tile (a 1 KiB local buffer, in L1) and
+  writes the output once; batch, row blocks and panels are fused into the parallel
+  loop. Shapes without whole tiles (N = 197 or 1000; 197 rows) are padded to them
+  (:func:`padding`, :func:`zero_pad`): zero-padded copies of A and B, made once per
+  call, feed the micro-kernel, and the epilogue writes only the real part; a packed B
+  was padded when it was packed. Without it the function would stay scalar (~40x
+  slower).
+* :class:`VectorizedRowReduction`: reductions over the last axis with elementwise
+  neighbours (layer norm, softmax): one row per parallel iteration, each row sum or
+  max accumulated in ``lanes`` partial results (``rfactor``), elementwise steps
+  vectorized; dlight's CPU ``Reduction`` takes the row reductions it declines.
+* :class:`VectorizedElementwise`: injective functions with static shapes: the
+  fused loop is split by the vector width, vectorized, and the outer part parallel.
+
+>>> mod = cpu_schedule(target)(mod)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tvm
+
+logger = logging.getLogger(__name__)
+
+# Accumulator registers of the micro-kernel, per vector width in bits: AVX-512 has 32
+# vector registers, AVX2 and SSE 16; the rest hold B's vectors and A's broadcast.
+ACCUMULATORS = {512: 16, 256: 12, 128: 12}
+# Rows of A per register tile, at most (8 divides the usual power-of-two row counts).
+MAX_TILE_ROWS = 8
+# Vectors of B per register tile row: the packed panel width is this many vectors.
+PANEL_VECTORS = 2
+# The k loop of the micro-kernel is unrolled by this much.
+K_UNROLL = 4
+# A row block of A (rows x K float32) is kept under this many bytes (half of L2).
+ROW_BLOCK_BYTES = 1 << 20
+# Marks the zero-padded input copies that zero_pad adds (kept out of the micro-kernel).
+PAD_ANNOTATION = "rewriter.zero_pad"
+
+
+def vector_lanes(target: tvm.target.Target) -> int:
+    """float32 lanes of one vector register of ``target``: 16 with AVX-512, 8 with AVX,
+    else 4 (SSE, NEON).
+
+    ``llvm_get_vector_width`` is not used: in this TVM build it answers the host's width
+    (512 on the CI machine) for every target, so ``avx2`` code got AVX-512-sized tiles.
+
+    >>> vector_lanes(targets.resolve("avx2"))  # doctest: +SKIP
+    8
+    """
+    from tvm.target.codegen import target_has_features
+
+    for feature, lanes in (("avx512f", 16), ("avx", 8)):
+        try:
+            if target_has_features([feature], target):
+                return lanes
+        except Exception:  # not an LLVM target, or LLVM does not know the feature
+            return 4
+    return 4
+
+
+def pack_width(target: tvm.target.Target) -> int:
+    """Columns per panel of a packed matmul weight: the register tile's width on ``target``.
+
+    >>> pack_width(targets.resolve("avx512"))  # doctest: +SKIP
+    32
+    """
+    return PANEL_VECTORS * vector_lanes(target)
+
+
+def register_tile(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[int, int] | None:
+    """``(tile_i, tile_j)`` of the micro-kernel for a ``rows x cols`` output.
+
+    ``tile_j`` is the packed width ``packed``, or else the largest multiple of ``lanes``
+    up to ``PANEL_VECTORS * lanes`` that divides ``cols`` (None if there is none);
+    ``tile_i`` the largest divisor of ``rows`` whose tile fits the accumulator registers.
+
+    >>> register_tile(128, 1536, 16, packed=32)
+    (8, 32)
+    >>> register_tile(128, 40, 16) is None
+    True
+    """
+    tile_j = packed or _largest_divisor(cols, PANEL_VECTORS * lanes, lanes)
+    if tile_j is None:
+        return None
+    tile_i = _largest_divisor(rows, tile_rows(tile_j, lanes))
+    return tile_i or 1, tile_j
+
+
+def padding(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[int, int]:
+    """Multiples to pad a ``rows x cols`` output to (1: as it is), for whole register tiles.
+
+    Columns go to whole panels: ``packed`` wide if B is packed, else ``PANEL_VECTORS *
+    lanes`` wide where no multiple of ``lanes`` up to that divides them. Rows whose best
+    tile (:func:`register_tile`) is under half the tile's height (197 rows: 1) leave too
+    few accumulators to hide the FMA latency; they go to whole tiles where that wastes
+    a smaller fraction of the work than it gains.
+
+    >>> padding(197, 197, 16)
+    (8, 32)
+    >>> padding(128, 1000, 16), padding(128, 1000, 16, packed=32)
+    ((1, 32), (1, 32))
+    >>> padding(128, 1024, 16), padding(9, 64, 16)
+    ((1, 1), (1, 1))
+    """
+    if packed:
+        width, pad_j = packed, packed if cols % packed else 1
+    else:
+        divisor = _largest_divisor(cols, PANEL_VECTORS * lanes, lanes)
+        width = divisor or PANEL_VECTORS * lanes
+        pad_j = 1 if divisor else width
+    limit = tile_rows(width, lanes)
+    tile_i = _largest_divisor(rows, limit) or 1
+    padded = -(-rows // limit) * limit
+    pad_i = limit if 2 * tile_i < limit and 2 * tile_i * padded < limit * rows else 1
+    return pad_i, pad_j
+
+
+def zero_pad(sch: Any, block: Any, pad: tuple[int, int]) -> bool:
+    """Pad matmul ``block`` (``..., i, j, k``) to multiples ``pad`` of its rows and columns,
+    as :func:`padding` gives them, with ``pad_einsum``; False if there is nothing to pad.
+
+    The inputs whose extents grow are copied, zero-padded, by new producer blocks
+    (annotated :data:`PAD_ANNOTATION`: the matmul rule runs them as copies before the
+    matmul, and never inlines them, which would put their bounds checks in the
+    micro-kernel); the matmul writes a padded result, of which a new consumer block
+    copies the real part. Exact: the padded rows and columns are zeros, and dropped.
+
+    >>> zero_pad(sch, sch.get_sblock("matmul"), (8, 32))  # doctest: +SKIP
+    True
+    """
+    if pad == (1, 1):
+        return False
+    pads = [1] * len(sch.get(block).iter_vars)
+    pads[-2] = pad[1]
+    if pad[0] != 1:
+        pads[-3] = pad[0]
+    before = {sch.get(producer).name_hint for producer in sch.get_producers(block)}
+    sch.pad_einsum(block, pads)
+    for producer in sch.get_producers(block):
+        if sch.get(producer).name_hint not in before:
+            sch.annotate(producer, PAD_ANNOTATION, 1)
+    return True
+
+
+def rule(name: str) -> type:
+    """One of this module's rule classes by name: ``matmul``, ``row_reduction``,
+    ``elementwise``."""
+    return _rules()[name]  # type: ignore[no-any-return]
+
+
+def cpu_rule_base() -> type:
+    """The base class of our CPU rules (``_schedule(func)`` returns a schedule or None)."""
+    return _rules()["base"]  # type: ignore[no-any-return]
+
+
+def tile_rows(tile_j: int, lanes: int) -> int:
+    """Rows of a register tile ``tile_j`` wide, at most: accumulators fill the registers."""
+    accumulators = ACCUMULATORS.get(lanes * 32, 12)
+    return min(MAX_TILE_ROWS, max(accumulators * lanes // tile_j, 1))
+
+
+def _row_block(rows: int, depth: int, tile_i: int) -> int:
+    """Rows of A per block: all of them if ``rows x depth`` floats fit ROW_BLOCK_BYTES."""
+    limit = max(ROW_BLOCK_BYTES // (4 * depth), tile_i)
+    return _largest_divisor(rows, limit, tile_i) or tile_i
+
+
+def _largest_divisor(extent: int, limit: int, multiple_of: int = 1) -> int | None:
+    """The largest divisor of ``extent`` that is ``<= limit`` and a multiple of ``multiple_of``."""
+    for candidate in range(min(extent, limit), 0, -1):
+        if extent % candidate == 0 and candidate % multiple_of == 0:
+            return candidate
+    return None
+
+
+_RULES: dict[str, Any] = {}
+
+
+def _rules() -> dict[str, Any]:
+    """The rule classes (defined on first use: tvm is imported lazily)."""
+    if _RULES:
+        return _RULES
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import ScheduleRule
+
+    def static_extents(sch: Any, loops: list[Any]) -> list[int] | None:
+        extents = []
+        for loop in loops:
+            extent = sch.get(loop).extent
+            if not isinstance(extent, tirx.IntImm):
+                return None
+            extents.append(int(extent.value))
+        return extents
+
+    class CpuRule(ScheduleRule):
+        """A rule for LLVM targets: ``_schedule`` returns a schedule, or None to pass the
+        function on; a schedule primitive that refuses also passes it on (logged)."""
+
+        what = "cpu"
+
+        def __init__(self, lanes: int) -> None:
+            self.lanes = lanes
+
+        def apply(self, func: tirx.PrimFunc, target: Any, _tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+                return None
+            try:
+                return self._schedule(func)
+            except Exception as exc:  # a primitive refused: leave the function to other rules
+                logger.debug("%s schedule not applied: %s", self.what, exc)
+                return None
+
+        def _schedule(self, func: tirx.PrimFunc) -> Any:
+            raise NotImplementedError
+
+    class RegisterTiledMatmul(CpuRule):
+        """``C[..., i, j] += A[..., i, k] * B[..., k, j]`` (+ elementwise epilogue), register-tiled.
+
+        B is read either as ``B[..., k, j]`` or packed, ``Bp[j // NB, k, j % NB]``
+        (:mod:`rewriter.backends.tvm.relax_passes.pack_weights`); a packed B fixes the tile's width to NB.
+        """
+
+        what = "matmul"
+
+        def _schedule(self, func: tirx.PrimFunc) -> Any:
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None:
+                return None
+            reductions = [info for info in infos if not info.is_injective()]
+            if len(reductions) != 1 or not reductions[0].dom_kind().endswith("SR"):
+                return None
+            packed = _matmul_b_layout(sch, reductions[0].block_rv)
+            if packed is None:
+                return None
+            gemv = not reductions[0].dom_kind().endswith("SSR")
+            if not packed:  # a packed B was padded, if need be, when it was packed
+                infos = self._pad(sch, infos, reductions[0].block_rv, gemv)
+                reductions = [info for info in infos if not info.is_injective()]
+            position = infos.index(reductions[0])
+            # Producers (e.g. a transpose of B) are computed inline into the matmul, or
+            # into the zero-padded copy of its input they feed; those copies stay apart.
+            pad_copies = [info.block_rv for info in infos[:position] if _is_pad(sch, info)]
+            for info in infos[:position]:
+                if not _is_pad(sch, info):
+                    sch.compute_inline(info.block_rv)
+            epilogue = infos[position + 1 :]
+            for info in epilogue[:-1]:
+                sch.compute_inline(info.block_rv)
+            block = reductions[0].block_rv
+            loops = sch.get_loops(block)
+            # Columns and depth are tiled: static. Batch loops may be symbolic (a model
+            # compiled for any batch size): they only feed the parallel loop. So may rows
+            # (batch x tokens): then whole row tiles run unmasked and the last, partial one
+            # masked, peeled off by LoopPartition (pragma_loop_partition_hint).
+            extents = static_extents(sch, loops[-2:])
+            if extents is None:
+                return None
+            if gemv:
+                # One row (a GEMV, its unit row loop normalized away): tile a unit loop.
+                sch.add_unit_loop(loops[-2])
+                loops = sch.get_loops(block)
+            *batch, i, j, k = loops
+            cols, depth = extents
+            rows = 1 if gemv else (static_extents(sch, [i]) or [0])[0]
+            tile = register_tile(rows or MAX_TILE_ROWS, cols, self.lanes, packed)
+            if tile is None:
+                return None
+            tile_i, tile_j = tile
+            jo, ji = sch.split(j, [None, tile_j])
+            k_loops = [k]
+            if depth % K_UNROLL == 0 and depth > K_UNROLL:
+                k_loops = list(sch.split(k, [None, K_UNROLL]))
+            if rows:
+                row_block = _row_block(rows, depth, tile_i)
+                mc, mo, mi = sch.split(i, [None, row_block // tile_i, tile_i])
+                outer = [*batch, mc, jo]
+            else:
+                mo, mi = sch.split(i, [None, tile_i])
+                sch.annotate(mo, "pragma_loop_partition_hint", 1)
+                outer = [*batch, jo]
+            # Panels of B outside, rows of A inside: a K x tile_j panel of B stays in
+            # cache while every row tile of the row block streams past it.
+            sch.reorder(*outer, mo, *k_loops, mi, ji)
+            if epilogue:
+                tail = epilogue[-1].block_rv
+                sch.reverse_compute_at(tail, mo)
+                sch.set_scope(block, 0, "local")
+            else:
+                tail = sch.cache_write(block, 0, "local")
+                sch.reverse_compute_at(tail, mo)
+            # Annotate before decompose_reduction: the update block alone is no longer
+            # a reduction block, and vectorize/parallel refuse loops over it.
+            sch.vectorize(ji)
+            sch.unroll(mi)
+            if len(k_loops) == 2:
+                sch.unroll(k_loops[1])
+            inner = sch.get_loops(tail)[-1]
+            if (static_extents(sch, [inner]) or [1])[0] % self.lanes == 0:
+                sch.vectorize(inner)
+            sch.parallel(sch.fuse(*outer))
+            sch.decompose_reduction(block, k_loops[0])
+            for copy in pad_copies:
+                # Once per call, before the matmul: rows in parallel, vectorized along them.
+                *outer, inner = sch.get_loops(copy)
+                sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                sch.vectorize(inner)
+            return sch
+
+        def _pad(self, sch: Any, infos: list[Any], block: Any, gemv: bool) -> list[Any]:
+            """``infos`` once matmul ``block`` is padded to whole register tiles, if it
+            needs to be (:func:`padding`, :func:`zero_pad`)."""
+            extents = static_extents(sch, sch.get_loops(block)[-2 if gemv else -3 :])
+            if extents is None:  # symbolic rows: padded by a masked row tile, not here
+                return infos
+            pad = padding(1 if gemv else extents[-3], extents[-2], self.lanes)
+            if not zero_pad(sch, block, pad):
+                return infos
+            return normalize_prim_func(sch) or []
+
+    def _is_pad(sch: Any, info: Any) -> bool:
+        return PAD_ANNOTATION in sch.get(info.block_rv).annotations
+
+    def _matmul_b_layout(sch: Any, block: Any) -> int | None:
+        """0 for ``A[..., i, k] * B[..., k, j]``, NB for a packed ``Bp[j // NB, k, j % NB]``,
+        None for anything else."""
+        stmt = sch.get(block)
+        if len(stmt.reads) != 2 or len(stmt.writes) != 1:
+            return None
+        j_var = stmt.iter_vars[-2].var
+        k_var = stmt.iter_vars[-1].var
+        a_index = [r.min for r in stmt.reads[0].region]
+        b_index = [r.min for r in stmt.reads[1].region]
+        if not a_index[-1].same_as(k_var) or len(b_index) < 2:
+            return None
+        if b_index[-1].same_as(j_var) and b_index[-2].same_as(k_var):
+            return 0
+        return _packed_width(b_index, j_var, k_var, stmt.reads[1].source)
+
+    def _packed_width(index: list[Any], j_var: Any, k_var: Any, buffer: Any) -> int | None:
+        if len(index) != 3 or not index[1].same_as(k_var):
+            return None
+        div, mod = index[0], index[2]
+        if not (isinstance(div, tirx.FloorDiv) and isinstance(mod, tirx.FloorMod)):
+            return None
+        width = buffer.shape[2]
+        for expr in (div, mod):
+            if not (expr.a.same_as(j_var) and isinstance(expr.b, tirx.IntImm)):
+                return None
+            if not isinstance(width, tirx.IntImm) or int(expr.b) != int(width):
+                return None
+        return int(width)
+
+    class VectorizedRowReduction(CpuRule):
+        """Reductions over the last axis with elementwise neighbours (layer norm, softmax).
+
+        One row per iteration of the parallel loop, every block computed at it. Each
+        sum or max over the row is split by the vector width and ``rfactor``-ed: the
+        row accumulates ``lanes`` partial results in one vector (FMA-free adds, no
+        loop-carried scalar chain), then folds them. Elementwise blocks with a single
+        consumer are inlined, the others vectorized.
+        """
+
+        what = "row reduction"
+
+        def _schedule(self, func: tirx.PrimFunc) -> Any:
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None or len(infos) < 2 or not infos[-1].is_injective():
+                return None
+            kinds = [info.dom_kind() for info in infos]
+            if all(info.is_injective() for info in infos):
+                return None
+            lead = min(len(kind) - len(kind.lstrip("S")) for kind in kinds)
+            # One row: the elementwise blocks lost its unit axis to normalization (their
+            # one loop runs along the row), the reductions kept it ("SR"). The row loop is
+            # a unit loop added to the last block. (dlight's Reduction, which took these
+            # before, nested the whole softmax in a loop over the row's elements: 2.4 ms
+            # for a 1000-class head, 9.7 ms for 1500.)
+            single_row = len(sch.get_loops(infos[-1].block_rv)) == 1 and not infos[-1].dom_kind().endswith("R")
+            if single_row:
+                lead = 1
+            if lead == 0:
+                return None
+            for info, kind in zip(infos, kinds, strict=True):
+                if not info.is_injective() and kind != "S" * (len(kind) - 1) + "R":
+                    return None
+            for info in infos[:-1]:
+                if info.is_injective() and len(sch.get_consumers(info.block_rv)) == 1:
+                    sch.compute_inline(info.block_rv)
+            blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+            partials = []
+            for block in blocks[:-1]:
+                if _is_reduction(sch, block):
+                    partial = self._vector_partials(sch, block)
+                    if partial is not None:
+                        partials.append(partial)
+            if single_row:
+                sch.add_unit_loop(sch.get_loops(blocks[-1])[0])
+            loops = sch.get_loops(blocks[-1])
+            if len(loops) <= lead:
+                return None
+            row = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+            sch.parallel(row)
+            self._vectorize_inner(sch, blocks[-1])
+            for block in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
+                sch.compute_at(block, row, preserve_unit_loops=True)
+            for block in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
+                if not _is_reduction(sch, block):
+                    self._vectorize_inner(sch, block)
+            for partial in partials:
+                # Under the row: the lane loop first, unit loops, the chunk loop last.
+                loops = sch.get_loops(partial)
+                lane, chunk = loops[1], loops[-1]
+                if static_extents(sch, [lane]) != [self.lanes]:
+                    return None
+                sch.reorder(chunk, lane)
+                sch.vectorize(lane)
+                sch.decompose_reduction(partial, chunk)
+            return sch
+
+        def _vector_partials(self, sch: Any, block: Any) -> Any:
+            """``rfactor`` the row reduction of ``block`` into ``lanes`` partial results."""
+            loop = sch.get_loops(block)[-1]
+            extent = (static_extents(sch, [loop]) or [0])[0]
+            if extent <= self.lanes or extent % self.lanes:
+                return None
+            _, lane = sch.split(loop, [None, self.lanes])
+            return sch.rfactor(lane, factor_axis=len(sch.get(block).writes[0].region))
+
+        def _vectorize_inner(self, sch: Any, block: Any) -> None:
+            loops = sch.get_loops(block)
+            if len(loops) < 2 or sch.get(loops[-1]).kind == tirx.ForKind.VECTORIZED:
+                return
+            extent = (static_extents(sch, [loops[-1]]) or [0])[0]
+            if extent and extent % self.lanes == 0:
+                _, lane = sch.split(loops[-1], [None, self.lanes])
+                sch.vectorize(lane)
+
+    def _is_reduction(sch: Any, block: Any) -> bool:
+        return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+    class VectorizedElementwise(CpuRule):
+        """A single injective block: its static inner loops fused and vectorized, the
+        outer ones (symbolic sizes: a batch) parallel. A row no whole vectors cover is
+        split by the vector width anyway, its last vector masked and peeled off by
+        ``LoopPartition`` (``pragma_loop_partition_hint``), so the others stay whole."""
+
+        what = "elementwise"
+
+        def _schedule(self, func: tirx.PrimFunc) -> Any:
+            sch = s_tir.Schedule(func)
+            infos = normalize_prim_func(sch)
+            if infos is None or not all(info.is_injective() for info in infos):
+                return None
+            for info in infos[:-1]:
+                sch.compute_inline(info.block_rv)
+            block = infos[-1].block_rv
+            loops = sch.get_loops(block)
+            if not loops:
+                return None
+            static = len(loops)
+            while static > 0 and static_extents(sch, [loops[static - 1]]) is not None:
+                static -= 1
+            outer, inner = loops[:static], loops[static:]
+            if not inner:
+                return None
+            row = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+            total = static_extents(sch, [row])[0]  # type: ignore[index]
+            if total < self.lanes:
+                if outer:
+                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                return sch if outer else None
+            vectors, lanes = sch.split(row, [None, self.lanes])
+            sch.vectorize(lanes)
+            if total % self.lanes:
+                sch.annotate(vectors, "pragma_loop_partition_hint", 1)
+                if outer:
+                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+            else:
+                sch.parallel(sch.fuse(*outer, vectors))
+            return sch
+
+    _RULES["base"] = CpuRule
+    _RULES["matmul"] = RegisterTiledMatmul
+    _RULES["elementwise"] = VectorizedElementwise
+    _RULES["row_reduction"] = VectorizedRowReduction
+    return _RULES

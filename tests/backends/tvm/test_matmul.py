@@ -1,0 +1,420 @@
+"""Packed-weight matmuls and row reductions on CPU: the structure TVM is given, and its numbers.
+
+* :mod:`rewriter.backends.tvm.relax_passes.pack_weights`: a matmul with a constant weight calls a packed
+  copy of its PrimFunc, the weight repacked as ``[N / NB, K, NB]``; other matmuls are left.
+* :mod:`rewriter.backends.tvm.relax_passes.schedules`: the packed matmul gets the register-tiled
+  micro-kernel (zmm FMAs on avx512), row reductions (layer norm) a vectorized rfactor.
+* Ragged shapes (N = 197, 1000, 30522; 197 rows): the constant weight is packed
+  zero-padded to whole panels, a computed B is padded in the function
+  (``pad_einsum``), and the micro-kernel runs on whole tiles; the real columns are kept.
+* Every compiled model agrees with ONNX Runtime within
+  :data:`rewriter.backends.tvm.verify.COMPILED_TOLERANCE` (float32: 1e-4 of the
+  output's scale). Packing is exact (same products, same order); the tiled schedule
+  sums ``k`` in order per output, the row reductions in 16 partial sums.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rewriter import verify
+from rewriter.backends import tvm as backend
+from rewriter.backends.tvm import import_onnx, targets
+from rewriter.backends.tvm.relax_passes import cpu_schedule, pack_weights, schedules
+from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
+
+TOLERANCE = COMPILED_TOLERANCE["float32"]
+SEED = 0
+
+
+def dense_model(
+    shape: tuple[int, ...], n: int, epilogue: str = "gelu", *, weight_input: bool = False
+) -> onnx.ModelProto:
+    """``epilogue(MatMul(x, W) + b)`` as a BERT export writes it.
+
+    ``epilogue``: ``gelu`` (erf form), ``residual`` (``+ r``), ``tanh`` or ``none``;
+    ``weight_input`` makes W a graph input instead of a constant.
+    """
+    rng = np.random.default_rng(SEED)
+    k = shape[-1]
+    out_shape = [*shape[:-1], n]
+    weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    inits = [numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))]
+    if weight_input:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n]))
+    else:
+        inits.append(numpy_helper.from_array(weight, "w"))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Add", ["h", "b"], ["z"]),
+    ]
+    if epilogue == "gelu":
+        for name, value in (("sqrt2", np.sqrt(2.0)), ("one", 1.0), ("half", 0.5)):
+            inits.append(numpy_helper.from_array(np.array(value, np.float32), name))
+        nodes += [
+            helper.make_node("Div", ["z", "sqrt2"], ["d"]),
+            helper.make_node("Erf", ["d"], ["e"]),
+            helper.make_node("Add", ["e", "one"], ["e1"]),
+            helper.make_node("Mul", ["z", "e1"], ["m"]),
+            helper.make_node("Mul", ["m", "half"], ["y"]),
+        ]
+    elif epilogue == "residual":
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, out_shape))
+        nodes.append(helper.make_node("Add", ["z", "r"], ["y"]))
+    elif epilogue == "tanh":
+        nodes.append(helper.make_node("Tanh", ["z"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["z"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "dense",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def layer_norm_model(shape: tuple[int, ...]) -> onnx.ModelProto:
+    rng = np.random.default_rng(SEED)
+    hidden = shape[-1]
+    graph = helper.make_graph(
+        [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-12)],
+        "layer_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+        [
+            numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "g"),
+            numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "b"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def attention_model(heads: int, sequence: int, dim: int) -> onnx.ModelProto:
+    """``(Q @ K^T * scale) @ V`` (attention's two matmuls, the softmax left out) as an
+    export writes it, K^T a Transpose: batched matmuls with a computed B, N = sequence
+    and then N = dim."""
+    qkv = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, heads, sequence, dim])
+        for name in "qkv"
+    ]
+    scale = numpy_helper.from_array(np.array(dim**-0.5, np.float32), "scale")
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Mul", ["s", "scale"], ["p"]),
+        helper.make_node("MatMul", ["p", "v"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        qkv,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, heads, sequence, dim])],
+        [scale],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def feeds_for(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(SEED + 1)
+    feeds = {}
+    for value in proto.graph.input:
+        shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def assert_agrees_with_ort(proto: onnx.ModelProto, target: str = "avx512") -> backend.Compiled:
+    feeds = feeds_for(proto)
+    reference = verify.run(proto.SerializeToString(), feeds)["y"]
+    compiled = backend.compile(proto, target)
+    error = float(np.abs(compiled.run(feeds)["y"] - reference).max())
+    scale = float(np.abs(reference).max())
+    assert TOLERANCE.allows(error, scale), (error, scale)
+    return compiled
+
+
+def fused(proto: onnx.ModelProto, target: str = "avx512") -> tuple[object, object]:
+    """The Relax module after TVM's fusion (``FuseTIR``), as ``pack_matmul_weights`` sees it."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as stages
+
+    tvm_target = targets.resolve(target)
+    mod = import_onnx.import_onnx(proto, target=tvm_target)
+    with tvm_target:
+        mod = tvm.transform.Sequential(stages.legalize_passes(tvm_target))(mod)
+    return mod, tvm_target
+
+
+def prim_funcs(mod: object) -> dict[str, object]:
+    import tvm
+
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}  # type: ignore[attr-defined]
+
+
+def scheduled(proto: onnx.ModelProto, target: str = "avx512") -> dict[str, object]:
+    """The PrimFuncs as :func:`backend.compile` schedules them: packed, then our rules."""
+    mod, tvm_target = fused(proto, target)
+    with tvm_target:
+        mod = pack_weights.pack_matmul_weights(tvm_target)(mod)
+        mod = cpu_schedule.cpu_schedule(tvm_target)(mod)
+    return prim_funcs(mod)
+
+
+def micro_kernel(func: object) -> list[tuple[object, int]]:
+    """``(kind, extent)`` of the loops around the matmul's update block."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("matmul_update"))]
+    return [(loop.kind, int(loop.extent)) for loop in loops]
+
+
+def assert_register_tiled(funcs: dict[str, object], count: int, rows: int = 8) -> None:
+    """``count`` matmuls, each scheduled with whole ``rows`` x 32 register tiles (avx512)."""
+    import tvm
+
+    matmuls = [f for name, f in funcs.items() if "matmul" in name]
+    assert len(matmuls) == count, sorted(funcs)
+    for func in matmuls:
+        assert func.attrs["tirx.is_scheduled"]  # type: ignore[attr-defined]
+        unrolled, vectorized = tvm.tirx.ForKind.UNROLLED, tvm.tirx.ForKind.VECTORIZED
+        assert micro_kernel(func)[-2:] == [(unrolled, rows), (vectorized, 32)]
+
+
+# --- packing ---------------------------------------------------------------------------
+
+
+def test_pack_lays_out_column_panels():
+    weight = np.arange(24, dtype=np.float32).reshape(3, 8)
+    packed = pack_weights.pack(weight, 4)
+    assert packed.shape == (2, 3, 4) and packed.flags.c_contiguous
+    for jb in range(2):
+        for k in range(3):
+            np.testing.assert_array_equal(packed[jb, k], weight[k, jb * 4 : jb * 4 + 4])
+
+
+def test_constant_weight_is_packed_and_original_dropped():
+    mod, target = fused(dense_model((1, 16, 64), 96))
+    before = set(prim_funcs(mod))
+    packed = pack_weights.pack_matmul_weights(target)(mod)
+    funcs = prim_funcs(packed)
+    new = sorted(set(funcs) - before)
+    assert len(new) == 1 and new[0].endswith(pack_weights.SUFFIX), new
+    assert new[0].removesuffix(pack_weights.SUFFIX) not in funcs  # the unpacked copy is gone
+    width = schedules.pack_width(target)
+    assert width == 32
+    main = str(packed["main"])
+    assert f"R.call_tir({new[0]}" in main
+    # The weight argument is the packed constant [N / NB, K, NB].
+    assert re.search(
+        r"param_\d+: T.Buffer\(\(T.int64\(3\), T.int64\(64\), T.int64\(32\)\)",
+        funcs[new[0]].script(),
+    )
+
+
+def test_pack_pads_the_last_panel_with_zeros():
+    weight = np.arange(1, 16, dtype=np.float32).reshape(3, 5)
+    packed = pack_weights.pack(weight, 4)
+    assert packed.shape == (2, 3, 4)
+    np.testing.assert_array_equal(packed[1, :, :1], weight[:, 4:])
+    np.testing.assert_array_equal(packed[1, :, 1:], 0.0)
+
+
+def test_ragged_weight_is_packed_in_padded_panels():
+    mod, target = fused(dense_model((1, 16, 64), 40))
+    funcs = prim_funcs(pack_weights.pack_matmul_weights(target)(mod))
+    (name,) = [n for n in funcs if n.endswith(pack_weights.SUFFIX)]
+    script = funcs[name].script()
+    # N = 40: two 32-column panels, the weight parameter itself (no copy in the function).
+    panels = r"param_\d+_pad: T.Buffer\(\(T.int64\(2\), T.int64\(64\), T.int64\(32\)\)"
+    assert re.search(panels, script)
+    assert "if_then_else" not in script
+    # The matmul fills 64 columns; the epilogue writes the 40 real ones.
+    assert "T.sblock_alloc_buffer((T.int64(1), T.int64(16), T.int64(64)))" in script
+
+
+def test_pack_pass_is_idempotent():
+    import tvm
+
+    mod, target = fused(dense_model((1, 16, 64), 96))
+    once = pack_weights.pack_matmul_weights(target)(mod)
+    twice = pack_weights.pack_matmul_weights(target)(once)
+    tvm.ir.assert_structural_equal(once, twice)
+
+
+def test_matmul_with_computed_weight_is_left_unpacked():
+    mod, target = fused(dense_model((1, 16, 64), 96, weight_input=True))
+    packed = pack_weights.pack_matmul_weights(target)(mod)
+    assert not any(name.endswith(pack_weights.SUFFIX) for name in prim_funcs(packed))
+    assert set(prim_funcs(packed)) == set(prim_funcs(mod))
+
+
+# --- the micro-kernel -----------------------------------------------------------------
+
+
+def test_vector_lanes_follow_the_target():
+    lanes = {
+        name: schedules.vector_lanes(targets.resolve(name)) for name in ("llvm", "avx2", "avx512")
+    }
+    assert lanes == {"llvm": 4, "avx2": 8, "avx512": 16}
+    assert schedules.pack_width(targets.resolve("avx2")) == 16
+
+
+def test_register_tile_sizes():
+    assert schedules.register_tile(128, 1536, 16, packed=32) == (8, 32)  # 16 zmm accumulators
+    assert schedules.register_tile(1, 384, 16, packed=32) == (1, 32)  # a GEMV row
+    assert schedules.register_tile(12, 128, 8) == (6, 16)  # AVX2: 12 of 16 ymm registers
+    assert schedules.register_tile(7, 40, 16) is None  # no vector-multiple column tile
+
+
+def test_padding_sizes():
+    assert schedules.padding(128, 1024, 16) == (1, 1)  # whole tiles already
+    assert schedules.padding(128, 1000, 16) == (1, 32)  # 1000 -> 1024 columns
+    assert schedules.padding(197, 197, 16) == (8, 32)  # ViT scores: 200 x 224
+    assert schedules.padding(197, 64, 16) == (8, 1)  # ViT context: a 1-row tile otherwise
+    assert schedules.padding(9, 64, 16) == (1, 1)  # 3-row tiles beat 16 rows for 9
+    assert schedules.padding(12, 36, 8) == (1, 16)  # AVX2: 16-column panels
+
+
+def test_packed_matmul_gets_the_register_tiled_schedule():
+    import tvm
+
+    funcs = scheduled(dense_model((1, 16, 64), 96))
+    (name,) = [n for n in funcs if n.endswith(pack_weights.SUFFIX)]
+    func = funcs[name]
+    assert func.attrs["tirx.is_scheduled"]
+    kinds, extents = zip(*micro_kernel(func), strict=True)
+    # parallel panels, row tiles, k / 4, then k unrolled by 4, 8 rows unrolled, 32 lanes.
+    assert kinds[0] == tvm.tirx.ForKind.PARALLEL
+    assert list(kinds[-3:]) == [tvm.tirx.ForKind.UNROLLED] * 2 + [tvm.tirx.ForKind.VECTORIZED]
+    assert list(extents[-3:]) == [schedules.K_UNROLL, 8, 32]
+
+
+@pytest.mark.parametrize(
+    ("n", "epilogue", "weight_input"),
+    [
+        (197, "none", False),
+        (1000, "gelu", False),  # an ImageNet head
+        (30522, "residual", False),  # BERT's MLM head
+        (197, "gelu", True),
+        (1000, "tanh", True),
+    ],
+    ids=["197-const", "1000-gelu-const", "30522-residual-const", "197-gelu-input", "1000-input"],
+)
+def test_ragged_n_gets_whole_tiles_and_agrees(n, epilogue, weight_input):
+    # M = 8, K = 64 keep the build and ORT fast; N has no 16-multiple divisor up to 32.
+    model = dense_model((1, 8, 64), n, epilogue, weight_input=weight_input)
+    funcs = scheduled(model)
+    assert_register_tiled(funcs, 1)
+    (name,) = [name for name in funcs if "matmul" in name]
+    assert name.endswith(pack_weights.SUFFIX) != weight_input  # constant weights are packed
+    assert_agrees_with_ort(model)
+
+
+@pytest.mark.parametrize("weight_input", [False, True], ids=["const", "input"])
+def test_ragged_gemv_gets_whole_tiles_and_agrees(weight_input):
+    # One row (a batch-1 classifier head): the GEMV path, 1000 columns in 32 panels.
+    model = dense_model((1, 64), 1000, "tanh", weight_input=weight_input)
+    assert_register_tiled(scheduled(model), 1, rows=1)
+    assert_agrees_with_ort(model)
+
+
+def test_ragged_rows_of_a_packed_matmul_get_whole_tiles_and_agree():
+    # ViT's linear layers: 197 rows (a 1-row tile otherwise), padded to 200; N divides.
+    model = dense_model((1, 197, 64), 96, "gelu")
+    funcs = scheduled(model)
+    assert_register_tiled(funcs, 1)
+    assert all(name.endswith(pack_weights.SUFFIX) for name in funcs)
+    assert_agrees_with_ort(model)
+
+
+def test_attention_with_197_tokens_gets_whole_tiles_and_agrees():
+    # ViT: scores 197 x 197 (rows and columns padded), context 197 x 64 (rows padded).
+    model = attention_model(heads=2, sequence=197, dim=64)
+    assert_register_tiled(scheduled(model), 2)
+    assert_agrees_with_ort(model)
+
+
+def test_avx512_matmul_uses_zmm_fma():
+    compiled = assert_agrees_with_ort(dense_model((1, 16, 64), 96))
+    asm = compiled.executable.mod.imports[0].inspect_source("asm")
+    assert re.search(r"vfmadd231ps\s+%zmm\d+, %zmm\d+, %zmm\d+", asm)
+    assert re.search(r"vbroadcastss\s+[^\n]*%zmm", asm)  # A broadcast from memory
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        dense_model((2, 24, 64), 64, "residual"),  # batched rows, residual epilogue
+        dense_model((1, 64), 64, "tanh"),  # one row: the pooler's GEMV
+        dense_model((1, 16, 30), 32, "none"),  # K not a multiple of the k unroll
+    ],
+    ids=["residual", "gemv-tanh", "odd-k"],
+)
+def test_packed_matmuls_agree_with_ort(model):
+    assert_agrees_with_ort(model)
+
+
+def test_row_blocked_matmul_agrees_with_ort(monkeypatch):
+    # A row block of 8 rows (8 x 64 floats): the row-block loop is taken, as for long
+    # sequences at K = 1536.
+    monkeypatch.setattr(schedules, "ROW_BLOCK_BYTES", 8 * 64 * 4)
+    assert_agrees_with_ort(dense_model((1, 32, 64), 64, "gelu"))
+
+
+@pytest.mark.parametrize("target", ["llvm", "avx2"])
+def test_narrower_targets_pack_and_agree(target):
+    # SSE: 4 lanes, 8-column panels; AVX2: 8 lanes, 16-column panels.
+    assert_agrees_with_ort(dense_model((1, 12, 16), 48, "gelu"), target)
+
+
+# --- row reductions ---------------------------------------------------------------------
+
+
+def test_layer_norm_gets_vector_partial_sums_and_agrees():
+    import tvm
+    from tvm import s_tir
+
+    model = layer_norm_model((2, 8, 64))
+    mod, target = fused(model)
+    with target:
+        mod = cpu_schedule.cpu_schedule(target)(mod)
+    func = prim_funcs(mod)["layer_norm"]
+    sch = s_tir.Schedule(func)
+    partials = [
+        sch.get(block).name_hint
+        for block in sch.get_child_blocks(sch.get_sblock("root"))
+        if sch.get(block).name_hint.endswith("_rf_update")
+    ]
+    assert len(partials) == 2, partials  # the sum and the sum of squared deviations
+    for name in partials:
+        inner = sch.get(sch.get_loops(sch.get_sblock(name))[-1])
+        assert inner.kind == tvm.tirx.ForKind.VECTORIZED and int(inner.extent) == 16
+    assert_agrees_with_ort(model)
+
+
+@pytest.mark.parametrize("width", [1000, 1500])
+def test_one_row_softmax_gets_the_row_reduction_and_agrees(width):
+    # A classification head's softmax over one row: dlight's Reduction nested the whole
+    # softmax in a loop over the row's elements (quadratic: 2.4 ms for 1000 classes).
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(SEED).standard_normal((1, width)).astype(np.float32)
+    compiled = backend.compile(model, "avx512")
+    expected = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    np.testing.assert_allclose(compiled.run({"x": x})["y"], expected, rtol=1e-4, atol=1e-9)
+    assert compiled.schedules is not None
+    assert set(compiled.schedules.scheduled.values()) == {"row reduction"}
