@@ -261,6 +261,12 @@ def _compiled_lines(compiled: Any) -> list[str]:
         return []
     where = f", written to {compiled.library}" if compiled.library else ""
     lines = [f"  compiled for {compiled.target} ({compiled.compile_seconds:.1f} s{where}):"]
+    if compiled.accepts:
+        shapes = ", ".join(
+            f"{name}[{', '.join('?' if dim is None else str(dim) for dim in shape)}]"
+            for name, shape in compiled.accepts.items()
+        )
+        lines.append(f"    accepts {shapes} (a name: any size)")
     if compiled.note:
         lines.append(f"    note: {compiled.note}")
     lines.extend(_tuning_lines(compiled.tuning))

@@ -357,7 +357,7 @@ def compile(
             raise
         # TVM's importer and VM shape lowering fail on many data-dependent shapes.
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-        raise InputError(
+        raise SymbolicDimsError(
             f"TVM cannot compile the model with symbolic input dimensions "
             f"({', '.join(symbolic)}): {first}; fix them with dims= (CLI: --dim NAME=VALUE)"
         ) from exc
@@ -365,6 +365,11 @@ def compile(
     compiled.tuning = tuner.report if tuner is not None else None
     compiled.schedules = None if targets.is_gpu(target) else record
     return compiled
+
+
+class SymbolicDimsError(InputError):
+    """TVM could not compile the model with its symbolic input dimensions kept (its importer
+    and VM shape lowering fail on many exporters' shape arithmetic); fixed ``dims`` may."""
 
 
 def load(path: str | os.PathLike[str], device: str = "cpu") -> Compiled:

@@ -41,9 +41,9 @@ import onnx_ir.passes.common
 
 from rewriter.backends.tvm import ops
 from rewriter.backends.tvm.ops import KernelFactory
+from rewriter.backends.tvm.relax_passes import onnx_simplify
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
 from rewriter.backends.tvm.relax_passes.unroll import unroll_loops
-from rewriter.backends.tvm.relax_passes import onnx_simplify
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN
 

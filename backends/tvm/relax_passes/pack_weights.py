@@ -53,7 +53,7 @@ class Packable:
     """A PrimFunc whose matmul (block ``block``) reads call argument ``arg`` as ``W[K, N]``,
     for ``rows`` rows of A (0: not static); packed ``width`` columns wide.
 
-    A channels-last convolution (:mod:`rewriter.backends.conv`) reads its weight as
+    A channels-last convolution (:mod:`.conv`) reads its weight as
     ``W[r..., N]`` (``conv``): its ``K`` is the product of the kernel and input-channel
     extents, and ``width`` divides ``N`` (no padding)."""
 
@@ -119,7 +119,7 @@ def find_packable(func: tvm.tirx.PrimFunc, width: int, lanes: int = 16) -> Packa
     iterator. ``N`` need not be a multiple of ``width`` (see :func:`packed_func`).
     Or a channels-last convolution ``C[..., j] += A[..., r_last] * W[r..., j]`` (every
     reduction iterator, in order, then ``j``), packed as wide as its register tile
-    (:func:`rewriter.backends.conv.conv_tile_width` for ``lanes``).
+    (:func:`.conv.conv_tile_width` for ``lanes``).
     """
     from tvm import s_tir, tirx
 

@@ -462,10 +462,11 @@ def _rules() -> dict[str, Any]:
         return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
     class VectorizedElementwise(CpuRule):
-        """A single injective block: its static inner loops fused and vectorized, the
-        outer ones (symbolic sizes: a batch) parallel. A row no whole vectors cover is
-        split by the vector width anyway, its last vector masked and peeled off by
-        ``LoopPartition`` (``pragma_loop_partition_hint``), so the others stay whole."""
+        """A single injective block: its static inner loops fused and vectorized by the
+        widest vector (16, 8 or 4 lanes on AVX-512) that divides them, the outer ones
+        (symbolic sizes: a batch) parallel. A row no such vector divides is split by the
+        vector width anyway, its last vector masked and peeled off by ``LoopPartition``
+        (``pragma_loop_partition_hint``), so the others stay whole."""
 
         what = "elementwise"
 
@@ -492,12 +493,17 @@ def _rules() -> dict[str, Any]:
                 if outer:
                     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
                 return sch if outer else None
-            vectors, lanes = sch.split(row, [None, self.lanes])
+            # The widest vector that divides the row; none (an odd row): whole vectors and a
+            # masked last one that LoopPartition peels off, unless a symbolic loop encloses
+            # the row (TVM's LoopPartition then fails, mixing int32 and int64 bounds).
+            width = next((w for w in (self.lanes, self.lanes // 2, self.lanes // 4) if w >= 4 and total % w == 0), 0)
+            if not width and outer:
+                sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                return sch
+            vectors, lanes = sch.split(row, [None, width or self.lanes])
             sch.vectorize(lanes)
-            if total % self.lanes:
+            if not width:
                 sch.annotate(vectors, "pragma_loop_partition_hint", 1)
-                if outer:
-                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
             else:
                 sch.parallel(sch.fuse(*outer, vectors))
             return sch
