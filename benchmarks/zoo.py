@@ -17,7 +17,8 @@ models from ``transformers`` and ``torchvision``) and each torch exporter
    libraries and ONNX Runtime on the original export at each batch, compare the outputs
    (max |ours - ORT| / max |ORT|, cosine), and time the three interleaved
    (``benchmarks/timing.py``). A library that takes over ``--slow`` seconds a call is
-   timed by the faster of two calls instead (its ratio is far from 1 anyway);
+   timed by the faster of two calls instead (one past 5x ``--slow``; its ratio is far
+   from 1 anyway);
 4. ``--breakdown N``: for the N slowest models (ours/ORT at the fewest threads, the
    smallest batch, fixed dims), seconds per PrimFunc with the rule that scheduled it,
    beside ORT's per-op-type profile, and both summed by op family.
@@ -30,6 +31,7 @@ Times are medians on a shared machine: compare the ratios. ::
     .venv/bin/python benchmarks/zoo.py --quick --models bert resnet18
     .venv/bin/python benchmarks/zoo.py --threads 1 --batch 1 --breakdown 5 --json zoo.json
     .venv/bin/python benchmarks/zoo.py              # all models, threads 1 2, batch 1 8
+    .venv/bin/python benchmarks/zoo.py --report zoo.json   # the tables again
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ def main() -> None:
         result = zoo_workers.WORKERS[args.worker](job)
         Path(args.out).write_text(json.dumps(result))
         return
+    if args.report:
+        from benchmarks import zoo_report
+
+        zoo_report.print_all(json.loads(args.report.read_text()))
+        return
     run(args)
 
 
@@ -85,6 +92,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="keep rewrites and libraries here")
     parser.add_argument("--compile-timeout", type=float, default=1200.0)
     parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument(
+        "--report", type=Path, help="print the tables of a --json file; run nothing"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -325,8 +335,13 @@ def machine() -> dict[str, Any]:
             info[package] = version(package)
         except Exception:
             info[package] = None
+    import rewriter  # the code measured: its checkout's commit, wherever this script is
+
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=Path(rewriter.__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
     )
     info["commit"] = commit.stdout.strip()
     return info

@@ -199,6 +199,8 @@ def gpt2() -> Any:
         n_head=TEXT["heads"],
         n_inner=TEXT["ffn"],
         n_positions=TEXT["positions"],
+        bos_token_id=0,  # the defaults (50256) lie outside the small vocabulary
+        eos_token_id=0,
         attn_implementation="eager",
     )
     return _wrap(GPT2LMHeadModel(config), "logits", "text", use_cache=False)
@@ -237,7 +239,9 @@ def mistral() -> Any:
 
 
 def phi3() -> Any:
-    return _causal_lm("Phi3Config", "Phi3ForCausalLM", num_key_value_heads=4, pad_token_id=0)
+    return _causal_lm(
+        "Phi3Config", "Phi3ForCausalLM", num_key_value_heads=4, pad_token_id=0, eos_token_id=0
+    )
 
 
 def gemma() -> Any:

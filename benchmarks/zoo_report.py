@@ -78,11 +78,15 @@ def _status(record: dict[str, Any] | None) -> str:
 
 
 def _not_ours(record: dict[str, Any] | None) -> str:
+    """``not ours / scalar / all`` PrimFuncs (in parentheses for a compile that failed
+    after scheduling)."""
     if record is None or "primfuncs" not in record:
         return "-"
     funcs = record["primfuncs"]
-    others = [f for f in funcs if not f["ours"]]
-    return f"{len(others)}/{len(funcs)}"
+    others = sum(not f["ours"] for f in funcs)
+    scalar = sum(f["vector"] is False for f in funcs)
+    text = f"{others} / {scalar} / {len(funcs)}"
+    return text if record["status"] == "compiled" else f"({text})"
 
 
 def print_compiles(results: dict[str, Any]) -> None:
@@ -92,9 +96,12 @@ def print_compiles(results: dict[str, Any]) -> None:
     batches = sorted({c["batch"] for c in compiles if c["batch"] is not None})
     index = {(c["model"], c["exporter"], c["dims"], c["batch"]): c for c in compiles}
     pairs = list(dict.fromkeys((c["model"], c["exporter"]) for c in compiles))
-    print("\n## Compiles (PrimFuncs not scheduled by our rules or kernels / all)")
-    head = ["model", "exporter", "symbolic", "not ours (sym)"]
-    head += [f"fixed b{b}" for b in batches] + [f"not ours (b{b})" for b in batches[:1]]
+    print(
+        "\n## Compiles (PrimFuncs: not scheduled by our rules or kernels / without a "
+        "vectorized loop / all)"
+    )
+    head = ["model", "exporter", "symbolic", "PrimFuncs (sym)"]
+    head += [f"fixed b{b}" for b in batches] + [f"PrimFuncs (b{b})" for b in batches[:1]]
     print(_row(head) + "\n" + _row(["---"] * len(head)))
     for model, exporter in pairs:
         symbolic = index.get((model, exporter, "symbolic", None))
@@ -102,6 +109,7 @@ def print_compiles(results: dict[str, Any]) -> None:
         cells = [model, exporter, _status(symbolic), _not_ours(symbolic)]
         cells += [_status(f) for f in fixed] + [_not_ours(f) for f in fixed[:1]]
         print(_row(cells))
+    print_schedules(compiles)
     failures = [c for c in compiles if c["status"] != "compiled"]
     if failures:
         print("\nCompile failures:")
@@ -109,6 +117,44 @@ def print_compiles(results: dict[str, Any]) -> None:
         where = c["dims"] + ("" if c["batch"] is None else f" b{c['batch']}")
         operator = f" [operator {c['operator']}]" if c.get("operator") else ""
         print(f"- {c['model']} ({c['exporter']}, {where}): {c['status']}: {c['error']}{operator}")
+
+
+def print_schedules(compiles: list[dict[str, Any]]) -> None:
+    """PrimFuncs by op family and by what scheduled them, over all compiled libraries
+    (fixed dims at the smallest batch, and symbolic), and the models where each family
+    has PrimFuncs that are not ours."""
+    batches = [c["batch"] for c in compiles if c["batch"] is not None]
+    for dims in ("fixed", "symbolic"):
+        chosen = [
+            c
+            for c in compiles
+            if c["status"] == "compiled"
+            and c["dims"] == dims
+            and c["batch"] == (min(batches) if dims == "fixed" and batches else None)
+        ]
+        if not chosen:
+            continue
+        counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        where: dict[str, set[str]] = defaultdict(set)
+        for c in chosen:
+            for f in c.get("primfuncs", []):
+                row = counts[family(f["name"])]
+                row[f["scheduled_by"]] += 1
+                row["scalar"] += f["vector"] is False
+                if not f["ours"] or f["vector"] is False:
+                    where[family(f["name"])].add(c["model"])
+        rules = ["kernel", *OUR_RULES, "Reduction", "none", "scalar"]
+        label = "fixed dims" + (f", batch {min(batches)}" if batches else "")
+        print(
+            f"\n## PrimFuncs by op family and schedule ({label if dims == 'fixed' else dims}; "
+            f"{len(chosen)} libraries; Reduction: dlight's generic CPU rule; none: no rule "
+            "applied; scalar: no vectorized loop around the reduction, or at all)"
+        )
+        head = ["op family", *rules, "models with PrimFuncs not ours or scalar"]
+        print(_row(head) + "\n" + _row(["---"] * len(head)))
+        for name, row in sorted(counts.items(), key=lambda kv: -sum(kv[1].values())):
+            models = ", ".join(sorted(where[name])) or "-"
+            print(_row([name, *(row.get(rule, 0) or "" for rule in rules), models]))
 
 
 def print_timings(timings: list[dict[str, Any]]) -> None:
@@ -221,10 +267,10 @@ def print_breakdown(item: dict[str, Any]) -> None:
     for r in item["ours"][:TOP]:
         func = funcs.get(r["name"], {})
         by = func.get("scheduled_by", "-")
-        label = by if by in (*OUR_RULES, "kernel", "-") else f"{by} (TVM)"
+        label = f"{by} (TVM)" if by == "Reduction" else by
         print(
             _row(
-                [r["name"][:48], family(r["name"]), r["calls"], f"{r['seconds'] * 1e3:.2f}"]
+                [r["name"][:72], family(r["name"]), r["calls"], f"{r['seconds'] * 1e3:.2f}"]
                 + [f"{100 * r['seconds'] / ours_total:.1f}", label]
                 + [_yes(func.get("vector")), _yes(func.get("parallel"))]
             )
