@@ -20,12 +20,14 @@ models from ``transformers`` and ``torchvision``) and each torch exporter
    timed by the faster of two calls instead (one past 5x ``--slow``; its ratio is far
    from 1 anyway);
 4. ``--breakdown N``: for the N slowest models (ours/ORT at the fewest threads, the
-   smallest batch, fixed dims), seconds per PrimFunc with the rule that scheduled it,
-   beside ORT's per-op-type profile, and both summed by op family.
+   smallest batch, ``--breakdown-dims``: fixed by default), seconds per PrimFunc with
+   the rule that scheduled it, beside ORT's per-op-type profile, and both summed by op
+   family.
 
 It prints the results as Markdown tables (long: one row per model, exporter, dims,
-threads and batch; wide: one row per model and exporter), a summary (geometric mean
-and worst ratio per column) and the compile failures; ``--json`` writes everything.
+threads and batch; wide: one row per model, both exporters in a cell), a summary
+(geometric mean and worst ratio per column), the compile failures, and the PrimFuncs
+of all libraries by op family and by what scheduled them; ``--json`` writes everything.
 Times are medians on a shared machine: compare the ratios. ::
 
     .venv/bin/python benchmarks/zoo.py --quick --models bert resnet18
@@ -88,6 +90,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target", default="avx512")
     parser.add_argument("--slow", type=float, default=2.0, help="seconds a call: time 2 calls")
     parser.add_argument("--breakdown", type=int, nargs="?", const=5, default=0, metavar="N")
+    parser.add_argument("--breakdown-dims", default="fixed", choices=DIMS)
     parser.add_argument("--cache", type=Path, help="exports (default ~/.cache/rewriter/zoo)")
     parser.add_argument("--workdir", type=Path, help="keep rewrites and libraries here")
     parser.add_argument("--compile-timeout", type=float, default=1200.0)
@@ -131,7 +134,8 @@ def run(args: argparse.Namespace) -> None:
                 if args.json:
                     args.json.write_text(json.dumps(results, indent=1))
         if args.breakdown:
-            for case in zoo_report.slowest(results["timings"], args.breakdown):
+            cases = zoo_report.slowest(results["timings"], args.breakdown, args.breakdown_dims)
+            for case in cases:
                 print(f"breakdown: {case['model']} ({case['exporter']})", flush=True)
                 results["breakdowns"].append(breakdown(args, case, results, work))
     finally:
@@ -233,8 +237,8 @@ def breakdown(
     compile_record = next(
         c
         for c in results["compiles"]
-        if (c["model"], c["exporter"], c["dims"], c["batch"])
-        == (case["model"], case["exporter"], "fixed", case["batch"])
+        if (c["model"], c["exporter"], c["dims"]) == (case["model"], case["exporter"], case["dims"])
+        and c["batch"] in (None, case["batch"])
     )
     export = next(
         e
@@ -254,6 +258,7 @@ def breakdown(
     return outcome | {
         "model": case["model"],
         "exporter": case["exporter"],
+        "dims": case["dims"],
         "batch": case["batch"],
         "threads": case["threads"],
         "primfuncs": compile_record.get("primfuncs", []),

@@ -30,10 +30,10 @@ def machine_line(machine: dict[str, Any]) -> str:
     )
 
 
-def slowest(timings: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """The ``count`` models with the highest ours/ORT at fixed dims, the fewest threads and
+def slowest(timings: list[dict[str, Any]], count: int, dims: str = "fixed") -> list[dict[str, Any]]:
+    """The ``count`` models with the highest ours/ORT at ``dims``, the fewest threads and
     the smallest batch: each model's worse exporter."""
-    rows = [r for r in timings if "ratio" in r and r["dims"] == "fixed"]
+    rows = [r for r in timings if "ratio" in r and r["dims"] == dims]
     if not rows:
         return []
     threads = min(r["threads"] for r in rows)
@@ -241,7 +241,8 @@ def print_breakdown(item: dict[str, Any]) -> None:
     ours_total = sum(r["seconds"] for r in item["ours"])
     ort_total = sum(r["seconds"] for r in item["ort"])
     print(
-        f"\n## Breakdown: {item['model']} ({item['exporter']}), batch {item['batch']}, "
+        f"\n## Breakdown: {item['model']} ({item['exporter']}, {item.get('dims', 'fixed')} "
+        f"dims), batch {item['batch']}, "
         f"{item['threads']} thread(s): ours {ours_total * 1e3:.1f} ms per run "
         f"(VM instrument, {item['runs']} runs), ORT {ort_total * 1e3:.1f} ms in kernels"
     )
