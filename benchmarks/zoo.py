@@ -294,10 +294,10 @@ def subprocess_job(
                 "seconds": timeout,
             }
         seconds = time.perf_counter() - start
-        operator = _failing_operator(done.stderr)
+        operator = _failing_operator(done.stdout + done.stderr)
         if done.returncode == 0 and out_path.is_file():
             result = json.loads(out_path.read_text())
-            return result | ({"operator": operator} if operator else {})
+            return ({"operator": operator} if operator else {}) | result
     if done.returncode < 0:
         error = f"killed by {signal.Signals(-done.returncode).name}"
     else:
@@ -306,9 +306,9 @@ def subprocess_job(
     return result | ({"operator": operator} if operator else {})
 
 
-def _failing_operator(stderr: str) -> str | None:
-    """The ONNX op TVM's importer names on stderr when it fails to convert one."""
-    found = re.search(r"Error converting operator (\w+)", stderr)
+def _failing_operator(output: str) -> str | None:
+    """The ONNX op TVM's importer names (on stdout) when it fails to convert one."""
+    found = re.search(r"Error converting operator (\w+)", output)
     return found.group(1) if found else None
 
 

@@ -13,6 +13,7 @@ a hang costs only that job.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,9 @@ def compile_library(job: dict[str, Any]) -> dict[str, Any]:
         result |= {"status": "refused", "error": str(exc).splitlines()[0][:400]}
     except Exception as exc:  # TVM raises many types; each is a result
         result |= {"status": "crashed", "error": first_line(exc)}
+    if "error" in result:
+        operator = node_op_type(result["error"], job["onnx"])
+        result |= {"operator": operator} if operator else {}
     result["seconds"] = time.perf_counter() - start
     if capture.after:
         try:
@@ -50,6 +54,18 @@ def compile_library(job: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:  # the table is extra information: keep the library
             result["primfuncs_error"] = first_line(exc)
     return result
+
+
+def node_op_type(message: str, path: str) -> str | None:
+    """The op type of the node an error message names (TVM's importer says ``Node
+    /encoder/layer.0/attention/self/Tile cannot handle ...``), read from the model."""
+    import onnx
+
+    found = re.search(r"\bNode (\S+?)[:,]? (?:cannot|has|is|failed)", message)
+    if not found:
+        return None
+    graph = onnx.load(path, load_external_data=False).graph
+    return next((node.op_type for node in graph.node if node.name == found.group(1)), None)
 
 
 def time_against_ort(job: dict[str, Any]) -> dict[str, Any]:
