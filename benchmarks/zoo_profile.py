@@ -23,7 +23,8 @@ Three pieces, used by ``benchmarks/zoo.py``:
   also read with ``s_tir.Schedule``: ``vector`` is whether its heaviest blocks (the
   reduction blocks if it has any, else all blocks) sit under a vectorized loop,
   ``parallel`` whether any loop is parallel, ``symbolic`` whether a buffer has a
-  symbolic dimension.
+  symbolic dimension; ``buffers`` gives the parameters' shapes (a conv's input, weight
+  and output), which tell a 7x7 depthwise conv from a 16x16 patch embedding.
 
 * :func:`profile_kernels` (from ``benchmarks/e2e.py``): seconds per VM call symbol, timed
   by the Relax VM's instrument hook (``VirtualMachine.set_instrument``). TVM 0.27's VM
@@ -203,8 +204,16 @@ def schedule_table(capture: Any, target: str) -> list[dict[str, Any]]:
             if by == "kernel":  # hand-written: vector types, not vectorized loops
                 facts |= {"vector": None, "parallel": None}
             ours = by == "kernel" or by in OUR_RULES
-            rows.append({"name": name, "scheduled_by": by, "ours": ours, **facts})
+            row = {"name": name, "scheduled_by": by, "ours": ours, **facts}
+            rows.append(row | {"buffers": _buffers(func)})
     return rows
+
+
+def _buffers(func: Any) -> str:
+    """The shapes of the function's buffer parameters, inputs first (the output last):
+    ``1x3x224x224 256x3x16x16 -> 1x256x14x14``; a symbolic dimension by its name."""
+    shapes = ["x".join(str(dim) for dim in p.shape) for p in func.params if hasattr(p, "shape")]
+    return " ".join(shapes[:-1]) + (" -> " if len(shapes) > 1 else "") + (shapes[-1:] or [""])[0]
 
 
 def _prim_funcs(mod: Any) -> dict[str, Any]:

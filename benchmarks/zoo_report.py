@@ -263,8 +263,8 @@ def print_breakdown(item: dict[str, Any]) -> None:
         cells = [name, f"{ours * 1e3:.2f}", f"{ort * 1e3:.2f}", ratio, f"{share:.1f}"]
         print(_row([*cells, f"{count} ({others})"]))
     print(f"\nTop {TOP} PrimFuncs")
-    print(_row(["PrimFunc", "family", "calls", "ms", "%", "scheduled by", "vector", "parallel"]))
-    print(_row(["---"] * 8))
+    head = ["PrimFunc", "family", "calls", "ms", "%", "scheduled by", "vector", "parallel"]
+    print(_row([*head, "buffers"]) + "\n" + _row(["---"] * (len(head) + 1)))
     for r in item["ours"][:TOP]:
         func = funcs.get(r["name"], {})
         by = func.get("scheduled_by", "-")
@@ -273,7 +273,7 @@ def print_breakdown(item: dict[str, Any]) -> None:
             _row(
                 [r["name"][:72], family(r["name"]), r["calls"], f"{r['seconds'] * 1e3:.2f}"]
                 + [f"{100 * r['seconds'] / ours_total:.1f}", label]
-                + [_yes(func.get("vector")), _yes(func.get("parallel"))]
+                + [_yes(func.get("vector")), _yes(func.get("parallel")), func.get("buffers", "")]
             )
         )
     print(f"\nTop {TOP} ORT op types")

@@ -25,7 +25,7 @@ PER_FAMILY = {
     "text-encoder": "distilbert",
     "decoder": "gemma",
     "encoder-decoder": "t5_encoder",
-    "vit": "clip_vision",
+    "vision-transformer": "clip_vision",
     "swin": "swin",
     "segmentation": "segformer",
     "cnn": "resnet18",
