@@ -308,7 +308,7 @@ def subprocess_job(
 
 def _failing_operator(output: str) -> str | None:
     """The ONNX op TVM's importer names (on stdout) when it fails to convert one."""
-    found = re.search(r"Error converting operator (\w+)", output)
+    found = re.search(r"Error converting operator ([\w.:]+)", output)
     return found.group(1) if found else None
 
 
