@@ -162,7 +162,7 @@ def measure_model(
     start = time.perf_counter()
     export = zoo_export.exported(model, exporter, cache)
     results["exports"].append(dataclasses.asdict(export) | {"family": model.family})
-    if not export.ok:
+    if export.path is None:
         print(f"{model.name} ({exporter}): export failed: {export.error}", flush=True)
         return
     stem = work / f"{model.name}_{exporter}"

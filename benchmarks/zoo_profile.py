@@ -212,7 +212,13 @@ def schedule_table(capture: Any, target: str) -> list[dict[str, Any]]:
 def _buffers(func: Any) -> str:
     """The shapes of the function's buffer parameters, inputs first (the output last):
     ``1x3x224x224 256x3x16x16 -> 1x256x14x14``; a symbolic dimension by its name."""
-    shapes = ["x".join(str(dim) for dim in p.shape) for p in func.params if hasattr(p, "shape")]
+    from tvm import tirx
+
+    shapes = [
+        "x".join(str(int(d)) if isinstance(d, tirx.IntImm) else str(d) for d in param.shape)
+        for param in func.params
+        if hasattr(param, "shape")
+    ]
     return " ".join(shapes[:-1]) + (" -> " if len(shapes) > 1 else "") + (shapes[-1:] or [""])[0]
 
 

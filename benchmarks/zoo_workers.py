@@ -84,9 +84,7 @@ def time_against_ort(job: dict[str, Any]) -> dict[str, Any]:
     for batch in job["batches"]:
         feeds = zoo_models.feeds(model, batch)
         reference = session.run([model.output], feeds)[0]
-        calls: dict[str, Callable[[], object]] = {
-            "ort": lambda f=feeds: session.run([model.output], f)
-        }
+        calls: dict[str, Callable[[], None]] = {"ort": _caller(session.run, [model.output], feeds)}
         base = {"model": job["model"], "exporter": job["exporter"], "threads": threads}
         cases = {}
         for dims in ("fixed", "symbolic"):
@@ -101,7 +99,7 @@ def time_against_ort(job: dict[str, Any]) -> dict[str, Any]:
                 rows.append(row | {"error": first_line(exc)})
                 continue
             row |= {"max_rel_err": compared.max_rel_err, "cosine": compared.cosine}
-            calls[dims] = lambda c=loaded[key], f=feeds: c.run(f)
+            calls[dims] = _caller(loaded[key].run, feeds)
             cases[dims] = row
         if not cases:
             continue
@@ -119,8 +117,17 @@ def time_against_ort(job: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def _caller(function: Callable[..., object], *args: object) -> Callable[[], None]:
+    """``function(*args)`` as a call without arguments or result, to time."""
+
+    def call() -> None:
+        function(*args)
+
+    return call
+
+
 def measure(
-    calls: dict[str, Callable[[], object]], seconds: float, slow: float
+    calls: dict[str, Callable[[], None]], seconds: float, slow: float
 ) -> tuple[dict[str, float], str]:
     """Seconds per call of each contender, all warmed up: the medians of interleaved
     rounds (``benchmarks/timing.py``) for ``seconds``; or, when one call of some contender
