@@ -2,10 +2,11 @@
 (``tests/test_conformance.py``) and the TVM tests (``tests/backends/tvm/test_conformance.py``).
 
 The family is every node test case of ``Softmax`` and ``LogSoftmax`` (with their
-expansions into ``Exp``/``ReduceSum``), and every case whose graph holds a ``Softmax``:
-the expanded ``Attention`` cases (opsets 23 to 25: masks, causal, grouped heads, softcap,
-``softmax_precision``, fully masked rows) and the expanded ``FlexAttention`` cases. The
-loss operators' cases are :mod:`tests.loss_models`. Outputs are compared with the cases'
+expansions into ``Exp``/``ReduceSum``), and every case whose graph holds a ``Softmax`` or
+a ``LogSoftmax``: the expanded ``Attention`` cases (opsets 23 to 25: masks, causal,
+grouped heads, softcap, ``softmax_precision``, fully masked rows), the expanded
+``FlexAttention`` cases and the expanded ``SoftmaxCrossEntropyLoss`` cases. The loss
+operators' cases for fuse-cross-entropy are :mod:`tests.loss_models`. Outputs are compared with the cases'
 expected outputs by :func:`assert_expected`, at the per-row tolerance of the output's
 dtype that verification uses for exact passes.
 """
@@ -45,8 +46,7 @@ def softmax_family() -> list[str]:
     """The names of the softmax family's cases (see the module docstring), sorted."""
     names = []
     for name, (proto, _) in all_cases().items():
-        own = name.startswith(("test_softmax", "test_logsoftmax"))
-        if (own or softmax_nodes(proto)) and not name.startswith(("test_sce", "test_nllloss")):
+        if name.startswith(("test_softmax", "test_logsoftmax")) or softmax_nodes(proto):
             names.append(name)
     return sorted(names)
 
@@ -57,12 +57,16 @@ def feeds(proto: onnx.ModelProto, inputs: list[np.ndarray]) -> dict[str, np.ndar
 
 
 def assert_expected(
-    got: dict[str, np.ndarray], proto: onnx.ModelProto, outputs: list[np.ndarray], name: str
+    got: dict[str, np.ndarray],
+    proto: onnx.ModelProto,
+    outputs: list[np.ndarray],
+    name: str,
+    tolerance: verify.Tolerance | None = None,
 ) -> None:
     """Each output of ``got`` matches the expected one: NaN where it has NaN, and per row
-    within verification's exact tolerance of the output's dtype (float32: 1e-5 of the
-    row's largest magnitude + 1e-6; float16 4e-3 + 1e-4; bfloat16 3e-2 + 1e-3; float64
-    1e-9 + 1e-12)."""
+    within ``tolerance``, by default verification's exact tolerance of the output's dtype
+    (float32: 1e-5 of the row's largest magnitude + 1e-6; float16 4e-3 + 1e-4; bfloat16
+    3e-2 + 1e-3; float64 1e-9 + 1e-12)."""
     for info, expected in zip(proto.graph.output, outputs, strict=True):
         value = np.asarray(got[info.name])
         expected = np.asarray(expected)
@@ -73,7 +77,7 @@ def assert_expected(
             np.testing.assert_array_equal(value, expected, err_msg=f"{name}: {info.name}")
             continue
         comparison = verify.compare(info.name, expected, value)
-        assert verify.check_tolerance(comparison, expected), (
+        assert verify.check_tolerance(comparison, expected, tolerance), (
             f"{name}: {info.name} differs (max abs {comparison.max_abs_err:.3g}, worst row "
             f"{comparison.max_row_rel_err:.3g}, NaN mismatches {comparison.nan_mismatch})"
         )

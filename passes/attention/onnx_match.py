@@ -105,10 +105,8 @@ class AttentionMatch:
 
     def lengths(self) -> tuple[int | str | None, int | str | None]:
         """(n_q, n_k): ints where static, the names of symbolic dimensions, or None."""
-        return _dim(self.query, -2), self.key_length() or _dim(
-            self.key if self.key is not None else self.key_transposed,
-            -2 if self.key is not None else -1,
-        )
+        source = self.key if self.key is not None else self.key_transposed
+        return _dim(self.query, -2), _dim(source, -2 if self.key is not None else -1)
 
     @property
     def name(self) -> str:

@@ -116,7 +116,13 @@ class _ToSoft(AttentionRule):
             )
         n_q, n_k = match.lengths()
         if self.options.symmetric and (n_q is None or n_q != n_k):
-            return f"symmetric SOFT (K := Q) needs as many keys as queries ({n_q} and {n_k})"
+            shown = "they differ" if isinstance(n_q, int) and isinstance(n_k, int) else (
+                "the graph does not show they are equal"
+            )
+            return (
+                f"symmetric SOFT (K := Q) needs as many keys as queries; {shown} "
+                f"(n_q = {n_q}, n_k = {n_k})"
+            )
         return ""
 
     def rewrite_attention(self, op: Any, match: AttentionMatch) -> ir.Value:

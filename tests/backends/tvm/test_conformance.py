@@ -7,7 +7,7 @@ legalization. The default suite compiles the cases that once disagreed (fully ma
 and NaN robustness, an empty structure, softmax precision: TVM's ``max`` started from the
 lowest finite float, see :mod:`rewriter.backends.tvm.relax_passes.reduce_identity`; the
 float64 softmax two-pass-softmax used to skip) and one plain case of each kind; the whole
-family (some 180 compiles, ~2-3 s each) is in the slow suite.
+family (180 compiles, ~2-3 s each) is in the slow suite.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("tvm")
 
+from rewriter import verify  # noqa: E402
 from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
 from tests.conformance_cases import (  # noqa: E402
@@ -43,6 +44,10 @@ DEFAULT = [
     "test_logsoftmax_axis_1",
 ]
 CASE_NAMES = softmax_family()
+# The expanded SoftmaxCrossEntropyLoss cases reduce their loss in TVM's own reductions (as
+# in test_loss_lowering.py, whose UNFUSED_RTOL this is): float32 sums of up to ~1e3
+# terms in another order, 1.7e-5 relative on the 5-D mean cases.
+LOSS_TOLERANCE = verify.Tolerance(rtol=1e-4, atol=1e-6)
 
 
 def test_default_cases_are_in_the_family():
@@ -57,8 +62,9 @@ def _check(name: str) -> None:
     rewritten = ir.serde.serialize_model(model)
     onnx.checker.check_model(rewritten, full_check=True)
     compiled = backend.compile(rewritten, target="llvm")
+    tolerance = LOSS_TOLERANCE if name.startswith("test_sce") else None
     for inputs, outputs in data_sets:
-        assert_expected(compiled.run(feeds(proto, inputs)), proto, outputs, name)
+        assert_expected(compiled.run(feeds(proto, inputs)), proto, outputs, name, tolerance)
 
 
 @pytest.mark.parametrize("name", DEFAULT)
@@ -66,7 +72,7 @@ def test_through_tvm(name: str) -> None:
     _check(name)
 
 
-@pytest.mark.slow  # ~180 compiles of 2-3 s each
+@pytest.mark.slow  # 170 compiles of 2-3 s each
 @pytest.mark.parametrize("name", [name for name in CASE_NAMES if name not in DEFAULT])
 def test_through_tvm_whole_family(name: str) -> None:
     _check(name)
