@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from rewriter.backends.tvm.build import (
     METADATA_SUFFIX,
+    METADATA_VERSION,
     Compiled,
     Signature,
     compile,
@@ -26,6 +27,7 @@ from rewriter.backends.tvm.pipeline import relax_pipeline
 
 __all__ = [
     "METADATA_SUFFIX",
+    "METADATA_VERSION",
     "Compiled",
     "Signature",
     "compile",
