@@ -20,6 +20,7 @@ from rewriter.backends.tvm.build import (
     Signature,
     compile,
     compile_and_run,
+    file_sha256,
     load,
     shape_dims,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "Signature",
     "compile",
     "compile_and_run",
+    "file_sha256",
     "load",
     "relax_pipeline",
     "shape_dims",
