@@ -8,6 +8,7 @@ at the end of the run.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,17 @@ if TYPE_CHECKING:
 # Filled by the real_model fixture; tests.real_models (torch) is imported only then,
 # so test runs that use no real model do not pay for importing torch.
 _BUILT: dict[str, RealModel] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With torchvision installed, ``import transformers`` fails unless torchvision's op
+    schemas exist first (see ``benchmarks/torchvision_shim.py``): define them. Without it,
+    nothing is imported (torch stays unloaded until a test needs it)."""
+    del config
+    if importlib.util.find_spec("torchvision") is not None:
+        from benchmarks.torchvision_shim import install
+
+        install()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,9 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
 2. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
    stock ``softmax``) become TVM's polynomial versions (BERT outputs move by ~1e-6
    relative; our two-pass kernel is not touched);
-3. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``);
+3. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``), float ``max``/``min``
+   reduced from ``-inf``/``+inf`` rather than TVM's finite extremes
+   (:mod:`rewriter.backends.tvm.relax_passes.reduce_identity`);
 4. scheduling: on CPUs constant matmul weights packed in panels
    (:mod:`rewriter.backends.tvm.relax_passes.pack_weights`), then our rules
    (:mod:`rewriter.backends.tvm.relax_passes.schedules`: register-tiled matmul, vectorized row
@@ -46,6 +48,7 @@ def relax_pipeline(
         bf16_matmul,
         legalize_bf16_norms,
         pack_weights,
+        reduce_identity,
         schedules,
     )
 
@@ -61,6 +64,7 @@ def relax_pipeline(
     passes += stages.library_dispatch_passes(target)
     if fast_math:
         passes.append(relax.transform.FastMathTransform())
+    passes.append(reduce_identity.legalize_pass())  # float max/min from -inf/+inf, not finfo
     passes += stages.legalize_passes(target)  # CUDA's ends with dlight's default rules
     if not gpu:
         passes.append(pack_weights.pack_matmul_weights(target))

@@ -15,7 +15,9 @@ def test_every_lowered_op_is_registered_once_by_name():
         "Int8MatMul",
         "SigmoidAttention",
         "TwoPassLogSoftmax",
+        "TwoPassLogSoftmaxDouble",
         "TwoPassSoftmax",
+        "TwoPassSoftmaxDouble",
     ]
     assert ops.lowering("SoftmaxFreeAttention") is None  # compiled from its function body
     softmax = ops.lowering("TwoPassSoftmax")
