@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter import _ir_utils as ir_utils
 
+from rewriter import shapes
 from rewriter.function_body import FunctionBody
 
 # An additive mask value at or below this masks its position. Exporters fill with -inf,
@@ -437,7 +437,7 @@ def has_candidates(model: ir.Model) -> bool:
 def prepare(model: ir.Model) -> None:
     """Shape inference, so ranks, dtypes and the static sequence length are known."""
     if has_candidates(model):
-        ir.passes.common.ShapeInferencePass()(model)
+        shapes.infer(model, static=True)
 
 
 # --------------------------------------------------------------------------------------
