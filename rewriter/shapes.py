@@ -25,6 +25,8 @@ from collections.abc import Iterable
 import onnx
 import onnx_ir as ir
 
+from rewriter.io import gc_paused
+
 logger = logging.getLogger(__name__)
 
 # Initializers above this size leave the copy that shape inference reads (as typed graph
@@ -56,6 +58,11 @@ def infer(
     missing = [value for value in wanted if value.name and not known(value, static=static)]
     if not missing:
         return 0
+    with gc_paused():  # it builds objects for every value, and frees them at the end
+        return _infer(model, missing)
+
+
+def _infer(model: ir.Model, missing: list[ir.Value]) -> int:
     try:
         inferred = onnx.shape_inference.infer_shapes(
             _proto_for_inference(model), check_type=True, strict_mode=True, data_prop=True
@@ -63,11 +70,14 @@ def infer(
     except Exception as exc:  # InferenceError, and others from the C++ side
         logger.warning("shape inference failed: %s; the model is left unchanged", exc)
         return 0
-    types = _inferred_types(inferred)
+    has_subgraphs = next(iter(model.graph.subgraphs()), None) is not None
+    types = _inferred_types(inferred, {value.name or "" for value in missing}, subgraphs=has_subgraphs)
     filled = 0
     for value in missing:
         info = types.get(value.name or "")
         if info is None:
+            continue
+        if info.type.WhichOneof("value") is None:
             continue
         type_and_shape = ir.serde.deserialize_value_info_proto(info, None)
         changed = False
@@ -136,15 +146,21 @@ def _proto_for_inference(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def _inferred_types(proto: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """Every typed value of the inferred proto by name, subgraphs included (first wins)."""
+def _inferred_types(
+    proto: onnx.ModelProto, names: set[str], *, subgraphs: bool
+) -> dict[str, onnx.ValueInfoProto]:
+    """The inferred types of the values ``names`` (first wins), from the main graph and,
+    with ``subgraphs``, the graphs in node attributes."""
     types: dict[str, onnx.ValueInfoProto] = {}
     pending = [proto.graph]
     while pending:
         graph = pending.pop()
-        for info in (*graph.input, *graph.value_info, *graph.output):
-            if info.name and info.type.WhichOneof("value") is not None:
-                types.setdefault(info.name, info)
+        for infos in (graph.input, graph.value_info, graph.output):
+            for info in infos:
+                if info.name in names and info.name not in types:
+                    types[info.name] = info
+        if not subgraphs:
+            continue
         for node in graph.node:
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.GRAPH:
