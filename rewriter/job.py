@@ -110,6 +110,8 @@ def rewrite_file(
     tune_seconds: float | None = None,
     report_json: str | Path | None = None,
     protect: Mapping[str, str | Path] | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> Report:
     """Rewrite the model at ``source`` with ``passes`` and write it to ``destination``.
 
@@ -127,6 +129,12 @@ def rewrite_file(
     ``tune`` (trials), ``tune_db`` and ``tune_seconds`` tune it with MetaSchedule
     first (:mod:`rewriter.backends.tvm.tuning`; CPU targets).
 
+    ``workers`` (a local Ray with that many one-CPU workers) or ``ray_address`` (a Ray
+    cluster to join) spread the measuring passes' evaluations (prune's distortion
+    curves, quantize's LIM importance per calibration batch) over Ray
+    (:mod:`rewriter.distributed`; the ``distributed`` extra): the same result as the
+    serial run, which runs without them.
+
     Every output (the model and its ``.data`` file, ``library`` and its ``.json``,
     ``report_json``, the plots of passes with a ``plot`` option) is written, or none
     is: before any work each is checked against every file the job reads (the model,
@@ -142,6 +150,10 @@ def rewrite_file(
         passes = parse_pipeline(passes)
     tuning_options = (tune, tune_db, tune_seconds)
     _check_options(seed, tolerance, target, library, cuda_arch, tuning_options)
+    if workers is not None or ray_address is not None:
+        from rewriter import distributed
+
+        distributed.Pool(workers, ray_address)  # a bad count, or no Ray, fails before any work
     plots = {rewrite_pass: rewrite_pass.options.plot for rewrite_pass in passes if getattr(rewrite_pass.options, "plot", "")}
     writes = _writes(destination, library, report_json, plots)
     reads = [(paths.INPUT_MODEL, source), *_file_reads(inputs, calibration, protect)]
@@ -162,7 +174,9 @@ def rewrite_file(
         feeds: dict[str, np.ndarray] | None = None
         if check:
             feeds = _inputs(source, inputs, dims, seed)
-        context = PassContext(dims=dict(dims or {}), seed=seed, source=source)
+        context = PassContext(
+            dims=dict(dims or {}), seed=seed, source=source, workers=workers, ray_address=ray_address
+        )
         context.calibration = _calibration(source, calibration)
 
         result = _run_passes(model, passes, context, staged_plots, say)

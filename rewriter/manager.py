@@ -59,13 +59,27 @@ def run_pipeline(
 ) -> PipelineResult:
     """Apply ``passes`` in order to ``model`` (in place) and record what each did.
 
-    ``context`` (calibration data and the like) is handed to every pass.
+    ``context`` (calibration data, Ray workers and the like) is handed to every pass;
+    a Ray it started for its workers is shut down at the end.
 
     >>> from rewriter.registry import parse_pipeline
     >>> result = run_pipeline(model, parse_pipeline("two-pass-softmax"))  # doctest: +SKIP
     >>> result.stats["softmax_replaced"]  # doctest: +SKIP
     12
     """
+    try:
+        return _run(model, passes, context, on_pass)
+    finally:
+        if context is not None:
+            context.close()
+
+
+def _run(
+    model: ir.Model,
+    passes: Sequence[RewritePass],
+    context: PassContext | None,
+    on_pass: Callable[[int, RewritePass], None] | None,
+) -> PipelineResult:
     records = []
     for index, rewrite_pass in enumerate(passes):
         if context is not None:

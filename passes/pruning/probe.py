@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from rewriter import verify
+from rewriter import distributed, verify
 from rewriter.errors import InputError
 from rewriter.passes.pruning import math as pruning
 
@@ -47,19 +47,22 @@ class DistortionProbe:
 
     def __init__(
         self,
-        model: ir.Model,
+        model: ir.Model | onnx.ModelProto,
         weights: Mapping[str, np.ndarray],
         batches: Sequence[dict[str, np.ndarray]],
         *,
         distortion: str = "mse",
         outputs: Sequence[str] = (),
         suffixes: bool | None = None,
+        threads: int | None = None,
     ) -> None:
         if not batches:
             raise InputError("prune: no calibration batches to measure the distortion on")
         self.weights = dict(weights)
-        proto = with_weights_as_inputs(model, list(self.weights))
-        self.session = verify.session(proto.SerializeToString())
+        self.threads = threads
+        # A proto is the probe model already (weights as inputs: with_weights_as_inputs).
+        proto = model if isinstance(model, onnx.ModelProto) else with_weights_as_inputs(model, list(self.weights))
+        self.session = verify.session(proto.SerializeToString(), threads=threads)
         float_outputs = [o.name for o in self.session.get_outputs() if o.type in FLOAT_TYPES]
         unknown = sorted(set(outputs) - set(float_outputs))
         if unknown:
@@ -85,10 +88,7 @@ class DistortionProbe:
             for batch, mask in zip(self.batches, self.masks, strict=True)
         ]
         if suffixes is None:
-            # Building a session costs ~20-100 ms: worth it only when a run costs as much.
-            start = time.perf_counter()
-            self._run(self.session, self.batches[0])  # a warm run: the first one allocates
-            suffixes = time.perf_counter() - start >= MIN_RUN_FOR_SUFFIXES
+            suffixes = self.dense_run_seconds() >= MIN_RUN_FOR_SUFFIXES
         self.runner: dict[str, tuple[ort.InferenceSession, list[dict[str, np.ndarray]]]] = {}
         if suffixes:
             start = time.perf_counter()
@@ -98,6 +98,16 @@ class DistortionProbe:
                 len({id(s) for s, _ in self.runner.values()}),
                 time.perf_counter() - start,
             )
+
+    def dense_run_seconds(self) -> float:
+        """Seconds of one warm run of the dense model on the first batch.
+
+        Suffix sessions are built only when this is at least :data:`MIN_RUN_FOR_SUFFIXES`:
+        building a session costs ~20-100 ms, worth it only when a run costs as much.
+        """
+        start = time.perf_counter()
+        self._run(self.session, self.batches[0])  # a warm run: the first one allocates
+        return time.perf_counter() - start
 
     def _run(
         self,
@@ -189,7 +199,7 @@ class DistortionProbe:
         graph_outputs = {o.name for o in proto.graph.output}
         wanted = sorted({name for _, _, crossing in plans for name in crossing} - graph_outputs)
         capture.graph.output.extend(_value_info(name, types[name]) for name in wanted)
-        capture_session = verify.session(capture.SerializeToString())
+        capture_session = verify.session(capture.SerializeToString(), threads=self.threads)
         names = [o.name for o in capture_session.get_outputs()]
         values = [
             dict(zip(names, self._run_all(capture_session, names, batch), strict=True))
@@ -210,7 +220,7 @@ class DistortionProbe:
             )
             suffix.functions.extend(proto.functions)
             sessions[cut] = (
-                verify.session(suffix.SerializeToString()),
+                verify.session(suffix.SerializeToString(), threads=self.threads),
                 [{name: captured[name] for name in crossing} for captured in values],
             )
         planned = sorted(sessions)
@@ -218,6 +228,39 @@ class DistortionProbe:
             usable = [cut for cut in planned if cut <= use]
             if usable:
                 self.runner[name] = sessions[usable[-1]]
+
+
+class CurveWorker:
+    """Measures distortion curves for :func:`rewriter.distributed.map_tasks` (a Ray worker).
+
+    Built once per worker from the probe model (``proto``: serialized, weights as
+    inputs) with one-thread sessions; then ``worker(name)`` is the curve of weight
+    ``name`` over ``amounts``, as :meth:`DistortionProbe.curve` gives it serially.
+    """
+
+    def __init__(
+        self,
+        proto: bytes,
+        weights: Mapping[str, np.ndarray],
+        batches: Sequence[dict[str, np.ndarray]],
+        amounts: np.ndarray,
+        distortion: str,
+        outputs: Sequence[str],
+        suffixes: bool,
+    ) -> None:
+        self.amounts = amounts
+        self.probe = DistortionProbe(
+            onnx.ModelProto.FromString(proto),
+            weights,
+            batches,
+            distortion=distortion,
+            outputs=outputs,
+            suffixes=suffixes,
+            threads=distributed.WORKER_THREADS,
+        )
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self.probe.curve(name, self.amounts)
 
 
 def _value_info(name: str, type_proto: onnx.TypeProto) -> onnx.ValueInfoProto:
