@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune-time", type=float, metavar="SECONDS", help="stop tuning after about this long, keeping the best so far"
     )
     parser.add_argument(
+        "--tune-rpc",
+        metavar="HOST:PORT",
+        help="measure the tuning candidates on the devices of this TVM RPC tracker (with --tune-key) "
+        "instead of this machine",
+    )
+    parser.add_argument("--tune-key", metavar="KEY", help="the key the --tune-rpc devices registered with")
+    parser.add_argument(
         "--workers",
         type=int,
         metavar="N",
@@ -211,6 +218,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         protect={"--pipeline": args.pipeline} if args.pipeline else None,
         workers=args.workers,
         ray_address=args.ray_address,
+        tune_rpc=args.tune_rpc,
+        tune_key=args.tune_key,
     )
     if not args.quiet:
         try:
@@ -302,6 +311,8 @@ def _tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
         f"{counts['untuned'] + counts['failed']} on our schedules; "
         f"{len(tuning['applied'])} functions use tuned schedules (database {tuning['database']})"
     ]
+    if tuning.get("remote"):
+        lines[0] += f"; measured on the RPC devices at {tuning['remote']}"
     for task in tuning["tasks"]:
         if task["status"] == "untuned":
             continue
