@@ -33,8 +33,12 @@ logger = logging.getLogger(__name__)
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
 # Suffix sessions at most: each costs a session build; beyond this, layers share cuts.
 MAX_SUFFIXES = 16
-# Suffix sessions are built (suffixes=None) only when one dense run takes this long.
-MIN_RUN_FOR_SUFFIXES = 0.05
+# Suffix sessions are built (suffixes=None) only when one dense run costs at least this
+# many multiply-adds (~20-50 ms on one core; building a session costs ~20-100 ms).
+# Estimated from the weights and the batch, not timed: suffix sessions change the last
+# bits of the curves (ONNX Runtime fuses differently across a cut), so the choice must
+# be the same in every run, on a loaded machine or not, and on every Ray worker.
+MIN_MACS_FOR_SUFFIXES = 5e8
 
 
 class DistortionProbe:
@@ -42,7 +46,8 @@ class DistortionProbe:
 
     ``distortion``: ``mse`` or ``pooled`` (see :func:`rewriter.passes.pruning.math.distortion_features`);
     ``outputs``: the graph outputs measured (default: every float output);
-    ``suffixes``: build suffix sessions (default: when a dense run takes >= 50 ms).
+    ``suffixes``: build suffix sessions (default: when a dense run costs at least
+    :data:`MIN_MACS_FOR_SUFFIXES` multiply-adds, :func:`wants_suffixes`).
     """
 
     def __init__(
@@ -88,7 +93,7 @@ class DistortionProbe:
             for batch, mask in zip(self.batches, self.masks, strict=True)
         ]
         if suffixes is None:
-            suffixes = self.dense_run_seconds() >= MIN_RUN_FOR_SUFFIXES
+            suffixes = wants_suffixes(self.weights, self.batches[0])
         self.runner: dict[str, tuple[ort.InferenceSession, list[dict[str, np.ndarray]]]] = {}
         if suffixes:
             start = time.perf_counter()
@@ -98,16 +103,6 @@ class DistortionProbe:
                 len({id(s) for s, _ in self.runner.values()}),
                 time.perf_counter() - start,
             )
-
-    def dense_run_seconds(self) -> float:
-        """Seconds of one warm run of the dense model on the first batch.
-
-        Suffix sessions are built only when this is at least :data:`MIN_RUN_FOR_SUFFIXES`:
-        building a session costs ~20-100 ms, worth it only when a run costs as much.
-        """
-        start = time.perf_counter()
-        self._run(self.session, self.batches[0])  # a warm run: the first one allocates
-        return time.perf_counter() - start
 
     def _run(
         self,
@@ -230,6 +225,16 @@ class DistortionProbe:
                 self.runner[name] = sessions[usable[-1]]
 
 
+def wants_suffixes(weights: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray]) -> bool:
+    """Whether a dense run costs at least :data:`MIN_MACS_FOR_SUFFIXES` multiply-adds: the
+    weights' size times the rows of the batch (token ids, or float rows of features)."""
+    rows = max(
+        (a.size // a.shape[-1] if a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] else a.size)
+        for a in map(np.asarray, batch.values())
+    )
+    return sum(int(np.size(w)) for w in weights.values()) * rows >= MIN_MACS_FOR_SUFFIXES
+
+
 class CurveWorker:
     """Measures distortion curves for :func:`rewriter.distributed.map_tasks` (a Ray worker).
 
@@ -246,7 +251,6 @@ class CurveWorker:
         amounts: np.ndarray,
         distortion: str,
         outputs: Sequence[str],
-        suffixes: bool,
     ) -> None:
         self.amounts = amounts
         self.probe = DistortionProbe(
@@ -255,7 +259,6 @@ class CurveWorker:
             batches,
             distortion=distortion,
             outputs=outputs,
-            suffixes=suffixes,
             threads=distributed.WORKER_THREADS,
         )
 

@@ -46,12 +46,7 @@ from rewriter.analysis import weight_ops
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
 from rewriter.passes.pruning import math as pruning
-from rewriter.passes.pruning.probe import (
-    MIN_RUN_FOR_SUFFIXES,
-    CurveWorker,
-    DistortionProbe,
-    with_weights_as_inputs,
-)
+from rewriter.passes.pruning.probe import CurveWorker, DistortionProbe, with_weights_as_inputs
 from rewriter.registry import register
 
 logger = logging.getLogger(__name__)
@@ -303,22 +298,11 @@ def _measure_curves_on(
 ) -> np.ndarray:
     """:func:`measure_curves` on Ray workers: each builds the probe once, then measures layers.
 
-    Whether the workers build suffix sessions is decided here, once, as the serial probe
-    decides (by one dense run's time, with a worker's one thread), so that every worker
-    runs the same sessions.
+    Every worker's probe makes the serial probe's choices (suffix sessions or not, by the
+    model's size: :func:`rewriter.passes.pruning.probe.wants_suffixes`), so every curve
+    has the serial run's bits.
     """
     proto = with_weights_as_inputs(model, list(weights))
-    dense = DistortionProbe(
-        proto,
-        weights,
-        batches,
-        distortion=options.distortion,
-        outputs=options.outputs,
-        suffixes=False,
-        threads=distributed.WORKER_THREADS,
-    )
-    suffixes = dense.dense_run_seconds() >= MIN_RUN_FOR_SUFFIXES
-    del dense
     start = time.perf_counter()
     setup = (
         proto.SerializeToString(),
@@ -327,7 +311,6 @@ def _measure_curves_on(
         amounts,
         options.distortion,
         list(options.outputs),
-        suffixes,
     )
     curves = np.array(distributed.map_tasks(pool, CurveWorker, setup, list(weights)))
     logger.info(
