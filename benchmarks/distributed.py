@@ -7,8 +7,9 @@ bundled sentences with the ``pooled`` distortion:
 * serial: one process, ONNX Runtime's default threads (one per core), as ``prune`` runs
   without ``--workers``;
 * ``--workers N`` for each N of ``--workers``: a local Ray of N one-CPU workers (each
-  worker's sessions use one thread), started before the clock; the time covers sending
-  the model, every worker building its probe once, and the curves.
+  worker's sessions use one thread), Ray and the worker processes started before the
+  clock (a cluster is up before a run); the time covers sending the model, every worker
+  building its probe once, and the curves.
 
 Prints each run's seconds, its speedup over one worker and over serial, and whether its
 curves are bit-identical to the serial run's.
@@ -59,7 +60,7 @@ def main() -> None:
         one = None
         for workers in args.workers:
             with distributed.Pool(workers=workers) as pool:
-                pool.start()  # Ray itself is not timed: a cluster is up before a run
+                pool.start_workers()  # Ray and its worker processes are up before a run
                 start = time.perf_counter()
                 curves = prune.measure_curves(model, layers, amounts, batches, options, pool=pool)
                 seconds = time.perf_counter() - start

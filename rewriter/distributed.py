@@ -28,6 +28,7 @@ package installed, with the same version).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -42,6 +43,8 @@ R = TypeVar("R")
 # Threads of each worker's ONNX Runtime sessions: a worker is one Ray CPU.
 WORKER_THREADS = 1
 INSTALL_HINT = "pip install 'rewriter[distributed]'"
+# The raylet's setting of its workers' niceness (read from the environment at ray.init).
+NICENESS = "RAY_worker_niceness"
 
 
 def available() -> bool:
@@ -96,14 +99,24 @@ class Pool:
                 ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
                 self._started = True
             else:
-                ray.init(
-                    num_cpus=self.workers,
-                    # Every process of a local Ray on this machine's loopback address.
-                    _node_ip_address="127.0.0.1",
-                    include_dashboard=False,
-                    logging_level=logging.WARNING,
-                    log_to_driver=False,
-                )
+                # Ray runs its workers at niceness 15 by default, for background work; here
+                # they are the run's foreground work, as the serial run would be.
+                saved = os.environ.get(NICENESS)
+                os.environ[NICENESS] = "0"
+                try:
+                    ray.init(
+                        num_cpus=self.workers,
+                        # Every process of a local Ray on this machine's loopback address.
+                        _node_ip_address="127.0.0.1",
+                        include_dashboard=False,
+                        logging_level=logging.WARNING,
+                        log_to_driver=False,
+                    )
+                finally:
+                    if saved is None:
+                        os.environ.pop(NICENESS)
+                    else:
+                        os.environ[NICENESS] = saved
                 self._started = True
             self._ready = True
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -121,10 +134,7 @@ class Pool:
         if not count:
             return []
         start = time.perf_counter()
-        host: Any = ray.remote(num_cpus=WORKER_THREADS)(_Host)
-        # The actor processes live as long as the pool: a second pass's map reuses them.
-        self._actors += [host.remote() for _ in range(count - len(self._actors))]
-        actors = self._actors[:count]
+        actors = self._hosts(count)
         shared = [ray.put(value) for value in setup]  # once, whatever the number of actors
         ray.get([actor.setup.remote(worker, *shared) for actor in actors])
         results = list(ActorPool(actors).map(lambda actor, task: actor.run.remote(task), list(tasks)))
@@ -133,6 +143,24 @@ class Pool:
             len(tasks), getattr(worker, "__name__", worker), count, time.perf_counter() - start,
         )
         return results
+
+    def start_workers(self) -> int:
+        """Start the worker processes now (else the first map does) and wait until they are
+        up; the number of workers."""
+        import ray
+
+        count = self.start()
+        ray.get([actor.ready.remote() for actor in self._hosts(count)])
+        return count
+
+    def _hosts(self, count: int) -> list[Any]:
+        """``count`` actors: those of earlier maps (their processes live as long as the
+        pool, so a second pass's map reuses them), and new ones."""
+        import ray
+
+        host: Any = ray.remote(num_cpus=WORKER_THREADS)(_Host)
+        self._actors += [host.remote() for _ in range(count - len(self._actors))]
+        return self._actors[:count]
 
     def close(self) -> None:
         """End the actors, and shut Ray down if this pool started it."""
@@ -159,6 +187,9 @@ class _Host:
     def setup(self, worker: Callable[..., Callable[[Any], Any]], *setup: Any) -> None:
         self.worker = None  # the previous map's worker goes first
         self.worker = worker(*setup)
+
+    def ready(self) -> bool:
+        return True
 
     def run(self, task: Any) -> Any:
         assert self.worker is not None
