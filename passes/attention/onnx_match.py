@@ -48,10 +48,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import onnx_ir as ir
-import onnx_ir.passes.common
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter import _ir_utils as ir_utils
 
+from rewriter import shapes
 from rewriter.function_body import FunctionBody
 from rewriter.passes.attention import static
 from rewriter.passes.attention.static import MASKED_AT_OR_BELOW
@@ -515,7 +515,7 @@ def has_candidates(model: ir.Model) -> bool:
 def prepare(model: ir.Model) -> None:
     """Shape inference, so ranks, dtypes and the static sequence length are known."""
     if has_candidates(model):
-        ir.passes.common.ShapeInferencePass()(model)
+        shapes.infer(model, static=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ import onnx_ir.passes.common
 from onnxscript.rewriter import MatchResult, RewriteRule, RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter.pattern import OrValue
 
+from rewriter import shapes
 from rewriter.pass_base import (
     DOMAIN,
     FUNCTIONS_IR_VERSION,
@@ -99,7 +100,7 @@ class FuseCrossEntropyPass(RewritePass):
         stats = {"cross_entropy_fused": 0, "linear_cross_entropy_fused": 0}
         if any(node.op_type in CANDIDATES for node in ir.traversal.RecursiveGraphIterator(model.graph)):
             # The checks need dtypes, ranks and the LM head's shapes.
-            ir.passes.common.ShapeInferencePass()(model)
+            shapes.infer(model, static=True)
         heads = [True, False] if self.options.linear else [False]
         shared: list[tuple[ir.Value, ir.Value]] = []
         for linear in heads:  # the LM-head forms first: they cover the plain ones

@@ -25,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 
 import onnx_ir as ir
-import onnx_ir.passes.common
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
+from rewriter import shapes
 from rewriter.pass_base import (
     DOMAIN,
     FUNCTIONS_IR_VERSION,
@@ -72,9 +72,8 @@ class TwoPassSoftmaxPass(RewritePass):
     def call(self, model: ir.Model) -> RewriteResult:
         opset = model.opset_imports.get("", 1)
         sources = ["Softmax", "LogSoftmax"] if self.options.log_softmax else ["Softmax"]
-        if any(_find(model, source) for source in sources):
-            # Dtype and rank decide how each node is rewritten.
-            ir.passes.common.ShapeInferencePass()(model)
+        # Dtype and rank decide how each node is rewritten.
+        shapes.infer(model, [node.inputs[0] for source in sources for node in _find(model, source)])
         stats: dict[str, int] = {}
         for source in sources:
             rules = RewriteRuleSet([_ToTwoPass.rule(source, opset)])
