@@ -309,17 +309,20 @@ def _step_graph(
     )
     weight = step.node("Where", [is_gaussian, gaussian, linear], "step_weight")
     decayed = step.node("Mul", ["s_in", weight], "step_decayed")
-    removed = step.node(
+    # Removed: suppressed (hard), just picked, or removed before (-inf times a weight of 0,
+    # linear's 1 - IoU of a duplicate box, would be NaN).
+    minus_inf = step.const("step_minus_inf", float("-inf"))
+    dropped = step.node(
         "Or",
         [
             step.node("And", [is_hard, over], "step_suppressed"),
             step.node("Equal", [positions, best], "step_picked"),
         ],
-        "step_removed",
+        "step_dropped",
     )
-    updated = step.node(
-        "Where", [removed, step.const("step_minus_inf", float("-inf")), decayed], "step_updated"
-    )
+    stale = step.node("Equal", ["s_in", minus_inf], "step_stale")
+    removed = step.node("Or", [dropped, stale], "step_removed")
+    updated = step.node("Where", [removed, minus_inf, decayed], "step_updated")
     step.node("Where", [valid, updated, "s_in"], "s_out")
     flat = step.const("step_flat", [-1])
     step.node("Reshape", [best, flat], "pick")

@@ -96,8 +96,9 @@ def decay(
     if method == METHODS["hard"]:
         return np.where(over, np.float32(-np.inf), scores)
     if method == METHODS["linear"]:
-        return np.where(over, scores * (np.float32(1) - iou), scores)
-    with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(invalid="ignore"):
+            return np.where(over, scores * (np.float32(1) - iou), scores)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         return scores * np.exp(-(iou * iou) / np.float32(sigma))
 
 
@@ -143,7 +144,9 @@ def soft_nms(
                     break
                 selected.append((b, c, best))
                 decayed.append(current[best])
-                current = decay(current, iou_with(best, geometry), code, iou_threshold, sigma)
+                new = decay(current, iou_with(best, geometry), code, iou_threshold, sigma)
+                # Removed boxes stay removed (-inf times linear's 0 for a duplicate is NaN).
+                current = np.where(current == -np.inf, current, new)
                 current[best] = -np.inf
     return (
         np.array(selected, np.int64).reshape(-1, 3),
