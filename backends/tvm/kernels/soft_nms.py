@@ -43,6 +43,14 @@ HARD, LINEAR, GAUSSIAN = 0, 1, 2  # rewriter.passes.soft_nms.math.METHODS
 # The Gaussian's exponent is clamped here: exp(-87) is the smallest normal float32 order.
 EXP_LOW = -87.0
 NEG_INF = -math.inf
+# Vectors per block: each block keeps its best (score, box) so that the next selection
+# looks at the blocks' maxima, and a selection re-scans only the blocks it decays.
+BLOCK_VECTORS = 4
+# Relative margin of the lower end of a selection's window (2**-18: far above float32
+# rounding, 2**-24 per operation, far below any box).
+WINDOW_MARGIN = 2.0**-18
+# The box index of padding (loses every tie).
+NO_INDEX = 2**31 - 1
 
 
 def lanes_for(target: tvm.target.Target) -> int:
@@ -81,7 +89,10 @@ def soft_nms(
     center_point_box: int,
     target: tvm.target.Target,
 ) -> tirx.PrimFunc:
-    """The PrimFunc ``(Boxes, Scores, Limit, Iou, Threshold, Picks, Picked, Counts, Total)``.
+    """The PrimFunc ``(Boxes, Scores, Order, Limit, Iou, Threshold, Picks, Picked, Counts,
+    Total)``; ``Order[B, N]`` (int32) lists each batch's boxes by ``a_min`` ascending
+    (``min(Boxes[..., 0], Boxes[..., 2])``, or ``Boxes[..., 0] - Boxes[..., 2] / 2`` with
+    ``center_point_box``: the lowering sorts them; ties in any order).
 
     >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})
     >>> func = soft_nms(1, 2, 40, 10, method=2, sigma=0.5, center_point_box=0, target=target)
@@ -93,34 +104,42 @@ def soft_nms(
     if method not in (HARD, LINEAR, GAUSSIAN) or center_point_box not in (0, 1):
         raise ValueError(f"method {method}, center_point_box {center_point_box}")
     lanes = lanes_for(target)
+    block = lanes * BLOCK_VECTORS
     rows, n, k = batches * classes, boxes, max(1, max_selected)
-    padded = -(-max(n, 1) // lanes) * lanes
-    vectors = padded // lanes
+    padded = -(-max(n, 1) // block) * block
+    blocks = padded // block
+    padded_blocks = -(-blocks // lanes) * lanes
+    search_steps = max(1, padded.bit_length() + 1)
     f32, i32, i64 = "float32", "int32", "int64"
     minus_inf = ep.const(NEG_INF, f32, lanes)
+    zero = ep.const(0.0, f32, lanes)
     lane_ids = tirx.Ramp(tirx.const(0, i32), tirx.const(1, i32), lanes)
+    no_index = tirx.const(NO_INDEX, i32)
 
     @T.macro
-    def reduce_lanes(best_v, best_i, best):
-        best[0] = best_i[0]
+    def keep_best(value, origin, position, acc_v, acc_o, acc_p):
+        acc_p[span(0, lanes)] = T.Select(
+            (value > acc_v[span(0, lanes)])
+            | ((value == acc_v[span(0, lanes)]) & (origin < acc_o[span(0, lanes)])),
+            position,
+            acc_p[span(0, lanes)],
+        )
+        acc_o[span(0, lanes)] = T.Select(
+            (value > acc_v[span(0, lanes)])
+            | ((value == acc_v[span(0, lanes)]) & (origin < acc_o[span(0, lanes)])),
+            origin,
+            acc_o[span(0, lanes)],
+        )
+        acc_v[span(0, lanes)] = T.max(value, acc_v[span(0, lanes)])
+
+    @T.macro
+    def reduce_lanes(acc_v, acc_o, acc_p):
+        # The best lane into lane 0.
         for j in T.serial(1, lanes):
-            if best_v[j] > best_v[0] or (best_v[j] == best_v[0] and best_i[j] < best[0]):
-                best_v[0] = best_v[j]
-                best[0] = best_i[j]
-
-    @T.macro
-    def argmax(sc, best_v, best_i, best):
-        # Per lane the first of equal maxima (strict >), then the lanes by (value, -index).
-        best_v[span(0, lanes)] = minus_inf
-        best_i[span(0, lanes)] = bcast(T.int32(0), lanes)
-        for v in T.serial(vectors):
-            best_i[span(0, lanes)] = T.Select(
-                sc[span(v * lanes, lanes)] > best_v[span(0, lanes)],
-                lane_ids + bcast(v * lanes, lanes),
-                best_i[span(0, lanes)],
-            )
-            best_v[span(0, lanes)] = T.max(sc[span(v * lanes, lanes)], best_v[span(0, lanes)])
-        reduce_lanes(best_v, best_i, best)
+            if acc_v[j] > acc_v[0] or (acc_v[j] == acc_v[0] and acc_o[j] < acc_o[0]):
+                acc_v[0] = acc_v[j]
+                acc_o[0] = acc_o[j]
+                acc_p[0] = acc_p[j]
 
     @T.macro
     def corner(Boxes, b, i, geo, at):
@@ -137,51 +156,110 @@ def soft_nms(
         geo[4, at] = (geo[2, at] - geo[0, at]) * (geo[3, at] - geo[1, at])
 
     @T.macro
-    def decay_pass(sc, geo, tile, chosen, iou_thr, best_v, best_i, best):
-        # IoU with the chosen box (broadcast), decay, and the next argmax, in one pass.
-        best_v[span(0, lanes)] = minus_inf
-        best_i[span(0, lanes)] = bcast(T.int32(0), lanes)
-        for v in T.serial(vectors):
+    def block_max(sc, index, bmax, borig, bpos, acc_v, acc_o, acc_p, blk):
+        acc_v[span(0, lanes)] = minus_inf
+        acc_o[span(0, lanes)] = bcast(no_index, lanes)
+        acc_p[span(0, lanes)] = bcast(T.int32(0), lanes)
+        for u in T.unroll(BLOCK_VECTORS):
+            keep_best(
+                sc[span(blk * block + u * lanes, lanes)],
+                index[span(blk * block + u * lanes, lanes)],
+                lane_ids + bcast(blk * block + u * lanes, lanes),
+                acc_v,
+                acc_o,
+                acc_p,
+            )
+        reduce_lanes(acc_v, acc_o, acc_p)
+        bmax[blk] = acc_v[0]
+        borig[blk] = acc_o[0]
+        bpos[blk] = acc_p[0]
+
+    @T.macro
+    def decay_block(
+        sc, geo, index, tile, chosen, iou_thr, bmax, borig, bpos, acc_v, acc_o, acc_p, blk
+    ):
+        # IoU with the chosen box (broadcast from registers), decay, and the block's new max.
+        acc_v[span(0, lanes)] = minus_inf
+        acc_o[span(0, lanes)] = bcast(no_index, lanes)
+        acc_p[span(0, lanes)] = bcast(T.int32(0), lanes)
+        for u in T.unroll(BLOCK_VECTORS):
             tile[span(0, lanes)] = T.min(
-                geo[2, span(v * lanes, lanes)], bcast(geo[2, chosen], lanes)
-            ) - T.max(geo[0, span(v * lanes, lanes)], bcast(geo[0, chosen], lanes))
+                geo[2, span(blk * block + u * lanes, lanes)], bcast(chosen[2], lanes)
+            ) - T.max(geo[0, span(blk * block + u * lanes, lanes)], bcast(chosen[0], lanes))
             tile[span(lanes, lanes)] = T.min(
-                geo[3, span(v * lanes, lanes)], bcast(geo[3, chosen], lanes)
-            ) - T.max(geo[1, span(v * lanes, lanes)], bcast(geo[1, chosen], lanes))
+                geo[3, span(blk * block + u * lanes, lanes)], bcast(chosen[3], lanes)
+            ) - T.max(geo[1, span(blk * block + u * lanes, lanes)], bcast(chosen[1], lanes))
             tile[span(2 * lanes, lanes)] = tile[span(0, lanes)] * tile[span(lanes, lanes)]
             tile[span(3 * lanes, lanes)] = (
-                geo[4, span(v * lanes, lanes)] + bcast(geo[4, chosen], lanes)
+                geo[4, span(blk * block + u * lanes, lanes)] + bcast(chosen[4], lanes)
             ) - tile[span(2 * lanes, lanes)]
             tile[span(4 * lanes, lanes)] = T.Select(
-                (tile[span(0, lanes)] > bcast(T.float32(0), lanes))
-                & (tile[span(lanes, lanes)] > bcast(T.float32(0), lanes))
-                & (tile[span(2 * lanes, lanes)] > bcast(T.float32(0), lanes))
-                & (geo[4, span(v * lanes, lanes)] > bcast(T.float32(0), lanes))
-                & (bcast(geo[4, chosen], lanes) > bcast(T.float32(0), lanes))
-                & (tile[span(3 * lanes, lanes)] > bcast(T.float32(0), lanes)),
+                (tile[span(0, lanes)] > zero)
+                & (tile[span(lanes, lanes)] > zero)
+                & (tile[span(2 * lanes, lanes)] > zero)
+                & (geo[4, span(blk * block + u * lanes, lanes)] > zero)
+                & (bcast(chosen[4], lanes) > zero)
+                & (tile[span(3 * lanes, lanes)] > zero),
                 tile[span(2 * lanes, lanes)] / tile[span(3 * lanes, lanes)],
-                bcast(T.float32(0), lanes),
+                zero,
             )
-            sc[span(v * lanes, lanes)] = decayed(
-                sc[span(v * lanes, lanes)],
+            sc[span(blk * block + u * lanes, lanes)] = decayed(
+                sc[span(blk * block + u * lanes, lanes)],
                 tile[span(4 * lanes, lanes)],
                 bcast(iou_thr, lanes),
                 method,
                 sigma,
                 lanes,
             )
-            best_i[span(0, lanes)] = T.Select(
-                sc[span(v * lanes, lanes)] > best_v[span(0, lanes)],
-                lane_ids + bcast(v * lanes, lanes),
-                best_i[span(0, lanes)],
+            keep_best(
+                sc[span(blk * block + u * lanes, lanes)],
+                index[span(blk * block + u * lanes, lanes)],
+                lane_ids + bcast(blk * block + u * lanes, lanes),
+                acc_v,
+                acc_o,
+                acc_p,
             )
-            best_v[span(0, lanes)] = T.max(sc[span(v * lanes, lanes)], best_v[span(0, lanes)])
-        reduce_lanes(best_v, best_i, best)
+        reduce_lanes(acc_v, acc_o, acc_p)
+        bmax[blk] = acc_v[0]
+        borig[blk] = acc_o[0]
+        bpos[blk] = acc_p[0]
+
+    @T.macro
+    def best_block(bmax, borig, bpos, acc_v, acc_o, acc_p, state):
+        # The best candidate over the blocks' maxima: its position into state[0].
+        acc_v[span(0, lanes)] = minus_inf
+        acc_o[span(0, lanes)] = bcast(no_index, lanes)
+        acc_p[span(0, lanes)] = bcast(T.int32(0), lanes)
+        for v in T.serial(padded_blocks // lanes):
+            keep_best(
+                bmax[span(v * lanes, lanes)],
+                borig[span(v * lanes, lanes)],
+                bpos[span(v * lanes, lanes)],
+                acc_v,
+                acc_o,
+                acc_p,
+            )
+        reduce_lanes(acc_v, acc_o, acc_p)
+        state[0] = acc_p[0]
+
+    @T.macro
+    def lower_bound(geo, key, count, found, state, slot):
+        # The first candidate position in [0, count) whose a_min is >= key (a_min sorted).
+        found[0] = 0
+        found[1] = count
+        for _ in T.serial(search_steps):
+            if found[0] < found[1]:
+                if geo[0, (found[0] + found[1]) // 2] < key:
+                    found[0] = (found[0] + found[1]) // 2 + 1
+                else:
+                    found[1] = (found[0] + found[1]) // 2
+        state[slot] = found[0]
 
     @T.prim_func
     def soft_nms(
         Boxes: T.Buffer((batches, n, 4), f32),  # type: ignore[valid-type]
         Scores: T.Buffer((batches, classes, n), f32),  # type: ignore[valid-type]
+        Order: T.Buffer((batches, n), i32),  # type: ignore[valid-type]
         Limit: T.Buffer((1,), i64),  # type: ignore[valid-type]
         Iou: T.Buffer((1,), f32),  # type: ignore[valid-type]
         Threshold: T.Buffer((1,), f32),  # type: ignore[valid-type]
@@ -195,36 +273,85 @@ def soft_nms(
             sc = T.alloc_buffer((padded,), f32, scope="global")
             geo = T.alloc_buffer((5, padded), f32, scope="global")
             index = T.alloc_buffer((padded,), i32, scope="global")
+            bmax = T.alloc_buffer((padded_blocks,), f32, scope="global")
+            borig = T.alloc_buffer((padded_blocks,), i32, scope="global")
+            bpos = T.alloc_buffer((padded_blocks,), i32, scope="global")
             tile = T.alloc_buffer((5 * lanes,), f32, scope="global")
-            best_v = T.alloc_buffer((lanes,), f32, scope="global")
-            best_i = T.alloc_buffer((lanes,), i32, scope="global")
-            state = T.alloc_buffer((3,), i32, scope="global")  # best, count, candidates
+            acc_v = T.alloc_buffer((lanes,), f32, scope="global")
+            acc_o = T.alloc_buffer((lanes,), i32, scope="global")
+            acc_p = T.alloc_buffer((lanes,), i32, scope="global")
+            chosen = T.alloc_buffer((6,), f32, scope="global")  # geometry, widest a extent
+            found = T.alloc_buffer((2,), i32, scope="global")
+            state = T.alloc_buffer((5,), i32, scope="global")  # best, count, candidates, lo, hi
+            # 1. Candidates (score above the threshold) in a_min order, and the widest one.
             state[2] = 0
-            for i in T.serial(n):
-                if Scores[r // classes, r % classes, i] > Threshold[0]:
-                    sc[state[2]] = Scores[r // classes, r % classes, i]
-                    index[state[2]] = i
-                    corner(Boxes, r // classes, i, geo, state[2])
+            chosen[5] = T.float32(0)
+            for t in T.serial(n):
+                if Scores[r // classes, r % classes, Order[r // classes, t]] > Threshold[0]:
+                    sc[state[2]] = Scores[r // classes, r % classes, Order[r // classes, t]]
+                    index[state[2]] = Order[r // classes, t]
+                    corner(Boxes, r // classes, Order[r // classes, t], geo, state[2])
+                    chosen[5] = T.max(chosen[5], geo[2, state[2]] - geo[0, state[2]])
                     state[2] = state[2] + 1
             for i in T.serial(padded):
                 if i >= state[2]:
                     sc[i] = T.float32(NEG_INF)
-                    index[i] = 0
-                    for g in T.unroll(5):
+                    index[i] = no_index
+                    geo[0, i] = T.float32(math.inf)  # a_min stays sorted
+                    for g in T.unroll(1, 5):
                         geo[g, i] = T.float32(0)
-            argmax(sc, best_v, best_i, state)
+            for blk in T.serial(padded_blocks):
+                if blk < blocks:
+                    block_max(sc, index, bmax, borig, bpos, acc_v, acc_o, acc_p, blk)
+                else:
+                    bmax[blk] = T.float32(NEG_INF)
+                    borig[blk] = no_index
+                    bpos[blk] = 0
+            # 2. Selections: the best block's best box; decay the blocks it can overlap.
             state[1] = 0
             for step in T.serial(k):
-                if (
-                    T.Cast(i64, step) < Limit[0]
-                    and state[1] == step
-                    and sc[state[0]] > Threshold[0]
-                ):
-                    Picks[r, step] = T.Cast(i64, index[state[0]])
-                    Picked[r, step] = sc[state[0]]
-                    state[1] = step + 1
-                    sc[state[0]] = T.float32(NEG_INF)
-                    decay_pass(sc, geo, tile, state[0], Iou[0], best_v, best_i, state)
+                if T.Cast(i64, step) < Limit[0] and state[1] == step:
+                    best_block(bmax, borig, bpos, acc_v, acc_o, acc_p, state)
+                    if sc[state[0]] > Threshold[0]:
+                        Picks[r, step] = T.Cast(i64, index[state[0]])
+                        Picked[r, step] = sc[state[0]]
+                        state[1] = step + 1
+                        sc[state[0]] = T.float32(NEG_INF)
+                        for g in T.unroll(5):
+                            chosen[g] = geo[g, state[0]]
+                        # Boxes starting at or past the chosen box's a_max, or more than
+                        # the widest extent before its a_min, cannot overlap it (the
+                        # margin covers the rounding of a_max - a_min and of the key).
+                        lower_bound(
+                            geo,
+                            chosen[0]
+                            - chosen[5]
+                            - (T.fabs(chosen[0]) + chosen[5]) * T.float32(WINDOW_MARGIN),
+                            state[2],
+                            found,
+                            state,
+                            3,
+                        )
+                        lower_bound(geo, chosen[2], state[2], found, state, 4)
+                        for blk in T.serial(
+                            T.min(state[3], state[0]) // block,
+                            (T.max(state[4], state[0] + 1) + block - 1) // block,
+                        ):
+                            decay_block(
+                                sc,
+                                geo,
+                                index,
+                                tile,
+                                chosen,
+                                Iou[0],
+                                bmax,
+                                borig,
+                                bpos,
+                                acc_v,
+                                acc_o,
+                                acc_p,
+                                blk,
+                            )
             Counts[r] = T.Cast(i64, state[1])
         Total[0] = T.int64(0)
         for r in T.serial(rows):

@@ -2,8 +2,9 @@
 
 For static float32 ``boxes [B, N, 4]`` and ``scores [B, C, N]``, in Relax::
 
+    order = R.argsort(a_min(boxes), axis=1)          # [B, N]: the kernel's candidate order
     picks, picked, counts, total = R.call_tir(rewriter_soft_nms,
-        (boxes, scores, limit, iou, threshold))      # [B*C, K] per row, K <= N
+        (boxes, scores, order, limit, iou, threshold))  # [B*C, K] per row, K <= N
     m = R.match_cast(R.tensor_to_shape(total), R.Shape([m]))
     selected, scores = R.call_tir(rewriter_soft_nms_compact,
         (picks, picked, counts, m), [R.Tensor((m, 3), "int64"), R.Tensor((m,), "float32")])
@@ -132,10 +133,11 @@ def emit_soft_nms(
     )
     rows, width = batches * classes, max(1, k)
     gvar = bb.add_func(scheduled_kernel(func), KERNEL_NAME)
+    order = [] if cuda else [_by_a_min(bb, boxes, center_point_box)]
     picks = bb.emit(
         relax.call_tir(
             gvar,
-            [boxes, scores, *scalars],
+            [boxes, scores, *order, *scalars],
             [
                 relax.TensorType([rows, width], "int64"),
                 relax.TensorType([rows, width], "float32"),
@@ -160,6 +162,20 @@ def emit_soft_nms(
     )
 
 
+def _by_a_min(bb: relax.BlockBuilder, boxes: relax.Expr, center_point_box: int) -> relax.Expr:
+    """Each batch's boxes ordered by ``a_min`` (int32 [B, N]), as the CPU kernel takes them."""
+    from tvm import relax
+
+    first, third = (
+        bb.emit(relax.op.take(boxes, relax.const(axis, "int64"), axis=2)) for axis in (0, 2)
+    )
+    if center_point_box:
+        a_min = relax.op.subtract(first, relax.op.divide(third, relax.const(2.0, "float32")))
+    else:
+        a_min = relax.op.minimum(first, third)
+    return bb.emit(relax.op.argsort(bb.emit(a_min), axis=1, dtype="int32"))
+
+
 def _one(
     bb: relax.BlockBuilder, value: relax.Expr | None, dtype: str, default: float
 ) -> relax.Expr:
@@ -180,5 +196,5 @@ def _constant(value: Any) -> np.ndarray | None:
 
     if not isinstance(value, tvm_ir.expr.Constant):
         return None
-    data = value.data
+    data = value.value
     return data.numpy() if hasattr(data, "numpy") else np.asarray(data)

@@ -28,7 +28,10 @@ def test_every_conformance_case_was_found():
     assert len(CASES) == 10  # onnx 1.17+: the ten test_nonmaxsuppression_* cases
 
 
-@pytest.mark.parametrize("opset", [11, 13, 18, 21])
+@pytest.mark.parametrize(
+    "opset",
+    [11, pytest.param(13, marks=pytest.mark.slow), pytest.param(18, marks=pytest.mark.slow), 21],
+)
 @pytest.mark.parametrize("name", CASES)
 def test_hard_equals_nonmaxsuppression_on_the_conformance_cases(name, opset):
     proto, data_sets = nm.conformance_cases()[name]
@@ -68,7 +71,7 @@ def test_reference_hard_equals_the_conformance_outputs(name):
 
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 @pytest.mark.parametrize("center_point_box", [0, 1])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, pytest.param(2, marks=pytest.mark.slow)])
 def test_body_matches_the_reference_on_crowded_scenes(method, center_point_box, seed):
     boxes, scores = nm.crowded_scene(seed)
     if center_point_box:  # [x_c, y_c, w, h] of the same boxes
