@@ -352,6 +352,17 @@ def torch_soft_nms(boxes: object, scores: object, max_output: int, threshold: fl
     return torch.tensor(keep)
 
 
+def strip_order(boxes: np.ndarray, block: int) -> np.ndarray:
+    """The lowering's candidate order (``backends/tvm/ops/soft_nms.py``) in numpy: strips of
+    the b-centres as high as a block is wide on average, by a-centre within a strip."""
+    a = (boxes[:, 0] + boxes[:, 2]) * np.float32(0.5)
+    b = (boxes[:, 1] + boxes[:, 3]) * np.float32(0.5)
+    span_a, span_b = a.max() - a.min(), b.max() - b.min()
+    side = np.sqrt(max(span_a * span_b, 1e-30) * block / len(boxes))
+    key = np.floor((b - b.min()) / side) * (span_a + side) + (a - a.min())
+    return np.argsort(key, kind="stable").astype(np.int32)
+
+
 def kernel_call(
     boxes: np.ndarray,
     scores: np.ndarray,
@@ -363,7 +374,7 @@ def kernel_call(
     """Our CPU kernel alone, on tensors placed beforehand (the order by a_min included)."""
     import tvm
 
-    from rewriter.backends.tvm.kernels.soft_nms import soft_nms
+    from rewriter.backends.tvm.kernels.soft_nms import block_size, soft_nms
     from rewriter.backends.tvm.targets import resolve
     from rewriter.passes.soft_nms.math import METHODS
 
@@ -374,7 +385,7 @@ def kernel_call(
         1, 1, count, k, method=METHODS[method], sigma=SIGMA, center_point_box=0, target=tgt
     )
     kernel = tvm.compile(func, target=tgt)
-    order = np.argsort(np.minimum(boxes[:, 0], boxes[:, 2]), kind="stable").astype(np.int32)[None]
+    order = strip_order(boxes, block_size(tgt))[None]
     arrays = (
         boxes[None],
         scores[None, None],

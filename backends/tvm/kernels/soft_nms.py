@@ -6,26 +6,30 @@ The math is :mod:`rewriter.passes.soft_nms.math` (the body of
 float32 order of operations, removed boxes at ``-inf``. ``method`` and ``sigma`` are
 compile-time; the thresholds and ``max_output_boxes_per_class`` are read at run time.
 
-Buffers: ``Boxes[B, N, 4]``, ``Scores[B, C, N]``, ``Limit[1]`` (int64), ``Iou[1]``,
-``Threshold[1]`` (float32) in; ``Picks[B*C, K]`` (int64 box indices), ``Picked[B*C, K]``
-(decayed scores), ``Counts[B*C]`` and ``Total[1]`` (int64) out, ``K`` the static bound
-on the selections per row (``min(max_output_boxes_per_class, N)`` when that input is a
+Buffers: ``Boxes[B, N, 4]``, ``Scores[B, C, N]``, ``Order[B, N]`` (int32, a spatial
+order of each batch's boxes), ``Limit[1]`` (int64), ``Iou[1]``, ``Threshold[1]``
+(float32) in; ``Picks[B*C, K]`` (int64 box indices), ``Picked[B*C, K]`` (decayed
+scores), ``Counts[B*C]`` and ``Total[1]`` (int64) out, ``K`` the static bound on the
+selections per row (``min(max_output_boxes_per_class, N)`` when that input is a
 constant, else ``N``). :func:`compact` writes the selected ``[M, 3]`` triples and ``[M]``
 scores from them (``M = Total``, a shape known only at run time).
 
-Schedule, per row:
+Schedule, per row (one parallel task):
 
 1. gather the candidates (score > ``Threshold``: decayed scores never rise, so no other
-   box can be selected) into a row workspace: box index, score and geometry (``a_min,
-   b_min, a_max, b_max, area``), padded to whole vectors with ``-inf`` scores and empty
-   boxes; then a vectorized argmax (per lane the first of equal maxima, lanes merged to
-   the lowest index);
-2. per selection: record the best box, remove it, then one vectorized pass over the
-   candidates computes the IoU with the selected box (its geometry broadcast from
-   registers), the decay, and, fused in the same pass, the next argmax. The loop ends
-   when the best is not above ``Threshold`` or ``min(Limit, K)`` boxes are kept.
+   box can be selected) in ``Order`` into a row workspace: box index, score and geometry
+   (``a_min, b_min, a_max, b_max, area``), padded to whole blocks (``BLOCK_VECTORS``
+   vectors) with ``-inf`` scores and empty boxes; per block its bounding box and its
+   best (score, box), ties to the lower box index;
+2. per selection: the best block maximum is the selected box; record and remove it;
+   then for each block whose bounding box the selected box overlaps (and its own), one
+   vectorized pass computes the IoU with the selected box (its geometry broadcast from
+   registers), the decay, and the block's new best. The loop ends when the best is not
+   above ``Threshold`` or ``min(Limit, K)`` boxes are kept.
 
-So each selection reads each candidate once: O(K x candidates / lanes) vector steps.
+With ``Order`` spatial (the lowering sorts by strips of the box centres), a block covers
+a compact patch and a selection touches the few blocks around it: each selection costs
+a scan of the block maxima and bounding boxes plus the nearby blocks, not all candidates.
 """
 
 from __future__ import annotations
@@ -46,9 +50,9 @@ NEG_INF = -math.inf
 # Vectors per block: each block keeps its best (score, box) so that the next selection
 # looks at the blocks' maxima, and a selection re-scans only the blocks it decays.
 BLOCK_VECTORS = 4
-# Relative margin of the lower end of a selection's window (2**-18: far above float32
-# rounding, 2**-24 per operation, far below any box).
-WINDOW_MARGIN = 2.0**-18
+# Blocks per group: a selection tests the groups' bounding boxes, then the blocks' of the
+# groups it overlaps.
+GROUP = 16
 # The box index of padding (loses every tie).
 NO_INDEX = 2**31 - 1
 
@@ -56,6 +60,11 @@ NO_INDEX = 2**31 - 1
 def lanes_for(target: tvm.target.Target) -> int:
     """float32 lanes of one vector on ``target``."""
     return {"avx512": 16, "avx2": 8}.get(isa(target), 4)
+
+
+def block_size(target: tvm.target.Target) -> int:
+    """Candidates per block on ``target``."""
+    return lanes_for(target) * BLOCK_VECTORS
 
 
 def decayed(
@@ -90,9 +99,9 @@ def soft_nms(
     target: tvm.target.Target,
 ) -> tirx.PrimFunc:
     """The PrimFunc ``(Boxes, Scores, Order, Limit, Iou, Threshold, Picks, Picked, Counts,
-    Total)``; ``Order[B, N]`` (int32) lists each batch's boxes by ``a_min`` ascending
-    (``min(Boxes[..., 0], Boxes[..., 2])``, or ``Boxes[..., 0] - Boxes[..., 2] / 2`` with
-    ``center_point_box``: the lowering sorts them; ties in any order).
+    Total)``; ``Order[B, N]`` (int32) is a permutation of each batch's boxes in which
+    neighbours are close (the lowering's strips): candidates are taken in that order.
+    Any order gives the same result; a spatial one makes the blocks compact.
 
     >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})
     >>> func = soft_nms(1, 2, 40, 10, method=2, sigma=0.5, center_point_box=0, target=target)
@@ -108,13 +117,17 @@ def soft_nms(
     rows, n, k = batches * classes, boxes, max(1, max_selected)
     padded = -(-max(n, 1) // block) * block
     blocks = padded // block
-    padded_blocks = -(-blocks // lanes) * lanes
-    search_steps = max(1, padded.bit_length() + 1)
+    padded_blocks = -(-blocks // GROUP) * GROUP  # GROUP is a multiple of the lanes
+    groups = padded_blocks // GROUP
     f32, i32, i64 = "float32", "int32", "int64"
     minus_inf = ep.const(NEG_INF, f32, lanes)
     zero = ep.const(0.0, f32, lanes)
     lane_ids = tirx.Ramp(tirx.const(0, i32), tirx.const(1, i32), lanes)
     no_index = tirx.const(NO_INDEX, i32)
+
+    def part(offset: int, width: int) -> tirx.Expr:
+        """Lanes ``offset .. offset + width`` of a lane buffer (a scalar index for one)."""
+        return tirx.const(offset, i32) if width == 1 else span(offset, width)
 
     @T.macro
     def keep_best(value, origin, position, acc_v, acc_o, acc_p):
@@ -133,13 +146,36 @@ def soft_nms(
         acc_v[span(0, lanes)] = T.max(value, acc_v[span(0, lanes)])
 
     @T.macro
+    def fold(acc_v, acc_o, acc_p, half):
+        acc_p[part(0, half)] = T.Select(
+            (acc_v[part(half, half)] > acc_v[part(0, half)])
+            | (
+                (acc_v[part(half, half)] == acc_v[part(0, half)])
+                & (acc_o[part(half, half)] < acc_o[part(0, half)])
+            ),
+            acc_p[part(half, half)],
+            acc_p[part(0, half)],
+        )
+        acc_o[part(0, half)] = T.Select(
+            (acc_v[part(half, half)] > acc_v[part(0, half)])
+            | (
+                (acc_v[part(half, half)] == acc_v[part(0, half)])
+                & (acc_o[part(half, half)] < acc_o[part(0, half)])
+            ),
+            acc_o[part(half, half)],
+            acc_o[part(0, half)],
+        )
+        acc_v[part(0, half)] = T.max(acc_v[part(half, half)], acc_v[part(0, half)])
+
+    @T.macro
     def reduce_lanes(acc_v, acc_o, acc_p):
-        # The best lane into lane 0.
-        for j in T.serial(1, lanes):
-            if acc_v[j] > acc_v[0] or (acc_v[j] == acc_v[0] and acc_o[j] < acc_o[0]):
-                acc_v[0] = acc_v[j]
-                acc_o[0] = acc_o[j]
-                acc_p[0] = acc_p[j]
+        # The best lane into lane 0, branch-free: halves compared and selected in turn.
+        if lanes == 16:
+            fold(acc_v, acc_o, acc_p, 8)
+        if lanes >= 8:
+            fold(acc_v, acc_o, acc_p, 4)
+        fold(acc_v, acc_o, acc_p, 2)
+        fold(acc_v, acc_o, acc_p, 1)
 
     @T.macro
     def corner(Boxes, b, i, geo, at):
@@ -242,19 +278,6 @@ def soft_nms(
         reduce_lanes(acc_v, acc_o, acc_p)
         state[0] = acc_p[0]
 
-    @T.macro
-    def lower_bound(geo, key, count, found, state, slot):
-        # The first candidate position in [0, count) whose a_min is >= key (a_min sorted).
-        found[0] = 0
-        found[1] = count
-        for _ in T.serial(search_steps):
-            if found[0] < found[1]:
-                if geo[0, (found[0] + found[1]) // 2] < key:
-                    found[0] = (found[0] + found[1]) // 2 + 1
-                else:
-                    found[1] = (found[0] + found[1]) // 2
-        state[slot] = found[0]
-
     @T.prim_func
     def soft_nms(
         Boxes: T.Buffer((batches, n, 4), f32),  # type: ignore[valid-type]
@@ -280,26 +303,47 @@ def soft_nms(
             acc_v = T.alloc_buffer((lanes,), f32, scope="global")
             acc_o = T.alloc_buffer((lanes,), i32, scope="global")
             acc_p = T.alloc_buffer((lanes,), i32, scope="global")
-            chosen = T.alloc_buffer((6,), f32, scope="global")  # geometry, widest a extent
-            found = T.alloc_buffer((2,), i32, scope="global")
-            state = T.alloc_buffer((5,), i32, scope="global")  # best, count, candidates, lo, hi
-            # 1. Candidates (score above the threshold) in a_min order, and the widest one.
+            chosen = T.alloc_buffer((5,), f32, scope="global")
+            bbox = T.alloc_buffer((4, padded_blocks), f32, scope="global")  # per block
+            gbox = T.alloc_buffer((4, groups), f32, scope="global")  # per group of blocks
+            state = T.alloc_buffer((3,), i32, scope="global")  # best, count, candidates
+            # 1. Candidates (score above the threshold) in the given order, and each
+            #    block's bounding box.
+            for blk in T.serial(padded_blocks):
+                bbox[0, blk] = T.float32(math.inf)
+                bbox[1, blk] = T.float32(math.inf)
+                bbox[2, blk] = T.float32(NEG_INF)
+                bbox[3, blk] = T.float32(NEG_INF)
             state[2] = 0
-            chosen[5] = T.float32(0)
             for t in T.serial(n):
                 if Scores[r // classes, r % classes, Order[r // classes, t]] > Threshold[0]:
                     sc[state[2]] = Scores[r // classes, r % classes, Order[r // classes, t]]
                     index[state[2]] = Order[r // classes, t]
                     corner(Boxes, r // classes, Order[r // classes, t], geo, state[2])
-                    chosen[5] = T.max(chosen[5], geo[2, state[2]] - geo[0, state[2]])
+                    for g in T.unroll(2):
+                        bbox[g, state[2] // block] = T.min(
+                            bbox[g, state[2] // block], geo[g, state[2]]
+                        )
+                        bbox[g + 2, state[2] // block] = T.max(
+                            bbox[g + 2, state[2] // block], geo[g + 2, state[2]]
+                        )
                     state[2] = state[2] + 1
             for i in T.serial(padded):
                 if i >= state[2]:
                     sc[i] = T.float32(NEG_INF)
                     index[i] = no_index
-                    geo[0, i] = T.float32(math.inf)  # a_min stays sorted
-                    for g in T.unroll(1, 5):
+                    for g in T.unroll(5):
                         geo[g, i] = T.float32(0)
+            for grp in T.serial(groups):
+                for g in T.unroll(2):
+                    gbox[g, grp] = T.float32(math.inf)
+                    gbox[g + 2, grp] = T.float32(NEG_INF)
+                for member in T.serial(GROUP):
+                    for g in T.unroll(2):
+                        gbox[g, grp] = T.min(gbox[g, grp], bbox[g, grp * GROUP + member])
+                        gbox[g + 2, grp] = T.max(
+                            gbox[g + 2, grp], bbox[g + 2, grp * GROUP + member]
+                        )
             for blk in T.serial(padded_blocks):
                 if blk < blocks:
                     block_max(sc, index, bmax, borig, bpos, acc_v, acc_o, acc_p, blk)
@@ -319,39 +363,41 @@ def soft_nms(
                         sc[state[0]] = T.float32(NEG_INF)
                         for g in T.unroll(5):
                             chosen[g] = geo[g, state[0]]
-                        # Boxes starting at or past the chosen box's a_max, or more than
-                        # the widest extent before its a_min, cannot overlap it (the
-                        # margin covers the rounding of a_max - a_min and of the key).
-                        lower_bound(
-                            geo,
-                            chosen[0]
-                            - chosen[5]
-                            - (T.fabs(chosen[0]) + chosen[5]) * T.float32(WINDOW_MARGIN),
-                            state[2],
-                            found,
-                            state,
-                            3,
-                        )
-                        lower_bound(geo, chosen[2], state[2], found, state, 4)
-                        for blk in T.serial(
-                            T.min(state[3], state[0]) // block,
-                            (T.max(state[4], state[0] + 1) + block - 1) // block,
-                        ):
-                            decay_block(
-                                sc,
-                                geo,
-                                index,
-                                tile,
-                                chosen,
-                                Iou[0],
-                                bmax,
-                                borig,
-                                bpos,
-                                acc_v,
-                                acc_o,
-                                acc_p,
-                                blk,
-                            )
+                        # A block (a group of GROUP blocks) whose bounding box the chosen
+                        # box does not overlap holds no box it overlaps (an intersection of
+                        # zero extent is no overlap). Its own block is always rescanned.
+                        for grp in T.serial(groups):
+                            if grp == state[0] // (block * GROUP) or not (
+                                chosen[2] <= gbox[0, grp]
+                                or chosen[0] >= gbox[2, grp]
+                                or chosen[3] <= gbox[1, grp]
+                                or chosen[1] >= gbox[3, grp]
+                            ):
+                                for member in T.serial(GROUP):
+                                    if grp * GROUP + member < blocks and (
+                                        grp * GROUP + member == state[0] // block
+                                        or not (
+                                            chosen[2] <= bbox[0, grp * GROUP + member]
+                                            or chosen[0] >= bbox[2, grp * GROUP + member]
+                                            or chosen[3] <= bbox[1, grp * GROUP + member]
+                                            or chosen[1] >= bbox[3, grp * GROUP + member]
+                                        )
+                                    ):
+                                        decay_block(
+                                            sc,
+                                            geo,
+                                            index,
+                                            tile,
+                                            chosen,
+                                            Iou[0],
+                                            bmax,
+                                            borig,
+                                            bpos,
+                                            acc_v,
+                                            acc_o,
+                                            acc_p,
+                                            grp * GROUP + member,
+                                        )
             Counts[r] = T.Cast(i64, state[1])
         Total[0] = T.int64(0)
         for r in T.serial(rows):
