@@ -174,7 +174,7 @@ def _spatial_order(
     from tvm import relax
 
     def column(axis: int) -> relax.Expr:
-        return bb.emit(relax.op.take(boxes, relax.const(axis, "int64"), axis=2))
+        return bb.emit(relax.op.take(boxes, relax.const(axis, "int64"), axis=2, mode="clip"))
 
     half = relax.const(0.5, "float32")
     if center_point_box:
