@@ -355,3 +355,17 @@ def test_cli_hard_is_verified_as_exact_and_gaussian_reports(tmp_path, capsys, mo
     assert code == 0
     report = json.loads((tmp_path / "g.json").read_text())
     assert not report["exact"] and report["passes"][0]["stats"]["scores_rewired"] == 1
+
+
+def test_cli_refuses_an_opset_10_model_with_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = """
+        <ir_version: 8, opset_import: ["" : 10]>
+        g (float[1, 3, 4] boxes, float[1, 1, 3] scores) => (int64[k, 3] a) {
+            a = NonMaxSuppression (boxes, scores)
+        }
+        """
+    onnx.save(to_proto(model_from_text(text)), "m.onnx")
+    code, lines = run_cli(["m.onnx", "--passes", "soft-nms", "-o", "o.onnx"], capsys)
+    assert_refused(code, lines, "soft-nms needs opset >= 11")
+    assert not (tmp_path / "o.onnx").exists()
