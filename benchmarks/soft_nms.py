@@ -352,17 +352,6 @@ def torch_soft_nms(boxes: object, scores: object, max_output: int, threshold: fl
     return torch.tensor(keep)
 
 
-def strip_order(boxes: np.ndarray, block: int) -> np.ndarray:
-    """The lowering's candidate order (``backends/tvm/ops/soft_nms.py``) in numpy: strips of
-    the b-centres as high as a block is wide on average, by a-centre within a strip."""
-    a = (boxes[:, 0] + boxes[:, 2]) * np.float32(0.5)
-    b = (boxes[:, 1] + boxes[:, 3]) * np.float32(0.5)
-    span_a, span_b = a.max() - a.min(), b.max() - b.min()
-    side = np.sqrt(max(span_a * span_b, 1e-30) * block / len(boxes))
-    key = np.floor((b - b.min()) / side) * (span_a + side) + (a - a.min())
-    return np.argsort(key, kind="stable").astype(np.int32)
-
-
 def kernel_call(
     boxes: np.ndarray,
     scores: np.ndarray,
@@ -371,10 +360,10 @@ def kernel_call(
     method: str,
     target: str,
 ) -> Callable[[], object]:
-    """Our CPU kernel alone, on tensors placed beforehand (the order by a_min included)."""
+    """Our CPU kernel alone, on tensors placed beforehand."""
     import tvm
 
-    from rewriter.backends.tvm.kernels.soft_nms import block_size, soft_nms
+    from rewriter.backends.tvm.kernels.soft_nms import soft_nms
     from rewriter.backends.tvm.targets import resolve
     from rewriter.passes.soft_nms.math import METHODS
 
@@ -385,11 +374,9 @@ def kernel_call(
         1, 1, count, k, method=METHODS[method], sigma=SIGMA, center_point_box=0, target=tgt
     )
     kernel = tvm.compile(func, target=tgt)
-    order = strip_order(boxes, block_size(tgt))[None]
     arrays = (
         boxes[None],
         scores[None, None],
-        order,
         np.array([max_output], np.int64),
         np.array([IOU], np.float32),
         np.array([threshold], np.float32),
@@ -485,7 +472,7 @@ def runtime(sizes: list[int], rounds: int, work: Path, target: str) -> None:
             print(runtime_row(count, max_output, threshold, rounds, work, target), flush=True)
     print(
         "\nours hard / gaussian: the kernel (candidates, selections) on tensors in place; compiled model:"
-        " the rewritten op through the TVM VM from numpy (argsort by a_min, kernel, compaction, copies)."
+        " the rewritten op through the TVM VM from numpy (kernel, compaction, copies)."
     )
 
 

@@ -6,30 +6,31 @@ The math is :mod:`rewriter.passes.soft_nms.math` (the body of
 float32 order of operations, removed boxes at ``-inf``. ``method`` and ``sigma`` are
 compile-time; the thresholds and ``max_output_boxes_per_class`` are read at run time.
 
-Buffers: ``Boxes[B, N, 4]``, ``Scores[B, C, N]``, ``Order[B, N]`` (int32, a spatial
-order of each batch's boxes), ``Limit[1]`` (int64), ``Iou[1]``, ``Threshold[1]``
-(float32) in; ``Picks[B*C, K]`` (int64 box indices), ``Picked[B*C, K]`` (decayed
-scores), ``Counts[B*C]`` and ``Total[1]`` (int64) out, ``K`` the static bound on the
-selections per row (``min(max_output_boxes_per_class, N)`` when that input is a
+Buffers: ``Boxes[B, N, 4]``, ``Scores[B, C, N]``, ``Limit[1]`` (int64), ``Iou[1]``,
+``Threshold[1]`` (float32) in; ``Picks[B*C, K]`` (int64 box indices), ``Picked[B*C, K]``
+(decayed scores), ``Counts[B*C]`` and ``Total[1]`` (int64) out, ``K`` the static bound
+on the selections per row (``min(max_output_boxes_per_class, N)`` when that input is a
 constant, else ``N``). :func:`compact` writes the selected ``[M, 3]`` triples and ``[M]``
 scores from them (``M = Total``, a shape known only at run time).
 
 Schedule, per row (one parallel task):
 
 1. gather the candidates (score > ``Threshold``: decayed scores never rise, so no other
-   box can be selected) in ``Order`` into a row workspace: box index, score and geometry
-   (``a_min, b_min, a_max, b_max, area``), padded to whole blocks (``BLOCK_VECTORS``
-   vectors) with ``-inf`` scores and empty boxes; per block its bounding box and its
-   best (score, box), ties to the lower box index;
-2. per selection: the best block maximum is the selected box; record and remove it;
-   then for each block whose bounding box the selected box overlaps (and its own), one
-   vectorized pass computes the IoU with the selected box (its geometry broadcast from
-   registers), the decay, and the block's new best. The loop ends when the best is not
+   box can be selected) with their geometry (``a_min, b_min, a_max, b_max, area``), then
+   counting-sort them by the cell of a grid over their centres (about one block of
+   ``BLOCK_VECTORS`` vectors per cell) into the row workspace, padded to whole blocks
+   with ``-inf`` scores and empty boxes; per block its bounding box and its best (score,
+   box), ties to the lower box index;
+2. per selection: the best of the blocks' maxima is the selected box; record and remove
+   it; then for each block whose bounding box the selected box overlaps (tested per group
+   of ``GROUP`` blocks first; its own block always), one vectorized pass computes the IoU
+   with the selected box (its geometry broadcast from registers), the decay, and the
+   block's new best (branch-free lane reductions). The loop ends when the best is not
    above ``Threshold`` or ``min(Limit, K)`` boxes are kept.
 
-With ``Order`` spatial (the lowering sorts by strips of the box centres), a block covers
-a compact patch and a selection touches the few blocks around it: each selection costs
-a scan of the block maxima and bounding boxes plus the nearby blocks, not all candidates.
+Since a block covers a compact patch of the image, a selection touches the few blocks
+around it: it costs a scan of the block maxima plus the nearby blocks, not all the
+candidates. The result does not depend on the grid (the bounding-box tests are exact).
 """
 
 from __future__ import annotations
@@ -98,10 +99,7 @@ def soft_nms(
     center_point_box: int,
     target: tvm.target.Target,
 ) -> tirx.PrimFunc:
-    """The PrimFunc ``(Boxes, Scores, Order, Limit, Iou, Threshold, Picks, Picked, Counts,
-    Total)``; ``Order[B, N]`` (int32) is a permutation of each batch's boxes in which
-    neighbours are close (the lowering's strips): candidates are taken in that order.
-    Any order gives the same result; a spatial one makes the blocks compact.
+    """The PrimFunc ``(Boxes, Scores, Limit, Iou, Threshold, Picks, Picked, Counts, Total)``.
 
     >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})
     >>> func = soft_nms(1, 2, 40, 10, method=2, sigma=0.5, center_point_box=0, target=target)
@@ -119,6 +117,8 @@ def soft_nms(
     blocks = padded // block
     padded_blocks = -(-blocks // GROUP) * GROUP  # GROUP is a multiple of the lanes
     groups = padded_blocks // GROUP
+    side_most = int(math.sqrt(max(n, 1) / block) + 0.5) + 1
+    max_cells = side_most * side_most
     f32, i32, i64 = "float32", "int32", "int64"
     minus_inf = ep.const(NEG_INF, f32, lanes)
     zero = ep.const(0.0, f32, lanes)
@@ -282,7 +282,6 @@ def soft_nms(
     def soft_nms(
         Boxes: T.Buffer((batches, n, 4), f32),  # type: ignore[valid-type]
         Scores: T.Buffer((batches, classes, n), f32),  # type: ignore[valid-type]
-        Order: T.Buffer((batches, n), i32),  # type: ignore[valid-type]
         Limit: T.Buffer((1,), i64),  # type: ignore[valid-type]
         Iou: T.Buffer((1,), f32),  # type: ignore[valid-type]
         Threshold: T.Buffer((1,), f32),  # type: ignore[valid-type]
@@ -306,28 +305,88 @@ def soft_nms(
             chosen = T.alloc_buffer((5,), f32, scope="global")
             bbox = T.alloc_buffer((4, padded_blocks), f32, scope="global")  # per block
             gbox = T.alloc_buffer((4, groups), f32, scope="global")  # per group of blocks
-            state = T.alloc_buffer((3,), i32, scope="global")  # best, count, candidates
-            # 1. Candidates (score above the threshold) in the given order, and each
-            #    block's bounding box.
+            state = T.alloc_buffer((5,), i32, scope="global")  # best, count, candidates, side, at
+            stage_s = T.alloc_buffer((max(n, 1),), f32, scope="global")
+            stage_i = T.alloc_buffer((max(n, 1),), i32, scope="global")
+            stage_g = T.alloc_buffer((5, max(n, 1)), f32, scope="global")
+            cell_of = T.alloc_buffer((max(n, 1),), i32, scope="global")
+            cells = T.alloc_buffer((max_cells + 1,), i32, scope="global")
+            span_lo = T.alloc_buffer((2,), f32, scope="global")  # lowest centre (x2) per axis
+            span_hi = T.alloc_buffer((2,), f32, scope="global")
+            scale = T.alloc_buffer((2,), f32, scope="global")
+            # 1. Candidates (score above the threshold), in box order into the staging
+            #    buffers with the bounds of their centres, then counting-sorted by grid
+            #    cell (about a block of candidates per cell, rows of cells in turn), each
+            #    block's bounding box kept on the way.
+            state[2] = 0
+            for g in T.unroll(2):
+                span_lo[g] = T.float32(math.inf)
+                span_hi[g] = T.float32(NEG_INF)
+            for i in T.serial(n):
+                if Scores[r // classes, r % classes, i] > Threshold[0]:
+                    stage_s[state[2]] = Scores[r // classes, r % classes, i]
+                    stage_i[state[2]] = i
+                    corner(Boxes, r // classes, i, stage_g, state[2])
+                    for g in T.unroll(2):
+                        span_lo[g] = T.min(
+                            span_lo[g], stage_g[g, state[2]] + stage_g[g + 2, state[2]]
+                        )
+                        span_hi[g] = T.max(
+                            span_hi[g], stage_g[g, state[2]] + stage_g[g + 2, state[2]]
+                        )
+                    state[2] = state[2] + 1
+            # Cells per side: about state[2] / block cells in all (at least one).
+            state[3] = T.max(
+                1, T.Cast(i32, T.sqrt(T.Cast(f32, state[2]) / T.float32(block)) + T.float32(0.5))
+            )
+            for g in T.unroll(2):
+                scale[g] = T.Select(
+                    span_hi[g] > span_lo[g],
+                    T.Cast(f32, state[3]) / (span_hi[g] - span_lo[g]),
+                    T.float32(0),
+                )
+            for c in T.serial(max_cells + 1):
+                cells[c] = 0
+            for j in T.serial(state[2]):
+                cell_of[j] = T.Cast(
+                    i32,
+                    T.max(
+                        T.min(
+                            (stage_g[1, j] + stage_g[3, j] - span_lo[1]) * scale[1],
+                            T.Cast(f32, state[3] - 1),
+                        ),
+                        T.float32(0),
+                    ),
+                ) * state[3] + T.Cast(
+                    i32,
+                    T.max(
+                        T.min(
+                            (stage_g[0, j] + stage_g[2, j] - span_lo[0]) * scale[0],
+                            T.Cast(f32, state[3] - 1),
+                        ),
+                        T.float32(0),
+                    ),
+                )
+                cells[cell_of[j] + 1] = cells[cell_of[j] + 1] + 1
+            for c in T.serial(max_cells):
+                cells[c + 1] = cells[c + 1] + cells[c]
             for blk in T.serial(padded_blocks):
                 bbox[0, blk] = T.float32(math.inf)
                 bbox[1, blk] = T.float32(math.inf)
                 bbox[2, blk] = T.float32(NEG_INF)
                 bbox[3, blk] = T.float32(NEG_INF)
-            state[2] = 0
-            for t in T.serial(n):
-                if Scores[r // classes, r % classes, Order[r // classes, t]] > Threshold[0]:
-                    sc[state[2]] = Scores[r // classes, r % classes, Order[r // classes, t]]
-                    index[state[2]] = Order[r // classes, t]
-                    corner(Boxes, r // classes, Order[r // classes, t], geo, state[2])
-                    for g in T.unroll(2):
-                        bbox[g, state[2] // block] = T.min(
-                            bbox[g, state[2] // block], geo[g, state[2]]
-                        )
-                        bbox[g + 2, state[2] // block] = T.max(
-                            bbox[g + 2, state[2] // block], geo[g + 2, state[2]]
-                        )
-                    state[2] = state[2] + 1
+            for j in T.serial(state[2]):
+                state[4] = cells[cell_of[j]]
+                cells[cell_of[j]] = state[4] + 1
+                sc[state[4]] = stage_s[j]
+                index[state[4]] = stage_i[j]
+                for g in T.unroll(5):
+                    geo[g, state[4]] = stage_g[g, j]
+                for g in T.unroll(2):
+                    bbox[g, state[4] // block] = T.min(bbox[g, state[4] // block], stage_g[g, j])
+                    bbox[g + 2, state[4] // block] = T.max(
+                        bbox[g + 2, state[4] // block], stage_g[g + 2, j]
+                    )
             for i in T.serial(padded):
                 if i >= state[2]:
                     sc[i] = T.float32(NEG_INF)

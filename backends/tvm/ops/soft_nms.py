@@ -2,9 +2,8 @@
 
 For static float32 ``boxes [B, N, 4]`` and ``scores [B, C, N]``, in Relax::
 
-    order = R.argsort(strip_key(boxes), axis=1)      # [B, N]: the kernel's candidate order
     picks, picked, counts, total = R.call_tir(rewriter_soft_nms,
-        (boxes, scores, order, limit, iou, threshold))  # [B*C, K] per row, K <= N
+        (boxes, scores, limit, iou, threshold))      # [B*C, K] per row, K <= N
     m = R.match_cast(R.tensor_to_shape(total), R.Shape([m]))
     selected, scores = R.call_tir(rewriter_soft_nms_compact,
         (picks, picked, counts, m), [R.Tensor((m, 3), "int64"), R.Tensor((m,), "float32")])
@@ -133,13 +132,10 @@ def emit_soft_nms(
     )
     rows, width = batches * classes, max(1, k)
     gvar = bb.add_func(scheduled_kernel(func), KERNEL_NAME)
-    order = (
-        [] if cuda else [_spatial_order(bb, boxes, center_point_box, cpu_kernel.block_size(target))]
-    )
     picks = bb.emit(
         relax.call_tir(
             gvar,
-            [boxes, scores, *order, *scalars],
+            [boxes, scores, *scalars],
             [
                 relax.TensorType([rows, width], "int64"),
                 relax.TensorType([rows, width], "float32"),
@@ -162,39 +158,6 @@ def emit_soft_nms(
             [relax.TensorType([m, 3], "int64"), relax.TensorType([m], "float32")],
         )
     )
-
-
-def _spatial_order(
-    bb: relax.BlockBuilder, boxes: relax.Expr, center_point_box: int, block: int
-) -> relax.Expr:
-    """Each batch's boxes in strips (int32 [B, N]), as the CPU kernel takes them: by the
-    strip of their b-centre, then by a-centre, with strips as high as a block of ``block``
-    boxes is wide on average, so that each block of candidates covers a compact patch.
-    The order only makes the kernel faster: any order gives the same result."""
-    from tvm import relax
-
-    def column(axis: int) -> relax.Expr:
-        return bb.emit(relax.op.take(boxes, relax.const(axis, "int64"), axis=2, mode="clip"))
-
-    half = relax.const(0.5, "float32")
-    if center_point_box:
-        a, b = column(0), column(1)
-    else:
-        a = bb.emit(relax.op.multiply(relax.op.add(column(0), column(2)), half))
-        b = bb.emit(relax.op.multiply(relax.op.add(column(1), column(3)), half))
-    lo_a, lo_b = (bb.emit(relax.op.min(x, axis=1, keepdims=True)) for x in (a, b))
-    span_a = bb.emit(relax.op.subtract(relax.op.max(a, axis=1, keepdims=True), lo_a))
-    span_b = bb.emit(relax.op.subtract(relax.op.max(b, axis=1, keepdims=True), lo_b))
-    count = static_shape(boxes)[1]  # type: ignore[index]
-    area = relax.op.maximum(relax.op.multiply(span_a, span_b), relax.const(1e-30, "float32"))
-    side = bb.emit(
-        relax.op.sqrt(relax.op.multiply(area, relax.const(block / max(count, 1), "float32")))
-    )
-    strip = relax.op.floor(relax.op.divide(relax.op.subtract(b, lo_b), side))
-    key = relax.op.add(
-        relax.op.multiply(strip, relax.op.add(span_a, side)), relax.op.subtract(a, lo_a)
-    )
-    return bb.emit(relax.op.argsort(bb.emit(key), axis=1, dtype="int32"))
 
 
 def _one(

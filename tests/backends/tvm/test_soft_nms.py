@@ -93,7 +93,6 @@ def run_kernel(
         for a in (
             boxes,
             scores,
-            shuffled_order(boxes, center_point_box),
             np.array([most], np.int64),
             np.array([iou], np.float32),
             np.array([threshold], np.float32),
@@ -107,16 +106,8 @@ def run_kernel(
     m = int(args[-1].numpy()[0])
     selected = tvm.runtime.tensor(np.zeros((m, 3), np.int64))
     decayed = tvm.runtime.tensor(np.zeros(m, np.float32))
-    tvm.compile(compact(batches, classes, k), target=tgt)(*args[6:9], m, selected, decayed)
+    tvm.compile(compact(batches, classes, k), target=tgt)(*args[5:8], m, selected, decayed)
     return selected.numpy(), decayed.numpy()
-
-
-def shuffled_order(boxes: np.ndarray, center_point_box: int) -> np.ndarray:
-    """A random ``Order`` for the kernel: the result must not depend on it (the lowering
-    passes a spatial one, which only makes it faster)."""
-    del center_point_box
-    rng = np.random.default_rng(len(boxes[0]))
-    return np.stack([rng.permutation(boxes.shape[1]) for _ in boxes]).astype(np.int32)
 
 
 def body_run(boxes, scores, most, iou, threshold, *, method, center_point_box=0):
