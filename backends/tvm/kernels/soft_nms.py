@@ -63,11 +63,6 @@ def lanes_for(target: tvm.target.Target) -> int:
     return {"avx512": 16, "avx2": 8}.get(isa(target), 4)
 
 
-def block_size(target: tvm.target.Target) -> int:
-    """Candidates per block on ``target``."""
-    return lanes_for(target) * BLOCK_VECTORS
-
-
 def decayed(
     s: tirx.Expr, iou: tirx.Expr, iou_threshold: tirx.Expr, method: int, sigma: float, lanes: int
 ) -> tirx.Expr:

@@ -12,7 +12,8 @@ The kernels are :mod:`rewriter.backends.tvm.kernels.soft_nms` (CPU) and
 :mod:`rewriter.backends.tvm.kernels.soft_nms_cuda` (CUDA); ``K`` is
 ``min(max_output_boxes_per_class, N)`` when that input is a constant, else ``N``.
 Nodes whose boxes or scores are not static float32 are refused (:func:`refusal`) and
-compiled from the op's function body.
+left to the op's function body, whose data-dependent ``Loop`` TVM's importer cannot take:
+the compile stops with a clean error (fix the shapes with ``dims`` / ``--dim``).
 
 >>> selected, scores = emit_soft_nms(bb, boxes, scores, limit, iou, threshold, ...)  # doctest: +SKIP
 """
