@@ -173,6 +173,24 @@ def soft_nms(
         fold(acc_v, acc_o, acc_p, 1)
 
     @T.macro
+    def block_bounds(geo, tile, bbox, blk):
+        # The block's bounding box: lane-wise min of a_min, b_min and max of a_max, b_max.
+        for g in T.unroll(4):
+            tile[span(g * lanes, lanes)] = geo[g, span(blk * block, lanes)]
+        for u in T.unroll(1, BLOCK_VECTORS):
+            for g in T.unroll(2):
+                tile[span(g * lanes, lanes)] = T.min(
+                    tile[span(g * lanes, lanes)], geo[g, span(blk * block + u * lanes, lanes)]
+                )
+                tile[span((g + 2) * lanes, lanes)] = T.max(
+                    tile[span((g + 2) * lanes, lanes)],
+                    geo[g + 2, span(blk * block + u * lanes, lanes)],
+                )
+        for g in T.unroll(2):
+            bbox[g, blk] = ep.across_lanes(tirx.min, tile[span(g * lanes, lanes)], lanes)
+            bbox[g + 2, blk] = ep.across_lanes(tirx.max, tile[span((g + 2) * lanes, lanes)], lanes)
+
+    @T.macro
     def corner(Boxes, b, i, geo, at):
         if center_point_box == 1:
             geo[0, at] = Boxes[b, i, 0] - Boxes[b, i, 2] / T.float32(2)
@@ -301,34 +319,35 @@ def soft_nms(
             bbox = T.alloc_buffer((4, padded_blocks), f32, scope="global")  # per block
             gbox = T.alloc_buffer((4, groups), f32, scope="global")  # per group of blocks
             state = T.alloc_buffer((5,), i32, scope="global")  # best, count, candidates, side, at
-            stage_s = T.alloc_buffer((max(n, 1),), f32, scope="global")
             stage_i = T.alloc_buffer((max(n, 1),), i32, scope="global")
-            stage_g = T.alloc_buffer((5, max(n, 1)), f32, scope="global")
+            centre = T.alloc_buffer((2, max(n, 1)), f32, scope="global")
             cell_of = T.alloc_buffer((max(n, 1),), i32, scope="global")
             cells = T.alloc_buffer((max_cells + 1,), i32, scope="global")
-            span_lo = T.alloc_buffer((2,), f32, scope="global")  # lowest centre (x2) per axis
+            span_lo = T.alloc_buffer((2,), f32, scope="global")  # lowest centre per axis
             span_hi = T.alloc_buffer((2,), f32, scope="global")
             scale = T.alloc_buffer((2,), f32, scope="global")
-            # 1. Candidates (score above the threshold), in box order into the staging
-            #    buffers with the bounds of their centres, then counting-sorted by grid
-            #    cell (about a block of candidates per cell, rows of cells in turn), each
-            #    block's bounding box kept on the way.
+            # 1. Candidates (score above the threshold): their indices and centres (as
+            #    sums of two coordinates: only the cells use them) with the centres'
+            #    bounds; then a counting sort by the cell of a grid over the centres
+            #    (about a block of candidates per cell, rows of cells in turn) puts their
+            #    scores, indices and geometry into the row workspace; then each block's
+            #    bounding box.
             state[2] = 0
             for g in T.unroll(2):
                 span_lo[g] = T.float32(math.inf)
                 span_hi[g] = T.float32(NEG_INF)
             for i in T.serial(n):
                 if Scores[r // classes, r % classes, i] > Threshold[0]:
-                    stage_s[state[2]] = Scores[r // classes, r % classes, i]
                     stage_i[state[2]] = i
-                    corner(Boxes, r // classes, i, stage_g, state[2])
                     for g in T.unroll(2):
-                        span_lo[g] = T.min(
-                            span_lo[g], stage_g[g, state[2]] + stage_g[g + 2, state[2]]
-                        )
-                        span_hi[g] = T.max(
-                            span_hi[g], stage_g[g, state[2]] + stage_g[g + 2, state[2]]
-                        )
+                        if center_point_box == 1:
+                            centre[g, state[2]] = Boxes[r // classes, i, g]
+                        else:
+                            centre[g, state[2]] = (
+                                Boxes[r // classes, i, g] + Boxes[r // classes, i, g + 2]
+                            )
+                        span_lo[g] = T.min(span_lo[g], centre[g, state[2]])
+                        span_hi[g] = T.max(span_hi[g], centre[g, state[2]])
                     state[2] = state[2] + 1
             # Cells per side: about state[2] / block cells in all (at least one).
             state[3] = T.max(
@@ -346,48 +365,42 @@ def soft_nms(
                 cell_of[j] = T.Cast(
                     i32,
                     T.max(
-                        T.min(
-                            (stage_g[1, j] + stage_g[3, j] - span_lo[1]) * scale[1],
-                            T.Cast(f32, state[3] - 1),
-                        ),
+                        T.min((centre[1, j] - span_lo[1]) * scale[1], T.Cast(f32, state[3] - 1)),
                         T.float32(0),
                     ),
                 ) * state[3] + T.Cast(
                     i32,
                     T.max(
-                        T.min(
-                            (stage_g[0, j] + stage_g[2, j] - span_lo[0]) * scale[0],
-                            T.Cast(f32, state[3] - 1),
-                        ),
+                        T.min((centre[0, j] - span_lo[0]) * scale[0], T.Cast(f32, state[3] - 1)),
                         T.float32(0),
                     ),
                 )
                 cells[cell_of[j] + 1] = cells[cell_of[j] + 1] + 1
             for c in T.serial(max_cells):
                 cells[c + 1] = cells[c + 1] + cells[c]
-            for blk in T.serial(padded_blocks):
-                bbox[0, blk] = T.float32(math.inf)
-                bbox[1, blk] = T.float32(math.inf)
-                bbox[2, blk] = T.float32(NEG_INF)
-                bbox[3, blk] = T.float32(NEG_INF)
             for j in T.serial(state[2]):
                 state[4] = cells[cell_of[j]]
                 cells[cell_of[j]] = state[4] + 1
-                sc[state[4]] = stage_s[j]
+                sc[state[4]] = Scores[r // classes, r % classes, stage_i[j]]
                 index[state[4]] = stage_i[j]
-                for g in T.unroll(5):
-                    geo[g, state[4]] = stage_g[g, j]
-                for g in T.unroll(2):
-                    bbox[g, state[4] // block] = T.min(bbox[g, state[4] // block], stage_g[g, j])
-                    bbox[g + 2, state[4] // block] = T.max(
-                        bbox[g + 2, state[4] // block], stage_g[g + 2, j]
-                    )
+                corner(Boxes, r // classes, stage_i[j], geo, state[4])
             for i in T.serial(padded):
-                if i >= state[2]:
+                if i >= state[2]:  # padding: overlaps nothing, widens no bounding box
                     sc[i] = T.float32(NEG_INF)
                     index[i] = no_index
-                    for g in T.unroll(5):
-                        geo[g, i] = T.float32(0)
+                    geo[0, i] = T.float32(math.inf)
+                    geo[1, i] = T.float32(math.inf)
+                    geo[2, i] = T.float32(NEG_INF)
+                    geo[3, i] = T.float32(NEG_INF)
+                    geo[4, i] = T.float32(0)
+            for blk in T.serial(padded_blocks):
+                if blk < blocks:
+                    block_bounds(geo, tile, bbox, blk)
+                else:
+                    bbox[0, blk] = T.float32(math.inf)
+                    bbox[1, blk] = T.float32(math.inf)
+                    bbox[2, blk] = T.float32(NEG_INF)
+                    bbox[3, blk] = T.float32(NEG_INF)
             for grp in T.serial(groups):
                 for g in T.unroll(2):
                     gbox[g, grp] = T.float32(math.inf)

@@ -250,3 +250,10 @@ def test_cuda_run_agrees_with_the_body(method):
     nm.assert_same_selection(
         (got["selected"], got["decayed"]), (expected["selected"], expected["decayed"])
     )
+
+
+def test_symbolic_shapes_are_a_clean_error():
+    from rewriter.errors import InputError
+
+    with pytest.raises(InputError, match="Loop"):
+        backend.compile(nm.soft_model(METHODS["gaussian"]), target="llvm")
