@@ -272,6 +272,11 @@ def format_report(report: Report) -> str:
             f"    {output.name[:28]:<28} {output.max_abs_err:>12.3g} {output.max_rel_err:>12.3g} "
             f"{output.cosine:>10.6f} {argmax:>8}  {verdict}"
         )
+        if output.rewritten_shape is not None:
+            lines.append(
+                f"    {'':<28} shape {output.shape} -> {output.rewritten_shape} "
+                "(figures over the leading rows both have)"
+            )
         if output.pooled_cosine_mean is not None:
             lines.append(
                 f"    {'':<28} over the attention mask: max abs err {output.masked_max_abs_err:.3g}, "

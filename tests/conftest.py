@@ -59,6 +59,18 @@ def real_model(real_model_dir: Path) -> Callable[[str], RealModel]:
     return get
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """With torchvision installed (the dev extra), define its ops before any test imports
+    transformers, which imports torchvision (see examples/torchvision_shim.py)."""
+    del config
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        from examples.torchvision_shim import install
+
+        install()
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     exported = {name: model for name, model in _BUILT.items() if model.seconds > 0}
     if not exported:

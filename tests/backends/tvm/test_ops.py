@@ -14,6 +14,7 @@ def test_every_lowered_op_is_registered_once_by_name():
         "FusedLinearCrossEntropy",
         "Int8MatMul",
         "SigmoidAttention",
+        "SoftNonMaxSuppression",
         "TwoPassLogSoftmax",
         "TwoPassLogSoftmaxDouble",
         "TwoPassSoftmax",
