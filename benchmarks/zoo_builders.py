@@ -23,7 +23,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.torchvision_shim import install as install_torchvision_shim
+from examples.torchvision_shim import install as install_torchvision_shim
 
 SEED = 0
 VOCAB = 1000

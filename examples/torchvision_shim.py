@@ -10,9 +10,8 @@ the model code is pure Python. ``nms`` also gets a CPU kernel in Python (greedy,
 torchvision's) and a fake one (a data-dependent length, for ``torch.export``); nothing
 here calls ``qnms``.
 
-:func:`install` (the same as the zoo's ``benchmarks/torchvision_shim.py``, which it
-coexists with: both check whether the schemas exist) is what every user of transformers
-calls first: ``tests/conftest.py``, :mod:`examples.bert`, :mod:`examples.minilm`.
+:func:`install` (which checks whether the schemas exist, so a second call, or another
+definition of them, changes nothing) is what every user of transformers calls first: ``tests/conftest.py``, :mod:`examples.bert`, :mod:`examples.minilm`.
 :func:`import_torchvision` also tells torchvision that its ops are there, so that
 ``torchvision.ops.nms`` and the detectors' post-processing run on the CPU kernel::
 

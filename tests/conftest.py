@@ -26,17 +26,6 @@ if TYPE_CHECKING:
 _BUILT: dict[str, RealModel] = {}
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """With torchvision installed, ``import transformers`` fails unless torchvision's op
-    schemas exist first (see ``benchmarks/torchvision_shim.py``): define them. Without it,
-    nothing is imported (torch stays unloaded until a test needs it)."""
-    del config
-    if importlib.util.find_spec("torchvision") is not None:
-        from benchmarks.torchvision_shim import install
-
-        install()
-
-
 @pytest.fixture(scope="session")
 def real_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's folder of exported models."""
@@ -63,7 +52,6 @@ def pytest_configure(config: pytest.Config) -> None:
     """With torchvision installed (the dev extra), define its ops before any test imports
     transformers, which imports torchvision (see examples/torchvision_shim.py)."""
     del config
-    import importlib.util
 
     if importlib.util.find_spec("torchvision") is not None:
         from examples.torchvision_shim import install

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks import zoo_export, zoo_models, zoo_profile
-from benchmarks.torchvision_shim import install as install_torchvision_shim
+from examples.torchvision_shim import install as install_torchvision_shim
 
 install_torchvision_shim()  # before transformers, which imports torchvision if installed
 pytest.importorskip("transformers")

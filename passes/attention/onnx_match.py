@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import onnx_ir as ir
+import onnx_ir.passes.common
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter import _ir_utils as ir_utils
 
