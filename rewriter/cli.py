@@ -3,6 +3,7 @@
     rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx [--report-json R.json]
     rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx --target avx512 --lib OUT.so
     rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx --target avx512 --tune 64 --tune-time 600
+    rewrite MODEL.onnx --passes prune --calibration CAL.npz -o OUT.onnx --workers 8
     rewrite --list-passes
 
 Exit codes: 0 success; 2 bad input (one line on stderr, no output file);
@@ -106,6 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tune-time", type=float, metavar="SECONDS", help="stop tuning after about this long, keeping the best so far"
     )
+    parser.add_argument(
+        "--tune-rpc",
+        metavar="HOST:PORT",
+        help="measure the tuning candidates on the devices of this TVM RPC tracker (with --tune-key) "
+        "instead of this machine",
+    )
+    parser.add_argument("--tune-key", metavar="KEY", help="the key the --tune-rpc devices registered with")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="measure prune's distortion curves and quantize's LIM importance on a local Ray with N "
+        "one-CPU workers (the distributed extra); the result is the serial run's",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="run those measurements on the Ray cluster at ADDR (e.g. ray://head:10001 or auto); "
+        "with --workers N, N workers there, else one per CPU of the cluster",
+    )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -195,6 +216,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         tune_seconds=args.tune_time,
         report_json=args.report_json,
         protect={"--pipeline": args.pipeline} if args.pipeline else None,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        tune_rpc=args.tune_rpc,
+        tune_key=args.tune_key,
     )
     if not args.quiet:
         try:
@@ -247,6 +272,11 @@ def format_report(report: Report) -> str:
             f"    {output.name[:28]:<28} {output.max_abs_err:>12.3g} {output.max_rel_err:>12.3g} "
             f"{output.cosine:>10.6f} {argmax:>8}  {verdict}"
         )
+        if output.rewritten_shape is not None:
+            lines.append(
+                f"    {'':<28} shape {output.shape} -> {output.rewritten_shape} "
+                "(figures over the leading rows both have)"
+            )
         if output.pooled_cosine_mean is not None:
             lines.append(
                 f"    {'':<28} over the attention mask: max abs err {output.masked_max_abs_err:.3g}, "
@@ -296,6 +326,8 @@ def _tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
         f"{counts['untuned'] + counts['failed']} on our schedules; "
         f"{len(tuning['applied'])} functions use tuned schedules (database {tuning['database']})"
     ]
+    if tuning.get("remote"):
+        lines[0] += f"; measured on the RPC devices at {tuning['remote']}"
     for task in tuning["tasks"]:
         if task["status"] == "untuned":
             continue

@@ -11,6 +11,7 @@ a failure leaves no half-written output.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -66,7 +67,8 @@ def load_with_sources(path: str | os.PathLike[str]) -> tuple[ir.Model, list[Path
     data_files = _check_external_data(proto, path.parent)
     check_model(path)
     try:
-        model = ir.serde.deserialize_model(proto)
+        with gc_paused():
+            model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises several types on malformed protos
         raise InputError(f"{path}: malformed ONNX model ({_first_line(exc)})") from exc
     # External tensors are memory-mapped from the input's folder, read-only.
@@ -134,10 +136,29 @@ def write(model: ir.Model, path: Path, *, external_data: bool | None = None) -> 
     """Write ``model`` to ``path`` directly (not atomically); see :func:`save`."""
     if external_data is None:
         external_data = uses_external_data(model) or _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
-    if external_data:
-        ir.save(model, path, external_data=path.name + ".data")
-    else:
-        ir.save(model, path)
+    with gc_paused():
+        if external_data:
+            ir.save(model, path, external_data=path.name + ".data")
+        else:
+            ir.save(model, path)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a graph is converted or rewritten whole.
+
+    Converting a model between its proto and onnx-ir creates millions of live objects
+    and little garbage; every collection on the way would scan the growing heap for
+    nothing (a third of the load time at 100k nodes, and growing with the graph). What a
+    rewrite leaves (the nodes it replaced) is collected once the collector runs again.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager

@@ -110,6 +110,10 @@ def rewrite_file(
     tune_seconds: float | None = None,
     report_json: str | Path | None = None,
     protect: Mapping[str, str | Path] | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    tune_rpc: str | None = None,
+    tune_key: str | None = None,
 ) -> Report:
     """Rewrite the model at ``source`` with ``passes`` and write it to ``destination``.
 
@@ -125,7 +129,15 @@ def rewrite_file(
     compared with ONNX Runtime on the original (``Report.compiled``); ``library``
     is where its shared library goes (written only if that check passes).
     ``tune`` (trials), ``tune_db`` and ``tune_seconds`` tune it with MetaSchedule
-    first (:mod:`rewriter.backends.tvm.tuning`; CPU targets).
+    first (:mod:`rewriter.backends.tvm.tuning`; CPU targets); ``tune_rpc``
+    (``HOST:PORT`` of a TVM RPC tracker) and ``tune_key`` measure the candidates on the
+    devices registered there under that key.
+
+    ``workers`` (a local Ray with that many one-CPU workers) or ``ray_address`` (a Ray
+    cluster to join) spread the measuring passes' evaluations (prune's distortion
+    curves, quantize's LIM importance per calibration batch) over Ray
+    (:mod:`rewriter.distributed`; the ``distributed`` extra): the same result as the
+    serial run, which runs without them.
 
     Every output (the model and its ``.data`` file, ``library`` and its ``.json``,
     ``report_json``, the plots of passes with a ``plot`` option) is written, or none
@@ -141,7 +153,11 @@ def rewrite_file(
     if isinstance(passes, str):
         passes = parse_pipeline(passes)
     tuning_options = (tune, tune_db, tune_seconds)
-    _check_options(seed, tolerance, target, library, cuda_arch, tuning_options)
+    remote = _check_options(seed, tolerance, target, library, cuda_arch, tuning_options, (tune_rpc, tune_key))
+    if workers is not None or ray_address is not None:
+        from rewriter import distributed
+
+        distributed.Pool(workers, ray_address)  # a bad count, or no Ray, fails before any work
     plots = {rewrite_pass: rewrite_pass.options.plot for rewrite_pass in passes if getattr(rewrite_pass.options, "plot", "")}
     writes = _writes(destination, library, report_json, plots)
     reads = [(paths.INPUT_MODEL, source), *_file_reads(inputs, calibration, protect)]
@@ -163,7 +179,9 @@ def rewrite_file(
         feeds: dict[str, np.ndarray] | None = None
         if check:
             feeds = _inputs(source, inputs, dims, seed)
-        context = PassContext(dims=dict(dims or {}), seed=seed, source=source)
+        context = PassContext(
+            dims=dict(dims or {}), seed=seed, source=source, workers=workers, ray_address=ray_address
+        )
         context.calibration = _calibration(source, calibration)
 
         result = _run_passes(model, passes, context, staged_plots, say)
@@ -187,7 +205,7 @@ def rewrite_file(
         if target is not None:
             compiled = _compile(
                 source, staged_model, target, cuda_arch, staged_library, feeds, dims, seed, reference,
-                result.exact, say, tuning_options,
+                result.exact, say, tuning_options, remote,
             )
             if library is not None:
                 compiled.library = str(library)
@@ -239,8 +257,12 @@ def _check_options(
     library: str | Path | None,
     cuda_arch: str,
     tuning_options: tuple[int | None, str | Path | None, float | None],
-) -> None:
-    """Refuse option values that cannot work, before anything is read or written."""
+    rpc: tuple[str | None, str | None] = (None, None),
+) -> Any:
+    """Refuse option values that cannot work, before anything is read or written.
+
+    Returns the tuning's RPC devices (a ``rewriter.backends.tvm.tuning.Remote``) or None.
+    """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise InputError(f"--seed {shorten(str(seed))}: expected an integer from 0 to 2**32 - 1")
     if tolerance is not None:
@@ -249,15 +271,20 @@ def _check_options(
                 raise InputError(f"{name} {value}: expected a finite number >= 0")
     if library is not None and target is None:
         raise InputError("--lib needs --target: the library is compiled for a target")
-    flags = ("--tune", "--tune-db", "--tune-time")
-    given = [flag for flag, value in zip(flags, tuning_options, strict=True) if value is not None]
+    flags = ("--tune", "--tune-db", "--tune-time", "--tune-rpc", "--tune-key")
+    given = [flag for flag, value in zip(flags, (*tuning_options, *rpc), strict=True) if value is not None]
     if target is None and given:
         raise InputError(f"{given[0]} needs --target: tuning measures code compiled for a target")
+    if rpc[1] is not None and rpc[0] is None:
+        raise InputError("--tune-key needs --tune-rpc HOST:PORT: the tracker the key is registered with")
+    remote = None
     if target is not None:
         from rewriter.backends.tvm import targets, tuning
 
         targets.target_dict(target, cuda_arch=cuda_arch)  # an unknown target fails early
-        tuning.check_options(target, *tuning_options)
+        remote = tuning.Remote.parse(rpc[0], rpc[1]) if rpc[0] is not None else None
+        tuning.check_options(target, *tuning_options, remote)
+    return remote
 
 
 def _writes(
@@ -340,6 +367,7 @@ def _compile(
     exact: bool,
     say: Progress,
     tuning_options: tuple[int | None, str | Path | None, float | None] = (None, None, None),
+    remote: Any = None,
 ) -> Any:
     """Compile the rewritten model for ``target``; raise if it disagrees with the original."""
     from rewriter.backends.tvm import verify as compile_check
@@ -351,6 +379,7 @@ def _compile(
         rewritten, target, feeds=feeds, reference=reference, cuda_arch=cuda_arch,
         library=library, enforce=exact, say=say, tune=tune, tune_db=tune_db, tune_seconds=tune_seconds,
         dims=dims,
+        tune_rpc=remote,
     )
     if compiled.enforced and not compiled.passed:
         worst = max(compiled.outputs, key=lambda o: o.max_rel_err)
@@ -407,6 +436,8 @@ def _verify(
             used = {"rtol": chosen.rtol, "atol": chosen.atol}
         elif exact:
             comparison.passed = comparison.max_abs_err == 0
+        if exact and comparison.rewritten_shape is not None:
+            comparison.passed = False
         outputs.append(comparison)
     return Verification(
         outputs=outputs,

@@ -167,3 +167,31 @@ def op_model(
         functions=[function],
         ir_version=8,
     )
+
+
+def softmax_body_model(rewritten: onnx.ModelProto, op_type: str) -> onnx.ModelProto:
+    """``rewritten`` with the body of our attention op ``op_type`` replaced by softmax
+    attention on the same inputs: ``Softmax(Q·scale·Kᵀ + bias + Mask)·V``.
+
+    Softmax is invariant to the scalar ``bias`` (b = -ln n, as an attribute or in the
+    mask), so where the rewrite handed the op the right Q, K, V, scale and mask, this
+    model computes what the original did: a test of everything but the sigmoid itself.
+    """
+    from rewriter.function_body import FunctionBody
+
+    opset = next(o.version for o in rewritten.opset_import if o.domain in ("", "ai.onnx"))
+    body = FunctionBody(opset)
+    scale = body.node("CastLike", [body.attribute("scale", "float"), "Q"], "scale")
+    bias = body.node("CastLike", [body.attribute("bias", "float"), "Q"], "bias")
+    k_t = body.node("Transpose", ["K"], "k_t", perm=[0, 1, 3, 2])
+    scores = body.node("MatMul", [body.node("Mul", ["Q", scale], "q_scaled"), k_t], "scores")
+    logits = body.node("Add", [body.node("Add", [scores, bias], "biased"), "Mask"], "logits")
+    probs = body.node("Softmax", [logits], "probs", axis=-1)
+    body.node("MatMul", [probs, "V"], "Y")
+    function = body.function(op_type, ["Q", "K", "V", "Mask"], ["Y"], attributes=["scale", "bias"])
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(rewritten)
+    for index, existing in enumerate(swapped.functions):
+        if existing.name == op_type:
+            swapped.functions[index].CopyFrom(function)
+    return swapped

@@ -8,6 +8,7 @@ at the end of the run.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,17 @@ def real_model(real_model_dir: Path) -> Callable[[str], RealModel]:
         return _BUILT[name]
 
     return get
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With torchvision installed (the dev extra), define its ops before any test imports
+    transformers, which imports torchvision (see examples/torchvision_shim.py)."""
+    del config
+
+    if importlib.util.find_spec("torchvision") is not None:
+        from examples.torchvision_shim import install
+
+        install()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -540,6 +540,203 @@ def _image_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return inputs
 
 
+# --------------------------------------------------------------------------------------
+# Attention forms beyond BERT and Llama (issue 15): small random-weight models
+# --------------------------------------------------------------------------------------
+
+
+class _Output(torch.nn.Module):
+    """``model``'s output ``field`` (the output itself for None), called with the inputs
+    by keyword (``names``) or positionally."""
+
+    def __init__(self, model: torch.nn.Module, field: str | None, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.field, self.names = model, field, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.field is None:
+            return self.model(*args)
+        return getattr(self.model(**dict(zip(self.names, args, strict=True))), self.field)
+
+
+def _attention_export(
+    directory: Path,
+    name: str,
+    model: torch.nn.Module,
+    inputs: dict[str, np.ndarray],
+    exporter: str,
+    *,
+    field: str | None,
+    dynamic: dict[int, str],
+) -> RealModel:
+    """Export ``model`` (its output ``field``) with ``exporter``; ``dynamic`` names the
+    symbolic axes of every input (and the output's batch axis)."""
+    wrapped = _Output(model.eval(), field, list(inputs))
+    first = next(iter(inputs.values()))
+    dims = {axis_name: first.shape[axis] for axis, axis_name in dynamic.items()}
+    path = directory / f"{name}_{exporter}.onnx"
+    if exporter == "torchscript":
+        axes = {key: dict(dynamic) for key in inputs} | {"output": {0: "batch"}}
+        with torch.enable_grad():  # nn.MultiheadAttention's fast path does not export
+            return _export_torchscript(
+                wrapped, inputs, path, outputs=["output"], dynamic_axes=axes, dims=dims
+            )
+    from torch.export import Dim
+
+    named = {axis_name: Dim(axis_name, min=2, max=512) for axis_name in set(dynamic.values())}
+    shapes = tuple({axis: named[axis_name] for axis, axis_name in dynamic.items()} for _ in inputs)
+    start = time.perf_counter()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped,
+            tuple(torch.from_numpy(value) for value in inputs.values()),
+            str(path),
+            dynamo=True,
+            opset_version=18,
+            input_names=list(inputs),
+            output_names=["output"],
+            dynamic_shapes=(shapes,),  # forward(*args): one tuple for the varargs
+            verbose=False,
+        )
+    return RealModel(path.stem, path, inputs, "dynamo", time.perf_counter() - start, dims)
+
+
+def _images(size: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(SEED)
+    return {"pixel_values": rng.standard_normal((BATCH, 3, size, size)).astype(np.float32)}
+
+
+def deberta_v2(directory: Path, exporter: str) -> RealModel:
+    """DeBERTa-v2 (2 layers, hidden 64, 2 heads): disentangled attention, c2p and p2c
+    relative-position terms added to the scores, heads merged into the batch."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    torch.manual_seed(SEED)
+    config = DebertaV2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        relative_attention=True,
+        position_buckets=32,
+        pos_att_type=["p2c", "c2p"],
+        initializer_range=INIT_RANGE,
+        attn_implementation="eager",
+    )
+    inputs = _token_inputs(with_token_types=False)
+    model = DebertaV2Model(config)
+    return _attention_export(
+        directory, "deberta_v2", model, inputs, exporter, field="last_hidden_state",
+        dynamic={0: "batch", 1: "sequence"},
+    )
+
+
+def swin(directory: Path, exporter: str) -> RealModel:
+    """transformers' Swin (32x32 images, patches of 2, windows of 4x4, one stage of 2
+    blocks: the second shifted); its relative-position tables drawn N(0, 1), as trained
+    ones are not zero."""
+    from transformers import SwinConfig, SwinModel
+
+    torch.manual_seed(SEED)
+    config = SwinConfig(
+        image_size=32, patch_size=2, embed_dim=32, depths=[2], num_heads=[2], window_size=4,
+        attn_implementation="eager",
+    )
+    model = SwinModel(config)
+    for name, parameter in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            torch.nn.init.normal_(parameter)
+    return _attention_export(
+        directory, "swin", model, _images(32), exporter, field="last_hidden_state",
+        dynamic={0: "batch"},
+    )
+
+
+def segformer(directory: Path, exporter: str) -> RealModel:
+    """transformers' SegFormer (64x64 images, 2 stages): the first stage's keys and values
+    come from a sequence reduced 4x4 (256 queries, 16 keys)."""
+    from transformers import SegformerConfig, SegformerModel
+
+    torch.manual_seed(SEED)
+    config = SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[4, 1], hidden_sizes=[16, 32],
+        num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2],
+        attn_implementation="eager",
+    )
+    return _attention_export(
+        directory, "segformer", SegformerModel(config), _images(64), exporter,
+        field="last_hidden_state", dynamic={0: "batch"},
+    )
+
+
+def torchvision_vit(directory: Path, exporter: str) -> RealModel:
+    """torchvision's ViT (32x32 images, patches of 8, 2 layers of nn.MultiheadAttention),
+    its zero-initialised head drawn N(0, 0.02): with it every output would be 0."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(SEED)
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128,
+        num_classes=10,
+    )
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return _attention_export(
+        directory, "tv_vit", model, _images(32), exporter, field=None, dynamic={0: "batch"}
+    )
+
+
+def torchvision_swin(directory: Path, exporter: str) -> RealModel:
+    """torchvision's Swin (32x32 images, patches of 4, windows of 4x4, one stage of 2
+    blocks: the second shifted, its -100 window mask added per window)."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(SEED)
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+        num_classes=10,
+    )
+    return _attention_export(
+        directory, "tv_swin", model, _images(32), exporter, field=None, dynamic={0: "batch"}
+    )
+
+
+class _MultiheadSelfAttention(torch.nn.Module):
+    """torchvision's encoder block: LayerNorm, nn.MultiheadAttention (batch first), residual."""
+
+    def __init__(self, width: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.attention = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        return x + self.attention(y, y, y, need_weights=False)[0]
+
+
+def multihead_attention(directory: Path, exporter: str) -> RealModel:
+    """One ``nn.MultiheadAttention`` self-attention block (width 32, 2 heads, 8 tokens)."""
+    torch.manual_seed(SEED)
+    rng = np.random.default_rng(SEED)
+    inputs = {"x": rng.standard_normal((BATCH, 8, 32)).astype(np.float32)}
+    return _attention_export(
+        directory, "mha", _MultiheadSelfAttention(), inputs, exporter, field=None,
+        dynamic={0: "batch", 1: "sequence"},
+    )
+
+
+ATTENTION_BUILDERS: dict[str, Callable[[Path, str], RealModel]] = {
+    "deberta_v2": deberta_v2,
+    "swin": swin,
+    "segformer": segformer,
+    "tv_vit": torchvision_vit,
+    "tv_swin": torchvision_swin,
+    "mha": multihead_attention,
+}
+
+
 # name -> builder(directory); the fixtures in conftest.py build these once a session.
 BUILDERS: dict[str, Callable[[Path], RealModel]] = {
     "bert_eager_torchscript": lambda d: bert_torchscript(d, attn_implementation="eager"),
@@ -553,6 +750,11 @@ BUILDERS: dict[str, Callable[[Path], RealModel]] = {
     "vit_torchscript": vit_torchscript,
     "encoder_with_functions_torchscript": encoder_with_functions_torchscript,
 }
+for _name, _builder in ATTENTION_BUILDERS.items():
+    for _exporter in ("torchscript", "dynamo"):
+        BUILDERS[f"{_name}_{_exporter}"] = (
+            lambda d, builder=_builder, exporter=_exporter: builder(d, exporter)
+        )
 RANDOM_BIAS_SUFFIX = "_random_bias"
 
 

@@ -4,7 +4,10 @@ Random Softmax/LogSoftmax nodes: opset 11 to 21 (Flatten semantics below 13), an
 (negative ones too), rank 1 to 4, float32, float16 and float64, inputs mixing ordinary
 values with +-inf, NaN, zeros and the largest finite values. NaN must appear exactly
 where ONNX Runtime's original puts it; every other entry must pass the exact tolerance
-(per row, see :class:`rewriter.verify.Tolerance`).
+(per row, see :class:`rewriter.verify.Tolerance`). One exception: ONNX Runtime's float64
+LogSoftmax leaves the ONNX definition in rows holding NaN or +inf (it gives -inf and
+finite values there, where ``x - max`` makes the row NaN, as its float32 LogSoftmax, its
+float64 Softmax and ``onnx.reference`` do); those rows are expected NaN.
 """
 
 from __future__ import annotations
@@ -60,9 +63,15 @@ def softmax_cases(draw: st.DrawFn) -> tuple[onnx.ModelProto, np.ndarray, str]:
 def test_two_pass_softmax_matches_onnx_runtime(case):
     model, x, dtype_name = case
     reference = verify.run(model.SerializeToString(), {"x": x})["y"]
+    if dtype_name == "float64" and model.graph.node[0].op_type == "LogSoftmax":
+        softmax = onnx.ModelProto()
+        softmax.CopyFrom(model)
+        softmax.graph.node[0].op_type = "Softmax"
+        nan_rows = np.isnan(verify.run(softmax.SerializeToString(), {"x": x})["y"])
+        reference = np.where(nan_rows, np.nan, reference)
     result = create_pass("two-pass-softmax")(ir.serde.deserialize_model(model))
     opset = model.opset_import[0].version
-    rewritable = dtype_name == "float32" or (dtype_name == "float16" and opset >= 15)
+    rewritable = dtype_name != "float16" or opset >= 15  # float64: the double op
     assert result.modified == rewritable, result.notes
     rewritten = ir.serde.serialize_model(result.model)
     onnx.checker.check_model(rewritten, full_check=True)

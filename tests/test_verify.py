@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import verify
@@ -65,3 +66,15 @@ def test_generated_token_ids_stay_inside_the_embedding_table():
     assert (inputs["attention_mask"] == 1).all()
     assert [s.name for s in verify.input_specs(model)] == ["ids", "attention_mask"]
     onnx.checker.check_model(model)
+
+
+def test_a_changed_leading_length_is_compared_over_the_common_rows():
+    # Detections after NMS: a rewrite (Soft-NMS) may keep more or fewer of them.
+    original = np.array([[1.0, 2.0], [3.0, 4.0]])
+    rewritten = np.array([[1.0, 2.0], [3.0, 5.0], [7.0, 7.0]])
+    comparison = verify.compare("boxes", original, rewritten)
+    assert comparison.shape == [2, 2] and comparison.rewritten_shape == [3, 2]
+    assert comparison.max_abs_err == 1.0  # over the two rows both have
+    assert verify.compare("same", original, original).rewritten_shape is None
+    with pytest.raises(ValueError, match="shape"):
+        verify.compare("boxes", original, np.zeros((2, 3)))

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from rewriter.backends.tvm.build import (
     METADATA_SUFFIX,
+    METADATA_VERSION,
     Compiled,
     Signature,
     SymbolicDimsError,
     compile,
     compile_and_run,
+    file_sha256,
     load,
     shape_dims,
 )
@@ -27,11 +29,13 @@ from rewriter.backends.tvm.pipeline import relax_pipeline
 
 __all__ = [
     "METADATA_SUFFIX",
+    "METADATA_VERSION",
     "Compiled",
     "Signature",
     "SymbolicDimsError",
     "compile",
     "compile_and_run",
+    "file_sha256",
     "load",
     "relax_pipeline",
     "shape_dims",

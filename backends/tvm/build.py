@@ -295,6 +295,7 @@ def compile(
     tune_db: str | os.PathLike[str] | None = None,
     tune_seconds: float | None = None,
     progress: tuning.Progress | None = None,
+    tune_rpc: tuning.Remote | None = None,
 ) -> Compiled:
     """Compile a model for ``target``: an ONNX model (path, ``onnx.ModelProto`` or
     ``onnx_ir.Model``) or a ``torch.export.ExportedProgram`` (inputs by placeholder
@@ -312,6 +313,8 @@ def compile(
     alone: apply the records, tune nothing).
     ``compiled.tuning`` says what was tuned and reused; ``progress`` gets a line per batch.
     Without ``tune`` and ``tune_db`` no database is read: our schedules only.
+    ``tune_rpc`` measures the candidates on the devices of a TVM RPC tracker
+    (:class:`tuning.Remote`) instead of this machine.
 
     >>> compiled = compile("bert_tp.onnx", "avx512", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
     >>> tuned = compile("bert_tp.onnx", "avx512", dims={"batch": 1}, tune=64)  # doctest: +SKIP
@@ -319,10 +322,10 @@ def compile(
     from tvm import relax
 
     tvm_target = targets.resolve(target, cuda_arch=cuda_arch)
-    tuning.check_options(target, tune, tune_db, tune_seconds)
+    tuning.check_options(target, tune, tune_db, tune_seconds, tune_rpc)
     tuner = None
     if tune is not None or tune_db is not None:
-        tuner = tuning.Tuner(tune or 0, tune_db, tune_seconds, progress)
+        tuner = tuning.Tuner(tune or 0, tune_db, tune_seconds, progress, remote=tune_rpc)
     if torch_import.is_exported_program(model):
         inputs, outputs = torch_import.signature(model)
         source: Any = model

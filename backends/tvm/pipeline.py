@@ -14,7 +14,9 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    stock ``softmax``) become TVM's polynomial versions, after sigmoid, silu and gelu are
    spelled out in them (:mod:`rewriter.backends.tvm.relax_passes.activations`; BERT
    outputs move by ~1e-6 relative; our two-pass kernel is not touched);
-4. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``);
+4. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``), float ``max``/``min``
+   reduced from ``-inf``/``+inf`` rather than TVM's finite extremes
+   (:mod:`rewriter.backends.tvm.relax_passes.reduce_identity`);
 5. scheduling: on CPUs constant matmul and convolution weights packed in panels
    (:mod:`rewriter.backends.tvm.relax_passes.pack_weights`), then our rules
    (:mod:`rewriter.backends.tvm.relax_passes.cpu_schedule`: register-tiled matmul and
@@ -59,6 +61,7 @@ def relax_pipeline(
         conv,
         legalize_bf16_norms,
         pack_weights,
+        reduce_identity,
     )
 
     gpu = "gpu" in target.keys
@@ -83,6 +86,7 @@ def relax_pipeline(
     passes += stages.library_dispatch_passes(target)
     if fast_math:  # sigmoid, silu, gelu as exp/tanh/erf first: their fast forms vectorize
         passes += [activations.expand_activations(), relax.transform.FastMathTransform()]
+    passes.append(reduce_identity.legalize_pass())  # float max/min from -inf/+inf, not finfo
     passes += stages.legalize_passes(target)  # CUDA's ends with dlight's default rules
     if not gpu:
         passes.append(pack_weights.pack_matmul_weights(target))

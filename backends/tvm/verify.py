@@ -18,12 +18,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rewriter import verify
 from rewriter.backends.tvm import targets
+
+if TYPE_CHECKING:
+    from rewriter.backends.tvm.tuning import Remote
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +102,7 @@ def check_compiled(
     tune_db: str | Path | None = None,
     tune_seconds: float | None = None,
     dims: Mapping[str, int] | None = None,
+    tune_rpc: Remote | None = None,
 ) -> CompiledCheck:
     """Compile ``model`` for ``target`` and compare it with ``reference`` on ``feeds``.
 
@@ -111,8 +115,8 @@ def check_compiled(
     ``reference`` is ONNX Runtime's output of the original model on ``feeds`` (None:
     build only). ``library``: where to write the shared library (atomically, with its
     ``.json`` metadata), only when the check passed. ``enforce`` marks each float output against
-    :data:`COMPILED_TOLERANCE`. ``tune``, ``tune_db``, ``tune_seconds``: MetaSchedule
-    tuning (see :func:`rewriter.backends.tvm.compile`); its progress goes to ``say``.
+    :data:`COMPILED_TOLERANCE`. ``tune``, ``tune_db``, ``tune_seconds``, ``tune_rpc``:
+    MetaSchedule tuning (see :func:`rewriter.backends.tvm.compile`); its progress goes to ``say``.
 
     >>> check_compiled("out.onnx", "cuda", feeds=feeds, reference=None).ran  # doctest: +SKIP
     False
@@ -124,10 +128,11 @@ def check_compiled(
     start = time.perf_counter()
     options: dict[str, Any] = {
         "cuda_arch": cuda_arch, "tune": tune, "tune_db": tune_db, "tune_seconds": tune_seconds, "progress": say,
+        "tune_rpc": tune_rpc,
     }
     fixed = backend.shape_dims(model, feeds)
     shapes_note = None
-    if tune is not None or tune_db is not None:
+    if tune is not None or tune_db is not None or tune_rpc is not None:
         compiled = backend.compile(model, target, dims=fixed, **options)
     else:
         try:

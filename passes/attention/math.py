@@ -116,7 +116,9 @@ def softmax_free_attention(
     """SOFT: ``K(Q, K̃)·pinv(K(Q̃, K̃))·K(Q̃, K)·V`` on Q, K scaled by sqrt(scale).
 
     Pass ``k=q`` for the paper's symmetric form. A query-dependent mask (causal) is
-    reduced to its key padding: SOFT is bidirectional. Computed in float32 (or wider).
+    reduced to its key padding: SOFT is bidirectional. The queries are pooled over their
+    own positions (there may be fewer keys: SegFormer), keeping the keys' padding when
+    they are as many. Computed in float32 (or wider).
 
     >>> x = torch.randn(1, 1, 8, 4)
     >>> softmax_free_attention(x, x, x, scale=0.5, landmarks=4, iterations=20).shape
@@ -132,8 +134,11 @@ def softmax_free_attention(
         keep = torch.ones(1, n, dtype=wide, device=q.device)
     else:
         keep = keep_bool.to(wide).amax(-2, keepdim=True)  # [..., 1, n]
-    pools = landmark_pools(n, landmarks, keep)
-    q_land, k_land = pools @ qs, pools @ ks
+    n_q = qs.shape[-2]
+    m = min(landmarks, n_q, n)
+    pools = landmark_pools(n, m, keep)
+    keep_q = keep if n_q == n else torch.ones(1, n_q, dtype=wide, device=q.device)
+    q_land, k_land = landmark_pools(n_q, m, keep_q) @ qs, pools @ ks
     left = gaussian_kernel(qs, k_land)
     middle = gaussian_kernel(q_land, k_land)
     right = gaussian_kernel(q_land, ks) * keep

@@ -3,14 +3,24 @@
 Scaled dot-product attention as real exporters emit it, written once as an onnxscript
 pattern with alternatives (``OrValue``) and applied with ``commute=True``:
 
-* the scale as ``Mul`` or ``Div`` of the scores, folded into Q, or applied to both Q and
-  Kᵀ as sqrt(scale) (the dynamo exporter's ``scaled_dot_product_attention``); every
-  constant factor is multiplied into :attr:`AttentionMatch.scale`;
+* the scale as ``Mul`` or ``Div`` of the scores, folded into Q (or Kᵀ), or applied to
+  both Q and Kᵀ as sqrt(scale) (the exporters' ``scaled_dot_product_attention``); every
+  factor is multiplied into :attr:`AttentionMatch.scale`, a constant or a scalar the
+  exporter computes from static shapes (:func:`rewriter.passes.attention.static.scalar`:
+  ``1/sqrt(Shape(q)[-1])``, DeBERTa's ``sqrt(3 d)``);
 * Kᵀ from any producer (``Transpose(k, perm)``, ``Reshape(Transpose(k3))``, ...): the
-  matcher keeps the Kᵀ value; :func:`key` turns it back into K, composing with a
+  matcher keeps the Kᵀ value; :mod:`.onnx_build` turns it back into K, composing with a
   producing ``Transpose`` so no transpose pair is left;
-* an additive mask (``Add``; ``-inf`` or ``finfo.min`` fills, padding or causal) or a
-  boolean one (``Where(keep, scores, fill)`` with a fill <= :data:`MASKED_AT_OR_BELOW`);
+* additive terms: a bias (``Add``: relative positions of DeBERTa's disentangled
+  attention, of Swin and T5), Swin's shifted-window mask added to the scores viewed per
+  window (``Reshape(Add(Reshape(scores, [B, nW, H, n, n]), mask), [-1, H, n, n])``) and a
+  mask: additive (``-inf`` or ``finfo.min`` fills, padding or causal) or boolean
+  (``Where(keep, scores, fill)`` or ``Where(drop, fill, scores)`` with a fill <=
+  :data:`MASKED_AT_OR_BELOW`); :func:`rewriter.passes.attention.static.is_mask` tells a
+  mask from a bias, for SOFT, whose kernel has no per-pair term;
+* heads merged into the batch (``nn.MultiheadAttention``'s and DeBERTa's [B·H, n, d]
+  tensors): the scores reshaped to [B, H, n_q, n_k] before the mask and the
+  probabilities back to [B·H, n_q, n_k] after the Softmax;
 * an optional ``Cast`` before the Softmax and ``Cast``\\ s after it, and the
   ``Where(IsNaN(p), 0, p)`` guard of the sdpa exports;
 * grouped/multi-query heads: K and V are taken after the model's own ``Expand``/
@@ -20,7 +30,12 @@ pattern with alternatives (``OrValue``) and applied with ``commute=True``:
 
 A rule class derives from :class:`AttentionRule` and implements ``rewrite_attention(op,
 match)``; both ``sigmoid-attention`` and ``softmax-free-attention`` rewrite from the same
-:class:`AttentionMatch`. :func:`find_attention` lists the matches without rewriting and
+:class:`AttentionMatch`, through :func:`rewriter.passes.attention.onnx_build.operands`
+(Q, K, V and one additive mask of rank 4) and :func:`~.onnx_build.restore` (the output
+in the graph's layout). Values of the matched subgraph may have other uses that only
+compute shapes for the subgraph's own ``Reshape`` nodes (the TorchScript exporter reads
+the shape of the scores and of the probabilities): the matched nodes are then left in
+place by the rule and removed with those uses by :func:`remove_replaced`. :func:`find_attention` lists the matches without rewriting and
 :func:`softmax_notes` explains every Softmax that is not attention (a classifier's
 output softmax), so the passes can report them.
 """
@@ -32,21 +47,27 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
 from onnxscript.rewriter import _ir_utils as ir_utils
 
+from rewriter import shapes
 from rewriter.function_body import FunctionBody
+from rewriter.passes.attention import static
+from rewriter.passes.attention.static import MASKED_AT_OR_BELOW
 
-# An additive mask value at or below this masks its position. Exporters fill with -inf,
-# finfo(float32).min (-3.4e38), finfo(float16).min (-65504) or, in older transformers,
-# -10000; learned additive biases (ALiBi, relative positions) stay far above it.
-MASKED_AT_OR_BELOW = -1e4
+__all__ = ["MASKED_AT_OR_BELOW", "AttentionMatch", "AttentionRule", "find_attention", "rules"]
+
 # The functions use CastLike (15) and Shape(start, end) (15).
 MIN_OPSET = 15
 RANK = 4  # [batch, heads, sequence, head_dim]
+MERGED_RANK = 3  # [batch·heads, sequence, head_dim]
+# Ops that compute shapes from a Shape of a matched value, for the match's own Reshapes.
+SHAPE_OPS = frozenset(
+    {"Shape", "Gather", "Slice", "Concat", "Squeeze", "Unsqueeze", "Cast", "Identity"}
+    | {"Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Where", "ConstantOfShape"}
+)
 
 
 @dataclasses.dataclass
@@ -54,7 +75,10 @@ class AttentionMatch:
     """One scaled dot-product attention: ``output = attn(query·key_transposed·scale + mask) @ value``.
 
     ``query`` is Q without any scale, ``key_transposed`` is Kᵀ ([..., d, n_k]) without
-    any scale, ``mask`` is additive (float) or boolean (True = attend), ``softmax`` the
+    any scale, both of rank 4, or 3 with ``heads`` (the [B, H, n_q, n_k] shape the scores
+    of [B·H, n, d] inputs are reshaped to); ``mask`` is additive (float), boolean (True =
+    attend) or ``"dropping"`` (True = masked); ``bias`` an additive term before the heads
+    split, ``windows`` Swin's (per-window shape, mask, shape back); ``softmax`` the
     Softmax node (None for the ``Attention`` operator), ``output`` the attention output.
     """
 
@@ -63,12 +87,27 @@ class AttentionMatch:
     value: ir.Value
     scale: float
     mask: ir.Value | None
-    mask_kind: str  # "none", "additive" or "boolean"
+    mask_kind: str  # "none", "additive", "boolean" (True = attend) or "dropping" (True = masked)
     softmax: ir.Node | None
     output: ir.Value
     causal: bool = False  # Attention(is_causal=1): the causal mask is not a graph value
     key: ir.Value | None = None  # K itself, when the match has it (the Attention op)
     kv_groups: int = 1  # query heads per key/value head (the Attention op's grouped heads)
+    bias: ir.Value | None = None  # added to the scores before the heads split and the mask
+    windows: tuple[ir.Value, ir.Value, ir.Value] | None = None  # (to windows, mask, back)
+    heads: ir.Value | None = None  # the [B, H, n_q, n_k] shape of merged-heads scores
+    fill: ir.Value | None = None  # what Where(keep, scores, fill) puts at masked positions
+
+    def additive_terms(self) -> list[ir.Value]:
+        """The float tensors added to the scores: bias, window mask, additive mask."""
+        terms = [self.bias, self.windows[1] if self.windows else None]
+        terms.append(self.mask if self.mask_kind == "additive" else None)
+        return [term for term in terms if term is not None]
+
+    def lengths(self) -> tuple[int | str | None, int | str | None]:
+        """(n_q, n_k): ints where static, the names of symbolic dimensions, or None."""
+        source = self.key if self.key is not None else self.key_transposed
+        return _dim(self.query, -2), _dim(source, -2 if self.key is not None else -1)
 
     @property
     def name(self) -> str:
@@ -85,11 +124,18 @@ class AttentionMatch:
         return dim if isinstance(dim, int) else None
 
 
+def _dim(value: ir.Value | None, axis: int) -> int | str | None:
+    if value is None or value.shape is None or len(value.shape) < -axis:
+        return None
+    dim = value.shape[axis]
+    return dim if isinstance(dim, int) else dim.value
+
+
 def _scalar(value: ir.Value | None) -> float | None:
     if value is None:
         return None
     found = ir_utils.get_singleton_value(value)
-    return float(found) if found is not None else None
+    return float(found) if found is not None else static.scalar(value)
 
 
 def _rank(value: ir.Value | None) -> int | None:
@@ -100,22 +146,68 @@ class AttentionRule(RewriteRuleClassBase):
     """The attention pattern; subclasses implement :meth:`rewrite_attention`.
 
     ``reasons`` collects, per Softmax node name, why a candidate that matched the
-    structure was refused by ``check`` (read by :func:`softmax_notes`).
+    structure was refused by ``check`` (read by :func:`softmax_notes`). Of the reasons of
+    one Softmax (the commuted variants of the pattern bind its parts differently) the one
+    that got furthest is kept: a refusal of the pass's over a value left in use over
+    a part that is not attention.
     """
 
     def __init__(self, name: str) -> None:
-        super().__init__(name=name)
+        super().__init__(name=name, remove_nodes=False)  # see _leftover_use
         self.reasons: dict[str, str] = {}
+        self._ranks: dict[str, int] = {}
 
-    def pattern(self, op, query, key_t, value, q_factor, k_factor, factor, mask, keep, fill, zero):
-        q = pattern.OrValue([op.Mul(query, q_factor), query], tag_var="q_scaled")
-        kt = pattern.OrValue([op.Mul(key_t, k_factor), key_t], tag_var="k_scaled")
+    def record(self, node: ir.Node | None, reason: str, rank: int) -> MatchResult:
+        """Keep ``reason`` for ``node`` unless one of a higher ``rank`` is kept; fail."""
+        name = node.name if node is not None and node.name else ""
+        if rank > self._ranks.get(name, -1):
+            self.reasons[name], self._ranks[name] = reason, rank
+        return MatchResult().fail(reason)
+
+    def pattern(  # noqa: PLR0913 (one variable per part of the pattern)
+        self,
+        op,
+        query,
+        key_t,
+        value,
+        q_factor,
+        k_factor,
+        factor,
+        bias,
+        heads,
+        to_windows,
+        window_mask,
+        from_windows,
+        mask,
+        keep,
+        fill,
+        zero,
+        merged,
+    ):
+        q = pattern.OrValue(
+            [op.Mul(query, q_factor), op.Div(query, q_factor), query], tag_var="q_scaled"
+        )
+        kt = pattern.OrValue(
+            [op.Mul(key_t, k_factor), op.Div(key_t, k_factor), key_t], tag_var="k_scaled"
+        )
         scores = op.MatMul(q, kt)
         scaled = pattern.OrValue(
             [op.Mul(scores, factor), op.Div(scores, factor), scores], tag_var="scale_op"
         )
+        biased = pattern.OrValue([op.Add(scaled, bias), scaled], tag_var="bias_op")
+        split = pattern.OrValue([op.Reshape(biased, heads), biased], tag_var="heads_op")
+        per_window = op.Add(op.Reshape(split, to_windows), window_mask)
+        windowed = pattern.OrValue(
+            [op.Reshape(per_window, from_windows), split], tag_var="windows_op"
+        )
         masked = pattern.OrValue(
-            [op.Add(scaled, mask), op.Where(keep, scaled, fill), scaled], tag_var="mask_op"
+            [
+                op.Add(windowed, mask),
+                op.Where(keep, windowed, fill),
+                op.Where(keep, fill, windowed),
+                windowed,
+            ],
+            tag_var="mask_op",
         )
         # (every OrValue is tagged: onnxscript 0.7 cannot commute an untagged BacktrackingOr)
         logits = pattern.OrValue(
@@ -131,19 +223,20 @@ class AttentionRule(RewriteRuleClassBase):
             ],
             tag_var="post",
         )
-        return op.MatMul(kept, value, _outputs=["output"])
+        joined = pattern.OrValue([op.Reshape(kept, merged), kept], tag_var="merge_op")
+        return op.MatMul(joined, value, _outputs=["output"])
 
-    def check(self, op: Any, *args: Any, **bindings: Any) -> MatchResult:
-        del op, args
+    def check(self, op: Any, *args: Any, **bindings: Any) -> MatchResult:  # op: the MatchContext
+        del args
+        softmax = bindings["probs"].producer()
         match = self.match_from(bindings)
         if isinstance(match, str):
-            self.reasons[bindings["probs"].producer().name or ""] = match
-            return MatchResult().fail(match)
-        reason = self.refuse(match)
+            return self.record(softmax, match, 0)
+        reason = _leftover_use(op.nodes, bindings["output"])
         if reason:
-            self.reasons[bindings["probs"].producer().name or ""] = reason
-            return MatchResult().fail(reason)
-        return MatchResult()
+            return self.record(softmax, reason, 1)
+        reason = self.refuse(match)
+        return self.record(softmax, reason, 2) if reason else MatchResult()
 
     def rewrite(self, op, **bindings):
         match = self.match_from(bindings)
@@ -166,39 +259,33 @@ class AttentionRule(RewriteRuleClassBase):
         rank = _rank(bindings["probs"])
         if axis != -1 and (rank is None or axis != rank - 1):
             return f"softmax over axis {axis}, not over the keys"
-        scale = 1.0
-        for tag, var, invert in (
-            ("q_scaled", "q_factor", False),
-            ("k_scaled", "k_factor", False),
-            ("scale_op", "factor", None),
-        ):
-            index = bindings.get(tag)
-            if (
-                index is None
-                or (tag == "scale_op" and index == 2)
-                or (tag != "scale_op" and index == 1)
-            ):
-                continue
-            found = _scalar(bindings.get(var))
-            if found is None or found == 0.0:
-                return f"the {var.replace('_', ' ')} is not a nonzero constant scalar"
-            divide = invert if invert is not None else index == 1
-            scale *= 1.0 / found if divide else found
-        mask_op = bindings.get("mask_op", 2)
+        scale = _scale(bindings)
+        if isinstance(scale, str):
+            return scale
         mask, kind = None, "none"
+        mask_op = bindings.get("mask_op", 3)
         if mask_op == 0:
             mask, kind = bindings["mask"], "additive"
-        elif mask_op == 1:
+        elif mask_op in (1, 2):
             fill = _scalar(bindings.get("fill"))
             if fill is None or fill > MASKED_AT_OR_BELOW:
                 return f"Where(cond, scores, fill) with fill {fill} is not a mask"
-            mask, kind = bindings["keep"], "boolean"
+            mask, kind = bindings["keep"], "boolean" if mask_op == 1 else "dropping"
         if bindings.get("post") == 0 and _scalar(bindings.get("zero")) != 0.0:
             return "Where(IsNaN(p), x, p) with x != 0"
+        heads = bindings.get("heads") if bindings.get("heads_op") == 0 else None
+        if (heads is None) != (bindings.get("merge_op", 1) == 1):
+            return "the scores' heads are split from the batch, but not merged back (or the reverse)"
+        rank = MERGED_RANK if heads is not None else RANK
         query, key_t = bindings["query"], bindings["key_t"]
         for name, value in (("query", query), ("key", key_t), ("value", bindings["value"])):
-            if _rank(value) not in (None, RANK):
+            if _rank(value) not in (None, rank):
                 return f"{name} has rank {_rank(value)}; the fused operators take rank {RANK}"
+        if heads is not None and any(entry == 0 for entry in _head_split(heads)):
+            return "the heads split copies a dimension (Reshape with 0)"
+        windows = None
+        if bindings.get("windows_op") == 0:
+            windows = (bindings["to_windows"], bindings["window_mask"], bindings["from_windows"])
         return AttentionMatch(
             query=query,
             key_transposed=key_t,
@@ -208,7 +295,67 @@ class AttentionRule(RewriteRuleClassBase):
             mask_kind=kind,
             softmax=softmax,
             output=bindings["output"],
+            bias=bindings.get("bias") if bindings.get("bias_op") == 0 else None,
+            windows=windows,
+            heads=heads,
+            fill=bindings.get("fill") if kind in ("boolean", "dropping") else None,
         )
+
+
+def _scale(bindings: dict[str, Any]) -> float | str:
+    """The product of the constant factors on Q, Kᵀ and the scores, or why there is none."""
+    scale = 1.0
+    for tag, var, absent in (("q_scaled", "q_factor", 2), ("k_scaled", "k_factor", 2), ("scale_op", "factor", 2)):
+        index = bindings.get(tag, absent)
+        if index == absent:
+            continue
+        found = _scalar(bindings.get(var))
+        if found is None or found == 0.0:
+            return f"the {var.replace('_', ' ')} is not a nonzero constant scalar"
+        scale *= 1.0 / found if index == 1 else found
+    return scale
+
+
+def _head_split(heads: ir.Value) -> list[int | str | None]:
+    """The first two entries (B, H) of the heads-split shape, as far as they are known."""
+    entries = static.partial_value(heads)
+    return entries[:2] if entries is not None else [None, None]
+
+
+def _leftover_use(nodes: Sequence[ir.Node], output: ir.Value) -> str:
+    """Why the matched ``nodes`` cannot all go once ``output`` is replaced ("" when they can).
+
+    Uses inside the match are fine, and so are ``Shape`` nodes (and the shape arithmetic
+    after them) whose results only reach the match itself (the TorchScript exporter's
+    ``Reshape`` targets): those die with it.
+    """
+    if not (output.uses() or output.is_graph_output()):
+        return "already replaced"  # a match left in place, before its cleanup
+    matched = set(nodes)
+    for node in nodes:
+        for value in node.outputs:
+            if value is output:
+                continue
+            if value.is_graph_output():
+                return f"{value.name!r} of the attention is a graph output"
+            for use in value.uses():
+                user = use.node
+                if user not in matched and not (user.op_type == "Shape" and _shapes_only(user, matched)):
+                    return f"{value.name!r} of the attention has another use ({user.op_type})"
+    return ""
+
+
+def _shapes_only(node: ir.Node, matched: set[ir.Node], depth: int = 12) -> bool:
+    """Whether the results of ``node`` (a Shape or shape arithmetic) reach only ``matched``."""
+    if depth == 0 or node.op_type not in SHAPE_OPS:
+        return False
+    for value in node.outputs:
+        if value.is_graph_output():
+            return False
+        for use in value.uses():
+            if use.node not in matched and not _shapes_only(use.node, matched, depth - 1):
+                return False
+    return True
 
 
 class AttentionOpRule(AttentionRule):
@@ -226,12 +373,15 @@ class AttentionOpRule(AttentionRule):
 
     def check(self, op: Any, *args: Any, **bindings: Any) -> MatchResult:
         del op, args
+        node = bindings["output"].producer()
         match = self.match_from(bindings)
-        reason = match if isinstance(match, str) else self.refuse(match)
-        if reason:
-            self.reasons[bindings["output"].producer().name or ""] = reason
-            return MatchResult().fail(reason)
-        return MatchResult()
+        if isinstance(match, str):
+            return self.record(node, match, 0)
+        output = bindings["output"]
+        if not (output.uses() or output.is_graph_output()):
+            return self.record(node, "already replaced", 1)  # left in place until cleanup
+        reason = self.refuse(match)
+        return self.record(node, reason, 2) if reason else MatchResult()
 
     @staticmethod
     def match_from(bindings: dict[str, Any]) -> AttentionMatch | str:
@@ -279,83 +429,6 @@ class AttentionOpRule(AttentionRule):
         )
 
 
-def _repeat_heads(op: Any, x: ir.Value, groups: int) -> ir.Value:
-    """[B, Hk, N, D] -> [B, Hk·groups, N, D], each head repeated ``groups`` times in a row."""
-    if groups == 1:
-        return x
-    b_h = op.Shape(x, start=0, end=2)
-    n_d = op.Shape(x, start=2, end=4)
-    group = op.Constant(value_ints=[groups])
-    expanded = op.Expand(
-        op.Unsqueeze(x, op.Constant(value_ints=[2])), op.Concat(b_h, group, n_d, axis=0)
-    )
-    heads = op.Constant(value_ints=[0, -1])
-    return op.Reshape(expanded, op.Concat(heads, n_d, axis=0))
-
-
-def value(op: Any, match: AttentionMatch) -> ir.Value:
-    """V ([..., n_k, d_v]) for ``match``, with as many heads as Q."""
-    return _repeat_heads(op, match.value, match.kv_groups)
-
-
-def key(op: Any, match: AttentionMatch) -> ir.Value:
-    """K ([..., n_k, d]) for ``match``: its key, or Kᵀ transposed back (one Transpose)."""
-    if match.key is not None:
-        return _repeat_heads(op, match.key, match.kv_groups)
-    key_t = match.key_transposed
-    assert key_t is not None
-    swap = [0, 1, 3, 2]
-    producer = key_t.producer()
-    if producer is not None and producer.op_type == "Transpose" and producer.domain == "":
-        perm = producer.attributes.get_ints("perm")
-        if perm is not None and len(perm) == RANK:
-            composed = [perm[i] for i in swap]
-            source = producer.inputs[0]
-            assert source is not None
-            if composed == list(range(RANK)):
-                return source
-            return op.Transpose(source, perm=composed)
-    return op.Transpose(key_t, perm=swap)
-
-
-def additive_mask(op: Any, match: AttentionMatch, *, rank4: bool = False) -> ir.Value:
-    """The mask as an additive float tensor of Q's type (0 when there is none).
-
-    Boolean masks become ``Where(keep, 0, -inf)``; the causal mask of the
-    ``Attention`` operator (``is_causal=1``, lower triangle aligned top-left) is built
-    from the shapes of Q and K and added. With ``rank4`` the result has rank 4
-    (``[1, 1, 1, 1]`` when there is no mask), as the SOFT body's reductions need.
-    """
-    zero = op.CastLike(op.Constant(value_float=0.0), match.query)
-    minus_inf = op.CastLike(op.Constant(value_float=-math.inf), match.query)
-    mask: ir.Value | None = None
-    if match.mask is not None:
-        mask = (
-            op.Where(match.mask, zero, minus_inf)
-            if match.mask_kind == "boolean"
-            else op.CastLike(match.mask, match.query)
-        )
-        if rank4 and _rank(match.mask) not in (None, RANK):
-            rank = _rank(match.mask)
-            assert rank is not None
-            mask = op.Unsqueeze(mask, op.Constant(value_ints=list(range(RANK - rank))))
-    if match.causal:
-        k = match.key if match.key is not None else key(op, match)
-        lengths = op.Concat(
-            op.Shape(match.query, start=2, end=3), op.Shape(k, start=2, end=3), axis=0
-        )
-        ones = op.ConstantOfShape(lengths, value=ir.tensor(np.array([1], dtype=np.int64)))
-        lower = op.Cast(op.Trilu(ones, upper=0), to=ir.DataType.BOOL)
-        causal = op.Where(lower, zero, minus_inf)
-        mask = causal if mask is None else op.Add(mask, causal)
-    if mask is None:
-        shape = [1] * RANK if rank4 else []
-        return op.CastLike(
-            op.Constant(value=ir.tensor(np.zeros(shape, dtype=np.float32))), match.query
-        )
-    return mask
-
-
 def rules(
     rule_class: type[AttentionRule], *args: Any
 ) -> tuple[RewriteRuleSet, list[AttentionRule]]:
@@ -370,6 +443,12 @@ def rules(
     attention_op = op_class(*args)
     built = [_to_rule(subgraph), _to_rule(attention_op)]
     return RewriteRuleSet(built, commute=True), [subgraph, attention_op]
+
+
+def remove_replaced(model: ir.Model) -> None:
+    """Remove what the rules left in place: the replaced attention subgraphs and the shape
+    computations that only served them (see :func:`_leftover_use`)."""
+    onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
 
 
 def _to_rule(instance: RewriteRuleClassBase) -> Any:
@@ -437,7 +516,7 @@ def has_candidates(model: ir.Model) -> bool:
 def prepare(model: ir.Model) -> None:
     """Shape inference, so ranks, dtypes and the static sequence length are known."""
     if has_candidates(model):
-        ir.passes.common.ShapeInferencePass()(model)
+        shapes.infer(model, static=True)
 
 
 # --------------------------------------------------------------------------------------

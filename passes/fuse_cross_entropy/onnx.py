@@ -6,6 +6,9 @@ one rule class per loss form with pattern alternatives (``OrValue``) for the var
 
 * ``SoftmaxCrossEntropyLoss(scores, labels[, weights])``, with or without its
   ``log_prob`` output;
+* the forms below whose log-probabilities are also used elsewhere (a graph output, as
+  in the expanded ``SoftmaxCrossEntropyLoss`` with ``log_prob``): the fused node's
+  ``log_prob`` output takes over those uses;
 * ``NegativeLogLikelihoodLoss(P(scores), labels[, weights])`` where ``P`` is
   ``LogSoftmax``, ``Log(Softmax)`` (over the class axis 1) or the
   ``Reshape -> Transpose -> LogSoftmax -> Transpose -> Reshape`` expansion of the
@@ -52,6 +55,7 @@ import onnx_ir.passes.common
 from onnxscript.rewriter import MatchResult, RewriteRule, RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter.pattern import OrValue
 
+from rewriter import shapes
 from rewriter.pass_base import (
     DOMAIN,
     FUNCTIONS_IR_VERSION,
@@ -96,12 +100,14 @@ class FuseCrossEntropyPass(RewritePass):
         stats = {"cross_entropy_fused": 0, "linear_cross_entropy_fused": 0}
         if any(node.op_type in CANDIDATES for node in ir.traversal.RecursiveGraphIterator(model.graph)):
             # The checks need dtypes, ranks and the LM head's shapes.
-            ir.passes.common.ShapeInferencePass()(model)
+            shapes.infer(model, static=True)
         heads = [True, False] if self.options.linear else [False]
+        shared: list[tuple[ir.Value, ir.Value]] = []
         for linear in heads:  # the LM-head forms first: they cover the plain ones
-            for rule in _rules(linear):
+            for rule in _rules(linear, shared):
                 count = RewriteRuleSet([rule]).apply_to_model(model)
                 stats["linear_cross_entropy_fused" if linear else "cross_entropy_fused"] += count
+        _move_shared_uses(shared)
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain == DOMAIN and node.op_type in (LOSS, LINEAR_LOSS):
                 add_function(model, function_proto(node.op_type, opset))
@@ -129,9 +135,9 @@ FORMS = ("SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss", "ReduceMean", "
 def _log_prob(op, scores, flat_shape):
     """``log softmax(scores)`` over the class axis, in each form exporters write it."""
     flat = op.Transpose(op.Reshape(scores, flat_shape), perm=[0, 2, 1])
-    expanded = op.Reshape(op.Transpose(op.LogSoftmax(flat, _outputs=["inner"]), perm=[0, 2, 1]), op.Shape(scores))
+    expanded = op.Reshape(op.Transpose(op.LogSoftmax(flat, _outputs=["inner"]), perm=[0, 2, 1]), op.Shape(scores), _outputs=["log_prob"])
     return OrValue(
-        [op.LogSoftmax(scores, _outputs=["softmax"]), op.Log(op.Softmax(scores, _outputs=["softmax"])), expanded],
+        [op.LogSoftmax(scores, _outputs=["softmax"]), op.Log(op.Softmax(scores, _outputs=["softmax"]), _outputs=["log_prob"]), expanded],
         tag_var="log_prob_form",
         tag_values=["LogSoftmax", "Log(Softmax)", "expanded"],
     )
@@ -159,12 +165,26 @@ def _picked(op, log_prob, index):
 
 
 class _FuseLoss(RewriteRuleClassBase):
-    """One loss ``form`` (see FORMS) -> FusedCrossEntropy, or FusedLinearCrossEntropy with ``linear``."""
+    """One loss ``form`` (see FORMS) -> FusedCrossEntropy, or FusedLinearCrossEntropy with ``linear``.
 
-    def __init__(self, form: str, linear: bool, log_prob_output: bool = False) -> None:
-        suffix = "+log_prob" if log_prob_output else ""
-        super().__init__(name=f"{'LinearHead+' if linear else ''}{form}{suffix}ToFused")
-        self.form, self.linear, self.log_prob_output = form, linear, log_prob_output
+    With ``shared`` (a list), the form's log-probabilities have other uses: the matched
+    nodes are not removed by the match, and each rewrite appends (log-probabilities,
+    the fused node's ``log_prob`` output) to ``shared``, for the pass to move those uses
+    over (:func:`_move_shared_uses`); the old nodes are then dead.
+    """
+
+    def __init__(
+        self,
+        form: str,
+        linear: bool,
+        log_prob_output: bool = False,
+        shared: list[tuple[ir.Value, ir.Value]] | None = None,
+    ) -> None:
+        suffix = "+log_prob" if log_prob_output else "+shared_log_prob" if shared is not None else ""
+        super().__init__(
+            name=f"{'LinearHead+' if linear else ''}{form}{suffix}ToFused", remove_nodes=shared is None
+        )
+        self.form, self.linear, self.log_prob_output, self.shared = form, linear, log_prob_output, shared
 
     def pattern(self, op, scores, labels, hidden, weight, bias, shape, flat_shape, ignore, index_zero, loss_zero):
         scores = _head(op, hidden, weight, bias, shape) if self.linear else scores
@@ -201,15 +221,43 @@ class _FuseLoss(RewriteRuleClassBase):
             return op.op(LINEAR_LOSS, *inputs, _domain=DOMAIN, transpose_weight=head.transpose_weight, **attributes)
         inputs = [bindings["scores"], bindings["labels"], weights]
         loss, log_prob = op.op(LOSS, *inputs, _domain=DOMAIN, _outputs=2, **attributes)
+        if self.shared is not None:
+            self.shared.append((_log_prob_value(bindings), log_prob))
         return (loss, log_prob) if self.log_prob_output else loss
 
 
-def _rules(linear: bool) -> list[RewriteRule]:
-    """The rules in the order they are tried (each once over the whole model)."""
+def _rules(linear: bool, shared: list[tuple[ir.Value, ir.Value]]) -> list[RewriteRule]:
+    """The rules in the order they are tried (each once over the whole model); the
+    shared-log-probabilities rules append to ``shared`` (see :class:`_FuseLoss`)."""
     rules = [_FuseLoss.rule(form, linear) for form in FORMS]
     if not linear:  # the fused linear loss has no log_prob: it never holds the logits
         rules.insert(0, _FuseLoss.rule("SoftmaxCrossEntropyLoss", linear, log_prob_output=True))
+        rules += [_FuseLoss.rule(form, linear, shared=shared) for form in FORMS[1:]]
     return rules
+
+
+def _log_prob_value(bindings: dict) -> ir.Value:
+    """The log-probabilities a NLL-like form reads (LogSoftmax's output, or Log's, or the
+    expansion's last Reshape's)."""
+    return bindings["softmax"] if bindings.get("log_prob_form") == "LogSoftmax" else bindings["log_prob"]
+
+
+def _move_shared_uses(shared: list[tuple[ir.Value, ir.Value]]) -> None:
+    """Every other use of fused log-probabilities reads the fused node's ``log_prob``; the
+    graphs are sorted again (the fused node sits where the loss was, after those uses)."""
+    graphs = {}
+    for old, new in shared:
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        name = old.name  # a graph output keeps its name
+        old.name = f"{name}_unfused"
+        new.name = name
+        new.type = new.type or old.type  # the same tensor: a graph output needs its type
+        new.shape = new.shape or old.shape
+        producer = new.producer()
+        if producer is not None and producer.graph is not None:
+            graphs[id(producer.graph)] = producer.graph
+    for graph in graphs.values():
+        graph.sort()
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
@@ -284,6 +332,14 @@ def _reason(rule: _FuseLoss, b: dict) -> str:
     has_log_prob = len(root.outputs) > 1 and (bool(root.outputs[1].uses()) or root.outputs[1].is_graph_output())
     if has_log_prob != rule.log_prob_output:
         return "the log_prob output is used" if has_log_prob else "no log_prob output"
+    if rule.shared is not None:
+        # Only where the plain rule could not fire: the log-probabilities have other uses.
+        # (A loss already fused leaves its old nodes dead until the cleanup: skip them.)
+        log_prob = _log_prob_value(b)
+        if not (b["loss"].uses() or b["loss"].is_graph_output()):
+            return "the loss is not used"
+        if len(log_prob.uses()) < 2 and not log_prob.is_graph_output():
+            return "the log-probabilities have no other use"
     if rule.linear:
         head = _linear_head(b)
         if isinstance(head, str):
@@ -394,6 +450,6 @@ def _skipped(model: ir.Model) -> list[str]:
                 axis = producer.attributes.get_int("axis", -1)
                 notes.append(
                     f"NegativeLogLikelihoodLoss {node.name!r} left as is: its {producer.op_type} input is not a "
-                    f"log-softmax over the class axis 1 only used by the loss (axis {axis})"
+                    f"log-softmax over the class axis 1 (axis {axis}), or Log of probabilities used elsewhere"
                 )
     return notes

@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from rewriter import verify
+from rewriter import distributed, verify
 from rewriter.errors import InputError
 from rewriter.passes.pruning import math as pruning
 
@@ -33,8 +33,12 @@ logger = logging.getLogger(__name__)
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
 # Suffix sessions at most: each costs a session build; beyond this, layers share cuts.
 MAX_SUFFIXES = 16
-# Suffix sessions are built (suffixes=None) only when one dense run takes this long.
-MIN_RUN_FOR_SUFFIXES = 0.05
+# Suffix sessions are built (suffixes=None) only when one dense run costs at least this
+# many multiply-adds (~20-50 ms on one core; building a session costs ~20-100 ms).
+# Estimated from the weights and the batch, not timed: suffix sessions change the last
+# bits of the curves (ONNX Runtime fuses differently across a cut), so the choice must
+# be the same in every run, on a loaded machine or not, and on every Ray worker.
+MIN_MACS_FOR_SUFFIXES = 5e8
 
 
 class DistortionProbe:
@@ -42,24 +46,28 @@ class DistortionProbe:
 
     ``distortion``: ``mse`` or ``pooled`` (see :func:`rewriter.passes.pruning.math.distortion_features`);
     ``outputs``: the graph outputs measured (default: every float output);
-    ``suffixes``: build suffix sessions (default: when a dense run takes >= 50 ms).
+    ``suffixes``: build suffix sessions (default: when a dense run costs at least
+    :data:`MIN_MACS_FOR_SUFFIXES` multiply-adds, :func:`wants_suffixes`).
     """
 
     def __init__(
         self,
-        model: ir.Model,
+        model: ir.Model | onnx.ModelProto,
         weights: Mapping[str, np.ndarray],
         batches: Sequence[dict[str, np.ndarray]],
         *,
         distortion: str = "mse",
         outputs: Sequence[str] = (),
         suffixes: bool | None = None,
+        threads: int | None = None,
     ) -> None:
         if not batches:
             raise InputError("prune: no calibration batches to measure the distortion on")
         self.weights = dict(weights)
-        proto = with_weights_as_inputs(model, list(self.weights))
-        self.session = verify.session(proto.SerializeToString())
+        self.threads = threads
+        # A proto is the probe model already (weights as inputs: with_weights_as_inputs).
+        proto = model if isinstance(model, onnx.ModelProto) else with_weights_as_inputs(model, list(self.weights))
+        self.session = verify.session(proto.SerializeToString(), threads=threads)
         float_outputs = [o.name for o in self.session.get_outputs() if o.type in FLOAT_TYPES]
         unknown = sorted(set(outputs) - set(float_outputs))
         if unknown:
@@ -85,10 +93,7 @@ class DistortionProbe:
             for batch, mask in zip(self.batches, self.masks, strict=True)
         ]
         if suffixes is None:
-            # Building a session costs ~20-100 ms: worth it only when a run costs as much.
-            start = time.perf_counter()
-            self._run(self.session, self.batches[0])  # a warm run: the first one allocates
-            suffixes = time.perf_counter() - start >= MIN_RUN_FOR_SUFFIXES
+            suffixes = wants_suffixes(self.weights, self.batches[0])
         self.runner: dict[str, tuple[ort.InferenceSession, list[dict[str, np.ndarray]]]] = {}
         if suffixes:
             start = time.perf_counter()
@@ -189,7 +194,7 @@ class DistortionProbe:
         graph_outputs = {o.name for o in proto.graph.output}
         wanted = sorted({name for _, _, crossing in plans for name in crossing} - graph_outputs)
         capture.graph.output.extend(_value_info(name, types[name]) for name in wanted)
-        capture_session = verify.session(capture.SerializeToString())
+        capture_session = verify.session(capture.SerializeToString(), threads=self.threads)
         names = [o.name for o in capture_session.get_outputs()]
         values = [
             dict(zip(names, self._run_all(capture_session, names, batch), strict=True))
@@ -210,7 +215,7 @@ class DistortionProbe:
             )
             suffix.functions.extend(proto.functions)
             sessions[cut] = (
-                verify.session(suffix.SerializeToString()),
+                verify.session(suffix.SerializeToString(), threads=self.threads),
                 [{name: captured[name] for name in crossing} for captured in values],
             )
         planned = sorted(sessions)
@@ -218,6 +223,47 @@ class DistortionProbe:
             usable = [cut for cut in planned if cut <= use]
             if usable:
                 self.runner[name] = sessions[usable[-1]]
+
+
+def wants_suffixes(weights: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray]) -> bool:
+    """Whether a dense run costs at least :data:`MIN_MACS_FOR_SUFFIXES` multiply-adds: the
+    weights' size times the rows of the batch (token ids, or float rows of features)."""
+    rows = max(
+        (a.size // a.shape[-1] if a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] else a.size)
+        for a in map(np.asarray, batch.values())
+    )
+    return sum(int(np.size(w)) for w in weights.values()) * rows >= MIN_MACS_FOR_SUFFIXES
+
+
+class CurveWorker:
+    """Measures distortion curves for :func:`rewriter.distributed.map_tasks` (a Ray worker).
+
+    Built once per worker from the probe model (``proto``: serialized, weights as
+    inputs) with one-thread sessions; then ``worker(name)`` is the curve of weight
+    ``name`` over ``amounts``, as :meth:`DistortionProbe.curve` gives it serially.
+    """
+
+    def __init__(
+        self,
+        proto: bytes,
+        weights: Mapping[str, np.ndarray],
+        batches: Sequence[dict[str, np.ndarray]],
+        amounts: np.ndarray,
+        distortion: str,
+        outputs: Sequence[str],
+    ) -> None:
+        self.amounts = amounts
+        self.probe = DistortionProbe(
+            onnx.ModelProto.FromString(proto),
+            weights,
+            batches,
+            distortion=distortion,
+            outputs=outputs,
+            threads=distributed.WORKER_THREADS,
+        )
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self.probe.curve(name, self.amounts)
 
 
 def _value_info(name: str, type_proto: onnx.TypeProto) -> onnx.ValueInfoProto:

@@ -41,12 +41,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from rewriter import plot
+from rewriter import distributed, plot
 from rewriter.analysis import weight_ops
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
 from rewriter.passes.pruning import math as pruning
-from rewriter.passes.pruning.probe import DistortionProbe
+from rewriter.passes.pruning.probe import CurveWorker, DistortionProbe, with_weights_as_inputs
 from rewriter.registry import register
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,12 @@ class PrunePass(RewritePass):
         else:
             amounts = pruning.amount_grid(options.max_amount, options.steps)
             curves = measure_curves(
-                model, layers, amounts, self.context.calibration_inputs(model), options
+                model,
+                layers,
+                amounts,
+                self.context.calibration_inputs(model),
+                options,
+                pool=self.context.pool(),
             )
             zeros = [int(np.count_nonzero(w == 0)) for w in weights]
             allocation = pruning.allocate_rd(
@@ -247,13 +252,19 @@ def measure_curves(
     amounts: np.ndarray,
     batches: Sequence[dict[str, np.ndarray]],
     options: PruneOptions,
+    *,
+    pool: distributed.Pool | None = None,
 ) -> np.ndarray:
     """``curves[l, j]``: the output distortion with only layer ``l`` pruned by ``amounts[j]``.
 
     Measured by a :class:`rewriter.passes.pruning.probe.DistortionProbe` (weights as graph
     inputs, suffix sessions after each layer's first use); progress is logged per layer.
+    With a Ray ``pool`` the layers are spread over its workers (one probe each,
+    :class:`rewriter.passes.pruning.probe.CurveWorker`); the curves are the same bits.
     """
     weights = {layer.weight.name or "": layer.array() for layer in layers}
+    if pool is not None:
+        return _measure_curves_on(pool, model, weights, amounts, batches, options)
     probe = DistortionProbe(
         model, weights, batches, distortion=options.distortion, outputs=options.outputs
     )
@@ -275,6 +286,40 @@ def measure_curves(
         time.perf_counter() - start,
     )
     return curves
+
+
+def _measure_curves_on(
+    pool: distributed.Pool,
+    model: ir.Model,
+    weights: dict[str, np.ndarray],
+    amounts: np.ndarray,
+    batches: Sequence[dict[str, np.ndarray]],
+    options: PruneOptions,
+) -> np.ndarray:
+    """:func:`measure_curves` on Ray workers: each builds the probe once, then measures layers.
+
+    Every worker's probe makes the serial probe's choices (suffix sessions or not, by the
+    model's size: :func:`rewriter.passes.pruning.probe.wants_suffixes`), so every curve
+    has the serial run's bits.
+    """
+    proto = with_weights_as_inputs(model, list(weights))
+    start = time.perf_counter()
+    setup = (
+        proto.SerializeToString(),
+        weights,
+        list(batches),
+        amounts,
+        options.distortion,
+        list(options.outputs),
+    )
+    curves = np.array(distributed.map_tasks(pool, CurveWorker, setup, list(weights)))
+    logger.info(
+        "prune: %d curves x %d amounts in %.1f s on Ray workers",
+        len(weights),
+        len(amounts),
+        time.perf_counter() - start,
+    )
+    return curves.reshape(len(weights), len(amounts))
 
 
 def plot_curves(

@@ -37,14 +37,14 @@ from collections.abc import Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
 from onnx import version_converter
 
-from rewriter import plot, verify
+from rewriter import distributed, plot
 from rewriter.analysis import WeightOp, residual_blocks, weight_ops
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
+from rewriter.passes.quantize import importance
 from rewriter.passes.quantize import math as qm
 from rewriter.registry import register
 
@@ -222,15 +222,23 @@ class QuantizePass(RewritePass):
             wanted = {value.name for pair in ends.values() for value in pair}
             if activations:
                 wanted |= {layer.op.node.inputs[0].name for layer in layers if layer.op.node.inputs[0] is not None}
-            values = _fetch(model, sorted(name for name in wanted if name), batches)
+        pool = self.context.pool()
+        named_ends = {unit: (entry.name or "", exit_.name or "") for unit, (entry, exit_) in ends.items()}
+        per_batch: list[dict[str, float | None]] = []
+        if lim and not activations and pool is not None and len(batches) > 1:
+            # Each batch's scores on a Ray worker (the activation ranges need the values here).
+            proto = importance.fetch_proto(model, sorted({name for pair in named_ends.values() for name in pair if name}))
+            setup = (proto.SerializeToString(), named_ends)
+            per_batch = distributed.map_tasks(pool, importance.LimWorker, setup, batches)
+            notes.append(f"LIM measured on {len(batches)} calibration batches over Ray workers")
+        elif lim or activations:
+            values = importance.fetch(model, sorted(name for name in wanted if name), batches)
+            if lim:
+                per_batch = [importance.lim_scores(values, named_ends, batches, index=i) for i in range(len(batches))]
         score: dict[str, float] = {}
         if lim:
-            for unit, (entry, exit_) in ends.items():
-                scores = [
-                    qm.lim_importance(a, b, verify.find_attention_mask(batch))
-                    for a, b, batch in zip(values[entry.name or ""], values[exit_.name or ""], batches, strict=True)
-                    if a.shape == b.shape
-                ]
+            for unit in ends:
+                scores = [value for batch_scores in per_batch if (value := batch_scores[unit]) is not None]
                 score[unit] = float(np.mean(scores)) if scores else float("nan")
                 if not scores:
                     notes.append(f"{unit}: LIM not measurable (input and output shapes differ): kept at {options.high} bits")
@@ -379,30 +387,6 @@ def _unit_ends(model: ir.Model, layers: list[Layer]) -> dict[str, tuple[ir.Value
         elif layer.op.node.inputs[0] is not None:
             ends[layer.unit] = (layer.op.node.inputs[0], layer.op.node.outputs[0])
     return ends
-
-
-def _fetch(model: ir.Model, names: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
-    """Run the model on each batch with ``names`` as extra outputs; their values per batch."""
-    proto = ir.serde.serialize_model(model)
-    inputs = {value.name for value in proto.graph.input}
-    present = {value.name for value in proto.graph.output}
-    dtypes = {value.name: value.dtype for value in _all_values(model)}
-    for name in names:
-        if name not in present and name not in inputs:
-            dtype = dtypes.get(name)
-            elem = int(dtype) if dtype is not None else onnx.TensorProto.FLOAT
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    session = verify.session(proto.SerializeToString())
-    feeds_names = [value.name for value in session.get_inputs()]
-    fetched: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    outputs = [name for name in names if name not in inputs]
-    for batch in batches:
-        # Nothing to run when every name is a graph input (ORT reads [] as all outputs).
-        values = session.run(outputs, {name: batch[name] for name in feeds_names}) if outputs else []
-        results = dict(zip(outputs, values, strict=True))
-        for name in names:
-            fetched[name].append(np.asarray(batch[name] if name in inputs else results[name]))
-    return fetched
 
 
 def _range(arrays: list[np.ndarray], options: QuantizeOptions) -> tuple[float, float]:

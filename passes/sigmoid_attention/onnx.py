@@ -24,6 +24,7 @@ opset, so ONNX Runtime, ``onnx.reference`` and the checker run it as is).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any
@@ -32,6 +33,7 @@ import onnx_ir as ir
 
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult, add_function
+from rewriter.passes.attention import onnx_build as build
 from rewriter.passes.attention import onnx_match as attention
 from rewriter.passes.attention.onnx_match import AttentionMatch, AttentionRule
 from rewriter.passes.sigmoid_attention.body import OP_TYPE, function_proto
@@ -43,7 +45,7 @@ class SigmoidAttentionOptions:
     """Options of ``sigmoid-attention``.
 
     max_seq_len: n of the bias b = -ln(n), the longest sequence used in training
-    (default: each attention's static key length; required when it is dynamic).
+    (default: each attention's static key length, else its key length at run time).
     """
 
     max_seq_len: int | None = None
@@ -68,42 +70,48 @@ class SigmoidAttentionPass(RewritePass):
         if n is not None and n < 1:
             raise InputError(f"{self.name}: max_seq_len must be >= 1, got {n}")
         attention.prepare(model)
-        if n is None:
-            dynamic = [m.name for m in attention.find_attention(model) if m.key_length() is None]
-            if dynamic:
-                raise InputError(
-                    f"{self.name}: the sequence length of {dynamic[0]!r} is dynamic; give "
-                    "max_seq_len=N (the longest sequence the model is trained on: b = -ln N)"
-                )
         rule_set, instances = attention.rules(_ToSigmoid, n)
         replaced = rule_set.apply_to_model(model)
+        attention.remove_replaced(model)
         if replaced:
             add_function(model, function_proto(opset))
         notes = attention.softmax_notes(model, instances)
-        stats = {"attention_replaced": replaced, "softmax_left": len(notes)}
+        biases = collections.Counter(
+            source for instance in instances for source in getattr(instance, "biases", [])
+        )
+        notes += [f"{count} attention(s): {source}" for source, count in sorted(biases.items())]
+        stats = {
+            "attention_replaced": replaced,
+            "bias_from_run_time_length": biases[RUN_TIME],
+            "softmax_left": len(notes) - len(biases),
+        }
         return RewriteResult(model, bool(replaced), stats=stats, notes=notes)
+
+
+RUN_TIME = (
+    "b = -ln n, n the key length at run time (dynamic); max_seq_len=N fixes b = -ln N, "
+    "the length the model was trained on"
+)
 
 
 class _ToSigmoid(AttentionRule):
     def __init__(self, max_seq_len: int | None) -> None:
         super().__init__("AttentionToSigmoid")
         self.max_seq_len = max_seq_len
-
-    def refuse(self, match: AttentionMatch) -> str:
-        if self.max_seq_len is None and match.key_length() is None:
-            return "dynamic sequence length and no max_seq_len"
-        return ""
+        self.biases: list[str] = []  # per rewrite, where its b comes from
 
     def rewrite_attention(self, op: Any, match: AttentionMatch) -> ir.Value:
+        q, k, v, mask = build.operands(op, match)
         n = self.max_seq_len or match.key_length()
-        assert n is not None
-        return op.op(
-            OP_TYPE,
-            match.query,
-            attention.key(op, match),
-            attention.value(op, match),
-            attention.additive_mask(op, match),
-            _domain=DOMAIN,
-            scale=match.scale,
-            bias=-math.log(n),
-        )
+        if n is not None:
+            bias = -math.log(n)
+            given = "max_seq_len" if self.max_seq_len else "the static key length"
+            self.biases.append(f"b = -ln {n} ({given})")
+        else:  # b = -ln n_k, computed from the keys' shape, added to the mask
+            n_k = op.Gather(op.Shape(k), op.Constant(value_int=2))
+            log_n = op.Log(op.Cast(n_k, to=ir.DataType.FLOAT))
+            mask = op.Add(mask, op.CastLike(op.Neg(log_n), q))
+            bias = 0.0
+            self.biases.append(RUN_TIME)
+        y = op.op(OP_TYPE, q, k, v, mask, _domain=DOMAIN, scale=match.scale, bias=bias)
+        return build.restore(op, match, y)

@@ -18,8 +18,9 @@ TINY = 1e-30
 def function_proto(opset: int) -> onnx.FunctionProto:
     """The body of ``SoftmaxFreeAttention(Q, K, V, Mask)`` at ``opset``, float32 inside.
 
-    Q, K [B, H, N, D], V [B, H, N, Dv], Mask additive of rank 4, broadcastable to
-    [B, H, N, N]; attributes ``scale``, ``landmarks`` (m) and ``iterations``.
+    Q [B, H, Nq, D], K [B, H, N, D], V [B, H, N, Dv], Mask additive of rank 4,
+    broadcastable to [B, H, Nq, N]; attributes ``scale``, ``landmarks`` (m) and
+    ``iterations``.
 
     >>> function_proto(18).name
     'SoftmaxFreeAttention'
@@ -35,39 +36,62 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     masked_at = const("masked_at", attention.MASKED_AT_OR_BELOW, like="Mask")
     keep_all = node("Cast", [node("Greater", ["Mask", masked_at], "keep_bool")], "keep_all", to=f32)
     keep = body.reduce("ReduceMax", keep_all, [2], "keep")
-    # Segment j of m holds positions i with floor(i·m/n) = j; the pools average the kept ones.
+    # Segment j of m holds positions i with floor(i·m/n) = j; the pools average the kept
+    # ones. Keys and queries are pooled apart, over their own lengths (n_q may differ from
+    # n_k: SegFormer's reduced keys); the queries keep the keys' padding when n_q = n_k.
     n = node("Shape", [k], "n", start=2, end=3)
+    n_q = node("Shape", [q], "n_q", start=2, end=3)
     m_attribute = node(
         "Reshape", [body.attribute("landmarks", "int"), const("one_axis", [1])], "m_attr"
     )
-    m = node("Min", [m_attribute, n], "m")
+    m = node("Min", [node("Min", [m_attribute, n], "m_k"), n_q], "m")
     no_dims = const("scalar_shape", [])
 
     def scalar(x: str) -> str:
         return node("Reshape", [x, no_dims], x + "_scalar")
 
     zero_i, one_i = const("zero_i", [0]), const("one_i", [1])
-    start, step, n_s, m_s = scalar(zero_i), scalar(one_i), scalar(n), scalar(m)
-    positions = node("Range", [start, n_s, step], "positions")
-    segment = node("Div", [node("Mul", [positions, m_s], "positions_m"), n_s], "segment")
+    start, step, m_s = scalar(zero_i), scalar(one_i), scalar(m)
     columns = node("Range", [start, m_s, step], "columns")
-    same = node(
-        "Equal",
-        [
-            node("Unsqueeze", [segment, one_i], "segment_col"),
-            node("Unsqueeze", [columns, zero_i], "columns_row"),
-        ],
-        "same_segment",
+    columns_row = node("Unsqueeze", [columns, zero_i], "columns_row")
+
+    def pools_of(length: str, kept: str, name: str) -> str:
+        """[.., m, length] averaging weights over the kept positions (kept [.., 1, length])."""
+        length_s = scalar(length)
+        positions = node("Range", [start, length_s, step], f"{name}_positions")
+        segment = node(
+            "Div", [node("Mul", [positions, m_s], f"{name}_positions_m"), length_s], f"{name}_segment"
+        )
+        same = node(
+            "Equal",
+            [node("Unsqueeze", [segment, one_i], f"{name}_segment_col"), columns_row],
+            f"{name}_same_segment",
+        )
+        onehot = node("Cast", [same], f"{name}_onehot", to=f32)  # [length, m]
+        weights = node(
+            "Mul", [onehot, attention.swap_last(body, kept, f"{name}_kept_col")], f"{name}_weights"
+        )
+        counts = node(
+            "Max",
+            [body.reduce("ReduceSum", weights, [2], f"{name}_counts"), const(f"{name}_empty", EMPTY_SEGMENT)],
+            f"{name}_counts_safe",
+        )
+        return attention.swap_last(
+            body, node("Div", [weights, counts], f"{name}_pool_weights"), f"{name}_pools"
+        )
+
+    # keep_q: keep where n_q = n_k, else ones ([.., 1, n_q] either way).
+    keep_q_shape = node(
+        "Concat", [node("Shape", [keep], "keep_lead", start=0, end=-1), n_q], "keep_q_shape", axis=0
     )
-    onehot = node("Cast", [same], "onehot", to=f32)  # [N, m]
-    weights = node("Mul", [onehot, attention.swap_last(body, keep, "keep_col")], "weights")  # [.., N, m]
-    counts = node(
-        "Max",
-        [body.reduce("ReduceSum", weights, [2], "counts"), const("empty", EMPTY_SEGMENT)],
-        "counts_safe",
-    )
-    pools = attention.swap_last(body, node("Div", [weights, counts], "pool_weights"), "pools")  # [.., m, N]
-    q_land = node("MatMul", [pools, q], "q_landmarks")  # [.., m, D]
+    ones_q = node("Expand", [node("Cast", [one_i], "one_f", to=f32), keep_q_shape], "ones_q")
+    padded = node("Concat", [keep, ones_q], "keep_padded", axis=-1)
+    leading = node("Slice", [padded, zero_i, n_q, const("last_axis", [-1])], "keep_leading")
+    same_length = node("Equal", [n_q, n], "same_length")
+    keep_q = node("Where", [same_length, leading, ones_q], "keep_q")
+    pools = pools_of(n, keep, "k")  # [.., m, N]
+    query_pools = pools_of(n_q, keep_q, "q")  # [.., m, N_q]
+    q_land = node("MatMul", [query_pools, q], "q_landmarks")  # [.., m, D]
     k_land = node("MatMul", [pools, k], "k_landmarks")
     half_norms: dict[str, str] = {}
 

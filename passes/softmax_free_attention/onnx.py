@@ -24,8 +24,11 @@ model needs the fine-tuning of its fx twin (:mod:`rewriter.passes.softmax_free_a
 fidelity it measures. Masks: masked keys (additive mask <= -1e4) contribute exactly 0
 and are left out of the landmark pools. SOFT is bidirectional: a query-dependent
 (causal) mask is reduced to its key padding (a key is kept if any query may see it);
-the pass says so in its notes for masks whose query axis is not 1. Self-attention
-only: the landmark pools of Q and K share the key positions' segments.
+the pass says so in its notes for masks whose query axis is not 1. An additive term
+that is not a mask (a relative-position bias, Swin's -100 window mask) has no place in
+the kernel: such an attention is left with a note. Queries and keys may differ in
+number (SegFormer's spatially reduced keys): Q's landmarks pool the queries, K's the
+keys; the symmetric form needs as many keys as queries.
 
 Requires: default-domain opset >= 15. Ensures: each ``ai.rewriter::SoftmaxFreeAttention``
 has its function body (computed in float32; standard ops with a ``Loop`` for the
@@ -41,7 +44,9 @@ import onnx_ir as ir
 
 from rewriter.errors import InputError
 from rewriter.pass_base import DOMAIN, RewritePass, RewriteResult, add_function
+from rewriter.passes.attention import onnx_build as build
 from rewriter.passes.attention import onnx_match as attention
+from rewriter.passes.attention import static
 from rewriter.passes.attention.onnx_match import AttentionMatch, AttentionRule
 from rewriter.passes.softmax_free_attention.body import OP_TYPE, function_proto
 from rewriter.registry import register
@@ -83,6 +88,7 @@ class SoftmaxFreeAttentionPass(RewritePass):
         attention.prepare(model)
         rule_set, instances = attention.rules(_ToSoft, self.options)
         replaced = rule_set.apply_to_model(model)
+        attention.remove_replaced(model)
         if replaced:
             add_function(model, function_proto(opset))
         notes = attention.softmax_notes(model, instances)
@@ -103,26 +109,36 @@ class _ToSoft(AttentionRule):
         self.query_masks: list[str] = []
 
     def refuse(self, match: AttentionMatch) -> str:
-        n_q = match.query.shape[-2] if match.query.shape is not None else None
-        n_k = match.key_length()
-        if isinstance(n_q, int) and isinstance(n_k, int) and n_q != n_k:
-            return f"cross-attention ({n_q} queries, {n_k} keys): SOFT pools shared positions"
+        if any(not static.is_mask(term) for term in match.additive_terms()):
+            return (
+                "an additive term that is not a 0/-inf mask (a relative-position bias or a "
+                "-100 window mask) is added to the scores: SOFT's kernel has no per-pair term"
+            )
+        n_q, n_k = match.lengths()
+        if self.options.symmetric and (n_q is None or n_q != n_k):
+            shown = "they differ" if isinstance(n_q, int) and isinstance(n_k, int) else (
+                "the graph does not show they are equal"
+            )
+            return (
+                f"symmetric SOFT (K := Q) needs as many keys as queries; {shown} "
+                f"(n_q = {n_q}, n_k = {n_k})"
+            )
         return ""
 
     def rewrite_attention(self, op: Any, match: AttentionMatch) -> ir.Value:
-        mask = attention.additive_mask(op, match, rank4=True)
+        q, k, v, mask = build.operands(op, match, rank4_mask=True)
         shape = match.mask.shape if match.mask is not None else None
         if match.causal or (match.mask is not None and (shape is None or shape[-2] != 1)):
             self.query_masks.append(match.name)
-        k = match.query if self.options.symmetric else attention.key(op, match)
-        return op.op(
+        y = op.op(
             OP_TYPE,
-            match.query,
-            k,
-            attention.value(op, match),
+            q,
+            q if self.options.symmetric else k,
+            v,
             mask,
             _domain=DOMAIN,
             scale=match.scale,
             landmarks=self.options.landmarks,
             iterations=self.options.iterations,
         )
+        return build.restore(op, match, y)

@@ -1,7 +1,12 @@
-"""The ONNX function bodies of ``TwoPassSoftmax`` and ``TwoPassLogSoftmax``.
+"""The ONNX function bodies of ``TwoPassSoftmax`` and ``TwoPassLogSoftmax``, and of their
+float64 ops ``TwoPassSoftmaxDouble`` and ``TwoPassLogSoftmaxDouble``.
 
 Standard ops of the caller's opset, float64 inside, along the last axis: the math of
 :mod:`rewriter.passes.two_pass_softmax.math` (Dukhan & Ablavatski 2020, arXiv 2001.04438).
+float32/float16/bfloat16 inputs use the (mantissa, power of 2) pairs with the degree-5
+polynomial; float64 inputs the (e**t, power of e) pairs with ``Exp`` in double, exact at
+double precision (the module docstring of ``math`` says why; one body cannot serve both,
+since a function cannot branch on its input's type).
 """
 
 from __future__ import annotations
@@ -17,18 +22,22 @@ from rewriter.passes.two_pass_softmax import math as tpm
 # back to float32, so only float32 Softmax nodes are rewritten there.
 CASTLIKE_OPSET = 15
 
-# source op -> our op
+# source op -> our op, for float32/float16/bfloat16 and for float64 inputs
 TARGETS = {"Softmax": "TwoPassSoftmax", "LogSoftmax": "TwoPassLogSoftmax"}
+DOUBLE_TARGETS = {"Softmax": "TwoPassSoftmaxDouble", "LogSoftmax": "TwoPassLogSoftmaxDouble"}
 
 
 def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
-    """The ONNX function body of ``TwoPassSoftmax`` or ``TwoPassLogSoftmax`` at ``opset``.
+    """The ONNX function body of ``op_type`` (a value of :data:`TARGETS` or
+    :data:`DOUBLE_TARGETS`) at ``opset``.
 
     Computed in float64 along the last axis; see :mod:`rewriter.passes.two_pass_softmax.math`.
 
     >>> function_proto("TwoPassSoftmax", 17).name
     'TwoPassSoftmax'
     """
+    if op_type in DOUBLE_TARGETS.values():
+        return _double_proto(op_type, opset)
     body = FunctionBody(opset)
     node = body.node
 
@@ -74,4 +83,35 @@ def function_proto(op_type: str, opset: int) -> onnx.FunctionProto:
         ["X"],
         ["Y"],
         doc=f"{op_type} along the last axis (two-pass algorithm, float64 inside).",
+    )
+
+
+def _double_proto(op_type: str, opset: int) -> onnx.FunctionProto:
+    """The float64 body: pairs ``m e**k`` with ``k = round(x)``, ``m = Exp(x - k)``."""
+    body = FunctionBody(opset)
+    node = body.node
+
+    def const(name: str, value: float) -> str:
+        return body.const(name, value, dtype=TensorProto.DOUBLE)
+
+    # Pass 1: k = round(x), t = x - k (exact), m = e**t.
+    k = node("Floor", [node("Add", ["X", const("half", tpm.HALF)], "x_half")], "k")
+    t = node("Sub", ["X", k], "t_raw")
+    # -inf has no mantissa (t is NaN): give it m = 1, its e**(k - K) = 0 removes it.
+    neg_inf = node("Less", ["X", const("lowest", float(np.finfo(np.float64).min))], "is_neg_inf")
+    t = node("Where", [neg_inf, const("zero", 0.0), t], "t")
+    m = node("Exp", [t], "m")
+    delta = node("Sub", [k, body.reduce("ReduceMax", k, [-1], "k_max")], "k_delta")
+    contribution = node("Mul", [m, node("Exp", [delta], "scale")], "contribution")
+    total = body.reduce("ReduceSum", contribution, [-1], "m_sum")
+    # Pass 2: y = m e**(k - K) / M, or t + (k - K) - log M.
+    if op_type == DOUBLE_TARGETS["Softmax"]:
+        node("Div", [contribution, total], "Y")
+    else:
+        node("Sub", [node("Add", [t, delta], "log_num"), node("Log", [total], "log_sum")], "Y")
+    return body.function(
+        op_type,
+        ["X"],
+        ["Y"],
+        doc=f"{op_type} of a float64 input along the last axis (two-pass, pairs m e**k).",
     )

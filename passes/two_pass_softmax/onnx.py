@@ -4,6 +4,9 @@ Implements Dukhan & Ablavatski, "The Two-Pass Softmax Algorithm" (2020,
 arXiv 2001.04438): exponentials are kept as (mantissa, exponent) pairs so the
 row needs no max pass. Exact: the rewritten model computes the same function
 (float64 inside the function body; agreement with the original to ~2e-7 relative).
+float64 Softmax/LogSoftmax become ``TwoPassSoftmaxDouble``/``TwoPassLogSoftmaxDouble``,
+whose pairs ``e**t e**k`` (``k = round(x)``, ``Exp`` in double) are exact at double
+precision: a few ulp from ONNX Runtime's softmax (see :mod:`.math`).
 
 The new operators live in the ``ai.rewriter`` domain and carry model-local ONNX
 function bodies written in standard ops (from the model's own opset), so ONNX
@@ -22,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 
 import onnx_ir as ir
-import onnx_ir.passes.common
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
+from rewriter import shapes
 from rewriter.pass_base import (
     DOMAIN,
     FUNCTIONS_IR_VERSION,
@@ -33,11 +36,17 @@ from rewriter.pass_base import (
     add_function,
     all_nodes,
 )
-from rewriter.passes.two_pass_softmax.body import CASTLIKE_OPSET, TARGETS, function_proto
+from rewriter.passes.two_pass_softmax.body import (
+    CASTLIKE_OPSET,
+    DOUBLE_TARGETS,
+    TARGETS,
+    function_proto,
+)
 from rewriter.registry import register
 
 MIN_OPSET = 9
-FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+OUR_OPS = {*TARGETS.values(), *DOUBLE_TARGETS.values()}
 
 
 @dataclasses.dataclass
@@ -63,15 +72,15 @@ class TwoPassSoftmaxPass(RewritePass):
     def call(self, model: ir.Model) -> RewriteResult:
         opset = model.opset_imports.get("", 1)
         sources = ["Softmax", "LogSoftmax"] if self.options.log_softmax else ["Softmax"]
-        if any(_find(model, source) for source in sources):
-            # Dtype and rank decide how each node is rewritten.
-            ir.passes.common.ShapeInferencePass()(model)
+        # Dtype and rank decide how each node is rewritten.
+        shapes.infer(model, [node.inputs[0] for source in sources for node in _find(model, source)])
         stats: dict[str, int] = {}
         for source in sources:
             rules = RewriteRuleSet([_ToTwoPass.rule(source, opset)])
             stats[_stat_name(source)] = rules.apply_to_model(model)
-            if stats[_stat_name(source)]:
-                add_function(model, function_proto(TARGETS[source], opset))
+        used = {node.op_type for node in all_nodes(model) if node.domain == DOMAIN} & OUR_OPS
+        for op_type in sorted(used):
+            add_function(model, function_proto(op_type, opset))
         in_functions = _function_nodes(model)
         notes = [
             f"{node.op_type} {node.name!r} left as is: "
@@ -107,7 +116,6 @@ class _ToTwoPass(RewriteRuleClassBase):
     def __init__(self, source: str, opset: int) -> None:
         super().__init__(name=f"{source}ToTwoPass")
         self.source = source
-        self.target = TARGETS[source]
         self.opset = opset
 
     def pattern(self, op, x):
@@ -120,20 +128,21 @@ class _ToTwoPass(RewriteRuleClassBase):
         return MatchResult().fail(reason) if reason else MatchResult()
 
     def rewrite(self, op, x, y):
+        target = (DOUBLE_TARGETS if x.dtype == ir.DataType.DOUBLE else TARGETS)[self.source]
         rank = _rank(x)
         axis = y.producer().attributes.get_int("axis", 1 if self.opset < 13 else -1)
         last = axis == -1 or (rank is not None and axis % rank == rank - 1)
         if last:
-            return op.op(self.target, x, _domain=DOMAIN)
+            return op.op(target, x, _domain=DOMAIN)
         if self.opset < 13:
             # Softmax-1/11 coerce the input to 2-D at `axis` (Flatten-9 takes no negative axis).
             flat = op.Flatten(x, axis=axis % rank if rank is not None else axis)
-            return op.Reshape(op.op(self.target, flat, _domain=DOMAIN), op.Shape(x))
+            return op.Reshape(op.op(target, flat, _domain=DOMAIN), op.Shape(x))
         assert rank is not None
         perm = list(range(rank))
         perm[axis % rank], perm[-1] = perm[-1], perm[axis % rank]
         moved = op.Transpose(x, perm=perm)
-        return op.Transpose(op.op(self.target, moved, _domain=DOMAIN), perm=perm)
+        return op.Transpose(op.op(target, moved, _domain=DOMAIN), perm=perm)
 
 
 def _rank(value: ir.Value) -> int | None:
@@ -154,11 +163,9 @@ def _unsupported_reason(node: ir.Node, opset: int, *, in_function: bool = False)
         return ""
     if dtype is None:
         return "input type unknown (shape inference could not infer it)"
-    if dtype == ir.DataType.DOUBLE:
-        return "float64: the degree-5 exp polynomial (7.5e-8) is not exact at double precision"
     if dtype not in FLOAT_TYPES:
         return f"input type {dtype} is not a float type"
-    if opset < CASTLIKE_OPSET and dtype != ir.DataType.FLOAT:
+    if opset < CASTLIKE_OPSET and dtype not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
         return f"{dtype} input needs opset >= {CASTLIKE_OPSET} (CastLike); the model has {opset}"
     if opset >= 13 and axis != -1 and _rank(x) is None:
         return f"axis {axis} with input rank unknown"

@@ -12,6 +12,11 @@ with a ``permute_dims`` around it when the axis is not the last one. The kernel 
 :func:`rewriter.backends.tvm.kernels.softmax.two_pass_softmax`; there is no fallback to
 TVM's stock softmax.
 
+The float64 ops ``TwoPassSoftmaxDouble``/``TwoPassLogSoftmaxDouble`` become Relax ops, the
+pairs ``e**t e**k`` of :mod:`rewriter.passes.two_pass_softmax.math` with ``exp`` in double
+(TVM's fast-math ``exp`` is float32 only, so it stays libm's): our SIMD kernel is float32
+inside and a float64 softmax is rare (``Attention``'s ``softmax_precision``).
+
 >>> y = emit_two_pass_softmax(bb, x, log=False, target=target)  # doctest: +SKIP
 """
 
@@ -44,6 +49,41 @@ def emit_softmax(call: OpCall) -> relax.Expr:
 def emit_log_softmax(call: OpCall) -> relax.Expr:
     """``TwoPassLogSoftmax(x)`` (last axis) or ``two_pass_log_softmax(x, dim)``."""
     return _emit(call, log=True)
+
+
+@register("TwoPassSoftmaxDouble")
+def emit_softmax_double(call: OpCall) -> relax.Expr:
+    """``TwoPassSoftmaxDouble(x)``: float64 softmax along the last axis, exact."""
+    return _emit_double(call.bb, call.inputs[0], log=False)
+
+
+@register("TwoPassLogSoftmaxDouble")
+def emit_log_softmax_double(call: OpCall) -> relax.Expr:
+    """``TwoPassLogSoftmaxDouble(x)``: float64 log-softmax along the last axis, exact."""
+    return _emit_double(call.bb, call.inputs[0], log=True)
+
+
+def _emit_double(bb: relax.BlockBuilder, x: relax.Expr, *, log: bool) -> relax.Expr:
+    """The float64 two-pass body as Relax ops (the math of ``body._double_proto``)."""
+    import numpy as np
+    from tvm import relax
+
+    from rewriter.passes.two_pass_softmax import math as tpm
+
+    def const(value: float) -> relax.Expr:
+        return relax.const(value, "float64")
+
+    op = relax.op
+    x = bb.normalize(x)
+    k = bb.emit(op.floor(op.add(x, const(tpm.HALF))))
+    lowest = op.less(x, const(float(np.finfo(np.float64).min)))
+    t = bb.emit(op.where(lowest, const(0.0), op.subtract(x, k)))
+    delta = bb.emit(op.subtract(k, op.max(k, axis=[-1], keepdims=True)))
+    contribution = bb.emit(op.multiply(op.exp(t), op.exp(delta)))
+    total = bb.emit(op.sum(contribution, axis=[-1], keepdims=True))
+    if log:
+        return bb.emit(op.subtract(op.add(t, delta), op.log(total)))
+    return bb.emit(op.divide(contribution, total))
 
 
 def _emit(call: OpCall, *, log: bool) -> relax.Expr:

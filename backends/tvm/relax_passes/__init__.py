@@ -7,7 +7,8 @@ kernel's op, on VNNI targets).
 
 On the Relax module, in :func:`rewriter.backends.tvm.pipeline.relax_pipeline`:
 ``legalize_bf16_norms`` (bf16 layer/RMS norms computed in float32), ``bf16_matmul``
-(bf16 matmuls to the ``vdpbf16ps`` kernel, before legalization), ``pack_weights``
+(bf16 matmuls to the ``vdpbf16ps`` kernel, before legalization), ``reduce_identity``
+(float ``max``/``min`` legalized from -inf/+inf, with TVM's ``LegalizeOps``), ``pack_weights``
 (constant matmul weights in panels, after fusion) and ``schedules`` (our dlight rules
 for the CPU).
 """

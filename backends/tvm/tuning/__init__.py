@@ -8,7 +8,7 @@ database, the report) over :mod:`.measure` (building and timing candidates).
 
 from __future__ import annotations
 
-from rewriter.backends.tvm.tuning.measure import Progress
+from rewriter.backends.tvm.tuning.measure import Progress, Remote
 from rewriter.backends.tvm.tuning.search import (
     CHOICES_FILE,
     TaskResult,
@@ -22,6 +22,7 @@ from rewriter.backends.tvm.tuning.search import (
 __all__ = [
     "CHOICES_FILE",
     "Progress",
+    "Remote",
     "TaskResult",
     "Tuner",
     "TuningReport",

@@ -27,6 +27,7 @@ shortcut for those frames (:func:`import_tensor_intrinsics`: ~7 s instead of ~35
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
@@ -62,6 +63,8 @@ BUILDS_PER_WORKER = 64
 # are shared, so a single repeat is noisy).
 REPEATS = 3
 MIN_REPEAT_MS = 40
+# With --tune-rpc: how long connecting to the tracker, getting a device and one run may take.
+RPC_SESSION_TIMEOUT_S = 60
 # Our schedule and the search's best are timed alternately this many times each (of
 # REPEATS repeats), and compared by their fastest repeat: other jobs on the machine only
 # ever slow a run down, so the minimum is the steadiest estimate of a kernel's own time
@@ -69,10 +72,67 @@ MIN_REPEAT_MS = 40
 SIDE_BY_SIDE_ROUNDS = 5
 
 
-class Measure:
-    """Builder, runner and cost model shared by the tuned tasks of one compile."""
+@dataclasses.dataclass(frozen=True)
+class Remote:
+    """Run the candidates on the devices registered under ``key`` with TVM's RPC tracker at
+    ``host:port`` (``python -m tvm.exec.rpc_tracker``, and ``python -m tvm.exec.rpc_server
+    --tracker HOST:PORT --key KEY`` on each device), not on this machine.
 
-    def __init__(self, target: tvm.target.Target, directory: Path) -> None:
+    MetaSchedule's ``RPCRunner`` uploads each built candidate to a free device, times it
+    there (the same evaluator as the local runner's) and frees the device; one session
+    per device at a time, so the devices of a key measure a batch in parallel. The
+    builds stay here: the target must describe the device (``TVM_NUM_THREADS``: its cores).
+
+    >>> Remote.parse("127.0.0.1:9190", "zen4")
+    Remote(host='127.0.0.1', port=9190, key='zen4')
+    """
+
+    host: str
+    port: int
+    key: str
+
+    @classmethod
+    def parse(cls, address: str, key: str | None) -> Remote:
+        """``HOST:PORT`` and the device key, checked (:class:`InputError` naming the option)."""
+        from rewriter.errors import InputError, shorten
+
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InputError(f"--tune-rpc {shorten(address)!r}: expected HOST:PORT of a TVM RPC tracker")
+        if not key:
+            raise InputError("--tune-rpc needs --tune-key KEY: the key the devices registered with")
+        return cls(host.strip("[]"), int(port), key)
+
+    def config(self) -> Any:
+        """MetaSchedule's ``RPCConfig`` for this tracker and key."""
+        from tvm.s_tir.meta_schedule.runner import RPCConfig
+
+        return RPCConfig(
+            tracker_host=self.host,
+            tracker_port=self.port,
+            tracker_key=self.key,
+            session_timeout_sec=RPC_SESSION_TIMEOUT_S,
+        )
+
+    def devices(self) -> int:
+        """How many devices of the key the tracker has (:class:`InputError` if none or unreachable)."""
+        from rewriter.errors import InputError
+
+        try:
+            return int(self.config().count_num_servers(allow_missing=False))
+        except (ValueError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"--tune-rpc {self.host}:{self.port} --tune-key {self.key}: {first}") from exc
+
+
+class Measure:
+    """Builder, runner and cost model shared by the tuned tasks of one compile.
+
+    ``remote``: run the candidates on the devices of a TVM RPC tracker (:class:`Remote`)
+    instead of MetaSchedule's local runner.
+    """
+
+    def __init__(self, target: tvm.target.Target, directory: Path, remote: Remote | None = None) -> None:
         from tvm.s_tir import meta_schedule as ms
 
         self.target = target
@@ -84,12 +144,13 @@ class Measure:
             self._cleanup.enter_context(_meta_schedule_logs(directory / "logs" / "tuning.log"))
             self.builder = _pooled_builder(self.cores)  # its workers start while the rest loads
             self._cleanup.callback(self.builder.pool.shutdown)
-            self.runner = ms.runner.LocalRunner(
-                timeout_sec=RUN_TIMEOUT_S,
-                evaluator_config=ms.runner.EvaluatorConfig(
-                    number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS
-                ),
-            )
+            evaluator = ms.runner.EvaluatorConfig(number=1, repeat=REPEATS, min_repeat_ms=MIN_REPEAT_MS)
+            if remote is None:
+                self.runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=evaluator)
+            else:
+                self.runner = ms.runner.RPCRunner(
+                    remote.config(), evaluator_config=evaluator, max_workers=remote.devices()
+                )
             self._cleanup.callback(self.runner.pool.shutdown)
             self.cost_model = ms.cost_model.CostModel.create(
                 "xgb", num_tuning_cores=self.cores, tree_method="auto"

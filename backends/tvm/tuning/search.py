@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from rewriter.backends.tvm import targets
 from rewriter.backends.tvm.tuning import measure
-from rewriter.backends.tvm.tuning.measure import Progress
+from rewriter.backends.tvm.tuning.measure import Progress, Remote
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -104,6 +104,8 @@ class TuningReport:
     applied: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     stopped_by_time: bool = False
+    # With --tune-rpc: "HOST:PORT key KEY", where the candidates ran.
+    remote: str | None = None
 
     def counts(self) -> dict[str, int]:
         """Tasks by status."""
@@ -120,6 +122,7 @@ class TuningReport:
             "seconds_limit": self.seconds_limit,
             "seconds": self.seconds,
             "stopped_by_time": self.stopped_by_time,
+            "remote": self.remote,
             "counts": self.counts(),
             "applied": self.applied,
             "tasks": [{**dataclasses.asdict(task), "speedup": task.speedup} for task in self.tasks],
@@ -131,14 +134,17 @@ def check_options(
     trials: int | None,
     database: str | os.PathLike[str] | None,
     seconds: float | None,
+    remote: Remote | None = None,
 ) -> None:
     """Raise :class:`InputError` for tuning options that cannot work (before any compile).
 
     >>> check_options("avx512", -1, None, None)  # doctest: +SKIP
     InputError: --tune -1: expected a number of trials >= 0
     """
-    if trials is None and database is None and seconds is None:
+    if trials is None and database is None and seconds is None and remote is None:
         return
+    if remote is not None and not trials:
+        raise InputError("--tune-rpc needs --tune TRIALS: the devices measure the candidates of a search")
     if seconds is not None and trials is None:
         raise InputError("--tune-time needs --tune TRIALS: it limits the tuning")
     if targets.is_gpu(target):
@@ -193,14 +199,16 @@ def target_key(target: tvm.target.Target) -> str:
     return f"{tuned.kind.name}-{mcpu}-{int(tuned.attrs['num-cores'])}c-{digest}"
 
 
-def default_database(target: tvm.target.Target) -> Path:
-    """``$XDG_CACHE_HOME/rewriter/tuning/<target key>`` (``~/.cache`` without it).
+def default_database(target: tvm.target.Target, remote: Remote | None = None) -> Path:
+    """``$XDG_CACHE_HOME/rewriter/tuning/<target key>`` (``~/.cache`` without it); with
+    ``remote``, ``<target key>-rpc-<device key>``: records measured on those devices.
 
     >>> default_database(targets.resolve("avx512"))  # doctest: +SKIP
     PosixPath('/root/.cache/rewriter/tuning/llvm-x86-64-v4-2c-41f51c53cc')
     """
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "rewriter" / "tuning" / target_key(target)
+    name = target_key(target) + (f"-rpc-{remote.key}" if remote is not None else "")
+    return Path(cache) / "rewriter" / "tuning" / name
 
 
 def allocate(trials: int, weights: Sequence[float]) -> list[int]:
@@ -237,8 +245,12 @@ class Tuner:
         database: str | os.PathLike[str] | None,
         seconds: float | None,
         progress: Progress | None = None,
+        remote: Remote | None = None,
     ) -> None:
         self.trials = trials
+        self.remote = remote
+        if remote is not None and trials > 0:
+            remote.devices()  # an unreachable tracker, or no device of the key: an error now
         self.database = Path(database).expanduser() if database is not None else None
         self.seconds = seconds
         self.progress = progress
@@ -248,18 +260,21 @@ class Tuner:
         """The stage's module passes for CPU ``target``: tune (if trials), then apply."""
         import tvm
 
-        directory = self.database or default_database(target)
+        directory = self.database or default_database(target, self.remote)
         report = self.report = TuningReport(
             database=str(directory),
             target_key=target_key(target),
             trials=self.trials,
             seconds_limit=self.seconds,
+            remote=f"{self.remote.host}:{self.remote.port} key {self.remote.key}" if self.remote else None,
         )
 
         @tvm.transform.module_pass(opt_level=0, name="RewriterMetaScheduleTune")
         def tune(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
             start = time.perf_counter()
-            tune_module(mod, target, directory, self.trials, self.seconds, self.progress, report)
+            tune_module(
+                mod, target, directory, self.trials, self.seconds, self.progress, report, remote=self.remote
+            )
             report.seconds = time.perf_counter() - start
             return mod
 
@@ -371,8 +386,13 @@ def tune_module(
     seconds: float | None,
     progress: Progress | None,
     report: TuningReport,
+    *,
+    remote: Remote | None = None,
 ) -> None:
-    """Tune the tasks of ``mod`` that ``directory`` has no record of; fill in ``report``."""
+    """Tune the tasks of ``mod`` that ``directory`` has no record of; fill in ``report``.
+
+    ``remote``: measure on the devices of a TVM RPC tracker (:class:`Remote`).
+    """
     from tvm.s_tir import meta_schedule as ms
 
     say = progress or (lambda message: logger.info("%s", message))
@@ -425,7 +445,10 @@ def tune_module(
 
     if out_of_time(len(work)):
         return
-    with measure.Measure(tune_target, directory) as measurer:
+    where = f" on the RPC devices {remote.key!r} of {remote.host}:{remote.port}" if remote else ""
+    if where:
+        say(f"tuning: measuring{where}")
+    with measure.Measure(tune_target, directory, remote) as measurer:
         for done, (index, share) in enumerate(work):
             if out_of_time(len(work) - done):
                 break

@@ -89,6 +89,19 @@ def test_conformance_sce_through_the_kernel(name: str, caplog: pytest.LogCapture
     _check_conformance(name, caplog)
 
 
+@pytest.mark.parametrize(
+    "name", ["test_sce_mean_log_prob_expanded", "test_sce_NCd1_mean_weight_negative_ii_log_prob_expanded"]
+)
+def test_conformance_expanded_log_prob_through_the_kernel(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The expansion's log-probabilities are a graph output too: fused all the same (the
+    kernel's log_prob output takes that use), the 15 others in the slow suite below."""
+    assert name in EXPANDED
+    assert fuse(conformance_cases()[name][0])[1]["cross_entropy_fused"] == 1
+    _check_conformance(name, caplog)
+
+
 @pytest.mark.slow  # the same operators as above, written out; ~1-3 s of compiling each
 @pytest.mark.parametrize("name", EXPANDED + NLL)
 def test_conformance_expanded_and_nll(name: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -14,8 +14,11 @@ def test_every_lowered_op_is_registered_once_by_name():
         "FusedLinearCrossEntropy",
         "Int8MatMul",
         "SigmoidAttention",
+        "SoftNonMaxSuppression",
         "TwoPassLogSoftmax",
+        "TwoPassLogSoftmaxDouble",
         "TwoPassSoftmax",
+        "TwoPassSoftmaxDouble",
     ]
     assert ops.lowering("SoftmaxFreeAttention") is None  # compiled from its function body
     softmax = ops.lowering("TwoPassSoftmax")

@@ -19,6 +19,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import tirx  # noqa: E402
 
+from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.tvm import targets  # noqa: E402
 from rewriter.backends.tvm.kernels import softmax  # noqa: E402
 from rewriter.backends.tvm.kernels.common import simd_plan  # noqa: E402
@@ -349,3 +350,42 @@ def test_cuda_run(kind: str) -> None:
     y = tvm.runtime.tensor(np.zeros_like(x), device=dev)
     _build(kind, 64, 5000, CUDA)(tvm.runtime.tensor(x, device=dev), y)
     _assert_softmax_close(y.numpy(), x)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_float64_ops_are_exact(op: str, caplog: pytest.LogCaptureFixture) -> None:
+    """float64 Softmax -> TwoPass(Log)SoftmaxDouble -> Relax ops in double: the float64
+    definition to a few ulp (2.2e-16 each), +-inf, NaN and fully masked rows included."""
+    import logging
+
+    import onnx_ir as ir
+
+    from rewriter.registry import create_pass
+    from tests.helpers import softmax_model, to_proto
+
+    rows = np.array(
+        [
+            [1.0, 2.0, 3.0, 4.0],
+            [-np.inf, 0.0, 1.0, -np.inf],
+            [-np.inf, -np.inf, -np.inf, -np.inf],
+            [np.inf, 0.0, 1.0, 2.0],
+            [1e7, 1e7 + 1.5, 1e7 - 0.25, 1e7 + 3.0],
+            [1.7e308, 1.79e308, -1.79e308, 0.0],
+            [709.0, 710.0, -745.0, 0.0],
+        ]
+    )
+    model = softmax_model(op, dtype="double", shape="[7, 4]", axis=-1)
+    result = create_pass("two-pass-softmax")(model)
+    assert [node.op_type for node in ir.traversal.RecursiveGraphIterator(result.model.graph)] == [
+        f"TwoPass{op}Double"
+    ]
+    with caplog.at_level(logging.WARNING, logger="rewriter.backends.tvm.import_onnx"):
+        compiled = backend.compile(to_proto(result.model), target="llvm")
+    assert "no TVM kernel" not in caplog.text
+    got = compiled.run({"x": rows})["y"]
+    with np.errstate(all="ignore"):
+        shifted = rows - rows.max(-1, keepdims=True)
+        total = np.exp(shifted).sum(-1, keepdims=True)
+        expected = shifted - np.log(total) if op == "LogSoftmax" else np.exp(shifted) / total
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(got, expected, rtol=1e-14, atol=1e-15, equal_nan=True)

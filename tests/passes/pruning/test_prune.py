@@ -205,6 +205,15 @@ def test_reported_distortion_matches_pruning_one_layer() -> None:
     assert probe.curve("w1", np.array([0.0, 0.5]))[1] == pytest.approx(expected, rel=1e-5)
 
 
+def test_suffix_sessions_are_chosen_by_size_not_by_time() -> None:
+    """The same choice on every run and Ray worker: it changes the curves' last bits."""
+    assert not prune_probe.wants_suffixes(weights(mlp_model()), feeds())
+    big = {"w": np.zeros((1024, 1024), np.float32)}
+    # 2 x 256 token ids: 512 rows x 1M weights = 5.4e8 multiply-adds; 400 float rows: 4.2e8.
+    assert prune_probe.wants_suffixes(big, {"input_ids": np.zeros((2, 256), np.int64)})
+    assert not prune_probe.wants_suffixes(big, {"x": np.zeros((2, 200, 1024), np.float32)})
+
+
 def test_weights_become_inputs_of_the_probe_session() -> None:
     model = mlp_model()
     proto = prune_probe.with_weights_as_inputs(model, ["w0", "w2"])

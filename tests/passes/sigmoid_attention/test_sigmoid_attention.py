@@ -9,10 +9,10 @@ import onnx
 import onnx.reference
 import pytest
 
-from rewriter.errors import InputError
 from rewriter.job import rewrite_file
 from rewriter.pass_base import DOMAIN
 from rewriter.passes.sigmoid_attention import OP_TYPE, SigmoidAttentionPass, function_proto
+from rewriter.passes.sigmoid_attention.onnx import RUN_TIME as SIGMOID_RUN_TIME
 from tests import attention_models as am
 from tests.helpers import model_from_text, op_types, run, to_proto
 from tests.real_models import count_ops
@@ -31,7 +31,7 @@ def rewrite(model, **options):
 def test_every_form_is_rewritten_and_matches_the_formula(form):
     model = am.attention_model(form)
     result = rewrite(model)  # static shapes: n defaults to the key length, 8
-    assert result.stats == {"attention_replaced": 1, "softmax_left": 0}
+    assert result.stats == {"attention_replaced": 1, "bias_from_run_time_length": 0, "softmax_left": 0}
     assert "Softmax" not in op_types(result.model)
     assert op_types(result.model).count(OP_TYPE) == 1
     assert (DOMAIN, OP_TYPE, "") in result.model.functions
@@ -83,7 +83,7 @@ def test_attention_operator_of_opset_23_with_causal_and_boolean_mask():
         """
     )
     result = rewrite(model, max_seq_len=8)
-    assert result.stats == {"attention_replaced": 1, "softmax_left": 0}
+    assert result.stats == {"attention_replaced": 1, "bias_from_run_time_length": 0, "softmax_left": 0}
     assert "Attention" not in op_types(result.model)
     proto = to_proto(result.model)
     onnx.checker.check_model(proto, full_check=True)
@@ -105,7 +105,7 @@ def test_grouped_attention_operator_repeats_key_and_value_heads():
         """
     )
     result = rewrite(model)
-    assert result.stats == {"attention_replaced": 1, "softmax_left": 0}
+    assert result.stats == {"attention_replaced": 1, "bias_from_run_time_length": 0, "softmax_left": 0}
     onnx.checker.check_model(to_proto(result.model), full_check=True)
     rng = np.random.default_rng(3)
     feeds = {
@@ -131,7 +131,7 @@ def test_negative_softmax_not_feeding_values_is_left_and_noted():
     )
     result = rewrite(model)
     assert not result.modified
-    assert result.stats == {"attention_replaced": 0, "softmax_left": 1}
+    assert result.stats == {"attention_replaced": 0, "bias_from_run_time_length": 0, "softmax_left": 1}
     assert "not attention" in result.notes[0]
     assert op_types(result.model) == ["MatMul", "Softmax"]
 
@@ -148,24 +148,52 @@ def test_negative_softmax_over_queries_is_refused_with_reason():
         """
     )
     result = rewrite(model)
-    assert result.stats == {"attention_replaced": 0, "softmax_left": 1}
+    assert result.stats == {"attention_replaced": 0, "bias_from_run_time_length": 0, "softmax_left": 1}
     assert "axis 2" in result.notes[0]
 
 
-def test_dynamic_sequence_needs_max_seq_len():
-    model = model_from_text(
-        """
-        <ir_version: 8, opset_import: ["" : 18]>
-        g (float[2, 2, n, 4] q, float[2, 2, 4, n] kt, float[2, 2, n, 4] v) => (float[2, 2, n, 4] y) {
-            s = MatMul(q, kt)
-            p = Softmax<axis = -1>(s)
-            y = MatMul(p, v)
-        }
-        """
-    )
-    with pytest.raises(InputError, match="max_seq_len"):
-        rewrite(model)
-    assert rewrite(model, max_seq_len=64).stats["attention_replaced"] == 1
+DYNAMIC = """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[2, 2, n, 4] q, float[2, 2, 4, n] kt, float[2, 2, n, 4] v, float[2, 1, 1, n] mask) => (float[2, 2, n, 4] y) {
+        s = MatMul(q, kt)
+        c = Constant<value = float {0.5}>()
+        z = Mul(s, c)
+        a = Add(z, mask)
+        p = Softmax<axis = -1>(a)
+        y = MatMul(p, v)
+    }
+"""
+
+
+@pytest.mark.parametrize("n", [8, 13])
+def test_dynamic_sequence_takes_b_from_the_run_time_key_length(n):
+    model = model_from_text(DYNAMIC)
+    result = rewrite(model)
+    assert result.stats == {"attention_replaced": 1, "bias_from_run_time_length": 1, "softmax_left": 0}
+    assert result.notes == ["1 attention(s): " + SIGMOID_RUN_TIME]
+    node = next(node for node in result.model.graph if node.op_type == OP_TYPE)
+    assert node.attributes["bias"].value == 0.0  # b is in the mask input, from Shape(K)
+    types = op_types(result.model)
+    assert types.index("Shape") < types.index("Gather") < types.index("Log") < types.index("Neg")
+    onnx.checker.check_model(to_proto(result.model), full_check=True)
+    rng = np.random.default_rng(n)
+    feeds = {name: rng.standard_normal((2, 2, n, 4)).astype(np.float32) for name in "qv"}
+    k = rng.standard_normal((2, 2, n, 4)).astype(np.float32)
+    feeds["kt"] = k.transpose(0, 1, 3, 2).copy()
+    keep = np.ones((2, 1, 1, n), dtype=bool)
+    keep[1, ..., n - 3 :] = False
+    feeds["mask"] = np.where(keep, 0.0, -np.inf).astype(np.float32)
+    expected = am.sigmoid_reference({**feeds, "k": k}, scale=0.5, n=n)
+    np.testing.assert_allclose(run(result.model, feeds)["y"], expected, rtol=0, atol=ATOL)
+
+
+def test_max_seq_len_fixes_b_of_a_dynamic_sequence():
+    result = rewrite(model_from_text(DYNAMIC), max_seq_len=64)
+    assert result.stats == {"attention_replaced": 1, "bias_from_run_time_length": 0, "softmax_left": 0}
+    assert result.notes == ["1 attention(s): b = -ln 64 (max_seq_len)"]
+    node = next(node for node in result.model.graph if node.op_type == OP_TYPE)
+    assert node.attributes["bias"].value == pytest.approx(-math.log(64))
+    assert "Log" not in op_types(result.model)
 
 
 def test_idempotent():
@@ -173,7 +201,7 @@ def test_idempotent():
     rewrite(model)
     again = rewrite(model)
     assert not again.modified
-    assert again.stats == {"attention_replaced": 0, "softmax_left": 0}
+    assert again.stats == {"attention_replaced": 0, "bias_from_run_time_length": 0, "softmax_left": 0}
 
 
 def test_old_opset_is_refused():
@@ -196,19 +224,29 @@ REAL = [
 ]
 
 
+@pytest.mark.parametrize("max_seq_len", [128, None])
 @pytest.mark.parametrize("name,layers,other", REAL)
-def test_real_export(real_model, tmp_path, name, layers, other):
+def test_real_export(real_model, tmp_path, name, layers, other, max_seq_len):
     source = real_model(name)
     out = tmp_path / "sigmoid.onnx"
     report = rewrite_file(
         source.path,
         out,
-        [SigmoidAttentionPass(SigmoidAttentionPass.Options(max_seq_len=128))],
+        [SigmoidAttentionPass(SigmoidAttentionPass.Options(max_seq_len=max_seq_len))],
         inputs=source.inputs,
     )
     record = report.passes[0]
-    assert record.stats == {"attention_replaced": layers, "softmax_left": other}
-    assert len(record.notes) == other and all("not attention" in note for note in record.notes)
+    dynamic = layers if max_seq_len is None and "sequence" in source.dims else 0
+    assert record.stats == {"attention_replaced": layers, "bias_from_run_time_length": dynamic, "softmax_left": other}
+    left = [note for note in record.notes if "left as is" in note]
+    assert len(left) == other and all("not attention" in note for note in left)
+    (bias_note,) = [note for note in record.notes if note not in left]
+    if dynamic:
+        assert bias_note == f"{layers} attention(s): {SIGMOID_RUN_TIME}"
+    elif max_seq_len:
+        assert bias_note == f"{layers} attention(s): b = -ln 128 (max_seq_len)"
+    else:  # ViT: 16 patches and the class token
+        assert bias_note == f"{layers} attention(s): b = -ln 17 (the static key length)"
     proto = onnx.load(str(out))
     onnx.checker.check_model(str(out), full_check=True)
     assert count_ops(proto, "Softmax") == other
@@ -229,4 +267,4 @@ def test_model_without_softmax_is_a_no_op_at_any_opset():
         """
     )
     result = rewrite(model)
-    assert not result.modified and result.stats == {"attention_replaced": 0, "softmax_left": 0}
+    assert not result.modified and result.stats == {"attention_replaced": 0, "bias_from_run_time_length": 0, "softmax_left": 0}

@@ -70,11 +70,72 @@ def test_unsupported_dtype_is_skipped_with_reason():
     assert op_types(result.model) == ["Softmax"]
 
 
-def test_float64_is_skipped_with_reason():
-    # The degree-5 polynomial is exact for float32 and narrower, not for float64.
-    result = rewrite(softmax_model(dtype="double"))
-    assert result.stats["softmax_replaced"] == 0 and result.stats["skipped"] == 1
-    assert "float64" in result.notes[0]
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("opset", [9, 13, 18])
+def test_float64_becomes_the_double_op(op, opset):
+    result = rewrite(softmax_model(op, dtype="double", opset=opset, axis=-1))
+    key = "softmax_replaced" if op == "Softmax" else "log_softmax_replaced"
+    assert result.stats[key] == 1 and result.stats["skipped"] == 0
+    assert op_types(result.model) == [f"TwoPass{op}Double"]
+    assert set(result.model.functions) == {(DOMAIN, f"TwoPass{op}Double", "")}
+    onnx.checker.check_model(to_proto(result.model), full_check=True)
+
+
+def test_float64_and_float32_in_one_model_get_their_own_ops():
+    model = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3] x, double[2, 3] d) => (float[2, 3] y, double[2, 3] z) {
+            y = Softmax(x)
+            z = Softmax(d)
+        }
+        """
+    )
+    result = rewrite(model)
+    assert op_types(result.model) == ["TwoPassSoftmax", "TwoPassSoftmaxDouble"]
+    assert len(result.model.functions) == 2
+
+
+# float64 rows the float path gets wrong: magnitudes where x - n ln2 is no longer exact
+# (1e7: a 5e-10 relative error there), past exp's range, at the float64 maximum.
+EDGE_ROWS_64 = np.array(
+    [
+        [1.0, 2.0, 3.0, 4.0],
+        [-np.inf, 0.0, 1.0, -np.inf],
+        [-np.inf, -np.inf, -np.inf, -np.inf],  # fully masked row -> NaN
+        [np.inf, 0.0, 1.0, 2.0],  # +inf -> NaN row
+        [np.nan, 0.0, 1.0, 2.0],  # NaN -> NaN row
+        [1e7, 1e7 + 1.5, 1e7 - 0.25, 1e7 + 3.0],  # large, close values: exact reduction
+        [4e15 + 0.5, 4e15, 4e15 + 2.0, 4e15 - 1.0],  # integers and halves only
+        [1.7e308, 1.79e308, -1.79e308, 0.0],  # near the float64 maximum -> one-hot
+        [-1.79e308, -1.79e308, -1e300, -1.7e308],  # all hugely negative
+        [709.0, 710.0, -745.0, 0.0],  # around exp's overflow and underflow in double
+        [1e-300, -1e-300, 0.0, 5e-324],  # tiny magnitudes
+    ],
+    dtype=np.float64,
+)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_float64_is_exact_at_double_precision(op):
+    model = softmax_model(op, dtype="double", shape="[11, 4]", axis=-1)
+    feeds = {"x": EDGE_ROWS_64}
+    log = op == "LogSoftmax"
+    expected = three_pass_float64(EDGE_ROWS_64, log=log)
+    result = rewrite(model)
+    actual = run(result.model, feeds)["y"]
+    assert actual.dtype == np.float64
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    # a few ulp (2.2e-16 each): two Exp, a product, a sum and a division
+    np.testing.assert_allclose(actual, expected, rtol=1e-14, atol=1e-300, equal_nan=True)
+    np.testing.assert_allclose(actual, run(model, feeds)["y"], rtol=1e-14, atol=1e-300, equal_nan=True)
+    np.testing.assert_allclose(tpm.reference_softmax_double(EDGE_ROWS_64, log=log), expected, rtol=1e-14, atol=1e-300, equal_nan=True)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 257)) * 10 ** rng.uniform(-3, 6, (64, 1))
+    model = softmax_model(op, dtype="double", shape="[64, 257]", axis=-1)
+    # log-probabilities near 0 (the row's largest) carry an absolute error of an ulp of 1
+    atol = 1e-15 if log else 1e-300
+    np.testing.assert_allclose(run(rewrite(model).model, {"x": x})["y"], three_pass_float64(x, log=log), rtol=1e-13, atol=atol)
 
 
 def test_idempotent():

@@ -1,0 +1,461 @@
+"""Builders of the zoo's models: seeded random weights, one tensor out.
+
+Each builder returns an ``nn.Module`` in eval mode whose ``forward`` takes the model's
+inputs by name (they become the ONNX input names) and returns one tensor. Sizes, each
+what a user would try first:
+
+* text: hidden 256, 4 heads (head dim 64), FFN 1024, 2 layers, vocabulary 1000 (so the
+  LM heads of the decoders do not dominate; 1000 is not a multiple of 16, as real
+  vocabularies mostly are not); eager attention;
+* vision transformers: 224 x 224 images, the text widths; torchvision's ViT-B/16 with
+  its own widths and 2 layers;
+* CNNs: torchvision's as they are (``weights=None``), BatchNorm statistics calibrated
+  (:func:`_calibrate_batch_norm`); ConvNeXt with ConvNeXt-T's widths, one block a stage;
+* speech: wav2vec2 with a 256-channel conv front end; Whisper's encoder at the text
+  widths with its full 80 x 3000 mel input.
+
+>>> module = _bert()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from examples.torchvision_shim import install as install_torchvision_shim
+
+SEED = 0
+VOCAB = 1000
+TEXT = {"hidden": 256, "heads": 4, "ffn": 1024, "layers": 2, "positions": 512}
+
+
+# --- Wrappers: named tensor inputs in, one tensor out -------------------------------
+
+
+@functools.cache
+def _wrappers() -> dict[str, Any]:
+    """The wrapper class per input signature. ``forward``'s parameter names become the
+    ONNX input names (and the keys of dynamo's ``dynamic_shapes``), so each is spelled
+    out; they are built on first use so that importing this file needs no torch."""
+    import torch
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, model: Any, field: str | None, fixed: dict[str, Any]) -> None:
+            super().__init__()
+            self.model, self.field, self.fixed = model, field, fixed
+
+        def out(self, *args: Any, **kwargs: Any) -> Any:
+            output = self.model(*args, **kwargs, **self.fixed)
+            return output if self.field is None else getattr(output, self.field)
+
+    class Text(Wrapped):
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.out(input_ids=input_ids, attention_mask=attention_mask)
+
+    class Seq2Seq(Wrapped):
+        def forward(self, input_ids: Any, attention_mask: Any, decoder_input_ids: Any) -> Any:
+            return self.out(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+            )
+
+    class Pixels(Wrapped):
+        def forward(self, pixel_values: Any) -> Any:
+            return self.out(pixel_values=pixel_values)
+
+    class Images(Wrapped):
+        def forward(self, images: Any) -> Any:
+            return self.out(images)
+
+    class Audio(Wrapped):
+        def forward(self, input_values: Any) -> Any:
+            return self.out(input_values=input_values)
+
+    class Mel(Wrapped):
+        def forward(self, input_features: Any) -> Any:
+            return self.out(input_features=input_features)
+
+    return {
+        "text": Text,
+        "seq2seq": Seq2Seq,
+        "pixels": Pixels,
+        "images": Images,
+        "audio": Audio,
+        "mel": Mel,
+    }
+
+
+def _wrap(model: Any, field: str | None, signature: str, **fixed: Any) -> Any:
+    """``model`` behind the ``forward`` of ``signature`` (a key of :func:`_wrappers`),
+    called with ``fixed`` keyword arguments too, returning ``output.field`` (or the
+    output itself when ``field`` is None)."""
+    return _wrappers()[signature](model, field, fixed).eval()
+
+
+def _seeded() -> None:
+    install_torchvision_shim()  # transformers imports torchvision when it is installed
+    import torch
+
+    torch.manual_seed(SEED)
+
+
+# --- Builders ------------------------------------------------------------------------
+
+
+def bert() -> Any:
+    _seeded()
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        max_position_embeddings=TEXT["positions"],
+        attn_implementation="eager",
+    )
+    return _wrap(BertModel(config, add_pooling_layer=False), "last_hidden_state", "text")
+
+
+def distilbert() -> Any:
+    _seeded()
+    from transformers import DistilBertConfig, DistilBertModel
+
+    config = DistilBertConfig(
+        vocab_size=VOCAB,
+        dim=TEXT["hidden"],
+        n_layers=TEXT["layers"],
+        n_heads=TEXT["heads"],
+        hidden_dim=TEXT["ffn"],
+        max_position_embeddings=TEXT["positions"],
+        attn_implementation="eager",
+    )
+    return _wrap(DistilBertModel(config), "last_hidden_state", "text")
+
+
+def roberta() -> Any:
+    _seeded()
+    from transformers import RobertaConfig, RobertaModel
+
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        max_position_embeddings=TEXT["positions"] + 2,
+        attn_implementation="eager",
+    )
+    return _wrap(RobertaModel(config, add_pooling_layer=False), "last_hidden_state", "text")
+
+
+def albert() -> Any:
+    _seeded()
+    from transformers import AlbertConfig, AlbertModel
+
+    config = AlbertConfig(
+        vocab_size=VOCAB,
+        embedding_size=128,
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        max_position_embeddings=TEXT["positions"],
+        attn_implementation="eager",
+    )
+    return _wrap(AlbertModel(config, add_pooling_layer=False), "last_hidden_state", "text")
+
+
+def deberta_v2() -> Any:
+    _seeded()
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    config = DebertaV2Config(
+        vocab_size=VOCAB,
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        max_position_embeddings=TEXT["positions"],
+        relative_attention=True,
+        position_buckets=64,
+        pos_att_type=["p2c", "c2p"],
+        attn_implementation="eager",
+    )
+    return _wrap(DebertaV2Model(config), "last_hidden_state", "text")
+
+
+def gpt2() -> Any:
+    _seeded()
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=TEXT["hidden"],
+        n_layer=TEXT["layers"],
+        n_head=TEXT["heads"],
+        n_inner=TEXT["ffn"],
+        n_positions=TEXT["positions"],
+        bos_token_id=0,  # the defaults (50256) lie outside the small vocabulary
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
+    return _wrap(GPT2LMHeadModel(config), "logits", "text", use_cache=False)
+
+
+def _causal_lm(config_name: str, model_name: str, **options: Any) -> Any:
+    """A Llama-family causal LM (RoPE, RMSNorm, gated MLP) at the text sizes."""
+    _seeded()
+    import transformers
+
+    config = getattr(transformers, config_name)(
+        vocab_size=VOCAB,
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        max_position_embeddings=TEXT["positions"],
+        use_cache=False,
+        attn_implementation="eager",
+        **options,
+    )
+    model = getattr(transformers, model_name)(config)
+    return _wrap(model, "logits", "text", use_cache=False)
+
+
+def llama() -> Any:
+    return _causal_lm("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2)
+
+
+def qwen2() -> Any:
+    return _causal_lm("Qwen2Config", "Qwen2ForCausalLM", num_key_value_heads=2)
+
+
+def mistral() -> Any:
+    return _causal_lm("MistralConfig", "MistralForCausalLM", num_key_value_heads=2)
+
+
+def phi3() -> Any:
+    return _causal_lm(
+        "Phi3Config", "Phi3ForCausalLM", num_key_value_heads=4, pad_token_id=0, eos_token_id=0
+    )
+
+
+def gemma() -> Any:
+    return _causal_lm("GemmaConfig", "GemmaForCausalLM", num_key_value_heads=1, head_dim=64)
+
+
+def t5_encoder() -> Any:
+    _seeded()
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=TEXT["hidden"],
+        d_kv=TEXT["hidden"] // TEXT["heads"],
+        d_ff=TEXT["ffn"],
+        num_layers=TEXT["layers"],
+        num_heads=TEXT["heads"],
+        attn_implementation="eager",
+    )
+    return _wrap(T5EncoderModel(config), "last_hidden_state", "text")
+
+
+def bart() -> Any:
+    _seeded()
+    from transformers import BartConfig, BartModel
+
+    config = BartConfig(
+        vocab_size=VOCAB,
+        d_model=TEXT["hidden"],
+        encoder_layers=TEXT["layers"],
+        decoder_layers=TEXT["layers"],
+        encoder_attention_heads=TEXT["heads"],
+        decoder_attention_heads=TEXT["heads"],
+        encoder_ffn_dim=TEXT["ffn"],
+        decoder_ffn_dim=TEXT["ffn"],
+        max_position_embeddings=TEXT["positions"],
+        use_cache=False,
+        attn_implementation="eager",
+    )
+    return _wrap(BartModel(config), "last_hidden_state", "seq2seq", use_cache=False)
+
+
+def vit() -> Any:
+    _seeded()
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=224,
+        patch_size=16,
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        num_labels=1000,
+        attn_implementation="eager",
+    )
+    return _wrap(ViTForImageClassification(config), "logits", "pixels")
+
+
+def deit() -> Any:
+    _seeded()
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    config = DeiTConfig(
+        image_size=224,
+        patch_size=16,
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        num_labels=1000,
+        attn_implementation="eager",
+    )
+    return _wrap(DeiTForImageClassificationWithTeacher(config), "logits", "pixels")
+
+
+def clip_vision() -> Any:
+    _seeded()
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        image_size=224,
+        patch_size=32,
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        projection_dim=256,
+        attn_implementation="eager",
+    )
+    return _wrap(CLIPVisionModelWithProjection(config), "image_embeds", "pixels")
+
+
+def torchvision_vit() -> Any:
+    """torchvision's ViT-B/16 widths with 2 layers; its zero-initialised head (every
+    output 0 with ``weights=None``) is re-initialised."""
+    _seeded()
+    import torch
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(
+        image_size=224, patch_size=16, num_layers=2, num_heads=12, hidden_dim=768, mlp_dim=3072
+    )
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    torch.nn.init.normal_(model.heads.head.bias, std=0.02)
+    return _wrap(model, None, "images")
+
+
+def swin() -> Any:
+    _seeded()
+    from transformers import SwinConfig, SwinForImageClassification
+
+    config = SwinConfig(
+        image_size=224,
+        patch_size=4,
+        embed_dim=48,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=7,
+        num_labels=1000,
+        attn_implementation="eager",
+    )
+    return _wrap(SwinForImageClassification(config), "logits", "pixels")
+
+
+def segformer() -> Any:
+    """SegFormer-B0's widths (MiT-B0) with one block per stage, 19 classes."""
+    _seeded()
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    config = SegformerConfig(
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[32, 64, 160, 256],
+        decoder_hidden_size=256,
+        num_labels=19,
+        attn_implementation="eager",
+    )
+    return _wrap(SegformerForSemanticSegmentation(config), "logits", "pixels")
+
+
+def torchvision_model(name: str, **options: Any) -> Callable[[], Any]:
+    def build() -> Any:
+        _seeded()
+        import torchvision
+
+        model = getattr(torchvision.models, name)(weights=None, **options)
+        return _wrap(_calibrate_batch_norm(model), None, "images")
+
+    build.__qualname__ = f"torchvision_{name}"
+    return build
+
+
+def _calibrate_batch_norm(model: Any) -> Any:
+    """Set the BatchNorm statistics from two batches of N(0, 1) images (cumulative
+    averages), then switch to eval mode.
+
+    With the initial statistics (mean 0, variance 1) the eval-mode BatchNorms scale
+    nothing, and the outputs of MobileNetV3 and EfficientNet fade to 1e-10 and 1e-14:
+    every error relative to them is noise. Calibrated, they are of order 1.
+    """
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, 224, 224))
+    return model.eval()
+
+
+def convnext() -> Any:
+    """torchvision's ConvNeXt with ConvNeXt-T's widths and one block per stage."""
+    _seeded()
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    stages = [(96, 192), (192, 384), (384, 768), (768, None)]
+    model = ConvNeXt([CNBlockConfig(width, out, 1) for width, out in stages])
+    return _wrap(model, None, "images")
+
+
+def wav2vec2() -> Any:
+    """wav2vec2 with a 256-channel conv feature encoder (the base model's strides and
+    kernels: one frame per 320 samples), group norm, 2 transformer layers."""
+    _seeded()
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    config = Wav2Vec2Config(
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        conv_dim=(256,) * 7,
+        num_conv_pos_embeddings=128,
+        num_conv_pos_embedding_groups=16,
+        attn_implementation="eager",
+    )
+    return _wrap(Wav2Vec2Model(config), "last_hidden_state", "audio")
+
+
+def whisper_encoder() -> Any:
+    _seeded()
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    config = WhisperConfig(
+        d_model=TEXT["hidden"],
+        encoder_layers=TEXT["layers"],
+        encoder_attention_heads=TEXT["heads"],
+        encoder_ffn_dim=TEXT["ffn"],
+        num_mel_bins=80,
+        max_source_positions=1500,
+        attn_implementation="eager",
+    )
+    return _wrap(WhisperEncoder(config), "last_hidden_state", "mel")

@@ -1,0 +1,217 @@
+"""The model zoo of ``benchmarks/zoo.py``: which models, their inputs, their run sizes.
+
+26 architectures in 8 families, each a small random-weight model built by
+:mod:`benchmarks.zoo_builders` from a ``transformers`` config or from ``torchvision``
+(``weights=None``):
+
+* text encoders: BERT, DistilBERT, RoBERTa, ALBERT, DeBERTa-v2;
+* decoders: GPT-2, and the Llama family with grouped-query (Llama, Qwen2, Mistral:
+  4 query / 2 key-value heads) or multi-query attention (Gemma: 1 key-value head), and
+  Phi-3. They run one prefill of 128 tokens without a KV cache and return the logits;
+* encoder-decoder: the T5 encoder alone, and BART's full forward (encoder, and the
+  decoder over 32 teacher-forced tokens with cross-attention, no cache). A decoder step
+  with past key-values is left out: exporting transformers' cache objects as graph
+  inputs needs per-exporter glue that users of these exporters do not write;
+* ViT-style: ViT, DeiT, CLIP's vision tower, torchvision's ViT-B/16 (2 layers);
+* Swin; SegFormer (semantic segmentation, with a Resize in the decode head);
+* CNNs: ResNet-18, MobileNetV3-small, EfficientNet-B0, RegNetY-400MF, ConvNeXt;
+* speech: wav2vec2 (1 s of 16 kHz audio) and Whisper's encoder (80 x 3000 mel frames).
+
+Symbolic axes: ``batch`` everywhere, ``sequence`` (128 at run time) for text, and
+``samples`` (16000) for wav2vec2; image sizes, Whisper's frames and BART's decoder
+length are fixed, as in the models' own configs.
+
+>>> [model.name for model in select(["cnn"])][:2]
+['resnet18', 'mobilenet_v3_small']
+>>> feeds(MODELS["bert"], batch=1)["input_ids"].shape
+(1, 128)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from benchmarks import zoo_builders as build
+
+SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """One graph input: its axes (an int is fixed, a str names a symbolic axis) and what
+    it holds: ``ids`` (token ids below ``high``), ``mask`` (ones) or ``float`` (N(0, 1))."""
+
+    name: str
+    axes: tuple[int | str, ...]
+    kind: str = "float"
+    high: int = build.VOCAB
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooModel:
+    """A zoo entry: ``make()`` builds the seeded module whose ``forward`` takes the
+    ``inputs`` by name and returns the one output ``output``; ``sizes`` are the run sizes
+    of the symbolic axes other than ``batch``."""
+
+    name: str
+    family: str
+    inputs: tuple[Input, ...]
+    output: str
+    make: Callable[[], Any]
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    note: str = ""
+
+    def key(self) -> str:
+        """The name plus a hash of what its export depends on (the export cache's key):
+        the builder's source, the shared sizes, the inputs, and the versions of torch,
+        transformers, torchvision and onnxscript."""
+        from importlib.metadata import version
+
+        parts = [inspect.getsource(self.make), repr(build.TEXT), repr(self.inputs)]
+        for package in ("torch", "transformers", "torchvision", "onnxscript"):
+            with contextlib.suppress(Exception):
+                parts.append(version(package))
+        digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
+        return f"{self.name}-{digest}"
+
+
+_TOKENS = (
+    Input("input_ids", ("batch", "sequence"), "ids"),
+    Input("attention_mask", ("batch", "sequence"), "mask"),
+)
+_SEQUENCE = {"sequence": 128}
+_IMAGE = (Input("pixel_values", ("batch", 3, 224, 224)),)
+_TV_IMAGE = (Input("images", ("batch", 3, 224, 224)),)
+
+
+def _text(name: str, family: str, make: Callable[[], Any], output: str, note: str = "") -> ZooModel:
+    return ZooModel(name, family, _TOKENS, output, make, _SEQUENCE, note)
+
+
+def _image(
+    name: str, family: str, make: Callable[[], Any], output: str, note: str = ""
+) -> ZooModel:
+    return ZooModel(name, family, _IMAGE, output, make, {}, note)
+
+
+def _tv(name: str, family: str, make: Callable[[], Any], note: str = "") -> ZooModel:
+    return ZooModel(name, family, _TV_IMAGE, "logits", make, {}, note)
+
+
+ZOO: list[ZooModel] = [
+    _text("bert", "text-encoder", build.bert, "last_hidden_state"),
+    _text("distilbert", "text-encoder", build.distilbert, "last_hidden_state"),
+    _text("roberta", "text-encoder", build.roberta, "last_hidden_state"),
+    _text(
+        "albert", "text-encoder", build.albert, "last_hidden_state", "embedding 128, shared layers"
+    ),
+    _text(
+        "deberta_v2", "text-encoder", build.deberta_v2, "last_hidden_state", "relative attention"
+    ),
+    _text("gpt2", "decoder", build.gpt2, "logits", "MHA, GELU tanh"),
+    _text("llama", "decoder", build.llama, "logits", "GQA 4/2 heads"),
+    _text("qwen2", "decoder", build.qwen2, "logits", "GQA 4/2 heads, qkv bias"),
+    _text("mistral", "decoder", build.mistral, "logits", "GQA 4/2 heads"),
+    _text("phi3", "decoder", build.phi3, "logits", "fused qkv, MHA"),
+    _text("gemma", "decoder", build.gemma, "logits", "MQA 4/1 heads"),
+    _text("t5_encoder", "encoder-decoder", build.t5_encoder, "last_hidden_state", "encoder only"),
+    ZooModel(
+        "bart",
+        "encoder-decoder",
+        (*_TOKENS, Input("decoder_input_ids", ("batch", 32), "ids")),
+        "last_hidden_state",
+        build.bart,
+        _SEQUENCE,
+        "encoder + decoder over 32 tokens, no cache",
+    ),
+    _image("vit", "vision-transformer", build.vit, "logits", "197 tokens"),
+    _image("deit", "vision-transformer", build.deit, "logits", "198 tokens, distillation head"),
+    _image(
+        "clip_vision",
+        "vision-transformer",
+        build.clip_vision,
+        "image_embeds",
+        "patch 32: 50 tokens",
+    ),
+    _tv("tv_vit_b_16", "vision-transformer", build.torchvision_vit, "ViT-B/16 widths, 2 layers"),
+    _image("swin", "swin", build.swin, "logits", "embed 48, depths 2-2"),
+    _image("segformer", "segmentation", build.segformer, "logits", "MiT-B0 widths, 1 block/stage"),
+    _tv("resnet18", "cnn", build.torchvision_model("resnet18")),
+    _tv("mobilenet_v3_small", "cnn", build.torchvision_model("mobilenet_v3_small")),
+    _tv("efficientnet_b0", "cnn", build.torchvision_model("efficientnet_b0")),
+    _tv("regnet_y_400mf", "cnn", build.torchvision_model("regnet_y_400mf"), "grouped convs, SE"),
+    _tv("convnext", "cnn", build.convnext, "ConvNeXt-T widths, 1 block/stage"),
+    ZooModel(
+        "wav2vec2",
+        "speech",
+        (Input("input_values", ("batch", "samples")),),
+        "last_hidden_state",
+        build.wav2vec2,
+        {"samples": 16000},
+        "1 s of 16 kHz audio: 49 frames",
+    ),
+    ZooModel(
+        "whisper_encoder",
+        "speech",
+        (Input("input_features", ("batch", 80, 3000)),),
+        "last_hidden_state",
+        build.whisper_encoder,
+        {},
+        "80 x 3000 mel frames: 1500 tokens",
+    ),
+]
+MODELS = {model.name: model for model in ZOO}
+
+
+# --- Inputs --------------------------------------------------------------------------
+
+
+def feeds(
+    model: ZooModel, batch: int, *, sizes: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Seeded run inputs: ``batch``, and ``sizes`` (default: the model's run sizes) for
+    the other symbolic axes.
+
+    >>> {k: v.shape for k, v in feeds(MODELS["wav2vec2"], 8).items()}
+    {'input_values': (8, 16000)}
+    """
+    chosen = {"batch": batch} | (model.sizes if sizes is None else sizes)
+    rng = np.random.default_rng(SEED)
+    arrays = {}
+    for spec in model.inputs:
+        shape = [axis if isinstance(axis, int) else chosen[axis] for axis in spec.axes]
+        if spec.kind == "ids":
+            arrays[spec.name] = rng.integers(0, spec.high, shape, dtype=np.int64)
+        elif spec.kind == "mask":
+            arrays[spec.name] = np.ones(shape, dtype=np.int64)
+        else:
+            arrays[spec.name] = rng.standard_normal(shape).astype(np.float32)
+    return arrays
+
+
+def symbolic_axes(model: ZooModel) -> list[str]:
+    """The names of the model's symbolic axes, ``batch`` first."""
+    names: list[str] = []
+    for spec in model.inputs:
+        names += [axis for axis in spec.axes if isinstance(axis, str) and axis not in names]
+    return names
+
+
+def select(names: Iterable[str] | None) -> list[ZooModel]:
+    """The zoo's models named in ``names`` (model or family names), in zoo order; all of
+    them for None. An unknown name raises ``KeyError`` listing the known ones."""
+    if names is None:
+        return list(ZOO)
+    wanted = set(names)
+    known = set(MODELS) | {model.family for model in ZOO}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise KeyError(f"unknown models {unknown}; known: {sorted(known)}")
+    return [model for model in ZOO if model.name in wanted or model.family in wanted]

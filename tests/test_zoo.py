@@ -1,0 +1,147 @@
+"""The model zoo of ``benchmarks/zoo.py``: the list, the builders, and both exporters.
+
+Default suite (about 25 s on two cores): the list's shape, every model builds (and the
+quick ones run in torch), and a ViT exports with both exporters into graphs that
+ONNX Runtime runs at a batch other than the traced one, agreeing with torch. The slow
+suite does the same for one model of every family.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import zoo_export, zoo_models, zoo_profile
+from examples.torchvision_shim import install as install_torchvision_shim
+
+install_torchvision_shim()  # before transformers, which imports torchvision if installed
+pytest.importorskip("transformers")
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+# One model per family, the quickest to export of each.
+PER_FAMILY = {
+    "text-encoder": "distilbert",
+    "decoder": "gemma",
+    "encoder-decoder": "t5_encoder",
+    "vision-transformer": "clip_vision",
+    "swin": "swin",
+    "segmentation": "segformer",
+    "cnn": "resnet18",
+    "speech": "whisper_encoder",
+}
+# ONNX Runtime against torch eager on the same float32 model: reordered float sums,
+# ~1e-6 of the output's scale over these 2-layer models and 20-layer CNNs (measured:
+# 2e-7 to 6e-6); 1e-4 catches a wrong graph (errors of order 1).
+EXPORT_RTOL = 1e-4
+
+
+def _needs(model: zoo_models.ZooModel) -> None:
+    uses_torchvision = any(spec.name == "images" for spec in model.inputs)
+    if uses_torchvision and not HAS_TORCHVISION:
+        pytest.skip("torchvision is not installed")
+
+
+def test_zoo_covers_the_families() -> None:
+    names = [model.name for model in zoo_models.ZOO]
+    assert len(names) == len(set(names)) >= 15
+    assert set(PER_FAMILY) == {model.family for model in zoo_models.ZOO}
+    assert all(zoo_models.MODELS[name].family == family for family, name in PER_FAMILY.items())
+    assert [m.name for m in zoo_models.select(["speech", "bert"])] == [
+        "bert",
+        "wav2vec2",
+        "whisper_encoder",
+    ]
+    with pytest.raises(KeyError, match="unknown models"):
+        zoo_models.select(["resnet1000"])
+
+
+def test_feeds_follow_the_input_specs() -> None:
+    bart = zoo_models.feeds(zoo_models.MODELS["bart"], 3)
+    assert {name: value.shape for name, value in bart.items()} == {
+        "input_ids": (3, 128),
+        "attention_mask": (3, 128),
+        "decoder_input_ids": (3, 32),
+    }
+    assert bart["input_ids"].max() < zoo_models.build.VOCAB and bart["attention_mask"].all()
+    again = zoo_models.feeds(zoo_models.MODELS["bart"], 3)
+    assert all(np.array_equal(bart[name], again[name]) for name in bart)  # seeded
+
+
+@pytest.mark.parametrize("name", [model.name for model in zoo_models.ZOO])
+def test_every_model_builds(name: str) -> None:
+    import torch
+
+    model = zoo_models.MODELS[name]
+    _needs(model)
+    module = model.make()
+    assert not module.training
+    if model.family in ("cnn", "segmentation", "swin", "speech") or name == "tv_vit_b_16":
+        return  # seconds of eager compute each; their exports run them in the slow suite
+    with torch.no_grad():
+        output = module(*[torch.from_numpy(v) for v in zoo_models.feeds(model, 2).values()])
+    assert output.shape[0] == 2 and torch.isfinite(output).all() and output.std() > 1e-3
+
+
+def _check_export(name: str, exporter: str, cache: Path) -> None:
+    """Export, and run the export in ORT at batch 3 (traced at 2) against torch."""
+    import onnxruntime as ort
+    import torch
+
+    model = zoo_models.MODELS[name]
+    _needs(model)
+    result = zoo_export.exported(model, exporter, cache)
+    assert result.ok, result.error
+    assert not result.note, result.note  # dynamic shapes exported, no static fallback
+    feeds = zoo_models.feeds(model, 3)
+    session = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"])
+    got = session.run([model.output], feeds)[0]
+    with torch.no_grad():
+        want = model.make()(*[torch.from_numpy(v) for v in feeds.values()]).numpy()
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= EXPORT_RTOL * np.abs(want).max()
+    cached = zoo_export.exported(model, exporter, cache)  # the second call reads the cache
+    assert cached.path == result.path and cached.seconds == result.seconds
+
+
+@pytest.mark.parametrize("exporter", zoo_export.EXPORTERS)
+def test_exports_with_dynamic_batch(exporter: str, tmp_path: Path) -> None:
+    _check_export("clip_vision", exporter, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", zoo_export.EXPORTERS)
+@pytest.mark.parametrize("family", sorted(PER_FAMILY))
+def test_every_family_exports(family: str, exporter: str, tmp_path: Path) -> None:
+    _check_export(PER_FAMILY[family], exporter, tmp_path)
+
+
+def test_a_failing_export_is_a_result(tmp_path: Path) -> None:
+    def broken() -> object:
+        raise RuntimeError("no such layer\nsecond line")
+
+    model = zoo_models.ZooModel("broken", "cnn", (), "logits", broken)
+    result = zoo_export.export(model, "dynamo", tmp_path / "broken.onnx")
+    assert not result.ok and result.error == "RuntimeError: no such layer"
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("fused_conv2d1_add1_relu1", "conv"),
+        ("fused_matmul_add9_packed", "matmul"),
+        ("fused_layer_norm1", "norm"),
+        ("fused_power_mean_add_rsqrt_multiply", "reduce"),
+        ("fused_strided_slice_maximum", "layout"),
+        ("max_pool2d", "pool"),
+        ("rewriter_two_pass_softmax", "softmax"),
+        ("vm.builtin.alloc_tensor", "vm"),
+        ("FusedConv", "conv"),
+        ("SkipLayerNormalization", "norm"),
+        ("ReduceMean", "reduce"),
+        ("BiasGelu", "elementwise"),
+    ],
+)
+def test_op_families(name: str, family: str) -> None:
+    assert zoo_profile.family(name) == family
