@@ -349,7 +349,14 @@ def compile(
         if torch_import.is_exported_program(source):
             mod = torch_import.import_exported_program(source, target=tvm_target, kernel=kernel)
         else:
-            mod = onnx_import.import_onnx(source, target=tvm_target, kernel=kernel)
+            try:
+                mod = onnx_import.import_onnx(source, target=tvm_target, kernel=kernel)
+            except InputError:
+                raise
+            except Exception as exc:
+                if symbolic:
+                    raise
+                raise UnsupportedModelError(f"TVM cannot import the model: {_importer_failure(exc, source)}") from exc
         record = cpu_schedule.ScheduleRecord()
         pipeline = relax_pipeline(tvm_target, fast_math=fast_math, tuner=tuner, record=record)
         executable = relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
@@ -368,6 +375,26 @@ def compile(
     compiled.tuning = tuner.report if tuner is not None else None
     compiled.schedules = None if targets.is_gpu(target) else record
     return compiled
+
+
+def _importer_failure(exc: BaseException, proto: Any) -> str:
+    """TVM's importer error in one line, naming the ONNX operator where it names a node."""
+    import re
+
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = next((line for line in lines if line.startswith("Node ")), lines[-1] if lines else type(exc).__name__)
+    found = re.match(r"Node (\S+)", text)
+    if found:
+        op_types = {node.name: node.op_type for node in getattr(proto.graph, "node", [])}
+        op_type = op_types.get(found.group(1))
+        if op_type:
+            text = f"{op_type} {text}"
+    return text
+
+
+class UnsupportedModelError(InputError):
+    """TVM's ONNX importer cannot convert the model (an operator or a form of it that it
+    lacks); the error names the operator."""
 
 
 class SymbolicDimsError(InputError):

@@ -603,3 +603,16 @@ def test_symbolic_dims_tvm_cannot_keep_are_fixed_and_the_report_says_so(tiny_ber
     check = compiled_check.check_compiled(rewritten, "avx512", feeds=feeds, reference=None)
     assert check.note is not None and "fixed to the verification inputs' sizes" in check.note
     assert check.accepts == {name: list(value.shape) for name, value in feeds.items()}
+
+
+def test_an_operator_tvm_cannot_import_is_an_input_error_naming_it():
+    # TVM's importer has no converter for this op: one line naming the operator, exit 2.
+    graph = helper.make_graph(
+        [helper.make_node("DFT", ["x"], ["y"], onesided=1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InputError, match="DFT"):
+        backend.compile(model, "llvm")
