@@ -272,8 +272,7 @@ def _rules() -> dict[str, Any]:
             loops = sch.get_loops(block)
             # Columns and depth are tiled: static. Batch loops may be symbolic (a model
             # compiled for any batch size): they only feed the parallel loop. So may rows
-            # (batch x tokens): then whole row tiles run unmasked and the last, partial one
-            # masked, peeled off by LoopPartition (pragma_loop_partition_hint).
+            # (batch x tokens): then the last row tile is masked.
             extents = static_extents(sch, loops[-2:])
             if extents is None:
                 return None
@@ -297,8 +296,9 @@ def _rules() -> dict[str, Any]:
                 mc, mo, mi = sch.split(i, [None, row_block // tile_i, tile_i])
                 outer = [*batch, mc, jo]
             else:
+                # Symbolic rows: the last row tile is masked, a branch per row (TVM's
+                # LoopPartition, which would peel it off, fails on symbolic bounds).
                 mo, mi = sch.split(i, [None, tile_i])
-                sch.annotate(mo, "pragma_loop_partition_hint", 1)
                 outer = [*batch, jo]
             # Panels of B outside, rows of A inside: a K x tile_j panel of B stays in
             # cache while every row tile of the row block streams past it.
@@ -464,9 +464,7 @@ def _rules() -> dict[str, Any]:
     class VectorizedElementwise(CpuRule):
         """A single injective block: its static inner loops fused and vectorized by the
         widest vector (16, 8 or 4 lanes on AVX-512) that divides them, the outer ones
-        (symbolic sizes: a batch) parallel. A row no such vector divides is split by the
-        vector width anyway, its last vector masked and peeled off by ``LoopPartition``
-        (``pragma_loop_partition_hint``), so the others stay whole."""
+        (symbolic sizes: a batch) parallel."""
 
         what = "elementwise"
 
@@ -493,19 +491,18 @@ def _rules() -> dict[str, Any]:
                 if outer:
                     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
                 return sch if outer else None
-            # The widest vector that divides the row; none (an odd row): whole vectors and a
-            # masked last one that LoopPartition peels off, unless a symbolic loop encloses
-            # the row (TVM's LoopPartition then fails, mixing int32 and int64 bounds).
-            width = next((w for w in (self.lanes, self.lanes // 2, self.lanes // 4) if w >= 4 and total % w == 0), 0)
-            if not width and outer:
-                sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-                return sch
-            vectors, lanes = sch.split(row, [None, width or self.lanes])
-            sch.vectorize(lanes)
+            # The widest vector that divides the row. None does (an odd row): the row stays
+            # scalar. (Whole vectors and a masked last one peeled off by LoopPartition would
+            # be faster, but TVM's LoopPartition fails on such loops, mixing int32 and int64
+            # bounds.)
+            width = next((w for w in (self.lanes, self.lanes // 2, self.lanes // 4) if w >= 2 and total % w == 0), 0)
             if not width:
-                sch.annotate(vectors, "pragma_loop_partition_hint", 1)
-            else:
-                sch.parallel(sch.fuse(*outer, vectors))
+                if outer:
+                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                return sch
+            vectors, lanes = sch.split(row, [None, width])
+            sch.vectorize(lanes)
+            sch.parallel(sch.fuse(*outer, vectors))
             return sch
 
     _RULES["base"] = CpuRule
