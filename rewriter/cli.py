@@ -291,9 +291,19 @@ def _compiled_lines(compiled: Any) -> list[str]:
         return []
     where = f", written to {compiled.library}" if compiled.library else ""
     lines = [f"  compiled for {compiled.target} ({compiled.compile_seconds:.1f} s{where}):"]
+    if compiled.accepts:
+        shapes = ", ".join(
+            f"{name}[{', '.join('?' if dim is None else str(dim) for dim in shape)}]"
+            for name, shape in compiled.accepts.items()
+        )
+        lines.append(f"    accepts {shapes} (a name: any size)")
     if compiled.note:
         lines.append(f"    note: {compiled.note}")
     lines.extend(_tuning_lines(compiled.tuning))
+    unscheduled = (compiled.schedules or {}).get("unscheduled", [])
+    if unscheduled:
+        names = ", ".join(sorted(unscheduled)[:8]) + (", ..." if len(unscheduled) > 8 else "")
+        lines.append(f"    {len(unscheduled)} functions on TVM's default lowering (no schedule of ours): {names}")
     for output in compiled.outputs:
         verdict = {True: "ok", False: "FAIL", None: "reported"}[output.passed]
         lines.append(

@@ -173,6 +173,7 @@ def rewrite_file(
 
         say(f"loading {source}")
         model, data_files = io.load_with_sources(source)
+        verify.check_dims(_input_shapes(model), dims or {})
         reads += [("the input's external data", path) for path in data_files]
         paths.check_overlaps(reads, writes, force=force)
         feeds: dict[str, np.ndarray] | None = None
@@ -377,6 +378,7 @@ def _compile(
     compiled = compile_check.check_compiled(
         rewritten, target, feeds=feeds, reference=reference, cuda_arch=cuda_arch,
         library=library, enforce=exact, say=say, tune=tune, tune_db=tune_db, tune_seconds=tune_seconds,
+        dims=dims,
         tune_rpc=remote,
     )
     if compiled.enforced and not compiled.passed:
@@ -387,6 +389,16 @@ def _compile(
             f"tolerance (rtol {compiled.tolerance['rtol']:.3g}); nothing written"  # type: ignore[index]
         )
     return compiled
+
+
+def _input_shapes(model: ir.Model) -> dict[str, list[int | str | None]]:
+    """Each graph input's dimensions (a size, a symbolic name, or None), by name."""
+    shapes: dict[str, list[int | str | None]] = {}
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers or value.shape is None:
+            continue
+        shapes[value.name or ""] = [dim if isinstance(dim, int) else dim.value for dim in value.shape]
+    return shapes
 
 
 def _inputs(

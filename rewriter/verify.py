@@ -328,6 +328,7 @@ def make_inputs(
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     table_rows = _index_table_rows(proto)
     specs = input_specs(proto)
+    check_dims({spec.name: spec.dims for spec in specs}, dims)
     shapes = {spec.name: [_dim_value(dim, dims, spec.name, axis) for axis, dim in enumerate(spec.dims)] for spec in specs}
     _check_generated_size(specs, shapes)
     rng = np.random.default_rng(seed)
@@ -344,6 +345,39 @@ def make_inputs(
             high = table_rows.get(spec.name, DEFAULT_INT_HIGH)
             inputs[spec.name] = rng.integers(0, high, shape).astype(spec.dtype)
     return inputs
+
+
+def check_dims(shapes: Mapping[str, Sequence[int | str | None]], dims: Mapping[str, int]) -> None:
+    """Refuse a ``dims`` key that names no symbolic input axis of the model (a name, e.g.
+    ``batch``, or ``input.axis``, e.g. ``input_ids.1``), listing the axes it has: a
+    ``--dim batch=1`` on a model whose axis is ``batch_size`` would otherwise be ignored.
+
+    ``shapes``: each input's dimensions (a size, a name, or None), by input name.
+
+    >>> check_dims({"input_ids": ["batch_size", "sequence"]}, {"batch": 1})  # doctest: +SKIP
+    Traceback (most recent call last):
+    InputError: --dim batch: the model has no symbolic input axis of that name; its axes: batch_size (input_ids[0], ...)
+    """
+    axes: dict[str, list[str]] = {}
+    positions = set()
+    for name, shape in shapes.items():
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, int) and dim >= 0:
+                continue
+            positions.add(f"{name}.{axis}")
+            if isinstance(dim, str) and dim:
+                axes.setdefault(dim, []).append(f"{name}[{axis}]")
+    unknown = [key for key in dims if key not in axes and key not in positions]
+    if not unknown:
+        return
+    listed = "; ".join(f"{name} ({', '.join(where)})" for name, where in axes.items())
+    unnamed = sorted(positions - {f"{w.split('[')[0]}.{w.split('[')[1][:-1]}" for where in axes.values() for w in where})
+    if unnamed:
+        listed += ("; " if listed else "") + "unnamed: " + ", ".join(unnamed)
+    raise InputError(
+        f"--dim {unknown[0]}: the model has no symbolic input axis of that name; "
+        f"its symbolic axes: {listed or 'none (every input shape is fixed)'}"
+    )
 
 
 def _check_generated_size(specs: Sequence[InputSpec], shapes: Mapping[str, list[int]]) -> None:

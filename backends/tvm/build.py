@@ -32,6 +32,7 @@ from rewriter.backends.tvm import import_onnx as onnx_import
 from rewriter.backends.tvm import import_torch as torch_import
 from rewriter.backends.tvm import targets, tuning
 from rewriter.backends.tvm.pipeline import relax_pipeline
+from rewriter.backends.tvm.relax_passes import cpu_schedule
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ class Compiled:
         self._vm: Any = None
         # With compile(tune=...): what the tuning stage did (a tuning.TuningReport).
         self.tuning: tuning.TuningReport | None = None
+        # CPU builds: which rule scheduled each function, and which none did.
+        self.schedules: cpu_schedule.ScheduleRecord | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -346,8 +349,16 @@ def compile(
         if torch_import.is_exported_program(source):
             mod = torch_import.import_exported_program(source, target=tvm_target, kernel=kernel)
         else:
-            mod = onnx_import.import_onnx(source, target=tvm_target, kernel=kernel)
-        pipeline = relax_pipeline(tvm_target, fast_math=fast_math, tuner=tuner)
+            try:
+                mod = onnx_import.import_onnx(source, target=tvm_target, kernel=kernel)
+            except InputError:
+                raise
+            except Exception as exc:
+                if symbolic:
+                    raise
+                raise UnsupportedModelError(f"TVM cannot import the model: {_importer_failure(exc, source)}") from exc
+        record = cpu_schedule.ScheduleRecord()
+        pipeline = relax_pipeline(tvm_target, fast_math=fast_math, tuner=tuner, record=record)
         executable = relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
     except InputError:
         raise
@@ -356,13 +367,39 @@ def compile(
             raise
         # TVM's importer and VM shape lowering fail on many data-dependent shapes.
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-        raise InputError(
+        raise SymbolicDimsError(
             f"TVM cannot compile the model with symbolic input dimensions "
             f"({', '.join(symbolic)}): {first}; fix them with dims= (CLI: --dim NAME=VALUE)"
         ) from exc
     compiled = Compiled(executable, signature, device="cuda" if targets.is_gpu(target) else "cpu")
     compiled.tuning = tuner.report if tuner is not None else None
+    compiled.schedules = None if targets.is_gpu(target) else record
     return compiled
+
+
+def _importer_failure(exc: BaseException, proto: Any) -> str:
+    """TVM's importer error in one line, naming the ONNX operator where it names a node."""
+    import re
+
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = next((line for line in lines if line.startswith("Node ")), lines[-1] if lines else type(exc).__name__)
+    found = re.match(r"Node (\S+)", text)
+    if found:
+        op_types = {node.name: node.op_type for node in getattr(proto.graph, "node", [])}
+        op_type = op_types.get(found.group(1))
+        if op_type:
+            text = f"{op_type} {text}"
+    return text
+
+
+class UnsupportedModelError(InputError):
+    """TVM's ONNX importer cannot convert the model (an operator or a form of it that it
+    lacks); the error names the operator."""
+
+
+class SymbolicDimsError(InputError):
+    """TVM could not compile the model with its symbolic input dimensions kept (its importer
+    and VM shape lowering fail on many exporters' shape arithmetic); fixed ``dims`` may."""
 
 
 def load(path: str | os.PathLike[str], device: str = "cpu") -> Compiled:

@@ -41,6 +41,7 @@ import onnx_ir.passes.common
 
 from rewriter.backends.tvm import ops
 from rewriter.backends.tvm.ops import KernelFactory
+from rewriter.backends.tvm.relax_passes import onnx_simplify
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
 from rewriter.backends.tvm.relax_passes.unroll import unroll_loops
 from rewriter.errors import InputError
@@ -148,6 +149,7 @@ def prepare(
             for key in held:
                 work.functions.pop(key, None)
     ir.passes.common.RemoveUnusedNodesPass()(work)
+    logger.debug("simplified for the importer: %s", onnx_simplify.simplify(work))
     _widen_4bit_initializers(work)
     expand_losses(work)
     unroll_loops(work)
@@ -177,14 +179,20 @@ def _optimize(work: ir.Model) -> None:
     from onnxscript.optimizer._optimizer import optimize_ir
 
     # The folder logs a warning for every node it tries and cannot evaluate (shape ops
-    # on symbolic dims); those nodes are simply left to TVM's importer.
-    folding_logger = logging.getLogger("onnxscript.optimizer._constant_folding")
-    level = folding_logger.level
-    folding_logger.setLevel(logging.ERROR)
+    # on symbolic dims), and the deduplication one for every initializer that is also a
+    # graph input (old Caffe2 exports: hundreds of lines); both leave the model right.
+    quiet = [
+        logging.getLogger("onnxscript.optimizer._constant_folding"),
+        logging.getLogger("onnx_ir.passes.common.initializer_deduplication"),
+    ]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
     try:
         optimize_ir(work, should_fold=_fold_constant_of_shape)
     finally:
-        folding_logger.setLevel(level)
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
 
 
 _WIDER = {ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8}

@@ -7,21 +7,26 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    ops become ``call_tir`` to our kernels, weights become constants of the module; on
    targets with AVX512-BF16, bf16 matmuls with a constant weight become ``call_tir`` to
    our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
-2. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
-   stock ``softmax``) become TVM's polynomial versions (BERT outputs move by ~1e-6
-   relative; our two-pass kernel is not touched);
-3. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``), float ``max``/``min``
+2. inference forms: batch norms folded into the convolutions before them (the rest
+   decomposed into a scale and a shift), constant computations folded; on CPUs the
+   convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`);
+3. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
+   stock ``softmax``) become TVM's polynomial versions, after sigmoid, silu and gelu are
+   spelled out in them (:mod:`rewriter.backends.tvm.relax_passes.activations`; BERT
+   outputs move by ~1e-6 relative; our two-pass kernel is not touched);
+4. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``), float ``max``/``min``
    reduced from ``-inf``/``+inf`` rather than TVM's finite extremes
    (:mod:`rewriter.backends.tvm.relax_passes.reduce_identity`);
-4. scheduling: on CPUs constant matmul weights packed in panels
+5. scheduling: on CPUs constant matmul and convolution weights packed in panels
    (:mod:`rewriter.backends.tvm.relax_passes.pack_weights`), then our rules
-   (:mod:`rewriter.backends.tvm.relax_passes.schedules`: register-tiled matmul, vectorized row
-   reductions and elementwise loops); on CUDA
+   (:mod:`rewriter.backends.tvm.relax_passes.cpu_schedule`: register-tiled matmul and
+   convolutions, channels-last windows, vectorized row reductions, tiled transposes and
+   elementwise loops); on CUDA
    ``tvm.s_tir.dlight`` (Matmul, GEMV, Reduction, GeneralReduction, Fallback). With
    ``tune``/``tune_db`` (CPU targets), before our rules: the tuning stage
    (:mod:`rewriter.backends.tvm.tuning`) tunes what the database lacks and gives each
    function its best record where that beat ours side by side; our rules schedule the rest;
-5. TVM's lowering to the Relax VM.
+6. TVM's lowering to the Relax VM.
 
 >>> executable = relax.build(mod, target=target, relax_pipeline=relax_pipeline(target))  # doctest: +SKIP
 """
@@ -31,25 +36,32 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rewriter.backends.tvm import tuning
+from rewriter.backends.tvm.relax_passes import cpu_schedule
 
 if TYPE_CHECKING:
     import tvm
 
 
 def relax_pipeline(
-    target: tvm.target.Target, *, fast_math: bool = True, tuner: tuning.Tuner | None = None
+    target: tvm.target.Target,
+    *,
+    fast_math: bool = True,
+    tuner: tuning.Tuner | None = None,
+    record: cpu_schedule.ScheduleRecord | None = None,
 ) -> tvm.transform.Pass:
-    """The Relax pipeline of :func:`rewriter.backends.tvm.compile` for ``target`` (see the module docstring)."""
+    """The Relax pipeline of :func:`rewriter.backends.tvm.compile` for ``target`` (see the
+    module docstring); ``record`` (CPU targets) collects which rule scheduled each function."""
     import tvm
     from tvm import relax
 
     from rewriter.backends.tvm.kernels import bf16_matmul as bf16_kernel
     from rewriter.backends.tvm.relax_passes import (
+        activations,
         bf16_matmul,
+        conv,
         legalize_bf16_norms,
         pack_weights,
         reduce_identity,
-        schedules,
     )
 
     gpu = "gpu" in target.keys
@@ -59,18 +71,28 @@ def relax_pipeline(
         from tvm.relax.backend.cpu_generic import pipeline as stages
 
     passes = [legalize_bf16_norms.upcast_pass()]  # TVM legalizes no bf16 layer norm
+    # Inference forms: batch norms folded into the convolutions before them (the rest
+    # decomposed into a scale and a shift), and the weights' computations folded.
+    passes += [
+        relax.transform.FoldConstant(),
+        relax.transform.FoldBatchnormToConv2D(),
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.FoldConstant(),
+    ]
+    if not gpu:  # convolutions channels-last, for our conv schedules
+        passes.append(conv.channels_last())
     if not gpu and bf16_kernel.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)
-    if fast_math:
-        passes.append(relax.transform.FastMathTransform())
+    if fast_math:  # sigmoid, silu, gelu as exp/tanh/erf first: their fast forms vectorize
+        passes += [activations.expand_activations(), relax.transform.FastMathTransform()]
     passes.append(reduce_identity.legalize_pass())  # float max/min from -inf/+inf, not finfo
     passes += stages.legalize_passes(target)  # CUDA's ends with dlight's default rules
     if not gpu:
         passes.append(pack_weights.pack_matmul_weights(target))
         if tuner is not None:  # tuned records first; our rules skip what they scheduled
             passes += tuner.passes(target)
-        passes.append(schedules.cpu_schedule(target))
+        passes.append(cpu_schedule.cpu_schedule(target, record))
     passes += stages.dataflow_lower_passes(target)
     passes += stages.finalize_passes(target)
 

@@ -59,6 +59,11 @@ class CompiledCheck:
     compile_seconds: float
     # With tuning: rewriter.backends.tvm.tuning.TuningReport.to_json().
     tuning: dict[str, Any] | None = None
+    # CPU targets: rewriter.backends.tvm.relax_passes.cpu_schedule.ScheduleRecord.to_json() (which rule
+    # scheduled each function; the functions left to TVM's default lowering).
+    schedules: dict[str, Any] | None = None
+    # The input shapes the library takes: a size, or a name (any size).
+    accepts: dict[str, list[int | str | None]] | None = None
 
     @property
     def passed(self) -> bool:
@@ -78,6 +83,8 @@ class CompiledCheck:
             "passed": self.passed,
             "compile_seconds": self.compile_seconds,
             "tuning": self.tuning,
+            "schedules": self.schedules,
+            "accepts": self.accepts,
         }
 
 
@@ -94,9 +101,16 @@ def check_compiled(
     tune: int | None = None,
     tune_db: str | Path | None = None,
     tune_seconds: float | None = None,
+    dims: Mapping[str, int] | None = None,
     tune_rpc: Remote | None = None,
 ) -> CompiledCheck:
-    """Compile ``model`` for ``target`` at the shapes of ``feeds`` and compare with ``reference``.
+    """Compile ``model`` for ``target`` and compare it with ``reference`` on ``feeds``.
+
+    Symbolic input dimensions stay symbolic, so the library runs at any size, but those
+    ``dims`` fixes (``--dim``); where TVM cannot keep them (its importer fails on many text
+    models' shape arithmetic), or when tuning (MetaSchedule measures fixed shapes), every
+    one is fixed to its size in ``feeds``, and the ``note`` says so. ``accepts`` records
+    the input shapes the library takes (a name: any size).
 
     ``reference`` is ONNX Runtime's output of the original model on ``feeds`` (None:
     build only). ``library``: where to write the shared library (atomically, with its
@@ -112,17 +126,25 @@ def check_compiled(
     say = say or (lambda message: logger.info("%s", message))
     say(f"compiling for {target} with TVM")
     start = time.perf_counter()
-    compiled = backend.compile(
-        model,
-        target,
-        cuda_arch=cuda_arch,
-        dims=backend.shape_dims(model, feeds),
-        tune=tune,
-        tune_db=tune_db,
-        tune_seconds=tune_seconds,
-        progress=say,
-        tune_rpc=tune_rpc,
-    )
+    options: dict[str, Any] = {
+        "cuda_arch": cuda_arch, "tune": tune, "tune_db": tune_db, "tune_seconds": tune_seconds, "progress": say,
+        "tune_rpc": tune_rpc,
+    }
+    fixed = backend.shape_dims(model, feeds)
+    shapes_note = None
+    if tune is not None or tune_db is not None or tune_rpc is not None:
+        compiled = backend.compile(model, target, dims=fixed, **options)
+    else:
+        try:
+            compiled = backend.compile(model, target, dims=dict(dims or {}), **options)
+        except backend.SymbolicDimsError as exc:
+            reason = str(exc).split(": ", 1)[-1].split("; fix them")[0]
+            shapes_note = (
+                f"symbolic input dimensions fixed to the verification inputs' sizes (TVM could not "
+                f"keep them: {reason}); the library takes only these shapes (--dim to choose them)"
+            )
+            say(f"compiling for {target} with TVM at fixed shapes")
+            compiled = backend.compile(model, target, dims=fixed, **options)
     seconds = time.perf_counter() - start
     note = None
     outputs: list[verify.OutputComparison] = []
@@ -149,6 +171,8 @@ def check_compiled(
             outputs.append(comparison)
     if note:
         say(note)
+    if shapes_note:
+        note = shapes_note if note is None else f"{shapes_note}; {note}"
     check = CompiledCheck(
         target=target,
         target_json=targets.target_dict(target, cuda_arch=cuda_arch),
@@ -161,6 +185,8 @@ def check_compiled(
         enforced=enforce and ran,
         compile_seconds=seconds,
         tuning=compiled.tuning.to_json() if compiled.tuning is not None else None,
+        schedules=compiled.schedules.to_json() if compiled.schedules is not None else None,
+        accepts={name: list(shape) for name, shape, _ in compiled.signature.inputs},
     )
     if library is not None and check.passed:
         say(f"writing {library}")

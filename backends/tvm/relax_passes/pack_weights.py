@@ -51,13 +51,19 @@ SUFFIX = "_packed"
 @dataclasses.dataclass(frozen=True)
 class Packable:
     """A PrimFunc whose matmul (block ``block``) reads call argument ``arg`` as ``W[K, N]``,
-    for ``rows`` rows of A (0: not static)."""
+    for ``rows`` rows of A (0: not static); packed ``width`` columns wide.
+
+    A channels-last convolution (:mod:`.conv`) reads its weight as
+    ``W[r..., N]`` (``conv``): its ``K`` is the product of the kernel and input-channel
+    extents, and ``width`` divides ``N`` (no padding)."""
 
     block: str
     arg: int
     k: int
     n: int
     rows: int
+    width: int
+    conv: bool = False
 
 
 def pack(weight: np.ndarray, width: int) -> np.ndarray:
@@ -71,6 +77,7 @@ def pack(weight: np.ndarray, width: int) -> np.ndarray:
     array([[2., 0.],
            [5., 0.]])
     """
+    weight = weight.reshape(-1, weight.shape[-1])  # a convolution's W[r..., N]: K = prod(r)
     k = weight.shape[0]
     weight, panels = _pad_columns(weight, width)
     return np.ascontiguousarray(weight.reshape(k, panels, width).transpose(1, 0, 2))
@@ -104,12 +111,15 @@ def _pad_columns(weight: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
     return np.pad(weight, ((0, 0), (0, blocks * multiple - n))), blocks
 
 
-def find_packable(func: tvm.tirx.PrimFunc, width: int) -> Packable | None:
+def find_packable(func: tvm.tirx.PrimFunc, width: int, lanes: int = 16) -> Packable | None:
     """Where ``func``'s matmul reads its weight, if it can be packed ``width`` columns wide.
 
     The one reduction block must be ``C[..., j] += A[..., k] * W[k, j]`` in float32 with
     ``W`` a static 2-D parameter, ``k`` its only reduction and ``j`` its last spatial
     iterator. ``N`` need not be a multiple of ``width`` (see :func:`packed_func`).
+    Or a channels-last convolution ``C[..., j] += A[..., r_last] * W[r..., j]`` (every
+    reduction iterator, in order, then ``j``), packed as wide as its register tile
+    (:func:`.conv.conv_tile_width` for ``lanes``).
     """
     from tvm import s_tir, tirx
 
@@ -126,31 +136,42 @@ def find_packable(func: tvm.tirx.PrimFunc, width: int) -> Packable | None:
         return None
     block = reductions[0]
     kinds = [iv.iter_type for iv in block.iter_vars]
-    if len(kinds) < 2 or kinds[-1] != reduce or reduce in kinds[:-1]:
+    if len(kinds) < 2 or kinds[-1] != reduce or len(block.reads) != 2 or len(block.writes) != 1:
         return None
-    if len(block.reads) != 2 or len(block.writes) != 1:
+    first_reduction = kinds.index(reduce)
+    if first_reduction == 0 or any(kind != reduce for kind in kinds[first_reduction:]):
         return None
-    j_var, k_var = block.iter_vars[-2].var, block.iter_vars[-1].var
+    j_var = block.iter_vars[first_reduction - 1].var
+    r_vars = [iv.var for iv in block.iter_vars[first_reduction:]]
     a_read, w_read = block.reads
     weight = w_read.source
     arg = next((i for i, param in enumerate(func.params) if weight.same_as(param)), None)
-    if arg is None or len(weight.shape) != 2:
+    if arg is None or len(weight.shape) != len(r_vars) + 1:
         return None
     if any(r.source.dtype != "float32" for r in (a_read, w_read, *block.writes)):
         return None
     w_index = [r.min for r in w_read.region]
-    if not (w_index[0].same_as(k_var) and w_index[1].same_as(j_var)):
+    if not all(index.same_as(var) for index, var in zip(w_index, [*r_vars, j_var], strict=True)):
         return None
-    if not a_read.region[-1].min.same_as(k_var):
+    from rewriter.backends.tvm.relax_passes import conv
+
+    group = conv.group_size(a_read.region[-1].min, j_var, r_vars[-1])
+    if group is None or (group and len(r_vars) == 1):
         return None
     if not all(isinstance(dim, tirx.IntImm) for dim in weight.shape):
         return None
-    k, n = (int(dim) for dim in weight.shape)
+    *r_dims, n = (int(dim) for dim in weight.shape)
+    k = int(np.prod(r_dims))
+    if len(r_vars) > 1:  # a channels-last convolution: its tile width divides N (and G)
+        conv_width = conv.conv_width(n, group, lanes)
+        if conv_width is None or conv_width & (conv_width - 1):
+            return None  # j // width and j % width of a vector lane fold only for powers of two
+        return Packable(block.name_hint, arg, k, n, 0, conv_width, conv=True)
     rows = 1
     if len(block.iter_vars) > 2:
         extent = block.iter_vars[-3].dom.extent
         rows = int(extent) if isinstance(extent, tirx.IntImm) else 0
-    return Packable(block.name_hint, arg, k, n, rows)
+    return Packable(block.name_hint, arg, k, n, rows, width)
 
 
 def packed_func(
@@ -165,10 +186,24 @@ def packed_func(
     weight parameter becomes the padded panels, zero past column ``N``, as :func:`pack`
     writes them; padded rows of A are copied in the function, per call.
     """
-    from tvm import s_tir
+    from tvm import s_tir, tirx
 
     sch = s_tir.Schedule(func)
     block = sch.get_sblock(site.block)
+    if site.conv:
+        from rewriter.backends.tvm.relax_passes import conv
+
+        def panels(*index: Any) -> tuple[Any, Any, Any]:
+            *r, j = index
+            k = r[0]
+            for value, extent in zip(r[1:], sch.get(block).reads[1].source.shape[1:-1], strict=True):
+                k = k * extent + value
+            return j // site.width, k, j % site.width
+
+        ndim = len(sch.get(block).reads[1].source.shape)
+        sch.transform_layout(block, ("read", 1), tirx.IndexMap.from_func(panels, ndim=ndim))
+        sch.annotate(block, conv.PACKED_ANNOTATION, site.width)
+        return sch.mod["main"]
     pad = schedules.padding(site.rows or 1, site.n, lanes, packed=width)
     schedules.zero_pad(sch, block, pad)
     sch.transform_layout(block, ("read", 1), lambda k, j: (j // width, k, j % width))
@@ -214,11 +249,11 @@ def pack_matmul_weights(target: tvm.target.Target) -> tvm.transform.Pass:
         sites: dict[str, tuple[Packable, tvm.tirx.PrimFunc]] = {}
         for gv, func in mod.functions.items():
             if isinstance(func, tvm.tirx.PrimFunc):
-                site = find_packable(func, width)
+                site = find_packable(func, width, lanes)
                 if site is None:
                     continue
                 try:
-                    sites[gv.name_hint] = site, packed_func(func, site, width, lanes)
+                    sites[gv.name_hint] = site, packed_func(func, site, site.width, lanes)
                 except Exception as exc:  # a primitive refused: leave the function unpacked
                     logger.debug("%s not packed: %s", gv.name_hint, exc)
         if not sites:
@@ -245,7 +280,7 @@ def pack_matmul_weights(target: tvm.target.Target) -> tvm.transform.Pass:
                 ):
                     return call
                 if weight not in repacked:
-                    repacked[weight] = relax.const(pack(weight.value.numpy(), width))
+                    repacked[weight] = relax.const(pack(weight.value.numpy(), site.width))
                 args[site.arg] = repacked[weight]
                 if name not in packed_vars:
                     packed_vars[name] = self.builder_.add_func(func, name + SUFFIX)

@@ -57,19 +57,6 @@ ROW_BLOCK_BYTES = 1 << 20
 PAD_ANNOTATION = "rewriter.zero_pad"
 
 
-def cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The module pass that schedules every unscheduled PrimFunc for CPU ``target``."""
-    from tvm.s_tir import dlight as dl
-
-    lanes = vector_lanes(target)
-    return dl.ApplyDefaultSchedule(
-        _rules()["matmul"](lanes),
-        _rules()["row_reduction"](lanes),
-        dl.cpu.Reduction(),
-        _rules()["elementwise"](lanes),
-    )
-
-
 def vector_lanes(target: tvm.target.Target) -> int:
     """float32 lanes of one vector register of ``target``: 16 with AVX-512, 8 with AVX,
     else 4 (SSE, NEON).
@@ -115,7 +102,7 @@ def register_tile(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[in
     tile_j = packed or _largest_divisor(cols, PANEL_VECTORS * lanes, lanes)
     if tile_j is None:
         return None
-    tile_i = _largest_divisor(rows, _tile_rows(tile_j, lanes))
+    tile_i = _largest_divisor(rows, tile_rows(tile_j, lanes))
     return tile_i or 1, tile_j
 
 
@@ -141,7 +128,7 @@ def padding(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[int, int
         divisor = _largest_divisor(cols, PANEL_VECTORS * lanes, lanes)
         width = divisor or PANEL_VECTORS * lanes
         pad_j = 1 if divisor else width
-    limit = _tile_rows(width, lanes)
+    limit = tile_rows(width, lanes)
     tile_i = _largest_divisor(rows, limit) or 1
     padded = -(-rows // limit) * limit
     pad_i = limit if 2 * tile_i < limit and 2 * tile_i * padded < limit * rows else 1
@@ -175,7 +162,18 @@ def zero_pad(sch: Any, block: Any, pad: tuple[int, int]) -> bool:
     return True
 
 
-def _tile_rows(tile_j: int, lanes: int) -> int:
+def rule(name: str) -> type:
+    """One of this module's rule classes by name: ``matmul``, ``row_reduction``,
+    ``elementwise``."""
+    return _rules()[name]  # type: ignore[no-any-return]
+
+
+def cpu_rule_base() -> type:
+    """The base class of our CPU rules (``_schedule(func)`` returns a schedule or None)."""
+    return _rules()["base"]  # type: ignore[no-any-return]
+
+
+def tile_rows(tile_j: int, lanes: int) -> int:
     """Rows of a register tile ``tile_j`` wide, at most: accumulators fill the registers."""
     accumulators = ACCUMULATORS.get(lanes * 32, 12)
     return min(MAX_TILE_ROWS, max(accumulators * lanes // tile_j, 1))
@@ -272,29 +270,39 @@ def _rules() -> dict[str, Any]:
                 sch.compute_inline(info.block_rv)
             block = reductions[0].block_rv
             loops = sch.get_loops(block)
-            extents = static_extents(sch, loops)
+            # Columns and depth are tiled: static. Batch loops may be symbolic (a model
+            # compiled for any batch size): they only feed the parallel loop. So may rows
+            # (batch x tokens): then the last row tile is masked.
+            extents = static_extents(sch, loops[-2:])
             if extents is None:
                 return None
             if gemv:
                 # One row (a GEMV, its unit row loop normalized away): tile a unit loop.
                 sch.add_unit_loop(loops[-2])
                 loops = sch.get_loops(block)
-                extents = [*extents[:-2], 1, *extents[-2:]]
             *batch, i, j, k = loops
-            rows, cols, depth = extents[-3:]
-            tile = register_tile(rows, cols, self.lanes, packed)
+            cols, depth = extents
+            rows = 1 if gemv else (static_extents(sch, [i]) or [0])[0]
+            tile = register_tile(rows or MAX_TILE_ROWS, cols, self.lanes, packed)
             if tile is None:
                 return None
             tile_i, tile_j = tile
-            row_block = _row_block(rows, depth, tile_i)
-            mc, mo, mi = sch.split(i, [None, row_block // tile_i, tile_i])
             jo, ji = sch.split(j, [None, tile_j])
             k_loops = [k]
             if depth % K_UNROLL == 0 and depth > K_UNROLL:
                 k_loops = list(sch.split(k, [None, K_UNROLL]))
+            if rows:
+                row_block = _row_block(rows, depth, tile_i)
+                mc, mo, mi = sch.split(i, [None, row_block // tile_i, tile_i])
+                outer = [*batch, mc, jo]
+            else:
+                # Symbolic rows: the last row tile is masked, a branch per row (TVM's
+                # LoopPartition, which would peel it off, fails on symbolic bounds).
+                mo, mi = sch.split(i, [None, tile_i])
+                outer = [*batch, jo]
             # Panels of B outside, rows of A inside: a K x tile_j panel of B stays in
             # cache while every row tile of the row block streams past it.
-            sch.reorder(*batch, mc, jo, mo, *k_loops, mi, ji)
+            sch.reorder(*outer, mo, *k_loops, mi, ji)
             if epilogue:
                 tail = epilogue[-1].block_rv
                 sch.reverse_compute_at(tail, mo)
@@ -311,7 +319,7 @@ def _rules() -> dict[str, Any]:
             inner = sch.get_loops(tail)[-1]
             if (static_extents(sch, [inner]) or [1])[0] % self.lanes == 0:
                 sch.vectorize(inner)
-            sch.parallel(sch.fuse(*batch, mc, jo))
+            sch.parallel(sch.fuse(*outer))
             sch.decompose_reduction(block, k_loops[0])
             for copy in pad_copies:
                 # Once per call, before the matmul: rows in parallel, vectorized along them.
@@ -323,8 +331,8 @@ def _rules() -> dict[str, Any]:
         def _pad(self, sch: Any, infos: list[Any], block: Any, gemv: bool) -> list[Any]:
             """``infos`` once matmul ``block`` is padded to whole register tiles, if it
             needs to be (:func:`padding`, :func:`zero_pad`)."""
-            extents = static_extents(sch, sch.get_loops(block))
-            if extents is None:
+            extents = static_extents(sch, sch.get_loops(block)[-2 if gemv else -3 :])
+            if extents is None:  # symbolic rows: padded by a masked row tile, not here
                 return infos
             pad = padding(1 if gemv else extents[-3], extents[-2], self.lanes)
             if not zero_pad(sch, block, pad):
@@ -385,6 +393,14 @@ def _rules() -> dict[str, Any]:
             if all(info.is_injective() for info in infos):
                 return None
             lead = min(len(kind) - len(kind.lstrip("S")) for kind in kinds)
+            # One row: the elementwise blocks lost its unit axis to normalization (their
+            # one loop runs along the row), the reductions kept it ("SR"). The row loop is
+            # a unit loop added to the last block. (dlight's Reduction, which took these
+            # before, nested the whole softmax in a loop over the row's elements: 2.4 ms
+            # for a 1000-class head, 9.7 ms for 1500.)
+            single_row = len(sch.get_loops(infos[-1].block_rv)) == 1 and not infos[-1].dom_kind().endswith("R")
+            if single_row:
+                lead = 1
             if lead == 0:
                 return None
             for info, kind in zip(infos, kinds, strict=True):
@@ -400,6 +416,8 @@ def _rules() -> dict[str, Any]:
                     partial = self._vector_partials(sch, block)
                     if partial is not None:
                         partials.append(partial)
+            if single_row:
+                sch.add_unit_loop(sch.get_loops(blocks[-1])[0])
             loops = sch.get_loops(blocks[-1])
             if len(loops) <= lead:
                 return None
@@ -444,7 +462,9 @@ def _rules() -> dict[str, Any]:
         return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
     class VectorizedElementwise(CpuRule):
-        """A single injective block with static shapes: vectorize the fused loop."""
+        """A single injective block: its static inner loops fused and vectorized by the
+        widest vector (16, 8 or 4 lanes on AVX-512) that divides them, the outer ones
+        (symbolic sizes: a batch) parallel."""
 
         what = "elementwise"
 
@@ -457,20 +477,35 @@ def _rules() -> dict[str, Any]:
                 sch.compute_inline(info.block_rv)
             block = infos[-1].block_rv
             loops = sch.get_loops(block)
-            extents = static_extents(sch, loops)
-            if not loops or extents is None:
+            if not loops:
                 return None
-            fused = sch.fuse(*loops)
-            total = 1
-            for extent in extents:
-                total *= extent
-            if total % self.lanes:
+            static = len(loops)
+            while static > 0 and static_extents(sch, [loops[static - 1]]) is not None:
+                static -= 1
+            outer, inner = loops[:static], loops[static:]
+            if not inner:
                 return None
-            outer, inner = sch.split(fused, [None, self.lanes])
-            sch.vectorize(inner)
-            sch.parallel(outer)
+            row = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+            total = static_extents(sch, [row])[0]  # type: ignore[index]
+            if total < self.lanes:
+                if outer:
+                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                return sch if outer else None
+            # The widest vector that divides the row. None does (an odd row): the row stays
+            # scalar. (Whole vectors and a masked last one peeled off by LoopPartition would
+            # be faster, but TVM's LoopPartition fails on such loops, mixing int32 and int64
+            # bounds.)
+            width = next((w for w in (self.lanes, self.lanes // 2, self.lanes // 4) if w >= 2 and total % w == 0), 0)
+            if not width:
+                if outer:
+                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                return sch
+            vectors, lanes = sch.split(row, [None, width])
+            sch.vectorize(lanes)
+            sch.parallel(sch.fuse(*outer, vectors))
             return sch
 
+    _RULES["base"] = CpuRule
     _RULES["matmul"] = RegisterTiledMatmul
     _RULES["elementwise"] = VectorizedElementwise
     _RULES["row_reduction"] = VectorizedRowReduction

@@ -316,9 +316,9 @@ class Watch:
 
 def our_schedule(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Any:
     """The traced ``s_tir.Schedule`` our CPU rules give ``func``, or None (no rule fits)."""
-    from rewriter.backends.tvm.relax_passes import schedules
+    from rewriter.backends.tvm.relax_passes import cpu_schedule
 
-    for rule in schedules.cpu_schedule(target).rules:
+    for rule in cpu_schedule.cpu_rules(target):
         space = rule.apply(func, target, False)
         if space is not None:
             return space[0] if isinstance(space, list) else space

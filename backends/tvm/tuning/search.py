@@ -1,7 +1,7 @@
 """MetaSchedule tuning: tune the functions our CPU schedules would get, keep the best on disk.
 
 ``compile(model, "avx512", tune=64)`` adds one stage to the CPU pipeline, after weight
-packing and before :func:`rewriter.backends.tvm.relax_passes.schedules.cpu_schedule`:
+packing and before :func:`rewriter.backends.tvm.relax_passes.cpu_schedule.cpu_schedule`:
 
 1. **tune** (only with ``tune > 0``): the distinct unscheduled PrimFuncs (our kernels,
    marked ``tirx.is_scheduled``, are skipped) become MetaSchedule tasks. A task with a

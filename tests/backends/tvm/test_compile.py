@@ -549,3 +549,70 @@ def test_gather_with_an_out_of_range_index_does_not_read_out_of_bounds():
     np.testing.assert_array_equal(valid, table[[0, 6, 3]])
     clamped = compiled.run({"ids": np.array([1, 10**9, 2], np.int64)})["rows"]
     np.testing.assert_array_equal(clamped, table[[1, 6, 2]])
+
+
+def _symbolic_matmul_softmax() -> onnx.ModelProto:
+    """``matmul_softmax`` with a symbolic batch axis named ``batch``."""
+    model = matmul_softmax()
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_value")
+    dim.dim_param = "batch"
+    return model
+
+
+def test_cli_keeps_symbolic_dims_and_says_which_shapes_the_library_takes(tmp_path, capsys):
+    model = tmp_path / "model.onnx"
+    onnx.save(_symbolic_matmul_softmax(), str(model))
+    out, lib, report = tmp_path / "out.onnx", tmp_path / "out.so", tmp_path / "report.json"
+    argv = [str(model), "--passes", "two-pass-softmax", "-o", str(out), "--target", "avx512", "--lib", str(lib)]
+    assert cli.main([*argv, "--report-json", str(report)]) == 0
+    assert "accepts x[batch, 5, 24]" in capsys.readouterr().out
+    compiled = json.loads(report.read_text())["compiled"]
+    assert compiled["accepts"] == {"x": ["batch", 5, 24]}
+    assert compiled["note"] is None
+    assert json.loads((tmp_path / "out.so.json").read_text())["inputs"][0]["shape"] == ["batch", 5, 24]
+    # Built once, the library runs at another batch size than the verification's.
+    x = np.random.default_rng(SEED).standard_normal((7, 5, 24)).astype(np.float32)
+    assert_agrees(ort(_symbolic_matmul_softmax(), {"x": x}), backend.load(lib).run({"x": x}))
+
+
+def test_cli_dim_fixes_a_symbolic_dim_for_the_library(tmp_path):
+    model = tmp_path / "model.onnx"
+    onnx.save(_symbolic_matmul_softmax(), str(model))
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    argv = [str(model), "--passes", "two-pass-softmax", "-o", str(out), "--target", "avx512", "--dim", "batch=3"]
+    assert cli.main([*argv, "--report-json", str(report), "-q"]) == 0
+    assert json.loads(report.read_text())["compiled"]["accepts"] == {"x": [3, 5, 24]}
+
+
+def test_cli_dim_that_names_no_axis_lists_the_axes(tmp_path, capsys):
+    model = tmp_path / "model.onnx"
+    onnx.save(_symbolic_matmul_softmax(), str(model))
+    argv = [str(model), "--passes", "two-pass-softmax", "-o", str(tmp_path / "o.onnx"), "--dim", "batch_size=1"]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "--dim batch_size" in error and "batch (x[0])" in error
+    assert len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_symbolic_dims_tvm_cannot_keep_are_fixed_and_the_report_says_so(tiny_bert, tmp_path):
+    from rewriter.backends.tvm import verify as compiled_check
+
+    _, rewritten, feeds = tiny_bert
+    check = compiled_check.check_compiled(rewritten, "avx512", feeds=feeds, reference=None)
+    assert check.note is not None and "fixed to the verification inputs' sizes" in check.note
+    assert check.accepts == {name: list(value.shape) for name, value in feeds.items()}
+
+
+def test_an_operator_tvm_cannot_import_is_an_input_error_naming_it():
+    # TVM's importer has no converter for this op: one line naming the operator, exit 2.
+    graph = helper.make_graph(
+        [helper.make_node("DFT", ["x"], ["y"], onesided=1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(InputError, match="DFT"):
+        backend.compile(model, "llvm")

@@ -1,0 +1,469 @@
+"""Convolutions and pooling on the CPU: channels-last layout, register-tiled schedules.
+
+TVM's generic CPU pipeline leaves ``conv2d`` a scalar seven-deep loop (ResNet-18 ran
+about 100x ONNX Runtime's time). Three pieces fix it:
+
+1. :func:`channels_last` (a Relax pass, before legalization): every ``conv1d``/``conv2d``
+   takes channels-last data and ``[kernel..., in, out]`` weights (``NWC``/``WIO``,
+   ``NHWC``/``HWIO``) through TVM's ``ConvertLayout``, which carries the layout through
+   the elementwise ops, pooling and residual adds in between, so transposes appear only
+   where a model leaves the convolutional part. Constant weights are transposed at
+   compile time.
+2. :class:`ConvRule` (``RegisterTiledConv``): the convolution as an implicit GEMM.
+   Output pixels are the rows, output channels the columns, ``(kernel..., in)`` the
+   reduction: for each reduction step the micro-kernel broadcasts ``tile_i`` input values
+   (one per output pixel of the tile; any stride or dilation) and multiplies-adds them with
+   ``tile_j / lanes`` vectors of the weight row, as the matmul micro-kernel of
+   :mod:`rewriter.backends.tvm.relax_passes.schedules` does, with the epilogue (bias, activation, residual)
+   on each finished tile. Weights are packed in ``tile_j``-wide panels at compile time
+   (:mod:`rewriter.backends.tvm.relax_passes.pack_weights`). Pixels of all images and rows are one axis
+   (``transform_block_layout``), so a tile may span image rows: no tail is lost when the
+   output width has no good divisor.
+3. :class:`WindowRule` (``ChannelsLastWindow``): reductions that keep the channel axis
+   (depthwise convolutions, max/average pooling, global pooling): channels vectorized,
+   a few pixels per tile sharing each weight vector, the window reduced in registers.
+
+Exact: the same products are summed, in another order (float32 rounding only).
+
+>>> mod = channels_last()(mod)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tvm
+
+logger = logging.getLogger(__name__)
+
+# Data and kernel layouts the convolutions are converted to, per op.
+LAYOUTS = {"relax.nn.conv1d": ["NWC", "WIO"], "relax.nn.conv2d": ["NHWC", "HWIO"]}
+# Vectors of output channels per register tile row (as the matmul's panels).
+PANEL_VECTORS = 2
+# Marks a convolution whose weight pack_weights stored as panels (value: the panel width).
+PACKED_ANNOTATION = "rewriter.packed_conv"
+# Output pixels per window-rule tile, at most, and its channel widths, widest first
+# (measured: 48 lanes ran 4x slower than 32 on a 7x7 depthwise conv; 24 beat 8).
+WINDOW_PIXELS = 4
+WINDOW_WIDTHS = (64, 32, 24, 16, 8)
+# The innermost reduction loop (input channels) is unrolled by this much.
+K_UNROLL = 4
+
+
+def channels_last() -> tvm.transform.Pass:
+    """The Relax pass converting convolutions to channels-last layouts (see the module
+    docstring). Where TVM's ``ConvertLayout`` fails on some op of the model, each
+    convolution is converted on its own instead, between two transposes (logged).
+    Then convolutions whose output channels no whole vector divides (1000 classes, 40 or
+    72 channels) get zero output channels up to a multiple of :data:`CHANNEL_MULTIPLE`
+    (:func:`pad_channels`), the extra ones sliced off."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="ChannelsLastConv")
+    def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if not _has_conv(mod):
+            return mod
+        try:
+            mod = relax.transform.ConvertLayout(LAYOUTS)(mod)
+        except Exception as exc:  # an op ConvertLayout has no rule for
+            logger.info("convolutions converted one by one (ConvertLayout failed: %s)", _first_line(exc))
+            mod = _rewrite_convs(mod, _each_channels_last)
+        mod = relax.transform.FoldConstant()(mod)
+        return _rewrite_convs(mod, pad_channels)
+
+    return pass_
+
+
+def _rewrite_convs(mod: tvm.IRModule, rewrite: Any) -> tvm.IRModule:
+    """``mod`` with every conv1d/conv2d call ``c`` replaced by ``rewrite(builder, c)``
+    (which returns the new expression, or None to keep ``c``)."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name in LAYOUTS:
+                new = rewrite(self.builder_, call)
+                if new is not None:
+                    return new
+            return call
+
+    mutator = Mutator(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def _each_channels_last(builder: Any, call: Any) -> Any:
+    """One NCHW/NCW convolution as ``transpose -> channels-last conv -> transpose``."""
+    from tvm import relax
+
+    attrs = call.attrs
+    data_layout, kernel_layout = LAYOUTS[call.op.name]
+    if attrs.data_layout != data_layout[0] + "C" + data_layout[1:-1] or attrs.kernel_layout != "OI" + kernel_layout[:-2]:
+        return None
+    rank = len(data_layout)
+    to_last = [0, *range(2, rank), 1]
+    to_first = [0, rank - 1, *range(1, rank - 1)]
+    weight_perm = [*range(2, rank), 1, 0]
+    make = relax.op.nn.conv2d if rank == 4 else relax.op.nn.conv1d
+    data = builder.emit(relax.op.permute_dims(call.args[0], to_last))
+    weight = builder.emit(relax.op.permute_dims(call.args[1], weight_perm))
+    out = builder.emit(
+        make(
+            data, weight, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+            groups=attrs.groups, data_layout=data_layout, kernel_layout=kernel_layout,
+            out_dtype=attrs.out_dtype if attrs.out_dtype else None,
+        )
+    )
+    return relax.op.permute_dims(out, to_first)
+
+
+# Output channels are padded to a multiple of this (one AVX-512 vector) where that wastes
+# at most MAX_CHANNEL_WASTE of the convolution's work; below, narrower tiles are used.
+CHANNEL_MULTIPLE = 16
+MAX_CHANNEL_WASTE = 0.25
+
+
+def pad_channels(builder: Any, call: Any) -> Any:
+    """A channels-last, ungrouped convolution with a constant weight and ``N`` output
+    channels that :data:`CHANNEL_MULTIPLE` does not divide, as the convolution with
+    zero weights up to the next multiple, sliced back to ``N`` channels (exact: the extra
+    channels are computed from zeros and dropped). None where it does not apply."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    attrs = call.attrs
+    weight = call.args[1]
+    if attrs.groups != 1 or attrs.data_layout not in ("NHWC", "NWC"):
+        return None
+    if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(weight.value, tvm.runtime.Tensor):
+        return None
+    array = weight.value.numpy()
+    channels = array.shape[-1]
+    padded = -(-channels // CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
+    if padded == channels or (padded - channels) > MAX_CHANNEL_WASTE * channels:
+        return None
+    widths = [(0, 0)] * (array.ndim - 1) + [(0, padded - channels)]
+    wide = relax.const(np.pad(array, widths), str(array.dtype))
+    make = relax.op.nn.conv2d if attrs.data_layout == "NHWC" else relax.op.nn.conv1d
+    out = builder.emit(
+        make(
+            call.args[0], wide, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+            groups=1, data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout,
+            out_dtype=attrs.out_dtype if attrs.out_dtype else None,
+        )
+    )
+    rank = len(attrs.data_layout)
+    return relax.op.strided_slice(out, axes=[rank - 1], begin=[0], end=[channels])
+
+
+def _has_conv(mod: tvm.IRModule) -> bool:
+    import tvm
+    from tvm import relax
+
+    found = False
+
+    def visit(expr: Any) -> None:
+        nonlocal found
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in LAYOUTS:
+            found = True
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def conv_tile_width(channels: int, lanes: int) -> int | None:
+    """Output channels per register tile for ``channels`` output channels: the widest
+    power of two from 8 up to ``PANEL_VECTORS`` vectors of ``lanes`` that divides them.
+    (Wider or other widths, 48 or 24, leave TVM's vectorizer index arithmetic it does not
+    fold, and the loads become element-by-element inserts.)
+
+    >>> conv_tile_width(64, 16), conv_tile_width(24, 16), conv_tile_width(48, 16), conv_tile_width(10, 16)
+    (32, 8, 16, None)
+    """
+    width = PANEL_VECTORS * lanes
+    while width >= 8:
+        if channels % width == 0:
+            return width
+        width //= 2
+    return None
+
+
+def group_size(index: Any, channel: Any, reduction: Any) -> int | None:
+    """Output channels per group of a convolution whose input-channel index is ``index``:
+    0 for a dense one (``index`` is the input-channel iterator ``reduction``), ``G`` for a
+    grouped one (``channel // G * C_g + reduction``, as TVM writes it), else None."""
+    from tvm import tirx
+
+    if index.same_as(reduction):
+        return 0
+    if not (isinstance(index, tirx.Add) and index.b.same_as(reduction) and isinstance(index.a, tirx.Mul)):
+        return None
+    group, _ = index.a.a, index.a.b
+    if isinstance(group, tirx.FloorDiv) and group.a.same_as(channel) and isinstance(group.b, tirx.IntImm):
+        return int(group.b)
+    return None
+
+
+def conv_width(channels: int, group: int, lanes: int) -> int | None:
+    """The register tile's width for a convolution with ``channels`` outputs in groups of
+    ``group`` (0: dense): a tile never spans two groups, so every lane of it reads the
+    same input channels."""
+    return conv_tile_width(group or channels, lanes)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
+
+
+_RULES: dict[str, Any] = {}
+
+
+def rules() -> dict[str, Any]:
+    """The rule classes, ``{"conv": ConvRule, "window": WindowRule}`` (defined on first use)."""
+    if _RULES:
+        return _RULES
+    from tvm import s_tir, tirx
+
+    from rewriter.backends.tvm.relax_passes import schedules
+
+    base = schedules.cpu_rule_base()
+    reduce = tirx.IterVar.CommReduce
+
+    def split_blocks(sch: Any) -> tuple[list[Any], Any, list[Any]] | None:
+        """(producers, the one reduction block, epilogue) of the function, or None."""
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        kinds = [any(iv.iter_type == reduce for iv in sch.get(b).iter_vars) for b in blocks]
+        if kinds.count(True) != 1:
+            return None
+        at = kinds.index(True)
+        return blocks[:at], blocks[at], blocks[at + 1 :]
+
+    def spatial_then_reduce(stmt: Any) -> int | None:
+        """How many spatial iterators lead ``stmt``'s (all spatial first, then reductions)."""
+        kinds = [iv.iter_type == reduce for iv in stmt.iter_vars]
+        if True not in kinds:
+            return None
+        lead = kinds.index(True)
+        if lead < 2 or not all(kinds[lead:]):
+            return None
+        return lead
+
+    def static(stmt: Any, lead: int) -> tuple[list[int], int] | None:
+        """The iterators' extents, and how many leading axes stay apart from the pixels:
+        0, or 1 for a symbolic batch (a model compiled for any batch size; its other
+        extents static, and a pixel axis besides it)."""
+        extents = [iv.dom.extent for iv in stmt.iter_vars]
+        keep = 0 if isinstance(extents[0], tirx.IntImm) else 1
+        if keep and lead < 3:
+            return None
+        if not all(isinstance(extent, tirx.IntImm) for extent in extents[keep:]):
+            return None
+        return [1] * keep + [int(extent) for extent in extents[keep:]], keep
+
+    def _mentions(expr: Any, var: Any) -> bool:
+        return any(free.same_as(var) for free in tirx.analysis.undefined_vars(expr, []))
+
+    def flatten_pixels(sch: Any, block: Any, tail: Any, lead: int, extents: list[int], keep: int) -> None:
+        """Fuse the pixel iterators of ``block`` (the ``lead - 1`` before its channel, but
+        the ``keep`` first: a symbolic batch), and of its epilogue and the accumulator it
+        writes, into one, so tiles of pixels may span image rows."""
+        pixel_extents = extents[keep : lead - 1]
+        if len(pixel_extents) == 1:
+            return
+        index_map = tirx.IndexMap.from_func
+
+        def flat(*index: Any) -> Any:
+            position = index[0]
+            for value, extent in zip(index[1:], pixel_extents[1:], strict=True):
+                position = position * extent + value
+            return position
+
+        def fused(*a: Any) -> tuple[Any, ...]:
+            return (*a[:keep], flat(*a[keep : lead - 1]), *a[lead - 1 :])
+
+        sch.transform_layout(block, ("write", 0), index_map(fused, ndim=lead))
+        sch.transform_block_layout(block, index_map(fused, ndim=len(extents)))
+        sch.transform_block_layout(tail, index_map(fused, ndim=lead))
+
+    def finish_producers(sch: Any, producers: list[Any], lanes: int) -> None:
+        """Padding copies, computed once per call: image rows in parallel, each row (its
+        pixels' channels, contiguous on both sides) vectorized where whole vectors cover it."""
+        for block in producers:
+            loops = sch.get_loops(block)
+            if len(loops) < 2:
+                sch.parallel(loops[0])
+                continue
+            rows = sch.fuse(*loops[:-2]) if len(loops) > 2 else None
+            row = sch.fuse(*loops[-2:])
+            extent = int(sch.get(row).extent)
+            if extent % lanes == 0:
+                _, inner = sch.split(row, [None, lanes])
+                sch.vectorize(inner)
+            sch.parallel(rows if rows is not None else sch.get_loops(block)[0])
+
+    def tile(
+        sch: Any, block: Any, tail: Any, pixels: int, limit: int, tile_j: int, unroll_k: bool, keep: int
+    ) -> None:
+        """The register tile: ``tile_i`` pixels (at most ``limit``) x ``tile_j`` channels
+        accumulated in registers over the reduction loops, ``tail`` (the epilogue, or a
+        copy out) run on each finished tile.
+
+        ``tile_i`` divides ``pixels`` where a divisor of at least half of ``limit`` does;
+        else (169 = 13 x 13 pixels) it is ``limit`` and the last tile is partial: its
+        rows are masked, and ``LoopPartition`` (``pragma_loop_partition_hint``) peels it
+        off the tile loop, so the whole tiles run unmasked."""
+        tile_i = max(d for d in range(1, limit + 1) if pixels % d == 0)
+        ragged = 2 * tile_i < limit
+        if ragged:
+            tile_i = limit
+        loops = sch.get_loops(block)
+        outer, (pixel, channel), reduction = loops[:keep], loops[keep : keep + 2], loops[keep + 2 :]
+        po, pi = sch.split(pixel, [None, tile_i])
+        co, ci = sch.split(channel, [None, tile_j])
+        inner = list(reduction)
+        if unroll_k:
+            extent = int(sch.get(inner[-1]).extent)
+            if extent % K_UNROLL == 0 and extent > K_UNROLL:
+                inner[-1:] = sch.split(inner[-1], [None, K_UNROLL])
+        sch.reorder(co, po, *inner, pi, ci)
+        sch.reverse_compute_at(tail, po)
+        sch.set_scope(block, 0, "local")
+        sch.vectorize(ci)
+        sch.unroll(pi)
+        if unroll_k and len(inner) > len(reduction):
+            sch.unroll(inner[-1])
+        last = sch.get_loops(tail)[-1]
+        sch.vectorize(last)
+        if ragged and not outer:  # the tile loop stays apart, for LoopPartition to peel its last tile
+            sch.annotate(po, "pragma_loop_partition_hint", 1)
+            sch.parallel(co)
+        elif ragged:
+            # Under a symbolic batch, TVM's LoopPartition fails (int32 and int64 mixed in
+            # its bounds): the last tile's mask stays in every tile, a branch per row.
+            sch.parallel(sch.fuse(*outer, co))
+        else:
+            sch.parallel(sch.fuse(*outer, co, po))
+        sch.decompose_reduction(block, inner[0])
+
+    class ConvRule(base):  # type: ignore[misc, valid-type]
+        """``Y[p..., f] += X[g(p..., r...), rc] * W[r..., rc, f]`` (+ epilogue): a
+        channels-last convolution as an implicit GEMM (module docstring, item 2); grouped
+        ones (``X[..., f // G * C_g + rc]``) too, with tiles inside a group."""
+
+        what = "conv"
+
+        def _schedule(self, func: Any) -> Any:
+            sch = s_tir.Schedule(func)
+            parts = split_blocks(sch)
+            if parts is None:
+                return None
+            producers, block, epilogue = parts
+            stmt = sch.get(block)
+            lead = spatial_then_reduce(stmt)
+            shape = static(stmt, lead) if lead is not None else None
+            if lead is None or shape is None or len(stmt.reads) != 2 or len(stmt.writes) != 1:
+                return None
+            extents, keep = shape
+            ivars = [iv.var for iv in stmt.iter_vars]
+            channel, reductions = ivars[lead - 1], ivars[lead:]
+            write = [r.min for r in stmt.writes[0].region]
+            if len(write) != lead or not all(w.same_as(v) for w, v in zip(write, ivars[:lead], strict=True)):
+                return None
+            data, weight = stmt.reads
+            group = group_size(data.region[-1].min, channel, reductions[-1])
+            if group is None or any(_mentions(r.min, channel) for r in data.region[:-1]):
+                return None  # a depthwise convolution or pooling: the window rule's
+            packed = stmt.annotations.get(PACKED_ANNOTATION)
+            weight_index = [r.min for r in weight.region]
+            if packed is None and not (
+                len(weight_index) >= 3  # a matmul's weight (2-D) is the matmul rule's
+                and len(weight_index) == len(reductions) + 1
+                and all(w.same_as(v) for w, v in zip(weight_index, [*reductions, channel], strict=True))
+            ):
+                return None
+            tile_j = int(packed) if packed is not None else conv_width(extents[lead - 1], group, self.lanes)
+            if tile_j is None:
+                return None
+            for producer in producers:
+                if sch.get(producer).writes[0].source.same_as(weight.source):
+                    return None  # a computed weight (not a parameter)
+            for extra in epilogue[:-1]:
+                sch.compute_inline(extra)
+            tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
+            if len(sch.get(tail).iter_vars) != lead:
+                return None
+            flatten_pixels(sch, block, tail, lead, extents, keep)
+            pixels = 1
+            for extent in extents[: lead - 1]:
+                pixels *= extent
+            tile(sch, block, tail, pixels, schedules.tile_rows(tile_j, self.lanes), tile_j, True, keep)
+            finish_producers(sch, producers, self.lanes)
+            return sch
+
+    class WindowRule(base):  # type: ignore[misc, valid-type]
+        """``Y[p..., c] = reduce_r X[g(p..., r...), c + ...] (* W[r..., c])`` (+ epilogue):
+        depthwise convolutions and pooling, channels vectorized (module docstring, item 3)."""
+
+        what = "channels-last window"
+
+        def _schedule(self, func: Any) -> Any:
+            sch = s_tir.Schedule(func)
+            parts = split_blocks(sch)
+            if parts is None:
+                return None
+            producers, block, epilogue = parts
+            stmt = sch.get(block)
+            lead = spatial_then_reduce(stmt)
+            shape = static(stmt, lead) if lead is not None else None
+            if lead is None or shape is None or len(stmt.writes) != 1 or not stmt.reads:
+                return None
+            extents, keep = shape
+            ivars = [iv.var for iv in stmt.iter_vars]
+            channel = ivars[lead - 1]
+            write = [r.min for r in stmt.writes[0].region]
+            if len(write) != lead or not all(w.same_as(v) for w, v in zip(write, ivars[:lead], strict=True)):
+                return None
+            for read in stmt.reads:
+                last = read.region[-1].min
+                if read.source.same_as(stmt.writes[0].source):
+                    continue
+                if not _mentions(last, channel) or any(_mentions(r.min, channel) for r in read.region[:-1]):
+                    return None
+                if not (last.same_as(channel) or _is_channel_plus_reduction(last, channel, ivars[lead:])):
+                    return None
+            channels = extents[lead - 1]
+            tile_j = next((w for w in WINDOW_WIDTHS if channels % w == 0), None)
+            if tile_j is None:
+                return None
+            for extra in epilogue[:-1]:
+                sch.compute_inline(extra)
+            tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
+            if len(sch.get(tail).iter_vars) != lead:
+                return None
+            flatten_pixels(sch, block, tail, lead, extents, keep)
+            pixels = 1
+            for extent in extents[: lead - 1]:
+                pixels *= extent
+            tile(sch, block, tail, pixels, WINDOW_PIXELS, tile_j, False, keep)
+            finish_producers(sch, producers, self.lanes)
+            return sch
+
+    def _is_channel_plus_reduction(expr: Any, channel: Any, reductions: list[Any]) -> bool:
+        """``c + r`` with ``r`` a unit reduction (a depthwise convolution's input channel)."""
+        return isinstance(expr, tirx.Add) and expr.a.same_as(channel) and any(expr.b.same_as(r) for r in reductions)
+
+    _RULES["conv"] = ConvRule
+    _RULES["window"] = WindowRule
+    return _RULES

@@ -1,0 +1,109 @@
+"""Our CPU schedules applied to a module: which rule takes each PrimFunc, and a record of it.
+
+:func:`cpu_schedule` is the pipeline's scheduling stage on CPUs: for each PrimFunc not
+yet scheduled (our hand-written kernels and applied tuning records are), the first rule
+of :func:`cpu_rules` that takes it schedules it, as dlight's ``ApplyDefaultSchedule``
+does; a rule that raises is passed over. The rules, in order: the channels-last
+implicit-GEMM convolution (:mod:`.conv`), the register-tiled matmul
+(:mod:`.schedules`), the channels-last window (depthwise convolutions, pooling), row
+reductions, dlight's CPU reduction, tiled transposes (:mod:`.transpose`), elementwise.
+
+:class:`ScheduleRecord` keeps which rule took which function, and the functions none
+took (TVM's default lowering, scalar loops): the report's ``compiled.schedules`` and the
+CLI's "functions on TVM's default lowering" line show a user where time goes.
+
+>>> record = ScheduleRecord()  # doctest: +SKIP
+>>> mod = cpu_schedule(target, record)(mod)  # doctest: +SKIP
+>>> record.unscheduled  # doctest: +SKIP
+['cumsum']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+from rewriter.backends.tvm.relax_passes import conv, schedules, transpose
+
+if TYPE_CHECKING:
+    import tvm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ScheduleRecord:
+    """What scheduled each PrimFunc of a build: ``scheduled`` maps a function's name to the
+    rule that scheduled it (``matmul``, ``conv``, ...; ``kernel`` for our hand-written
+    kernels and applied tuning records); ``unscheduled`` lists the functions no rule took,
+    left to TVM's default lowering (scalar loops): where a model loses its time."""
+
+    scheduled: dict[str, str] = dataclasses.field(default_factory=dict)
+    unscheduled: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scheduled": dict(self.scheduled), "unscheduled": list(self.unscheduled)}
+
+
+def cpu_rules(target: tvm.target.Target) -> list[Any]:
+    """Our CPU schedule rules for ``target``, in the order they are tried."""
+    from tvm.s_tir import dlight as dl
+
+
+    lanes = schedules.vector_lanes(target)
+    return [
+        conv.rules()["conv"](lanes),
+        schedules.rule("matmul")(lanes),
+        conv.rules()["window"](lanes),
+        schedules.rule("row_reduction")(lanes),
+        dl.cpu.Reduction(),
+        transpose.rule()(lanes),
+        schedules.rule("elementwise")(lanes),
+    ]
+
+
+def cpu_schedule(target: tvm.target.Target, record: ScheduleRecord | None = None) -> tvm.transform.Pass:
+    """The module pass that schedules every unscheduled PrimFunc for CPU ``target``: the
+    first of :func:`cpu_rules` that takes a function schedules it (as dlight's
+    ``ApplyDefaultSchedule``), and ``record`` (if given) says which rule took which."""
+    import tvm
+
+    rules = cpu_rules(target)
+    record = record if record is not None else ScheduleRecord()
+
+    @tvm.transform.module_pass(opt_level=0, name="RewriterCpuSchedule")
+    def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        updated = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            name = gv.name_hint
+            if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+                record.scheduled[name] = "kernel"
+                continue
+            for rule in rules:
+                try:
+                    space = rule.apply(func, target, False)
+                except Exception as exc:  # dlight's own rules raise where a primitive refuses
+                    logger.debug("%s: %s not applied: %s", name, type(rule).__name__, exc)
+                    continue
+                if space is None:
+                    continue
+                schedule = space[0] if isinstance(space, list) else space
+                updated[gv] = schedule.mod["main"].with_attr("tirx.is_scheduled", True)
+                record.scheduled[name] = getattr(rule, "what", type(rule).__name__)
+                break
+            else:
+                record.unscheduled.append(name)
+        for gv, func in updated.items():
+            mod[gv] = func
+        if record.unscheduled:
+            logger.info(
+                "%d functions left to TVM's default lowering (no schedule of ours): %s",
+                len(record.unscheduled),
+                ", ".join(sorted(record.unscheduled)),
+            )
+        return mod
+
+    return pass_

@@ -1,0 +1,132 @@
+"""ONNX ops that TVM's importer turns into slow or unconvertible Relax, rewritten first.
+
+* ``Pow(x, c)`` with ``c`` a constant 1, 2, 3, 4 or 0.5 -> products of ``x`` (``Sqrt`` for
+  0.5). TVM lowers ``pow`` to a libm call per element, and warns once per call site
+  ("Detected pow(x, y) where y >= 3"): GPT-2's tanh-GELU (``x + 0.044715 x^3``) ran at 7x
+  ONNX Runtime's time and printed hundreds of lines.
+* ``Sum``/``Mean`` with several inputs -> chains of ``Add`` (``Mean`` then divided). The importer stacks the inputs into one rank+1 tensor and reduces it: a
+  copy of every input, and a 5-D tensor that TVM's layout conversion cannot map, so a
+  ResNet-50 export with ``Sum`` residuals kept its convolutions in NCHW.
+* ``Dropout`` (inference: no ``training_mode``, or a constant false) whose mask is unused
+  -> its input. The importer keeps it as a tuple-returning op, which the layout
+  conversion rejects ("Expected nested to match tuple").
+
+Exact up to rounding: ``x * x * x`` is within an ulp or two of ``pow(x, 3)``; sums are
+added left to right.
+
+>>> stats = simplify(model)  # doctest: +SKIP
+>>> stats
+{'pow_expanded': 12, 'variadic_split': 0, 'dropout_removed': 0}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+# The exponents Pow(x, c) is expanded for, and how: products of x, or its square root.
+POWERS = (1.0, 2.0, 3.0, 4.0, 0.5)
+# (Max and Min have no binary ONNX twin that imports otherwise: they keep their form.)
+VARIADIC = ("Sum", "Mean")
+
+
+def simplify(model: ir.Model) -> dict[str, int]:
+    """Rewrite the ops above in every graph of ``model``; returns how many of each."""
+    stats = {"pow_expanded": 0, "variadic_split": 0, "dropout_removed": 0}
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.domain not in ("", "ai.onnx") or node.graph is None:
+            continue
+        if node.op_type == "Pow" and _expand_pow(node):
+            stats["pow_expanded"] += 1
+        elif node.op_type in VARIADIC and len(node.inputs) > 1 and _split_variadic(node):
+            stats["variadic_split"] += 1
+        elif node.op_type == "Dropout" and _remove_dropout(node):
+            stats["dropout_removed"] += 1
+    return stats
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _replace(node: ir.Node, new: list[ir.Node], result: ir.Value) -> None:
+    """Put ``new`` before ``node`` and ``result`` in place of its output; drop ``node``."""
+    graph = node.graph
+    assert graph is not None
+    graph.insert_before(node, new)
+    old = node.outputs[0]
+    name = old.name
+    result.type, result.shape = old.type, old.shape  # the same values
+    ir.convenience.replace_all_uses_with(old, result, replace_graph_outputs=True)
+    if result.is_graph_output():
+        old.name = None
+        result.name = name
+    graph.remove(node, safe=True)
+
+
+def _expand_pow(node: ir.Node) -> bool:
+    base = node.inputs[0]
+    exponent = _constant(node.inputs[1] if len(node.inputs) > 1 else None)
+    if base is None or exponent is None or exponent.size != 1:
+        return False
+    if base.dtype is not None and not base.dtype.is_floating_point():
+        return False
+    power = float(exponent.reshape(()))
+    if power not in POWERS or node.outputs[0].dtype not in (None, base.dtype):
+        return False  # an exponent that promotes the type keeps its Pow
+    new: list[ir.Node] = []
+
+    def op(op_type: str, *args: ir.Value) -> ir.Value:
+        created = ir.node(op_type, list(args))
+        new.append(created)
+        return created.outputs[0]
+
+    if power == 0.5:
+        result = op("Sqrt", base)
+    elif power == 1.0:
+        result = op("Identity", base)
+    else:
+        square = op("Mul", base, base)
+        result = square if power == 2.0 else op("Mul", square, base if power == 3.0 else square)
+    _replace(node, new, result)
+    return True
+
+
+def _split_variadic(node: ir.Node) -> bool:
+    inputs = list(node.inputs)
+    if any(value is None for value in inputs):
+        return False
+    new: list[ir.Node] = []
+    first = inputs[0]
+    assert first is not None
+    result: ir.Value = first
+    for value in inputs[1:]:
+        assert value is not None
+        created = ir.node("Add", [result, value])
+        new.append(created)
+        result = created.outputs[0]
+    if node.op_type == "Mean":
+        dtype = (first.dtype or ir.DataType.FLOAT).numpy()
+        count = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(len(inputs), dtype=dtype))})
+        divided = ir.node("Div", [result, count.outputs[0]])
+        new += [count, divided]
+        result = divided.outputs[0]
+    _replace(node, new, result)
+    return True
+
+
+def _remove_dropout(node: ir.Node) -> bool:
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+        return False
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        training = _constant(node.inputs[2])
+        if training is None or bool(training.reshape(())):
+            return False
+    source = node.inputs[0]
+    if source is None:
+        return False
+    identity = ir.node("Identity", [source])
+    _replace(node, [identity], identity.outputs[0])
+    return True

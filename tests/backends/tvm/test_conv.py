@@ -1,0 +1,217 @@
+"""Convolutions, pooling and transposes on CPU: which schedule takes each, and their numbers.
+
+* :mod:`rewriter.backends.tvm.relax_passes.conv`: convolutions become channels-last (``NHWC``/``HWIO``,
+  ``NWC``/``WIO``); a dense one gets the implicit-GEMM register tile (``conv``) with its
+  weight packed in panels, a depthwise one and pooling the channels-last window schedule.
+* :mod:`rewriter.backends.tvm.relax_passes.transpose`: the layout changes at the model's edges are copied
+  in tiles (``transpose``).
+* :class:`rewriter.backends.tvm.relax_passes.cpu_schedule.ScheduleRecord` names the rule of every function
+  and lists those left to TVM's default lowering.
+
+Every compiled model agrees with ONNX Runtime within
+:data:`rewriter.backends.verify.COMPILED_TOLERANCE` (float32: 1e-4 of the
+output's scale): the conv sums the same products in another order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rewriter.backends import tvm as backend
+from rewriter.backends.tvm import verify
+from rewriter.backends.tvm.relax_passes import conv
+
+TOLERANCE = verify.COMPILED_TOLERANCE["float32"]
+
+
+def _model(nodes: list[onnx.NodeProto], shape: list[int], inits: list[onnx.TensorProto]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def conv_model(
+    shape: list[int], out: int, kernel: int, stride: int = 1, pad: int = 0, groups: int = 1,
+    *, relu: bool = True, bias: bool = True,
+) -> onnx.ModelProto:
+    """``Relu(Conv(x, W, b))`` in NCHW (NCW for a 3-D ``shape``), as exporters write it."""
+    rng = np.random.default_rng(0)
+    dims = len(shape) - 2
+    weight = rng.standard_normal((out, shape[1] // groups, *[kernel] * dims)).astype(np.float32)
+    inits = [numpy_helper.from_array((weight / np.sqrt(weight[0].size)).astype(np.float32), "w")]
+    inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(out).astype(np.float32), "b"))
+        inputs.append("b")
+    attrs = {"kernel_shape": [kernel] * dims, "strides": [stride] * dims, "pads": [pad] * 2 * dims}
+    nodes = [helper.make_node("Conv", inputs, ["c" if relu else "y"], group=groups, **attrs)]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    return _model(nodes, shape, inits)
+
+
+def resnet_block(channels: int = 32, size: int = 14) -> onnx.ModelProto:
+    """conv-relu-conv + residual, relu, max pool, global average pool, flatten, Gemm."""
+    rng = np.random.default_rng(1)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        value = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+        return numpy_helper.from_array(value, name)
+
+    inits = [
+        weight("w1", channels, channels, 3, 3),
+        weight("w2", channels, channels, 3, 3),
+        weight("fc", 10, channels),
+        numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "b1"),
+    ]
+    three = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], **three),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], **three),
+        helper.make_node("Add", ["c2", "x"], ["s"]),
+        helper.make_node("Relu", ["s"], ["r2"]),
+        helper.make_node("MaxPool", ["r2"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+    ]
+    return _model(nodes, [1, channels, size, size], inits)
+
+
+def _run(model: onnx.ModelProto, shape: list[int]) -> tuple[backend.Compiled, float]:
+    """Compile ``model`` for avx512 and return it with its error relative to ORT's output."""
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    compiled = backend.compile(model, "avx512")
+    got = compiled.run({"x": x})["y"]
+    assert got.shape == reference.shape
+    return compiled, float(np.abs(got - reference).max() / np.abs(reference).max())
+
+
+def _rules(compiled: backend.Compiled) -> dict[str, str]:
+    assert compiled.schedules is not None
+    return compiled.schedules.scheduled
+
+
+CONVS = [
+    pytest.param([1, 16, 20, 20], 32, 3, 1, 1, 1, id="3x3"),
+    pytest.param([1, 16, 21, 21], 32, 3, 2, 1, 1, id="3x3-stride2-odd"),
+    pytest.param([2, 8, 12, 12], 16, 1, 1, 0, 1, id="1x1-batch2"),
+    pytest.param([1, 3, 32, 32], 32, 8, 8, 0, 1, id="patch-8x8"),
+    pytest.param([1, 3, 30, 30], 16, 7, 2, 3, 1, id="stem-7x7"),
+    pytest.param([1, 24, 10, 10], 24, 3, 1, 1, 1, id="24-channels"),
+    pytest.param([1, 4, 64], 32, 5, 2, 0, 1, id="conv1d"),
+]
+
+
+@pytest.mark.parametrize(("shape", "out", "kernel", "stride", "pad", "groups"), CONVS)
+def test_dense_conv_gets_the_implicit_gemm_and_agrees(shape, out, kernel, stride, pad, groups):
+    compiled, error = _run(conv_model(shape, out, kernel, stride, pad, groups), shape)
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    convs = [name for name in rules if "conv" in name]
+    # A 1x1 convolution has one reduction axis: it is a matmul, and gets the matmul's tile.
+    assert convs and all(rules[name] in ("conv", "matmul") for name in convs), rules
+
+
+def pooled(pool: onnx.NodeProto, shape: list[int]) -> onnx.ModelProto:
+    """``pool(Conv(x))``: pooling as CNNs have it, behind a convolution (channels-last)."""
+    model = conv_model(shape, shape[1], 1, relu=False)
+    model.graph.node[0].output[0] = "c"
+    model.graph.node.append(pool)
+    return model
+
+
+WINDOWS = [
+    pytest.param(conv_model([1, 32, 14, 14], 32, 3, 1, 1, 32), [1, 32, 14, 14], "conv", id="depthwise-3x3"),
+    pytest.param(conv_model([1, 48, 15, 15], 48, 5, 2, 2, 48), [1, 48, 15, 15], "conv", id="depthwise-5x5-stride2"),
+    pytest.param(
+        pooled(helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4), [1, 16, 15, 15]),
+        [1, 16, 15, 15],
+        "max_pool",
+        id="maxpool",
+    ),
+    pytest.param(
+        pooled(helper.make_node("AveragePool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2]), [1, 32, 8, 8]),
+        [1, 32, 8, 8],
+        "avg_pool",
+        id="avgpool",
+    ),
+    pytest.param(
+        pooled(helper.make_node("GlobalAveragePool", ["c"], ["y"]), [1, 32, 7, 7]), [1, 32, 7, 7], "mean", id="global-avgpool"
+    ),
+]
+
+
+@pytest.mark.parametrize(("model", "shape", "function"), WINDOWS)
+def test_depthwise_conv_and_pooling_get_the_window_schedule_and_agree(model, shape, function):
+    compiled, error = _run(model, shape)
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    windows = [name for name, rule in rules.items() if rule == "channels-last window"]
+    assert any(function in name for name in windows), rules
+
+
+def test_small_resnet_block_agrees_with_nothing_left_unscheduled():
+    compiled, error = _run(resnet_block(), [1, 32, 14, 14])
+    assert error < TOLERANCE.rtol
+    assert compiled.schedules is not None
+    assert "conv" in compiled.schedules.scheduled.values()
+    # The whole block is channels-last: one transpose in, none out (pooled to [1, C]).
+    assert compiled.schedules.unscheduled == []
+
+
+@pytest.mark.parametrize(("channels", "groups", "rule"), [(32, 2, "conv"), (16, 4, None)])
+def test_grouped_conv_tiles_inside_a_group_and_agrees(channels, groups, rule):
+    # 16 output channels per group: tiles of 16 inside each group; groups of 4 channels
+    # are too narrow for a vector (left to another rule), and still compute right.
+    compiled, error = _run(conv_model([1, channels, 8, 8], channels, 3, 1, 1, groups), [1, channels, 8, 8])
+    assert error < TOLERANCE.rtol
+    convs = {name: kind for name, kind in _rules(compiled).items() if "conv" in name}
+    assert convs and all((kind == "conv") == (rule == "conv") for kind in convs.values()), convs
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1000, 13), (40, 9)])
+def test_ragged_channels_and_pixels_get_whole_tiles_and_agree(channels, size):
+    # 1000 output channels are padded to 1008 (sliced back); 13 x 13 = 169 pixels (a
+    # prime square) run whole 8-pixel tiles and a masked last one.
+    compiled, error = _run(conv_model([1, 64, size, size], channels, 1), [1, 64, size, size])
+    assert error < TOLERANCE.rtol
+    assert "conv" in _rules(compiled).values()
+
+
+def test_transpose_at_the_edge_is_tiled():
+    compiled, error = _run(conv_model([1, 16, 32, 32], 32, 3, 1, 1), [1, 16, 32, 32])
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    assert "transpose" in rules.values(), rules
+
+
+def test_tile_widths_are_powers_of_two_dividing_the_channels():
+    assert conv.conv_tile_width(64, 16) == 32
+    assert conv.conv_tile_width(48, 16) == 16
+    assert conv.conv_tile_width(24, 16) == 8
+    assert conv.conv_tile_width(10, 16) is None
+
+
+def test_schedule_record_lists_unscheduled_functions():
+    # A cumulative sum has no schedule of ours: it is listed, by name.
+    model = _model(
+        [helper.make_node("CumSum", ["x", "axis"], ["y"])],
+        [4, 16],
+        [numpy_helper.from_array(np.array(1, np.int64), "axis")],
+    )
+    compiled, error = _run(model, [4, 16])
+    assert error < TOLERANCE.rtol
+    assert compiled.schedules is not None
+    assert any("cumsum" in name for name in compiled.schedules.unscheduled), compiled.schedules
