@@ -111,7 +111,10 @@ class Outputs:
     def __enter__(self) -> Outputs:
         if threading.current_thread() is threading.main_thread():
             current = signal.getsignal(signal.SIGINT)
-            if current is signal.default_int_handler:
+            # Python's default, or another Python handler (one a library or an earlier run
+            # left behind): ours records Ctrl-C for the write and gives it back after. An
+            # ignored SIGINT (SIG_IGN) or one that kills (SIG_DFL) is left as it is.
+            if callable(current):
                 self._previous_handler = current
                 signal.signal(signal.SIGINT, self._on_interrupt)
         return self

@@ -249,6 +249,37 @@ def test_a_later_run_removes_stale_stage_folders_of_dead_runs(folder, capsys):
 # --- interrupts ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Each test starts with Python's own SIGINT handler, whatever an earlier test or
+    library left, and gets it back after (the interrupt tests raise real SIGINTs)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_stale_python_handler_is_replaced_for_the_write(folder, capsys, monkeypatch):
+    """A Python SIGINT handler left by a library or an earlier run still lets the write be
+    interrupted cleanly: ours takes over for the write and gives that one back after."""
+
+    def left_behind(signum, frame):
+        raise RuntimeError("the stale handler ran")
+
+    signal.signal(signal.SIGINT, left_behind)
+    real_write = io.write
+
+    def write_then_interrupt(*args, **kwargs):
+        real_write(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(io, "write", write_then_interrupt)
+    before = snapshot(folder)
+    code, lines = run_cli(["m.onnx", *PASSES, "-o", "o.onnx"], capsys)
+    assert code == 130 and lines == ["rewrite: interrupted; nothing written"]
+    assert snapshot(folder) == before
+    assert signal.getsignal(signal.SIGINT) is left_behind
+
+
 def test_an_interrupt_swallowed_during_the_write_still_stops_the_run(folder, capsys, monkeypatch):
     """C code that checks for signals may swallow the KeyboardInterrupt; the run must
     still end with 130 and nothing written."""
