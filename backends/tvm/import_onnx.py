@@ -39,7 +39,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from rewriter.backends.tvm import ops
+from rewriter.backends.tvm import ops, shape_values
 from rewriter.backends.tvm.ops import KernelFactory
 from rewriter.backends.tvm.relax_passes import onnx_simplify
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
@@ -382,6 +382,12 @@ def _importer_class() -> type:
             if lowering is not None:
                 call = ops.OpCall(self.bb, inputs, attrs, self._target, self._kernel)
                 return lowering.emit(call)
+            if op_name == "Range":
+                # Shape arithmetic gives arange a size of the input dimensions, not a
+                # fresh run-time variable (see shape_values).
+                positions = shape_values.symbolic_range(self.bb, inputs)
+                if positions is not None:
+                    return positions
             if op_name == "Gather":
                 return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
             return super()._convert_operator(op_name, inputs, attrs, opset)

@@ -266,10 +266,81 @@ def test_bert_export_imports_after_cleanup(tiny_bert):
     assert import_onnx.import_onnx(path, target=targets.resolve("llvm")) is not None
 
 
-def test_symbolic_dims_that_tvm_cannot_build_are_an_input_error(tiny_bert):
-    path, _, _ = tiny_bert
+def _tile_by_batch() -> onnx.ModelProto:
+    """``Tile(y, [batch, 1]) + x``, ``batch`` symbolic: repeats computed from a shape,
+    which TVM cannot build with the dimension left symbolic."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "one"], ["repeats"], axis=0),
+        helper.make_node("Tile", ["y", "repeats"], ["tiled"]),
+        helper.make_node("Add", ["tiled", "x"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tile_by_batch",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_symbolic_dims_that_tvm_cannot_build_are_an_input_error():
     with pytest.raises(InputError, match="symbolic input dimensions.*--dim"):
-        backend.compile(path, "llvm")
+        backend.compile(_tile_by_batch(), "llvm")
+
+
+def test_position_ids_from_the_sequence_length_keep_it_symbolic():
+    # Range(0, Shape(x)[1], 1): TVM's importer sizes the arange by a fresh run-time
+    # variable, which the build cannot relate to `sequence`; ours sizes it by `sequence`.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+        helper.make_node("Range", ["zero", "length", "step"], ["positions"]),
+        helper.make_node("Cast", ["positions"], ["position_values"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "position_values"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "positions",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "sequence"])],
+        initializer=[
+            numpy_helper.from_array(np.array(1, np.int64), "one"),
+            numpy_helper.from_array(np.array(0, np.int64), "zero"),
+            numpy_helper.from_array(np.array(1, np.int64), "step"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert (
+        "range_len" not in import_onnx.import_onnx(model, target=targets.resolve("llvm")).script()
+    )
+    compiled = backend.compile(model, "llvm")
+    for shape in [(1, 3), (2, 11)]:
+        x = np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)
+        np.testing.assert_array_equal(
+            compiled.run({"x": x})["out"], x + np.arange(shape[1], dtype=np.float32)
+        )
+
+
+@pytest.mark.slow
+def test_tiny_bert_compiles_once_for_any_batch_and_sequence(tiny_bert):
+    # The TorchScript export computes position ids with Range over the sequence length.
+    path, _, inputs = tiny_bert
+    compiled = backend.compile(path, "avx512")
+    assert [shape for _, shape, _ in compiled.signature.inputs] == [["batch", "sequence"]] * len(
+        inputs
+    )
+    for batch, sequence in [(1, 5), (3, 17)]:
+        feeds = {name: np.ones((batch, sequence), value.dtype) for name, value in inputs.items()}
+        assert_agrees(verify.run(path, feeds), compiled.run(feeds))
 
 
 def test_export_and_load_in_a_fresh_process(tiny_bert, compiled_bert, tmp_path, capfd):
@@ -511,7 +582,9 @@ def test_op_without_a_kernel_compiles_from_its_function_body(caplog):
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("spec", ["quantize(bits=8)", "quantize(bits=4)", "quantize(bits=4,group_size=8)"])
+@pytest.mark.parametrize(
+    "spec", ["quantize(bits=8)", "quantize(bits=4)", "quantize(bits=4,group_size=8)"]
+)
 def test_quantized_models_compile_and_agree(spec):
     # int4 initializers are widened to int8 and blocked DequantizeLinear is expanded
     # before import: TVM's importer handles neither.
@@ -564,13 +637,27 @@ def test_cli_keeps_symbolic_dims_and_says_which_shapes_the_library_takes(tmp_pat
     model = tmp_path / "model.onnx"
     onnx.save(_symbolic_matmul_softmax(), str(model))
     out, lib, report = tmp_path / "out.onnx", tmp_path / "out.so", tmp_path / "report.json"
-    argv = [str(model), "--passes", "two-pass-softmax", "-o", str(out), "--target", "avx512", "--lib", str(lib)]
+    argv = [
+        str(model),
+        "--passes",
+        "two-pass-softmax",
+        "-o",
+        str(out),
+        "--target",
+        "avx512",
+        "--lib",
+        str(lib),
+    ]
     assert cli.main([*argv, "--report-json", str(report)]) == 0
     assert "accepts x[batch, 5, 24]" in capsys.readouterr().out
     compiled = json.loads(report.read_text())["compiled"]
     assert compiled["accepts"] == {"x": ["batch", 5, 24]}
     assert compiled["note"] is None
-    assert json.loads((tmp_path / "out.so.json").read_text())["inputs"][0]["shape"] == ["batch", 5, 24]
+    assert json.loads((tmp_path / "out.so.json").read_text())["inputs"][0]["shape"] == [
+        "batch",
+        5,
+        24,
+    ]
     # Built once, the library runs at another batch size than the verification's.
     x = np.random.default_rng(SEED).standard_normal((7, 5, 24)).astype(np.float32)
     assert_agrees(ort(_symbolic_matmul_softmax(), {"x": x}), backend.load(lib).run({"x": x}))
@@ -580,7 +667,17 @@ def test_cli_dim_fixes_a_symbolic_dim_for_the_library(tmp_path):
     model = tmp_path / "model.onnx"
     onnx.save(_symbolic_matmul_softmax(), str(model))
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    argv = [str(model), "--passes", "two-pass-softmax", "-o", str(out), "--target", "avx512", "--dim", "batch=3"]
+    argv = [
+        str(model),
+        "--passes",
+        "two-pass-softmax",
+        "-o",
+        str(out),
+        "--target",
+        "avx512",
+        "--dim",
+        "batch=3",
+    ]
     assert cli.main([*argv, "--report-json", str(report), "-q"]) == 0
     assert json.loads(report.read_text())["compiled"]["accepts"] == {"x": [3, 5, 24]}
 
@@ -588,7 +685,15 @@ def test_cli_dim_fixes_a_symbolic_dim_for_the_library(tmp_path):
 def test_cli_dim_that_names_no_axis_lists_the_axes(tmp_path, capsys):
     model = tmp_path / "model.onnx"
     onnx.save(_symbolic_matmul_softmax(), str(model))
-    argv = [str(model), "--passes", "two-pass-softmax", "-o", str(tmp_path / "o.onnx"), "--dim", "batch_size=1"]
+    argv = [
+        str(model),
+        "--passes",
+        "two-pass-softmax",
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--dim",
+        "batch_size=1",
+    ]
     assert cli.main(argv) == 2
     error = capsys.readouterr().err
     assert "--dim batch_size" in error and "batch (x[0])" in error
@@ -596,11 +701,15 @@ def test_cli_dim_that_names_no_axis_lists_the_axes(tmp_path, capsys):
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_symbolic_dims_tvm_cannot_keep_are_fixed_and_the_report_says_so(tiny_bert, tmp_path):
+def test_symbolic_dims_tvm_cannot_keep_are_fixed_and_the_report_says_so():
     from rewriter.backends.tvm import verify as compiled_check
 
-    _, rewritten, feeds = tiny_bert
-    check = compiled_check.check_compiled(rewritten, "avx512", feeds=feeds, reference=None)
+    rng = np.random.default_rng(SEED)
+    feeds = {
+        "x": rng.standard_normal((3, 4)).astype(np.float32),
+        "y": rng.standard_normal((1, 4)).astype(np.float32),
+    }
+    check = compiled_check.check_compiled(_tile_by_batch(), "avx512", feeds=feeds, reference=None)
     assert check.note is not None and "fixed to the verification inputs' sizes" in check.note
     assert check.accepts == {name: list(value.shape) for name, value in feeds.items()}
 
