@@ -190,9 +190,9 @@ def _prim_dtype(value: Any) -> str:
 
 
 def _simplify(value: Any) -> Any:
-    import tvm
+    from tvm import sym
 
-    return tvm.arith.Analyzer().simplify(value)
+    return sym.Analyzer().simplify(value)
 
 
 def _floor_divide(a: Any, b: Any) -> Any:

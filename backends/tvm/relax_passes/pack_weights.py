@@ -184,7 +184,8 @@ def packed_func(
     row tiles (:func:`schedules.zero_pad`): it computes ``ceil(N / width) * width``
     columns into a padded result, of which the epilogue keeps the ``N`` real ones. The
     weight parameter becomes the padded panels, zero past column ``N``, as :func:`pack`
-    writes them; padded rows of A are copied in the function, per call.
+    writes them; padded rows of A are copied in the function, per call. Symbolic rows
+    are always padded to whole register tiles: the schedule then needs no masked tile.
     """
     from tvm import s_tir, tirx
 
@@ -205,6 +206,8 @@ def packed_func(
         sch.annotate(block, conv.PACKED_ANNOTATION, site.width)
         return sch.mod["main"]
     pad = schedules.padding(site.rows or 1, site.n, lanes, packed=width)
+    if site.rows == 0:  # symbolic rows (batch x tokens): to whole register tiles
+        pad = (schedules.tile_rows(width, lanes), pad[1])
     schedules.zero_pad(sch, block, pad)
     sch.transform_layout(block, ("read", 1), lambda k, j: (j // width, k, j % width))
     if pad[1] == 1:

@@ -185,6 +185,18 @@ def _row_block(rows: int, depth: int, tile_i: int) -> int:
     return _largest_divisor(rows, limit, tile_i) or tile_i
 
 
+def _dividing_tile(extent: Any, limit: int, multiple_of: int = 1) -> int | None:
+    """The largest ``t <= limit``, a multiple of ``multiple_of``, that provably divides
+    the symbolic ``extent`` (``(n + 7) // 8 * 8``: 8), or None where none does (1 aside)."""
+    from tvm import sym, tirx
+
+    analyzer = sym.Analyzer()
+    for candidate in range(limit, 1, -1):
+        if candidate % multiple_of == 0 and analyzer.can_prove(tirx.floormod(extent, candidate) == 0):
+            return candidate
+    return None
+
+
 def _largest_divisor(extent: int, limit: int, multiple_of: int = 1) -> int | None:
     """The largest divisor of ``extent`` that is ``<= limit`` and a multiple of ``multiple_of``."""
     for candidate in range(min(extent, limit), 0, -1):
@@ -258,6 +270,8 @@ def _rules() -> dict[str, Any]:
             if not packed:  # a packed B was padded, if need be, when it was packed
                 infos = self._pad(sch, infos, reductions[0].block_rv, gemv)
                 reductions = [info for info in infos if not info.is_injective()]
+                if len(reductions) != 1:
+                    return None
             position = infos.index(reductions[0])
             # Producers (e.g. a transpose of B) are computed inline into the matmul, or
             # into the zero-padded copy of its input they feed; those copies stay apart.
@@ -270,34 +284,39 @@ def _rules() -> dict[str, Any]:
                 sch.compute_inline(info.block_rv)
             block = reductions[0].block_rv
             loops = sch.get_loops(block)
-            # Columns and depth are tiled: static. Batch loops may be symbolic (a model
-            # compiled for any batch size): they only feed the parallel loop. So may rows
-            # (batch x tokens): then the last row tile is masked.
-            extents = static_extents(sch, loops[-2:])
-            if extents is None:
-                return None
+            # Batch loops may be symbolic (a model compiled for any batch size): they only
+            # feed the parallel loop. Symbolic rows (batch x tokens) and columns (keys)
+            # were padded to whole register tiles, and depth (keys, for P x V) is a loop.
             if gemv:
                 # One row (a GEMV, its unit row loop normalized away): tile a unit loop.
                 sch.add_unit_loop(loops[-2])
                 loops = sch.get_loops(block)
             *batch, i, j, k = loops
-            cols, depth = extents
             rows = 1 if gemv else (static_extents(sch, [i]) or [0])[0]
-            tile = register_tile(rows or MAX_TILE_ROWS, cols, self.lanes, packed)
+            cols = (static_extents(sch, [j]) or [0])[0]
+            depth = (static_extents(sch, [k]) or [0])[0]
+            if cols:
+                tile = register_tile(rows or MAX_TILE_ROWS, cols, self.lanes, packed)
+            else:
+                width = _dividing_tile(sch.get(j).extent, PANEL_VECTORS * self.lanes, self.lanes)
+                tile = (1, width) if width else None
             if tile is None:
                 return None
             tile_i, tile_j = tile
+            if not rows:  # symbolic: the tallest tile that divides the (padded) rows
+                tile_i = _dividing_tile(sch.get(i).extent, tile_rows(tile_j, self.lanes)) or 1
             jo, ji = sch.split(j, [None, tile_j])
             k_loops = [k]
             if depth % K_UNROLL == 0 and depth > K_UNROLL:
                 k_loops = list(sch.split(k, [None, K_UNROLL]))
             if rows:
-                row_block = _row_block(rows, depth, tile_i)
+                row_block = _row_block(rows, depth, tile_i) if depth else tile_i
                 mc, mo, mi = sch.split(i, [None, row_block // tile_i, tile_i])
                 outer = [*batch, mc, jo]
             else:
-                # Symbolic rows: the last row tile is masked, a branch per row (TVM's
-                # LoopPartition, which would peel it off, fails on symbolic bounds).
+                # Symbolic rows, padded to whole tiles: no row of the micro-kernel is
+                # masked (TVM's LoopPartition, which would peel a masked last tile off,
+                # fails on symbolic bounds, and a branch per row costs 2x).
                 mo, mi = sch.split(i, [None, tile_i])
                 outer = [*batch, jo]
             # Panels of B outside, rows of A inside: a K x tile_j panel of B stays in
@@ -325,17 +344,32 @@ def _rules() -> dict[str, Any]:
                 # Once per call, before the matmul: rows in parallel, vectorized along them.
                 *outer, inner = sch.get_loops(copy)
                 sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-                sch.vectorize(inner)
+                if static_extents(sch, [inner]) is not None:
+                    sch.vectorize(inner)
+                elif _dividing_tile(sch.get(inner).extent, self.lanes, self.lanes):
+                    sch.vectorize(sch.split(inner, [None, self.lanes])[1])  # padded columns
             return sch
 
         def _pad(self, sch: Any, infos: list[Any], block: Any, gemv: bool) -> list[Any]:
-            """``infos`` once matmul ``block`` is padded to whole register tiles, if it
-            needs to be (:func:`padding`, :func:`zero_pad`)."""
-            extents = static_extents(sch, sch.get_loops(block)[-2 if gemv else -3 :])
-            if extents is None:  # symbolic rows: padded by a masked row tile, not here
-                return infos
-            pad = padding(1 if gemv else extents[-3], extents[-2], self.lanes)
-            if not zero_pad(sch, block, pad):
+            """``infos`` once matmul ``block`` (B unpacked) is padded to whole register
+            tiles, if it needs to be (:func:`padding`, :func:`zero_pad`). Symbolic rows go
+            to a multiple of the tile's height and symbolic columns to whole panels, always:
+            a masked tile would branch per row (TVM's LoopPartition, which would peel it
+            off, fails on symbolic bounds). The copies cost rows x (depth + columns),
+            against rows x depth x columns for the matmul."""
+            loops = sch.get_loops(block)
+            rows = 1 if gemv else (static_extents(sch, loops[-3:-2]) or [0])[0]
+            cols = (static_extents(sch, loops[-2:-1]) or [0])[0]
+            if cols:
+                pad_i, pad_j = padding(rows or 1, cols, self.lanes)
+                tile = register_tile(MAX_TILE_ROWS, -(-cols // pad_j) * pad_j, self.lanes)
+                width = tile[1] if tile is not None else PANEL_VECTORS * self.lanes
+            else:
+                width = pad_j = PANEL_VECTORS * self.lanes
+                pad_i = 1
+            if not rows:
+                pad_i = tile_rows(width, self.lanes)
+            if not zero_pad(sch, block, (pad_i, pad_j)):
                 return infos
             return normalize_prim_func(sch) or []
 
