@@ -222,7 +222,12 @@ def rewritten(model: onnx.ModelProto) -> tuple[tvm.IRModule, dict[str, object]]:
 def test_rewrite_calls_the_kernel(build, bias_fused):
     model, data = build()
     module, stats = rewritten(model)
-    assert stats == {"bf16_matmuls": 1, "bias_fused": bias_fused, "skipped": []}
+    assert stats == {
+        "bf16_matmuls": 1,
+        "bias_fused": bias_fused,
+        "kernel": "vdpbf16ps",
+        "skipped": [],
+    }
     assert kernel_names(module).count(bf16_matmul.KERNEL_NAME) == 1
     found = bindings(module)
     names = [name for name, _ in found]
@@ -251,7 +256,7 @@ def test_ragged_n_calls_the_kernel(n):
     """N not a multiple of 16: the weight is packed zero-padded, the kernel writes [M, N]."""
     model, data = dense(rows=4, k=32, n=n)
     module, stats = rewritten(model)
-    assert stats == {"bf16_matmuls": 1, "bias_fused": 1, "skipped": []}
+    assert stats == {"bf16_matmuls": 1, "bias_fused": 1, "kernel": "vdpbf16ps", "skipped": []}
     names = [name for name, _ in bindings(module)]
     assert names == ["relax.reshape", bf16_matmul.KERNEL_NAME, "relax.reshape"]
     packed = bindings(module)[1][1][0]
