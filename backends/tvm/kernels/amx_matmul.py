@@ -164,30 +164,34 @@ def amx_matmul(
         Y: T.Buffer((m, n), out_dtype),  # type: ignore[valid-type]
     ):
         T.func_attr({"tir.noalias": True})
-        for rb in T.parallel(row_blocks, annotations={"pragma_import_llvm": micro_kernel}):
+        # Chunks outside, row blocks inside: a chunk's weight panel (K x 256) stays in L2
+        # while the rows of A pass it.
+        for task in T.parallel(
+            chunks * row_blocks, annotations={"pragma_import_llvm": micro_kernel}
+        ):
+            ch = task // row_blocks
+            rb = task % row_blocks
             pad = T.alloc_buffer((block, k_pad), pad_dtype, scope="global")
             acc = T.alloc_buffer((block, width), acc_dtype, scope="global")
             rows = T.min(block, m - rb * block)
-            if not in_place or rb >= whole_rows:
+            if in_place and rb < whole_rows:
+                tiles(W, acc, T.address_of(A[rb * block, 0]), k * size, ch)
+            else:
                 for i, kk in T.grid(block, k_pad):
                     pad[i, kk] = T.if_then_else(
                         i < rows and kk < k,
                         T.reinterpret(pad_dtype, A[T.min(rb * block + i, m - 1), T.min(kk, k - 1)]),
                         T.Cast(pad_dtype, 0),
                     )
-            for ch in T.serial(chunks):
-                if in_place and rb < whole_rows:
-                    tiles(W, acc, T.address_of(A[rb * block, 0]), k * size, ch)
-                else:
-                    tiles(W, acc, T.address_of(pad[0, 0]), k_pad * size, ch)
-                cols = T.min(width, n - ch * width)
-                for i in T.serial(rows):
-                    for v in T.serial(cols // LANES):
-                        for lane in T.vectorized(LANES):  # no let here: TVM scalarizes it
-                            store(Y, S, C, B, acc, rb * block + i, ch * width, i, v * LANES + lane)
-                    for j in T.serial(cols % LANES):
-                        tail = cols // LANES * LANES + j
-                        store(Y, S, C, B, acc, rb * block + i, ch * width, i, tail)
+                tiles(W, acc, T.address_of(pad[0, 0]), k_pad * size, ch)
+            cols = T.min(width, n - ch * width)
+            for i in T.serial(rows):
+                for v in T.serial(cols // LANES):
+                    for lane in T.vectorized(LANES):  # no let here: TVM scalarizes it
+                        store(Y, S, C, B, acc, rb * block + i, ch * width, i, v * LANES + lane)
+                for j in T.serial(cols % LANES):
+                    tail = cols // LANES * LANES + j
+                    store(Y, S, C, B, acc, rb * block + i, ch * width, i, tail)
 
     unused = ({"B"} if not bias else set()) | ({"S", "C"} if not quantized else set())
     return drop_params(main, unused)
