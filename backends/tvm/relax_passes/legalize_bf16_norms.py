@@ -6,10 +6,11 @@ compile. Their bf16 calls are computed in float32 here, inputs widened (exact) a
 result rounded to bf16 once: what TVM's own bf16 legalization does for the ops it
 handles (its TIR computes bf16 arithmetic in float32).
 
-``erf`` and ``tanh`` (GELU's) are legalized by TVM in bf16, but slowly: erf of 256 x 1536
-bf16 values took 15.5 ms on one Sapphire Rapids core, 0.8 ms computed in float32 here
-(TVM's fast float32 polynomial after ``FastMathTransform``), which made the GELUs 75%
-of a bf16 MiniLM's time. They are upcast the same way.
+``erf``, ``tanh`` (GELU's) and ``softmax`` are legalized by TVM in bf16, but slowly: erf
+of 256 x 1536 bf16 values took 15.5 ms on one Sapphire Rapids core, 0.8 ms computed in
+float32 here (TVM's fast float32 polynomial after ``FastMathTransform``); the GELUs were
+75% of a bf16 MiniLM's time at batch 8 x 32, the softmaxes 43% at 1 x 128 (24 of 57 ms,
+then 2.5). They are upcast the same way, so our float32 schedules take them.
 
 Exact up to that final rounding. Runs before legalization, on every target
 (:func:`rewriter.backends.tvm.relax_pipeline`).
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 # Relax ops whose legalization has no bfloat16, by statistic.
 UPCAST_OPS = {
     "bf16_norms_upcast": ("relax.nn.layer_norm", "relax.nn.rms_norm"),
-    # Legalized in bf16, but ~20x slower than in float32 (see the module docstring).
-    "bf16_activations_upcast": ("relax.erf", "relax.tanh"),
+    # Legalized in bf16, but ~10-20x slower than in float32 (see the module docstring).
+    "bf16_activations_upcast": ("relax.erf", "relax.tanh", "relax.nn.softmax"),
 }
 
 
@@ -77,7 +78,9 @@ def upcast_pass() -> tvm.transform.Pass:
         if stats["bf16_norms_upcast"]:
             logger.info("%d bf16 normalizations computed in float32", stats["bf16_norms_upcast"])
         if stats["bf16_activations_upcast"]:
-            logger.info("%d bf16 erf/tanh computed in float32", stats["bf16_activations_upcast"])
+            logger.info(
+                "%d bf16 erf/tanh/softmax computed in float32", stats["bf16_activations_upcast"]
+            )
         return mod
 
     return pass_
