@@ -116,8 +116,9 @@ def amx_matmul(
     row_blocks = -(-m // block)
     chunks = -(-(groups // 2) // CHUNK)
     width = CHUNK * block
-    in_place = k == k_pad  # whole blocks load A where it is
-    whole_rows = m // block
+    # Whole row blocks load A where it is when K fills its k-steps; the others are copied.
+    first_copy = m // block if k == k_pad else 0
+    copies = row_blocks - first_copy
     quantized = kind == "int8"
     kernel = amx_tile.function_name(kind)
     f32 = "float32"
@@ -164,6 +165,18 @@ def amx_matmul(
         Y: T.Buffer((m, n), out_dtype),  # type: ignore[valid-type]
     ):
         T.func_attr({"tir.noalias": True})
+        # The row blocks A cannot be read in place from (all with a ragged K, else the
+        # last of a ragged M), copied once, zero-padded to 32 x K_pad.
+        if copies > 0:
+            pad = T.alloc_buffer((copies * block, k_pad), pad_dtype, scope="global")
+            for pb in T.parallel(copies):
+                for i, kk in T.grid(block, k_pad):
+                    row = (first_copy + pb) * block + i
+                    pad[pb * block + i, kk] = T.if_then_else(
+                        row < m and kk < k,
+                        T.reinterpret(pad_dtype, A[T.min(row, m - 1), T.min(kk, k - 1)]),
+                        T.Cast(pad_dtype, 0),
+                    )
         # Chunks outside, row blocks inside: a chunk's weight panel (K x 256) stays in L2
         # while the rows of A pass it.
         for task in T.parallel(
@@ -171,19 +184,12 @@ def amx_matmul(
         ):
             ch = task // row_blocks
             rb = task % row_blocks
-            pad = T.alloc_buffer((block, k_pad), pad_dtype, scope="global")
             acc = T.alloc_buffer((block, width), acc_dtype, scope="global")
             rows = T.min(block, m - rb * block)
-            if in_place and rb < whole_rows:
+            if rb < first_copy:
                 tiles(W, acc, T.address_of(A[rb * block, 0]), k * size, ch)
-            else:
-                for i, kk in T.grid(block, k_pad):
-                    pad[i, kk] = T.if_then_else(
-                        i < rows and kk < k,
-                        T.reinterpret(pad_dtype, A[T.min(rb * block + i, m - 1), T.min(kk, k - 1)]),
-                        T.Cast(pad_dtype, 0),
-                    )
-                tiles(W, acc, T.address_of(pad[0, 0]), k_pad * size, ch)
+            elif copies > 0:  # decided in Python: without copies, no copy buffer in the code
+                tiles(W, acc, T.address_of(pad[(rb - first_copy) * block, 0]), k_pad * size, ch)
             cols = T.min(width, n - ch * width)
             for i in T.serial(rows):
                 for v in T.serial(cols // LANES):
