@@ -18,6 +18,9 @@ Tolerances, derived rather than picked (``u = 2**-24``, the float32 unit roundof
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 
 import ml_dtypes
 import numpy as np
@@ -251,3 +254,24 @@ def test_int8_model_keeps_vnni_without_amx():
     asm = library_asm(backend.compile(model, "avx512"))
     assert "vpdpbusd" in asm and "tdpbusd" not in asm
     assert vnni_kernel.supported(targets.resolve("avx512"))
+
+
+def test_an_exported_amx_library_runs_in_a_fresh_process(amx, amx_preset, tmp_path):
+    """A new process has no AMX permission: ``load(...).run`` must ask before the first
+    tile instruction (else SIGILL kills it)."""
+    model, values = test_bf16.dense(rows=37, k=90, n=45)
+    compiled = backend.compile(model, amx_preset)
+    library = compiled.export(tmp_path / "amx.so")
+    np.save(tmp_path / "x.npy", values["x"].view(np.uint16))  # bf16 bits
+    script = textwrap.dedent(
+        f"""
+        import ml_dtypes, numpy as np
+        from rewriter.backends.tvm import load
+        x = np.load({str(tmp_path / "x.npy")!r}).view(ml_dtypes.bfloat16)
+        y = load({str(library)!r}).run({{"x": x}})["y"]
+        np.save({str(tmp_path / "y.npy")!r}, y.view(np.uint16))
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    expected = compiled.run({"x": values["x"]})["y"]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected.view(np.uint16))
