@@ -1,19 +1,25 @@
-"""Benchmark: our bf16 matmul kernel (vdpbf16ps) against our float32 path and torch.
+"""Benchmark: our bf16 matmul kernels (AMX, vdpbf16ps) against our float32 path and torch.
 
 BERT-shaped linears ``x[1, M, K] @ W[K, N] + b``, each timed side by side in interleaved
 rounds, on one thread; the last is BERT's MLM head (N = 30522, not a multiple of 16: the
 kernel computes whole groups of 16 channels from a zero-padded weight), at M = 8 to keep
 the run short:
 
-* ``bf16``: the bf16 ONNX model through ``rewriter.backends.tvm.compile`` for avx512
-  (the Relax rewrite runs our kernel, :mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
+* ``amx``: the bf16 ONNX model through ``rewriter.backends.tvm.compile`` for
+  ``sapphirerapids`` (``presets.py``): the Relax rewrite runs our AMX kernel
+  (``tdpbf16ps``, :mod:`rewriter.backends.tvm.kernels.amx_matmul`); only on CPUs with
+  AMX-BF16;
+* ``bf16``: the same for avx512 (the Relax rewrite runs our ``vdpbf16ps`` kernel,
+  :mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
 * ``fp32``: the float32 model through the same pipeline (packed panels, 8 x 32 FMA tile);
 * ``tvm bf16``: the bf16 model with the rewrite off (TVM's bf16 legalization: each bf16
   operand widened to float32 in our float32 schedule), what bf16 models got before;
 * ``torch bf16`` and ``torch fp32``: ``torch.matmul(x, W) + b`` (oneDNN).
 
 Each TVM library is first checked against float64 numpy on the same values. GFLOP/s
-count ``2 M K N`` (the real N); ratios are peer time / our bf16 time. Run::
+count ``2 M K N`` (the real N); ratios are peer time / the first contender's time
+(``amx`` where the CPU has it, else ``bf16``). torch's idle OpenMP threads sleep
+(``OMP_WAIT_POLICY=PASSIVE``). Run::
 
     .venv/bin/python benchmarks/bf16_matmul.py [--seconds 3] [--shape 8x768x30522]
 """
@@ -25,12 +31,14 @@ import os
 from collections.abc import Callable
 
 os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle OpenMP threads sleep between contenders
 
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from presets import amx_target, host_amx  # noqa: E402
 from timing import interleaved  # noqa: E402
 
 from rewriter.backends import tvm as backend  # noqa: E402
@@ -73,9 +81,13 @@ def dense(m: int, k: int, n: int, dtype: str) -> tuple[onnx.ModelProto, dict[str
 
 
 def tvm_call(
-    model: onnx.ModelProto, values: dict[str, np.ndarray], *, rewrite: bool = True
+    model: onnx.ModelProto,
+    values: dict[str, np.ndarray],
+    *,
+    rewrite: bool = True,
+    target: str = "avx512",
 ) -> Callable[[], None]:
-    """Compile for avx512, check against float64 numpy (bf16: 2**-7 of |x| @ |W| + |b|,
+    """Compile for ``target``, check against float64 numpy (bf16: 2**-7 of |x| @ |W| + |b|,
     two bf16 roundings; fp32: 1e-5), return one call."""
     import tvm
 
@@ -83,7 +95,7 @@ def tvm_call(
     if not rewrite:  # the pipeline as it was: no target has the kernel
         bf16_matmul.supported = lambda target: False  # type: ignore[assignment]
     try:
-        compiled = backend.compile(model, "avx512")
+        compiled = backend.compile(model, target)
     finally:
         bf16_matmul.supported = supported  # type: ignore[assignment]
     x, w, b = (values[name].astype(np.float64) for name in ("x", "w", "b"))
@@ -115,8 +127,15 @@ def main() -> None:
     args = parser.parse_args()
     shapes = [tuple(int(d) for d in text.split("x")) for text in args.shape] or SHAPES
     torch.set_num_threads(1)
+    no_amx = host_amx("amx_bf16")
     names = ["bf16", "fp32", "tvm bf16", "torch bf16", "torch fp32"]
-    print(f"GFLOP/s, 1 thread; ratios: peer time / bf16 (ours) time. torch {torch.__version__}")
+    if no_amx:
+        print(f"no 'amx': {no_amx}")
+    else:
+        names.insert(0, "amx")
+    print(
+        f"GFLOP/s, 1 thread; ratios: peer time / {names[0]} (ours) time. torch {torch.__version__}"
+    )
     print(
         f"{'M x K x N':16}"
         + "".join(f"{name:>11}" for name in names)
@@ -126,6 +145,7 @@ def main() -> None:
         model, values = dense(m, k, n, "bfloat16")
         model32, values32 = dense(m, k, n, "float32")
         calls = {
+            **({} if no_amx else {"amx": tvm_call(model, values, target=amx_target())}),
             "bf16": tvm_call(model, values),
             "fp32": tvm_call(model32, values32),
             "tvm bf16": tvm_call(model, values, rewrite=False),
@@ -137,7 +157,7 @@ def main() -> None:
         print(
             f"{f'{m}x{k}x{n}':16}"
             + "".join(f"{rate[name]:11.1f}" for name in names)
-            + "".join(f"{t[name] / t['bf16']:11.2f}x" for name in names[1:]),
+            + "".join(f"{t[name] / t[names[0]]:11.2f}x" for name in names[1:]),
             flush=True,
         )
 

@@ -6,10 +6,15 @@ ONNX Runtime, measured in the same run.
 The model is the bundled MiniLM (``examples.minilm.prepare``: 8 sentences padded to 32
 tokens), quantized with ``quantize(bits=8, activations=int8)`` (min-max calibration on
 sentences other than the evaluation ones). Contenders, all on the same inputs, one thread
-(``TVM_NUM_THREADS=1``, ORT ``intra_op_num_threads=1``):
+(``TVM_NUM_THREADS=1``, ORT ``intra_op_num_threads=1`` with spinning off, and
+``OMP_WAIT_POLICY=PASSIVE``: no contender's idle threads spin while the next one runs):
 
-* ``tvm int8``: our library of the QDQ model (on a VNNI target the QDQ MatMuls run as
-  integer matmuls with ``vpdpbusd``, :mod:`rewriter.backends.tvm.relax_passes.qdq_matmul`);
+* ``tvm int8``: our library of the QDQ model for ``--target`` (on a VNNI target the QDQ
+  MatMuls run as integer matmuls with ``vpdpbusd``,
+  :mod:`rewriter.backends.tvm.relax_passes.qdq_matmul`);
+* ``tvm int8 amx``: the same for ``sapphirerapids`` (``benchmarks/presets.py``), where
+  the integer matmuls run on AMX tiles (``tdpbusd``,
+  :mod:`rewriter.backends.tvm.kernels.amx_matmul`); only on CPUs with AMX-INT8;
 * ``tvm qdq float``: the same QDQ model, the MatMuls on dequantized weights in float32
   (what the backend does without VNNI);
 * ``tvm fp32``: our library of the float model;
@@ -40,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle OpenMP threads sleep between contenders
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -48,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import timing  # noqa: E402
+from presets import amx_target, host_amx  # noqa: E402
 
 from benchmarks.quantize import calibration_batch  # noqa: E402
 from examples import minilm  # noqa: E402
@@ -63,6 +70,7 @@ def session(path: Path, *, optimize: bool = True) -> ort.InferenceSession:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -139,12 +147,20 @@ def main() -> int:
 
         quantize_dynamic(str(model_path), str(dynamic), weight_type=QuantType.QInt8)
         started = time.perf_counter()
-        libraries = {
-            "tvm int8": tvm_library(qdq, args.target, dims, int8=True),
+        libraries = {"tvm int8": tvm_library(qdq, args.target, dims, int8=True)}
+        no_amx = host_amx("amx_int8")
+        if no_amx:
+            print(f"no 'tvm int8 amx': {no_amx}", flush=True)
+        else:
+            libraries["tvm int8 amx"] = tvm_library(qdq, amx_target(), dims, int8=True)
+        libraries |= {
             "tvm qdq float": tvm_library(qdq, args.target, dims, int8=False),
             "tvm fp32": tvm_library(model_path, args.target, dims, int8=False),
         }
-        print(f"compiled 3 libraries ({time.perf_counter() - started:.0f} s)", flush=True)
+        print(
+            f"compiled {len(libraries)} libraries ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
         sessions = {
             "ort fp32": session(model_path),
             "ort qdq": session(qdq),
@@ -167,17 +183,18 @@ def main() -> int:
     for name, output in outputs.items():
         cosine = verify.pooled_cosine(reference, output, mask)
         agreement = ""
-        if name.startswith(("tvm int8", "tvm qdq")):
+        if name.startswith(("tvm int8", "tvm qdq")):  # tvm int8 amx too
             agreement = f"{verify.pooled_cosine(literal, output, mask).min():11.6f}"
         print(
             f"{name:<18} {1000 * medians[name]:8.2f} {medians[name] / base:11.2f}x "
             f"{cosine.mean():9.5f} {cosine.min():9.5f} {agreement}"
         )
-    print(
-        f"\ntvm int8 vs tvm fp32: {medians['tvm int8'] / medians['tvm fp32']:.2f}x; "
-        f"vs tvm qdq float: {medians['tvm int8'] / medians['tvm qdq float']:.2f}x; "
-        f"vs ort dynamic int8: {medians['tvm int8'] / medians['ort dynamic int8']:.2f}x"
-    )
+    for ours in [name for name in medians if name.startswith("tvm int8")]:
+        print(
+            f"\n{ours} vs tvm fp32: {medians[ours] / medians['tvm fp32']:.2f}x; "
+            f"vs tvm qdq float: {medians[ours] / medians['tvm qdq float']:.2f}x; "
+            f"vs ort dynamic int8: {medians[ours] / medians['ort dynamic int8']:.2f}x"
+        )
     print("'vs ort qdq': min pooled cosine against ORT on the QDQ graph as written")
     return 0
 

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rewriter.backends.tvm import amx_runtime, targets, tuning
 from rewriter.backends.tvm import import_onnx as onnx_import
 from rewriter.backends.tvm import import_torch as torch_import
-from rewriter.backends.tvm import targets, tuning
 from rewriter.backends.tvm.pipeline import relax_pipeline
 from rewriter.backends.tvm.relax_passes import cpu_schedule
 from rewriter.errors import InputError
@@ -120,6 +120,8 @@ class Compiled:
                 raise InputError(
                     f"no {self.device} device on this machine: the model was built, not run"
                 )
+            if amx_runtime.uses_amx(self.signature.target_json):
+                amx_runtime.ensure_permission()  # else the first tile instruction is SIGILL
             self._vm = relax.VirtualMachine(self.executable, device)
         return self._vm
 

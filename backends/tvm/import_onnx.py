@@ -88,6 +88,7 @@ def prepare(
     fuse_attention: bool = True,
     fuse_loss: bool = True,
     int8_matmul: bool = False,
+    int8_amx: bool = False,
     gpu: bool = False,
 ) -> onnx.ModelProto:
     """Clean ``model`` up for TVM's importer; returns a new proto.
@@ -103,8 +104,9 @@ def prepare(
     CPU only (the losses).
 
     ``int8_matmul=True`` rewrites QDQ MatMuls (int8 activations and weights) into
-    integer matmuls (:func:`rewriter.backends.tvm.relax_passes.qdq_matmul.fuse`); :func:`import_onnx`
-    sets it for targets with AVX-512 VNNI.
+    integer matmuls (:func:`rewriter.backends.tvm.relax_passes.qdq_matmul.fuse`), their weights
+    packed for the AMX kernel with ``int8_amx``; :func:`import_onnx` sets them for targets
+    with AVX-512 VNNI or AMX-INT8.
 
     >>> proto = prepare("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
     """
@@ -170,7 +172,7 @@ def prepare(
     if int8_matmul:
         from rewriter.backends.tvm.relax_passes import qdq_matmul  # imports tvm (the kernel's)
 
-        qdq_matmul.fuse(work)
+        qdq_matmul.fuse(work, amx=int8_amx)
     return ir.serde.serialize_model(work)
 
 
@@ -310,17 +312,21 @@ def import_onnx(
     :func:`rewriter.backends.tvm.kernels.softmax.two_pass_softmax`); it is called as
     ``kernel(rows, cols, dtype=..., log=..., target=...)`` and returns a PrimFunc with
     parameters ``(X[rows, cols], Y[rows, cols])``. ``int8_matmul`` (default: whether
-    ``target`` has AVX-512 VNNI) runs QDQ MatMuls as integer matmuls (see :func:`prepare`).
+    ``target`` has AVX-512 VNNI or AMX-INT8) runs QDQ MatMuls as integer matmuls (see
+    :func:`prepare`), with the AMX kernel where the target has AMX-INT8.
 
     >>> mod = import_onnx("model_tp.onnx", target=resolve("avx512"))  # doctest: +SKIP
     >>> any(gv.name_hint.startswith("rewriter_two_pass") for gv in mod.get_global_vars())  # doctest: +SKIP
     True
     """
-    if int8_matmul is None:
-        from rewriter.backends.tvm.kernels import int8_matmul as int8_kernel
+    from rewriter.backends.tvm.kernels import amx_matmul
+    from rewriter.backends.tvm.kernels import int8_matmul as int8_kernel
 
-        int8_matmul = int8_kernel.supported(target)
-    proto = prepare(model, dims=dims, gpu=target.kind.name == "cuda", int8_matmul=int8_matmul)
+    amx = amx_matmul.supported(target, "int8")
+    if int8_matmul is None:
+        int8_matmul = amx or int8_kernel.supported(target)
+    gpu = target.kind.name == "cuda"
+    proto = prepare(model, dims=dims, gpu=gpu, int8_matmul=int8_matmul, int8_amx=amx)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _importer_class()(target=target, kernel=kernel)
     with warnings.catch_warnings():

@@ -6,7 +6,8 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    :mod:`rewriter.backends.tvm.import_torch` for a ``torch.export.ExportedProgram``): our
    ops become ``call_tir`` to our kernels, weights become constants of the module; on
    targets with AVX512-BF16, bf16 matmuls with a constant weight become ``call_tir`` to
-   our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
+   our ``vdpbf16ps`` kernel, or our AMX kernel where the target has AMX-BF16
+   (:mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
 2. inference forms: batch norms folded into the convolutions before them (the rest
    decomposed into a scale and a shift), constant computations folded; on CPUs the
    convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`);
@@ -54,7 +55,6 @@ def relax_pipeline(
     import tvm
     from tvm import relax
 
-    from rewriter.backends.tvm.kernels import bf16_matmul as bf16_kernel
     from rewriter.backends.tvm.relax_passes import (
         activations,
         bf16_matmul,
@@ -81,7 +81,7 @@ def relax_pipeline(
     ]
     if not gpu:  # convolutions channels-last, for our conv schedules
         passes.append(conv.channels_last())
-    if not gpu and bf16_kernel.supported(target):  # Relax matmuls, before legalization
+    if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)
     if fast_math:  # sigmoid, silu, gelu as exp/tanh/erf first: their fast forms vectorize

@@ -2,10 +2,12 @@
 
 On targets with AVX512-BF16, a Relax ``matmul`` of a static bfloat16 activation by a
 constant 2-D bfloat16 weight (or ``permute_dims`` of one: Gemm with ``transB``, a torch
-``Linear``) runs our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.tvm.kernels.bf16_matmul`):
-the weight is packed as ``[ceil(N/16), K/2, 16, 2]`` here, at compile time (zero past
-column N: a head of 30522 or 1000 classes computes whole groups of 16 channels and
-stores its N), and a following ``add`` of a constant ``[N]`` bias (the matmul's only
+``Linear``) runs our ``vdpbf16ps`` kernel (:mod:`rewriter.backends.tvm.kernels.bf16_matmul`),
+or, where the target has AMX-BF16, our AMX kernel (``tdpbf16ps`` on 16 x 32 tiles:
+:mod:`rewriter.backends.tvm.kernels.amx_matmul`): the weight is packed as ``[ceil(N/16),
+K/2, 16, 2]`` here, at compile time (zero past column N: a head of 30522 or 1000 classes
+computes whole groups of 16 channels and stores its N; for AMX, whole pairs of groups
+and ``K`` zero-padded to a multiple of 32), and a following ``add`` of a constant ``[N]`` bias (the matmul's only
 use) is folded into the kernel's epilogue. The output keeps the matmul's dtype: bfloat16
 (rounded to nearest even) or float32 (``out_dtype``).
 
@@ -17,14 +19,14 @@ where the graph rounds the matmul's result to bf16 before adding (closer to the 
 value; at most one bf16 unit in the last place apart).
 
 Runs before legalization (:func:`rewriter.backends.tvm.relax_pipeline` puts it first on
-CPU targets that :func:`rewriter.backends.tvm.kernels.bf16_matmul.supported` accepts);
-other targets keep TVM's path. Matmuls it
-cannot take (``K`` odd, symbolic shapes, a computed weight) keep TVM's path, and
-:func:`rewrite` says why in its statistics (logged).
+CPU targets that :func:`supported` accepts); other targets keep TVM's path. Matmuls it
+cannot take (``K`` odd without AMX, symbolic shapes, a computed weight) keep TVM's path,
+and :func:`rewrite` says why in its statistics (logged), with the kernel it used
+(``kernel``: ``amx`` or ``vdpbf16ps``).
 
 >>> mod, stats = rewrite(mod, target)  # doctest: +SKIP
->>> stats["bf16_matmuls"], stats["bias_fused"]  # doctest: +SKIP
-(12, 8)
+>>> stats["bf16_matmuls"], stats["bias_fused"], stats["kernel"]  # doctest: +SKIP
+(12, 8, 'amx')
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rewriter.backends.tvm.kernels import amx_matmul
+from rewriter.backends.tvm.kernels import bf16_matmul as vnni_kernel
 from rewriter.backends.tvm.kernels.bf16_matmul import GROUP, bf16_matmul
 from rewriter.backends.tvm.relax_passes import pack_weights
 
@@ -70,14 +74,23 @@ def pack_weight(weight: np.ndarray) -> np.ndarray:
     return pack_weights.pack_groups(weight, GROUP, LANES)
 
 
-def refusal(k: int, n: int) -> str:
-    """Why the kernel cannot take a ``K x N`` weight, or "" when it can (any ``N``: the
-    weight is zero-padded to whole groups of 16 channels).
+def supported(target: tvm.target.Target) -> bool:
+    """Whether ``target`` has one of the bf16 kernels (AMX-BF16 or AVX512-BF16).
 
-    >>> refusal(64, 30522), refusal(63, 48)
-    ('', 'K=63, N=48: the kernel needs K % 2 == 0')
+    >>> supported(resolve("avx512")), supported(resolve("avx2"))  # doctest: +SKIP
+    (True, False)
     """
-    if k % GROUP:
+    return amx_matmul.supported(target, "bf16") or vnni_kernel.supported(target)
+
+
+def refusal(k: int, n: int, *, amx: bool = False) -> str:
+    """Why the kernel cannot take a ``K x N`` weight, or "" when it can (any ``N``: the
+    weight is zero-padded to whole groups of 16 channels; with ``amx``, any ``K`` too).
+
+    >>> refusal(64, 30522), refusal(63, 48), refusal(63, 48, amx=True)
+    ('', 'K=63, N=48: the kernel needs K % 2 == 0', '')
+    """
+    if k % GROUP and not amx:
         return f"K={k}, N={n}: the kernel needs K % {GROUP} == 0"
     return ""
 
@@ -93,7 +106,13 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule,
 
     matmul_op, add_op = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.add")
     permute_op = tvm.ir.Op.get("relax.permute_dims")
-    stats: dict[str, Any] = {"bf16_matmuls": 0, "bias_fused": 0, "skipped": []}
+    amx = amx_matmul.supported(target, "bf16")
+    stats: dict[str, Any] = {
+        "bf16_matmuls": 0,
+        "bias_fused": 0,
+        "kernel": "amx" if amx else "vdpbf16ps",
+        "skipped": [],
+    }
     gvars: dict[tuple[int, int, int, bool, str], Any] = {}
 
     def constant(expr: Any) -> np.ndarray | None:
@@ -148,7 +167,7 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule,
                 reason = f"output dtype {call.ty.dtype}"
             else:
                 weight = weight.T if transposed else weight
-                reason = refusal(*weight.shape)
+                reason = refusal(*weight.shape, amx=amx)
             if reason:
                 if report:
                     stats["skipped"].append(reason)
@@ -202,7 +221,10 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule,
                 gvars[key] = bb.add_func(kernel_func(*key, target=target), KERNEL_NAME)
             x = self.visit_expr(site.x)
             flat = x if len(site.shape) == 2 else bb.emit(relax.op.reshape(x, [m, k]))
-            args = [flat, relax.const(pack_weight(site.weight))]
+            packed = (
+                amx_matmul.pack_weight("bf16", site.weight) if amx else pack_weight(site.weight)
+            )
+            args = [flat, relax.const(packed)]
             if bias is not None:
                 args.append(relax.const(bias))
             y = relax.call_tir(gvars[key], args, relax.TensorType([m, n], site.out_dtype))
@@ -224,10 +246,15 @@ def rewrite(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule,
 def kernel_func(
     m: int, k: int, n: int, bias: bool, out_dtype: str, *, target: tvm.target.Target
 ) -> tvm.tirx.PrimFunc:
-    """The kernel as a private, opaque, already scheduled PrimFunc for ``call_tir``."""
+    """The kernel (AMX where ``target`` has AMX-BF16) as a private, opaque, already
+    scheduled PrimFunc for ``call_tir``."""
     from rewriter.backends.tvm.ops import scheduled_kernel
 
-    return scheduled_kernel(bf16_matmul(m, k, n, bias=bias, out_dtype=out_dtype, target=target))
+    if amx_matmul.supported(target, "bf16"):
+        func = amx_matmul.amx_matmul("bf16", m, k, n, bias=bias, out_dtype=out_dtype, target=target)
+    else:
+        func = bf16_matmul(m, k, n, bias=bias, out_dtype=out_dtype, target=target)
+    return scheduled_kernel(func)
 
 
 def rewrite_pass(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -239,8 +266,9 @@ def rewrite_pass(target: tvm.target.Target) -> tvm.transform.Pass:
         mod, stats = rewrite(mod, target)
         if stats["bf16_matmuls"]:
             logger.info(
-                "%d bf16 matmuls run the vdpbf16ps kernel (%d with their bias folded in)",
+                "%d bf16 matmuls run the %s kernel (%d with their bias folded in)",
                 stats["bf16_matmuls"],
+                stats["kernel"],
                 stats["bias_fused"],
             )
         for reason in stats["skipped"]:

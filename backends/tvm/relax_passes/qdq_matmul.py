@@ -10,20 +10,23 @@ channel or per tensor, zero point 0). The product is an integer matmul::
 
 ``u`` is ``QuantizeLinear(x, sx, zu)`` with a uint8 zero point (the same rounding and
 clipping, shifted by 128), so the activation is quantized once, straight to uint8, and
-``vpdpbusd`` (u8 x s8) applies. The sum is exact in int32 (``|u W| <= 255 * 128`` per
+``vpdpbusd`` (u8 x s8), or AMX's ``tdpbusd``, applies. The sum is exact in int32 (``|u W| <= 255 * 128`` per
 term, so K up to 65793); ``comp[n] = zu colsum_n(W_q)`` and ``scale[n] = sx sw[n]``
 (rounded once to float32) are computed here, at compile time, and a following ``Add`` of
 a constant ``[N]`` bias is folded into the kernel's epilogue. The weight is packed as
 ``[ceil(N/16), K/4, 16, 4]`` for the kernel (:mod:`rewriter.backends.tvm.kernels.int8_matmul`),
 zero past column N: a head of 1000 or 30522 classes computes whole groups of 16 channels
-and stores its N (``scale``, ``comp`` and ``bias`` stay [N]).
+and stores its N (``scale``, ``comp`` and ``bias`` stay [N]). With ``amx=True`` (targets
+with AMX-INT8) the same layout is padded for the AMX kernel
+(:func:`rewriter.backends.tvm.kernels.amx_matmul.pack_weight`: whole pairs of groups,
+``K`` zero-padded to a multiple of 64), and any ``K`` is taken.
 
 Exact up to float32 rounding: ONNX Runtime on the QDQ model sums ``K`` float32 products
 of dequantized values; here only the scale, the int32 -> float conversion and the bias
 add round (see ``tests/backends/tvm/test_int8.py`` for the tolerance).
 
 Fires only on MatMuls with a 2-D constant weight, static input shape and ``K % 4 == 0``
-(any ``N``); the others keep their QDQ form (TVM dequantizes and multiplies in float32),
+(any ``K`` with ``amx``; any ``N``); the others keep their QDQ form (TVM dequantizes and multiplies in float32),
 and :func:`fuse` says why in its result. :mod:`rewriter.backends.tvm.ops.int8_matmul`
 lowers the op into Relax as ``call_tir`` of the kernel.
 
@@ -41,6 +44,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from rewriter.backends.tvm.kernels import amx_matmul
 from rewriter.backends.tvm.kernels.int8_matmul import GROUP
 from rewriter.backends.tvm.ops import renamed
 from rewriter.backends.tvm.ops.int8_matmul import INT8_MATMUL
@@ -70,8 +74,9 @@ class Match:
     bias: np.ndarray | None
 
 
-def fuse(model: ir.Model) -> dict[str, Any]:
-    """Rewrite every matching QDQ MatMul of ``model`` in place; returns the statistics
+def fuse(model: ir.Model, *, amx: bool = False) -> dict[str, Any]:
+    """Rewrite every matching QDQ MatMul of ``model`` in place, the weights packed for the
+    AMX kernel with ``amx`` (else for the VNNI kernel); returns the statistics
     (``int8_matmuls``, ``bias_fused``) and, under ``skipped``, why the others were not.
     """
     shifted: dict[int, ir.Value] = {}
@@ -79,14 +84,14 @@ def fuse(model: ir.Model) -> dict[str, Any]:
     for node in list(model.graph):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
-        match = _match(node)
+        match = _match(node, amx=amx)
         if isinstance(match, str):
             if match:
                 stats["skipped"].append(f"{node.name}: {match}")
             continue
         if id(match.quantize) not in shifted:
             shifted[id(match.quantize)] = _quantize_u8(model, match)
-        _replace(model, match, shifted[id(match.quantize)])
+        _replace(model, match, shifted[id(match.quantize)], amx=amx)
         stats["int8_matmuls"] += 1
         stats["bias_fused"] += match.add is not None
     if stats["int8_matmuls"]:
@@ -116,7 +121,7 @@ def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
     )
 
 
-def _match(node: ir.Node) -> Match | str:
+def _match(node: ir.Node, *, amx: bool) -> Match | str:
     """The match of MatMul ``node``, or why not ("" when it is not a QDQ MatMul at all)."""
     if len(node.inputs) != 2:
         return ""
@@ -150,7 +155,7 @@ def _match(node: ir.Node) -> Match | str:
     shape = node.inputs[0].shape if node.inputs[0] is not None else None
     if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
         return "the activation's shape is not static (fix the input dims)"
-    if k % GROUP or k > MAX_K:
+    if (k % GROUP and not amx) or k > MAX_K:
         return f"K={k}, N={n}: the kernel needs K % {GROUP} == 0, K <= {MAX_K}"
     add, bias = _bias(node, n)
     scale, zero = activation
@@ -212,12 +217,13 @@ def pack_weight(weight: np.ndarray) -> np.ndarray:
     return pack_weights.pack_groups(weight, GROUP, LANES)
 
 
-def constants(match: Match) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def constants(match: Match, *, amx: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(packed weight, scale, comp)`` of ``match``: ``scale[n] = sx sw[n]`` (float32),
-    ``comp[n] = zu colsum_n(W_q)`` (int32)."""
+    ``comp[n] = zu colsum_n(W_q)`` (int32); the weight packed for AMX with ``amx``."""
     scale = (np.float64(match.scale) * match.weight_scale.astype(np.float64)).astype(np.float32)
     comp = (match.zero * match.weight.astype(np.int64).sum(axis=0)).astype(np.int32)
-    return pack_weight(match.weight), scale, comp
+    packed = amx_matmul.pack_weight("int8", match.weight) if amx else pack_weight(match.weight)
+    return packed, scale, comp
 
 
 def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
@@ -255,8 +261,8 @@ def _quantize_u8(model: ir.Model, match: Match) -> ir.Value:
     return output
 
 
-def _replace(model: ir.Model, match: Match, u8: ir.Value) -> None:
-    packed, scale, comp = constants(match)
+def _replace(model: ir.Model, match: Match, u8: ir.Value, *, amx: bool) -> None:
+    packed, scale, comp = constants(match, amx=amx)
     name = match.matmul.name or "matmul"
     inputs = [
         u8,
