@@ -75,7 +75,7 @@ def tvm_library(
     from tvm import relax
 
     from rewriter.backends import tvm as backend
-    from rewriter.backends.tvm import import_onnx, targets
+    from rewriter.backends.tvm import cpu_features, import_onnx, targets
 
     tvm_target = targets.resolve(target)
     proto = import_onnx.prepare(str(path), dims=dims)
@@ -88,6 +88,7 @@ def tvm_library(
         outputs=[output.name for output in proto.graph.output],
         target=target,
         target_json=targets.target_dict(target),
+        features=cpu_features.target_features(tvm_target),
     )
     compiled = backend.Compiled(executable, signature)
     return lambda feeds: compiled.run(feeds)[OUTPUT]
