@@ -29,6 +29,7 @@ os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+import timing
 import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from timing import interleaved  # noqa: E402
@@ -107,6 +108,7 @@ def torch_call(values: dict[str, np.ndarray], dtype: torch.dtype) -> Callable[[]
 
 
 def main() -> None:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per shape")
     parser.add_argument(

@@ -59,9 +59,7 @@ OUTPUT = "last_hidden_state"
 
 
 def session(path: Path, *, optimize: bool = True) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
+    options = timing.ort_options(1)
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -112,6 +110,7 @@ def interleaved_medians(
 
 
 def main() -> int:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="avx512")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed rounds")
