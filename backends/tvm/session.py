@@ -112,6 +112,10 @@ def to_tvm(array: Any) -> Any:
 
     if type(array) is not np.ndarray:
         return tvm_ffi.from_dlpack(array.detach()) if _aligned_torch(array) else None
+    flags = array.flags
+    # Checked first: the error tvm_ffi raises otherwise costs ~20 us on each call.
+    if not (flags.c_contiguous and flags.writeable) or array.ctypes.data % ALIGNMENT:
+        return None
     try:
         if array.dtype.kind not in "biufc":  # bfloat16 and float8 (ml_dtypes): as integers
             viewed = _VIEWED[array.dtype.name]
