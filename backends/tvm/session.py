@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rewriter.backends.tvm.relax_passes.outputs_as_params import OUT_FUNCTION
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ALIGNMENT = 64  # bytes: TVM's kernels assume their buffers start on this boundary
-# The destination-passing twin of "main" (outputs as trailing parameters).
-OUT_FUNCTION = "main_out"
 # dtypes numpy cannot pass through DLPack, and the same-sized integer they travel as.
 _VIEWED = {"bfloat16": "uint16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8"}
 # What tvm_ffi.from_dlpack raises for an array it cannot share.
@@ -157,7 +156,7 @@ class Session:
         self._main = vm["main"]
         try:
             self._main_out: Any = vm[OUT_FUNCTION]
-        except Exception:  # a library built before main_out existed
+        except AttributeError:  # GPU code, or a main returning more than tensors: no main_out
             self._main_out = None
         self._names = [name for name, _, _ in signature.inputs]
         self._known = set(self._names)
