@@ -150,8 +150,8 @@ class Compiled:
 
     def session(self) -> Session:
         """A :class:`Session` on this model's VM: repeated calls without copies or
-        allocations (inputs through DLPack, outputs on the VM's buffers or written into
-        ``out=`` arrays); one per thread. :meth:`run` uses one of its own.
+        allocations (inputs through DLPack, outputs in buffers it reuses once the caller
+        dropped them, or written into ``out=`` arrays); one per thread. :meth:`run` uses one of its own.
 
         >>> session = compiled.session()  # doctest: +SKIP
         >>> for batch in batches:  # doctest: +SKIP
@@ -163,16 +163,18 @@ class Compiled:
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run on ``inputs`` (numpy arrays or torch tensors, by name); returns the outputs
-        by name, as numpy arrays on the VM's output buffers (no copy; see :class:`Session`).
+        by name, as numpy arrays the kernels wrote, without a copy (see :class:`Session`,
+        which this calls through; a contiguous, 64-byte aligned input is read in place).
 
-        The arrays belong to the caller: the VM allocates every output of ``main`` afresh
-        on each call (from its pool, which takes a buffer back only once nothing holds
-        it), and the library's ``main`` copies an output that would be a constant of the
-        model or an input into a buffer of its own (``relax_passes.outputs_as_params``),
-        so the next call writes over nothing returned before. That is why ``run`` can
-        share the buffers and stay safe; to reuse buffers across calls, pass
-        ``out=`` arrays to :meth:`session`'s ``run``. An aligned, contiguous input is
-        read in place: do not change it from another thread during the call.
+        The arrays belong to the caller, although nothing is copied: the outputs are
+        written into buffers that are used again only once no array on them is alive
+        (a view the caller took included), so a later call never writes over an output
+        the caller still holds, and a loop that drops them allocates nothing. The
+        library's ``main`` gives an output that would be a constant of the model or an
+        input a buffer of its own (``relax_passes.outputs_as_params``), so writing into
+        an output changes nothing in the model. Hence ``run`` shares buffers by default
+        and stays safe; ``session().run(inputs, out=...)`` writes into arrays of the
+        caller's. Not for concurrent calls from several threads: one session per thread.
 
         Raises :class:`InputError` naming the input for a missing or unknown name and
         for a dtype, rank or shape the model does not take (a symbolic dimension takes
