@@ -256,3 +256,20 @@ def test_exported_library_keeps_main_out(compiled, tmp_path):
     x, y = _input(), aligned_empty((2, COLS))
     session.run({"x": x}, out={"y": y})
     np.testing.assert_allclose(y, reference(x), atol=ABS_TOLERANCE, rtol=0)
+
+
+def test_bfloat16_outputs_through_the_sessions_buffers():
+    """bfloat16 has no numpy DLPack code: it travels as uint16 and comes back as
+    ml_dtypes' bfloat16, through ``main`` (first call) and ``main_out`` (later ones)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    model = _model(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BFLOAT16)], [("y", [2, COLS])]
+    )
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.BFLOAT16
+    session = backend.compile(model, "avx512").session()
+    x = _input()
+    for _ in range(3):
+        y = session.run({"x": x})["y"]
+        assert y.dtype == ml_dtypes.bfloat16
+        # Rounding to bfloat16 (8 mantissa bits): within 2**-8 of |x|, and exact on bf16 values.
+        np.testing.assert_allclose(y.astype(np.float32), x, rtol=2.0**-8, atol=0)
