@@ -223,7 +223,8 @@ class Session:
         self, inputs: Mapping[str, Any], *, out: Mapping[str, np.ndarray] | None = None
     ) -> dict[str, np.ndarray]:
         """Run on ``inputs`` (numpy arrays or torch tensors, by name); returns the outputs
-        by name, numpy arrays on the VM's buffers, or the ``out`` arrays given for them.
+        by name: numpy arrays on the session's buffers (see the module docstring), or the
+        ``out`` arrays given for them.
 
         ``out`` must give every output a C-contiguous, writable numpy array of the
         output's shape and dtype, sharing no memory with an input. Raises
