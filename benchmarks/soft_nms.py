@@ -155,7 +155,9 @@ def rewritten(path: Path, method: str) -> Path:
 def session(path: Path) -> object:
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), timing.ort_options(1), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), timing.ort_options(1), providers=["CPUExecutionProvider"]
+    )
 
 
 def coco_map(

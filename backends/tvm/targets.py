@@ -108,7 +108,9 @@ def native_dict(flags: frozenset[str] | None = None, cpu: str | None = None) -> 
 
         cpu = str(codegen.llvm_get_system_cpu())
     on = set(cpu_features.host_features(have))
-    mattr = [("+" if feature in on else "-") + feature for feature in sorted(cpu_features.LLVM_TO_FLAG)]
+    mattr = [
+        ("+" if feature in on else "-") + feature for feature in sorted(cpu_features.LLVM_TO_FLAG)
+    ]
     return {**_HOST, "mcpu": cpu, "mattr": mattr}
 
 
