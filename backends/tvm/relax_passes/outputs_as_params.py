@@ -164,16 +164,41 @@ def _own_outputs(main: relax.Function, leaves: list[Any]) -> relax.Function:
     return relax.Function(main.params, body, main.ret_ty, main.is_pure, main.attrs)
 
 
+def _fresh_calls(func: relax.Function) -> relax.Function:
+    """``func`` with a new node for every call in its bindings (the same operands)."""
+    from tvm import relax
+
+    def fresh(expr: Any) -> Any:
+        if isinstance(expr, relax.Call):
+            args = [fresh(arg) for arg in expr.args]
+            return relax.Call(expr.op, args, expr.attrs, expr.ty_args, expr.span, ret_ty=expr.ty)
+        if isinstance(expr, relax.Tuple):
+            return relax.Tuple([fresh(field) for field in expr.fields])
+        return expr
+
+    def rebind(binding: Any) -> Any:
+        if isinstance(binding, relax.MatchCast):
+            return relax.MatchCast(binding.var, fresh(binding.value), binding.ty)
+        return relax.VarBinding(binding.var, fresh(binding.value))
+
+    blocks = [
+        relax.BindingBlock([rebind(binding) for binding in block.bindings])
+        for block in func.body.blocks
+    ]
+    body = relax.SeqExpr(blocks, func.body.body)
+    return relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
+
+
 def _out_function(main: relax.Function) -> relax.Function:
     """``main_out``: ``main`` (whose outputs are allocations of its own, each a different
     one) writing each output into a parameter."""
-    import tvm
     import tvm_ffi
     from tvm import relax
 
-    # A deep copy: memory planning keys its tokens by call node, so main_out must share
-    # no node with main (copy_with_new_vars keeps the calls that bind no variable).
-    func = tvm.ir.load_json(tvm.ir.save_json(main))
+    # Memory planning keys its tokens by call node, so main_out must share no call with
+    # main: new variables (copy_with_new_vars, which keeps the call nodes), then new calls.
+    # Not a JSON round trip: that copied every weight of the model (4 s for 64 MB).
+    func = _fresh_calls(relax.utils.copy_with_new_vars(main))
     values = _bindings(func)
     normalize = relax.BlockBuilder().normalize
     leaves = _leaves(func.body.body, values)
