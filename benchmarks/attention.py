@@ -97,6 +97,7 @@ def tvm_peers(n: int, heads: int) -> dict[str, Callable[[], object]]:
 
 
 def main() -> None:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--landmarks", type=int, default=32)

@@ -36,6 +36,7 @@ os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle OpenMP threads sleep between c
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+import timing
 import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from presets import amx_target, host_amx  # noqa: E402
@@ -119,6 +120,7 @@ def torch_call(values: dict[str, np.ndarray], dtype: torch.dtype) -> Callable[[]
 
 
 def main() -> None:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per shape")
     parser.add_argument(

@@ -20,6 +20,7 @@ import functools
 import numpy as np
 import onnx
 import onnxruntime as ort
+import timing
 from onnx import TensorProto, helper, numpy_helper
 from timing import interleaved
 
@@ -105,14 +106,13 @@ def model(layer: Layer) -> onnx.ModelProto:
 
 
 def main() -> None:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per layer")
     parser.add_argument("--only", default="", help="layers whose name contains this")
     parser.add_argument("--target", default="avx512")
     args = parser.parse_args()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = timing.ort_options(1)
     print(f"{'layer':<30} {'ours GF/s':>10} {'ORT GF/s':>9} {'ORT/ours':>9} {'max err':>9}")
     for layer in LAYERS:
         if args.only not in layer.name:

@@ -115,11 +115,8 @@ def build(peer: str, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Ca
     if peer == "ort":
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
         session = ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            proto.SerializeToString(), timing.ort_options(1), providers=["CPUExecutionProvider"]
         )
         return lambda: float(session.run(None, feeds)[0])
     import tvm
@@ -216,6 +213,7 @@ def measure(config: tuple[int, int, int], rounds: int) -> None:
 
 
 def main() -> None:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small configuration")
     parser.add_argument("--logits", action="store_true", help="the loss alone, on given logits")

@@ -16,7 +16,9 @@ At sequence 128 and each ``--batch``, each model runs as:
 
 Each ``--threads`` count runs in a fresh subprocess (TVM reads ``TVM_NUM_THREADS``
 when its thread pool starts; ORT gets ``intra_op_num_threads``, torch
-``torch.set_num_threads``). Outputs are compared with ORT's before timing; times are
+``torch.set_num_threads``), where every runtime's idle threads sleep
+(``timing.quiet_env``, ``timing.ort_options``): torch's spinning OpenMP threads took both
+cores from the next contender at 2 threads. Outputs are compared with ORT's before timing; times are
 medians of interleaved rounds. Then a per-kernel breakdown of ``ours`` (the Relax VM's
 instrument hook; this TVM's VM has no ``profile``) beside ORT's per-op-type breakdown
 (its profiler), both on the fewest threads. ::
@@ -153,10 +155,9 @@ def profile_ort(
 ) -> list[tuple[str, int, float]]:
     """Per ORT op type: (op type, nodes run per run, seconds per run), from ORT's profiler."""
     import onnxruntime as ort
+    import timing
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options = timing.ort_options(threads)
     options.log_severity_level = 3
     options.enable_profiling = True
     options.profile_file_prefix = str(folder / "ort_profile")
@@ -202,9 +203,7 @@ def worker(args: argparse.Namespace) -> None:
     profiles: dict[str, Any] = {}
     for model in MODELS:
         original = plan[model]["original"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        options = timing.ort_options(threads)
         options.log_severity_level = 3
         session = ort.InferenceSession(original, options, providers=["CPUExecutionProvider"])
         eager = torch_model(model)
@@ -304,6 +303,8 @@ def print_tables(results: list[dict[str, Any]], profiles: dict[str, Any], thread
 
 
 def main() -> None:
+    import timing
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 1, one thread, short timing")
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 2")
@@ -355,13 +356,13 @@ def main() -> None:
                 command.append("--profile")
             if args.quick:
                 command.append("--quick")
-            env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+            env = timing.quiet_env(threads)
             load = os.getloadavg()[0]
             print(f"timing on {threads} thread(s) (load average {load:.2f})", flush=True)
             if threads > 1 and load > 0.5:
                 print(
                     f"  note: load {load:.2f} from other processes on {cpus} CPUs: the "
-                    f"{threads}-thread rows compete with it (torch's spinning threads suffer most)"
+                    f"{threads}-thread rows compete with it"
                 )
             subprocess.run(command, env=env, check=True)
             data = json.loads(out.read_text())

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import numpy as np
 import onnx
 import onnxruntime as ort
+import timing
 from onnx import TensorProto, helper, numpy_helper
 from timing import interleaved
 
@@ -161,15 +162,14 @@ def tvm_call(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> Callable[
 
 
 def ort_call(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> Callable[[], None]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        model.SerializeToString(), timing.ort_options(1), providers=["CPUExecutionProvider"]
     )
     return lambda: session.run(None, inputs)
 
 
 def main() -> None:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="timing per case")
     parser.add_argument("--only", default="", help="groups whose name contains this")

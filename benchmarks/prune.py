@@ -316,6 +316,7 @@ def timed(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
 
 
 def main() -> None:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="grid 1/16 and the pooled distortion only"

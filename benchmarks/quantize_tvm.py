@@ -66,9 +66,7 @@ OUTPUT = "last_hidden_state"
 
 
 def session(path: Path, *, optimize: bool = True) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
+    options = timing.ort_options(1)
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
@@ -83,7 +81,7 @@ def tvm_library(
     from tvm import relax
 
     from rewriter.backends import tvm as backend
-    from rewriter.backends.tvm import import_onnx, targets
+    from rewriter.backends.tvm import cpu_features, import_onnx, targets
 
     tvm_target = targets.resolve(target)
     proto = import_onnx.prepare(str(path), dims=dims)
@@ -96,6 +94,7 @@ def tvm_library(
         outputs=[output.name for output in proto.graph.output],
         target=target,
         target_json=targets.target_dict(target),
+        features=cpu_features.target_features(tvm_target),
     )
     compiled = backend.Compiled(executable, signature)
     return lambda feeds: compiled.run(feeds)[OUTPUT]
@@ -119,6 +118,7 @@ def interleaved_medians(
 
 
 def main() -> int:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="avx512")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of timed rounds")

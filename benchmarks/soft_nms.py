@@ -155,9 +155,9 @@ def rewritten(path: Path, method: str) -> Path:
 def session(path: Path) -> object:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), timing.ort_options(1), providers=["CPUExecutionProvider"]
+    )
 
 
 def coco_map(
@@ -477,6 +477,7 @@ def runtime(sizes: list[int], rounds: int, work: Path, target: str) -> None:
 
 
 def main() -> None:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--boxes", type=int, nargs="+", default=[1000, 10000])

@@ -50,11 +50,7 @@ def _ort_softmax(x: np.ndarray, y: np.ndarray, threads: int) -> Callable[[], Non
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y.shape))],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Its idle threads must not spin on the cores the next contender runs on.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = timing.ort_options(threads)  # its idle threads sleep
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
@@ -175,12 +171,8 @@ def main() -> None:
         _child(args.child, shapes, rounds, args.clock)
         return
     for threads in [int(t) for t in args.threads.split(",")]:
-        env = dict(os.environ)
-        count = threads or os.cpu_count() or 1
-        # OMP_WAIT_POLICY: torch's idle OpenMP threads sleep instead of spinning.
-        env.update(
-            TVM_NUM_THREADS=str(count), OMP_NUM_THREADS=str(count), OMP_WAIT_POLICY="PASSIVE"
-        )
+        # Every runtime's idle threads sleep instead of spinning.
+        env = timing.quiet_env(threads or os.cpu_count() or 1)
         cmd = [
             sys.executable,
             __file__,

@@ -6,6 +6,14 @@ their ratios hold. One sample is the seconds per call of a block of calls; a rou
 one sample of each contender. The benchmarks print the median of the samples (a typical
 run) or the fastest (the least disturbed run, for latencies), and say which.
 
+Runtimes timed side by side in one process must not leave threads spinning: torch's
+OpenMP threads (``OMP_WAIT_POLICY`` unset), TVM's pool and ONNX Runtime's keep spinning
+after each call and take the cores of whichever contender runs next (MiniLM at 2 threads
+read 1.1x ORT for ours and 6.5x for torch that way, 0.86x and 2.6x with passive waits).
+Every benchmark that times more than one runtime in a process makes them all wait
+passively: :func:`quiet_env` for the child processes it starts, :func:`quiet_threads` to
+re-run a script that times in its own process, :func:`ort_options` for ORT's sessions.
+
 Imported by the benchmark scripts (run as ``python benchmarks/X.py``, which puts this
 directory on ``sys.path``).
 
@@ -15,13 +23,57 @@ directory on ``sys.path``).
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 # A block of "auto" calls lasts about this long: long enough for the clock, short
 # enough for many rounds.
 AUTO_BLOCK_SECONDS = 0.02
+
+# Idle threads sleep: torch's (and any) OpenMP runtime, read when it starts; TVM's
+# thread pool, read when it starts (its default spins 300000 times before sleeping).
+QUIET_THREADS = {"OMP_WAIT_POLICY": "PASSIVE", "TVM_THREAD_POOL_SPIN_COUNT": "0"}
+
+
+def quiet_env(threads: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process that times runtimes side by side: ``base``
+    (default ``os.environ``) with :data:`QUIET_THREADS`, and with ``threads``, TVM's and
+    OpenMP's thread counts.
+
+    >>> quiet_env(2, {})["OMP_WAIT_POLICY"], quiet_env(2, {})["TVM_NUM_THREADS"]
+    ('PASSIVE', '2')
+    """
+    env = dict(os.environ if base is None else base, **QUIET_THREADS)
+    if threads is not None:
+        env.update(TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    return env
+
+
+def quiet_threads() -> None:
+    """Run this script again, with the same arguments, in :func:`quiet_env`, unless its
+    environment has :data:`QUIET_THREADS` already (the runtimes read them when they
+    start, so they cannot be set once one has been imported). Call it first in ``main``."""
+    if all(os.environ.get(name) == value for name, value in QUIET_THREADS.items()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], quiet_env())
+
+
+def ort_options(threads: int) -> Any:
+    """ONNX Runtime session options: ``threads`` intra-op threads, one inter-op, and idle
+    threads that sleep (``session.intra_op.allow_spinning=0``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def samples(

@@ -68,6 +68,7 @@ def interleaved_times(
 
 
 def main() -> None:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="avx512")
     parser.add_argument("--shape", default="128x384x1536", help="MxKxN")
@@ -105,12 +106,8 @@ def main() -> None:
         records = Path(scratch) / "records-only"
         shutil.copytree(database, records, ignore=shutil.ignore_patterns(tuning.CHOICES_FILE))
         search = backend.compile(model, args.target, tune_db=records)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cores
-    options.inter_op_num_threads = 1
+    options = timing.ort_options(cores)  # its idle workers sleep
     options.log_severity_level = 3
-    # ORT's idle workers spin by default, taking the cores from whoever runs next.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )

@@ -53,6 +53,7 @@ def interleaved_medians(
 
 
 def main() -> None:
+    timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="avx512")
     parser.add_argument("--hidden", type=int, default=256)
@@ -79,8 +80,7 @@ def main() -> None:
         ir.save(result.model, rewritten)
         dims = {"batch": args.batch, "sequence": args.sequence}
         feeds = verify.make_inputs(original, dims=dims)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options = timing.ort_options(1)
         options.log_severity_level = 3
         session = ort.InferenceSession(str(original), options, providers=["CPUExecutionProvider"])
         names = [output.name for output in session.get_outputs()]

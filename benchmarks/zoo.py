@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import timing
+
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = ("fixed", "symbolic")
 
@@ -275,13 +277,7 @@ def subprocess_job(
         job_path.write_text(json.dumps(job))
         command = [sys.executable, __file__, "--worker", kind, "--job", str(job_path)]
         command += ["--out", str(out_path)]
-        env = dict(
-            os.environ,
-            TVM_NUM_THREADS=str(threads),
-            OMP_NUM_THREADS=str(threads),
-            TVM_THREAD_POOL_SPIN_COUNT="0",
-            OMP_WAIT_POLICY="PASSIVE",
-        )
+        env = timing.quiet_env(threads)
         start = time.perf_counter()
         try:
             done = subprocess.run(

@@ -155,12 +155,10 @@ def measure(
 def ort_session(path: str, threads: int) -> Any:
     """An ONNX Runtime CPU session on ``threads`` threads whose idle threads sleep."""
     import onnxruntime as ort
+    import timing
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options = timing.ort_options(threads)
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 

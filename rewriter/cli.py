@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--target",
-        choices=("llvm", "avx2", "avx512", "cuda"),
-        help="also compile the rewritten model with TVM for this target and compare it with the original",
+        choices=("llvm", "avx2", "avx512", "sapphirerapids", "zen4", "native", "cuda"),
+        help="also compile the rewritten model with TVM for this target and compare it with the original "
+        "(avx512: portable AVX-512, the usual choice; native: this CPU's own features, from /proc/cpuinfo)",
     )
     parser.add_argument("--lib", metavar="PATH", help="write the compiled model here (.so, needs --target)")
     parser.add_argument("--cuda-arch", default="sm_90", help="GPU architecture of --target cuda (default sm_90)")
@@ -291,6 +292,9 @@ def _compiled_lines(compiled: Any) -> list[str]:
         return []
     where = f", written to {compiled.library}" if compiled.library else ""
     lines = [f"  compiled for {compiled.target} ({compiled.compile_seconds:.1f} s{where}):"]
+    if compiled.features:
+        mcpu = compiled.target_json.get("mcpu", "generic")
+        lines.append(f"    mcpu {mcpu}, features {' '.join(compiled.features)}")
     if compiled.accepts:
         shapes = ", ".join(
             f"{name}[{', '.join('?' if dim is None else str(dim) for dim in shape)}]"

@@ -3,7 +3,6 @@ what the CPU can do."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -55,22 +54,14 @@ def softmax_model(op: str = "Softmax", *, opset: int = 17, dtype: str = "float",
     )
 
 
-@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (``avx512f``, ``avx512_vnni``, ``amx_int8``, ...), from
-    /proc/cpuinfo; empty where there is none.
+    /proc/cpuinfo; empty where there is none (:func:`cpu_features.host_flags`, the one
+    reader). Read from the flags, not from the model name: on the KVM guests here LLVM
+    may name the host ``rocketlake`` although the flags show AVX512-FP16 and AMX."""
+    from rewriter.backends.tvm import cpu_features
 
-    Read from the flags, not from the model name: on the KVM guests here LLVM may name the
-    host ``rocketlake`` although the flags show AVX512-FP16 and AMX.
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
+    return cpu_features.host_flags() or frozenset()
 
 
 def cpu_has(*flags: str) -> bool:

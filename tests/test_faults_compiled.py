@@ -3,6 +3,7 @@ wrong inputs are an InputError naming the input, never a raw TVM error."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from rewriter.backends import tvm as backend
+from rewriter.backends.tvm import cpu_features
 from rewriter.errors import InputError
 from tests.faults import attention_like, same_code_env
 
@@ -91,6 +93,39 @@ def test_metadata_without_a_usable_hash_is_refused(change, message, library, tmp
     meta.write_text(json.dumps(data))
     with pytest.raises(InputError, match=message):
         backend.load(copy)
+
+
+def _lacking_feature() -> str:
+    """A feature compiled code may use that this CPU lacks (Intel lacks SSE4A, AMD AMX)."""
+    flags = cpu_features.host_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags on this machine: nothing to check features against")
+    return sorted(f for f, flag in cpu_features.LLVM_TO_FLAG.items() if flag not in flags)[0]
+
+
+def test_a_library_needing_a_feature_this_cpu_lacks_is_refused_in_one_line(library, tmp_path):
+    """Its metadata claims a feature this CPU lacks: an InputError naming it, before the
+    library is mapped, instead of an illegal instruction in the first call."""
+    feature = _lacking_feature()
+    copy = _copy(library[0], tmp_path)
+    meta = Path(str(copy) + ".json")
+    data = json.loads(meta.read_text())
+    data["features"] = [*data["features"], feature]
+    meta.write_text(json.dumps(data))
+    with pytest.raises(InputError) as refused:
+        backend.load(copy)
+    message = str(refused.value)
+    assert "\n" not in message and f"may use {feature}, which this CPU lacks" in message
+
+
+def test_a_compiled_model_needing_a_feature_this_cpu_lacks_does_not_run(library):
+    feature = _lacking_feature()
+    path, compiled = library
+    signature = dataclasses.replace(compiled.signature, features=[*compiled.signature.features, feature])
+    lacking = backend.Compiled(backend.load(path).executable, signature)
+    assert not lacking.runnable and feature in (lacking.not_runnable() or "")
+    with pytest.raises(InputError, match=f"this CPU lacks {feature}"):
+        lacking.run({"x": np.ones((2, 16), np.float32)})
 
 
 @pytest.mark.parametrize(

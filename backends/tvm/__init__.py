@@ -4,6 +4,7 @@
 run it, ``export`` it as a shared library and ``load`` it back. Where things live:
 
 * :mod:`.build`: compile, :class:`Compiled` (run, export), :func:`load`, the signature;
+* :mod:`.session`: :class:`Session`, repeated runs without copies (``Compiled.session()``);
 * :mod:`.pipeline`: the Relax pipeline, stage by stage.
 
 >>> from rewriter.backends import tvm as backend
@@ -27,14 +28,17 @@ from rewriter.backends.tvm.build import (
     shape_dims,
 )
 from rewriter.backends.tvm.pipeline import relax_pipeline
+from rewriter.backends.tvm.session import Session, aligned_empty
 
 __all__ = [
     "METADATA_SUFFIX",
     "METADATA_VERSION",
     "Compiled",
+    "Session",
     "Signature",
     "SymbolicDimsError",
     "UnsupportedModelError",
+    "aligned_empty",
     "compile",
     "compile_and_run",
     "file_sha256",

@@ -19,7 +19,6 @@ import functools
 import logging
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 from rewriter.errors import InputError
@@ -38,19 +37,11 @@ class AmxUnavailableError(InputError):
 
 
 def cpu_flags() -> frozenset[str]:
-    """The feature flags of this machine's first CPU in ``/proc/cpuinfo`` (empty elsewhere).
+    """The feature flags of this machine's CPU (:func:`cpu_features.host_flags`; empty
+    where there are none). The flags, not LLVM's name of the CPU, are what counts."""
+    from rewriter.backends.tvm import cpu_features
 
-    On the KVM guests here LLVM may name the host CPU ``rocketlake`` while the flags show
-    AMX: the flags are what counts.
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return cpu_features.host_flags() or frozenset()
 
 
 def host_has_amx(*flags: str) -> bool:

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends.tvm import amx_runtime, targets, tuning
+from rewriter.backends.tvm import amx_runtime, cpu_features, targets, tuning
 from rewriter.backends.tvm import import_onnx as onnx_import
 from rewriter.backends.tvm import import_torch as torch_import
 from rewriter.backends.tvm.pipeline import relax_pipeline
 from rewriter.backends.tvm.relax_passes import cpu_schedule
+from rewriter.backends.tvm.session import Session
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -40,20 +41,28 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# The sidecar beside an exported library: what load() needs besides the code, and
-# the library's SHA-256 (version 2), checked before the library is mapped.
+# The sidecar beside an exported library: what load() needs besides the code, the
+# library's SHA-256 (since version 2), checked before the library is mapped, and its
+# target's CPU features (version 3), checked against this CPU's before it is mapped.
 METADATA_SUFFIX = ".json"
-METADATA_VERSION = 2
+METADATA_VERSION = 3
 
 
 @dataclasses.dataclass
 class Signature:
-    """Names, dtypes and shapes of a compiled model's inputs, and its output names."""
+    """Names, dtypes and shapes of a compiled model's inputs, its output names, and its
+    target: the preset's name, the TVM target (as a dict) and every feature LLVM enabled
+    for it (:func:`cpu_features.target_features`; [] for GPU code)."""
 
     inputs: list[tuple[str, list[int | str | None], str]]
     outputs: list[str]
     target: str
     target_json: dict[str, Any]
+    features: list[str]
+
+    def missing_features(self) -> list[str]:
+        """The features the code may use that this CPU lacks (see :mod:`.cpu_features`)."""
+        return cpu_features.missing(self.features)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +71,7 @@ class Signature:
             "outputs": self.outputs,
             "target": self.target,
             "target_json": self.target_json,
+            "features": self.features,
         }
 
     @classmethod
@@ -69,13 +79,15 @@ class Signature:
         if data.get("version") != METADATA_VERSION:
             raise InputError(
                 f"compiled-model metadata version {data.get('version')} is not supported "
-                f"(version {METADATA_VERSION} holds the library's SHA-256): export the model again"
+                f"(version {METADATA_VERSION} holds the library's SHA-256 and CPU features): "
+                "export the model again"
             )
         return cls(
             inputs=[(i["name"], list(i["shape"]), i["dtype"]) for i in data["inputs"]],
             outputs=list(data["outputs"]),
             target=data["target"],
             target_json=dict(data["target_json"]),
+            features=[str(feature) for feature in data["features"]],
         )
 
 
@@ -87,6 +99,7 @@ class Compiled:
         self.signature = signature
         self.device = device
         self._vm: Any = None
+        self._session: Session | None = None
         # With compile(tune=...): what the tuning stage did (a tuning.TuningReport).
         self.tuning: tuning.TuningReport | None = None
         # CPU builds: which rule scheduled each function, and which none did.
@@ -102,10 +115,24 @@ class Compiled:
 
     @property
     def runnable(self) -> bool:
-        """False for GPU code on a machine without that GPU."""
+        """False for GPU code on a machine without that GPU, and for CPU code that needs
+        a feature this CPU lacks."""
+        return self.not_runnable() is None
+
+    def not_runnable(self) -> str | None:
+        """Why this machine cannot run the code (no such GPU; CPU features it lacks), or
+        None when it can."""
         import tvm
 
-        return self._device(tvm).exist
+        if not self._device(tvm).exist:
+            return f"no {self.device} device on this machine"
+        missing = self.signature.missing_features() if self.device == "cpu" else []
+        if missing:
+            return (
+                f"this CPU lacks {', '.join(missing)}, which code for target {self.signature.target} "
+                f"(mcpu {self.signature.target_json.get('mcpu', 'generic')}) may use"
+            )
+        return None
 
     def _device(self, tvm: Any) -> Any:
         return tvm.cuda(0) if self.device == "cuda" else tvm.cpu(0)
@@ -115,18 +142,41 @@ class Compiled:
             import tvm
             from tvm import relax
 
-            device = self._device(tvm)
-            if not device.exist:
-                raise InputError(
-                    f"no {self.device} device on this machine: the model was built, not run"
-                )
+            why = self.not_runnable()
+            if why is not None:
+                raise InputError(f"{why}: the model cannot run here")
             if amx_runtime.uses_amx(self.signature.target_json):
                 amx_runtime.ensure_permission()  # else the first tile instruction is SIGILL
-            self._vm = relax.VirtualMachine(self.executable, device)
+            self._vm = relax.VirtualMachine(self.executable, self._device(tvm))
         return self._vm
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on ``inputs`` (by name); returns the outputs by name.
+    def session(self) -> Session:
+        """A :class:`Session` on this model's VM: repeated calls without copies or
+        allocations (inputs through DLPack, outputs in buffers it reuses once the caller
+        dropped them, or written into ``out=`` arrays); one per thread. :meth:`run` uses one of its own.
+
+        >>> session = compiled.session()  # doctest: +SKIP
+        >>> for batch in batches:  # doctest: +SKIP
+        ...     logits = session.run({"input_ids": batch})["logits"]
+        """
+        import tvm
+
+        return Session(self._machine(), self.signature, self._device(tvm))
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` (numpy arrays or torch tensors, by name); returns the outputs
+        by name, as numpy arrays the kernels wrote, without a copy (see :class:`Session`,
+        which this calls through; a contiguous, 64-byte aligned input is read in place).
+
+        The arrays belong to the caller, although nothing is copied: the outputs are
+        written into buffers that are used again only once no array on them is alive
+        (a view the caller took included), so a later call never writes over an output
+        the caller still holds, and a loop that drops them allocates nothing. The
+        library's ``main`` gives an output that would be a constant of the model or an
+        input a buffer of its own (``relax_passes.outputs_as_params``), so writing into
+        an output changes nothing in the model. Hence ``run`` shares buffers by default
+        and stays safe; ``session().run(inputs, out=...)`` writes into arrays of the
+        caller's. Not for concurrent calls from several threads: one session per thread.
 
         Raises :class:`InputError` naming the input for a missing or unknown name and
         for a dtype, rank or shape the model does not take (a symbolic dimension takes
@@ -135,27 +185,9 @@ class Compiled:
         >>> compiled.run({"input_ids": ids, "attention_mask": mask})["logits"].shape  # doctest: +SKIP
         (1, 2)
         """
-        import tvm
-
-        missing = [name for name in self.input_names if name not in inputs]
-        unknown = sorted(name for name in inputs if name not in self.input_names)
-        if missing or unknown:
-            problems = [f"{kind} inputs {names}" for kind, names in (("missing", missing), ("unknown", unknown)) if names]
-            raise InputError(f"{', '.join(problems)}; the compiled model takes {self.input_names}")
-        arrays = []
-        for name, shape, dtype in self.signature.inputs:
-            arrays.append(np.ascontiguousarray(inputs[name]))
-            _check_input(name, arrays[-1], shape, dtype)
-        vm = self._machine()
-        device = self._device(tvm)
-        args = [tvm.runtime.tensor(array, device) for array in arrays]
-        result = vm["main"](*args)
-        values = _flatten(result)
-        if len(values) != len(self.output_names):
-            raise RuntimeError(
-                f"model returned {len(values)} outputs, expected {len(self.output_names)}"
-            )
-        return {name: value.numpy() for name, value in zip(self.output_names, values, strict=True)}
+        if self._session is None:
+            self._session = self.session()
+        return self._session.run(inputs)
 
     def export(self, path: str | os.PathLike[str]) -> Path:
         """Write the shared library to ``path`` and its metadata to ``path + '.json'``.
@@ -178,7 +210,9 @@ class Compiled:
             with _without_stderr_lines(EXPORT_NOISE):
                 self.executable.export_library(str(library))
             metadata = {**self.signature.to_json(), "sha256": file_sha256(library)}
-            _write_atomically(meta, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
+            _write_atomically(
+                meta, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n")
+            )
             _set_mode(library, 0o755)
             os.replace(library, path)
         finally:
@@ -225,17 +259,6 @@ def _without_stderr_lines(noise: str) -> Iterator[None]:
                 os.write(2, b"".join(kept))
 
 
-def _flatten(result: Any) -> list[Any]:
-    import tvm
-
-    if isinstance(result, tvm.runtime.Tensor):
-        return [result]
-    values: list[Any] = []
-    for item in result:
-        values.extend(_flatten(item))
-    return values
-
-
 def _write_atomically(path: Path, write: Any, mode: int = 0o644) -> None:
     """Write through ``write(tmp)`` to a temporary file beside ``path``, then rename it."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
@@ -267,22 +290,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _check_input(name: str, array: np.ndarray, shape: list[int | str | None], dtype: str) -> None:
-    """Raise :class:`InputError` unless ``array`` has the input's dtype, rank and static sizes."""
-    if array.dtype != np.dtype(dtype):
-        raise InputError(f"input {name!r} has dtype {array.dtype}, the compiled model takes {dtype}")
-    expected = "[" + ", ".join(str(dim) if dim is not None else "?" for dim in shape) + "]"
-    if array.ndim != len(shape):
-        raise InputError(
-            f"input {name!r} has rank {array.ndim} (shape {list(array.shape)}), the compiled model takes {expected}"
-        )
-    for size, dim in zip(array.shape, shape, strict=True):
-        if isinstance(dim, int) and dim > 0 and size != dim:
-            raise InputError(
-                f"input {name!r} has shape {list(array.shape)}, the compiled model takes {expected}"
-            )
 
 
 def compile(
@@ -340,6 +347,7 @@ def compile(
         outputs=outputs,
         target=target,
         target_json=targets.target_dict(target, cuda_arch=cuda_arch),
+        features=cpu_features.target_features(tvm_target),
     )
     symbolic = [
         f"{name}[{axis}]={dim or '?'}"
@@ -358,7 +366,9 @@ def compile(
             except Exception as exc:
                 if symbolic:
                     raise
-                raise UnsupportedModelError(f"TVM cannot import the model: {_importer_failure(exc, source)}") from exc
+                raise UnsupportedModelError(
+                    f"TVM cannot import the model: {_importer_failure(exc, source)}"
+                ) from exc
         record = cpu_schedule.ScheduleRecord()
         pipeline = relax_pipeline(tvm_target, fast_math=fast_math, tuner=tuner, record=record)
         executable = relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
@@ -384,7 +394,10 @@ def _importer_failure(exc: BaseException, proto: Any) -> str:
     import re
 
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = next((line for line in lines if line.startswith("Node ")), lines[-1] if lines else type(exc).__name__)
+    text = next(
+        (line for line in lines if line.startswith("Node ")),
+        lines[-1] if lines else type(exc).__name__,
+    )
     found = re.match(r"Node (\S+)", text)
     if found:
         op_types = {node.name: node.op_type for node in getattr(proto.graph, "node", [])}
@@ -437,6 +450,14 @@ def load(path: str | os.PathLike[str], device: str = "cpu") -> Compiled:
         raise InputError(
             f"{path}: the library does not match the SHA-256 in {meta.name} "
             "(truncated or changed since export); not loaded"
+        )
+    missing = signature.missing_features() if device == "cpu" else []
+    if missing:  # its code would die of an illegal instruction
+        raise InputError(
+            f"{path}: built for target {signature.target} "
+            f"(mcpu {signature.target_json.get('mcpu', 'generic')}), whose code may use "
+            f"{', '.join(missing)}, which this CPU lacks; not loaded (compile it again with "
+            "--target native)"
         )
     try:
         executable = tvm.runtime.load_module(str(path))

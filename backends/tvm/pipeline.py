@@ -27,7 +27,9 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    ``tune``/``tune_db`` (CPU targets), before our rules: the tuning stage
    (:mod:`rewriter.backends.tvm.tuning`) tunes what the database lacks and gives each
    function its best record where that beat ours side by side; our rules schedule the rest;
-6. TVM's lowering to the Relax VM.
+6. TVM's lowering to the Relax VM; on CPUs, before memory planning, every output of
+   ``main`` in a buffer of its own and ``main_out``, which writes the outputs into the
+   caller's arrays (:mod:`rewriter.backends.tvm.relax_passes.outputs_as_params`).
 
 >>> executable = relax.build(mod, target=target, relax_pipeline=relax_pipeline(target))  # doctest: +SKIP
 """
@@ -60,6 +62,7 @@ def relax_pipeline(
         bf16_matmul,
         conv,
         legalize_bf16_norms,
+        outputs_as_params,
         pack_weights,
         reduce_identity,
     )
@@ -94,6 +97,8 @@ def relax_pipeline(
             passes += tuner.passes(target)
         passes.append(cpu_schedule.cpu_schedule(target, record))
     passes += stages.dataflow_lower_passes(target)
+    if not gpu:  # main's outputs in buffers of their own, and main_out writing into the caller's
+        passes.append(outputs_as_params.outputs_as_params())
     passes += stages.finalize_passes(target)
 
     @tvm.transform.module_pass(opt_level=0, name="RewriterPipeline")

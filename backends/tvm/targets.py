@@ -6,8 +6,21 @@
   Rapids and later, AMD Zen 4 and later. An ISA level, not a CPU model: with
   ``mcpu=sapphirerapids`` LLVM may use AVX512-FP16, AVX-VNNI or MOVDIR64B, and the
   library dies with an illegal instruction on Zen 4;
+* ``sapphirerapids``: Intel Sapphire Rapids (LLVM's ``sapphirerapids``): ``avx512`` and
+  AVX512-FP16, AVX-VNNI, AMX and MOVDIR64B (the two-pass softmax then streams its
+  output with ``movdir64b``);
+* ``zen4``: AMD Zen 4 (LLVM's ``znver4``): ``avx512`` with Zen 4's tuning, no AMX, no
+  MOVDIR64B;
+* ``native``: this machine's CPU: LLVM's name of it for the tuning, and each feature
+  compiled code may use (:data:`cpu_features.LLVM_TO_FLAG`) on or off as
+  ``/proc/cpuinfo``'s flags say, not as the name implies (a KVM guest may be named after
+  another CPU than it runs on);
 * ``cuda``: NVIDIA GPUs, ``arch`` from ``cuda_arch`` (default ``sm_90``, Hopper), with
   a generic x86-64 host.
+
+A library records its target's features (``.so.json``), and loading it on a CPU that
+lacks one is an :class:`InputError` naming them (:func:`cpu_features.missing`), not an
+illegal instruction.
 
 This TVM build takes targets as dicts (``"llvm -mcpu=..."`` strings are rejected), so
 every preset is a dict here.
@@ -21,6 +34,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from rewriter.backends.tvm import cpu_features
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -37,12 +51,11 @@ CPU_PRESETS: dict[str, dict[str, Any]] = {
         "mcpu": "x86-64-v4",
         "mattr": ["+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni", "+avx512bf16"],
     },
+    "sapphirerapids": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"},
+    "zen4": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"},
 }
-PRESETS = (*CPU_PRESETS, "cuda")
+PRESETS = (*CPU_PRESETS, "native", "cuda")
 DEFAULT_CUDA_ARCH = "sm_90"
-
-# How many float32 lanes one vector register holds, per preset (for schedules).
-VECTOR_LANES = {"llvm": 4, "avx2": 8, "avx512": 16, "cuda": 1}
 
 
 def resolve(name: str, *, cuda_arch: str = DEFAULT_CUDA_ARCH) -> tvm.target.Target:
@@ -59,14 +72,46 @@ def resolve(name: str, *, cuda_arch: str = DEFAULT_CUDA_ARCH) -> tvm.target.Targ
 
 
 def target_dict(name: str, *, cuda_arch: str = DEFAULT_CUDA_ARCH) -> dict[str, Any]:
-    """The dict behind preset ``name``; see :func:`resolve`. Does not import TVM."""
+    """The dict behind preset ``name``; see :func:`resolve`. Imports TVM for ``native``
+    only (LLVM names the host CPU)."""
     if name in CPU_PRESETS:
         return dict(CPU_PRESETS[name])
+    if name == "native":
+        return native_dict()
     if name == "cuda":
         if not re.fullmatch(r"sm_\d{2,3}[a-z]?", cuda_arch):
             raise InputError(f"--cuda-arch {cuda_arch!r}: expected sm_XY, e.g. sm_90 or sm_80")
         return {"kind": "cuda", "arch": cuda_arch, "host": dict(_HOST)}
     raise InputError(f"unknown target {name!r}: choose one of {', '.join(PRESETS)}")
+
+
+def native_dict(flags: frozenset[str] | None = None, cpu: str | None = None) -> dict[str, Any]:
+    """The ``native`` target: LLVM's name of this CPU (``cpu``) as ``mcpu``, and every
+    feature of :data:`cpu_features.LLVM_TO_FLAG` in ``mattr``, on where this CPU's flags
+    (``flags``, read from ``/proc/cpuinfo`` when not given) list it and off where they do
+    not, whatever the name implies.
+
+    Raises :class:`InputError` where the flags cannot be read.
+
+    >>> target = native_dict(frozenset({"lm", "avx2"}), "haswell")
+    >>> target["mcpu"], "+avx2" in target["mattr"], "-fma" in target["mattr"]
+    ('haswell', True, True)
+    """
+    have = cpu_features.host_flags() if flags is None else flags
+    if not have:
+        raise InputError(
+            f"--target native: cannot read this CPU's features ({cpu_features.CPUINFO} has no flags); "
+            f"choose a preset: {', '.join(CPU_PRESETS)}"
+        )
+    if cpu is None:
+        from tvm.target import codegen
+
+        cpu = str(codegen.llvm_get_system_cpu())
+    on = set(cpu_features.host_features(have))
+    mattr = [
+        ("+" if feature in on else "-") + feature for feature in sorted(cpu_features.LLVM_TO_FLAG)
+    ]
+    return {**_HOST, "mcpu": cpu, "mattr": mattr}
 
 
 def x86_has(target: tvm.target.Target, *features: str) -> bool:

@@ -64,6 +64,8 @@ class CompiledCheck:
     schedules: dict[str, Any] | None = None
     # The input shapes the library takes: a size, or a name (any size).
     accepts: dict[str, list[int | str | None]] | None = None
+    # Every feature LLVM enabled for the target (CPU code; the library's .so.json too).
+    features: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -85,6 +87,7 @@ class CompiledCheck:
             "tuning": self.tuning,
             "schedules": self.schedules,
             "accepts": self.accepts,
+            "features": self.features,
         }
 
 
@@ -152,8 +155,8 @@ def check_compiled(
     ran = False
     if reference is None:
         note = "verification skipped: the compiled model was built, not run"
-    elif not compiled.runnable:
-        note = f"no {compiled.device} device on this machine: the library was built, not run"
+    elif (why := compiled.not_runnable()) is not None:
+        note = f"{why}: the library was built, not run"
     else:
         say(f"verifying: running the model compiled for {target}")
         # The rewritten model may have dropped an input the original took (unused).
@@ -175,7 +178,7 @@ def check_compiled(
         note = shapes_note if note is None else f"{shapes_note}; {note}"
     check = CompiledCheck(
         target=target,
-        target_json=targets.target_dict(target, cuda_arch=cuda_arch),
+        target_json=compiled.signature.target_json,
         library=str(library) if library is not None else None,
         ran=ran,
         note=note,
@@ -187,6 +190,7 @@ def check_compiled(
         tuning=compiled.tuning.to_json() if compiled.tuning is not None else None,
         schedules=compiled.schedules.to_json() if compiled.schedules is not None else None,
         accepts={name: list(shape) for name, shape, _ in compiled.signature.inputs},
+        features=compiled.signature.features,
     )
     if library is not None and check.passed:
         say(f"writing {library}")

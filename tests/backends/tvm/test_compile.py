@@ -20,10 +20,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from tvm.target.codegen import llvm_get_system_cpu
 
 from rewriter import cli, io, verify
 from rewriter.backends import tvm as backend
-from rewriter.backends.tvm import build, import_onnx, targets
+from rewriter.backends.tvm import build, cpu_features, import_onnx, targets
 from rewriter.backends.tvm.ops.two_pass_softmax import KERNEL_PREFIX
 from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
 from rewriter.errors import InputError
@@ -485,6 +486,50 @@ def test_cli_target_and_lib_end_to_end(tmp_path):
     assert compiled["outputs"][0]["max_rel_err"] <= TOLERANCE.rtol
     feeds = feeds_for(matmul_softmax())
     assert_agrees(ort(matmul_softmax(), feeds), backend.load(lib).run(feeds))
+
+
+def _cli_compile(tmp_path, target: str) -> tuple[int, Path, Path]:
+    """``rewrite model.onnx --passes two-pass-softmax --target TARGET --lib out.so``."""
+    model = tmp_path / "model.onnx"
+    onnx.save(matmul_softmax(), str(model))
+    lib, report = tmp_path / "out.so", tmp_path / "report.json"
+    args = [str(model), "--passes", "two-pass-softmax", "-o", str(tmp_path / "out.onnx")]
+    code = cli.main([*args, "--target", target, "--lib", str(lib), "--report-json", str(report)])
+    return code, lib, report
+
+
+def test_cli_target_native_records_this_cpus_features(tmp_path, capsys):
+    if cpu_features.host_flags() is None:
+        pytest.skip("no /proc/cpuinfo flags on this machine: no native target")
+    code, lib, report = _cli_compile(tmp_path, "native")
+    assert code == 0
+    compiled = json.loads(report.read_text())["compiled"]
+    assert compiled["ran"] is True and compiled["passed"] is True
+    assert set(cpu_features.host_features()) <= set(compiled["features"])
+    assert compiled["target_json"]["mcpu"] == llvm_get_system_cpu()
+    metadata = json.loads(Path(str(lib) + backend.METADATA_SUFFIX).read_text())
+    assert metadata["features"] == compiled["features"]
+    assert metadata["target_json"] == compiled["target_json"]
+    assert f"mcpu {compiled['target_json']['mcpu']}, features " in capsys.readouterr().out
+    feeds = feeds_for(matmul_softmax())
+    assert_agrees(ort(matmul_softmax(), feeds), backend.load(lib).run(feeds))
+
+
+def test_cli_target_for_features_this_cpu_lacks_builds_and_says_so(tmp_path):
+    """Intel lacks Zen 4's SSE4A, AMD lacks Sapphire Rapids' AMX: built, not run."""
+    lacking = [
+        preset
+        for preset in ("zen4", "sapphirerapids")
+        if cpu_features.missing(cpu_features.target_features(targets.resolve(preset)))
+    ]
+    if not lacking:
+        pytest.skip("this CPU has every feature of both zen4 and sapphirerapids")
+    code, lib, report = _cli_compile(tmp_path, lacking[0])
+    assert code == 0 and lib.is_file()
+    compiled = json.loads(report.read_text())["compiled"]
+    assert compiled["ran"] is False and "this CPU lacks" in compiled["note"] and "not run" in compiled["note"]
+    with pytest.raises(InputError, match="this CPU lacks|which this CPU lacks"):
+        backend.load(lib)
 
 
 def test_cli_target_without_verification_builds_and_says_so(tmp_path):
