@@ -47,6 +47,11 @@ class Verification:
     def passed(self) -> bool:
         return all(output.passed is not False for output in self.outputs)
 
+    @property
+    def warnings(self) -> list[str]:
+        """Outputs whose comparison proves nothing (constant in the original), one line each."""
+        return [output.warning for output in self.outputs if output.warning]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "outputs": [output.to_json() for output in self.outputs],
@@ -54,6 +59,7 @@ class Verification:
             "tolerance": self.tolerance,
             "enforced": self.enforced,
             "passed": self.passed,
+            "warnings": self.warnings,
         }
 
 
@@ -438,6 +444,8 @@ def _verify(
             comparison.passed = comparison.max_abs_err == 0
         if exact and comparison.rewritten_shape is not None:
             comparison.passed = False
+        if comparison.warning:
+            logger.warning("%s", comparison.warning)
         outputs.append(comparison)
     return Verification(
         outputs=outputs,

@@ -102,6 +102,9 @@ class OutputComparison:
     # An output whose length is data-dependent (detections after NMS) and changed: the
     # rewritten model's shape; the figures above are over the leading rows both have.
     rewritten_shape: list[int] | None = None
+    # Set when the original's output is constant on these inputs (all zero, say): then
+    # any rewrite that keeps it constant agrees, and the comparison proves nothing.
+    warning: str | None = None
     # Per row along the last axis: max abs error (inf where NaN or inf differ) and
     # max |reference| (finite entries); what check_tolerance tests. Not reported.
     row_errors: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -132,7 +135,8 @@ def compare(
     Where they differ (NaN or inf in one output only) the error is infinite and the
     cosine NaN: the finite entries alone say nothing then.
     With ``mask`` ([batch, seq], nonzero = real token) and an output of shape
-    [batch, seq, ...], the masked figures are filled in too.
+    [batch, seq, ...], the masked figures are filled in too. ``warning`` is set when the
+    reference is constant (:func:`constant_warning`).
 
     >>> compare("y", np.array([1.0, 2.0]), np.array([1.0, 2.5])).max_abs_err
     0.5
@@ -187,6 +191,7 @@ def compare(
         max_row_rel_err=float(row_rel.max()) if row_rel.size else 0.0,
         row_errors=row_errors,
         row_scales=row_scales,
+        warning=constant_warning(name, reference),
     )
     if mask is not None and ref.ndim >= 3 and ref.shape[:2] == mask.shape:
         keep = np.asarray(mask) != 0
@@ -196,6 +201,30 @@ def compare(
         comparison.pooled_cosine_mean = float(pooled.mean())
         comparison.pooled_cosine_min = float(pooled.min())
     return comparison
+
+
+def constant_warning(name: str, reference: np.ndarray) -> str | None:
+    """Why comparing output ``name`` proves nothing: every element of the original's
+    output is zero, NaN, or one value. None for an output that varies, or of fewer than
+    two elements (a scalar, a loss, is one value by nature).
+
+    >>> constant_warning("logits", np.zeros((2, 10)))
+    "output 'logits' of the original model is all zero on the verification inputs: the comparison proves nothing"
+    """
+    values = np.asarray(reference)
+    if values.size < 2:
+        return None
+    flat = values.ravel()
+    nan = np.isnan(flat) if values.dtype.kind in "fc" else np.zeros(flat.shape, dtype=bool)
+    if nan.all():
+        what = "all NaN"
+    elif nan.any() or not np.all(flat == flat[0]):
+        return None
+    elif not np.any(flat):
+        what = "all zero"
+    else:
+        what = f"constant ({flat[0].item()!r} everywhere)"
+    return f"output {name!r} of the original model is {what} on the verification inputs: the comparison proves nothing"
 
 
 def _row_max(values: np.ndarray, rows: tuple[int, int]) -> np.ndarray:

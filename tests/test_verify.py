@@ -78,3 +78,24 @@ def test_a_changed_leading_length_is_compared_over_the_common_rows():
     assert verify.compare("same", original, original).rewritten_shape is None
     with pytest.raises(ValueError, match="shape"):
         verify.compare("boxes", original, np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("values", "what"),
+    [
+        (np.zeros((2, 5), np.float32), "all zero"),
+        (np.full((3, 4), 0.25), "constant (0.25 everywhere)"),
+        (np.full((2, 2), np.nan), "all NaN"),
+        (np.ones((2, 3), np.int64), "constant (1 everywhere)"),
+    ],
+)
+def test_constant_outputs_are_warned(values, what):
+    comparison = verify.compare("y", values, values)
+    assert comparison.cosine == pytest.approx(1.0) or math.isnan(values.flat[0])  # "ok", and meaningless
+    assert comparison.warning == f"output 'y' of the original model is {what} on the verification inputs: the comparison proves nothing"
+    assert comparison.to_json()["warning"] == comparison.warning
+
+
+@pytest.mark.parametrize("values", [np.array([[0.0, 1.0]]), np.array([3.0]), np.array(2.0), np.array([[np.nan, 1.0]])])
+def test_varying_or_single_outputs_are_not_warned(values):
+    assert verify.compare("y", values, values).warning is None
