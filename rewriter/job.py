@@ -183,8 +183,11 @@ def rewrite_file(
         reads += [("the input's external data", path) for path in data_files]
         paths.check_overlaps(reads, writes, force=force)
         feeds: dict[str, np.ndarray] | None = None
+        reference = None
         if check:
             feeds = _inputs(source, inputs, dims, seed)
+            say("verifying: running the original model")
+            reference = verify.run_original(source, feeds, generated=inputs is None)
         context = PassContext(
             dims=dict(dims or {}), seed=seed, source=source, workers=workers, ray_address=ray_address
         )
@@ -200,11 +203,8 @@ def rewrite_file(
             io.check_model(staged_model, name=destination)
         except InputError as exc:
             raise RewriterError(f"the rewritten model fails the ONNX checker: {exc}; nothing written") from exc
-        reference = None
         if check:
-            assert feeds is not None
-            say("verifying: running the original model")
-            reference = verify.run(source, feeds)
+            assert feeds is not None and reference is not None
             verification = _verify(staged_model, feeds, reference, result.exact, tolerance, say)
             if verification.enforced and not verification.passed:
                 raise _verification_error(verification)
