@@ -283,6 +283,8 @@ def format_report(report: Report) -> str:
                 f"    {'':<28} over the attention mask: max abs err {output.masked_max_abs_err:.3g}, "
                 f"pooled cosine mean {output.pooled_cosine_mean:.6f} min {output.pooled_cosine_min:.6f}"
             )
+        if output.warning:
+            lines.append(f"    warning: {output.warning}")
     return "\n".join(lines + _compiled_lines(report.compiled))
 
 

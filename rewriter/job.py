@@ -47,6 +47,11 @@ class Verification:
     def passed(self) -> bool:
         return all(output.passed is not False for output in self.outputs)
 
+    @property
+    def warnings(self) -> list[str]:
+        """Outputs whose comparison proves nothing (constant in the original), one line each."""
+        return [output.warning for output in self.outputs if output.warning]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "outputs": [output.to_json() for output in self.outputs],
@@ -54,6 +59,7 @@ class Verification:
             "tolerance": self.tolerance,
             "enforced": self.enforced,
             "passed": self.passed,
+            "warnings": self.warnings,
         }
 
 
@@ -177,8 +183,11 @@ def rewrite_file(
         reads += [("the input's external data", path) for path in data_files]
         paths.check_overlaps(reads, writes, force=force)
         feeds: dict[str, np.ndarray] | None = None
+        reference = None
         if check:
             feeds = _inputs(source, inputs, dims, seed)
+            say("verifying: running the original model")
+            reference = verify.run_original(source, feeds, generated=inputs is None)
         context = PassContext(
             dims=dict(dims or {}), seed=seed, source=source, workers=workers, ray_address=ray_address
         )
@@ -194,11 +203,8 @@ def rewrite_file(
             io.check_model(staged_model, name=destination)
         except InputError as exc:
             raise RewriterError(f"the rewritten model fails the ONNX checker: {exc}; nothing written") from exc
-        reference = None
         if check:
-            assert feeds is not None
-            say("verifying: running the original model")
-            reference = verify.run(source, feeds)
+            assert feeds is not None and reference is not None
             verification = _verify(staged_model, feeds, reference, result.exact, tolerance, say)
             if verification.enforced and not verification.passed:
                 raise _verification_error(verification)
@@ -438,6 +444,8 @@ def _verify(
             comparison.passed = comparison.max_abs_err == 0
         if exact and comparison.rewritten_shape is not None:
             comparison.passed = False
+        if comparison.warning:
+            logger.warning("%s", comparison.warning)
         outputs.append(comparison)
     return Verification(
         outputs=outputs,

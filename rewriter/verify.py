@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from rewriter import input_sizes
 from rewriter.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class OutputComparison:
     # An output whose length is data-dependent (detections after NMS) and changed: the
     # rewritten model's shape; the figures above are over the leading rows both have.
     rewritten_shape: list[int] | None = None
+    # Set when the original's output is constant on these inputs (all zero, say): then
+    # any rewrite that keeps it constant agrees, and the comparison proves nothing.
+    warning: str | None = None
     # Per row along the last axis: max abs error (inf where NaN or inf differ) and
     # max |reference| (finite entries); what check_tolerance tests. Not reported.
     row_errors: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -132,7 +136,8 @@ def compare(
     Where they differ (NaN or inf in one output only) the error is infinite and the
     cosine NaN: the finite entries alone say nothing then.
     With ``mask`` ([batch, seq], nonzero = real token) and an output of shape
-    [batch, seq, ...], the masked figures are filled in too.
+    [batch, seq, ...], the masked figures are filled in too. ``warning`` is set when the
+    reference is constant (:func:`constant_warning`).
 
     >>> compare("y", np.array([1.0, 2.0]), np.array([1.0, 2.5])).max_abs_err
     0.5
@@ -187,6 +192,7 @@ def compare(
         max_row_rel_err=float(row_rel.max()) if row_rel.size else 0.0,
         row_errors=row_errors,
         row_scales=row_scales,
+        warning=constant_warning(name, reference),
     )
     if mask is not None and ref.ndim >= 3 and ref.shape[:2] == mask.shape:
         keep = np.asarray(mask) != 0
@@ -196,6 +202,30 @@ def compare(
         comparison.pooled_cosine_mean = float(pooled.mean())
         comparison.pooled_cosine_min = float(pooled.min())
     return comparison
+
+
+def constant_warning(name: str, reference: np.ndarray) -> str | None:
+    """Why comparing output ``name`` proves nothing: every element of the original's
+    output is zero, NaN, or one value. None for an output that varies, or of fewer than
+    two elements (a scalar, a loss, is one value by nature).
+
+    >>> constant_warning("logits", np.zeros((2, 10)))
+    "output 'logits' of the original model is all zero on the verification inputs: the comparison proves nothing"
+    """
+    values = np.asarray(reference)
+    if values.size < 2:
+        return None
+    flat = values.ravel()
+    nan = np.isnan(flat) if values.dtype.kind in "fc" else np.zeros(flat.shape, dtype=bool)
+    if nan.all():
+        what = "all NaN"
+    elif nan.any() or not np.all(flat == flat[0]):
+        return None
+    elif not np.any(flat):
+        what = "all zero"
+    else:
+        what = f"constant ({flat[0].item()!r} everywhere)"
+    return f"output {name!r} of the original model is {what} on the verification inputs: the comparison proves nothing"
 
 
 def _row_max(values: np.ndarray, rows: tuple[int, int]) -> np.ndarray:
@@ -260,7 +290,7 @@ def session(model: str | Path | bytes, *, threads: int | None = None) -> ort.Inf
     A model ONNX Runtime rejects raises :class:`InputError` naming the reason.
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failed run raises with the message
     if threads is not None:
         options.intra_op_num_threads = threads
     source = model if isinstance(model, bytes) else str(model)
@@ -282,6 +312,34 @@ def run(model: str | Path | bytes, inputs: Mapping[str, np.ndarray]) -> dict[str
     names = [output.name for output in sess.get_outputs()]
     values = sess.run(names, {i.name: inputs[i.name] for i in sess.get_inputs()})
     return dict(zip(names, values, strict=True))
+
+
+def run_original(
+    model: str | Path, inputs: Mapping[str, np.ndarray], *, generated: bool
+) -> dict[str, np.ndarray]:
+    """Run the original model on the verification ``inputs``: a failure of ONNX Runtime
+    there is an input error (exit 2), with a hint to size the symbolic dimensions with
+    ``--dim`` when the inputs were ``generated``, since the model itself is what it is.
+
+    >>> run_original("wav2vec2.onnx", make_inputs("wav2vec2.onnx"), generated=True)  # doctest: +SKIP
+    """
+    try:
+        return run(model, inputs)
+    except InputError:
+        raise
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        shapes = ", ".join(f"{name}{list(np.shape(value))}" for name, value in inputs.items())
+        if not generated:
+            raise InputError(f"ONNX Runtime cannot run the original model on --inputs ({shapes}): {_first_line(exc)}") from exc
+        symbolic = sorted({str(dim) for spec in input_specs(model) for dim in spec.dims if isinstance(dim, str) and dim})
+        hint = (
+            f"give the sizes of its symbolic dimensions ({', '.join(symbolic)}) with --dim NAME=SIZE, or real inputs with --inputs"
+            if symbolic
+            else "give real inputs with --inputs"
+        )
+        raise InputError(
+            f"ONNX Runtime cannot run the original model on the generated inputs ({shapes}): {_first_line(exc)}; {hint}"
+        ) from exc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +388,7 @@ def make_inputs(
     specs = input_specs(proto)
     check_dims({spec.name: spec.dims for spec in specs}, dims)
     shapes = {spec.name: [_dim_value(dim, dims, spec.name, axis) for axis, dim in enumerate(spec.dims)] for spec in specs}
+    _fit_windows(proto, specs, shapes, dims)
     _check_generated_size(specs, shapes)
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
@@ -345,6 +404,32 @@ def make_inputs(
             high = table_rows.get(spec.name, DEFAULT_INT_HIGH)
             inputs[spec.name] = rng.integers(0, high, shape).astype(spec.dtype)
     return inputs
+
+
+def _fit_windows(
+    proto: onnx.ModelProto, specs: Sequence[InputSpec], shapes: dict[str, list[int]], dims: Mapping[str, int]
+) -> None:
+    """Raise each default-sized symbolic dimension (not given in ``dims``) to what the model's
+    convolution and pooling windows accept (:mod:`rewriter.input_sizes`): the default
+    counts positions after the windows too (wav2vec2's 8 frames are 2640 samples), or, when
+    no size gives that many, at least one."""
+    axes: dict[str, list[tuple[str, int, int]]] = {}
+    for spec in specs:
+        for axis, dim in enumerate(spec.dims):
+            key = dim if isinstance(dim, str) and dim else f"{spec.name}.{axis}"
+            if not (isinstance(dim, int) and dim >= 0) and key not in dims:
+                axes.setdefault(key, []).append((spec.name, axis, len(spec.dims)))
+    for key, where in axes.items():
+        size = shapes[where[0][0]][where[0][1]]
+        smallest = input_sizes.smallest_size(proto, where, start=size, keep=size)
+        why = f"for {size} positions after its convolution/pooling windows"
+        if smallest is None:
+            smallest = input_sizes.smallest_size(proto, where, start=size)
+            why = "the shortest its convolution/pooling windows accept"
+        if smallest is not None and smallest > size:
+            logger.info("dimension %r: %d, %s", key, smallest, why)
+            for name, axis, _ in where:
+                shapes[name][axis] = smallest
 
 
 def check_dims(shapes: Mapping[str, Sequence[int | str | None]], dims: Mapping[str, int]) -> None:

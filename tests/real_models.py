@@ -634,6 +634,50 @@ def deberta_v2(directory: Path, exporter: str) -> RealModel:
     )
 
 
+def albert(directory: Path, exporter: str) -> RealModel:
+    """ALBERT (3 layers sharing one layer's weights, hidden 96): the dynamo export reads
+    each shared weight through a Transpose, the TorchScript export through Identity. (The
+    exporter's optimizer folds the Transpose of a weight under 8192 elements into a copy
+    per layer; 96 x 96 keeps it, as in full-size models.)"""
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(SEED)
+    config = AlbertConfig(
+        vocab_size=VOCAB,
+        embedding_size=32,
+        hidden_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=192,
+        max_position_embeddings=128,
+        attn_implementation="eager",
+    )
+    inputs = _token_inputs(with_token_types=False)
+    return _attention_export(
+        directory, "albert", AlbertModel(config), inputs, exporter, field="last_hidden_state",
+        dynamic={0: "batch", 1: "sequence"},
+    )
+
+
+def wav2vec2(directory: Path, exporter: str) -> RealModel:
+    """wav2vec2 (a feature encoder of 3 convolutions, kernels 10, 3, 2 with strides 5, 2, 2:
+    30 samples at the least; 2 layers, hidden 32), on [batch, samples] audio."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(SEED)
+    config = Wav2Vec2Config(
+        conv_dim=(16, 16, 16), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2), hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, attn_implementation="eager",
+    )
+    rng = np.random.default_rng(SEED)
+    inputs = {"input_values": rng.standard_normal((BATCH, 400)).astype(np.float32)}
+    return _attention_export(
+        directory, "wav2vec2", Wav2Vec2Model(config), inputs, exporter, field="last_hidden_state",
+        dynamic={0: "batch", 1: "samples"},
+    )
+
+
 def swin(directory: Path, exporter: str) -> RealModel:
     """transformers' Swin (32x32 images, patches of 2, windows of 4x4, one stage of 2
     blocks: the second shifted); its relative-position tables drawn N(0, 1), as trained
@@ -728,6 +772,8 @@ def multihead_attention(directory: Path, exporter: str) -> RealModel:
 
 
 ATTENTION_BUILDERS: dict[str, Callable[[Path, str], RealModel]] = {
+    "albert": albert,
+    "wav2vec2": wav2vec2,
     "deberta_v2": deberta_v2,
     "swin": swin,
     "segformer": segformer,

@@ -225,3 +225,48 @@ def test_console_script_is_installed(model_path, tmp_path):
     bad = subprocess.run([exe, str(tmp_path / "nope.onnx"), "--passes", "two-pass-softmax", "-o", str(tmp_path / "o.onnx")],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def _zero_head(path: Path) -> Path:
+    """Softmax attention-like scores, then a zero-initialised head (torchvision ViT with
+    weights=None): every output is 0 whatever the rewrite does to the Softmax."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")
+    head = numpy_helper.from_array(np.zeros((16, 4), np.float32), "head")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["scores"]),
+            helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+            helper.make_node("MatMul", ["probs", "head"], ["y"]),
+        ],
+        "zero_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[weight, head],
+    )
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_constant_output_is_warned_in_the_report_the_json_and_stderr(tmp_path):
+    model = _zero_head(tmp_path / "zero.onnx")
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "rewriter.cli", str(model), "--passes", "two-pass-softmax", "-o", str(out),
+         "--report-json", str(report)],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    warning = "output 'y' of the original model is all zero on the verification inputs: the comparison proves nothing"
+    assert f"warning: {warning}" in done.stdout
+    assert warning in done.stderr
+    data = json.loads(report.read_text())
+    assert data["verification"]["warnings"] == [warning]
+    assert data["verification"]["outputs"][0]["warning"] == warning
+
+
+def test_varying_output_has_no_warning(model_path, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    assert main([str(model_path), "--passes", "two-pass-softmax", "-o", str(tmp_path / "o.onnx"), "--report-json", str(report)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert json.loads(report.read_text())["verification"]["warnings"] == []

@@ -27,6 +27,8 @@ TVM's importer (``tvm.relax.frontend.onnx.from_onnx``) has two gaps this module 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import warnings
@@ -52,6 +54,11 @@ if TYPE_CHECKING:
     from tvm import relax
 
 logger = logging.getLogger(__name__)
+
+# The largest max_output_boxes_per_class of a NonMaxSuppression over a box count known
+# only at run time that TVM may size its output by (int32, and 2**20 boxes per class of
+# 3 int64 indices is 24 MiB per class).
+MAX_NMS_BOXES = 1 << 20
 
 # Appended to the op type of a node that gets a static-shape kernel, while prepare runs
 # the optimizer again: no function has that name, so the node is kept as it is.
@@ -329,8 +336,9 @@ def import_onnx(
     proto = prepare(model, dims=dims, gpu=gpu, int8_matmul=int8_matmul, int8_amx=amx)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     importer = _importer_class()(target=target, kernel=kernel)
-    with warnings.catch_warnings():
-        # The importer warns about every renamed input and unknown dimension.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # The importer warns about every renamed input and unknown dimension, and prints
+        # "Error converting operator ..." before it re-raises (our errors say it).
         warnings.simplefilter("ignore")
         try:
             return importer.from_onnx(proto.graph, opset)
@@ -353,6 +361,85 @@ def _bounds_safe_take(bb: Any, expr: Any) -> Any:
     if isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.take") and expr.attrs.mode == "fast":
         return bb.normalize(relax.op.take(expr.args[0], expr.args[1], expr.attrs.axis, mode="clip"))
     return expr
+
+
+def _is_shape(expr: Any) -> bool:
+    from tvm import relax
+
+    return isinstance(expr, relax.ShapeExpr)
+
+
+def _reduce_shape(op_name: str, inputs: list, attrs: dict) -> Any:
+    """ReduceMin/ReduceMax over a shape's values (``min(topk_candidates, boxes kept)`` in
+    torchvision's detectors, where the count is data-dependent): ``tir.min``/``tir.max``
+    of the dimensions, a one-value shape (``keepdims``) or a PrimValue. TVM's converter
+    takes tensors only ("cannot handle ShapeExpr inputs")."""
+    from tvm import relax, tirx
+
+    values = list(inputs[0].values)
+    combine = tirx.min if op_name == "ReduceMin" else tirx.max
+    result = reduce(combine, values)
+    if attrs.get("keepdims", 1):
+        return relax.ShapeExpr([result])
+    return relax.prim_value(result)
+
+
+def _runtime_k(k: Any) -> bool:
+    """Whether TopK's ``k`` is known only at run time (TVM's converter takes a constant)."""
+    import tvm
+
+    return not isinstance(k, tvm.ir.GenericConst)
+
+
+def _topk_runtime_k(bb: Any, inputs: list, attrs: dict) -> Any:
+    """TopK with a ``k`` known at run time: a sort along the axis (descending for
+    ``largest``), the first ``k`` indices, and the values gathered at them; ``k`` is a
+    shape, a PrimValue or a one-element int64 tensor (made a shape variable)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import _tensor_to_shape_expr
+
+    data, k = inputs[0], inputs[1]
+    if tvm.ir.is_prim_expr(k):
+        k = relax.ShapeExpr([k])
+    if not isinstance(k, relax.ShapeExpr):
+        k = _tensor_to_shape_expr(bb, bb.normalize(relax.op.reshape(k, [1])), 1, "topk_k")
+    if attrs.get("sorted", 1) != 1:
+        raise InputError("TopK with sorted=0 and a k known only at run time: TVM's importer has no form for it")
+    ndim = data.ty.ndim
+    axis = attrs.get("axis", -1) % ndim
+    order = bb.normalize(relax.op.argsort(data, axis=axis, descending=bool(attrs.get("largest", 1)), dtype="int64"))
+    indices = bb.normalize(relax.op.strided_slice(order, axes=[axis], begin=[0], end=[k.values[0]]))
+    values = bb.normalize(relax.op.gather_elements(data, indices, axis=axis))
+    return relax.Tuple([values, indices])
+
+
+def _nms_box_limit(inputs: list) -> list:
+    """NonMaxSuppression's inputs with ``max_output_boxes_per_class`` at most the number of
+    boxes. TVM sizes its output by that limit (and makes an int32 literal of it), so
+    torchvision's ``batched_nms`` export, whose limit is ``2**63 - 1``, would allocate
+    terabytes: the limit becomes the boxes' count when their shape is fixed (the same
+    result: no class keeps more boxes than there are), else the model is refused."""
+    import tvm
+    from tvm import relax
+
+    limit = inputs[2] if len(inputs) > 2 else None
+    if not isinstance(limit, tvm.ir.GenericConst):
+        return inputs
+    value = int(limit.value.numpy().reshape(-1)[0])
+    shape = getattr(inputs[0].ty, "shape", None)
+    boxes = shape[1] if shape is not None and len(shape) == 3 else None
+    if isinstance(boxes, tvm.tirx.IntImm):
+        if value > int(boxes):
+            inputs = [*inputs[:2], relax.const(np.array([int(boxes)], dtype=np.int64)), *inputs[3:]]
+        return inputs
+    if value > MAX_NMS_BOXES:
+        raise InputError(
+            f"TVM cannot import the model: NonMaxSuppression with max_output_boxes_per_class {value} on boxes "
+            "of a size known only at run time: TVM sizes its output by that limit (give the boxes a fixed "
+            "count, or a smaller limit)"
+        )
+    return inputs
 
 
 def _importer_class() -> type:
@@ -396,6 +483,12 @@ def _importer_class() -> type:
                     return positions
             if op_name == "Gather":
                 return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
+            if op_name in ("ReduceMin", "ReduceMax") and _is_shape(inputs[0]):
+                return _reduce_shape(op_name, inputs, attrs)
+            if op_name == "TopK" and len(inputs) > 1 and _runtime_k(inputs[1]):
+                return _topk_runtime_k(self.bb, inputs, attrs)
+            if op_name == "NonMaxSuppression":
+                inputs = _nms_box_limit(inputs)
             return super()._convert_operator(op_name, inputs, attrs, opset)
 
     _IMPORTER = Importer

@@ -60,6 +60,7 @@ def relax_pipeline(
     from rewriter.backends.tvm.relax_passes import (
         activations,
         bf16_matmul,
+        bind_shapes,
         conv,
         legalize_bf16_norms,
         outputs_as_params,
@@ -73,7 +74,10 @@ def relax_pipeline(
     else:
         from tvm.relax.backend.cpu_generic import pipeline as stages
 
-    passes = [legalize_bf16_norms.upcast_pass()]  # TVM legalizes no bf16 layer norm
+    # A tensor of known rank and unknown shape (an If's result) gets symbolic dimensions:
+    # LegalizeOps lowers nothing on it otherwise.
+    passes = [bind_shapes.bind_unknown_shapes()]
+    passes.append(legalize_bf16_norms.upcast_pass())  # TVM legalizes no bf16 layer norm
     # Inference forms: batch norms folded into the convolutions before them (the rest
     # decomposed into a scale and a shift), and the weights' computations folded.
     passes += [

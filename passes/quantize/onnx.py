@@ -46,6 +46,7 @@ from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
 from rewriter.passes.quantize import importance
 from rewriter.passes.quantize import math as qm
+from rewriter.passes.quantize.views import FloatWeight, fold_views
 from rewriter.registry import register
 
 logger = logging.getLogger(__name__)
@@ -128,11 +129,23 @@ class QuantizePass(RewritePass):
     def call(self, model: ir.Model) -> RewriteResult:
         options: QuantizeOptions = self.options
         notes: list[str] = []
-        layers, excluded, skipped = self._layers(model, notes)
-        stats = {"weights_quantized": 0, "excluded": excluded, "skipped": skipped}
+        folded = fold_views(model, options.exclude)
+        layers, excluded, left = self._layers(model)
+        left = folded.left + left
+        stats = {"weights_quantized": 0, "excluded": excluded + folded.excluded, "skipped": len(left)}
+        notes.extend(weight.note() for weight in left)
+        tables: dict[str, list[dict[str, object]]] = {}
+        if left:
+            tables["float_weights"] = [weight.to_json() for weight in left]
         if not layers:
             notes.append("no float MatMul/Gemm/Conv weight initializer to quantize")
-            return RewriteResult(model, False, stats=stats, notes=notes)
+            return RewriteResult(model, False, stats=stats, notes=notes, tables=tables)
+        if folded.views:
+            stats["views_folded"] = folded.views
+            notes.append(
+                f"{folded.views} weight(s) read through Identity/Transpose/Reshape of an initializer "
+                "got initializers of their own values, quantized like the others"
+            )
         size_before = initializer_bytes(model)
         measured = self._measure(model, layers, notes)
         self._assign_bits(layers, notes)
@@ -179,20 +192,23 @@ class QuantizePass(RewritePass):
             except OSError as exc:
                 raise InputError(f"quantize: cannot write the plot {options.plot}: {exc}") from exc
             notes.append(f"plot written to {options.plot} (bars: importance per layer, blue int8, orange int4)")
-        return RewriteResult(model, True, stats=stats, notes=notes, tables={"layers": [row.to_json() for row in rows]})
+        tables["layers"] = [row.to_json() for row in rows]
+        return RewriteResult(model, True, stats=stats, notes=notes, tables=tables)
 
-    def _layers(self, model: ir.Model, notes: list[str]) -> tuple[list[Layer], int, int]:
-        """The weight ops to quantize, each with its layer (unit) name."""
+    def _layers(self, model: ir.Model) -> tuple[list[Layer], int, list[FloatWeight]]:
+        """The weight ops to quantize, each with its layer (unit) name; the count excluded;
+        the weights left in float with their reasons."""
         graph_inputs = {value.name for value in model.graph.inputs}
-        layers, excluded, skipped = [], 0, 0
+        layers: list[Layer] = []
+        left: list[FloatWeight] = []
+        excluded = 0
         for op in weight_ops(model):
             if any(fnmatch.fnmatchcase(name, glob) for glob in self.options.exclude for name in (op.name, op.weight.name or "")):
                 excluded += 1
                 continue
             layout = _layout(op) if op.weight.name not in graph_inputs else "its weight is also a graph input"
             if isinstance(layout, str):
-                notes.append(f"{op.node.op_type} {op.name!r} left in float: {layout}")
-                skipped += 1
+                left.append(FloatWeight(op.node.name or "", op.node.op_type, op.weight.name or "", layout))
                 continue
             layers.append(Layer(op, layout, unit=op.name))
         if layers and self.options.avg_bits is not None:
@@ -201,7 +217,7 @@ class QuantizePass(RewritePass):
                 for op in block.ops:
                     if id(op.node) in chosen:
                         chosen[id(op.node)].unit = f"block{block.index}"
-        return layers, excluded, skipped
+        return layers, excluded, left
 
     def _measure(self, model: ir.Model, layers: list[Layer], notes: list[str]) -> dict[str, tuple[float, float]]:
         """Importance of each unit (with avg_bits) and activation ranges (with activations)."""

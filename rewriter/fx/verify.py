@@ -8,6 +8,7 @@ with the ONNX front's tolerances.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,8 @@ from torch.utils import _pytree as pytree
 from rewriter import verify
 from rewriter.errors import VerificationError
 from rewriter.job import Verification
+
+logger = logging.getLogger(__name__)
 
 
 def verify_rewrite(
@@ -66,6 +69,8 @@ def verify_rewrite(
             comparison.passed = comparison.max_abs_err == 0
         if exact and comparison.rewritten_shape is not None:
             comparison.passed = False
+        if comparison.warning:
+            logger.warning("%s", comparison.warning)
         outputs.append(comparison)
     inputs = {
         prefix + pytree.keystr(path): list(value.shape)

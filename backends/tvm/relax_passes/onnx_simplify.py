@@ -10,6 +10,11 @@
 * ``Dropout`` (inference: no ``training_mode``, or a constant false) whose mask is unused
   -> its input. The importer keeps it as a tuple-returning op, which the layout
   conversion rejects ("Expected nested to match tuple").
+* ``ReduceMin``/``ReduceMax``/``ReduceSum``/``ReduceProd`` of an integer value built by
+  shape ops (``Concat`` of a count and a constant: torchvision detectors' ``min(topk
+  candidates, boxes above the score threshold)``) -> the reduction of ``Cast(x)`` to its own
+  type. The importer keeps shape values as a ``ShapeExpr``, which only its shape ops take
+  ("ReduceMin ... cannot handle ShapeExpr inputs"); its ``Cast`` makes an int64 tensor of it.
 
 Exact up to rounding: ``x * x * x`` is within an ulp or two of ``pow(x, 3)``; sums are
 added left to right.
@@ -28,11 +33,22 @@ import onnx_ir as ir
 POWERS = (1.0, 2.0, 3.0, 4.0, 0.5)
 # (Max and Min have no binary ONNX twin that imports otherwise: they keep their form.)
 VARIADIC = ("Sum", "Mean")
+REDUCTIONS = ("ReduceMin", "ReduceMax", "ReduceSum", "ReduceProd")
+# The ops whose integer outputs TVM's importer may keep as a ShapeExpr (its list of
+# shape-compatible ops, and Shape/Unsqueeze, which make one).
+SHAPE_OPS = frozenset(
+    {"Shape", "Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Reshape", "Expand", "Cast", "CastLike", "Where"}
+)
 
 
 def simplify(model: ir.Model) -> dict[str, int]:
     """Rewrite the ops above in every graph of ``model``; returns how many of each."""
-    stats = {"pow_expanded": 0, "variadic_split": 0, "dropout_removed": 0}
+    stats = {
+        "pow_expanded": 0,
+        "variadic_split": 0,
+        "dropout_removed": 0,
+        "shape_reductions_cast": 0,
+    }
     for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
         if node.domain not in ("", "ai.onnx") or node.graph is None:
             continue
@@ -42,6 +58,9 @@ def simplify(model: ir.Model) -> dict[str, int]:
             stats["variadic_split"] += 1
         elif node.op_type == "Dropout" and _remove_dropout(node):
             stats["dropout_removed"] += 1
+        elif node.op_type in REDUCTIONS and _cast_shape_input(node):
+            stats["shape_reductions_cast"] += 1
+
     return stats
 
 
@@ -115,6 +134,41 @@ def _split_variadic(node: ir.Node) -> bool:
         result = divided.outputs[0]
     _replace(node, new, result)
     return True
+
+
+def _cast_shape_input(node: ir.Node) -> bool:
+    """Read a reduction's integer input, built by shape ops, through a Cast to its own type."""
+    data = node.inputs[0] if node.inputs else None
+    producer = data.producer() if data is not None else None
+    if data is None or producer is None or producer.op_type not in SHAPE_OPS:
+        return False
+    dtype = _shape_dtype(data)
+    if dtype is None or not dtype.is_integer() or producer.op_type in ("Cast", "CastLike"):
+        return False
+    graph = node.graph
+    assert graph is not None
+    cast = ir.node("Cast", [data], attributes={"to": int(dtype)})
+    cast.outputs[0].dtype, cast.outputs[0].shape = dtype, data.shape
+    cast.outputs[0].name = f"{data.name or node.name}__as_tensor"  # unnamed, serde may reuse a name
+    graph.insert_before(node, cast)
+    node.replace_input_with(0, cast.outputs[0])
+    return True
+
+
+def _shape_dtype(value: ir.Value, depth: int = 16) -> ir.DataType | None:
+    """``value``'s type, or where it is not recorded (a model prepared once already), the
+    type its shape ops carry through: int64 from ``Shape``, else their data input's."""
+    if value.dtype is not None or depth == 0:
+        return value.dtype
+    producer = value.producer()
+    if producer is None or producer.op_type not in SHAPE_OPS or producer.op_type in ("Cast", "CastLike"):
+        return None
+    if producer.op_type == "Shape":
+        return ir.DataType.INT64
+    sources = producer.inputs[1:] if producer.op_type == "Where" else producer.inputs
+    if producer.op_type != "Concat":
+        sources = sources[:1]
+    return next((dtype for source in sources if source is not None and (dtype := _shape_dtype(source, depth - 1))), None)
 
 
 def _remove_dropout(node: ir.Node) -> bool:
