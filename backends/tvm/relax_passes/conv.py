@@ -295,6 +295,20 @@ def rules() -> dict[str, Any]:
 
         sch.transform_layout(block, ("write", 0), index_map(fused, ndim=lead))
         sch.transform_block_layout(block, index_map(fused, ndim=len(extents)))
+        tail_extents = [int(iv.dom.extent) for iv in sch.get(tail).iter_vars[keep : lead - 1]]
+        if tail_extents != pixel_extents:
+            # The epilogue keeps part of the pixels (wav2vec2's positional convolution
+            # drops its last position): its own flat index matches the block's only
+            # where a single pixel axis is longer than 1.
+            if sum(extent > 1 for extent in pixel_extents) > 1:
+                raise ValueError("the epilogue slices pixels of a multi-axis image")
+
+            def fused(*a: Any) -> tuple[Any, ...]:
+                position = a[keep]
+                for value, extent in zip(a[keep + 1 : lead - 1], tail_extents[1:], strict=True):
+                    position = position * extent + value
+                return (*a[:keep], position, *a[lead - 1 :])
+
         sch.transform_block_layout(tail, index_map(fused, ndim=lead))
 
     def finish_producers(sch: Any, producers: list[Any], lanes: int) -> None:

@@ -38,6 +38,14 @@ def rule() -> Any:
         def _schedule(self, func: Any) -> Any:
             sch = s_tir.Schedule(func)
             blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+            # A transpose and the reshapes TVM fused after it (wav2vec2's feature
+            # projection: a transpose then an identity reshape): one copy block.
+            for consumer in reversed(blocks[1:]):
+                try:
+                    sch.reverse_compute_inline(consumer)
+                except Exception:  # not a copy whose index TVM can invert
+                    return None
+            blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
             if len(blocks) != 1:
                 return None
             block = blocks[0]

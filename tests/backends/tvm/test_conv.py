@@ -197,6 +197,33 @@ def test_transpose_at_the_edge_is_tiled():
     assert "transpose" in rules.values(), rules
 
 
+def test_transpose_then_reshape_is_tiled():
+    # wav2vec2's feature projection: a transpose TVM fuses with an identity reshape after
+    # it (a second block); 37 is ragged (the tiles' tails masked, not vectorized).
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["t", "shape"], ["y"]),
+    ]
+    shape = numpy_helper.from_array(np.array([64, 37], np.int64), "shape")
+    compiled, error = _run(_model(nodes, [1, 37, 64], [shape]), [1, 37, 64])
+    assert error == 0
+    assert list(_rules(compiled).values()) == ["transpose"], _rules(compiled)
+
+
+def test_conv_whose_epilogue_drops_a_position_gets_the_implicit_gemm_and_agrees():
+    # wav2vec2's positional convolution: grouped, an even kernel padded by half of it on
+    # both sides, then its last position sliced off, fused into the convolution's epilogue.
+    model = conv_model([1, 32, 40], 32, 16, 1, 8, 4, relu=False)
+    model.graph.node[0].output[0] = "c"
+    model.graph.node.append(helper.make_node("Slice", ["c", "start", "end", "axis"], ["s"]))
+    model.graph.node.append(helper.make_node("Relu", ["s"], ["y"]))
+    for name, value in (("start", 0), ("end", -1), ("axis", 2)):
+        model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    compiled, error = _run(model, [1, 32, 40])
+    assert error < TOLERANCE.rtol
+    assert "conv" in _rules(compiled).values(), _rules(compiled)
+
+
 def test_tile_widths_are_powers_of_two_dividing_the_channels():
     assert conv.conv_tile_width(64, 16) == 32
     assert conv.conv_tile_width(48, 16) == 16
