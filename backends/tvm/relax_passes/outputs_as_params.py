@@ -23,7 +23,9 @@ targets. Exact: the kernels are the same calls on other addresses.
 
 Requires: ``main`` after ``CallTIRRewrite`` (no dataflow blocks, explicit allocations).
 Ensures: every tensor ``main`` returns is an allocation of this call or a view of one,
-each a different one; ``main_out`` exists with ``num_input`` = inputs + outputs.
+each a different one; ``main_out`` exists with ``num_input`` = inputs + outputs, unless
+an output's size is computed from the data (then the caller cannot allocate it
+beforehand; :class:`Session` calls ``main``).
 
 >>> mod = outputs_as_params()(mod)  # doctest: +SKIP
 >>> mod.get_global_var("main_out")  # doctest: +SKIP
@@ -71,11 +73,32 @@ def add_out_function(mod: tvm.IRModule) -> tvm.IRModule:
     ):
         logger.info("main returns something other than tensors of known rank: no main_out")
         return mod
+    if not _sized_by_inputs(main, leaves):
+        # A size known only inside the call (a detector's kept boxes): the caller cannot
+        # allocate the output before it, and the VM checks parameters on entry.
+        logger.info("an output's size is computed from the data: no main_out")
+        return mod
     main = _own_outputs(main, leaves)
     mod = mod.clone()
     mod["main"] = main
     mod[OUT_FUNCTION] = _out_function(main)
     return mod
+
+
+def _sized_by_inputs(main: relax.Function, leaves: list[Any]) -> bool:
+    """Whether every output's shape uses only dimensions of ``main``'s inputs."""
+    from tvm import relax, tirx
+
+    known: list[Any] = []
+    for param in main.params:
+        shape = getattr(param.ty, "shape", None)
+        if isinstance(shape, relax.ShapeExpr):
+            known += [var for dim in shape.values for var in tirx.analysis.undefined_vars(dim, [])]
+    for leaf in leaves:
+        for dim in leaf.ty.shape.values:
+            if any(not any(var.same_as(k) for k in known) for var in tirx.analysis.undefined_vars(dim, [])):
+                return False
+    return True
 
 
 def _bindings(func: relax.Function) -> dict[Any, Any]:

@@ -15,6 +15,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline  # noqa: E402
 from tvm.script import ir as I  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
+from tvm.script import tirx as T  # noqa: E402
 
 from rewriter.backends.tvm.relax_passes import outputs_as_params  # noqa: E402
 
@@ -136,3 +137,27 @@ def test_main_out_shares_no_call_with_main_and_copies_no_weight():
     assert len(main_constants) == len(out_constants) == 1 and out_constants[0].same_as(
         main_constants[0]
     )
+
+
+def test_an_output_sized_by_the_data_gets_no_main_out():
+    """A size computed inside the call (a detector's kept boxes) cannot be allocated by
+    the caller beforehand, and the VM checks main_out's parameters on entry."""
+
+    @I.ir_module
+    class DataSized:
+        @R.function
+        def main(x: R.Tensor((8,), "float32")):
+            kept = T.int64()
+            with R.dataflow():
+                count = R.shape([3])
+                sized = R.match_cast(count, R.Shape([kept]))
+                y = R.strided_slice(x, axes=[0], begin=[0], end=[kept])
+                R.output(y, sized)
+            return y
+
+    target = tvm.target.Target({"kind": "llvm"})
+    lowered = tvm.transform.Sequential(
+        [relax.transform.LegalizeOps(), *cpu_pipeline.dataflow_lower_passes(target)]
+    )(DataSized)
+    mod = outputs_as_params.add_out_function(lowered)
+    assert outputs_as_params.OUT_FUNCTION not in [gv.name_hint for gv in mod.get_global_vars()]
