@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from rewriter import distributed, verify
+from rewriter import distributed, io, verify
 from rewriter.errors import InputError
 from rewriter.passes.pruning import math as pruning
 
@@ -47,7 +47,9 @@ class DistortionProbe:
     ``distortion``: ``mse`` or ``pooled`` (see :func:`rewriter.passes.pruning.math.distortion_features`);
     ``outputs``: the graph outputs measured (default: every float output);
     ``suffixes``: build suffix sessions (default: when a dense run costs at least
-    :data:`MIN_MACS_FOR_SUFFIXES` multiply-adds, :func:`wants_suffixes`).
+    :data:`MIN_MACS_FOR_SUFFIXES` multiply-adds, :func:`wants_suffixes`);
+    ``data_dir``: the folder of the model's external data (default for an onnx-ir model:
+    its own, :func:`rewriter.io.external_data_dir`; a proto's is given here).
     """
 
     def __init__(
@@ -60,14 +62,21 @@ class DistortionProbe:
         outputs: Sequence[str] = (),
         suffixes: bool | None = None,
         threads: int | None = None,
+        data_dir: str | None = None,
     ) -> None:
         if not batches:
             raise InputError("prune: no calibration batches to measure the distortion on")
         self.weights = dict(weights)
         self.threads = threads
         # A proto is the probe model already (weights as inputs: with_weights_as_inputs).
-        proto = model if isinstance(model, onnx.ModelProto) else with_weights_as_inputs(model, list(self.weights))
-        self.session = verify.session(proto.SerializeToString(), threads=threads)
+        if isinstance(model, onnx.ModelProto):
+            proto = model
+        else:
+            proto = with_weights_as_inputs(model, list(self.weights))
+            folder = io.external_data_dir(model)
+            data_dir = data_dir or (None if folder is None else str(folder))
+        self.data_dir = data_dir
+        self.session = self._session(proto)
         float_outputs = [o.name for o in self.session.get_outputs() if o.type in FLOAT_TYPES]
         unknown = sorted(set(outputs) - set(float_outputs))
         if unknown:
@@ -103,6 +112,9 @@ class DistortionProbe:
                 len({id(s) for s, _ in self.runner.values()}),
                 time.perf_counter() - start,
             )
+
+    def _session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
+        return verify.session(proto.SerializeToString(), threads=self.threads, data_dir=self.data_dir)
 
     def _run(
         self,
@@ -194,7 +206,7 @@ class DistortionProbe:
         graph_outputs = {o.name for o in proto.graph.output}
         wanted = sorted({name for _, _, crossing in plans for name in crossing} - graph_outputs)
         capture.graph.output.extend(_value_info(name, types[name]) for name in wanted)
-        capture_session = verify.session(capture.SerializeToString(), threads=self.threads)
+        capture_session = self._session(capture)
         names = [o.name for o in capture_session.get_outputs()]
         values = [
             dict(zip(names, self._run_all(capture_session, names, batch), strict=True))
@@ -215,7 +227,7 @@ class DistortionProbe:
             )
             suffix.functions.extend(proto.functions)
             sessions[cut] = (
-                verify.session(suffix.SerializeToString(), threads=self.threads),
+                self._session(suffix),
                 [{name: captured[name] for name in crossing} for captured in values],
             )
         planned = sorted(sessions)
@@ -241,6 +253,7 @@ class CurveWorker:
     Built once per worker from the probe model (``proto``: serialized, weights as
     inputs) with one-thread sessions; then ``worker(name)`` is the curve of weight
     ``name`` over ``amounts``, as :meth:`DistortionProbe.curve` gives it serially.
+    ``data_dir``: the folder of the model's external data, which every worker must see.
     """
 
     def __init__(
@@ -251,6 +264,7 @@ class CurveWorker:
         amounts: np.ndarray,
         distortion: str,
         outputs: Sequence[str],
+        data_dir: str | None = None,
     ) -> None:
         self.amounts = amounts
         self.probe = DistortionProbe(
@@ -260,6 +274,7 @@ class CurveWorker:
             distortion=distortion,
             outputs=outputs,
             threads=distributed.WORKER_THREADS,
+            data_dir=data_dir,
         )
 
     def __call__(self, name: str) -> np.ndarray:

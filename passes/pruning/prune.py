@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from rewriter import distributed, plot
+from rewriter import distributed, io, plot
 from rewriter.analysis import weight_ops
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
@@ -303,6 +303,7 @@ def _measure_curves_on(
     has the serial run's bits.
     """
     proto = with_weights_as_inputs(model, list(weights))
+    folder = io.external_data_dir(model)
     start = time.perf_counter()
     setup = (
         proto.SerializeToString(),
@@ -311,6 +312,7 @@ def _measure_curves_on(
         amounts,
         options.distortion,
         list(options.outputs),
+        None if folder is None else str(folder),
     )
     curves = np.array(distributed.map_tasks(pool, CurveWorker, setup, list(weights)))
     logger.info(
