@@ -1,7 +1,9 @@
 """Measuring distortion curves in ONNX Runtime: the model run with one weight swapped.
 
 The weights being measured become graph inputs, so swapping one is a change of feeds,
-never a rebuilt session. Pruning a layer changes nothing upstream of its first use, so
+never a rebuilt session. So do the other large initializers (an LM head, an embedding:
+:func:`shared_constants`), so that the sessions below share one copy of them instead of
+each holding its own (at 1B parameters, 16 copies of a 262 MB LM head). Pruning a layer changes nothing upstream of its first use, so
 the probe also builds suffix sessions: the graph from a cut just before a layer's first
 use to the outputs, fed with the values that cross the cut, captured once from the
 dense model. A layer deep in the network then costs only the part of the model after
@@ -39,6 +41,8 @@ MAX_SUFFIXES = 16
 # bits of the curves (ONNX Runtime fuses differently across a cut), so the choice must
 # be the same in every run, on a loaded machine or not, and on every Ray worker.
 MIN_MACS_FOR_SUFFIXES = 5e8
+# Initializers (not measured) from this size on are fed to the sessions, not held by each.
+SHARED_BYTES = 1 << 20
 
 
 class DistortionProbe:
@@ -49,7 +53,9 @@ class DistortionProbe:
     ``suffixes``: build suffix sessions (default: when a dense run costs at least
     :data:`MIN_MACS_FOR_SUFFIXES` multiply-adds, :func:`wants_suffixes`);
     ``data_dir``: the folder of the model's external data (default for an onnx-ir model:
-    its own, :func:`rewriter.io.external_data_dir`; a proto's is given here).
+    its own, :func:`rewriter.io.external_data_dir`; a proto's is given here);
+    ``constants``: the large initializers fed as inputs (default for an onnx-ir model:
+    :func:`shared_constants`; a proto's, graph inputs already, are given here).
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class DistortionProbe:
         suffixes: bool | None = None,
         threads: int | None = None,
         data_dir: str | None = None,
+        constants: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         if not batches:
             raise InputError("prune: no calibration batches to measure the distortion on")
@@ -72,7 +79,8 @@ class DistortionProbe:
         if isinstance(model, onnx.ModelProto):
             proto = model
         else:
-            proto = with_weights_as_inputs(model, list(self.weights))
+            constants = shared_constants(model, self.weights) if constants is None else constants
+            proto = with_weights_as_inputs(model, [*self.weights, *constants])
             folder = io.external_data_dir(model)
             data_dir = data_dir or (None if folder is None else str(folder))
         self.data_dir = data_dir
@@ -96,7 +104,7 @@ class DistortionProbe:
             else concatenated([dict(b) for b in batches])
         )
         self.masks = [verify.find_attention_mask(batch) for batch in self.batches]
-        self.feeds = dict(self.weights)
+        self.feeds = {**(constants or {}), **self.weights}
         self.reference = [
             pruning.distortion_features(self._run(self.session, batch), mask, distortion)
             for batch, mask in zip(self.batches, self.masks, strict=True)
@@ -253,7 +261,8 @@ class CurveWorker:
     Built once per worker from the probe model (``proto``: serialized, weights as
     inputs) with one-thread sessions; then ``worker(name)`` is the curve of weight
     ``name`` over ``amounts``, as :meth:`DistortionProbe.curve` gives it serially.
-    ``data_dir``: the folder of the model's external data, which every worker must see.
+    ``data_dir``: the folder of the model's external data, which every worker must see;
+    ``constants``: :func:`shared_constants` (graph inputs of ``proto``).
     """
 
     def __init__(
@@ -265,6 +274,7 @@ class CurveWorker:
         distortion: str,
         outputs: Sequence[str],
         data_dir: str | None = None,
+        constants: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.amounts = amounts
         self.probe = DistortionProbe(
@@ -275,6 +285,7 @@ class CurveWorker:
             outputs=outputs,
             threads=distributed.WORKER_THREADS,
             data_dir=data_dir,
+            constants=constants or {},
         )
 
     def __call__(self, name: str) -> np.ndarray:
@@ -303,6 +314,16 @@ def concatenated(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndar
     ):
         return batches
     return [{name: np.concatenate([batch[name] for batch in batches]) for name in first}]
+
+
+def shared_constants(model: ir.Model, measured: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The initializers of at least :data:`SHARED_BYTES` other than the ``measured`` weights,
+    as arrays (memory-mapped for external data): the probe feeds them to its sessions."""
+    return {
+        name: value.const_value.numpy()
+        for name, value in model.graph.initializers.items()
+        if name not in measured and value.const_value is not None and value.const_value.nbytes >= SHARED_BYTES
+    }
 
 
 def with_weights_as_inputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
