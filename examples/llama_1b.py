@@ -121,11 +121,13 @@ SIZES = {
 
 @dataclasses.dataclass
 class Step:
-    """One measured step: what ran, its wall time, its peak RSS, and what it reported."""
+    """One measured step: what ran, its wall and CPU (user + system) time, its peak RSS,
+    and what it reported."""
 
     name: str
     command: str
     seconds: float
+    cpu_seconds: float
     peak_rss: int
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -177,7 +179,7 @@ def export_llama(model: Any, path: Path) -> Path:
 
 
 def measured(name: str, command: list[str]) -> Step:
-    """Run ``command`` in a child process; its wall time and peak RSS (``wait4``'s maxrss)."""
+    """Run ``command`` in a child process; its wall time, CPU time and peak RSS (``wait4``'s)."""
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert child.stdout is not None
@@ -187,7 +189,8 @@ def measured(name: str, command: list[str]) -> Step:
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {child.returncode}):\n{output[-4000:]}")
-    return Step(name, " ".join(command), seconds, usage.ru_maxrss * 1024)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Step(name, " ".join(command), seconds, cpu, usage.ru_maxrss * 1024)
 
 
 def run(
@@ -351,11 +354,12 @@ def _duration(seconds: float) -> str:
 
 
 def table(steps: list[Step]) -> str:
-    """The steps as a Markdown table: seconds, peak RSS and the pass's figures."""
-    lines = ["| step | time | peak RSS | result |", "|---|---|---|---|"]
+    """The steps as a Markdown table: wall and CPU seconds, peak RSS and the pass's figures."""
+    lines = ["| step | wall | CPU | peak RSS | result |", "|---|---|---|---|---|"]
     for step in steps:
+        times = f"{step.seconds:.1f} s | {step.cpu_seconds:.1f} s"
         rss = step.peak_rss / 2**30
-        lines.append(f"| {step.name} | {step.seconds:.1f} s | {rss:.2f} GiB | {summary(step)} |")
+        lines.append(f"| {step.name} | {times} | {rss:.2f} GiB | {summary(step)} |")
     return "\n".join(lines)
 
 

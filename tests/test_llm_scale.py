@@ -7,14 +7,26 @@ the TinyLlama-1.1B shape is marked slow and skipped where memory or disk is shor
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from examples.llama_1b import SIZES, LlamaShape, Step, run
+from examples.llama_1b import (
+    EFFICIENCY,
+    SIZES,
+    LlamaShape,
+    Step,
+    estimate,
+    estimate_table,
+    run,
+    table,
+)
 from rewriter import analysis, io
+
+logger = logging.getLogger(__name__)
 
 # The 1.1B run: the export holds the float32 model (4.4 GB) and the exporter's copy of
 # the graph; each CLI step maps the 4.4 GB of external data and writes its output.
@@ -26,7 +38,7 @@ def check_pipeline(shape: LlamaShape, folder: Path, steps: list[Step]) -> None:
     """What every size must show: each step ran, and each pass did its work on every layer."""
     by_name = {step.name: step for step in steps}
     assert list(by_name)[:4] == ["export", "two-pass-softmax", "quantize", "prune-width"]
-    assert all(step.seconds > 0 and step.peak_rss > 0 for step in steps)
+    assert all(step.seconds > 0 and step.cpu_seconds > 0 and step.peak_rss > 0 for step in steps)
     assert (folder / "llama.onnx.data").is_file()  # the weights are external data
 
     softmax = by_name["two-pass-softmax"].report
@@ -81,4 +93,9 @@ def test_one_billion_llama_pipeline(tmp_path: Path) -> None:
         pytest.skip(f"the 1.1B run needs {ONE_B_DISK >> 30} GiB of free disk")
     shape = SIZES["1b"]
     assert 1.0e9 < shape.params() < 1.2e9
-    check_pipeline(shape, tmp_path, run(shape, tmp_path, probes=((32, 1),)))
+    steps = run(shape, tmp_path)
+    # The README's table: pytest -m slow tests/test_llm_scale.py --log-cli-level=INFO
+    logger.info("\n%s", table(steps))
+    worker = [step.report for step in steps if step.report.get("threads") == 1]
+    logger.info("\n%s", estimate_table(estimate(worker, efficiency=EFFICIENCY)))
+    check_pipeline(shape, tmp_path, steps)
