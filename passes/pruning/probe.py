@@ -3,12 +3,13 @@
 The weights being measured become graph inputs, so swapping one is a change of feeds,
 never a rebuilt session. So do the other large initializers (an LM head, an embedding:
 :func:`shared_constants`), so that the sessions below share one copy of them instead of
-each holding its own (at 1B parameters, 16 copies of a 262 MB LM head). Pruning a layer changes nothing upstream of its first use, so
-the probe also builds suffix sessions: the graph from a cut just before a layer's first
-use to the outputs, fed with the values that cross the cut, captured once from the
-dense model. A layer deep in the network then costs only the part of the model after
-it (about half the model on average for a transformer). Models with control-flow
-subgraphs, or where types of the crossing values are unknown, use the full session.
+each holding its own (at 1B parameters, 16 copies of a 262 MB LM head). Pruning a layer
+changes nothing upstream of its first use, so the probe also builds suffix sessions: the
+graph from a cut just before a layer's first use to the outputs, fed with the values
+that cross the cut, captured once from the dense model. A layer deep in the network then
+costs only the part of the model after it (about half the model on average for a
+transformer). Models with control-flow subgraphs, or where types of the crossing values
+are unknown, use the full session.
 
 >>> probe = DistortionProbe(model, {"w": w}, [feeds])  # doctest: +SKIP
 >>> probe.curve("w", np.array([0.0, 0.5]))  # doctest: +SKIP
