@@ -97,33 +97,37 @@ def residual_blocks(model: ir.Model, output: ir.Value | None = None) -> list[Blo
     """Split the model into residual-stream segments (see the module docstring).
 
     The main input is the graph input whose dominator chain to ``output`` (default: the
-    first graph output) is longest; side inputs such as attention masks or position ids
-    reach every layer and would otherwise hide the stream. Returns [] when fewer than
-    two stream values exist (no stream to split).
+    first graph output) splits the weight ops into the most segments (ties: the longest
+    chain); side inputs such as attention masks or position ids reach every layer and
+    would otherwise hide the stream. (The longest chain alone is not enough: a causal
+    mask built from the attention mask is a chain of several nodes before it joins the
+    last layer, longer than the token ids' chain through a 2-layer decoder.) Returns []
+    when fewer than two stream values exist (no stream to split).
     """
     output = output or model.graph.outputs[0]
     producer = output.producer()
     if producer is None:
         return []
     flow = dataflow_graph(model)
-    best: list[ir.Node] = []
-    for graph_input in model.graph.inputs:
-        chain = _dominator_chain(flow, graph_input, producer)
-        if len(chain) > len(best):
-            best = chain
-    stream = [node.outputs[0] for node in best if node.outputs]
-    if len(stream) < 2:
-        return []
     order = {node: position for position, node in enumerate(model.graph)}
     ops = weight_ops(model)  # in graph order: each block's ops are a slice, found by bisection
     positions = [order[op.node] for op in ops]
-    blocks: list[Block] = []
-    for entry, exit_ in zip(stream, stream[1:], strict=False):
-        start, stop = order[_producer(entry)], order[_producer(exit_)]
-        inside = tuple(ops[bisect.bisect_right(positions, start) : bisect.bisect_right(positions, stop)])
-        if inside:
-            blocks.append(Block(len(blocks), entry, exit_, inside))
-    return blocks
+    best: list[Block] = []
+    best_length = 0
+    for graph_input in model.graph.inputs:
+        chain = _dominator_chain(flow, graph_input, producer)
+        stream = [node.outputs[0] for node in chain if node.outputs]
+        if len(stream) < 2:
+            continue
+        blocks: list[Block] = []
+        for entry, exit_ in zip(stream, stream[1:], strict=False):
+            start, stop = order[_producer(entry)], order[_producer(exit_)]
+            inside = tuple(ops[bisect.bisect_right(positions, start) : bisect.bisect_right(positions, stop)])
+            if inside:
+                blocks.append(Block(len(blocks), entry, exit_, inside))
+        if (len(blocks), len(stream)) > (len(best), best_length):
+            best, best_length = blocks, len(stream)
+    return best
 
 
 def _producer(value: ir.Value) -> ir.Node:

@@ -109,6 +109,23 @@ def uses_external_data(model: ir.Model) -> bool:
     )
 
 
+def external_data_dir(model: ir.Model) -> Path | None:
+    """The folder the model's external-data locations are relative to (None: no external data).
+
+    A model serialized from onnx-ir keeps its external tensors as references (locations
+    relative to this folder), so ONNX Runtime, given the bytes, needs the folder too
+    (:func:`rewriter.verify.session`'s ``data_dir``); the bytes then stay small however
+    large the weights are.
+
+    >>> external_data_dir(load("big/model.onnx"))  # doctest: +SKIP
+    PosixPath('big')
+    """
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            return Path(value.const_value.base_dir)
+    return None
+
+
 def save(model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> None:
     """Write ``model`` to ``path`` atomically.
 

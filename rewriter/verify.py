@@ -46,6 +46,8 @@ DEFAULT_INT_HIGH = 2
 # models' activations on top of them within a workstation's memory.
 MAX_GENERATED_ELEMENTS = 2**31
 MAX_GENERATED_BYTES = 4 << 30
+# ONNX Runtime's session option: the folder of external data for a model given as bytes.
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,16 +285,29 @@ def check_tolerance(
     return comparison.passed
 
 
-def session(model: str | Path | bytes, *, threads: int | None = None) -> ort.InferenceSession:
+def session(
+    model: str | Path | bytes,
+    *,
+    threads: int | None = None,
+    data_dir: str | Path | None = None,
+) -> ort.InferenceSession:
     """An ONNX Runtime CPU session with warnings silenced (``threads``: its intra-op
     threads; default ONNX Runtime's, one per physical core).
 
-    A model ONNX Runtime rejects raises :class:`InputError` naming the reason.
+    ``data_dir``: for a serialized ``model`` whose initializers are external-data
+    references, the folder their locations are relative to
+    (:func:`rewriter.io.external_data_dir`; ONNX Runtime would otherwise look in the
+    working directory). A model ONNX Runtime rejects raises :class:`InputError`
+    naming the reason.
+
+    >>> session(ir.serde.serialize_model(model).SerializeToString(), data_dir="big")  # doctest: +SKIP
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failed run raises with the message
     if threads is not None:
         options.intra_op_num_threads = threads
+    if data_dir is not None and isinstance(model, bytes):
+        options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(data_dir))
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

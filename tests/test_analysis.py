@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter.analysis import residual_blocks, weight_ops
 
 
-def _residual_model() -> ir.Model:
-    """Two residual blocks; a mask input and shape arithmetic reach both, as in real exports."""
+def _residual_model(mask_steps: int = 0) -> ir.Model:
+    """Two residual blocks; a mask input and shape arithmetic reach both, as in real exports.
+
+    ``mask_steps``: elementwise ops on the mask before it is used (a causal mask built
+    from the attention mask), which make its dominator chain longer than the stream's.
+    """
     rng = np.random.default_rng(0)
 
     def weight(name: str) -> TensorProto:
@@ -19,7 +24,8 @@ def _residual_model() -> ir.Model:
     nodes = [
         helper.make_node("LayerNormalization", ["x", "g", "b"], ["h0"], axis=-1),
         helper.make_node("Shape", ["x"], ["x_shape"]),
-        helper.make_node("Reshape", ["mask", "x_shape"], ["mask_full"]),
+        *[helper.make_node("Neg", [f"mask{i}" if i else "mask"], [f"mask{i + 1}"]) for i in range(mask_steps)],
+        helper.make_node("Reshape", [f"mask{mask_steps}" if mask_steps else "mask", "x_shape"], ["mask_full"]),
         # block 1: h1 = h0 + relu(h0 W1 + mask) W2
         helper.make_node("MatMul", ["h0", "w1"], ["a1"]),
         helper.make_node("Add", ["a1", "mask_full"], ["a1m"]),
@@ -51,8 +57,11 @@ def test_weight_ops_in_order_with_params():
     assert all(op.params == 64 for op in ops)
 
 
-def test_residual_blocks_follow_the_stream_not_the_mask():
-    blocks = residual_blocks(_residual_model())
+@pytest.mark.parametrize("mask_steps", [0, 6])
+def test_residual_blocks_follow_the_stream_not_the_mask(mask_steps):
+    # With 6 steps the mask's chain (6 + Reshape + h2 + y) is longer than the stream's
+    # (h0 h1 h2 y), but it splits the weight ops into one block, the stream into two.
+    blocks = residual_blocks(_residual_model(mask_steps))
     assert [[op.weight.name for op in block.ops] for block in blocks] == [["w1", "w2"], ["w3"]]
     assert [block.exit.name for block in blocks] == ["h1", "h2"]
     assert blocks[0].entry.name == "h0"

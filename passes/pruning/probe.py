@@ -1,12 +1,15 @@
 """Measuring distortion curves in ONNX Runtime: the model run with one weight swapped.
 
 The weights being measured become graph inputs, so swapping one is a change of feeds,
-never a rebuilt session. Pruning a layer changes nothing upstream of its first use, so
-the probe also builds suffix sessions: the graph from a cut just before a layer's first
-use to the outputs, fed with the values that cross the cut, captured once from the
-dense model. A layer deep in the network then costs only the part of the model after
-it (about half the model on average for a transformer). Models with control-flow
-subgraphs, or where types of the crossing values are unknown, use the full session.
+never a rebuilt session. So do the other large initializers (an LM head, an embedding:
+:func:`shared_constants`), so that the sessions below share one copy of them instead of
+each holding its own (at 1B parameters, 16 copies of a 262 MB LM head). Pruning a layer
+changes nothing upstream of its first use, so the probe also builds suffix sessions: the
+graph from a cut just before a layer's first use to the outputs, fed with the values
+that cross the cut, captured once from the dense model. A layer deep in the network then
+costs only the part of the model after it (about half the model on average for a
+transformer). Models with control-flow subgraphs, or where types of the crossing values
+are unknown, use the full session.
 
 >>> probe = DistortionProbe(model, {"w": w}, [feeds])  # doctest: +SKIP
 >>> probe.curve("w", np.array([0.0, 0.5]))  # doctest: +SKIP
@@ -24,7 +27,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from rewriter import distributed, verify
+from rewriter import distributed, io, verify
 from rewriter.errors import InputError
 from rewriter.passes.pruning import math as pruning
 
@@ -39,6 +42,8 @@ MAX_SUFFIXES = 16
 # bits of the curves (ONNX Runtime fuses differently across a cut), so the choice must
 # be the same in every run, on a loaded machine or not, and on every Ray worker.
 MIN_MACS_FOR_SUFFIXES = 5e8
+# Initializers (not measured) from this size on are fed to the sessions, not held by each.
+SHARED_BYTES = 1 << 20
 
 
 class DistortionProbe:
@@ -47,7 +52,11 @@ class DistortionProbe:
     ``distortion``: ``mse`` or ``pooled`` (see :func:`rewriter.passes.pruning.math.distortion_features`);
     ``outputs``: the graph outputs measured (default: every float output);
     ``suffixes``: build suffix sessions (default: when a dense run costs at least
-    :data:`MIN_MACS_FOR_SUFFIXES` multiply-adds, :func:`wants_suffixes`).
+    :data:`MIN_MACS_FOR_SUFFIXES` multiply-adds, :func:`wants_suffixes`);
+    ``data_dir``: the folder of the model's external data (default for an onnx-ir model:
+    its own, :func:`rewriter.io.external_data_dir`; a proto's is given here);
+    ``constants``: the large initializers fed as inputs (default for an onnx-ir model:
+    :func:`shared_constants`; a proto's, graph inputs already, are given here).
     """
 
     def __init__(
@@ -60,14 +69,23 @@ class DistortionProbe:
         outputs: Sequence[str] = (),
         suffixes: bool | None = None,
         threads: int | None = None,
+        data_dir: str | None = None,
+        constants: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         if not batches:
             raise InputError("prune: no calibration batches to measure the distortion on")
         self.weights = dict(weights)
         self.threads = threads
         # A proto is the probe model already (weights as inputs: with_weights_as_inputs).
-        proto = model if isinstance(model, onnx.ModelProto) else with_weights_as_inputs(model, list(self.weights))
-        self.session = verify.session(proto.SerializeToString(), threads=threads)
+        if isinstance(model, onnx.ModelProto):
+            proto = model
+        else:
+            constants = shared_constants(model, self.weights) if constants is None else constants
+            proto = with_weights_as_inputs(model, [*self.weights, *constants])
+            folder = io.external_data_dir(model)
+            data_dir = data_dir or (None if folder is None else str(folder))
+        self.data_dir = data_dir
+        self.session = self._session(proto)
         float_outputs = [o.name for o in self.session.get_outputs() if o.type in FLOAT_TYPES]
         unknown = sorted(set(outputs) - set(float_outputs))
         if unknown:
@@ -87,7 +105,7 @@ class DistortionProbe:
             else concatenated([dict(b) for b in batches])
         )
         self.masks = [verify.find_attention_mask(batch) for batch in self.batches]
-        self.feeds = dict(self.weights)
+        self.feeds = {**(constants or {}), **self.weights}
         self.reference = [
             pruning.distortion_features(self._run(self.session, batch), mask, distortion)
             for batch, mask in zip(self.batches, self.masks, strict=True)
@@ -103,6 +121,9 @@ class DistortionProbe:
                 len({id(s) for s, _ in self.runner.values()}),
                 time.perf_counter() - start,
             )
+
+    def _session(self, proto: onnx.ModelProto) -> ort.InferenceSession:
+        return verify.session(proto.SerializeToString(), threads=self.threads, data_dir=self.data_dir)
 
     def _run(
         self,
@@ -194,7 +215,7 @@ class DistortionProbe:
         graph_outputs = {o.name for o in proto.graph.output}
         wanted = sorted({name for _, _, crossing in plans for name in crossing} - graph_outputs)
         capture.graph.output.extend(_value_info(name, types[name]) for name in wanted)
-        capture_session = verify.session(capture.SerializeToString(), threads=self.threads)
+        capture_session = self._session(capture)
         names = [o.name for o in capture_session.get_outputs()]
         values = [
             dict(zip(names, self._run_all(capture_session, names, batch), strict=True))
@@ -215,7 +236,7 @@ class DistortionProbe:
             )
             suffix.functions.extend(proto.functions)
             sessions[cut] = (
-                verify.session(suffix.SerializeToString(), threads=self.threads),
+                self._session(suffix),
                 [{name: captured[name] for name in crossing} for captured in values],
             )
         planned = sorted(sessions)
@@ -241,6 +262,8 @@ class CurveWorker:
     Built once per worker from the probe model (``proto``: serialized, weights as
     inputs) with one-thread sessions; then ``worker(name)`` is the curve of weight
     ``name`` over ``amounts``, as :meth:`DistortionProbe.curve` gives it serially.
+    ``data_dir``: the folder of the model's external data, which every worker must see;
+    ``constants``: :func:`shared_constants` (graph inputs of ``proto``).
     """
 
     def __init__(
@@ -251,6 +274,8 @@ class CurveWorker:
         amounts: np.ndarray,
         distortion: str,
         outputs: Sequence[str],
+        data_dir: str | None = None,
+        constants: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.amounts = amounts
         self.probe = DistortionProbe(
@@ -260,6 +285,8 @@ class CurveWorker:
             distortion=distortion,
             outputs=outputs,
             threads=distributed.WORKER_THREADS,
+            data_dir=data_dir,
+            constants=constants or {},
         )
 
     def __call__(self, name: str) -> np.ndarray:
@@ -288,6 +315,16 @@ def concatenated(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndar
     ):
         return batches
     return [{name: np.concatenate([batch[name] for batch in batches]) for name in first}]
+
+
+def shared_constants(model: ir.Model, measured: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The initializers of at least :data:`SHARED_BYTES` other than the ``measured`` weights,
+    as arrays (memory-mapped for external data): the probe feeds them to its sessions."""
+    return {
+        name: value.const_value.numpy()
+        for name, value in model.graph.initializers.items()
+        if name not in measured and value.const_value is not None and value.const_value.nbytes >= SHARED_BYTES
+    }
 
 
 def with_weights_as_inputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:

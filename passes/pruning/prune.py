@@ -41,12 +41,17 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from rewriter import distributed, plot
+from rewriter import distributed, io, plot
 from rewriter.analysis import weight_ops
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
 from rewriter.passes.pruning import math as pruning
-from rewriter.passes.pruning.probe import CurveWorker, DistortionProbe, with_weights_as_inputs
+from rewriter.passes.pruning.probe import (
+    CurveWorker,
+    DistortionProbe,
+    shared_constants,
+    with_weights_as_inputs,
+)
 from rewriter.registry import register
 
 logger = logging.getLogger(__name__)
@@ -302,7 +307,9 @@ def _measure_curves_on(
     model's size: :func:`rewriter.passes.pruning.probe.wants_suffixes`), so every curve
     has the serial run's bits.
     """
-    proto = with_weights_as_inputs(model, list(weights))
+    constants = shared_constants(model, weights)
+    proto = with_weights_as_inputs(model, [*weights, *constants])
+    folder = io.external_data_dir(model)
     start = time.perf_counter()
     setup = (
         proto.SerializeToString(),
@@ -311,6 +318,8 @@ def _measure_curves_on(
         amounts,
         options.distortion,
         list(options.outputs),
+        None if folder is None else str(folder),
+        constants,
     )
     curves = np.array(distributed.map_tasks(pool, CurveWorker, setup, list(weights)))
     logger.info(

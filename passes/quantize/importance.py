@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from rewriter import distributed, verify
+from rewriter import distributed, io, verify
 from rewriter.passes.quantize import math as qm
 
 
@@ -42,12 +42,20 @@ def fetch_proto(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
 
 class Fetcher:
     """An ONNX Runtime session of :func:`fetch_proto`'s proto: ``fetcher(batch)`` gives the
-    values of ``names`` on ``batch`` (graph inputs among them come from the batch)."""
+    values of ``names`` on ``batch`` (graph inputs among them come from the batch).
+    ``data_dir``: the folder of the proto's external data (:func:`rewriter.io.external_data_dir`)."""
 
-    def __init__(self, proto: onnx.ModelProto, names: Sequence[str], *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        proto: onnx.ModelProto,
+        names: Sequence[str],
+        *,
+        threads: int | None = None,
+        data_dir: str | None = None,
+    ) -> None:
         self.names = list(names)
         self.inputs = {value.name for value in proto.graph.input}
-        self.session = verify.session(proto.SerializeToString(), threads=threads)
+        self.session = verify.session(proto.SerializeToString(), threads=threads, data_dir=data_dir)
         self.feeds = [value.name for value in self.session.get_inputs()]
         self.outputs = [name for name in self.names if name not in self.inputs]
 
@@ -62,7 +70,7 @@ def fetch(
     model: ir.Model, names: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]
 ) -> dict[str, list[np.ndarray]]:
     """Run the model on each batch with ``names`` as extra outputs; their values per batch."""
-    fetcher = Fetcher(fetch_proto(model, names), names)
+    fetcher = Fetcher(fetch_proto(model, names), names, data_dir=data_dir(model))
     fetched: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for batch in batches:
         for name, value in fetcher(batch).items():
@@ -94,16 +102,25 @@ class LimWorker:
 
     Built once per worker from :func:`fetch_proto`'s proto (serialized), with a
     one-thread session; ``worker(batch)`` is :func:`lim_scores` of that batch.
+    ``data_dir``: the folder of the model's external data, which every worker must see.
     """
 
-    def __init__(self, proto: bytes, ends: Mapping[str, tuple[str, str]]) -> None:
+    def __init__(self, proto: bytes, ends: Mapping[str, tuple[str, str]], data_dir: str | None = None) -> None:
         self.ends = dict(ends)
         names = sorted({name for pair in self.ends.values() for name in pair if name})
-        self.fetcher = Fetcher(onnx.ModelProto.FromString(proto), names, threads=distributed.WORKER_THREADS)
+        self.fetcher = Fetcher(
+            onnx.ModelProto.FromString(proto), names, threads=distributed.WORKER_THREADS, data_dir=data_dir
+        )
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, float | None]:
         values = {name: [value] for name, value in self.fetcher(batch).items()}
         return lim_scores(values, self.ends, [batch], index=0)
+
+
+def data_dir(model: ir.Model) -> str | None:
+    """The folder of ``model``'s external data as a string (None without), for the sessions."""
+    folder = io.external_data_dir(model)
+    return None if folder is None else str(folder)
 
 
 def _values(model: ir.Model) -> list[ir.Value]:

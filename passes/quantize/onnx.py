@@ -40,7 +40,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import version_converter
 
-from rewriter import distributed, plot
+from rewriter import distributed, io, plot
 from rewriter.analysis import WeightOp, residual_blocks, weight_ops
 from rewriter.errors import InputError
 from rewriter.pass_base import RewritePass, RewriteResult
@@ -244,7 +244,7 @@ class QuantizePass(RewritePass):
         if lim and not activations and pool is not None and len(batches) > 1:
             # Each batch's scores on a Ray worker (the activation ranges need the values here).
             proto = importance.fetch_proto(model, sorted({name for pair in named_ends.values() for name in pair if name}))
-            setup = (proto.SerializeToString(), named_ends)
+            setup = (proto.SerializeToString(), named_ends, importance.data_dir(model))
             per_batch = distributed.map_tasks(pool, importance.LimWorker, setup, batches)
             notes.append(f"LIM measured on {len(batches)} calibration batches over Ray workers")
         elif lim or activations:
@@ -423,6 +423,10 @@ def _upgrade(model: ir.Model, layers: list[Layer]) -> list[str]:
         except Exception as exc:  # the converter raises several types
             raise InputError(f"quantize: {why} opset {needed}; converting from {opset} failed: {exc}") from exc
         upgraded = ir.serde.deserialize_model(converted)
+        folder = io.external_data_dir(model)
+        if folder is not None:
+            # The converted proto's external tensors are references relative to the model's folder.
+            ir.external_data.set_base_dir(upgraded.graph, str(folder))
         model.graph = upgraded.graph
         notes.append(f"opset upgraded from {opset} to {needed} with onnx.version_converter ({why} {needed})")
     if int4:

@@ -366,3 +366,20 @@ def test_minilm_rd_beats_uniform_at_half_sparsity(tmp_path) -> None:
 def test_plot_writes_the_curves_as_a_png(tmp_path) -> None:
     run_pass(mlp_model(), sparsity=0.5, plot=str(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_curves_of_a_model_with_external_data(tmp_path, monkeypatch) -> None:
+    # The probe's sessions get the model as bytes whose dense initializers (the LM head)
+    # are references into its external-data file: ONNX Runtime must look for that file in
+    # the model's folder, not in the working directory.
+    from rewriter import io
+
+    io.save(mlp_model(lm_head=24), tmp_path / "mlp.onnx", external_data=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = io.load(tmp_path / "mlp.onnx")
+    assert io.external_data_dir(loaded) == tmp_path
+    expected = run_pass(mlp_model(lm_head=24), steps=8)
+    result = run_pass(loaded, steps=8)
+    assert result.tables["layers"] == expected.tables["layers"]

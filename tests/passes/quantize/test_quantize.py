@@ -586,3 +586,23 @@ def test_minilm_lim_allocation(minilm, tmp_path):
     hidden = next(output for output in report.verification.outputs if output.name == "last_hidden_state")
     # Measured 0.968: between uniform int4 (0.922) and int8 (0.9994).
     assert hidden.pooled_cosine_mean >= 0.95
+
+
+def test_lim_and_int4_on_a_model_with_external_data(tmp_path, monkeypatch):
+    # LIM's session gets the model as bytes whose initializers are references into its
+    # external-data file (found in the model's folder, not the working directory), and
+    # the int4 opset upgrade keeps those references readable.
+    from rewriter import io
+
+    io.save(residual_model(), tmp_path / "model.onnx", external_data=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = io.load(tmp_path / "model.onnx")
+    pass_ = QuantizePass(QuantizeOptions(avg_bits=7.0, importance="lim"))
+    pass_.context.calibration = [feeds(8)]
+    result = pass_(loaded)
+    assert bits_of(result) == {"w1a": 8, "w1b": 8, "w2a": 4, "w2b": 4, "wout": 8}
+    io.save(result.model, tmp_path / "out.onnx")
+    (output,) = verify.run(tmp_path / "out.onnx", feeds()).values()
+    assert output.shape == (3, 4, OUT)
