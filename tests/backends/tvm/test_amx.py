@@ -141,18 +141,9 @@ def test_int8_kernel_is_exact(amx, m, k, n):
     lib = tvm.compile(
         amx_matmul.amx_matmul("int8", m, k, n, bias=False, target=spr()), target=spr()
     )
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
-    a[0] = 255  # extremes: the largest products, unsaturated
-    weight = rng.integers(-128, 128, (k, n)).astype(np.int8)
-    weight[:, 0] = -128
-    comp = rng.integers(-1000, 1000, n).astype(np.int32)
-    y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
-    args = [a, amx_matmul.pack_weight("int8", weight), np.ones(n, np.float32), comp]
-    lib(*[tvm.runtime.tensor(arg) for arg in args], y)
-    expected = a.astype(np.int64) @ weight.astype(np.int64) - comp
-    assert np.abs(expected).max() < 2**24  # exactly representable in float32
-    np.testing.assert_array_equal(y.numpy(), expected.astype(np.float32))
+    test_int8.assert_int8_kernel_exact(
+        lib, m, k, n, lambda weight: amx_matmul.pack_weight("int8", weight)
+    )
 
 
 def test_int8_epilogue_scales_and_adds_the_bias(amx):

@@ -18,6 +18,7 @@ bound, which is about 4e-6 of the magnitudes for K = 64.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -274,6 +275,12 @@ def test_kernel_is_exact_and_uses_vpdpbusd(m, k, n):
     target = targets.resolve("avx512")
     lib = tvm.compile(kernel.int8_matmul(m, k, n, bias=False, target=target), target=target)
     assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    assert_int8_kernel_exact(lib, m, k, n, qdq_matmul.pack_weight)
+
+
+def assert_int8_kernel_exact(lib: Any, m: int, k: int, n: int, pack: Any) -> None:
+    """``lib(a, pack(W), scale=1, comp, y)`` (an int8 kernel without bias) gives exactly
+    ``a @ W - comp`` on u8 activations and s8 weights, their extremes included."""
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     a[0] = 255  # extremes: the largest products, unsaturated
@@ -281,7 +288,7 @@ def test_kernel_is_exact_and_uses_vpdpbusd(m, k, n):
     weight[:, 0] = -128
     comp = rng.integers(-1000, 1000, n).astype(np.int32)
     y = tvm.runtime.tensor(np.zeros((m, n), np.float32))
-    args = [a, qdq_matmul.pack_weight(weight), np.ones(n, np.float32), comp]
+    args = [a, pack(weight), np.ones(n, np.float32), comp]
     lib(*[tvm.runtime.tensor(arg) for arg in args], y)
     expected = a.astype(np.int64) @ weight.astype(np.int64) - comp
     assert np.abs(expected).max() < 2**24  # exactly representable in float32
