@@ -272,6 +272,22 @@ def rules() -> dict[str, Any]:
             return None
         return [1] * keep + [int(extent) for extent in extents[keep:]], keep
 
+    def reduction_parts(sch: Any) -> tuple[list[Any], Any, list[Any], Any, int, list[int], int] | None:
+        """(producers, the reduction block, epilogue, its statement, how many spatial
+        iterators lead it, its extents, how many leading axes stay apart) of a function
+        whose one reduction block writes one buffer, its iterators spatial then reduce,
+        its extents static (a batch aside: :func:`static`); else None."""
+        parts = split_blocks(sch)
+        if parts is None:
+            return None
+        producers, block, epilogue = parts
+        stmt = sch.get(block)
+        lead = spatial_then_reduce(stmt)
+        shape = static(stmt, lead) if lead is not None else None
+        if lead is None or shape is None or len(stmt.writes) != 1:
+            return None
+        return producers, block, epilogue, stmt, lead, *shape
+
     def _mentions(expr: Any, var: Any) -> bool:
         return any(free.same_as(var) for free in tirx.analysis.undefined_vars(expr, []))
 
@@ -380,16 +396,10 @@ def rules() -> dict[str, Any]:
 
         def _schedule(self, func: Any) -> Any:
             sch = s_tir.Schedule(func)
-            parts = split_blocks(sch)
-            if parts is None:
+            parts = reduction_parts(sch)
+            if parts is None or len(parts[3].reads) != 2:
                 return None
-            producers, block, epilogue = parts
-            stmt = sch.get(block)
-            lead = spatial_then_reduce(stmt)
-            shape = static(stmt, lead) if lead is not None else None
-            if lead is None or shape is None or len(stmt.reads) != 2 or len(stmt.writes) != 1:
-                return None
-            extents, keep = shape
+            producers, block, epilogue, stmt, lead, extents, keep = parts
             ivars = [iv.var for iv in stmt.iter_vars]
             channel, reductions = ivars[lead - 1], ivars[lead:]
             write = [r.min for r in stmt.writes[0].region]
@@ -434,16 +444,10 @@ def rules() -> dict[str, Any]:
 
         def _schedule(self, func: Any) -> Any:
             sch = s_tir.Schedule(func)
-            parts = split_blocks(sch)
-            if parts is None:
+            parts = reduction_parts(sch)
+            if parts is None or not parts[3].reads:
                 return None
-            producers, block, epilogue = parts
-            stmt = sch.get(block)
-            lead = spatial_then_reduce(stmt)
-            shape = static(stmt, lead) if lead is not None else None
-            if lead is None or shape is None or len(stmt.writes) != 1 or not stmt.reads:
-                return None
-            extents, keep = shape
+            producers, block, epilogue, stmt, lead, extents, keep = parts
             ivars = [iv.var for iv in stmt.iter_vars]
             channel = ivars[lead - 1]
             write = [r.min for r in stmt.writes[0].region]
