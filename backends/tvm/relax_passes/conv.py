@@ -72,9 +72,127 @@ def channels_last() -> tvm.transform.Pass:
             logger.info("convolutions converted one by one (ConvertLayout failed: %s)", _first_line(exc))
             mod = _rewrite_convs(mod, _each_channels_last)
         mod = relax.transform.FoldConstant()(mod)
-        return _rewrite_convs(mod, pad_channels)
+        return trim_sliced_positions(_rewrite_convs(mod, pad_channels))
 
     return pass_
+
+
+def trim_sliced_positions(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with ``strided_slice(conv(x))`` over the convolution's positions (not its
+    batch or channels; step 1), where the convolution has no other use, as the
+    convolution with that much less padding (a constant bias added between them, the
+    same at every position, is added after): exact, since output ``j`` of the new one
+    reads the window of output ``j + begin`` of the old. wav2vec2's positional convolution
+    (an even kernel padded by half of it, its last position dropped): the slice fused
+    into the convolution's epilogue left it on TVM's default lowering (100x slower). Where
+    the padding is narrower than the slice, the convolution stays as it is."""
+    import tvm
+    from tvm import relax
+
+    uses: dict[Any, int] = {}
+
+    @relax.expr_functor.visitor
+    class Uses(relax.PyExprVisitor):  # type: ignore[misc]
+        def visit_var_(self, var: Any) -> None:
+            uses[var] = uses.get(var, 0) + 1
+
+        def visit_dataflow_var_(self, var: Any) -> None:
+            uses[var] = uses.get(var, 0) + 1
+
+    @relax.expr_functor.mutator
+    class Trim(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.strided_slice"):
+                return call
+            source, bias = self._single_use(call.args[0]), None
+            if _is_op(source, "relax.add") and _broadcasts_over(source.args[1], call):
+                # A bias between them (the convolution's third input): added after.
+                source, bias = self._single_use(source.args[0]), source.args[1]
+            trimmed = _trimmed_conv(source, call) if source is not None else None
+            if trimmed is None:
+                return call
+            return trimmed if bias is None else relax.op.add(self.builder_.emit(trimmed), bias)
+
+        def _single_use(self, var: Any) -> Any:
+            """What ``var`` is bound to, where nothing else uses it; else None."""
+            if not isinstance(var, relax.Var) or uses.get(var, 0) != 1:
+                return None
+            return self.lookup_binding(var)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            Uses().visit_expr(func)
+    mutator = Trim(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def _is_op(expr: Any, name: str) -> bool:
+    import tvm
+    from tvm import relax
+
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def _broadcasts_over(bias: Any, slice_: Any) -> bool:
+    """Whether constant ``bias`` is the same at every position ``slice_`` slices (its
+    extent there 1, or it has no such axis)."""
+    import tvm
+    from tvm import relax
+
+    shape = getattr(getattr(bias, "ty", None), "shape", None)
+    rank = slice_.args[0].ty.ndim
+    if not isinstance(bias, tvm.ir.expr.GenericConst) or not isinstance(shape, relax.ShapeExpr):
+        return False
+    dims = [int(d) for d in shape.values]
+    for axis in slice_.args[1].fields:
+        position = int(axis) - (rank - len(dims))
+        if 0 <= position < len(dims) and dims[position] != 1:
+            return False
+    return True
+
+
+def _trimmed_conv(conv: Any, slice_: Any) -> Any:
+    """The convolution ``conv`` computing only what ``slice_`` keeps of it, or None."""
+    import tvm
+    from tvm import relax
+
+    if not any(_is_op(conv, name) for name in LAYOUTS):
+        return None
+    _, axes, begins, ends, *steps = slice_.args
+    if steps and any(int(step) != 1 for step in steps[0].fields):
+        return None
+    attrs = conv.attrs
+    layout = str(attrs.data_layout)
+    spatial = [i for i, letter in enumerate(layout) if letter not in "NC"]
+    shape = conv.ty.shape.values if isinstance(conv.ty.shape, relax.ShapeExpr) else None
+    if shape is None:
+        return None
+    padding = [int(p) for p in attrs.padding]
+    strides = [int(s) for s in attrs.strides]
+    for axis, begin, end in zip(axes.fields, begins.fields, ends.fields, strict=True):
+        axis, dims = int(axis), len(spatial)
+        if axis not in spatial or not all(isinstance(v, tvm.tirx.IntImm) for v in (begin, end, shape[axis])):
+            return None
+        size, begin, end = int(shape[axis]), int(begin), int(end)
+        begin, end = (begin + size if begin < 0 else begin), (end + size if end < 0 else end)
+        end = min(end, size)
+        if not 0 <= begin < end:
+            return None
+        k = spatial.index(axis)
+        padding[k] -= begin * strides[k]
+        padding[k + dims] -= (size - end) * strides[k]
+        if padding[k] < 0 or padding[k + dims] < 0:
+            return None
+    make = relax.op.nn.conv2d if conv.op.name == "relax.nn.conv2d" else relax.op.nn.conv1d
+    return make(
+        conv.args[0], conv.args[1], strides=attrs.strides, padding=padding, dilation=attrs.dilation,
+        groups=attrs.groups, data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout,
+        out_layout=attrs.out_layout, out_dtype=attrs.out_dtype if attrs.out_dtype else None,
+    )
 
 
 def _rewrite_convs(mod: tvm.IRModule, rewrite: Any) -> tvm.IRModule:

@@ -210,18 +210,28 @@ def test_transpose_then_reshape_is_tiled():
     assert list(_rules(compiled).values()) == ["transpose"], _rules(compiled)
 
 
-def test_conv_whose_epilogue_drops_a_position_gets_the_implicit_gemm_and_agrees():
+@pytest.mark.parametrize(
+    ("batch", "pad"),
+    [
+        pytest.param(1, 8, id="wav2vec2"),  # the slice becomes less padding
+        pytest.param(2, 8, id="batch2"),
+        pytest.param(1, 0, id="no-padding-to-drop"),  # the slice stays, fused: a kept tail
+    ],
+)
+def test_conv_whose_output_drops_a_position_gets_the_implicit_gemm_and_agrees(batch, pad):
     # wav2vec2's positional convolution: grouped, an even kernel padded by half of it on
-    # both sides, then its last position sliced off, fused into the convolution's epilogue.
-    model = conv_model([1, 32, 40], 32, 16, 1, 8, 4, relu=False)
+    # both sides, then its last position sliced off.
+    model = conv_model([batch, 32, 40], 32, 16, 1, pad, 4, relu=False)
     model.graph.node[0].output[0] = "c"
     model.graph.node.append(helper.make_node("Slice", ["c", "start", "end", "axis"], ["s"]))
     model.graph.node.append(helper.make_node("Relu", ["s"], ["y"]))
     for name, value in (("start", 0), ("end", -1), ("axis", 2)):
         model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
-    compiled, error = _run(model, [1, 32, 40])
+    compiled, error = _run(model, [batch, 32, 40])
     assert error < TOLERANCE.rtol
-    assert "conv" in _rules(compiled).values(), _rules(compiled)
+    rules = _rules(compiled)
+    assert "conv" in rules.values(), rules
+    assert any("strided_slice" in name for name in rules) == (pad == 0), rules
 
 
 def test_tile_widths_are_powers_of_two_dividing_the_channels():
