@@ -169,7 +169,7 @@ def find_packable(func: tvm.tirx.PrimFunc, width: int, lanes: int = 16) -> Packa
         return Packable(block.name_hint, arg, k, n, 0, conv_width, conv=True)
     rows = 1
     if len(block.iter_vars) > 2:
-        extent = block.iter_vars[-3].dom.extent
+        extent = block.iter_vars[schedules.row_iterator(block)].dom.extent
         rows = int(extent) if isinstance(extent, tirx.IntImm) else 0
     return Packable(block.name_hint, arg, k, n, rows, width)
 

@@ -150,16 +150,38 @@ def zero_pad(sch: Any, block: Any, pad: tuple[int, int]) -> bool:
     """
     if pad == (1, 1):
         return False
-    pads = [1] * len(sch.get(block).iter_vars)
+    iter_vars = sch.get(block).iter_vars
+    pads = [1] * len(iter_vars)
     pads[-2] = pad[1]
     if pad[0] != 1:
-        pads[-3] = pad[0]
+        pads[row_iterator(sch.get(block))] = pad[0]
     before = {sch.get(producer).name_hint for producer in sch.get_producers(block)}
     sch.pad_einsum(block, pads)
     for producer in sch.get_producers(block):
         if sch.get(producer).name_hint not in before:
             sch.annotate(producer, PAD_ANNOTATION, 1)
     return True
+
+
+def row_iterator(block: Any) -> int:
+    """Which iterator of matmul ``block`` (``..., i, j, k``) its rows are tiled along:
+    ``i`` (-3), but the static one before it where ``i`` is symbolic and the weight does
+    not depend on that one (a sequence-first layout, ``X[tokens, batch, k] @ W``:
+    torchvision's attention; padding a batch of 1 to a whole row tile would compute 8
+    rows for 1)."""
+    from tvm import tirx
+
+    iter_vars = block.iter_vars
+    if len(iter_vars) < 4 or len(block.reads) < 2:
+        return -3
+    extents = [iv.dom.extent for iv in iter_vars[-4:-2]]
+    if isinstance(extents[1], tirx.IntImm) or not isinstance(extents[0], tirx.IntImm) or int(extents[0]) < 2:
+        return -3
+    outer = iter_vars[-4].var
+    weight = block.reads[1]
+    if any(free.same_as(outer) for r in weight.region for free in tirx.analysis.undefined_vars(r.min, [])):
+        return -3
+    return -4
 
 
 def rule(name: str) -> type:
@@ -291,6 +313,10 @@ def _rules() -> dict[str, Any]:
                 # One row (a GEMV, its unit row loop normalized away): tile a unit loop.
                 sch.add_unit_loop(loops[-2])
                 loops = sch.get_loops(block)
+            elif row_iterator(sch.get(block)) == -4:
+                # Sequence-first: the static tokens are the rows, the symbolic batch outside.
+                sch.reorder(loops[-3], loops[-4])
+                loops = sch.get_loops(block)
             *batch, i, j, k = loops
             rows = 1 if gemv else (static_extents(sch, [i]) or [0])[0]
             cols = (static_extents(sch, [j]) or [0])[0]
@@ -358,7 +384,8 @@ def _rules() -> dict[str, Any]:
             off, fails on symbolic bounds). The copies cost rows x (depth + columns),
             against rows x depth x columns for the matmul."""
             loops = sch.get_loops(block)
-            rows = 1 if gemv else (static_extents(sch, loops[-3:-2]) or [0])[0]
+            row = row_iterator(sch.get(block))
+            rows = 1 if gemv else (static_extents(sch, [loops[row]]) or [0])[0]
             cols = (static_extents(sch, loops[-2:-1]) or [0])[0]
             if cols:
                 pad_i, pad_j = padding(rows or 1, cols, self.lanes)

@@ -380,6 +380,20 @@ def test_symbolic_rows_of_a_packed_matmul_get_whole_tiles_and_agree():
         assert_agrees_at(model, compiled, {"x": (batch, sequence, 64)})
 
 
+def test_sequence_first_rows_tile_the_tokens_not_the_symbolic_batch():
+    # torchvision's attention reads X[tokens, batch, k]: the 197 static tokens are the
+    # rows (padded to 200), the symbolic batch an outer loop; padding a batch of 1 to a
+    # row tile would compute 8 rows for 1.
+    model = with_symbolic_axes(dense_model((197, 1, 64), 96, "gelu"), {1: "batch"})
+    funcs = scheduled(model)
+    assert_register_tiled(funcs, 1)
+    (func,) = funcs.values()
+    assert "batch + T.int64(7)" not in func.script()  # type: ignore[attr-defined]
+    compiled = backend.compile(model, "avx512")
+    for batch in (1, 3):
+        assert_agrees_at(model, compiled, {"x": (197, batch, 64)})
+
+
 def test_attention_with_a_symbolic_sequence_gets_whole_tiles_and_agrees():
     # Scores: symbolic rows and columns (keys); context: symbolic rows and depth.
     model = with_symbolic_axes(attention_model(heads=2, sequence=8, dim=64), {2: "sequence"})
