@@ -165,17 +165,18 @@ def zero_pad(sch: Any, block: Any, pad: tuple[int, int]) -> bool:
 
 def row_iterator(block: Any) -> int:
     """Which iterator of matmul ``block`` (``..., i, j, k``) its rows are tiled along:
-    ``i`` (-3), but the static one before it where ``i`` is symbolic and the weight does
-    not depend on that one (a sequence-first layout, ``X[tokens, batch, k] @ W``:
+    ``i`` (-3), but the static one before it where ``i`` is symbolic or 1 and the weight
+    does not depend on that one (a sequence-first layout, ``X[tokens, batch, k] @ W``:
     torchvision's attention; padding a batch of 1 to a whole row tile would compute 8
-    rows for 1)."""
+    rows for 1, and a batch of 1 as the rows leaves a one-row tile)."""
     from tvm import tirx
 
     iter_vars = block.iter_vars
     if len(iter_vars) < 4 or len(block.reads) < 2:
         return -3
     extents = [iv.dom.extent for iv in iter_vars[-4:-2]]
-    if isinstance(extents[1], tirx.IntImm) or not isinstance(extents[0], tirx.IntImm) or int(extents[0]) < 2:
+    inner_static = isinstance(extents[1], tirx.IntImm)
+    if inner_static and int(extents[1]) != 1 or not isinstance(extents[0], tirx.IntImm) or int(extents[0]) < 2:
         return -3
     outer = iter_vars[-4].var
     weight = block.reads[1]

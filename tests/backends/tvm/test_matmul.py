@@ -394,6 +394,13 @@ def test_sequence_first_rows_tile_the_tokens_not_the_symbolic_batch():
         assert_agrees_at(model, compiled, {"x": (197, batch, 64)})
 
 
+def test_sequence_first_rows_of_a_fixed_batch_of_one_tile_the_tokens():
+    # The same at a fixed batch of 1: one-row tiles along the batch otherwise.
+    model = dense_model((197, 1, 64), 96, "gelu")
+    assert_register_tiled(scheduled(model), 1)
+    assert_agrees_with_ort(model)
+
+
 def test_attention_with_a_symbolic_sequence_gets_whole_tiles_and_agrees():
     # Scores: symbolic rows and columns (keys); context: symbolic rows and depth.
     model = with_symbolic_axes(attention_model(heads=2, sequence=8, dim=64), {2: "sequence"})
