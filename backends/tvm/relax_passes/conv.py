@@ -187,12 +187,24 @@ def _trimmed_conv(conv: Any, slice_: Any) -> Any:
         padding[k + dims] -= (size - end) * strides[k]
         if padding[k] < 0 or padding[k + dims] < 0:
             return None
-    make = relax.op.nn.conv2d if conv.op.name == "relax.nn.conv2d" else relax.op.nn.conv1d
-    return make(
-        conv.args[0], conv.args[1], strides=attrs.strides, padding=padding, dilation=attrs.dilation,
-        groups=attrs.groups, data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout,
-        out_layout=attrs.out_layout, out_dtype=attrs.out_dtype if attrs.out_dtype else None,
-    )
+    return _conv_like(conv, conv.args[0], conv.args[1], padding=padding)
+
+
+def _conv_like(conv: Any, data: Any, weight: Any, **changes: Any) -> Any:
+    """A conv1d/conv2d call on ``data`` and ``weight`` with ``conv``'s attributes but
+    ``changes`` (a new ``data_layout`` also gives the output that layout)."""
+    from tvm import relax
+
+    attrs = conv.attrs
+    fields: dict[str, Any] = {
+        name: getattr(attrs, name)
+        for name in ("strides", "padding", "dilation", "groups", "data_layout", "kernel_layout")
+    }
+    fields["out_layout"] = None if "data_layout" in changes else attrs.out_layout
+    fields["out_dtype"] = attrs.out_dtype if attrs.out_dtype else None
+    fields.update(changes)
+    make = relax.op.nn.conv2d if len(str(fields["data_layout"])) == 4 else relax.op.nn.conv1d
+    return make(data, weight, **fields)
 
 
 def _rewrite_convs(mod: tvm.IRModule, rewrite: Any) -> tvm.IRModule:
@@ -230,16 +242,9 @@ def _each_channels_last(builder: Any, call: Any) -> Any:
     to_last = [0, *range(2, rank), 1]
     to_first = [0, rank - 1, *range(1, rank - 1)]
     weight_perm = [*range(2, rank), 1, 0]
-    make = relax.op.nn.conv2d if rank == 4 else relax.op.nn.conv1d
     data = builder.emit(relax.op.permute_dims(call.args[0], to_last))
     weight = builder.emit(relax.op.permute_dims(call.args[1], weight_perm))
-    out = builder.emit(
-        make(
-            data, weight, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
-            groups=attrs.groups, data_layout=data_layout, kernel_layout=kernel_layout,
-            out_dtype=attrs.out_dtype if attrs.out_dtype else None,
-        )
-    )
+    out = builder.emit(_conv_like(call, data, weight, data_layout=data_layout, kernel_layout=kernel_layout))
     return relax.op.permute_dims(out, to_first)
 
 
@@ -271,14 +276,7 @@ def pad_channels(builder: Any, call: Any) -> Any:
         return None
     widths = [(0, 0)] * (array.ndim - 1) + [(0, padded - channels)]
     wide = relax.const(np.pad(array, widths), str(array.dtype))
-    make = relax.op.nn.conv2d if attrs.data_layout == "NHWC" else relax.op.nn.conv1d
-    out = builder.emit(
-        make(
-            call.args[0], wide, strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
-            groups=1, data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout,
-            out_dtype=attrs.out_dtype if attrs.out_dtype else None,
-        )
-    )
+    out = builder.emit(_conv_like(call, call.args[0], wide))
     rank = len(attrs.data_layout)
     return relax.op.strided_slice(out, axes=[rank - 1], begin=[0], end=[channels])
 
