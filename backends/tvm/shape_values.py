@@ -70,7 +70,7 @@ def _dtype(expr: Any) -> str | None:
 
     if tvm.ir.is_prim_expr(expr):
         return _prim_dtype(expr)
-    ty = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+    ty = _type(expr)
     return str(getattr(ty, "dtype", None)) if ty is not None else None
 
 
@@ -116,8 +116,7 @@ def _values(bb: Any, expr: Any, max_elements: int, depth: int) -> _Values | None
 
     name = op.name
     if name == "relax.shape_of":
-        shape = getattr(args[0].ty, "shape", None) if hasattr(args[0], "ty") else None
-        shape = shape if shape is not None else getattr(args[0].struct_info, "shape", None)
+        shape = getattr(_type(args[0]), "shape", None)
         if isinstance(shape, relax.ShapeExpr):
             return [_int64(value) for value in shape.values]
         return None
@@ -168,8 +167,13 @@ def _values(bb: Any, expr: Any, max_elements: int, depth: int) -> _Values | None
     return None
 
 
+def _type(expr: Any) -> Any:
+    """``expr``'s Relax type (``ty``; ``struct_info`` in TVMs that name it so), or None."""
+    return getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+
+
 def _rank(expr: Any) -> int:
-    ty = getattr(expr, "ty", None) or getattr(expr, "struct_info", None)
+    ty = _type(expr)
     ndim = getattr(ty, "ndim", -1)
     return ndim if ndim is not None and ndim >= 0 else 99
 
