@@ -126,6 +126,11 @@ def prepare(
     # has inferred the shapes of their inputs.
     options = {"fuse_attention": fuse_attention, "fuse_loss": fuse_loss}
     held: dict[ir.OperatorIdentifier, ir.Function] = {}
+    if any(key[0] == DOMAIN for key in work.functions):
+        # Shapes through our ops while their bodies still say them: once a body is gone,
+        # nothing past the op has a shape (and the int8 matmuls after a TwoPassSoftmax,
+        # which need static shapes, stayed in float).
+        ir.passes.common.ShapeInferencePass(strict_mode=False)(work)
     for key in [key for key in work.functions if key[0] == DOMAIN]:
         lowering = ops.lowering(key[1])
         if lowering is None or not lowering.wanted(options, gpu=gpu):

@@ -14,7 +14,9 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
 3. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
    stock ``softmax``) become TVM's polynomial versions, after sigmoid, silu and gelu are
    spelled out in them (:mod:`rewriter.backends.tvm.relax_passes.activations`; BERT
-   outputs move by ~1e-6 relative; our two-pass kernel is not touched);
+   outputs move by ~1e-6 relative; our two-pass kernel is not touched); divisions by
+   constants, and quantizes, multiply by the reciprocal
+   (:mod:`rewriter.backends.tvm.relax_passes.reciprocal`, within one ulp);
 4. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``), float ``max``/``min``
    reduced from ``-inf``/``+inf`` rather than TVM's finite extremes
    (:mod:`rewriter.backends.tvm.relax_passes.reduce_identity`);
@@ -65,6 +67,7 @@ def relax_pipeline(
         legalize_bf16_norms,
         outputs_as_params,
         pack_weights,
+        reciprocal,
         reduce_identity,
     )
 
@@ -91,9 +94,12 @@ def relax_pipeline(
     if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)
+    legalizations = reduce_identity.legalizations()  # float max/min from -inf/+inf, not finfo
     if fast_math:  # sigmoid, silu, gelu as exp/tanh/erf first: their fast forms vectorize
         passes += [activations.expand_activations(), relax.transform.FastMathTransform()]
-    passes.append(reduce_identity.legalize_pass())  # float max/min from -inf/+inf, not finfo
+        passes.append(reciprocal.divide_by_constants())  # x / c -> x * (1 / c)
+        legalizations |= reciprocal.legalizations()  # quantize by a reciprocal scale
+    passes.append(relax.transform.LegalizeOps(customize_legalize_map=legalizations))
     passes += stages.legalize_passes(target)  # CUDA's ends with dlight's default rules
     if not gpu:
         passes.append(pack_weights.pack_matmul_weights(target))

@@ -34,9 +34,12 @@ def legalize_pass() -> tvm.transform.Pass:
     """``LegalizeOps`` with float ``max``/``min`` reduced from ``-inf``/``+inf`` (see the module)."""
     from tvm import relax
 
-    return relax.transform.LegalizeOps(
-        customize_legalize_map={name: _legalize(name) for name in REDUCTIONS}
-    )
+    return relax.transform.LegalizeOps(customize_legalize_map=legalizations())
+
+
+def legalizations() -> dict[str, Any]:
+    """``LegalizeOps`` entries for ``relax.max`` and ``relax.min`` (see the module)."""
+    return {name: _legalize(name) for name in REDUCTIONS}
 
 
 def _legalize(name: str) -> Any:

@@ -35,6 +35,7 @@ from rewriter.backends.tvm.kernels import int8_matmul as kernel  # noqa: E402
 from rewriter.backends.tvm.ops.int8_matmul import KERNEL_NAME  # noqa: E402
 from rewriter.backends.tvm.relax_passes import qdq_matmul  # noqa: E402
 from rewriter.passes.quantize import QuantizeOptions, QuantizePass  # noqa: E402
+from rewriter.passes.two_pass_softmax import TwoPassSoftmaxPass  # noqa: E402
 
 needs_vnni = pytest.mark.requires_cpu("avx512_vnni")
 U = 2.0**-24  # float32 unit roundoff
@@ -222,6 +223,19 @@ def test_ragged_n_is_rewritten(n):
 
 def test_mlp_with_ragged_head_is_rewritten_whole():
     _, stats = fused(qdq(mlp(out=40)), batch=2)
+    assert stats["int8_matmuls"] == 3 and stats["skipped"] == []
+
+
+def test_matmuls_after_our_ops_are_rewritten():
+    """``--passes two-pass-softmax,quantize``: shapes reach past the TwoPassSoftmax (its
+    function body is dropped for our kernel), so the MatMuls after it are static and
+    rewritten too (they stayed in float: "the activation's shape is not static")."""
+    model = mlp()
+    relu = next(node for node in model.graph if node.op_type == "Relu")
+    relu.op_type = "Softmax"
+    two_pass = TwoPassSoftmaxPass()(model)
+    assert two_pass.modified
+    _, stats = fused(qdq(two_pass.model), batch=2)
     assert stats["int8_matmuls"] == 3 and stats["skipped"] == []
 
 
