@@ -365,7 +365,14 @@ def _rules() -> dict[str, Any]:
             inner = sch.get_loops(tail)[-1]
             if (static_extents(sch, [inner]) or [1])[0] % self.lanes == 0:
                 sch.vectorize(inner)
-            sch.parallel(sch.fuse(*outer))
+            if not cols and batch:
+                # Symbolic panels stay a serial loop inside the parallel batch: fused into
+                # it, their index is a division by a run-time extent, evaluated per
+                # element in the epilogue's bounds check (LLVM cannot hoist a division
+                # out of a branch): the attention scores ran at 8x the fixed-size time.
+                sch.parallel(sch.fuse(*batch) if len(batch) > 1 else batch[0])
+            else:
+                sch.parallel(sch.fuse(*outer))
             sch.decompose_reduction(block, k_loops[0])
             for copy in pad_copies:
                 # Once per call, before the matmul: rows in parallel, vectorized along them.
@@ -564,7 +571,13 @@ def _rules() -> dict[str, Any]:
                 return sch
             vectors, lanes = sch.split(row, [None, width])
             sch.vectorize(lanes)
-            sch.parallel(sch.fuse(*outer, vectors))
+            if len(outer) > 1 and static_extents(sch, outer[1:]) is None:
+                # Two symbolic loops (batch, tokens): fused with the vectors, every vector
+                # would decode its index by divisions by run-time extents (a transpose of
+                # BERT's heads ran 1.6x its fixed-size time); the vectors stay serial.
+                sch.parallel(sch.fuse(*outer))
+            else:  # a static or a leading symbolic extent: divisions by constants
+                sch.parallel(sch.fuse(*outer, vectors))
             return sch
 
     _RULES["base"] = CpuRule

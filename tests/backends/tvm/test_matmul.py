@@ -410,6 +410,21 @@ def test_attention_with_a_symbolic_sequence_gets_whole_tiles_and_agrees():
         assert_agrees_at(model, compiled, {name: (1, 2, sequence, 64) for name in "qkv"})
 
 
+def test_symbolic_key_panels_are_a_loop_inside_the_parallel_heads():
+    # Fused into the parallel loop, the panel index of the scores (keys: symbolic) was a
+    # division by a run-time extent, evaluated per element in the epilogue's bounds
+    # check: BERT's scores ran at 8x their fixed-size time. Every parallel loop now has a
+    # static extent (the heads; the context's heads x panels), the symbolic loops inside.
+    import tvm
+
+    model = with_symbolic_axes(attention_model(heads=2, sequence=8, dim=64), {2: "sequence"})
+    kernels = [micro_kernel(f) for name, f in scheduled(model).items() if "matmul" in name]
+    assert len(kernels) == 2
+    parallel = [[e for kind, e in loops if kind == tvm.tirx.ForKind.PARALLEL] for loops in kernels]
+    assert sorted(parallel) == [[2], [4]], parallel
+    assert any((tvm.tirx.ForKind.SERIAL, None) in loops[:2] for loops in kernels)
+
+
 def test_avx512_matmul_uses_zmm_fma():
     compiled = assert_agrees_with_ort(dense_model((1, 16, 64), 96))
     asm = compiled.executable.mod.imports[0].inspect_source("asm")

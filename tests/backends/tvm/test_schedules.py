@@ -1,0 +1,79 @@
+"""The elementwise rule on symbolic shapes (:mod:`rewriter.backends.tvm.relax_passes.schedules`).
+
+A copy over two symbolic loops (batch, tokens): fused with the vectors into one parallel
+loop, every vector decoded its index by divisions by run-time extents (BERT's head
+transpose ran at 1.6x its fixed-size time). The symbolic loops are the parallel loop
+now, the vectors a serial loop inside it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+from tvm.script import ir as I  # noqa: E402
+from tvm.script import relax as R  # noqa: E402
+from tvm.script import tirx as T  # noqa: E402
+
+from rewriter.backends.tvm import pipeline, targets  # noqa: E402
+from rewriter.backends.tvm.relax_passes import cpu_schedule  # noqa: E402
+
+
+@I.ir_module
+class Heads:
+    @R.function
+    def main(x: R.Tensor(("batch", "sequence", 4, 64), "float32")):
+        with R.dataflow():
+            y = R.permute_dims(x, [0, 2, 1, 3])  # [b, s, h, d] -> [b, h, s, d]
+            R.output(y)
+        return y
+
+
+def _scheduled() -> tvm.tirx.PrimFunc:
+    target = targets.resolve("avx512")
+    with target:
+        mod = relax.transform.LegalizeOps()(Heads)
+        mod = cpu_schedule.cpu_schedule(target)(mod)
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    return func
+
+
+def _loops(func: tvm.tirx.PrimFunc) -> list[tvm.tirx.For]:
+    loops: list[tvm.tirx.For] = []
+    stmt = func.body
+    while True:
+        if isinstance(stmt, tvm.tirx.For):
+            loops.append(stmt)
+            stmt = stmt.body
+        elif hasattr(stmt, "body"):
+            stmt = stmt.body
+        elif hasattr(stmt, "block"):
+            stmt = stmt.block
+        else:
+            return loops
+
+
+def test_symbolic_loops_are_parallel_and_the_vectors_serial_inside():
+    loops = _loops(_scheduled())
+    kinds = [loop.kind for loop in loops]
+    assert kinds == [
+        tvm.tirx.ForKind.PARALLEL,
+        tvm.tirx.ForKind.SERIAL,
+        tvm.tirx.ForKind.VECTORIZED,
+    ], kinds
+    assert not isinstance(loops[0].extent, tvm.tirx.IntImm)  # batch x heads x sequence
+    assert [int(loops[1].extent), int(loops[2].extent)] == [4, 16]  # 64 in 16-lane vectors
+
+
+def test_symbolic_transpose_agrees_at_several_sizes():
+    target = targets.resolve("avx512")
+    executable = relax.build(Heads, target=target, relax_pipeline=pipeline.relax_pipeline(target))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    rng = np.random.default_rng(0)
+    for batch, sequence in [(1, 1), (2, 13), (1, 128)]:
+        x = rng.standard_normal((batch, sequence, 4, 64)).astype(np.float32)
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(got, x.transpose(0, 2, 1, 3))
