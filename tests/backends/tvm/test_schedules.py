@@ -16,7 +16,6 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.script import ir as I  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
-from tvm.script import tirx as T  # noqa: E402
 
 from rewriter.backends.tvm import pipeline, targets  # noqa: E402
 from rewriter.backends.tvm.relax_passes import cpu_schedule  # noqa: E402
