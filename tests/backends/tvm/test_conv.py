@@ -197,6 +197,17 @@ def test_transpose_at_the_edge_is_tiled():
     assert "transpose" in rules.values(), rules
 
 
+def test_image_channels_to_channels_last_are_interleaved():
+    # NCHW -> NHWC of an RGB image: the output's innermost axis (3 channels) is shorter
+    # than a vector. One fused vectorized loop gathered every lane (CLIP's input: 1.2 ns
+    # per element, 2.7 at a symbolic batch); the transpose rule takes it now, the
+    # channels unrolled inside a plain loop over the pixels (interleaved stores).
+    compiled, error = _run(conv_model([1, 3, 32, 32], 16, 3, 1, 1), [1, 3, 32, 32])
+    assert error < TOLERANCE.rtol
+    transposes = {name: rule for name, rule in _rules(compiled).items() if "transpose" in name}
+    assert len(transposes) == 2 and set(transposes.values()) == {"transpose"}, transposes
+
+
 def test_transpose_then_reshape_is_tiled():
     # wav2vec2's feature projection: a transpose TVM fuses with an identity reshape after
     # it (a second block); 37 is ragged (the tiles' tails masked, not vectorized).
