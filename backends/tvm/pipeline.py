@@ -8,7 +8,8 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    targets with AVX512-BF16, bf16 matmuls with a constant weight become ``call_tir`` to
    our ``vdpbf16ps`` kernel, or our AMX kernel where the target has AMX-BF16
    (:mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
-2. inference forms: batch norms folded into the convolutions before them (the rest
+2. ONNX's variadic ``Min``/``Max``/``Sum`` as pairwise ops rather than TVM's stack and
+   reduction (:mod:`rewriter.backends.tvm.relax_passes.pairwise`); inference forms: batch norms folded into the convolutions before them (the rest
    decomposed into a scale and a shift), constant computations folded; on CPUs the
    convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`);
 3. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
@@ -67,6 +68,7 @@ def relax_pipeline(
         legalize_bf16_norms,
         outputs_as_params,
         pack_weights,
+        pairwise,
         reciprocal,
         reduce_identity,
     )
@@ -80,6 +82,7 @@ def relax_pipeline(
     # A tensor of known rank and unknown shape (an If's result) gets symbolic dimensions:
     # LegalizeOps lowers nothing on it otherwise.
     passes = [bind_shapes.bind_unknown_shapes()]
+    passes.append(pairwise.pairwise())  # ONNX Min/Max/Sum: pairwise ops, not a stack reduced
     passes.append(legalize_bf16_norms.upcast_pass())  # TVM legalizes no bf16 layer norm
     # Inference forms: batch norms folded into the convolutions before them (the rest
     # decomposed into a scale and a shift), and the weights' computations folded.

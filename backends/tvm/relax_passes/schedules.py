@@ -552,6 +552,12 @@ def _rules() -> dict[str, Any]:
             while static > 0 and static_extents(sch, [loops[static - 1]]) is not None:
                 static -= 1
             outer, inner = loops[:static], loops[static:]
+            if not inner and len(outer) > 1:
+                # Every extent symbolic ([sequence, sequence]: T5's position buckets): the
+                # rows in parallel, each row a plain loop that LLVM vectorizes where it can
+                # (its trip count known at run time).
+                sch.parallel(sch.fuse(*outer[:-1]) if len(outer) > 2 else outer[0])
+                return sch
             if not inner:
                 return None
             row = sch.fuse(*inner) if len(inner) > 1 else inner[0]

@@ -14,6 +14,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from tvm import relax  # noqa: E402
+from tvm.relax.backend.cpu_generic import pipeline as stages  # noqa: E402
 from tvm.script import ir as I  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 
@@ -76,3 +77,31 @@ def test_symbolic_transpose_agrees_at_several_sizes():
         x = rng.standard_normal((batch, sequence, 4, 64)).astype(np.float32)
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
         np.testing.assert_array_equal(got, x.transpose(0, 2, 1, 3))
+
+
+@I.ir_module
+class Buckets:
+    @R.function
+    def main(x: R.Tensor(("rows", "cols"), "float32")):
+        with R.dataflow():
+            y = R.minimum(R.log(R.abs(x) + R.const(1.0, "float32")), R.const(2.0, "float32"))
+            R.output(y)
+        return y
+
+
+def test_all_symbolic_elementwise_runs_its_rows_in_parallel():
+    # Every extent symbolic (T5's relative-position buckets over [sequence, sequence]):
+    # no static loop to vectorize, the rows in parallel (left unscheduled before).
+    target = targets.resolve("avx512")
+    with target:
+        mod = tvm.transform.Sequential(stages.legalize_passes(target))(Buckets)
+        record = cpu_schedule.ScheduleRecord()
+        mod = cpu_schedule.cpu_schedule(target, record)(mod)
+    assert record.unscheduled == [] and set(record.scheduled.values()) == {"elementwise"}, record
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert [loop.kind for loop in _loops(func)] == [tvm.tirx.ForKind.PARALLEL, tvm.tirx.ForKind.SERIAL]
+    executable = relax.build(Buckets, target=target, relax_pipeline=pipeline.relax_pipeline(target))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    x = np.random.default_rng(0).standard_normal((7, 13)).astype(np.float32) * 10
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, np.minimum(np.log(np.abs(x) + 1), 2), rtol=1e-6)
