@@ -71,9 +71,9 @@ _CONSTANT_OPERAND = {"Pad": 1, "Tile": 1}
 
 def as_tensors(bb: Any, op_name: str, inputs: Sequence[Any]) -> dict[int, Any]:
     """The inputs (by position) that TVM's converter of ``op_name`` needs as tensors, each
-    as the int64 tensor of its values: an ``R.shape`` where the converter takes none, and a
-    TIR expression beside a tensor in an elementwise op (TVM keeps it a scalar operand,
-    which ``ConvertLayout`` crashes on)."""
+    as a tensor of its values: an ``R.shape`` where the converter takes none (int64), and
+    an integer or constant TIR expression beside a tensor in an elementwise op (rank 0:
+    TVM keeps it a scalar operand, which ``ConvertLayout`` crashes on)."""
     import tvm
     from tvm import relax
 
@@ -87,18 +87,23 @@ def as_tensors(bb: Any, op_name: str, inputs: Sequence[Any]) -> dict[int, Any]:
     ):
         for index, value in enumerate(inputs):
             if value is not None and tvm.ir.is_prim_expr(value):
-                tensors[index] = _scalar_tensor(bb, value)
+                scalar = _scalar_tensor(bb, value)
+                if scalar is not None:
+                    tensors[index] = scalar
     return tensors
 
 
-def _scalar_tensor(bb: Any, value: Any) -> Any:
-    """A TIR expression as a rank-0 tensor of its dtype (a constant where it is one)."""
+def _scalar_tensor(bb: Any, value: Any) -> Any | None:
+    """A TIR expression as a rank-0 tensor of its dtype: a constant where it is one, the
+    value of an integer one (through the int64 shape tensor), else None."""
     import tvm
     from tvm import relax
 
     dtype = shape_values.dtype_of(value)
     if isinstance(value, tvm.tirx.IntImm | tvm.tirx.FloatImm):
         return relax.const(value.value, dtype)
+    if dtype is None or not dtype.startswith(("int", "uint", "bool")):
+        return None
     element = bb.emit(
         relax.op.reshape(
             relax.op.shape_to_tensor(relax.ShapeExpr([shape_values.as_int64(value)])), []
