@@ -41,7 +41,8 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from rewriter.backends.tvm import ops, shape_values
+from rewriter import input_sizes
+from rewriter.backends.tvm import ops, shape_ops, shape_values
 from rewriter.backends.tvm.ops import KernelFactory
 from rewriter.backends.tvm.relax_passes import onnx_simplify
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
@@ -340,7 +341,7 @@ def import_onnx(
     gpu = target.kind.name == "cuda"
     proto = prepare(model, dims=dims, gpu=gpu, int8_matmul=int8_matmul, int8_amx=amx)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
-    importer = _importer_class()(target=target, kernel=kernel)
+    importer = _importer_class()(target=target, kernel=kernel, smallest=smallest_sizes(proto))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         # The importer warns about every renamed input and unknown dimension, and prints
         # "Error converting operator ..." before it re-raises (our errors say it).
@@ -447,6 +448,47 @@ def _nms_box_limit(inputs: list) -> list:
     return inputs
 
 
+def smallest_sizes(proto: onnx.ModelProto) -> dict[str, int]:
+    """The smallest size of each named symbolic input dimension at which the model's
+    convolution and pooling windows all give an output (ONNX Runtime fails below it;
+    :mod:`rewriter.input_sizes`), where that is more than 1.
+
+    >>> smallest_sizes(onnx.load("wav2vec2.onnx"))  # doctest: +SKIP
+    {'samples': 400}
+    """
+    axes: dict[str, list[tuple[str, int, int]]] = {}
+    for name, shape, _ in input_signature(proto):
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, str):
+                axes.setdefault(dim, []).append((name, axis, len(shape)))
+    smallest = {}
+    for dim, where in axes.items():
+        size = input_sizes.smallest_size(proto, where, start=1)
+        if size is not None and size > 1:
+            smallest[dim] = size
+    return smallest
+
+
+def _dimension_sizes(inputs: Any, smallest: Mapping[str, int]) -> dict[Any, int]:
+    """Each symbolic dimension (a TIR variable) of the imported graph inputs with its
+    smallest size: ``smallest``'s, else 0."""
+    import tvm
+
+    sizes: dict[Any, int] = {}
+    for value in inputs:
+        for dim in getattr(getattr(getattr(value, "ty", None), "shape", None), "values", None) or []:
+            if isinstance(dim, tvm.tirx.Var):
+                sizes[dim] = smallest.get(dim.name, 0)
+    return sizes
+
+
+class _OneNode:
+    """A graph of one node, for TVM's node loop (which reads ``graph.node`` only)."""
+
+    def __init__(self, node: onnx.NodeProto) -> None:
+        self.node = [node]
+
+
 def _importer_class() -> type:
     """TVM's ``ONNXGraphImporter`` with our ops added (built on first use: tvm is lazy)."""
     global _IMPORTER
@@ -458,12 +500,20 @@ def _importer_class() -> type:
     ours = {lowering.renamed: lowering for lowering in ops.lowerings().values()}
 
     class Importer(ONNXGraphImporter):
-        def __init__(self, *, target: tvm.target.Target, kernel: KernelFactory | None) -> None:
+        def __init__(
+            self,
+            *,
+            target: tvm.target.Target,
+            kernel: KernelFactory | None,
+            smallest: Mapping[str, int] | None = None,
+        ) -> None:
             super().__init__(
                 shape_dict={}, dtype_dict={}, keep_params_in_input=False, sanitize=True
             )
             self._target = target
             self._kernel = kernel
+            self._smallest = dict(smallest or {})
+            self._sizes = shape_values.Sizes()
 
         def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
             standard = onnx.GraphProto()
@@ -473,6 +523,22 @@ def _importer_class() -> type:
             standard.node.extend(kept)
             super()._check_for_unsupported_ops(standard)
 
+        def _construct_nodes(self, graph: onnx.GraphProto) -> None:
+            # The graph inputs are parsed: their dimensions are TIR variables now.
+            self._sizes = shape_values.Sizes(_dimension_sizes(self._inputs.values(), self._smallest))
+            # TVM's node loop rejects an R.shape input of the ops whose converters do not
+            # take one; each node gets such inputs as int64 tensors (see shape_ops), the
+            # other nodes still see the R.shape.
+            for node in graph.node:
+                names = [name for name in node.input if name]
+                tensors = shape_ops.as_tensors(self.bb, node.op_type, [self._nodes[name] for name in names])
+                kept = {names[index]: self._nodes[names[index]] for index in tensors}
+                self._nodes.update({names[index]: tensor for index, tensor in tensors.items()})
+                try:
+                    super()._construct_nodes(_OneNode(node))
+                finally:
+                    self._nodes.update(kept)
+
         def _convert_operator(
             self, op_name: str, inputs: list, attrs: dict, opset: int
         ) -> relax.Expr:
@@ -480,10 +546,17 @@ def _importer_class() -> type:
             if lowering is not None:
                 call = ops.OpCall(self.bb, inputs, attrs, self._target, self._kernel)
                 return lowering.emit(call)
+            inputs = shape_ops.operands(self.bb, op_name, inputs, attrs, self._sizes)
+            lowered = shape_ops.lower(self.bb, op_name, inputs, self._sizes)
+            if lowered is not None:
+                return lowered
+            if op_name == "Slice":
+                sliced = super()._convert_operator(op_name, inputs, attrs, opset)
+                return shape_ops.unclamped_slice(self.bb, inputs, sliced, self._sizes)
             if op_name == "Range":
                 # Shape arithmetic gives arange a size of the input dimensions, not a
                 # fresh run-time variable (see shape_values).
-                positions = shape_values.symbolic_range(self.bb, inputs)
+                positions = shape_values.symbolic_range(self.bb, inputs, self._sizes)
                 if positions is not None:
                     return positions
             if op_name == "Gather":

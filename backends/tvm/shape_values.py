@@ -20,7 +20,7 @@ R.arange(0, sequence, 1, dtype="int64")
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,17 +29,55 @@ import numpy as np
 _MAX_DEPTH = 64
 
 _Values = list[Any]  # TIR expressions (tvm.tirx.PrimExpr), one per element
+# The elements of a small integer tensor as int64 TIR expressions, in its shape.
+_Array = np.ndarray
 
 
-def prim_values(bb: Any, expr: Any, *, max_elements: int = 8) -> _Values | None:
+class Sizes:
+    """The smallest size of each input dimension (a TIR variable) at which the model runs:
+    the one its convolution and pooling windows accept (:mod:`rewriter.input_sizes`; ONNX
+    Runtime fails below it), else 0. What holds at every such size holds for the
+    library: ONNX's ``Div`` of integers truncates, and of a dividend that is nonnegative
+    there it is the floor division that TVM's shape inference writes (``(samples - 400)
+    // 320 + 1`` for wav2vec2's frames), so the two forms of one size compare equal.
+
+    >>> Sizes({samples: 400}).divide(samples // 80 - 3, 2)  # doctest: +SKIP
+    (samples // 80 - 3) // 2
+    """
+
+    def __init__(self, smallest: Mapping[Any, int] | None = None) -> None:
+        import tvm
+        from tvm import sym
+
+        self._analyzer = sym.Analyzer()
+        for var, size in (smallest or {}).items():
+            self._analyzer.bind(var, tvm.ir.Range.from_min_extent(size, _LARGEST - size))
+
+    def divide(self, a: Any, b: Any) -> Any:
+        """ONNX ``Div`` of integer sizes: floor division where ``a >= 0`` and ``b > 0``
+        hold at every size the model runs at, else the truncating division."""
+        import tvm
+
+        if self._analyzer.can_prove(a >= 0) and self._analyzer.can_prove(b > 0):
+            return tvm.tirx.floordiv(a, b)
+        return tvm.tirx.truncdiv(a, b)
+
+
+# Past any real tensor's size: the upper end of the ranges Sizes binds.
+_LARGEST = 1 << 48
+
+
+def prim_values(bb: Any, expr: Any, *, max_elements: int = 8, sizes: Sizes | None = None) -> _Values | None:
     """The elements of the integer tensor ``expr`` (rank 0 or 1, at most ``max_elements``)
     as int64 TIR expressions, or ``None`` where they are not computed from shapes and
-    constants by the ops this reads."""
-    values = _values(bb, expr, max_elements, 0)
-    return values if values is not None and len(values) <= max_elements else None
+    constants by the ops this reads (integer division as ``sizes`` says, see there)."""
+    array = _values(bb, expr, max_elements, 0, sizes or Sizes())
+    if array is None or array.ndim > 1 or array.size > max_elements:
+        return None
+    return list(array.reshape(-1))
 
 
-def symbolic_range(bb: Any, inputs: Sequence[Any]) -> Any | None:
+def symbolic_range(bb: Any, inputs: Sequence[Any], sizes: Sizes | None = None) -> Any | None:
     """ONNX ``Range(start, limit, delta)`` as ``arange`` over TIR expressions, when all
     three are integer shape arithmetic and ``delta`` a nonzero constant; else ``None``
     (TVM's converter takes it)."""
@@ -51,7 +89,7 @@ def symbolic_range(bb: Any, inputs: Sequence[Any]) -> Any | None:
         return None
     scalars = []
     for value in inputs:
-        values = prim_values(bb, value, max_elements=1)
+        values = prim_values(bb, value, max_elements=1, sizes=sizes)
         if values is None or len(values) != 1:
             return None
         scalars.append(values[0])
@@ -65,6 +103,11 @@ def symbolic_range(bb: Any, inputs: Sequence[Any]) -> Any | None:
     return positions
 
 
+def dtype_of(expr: Any) -> str | None:
+    """The dtype of a tensor or a TIR expression (None when unknown)."""
+    return _dtype(expr)
+
+
 def _dtype(expr: Any) -> str | None:
     import tvm
 
@@ -74,7 +117,15 @@ def _dtype(expr: Any) -> str | None:
     return str(getattr(ty, "dtype", None)) if ty is not None else None
 
 
-def _constant_values(expr: Any, max_elements: int) -> _Values | None:
+def _array(items: Sequence[Any], shape: Sequence[int]) -> _Array:
+    """An object array of ``items`` (TIR expressions) in ``shape``."""
+    array = np.empty(len(items), dtype=object)
+    for index, item in enumerate(items):
+        array[index] = item
+    return array.reshape(tuple(shape))
+
+
+def _constant_values(expr: Any, max_elements: int) -> _Array | None:
     import tvm
 
     data = getattr(expr, "data", None)
@@ -84,87 +135,150 @@ def _constant_values(expr: Any, max_elements: int) -> _Values | None:
     if data is None:
         return None
     array = np.asarray(data.numpy())
-    if array.ndim > 1 or array.size > max_elements or array.dtype.kind not in "iu":
+    if array.size > max_elements or array.dtype.kind not in "iub":
         return None
-    return [tvm.tirx.const(int(item), "int64") for item in array.reshape(-1)]
+    items = [tvm.tirx.const(int(item), "int64") for item in array.reshape(-1)]
+    return _array(items, array.shape)
 
 
-def _values(bb: Any, expr: Any, max_elements: int, depth: int) -> _Values | None:
+def _static_shape(expr: Any) -> list[int] | None:
+    """``expr``'s shape when every dimension is a constant."""
+    import tvm
+
+    shape = getattr(_type(expr), "shape", None)
+    dims = getattr(shape, "values", None)
+    if dims is None or not all(isinstance(dim, tvm.tirx.IntImm) for dim in dims):
+        return None
+    return [int(dim.value) for dim in dims]
+
+
+def _ints(items: Any) -> list[int] | None:
+    """A Relax tuple (or array) of constant TIR integers as Python ints."""
+    import tvm
+
+    values = getattr(items, "fields", items)
+    if values is None or not all(isinstance(item, tvm.tirx.IntImm | int) for item in values):
+        return None
+    return [int(item) for item in values]
+
+
+def _values(bb: Any, expr: Any, max_elements: int, depth: int, sizes: Sizes) -> _Array | None:
     import tvm
     from tvm import relax
 
     if depth > _MAX_DEPTH:
         return None
     if tvm.ir.is_prim_expr(expr):
-        return [_int64(expr)]
+        return _array([as_int64(expr)], ())
     if isinstance(expr, relax.Var):
         binding = bb.lookup_binding(expr)
         if binding is None:
             return None
-        return _values(bb, binding, max_elements, depth + 1)
+        return _values(bb, binding, max_elements, depth + 1, sizes)
     if isinstance(expr, relax.ShapeExpr):
-        return [_int64(value) for value in expr.values]
+        return _array([as_int64(value) for value in expr.values], [len(expr.values)])
     if not isinstance(expr, relax.Call):
         return _constant_values(expr, max_elements)
     op = expr.op
     if not isinstance(op, tvm.ir.Op):
         return None
-    args = expr.args
+    args, attrs = expr.args, expr.attrs
 
-    def arg(index: int) -> _Values | None:
-        return _values(bb, args[index], max_elements, depth + 1)
+    def arg(index: int) -> _Array | None:
+        return _values(bb, args[index], max_elements, depth + 1, sizes)
 
     name = op.name
     if name == "relax.shape_of":
         shape = getattr(_type(args[0]), "shape", None)
         if isinstance(shape, relax.ShapeExpr):
-            return [_int64(value) for value in shape.values]
+            return _array([as_int64(value) for value in shape.values], [len(shape.values)])
         return None
-    if name in ("relax.shape_to_tensor", "relax.reshape", "relax.squeeze", "relax.expand_dims"):
-        return arg(0) if _rank(expr) <= 1 else None
+    if name == "relax.shape_to_tensor":
+        return arg(0)
     if name == "relax.astype":
-        return arg(0) if _dtype(expr) in ("int32", "int64") else None
+        data = arg(0)
+        if data is None or _dtype(expr) not in ("int32", "int64", "bool"):
+            return None
+        return data if _dtype(expr) == "bool" else _elementwise(as_int64, data)
+    if name in ("relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.broadcast_to"):
+        data, shape = arg(0), _static_shape(expr)
+        if data is None or shape is None:
+            return None
+        if name == "relax.broadcast_to":
+            return np.broadcast_to(data, shape) if int(np.prod(shape)) <= max_elements else None
+        return data.reshape(shape) if data.size == int(np.prod(shape)) else None
+    if name == "relax.permute_dims":
+        data = arg(0)
+        return None if data is None else np.transpose(data, _ints(attrs.axes) if attrs.axes is not None else None)
     if name == "relax.take":
         data, indices = arg(0), arg(1)
-        if data is None or indices is None or _rank(args[0]) != 1:
+        index_values = None if indices is None else _ints(list(indices.reshape(-1)))
+        if data is None or indices is None or index_values is None or data.ndim == 0:
             return None
-        picked = []
-        for index in indices:
-            if not isinstance(index, tvm.tirx.IntImm):
-                return None
-            position = index.value + len(data) if index.value < 0 else index.value
-            if not 0 <= position < len(data):
-                return None
-            picked.append(data[position])
-        return picked
+        axis = int(attrs.axis) % data.ndim
+        extent = data.shape[axis]
+        if not all(-extent <= index < extent for index in index_values):
+            return None
+        return np.take(data, np.array(index_values, np.int64).reshape(indices.shape), axis=axis)
+    if name == "relax.strided_slice":
+        return _strided_slice(arg(0), args)
     if name == "relax.concat":
         (parts,) = args
         fields = getattr(parts, "fields", None)
         if fields is None:
             return None
-        joined: _Values = []
+        joined = []
         for part in fields:
-            part_values = _values(bb, part, max_elements, depth + 1)
+            part_values = _values(bb, part, max_elements, depth + 1, sizes)
             if part_values is None:
                 return None
-            joined += part_values
-        return joined
+            joined.append(part_values)
+        return np.concatenate(joined, axis=int(attrs.axis)) if joined else None
     if name == "relax.negative":
         negated = arg(0)
-        return None if negated is None else [-value for value in negated]
+        return None if negated is None else _elementwise(lambda value: -value, negated)
+    if name == "relax.where":
+        condition, chosen, other = arg(0), arg(1), arg(2)
+        if condition is None or chosen is None or other is None:
+            return None
+        try:
+            return _elementwise(_select, condition, chosen, other)
+        except ValueError:  # shapes that do not broadcast
+            return None
     binary = _BINARY.get(name)
+    if name == "relax.divide" and _dtype(expr) in ("int32", "int64"):
+        binary = sizes.divide  # ONNX Div of integers truncates (see Sizes)
     if binary is not None:
         left, right = arg(0), arg(1)
         if left is None or right is None:
             return None
-        if len(left) == 1:
-            left = left * len(right)
-        if len(right) == 1:
-            right = right * len(left)
-        if len(left) != len(right):
+        try:
+            return _elementwise(lambda a, b: simplify(binary(a, b)), left, right)
+        except ValueError:  # shapes that do not broadcast
             return None
-        return [_simplify(binary(a, b)) for a, b in zip(left, right, strict=True)]
     return None
+
+
+def _elementwise(function: Callable[..., Any], *arrays: _Array) -> _Array:
+    """``function`` of the arrays' elements, broadcast together (ValueError if they do not)."""
+    result = np.frompyfunc(function, len(arrays), 1)(*arrays)
+    return result if isinstance(result, np.ndarray) else _array([result], ())
+
+
+def _strided_slice(data: _Array | None, args: Sequence[Any]) -> _Array | None:
+    """``strided_slice`` with constant axes, begins, ends and strides, as Python slices
+    (whose clamping is ONNX Slice's)."""
+    if data is None or len(args) < 4:
+        return None
+    axes, begins, ends = _ints(args[1]), _ints(args[2]), _ints(args[3])
+    strides = _ints(args[4]) if len(args) > 4 else None
+    if axes is None or begins is None or ends is None:
+        return None
+    strides = strides or [1] * len(axes)
+    index = [slice(None)] * data.ndim
+    for axis, begin, end, stride in zip(axes, begins, ends, strides, strict=False):
+        index[axis % data.ndim] = slice(begin, end, stride)
+    return data[tuple(index)]
 
 
 def _type(expr: Any) -> Any:
@@ -178,7 +292,8 @@ def _rank(expr: Any) -> int:
     return ndim if ndim is not None and ndim >= 0 else 99
 
 
-def _int64(value: Any) -> Any:
+def as_int64(value: Any) -> Any:
+    """``value`` (an int or a TIR expression) as an int64 TIR expression."""
     import tvm
 
     if isinstance(value, int):
@@ -193,7 +308,8 @@ def _prim_dtype(value: Any) -> str:
     return str(getattr(value, "dtype", None) or value.ty)
 
 
-def _simplify(value: Any) -> Any:
+def simplify(value: Any) -> Any:
+    """``value`` simplified by TVM's arithmetic analyzer."""
     from tvm import sym
 
     return sym.Analyzer().simplify(value)
@@ -203,6 +319,27 @@ def _floor_divide(a: Any, b: Any) -> Any:
     import tvm
 
     return tvm.tirx.floordiv(a, b)
+
+
+def _select(condition: Any, chosen: Any, other: Any) -> Any:
+    import tvm
+
+    condition = simplify(condition)
+    if isinstance(condition, tvm.tirx.IntImm):
+        return chosen if condition.value else other
+    return simplify(tvm.tirx.Select(condition, chosen, other))
+
+
+def _floor_mod(a: Any, b: Any) -> Any:
+    import tvm
+
+    return tvm.tirx.floormod(a, b)
+
+
+def _truncate_mod(a: Any, b: Any) -> Any:
+    import tvm
+
+    return tvm.tirx.truncmod(a, b)
 
 
 def _maximum(a: Any, b: Any) -> Any:
@@ -224,4 +361,10 @@ _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "relax.floor_divide": _floor_divide,
     "relax.maximum": _maximum,
     "relax.minimum": _minimum,
+    "relax.floor_mod": _floor_mod,
+    "relax.mod": _truncate_mod,
+    "relax.equal": lambda a, b: a == b,
+    "relax.not_equal": lambda a, b: a != b,
+    "relax.less": lambda a, b: a < b,
+    "relax.greater": lambda a, b: a > b,
 }

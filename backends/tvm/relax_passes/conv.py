@@ -376,23 +376,26 @@ def rules() -> dict[str, Any]:
             return None
         return lead
 
-    def static(stmt: Any, lead: int) -> tuple[list[int], int] | None:
+    def static(stmt: Any, lead: int) -> tuple[list[Any], int] | None:
         """The iterators' extents, and how many leading axes stay apart from the pixels:
         0, or 1 for a symbolic batch (a model compiled for any batch size; its other
-        extents static, and a pixel axis besides it)."""
+        extents static, and a pixel axis besides it). The one pixel axis of a 1-D
+        convolution may be symbolic too (wav2vec2's frames, for any number of samples):
+        its extent stays a TIR expression, and the last tile of pixels is masked."""
         extents = [iv.dom.extent for iv in stmt.iter_vars]
         keep = 0 if isinstance(extents[0], tirx.IntImm) else 1
         if keep and lead < 3:
             return None
-        if not all(isinstance(extent, tirx.IntImm) for extent in extents[keep:]):
+        symbolic = [i for i, extent in enumerate(extents) if i >= keep and not isinstance(extent, tirx.IntImm)]
+        if symbolic and (symbolic != [keep] or lead - 1 - keep != 1):
             return None
-        return [1] * keep + [int(extent) for extent in extents[keep:]], keep
+        return [1] * keep + [e if i in symbolic else int(e) for i, e in enumerate(extents) if i >= keep], keep
 
     def reduction_parts(sch: Any) -> tuple[list[Any], Any, list[Any], Any, int, list[int], int] | None:
         """(producers, the reduction block, epilogue, its statement, how many spatial
         iterators lead it, its extents, how many leading axes stay apart) of a function
         whose one reduction block writes one buffer, its iterators spatial then reduce,
-        its extents static (a batch aside: :func:`static`); else None."""
+        its extents static (a batch or a 1-D pixel axis aside: :func:`static`); else None."""
         parts = split_blocks(sch)
         if parts is None:
             return None
@@ -407,7 +410,7 @@ def rules() -> dict[str, Any]:
     def _mentions(expr: Any, var: Any) -> bool:
         return any(free.same_as(var) for free in tirx.analysis.undefined_vars(expr, []))
 
-    def flatten_pixels(sch: Any, block: Any, tail: Any, lead: int, extents: list[int], keep: int) -> None:
+    def flatten_pixels(sch: Any, block: Any, tail: Any, lead: int, extents: list[Any], keep: int) -> None:
         """Fuse the pixel iterators of ``block`` (the ``lead - 1`` before its channel, but
         the ``keep`` first: a symbolic batch), and of its epilogue and the accumulator it
         writes, into one, so tiles of pixels may span image rows."""
@@ -453,14 +456,14 @@ def rules() -> dict[str, Any]:
                 continue
             rows = sch.fuse(*loops[:-2]) if len(loops) > 2 else None
             row = sch.fuse(*loops[-2:])
-            extent = int(sch.get(row).extent)
-            if extent % lanes == 0:
+            extent = sch.get(row).extent
+            if isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
                 _, inner = sch.split(row, [None, lanes])
                 sch.vectorize(inner)
             sch.parallel(rows if rows is not None else sch.get_loops(block)[0])
 
     def tile(
-        sch: Any, block: Any, tail: Any, pixels: int, limit: int, tile_j: int, unroll_k: bool, keep: int
+        sch: Any, block: Any, tail: Any, pixels: Any, limit: int, tile_j: int, unroll_k: bool, keep: int
     ) -> None:
         """The register tile: ``tile_i`` pixels (at most ``limit``) x ``tile_j`` channels
         accumulated in registers over the reduction loops, ``tail`` (the epilogue, or a
@@ -469,9 +472,11 @@ def rules() -> dict[str, Any]:
         ``tile_i`` divides ``pixels`` where a divisor of at least half of ``limit`` does;
         else (169 = 13 x 13 pixels) it is ``limit`` and the last tile is partial: its
         rows are masked, and ``LoopPartition`` (``pragma_loop_partition_hint``) peels it
-        off the tile loop, so the whole tiles run unmasked."""
-        tile_i = max(d for d in range(1, limit + 1) if pixels % d == 0)
-        ragged = 2 * tile_i < limit
+        off the tile loop, so the whole tiles run unmasked. A symbolic ``pixels`` (a TIR
+        expression) is ragged too, its mask in every tile."""
+        symbolic = not isinstance(pixels, int)
+        tile_i = limit if symbolic else max(d for d in range(1, limit + 1) if pixels % d == 0)
+        ragged = symbolic or 2 * tile_i < limit
         if ragged:
             tile_i = limit
         loops = sch.get_loops(block)
@@ -492,13 +497,14 @@ def rules() -> dict[str, Any]:
             sch.unroll(inner[-1])
         last = sch.get_loops(tail)[-1]
         sch.vectorize(last)
-        if ragged and not outer:  # the tile loop stays apart, for LoopPartition to peel its last tile
+        if ragged and not outer and not symbolic:  # the tile loop stays apart, for LoopPartition to peel its last tile
             sch.annotate(po, "pragma_loop_partition_hint", 1)
             sch.parallel(co)
         elif ragged:
-            # Under a symbolic batch, TVM's LoopPartition fails (int32 and int64 mixed in
-            # its bounds): the last tile's mask stays in every tile, a branch per row.
-            sch.parallel(sch.fuse(*outer, co))
+            # Under a symbolic batch or pixel count, TVM's LoopPartition fails (int32 and
+            # int64 mixed in its bounds): the last tile's mask stays in every tile, a
+            # branch per row.
+            sch.parallel(sch.fuse(*outer, co) if outer else co)
         else:
             sch.parallel(sch.fuse(*outer, co, po))
         sch.decompose_reduction(block, inner[0])

@@ -267,27 +267,27 @@ def test_bert_export_imports_after_cleanup(tiny_bert):
     assert import_onnx.import_onnx(path, target=targets.resolve("llvm")) is not None
 
 
-def _tile_by_batch() -> onnx.ModelProto:
-    """``Tile(y, [batch, 1]) + x``, ``batch`` symbolic: repeats computed from a shape,
-    which TVM cannot build with the dimension left symbolic."""
+def _pad_to_multiple_of_8() -> onnx.ModelProto:
+    """``x`` padded at the end to a multiple of 8 columns, ``length`` symbolic: pads
+    computed from a shape, which TVM takes as constants only."""
     nodes = [
         helper.make_node("Shape", ["x"], ["shape"]),
-        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
-        helper.make_node("Concat", ["batch", "one"], ["repeats"], axis=0),
-        helper.make_node("Tile", ["y", "repeats"], ["tiled"]),
-        helper.make_node("Add", ["tiled", "x"], ["out"]),
+        helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+        helper.make_node("Mod", ["length", "eight"], ["rest"]),
+        helper.make_node("Sub", ["eight", "rest"], ["missing"]),
+        helper.make_node("Mod", ["missing", "eight"], ["amount"]),
+        helper.make_node("Concat", ["zeros", "amount"], ["pads"], axis=0),
+        helper.make_node("Pad", ["x", "pads"], ["out"]),
     ]
     graph = helper.make_graph(
         nodes,
-        "tile_by_batch",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
-        ],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])],
+        "pad_to_multiple_of_8",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
         initializer=[
-            numpy_helper.from_array(np.array([0], np.int64), "zero"),
             numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(np.array([8], np.int64), "eight"),
+            numpy_helper.from_array(np.array([0, 0, 0], np.int64), "zeros"),
         ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -295,7 +295,7 @@ def _tile_by_batch() -> onnx.ModelProto:
 
 def test_symbolic_dims_that_tvm_cannot_build_are_an_input_error():
     with pytest.raises(InputError, match="symbolic input dimensions.*--dim"):
-        backend.compile(_tile_by_batch(), "llvm")
+        backend.compile(_pad_to_multiple_of_8(), "llvm")
 
 
 def test_position_ids_from_the_sequence_length_keep_it_symbolic():
@@ -750,11 +750,8 @@ def test_symbolic_dims_tvm_cannot_keep_are_fixed_and_the_report_says_so():
     from rewriter.backends.tvm import verify as compiled_check
 
     rng = np.random.default_rng(SEED)
-    feeds = {
-        "x": rng.standard_normal((3, 4)).astype(np.float32),
-        "y": rng.standard_normal((1, 4)).astype(np.float32),
-    }
-    check = compiled_check.check_compiled(_tile_by_batch(), "avx512", feeds=feeds, reference=None)
+    feeds = {"x": rng.standard_normal((3, 5)).astype(np.float32)}
+    check = compiled_check.check_compiled(_pad_to_multiple_of_8(), "avx512", feeds=feeds, reference=None)
     assert check.note is not None and "fixed to the verification inputs' sizes" in check.note
     assert check.accepts == {name: list(value.shape) for name, value in feeds.items()}
 

@@ -245,6 +245,23 @@ def test_conv_whose_output_drops_a_position_gets_the_implicit_gemm_and_agrees(ba
     assert any("strided_slice" in name for name in rules) == (pad == 0), rules
 
 
+def test_conv1d_over_a_symbolic_length_gets_the_implicit_gemm_and_agrees_at_every_length():
+    # wav2vec2's feature encoder compiled for any number of samples: the one pixel axis is
+    # symbolic, its last tile masked; one library for every batch and length.
+    model = conv_model([1, 16, 64], 32, 3, 2, 0, 1)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, "samples"]))
+    compiled = backend.compile(model, "avx512")
+    rules = _rules(compiled)
+    assert [rules[name] for name in rules if "conv" in name] == ["conv"], rules
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for shape in ([1, 16, 64], [3, 16, 101]):
+        x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+        reference = session.run(None, {"x": x})[0]
+        got = compiled.run({"x": x})["y"]
+        assert got.shape == reference.shape
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol
+
+
 def test_tile_widths_are_powers_of_two_dividing_the_channels():
     assert conv.conv_tile_width(64, 16) == 32
     assert conv.conv_tile_width(48, 16) == 16

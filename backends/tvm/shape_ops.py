@@ -1,0 +1,405 @@
+"""ONNX ops over shape arithmetic that TVM's converters refuse with symbolic dimensions.
+
+With symbolic input dimensions an export's computed shapes reach TVM's importer as
+``R.shape`` values, TIR expressions, or int64 tensors built from them. TVM's node loop
+rejects an ``R.shape`` input of most ops ("cannot handle ShapeExpr inputs"); its
+converters take a shape operand only as a constant (``Pad``'s pads, ``Resize``'s sizes,
+``Tile``'s repeats) or, in a few ops, as an ``R.shape``, and a scalar TIR expression not
+at all (``Reshape``); where a size comes out of a tensor they invent a fresh run-time
+variable that the build cannot relate to the input dimensions.
+
+Each function here reads the operand back with :func:`shape_values.prim_values` and
+gives TVM what it takes:
+
+* :func:`as_tensors`: an ``R.shape`` input of an op whose converter does not take one
+  becomes the int64 tensor ``shape_to_tensor(shape)`` (which ``shape_values`` reads).
+* :func:`operands`: a shape operand that is shape arithmetic becomes a constant where it
+  folds to one, else an ``R.shape`` for the ops that take one (``Reshape``, ``Expand``,
+  ``ConstantOfShape``); ``Resize``'s sizes become constants when its spatial sizes are.
+* :func:`lower`: the ops lowered here instead: ``Tile`` by repeats of the input
+  dimensions (a broadcast between two reshapes), a ``Reshape`` of one shape value, a
+  ``Concat`` of an ``R.shape`` with tensors of shape arithmetic, a ``Div`` of sizes.
+* :func:`unclamped_slice`: a ``Slice`` that stops a constant distance before the end of
+  a symbolic axis keeps the size it has whenever the axis is at least that long
+  (checked at run time), not ONNX's clamp ``min(max(n - k, 0), n)``, which no other
+  shape equals, so every elementwise op after it lost its shape.
+
+An operand that stays symbolic where TVM takes only constants (``Pad``, ``Resize``) is
+refused with a ``ValueError`` naming the op (which :func:`compile` reports as a
+:class:`SymbolicDimsError`: fixed sizes fold it).
+
+>>> lower(bb, "Tile", [x, repeats], Sizes())  # doctest: +SKIP
+R.reshape(R.broadcast_to(R.reshape(x, (1, n, 1, 4)), (n // 2, n, 1, 4)), (n // 2 * n, 4))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import reduce
+from typing import Any
+
+import numpy as np
+
+from rewriter.backends.tvm import shape_values
+from rewriter.backends.tvm.shape_values import Sizes
+
+# The ops whose TVM converters take an R.shape input (TVM's node loop names them, in
+# ONNXGraphImporter._construct_nodes, and rejects one for every other op).
+TAKES_SHAPE = frozenset(
+    {
+        "Reshape", "Resize", "ConstantOfShape", "Gather", "Slice", "Shape", "Expand",
+        "Concat", "Equal", "Where", "Cast", "CastLike", "Squeeze",
+    }
+)  # fmt: skip
+
+# Elementwise ops: a scalar operand beside a tensor broadcasts like a rank-0 tensor.
+_ELEMENTWISE = frozenset(
+    {
+        "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Equal", "Less", "LessOrEqual",
+        "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Where", "BitShift",
+    }
+)  # fmt: skip
+
+# Shape operands longer than this are not shapes (a rank-8 Pad has 16 pads).
+_MAX_ELEMENTS = 16
+
+# The operand each op takes as a shape: as an R.shape or a constant (first table), or
+# only as a constant (second: refused when it stays symbolic).
+_SHAPE_OPERAND = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}
+_CONSTANT_OPERAND = {"Pad": 1, "Tile": 1}
+
+
+def as_tensors(bb: Any, op_name: str, inputs: Sequence[Any]) -> dict[int, Any]:
+    """The inputs (by position) that TVM's converter of ``op_name`` needs as tensors, each
+    as a tensor of its values: an ``R.shape`` where the converter takes none (int64), and
+    an integer or constant TIR expression beside a tensor in an elementwise op (rank 0:
+    TVM keeps it a scalar operand, which ``ConvertLayout`` crashes on)."""
+    import tvm
+    from tvm import relax
+
+    tensors = {}
+    if op_name not in TAKES_SHAPE:
+        for index, value in enumerate(inputs):
+            if isinstance(getattr(value, "ty", None), relax.ShapeType):
+                tensors[index] = bb.emit(relax.op.shape_to_tensor(value))
+    if op_name in _ELEMENTWISE and any(
+        isinstance(getattr(value, "ty", None), relax.TensorType) for value in inputs
+    ):
+        for index, value in enumerate(inputs):
+            if value is not None and tvm.ir.is_prim_expr(value):
+                scalar = _scalar_tensor(bb, value)
+                if scalar is not None:
+                    tensors[index] = scalar
+    return tensors
+
+
+def _scalar_tensor(bb: Any, value: Any) -> Any | None:
+    """A TIR expression as a rank-0 tensor of its dtype: a constant where it is one, the
+    value of an integer one (through the int64 shape tensor), else None."""
+    import tvm
+    from tvm import relax
+
+    dtype = shape_values.dtype_of(value)
+    if isinstance(value, tvm.tirx.IntImm | tvm.tirx.FloatImm):
+        return relax.const(value.value, dtype)
+    if dtype is None or not dtype.startswith(("int", "uint", "bool")):
+        return None
+    element = bb.emit(
+        relax.op.reshape(
+            relax.op.shape_to_tensor(relax.ShapeExpr([shape_values.as_int64(value)])), []
+        )
+    )
+    return element if dtype == "int64" else bb.emit(relax.op.astype(element, dtype))
+
+
+def values(bb: Any, value: Any, sizes: Sizes) -> list[Any] | None:
+    """The elements of a shape operand as int64 TIR expressions (None: not shape arithmetic)."""
+    if value is None:
+        return None
+    return shape_values.prim_values(bb, value, max_elements=_MAX_ELEMENTS, sizes=sizes)
+
+
+def operands(
+    bb: Any, op_name: str, inputs: list[Any], attrs: dict[str, Any], sizes: Sizes
+) -> list[Any]:
+    """``inputs`` with the op's shape operand in the form TVM's converter takes, where it
+    is shape arithmetic (the same list where there is nothing to change)."""
+    from tvm import relax
+
+    if op_name == "Resize":
+        return _resize_sizes(bb, inputs, sizes)
+    index = _SHAPE_OPERAND.get(op_name, _CONSTANT_OPERAND.get(op_name))
+    if index is None or index >= len(inputs) or _settled(inputs[index]):
+        return inputs
+    read = values(bb, inputs[index], sizes)
+    if read is None:
+        return inputs
+    if _all_constant(read):
+        rank = getattr(getattr(inputs[index], "ty", None), "ndim", 1)
+        array = np.array([item.value for item in read], np.int64)
+        return _with(inputs, index, relax.const(array.reshape(()) if rank == 0 else array, "int64"))
+    if op_name in _SHAPE_OPERAND:
+        if op_name == "Reshape":
+            read = _reshape_target(inputs[0], read, attrs)
+            if read is None:
+                return inputs
+        return _with(inputs, index, relax.ShapeExpr(read))
+    if op_name == "Tile":
+        return inputs  # lowered here (lower)
+    raise ValueError(
+        f"{op_name} with sizes of the input dimensions ({_symbolic(read)}): TVM takes constants only"
+    )
+
+
+def lower(bb: Any, op_name: str, inputs: list[Any], sizes: Sizes) -> Any | None:
+    """The ops lowered here rather than by TVM's converter; None for the others."""
+    if op_name == "Div":
+        return _divide_sizes(inputs, sizes)
+    if op_name == "Concat":
+        return _concat_sizes(bb, inputs, sizes)
+    if op_name == "Tile":
+        return _tile(bb, inputs, sizes)
+    if op_name == "Reshape":
+        return _reshape_scalar(bb, inputs, sizes)
+    return None
+
+
+def unclamped_slice(bb: Any, inputs: list[Any], sliced: Any, sizes: Sizes) -> Any:
+    """``sliced``, TVM's ``Slice`` of ``inputs[0]``, cast to the shape it has whenever each
+    sliced axis is long enough that ONNX's clamps change nothing (a ``match_cast``: the
+    run checks it). Only a start or end counted from the end of a symbolic axis (a
+    negative constant, or one past the end) is taken so; the others stay as they are."""
+    import tvm
+    from tvm import relax
+
+    data = inputs[0]
+    shape = getattr(getattr(data, "ty", None), "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or len(inputs) < 3:
+        return sliced
+    params = [values(bb, value, sizes) if value is not None else None for value in inputs[1:5]]
+    starts, ends = params[0], params[1]
+    if starts is None or ends is None or not _all_constant(starts + ends):
+        return sliced
+    rank = len(shape.values)
+    axes = (
+        params[2]
+        if params[2] is not None
+        else [tvm.tirx.const(axis, "int64") for axis in range(len(starts))]
+    )
+    steps = params[3] if params[3] is not None else [tvm.tirx.const(1, "int64")] * len(starts)
+    if not _all_constant(axes + steps) or not len(starts) == len(ends) == len(axes) == len(steps):
+        return sliced
+    sliced = bb.normalize(sliced)
+    out = getattr(sliced.ty, "shape", None)
+    if not isinstance(out, relax.ShapeExpr):
+        return sliced
+    exact = list(out.values)
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        position = axis.value % rank
+        extent = shape_values.as_int64(shape.values[position])
+        if isinstance(extent, tvm.tirx.IntImm) or step.value != 1:
+            continue
+        begin, stop = _begin(start.value, extent), _stop(end.value, extent)
+        if begin is not None and stop is not None:
+            exact[position] = shape_values.simplify(stop - begin)
+    if all(a.same_as(b) for a, b in zip(exact, out.values, strict=True)):
+        return sliced
+    return bb.match_cast(sliced, relax.TensorType(exact, sliced.ty.dtype))
+
+
+def _begin(index: int, extent: Any) -> Any | None:
+    """A slice's start on an axis of symbolic ``extent``, where the axis is long enough:
+    a nonnegative one as it is, a negative one counted from the end."""
+    import tvm
+
+    if index >= 1 << 62:
+        return None
+    return tvm.tirx.const(index, "int64") if index >= 0 else extent + tvm.tirx.const(index, "int64")
+
+
+def _stop(index: int, extent: Any) -> Any | None:
+    """A slice's end on an axis of symbolic ``extent``, where the axis is long enough: a
+    negative one counted from the end, one past any real extent (INT64_MAX, the
+    exporters' "to the end") the extent; None for the others (``x[:, :512]`` clamps to a
+    shorter axis in real use, and keeps ONNX's clamp)."""
+    import tvm
+
+    if index >= 1 << 62:
+        return extent
+    return extent + tvm.tirx.const(index, "int64") if index < 0 else None
+
+
+def _resize_sizes(bb: Any, inputs: list[Any], sizes: Sizes) -> list[Any]:
+    """Resize's ``sizes`` (input 3) as a constant when its spatial sizes are constants and
+    its batch and channel sizes are the input's (TVM's converter reads the spatial ones
+    only, and only from a constant or an R.shape of constants)."""
+    import tvm
+    from tvm import relax
+
+    if len(inputs) < 4 or inputs[3] is None or isinstance(inputs[3], tvm.ir.GenericConst):
+        return inputs
+    read = values(bb, inputs[3], sizes)
+    shape = getattr(getattr(inputs[0], "ty", None), "shape", None)
+    if read is None or not isinstance(shape, relax.ShapeExpr) or len(read) != len(shape.values):
+        return inputs
+    kept = [shape_values.as_int64(dim) for dim in shape.values[:2]]
+    if not all(_equal(a, b) for a, b in zip(read[:2], kept, strict=True)):
+        raise ValueError("Resize of the batch or channel axis: TVM resizes the spatial axes only")
+    if not _all_constant(read[2:]):
+        raise ValueError(
+            f"Resize to sizes of the input dimensions ({_symbolic(read[2:])}): TVM takes constant sizes only"
+        )
+    # The converter drops the first two (checked equal to the input's above).
+    spatial = [item.value for item in read[2:]]
+    return _with(inputs, 3, relax.const(np.array([1, 1, *spatial], np.int64), "int64"))
+
+
+def _reshape_target(data: Any, target: list[Any], attrs: dict[str, Any]) -> list[Any] | None:
+    """A Reshape's target with ONNX's 0 (copy the input's size, unless ``allowzero``) and
+    -1 (the size left) resolved against ``data``'s shape; None where it cannot be."""
+    import tvm
+    from tvm import relax
+
+    shape = getattr(getattr(data, "ty", None), "shape", None)
+    if not isinstance(shape, relax.ShapeExpr):
+        return None
+    dims = [shape_values.as_int64(dim) for dim in shape.values]
+    resolved: list[Any] = []
+    for position, item in enumerate(target):
+        if isinstance(item, tvm.tirx.IntImm) and item.value == 0 and not attrs.get("allowzero", 0):
+            if position >= len(dims):
+                return None
+            item = dims[position]
+        resolved.append(item)
+    unknown = [
+        i
+        for i, item in enumerate(resolved)
+        if isinstance(item, tvm.tirx.IntImm) and item.value == -1
+    ]
+    if len(unknown) > 1:
+        return None
+    if unknown:
+        total = reduce(lambda a, b: a * b, dims, tvm.tirx.const(1, "int64"))
+        known = [item for i, item in enumerate(resolved) if i != unknown[0]]
+        rest = reduce(lambda a, b: a * b, known, tvm.tirx.const(1, "int64"))
+        resolved[unknown[0]] = shape_values.simplify(tvm.tirx.floordiv(total, rest))
+    return resolved
+
+
+def _tile(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
+    """``Tile(x, repeats)`` with repeats of the input dimensions: ``x`` reshaped to
+    ``(1, d0, 1, d1, ...)``, broadcast to ``(r0, d0, r1, d1, ...)``, and reshaped to
+    ``(r0 * d0, r1 * d1, ...)`` (each axis holds ``r`` whole copies)."""
+    from tvm import relax
+
+    data, repeats = inputs[0], inputs[1]
+    if _settled(repeats):
+        return None
+    read = values(bb, repeats, sizes)
+    shape = getattr(getattr(data, "ty", None), "shape", None)
+    if read is None or not isinstance(shape, relax.ShapeExpr) or len(read) != len(shape.values):
+        return None
+    dims = [shape_values.as_int64(dim) for dim in shape.values]
+    spread = [item for dim in dims for item in (1, dim)]
+    copies = [item for pair in zip(read, dims, strict=True) for item in pair]
+    tiled = [shape_values.simplify(count * dim) for count, dim in zip(read, dims, strict=True)]
+    spread_data = bb.normalize(relax.op.reshape(data, relax.ShapeExpr(spread)))
+    copied = bb.normalize(relax.op.broadcast_to(spread_data, relax.ShapeExpr(copies)))
+    return bb.normalize(relax.op.reshape(copied, relax.ShapeExpr(tiled)))
+
+
+def _reshape_scalar(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
+    """``Reshape`` of one shape value (a TIR expression: dynamo exports a size as a
+    scalar and reshapes it to ``[1]`` before a ``Concat``): an ``R.shape`` of it for a
+    target of one element, itself for a scalar target."""
+    import tvm
+    from tvm import relax
+
+    data = inputs[0]
+    if not tvm.ir.is_prim_expr(data):
+        return None
+    target = values(bb, inputs[1], sizes)
+    if target is None or len(target) > 1 or not _all_constant(target):
+        return None
+    if not target:
+        return data
+    if target[0].value not in (1, -1):
+        return None
+    return relax.ShapeExpr([shape_values.as_int64(data)])
+
+
+def _divide_sizes(inputs: list[Any], sizes: Sizes) -> Any | None:
+    """``Div`` of two int64 scalars, one of them a TIR expression (dynamo exports a size
+    as a scalar): floor division where it equals ONNX's truncation at every size the
+    model runs at (:class:`Sizes`), so it compares equal to TVM's shape inference."""
+    import tvm
+    from tvm import relax
+
+    if not any(tvm.ir.is_prim_expr(value) for value in inputs[:2]):
+        return None
+    scalars = []
+    for value in inputs[:2]:
+        if tvm.ir.is_prim_expr(value) and shape_values.dtype_of(value) == "int64":
+            scalars.append(value)
+        elif (
+            isinstance(value, tvm.ir.GenericConst)
+            and value.value.numpy().dtype == np.int64
+            and value.value.numpy().size == 1
+        ):
+            scalars.append(tvm.tirx.const(int(value.value.numpy().item()), "int64"))
+        else:
+            return None
+    if isinstance(scalars[1], tvm.tirx.IntImm) and scalars[1].value == 0:
+        return None  # TVM's converter says why
+    return relax.prim_value(shape_values.simplify(sizes.divide(*scalars)))
+
+
+def _concat_sizes(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
+    """``Concat`` of an ``R.shape`` with int64 tensors of shape arithmetic (TVM's converter
+    joins R.shapes with constants, not with tensors): one ``R.shape`` of all their values."""
+    from tvm import relax
+
+    if not any(isinstance(value, relax.ShapeExpr) for value in inputs):
+        return None
+    joined: list[Any] = []
+    for value in inputs:
+        read = values(bb, value, sizes)
+        if read is None:
+            return None
+        joined += read
+    return relax.ShapeExpr(joined)
+
+
+def _settled(value: Any) -> bool:
+    """Whether a shape operand is already in a form TVM's converters take as it is."""
+    import tvm
+    from tvm import relax
+
+    return value is None or isinstance(value, tvm.ir.GenericConst | relax.ShapeExpr)
+
+
+def _all_constant(items: Sequence[Any]) -> bool:
+    import tvm
+
+    return all(isinstance(item, tvm.tirx.IntImm) for item in items)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    import tvm
+
+    difference = shape_values.simplify(a - b)
+    return isinstance(difference, tvm.tirx.IntImm) and difference.value == 0
+
+
+def _symbolic(items: Sequence[Any]) -> str:
+    import tvm
+
+    return ", ".join(str(item) for item in items if not isinstance(item, tvm.tirx.IntImm))
+
+
+def _with(inputs: list[Any], index: int, value: Any) -> list[Any]:
+    """``inputs`` with ``value`` at ``index``, in the list type it came in (TVM's
+    converters index past the end of theirs for omitted optional inputs)."""
+    changed = list(inputs)
+    changed[index] = value
+    return type(inputs)(changed)

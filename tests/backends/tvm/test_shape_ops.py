@@ -1,0 +1,244 @@
+"""Shape arithmetic that TVM's importer refused with symbolic input dimensions.
+
+Each model computes a shape operand from ``Shape`` the way an exporter does (DeBERTa's
+``Tile``, SegFormer's ``Resize``, Swin's TorchScript ``F.pad``, wav2vec2's sliced
+positional convolution and its dynamo export's scalar sizes), is compiled once with its
+dimensions symbolic, and run at two sizes against ONNX Runtime on the same model. The
+tolerance is :data:`rewriter.backends.tvm.verify.COMPILED_TOLERANCE` (float32), as in
+``test_compile.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rewriter import verify
+from rewriter.backends import tvm as backend
+from rewriter.backends.tvm import import_onnx, shape_values
+from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
+from tests.helpers import run
+
+TOLERANCE = COMPILED_TOLERANCE["float32"]
+SEED = 0
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def ints(name: str, *values: int, scalar: bool = False) -> onnx.TensorProto:
+    array = np.array(values[0] if scalar else list(values), np.int64)
+    return numpy_helper.from_array(array, name)
+
+
+def model(
+    nodes: list[onnx.NodeProto],
+    inputs: dict[str, list[int | str]],
+    output: str,
+    initializers: list[onnx.TensorProto],
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "shape_arithmetic",
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+            for name, shape in inputs.items()
+        ],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        initializer=initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def assert_runs_symbolic(proto: onnx.ModelProto, shapes: list[dict[str, tuple[int, ...]]]) -> None:
+    """One library, compiled with the dimensions symbolic, agrees with ONNX Runtime at
+    every size in ``shapes``."""
+    compiled = backend.compile(proto, "llvm")
+    assert any(isinstance(dim, str) for _, shape, _ in compiled.signature.inputs for dim in shape)
+    rng = np.random.default_rng(SEED)
+    for sizes in shapes:
+        feeds = {
+            name: rng.standard_normal(shape).astype(np.float32) for name, shape in sizes.items()
+        }
+        reference, ours = run(proto, feeds), compiled.run(feeds)
+        for name, expected in reference.items():
+            assert ours[name].shape == expected.shape, (name, sizes)
+            comparison = verify.compare(name, expected, ours[name])
+            assert TOLERANCE.allows(comparison.max_abs_err, float(np.abs(expected).max())), (
+                name,
+                sizes,
+            )
+
+
+def test_tile_by_repeats_computed_from_a_dimension():
+    # DeBERTa: Tile(x, Concat(Unsqueeze(Shape(x)[1] / 2), [1])); TVM's node loop refused
+    # the R.shape of repeats ("cannot handle ShapeExpr inputs").
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["sequence"], axis=0),
+        helper.make_node("Div", ["sequence", "two"], ["half"]),
+        helper.make_node("Unsqueeze", ["half", "axes"], ["copies"]),
+        helper.make_node("Concat", ["copies", "ones"], ["repeats"], axis=0),
+        helper.make_node("Tile", ["x", "repeats"], ["out"]),
+    ]
+    initializers = [
+        ints("one", 1, scalar=True),
+        ints("two", 2, scalar=True),
+        ints("axes", 0),
+        ints("ones", 1),
+    ]
+    proto = model(nodes, {"x": ["batch", "sequence"]}, "out", initializers)
+    assert_runs_symbolic(proto, [{"x": (2, 4)}, {"x": (3, 7)}])
+
+
+def test_resize_to_sizes_that_keep_batch_and_channels_from_the_shape():
+    # SegFormer: Resize(x, sizes=Concat(Shape(x)[:2], [8, 8])); TVM's converter read
+    # every size as a constant, batch too.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], end=2),
+        helper.make_node("Concat", ["shape", "spatial"], ["sizes"], axis=0),
+        helper.make_node("Resize", ["x", "", "", "sizes"], ["out"], mode="linear"),
+    ]
+    proto = model(nodes, {"x": ["batch", 2, 4, 4]}, "out", [ints("spatial", 8, 8)])
+    assert_runs_symbolic(proto, [{"x": (1, 2, 4, 4)}, {"x": (3, 2, 4, 4)}])
+
+
+def _torch_pad(amount: str) -> list[onnx.NodeProto]:
+    """TorchScript's F.pad on a rank-3 ``x``: torch-ordered pads (last axis first, before
+    and after), reshaped to pairs, reversed, transposed and flattened to ONNX order."""
+    return [
+        helper.make_node("Unsqueeze", [amount, "axes"], ["amount_1d"]),
+        helper.make_node(
+            "Concat", ["zero", "zero", "zero", "amount_1d", "zero", "zero"], ["torch_pads"], axis=0
+        ),
+        helper.make_node("Reshape", ["torch_pads", "pairs"], ["paired"]),
+        helper.make_node(
+            "Slice", ["paired", "minus_one", "past_start", "axes", "minus_one"], ["reversed"]
+        ),
+        helper.make_node("Transpose", ["reversed"], ["onnx_order"], perm=[1, 0]),
+        helper.make_node("Reshape", ["onnx_order", "minus_one"], ["pads"]),
+        helper.make_node("Pad", ["x", "pads"], ["out"]),
+    ]
+
+
+def _pad_to_multiple(multiple: int, shape: list[int | str]) -> onnx.ModelProto:
+    """``x`` padded at the end of axis 1 to a multiple of ``multiple`` (Swin's windows):
+    ``(multiple - Shape(x)[1] % multiple) % multiple`` zeros."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+        helper.make_node("Mod", ["length", "multiple"], ["rest"]),
+        helper.make_node("Sub", ["multiple", "rest"], ["missing"]),
+        helper.make_node("Mod", ["missing", "multiple"], ["amount"]),
+        *_torch_pad("amount"),
+    ]
+    initializers = [
+        ints("one", 1, scalar=True),
+        ints("multiple", multiple, scalar=True),
+        ints("axes", 0),
+        ints("zero", 0),
+        ints("pairs", -1, 2),
+        ints("minus_one", -1),
+        ints("past_start", -INT64_MAX),
+    ]
+    return model(nodes, {"x": shape}, "out", initializers)
+
+
+def test_pads_computed_from_static_dimensions_fold_to_constants():
+    # Swin's TorchScript export: the window padding of a static size, computed from
+    # Shape and reordered as F.pad does; only the batch is symbolic.
+    proto = _pad_to_multiple(7, ["batch", 5, 3])
+    assert_runs_symbolic(proto, [{"x": (1, 5, 3)}, {"x": (4, 5, 3)}])
+
+
+def test_pads_of_a_symbolic_size_are_refused_naming_pad():
+    # TVM pads by constants only: with the padded axis symbolic, one line names the op.
+    with pytest.raises(
+        backend.SymbolicDimsError, match="Pad with sizes of the input dimensions"
+    ) as error:
+        backend.compile(_pad_to_multiple(8, ["batch", "length", 3]), "llvm")
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_a_slice_to_one_before_the_end_keeps_the_size_the_rest_of_the_model_has():
+    # wav2vec2's positional convolution gives one position more than the frames and
+    # drops the last one: TVM's clamp of n - 1, min(max(n - 1, 0), n), equals no other size
+    # where n (here samples - 2) is not known to be positive, so the sum had no shape
+    # and Shape of it failed ("shape_of expects a tensor input").
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["frames"]),
+        helper.make_node("Pad", ["frames", "pad_end"], ["longer"]),
+        helper.make_node("Slice", ["longer", "zero", "minus_one", "two"], ["sliced"]),
+        helper.make_node("Add", ["sliced", "frames"], ["total"]),
+        helper.make_node("Shape", ["total"], ["shape"]),
+        helper.make_node("Gather", ["shape", "two_scalar"], ["length"], axis=0),
+        helper.make_node("Range", ["zero_scalar", "length", "one_scalar"], ["positions"]),
+        helper.make_node("Cast", ["positions"], ["position_values"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["total", "position_values"], ["out"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(
+            np.random.default_rng(SEED).standard_normal((1, 1, 3)).astype(np.float32), "w"
+        ),
+        ints("pad_end", 0, 0, 0, 0, 0, 1),
+        ints("zero", 0),
+        ints("minus_one", -1),
+        ints("two", 2),
+        ints("two_scalar", 2, scalar=True),
+        ints("one_scalar", 1, scalar=True),
+        ints("zero_scalar", 0, scalar=True),
+    ]
+    proto = model(nodes, {"x": ["batch", 1, "samples"]}, "out", initializers)
+    assert_runs_symbolic(proto, [{"x": (1, 1, 5)}, {"x": (2, 1, 12)}])
+
+
+def test_sizes_divided_as_scalars_match_the_convolution_output():
+    # wav2vec2's dynamo export: the frame count as scalar arithmetic on Shape, ONNX's
+    # truncating Div ((samples - 10) / 5 + 1), reshaped to [1] for a Reshape target,
+    # beside the convolution's own count, (samples - 10) // 5 + 1; and a mask comparing
+    # positions with half the count (a scalar beside a tensor).
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["frames"], strides=[5]),
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "two"], ["samples"], axis=0),
+        helper.make_node("Gather", ["shape", "zero_1d"], ["batch"], axis=0),
+        helper.make_node("Sub", ["samples", "ten"], ["reach"]),
+        helper.make_node("Div", ["reach", "five"], ["steps"]),
+        helper.make_node("Add", ["steps", "one"], ["count"]),
+        helper.make_node("Reshape", ["count", "one_1d"], ["count_1d"]),
+        helper.make_node("Concat", ["batch", "count_1d"], ["target"], axis=0),
+        helper.make_node("Reshape", ["frames", "target"], ["flat"]),
+        helper.make_node("Squeeze", ["frames", "one_1d"], ["squeezed"]),
+        helper.make_node("Add", ["flat", "squeezed"], ["doubled"]),
+        helper.make_node("Range", ["zero", "count", "one"], ["positions"]),
+        helper.make_node("Div", ["count", "two"], ["half"]),
+        helper.make_node("GreaterOrEqual", ["positions", "half"], ["late"]),
+        helper.make_node("Cast", ["late"], ["late_values"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["doubled", "late_values"], ["out"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(
+            np.random.default_rng(SEED).standard_normal((1, 1, 10)).astype(np.float32), "w"
+        ),
+        ints("two", 2, scalar=True),
+        ints("zero_1d", 0),
+        ints("ten", 10, scalar=True),
+        ints("five", 5, scalar=True),
+        ints("one", 1, scalar=True),
+        ints("one_1d", 1),
+        ints("zero", 0, scalar=True),
+    ]
+    proto = model(nodes, {"x": ["batch", 1, "samples"]}, "out", initializers)
+    assert import_onnx.smallest_sizes(proto) == {"samples": 10}
+    assert_runs_symbolic(proto, [{"x": (1, 1, 40)}, {"x": (3, 1, 73)}])
+
+
+def test_division_of_sizes_is_floor_division_only_where_the_dividend_is_nonnegative():
+    import tvm
+
+    samples = tvm.tirx.Var("samples", "int64")
+    sizes = shape_values.Sizes({samples: 400})
+    five = tvm.tirx.const(5, "int64")
+    assert isinstance(sizes.divide(samples - 10, five), tvm.tirx.FloorDiv)
+    assert isinstance(sizes.divide(samples - 500, five), tvm.tirx.Div)  # negative below 500
+    assert isinstance(shape_values.Sizes().divide(samples - 10, five), tvm.tirx.Div)
