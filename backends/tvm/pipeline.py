@@ -71,6 +71,7 @@ def relax_pipeline(
         pairwise,
         reciprocal,
         reduce_identity,
+        reshape_views,
     )
 
     gpu = "gpu" in target.keys
@@ -98,12 +99,15 @@ def relax_pipeline(
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)
     legalizations = reduce_identity.legalizations()  # float max/min from -inf/+inf, not finfo
+    legalizations |= reshape_views.legalizations()  # symbolic reshapes stay views
     if fast_math:  # sigmoid, silu, gelu as exp/tanh/erf first: their fast forms vectorize
         passes += [activations.expand_activations(), relax.transform.FastMathTransform()]
         passes.append(reciprocal.divide_by_constants())  # x / c -> x * (1 / c)
         legalizations |= reciprocal.legalizations()  # quantize by a reciprocal scale
     passes.append(relax.transform.LegalizeOps(customize_legalize_map=legalizations))
-    passes += stages.legalize_passes(target)  # CUDA's ends with dlight's default rules
+    # TVM's stages after its own LegalizeOps (ours above legalized the rest, and what it
+    # kept, the symbolic reshapes, must stay); CUDA's end with dlight's default rules.
+    passes += [p for p in stages.legalize_passes(target) if p.info.name != "LegalizeOps"]
     if not gpu:
         passes.append(pack_weights.pack_matmul_weights(target))
         if tuner is not None:  # tuned records first; our rules skip what they scheduled
