@@ -66,6 +66,7 @@ def channels_last() -> tvm.transform.Pass:
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not _has_conv(mod):
             return mod
+        mod = clips_as_max_min(mod)
         try:
             mod = relax.transform.ConvertLayout(LAYOUTS)(mod)
         except Exception as exc:  # an op ConvertLayout has no rule for
@@ -75,6 +76,46 @@ def channels_last() -> tvm.transform.Pass:
         return trim_sliced_positions(_rewrite_convs(mod, pad_channels))
 
     return pass_
+
+
+def clips_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with every float ``clip(x, lo, hi)`` as ``minimum(maximum(x, lo), hi)``.
+
+    TVM's ``ConvertLayout`` has no layout rule for ``clip``: each one (MobileNetV3's
+    hardswish and hardsigmoid) went back to channels-first between two transposes, which
+    cut the activation out of the convolution's epilogue into a function of its own.
+    ``maximum`` and ``minimum`` follow the layout of their tensor operand. Exact (the
+    same comparisons)."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not _is_op(call, "relax.clip"):
+                return call
+            x, lo, hi = call.args
+            dtype = str(getattr(x.ty, "dtype", ""))
+            bounds = [_number(bound) for bound in (lo, hi)]
+            if not dtype.startswith("float") or None in bounds:
+                return call
+            low, high = (relax.const(bound, dtype) for bound in bounds)
+            return relax.op.minimum(self.builder_.emit(relax.op.maximum(x, low)), high)
+
+    mutator = Mutator(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def _number(expr: Any) -> float | None:
+    """The constant ``expr`` holds (an ``IntImm``/``FloatImm``, or a ``PrimValue`` of one), else None."""
+    while not isinstance(expr, (int, float)):
+        expr = getattr(expr, "value", None)
+        if expr is None:
+            return None
+    return float(expr)
 
 
 def trim_sliced_positions(mod: tvm.IRModule) -> tvm.IRModule:

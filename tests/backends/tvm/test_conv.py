@@ -252,3 +252,59 @@ def test_schedule_record_lists_unscheduled_functions():
     assert error < TOLERANCE.rtol
     assert compiled.schedules is not None
     assert any("cumsum" in name for name in compiled.schedules.unscheduled), compiled.schedules
+
+
+def squeeze_excite_block(channels: int = 48, size: int = 14) -> onnx.ModelProto:
+    """MobileNetV3's block: a depthwise 3x3 conv, HardSwish, then squeeze-excitation
+    (global average pool, 1x1 conv, Relu, 1x1 conv, HardSigmoid, times the features)."""
+    rng = np.random.default_rng(3)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        value = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+        return numpy_helper.from_array(value, name)
+
+    squeezed = channels // 4
+    inits = [
+        weight("dw", channels, 1, 3, 3),
+        weight("s1", squeezed, channels, 1, 1),
+        weight("s2", channels, squeezed, 1, 1),
+        numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "dw", "b"], ["c"], group=channels, kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("HardSwish", ["c"], ["h"]),
+        helper.make_node("GlobalAveragePool", ["h"], ["g"]),
+        helper.make_node("Conv", ["g", "s1"], ["q"]),
+        helper.make_node("Relu", ["q"], ["r"]),
+        helper.make_node("Conv", ["r", "s2"], ["e"]),
+        helper.make_node("HardSigmoid", ["e"], ["gate"], alpha=1 / 6),
+        helper.make_node("Mul", ["h", "gate"], ["y"]),
+    ]
+    return _model(nodes, [1, channels, size, size], inits)
+
+
+def test_hardswish_and_hardsigmoid_fuse_into_the_convolutions_and_agree():
+    # TVM's ConvertLayout has no rule for clip: HardSwish and HardSigmoid went back to
+    # channels-first between transposes, each a function of its own. As maximum/minimum
+    # they stay channels-last, in the convolutions' epilogues.
+    compiled, error = _run(squeeze_excite_block(), [1, 48, 14, 14])
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    assert not any("clip" in name for name in rules), rules
+    depthwise = [name for name, rule in rules.items() if rule == "channels-last window" and "conv2d" in name]
+    assert depthwise and all("minimum" in name for name in depthwise), rules
+    # The transposes are the model's edges only: in, and out (the output is NCHW).
+    assert sum("transpose" in name for name in rules) <= 2, rules
+
+
+def test_clips_become_maximum_then_minimum():
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType((1, 8, 4, 4), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        y = bb.emit(relax.op.clip(x, 0, 6))
+        bb.emit_func_output(y)
+    text = conv.clips_as_max_min(bb.get())["main"].script()
+    assert "R.clip" not in text
+    assert "R.maximum" in text and "R.minimum" in text
