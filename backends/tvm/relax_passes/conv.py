@@ -44,10 +44,17 @@ LAYOUTS = {"relax.nn.conv1d": ["NWC", "WIO"], "relax.nn.conv2d": ["NHWC", "HWIO"
 PANEL_VECTORS = 2
 # Marks a convolution whose weight pack_weights stored as panels (value: the panel width).
 PACKED_ANNOTATION = "rewriter.packed_conv"
-# Output pixels per window-rule tile, at most, and its channel widths, widest first
-# (measured: 48 lanes ran 4x slower than 32 on a 7x7 depthwise conv; 24 beat 8).
-WINDOW_PIXELS = 4
-WINDOW_WIDTHS = (64, 32, 24, 16, 8)
+# Output pixels per window-rule tile, at most (fewer where the accumulators would not fit
+# the registers), and its channel widths, widest first: whole vectors only (48 or 24 lanes,
+# a vector and a half, ran 2-4x slower than 16 or 8 on MobileNetV3's depthwise convs: LLVM
+# shuffled the accumulators lane by lane).
+WINDOW_PIXELS = 8
+WINDOW_WIDTHS = (64, 32, 16, 8)
+# A window's padded copy of its input is made where each copied element is read at least
+# this many times, else the padding is tested in the window's loads (measured on
+# MobileNetV3-small: a 3x3 stride-2 depthwise conv, 2 reads per element, ran in half the
+# time without the copy; a 5x5 stride-1 one on 14x14, 15 reads, 15% faster with it).
+WINDOW_COPY_READS = 12
 # The innermost reduction loop (input channels) is unrolled by this much.
 K_UNROLL = 4
 
@@ -485,19 +492,27 @@ def rules() -> dict[str, Any]:
         sch.transform_block_layout(tail, index_map(fused, ndim=lead))
 
     def finish_producers(sch: Any, producers: list[Any], lanes: int) -> None:
-        """Padding copies, computed once per call: image rows in parallel, each row (its
-        pixels' channels, contiguous on both sides) vectorized where whole vectors cover it."""
+        """Padding copies, computed once per call: image rows in parallel, each pixel's
+        channels vectorized (whole vectors of them: the padding test is then one per
+        vector); where no vector of at least a quarter of ``lanes`` divides the channels,
+        each row (contiguous on both sides) where whole vectors cover it."""
         for block in producers:
             loops = sch.get_loops(block)
             if len(loops) < 2:
                 sch.parallel(loops[0])
                 continue
+            channels = int(sch.get(loops[-1]).extent)
+            width = next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and channels % w == 0), None)
             rows = sch.fuse(*loops[:-2]) if len(loops) > 2 else None
-            row = sch.fuse(*loops[-2:])
-            extent = int(sch.get(row).extent)
-            if extent % lanes == 0:
-                _, inner = sch.split(row, [None, lanes])
+            if width is not None:
+                _, inner = sch.split(loops[-1], [None, width])
                 sch.vectorize(inner)
+            else:
+                row = sch.fuse(*loops[-2:])
+                extent = int(sch.get(row).extent)
+                if extent % lanes == 0:
+                    _, inner = sch.split(row, [None, lanes])
+                    sch.vectorize(inner)
             sch.parallel(rows if rows is not None else sch.get_loops(block)[0])
 
     def tile(
@@ -627,13 +642,66 @@ def rules() -> dict[str, Any]:
             tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
             if len(sch.get(tail).iter_vars) != lead:
                 return None
-            flatten_pixels(sch, block, tail, lead, extents, keep)
-            pixels = 1
-            for extent in extents[: lead - 1]:
-                pixels *= extent
-            tile(sch, block, tail, pixels, WINDOW_PIXELS, tile_j, False, keep)
+            limit = min(WINDOW_PIXELS, schedules.tile_rows(tile_j, self.lanes))
+            tail_extents = [iv.dom.extent for iv in sch.get(tail).iter_vars]
+            same = all(
+                isinstance(t, tirx.IntImm) and int(t) == e
+                for t, e in zip(tail_extents[keep:lead], extents[keep:lead], strict=True)
+            )
+            width = extents[lead - 2]
+            tile_i = max(d for d in range(1, limit + 1) if width % d == 0)
+            if same and lead - 1 - keep >= 2 and 2 * tile_i >= limit:
+                producers = inline_cheap_padding(sch, producers, extents)
+                row_tile(sch, block, tail, lead, tile_i, tile_j)
+            else:
+                flatten_pixels(sch, block, tail, lead, extents, keep)
+                pixels = 1
+                for extent in extents[: lead - 1]:
+                    pixels *= extent
+                tile(sch, block, tail, pixels, limit, tile_j, False, keep)
             finish_producers(sch, producers, self.lanes)
             return sch
+
+    def inline_cheap_padding(sch: Any, producers: list[Any], extents: list[int]) -> list[Any]:
+        """The padding copies of a window (its iterators' ``extents``) still worth making:
+        one whose elements are each read fewer than :data:`WINDOW_COPY_READS` times is
+        inlined (its bounds test moves into the window's loads)."""
+        reads = 1
+        for extent in extents:
+            reads *= extent
+        kept = []
+        for producer in producers:
+            copied = 1
+            for extent in sch.get(producer).writes[0].source.shape:
+                copied *= int(extent) if isinstance(extent, tirx.IntImm) else 0
+            if copied and reads < WINDOW_COPY_READS * copied:
+                try:
+                    sch.compute_inline(producer)
+                    continue
+                except Exception:  # not a plain padding: it stays a copy
+                    pass
+            kept.append(producer)
+        return kept
+
+    def row_tile(sch: Any, block: Any, tail: Any, lead: int, tile_i: int, tile_j: int) -> None:
+        """The window's register tile: ``tile_i`` neighbouring pixels of one image row
+        (``tile_i`` divides the row) x ``tile_j`` channels, accumulated over the window,
+        ``tail`` (the epilogue) on each finished tile. Within a row, every input address
+        is the tile's base plus a constant (no per-pixel division: pixels flattened across
+        rows cost a ``// W`` and ``% W`` per load, and the loads' addresses were computed
+        in scalar code, four instructions per FMA)."""
+        loops = sch.get_loops(block)
+        rows, width, channel, reduction = loops[: lead - 2], loops[lead - 2], loops[lead - 1], loops[lead:]
+        wo, wi = sch.split(width, [None, tile_i])
+        co, ci = sch.split(channel, [None, tile_j])
+        sch.reorder(co, *rows, wo, *reduction, wi, ci)
+        sch.reverse_compute_at(tail, wo)
+        sch.set_scope(block, 0, "local")
+        sch.vectorize(ci)
+        sch.unroll(wi)
+        sch.vectorize(sch.get_loops(tail)[-1])
+        sch.parallel(sch.fuse(co, *rows, wo))
+        sch.decompose_reduction(block, reduction[0])
 
     def _is_channel_plus_reduction(expr: Any, channel: Any, reductions: list[Any]) -> bool:
         """``c + r`` with ``r`` a unit reduction (a depthwise convolution's input channel)."""

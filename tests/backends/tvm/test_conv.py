@@ -308,3 +308,61 @@ def test_clips_become_maximum_then_minimum():
     text = conv.clips_as_max_min(bb.get())["main"].script()
     assert "R.clip" not in text
     assert "R.maximum" in text and "R.minimum" in text
+
+
+def _window_schedule(channels: int, size: int, kernel: int, stride: int) -> str:
+    """The window rule's schedule (TVMScript) of a legalized channels-last depthwise conv."""
+    import tvm
+    from tvm import relax
+
+    from rewriter.backends.tvm import targets
+
+    x = relax.Var("x", relax.TensorType((1, size, size, channels), "float32"))
+    w = relax.Var("w", relax.TensorType((kernel, kernel, 1, channels), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        y = relax.op.nn.conv2d(
+            x, w, strides=stride, padding=kernel // 2, groups=channels, data_layout="NHWC", kernel_layout="HWIO"
+        )
+        bb.emit_func_output(bb.emit(y))
+    mod = relax.transform.LegalizeOps()(bb.get())
+    func = next(f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    target = targets.resolve("avx512")
+    sch = conv.rules()["window"](16).apply(func, target, False)
+    assert sch is not None
+    return str(sch.mod["main"].script())
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "kernel", "stride", "copied", "lanes", "pixels"),
+    [
+        # 2 reads per padded element: the padding is tested in the loads, no copy;
+        # 72 channels: 8-lane vectors (no 24-lane ones), 7 of the 14 pixels of a row.
+        pytest.param(72, 28, 3, 2, False, 8, 7, id="3x3-stride2-72"),
+        # 15 reads per padded element: the copy pays; 8 of 16 pixels, 16 lanes of 240.
+        pytest.param(240, 16, 5, 1, True, 16, 8, id="5x5-240"),
+    ],
+)
+def test_depthwise_window_tiles_pixels_of_one_row(channels, size, kernel, stride, copied, lanes, pixels):
+    text = _window_schedule(channels, size, kernel, stride)
+    assert ("pad_temp = T.sblock_alloc_buffer" in text) == copied, text
+    assert f"T.vectorized(T.int64({lanes}))" in text, text
+    assert f"T.unroll(T.int64({pixels}))" in text, text
+    # Pixels of one row: no flattened pixel index (a division by the width per load).
+    width = (size + stride - 1) // stride
+    assert f"// T.int64({width})" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "kernel", "stride"),
+    [
+        pytest.param(72, 28, 3, 2, id="3x3-stride2-72"),
+        pytest.param(240, 14, 5, 1, id="5x5-240"),
+        pytest.param(88, 13, 3, 1, id="3x3-ragged-row-88"),  # 13 pixels: flattened tiles
+    ],
+)
+def test_depthwise_convs_agree(channels, size, kernel, stride):
+    model = conv_model([1, channels, size, size], channels, kernel, stride, kernel // 2, channels)
+    compiled, error = _run(model, [1, channels, size, size])
+    assert error < TOLERANCE.rtol
+    assert "channels-last window" in _rules(compiled).values(), _rules(compiled)
