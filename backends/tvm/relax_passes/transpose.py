@@ -31,7 +31,7 @@ def rule() -> Any:
     class BlockedTranspose(schedules.cpu_rule_base()):  # type: ignore[misc]
         """One copy block ``Y[i...] = X[perm(i...)]`` whose innermost axes differ, both at
         least one tile (``lanes``) long: tiled, the output's innermost axis vectorized
-        where tiles are whole."""
+        where tiles are whole; one of them shorter: :func:`short_axis`."""
 
         what = "transpose"
 
@@ -73,9 +73,13 @@ def rule() -> Any:
                 return None
             size = self.lanes
             extents = [iv.dom.extent for iv in stmt.iter_vars]
-            for axis in (out_inner, in_inner):
-                if not isinstance(extents[axis], tirx.IntImm) or int(extents[axis]) < size:
-                    return None
+            if not all(isinstance(extents[axis], tirx.IntImm) for axis in (out_inner, in_inner)):
+                return None
+            short = [axis for axis in (out_inner, in_inner) if int(extents[axis]) < size]
+            if len(short) == 2:
+                return None
+            if short:
+                return short_axis(sch, loops, short[0], in_inner if short[0] == out_inner else out_inner, size)
             # A ragged tile's tail is masked by a predicate, which vectorize refuses: the
             # output's axis is vectorized only where whole tiles cover it.
             a_outer, a_inner = sch.split(loops[out_inner], [None, size])
@@ -86,6 +90,22 @@ def rule() -> Any:
                 sch.vectorize(a_inner)
             sch.parallel(sch.fuse(*rest, b_outer, a_outer))
             return sch
+
+    def short_axis(sch: Any, loops: list[Any], short: int, long: int, size: int) -> Any:
+        """A transpose whose one innermost axis is shorter than a vector (an image's 3
+        channels, NCHW -> NHWC, before the first convolution): the long axis in whole
+        vectors (contiguous on its side), the short one unrolled inside, one strided access
+        per element on its side (tiles of ``size x size`` do not fit; each element as
+        TVM's elementwise vectors gathered it took 15x longer)."""
+        extent = int(sch.get(loops[long]).extent)
+        outer, inner = sch.split(loops[long], [None, size])
+        rest = [loop for i, loop in enumerate(loops) if i not in (short, long)]
+        sch.reorder(*rest, outer, loops[short], inner)
+        sch.unroll(loops[short])
+        if extent % size == 0:
+            sch.vectorize(inner)
+        sch.parallel(sch.fuse(*rest) if rest else outer)
+        return sch
 
     _RULE.append(BlockedTranspose)
     return BlockedTranspose

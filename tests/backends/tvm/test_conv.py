@@ -366,3 +366,33 @@ def test_depthwise_convs_agree(channels, size, kernel, stride):
     compiled, error = _run(model, [1, channels, size, size])
     assert error < TOLERANCE.rtol
     assert "channels-last window" in _rules(compiled).values(), _rules(compiled)
+
+
+@pytest.mark.parametrize(
+    ("shape", "perm"),
+    [
+        pytest.param([2, 3, 20, 32], [0, 2, 3, 1], id="image-channels-last"),  # 3 channels: a short output axis
+        pytest.param([2, 20, 32, 3], [0, 3, 1, 2], id="channels-first"),  # a short input axis
+        pytest.param([1, 3, 20, 20], [0, 2, 3, 1], id="ragged-row"),  # 20: a masked last vector
+    ],
+)
+def test_transpose_with_a_short_innermost_axis_is_scheduled_and_exact(shape, perm):
+    # An image's 3 channels moved last before the first convolution: the long axis in
+    # vectors, the short one unrolled (TVM's elementwise vectors gathered each element).
+    out = [shape[p] for p in perm]
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["y"], perm=perm)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
+    )
+    compiled, error = _run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), shape)
+    assert error == 0
+    assert list(_rules(compiled).values()) == ["transpose"], _rules(compiled)
+
+
+def test_first_convolution_of_an_image_gets_a_scheduled_transpose():
+    compiled, error = _run(conv_model([1, 3, 32, 32], 16, 3, 2, 1), [1, 3, 32, 32])
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    assert "transpose" in rules.values() and "elementwise" not in rules.values(), rules
