@@ -51,7 +51,7 @@ PACKED_ANNOTATION = "rewriter.packed_conv"
 WINDOW_PIXELS = 8
 WINDOW_WIDTHS = (64, 32, 16, 8)
 # A window's padded copy of its input is made where each copied element is read at least
-# this many times, else the padding is tested in the window's loads (measured on
+# this many times (and the copy fits WINDOW_BLOCK_BYTES), else the padding is tested in the window's loads (measured on
 # MobileNetV3-small: a 3x3 stride-2 depthwise conv, 2 reads per element, ran in half the
 # time without the copy; a 5x5 stride-1 one on 14x14, 15 reads, 15% faster with it).
 WINDOW_COPY_READS = 12
@@ -685,8 +685,10 @@ def rules() -> dict[str, Any]:
 
     def inline_cheap_padding(sch: Any, producers: list[Any], extents: list[int]) -> list[Any]:
         """The padding copies of a window (its iterators' ``extents``) still worth making:
-        one whose elements are each read fewer than :data:`WINDOW_COPY_READS` times is
-        inlined (its bounds test moves into the window's loads)."""
+        one whose elements are each read fewer than :data:`WINDOW_COPY_READS` times, or
+        larger than :data:`WINDOW_BLOCK_BYTES` (written to memory, not L2: at batch 8,
+        MobileNetV3's 5x5 depthwise convs ran 1.5x slower with it), is inlined (its
+        bounds test moves into the window's loads)."""
         reads = 1
         for extent in extents:
             reads *= extent
@@ -695,7 +697,7 @@ def rules() -> dict[str, Any]:
             copied = 1
             for extent in sch.get(producer).writes[0].source.shape:
                 copied *= int(extent) if isinstance(extent, tirx.IntImm) else 0
-            if copied and reads < WINDOW_COPY_READS * copied:
+            if copied and (reads < WINDOW_COPY_READS * copied or 4 * copied > WINDOW_BLOCK_BYTES):
                 try:
                     sch.compute_inline(producer)
                     continue
