@@ -401,6 +401,7 @@ def rules() -> dict[str, Any]:
     """The rule classes, ``{"conv": ConvRule, "window": WindowRule}`` (defined on first use)."""
     if _RULES:
         return _RULES
+    import tvm
     from tvm import s_tir, tirx
 
     from rewriter.backends.tvm.relax_passes import schedules
@@ -493,6 +494,22 @@ def rules() -> dict[str, Any]:
                 return (*a[:keep], position, *a[lead - 1 :])
 
         sch.transform_block_layout(tail, index_map(fused, ndim=lead))
+
+    def inline_plain_copies(sch: Any, producers: list[Any]) -> list[Any]:
+        """``producers`` but the plain copies, inlined: TVM's ``pad_temp`` of a
+        convolution without padding (every 1x1 convolution) copied the whole input once
+        per call."""
+        kept = []
+        for producer in producers:
+            body = sch.get(producer).body
+            if isinstance(body, tirx.BufferStore) and isinstance(body.value, tvm.ir.TensorLoad):
+                try:
+                    sch.compute_inline(producer)
+                    continue
+                except Exception:  # an index TVM cannot substitute: it stays a copy
+                    pass
+            kept.append(producer)
+        return kept
 
     def finish_producers(sch: Any, producers: list[Any], lanes: int) -> None:
         """Padding copies, computed once per call: image rows in parallel, each pixel's
@@ -608,7 +625,7 @@ def rules() -> dict[str, Any]:
             for extent in extents[: lead - 1]:
                 pixels *= extent
             tile(sch, block, tail, pixels, schedules.tile_rows(tile_j, self.lanes), tile_j, True, keep)
-            finish_producers(sch, producers, self.lanes)
+            finish_producers(sch, inline_plain_copies(sch, producers), self.lanes)
             return sch
 
     class WindowRule(base):  # type: ignore[misc, valid-type]

@@ -310,27 +310,33 @@ def test_clips_become_maximum_then_minimum():
     assert "R.maximum" in text and "R.minimum" in text
 
 
-def _window_schedule(channels: int, size: int, kernel: int, stride: int) -> str:
-    """The window rule's schedule (TVMScript) of a legalized channels-last depthwise conv."""
+def _scheduled(rule: str, size: int, weight: tuple[int, int, int, int], stride: int, groups: int) -> str:
+    """Rule ``rule``'s schedule (TVMScript) of a legalized channels-last conv of an
+    ``size x size`` image with an HWIO ``weight``, padded by half the kernel."""
     import tvm
     from tvm import relax
 
     from rewriter.backends.tvm import targets
 
+    channels = weight[2] * groups
     x = relax.Var("x", relax.TensorType((1, size, size, channels), "float32"))
-    w = relax.Var("w", relax.TensorType((kernel, kernel, 1, channels), "float32"))
+    w = relax.Var("w", relax.TensorType(weight, "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x, w]):
         y = relax.op.nn.conv2d(
-            x, w, strides=stride, padding=kernel // 2, groups=channels, data_layout="NHWC", kernel_layout="HWIO"
+            x, w, strides=stride, padding=weight[0] // 2, groups=groups, data_layout="NHWC", kernel_layout="HWIO"
         )
         bb.emit_func_output(bb.emit(y))
     mod = relax.transform.LegalizeOps()(bb.get())
     func = next(f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
-    target = targets.resolve("avx512")
-    sch = conv.rules()["window"](16).apply(func, target, False)
+    sch = conv.rules()[rule](16).apply(func, targets.resolve("avx512"), False)
     assert sch is not None
     return str(sch.mod["main"].script())
+
+
+def _window_schedule(channels: int, size: int, kernel: int, stride: int) -> str:
+    """The window rule's schedule of a depthwise conv."""
+    return _scheduled("window", size, (kernel, kernel, 1, channels), stride, channels)
 
 
 @pytest.mark.parametrize(
@@ -396,3 +402,12 @@ def test_first_convolution_of_an_image_gets_a_scheduled_transpose():
     assert error < TOLERANCE.rtol
     rules = _rules(compiled)
     assert "transpose" in rules.values() and "elementwise" not in rules.values(), rules
+
+
+def test_pointwise_conv_reads_its_input_without_a_copy():
+    # TVM's pad_temp of an unpadded (1x1) convolution is a plain copy: inlined.
+    text = _scheduled("conv", 14, (1, 1, 16, 64), 1, 1)
+    assert "pad_temp" not in text, text
+    assert "T.vectorized(T.int64(32))" in text, text  # two-vector register tiles
+    padded = _scheduled("conv", 14, (3, 3, 16, 64), 1, 1)
+    assert "pad_temp = T.sblock_alloc_buffer" in padded, padded  # read 9 times per element: kept
