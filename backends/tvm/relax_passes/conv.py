@@ -51,9 +51,10 @@ PACKED_ANNOTATION = "rewriter.packed_conv"
 WINDOW_PIXELS = 8
 WINDOW_WIDTHS = (64, 32, 16, 8)
 # A window's padded copy of its input is made where each copied element is read at least
-# this many times (and the copy fits WINDOW_BLOCK_BYTES), else the padding is tested in the window's loads (measured on
-# MobileNetV3-small: a 3x3 stride-2 depthwise conv, 2 reads per element, ran in half the
-# time without the copy; a 5x5 stride-1 one on 14x14, 15 reads, 15% faster with it).
+# this many times and the copy fits WINDOW_BLOCK_BYTES, else the padding is tested in the
+# window's loads (measured on MobileNetV3-small: a 3x3 stride-2 depthwise conv, 2 reads
+# per element, ran in half the time without the copy; a 5x5 stride-1 one on 14x14, 15
+# reads, 15% faster with it).
 WINDOW_COPY_READS = 12
 # The window rule sweeps each channel tile over blocks of output rows whose input is
 # at most this large (a quarter of a 2 MiB L2).
@@ -675,7 +676,8 @@ def rules() -> dict[str, Any]:
                 for extent in extents[keep : lead - 2]:
                     rows *= extent
                 row_bytes = max(input_bytes(stmt, keep) // rows, 1)
-                block_rows = max(d for d in range(1, rows + 1) if rows % d == 0 and d * row_bytes <= WINDOW_BLOCK_BYTES or d == 1)
+                fitting = [d for d in range(2, rows + 1) if rows % d == 0 and d * row_bytes <= WINDOW_BLOCK_BYTES]
+                block_rows = max(fitting, default=1)
                 producers = inline_cheap_padding(sch, producers, extents)
                 row_tile(sch, block, tail, lead, keep, (tile_i, tile_j), block_rows)
             else:
@@ -687,18 +689,18 @@ def rules() -> dict[str, Any]:
             finish_producers(sch, producers, self.lanes)
             return sch
 
+    def buffer_bytes(buffer: Any, keep: int = 0) -> int:
+        """Bytes of ``buffer`` (its ``keep`` leading axes left out); 0 if it is symbolic."""
+        size = (tvm.DataType(str(buffer.dtype)).bits + 7) // 8
+        for extent in list(buffer.shape)[keep:]:
+            size *= int(extent) if isinstance(extent, tirx.IntImm) else 0
+        return size
+
     def input_bytes(stmt: Any, keep: int) -> int:
         """Bytes of the largest buffer a window reads, per image of a symbolic batch
         (``keep`` leading axes left out)."""
-        largest = 0
-        for read in stmt.reads:
-            if read.source.same_as(stmt.writes[0].source):
-                continue
-            size = 4
-            for extent in list(read.source.shape)[keep:]:
-                size *= int(extent) if isinstance(extent, tirx.IntImm) else 0
-            largest = max(largest, size)
-        return largest
+        sources = [read.source for read in stmt.reads if not read.source.same_as(stmt.writes[0].source)]
+        return max((buffer_bytes(source, keep) for source in sources), default=0)
 
     def inline_cheap_padding(sch: Any, producers: list[Any], extents: list[int]) -> list[Any]:
         """The padding copies of a window (its iterators' ``extents``) still worth making:
@@ -711,10 +713,11 @@ def rules() -> dict[str, Any]:
             reads *= extent
         kept = []
         for producer in producers:
-            copied = 1
-            for extent in sch.get(producer).writes[0].source.shape:
+            buffer = sch.get(producer).writes[0].source
+            copied, size = 1, buffer_bytes(buffer)
+            for extent in buffer.shape:
                 copied *= int(extent) if isinstance(extent, tirx.IntImm) else 0
-            if copied and (reads < WINDOW_COPY_READS * copied or 4 * copied > WINDOW_BLOCK_BYTES):
+            if copied and (reads < WINDOW_COPY_READS * copied or size > WINDOW_BLOCK_BYTES):
                 try:
                     sch.compute_inline(producer)
                     continue
