@@ -411,3 +411,18 @@ def test_pointwise_conv_reads_its_input_without_a_copy():
     assert "T.vectorized(T.int64(32))" in text, text  # two-vector register tiles
     padded = _scheduled("conv", 14, (3, 3, 16, 64), 1, 1)
     assert "pad_temp = T.sblock_alloc_buffer" in padded, padded  # read 9 times per element: kept
+
+
+@pytest.mark.parametrize(
+    ("weight", "copied"),
+    [
+        pytest.param((3, 3, 3, 16), False, id="3x3-stride2-image"),  # each padded element read ~2 times: inlined
+        pytest.param((7, 7, 3, 64), True, id="7x7-stride2-image"),  # ~17 times: the copy pays
+    ],
+)
+def test_first_convolution_copies_its_padded_image_only_where_it_is_reread(weight, copied):
+    text = _scheduled("conv", 32, weight, 2, 1)
+    assert ("pad_temp = T.sblock_alloc_buffer" in text) == copied, text
+    model = conv_model([1, 3, 32, 32], weight[3], weight[0], 2, weight[0] // 2)
+    _, error = _run(model, [1, 3, 32, 32])
+    assert error < TOLERANCE.rtol
