@@ -44,10 +44,21 @@ LAYOUTS = {"relax.nn.conv1d": ["NWC", "WIO"], "relax.nn.conv2d": ["NHWC", "HWIO"
 PANEL_VECTORS = 2
 # Marks a convolution whose weight pack_weights stored as panels (value: the panel width).
 PACKED_ANNOTATION = "rewriter.packed_conv"
-# Output pixels per window-rule tile, at most, and its channel widths, widest first
-# (measured: 48 lanes ran 4x slower than 32 on a 7x7 depthwise conv; 24 beat 8).
-WINDOW_PIXELS = 4
-WINDOW_WIDTHS = (64, 32, 24, 16, 8)
+# Output pixels per window-rule tile, at most (fewer where the accumulators would not fit
+# the registers), and its channel widths, widest first: whole vectors only (48 or 24 lanes,
+# a vector and a half, ran 2-4x slower than 16 or 8 on MobileNetV3's depthwise convs: LLVM
+# shuffled the accumulators lane by lane).
+WINDOW_PIXELS = 8
+WINDOW_WIDTHS = (64, 32, 16, 8)
+# A window's padded copy of its input is made where each copied element is read at least
+# this many times and the copy fits WINDOW_BLOCK_BYTES, else the padding is tested in the
+# window's loads (measured on MobileNetV3-small: a 3x3 stride-2 depthwise conv, 2 reads
+# per element, ran in half the time without the copy; a 5x5 stride-1 one on 14x14, 15
+# reads, 15% faster with it).
+WINDOW_COPY_READS = 12
+# The window rule sweeps each channel tile over blocks of output rows whose input is
+# at most this large (a quarter of a 2 MiB L2).
+WINDOW_BLOCK_BYTES = 1 << 19
 # The innermost reduction loop (input channels) is unrolled by this much.
 K_UNROLL = 4
 
@@ -66,6 +77,7 @@ def channels_last() -> tvm.transform.Pass:
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not _has_conv(mod):
             return mod
+        mod = clips_as_max_min(mod)
         try:
             mod = relax.transform.ConvertLayout(LAYOUTS)(mod)
         except Exception as exc:  # an op ConvertLayout has no rule for
@@ -75,6 +87,46 @@ def channels_last() -> tvm.transform.Pass:
         return trim_sliced_positions(_rewrite_convs(mod, pad_channels))
 
     return pass_
+
+
+def clips_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with every float ``clip(x, lo, hi)`` as ``minimum(maximum(x, lo), hi)``.
+
+    TVM's ``ConvertLayout`` has no layout rule for ``clip``: each one (MobileNetV3's
+    hardswish and hardsigmoid) went back to channels-first between two transposes, which
+    cut the activation out of the convolution's epilogue into a function of its own.
+    ``maximum`` and ``minimum`` follow the layout of their tensor operand. Exact (the
+    same comparisons)."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not _is_op(call, "relax.clip"):
+                return call
+            x, lo, hi = call.args
+            dtype = str(getattr(x.ty, "dtype", ""))
+            bounds = [_number(bound) for bound in (lo, hi)]
+            if not dtype.startswith("float") or None in bounds:
+                return call
+            low, high = (relax.const(bound, dtype) for bound in bounds)
+            return relax.op.minimum(self.builder_.emit(relax.op.maximum(x, low)), high)
+
+    mutator = Mutator(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def _number(expr: Any) -> float | None:
+    """The constant ``expr`` holds (an ``IntImm``/``FloatImm``, or a ``PrimValue`` of one), else None."""
+    while not isinstance(expr, (int, float)):
+        expr = getattr(expr, "value", None)
+        if expr is None:
+            return None
+    return float(expr)
 
 
 def trim_sliced_positions(mod: tvm.IRModule) -> tvm.IRModule:
@@ -350,6 +402,7 @@ def rules() -> dict[str, Any]:
     """The rule classes, ``{"conv": ConvRule, "window": WindowRule}`` (defined on first use)."""
     if _RULES:
         return _RULES
+    import tvm
     from tvm import s_tir, tirx
 
     from rewriter.backends.tvm.relax_passes import schedules
@@ -446,20 +499,44 @@ def rules() -> dict[str, Any]:
 
         sch.transform_block_layout(tail, index_map(fused, ndim=lead))
 
+    def inline_plain_copies(sch: Any, producers: list[Any]) -> list[Any]:
+        """``producers`` but the plain copies, inlined: TVM's ``pad_temp`` of a
+        convolution without padding (every 1x1 convolution) copied the whole input once
+        per call."""
+        kept = []
+        for producer in producers:
+            body = sch.get(producer).body
+            if isinstance(body, tirx.BufferStore) and isinstance(body.value, tvm.ir.TensorLoad):
+                try:
+                    sch.compute_inline(producer)
+                    continue
+                except Exception:  # an index TVM cannot substitute: it stays a copy
+                    pass
+            kept.append(producer)
+        return kept
+
     def finish_producers(sch: Any, producers: list[Any], lanes: int) -> None:
-        """Padding copies, computed once per call: image rows in parallel, each row (its
-        pixels' channels, contiguous on both sides) vectorized where whole vectors cover it."""
+        """Padding copies, computed once per call: image rows in parallel, each pixel's
+        channels vectorized (whole vectors of them: the padding test is then one per
+        vector); where no vector of at least a quarter of ``lanes`` divides the channels,
+        each row (contiguous on both sides) where whole vectors cover it."""
         for block in producers:
             loops = sch.get_loops(block)
             if len(loops) < 2:
                 sch.parallel(loops[0])
                 continue
+            channels = int(sch.get(loops[-1]).extent)
+            width = next((w for w in (lanes, lanes // 2, lanes // 4) if w > 1 and channels % w == 0), None)
             rows = sch.fuse(*loops[:-2]) if len(loops) > 2 else None
-            row = sch.fuse(*loops[-2:])
-            extent = sch.get(row).extent
-            if isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
-                _, inner = sch.split(row, [None, lanes])
+            if width is not None:
+                _, inner = sch.split(loops[-1], [None, width])
                 sch.vectorize(inner)
+            else:
+                row = sch.fuse(*loops[-2:])
+                extent = sch.get(row).extent  # symbolic: a 1-D signal's length
+                if isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
+                    _, inner = sch.split(row, [None, lanes])
+                    sch.vectorize(inner)
             sch.parallel(rows if rows is not None else sch.get_loops(block)[0])
 
     def tile(
@@ -555,6 +632,15 @@ def rules() -> dict[str, Any]:
             for extent in extents[: lead - 1]:
                 pixels *= extent
             tile(sch, block, tail, pixels, schedules.tile_rows(tile_j, self.lanes), tile_j, True, keep)
+            # Each input element is read once per output-channel tile.
+            reads = [*extents[: lead - 1], extents[lead - 1] // tile_j, *extents[lead:]]
+            producers = inline_plain_copies(sch, producers)
+            # An image's first convolution (3 input channels, stride 2) reads each padded
+            # element about twice: its copy went to memory at batch 8 (1.24 to 0.94 ms
+            # without it, MobileNetV3-small). Wider inputs keep theirs: inlined, the
+            # bounds tests in the micro-kernel slowed ResNet-18's convs 1.3x.
+            if extents[-1] < self.lanes:
+                producers = inline_cheap_padding(sch, producers, reads, any_size=False)
             finish_producers(sch, producers, self.lanes)
             return sch
 
@@ -592,13 +678,102 @@ def rules() -> dict[str, Any]:
             tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
             if len(sch.get(tail).iter_vars) != lead:
                 return None
-            flatten_pixels(sch, block, tail, lead, extents, keep)
-            pixels = 1
-            for extent in extents[: lead - 1]:
-                pixels *= extent
-            tile(sch, block, tail, pixels, WINDOW_PIXELS, tile_j, False, keep)
+            limit = min(WINDOW_PIXELS, schedules.tile_rows(tile_j, self.lanes))
+            tail_extents = [iv.dom.extent for iv in sch.get(tail).iter_vars]
+            same = all(
+                isinstance(t, tirx.IntImm) and int(t) == e
+                for t, e in zip(tail_extents[keep:lead], extents[keep:lead], strict=True)
+            )
+            width = extents[lead - 2]
+            tile_i = max(d for d in range(1, limit + 1) if width % d == 0)
+            if same and lead - 1 - keep >= 2 and 2 * tile_i >= limit:
+                rows = 1
+                for extent in extents[keep : lead - 2]:
+                    rows *= extent
+                row_bytes = max(input_bytes(stmt, keep) // rows, 1)
+                fitting = [d for d in range(2, rows + 1) if rows % d == 0 and d * row_bytes <= WINDOW_BLOCK_BYTES]
+                block_rows = max(fitting, default=1)
+                producers = inline_cheap_padding(sch, producers, extents)
+                row_tile(sch, block, tail, lead, keep, (tile_i, tile_j), block_rows)
+            else:
+                flatten_pixels(sch, block, tail, lead, extents, keep)
+                pixels = 1
+                for extent in extents[: lead - 1]:
+                    pixels *= extent
+                tile(sch, block, tail, pixels, limit, tile_j, False, keep)
             finish_producers(sch, producers, self.lanes)
             return sch
+
+    def buffer_bytes(buffer: Any, keep: int = 0) -> int:
+        """Bytes of ``buffer`` (its ``keep`` leading axes left out); 0 if it is symbolic."""
+        size = (tvm.DataType(str(buffer.dtype)).bits + 7) // 8
+        for extent in list(buffer.shape)[keep:]:
+            size *= int(extent) if isinstance(extent, tirx.IntImm) else 0
+        return size
+
+    def input_bytes(stmt: Any, keep: int) -> int:
+        """Bytes of the largest buffer a window reads, per image of a symbolic batch
+        (``keep`` leading axes left out)."""
+        sources = [read.source for read in stmt.reads if not read.source.same_as(stmt.writes[0].source)]
+        return max((buffer_bytes(source, keep) for source in sources), default=0)
+
+    def inline_cheap_padding(
+        sch: Any, producers: list[Any], extents: list[int], *, any_size: bool = True
+    ) -> list[Any]:
+        """The padding copies still worth making, of a block reading each input element
+        once per iteration of ``extents``: one whose elements are each read fewer than
+        :data:`WINDOW_COPY_READS` times, or (``any_size`` false: not) larger than
+        :data:`WINDOW_BLOCK_BYTES` (written to memory, not L2: at batch 8, MobileNetV3's
+        5x5 depthwise convs ran 1.5x slower with it), is inlined (its bounds test moves
+        into the loads)."""
+        reads = 1
+        for extent in extents:
+            reads *= extent
+        kept = []
+        for producer in producers:
+            buffer = sch.get(producer).writes[0].source
+            copied, size = 1, buffer_bytes(buffer)
+            for extent in buffer.shape:
+                copied *= int(extent) if isinstance(extent, tirx.IntImm) else 0
+            if copied and (reads < WINDOW_COPY_READS * copied or any_size and size > WINDOW_BLOCK_BYTES):
+                try:
+                    sch.compute_inline(producer)
+                    continue
+                except Exception:  # not a plain padding: it stays a copy
+                    pass
+            kept.append(producer)
+        return kept
+
+    def row_tile(sch: Any, block: Any, tail: Any, lead: int, keep: int, tile: tuple[int, int], rows_per_block: int) -> None:
+        """The window's register tile: ``tile_i`` neighbouring pixels of one image row
+        (``tile_i`` divides the row) x ``tile_j`` channels, accumulated over the window,
+        ``tail`` (the epilogue) on each finished tile. Within a row, every input address
+        is the tile's base plus a constant (no per-pixel division: pixels flattened across
+        rows cost a ``// W`` and ``% W`` per load, and the loads' addresses were computed
+        in scalar code, four instructions per FMA).
+
+        Loops, outside in: blocks of ``rows_per_block`` output rows (their input in L2),
+        channel tiles, the rows of the block, the tiles along the row: one channel slice
+        of a block's input stays in L1 while its rows are swept, and the input is read
+        from memory once (channel tiles outside all rows read a large input once per
+        tile: 3x slower at batch 8)."""
+        tile_i, tile_j = tile
+        loops = sch.get_loops(block)
+        outer, rows, width, channel, reduction = (
+            loops[:keep], loops[keep : lead - 2], loops[lead - 2], loops[lead - 1], loops[lead:]
+        )
+        wo, wi = sch.split(width, [None, tile_i])
+        co, ci = sch.split(channel, [None, tile_j])
+        row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+        ro, ri = sch.split(row, [None, rows_per_block])
+        sch.reorder(*outer, ro, co, ri, wo, *reduction, wi, ci)
+        sch.reverse_compute_at(tail, wo)
+        sch.set_scope(block, 0, "local")
+        sch.vectorize(ci)
+        sch.unroll(wi)
+        sch.vectorize(sch.get_loops(tail)[-1])
+        sch.parallel(sch.fuse(*outer, ro, co, ri, wo))
+        sch.decompose_reduction(block, reduction[0])
 
     def _is_channel_plus_reduction(expr: Any, channel: Any, reductions: list[Any]) -> bool:
         """``c + r`` with ``r`` a unit reduction (a depthwise convolution's input channel)."""

@@ -280,3 +280,177 @@ def test_schedule_record_lists_unscheduled_functions():
     assert error < TOLERANCE.rtol
     assert compiled.schedules is not None
     assert any("cumsum" in name for name in compiled.schedules.unscheduled), compiled.schedules
+
+
+def squeeze_excite_block(channels: int = 48, size: int = 14) -> onnx.ModelProto:
+    """MobileNetV3's block: a depthwise 3x3 conv, HardSwish, then squeeze-excitation
+    (global average pool, 1x1 conv, Relu, 1x1 conv, HardSigmoid, times the features)."""
+    rng = np.random.default_rng(3)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        value = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+        return numpy_helper.from_array(value, name)
+
+    squeezed = channels // 4
+    inits = [
+        weight("dw", channels, 1, 3, 3),
+        weight("s1", squeezed, channels, 1, 1),
+        weight("s2", channels, squeezed, 1, 1),
+        numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "dw", "b"], ["c"], group=channels, kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("HardSwish", ["c"], ["h"]),
+        helper.make_node("GlobalAveragePool", ["h"], ["g"]),
+        helper.make_node("Conv", ["g", "s1"], ["q"]),
+        helper.make_node("Relu", ["q"], ["r"]),
+        helper.make_node("Conv", ["r", "s2"], ["e"]),
+        helper.make_node("HardSigmoid", ["e"], ["gate"], alpha=1 / 6),
+        helper.make_node("Mul", ["h", "gate"], ["y"]),
+    ]
+    return _model(nodes, [1, channels, size, size], inits)
+
+
+def test_hardswish_and_hardsigmoid_fuse_into_the_convolutions_and_agree():
+    # TVM's ConvertLayout has no rule for clip: HardSwish and HardSigmoid went back to
+    # channels-first between transposes, each a function of its own. As maximum/minimum
+    # they stay channels-last, in the convolutions' epilogues.
+    compiled, error = _run(squeeze_excite_block(), [1, 48, 14, 14])
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    assert not any("clip" in name for name in rules), rules
+    depthwise = [name for name, rule in rules.items() if rule == "channels-last window" and "conv2d" in name]
+    assert depthwise and all("minimum" in name for name in depthwise), rules
+    # The transposes are the model's edges only: in, and out (the output is NCHW).
+    assert sum("transpose" in name for name in rules) <= 2, rules
+
+
+def test_clips_become_maximum_then_minimum():
+    from tvm import relax
+
+    x = relax.Var("x", relax.TensorType((1, 8, 4, 4), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        y = bb.emit(relax.op.clip(x, 0, 6))
+        bb.emit_func_output(y)
+    text = conv.clips_as_max_min(bb.get())["main"].script()
+    assert "R.clip" not in text
+    assert "R.maximum" in text and "R.minimum" in text
+
+
+def _scheduled(rule: str, size: int, weight: tuple[int, int, int, int], stride: int, groups: int) -> str:
+    """Rule ``rule``'s schedule (TVMScript) of a legalized channels-last conv of an
+    ``size x size`` image with an HWIO ``weight``, padded by half the kernel."""
+    import tvm
+    from tvm import relax
+
+    from rewriter.backends.tvm import targets
+
+    channels = weight[2] * groups
+    x = relax.Var("x", relax.TensorType((1, size, size, channels), "float32"))
+    w = relax.Var("w", relax.TensorType(weight, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        y = relax.op.nn.conv2d(
+            x, w, strides=stride, padding=weight[0] // 2, groups=groups, data_layout="NHWC", kernel_layout="HWIO"
+        )
+        bb.emit_func_output(bb.emit(y))
+    mod = relax.transform.LegalizeOps()(bb.get())
+    func = next(f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    sch = conv.rules()[rule](16).apply(func, targets.resolve("avx512"), False)
+    assert sch is not None
+    return str(sch.mod["main"].script())
+
+
+def _window_schedule(channels: int, size: int, kernel: int, stride: int) -> str:
+    """The window rule's schedule of a depthwise conv."""
+    return _scheduled("window", size, (kernel, kernel, 1, channels), stride, channels)
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "kernel", "stride", "copied", "lanes", "pixels"),
+    [
+        # 2 reads per padded element: the padding is tested in the loads, no copy;
+        # 72 channels: 8-lane vectors (no 24-lane ones), 7 of the 14 pixels of a row.
+        pytest.param(72, 28, 3, 2, False, 8, 7, id="3x3-stride2-72"),
+        # 15 reads per padded element: the copy pays; 8 of 16 pixels, 16 lanes of 240.
+        pytest.param(240, 16, 5, 1, True, 16, 8, id="5x5-240"),
+    ],
+)
+def test_depthwise_window_tiles_pixels_of_one_row(channels, size, kernel, stride, copied, lanes, pixels):
+    text = _window_schedule(channels, size, kernel, stride)
+    assert ("pad_temp = T.sblock_alloc_buffer" in text) == copied, text
+    assert f"T.vectorized(T.int64({lanes}))" in text, text
+    assert f"T.unroll(T.int64({pixels}))" in text, text
+    # Pixels of one row: no flattened pixel index (a division by the width per load).
+    width = (size + stride - 1) // stride
+    assert f"// T.int64({width})" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "kernel", "stride"),
+    [
+        pytest.param(72, 28, 3, 2, id="3x3-stride2-72"),
+        pytest.param(240, 14, 5, 1, id="5x5-240"),
+        pytest.param(88, 13, 3, 1, id="3x3-ragged-row-88"),  # 13 pixels: flattened tiles
+    ],
+)
+def test_depthwise_convs_agree(channels, size, kernel, stride):
+    model = conv_model([1, channels, size, size], channels, kernel, stride, kernel // 2, channels)
+    compiled, error = _run(model, [1, channels, size, size])
+    assert error < TOLERANCE.rtol
+    assert "channels-last window" in _rules(compiled).values(), _rules(compiled)
+
+
+@pytest.mark.parametrize(
+    ("shape", "perm"),
+    [
+        pytest.param([2, 3, 20, 32], [0, 2, 3, 1], id="image-channels-last"),  # 3 channels: a short output axis
+        pytest.param([2, 20, 32, 3], [0, 3, 1, 2], id="channels-first"),  # a short input axis
+        pytest.param([1, 3, 20, 20], [0, 2, 3, 1], id="ragged-row"),  # 20: a masked last vector
+    ],
+)
+def test_transpose_with_a_short_innermost_axis_is_scheduled_and_exact(shape, perm):
+    # An image's 3 channels moved last before the first convolution: the long axis in
+    # vectors, the short one unrolled (TVM's elementwise vectors gathered each element).
+    out = [shape[p] for p in perm]
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["y"], perm=perm)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
+    )
+    compiled, error = _run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), shape)
+    assert error == 0
+    assert list(_rules(compiled).values()) == ["transpose"], _rules(compiled)
+
+
+def test_first_convolution_of_an_image_gets_a_scheduled_transpose():
+    compiled, error = _run(conv_model([1, 3, 32, 32], 16, 3, 2, 1), [1, 3, 32, 32])
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    assert "transpose" in rules.values() and "elementwise" not in rules.values(), rules
+
+
+def test_pointwise_conv_reads_its_input_without_a_copy():
+    # TVM's pad_temp of an unpadded (1x1) convolution is a plain copy: inlined.
+    text = _scheduled("conv", 14, (1, 1, 16, 64), 1, 1)
+    assert "pad_temp" not in text, text
+    assert "T.vectorized(T.int64(32))" in text, text  # two-vector register tiles
+    padded = _scheduled("conv", 14, (3, 3, 16, 64), 1, 1)
+    assert "pad_temp = T.sblock_alloc_buffer" in padded, padded  # read 9 times per element: kept
+
+
+@pytest.mark.parametrize(
+    ("weight", "copied"),
+    [
+        pytest.param((3, 3, 3, 16), False, id="3x3-stride2-image"),  # each padded element read ~2 times: inlined
+        pytest.param((7, 7, 3, 64), True, id="7x7-stride2-image"),  # ~17 times: the copy pays
+    ],
+)
+def test_first_convolution_copies_its_padded_image_only_where_it_is_reread(weight, copied):
+    text = _scheduled("conv", 32, weight, 2, 1)
+    assert ("pad_temp = T.sblock_alloc_buffer" in text) == copied, text
+    model = conv_model([1, 3, 32, 32], weight[3], weight[0], 2, weight[0] // 2)
+    _, error = _run(model, [1, 3, 32, 32])
+    assert error < TOLERANCE.rtol
