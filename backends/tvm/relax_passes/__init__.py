@@ -12,3 +12,13 @@ On the Relax module, in :func:`rewriter.backends.tvm.pipeline.relax_pipeline`:
 (constant matmul weights in panels, after fusion) and ``schedules`` (our dlight rules
 for the CPU).
 """
+
+
+def visit_functions(mutator: object, mod: object) -> None:
+    """Run a ``relax.PyExprMutator`` over every Relax function of ``mod``, each result
+    back into the mutator's builder (``mutator.builder_.get()`` is the rewritten module)."""
+    from tvm import relax
+
+    for gv, func in mod.functions.items():  # type: ignore[attr-defined]
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))  # type: ignore[attr-defined]

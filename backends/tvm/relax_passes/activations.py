@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from rewriter.backends.tvm.relax_passes import visit_functions
+
 if TYPE_CHECKING:
     import tvm
 
@@ -47,9 +49,7 @@ def expand_activations() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="ExpandActivations")
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mutator = Expand(mod)
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        visit_functions(mutator, mod)
         return mutator.builder_.get()
 
     return pass_

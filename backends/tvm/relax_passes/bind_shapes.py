@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rewriter.backends.tvm.relax_passes import visit_functions
+
 if TYPE_CHECKING:
     import tvm
 
@@ -41,9 +43,7 @@ def bind_unknown_shapes() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="BindUnknownShapes")
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mutator = Bind(mod)
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        visit_functions(mutator, mod)
         return mutator.builder_.get()
 
     return pass_

@@ -33,6 +33,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from rewriter.backends.tvm.relax_passes import visit_functions
+
 if TYPE_CHECKING:
     import tvm
 
@@ -114,9 +116,7 @@ def clips_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
             return relax.op.minimum(self.builder_.emit(relax.op.maximum(x, low)), high)
 
     mutator = Mutator(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    visit_functions(mutator, mod)
     return mutator.builder_.get()
 
 
@@ -176,9 +176,7 @@ def trim_sliced_positions(mod: tvm.IRModule) -> tvm.IRModule:
         if isinstance(func, relax.Function):
             Uses().visit_expr(func)
     mutator = Trim(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    visit_functions(mutator, mod)
     return mutator.builder_.get()
 
 
@@ -276,9 +274,7 @@ def _rewrite_convs(mod: tvm.IRModule, rewrite: Any) -> tvm.IRModule:
             return call
 
     mutator = Mutator(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    visit_functions(mutator, mod)
     return mutator.builder_.get()
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from rewriter.backends.tvm.relax_passes import visit_functions
+
 if TYPE_CHECKING:
     import tvm
 
@@ -62,9 +64,7 @@ def upcast(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, int]]:
             return relax.op.astype(wide, "bfloat16")
 
     mutator = Upcast(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    visit_functions(mutator, mod)
     return (mutator.builder_.get() if any(stats.values()) else mod), stats
 
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends.tvm.relax_passes import schedules
+from rewriter.backends.tvm.relax_passes import schedules, visit_functions
 
 if TYPE_CHECKING:
     import tvm
@@ -295,9 +295,7 @@ def pack_matmul_weights(target: tvm.target.Target) -> tvm.transform.Pass:
                 )
 
         mutator = Repack(mod)
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        visit_functions(mutator, mod)
         logger.debug(
             "packed %d matmul weights %d wide, for %s", len(repacked), width, sorted(packed_vars)
         )

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rewriter.backends.tvm.relax_passes import visit_functions
+
 if TYPE_CHECKING:
     import tvm
 
@@ -74,9 +76,7 @@ def pairwise() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="Pairwise")
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         mutator = Pairwise(mod)
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        visit_functions(mutator, mod)
         return relax.transform.DeadCodeElimination()(mutator.builder_.get())
 
     return pass_
