@@ -65,6 +65,7 @@ def relax_pipeline(
         bf16_matmul,
         bind_shapes,
         conv,
+        conv_frames,
         legalize_bf16_norms,
         outputs_as_params,
         pack_weights,
@@ -95,6 +96,8 @@ def relax_pipeline(
     ]
     if not gpu:  # convolutions channels-last, for our conv schedules
         passes.append(conv.channels_last())
+        # Then (on their NWC form) 1-D ones over a symbolic length get whole tiles of frames.
+        passes.append(conv_frames.whole_tiles(target))
     if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)

@@ -546,9 +546,15 @@ def rules() -> dict[str, Any]:
         else (169 = 13 x 13 pixels) it is ``limit`` and the last tile is partial: its
         rows are masked, and ``LoopPartition`` (``pragma_loop_partition_hint``) peels it
         off the tile loop, so the whole tiles run unmasked. A symbolic ``pixels`` (a TIR
-        expression) is ragged too, its mask in every tile."""
+        expression) takes the tallest tile that provably divides it (the frames that
+        :mod:`rewriter.backends.tvm.relax_passes.conv_frames` padded to whole tiles);
+        where none does, it is ragged, its mask in every tile."""
         symbolic = not isinstance(pixels, int)
-        tile_i = limit if symbolic else max(d for d in range(1, limit + 1) if pixels % d == 0)
+        if symbolic:
+            tile_i = schedules.dividing_tile(pixels, limit) or 1
+            symbolic = 2 * tile_i < limit
+        else:
+            tile_i = max(d for d in range(1, limit + 1) if pixels % d == 0)
         ragged = symbolic or 2 * tile_i < limit
         if ragged:
             tile_i = limit

@@ -208,7 +208,7 @@ def _row_block(rows: int, depth: int, tile_i: int) -> int:
     return _largest_divisor(rows, limit, tile_i) or tile_i
 
 
-def _dividing_tile(extent: Any, limit: int, multiple_of: int = 1) -> int | None:
+def dividing_tile(extent: Any, limit: int, multiple_of: int = 1) -> int | None:
     """The largest ``t <= limit``, a multiple of ``multiple_of``, that provably divides
     the symbolic ``extent`` (``(n + 7) // 8 * 8``: 8), or None where none does (1 aside)."""
     from tvm import sym, tirx
@@ -325,13 +325,13 @@ def _rules() -> dict[str, Any]:
             if cols:
                 tile = register_tile(rows or MAX_TILE_ROWS, cols, self.lanes, packed)
             else:
-                width = _dividing_tile(sch.get(j).extent, PANEL_VECTORS * self.lanes, self.lanes)
+                width = dividing_tile(sch.get(j).extent, PANEL_VECTORS * self.lanes, self.lanes)
                 tile = (1, width) if width else None
             if tile is None:
                 return None
             tile_i, tile_j = tile
             if not rows:  # symbolic: the tallest tile that divides the (padded) rows
-                tile_i = _dividing_tile(sch.get(i).extent, tile_rows(tile_j, self.lanes)) or 1
+                tile_i = dividing_tile(sch.get(i).extent, tile_rows(tile_j, self.lanes)) or 1
             jo, ji = sch.split(j, [None, tile_j])
             k_loops = [k]
             if depth % K_UNROLL == 0 and depth > K_UNROLL:
@@ -380,7 +380,7 @@ def _rules() -> dict[str, Any]:
                 sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
                 if static_extents(sch, [inner]) is not None:
                     sch.vectorize(inner)
-                elif _dividing_tile(sch.get(inner).extent, self.lanes, self.lanes):
+                elif dividing_tile(sch.get(inner).extent, self.lanes, self.lanes):
                     sch.vectorize(sch.split(inner, [None, self.lanes])[1])  # padded columns
             return sch
 

@@ -1,0 +1,127 @@
+"""1-D convolutions over a symbolic length compute whole tiles of frames (:mod:`rewriter.backends.tvm.relax_passes.conv_frames`).
+
+Each compiled model agrees with ONNX Runtime within
+:data:`rewriter.backends.tvm.verify.COMPILED_TOLERANCE` (float32: 1e-4 of the output's
+scale: the same products summed in another order) at lengths whose frame counts are and
+are not multiples of the 8-frame tile; the padded frames are dropped, so the shapes match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from rewriter.backends import tvm as backend
+from rewriter.backends.tvm import verify
+from rewriter.backends.tvm.relax_passes import conv, conv_frames
+from tests.backends.tvm.test_conv import conv_model
+
+TOLERANCE = verify.COMPILED_TOLERANCE["float32"]
+
+
+def _symbolic(model: object, channels: int) -> object:
+    model.graph.input[0].CopyFrom(  # type: ignore[attr-defined]
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels, "samples"])
+    )
+    return model
+
+
+@pytest.mark.parametrize(
+    ("channels", "out", "kernel", "stride", "pad", "groups", "lengths"),
+    [
+        # wav2vec2's first conv (one input channel, kernel 10, stride 5): 12, 19, 7 and
+        # 40 frames (40: already whole tiles).
+        pytest.param(1, 32, 10, 5, 0, 1, (64, 100, 40, 205), id="kernel10-stride5"),
+        # its next ones (kernel 3 and 2, stride 2).
+        pytest.param(16, 32, 3, 2, 0, 1, (64, 101, 37, 35), id="kernel3-stride2"),
+        pytest.param(16, 32, 2, 2, 0, 1, (64, 99, 18), id="kernel2-stride2"),
+        # its positional conv: grouped, padded by half an even kernel (the padding folds
+        # into the zero-padded copy).
+        pytest.param(32, 32, 8, 1, 4, 4, (21, 64, 9), id="grouped-padded"),
+    ],
+)
+def test_symbolic_conv1d_agrees_at_every_length(channels, out, kernel, stride, pad, groups, lengths):
+    model = _symbolic(conv_model([1, channels, 64], out, kernel, stride, pad, groups), channels)
+    compiled = backend.compile(model, "avx512")
+    assert compiled.schedules is not None
+    rules = compiled.schedules.scheduled
+    # The slice of the real frames is the convolution's epilogue.
+    assert [rule for name, rule in rules.items() if "conv1d" in name] == ["conv"], rules
+    assert any("conv1d" in name and "strided_slice" in name for name in rules), rules
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+    rng = np.random.default_rng(2)
+    for batch, length in zip((1, 3, 2, 1), lengths, strict=False):
+        x = rng.standard_normal((batch, channels, length)).astype(np.float32)
+        reference = session.run(None, {"x": x})[0]
+        got = compiled.run({"x": x})["y"]
+        assert got.shape == reference.shape
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, length
+
+
+def _update_block(kernel: int, stride: int, *, whole_tiles: bool) -> str:
+    """The conv rule's scheduled update block (TVMScript) of a channels-last conv1d of 64
+    to 64 channels over a symbolic length, with or without :func:`conv_frames.pad_frames`."""
+    import tvm
+    from tvm import relax
+
+    from rewriter.backends.tvm import targets
+
+    samples = tvm.tirx.Var("samples", "int64")
+    x = relax.Var("x", relax.TensorType((tvm.tirx.Var("batch", "int64"), samples, 64), "float32"))
+    w = relax.Var("w", relax.TensorType((kernel, 64, 64), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        y = relax.op.nn.conv1d(x, w, strides=stride, data_layout="NWC", kernel_layout="WIO")
+        bb.emit_func_output(bb.emit(y))
+    mod = bb.get()
+    if whole_tiles:
+        mod = conv_frames.pad_frames(mod, 16)
+    mod = relax.transform.LegalizeOps()(mod)
+    func = next(f for gv, f in mod.functions.items() if "conv1d" in gv.name_hint)
+    sch = conv.rules()["conv"](16).apply(func, targets.resolve("avx512"), False)
+    assert sch is not None
+    text = str(sch.mod["main"].script())
+    start = text.index('T.sblock("conv1d_nwc_update")')
+    return text[start : text.index("T.reads(", start)]
+
+
+@pytest.mark.parametrize(("kernel", "stride"), [(3, 2), (10, 5)])
+def test_padded_frames_leave_no_mask_in_the_micro_kernel(kernel, stride):
+    # Without the padding, the last tile's mask is a T.where in the update block: a
+    # bounds test per row in the FMA loop of every tile.
+    assert "T.where" in _update_block(kernel, stride, whole_tiles=False)
+    update = _update_block(kernel, stride, whole_tiles=True)
+    assert "T.where" not in update, update
+    assert "* T.int64(8) + yy_1" in update, update  # still 8-frame tiles
+
+
+def test_tile_height_follows_the_conv_rules():
+    assert conv_frames.tile_height(256, 1, 16) == 8  # 32-wide tiles, 8 rows
+    assert conv_frames.tile_height(256, 1, 8) == 6  # AVX2: 16 wide, 12 accumulators
+    assert conv_frames.tile_height(256, 16, 16) == 8  # 16 channels per group
+    assert conv_frames.tile_height(10, 1, 16) == 1  # no tile: left alone
+
+
+def test_static_lengths_and_whole_tiles_are_left_alone():
+    import tvm
+    from tvm import relax
+
+    def conv1d(length: object) -> tvm.IRModule:
+        x = relax.Var("x", relax.TensorType((1, length, 16), "float32"))
+        w = relax.Var("w", relax.TensorType((3, 16, 32), "float32"))
+        bb = relax.BlockBuilder()
+        with bb.function("main", [x, w]):
+            bb.emit_func_output(bb.emit(relax.op.nn.conv1d(x, w, strides=2, data_layout="NWC", kernel_layout="WIO")))
+        return bb.get()
+
+    static = conv1d(64)
+    tvm.ir.assert_structural_equal(conv_frames.pad_frames(static, 16), static)
+    # A symbolic length whose frames are already whole tiles: (16 n + 1 - 3) // 2 + 1 = 8 n.
+    n = tvm.tirx.Var("n", "int64")
+    whole = conv1d(16 * n + 1)
+    tvm.ir.assert_structural_equal(conv_frames.pad_frames(whole, 16), whole)
+    ragged = conv1d(tvm.tirx.Var("samples", "int64"))
+    text = conv_frames.pad_frames(ragged, 16)["main"].script()
+    assert "pad_frames" in text and "R.strided_slice" in text, text
