@@ -96,7 +96,7 @@ def relax_pipeline(
     ]
     if not gpu:  # convolutions channels-last, for our conv schedules
         passes.append(conv.channels_last())
-        # Then (on their NWC form) 1-D ones over a symbolic length get whole tiles of frames.
+        # Then (on their NWC form) 1-D ones get whole tiles of frames (no masked last tile).
         passes.append(conv_frames.whole_tiles(target))
     if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))

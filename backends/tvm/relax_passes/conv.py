@@ -544,11 +544,13 @@ def rules() -> dict[str, Any]:
 
         ``tile_i`` divides ``pixels`` where a divisor of at least half of ``limit`` does;
         else (169 = 13 x 13 pixels) it is ``limit`` and the last tile is partial: its
-        rows are masked, and ``LoopPartition`` (``pragma_loop_partition_hint``) peels it
-        off the tile loop, so the whole tiles run unmasked. A symbolic ``pixels`` (a TIR
-        expression) takes the tallest tile that provably divides it (the frames that
-        :mod:`rewriter.backends.tvm.relax_passes.conv_frames` padded to whole tiles);
-        where none does, it is ragged, its mask in every tile."""
+        rows are masked. ``pragma_loop_partition_hint`` asks ``LoopPartition`` to peel
+        that tile off, but this TVM's does not: the mask stays in every tile (1-D
+        convolutions get whole tiles from
+        :mod:`rewriter.backends.tvm.relax_passes.conv_frames`). A symbolic ``pixels``
+        (a TIR expression) takes the tallest tile that provably divides it (the frames
+        that ``conv_frames`` padded); where none does, it is ragged, its mask in every
+        tile."""
         symbolic = not isinstance(pixels, int)
         if symbolic:
             tile_i = schedules.dividing_tile(pixels, limit) or 1

@@ -1,26 +1,36 @@
-"""``conv1d(x)`` over a symbolic length -> ``conv1d(pad_frames(x))[:, :frames]``: whole tiles.
+"""``conv1d(x)`` -> ``conv1d(pad_frames(x))[:, :frames]``: whole tiles of output frames.
 
 The implicit GEMM of :mod:`rewriter.backends.tvm.relax_passes.conv` tiles a 1-D
-convolution's output frames by ``tile_i`` rows. Over a symbolic length (wav2vec2's
-feature encoder compiled for any number of samples) the frame count is a run-time value
-that no tile divides, and TVM's ``LoopPartition``, which peels a ragged last tile off a
-static loop, fails on symbolic bounds: the last tile's mask was a ``T.where`` inside the
-update block, a bounds test per row in the FMA loop of every tile (1.5-2.6x the fixed
-kernel's time on wav2vec2's convs).
+convolution's output frames by ``tile_i`` rows (8 on AVX-512). Where no tile of at least
+half that divides the frames, the last tile is partial and its rows are masked:
 
-As the matmul's :func:`rewriter.backends.tvm.relax_passes.schedules.zero_pad` does for
-symbolic rows, the convolution computes whole tiles: a zero-padded copy of its input,
-made once per call, is long enough for the frames rounded up to a multiple of the tile's
-height (``(padded - 1) * stride + dilation * (kernel - 1) + 1`` samples; the
-convolution's own padding folded into the copy), the convolution runs on it unpadded,
-and a ``strided_slice`` keeps the real frames. The slice fuses into the convolution's
-epilogue, which writes only the real frames; the padded frame count is provably a
-multiple of the tile, so the conv rule tiles it without a mask.
+* over a symbolic length (wav2vec2's feature encoder compiled for any number of
+  samples), the mask was a ``T.where`` in the update block, a bounds test per row in the
+  FMA loop of every tile;
+* over a static one (1599 frames: tiles of 3, or 8 with a partial last one), the
+  ``pragma_loop_partition_hint`` asks TVM's ``LoopPartition`` to peel the last tile off,
+  but it does not (the lowered loop keeps an ``if`` on the last row of every tile), and
+  ``Schedule.loop_partition`` crashes on the tile loop.
+
+wav2vec2's convs with a mask ran at 1.5-2.6x their time without one. As the matmul's
+:func:`rewriter.backends.tvm.relax_passes.schedules.zero_pad` does for rows, the
+convolution computes whole tiles instead: a zero-padded copy of its input, made once per
+call, is long enough for the frames rounded up to a multiple of the tile's height
+(``(padded - 1) * stride + dilation * (kernel - 1) + 1`` samples; the convolution's own
+padding folded into the copy), the convolution runs on it unpadded, and a
+``strided_slice`` keeps the real frames. The slice fuses into the convolution's
+epilogue, which writes only the real frames, and the conv rule tiles the padded frames
+without a mask. Unpadded, the copy fuses into the epilogue of its producer (the previous
+convolution's), which writes only the samples that its own tiles produce: the rest of
+the copy only feeds padded frames. Padded, the real frames read the copy's zeros, so it
+stays a function of its own (:data:`OPAQUE`).
 
 Exact: every real frame reads the same samples and zeros as before; the padded frames
-read zeros (or samples past the last real window) and are dropped. Requires channels-last
+read whatever lies past the real samples, and are dropped. Requires channels-last
 convolutions (``NWC``, :func:`rewriter.backends.tvm.relax_passes.conv.channels_last`);
-ensures every ``NWC`` conv1d over a symbolic length has a frame count whole tiles cover.
+ensures every ``NWC`` conv1d's frames have a tile of at least half the tile's height
+that divides them (provably, for a symbolic length). 2-D convolutions are left as they
+are (their pixels are flattened across image rows; a padded copy would pad each row).
 
 >>> mod = whole_tiles(target)(mod)  # doctest: +SKIP
 """
@@ -34,10 +44,13 @@ from rewriter.backends.tvm.relax_passes import conv, schedules, visit_functions
 if TYPE_CHECKING:
     import tvm
 
+# TVM's ``OpPatternKind.kOpaque``: ``FuseOps`` fuses a function of this kind with nothing.
+OPAQUE = 8
+
 
 def whole_tiles(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The Relax pass padding the frames of every channels-last conv1d over a symbolic
-    length to whole register tiles of ``target`` (see the module docstring)."""
+    """The Relax pass padding the frames of every channels-last conv1d that no tile
+    divides to whole register tiles of ``target`` (see the module docstring)."""
     import tvm
 
     lanes = schedules.vector_lanes(target)
@@ -65,8 +78,8 @@ def tile_height(channels: int, groups: int, lanes: int) -> int:
 
 
 def pad_frames(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
-    """``mod`` with every ``NWC`` conv1d over a symbolic length computing whole tiles of
-    frames for ``lanes``-wide vectors (the module docstring)."""
+    """``mod`` with every ``NWC`` conv1d computing whole tiles of frames for
+    ``lanes``-wide vectors (the module docstring)."""
     from tvm import relax
 
     @relax.expr_functor.mutator
@@ -81,10 +94,20 @@ def pad_frames(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     return mutator.builder_.get()
 
 
+def whole_tile(frames: Any, rows: int) -> int:
+    """The tallest tile of at most ``rows`` frames that divides ``frames`` (a static or a
+    symbolic count: then one that provably does), as the conv rule tiles them."""
+    from tvm import tirx
+
+    if isinstance(frames, tirx.IntImm):
+        return max(d for d in range(1, rows + 1) if int(frames) % d == 0)
+    return schedules.dividing_tile(frames, rows) or 1
+
+
 def padded_conv(builder: Any, call: Any, lanes: int) -> Any:
     """``call`` (a conv1d) as the slice of the convolution of a zero-padded copy that
-    whole tiles of frames cover; None where it is not an ``NWC`` conv1d over a symbolic
-    length with a static kernel, or its tile is one frame."""
+    whole tiles of frames cover; None where it is not an ``NWC`` conv1d with a static
+    kernel, or a tile of at least half the tile's height divides its frames already."""
     from tvm import relax, sym, tirx
 
     if not conv._is_op(call, "relax.nn.conv1d") or str(call.attrs.data_layout) != "NWC":
@@ -99,16 +122,15 @@ def padded_conv(builder: Any, call: Any, lanes: int) -> Any:
             return None
         shapes.append(list(shape.values))
     (batch, length, channels), kernel, (_, frames, outputs) = shapes
-    if isinstance(length, tirx.IntImm) or not all(isinstance(v, tirx.IntImm) for v in (*kernel, outputs)):
+    if not all(isinstance(v, tirx.IntImm) for v in (*kernel, outputs)):
         return None
     rows = tile_height(int(outputs), int(call.attrs.groups), lanes)
-    analyzer = sym.Analyzer()
-    if rows < 2 or analyzer.can_prove(tirx.floormod(frames, rows) == 0):
+    if 2 * whole_tile(frames, rows) >= rows:
         return None
     stride, dilation = int(call.attrs.strides[0]), int(call.attrs.dilation[0])
     left = int(call.attrs.padding[0])
     padded = tirx.floordiv(frames + rows - 1, rows) * rows
-    span = analyzer.simplify((padded - 1) * stride + dilation * (int(kernel[0]) - 1) + 1)
+    span = sym.Analyzer().simplify((padded - 1) * stride + dilation * (int(kernel[0]) - 1) + 1)
 
     def copy(x: Any) -> Any:
         from tvm import te
@@ -119,6 +141,12 @@ def padded_conv(builder: Any, call: Any, lanes: int) -> Any:
 
         return te.compute((batch, span, channels), element, name="pad_frames")
 
-    source = builder.emit_te(copy, data, primfunc_name_hint="pad_frames")
+    # Without padding, the copy may fuse into the epilogue of the function that computes
+    # ``data`` (wav2vec2: the previous convolution's), which writes only the samples its
+    # tiles produce: the real frames read only those. Padded, the real frames read zeros
+    # that such an epilogue would not write; the copy stays a function of its own.
+    padded_input = left or int(call.attrs.padding[1])
+    attrs = {"op_pattern": OPAQUE} if padded_input else None
+    source = builder.emit_te(copy, data, primfunc_name_hint="pad_frames", primfunc_attrs=attrs)
     whole = builder.emit(conv._conv_like(call, source, weight, padding=[0, 0]))
     return relax.op.strided_slice(whole, axes=[1], begin=[0], end=[frames], assume_inbound=True)

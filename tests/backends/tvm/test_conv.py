@@ -247,7 +247,8 @@ def test_conv_whose_output_drops_a_position_gets_the_implicit_gemm_and_agrees(ba
 
 def test_conv1d_over_a_symbolic_length_gets_the_implicit_gemm_and_agrees_at_every_length():
     # wav2vec2's feature encoder compiled for any number of samples: the one pixel axis is
-    # symbolic, its last tile masked; one library for every batch and length.
+    # symbolic (padded to whole tiles: test_conv_frames.py); one library for every batch
+    # and length.
     model = conv_model([1, 16, 64], 32, 3, 2, 0, 1)
     model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, "samples"]))
     compiled = backend.compile(model, "avx512")
