@@ -467,7 +467,14 @@ def _rules() -> dict[str, Any]:
             # a unit loop added to the last block. (dlight's Reduction, which took these
             # before, nested the whole softmax in a loop over the row's elements: 2.4 ms
             # for a 1000-class head, 9.7 ms for 1500.)
-            single_row = len(sch.get_loops(infos[-1].block_rv)) == 1 and not infos[-1].dom_kind().endswith("R")
+            # A last block with one loop is one row only where the reductions reduce one
+            # row: a norm's statistics over 256 rows of 3199 (variance -> sqrt) end in a
+            # block over the 256 rows, which must stay the parallel row loop.
+            single_row = (
+                len(sch.get_loops(infos[-1].block_rv)) == 1
+                and not infos[-1].dom_kind().endswith("R")
+                and all(_spatial_size(sch, info.block_rv) == 1 for info in infos if not info.is_injective())
+            )
             if single_row:
                 lead = 1
             if lead == 0:
@@ -488,7 +495,7 @@ def _rules() -> dict[str, Any]:
             if single_row:
                 sch.add_unit_loop(sch.get_loops(blocks[-1])[0])
             loops = sch.get_loops(blocks[-1])
-            if len(loops) <= lead:
+            if len(loops) < lead:  # (as many: one value per row, a norm's statistics)
                 return None
             row = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
             sch.parallel(row)
@@ -526,6 +533,15 @@ def _rules() -> dict[str, Any]:
             if extent and extent % self.lanes == 0:
                 _, lane = sch.split(loops[-1], [None, self.lanes])
                 sch.vectorize(lane)
+
+    def _spatial_size(sch: Any, block: Any) -> int:
+        """The product of ``block``'s spatial extents (0 where one is symbolic)."""
+        size = 1
+        for iv in sch.get(block).iter_vars:
+            if iv.iter_type != tirx.IterVar.CommReduce:
+                extent = iv.dom.extent
+                size *= int(extent) if isinstance(extent, tirx.IntImm) else 0
+        return size
 
     def _is_reduction(sch: Any, block: Any) -> bool:
         return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)

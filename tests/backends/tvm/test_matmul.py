@@ -500,3 +500,30 @@ def test_one_row_softmax_gets_the_row_reduction_and_agrees(width):
     np.testing.assert_allclose(compiled.run({"x": x})["y"], expected, rtol=1e-4, atol=1e-9)
     assert compiled.schedules is not None
     assert set(compiled.schedules.scheduled.values()) == {"row reduction"}
+
+
+def test_norm_statistics_run_their_rows_in_parallel_and_agree():
+    # InstanceNormalization over 64 channels of 160 frames: the variance's last block
+    # (sqrt of variance + eps) has one loop, over the 64 channels, which was taken for
+    # one row: all 64 rows ran in one serial iteration of a unit parallel loop.
+    import tvm
+
+    rng = np.random.default_rng(SEED)
+    graph = helper.make_graph(
+        [helper.make_node("InstanceNormalization", ["x", "g", "b"], ["y"], epsilon=1e-5)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 160])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 160])],
+        [
+            numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "g"),
+            numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    funcs = scheduled(model)
+    (variance,) = [f for name, f in funcs.items() if "variance" in name]
+    outer = variance.body.block.body if hasattr(variance.body, "block") else variance.body
+    while not isinstance(outer, tvm.tirx.For):
+        outer = outer.body
+    assert outer.kind == tvm.tirx.ForKind.PARALLEL and int(outer.extent) == 64, variance
+    assert_agrees_with_ort(model)
