@@ -436,6 +436,8 @@ def rules() -> dict[str, Any]:
         if keep and lead < 3:
             return None
         symbolic = [i for i, extent in enumerate(extents) if i >= keep and not isinstance(extent, tirx.IntImm)]
+        if symbolic == [1] and not keep and lead == 3:
+            keep = 1  # a static batch of 1-D signals of any length: its images apart too
         if symbolic and (symbolic != [keep] or lead - 1 - keep != 1):
             return None
         return [1] * keep + [e if i in symbolic else int(e) for i, e in enumerate(extents) if i >= keep], keep
@@ -494,6 +496,19 @@ def rules() -> dict[str, Any]:
                 return (*a[:keep], position, *a[lead - 1 :])
 
         sch.transform_block_layout(tail, index_map(fused, ndim=lead))
+
+    def images_apart(sch: Any, tail: Any, lead: int, keep: int, extents: list[Any]) -> tuple[int, list[Any]]:
+        """``(keep, extents)``, the images of a static batch kept apart (as a symbolic
+        batch is) where the epilogue ``tail`` keeps part of a 1-D convolution's frames
+        (the padded frames of :mod:`rewriter.backends.tvm.relax_passes.conv_frames`):
+        frames flattened across images would index the epilogue (``n * 1599 + f``)
+        otherwise than the convolution (``n * 1600 + f``)."""
+        if keep or lead != 3 or extents[0] == 1:
+            return keep, extents
+        frames = sch.get(tail).iter_vars[1].dom.extent
+        if isinstance(frames, tirx.IntImm) and int(frames) == extents[1]:
+            return keep, extents
+        return 1, [1, *extents[1:]]
 
     def inline_plain_copies(sch: Any, producers: list[Any]) -> list[Any]:
         """``producers`` but the plain copies, inlined: TVM's ``pad_temp`` of a
@@ -631,6 +646,7 @@ def rules() -> dict[str, Any]:
             tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
             if len(sch.get(tail).iter_vars) != lead:
                 return None
+            keep, extents = images_apart(sch, tail, lead, keep, extents)
             flatten_pixels(sch, block, tail, lead, extents, keep)
             pixels = 1
             for extent in extents[: lead - 1]:
@@ -682,6 +698,7 @@ def rules() -> dict[str, Any]:
             tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
             if len(sch.get(tail).iter_vars) != lead:
                 return None
+            keep, extents = images_apart(sch, tail, lead, keep, extents)
             limit = min(WINDOW_PIXELS, schedules.tile_rows(tile_j, self.lanes))
             tail_extents = [iv.dom.extent for iv in sch.get(tail).iter_vars]
             same = all(

@@ -182,3 +182,43 @@ def test_a_padded_conv_keeps_its_copy_apart(pads, fused):
         got = compiled.run({"x": x})["y"]
         assert got.shape == reference.shape
         assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, length
+
+
+@pytest.mark.parametrize(
+    ("groups", "rule"), [pytest.param(1, "conv", id="dense"), pytest.param(32, "channels-last window", id="depthwise")]
+)
+def test_a_static_batch_keeps_its_images_apart(groups, rule):
+    # 3 images of 31 frames (ragged), padded to 32: flattened across the images, the
+    # convolution's pixel n * 32 + f and its epilogue's n * 31 + f differ, and the rule
+    # refused (wav2vec2 at a fixed batch of 8 ran unscheduled, 59x ORT's time).
+    model = conv_model([3, 32, 64], 32, 3, 2, 0, groups)
+    compiled = backend.compile(model, "avx512")
+    assert compiled.schedules is not None
+    rules = compiled.schedules.scheduled
+    assert [r for name, r in rules.items() if "conv1d" in name] == [rule], rules
+    assert any("conv1d" in name and "strided_slice" in name for name in rules), rules
+    x = np.random.default_rng(4).standard_normal((3, 32, 64)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"x": x})[0]
+    got = compiled.run({"x": x})["y"]
+    assert got.shape == reference.shape
+    assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol
+
+
+def test_a_static_batch_over_a_symbolic_length_gets_the_implicit_gemm():
+    # One image of any length (a library compiled with the batch fixed, ``--dim batch=1``):
+    # the rules took a symbolic pixel axis only behind a symbolic batch, and the
+    # convolution was left to TVM's default lowering.
+    model = conv_model([1, 16, 64], 32, 3, 2, 0, 1)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, "samples"]))
+    compiled = backend.compile(model, "avx512")
+    assert compiled.schedules is not None
+    rules = compiled.schedules.scheduled
+    assert [r for name, r in rules.items() if "conv1d" in name] == ["conv"], rules
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for length in (64, 101, 18):
+        x = np.random.default_rng(5).standard_normal((1, 16, length)).astype(np.float32)
+        reference = session.run(None, {"x": x})[0]
+        got = compiled.run({"x": x})["y"]
+        assert got.shape == reference.shape
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, length
