@@ -168,7 +168,7 @@ def amx_matmul(
         B: T.Buffer((n,), f32),  # type: ignore[valid-type]
         Y: T.Buffer((m, n), out_dtype),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         # The row blocks A cannot be read in place from (all with a ragged K, else the
         # last of a ragged M), copied once, zero-padded to 32 x K_pad.
         if copies > 0:

@@ -175,7 +175,7 @@ def cross_entropy(
         Loss: T.Buffer((options.loss_rows(p.rows),), f32),  # type: ignore[valid-type]
         LogProb: T.Buffer((p.rows, p.cols), f32),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         RL = T.alloc_buffer((reduced,), f32, scope="global")
         RW = T.alloc_buffer((reduced,), f32, scope="global")
         acc = T.alloc_buffer((2,), f64, scope="global")

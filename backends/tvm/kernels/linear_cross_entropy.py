@@ -249,7 +249,7 @@ def linear_cross_entropy(
         Wc: T.Buffer((vocab,), f32),  # type: ignore[valid-type]
         Loss: T.Buffer((options.loss_rows(tokens),), f32),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         RL = T.alloc_buffer((reduced,), f32, scope="global")
         RW = T.alloc_buffer((reduced,), f32, scope="global")
         acc = T.alloc_buffer((2,), f64, scope="global")

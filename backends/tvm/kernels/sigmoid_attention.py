@@ -253,7 +253,7 @@ def sigmoid_attention(
             Mask: T.Buffer((mask_heads, mask_rows, m), f32),  # type: ignore[valid-type]
             Out: T.Buffer((bh, n, dv), f32),  # type: ignore[valid-type]
         ):
-            T.func_attr({"tir.noalias": True})
+            T.func_attr({"tirx.noalias": True})
             for ch in T.serial(chunks):
                 for t in T.parallel(bh * tiles):
                     tile(Q, Kt, V, Mask, Out, t, ch)
@@ -267,7 +267,7 @@ def sigmoid_attention(
         V: T.Buffer((bh, m, dv), f32),  # type: ignore[valid-type]
         Out: T.Buffer((bh, n, dv), f32),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for ch in T.serial(chunks):
             for t in T.parallel(bh * tiles):
                 tile(Q, Kt, V, None, Out, t, ch)

@@ -214,7 +214,7 @@ def sigmoid_attention_cuda(
             Mask: T.Buffer((mask_heads, mask_rows, m), f32),  # type: ignore[valid-type]
             Out: T.Buffer((bh, n, dv), f32),  # type: ignore[valid-type]
         ):
-            T.func_attr({"tir.noalias": True})
+            T.func_attr({"tirx.noalias": True})
             body(Q, Kt, V, Mask, Out)
 
         return sigmoid_attention_cuda_masked
@@ -226,7 +226,7 @@ def sigmoid_attention_cuda(
         V: T.Buffer((bh, m, dv), f32),  # type: ignore[valid-type]
         Out: T.Buffer((bh, n, dv), f32),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         body(Q, Kt, V, None, Out)
 
     return sigmoid_attention_cuda

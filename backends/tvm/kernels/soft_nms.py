@@ -303,7 +303,7 @@ def soft_nms(
         Counts: T.Buffer((rows,), i64),  # type: ignore[valid-type]
         Total: T.Buffer((1,), i64),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for r in T.parallel(rows):
             sc = T.alloc_buffer((padded,), f32, scope="global")
             geo = T.alloc_buffer((5, padded), f32, scope="global")
@@ -493,7 +493,7 @@ def compact(batches: int, classes: int, max_selected: int) -> tirx.PrimFunc:
         var_Selected: T.handle,
         var_Scores: T.handle,
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         Selected = T.match_buffer(var_Selected, (m, 3), i64)
         Scores = T.match_buffer(var_Scores, (m,), f32)
         offset = T.alloc_buffer((1,), i64, scope="global")

@@ -139,7 +139,7 @@ def soft_nms_cuda(
         Total: T.Buffer((1,), i64),  # type: ignore[valid-type]
         Work: T.Buffer((rows, n), f32),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for r in T.thread_binding(rows, thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                 red_v = T.alloc_buffer((THREADS,), f32, scope="shared")
@@ -231,7 +231,7 @@ def compact_cuda(batches: int, classes: int, max_selected: int) -> tirx.PrimFunc
         var_Selected: T.handle,
         var_Scores: T.handle,
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         Selected = T.match_buffer(var_Selected, (m, 3), i64)
         Scores = T.match_buffer(var_Scores, (m,), f32)
         for _once in T.thread_binding(1, thread="blockIdx.x"):

@@ -89,7 +89,7 @@ def _two_pass_cpu(
         X: T.Buffer((p.rows, p.cols), dtype),  # type: ignore[valid-type]
         Y: T.Buffer((p.rows, p.cols), dtype),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for r in T.parallel(p.rows):
             st = T.alloc_buffer((PairSum.STATE * p.lanes,), f32, scope="global")
             tmp = T.alloc_buffer((sums.tmp_size,), f32, scope="global")
@@ -210,7 +210,7 @@ def _two_pass_split_cpu(
         X: T.Buffer((rows, cols), dtype),  # type: ignore[valid-type]
         Y: T.Buffer((rows, cols), dtype),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         Xs = T.decl_buffer((rows * segments, length), dtype, data=X.data)
         Ys = T.decl_buffer((rows * segments, length), dtype, data=Y.data)
         # Per segment: N, M, n(x[0]); per row: N, M and 1 where the float32 path holds.

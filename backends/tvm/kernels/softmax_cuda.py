@@ -122,7 +122,7 @@ def two_pass_softmax_cuda(
         X: T.Buffer((n_rows, n_cols), dtype),  # type: ignore[valid-type]
         Y: T.Buffer((n_rows, n_cols), dtype),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for r in T.thread_binding(n_rows, thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                 acc = T.alloc_buffer((4,), f32, scope="local")
@@ -196,7 +196,7 @@ def three_pass_softmax_cuda(
         X: T.Buffer((n_rows, n_cols), dtype),  # type: ignore[valid-type]
         Y: T.Buffer((n_rows, n_cols), dtype),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for r in T.thread_binding(n_rows, thread="blockIdx.x"):
             for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                 acc = T.alloc_buffer((4,), f32, scope="local")

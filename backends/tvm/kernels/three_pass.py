@@ -46,7 +46,7 @@ def three_pass_cpu(
         X: T.Buffer((p.rows, p.cols), dtype),  # type: ignore[valid-type]
         Y: T.Buffer((p.rows, p.cols), dtype),  # type: ignore[valid-type]
     ):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tirx.noalias": True})
         for r in T.parallel(p.rows):
             acc = T.alloc_buffer((width,), f32, scope="global")
             tmp = T.alloc_buffer((lanes,), f32, scope="global")

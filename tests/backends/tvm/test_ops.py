@@ -3,6 +3,7 @@ by its ONNX op type and by its torch op, with what ``prepare`` needs to know."""
 
 from __future__ import annotations
 
+import onnx
 import pytest
 
 from rewriter.backends.tvm import ops
@@ -55,3 +56,32 @@ def test_prepare_gets_static_kernels_cpu_only_kernels_and_options():
     assert loss.wanted(everything, gpu=False)
     assert not loss.wanted({**everything, "fuse_loss": False}, gpu=False)
     assert not attention.wanted({**everything, "fuse_attention": False}, gpu=False)
+
+
+def test_a_kernel_keeps_the_librarys_functions_noalias(tmp_path):
+    # Our kernels said "tir.noalias" (TVM's old name): one such function in a module made
+    # TVM's LLVM codegen drop every function's ``_compute_`` part, whose pointers are
+    # noalias, and the matmul's register tile (a TVMBackendAllocWorkspace buffer) was
+    # stored after every FMA (wav2vec2's fixed library with its softmax rewritten ran its
+    # convolutions and matmuls at 2x their time).
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rewriter.backends import tvm as backend
+    from rewriter.job import rewrite_file
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Softmax", ["m"], ["y"], axis=-1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 64])],
+        [weight],
+    )
+    source, rewritten = tmp_path / "m.onnx", tmp_path / "tp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    rewrite_file(source, rewritten, "two-pass-softmax")
+    compiled = backend.compile(rewritten, "avx512")
+    assert compiled.schedules is not None and "rewriter_two_pass_softmax" in compiled.schedules.scheduled
+    llvm_ir = compiled.executable.mod.imports[0].inspect_source("ll")
+    assert "@matmul_packed_compute_(ptr noalias" in llvm_ir
