@@ -514,6 +514,17 @@ def test_deep_matmul_is_cut_into_k_blocks_and_agrees(monkeypatch, epilogue, weig
     assert_agrees_with_ort(model)
 
 
+def test_deep_matmul_under_a_symbolic_batch_is_cut_into_k_blocks_and_agrees(monkeypatch):
+    monkeypatch.setattr(schedules, "ROW_BLOCK_BYTES", 16 * 1024)
+    monkeypatch.setattr(schedules, "K_CHUNK", 64)
+    model = with_symbolic_axes(dense_model((1, 40, 256), 64, "gelu"), {0: "batch"})
+    (func,) = [f for name, f in scheduled(model).items() if "matmul" in name]
+    assert 'T.sblock("matmul_rf_update")' in func.script()  # type: ignore[attr-defined]
+    compiled = backend.compile(model, "avx512")
+    for batch in (1, 3):
+        assert_agrees_at(model, compiled, {"x": (batch, 40, 256)})
+
+
 @pytest.mark.parametrize("target", ["llvm", "avx2"])
 def test_narrower_targets_pack_and_agree(target):
     # SSE: 4 lanes, 8-column panels; AVX2: 8 lanes, 16-column panels.
