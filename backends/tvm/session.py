@@ -309,14 +309,16 @@ class Session:
         ]
         raise InputError(f"{', '.join(problems)}; the compiled model takes {self._names}")
 
-    def _argument(self, value: Any, spec: tuple[str, Any, str, Any, list[tuple[int, int]], list[tuple[int, int]]]) -> Any:
+    def _argument(
+        self, value: Any, spec: tuple[str, Any, str, Any, list[tuple[int, int]], list[tuple[int, int]]]
+    ) -> Any:
         name, shape, dtype, np_dtype, static, bounded = spec
         if (
             type(value) is not np.ndarray
             or value.dtype != np_dtype
             or value.ndim != len(shape)
             or any(value.shape[axis] != size for axis, size in static)
-            or any(value.shape[axis] > bound for axis, bound in bounded)
+            or (bounded and any(value.shape[axis] > bound for axis, bound in bounded))
         ):  # not a numpy array that passes the checks: the full checks say why
             if not _is_torch(value) and not isinstance(value, np.ndarray):
                 value = np.asarray(value)
