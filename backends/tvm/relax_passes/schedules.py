@@ -15,8 +15,9 @@ loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
   batch, row blocks of A sized for L2 (:func:`_row_block`), panels of B, row tiles,
   ``k``, the tile. So a ``K x tile_j`` panel of B stays in L1/L2 while the row tiles
   stream past it; the packed panel is one contiguous stream. The epilogue (bias,
-  GELU, residual add) runs on each finished tile (a 1 KiB local buffer, in L1) and
-  writes the output once; batch, row blocks and panels are fused into the parallel
+  GELU, residual add) runs on each finished tile and writes the output once (a tile
+  under 1 KiB is a stack buffer LLVM keeps in registers, :func:`stack_rows`; an 8 x 32
+  one a workspace buffer in L1); batch, row blocks and panels are fused into the parallel
   loop. Rows that no L2-sized block divides go to equal blocks (1576 -> 5 x 320:
   :func:`padding`); where rows x K and B both overflow L2 (ViT-B/16's 3072 x 768 MLP
   weight), ``k`` runs in serial blocks (:func:`k_block`), each a parallel pass whose
@@ -59,6 +60,11 @@ ROW_BLOCK_BYTES = 1 << 20
 # The k loop of a matmul whose rows and B both overflow L2 is cut into blocks this deep
 # (:func:`k_block`; 0: never). 768 and 1024 measured alike on ViT-B/16's MLP, 384 worse.
 K_CHUNK = 768
+# TVM keeps a buffer on the stack only if its scope is "global" and it is under this many
+# bytes (its kMaxStackAlloca); any other is a TVMBackendAllocWorkspace call, and a memset,
+# per register tile: ~30% of a 1x1 convolution over 16 channels. On the stack LLVM keeps
+# the tile in registers from its zeros to the epilogue.
+STACK_BYTES = 1024
 # Marks the zero-padded input copies that zero_pad adds (kept out of the micro-kernel).
 PAD_ANNOTATION = "rewriter.zero_pad"
 
@@ -235,6 +241,32 @@ def cpu_rule_base() -> type:
     return _rules()["base"]  # type: ignore[no-any-return]
 
 
+def tile_scope(tile_i: int, tile_j: int, itemsize: int = 4) -> str:
+    """The scope of a ``tile_i x tile_j`` register tile's buffer: ``global`` where it fits
+    the stack (:data:`STACK_BYTES`), else ``local`` (a workspace allocation per tile).
+
+    >>> tile_scope(7, 32), tile_scope(8, 16), tile_scope(8, 32)
+    ('global', 'global', 'local')
+    """
+    return "global" if tile_i * tile_j * itemsize < STACK_BYTES else "local"
+
+
+def stack_rows(rows: int, limit: int, tile_j: int, itemsize: int = 4) -> int | None:
+    """The tallest tile height dividing ``rows`` whose tile fits the stack
+    (:func:`tile_scope`), where it keeps at least 3/4 of the ``limit``'s accumulators
+    (ResNet's 56 x 56 pixels: 7 x 32 tiles, not 8 x 32 ones in a workspace); else None.
+
+    >>> stack_rows(3136, 8, 32), stack_rows(4096, 8, 32), stack_rows(4096, 8, 16)
+    (7, None, 8)
+    """
+    for height in range(limit, 0, -1):
+        if 4 * height < 3 * limit:
+            return None
+        if rows % height == 0 and tile_scope(height, tile_j, itemsize) == "global":
+            return height
+    return None
+
+
 def tile_rows(tile_j: int, lanes: int) -> int:
     """Rows of a register tile ``tile_j`` wide, at most: accumulators fill the registers."""
     accumulators = ACCUMULATORS.get(lanes * 32, 12)
@@ -391,6 +423,8 @@ def _rules() -> dict[str, Any]:
             tile_i, tile_j = tile
             if not rows:  # symbolic: the tallest tile that divides the (padded) rows
                 tile_i = _dividing_tile(sch.get(i).extent, tile_rows(tile_j, self.lanes)) or 1
+            elif not gemv:  # a tile on the stack, in registers, where one divides the rows
+                tile_i = stack_rows(rows, tile_rows(tile_j, self.lanes), tile_j) or tile_i
             jo, ji = sch.split(j, [None, tile_j])
             chunk = k_block(rows, depth, cols)
             ko = None
@@ -416,12 +450,13 @@ def _rules() -> dict[str, Any]:
                 sch.reorder(ko, *outer, mo, *k_loops, mi, ji)
                 return self._k_blocked(sch, block, len(outer), len(k_loops), epilogue, pad_copies)
             sch.reorder(*outer, mo, *k_loops, mi, ji)
+            scope = tile_scope(tile_i, tile_j)
             if epilogue:
                 tail = epilogue[-1].block_rv
                 sch.reverse_compute_at(tail, mo)
-                sch.set_scope(block, 0, "local")
+                sch.set_scope(block, 0, scope)
             else:
-                tail = sch.cache_write(block, 0, "local")
+                tail = sch.cache_write(block, 0, scope)
                 sch.reverse_compute_at(tail, mo)
             # Annotate before decompose_reduction: the update block alone is no longer
             # a reduction block, and vectorize/parallel refuse loops over it.
