@@ -2,7 +2,8 @@
 
 Shapes real models have whose output width (or row count) no register tile divides:
 a 1000-class head, BERT's 30522-word LM head, ViT's 197 tokens (its linears, and its
-attention scores ``Q @ K^T`` with K an input). Each is compiled through our pipeline
+attention scores ``Q @ K^T`` with K an input; ViT-B/16's rows at batch 8, 1576 = 8 x 197,
+which no L2 row block divides, and its 3072-deep MLP matmul). Each is compiled through our pipeline
 (``rewriter.backends.tvm.compile``, which pads them to whole tiles: zero-padded weight
 panels at compile time, zero-padded copies of computed inputs once per call), and
 timed side by side, in interleaved rounds on one thread, against:
@@ -106,6 +107,10 @@ CASES = [
     ("lm", "8x768x30522 +b", dense(8, 768, 30522, False), "N=30528", dense(8, 768, 30528, False)),
     ("vit", "197x768x768 gelu", dense(197, 768, 768, True), "M=192", dense(192, 768, 768, True)),
     ("scores", "12x197x64x197", scores(12, 197, 64), "192 tokens", scores(12, 192, 64)),
+    # ViT-B/16 at batch 8: 1576 = 8 x 197 rows (no L2 row block divides them), and its
+    # MLP's 3072-deep second matmul (rows x K and the 9.4 MB weight both past L2).
+    ("blocks", "1576x768x2304 +b", dense(1576, 768, 2304, False), "M=1600", dense(1600, 768, 2304, False)),
+    ("deep", "197x3072x768 +b", dense(197, 3072, 768, False), "M=192", dense(192, 3072, 768, False)),
 ]
 
 
@@ -123,11 +128,13 @@ def flops(model: onnx.ModelProto) -> float:
 
 @contextmanager
 def unpadded() -> Iterator[None]:
-    """Our pipeline as it was before padding: ragged shapes neither packed nor padded."""
-    padding, find = schedules.padding, pack_weights.find_packable
+    """Our pipeline as it was before padding and cache blocking: ragged shapes neither
+    packed nor padded, rows in the blocks that divide them, ``k`` never blocked."""
+    padding, find, chunk = schedules.padding, pack_weights.find_packable, schedules.K_CHUNK
+    schedules.K_CHUNK = 0
 
-    def whole_panels_only(func, width):  # type: ignore[no-untyped-def]
-        site = find(func, width)
+    def whole_panels_only(func, width, lanes):  # type: ignore[no-untyped-def]
+        site = find(func, width, lanes)
         return site if site is not None and site.n % width == 0 else None
 
     schedules.padding = lambda *args, **kwargs: (1, 1)
@@ -136,6 +143,7 @@ def unpadded() -> Iterator[None]:
         yield
     finally:
         schedules.padding, pack_weights.find_packable = padding, find
+        schedules.K_CHUNK = chunk
 
 
 def feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -9,7 +9,9 @@ models from ``transformers`` and ``torchvision``) and each torch exporter
 2. compile for ``--target`` twice or more, each in its own process (a crash costs one
    variant): ``symbolic`` (no dims: one library for every batch and sequence; the
    outcome is recorded: compiled, refused with TVM's one-line reason, crashed with the
-   exception's first line) and ``fixed`` (dims fixed to each ``--batch``). Each compile
+   exception's first line) and ``fixed`` (dims fixed to each ``--batch``); with
+   ``--dims bounded`` also ``bounded``: symbolic with ``max_dims`` (``--max-dim``) at the
+   largest ``--batch`` and the model's run sizes, its memory planned statically. Each compile
    also records which rule scheduled each PrimFunc (:mod:`benchmarks.zoo_profile`);
 3. per ``--threads`` count, in a fresh process (``TVM_NUM_THREADS``, TVM's idle workers
    sleeping: ``TVM_THREAD_POOL_SPIN_COUNT=0``; ORT with ``intra_op_num_threads`` and
@@ -58,7 +60,7 @@ from typing import Any
 import timing
 
 ROOT = Path(__file__).resolve().parents[1]
-DIMS = ("fixed", "symbolic")
+DIMS = ("fixed", "symbolic", "bounded")
 
 
 def main() -> None:
@@ -84,7 +86,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", help="model or family names (default: all)")
     parser.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"])
-    parser.add_argument("--dims", nargs="+", default=list(DIMS), choices=DIMS)
+    parser.add_argument(
+        "--dims",
+        nargs="+",
+        default=["fixed", "symbolic"],
+        choices=DIMS,
+        help="default: fixed symbolic (bounded: symbolic with --max-dim, one more compile a model)",
+    )
     parser.add_argument("--threads", type=int, nargs="+", help="default: 1 2 (--quick: 1)")
     parser.add_argument("--batch", type=int, nargs="+", help="default: 1 8 (--quick: 1)")
     parser.add_argument("--seconds", type=float, help="timing per case (default 2, --quick 0.5)")
@@ -189,6 +197,8 @@ def measure_model(
     variants: list[tuple[str, int | None]] = []
     if "symbolic" in args.dims:
         variants.append(("symbolic", None))
+    if "bounded" in args.dims:
+        variants.append(("bounded", None))
     if "fixed" in args.dims:
         variants += [("fixed", batch) for batch in args.batch]
     libs: dict[str, str] = {}
@@ -198,6 +208,9 @@ def measure_model(
         if batch is not None:
             fixed = backend.shape_dims(rewritten, zoo_models.feeds(model, batch))
         job = {"onnx": str(rewritten), "target": args.target, "dims": fixed, "lib": str(lib)}
+        if dims == "bounded":  # the largest sizes the run feeds
+            sizes = {"batch": max(args.batch)} | model.sizes
+            job["max_dims"] = {axis: sizes[axis] for axis in zoo_models.symbolic_axes(model)}
         outcome = subprocess_job("compile", job, work, timeout=args.compile_timeout)
         outcome |= {"model": model.name, "exporter": exporter, "dims": dims, "batch": batch}
         results["compiles"].append(outcome)

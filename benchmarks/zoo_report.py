@@ -102,12 +102,15 @@ def print_compiles(results: dict[str, Any]) -> None:
     )
     head = ["model", "exporter", "symbolic", "PrimFuncs (sym)"]
     head += [f"fixed b{b}" for b in batches] + [f"PrimFuncs (b{b})" for b in batches[:1]]
+    bounded = any(c["dims"] == "bounded" for c in compiles)
+    head += ["bounded"] if bounded else []
     print(_row(head) + "\n" + _row(["---"] * len(head)))
     for model, exporter in pairs:
         symbolic = index.get((model, exporter, "symbolic", None))
         fixed = [index.get((model, exporter, "fixed", b)) for b in batches]
         cells = [model, exporter, _status(symbolic), _not_ours(symbolic)]
         cells += [_status(f) for f in fixed] + [_not_ours(f) for f in fixed[:1]]
+        cells += [_status(index.get((model, exporter, "bounded", None)))] if bounded else []
         print(_row(cells))
     print_schedules(compiles)
     failures = [c for c in compiles if c["status"] != "compiled"]
@@ -230,7 +233,7 @@ def print_wide(results: dict[str, Any]) -> None:
 
 def _column_order(column: tuple[str, int, int]) -> tuple[int, int, int]:
     dims, threads, batch = column
-    return (batch, threads, 0 if dims == "fixed" else 1)
+    return (batch, threads, {"fixed": 0, "bounded": 1}.get(dims, 2))
 
 
 def print_breakdown(item: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from benchmarks.zoo_export import first_line
 
 def compile_library(job: dict[str, Any]) -> dict[str, Any]:
     """Compile ``job["onnx"]`` for ``job["target"]`` with ``job["dims"]`` (None: symbolic)
-    and export it to ``job["lib"]``. ``status``: compiled, refused (our ``InputError``:
+    and ``job["max_dims"]`` (bounds of symbolic dimensions, if any), and export it to ``job["lib"]``. ``status``: compiled, refused (our ``InputError``:
     its message) or crashed (any other exception: its type and first line)."""
     import tvm
 
@@ -37,7 +37,9 @@ def compile_library(job: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"lib": job["lib"]}
     try:
         with tvm.transform.PassContext(instruments=[capture]):
-            compiled = backend.compile(job["onnx"], job["target"], dims=job["dims"])
+            compiled = backend.compile(
+                job["onnx"], job["target"], dims=job["dims"], max_dims=job.get("max_dims")
+            )
         compiled.export(job["lib"])
         result["status"] = "compiled"
     except InputError as exc:
@@ -70,7 +72,7 @@ def node_op_type(message: str, path: str) -> str | None:
 
 def time_against_ort(job: dict[str, Any]) -> dict[str, Any]:
     """Per batch: run ONNX Runtime on the original export and each library of
-    ``job["libs"]`` (``symbolic``, ``fixed/<batch>``) on the same inputs, compare, and
+    ``job["libs"]`` (``symbolic``, ``bounded``, ``fixed/<batch>``) on the same inputs, compare, and
     time them interleaved. Returns ``rows``, one per library and batch."""
     from benchmarks import zoo_models
     from rewriter import verify
@@ -87,8 +89,8 @@ def time_against_ort(job: dict[str, Any]) -> dict[str, Any]:
         calls: dict[str, Callable[[], None]] = {"ort": _caller(session.run, [model.output], feeds)}
         base = {"model": job["model"], "exporter": job["exporter"], "threads": threads}
         cases = {}
-        for dims in ("fixed", "symbolic"):
-            key = dims if dims == "symbolic" else f"fixed/{batch}"
+        for dims in ("fixed", "symbolic", "bounded"):
+            key = f"fixed/{batch}" if dims == "fixed" else dims
             if key not in loaded:
                 continue
             row = base | {"dims": dims, "batch": batch}

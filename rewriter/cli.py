@@ -2,6 +2,7 @@
 
     rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx [--report-json R.json]
     rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx --target avx512 --lib OUT.so
+    rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx --target avx512 --lib OUT.so --max-dim batch=16
     rewrite MODEL.onnx --passes two-pass-softmax -o OUT.onnx --target avx512 --tune 64 --tune-time 600
     rewrite MODEL.onnx --passes prune --calibration CAL.npz -o OUT.onnx --workers 8
     rewrite --list-passes
@@ -66,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help=f"value of a symbolic input dimension (defaults: {verify.DEFAULT_DIMS}, others {verify.DEFAULT_DIM}); "
         "generated inputs are limited to 2**31 elements each and 4 GiB in all",
+    )
+    parser.add_argument(
+        "--max-dim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="largest size of a symbolic input dimension the compiled model keeps (with --target): "
+        "its memory is planned once at that size rather than allocated on every call, and the "
+        "library refuses larger inputs",
     )
     parser.add_argument(
         "--plot", metavar="PNG", help="write the per-layer plot of passes that draw one (prune, quantize) here"
@@ -177,6 +187,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.passes and not args.pipeline:
         raise InputError("no passes given: use --passes NAME[,NAME...] or --pipeline FILE")
     dims = _parse_dims(args.dim)
+    max_dims = _parse_dims(args.max_dim, option="--max-dim")
     passes = registry.load_pipeline(args.pipeline) if args.pipeline else registry.parse_pipeline(args.passes)
     if args.plot:
         _route_plot(passes, Path(args.plot))
@@ -204,6 +215,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         inputs=args.inputs,
         calibration=args.calibration,
         dims=dims,
+        max_dims=max_dims,
         seed=args.seed,
         check=not args.no_verify,
         tolerance=tolerance,
@@ -240,14 +252,14 @@ def _route_plot(passes: Sequence[RewritePass], path: Path) -> None:
         rewrite_pass.options.plot = str(target)
 
 
-def _parse_dims(items: Sequence[str]) -> dict[str, int]:
+def _parse_dims(items: Sequence[str], option: str = "--dim") -> dict[str, int]:
     """``NAME=VALUE`` items as a dict; VALUE in ASCII digits, 1 to 12 of them (the
     generated inputs' size is bounded later, see :func:`rewriter.verify.make_inputs`)."""
     dims: dict[str, int] = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or not re.fullmatch(r"[0-9]{1,12}", value.strip()) or int(value) < 1:
-            raise InputError(f"--dim {shorten(item)!r}: expected NAME=POSITIVE_INT")
+            raise InputError(f"{option} {shorten(item)!r}: expected NAME=POSITIVE_INT")
         dims[name.strip()] = int(value)
     return dims
 
@@ -302,7 +314,18 @@ def _compiled_lines(compiled: Any) -> list[str]:
             f"{name}[{', '.join('?' if dim is None else str(dim) for dim in shape)}]"
             for name, shape in compiled.accepts.items()
         )
-        lines.append(f"    accepts {shapes} (a name: any size)")
+        if compiled.max_dims:
+            bounds = ", ".join(f"{name} <= {bound}" for name, bound in compiled.max_dims.items())
+            lines.append(f"    accepts {shapes} with {bounds} (a name without a bound: any size)")
+        else:
+            lines.append(f"    accepts {shapes} (a name: any size)")
+    main_memory = (compiled.memory or {}).get("main")
+    if main_memory and (main_memory["dynamic"] or compiled.max_dims):  # fixed shapes: all static
+        total = main_memory["dynamic"] + main_memory["static"]
+        lines.append(
+            f"    memory: {main_memory['static']} of {total} storage allocations planned statically, "
+            f"{main_memory['dynamic']} sized on each call"
+        )
     if compiled.note:
         lines.append(f"    note: {compiled.note}")
     lines.extend(_tuning_lines(compiled.tuning))

@@ -103,6 +103,7 @@ def rewrite_file(
     inputs: str | Path | Mapping[str, np.ndarray] | None = None,
     calibration: str | Path | Mapping[str, np.ndarray] | None = None,
     dims: Mapping[str, int] | None = None,
+    max_dims: Mapping[str, int] | None = None,
     seed: int = 0,
     check: bool = True,
     tolerance: verify.Tolerance | None = None,
@@ -134,6 +135,9 @@ def rewrite_file(
     model is also compiled with TVM for the verification inputs' shapes, run, and
     compared with ONNX Runtime on the original (``Report.compiled``); ``library``
     is where its shared library goes (written only if that check passes).
+    ``max_dims`` (``--max-dim``) bounds symbolic dimensions the library keeps: its memory
+    is planned at the bounds and it refuses larger sizes; generated inputs stay within
+    them.
     ``tune`` (trials), ``tune_db`` and ``tune_seconds`` tune it with MetaSchedule
     first (:mod:`rewriter.backends.tvm.tuning`; CPU targets); ``tune_rpc``
     (``HOST:PORT`` of a TVM RPC tracker) and ``tune_key`` measure the candidates on the
@@ -160,6 +164,13 @@ def rewrite_file(
         passes = parse_pipeline(passes)
     tuning_options = (tune, tune_db, tune_seconds)
     remote = _check_options(seed, tolerance, target, library, cuda_arch, tuning_options, (tune_rpc, tune_key))
+    if max_dims and target is None:
+        raise InputError("--max-dim needs --target: it bounds the memory of the compiled model")
+    if max_dims and any(option is not None for option in (*tuning_options, tune_rpc)):
+        raise InputError(
+            "--max-dim: tuning compiles at the verification inputs' fixed shapes, which leaves "
+            "nothing to bound (drop --max-dim, or the tuning options)"
+        )
     if workers is not None or ray_address is not None:
         from rewriter import distributed
 
@@ -180,12 +191,13 @@ def rewrite_file(
         say(f"loading {source}")
         model, data_files = io.load_with_sources(source)
         verify.check_dims(_input_shapes(model), dims or {})
+        bounds = verify.check_max_dims(_input_shapes(model), max_dims or {}, dims)
         reads += [("the input's external data", path) for path in data_files]
         paths.check_overlaps(reads, writes, force=force)
         feeds: dict[str, np.ndarray] | None = None
         reference = None
         if check:
-            feeds = _inputs(source, inputs, dims, seed)
+            feeds = _inputs(source, inputs, dims, seed, bounds)
             say("verifying: running the original model")
             reference = verify.run_original(source, feeds, generated=inputs is None)
         context = PassContext(
@@ -211,7 +223,7 @@ def rewrite_file(
         if target is not None:
             compiled = _compile(
                 source, staged_model, target, cuda_arch, staged_library, feeds, dims, seed, reference,
-                result.exact, say, tuning_options, remote,
+                result.exact, say, tuning_options, remote, bounds,
             )
             if library is not None:
                 compiled.library = str(library)
@@ -374,18 +386,20 @@ def _compile(
     say: Progress,
     tuning_options: tuple[int | None, str | Path | None, float | None] = (None, None, None),
     remote: Any = None,
+    max_dims: Mapping[str, int] | None = None,
 ) -> Any:
     """Compile the rewritten model for ``target``; raise if it disagrees with the original."""
     from rewriter.backends.tvm import verify as compile_check
 
     if feeds is None:  # --no-verify: compile for the shapes verification would use
-        feeds = verify.make_inputs(source, dims=dims, seed=seed)
+        feeds = verify.make_inputs(source, dims=dims, seed=seed, max_dims=max_dims)
     tune, tune_db, tune_seconds = tuning_options
     compiled = compile_check.check_compiled(
         rewritten, target, feeds=feeds, reference=reference, cuda_arch=cuda_arch,
         library=library, enforce=exact, say=say, tune=tune, tune_db=tune_db, tune_seconds=tune_seconds,
         dims=dims,
         tune_rpc=remote,
+        max_dims=max_dims,
     )
     if compiled.enforced and not compiled.passed:
         worst = max(compiled.outputs, key=lambda o: o.max_rel_err)
@@ -412,9 +426,10 @@ def _inputs(
     inputs: str | Path | Mapping[str, np.ndarray] | None,
     dims: Mapping[str, int] | None,
     seed: int,
+    max_dims: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     if inputs is None:
-        return verify.make_inputs(source, dims=dims, seed=seed)
+        return verify.make_inputs(source, dims=dims, seed=seed, max_dims=max_dims)
     if isinstance(inputs, (str, Path)):
         return verify.load_inputs(inputs, source)
     verify.check_inputs(inputs, source, source="inputs")

@@ -34,7 +34,7 @@ import onnx
 import onnxruntime as ort
 
 from rewriter import input_sizes
-from rewriter.errors import InputError
+from rewriter.errors import InputError, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -392,12 +392,18 @@ def make_inputs(
     *,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
+    max_dims: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Generate seeded inputs for ``model`` following the rules of this module.
+    """Generate seeded inputs for ``model`` following the rules of this module; a
+    dimension bounded by ``max_dims`` (by name, see :func:`check_max_dims`) that ``dims``
+    does not give takes its default size, or its bound where that is smaller.
 
     >>> inputs = make_inputs("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
     """
     dims = dict(dims or {})
+    for name, bound in (max_dims or {}).items():
+        if name not in dims and _dim_value(name, {}, "", 0) > bound:
+            dims[name] = bound
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     table_rows = _index_table_rows(proto)
     specs = input_specs(proto)
@@ -447,12 +453,15 @@ def _fit_windows(
                 shapes[name][axis] = smallest
 
 
-def check_dims(shapes: Mapping[str, Sequence[int | str | None]], dims: Mapping[str, int]) -> None:
+def check_dims(
+    shapes: Mapping[str, Sequence[int | str | None]], dims: Mapping[str, int], option: str = "--dim"
+) -> None:
     """Refuse a ``dims`` key that names no symbolic input axis of the model (a name, e.g.
     ``batch``, or ``input.axis``, e.g. ``input_ids.1``), listing the axes it has: a
     ``--dim batch=1`` on a model whose axis is ``batch_size`` would otherwise be ignored.
 
-    ``shapes``: each input's dimensions (a size, a name, or None), by input name.
+    ``shapes``: each input's dimensions (a size, a name, or None), by input name;
+    ``option``: the option the error names (``--dim``, ``--max-dim``).
 
     >>> check_dims({"input_ids": ["batch_size", "sequence"]}, {"batch": 1})  # doctest: +SKIP
     Traceback (most recent call last):
@@ -475,9 +484,58 @@ def check_dims(shapes: Mapping[str, Sequence[int | str | None]], dims: Mapping[s
     if unnamed:
         listed += ("; " if listed else "") + "unnamed: " + ", ".join(unnamed)
     raise InputError(
-        f"--dim {unknown[0]}: the model has no symbolic input axis of that name; "
+        f"{option} {unknown[0]}: the model has no symbolic input axis of that name; "
         f"its symbolic axes: {listed or 'none (every input shape is fixed)'}"
     )
+
+
+def check_max_dims(
+    shapes: Mapping[str, Sequence[int | str | None]],
+    max_dims: Mapping[str, int],
+    dims: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """The upper bounds ``max_dims`` (``--max-dim``) by axis name, checked: each key names a
+    symbolic input axis (its name, or ``input.axis``) that has a name (the compiled model's
+    memory is planned by name) and that ``dims`` does not fix, and each bound is a positive
+    integer; :class:`InputError` otherwise, naming the option.
+
+    >>> check_max_dims({"images": ["batch", 3, 224, 224]}, {"images.0": 16})
+    {'batch': 16}
+    """
+    check_dims(shapes, max_dims, option="--max-dim")
+    dims = dims or {}
+    bounds: dict[str, int] = {}
+    for key, bound in max_dims.items():
+        if isinstance(bound, bool) or not isinstance(bound, (int, np.integer)) or bound < 1:
+            raise InputError(f"--max-dim {key}={shorten(str(bound))}: expected a positive integer")
+        axes = [
+            (name, axis, dim)
+            for name, shape in shapes.items()
+            for axis, dim in enumerate(shape)
+            if not (isinstance(dim, int) and dim >= 0) and key in (dim, f"{name}.{axis}")
+        ]
+        for name, axis, dim in axes:
+            if not isinstance(dim, str) or not dim:
+                raise InputError(
+                    f"--max-dim {key}: axis {axis} of input {name!r} has no name; only named "
+                    "symbolic dimensions can be bounded (name it, or fix it with --dim)"
+                )
+            fixed = [given for given in dims if given == dim or _axis_named(shapes, given, dim)]
+            if fixed:
+                raise InputError(
+                    f"--max-dim {key}: {dim} is also fixed by --dim {fixed[0]}; a fixed "
+                    "dimension needs no bound (give one of the two)"
+                )
+            if bounds.setdefault(dim, int(bound)) != int(bound):
+                raise InputError(f"--max-dim {key}: {dim} is bounded twice, by {bounds[dim]} and {bound}")
+    return bounds
+
+
+def _axis_named(shapes: Mapping[str, Sequence[int | str | None]], key: str, dim: str) -> bool:
+    """Whether ``key`` (``input.axis``) is an axis whose dimension is named ``dim``."""
+    name, _, axis = key.rpartition(".")
+    shape = shapes.get(name)
+    return shape is not None and axis.isdigit() and int(axis) < len(shape) and shape[int(axis)] == dim
 
 
 def _check_generated_size(specs: Sequence[InputSpec], shapes: Mapping[str, list[int]]) -> None:

@@ -177,6 +177,12 @@ def _bad_cases(tmp_path: Path, model_path: Path) -> dict[str, list[str]]:
         "missing external data": [str(external), *passes, "-o", out],
         "output is input": [model, *passes, "-o", model],
         "bad dim": [model, *passes, "-o", out, "--dim", "batch=zero"],
+        "max dim zero": [model, *passes, "-o", out, "--target", "avx512", "--max-dim", "batch=0"],
+        "max dim without a value": [model, *passes, "-o", out, "--target", "avx512", "--max-dim", "batch"],
+        "max dim names no axis": [model, *passes, "-o", out, "--target", "avx512", "--max-dim", "batch_size=4"],
+        "max dim also a dim": [model, *passes, "-o", out, "--target", "avx512", "--dim", "batch=2", "--max-dim", "x.0=4"],
+        "max dim without target": [model, *passes, "-o", out, "--max-dim", "batch=4"],
+        "max dim with tuning": [model, *passes, "-o", out, "--target", "avx512", "--tune", "0", "--max-dim", "batch=4"],
         "plot without a drawing pass": [model, *passes, "-o", out, "--plot", str(tmp_path / "p.png")],
         "calibration wrong shape": [model, *passes, "-o", out, "--calibration", str(wrong_shape)],
         "calibration wrong names": [model, *passes, "-o", out, "--calibration", str(wrong_names)],
@@ -194,7 +200,8 @@ def _bad_cases(tmp_path: Path, model_path: Path) -> dict[str, list[str]]:
         "bad option value", "malformed pass list", "inputs wrong names", "inputs wrong shape",
         "inputs wrong dtype", "inputs missing file", "missing external data", "output is input",
         "bad dim", "no output", "no passes", "calibration wrong shape", "calibration wrong names",
-        "plot without a drawing pass",
+        "plot without a drawing pass", "max dim zero", "max dim without a value",
+        "max dim names no axis", "max dim also a dim", "max dim without target", "max dim with tuning",
     ],
 )
 def test_bad_input_one_line_exit_2_no_output(case, model_path, tmp_path, capsys):

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rewriter import verify
 from rewriter.backends.tvm import amx_runtime, cpu_features, targets, tuning
 from rewriter.backends.tvm import import_onnx as onnx_import
 from rewriter.backends.tvm import import_torch as torch_import
 from rewriter.backends.tvm.pipeline import relax_pipeline
-from rewriter.backends.tvm.relax_passes import cpu_schedule
+from rewriter.backends.tvm.relax_passes import cpu_schedule, memory_plan
 from rewriter.backends.tvm.session import Session
 from rewriter.errors import InputError
 
@@ -43,22 +44,39 @@ logger = logging.getLogger(__name__)
 
 # The sidecar beside an exported library: what load() needs besides the code, the
 # library's SHA-256 (since version 2), checked before the library is mapped, and its
-# target's CPU features (version 3), checked against this CPU's before it is mapped.
+# target's CPU features (version 3), checked against this CPU's before it is mapped, and
+# the upper bounds of symbolic dimensions its memory is planned for (version 4), checked
+# on every call. Version 3 (no bounds) is still read; a reader of version 3 refuses 4,
+# which could hold bounds it would not check.
 METADATA_SUFFIX = ".json"
-METADATA_VERSION = 3
+METADATA_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 
 
 @dataclasses.dataclass
 class Signature:
     """Names, dtypes and shapes of a compiled model's inputs, its output names, and its
     target: the preset's name, the TVM target (as a dict) and every feature LLVM enabled
-    for it (:func:`cpu_features.target_features`; [] for GPU code)."""
+    for it (:func:`cpu_features.target_features`; [] for GPU code); ``max_dims``: the
+    largest size of each symbolic dimension (by name) whose memory is planned statically
+    (``compile(max_dims=...)``), which a run may not exceed."""
 
     inputs: list[tuple[str, list[int | str | None], str]]
     outputs: list[str]
     target: str
     target_json: dict[str, Any]
     features: list[str]
+    max_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def accepts(self) -> str:
+        """The input shapes this model takes, as text: ``images[batch, 3, 224, 224] with
+        batch <= 16`` (a name without a bound: any size)."""
+        shapes = ", ".join(
+            f"{name}[{', '.join('?' if dim is None else str(dim) for dim in shape)}]"
+            for name, shape, _ in self.inputs
+        )
+        bounds = ", ".join(f"{name} <= {bound}" for name, bound in self.max_dims.items())
+        return f"{shapes} with {bounds}" if bounds else shapes
 
     def missing_features(self) -> list[str]:
         """The features the code may use that this CPU lacks (see :mod:`.cpu_features`)."""
@@ -72,22 +90,30 @@ class Signature:
             "target": self.target,
             "target_json": self.target_json,
             "features": self.features,
+            "max_dims": self.max_dims,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Signature:
-        if data.get("version") != METADATA_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise InputError(
                 f"compiled-model metadata version {data.get('version')} is not supported "
-                f"(version {METADATA_VERSION} holds the library's SHA-256 and CPU features): "
-                "export the model again"
+                f"(versions {READABLE_VERSIONS[0]} to {METADATA_VERSION} hold the library's "
+                "SHA-256 and CPU features): export the model again"
             )
+        max_dims = data.get("max_dims", {}) if data["version"] >= 4 else {}
+        if not isinstance(max_dims, dict) or not all(
+            isinstance(bound, int) and not isinstance(bound, bool) and bound > 0
+            for bound in max_dims.values()
+        ):
+            raise TypeError(f"max_dims is not a dict of positive integers: {max_dims!r}")
         return cls(
             inputs=[(i["name"], list(i["shape"]), i["dtype"]) for i in data["inputs"]],
             outputs=list(data["outputs"]),
             target=data["target"],
             target_json=dict(data["target_json"]),
             features=[str(feature) for feature in data["features"]],
+            max_dims={str(name): int(bound) for name, bound in max_dims.items()},
         )
 
 
@@ -104,6 +130,8 @@ class Compiled:
         self.tuning: tuning.TuningReport | None = None
         # CPU builds: which rule scheduled each function, and which none did.
         self.schedules: cpu_schedule.ScheduleRecord | None = None
+        # Each Relax function's storage allocations planned statically and at run time.
+        self.memory: memory_plan.StorageRecord | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -180,7 +208,7 @@ class Compiled:
 
         Raises :class:`InputError` naming the input for a missing or unknown name and
         for a dtype, rank or shape the model does not take (a symbolic dimension takes
-        any size).
+        any size, up to its bound where it has one: ``signature.max_dims``).
 
         >>> compiled.run({"input_ids": ids, "attention_mask": mask})["logits"].shape  # doctest: +SKIP
         (1, 2)
@@ -298,6 +326,7 @@ def compile(
     *,
     cuda_arch: str = targets.DEFAULT_CUDA_ARCH,
     dims: Mapping[str, int] | None = None,
+    max_dims: Mapping[str, int] | None = None,
     fast_math: bool = True,
     kernel: onnx_import.KernelFactory | None = None,
     tune: int | None = None,
@@ -312,7 +341,11 @@ def compile(
 
     ``target`` is a preset of :mod:`rewriter.backends.tvm.targets`. ``dims`` fixes
     symbolic input dimensions (see :func:`onnx_import.prepare`); fixed shapes give
-    faster code. ``fast_math`` uses TVM's polynomial ``exp``/``erf``/``tanh``
+    faster code. ``max_dims`` bounds symbolic dimensions instead (by name, or
+    ``input.axis``; none that ``dims`` fixes): the buffers they size are planned once, at
+    the bound, rather than allocated on every call (``compiled.memory`` counts them), and
+    a run with a larger size is refused (``signature.max_dims``; the library's metadata
+    keeps them). ``fast_math`` uses TVM's polynomial ``exp``/``erf``/``tanh``
     (relative error ~1e-7). ``kernel`` overrides the two-pass softmax kernel factory.
 
     ``tune`` (CPU targets): tune with MetaSchedule, ``tune`` trials shared by the
@@ -326,6 +359,7 @@ def compile(
     (:class:`tuning.Remote`) instead of this machine.
 
     >>> compiled = compile("bert_tp.onnx", "avx512", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
+    >>> bounded = compile("resnet18.onnx", "avx512", max_dims={"batch": 16})  # doctest: +SKIP
     >>> tuned = compile("bert_tp.onnx", "avx512", dims={"batch": 1}, tune=64)  # doctest: +SKIP
     """
     from tvm import relax
@@ -335,10 +369,18 @@ def compile(
     tuner = None
     if tune is not None or tune_db is not None:
         tuner = tuning.Tuner(tune or 0, tune_db, tune_seconds, progress, remote=tune_rpc)
+    bounds: dict[str, int] = {}
     if torch_import.is_exported_program(model):
+        if max_dims:
+            raise InputError(
+                "max_dims applies to ONNX models; bound a torch.export dimension with "
+                "torch.export.Dim(name, max=...)"
+            )
         inputs, outputs = torch_import.signature(model)
         source: Any = model
     else:
+        if max_dims:
+            bounds = verify.check_max_dims(input_shapes(model), max_dims, dims)
         source = onnx_import.prepare(model, dims=dims, gpu=targets.is_gpu(target))
         inputs = onnx_import.input_signature(source)
         outputs = [output.name for output in source.graph.output]
@@ -348,6 +390,7 @@ def compile(
         target=target,
         target_json=targets.target_dict(target, cuda_arch=cuda_arch),
         features=cpu_features.target_features(tvm_target),
+        max_dims=bounds,
     )
     symbolic = [
         f"{name}[{axis}]={dim or '?'}"
@@ -369,8 +412,12 @@ def compile(
                 raise UnsupportedModelError(
                     f"TVM cannot import the model: {_importer_failure(exc, source)}"
                 ) from exc
+        mod = memory_plan.bound_dims(mod, bounds)
         record = cpu_schedule.ScheduleRecord()
-        pipeline = relax_pipeline(tvm_target, fast_math=fast_math, tuner=tuner, record=record)
+        storage = memory_plan.StorageRecord()
+        pipeline = relax_pipeline(
+            tvm_target, fast_math=fast_math, tuner=tuner, record=record, storage=storage
+        )
         executable = relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
     except InputError:
         raise
@@ -386,6 +433,7 @@ def compile(
     compiled = Compiled(executable, signature, device="cuda" if targets.is_gpu(target) else "cpu")
     compiled.tuning = tuner.report if tuner is not None else None
     compiled.schedules = None if targets.is_gpu(target) else record
+    compiled.memory = storage
     return compiled
 
 
@@ -484,20 +532,33 @@ def shape_dims(model: onnx_import.ModelLike, inputs: Mapping[str, np.ndarray]) -
     >>> shape_dims("bert.onnx", {"input_ids": np.zeros((1, 8), np.int64)})  # doctest: +SKIP
     {'input_ids.0': 1, 'input_ids.1': 8}
     """
-    import onnx
-    import onnx_ir as ir
-
-    if isinstance(model, ir.Model):
-        proto = ir.serde.serialize_model(model)
-    elif isinstance(model, onnx.ModelProto):
-        proto = model
-    else:
-        proto = onnx.load(str(model), load_external_data=False)
     dims: dict[str, int] = {}
-    for name, shape, _ in onnx_import.input_signature(proto):
+    for name, shape, _ in onnx_import.input_signature(_graph_proto(model)):
         if name not in inputs:
             continue
         for axis, (dim, size) in enumerate(zip(shape, inputs[name].shape, strict=False)):
             if not isinstance(dim, int) or dim <= 0:
                 dims[f"{name}.{axis}"] = int(size)
     return dims
+
+
+def input_shapes(model: onnx_import.ModelLike) -> dict[str, list[int | str | None]]:
+    """Each input's dimensions (a size, a symbolic name, or None) by name, as the model
+    declares them (its weights are not read).
+
+    >>> input_shapes("resnet18.onnx")  # doctest: +SKIP
+    {'images': ['batch', 3, 224, 224]}
+    """
+    return {name: shape for name, shape, _ in onnx_import.input_signature(_graph_proto(model))}
+
+
+def _graph_proto(model: onnx_import.ModelLike) -> Any:
+    """``model`` as an ``onnx.ModelProto`` (a file's external data not loaded)."""
+    import onnx
+    import onnx_ir as ir
+
+    if isinstance(model, ir.Model):
+        return ir.serde.serialize_model(model)
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return onnx.load(str(model), load_external_data=False)

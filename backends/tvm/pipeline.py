@@ -32,7 +32,11 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    function its best record where that beat ours side by side; our rules schedule the rest;
 6. TVM's lowering to the Relax VM; on CPUs, before memory planning, every output of
    ``main`` in a buffer of its own and ``main_out``, which writes the outputs into the
-   caller's arrays (:mod:`rewriter.backends.tvm.relax_passes.outputs_as_params`).
+   caller's arrays (:mod:`rewriter.backends.tvm.relax_passes.outputs_as_params`);
+   memory planning sizes the buffers of symbolic dimensions at their upper bounds where
+   ``main`` has them (``tir_var_upper_bound``, from ``compile(max_dims=...)``), and
+   ``storage`` counts the allocations it left constant or sized at run time
+   (:mod:`rewriter.backends.tvm.relax_passes.memory_plan`).
 
 >>> executable = relax.build(mod, target=target, relax_pipeline=relax_pipeline(target))  # doctest: +SKIP
 """
@@ -42,7 +46,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rewriter.backends.tvm import tuning
-from rewriter.backends.tvm.relax_passes import cpu_schedule
+from rewriter.backends.tvm.relax_passes import cpu_schedule, memory_plan
 
 if TYPE_CHECKING:
     import tvm
@@ -54,9 +58,11 @@ def relax_pipeline(
     fast_math: bool = True,
     tuner: tuning.Tuner | None = None,
     record: cpu_schedule.ScheduleRecord | None = None,
+    storage: memory_plan.StorageRecord | None = None,
 ) -> tvm.transform.Pass:
     """The Relax pipeline of :func:`rewriter.backends.tvm.compile` for ``target`` (see the
-    module docstring); ``record`` (CPU targets) collects which rule scheduled each function."""
+    module docstring); ``record`` (CPU targets) collects which rule scheduled each function,
+    ``storage`` how many storage allocations memory planning gave a constant size."""
     import tvm
     from tvm import relax
 
@@ -119,7 +125,10 @@ def relax_pipeline(
     passes += stages.dataflow_lower_passes(target)
     if not gpu:  # main's outputs in buffers of their own, and main_out writing into the caller's
         passes.append(outputs_as_params.outputs_as_params())
-    passes += stages.finalize_passes(target)
+    for finalize in stages.finalize_passes(target):
+        passes.append(finalize)
+        if storage is not None and finalize.info.name == "LowerAllocTensor":
+            passes.append(memory_plan.record_storage(storage))  # every allocation now explicit
 
     @tvm.transform.module_pass(opt_level=0, name="RewriterPipeline")
     def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:

@@ -22,7 +22,8 @@ transparent huge pages on large arrays (``madvise``), TVM's allocator does not, 
 two-pass softmax streamed 1x64M into TVM's 4 KiB pages 1.2x slower (TLB misses).
 
 Every call checks the inputs as :meth:`rewriter.backends.tvm.Compiled.run` does: names,
-dtypes, ranks and static sizes, an :class:`InputError` naming the input otherwise.
+dtypes, ranks, static sizes and the upper bounds of symbolic sizes (``max_dims``: the
+memory is planned for those), an :class:`InputError` naming the input otherwise.
 
 A session is not thread-safe (one Relax VM); use one per thread.
 
@@ -82,8 +83,15 @@ def _is_torch(value: Any) -> bool:
     return type(value).__module__.startswith("torch") and hasattr(value, "data_ptr")
 
 
-def check_input(name: str, value: Any, shape: Sequence[int | str | None], dtype: str) -> None:
-    """Raise :class:`InputError` unless ``value`` has the input's dtype, rank and static sizes."""
+def check_input(
+    name: str,
+    value: Any,
+    shape: Sequence[int | str | None],
+    dtype: str,
+    max_dims: Mapping[str, int] | None = None,
+) -> None:
+    """Raise :class:`InputError` unless ``value`` has the input's dtype, rank and static
+    sizes, and no dimension over its bound in ``max_dims`` (by name)."""
     got = dtype_name(value)
     if got != dtype:
         raise InputError(f"input {name!r} has dtype {got}, the compiled model takes {dtype}")
@@ -97,6 +105,14 @@ def check_input(name: str, value: Any, shape: Sequence[int | str | None], dtype:
         if isinstance(dim, int) and dim > 0 and size != dim:
             raise InputError(
                 f"input {name!r} has shape {sizes}, the compiled model takes {expected}"
+            )
+    for axis, (size, dim) in enumerate(zip(sizes, shape, strict=True)):
+        bound = (max_dims or {}).get(dim) if isinstance(dim, str) else None
+        if bound is not None and size > bound:
+            raise InputError(
+                f"input {name!r} has shape {sizes}: axis {axis} ({dim}) is {size}, over the "
+                f"compiled model's bound {dim} <= {bound} (its memory is planned for that size; "
+                f"compile with a larger --max-dim {dim})"
             )
 
 
@@ -194,8 +210,9 @@ class Session:
             self._main_out = None
         self._names = [name for name, _, _ in signature.inputs]
         self._known = set(self._names)
-        # Per input: name, shape, dtype name, numpy dtype (None: no numpy equivalent), and
-        # the static sizes by axis, for the fast check of numpy arrays.
+        # Per input: name, shape, dtype name, numpy dtype (None: no numpy equivalent), the
+        # static sizes by axis and the upper bounds by axis, for the fast check of numpy
+        # arrays (a size over its bound would overflow the statically planned memory).
         self._specs = [
             (
                 name,
@@ -203,12 +220,17 @@ class Session:
                 dtype,
                 _numpy_dtype(dtype),
                 [(axis, dim) for axis, dim in enumerate(shape) if isinstance(dim, int) and dim > 0],
+                [
+                    (axis, signature.max_dims[dim])
+                    for axis, dim in enumerate(shape)
+                    if isinstance(dim, str) and dim in signature.max_dims
+                ],
             )
             for name, shape, dtype in signature.inputs
         ]
         self._staging: dict[str, tuple[Any, np.ndarray, Any]] = {}
         # Output shapes and dtypes by input shapes (None: static inputs), from main.
-        self._static = all(len(static) == len(shape) for _, shape, _, _, static in self._specs)
+        self._static = all(len(static) == len(shape) for _, shape, _, _, static, _ in self._specs)
         self._layouts: dict[Any, list[tuple[tuple[int, ...], np.dtype]] | None] = {}
         self._own: tuple[Any, list[_OwnBuffer]] = (None, [])
         # The inputs the last call copied (not contiguous, aligned and writable), by name.
@@ -287,17 +309,20 @@ class Session:
         ]
         raise InputError(f"{', '.join(problems)}; the compiled model takes {self._names}")
 
-    def _argument(self, value: Any, spec: tuple[str, Any, str, Any, list[tuple[int, int]]]) -> Any:
-        name, shape, dtype, np_dtype, static = spec
+    def _argument(
+        self, value: Any, spec: tuple[str, Any, str, Any, list[tuple[int, int]], list[tuple[int, int]]]
+    ) -> Any:
+        name, shape, dtype, np_dtype, static, bounded = spec
         if (
             type(value) is not np.ndarray
             or value.dtype != np_dtype
             or value.ndim != len(shape)
             or any(value.shape[axis] != size for axis, size in static)
+            or (bounded and any(value.shape[axis] > bound for axis, bound in bounded))
         ):  # not a numpy array that passes the checks: the full checks say why
             if not _is_torch(value) and not isinstance(value, np.ndarray):
                 value = np.asarray(value)
-            check_input(name, value, shape, dtype)
+            check_input(name, value, shape, dtype, self.signature.max_dims)
         if self._gpu is not None:
             import tvm
 

@@ -66,6 +66,12 @@ class CompiledCheck:
     accepts: dict[str, list[int | str | None]] | None = None
     # Every feature LLVM enabled for the target (CPU code; the library's .so.json too).
     features: list[str] = dataclasses.field(default_factory=list)
+    # The largest size of each bounded symbolic dimension (by name; --max-dim), which
+    # the library refuses to exceed (its .so.json too).
+    max_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Each Relax function's storage allocations, planned statically or sized on each call
+    # (rewriter.backends.tvm.relax_passes.memory_plan.StorageRecord.to_json()).
+    memory: dict[str, dict[str, int]] | None = None
 
     @property
     def passed(self) -> bool:
@@ -88,6 +94,8 @@ class CompiledCheck:
             "schedules": self.schedules,
             "accepts": self.accepts,
             "features": self.features,
+            "max_dims": self.max_dims,
+            "memory": self.memory,
         }
 
 
@@ -106,14 +114,18 @@ def check_compiled(
     tune_seconds: float | None = None,
     dims: Mapping[str, int] | None = None,
     tune_rpc: Remote | None = None,
+    max_dims: Mapping[str, int] | None = None,
 ) -> CompiledCheck:
     """Compile ``model`` for ``target`` and compare it with ``reference`` on ``feeds``.
 
     Symbolic input dimensions stay symbolic, so the library runs at any size, but those
     ``dims`` fixes (``--dim``); where TVM cannot keep them (its importer fails on many text
     models' shape arithmetic), or when tuning (MetaSchedule measures fixed shapes), every
-    one is fixed to its size in ``feeds``, and the ``note`` says so. ``accepts`` records
-    the input shapes the library takes (a name: any size).
+    one is fixed to its size in ``feeds``, and the ``note`` says so. ``max_dims``
+    (``--max-dim``) bounds symbolic dimensions that stay symbolic: their memory is planned
+    at the bound (``memory`` counts the allocations planned statically) and the library
+    refuses larger sizes. ``accepts`` records the input shapes the library takes (a name:
+    any size, up to its bound in ``max_dims``).
 
     ``reference`` is ONNX Runtime's output of the original model on ``feeds`` (None:
     build only). ``library``: where to write the shared library (atomically, with its
@@ -139,13 +151,17 @@ def check_compiled(
         compiled = backend.compile(model, target, dims=fixed, **options)
     else:
         try:
-            compiled = backend.compile(model, target, dims=dict(dims or {}), **options)
+            compiled = backend.compile(
+                model, target, dims=dict(dims or {}), max_dims=dict(max_dims or {}), **options
+            )
         except backend.SymbolicDimsError as exc:
             reason = str(exc).split(": ", 1)[-1].split("; fix them")[0]
             shapes_note = (
                 f"symbolic input dimensions fixed to the verification inputs' sizes (TVM could not "
                 f"keep them: {reason}); the library takes only these shapes (--dim to choose them)"
             )
+            if max_dims:
+                shapes_note += "; --max-dim had nothing left to bound"
             say(f"compiling for {target} with TVM at fixed shapes")
             compiled = backend.compile(model, target, dims=fixed, **options)
     seconds = time.perf_counter() - start
@@ -191,6 +207,8 @@ def check_compiled(
         schedules=compiled.schedules.to_json() if compiled.schedules is not None else None,
         accepts={name: list(shape) for name, shape, _ in compiled.signature.inputs},
         features=compiled.signature.features,
+        max_dims=dict(compiled.signature.max_dims),
+        memory=compiled.memory.to_json() if compiled.memory is not None else None,
     )
     if library is not None and check.passed:
         say(f"writing {library}")

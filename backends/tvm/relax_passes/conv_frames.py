@@ -1,7 +1,7 @@
 """``conv1d(x)`` -> ``conv1d(pad_frames(x))[:, :frames]``: whole tiles of output frames.
 
 The implicit GEMM of :mod:`rewriter.backends.tvm.relax_passes.conv` tiles a 1-D
-convolution's output frames by ``tile_i`` rows (8 on AVX-512). Where no tile of at least
+convolution's output frames by ``tile_i`` rows (7 or 8 on AVX-512). Where no tile of at least
 half that divides the frames, the last tile is partial and its rows are masked:
 
 * over a symbolic length (wav2vec2's feature encoder compiled for any number of
@@ -65,16 +65,23 @@ def whole_tiles(target: tvm.target.Target) -> tvm.transform.Pass:
 def tile_height(channels: int, groups: int, lanes: int) -> int:
     """Output frames per register tile of a convolution with ``channels`` outputs in
     ``groups`` groups, as the conv rule (dense, grouped) or the window rule (depthwise)
-    picks it for ``lanes``-wide vectors.
+    picks it for ``lanes``-wide vectors where it divides the frames: the tallest tile on
+    the stack (:func:`rewriter.backends.tvm.relax_passes.schedules.stack_rows`: 7 x 32,
+    not 8 x 32 in a workspace).
 
     >>> tile_height(256, 1, 16), tile_height(256, 16, 16), tile_height(256, 1, 8)
-    (8, 8, 6)
+    (7, 8, 6)
     """
     if groups > 1 and groups == channels:  # depthwise: the window rule's tile
         width = next((w for w in conv.WINDOW_WIDTHS if channels % w == 0), None)
-        return min(conv.WINDOW_PIXELS, schedules.tile_rows(width, lanes)) if width else 1
-    width = conv.conv_width(channels, channels // groups if groups > 1 else 0, lanes)
-    return schedules.tile_rows(width, lanes) if width else 1
+        limit = min(conv.WINDOW_PIXELS, schedules.tile_rows(width, lanes)) if width else 1
+    else:
+        width = conv.conv_width(channels, channels // groups if groups > 1 else 0, lanes)
+        limit = schedules.tile_rows(width, lanes) if width else 1
+    if not width:
+        return 1
+    stacked = (h for h in range(limit, 0, -1) if 4 * h >= 3 * limit and schedules.tile_scope(h, width) == "global")
+    return next(stacked, limit)
 
 
 def pad_frames(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:

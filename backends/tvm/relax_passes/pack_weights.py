@@ -205,7 +205,7 @@ def packed_func(
         sch.transform_layout(block, ("read", 1), tirx.IndexMap.from_func(panels, ndim=ndim))
         sch.annotate(block, conv.PACKED_ANNOTATION, site.width)
         return sch.mod["main"]
-    pad = schedules.padding(site.rows or 1, site.n, lanes, packed=width)
+    pad = schedules.padding(site.rows or 1, site.n, lanes, packed=width, depth=site.k)
     if site.rows == 0:  # symbolic rows (batch x tokens): to whole register tiles
         pad = (schedules.tile_rows(width, lanes), pad[1])
     schedules.zero_pad(sch, block, pad)

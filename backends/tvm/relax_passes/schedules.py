@@ -15,10 +15,14 @@ loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
   batch, row blocks of A sized for L2 (:func:`_row_block`), panels of B, row tiles,
   ``k``, the tile. So a ``K x tile_j`` panel of B stays in L1/L2 while the row tiles
   stream past it; the packed panel is one contiguous stream. The epilogue (bias,
-  GELU, residual add) runs on each finished tile (a 1 KiB local buffer, in L1) and
-  writes the output once; batch, row blocks and panels are fused into the parallel
-  loop. Shapes without whole tiles (N = 197 or 1000; 197 rows) are padded to them
-  (:func:`padding`, :func:`zero_pad`): zero-padded copies of A and B, made once per
+  GELU, residual add) runs on each finished tile and writes the output once (a tile
+  under 1 KiB is a stack buffer LLVM keeps in registers, :func:`stack_rows`; an 8 x 32
+  one a workspace buffer in L1); batch, row blocks and panels are fused into the parallel
+  loop. Rows that no L2-sized block divides go to equal blocks (1576 -> 5 x 320:
+  :func:`padding`); where rows x K and B both overflow L2 (ViT-B/16's 3072 x 768 MLP
+  weight), ``k`` runs in serial blocks (:func:`k_block`), each a parallel pass whose
+  register tiles add into C. Shapes without whole tiles (N = 197 or 1000; 197 rows)
+  are padded to them (:func:`padding`, :func:`zero_pad`): zero-padded copies of A and B, made once per
   call, feed the micro-kernel, and the epilogue writes only the real part; a packed B
   was padded when it was packed. Without it the function would stay scalar (~40x
   slower).
@@ -53,6 +57,14 @@ PANEL_VECTORS = 2
 K_UNROLL = 4
 # A row block of A (rows x K float32) is kept under this many bytes (half of L2).
 ROW_BLOCK_BYTES = 1 << 20
+# The k loop of a matmul whose rows and B both overflow L2 is cut into blocks this deep
+# (:func:`k_block`; 0: never). 768 and 1024 measured alike on ViT-B/16's MLP, 384 worse.
+K_CHUNK = 768
+# TVM keeps a buffer on the stack only if its scope is "global" and it is under this many
+# bytes (its kMaxStackAlloca); any other is a TVMBackendAllocWorkspace call, and a memset,
+# per register tile: ~30% of a 1x1 convolution over 16 channels. On the stack LLVM keeps
+# the tile in registers from its zeros to the epilogue.
+STACK_BYTES = 1024
 # Marks the zero-padded input copies that zero_pad adds (kept out of the micro-kernel).
 PAD_ANNOTATION = "rewriter.zero_pad"
 
@@ -106,14 +118,15 @@ def register_tile(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[in
     return tile_i or 1, tile_j
 
 
-def padding(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[int, int]:
+def padding(rows: int, cols: int, lanes: int, packed: int = 0, depth: int = 0) -> tuple[int, int]:
     """Multiples to pad a ``rows x cols`` output to (1: as it is), for whole register tiles.
 
     Columns go to whole panels: ``packed`` wide if B is packed, else ``PANEL_VECTORS *
     lanes`` wide where no multiple of ``lanes`` up to that divides them. Rows whose best
     tile (:func:`register_tile`) is under half the tile's height (197 rows: 1) leave too
     few accumulators to hide the FMA latency; they go to whole tiles where that wastes
-    a smaller fraction of the work than it gains.
+    a smaller fraction of the work than it gains. Given the ``depth`` (K), rows also go
+    to whole L2 row blocks where no row block divides them (:func:`_block_rows`).
 
     >>> padding(197, 197, 16)
     (8, 32)
@@ -121,6 +134,8 @@ def padding(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[int, int
     ((1, 32), (1, 32))
     >>> padding(128, 1024, 16), padding(9, 64, 16)
     ((1, 1), (1, 1))
+    >>> padding(1576, 2304, 16, packed=32, depth=768)  # ViT-B/16, batch 8: 5 blocks of 320
+    (320, 1)
     """
     if packed:
         width, pad_j = packed, packed if cols % packed else 1
@@ -132,7 +147,34 @@ def padding(rows: int, cols: int, lanes: int, packed: int = 0) -> tuple[int, int
     tile_i = _largest_divisor(rows, limit) or 1
     padded = -(-rows // limit) * limit
     pad_i = limit if 2 * tile_i < limit and 2 * tile_i * padded < limit * rows else 1
+    if depth:
+        depth = k_block(rows, depth, cols) or depth
+        tile = pad_i if pad_i > 1 else tile_i
+        block = _block_rows(-(-rows // tile) * tile, depth, tile)
+        if block > 1:
+            pad_i = block
     return pad_i, pad_j
+
+
+def _block_rows(rows: int, depth: int, tile: int) -> int:
+    """Rows per L2 block to pad ``rows`` (a multiple of ``tile``) to, or 1 where they need none.
+
+    The matmul streams every panel of B past one row block of A (``rows x depth`` floats,
+    at most :data:`ROW_BLOCK_BYTES`) at a time, so B is read once per row block. The
+    blocks divide the rows: where no divisor of the rows comes to half the block limit
+    (ViT-B/16 at batch 8: 1576 = 8 x 197 rows, blocks of 8 rows, B read 197 times: 1.5x
+    ONNX Runtime's time), the rows go to equal blocks under the limit (5 x 320 = 1600),
+    where that adds at most 1/20 of the work.
+
+    >>> _block_rows(1576, 768, 8), _block_rows(1680, 768, 8), _block_rows(200, 3072, 8)
+    (320, 1, 1)
+    """
+    limit = max(ROW_BLOCK_BYTES // (4 * depth), tile) // tile * tile
+    if rows <= limit or 2 * (_largest_divisor(rows, limit, tile) or 0) >= limit:
+        return 1
+    blocks = -(-rows // limit)
+    block = -(-rows // (blocks * tile)) * tile
+    return block if 20 * (blocks * block - rows) <= rows else 1
 
 
 def zero_pad(sch: Any, block: Any, pad: tuple[int, int]) -> bool:
@@ -165,18 +207,21 @@ def zero_pad(sch: Any, block: Any, pad: tuple[int, int]) -> bool:
 
 def row_iterator(block: Any) -> int:
     """Which iterator of matmul ``block`` (``..., i, j, k``) its rows are tiled along:
-    ``i`` (-3), but the static one before it where ``i`` is symbolic or 1 and the weight
-    does not depend on that one (a sequence-first layout, ``X[tokens, batch, k] @ W``:
-    torchvision's attention; padding a batch of 1 to a whole row tile would compute 8
-    rows for 1, and a batch of 1 as the rows leaves a one-row tile)."""
+    ``i`` (-3), but the static one before it where the weight does not depend on that
+    one and ``i`` is symbolic, or shorter (a sequence-first layout, ``X[tokens, batch,
+    k] @ W``: torchvision's attention). Padding a batch of 1 to a whole row tile would
+    compute 8 rows for 1; a batch of 1 as the rows leaves a one-row tile; a batch of 8
+    as the rows, each token a batch iteration, reads every panel of W once per 8 rows
+    (torchvision's ViT-B/16 at batch 8: its QKV projection at 49 GFLOP/s)."""
     from tvm import tirx
 
     iter_vars = block.iter_vars
     if len(iter_vars) < 4 or len(block.reads) < 2:
         return -3
-    extents = [iv.dom.extent for iv in iter_vars[-4:-2]]
-    inner_static = isinstance(extents[1], tirx.IntImm)
-    if inner_static and int(extents[1]) != 1 or not isinstance(extents[0], tirx.IntImm) or int(extents[0]) < 2:
+    outer_extent, inner_extent = [iv.dom.extent for iv in iter_vars[-4:-2]]
+    if not isinstance(outer_extent, tirx.IntImm) or int(outer_extent) < 2:
+        return -3
+    if isinstance(inner_extent, tirx.IntImm) and int(inner_extent) >= int(outer_extent):
         return -3
     outer = iter_vars[-4].var
     weight = block.reads[1]
@@ -196,6 +241,32 @@ def cpu_rule_base() -> type:
     return _rules()["base"]  # type: ignore[no-any-return]
 
 
+def tile_scope(tile_i: int, tile_j: int, itemsize: int = 4) -> str:
+    """The scope of a ``tile_i x tile_j`` register tile's buffer: ``global`` where it fits
+    the stack (:data:`STACK_BYTES`), else ``local`` (a workspace allocation per tile).
+
+    >>> tile_scope(7, 32), tile_scope(8, 16), tile_scope(8, 32)
+    ('global', 'global', 'local')
+    """
+    return "global" if tile_i * tile_j * itemsize < STACK_BYTES else "local"
+
+
+def stack_rows(rows: int, limit: int, tile_j: int, itemsize: int = 4) -> int | None:
+    """The tallest tile height dividing ``rows`` whose tile fits the stack
+    (:func:`tile_scope`), where it keeps at least 3/4 of the ``limit``'s accumulators
+    (ResNet's 56 x 56 pixels: 7 x 32 tiles, not 8 x 32 ones in a workspace); else None.
+
+    >>> stack_rows(3136, 8, 32), stack_rows(4096, 8, 32), stack_rows(4096, 8, 16)
+    (7, None, 8)
+    """
+    for height in range(limit, 0, -1):
+        if 4 * height < 3 * limit:
+            return None
+        if rows % height == 0 and tile_scope(height, tile_j, itemsize) == "global":
+            return height
+    return None
+
+
 def tile_rows(tile_j: int, lanes: int) -> int:
     """Rows of a register tile ``tile_j`` wide, at most: accumulators fill the registers."""
     accumulators = ACCUMULATORS.get(lanes * 32, 12)
@@ -206,6 +277,26 @@ def _row_block(rows: int, depth: int, tile_i: int) -> int:
     """Rows of A per block: all of them if ``rows x depth`` floats fit ROW_BLOCK_BYTES."""
     limit = max(ROW_BLOCK_BYTES // (4 * depth), tile_i)
     return _largest_divisor(rows, limit, tile_i) or tile_i
+
+
+def k_block(rows: int, depth: int, cols: int) -> int:
+    """Depth of the blocks the matmul's ``k`` loop is cut into, or 0 to keep it whole.
+
+    The row blocks of A (:func:`_row_block`) hold whole rows, ``depth`` floats each, in
+    half of L2: at a large depth they are short, and B, when it does not fit in L2
+    either, is read from memory once per row block (ViT-B/16's 3072 x 768 MLP weight:
+    1.2-1.3x ONNX Runtime's time). Cut into blocks of at most :data:`K_CHUNK` (a divisor
+    of ``depth``), the row blocks grow by as much, B's traffic shrinks by as much, and
+    the partial sums add up in C. Static rows only.
+
+    >>> k_block(197, 3072, 768), k_block(197, 768, 2304), k_block(64, 3072, 768)
+    (768, 0, 0)
+    """
+    if not (K_CHUNK and rows and depth) or depth < 2 * K_CHUNK:
+        return 0
+    if 4 * rows * depth <= ROW_BLOCK_BYTES or 4 * depth * cols <= 2 * ROW_BLOCK_BYTES:
+        return 0
+    return _largest_divisor(depth, K_CHUNK, K_UNROLL) or 0
 
 
 def dividing_tile(extent: Any, limit: int, multiple_of: int = 1) -> int | None:
@@ -315,7 +406,7 @@ def _rules() -> dict[str, Any]:
                 sch.add_unit_loop(loops[-2])
                 loops = sch.get_loops(block)
             elif row_iterator(sch.get(block)) == -4:
-                # Sequence-first: the static tokens are the rows, the symbolic batch outside.
+                # Sequence-first: the static tokens are the rows, the batch outside.
                 sch.reorder(loops[-3], loops[-4])
                 loops = sch.get_loops(block)
             *batch, i, j, k = loops
@@ -332,7 +423,14 @@ def _rules() -> dict[str, Any]:
             tile_i, tile_j = tile
             if not rows:  # symbolic: the tallest tile that divides the (padded) rows
                 tile_i = dividing_tile(sch.get(i).extent, tile_rows(tile_j, self.lanes)) or 1
+            elif not gemv:  # a tile on the stack, in registers, where one divides the rows
+                tile_i = stack_rows(rows, tile_rows(tile_j, self.lanes), tile_j) or tile_i
             jo, ji = sch.split(j, [None, tile_j])
+            chunk = k_block(rows, depth, cols)
+            ko = None
+            if chunk:
+                ko, k = sch.split(k, [None, chunk])
+                depth = chunk
             k_loops = [k]
             if depth % K_UNROLL == 0 and depth > K_UNROLL:
                 k_loops = list(sch.split(k, [None, K_UNROLL]))
@@ -348,13 +446,17 @@ def _rules() -> dict[str, Any]:
                 outer = [*batch, jo]
             # Panels of B outside, rows of A inside: a K x tile_j panel of B stays in
             # cache while every row tile of the row block streams past it.
+            if ko is not None:
+                sch.reorder(ko, *outer, mo, *k_loops, mi, ji)
+                return self._k_blocked(sch, block, len(outer), len(k_loops), epilogue, pad_copies)
             sch.reorder(*outer, mo, *k_loops, mi, ji)
+            scope = tile_scope(tile_i, tile_j)
             if epilogue:
                 tail = epilogue[-1].block_rv
                 sch.reverse_compute_at(tail, mo)
-                sch.set_scope(block, 0, "local")
+                sch.set_scope(block, 0, scope)
             else:
-                tail = sch.cache_write(block, 0, "local")
+                tail = sch.cache_write(block, 0, scope)
                 sch.reverse_compute_at(tail, mo)
             # Annotate before decompose_reduction: the update block alone is no longer
             # a reduction block, and vectorize/parallel refuse loops over it.
@@ -384,6 +486,40 @@ def _rules() -> dict[str, Any]:
                     sch.vectorize(sch.split(inner, [None, self.lanes])[1])  # padded columns
             return sch
 
+        def _k_blocked(
+            self, sch: Any, block: Any, n_outer: int, n_k: int, epilogue: list[Any], pad_copies: list[Any]
+        ) -> Any:
+            """Schedule ``block``, its loops ``ko, outer..., mo, k..., mi, ji``, in depth
+            blocks (:func:`k_block`): each block of ``k`` is a parallel pass over the
+            output, whose register tiles (``rfactor``: the block's partial sums) add into
+            C; C is zeroed before, and the epilogue reads it after, both row-parallel."""
+            rf = sch.rfactor(sch.get_loops(block)[0], factor_axis=0)
+            sch.set_scope(rf, 0, "local")
+            loops = sch.get_loops(rf)
+            sch.reverse_compute_at(block, loops[n_outer + 1])
+            sch.vectorize(loops[-1])
+            sch.unroll(loops[-2])
+            if n_k == 2:
+                sch.unroll(loops[-3])
+            accumulate = sch.get_loops(block)
+            sch.vectorize(accumulate[-1])
+            sch.unroll(accumulate[-2])
+            sch.parallel(sch.fuse(*loops[1 : n_outer + 1]) if n_outer > 1 else loops[1])
+            sch.decompose_reduction(rf, loops[n_outer + 2])
+            zero = sch.decompose_reduction(block, loops[0])
+            for nest in [zero, *pad_copies, *[info.block_rv for info in epilogue[-1:]]]:
+                self._rows_parallel(sch, nest)
+            return sch
+
+        def _rows_parallel(self, sch: Any, block: Any) -> None:
+            """A block's outer loops fused and parallel, its inner loop vectorized."""
+            *outer, inner = sch.get_loops(block)
+            if outer:
+                sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+            extent = (static_extents(sch, [inner]) or [0])[0]
+            if extent and extent % self.lanes == 0:
+                sch.vectorize(sch.split(inner, [None, self.lanes])[1])
+
         def _pad(self, sch: Any, infos: list[Any], block: Any, gemv: bool) -> list[Any]:
             """``infos`` once matmul ``block`` (B unpacked) is padded to whole register
             tiles, if it needs to be (:func:`padding`, :func:`zero_pad`). Symbolic rows go
@@ -396,7 +532,8 @@ def _rules() -> dict[str, Any]:
             rows = 1 if gemv else (static_extents(sch, [loops[row]]) or [0])[0]
             cols = (static_extents(sch, loops[-2:-1]) or [0])[0]
             if cols:
-                pad_i, pad_j = padding(rows or 1, cols, self.lanes)
+                depth = (static_extents(sch, loops[-1:]) or [0])[0]
+                pad_i, pad_j = padding(rows or 1, cols, self.lanes, depth=depth)
                 tile = register_tile(MAX_TILE_ROWS, -(-cols // pad_j) * pad_j, self.lanes)
                 width = tile[1] if tile is not None else PANEL_VECTORS * self.lanes
             else:

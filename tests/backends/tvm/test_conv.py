@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rewriter.backends import tvm as backend
 from rewriter.backends.tvm import verify
-from rewriter.backends.tvm.relax_passes import conv
+from rewriter.backends.tvm.relax_passes import conv, schedules
 
 TOLERANCE = verify.COMPILED_TOLERANCE["float32"]
 
@@ -467,3 +467,37 @@ def test_first_convolution_copies_its_padded_image_only_where_it_is_reread(weigh
     model = conv_model([1, 3, 32, 32], weight[3], weight[0], 2, weight[0] // 2)
     _, error = _run(model, [1, 3, 32, 32])
     assert error < TOLERANCE.rtol
+
+
+@pytest.mark.parametrize(
+    ("size", "weight", "rows", "width"),
+    [
+        pytest.param(56, (3, 3, 64, 64), 7, 32, id="56x56-7x32"),
+        pytest.param(14, (1, 1, 16, 16), 7, 16, id="16-wide"),
+    ],
+)
+def test_register_tile_lives_on_the_stack(size, weight, rows, width):
+    # A "local" tile, or one of 1 KiB (8 x 32 floats), is a workspace allocation and a
+    # memset per tile; a "global" one under 1 KiB stays on the stack, in registers.
+    # 56 x 56 pixels take 7-pixel tiles (7 divides them) rather than 8.
+    text = _scheduled("conv", size, weight, 1, 1)
+    assert 'scope="local"' not in text, text
+    kernel = text.split("for ax0_1 in ")[1]
+    assert kernel.startswith(f"T.unroll(T.int64({rows}))"), text
+    assert f"T.vectorized(T.int64({width}))" in kernel.splitlines()[1], text
+
+
+def test_stack_tile_sizes():
+    assert schedules.tile_scope(7, 32) == "global" and schedules.tile_scope(8, 32) == "local"
+    assert schedules.stack_rows(3136, 8, 32) == 7  # ResNet's 56 x 56 pixels
+    assert schedules.stack_rows(4096, 8, 32) is None  # 4 rows: too few accumulators; 8 in a workspace
+    assert schedules.stack_rows(4096, 8, 16) == 8  # a 16-wide tile of 8 rows fits
+
+
+def test_stack_tiled_convs_agree_with_ort():
+    for model, shape in (
+        (conv_model([1, 16, 56, 56], 32, 3, pad=1), [1, 16, 56, 56]),  # 7 x 32 tiles
+        (conv_model([1, 16, 28, 28], 24, 1), [1, 16, 28, 28]),  # 8 x 8 tiles
+    ):
+        compiled, error = _run(model, shape)
+        assert error <= 1e-5, error

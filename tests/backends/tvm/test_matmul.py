@@ -283,6 +283,11 @@ def test_padding_sizes():
     assert schedules.padding(197, 64, 16) == (8, 1)  # ViT context: a 1-row tile otherwise
     assert schedules.padding(9, 64, 16) == (1, 1)  # 3-row tiles beat 16 rows for 9
     assert schedules.padding(12, 36, 8) == (1, 16)  # AVX2: 16-column panels
+    # ViT-B/16 at batch 8: 1576 = 8 x 197 rows have no L2 row block but 8 rows: 5 x 320.
+    assert schedules.padding(1576, 2304, 16, packed=32, depth=768) == (320, 1)
+    assert schedules.padding(1680, 2304, 16, packed=32, depth=768) == (1, 1)  # 5 x 336 divide
+    # Its MLP's second matmul is cut into 768-deep blocks: 200 rows then fit one block.
+    assert schedules.padding(197, 768, 16, packed=32, depth=3072) == (8, 1)
 
 
 def test_packed_matmul_gets_the_register_tiled_schedule():
@@ -401,6 +406,17 @@ def test_sequence_first_rows_of_a_fixed_batch_of_one_tile_the_tokens():
     assert_agrees_with_ort(model)
 
 
+def test_sequence_first_rows_of_a_fixed_batch_tile_the_longer_tokens():
+    # Tokens x batch 8: the 8 batch rows would each be a whole tile, but every token a
+    # batch iteration reading all of W's panels for 8 rows; the tokens are the rows.
+    model = dense_model((197, 8, 64), 96, "gelu")
+    funcs = scheduled(model)
+    assert_register_tiled(funcs, 1)
+    (func,) = funcs.values()
+    assert row_pad(func) == (200, 8, 64)  # the 197 tokens padded to 25 tiles of 8
+    assert_agrees_with_ort(model)
+
+
 def test_attention_with_a_symbolic_sequence_gets_whole_tiles_and_agrees():
     # Scores: symbolic rows and columns (keys); context: symbolic rows and depth.
     model = with_symbolic_axes(attention_model(heads=2, sequence=8, dim=64), {2: "sequence"})
@@ -450,6 +466,63 @@ def test_row_blocked_matmul_agrees_with_ort(monkeypatch):
     # sequences at K = 1536.
     monkeypatch.setattr(schedules, "ROW_BLOCK_BYTES", 8 * 64 * 4)
     assert_agrees_with_ort(dense_model((1, 32, 64), 64, "gelu"))
+
+
+def row_pad(func: object) -> tuple[int, ...]:
+    """The shape of the zero-padded copy of the matmul's rows (``x_pad``)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    return tuple(int(d) for d in sch.get(sch.get_sblock("x_pad")).writes[0].source.shape)
+
+
+def test_rows_without_a_dividing_row_block_are_padded_to_equal_blocks(monkeypatch):
+    # Blocks of at most 32 rows (32 x 64 floats); 248 = 8 x 31 rows divide only into
+    # blocks of 8: padded to 8 blocks of 32 (3% more rows), not read in 31 blocks.
+    monkeypatch.setattr(schedules, "ROW_BLOCK_BYTES", 32 * 64 * 4)
+    model = dense_model((1, 248, 64), 64, "gelu")
+    (func,) = scheduled(model).values()
+    assert row_pad(func) == (1, 256, 64)
+    assert micro_kernel(func)[0] == (pytest.importorskip("tvm").tirx.ForKind.PARALLEL, 8 * 2)
+    assert_agrees_with_ort(model)
+
+
+@pytest.mark.parametrize(
+    ("epilogue", "weight_input"), [("gelu", False), ("none", False), ("residual", True)], ids=["gelu", "none", "input"]
+)
+def test_deep_matmul_is_cut_into_k_blocks_and_agrees(monkeypatch, epilogue, weight_input):
+    # Scaled down (16 KiB row blocks, 64-deep k blocks): rows x K and K x N both
+    # overflow the row block, so k runs in 256 / 64 = 4 serial blocks, each a parallel
+    # pass whose register tiles add into C.
+    import tvm
+
+    monkeypatch.setattr(schedules, "ROW_BLOCK_BYTES", 16 * 1024)
+    monkeypatch.setattr(schedules, "K_CHUNK", 64)
+    model = dense_model((1, 40, 256), 64, epilogue, weight_input=weight_input)
+    (func,) = [f for name, f in scheduled(model).items() if "matmul" in name]
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("matmul_rf_update"))]
+    assert (loops[0].kind, int(loops[0].extent)) == (tvm.tirx.ForKind.SERIAL, 4)
+    assert loops[1].kind == tvm.tirx.ForKind.PARALLEL
+    assert [(loop.kind, int(loop.extent)) for loop in loops[-3:]] == [
+        (tvm.tirx.ForKind.UNROLLED, schedules.K_UNROLL),
+        (tvm.tirx.ForKind.UNROLLED, 8),
+        (tvm.tirx.ForKind.VECTORIZED, 32),
+    ]
+    assert_agrees_with_ort(model)
+
+
+def test_deep_matmul_under_a_symbolic_batch_is_cut_into_k_blocks_and_agrees(monkeypatch):
+    monkeypatch.setattr(schedules, "ROW_BLOCK_BYTES", 16 * 1024)
+    monkeypatch.setattr(schedules, "K_CHUNK", 64)
+    model = with_symbolic_axes(dense_model((1, 40, 256), 64, "gelu"), {0: "batch"})
+    (func,) = [f for name, f in scheduled(model).items() if "matmul" in name]
+    assert 'T.sblock("matmul_rf_update")' in func.script()  # type: ignore[attr-defined]
+    compiled = backend.compile(model, "avx512")
+    for batch in (1, 3):
+        assert_agrees_at(model, compiled, {"x": (batch, 40, 256)})
 
 
 @pytest.mark.parametrize("target", ["llvm", "avx2"])
