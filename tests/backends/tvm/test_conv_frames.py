@@ -222,3 +222,24 @@ def test_a_static_batch_over_a_symbolic_length_gets_the_implicit_gemm():
         got = compiled.run({"x": x})["y"]
         assert got.shape == reference.shape
         assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, length
+
+
+@pytest.mark.slow(reason="exports wav2vec2 (small) twice and compiles each (~1 min)")
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_wav2vec2_compiled_for_any_length_agrees_at_ragged_lengths(real_model, exporter):
+    # The real feature encoder (kernels 10, 3, 2; strides 5, 2, 2) and positional conv,
+    # one library for every batch and length: 400 samples give 79, 39 and 19 frames (16
+    # channels: 8 x 16 tiles, none a multiple of 8), 1003 give 199, 99 and 49.
+    model = real_model(f"wav2vec2_{exporter}")
+    compiled = backend.compile(model.path, "avx512")
+    assert compiled.schedules is not None
+    rules = compiled.schedules.scheduled
+    assert all(rule == "conv" for name, rule in rules.items() if "conv1d" in name), rules
+    session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(6)
+    for batch, samples in ((2, 400), (1, 1003), (3, 257)):
+        feeds = {"input_values": rng.standard_normal((batch, samples)).astype(np.float32)}
+        reference = session.run(None, feeds)[0]
+        got = next(iter(compiled.run(feeds).values()))
+        assert got.shape == reference.shape
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, samples
