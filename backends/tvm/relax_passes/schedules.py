@@ -446,11 +446,11 @@ def _rules() -> dict[str, Any]:
                 outer = [*batch, jo]
             # Panels of B outside, rows of A inside: a K x tile_j panel of B stays in
             # cache while every row tile of the row block streams past it.
+            scope = tile_scope(tile_i, tile_j)
             if ko is not None:
                 sch.reorder(ko, *outer, mo, *k_loops, mi, ji)
-                return self._k_blocked(sch, block, len(outer), len(k_loops), epilogue, pad_copies)
+                return self._k_blocked(sch, block, len(outer), len(k_loops), epilogue, pad_copies, scope)
             sch.reorder(*outer, mo, *k_loops, mi, ji)
-            scope = tile_scope(tile_i, tile_j)
             if epilogue:
                 tail = epilogue[-1].block_rv
                 sch.reverse_compute_at(tail, mo)
@@ -487,14 +487,21 @@ def _rules() -> dict[str, Any]:
             return sch
 
         def _k_blocked(
-            self, sch: Any, block: Any, n_outer: int, n_k: int, epilogue: list[Any], pad_copies: list[Any]
+            self,
+            sch: Any,
+            block: Any,
+            n_outer: int,
+            n_k: int,
+            epilogue: list[Any],
+            pad_copies: list[Any],
+            scope: str,
         ) -> Any:
             """Schedule ``block``, its loops ``ko, outer..., mo, k..., mi, ji``, in depth
             blocks (:func:`k_block`): each block of ``k`` is a parallel pass over the
             output, whose register tiles (``rfactor``: the block's partial sums) add into
             C; C is zeroed before, and the epilogue reads it after, both row-parallel."""
             rf = sch.rfactor(sch.get_loops(block)[0], factor_axis=0)
-            sch.set_scope(rf, 0, "local")
+            sch.set_scope(rf, 0, scope)  # the register tile: on the stack if it fits
             loops = sch.get_loops(rf)
             sch.reverse_compute_at(block, loops[n_outer + 1])
             sch.vectorize(loops[-1])
