@@ -148,9 +148,12 @@ def padding(rows: int, cols: int, lanes: int, packed: int = 0, depth: int = 0) -
     padded = -(-rows // limit) * limit
     pad_i = limit if 2 * tile_i < limit and 2 * tile_i * padded < limit * rows else 1
     if depth:
-        depth = k_block(rows, depth, cols) or depth
+        # The rows and columns as the matmul rule will see them, padded to whole tiles,
+        # so that it cuts k where this plans the row blocks for it.
         tile = pad_i if pad_i > 1 else tile_i
-        block = _block_rows(-(-rows // tile) * tile, depth, tile)
+        rows = -(-rows // tile) * tile
+        depth = k_block(rows, depth, -(-cols // pad_j) * pad_j) or depth
+        block = _block_rows(rows, depth, tile)
         if block > 1:
             pad_i = block
     return pad_i, pad_j
