@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rewriter import verify
-from rewriter.backends.tvm import amx_runtime, cpu_features, targets, tuning
+from rewriter.backends.tvm import amx_runtime, cpu_features, parallel_cost, targets, tuning
 from rewriter.backends.tvm import import_onnx as onnx_import
 from rewriter.backends.tvm import import_torch as torch_import
 from rewriter.backends.tvm.pipeline import relax_pipeline
@@ -418,7 +418,9 @@ def compile(
         pipeline = relax_pipeline(
             tvm_target, fast_math=fast_math, tuner=tuner, record=record, storage=storage
         )
-        executable = relax.build(mod, target=tvm_target, relax_pipeline=pipeline)
+        # CPU: TVM's TIR pipeline, small parallel loops kept on the calling thread.
+        tir_pipeline = "default" if targets.is_gpu(target) else parallel_cost.pipeline_name()
+        executable = relax.build(mod, target=tvm_target, relax_pipeline=pipeline, tir_pipeline=tir_pipeline)
     except InputError:
         raise
     except Exception as exc:
