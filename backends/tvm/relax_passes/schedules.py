@@ -39,6 +39,7 @@ loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -60,6 +61,10 @@ ROW_BLOCK_BYTES = 1 << 20
 # The k loop of a matmul whose rows and B both overflow L2 is cut into blocks this deep
 # (:func:`k_block`; 0: never). 768 and 1024 measured alike on ViT-B/16's MLP, 384 worse.
 K_CHUNK = 768
+# An elementwise function whose last axis is whole vectors, at least this many, over at
+# least MIN_ROWS rows, runs row by row (VectorizedElementwise).
+ROW_VECTORS = 4
+MIN_ROWS = 16
 # TVM keeps a buffer on the stack only if its scope is "global" and it is under this many
 # bytes (its kMaxStackAlloca); any other is a TVMBackendAllocWorkspace call, and a memset,
 # per register tile: ~30% of a 1x1 convolution over 16 channels. On the stack LLVM keeps
@@ -723,6 +728,16 @@ def _rules() -> dict[str, Any]:
                 return sch
             if not inner:
                 return None
+            extents = static_extents(sch, inner) or []
+            whole = extents[-1] % self.lanes == 0 and extents[-1] >= ROW_VECTORS * self.lanes
+            if len(inner) > 1 and whole and math.prod(extents[:-1]) >= MIN_ROWS:
+                # Rows of whole vectors: each row's index arithmetic (a resize's source
+                # pixel and weights, a concat's input) is computed once per row, not once
+                # per vector from a fused index (SegFormer's resize + concat: 3.3x).
+                _, lanes = sch.split(inner[-1], [None, self.lanes])
+                sch.vectorize(lanes)
+                sch.parallel(sch.fuse(*outer, *inner[:-1]))
+                return sch
             row = sch.fuse(*inner) if len(inner) > 1 else inner[0]
             total = static_extents(sch, [row])[0]  # type: ignore[index]
             if total < self.lanes:

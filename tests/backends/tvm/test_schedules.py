@@ -1,4 +1,5 @@
-"""The elementwise rule on symbolic shapes (:mod:`rewriter.backends.tvm.relax_passes.schedules`).
+"""The elementwise rule (:mod:`rewriter.backends.tvm.relax_passes.schedules`): on symbolic
+shapes, and row by row where the last axis is whole vectors.
 
 A copy over two symbolic loops (batch, tokens): fused with the vectors into one parallel
 loop, every vector decoded its index by divisions by run-time extents (BERT's head
@@ -9,7 +10,9 @@ now, the vectors a serial loop inside it.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
@@ -20,6 +23,8 @@ from tvm.script import relax as R  # noqa: E402
 
 from rewriter.backends.tvm import pipeline, targets  # noqa: E402
 from rewriter.backends.tvm.relax_passes import cpu_schedule  # noqa: E402
+
+from .test_matmul import assert_agrees_with_ort, scheduled  # noqa: E402
 
 
 @I.ir_module
@@ -135,3 +140,39 @@ def test_transpose_over_a_symbolic_axis_is_tiled_and_agrees():
     for batch, frames in [(1, 5), (2, 37)]:
         x = np.random.default_rng(frames).standard_normal((batch, frames, 256)).astype(np.float32)
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), x.transpose(0, 2, 1))
+
+
+def resize_concat_model() -> onnx.ModelProto:
+    """SegFormer's decode head in small: a map upsampled to its neighbour's size (bilinear),
+    concatenated over channels and laid out channels-last (64 channels: 4 vectors)."""
+    nodes = [
+        helper.make_node("Resize", ["small", "", "scales"], ["up"], mode="linear"),
+        helper.make_node("Concat", ["up", "large"], ["cat"], axis=1),
+        helper.make_node("Transpose", ["cat"], ["y"], perm=[0, 2, 3, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "resize_concat",
+        [
+            helper.make_tensor_value_info("small", TensorProto.FLOAT, [1, 32, 14, 14]),
+            helper.make_tensor_value_info("large", TensorProto.FLOAT, [1, 32, 28, 28]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 28, 28, 64])],
+        [numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "scales")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_elementwise_with_whole_vector_rows_runs_row_by_row():
+    # One parallel loop over the 28 x 28 pixels, each a serial loop of 4 vectors: the
+    # resize's source pixels and weights computed once per pixel, not once per vector.
+    proto = resize_concat_model()
+    funcs = scheduled(proto)
+    (func,) = [f for name, f in funcs.items() if "resize" in name]
+    loops = [(loop.kind, int(loop.extent)) for loop in _loops(func)]
+    assert loops == [
+        (tvm.tirx.ForKind.PARALLEL, 28 * 28),
+        (tvm.tirx.ForKind.SERIAL, 4),
+        (tvm.tirx.ForKind.VECTORIZED, 16),
+    ], loops
+    assert_agrees_with_ort(proto)
