@@ -2,7 +2,8 @@
 
 TVM's copying reshape over symbolic sizes divides by run-time extents per element (two
 of wav2vec2's took 30% of its symbolic library's time). Over symbolic sizes the reshape
-is kept for the VM's view builtin; static ones keep TVM's legalization.
+is kept for the VM's view builtin; static ones, and those whose symbolic dimensions are
+a shared prefix (a batch), keep TVM's legalization.
 """
 
 from __future__ import annotations
@@ -24,30 +25,72 @@ from rewriter.backends.tvm.relax_passes import reshape_views  # noqa: E402
 @I.ir_module
 class Reshapes:
     @R.function
-    def main(x: R.Tensor(("n", 4, 8), "float32"), y: R.Tensor((2, 4, 8), "float32")):
+    def main(x: R.Tensor((2, "n", 8), "float32"), y: R.Tensor((2, 4, 8), "float32"), z: R.Tensor(("b", 4, 8), "float32")):
         n = T.int64()
+        b = T.int64()
         with R.dataflow():
-            flat = R.reshape(x + R.const(1.0, "float32"), R.shape([n, 32]))  # symbolic: a view
+            flat = R.reshape(x + R.const(1.0, "float32"), R.shape([2 * n, 8]))  # symbolic: a view
             fixed = R.reshape(y, R.shape([8, 8]))  # static: TVM's legalization
-            out = (flat, fixed)
+            batched = R.reshape(z, R.shape([b, 32]))  # a symbolic prefix, then static: TVM's
+            out = (flat, fixed, batched)
             R.output(out)
         return out
 
 
-def test_symbolic_reshape_is_kept_and_static_one_legalized():
+def test_symbolic_reshape_is_kept_and_static_ones_legalized():
     legalized = relax.transform.LegalizeOps(customize_legalize_map=reshape_views.legalizations())(Reshapes)
     script = legalized["main"].script()
-    assert script.count("R.reshape(") == 1 and "R.shape([n, 32])" in script
-    assert sum(1 for gv in legalized.get_global_vars() if gv.name_hint.startswith("reshape")) == 1
+    assert script.count("R.reshape(") == 1 and "R.shape([2 * n, 8])" in script, script
+    assert sum(1 for gv in legalized.get_global_vars() if gv.name_hint.startswith("reshape")) == 2
 
 
 def test_symbolic_reshape_agrees_at_several_sizes():
     target = targets.resolve("avx512")
+    # Alone, every one of them ends a view (the legalized ones through TVM's
+    # RewriteDataflowReshape): no copy.
+    lowered = pipeline.relax_pipeline(target)(Reshapes)["main"].script()
+    assert lowered.count('R.call_packed("vm.builtin.reshape"') == 3, lowered
     executable = relax.build(Reshapes, target=target, relax_pipeline=pipeline.relax_pipeline(target))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     y = np.arange(64, dtype=np.float32).reshape(2, 4, 8)
     for n in (1, 5):
-        x = np.random.default_rng(n).standard_normal((n, 4, 8)).astype(np.float32)
-        flat, fixed = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y))
-        np.testing.assert_array_equal(flat.numpy(), (x + 1).reshape(n, 32))
+        x = np.random.default_rng(n).standard_normal((2, n, 8)).astype(np.float32)
+        z = np.random.default_rng(n + 1).standard_normal((n, 4, 8)).astype(np.float32)
+        flat, fixed, batched = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y), tvm.runtime.tensor(z))
+        np.testing.assert_array_equal(flat.numpy(), (x + 1).reshape(2 * n, 8))
         np.testing.assert_array_equal(fixed.numpy(), y.reshape(8, 8))
+        np.testing.assert_array_equal(batched.numpy(), z.reshape(n, 32))
+
+
+@I.ir_module
+class Tokens:
+    @R.function
+    def main(x: R.Tensor(("batch", 16, 64), "float32")):
+        batch = T.int64()
+        with R.dataflow():
+            # SegFormer's tokens back to a map: [b, hw, c] -> [b, c, hw] -> [b, c, h, w] -> NHWC
+            channels_first = R.permute_dims(x, [0, 2, 1])
+            grid = R.reshape(channels_first, R.shape([batch, 64, 4, 4]))
+            y = R.permute_dims(grid, [0, 2, 3, 1])
+            R.output(y)
+        return y
+
+
+def test_reshape_under_a_symbolic_batch_fuses_with_its_neighbours():
+    # The batch is a prefix both shapes share: the reshape's index divides by constants,
+    # TVM's fusion takes it, and the three ops are one function (TVM's own reshape
+    # indexes modulo the batch, which its fusion treats as opaque: three copies).
+    target = targets.resolve("avx512")
+    with target:
+        mod = relax.transform.LegalizeOps(customize_legalize_map=reshape_views.legalizations())(Tokens)
+        mod = relax.transform.AnnotateTIROpPattern()(mod)
+        mod = relax.transform.FuseOps()(mod)
+        mod = relax.transform.FuseTIR()(mod)
+    script = mod["main"].script()
+    assert script.count("R.call_tir(") == 1 and "R.reshape(" not in script, script
+    executable = relax.build(Tokens, target=target, relax_pipeline=pipeline.relax_pipeline(target))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 16, 64)).astype(np.float32)
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(got, x.transpose(0, 2, 1).reshape(batch, 64, 4, 4).transpose(0, 2, 3, 1))
