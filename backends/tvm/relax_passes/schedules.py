@@ -730,11 +730,14 @@ def _rules() -> dict[str, Any]:
                 return None
             extents = static_extents(sch, inner) or []
             whole = extents[-1] % self.lanes == 0 and extents[-1] >= ROW_VECTORS * self.lanes
-            if len(inner) > 1 and whole and math.prod(extents[:-1]) >= MIN_ROWS:
+            # A row of half vectors (24, 40 floats): fused, the vectors would straddle rows
+            # and gather element by element (Swin's 24-wide head transpose: 4.8x).
+            half = extents[-1] % self.lanes != 0 and extents[-1] % (self.lanes // 2) == 0
+            if len(inner) > 1 and (whole or half) and math.prod(extents[:-1]) >= MIN_ROWS:
                 # Rows of whole vectors: each row's index arithmetic (a resize's source
                 # pixel and weights, a concat's input) is computed once per row, not once
                 # per vector from a fused index (SegFormer's resize + concat: 3.3x).
-                _, lanes = sch.split(inner[-1], [None, self.lanes])
+                _, lanes = sch.split(inner[-1], [None, self.lanes if whole else self.lanes // 2])
                 sch.vectorize(lanes)
                 sch.parallel(sch.fuse(*outer, *inner[:-1]))
                 return sch

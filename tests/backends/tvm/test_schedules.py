@@ -176,3 +176,35 @@ def test_elementwise_with_whole_vector_rows_runs_row_by_row():
         (tvm.tirx.ForKind.VECTORIZED, 16),
     ], loops
     assert_agrees_with_ort(proto)
+
+
+@I.ir_module
+class HalfVectorHeads:
+    @R.function
+    def main(x: R.Tensor((64, 49, 48), "float32")):
+        with R.dataflow():
+            # Swin's window attention heads: [windows, tokens, 2 x 24] -> [windows, 2, tokens, 24]
+            y = R.permute_dims(R.reshape(x, R.shape([64, 49, 2, 24])), [0, 2, 1, 3])
+            R.output(y)
+        return y
+
+
+def test_rows_of_half_vectors_are_not_fused_across_rows():
+    # 24 floats a row: fused, a 16-lane vector straddles two rows and gathers; rows of
+    # three 8-lane vectors load contiguously.
+    target = targets.resolve("avx512")
+    with target:
+        mod = tvm.transform.Sequential(stages.legalize_passes(target))(HalfVectorHeads)
+        mod = cpu_schedule.cpu_schedule(target)(mod)
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    loops = [(loop.kind, int(loop.extent)) for loop in _loops(func)]
+    assert loops == [
+        (tvm.tirx.ForKind.PARALLEL, 64 * 2 * 49),
+        (tvm.tirx.ForKind.SERIAL, 3),
+        (tvm.tirx.ForKind.VECTORIZED, 8),
+    ], loops
+    executable = relax.build(HalfVectorHeads, target=target, relax_pipeline=pipeline.relax_pipeline(target))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    x = np.random.default_rng(0).standard_normal((64, 49, 48)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, x.reshape(64, 49, 2, 24).transpose(0, 2, 1, 3))
