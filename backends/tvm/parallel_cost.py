@@ -159,7 +159,7 @@ class _Loops:
             if stmt.kind == tirx.ForKind.PARALLEL:
                 return self.parallel(stmt, defined)
             body = self.visit(stmt.body, [*defined, stmt.loop_var])
-            return stmt if body.same_as(stmt.body) else _with_body(stmt, body)
+            return stmt if body.same_as(stmt.body) else _rebuilt(stmt, body, stmt.kind)
         if isinstance(stmt, tirx.IfThenElse):
             then = self.visit(stmt.then_case, defined)
             other = None if stmt.else_case is None else self.visit(stmt.else_case, defined)
@@ -182,13 +182,14 @@ class _Loops:
         cost = self.analyzer.simplify(cost)
         if tirx.analysis.undefined_vars(cost, defined):
             return loop  # sized by values computed inside: left parallel
-        serial = tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, None, loop.annotations)
+        serial = _rebuilt(loop, loop.body, tirx.ForKind.SERIAL)
         if isinstance(cost, tirx.FloatImm):
             return serial if cost.value < PARALLEL_MIN_NS else loop
         return tirx.IfThenElse(cost < tirx.const(PARALLEL_MIN_NS, "float64"), serial, loop)
 
 
-def _with_body(loop: Any, body: Any) -> Any:
+def _rebuilt(loop: Any, body: Any, kind: Any) -> Any:
+    """``loop`` over ``body`` as a ``kind`` loop."""
     from tvm import tirx
 
-    return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
+    return tirx.For(loop.loop_var, loop.min, loop.extent, kind, body, loop.thread_binding, loop.annotations)

@@ -2,8 +2,8 @@
 
 TVM's copying reshape over symbolic sizes divides by run-time extents per element (two
 of wav2vec2's took 30% of its symbolic library's time). Over symbolic sizes the reshape
-is kept for the VM's view builtin; static ones, and those whose symbolic dimensions are
-a shared prefix (a batch), keep TVM's legalization.
+is kept for the VM's view builtin; static ones keep TVM's legalization, and those whose
+symbolic dimensions are a shared prefix (a batch) are legalized by ``prefix_reshape``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Reshapes:
         with R.dataflow():
             flat = R.reshape(x + R.const(1.0, "float32"), R.shape([2 * n, 8]))  # symbolic: a view
             fixed = R.reshape(y, R.shape([8, 8]))  # static: TVM's legalization
-            batched = R.reshape(z, R.shape([b, 32]))  # a symbolic prefix, then static: TVM's
+            batched = R.reshape(z, R.shape([b, 32]))  # a symbolic prefix, then static: prefix_reshape
             out = (flat, fixed, batched)
             R.output(out)
         return out

@@ -1,5 +1,5 @@
 """The elementwise rule (:mod:`rewriter.backends.tvm.relax_passes.schedules`): on symbolic
-shapes, and row by row where the last axis is whole vectors.
+shapes, and row by row where the last axis is whole (or half) vectors.
 
 A copy over two symbolic loops (batch, tokens): fused with the vectors into one parallel
 loop, every vector decoded its index by divisions by run-time extents (BERT's head
@@ -37,11 +37,12 @@ class Heads:
         return y
 
 
-def _scheduled() -> tvm.tirx.PrimFunc:
+def _scheduled(module: tvm.IRModule, record: cpu_schedule.ScheduleRecord | None = None) -> tvm.tirx.PrimFunc:
+    """``module``'s one PrimFunc, legalized and fused as the pipeline does, then scheduled."""
     target = targets.resolve("avx512")
     with target:
-        mod = relax.transform.LegalizeOps()(Heads)
-        mod = cpu_schedule.cpu_schedule(target)(mod)
+        mod = tvm.transform.Sequential(stages.legalize_passes(target))(module)
+        mod = cpu_schedule.cpu_schedule(target, record)(mod)
     (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     return func
 
@@ -62,7 +63,7 @@ def _loops(func: tvm.tirx.PrimFunc) -> list[tvm.tirx.For]:
 
 
 def test_symbolic_loops_are_parallel_and_the_vectors_serial_inside():
-    loops = _loops(_scheduled())
+    loops = _loops(_scheduled(Heads))
     kinds = [loop.kind for loop in loops]
     assert kinds == [
         tvm.tirx.ForKind.PARALLEL,
@@ -97,13 +98,10 @@ class Buckets:
 def test_all_symbolic_elementwise_runs_its_rows_in_parallel():
     # Every extent symbolic (T5's relative-position buckets over [sequence, sequence]):
     # no static loop to vectorize, the rows in parallel (left unscheduled before).
-    target = targets.resolve("avx512")
-    with target:
-        mod = tvm.transform.Sequential(stages.legalize_passes(target))(Buckets)
-        record = cpu_schedule.ScheduleRecord()
-        mod = cpu_schedule.cpu_schedule(target, record)(mod)
+    record = cpu_schedule.ScheduleRecord()
+    func = _scheduled(Buckets, record)
     assert record.unscheduled == [] and set(record.scheduled.values()) == {"elementwise"}, record
-    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    target = targets.resolve("avx512")
     assert [loop.kind for loop in _loops(func)] == [tvm.tirx.ForKind.PARALLEL, tvm.tirx.ForKind.SERIAL]
     executable = relax.build(Buckets, target=target, relax_pipeline=pipeline.relax_pipeline(target))
     vm = relax.VirtualMachine(executable, tvm.cpu())
@@ -192,17 +190,13 @@ class HalfVectorHeads:
 def test_rows_of_half_vectors_are_not_fused_across_rows():
     # 24 floats a row: fused, a 16-lane vector straddles two rows and gathers; rows of
     # three 8-lane vectors load contiguously.
-    target = targets.resolve("avx512")
-    with target:
-        mod = tvm.transform.Sequential(stages.legalize_passes(target))(HalfVectorHeads)
-        mod = cpu_schedule.cpu_schedule(target)(mod)
-    (func,) = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
-    loops = [(loop.kind, int(loop.extent)) for loop in _loops(func)]
+    loops = [(loop.kind, int(loop.extent)) for loop in _loops(_scheduled(HalfVectorHeads))]
     assert loops == [
         (tvm.tirx.ForKind.PARALLEL, 64 * 2 * 49),
         (tvm.tirx.ForKind.SERIAL, 3),
         (tvm.tirx.ForKind.VECTORIZED, 8),
     ], loops
+    target = targets.resolve("avx512")
     executable = relax.build(HalfVectorHeads, target=target, relax_pipeline=pipeline.relax_pipeline(target))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     x = np.random.default_rng(0).standard_normal((64, 49, 48)).astype(np.float32)
