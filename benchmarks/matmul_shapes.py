@@ -5,7 +5,8 @@ a 1000-class head, BERT's 30522-word LM head, ViT's 197 tokens (its linears, and
 attention scores ``Q @ K^T`` with K an input; ViT-B/16's rows at batch 8, 1576 = 8 x 197,
 which no L2 row block divides, and its 3072-deep MLP matmul). Each is compiled through our pipeline
 (``rewriter.backends.tvm.compile``, which pads them to whole tiles: zero-padded weight
-panels at compile time, zero-padded copies of computed inputs once per call), and
+panels at compile time, padded rows reading the last real one, zero-padded copies of
+computed B once per call), and
 timed side by side, in interleaved rounds on one thread, against:
 
 * ``unpadded``: the same pipeline with the padding turned off, as it was before: such a
