@@ -603,3 +603,28 @@ def test_norm_statistics_run_their_rows_in_parallel_and_agree():
         outer = outer.body
     assert outer.kind == tvm.tirx.ForKind.PARALLEL and int(outer.extent) == 64, variance
     assert_agrees_with_ort(model)
+
+
+def test_streamed_weight_panels_are_prefetched_and_agree(monkeypatch):
+    # Scaled down: a weight of 64 x 512 floats (128 KiB) counts as streamed from memory;
+    # 24 rows are 3 row tiles of 8, so each iteration of the k loop prefetches 2 lines of
+    # the next panel (32 columns x 4 bytes x 4 k steps / (64 bytes x 3 tiles), rounded down).
+    monkeypatch.setattr(schedules, "PREFETCH_MIN_BYTES", 64 * 512 * 4)
+    model = dense_model((1, 24, 64), 512, "gelu")
+    (func,) = scheduled(model).values()
+    assert func.script().count("llvm.prefetch") == 2  # type: ignore[attr-defined]
+    compiled = assert_agrees_with_ort(model)
+    assert "prefetcht0" in compiled.executable.mod.imports[0].inspect_source("asm")
+
+
+@pytest.mark.parametrize(
+    ("shape", "columns"),
+    [((1, 24, 64), 256), ((1, 96, 64), 512), ((1, 1, 64), 512)],
+    ids=["weight-in-cache", "many-row-tiles", "one-row"],
+)
+def test_cached_or_reused_weights_are_not_prefetched(monkeypatch, shape, columns):
+    # The same threshold: a smaller weight stays in cache; 96 rows (12 tiles) reuse each
+    # panel enough to hide its stream; one row is the hardware prefetcher's stream.
+    monkeypatch.setattr(schedules, "PREFETCH_MIN_BYTES", 64 * 512 * 4)
+    (func,) = scheduled(dense_model(shape, columns, "gelu")).values()
+    assert "llvm.prefetch" not in func.script()  # type: ignore[attr-defined]
