@@ -21,7 +21,9 @@ loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
   loop. Rows that no L2-sized block divides go to equal blocks (1576 -> 5 x 320:
   :func:`padding`); where rows x K and B both overflow L2 (ViT-B/16's 3072 x 768 MLP
   weight), ``k`` runs in serial blocks (:func:`k_block`), each a parallel pass whose
-  register tiles add into C. Shapes without whole tiles (N = 197 or 1000; 197 rows)
+  register tiles add into C. A weight streamed from memory past few row tiles (a batch-1
+  matmul: at most 8 tiles, 2 MiB or more) has its next panel prefetched in the ``k``
+  loop (:func:`prefetch_next_panel`). Shapes without whole tiles (N = 197 or 1000; 197 rows)
   are padded to them (:func:`padding`, :func:`zero_pad`): padded rows of A read A's last
   row (:func:`clamp_rows`: no copy), a computed B's padded columns are a zero-padded copy
   made once per call, and the epilogue writes only the real part; a packed B
@@ -264,10 +266,14 @@ def clamp_rows(sch: Any, copy: Any) -> bool:
     return True
 
 
-def prefetch_next_panel(sch: Any, kernel: list[Any], weight: Any, tiles: int) -> Any:
-    """``sch`` (a matmul's, its update block's loops ``kernel``: the parallel panels,
-    the row tiles, ``k`` and its unrolled part, the tile) with the next panel of the
-    packed ``weight`` (``[panels, K, width]``) prefetched while this one is multiplied.
+def prefetch_next_panel(
+    sch: Any, weight: Any, at: Any, panel: Any, position: Any, counts: tuple[int, int]
+) -> Any:
+    """``sch`` (a matmul's or convolution's) with the next panel of the packed ``weight``
+    (``[panels, K, width]``) prefetched while ``panel`` is multiplied, in the body of the
+    loop ``at`` (the micro-kernel's reduction loop; ``position``: how many iterations of
+    it this panel's row tiles ran before this one; ``counts``: the panel's row tiles, and
+    the ``k`` steps per iteration, unrolled inside).
 
     With few rows (``tiles`` row tiles: ConvNeXt's 7 x 7 stage at batch 1, 49 x 768 x
     3072), each panel is read from memory by the first row tile, at its pace, and from
@@ -284,13 +290,12 @@ def prefetch_next_panel(sch: Any, kernel: list[Any], weight: Any, tiles: int) ->
     from tvm import s_tir, tirx
 
     panels, depth, width = (int(extent) for extent in weight.shape)
-    parallel, row_tile, k_outer = (loop.loop_var for loop in kernel[:3])
-    steps = int(kernel[3].extent) if len(kernel) == 6 else 1  # k steps per iteration
+    tiles, steps = counts
     line = 64 // ((tvm_ffi.dtype(str(weight.dtype)).bits + 7) // 8)  # elements per cache line
     per_iteration = max(1, width * steps // (line * tiles))
     size = panels * depth * width
-    following = tirx.floormod(tirx.floormod(parallel, panels) + 1, panels) * (depth * width)
-    lines = (row_tile * kernel[2].extent + k_outer) * per_iteration
+    following = tirx.floormod(panel + 1, panels) * (depth * width)
+    lines = position * per_iteration
 
     def prefetches() -> list[Any]:
         out = []
@@ -303,7 +308,7 @@ def prefetch_next_panel(sch: Any, kernel: list[Any], weight: Any, tiles: int) ->
         return out
 
     def with_prefetches(loop: Any) -> Any:
-        if not loop.loop_var.same_as(k_outer):
+        if not loop.loop_var.same_as(at.loop_var):
             return loop
         body = tirx.SeqStmt([*prefetches(), loop.body])
         return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
@@ -594,9 +599,15 @@ def _rules() -> dict[str, Any]:
             tiles = -(-rows // tile_i) if rows else 0
             streamed = packed and tile_i >= PREFETCH_MIN_ROWS and 0 < tiles <= PREFETCH_MAX_TILES
             if streamed and depth * cols * 4 >= PREFETCH_MIN_BYTES:
+                # The update's loops: parallel (..., panels), row tiles, k (and its
+                # unrolled steps), the tile; it reads C, A, B.
                 kernel = [sch.get(loop) for loop in sch.get_loops(block)]
-                weight = sch.get(block).reads[-1].source  # the update reads C, A, B
-                return prefetch_next_panel(sch, kernel, weight, tiles)
+                parallel, row_tile, k_outer = kernel[:3]
+                steps = int(kernel[3].extent) if len(k_loops) == 2 else 1
+                weight = sch.get(block).reads[-1].source
+                panel = tirx.floormod(parallel.loop_var, int(weight.shape[0]))
+                position = row_tile.loop_var * k_outer.extent + k_outer.loop_var
+                return prefetch_next_panel(sch, weight, k_outer, panel, position, (tiles, steps))
             return sch
 
         def _k_blocked(

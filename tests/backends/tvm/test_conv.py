@@ -501,3 +501,32 @@ def test_stack_tiled_convs_agree_with_ort():
     ):
         compiled, error = _run(model, shape)
         assert error <= 1e-5, error
+
+
+@pytest.mark.parametrize("symbolic", [False, True], ids=["one-image", "symbolic-batch"])
+def test_streamed_conv_weight_is_prefetched_and_agrees(monkeypatch, symbolic):
+    # Scaled down from ResNet-18's last stage (7 x 7 pixels, a 9 MiB 3 x 3 x 512 x 512
+    # weight): a 144 KiB weight counts as streamed; the 7 x 7 pixels are 7 tiles of 7,
+    # each image's few tiles the only reuse of a panel. With a symbolic batch the
+    # images are fused into the same parallel loop, and the panel is found modulo them.
+    monkeypatch.setattr(schedules, "PREFETCH_MIN_BYTES", 3 * 3 * 64 * 64 * 4)
+    model = conv_model([1, 64, 7, 7], 64, 3, 1, 1)
+    if symbolic:
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    compiled, error = _run(model, [1, 64, 7, 7])
+    assert error < TOLERANCE.rtol
+    assert "prefetcht0" in compiled.executable.mod.imports[0].inspect_source("asm")
+    if symbolic:
+        x = np.random.default_rng(3).standard_normal((3, 64, 7, 7)).astype(np.float32)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        reference = session.run(None, {"x": x})[0]
+        got = compiled.run({"x": x})["y"]
+        assert np.abs(got - reference).max() / np.abs(reference).max() < TOLERANCE.rtol
+
+
+def test_conv_weight_reused_by_many_pixel_tiles_is_not_prefetched(monkeypatch):
+    # The same weight over 14 x 14 pixels: 28 tiles reuse each panel from cache.
+    monkeypatch.setattr(schedules, "PREFETCH_MIN_BYTES", 3 * 3 * 64 * 64 * 4)
+    compiled, error = _run(conv_model([1, 64, 14, 14], 64, 3, 1, 1), [1, 64, 14, 14])
+    assert error < TOLERANCE.rtol
+    assert "prefetch" not in compiled.executable.mod.imports[0].inspect_source("asm")
