@@ -738,9 +738,9 @@ def rules() -> dict[str, Any]:
     def prefetch_streamed_weight(sch: Any, block: Any, pixels: Any) -> Any:
         """``sch`` with the next weight panel prefetched in the micro-kernel
         (:func:`.schedules.prefetch_next_panel`) where the packed weight is streamed from
-        memory, as the matmul rule does: at least ``PREFETCH_MIN_BYTES``, over few
-        tiles of ``pixels`` (ResNet-18's last stage at batch 1: 7 x 7 pixels, a 9 MiB
-        3 x 3 x 512 x 512 weight). Only where the panels and pixel tiles are one
+        memory (:func:`.schedules.streams_weight`: a large weight, few tiles of
+        ``pixels``; ResNet-18's last stage at batch 1: 7 x 7 pixels, a 9 MiB 3 x 3 x 512
+        x 512 weight), as the matmul rule does. Only where the panels and pixel tiles are one
         parallel loop (:func:`tile`: static, whole tiles)."""
         loops = [sch.get(loop) for loop in sch.get_loops(block)]  # (panels, tiles), reduction..., tile
         weight = sch.get(block).reads[-1].source  # the update reads Y, X, W
@@ -751,9 +751,7 @@ def rules() -> dict[str, Any]:
         if not isinstance(pixels, int) or pixels % tile_i or not serial:
             return sch
         tiles = pixels // tile_i
-        if tile_i < schedules.PREFETCH_MIN_ROWS or tiles > schedules.PREFETCH_MAX_TILES:
-            return sch
-        if buffer_bytes(weight) < schedules.PREFETCH_MIN_BYTES or loops[0].kind != tirx.ForKind.PARALLEL:
+        if not schedules.streams_weight(buffer_bytes(weight), tile_i, tiles) or loops[0].kind != tirx.ForKind.PARALLEL:
             return sch
         # The parallel loop fuses (images of a symbolic batch,) panels and pixel tiles.
         panels = int(weight.shape[0])

@@ -266,6 +266,20 @@ def clamp_rows(sch: Any, copy: Any) -> bool:
     return True
 
 
+def streams_weight(weight_bytes: int, tile_rows: int, tiles: int) -> bool:
+    """Whether a packed weight of ``weight_bytes`` read by ``tiles`` register tiles of
+    ``tile_rows`` rows streams from memory as it is multiplied, so that its next panel is
+    worth prefetching (:func:`prefetch_next_panel`; :data:`PREFETCH_MIN_BYTES`,
+    :data:`PREFETCH_MAX_TILES`, :data:`PREFETCH_MIN_ROWS`).
+
+    >>> streams_weight(768 * 3072 * 4, 7, 7), streams_weight(768 * 3072 * 4, 8, 16)
+    (True, False)
+    >>> streams_weight(768 * 3072 * 4, 1, 1), streams_weight(256 * 1024 * 4, 7, 7)
+    (False, False)
+    """
+    return weight_bytes >= PREFETCH_MIN_BYTES and tile_rows >= PREFETCH_MIN_ROWS and 0 < tiles <= PREFETCH_MAX_TILES
+
+
 def prefetch_next_panel(
     sch: Any, weight: Any, at: Any, panel: Any, position: Any, counts: tuple[int, int]
 ) -> Any:
@@ -597,8 +611,7 @@ def _rules() -> dict[str, Any]:
                 elif dividing_tile(sch.get(inner).extent, self.lanes, self.lanes):
                     sch.vectorize(sch.split(inner, [None, self.lanes])[1])  # padded columns
             tiles = -(-rows // tile_i) if rows else 0
-            streamed = packed and tile_i >= PREFETCH_MIN_ROWS and 0 < tiles <= PREFETCH_MAX_TILES
-            if streamed and depth * cols * 4 >= PREFETCH_MIN_BYTES:
+            if packed and streams_weight(depth * cols * 4, tile_i, tiles):
                 # The update's loops: parallel (..., panels), row tiles, k (and its
                 # unrolled steps), the tile; it reads C, A, B.
                 kernel = [sch.get(loop) for loop in sch.get_loops(block)]
