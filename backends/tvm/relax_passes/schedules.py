@@ -73,6 +73,9 @@ PREFETCH_MIN_BYTES = 1 << 21
 PREFETCH_MAX_TILES = 8
 PREFETCH_MIN_ROWS = 4
 PREFETCH_LOCALITY = 3
+# Rows under which a matmul with a packed weight (the same for every batch iteration)
+# takes the static batch loops next to its rows as rows too (``_shared_rows``).
+MIN_PANEL_ROWS = 64
 # An elementwise function whose last axis is whole vectors, at least this many, over at
 # least MIN_ROWS rows, runs row by row (VectorizedElementwise).
 ROW_VECTORS = 4
@@ -536,6 +539,8 @@ def _rules() -> dict[str, Any]:
                 sch.reorder(loops[-3], loops[-4])
                 loops = sch.get_loops(block)
             *batch, i, j, k = loops
+            if packed and batch and not gemv:
+                batch, i = self._shared_rows(sch, block, batch, i, packed)
             rows = 1 if gemv else (static_extents(sch, [i]) or [0])[0]
             cols = (static_extents(sch, [j]) or [0])[0]
             depth = (static_extents(sch, [k]) or [0])[0]
@@ -622,6 +627,34 @@ def _rules() -> dict[str, Any]:
                 position = row_tile.loop_var * k_outer.extent + k_outer.loop_var
                 return prefetch_next_panel(sch, weight, k_outer, panel, position, (tiles, steps))
             return sch
+
+        def _shared_rows(self, sch: Any, block: Any, batch: list[Any], i: Any, width: int) -> tuple[list[Any], Any]:
+            """``(batch, i)``, the static batch loops next to the rows fused into them
+            where the rows alone are fewer than :data:`MIN_PANEL_ROWS`: the packed weight is
+            the same for every batch iteration, and each of its panels should serve many
+            rows while it is in cache. ConvNeXt's MLP over ``[1, 7, 7, 768]`` had rows of
+            7 pixels inside a loop over the 7 image rows: every image row streamed the
+            9 MiB weight again. Fused, the 49 pixels are 7 tiles of one sweep. Only where
+            the fused rows' register tile divides the inner rows or is a multiple of them
+            (the epilogue of a tile then covers whole image rows or a part of one)."""
+            inner = static_extents(sch, [i])
+            if not inner or inner[0] >= MIN_PANEL_ROWS:
+                return batch, i
+            shared: list[Any] = []
+            total = inner[0]
+            for loop in reversed(batch):
+                extent = static_extents(sch, [loop])
+                if extent is None or total >= MIN_PANEL_ROWS:
+                    break
+                shared.insert(0, loop)
+                total *= extent[0]
+            if not shared:
+                return batch, i
+            tile_i = (register_tile(total, width, self.lanes, width) or (1, width))[0]
+            tile_i = stack_rows(total, tile_rows(width, self.lanes), width) or tile_i
+            if tile_i % inner[0] and inner[0] % tile_i:
+                return batch, i
+            return batch[: len(batch) - len(shared)], sch.fuse(*shared, i)
 
         def _k_blocked(
             self,

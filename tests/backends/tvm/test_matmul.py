@@ -628,3 +628,25 @@ def test_cached_or_reused_weights_are_not_prefetched(monkeypatch, shape, columns
     monkeypatch.setattr(schedules, "PREFETCH_MIN_BYTES", 64 * 512 * 4)
     (func,) = scheduled(dense_model(shape, columns, "gelu")).values()
     assert "llvm.prefetch" not in func.script()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel"),
+    [
+        ((1, 7, 7, 64), [("PARALLEL", 3), ("SERIAL", 7), ("SERIAL", 16), ("UNROLLED", 4), ("UNROLLED", 7), ("VECTORIZED", 32)]),
+        ((2, 4, 6, 64), [("PARALLEL", 3), ("SERIAL", 8), ("SERIAL", 16), ("UNROLLED", 4), ("UNROLLED", 6), ("VECTORIZED", 32)]),
+        ((1, 3, 10, 64), [("PARALLEL", 9), ("SERIAL", 2), ("SERIAL", 16), ("UNROLLED", 4), ("UNROLLED", 5), ("VECTORIZED", 32)]),
+    ],
+    ids=["7x7-pixels", "batch-and-image-rows", "tile-of-6-would-straddle-rows-of-10"],
+)
+def test_batch_loops_sharing_the_weight_join_few_rows(shape, kernel):
+    # ConvNeXt's MLP over [1, 7, 7, C]: 7 pixels a row, inside a loop over the image rows,
+    # streamed the whole weight once per image row. The image rows (and a static batch)
+    # join the rows where they are few: one sweep of 49 rows in 7 tiles of 7 per panel
+    # (2 x 4 x 6: 8 tiles of 6). Where the fused rows' tile (6 for 3 x 10 = 30 rows) would
+    # straddle image rows, they stay apart.
+    tvm = pytest.importorskip("tvm")
+    model = dense_model(shape, 96, "gelu")
+    (func,) = scheduled(model).values()
+    assert [(tvm.tirx.ForKind(kind).name, extent) for kind, extent in micro_kernel(func)] == kernel
+    assert_agrees_with_ort(model)
