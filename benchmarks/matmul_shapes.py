@@ -59,7 +59,7 @@ def dense(rows: int, k: int, n: int, gelu: bool) -> onnx.ModelProto:
             helper.make_node("Mul", ["z", "e1"], ["m"]),
             helper.make_node("Mul", ["m", "half"], ["y"]),
         ]
-    return _model(nodes, {"x": [1, rows, k]}, [1, rows, n], inits)
+    return graph_model(nodes, {"x": [1, rows, k]}, [1, rows, n], inits)
 
 
 def scores(heads: int, tokens: int, depth: int) -> onnx.ModelProto:
@@ -70,15 +70,17 @@ def scores(heads: int, tokens: int, depth: int) -> onnx.ModelProto:
         helper.make_node("Mul", ["m", "c"], ["y"]),
     ]
     shapes = {"q": [1, heads, tokens, depth], "kt": [1, heads, depth, tokens]}
-    return _model(nodes, shapes, [1, heads, tokens, tokens], inits)
+    return graph_model(nodes, shapes, [1, heads, tokens, tokens], inits)
 
 
-def _model(
+def graph_model(
     nodes: list[onnx.NodeProto],
     inputs: dict[str, list[int]],
     out: list[int],
     inits: list[onnx.TensorProto],
 ) -> onnx.ModelProto:
+    """An opset-17 model of ``nodes``: float inputs ``inputs`` (name -> shape), output
+    ``y`` of shape ``out``, initializers ``inits``."""
     graph = helper.make_graph(
         nodes,
         "matmul",

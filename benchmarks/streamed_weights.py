@@ -26,8 +26,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import timing
-from matmul_shapes import ort_call, tvm_call
-from onnx import TensorProto, helper, numpy_helper
+from matmul_shapes import graph_model, ort_call, tvm_call
+from onnx import helper, numpy_helper
 from timing import interleaved
 
 from rewriter.backends.tvm.relax_passes import schedules
@@ -43,7 +43,7 @@ def matmul_chain(rows: int, width: int, layers: int) -> onnx.ModelProto:
         output = "y" if layer == layers - 1 else f"h{layer}"
         nodes.append(helper.make_node("MatMul", [previous, f"w{layer}"], [output]))
         previous = output
-    return _model(nodes, [1, rows, width], inits)
+    return graph_model(nodes, {"x": [1, rows, width]}, [1, rows, width], inits)
 
 
 def conv_chain(channels: int, size: int, layers: int) -> onnx.ModelProto:
@@ -59,18 +59,8 @@ def conv_chain(channels: int, size: int, layers: int) -> onnx.ModelProto:
             helper.make_node("Relu", [f"c{layer}"], [output]),
         ]
         previous = output
-    return _model(nodes, [1, channels, size, size], inits)
-
-
-def _model(nodes: list[onnx.NodeProto], shape: list[int], inits: list[onnx.TensorProto]) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    shape = [1, channels, size, size]
+    return graph_model(nodes, {"x": shape}, shape, inits)
 
 
 def cases(layers: int) -> list[tuple[str, onnx.ModelProto]]:
