@@ -349,6 +349,22 @@ def test_attention_with_197_tokens_gets_whole_tiles_and_agrees():
     assert_agrees_with_ort(model)
 
 
+def test_scores_past_l2_sweep_every_panel_per_row_tile_and_agree():
+    # 600 x 600 scores per head (1.4 MB, past ROW_MAJOR_MIN_OUTPUT_BYTES) from a 64-deep
+    # K^T (150 KB): each row tile sweeps the 19 panels, so C is written row by row.
+    # The context (600 x 600 x 64, C 150 KB) keeps its panels outside the row tiles.
+    import tvm
+
+    parallel, serial = tvm.tirx.ForKind.PARALLEL, tvm.tirx.ForKind.SERIAL
+    model = attention_model(heads=2, sequence=600, dim=64)
+    kernels = {name: micro_kernel(f) for name, f in scheduled(model).items() if "matmul" in name}
+    scores = next(loops for name, loops in kernels.items() if "multiply" in name)
+    context = next(loops for name, loops in kernels.items() if "multiply" not in name)
+    assert scores[:2] == [(parallel, 2 * 600 // 6), (serial, 19)], scores
+    assert context[0] == (parallel, 2 * 2 * 2), context  # heads x row blocks x panels
+    assert_agrees_with_ort(model)
+
+
 def with_symbolic_axes(proto: onnx.ModelProto, axes: dict[int, str]) -> onnx.ModelProto:
     """``proto`` with axes ``axes`` (position: name) of every input and output symbolic."""
     model = onnx.ModelProto()
