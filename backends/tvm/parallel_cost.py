@@ -17,6 +17,9 @@ memory-bound kernel such as a batch-1 matrix-vector product costs). Where the ex
 are symbolic the test is made at run time: the loop becomes
 ``if work < PARALLEL_MIN_NS: serial loop else: parallel loop`` over the same body
 (:func:`tvm.tirx.transform.ConvertSSA` then renames the copy's definitions).
+
+Before lowering, the pipeline also splits vector loops with masked lanes into a
+full-vector case and a tail (:mod:`rewriter.backends.tvm.vector_tails`).
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ def pipeline_name() -> str:
             import tvm
             from tvm import tirx
 
+            from rewriter.backends.tvm import vector_tails
+
             main, host, device = s_tir_pipeline.default_s_tir_pipeline()
-            lower = tvm.transform.Sequential([_argument_bytes_pass(), main])
+            lower = tvm.transform.Sequential([_argument_bytes_pass(), vector_tails.unswitch_pass(), main])
 
             def finalize_host() -> tvm.transform.Pass:
                 passes = [_serial_small_loops_pass(), tirx.transform.ConvertSSA(), host()]

@@ -639,6 +639,7 @@ def _rules() -> dict[str, Any]:
             sch.decompose_reduction(block, k_loops[0])
             for copy in pad_copies:
                 # Once per call, before the matmul: rows in parallel, vectorized along them.
+                self._unmasked_copy(sch, copy)
                 *outer, inner = sch.get_loops(copy)
                 sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
                 if static_extents(sch, [inner]) is not None:
@@ -657,6 +658,17 @@ def _rules() -> dict[str, Any]:
                 position = row_tile.loop_var * k_outer.extent + k_outer.loop_var
                 return prefetch_next_panel(sch, weight, k_outer, panel, position, (tiles, steps))
             return sch
+
+        def _unmasked_copy(self, sch: Any, copy: Any) -> None:
+            """Zero-padded ``copy`` (static rows) as two vector loops per row: zeros over the
+            padded row, then the input's row over its real part. As one loop its
+            ``if_then_else(j < n, ...)`` made TVM's vectorizer write it element by element
+            (Whisper's K^T, 64 x 1504 per head: 385k scalar stores a call)."""
+            inner = sch.get_loops(copy)[-1]
+            if static_extents(sch, [inner]) is None or not sch.can_decompose_padding(copy, inner):
+                return
+            zeros = sch.decompose_padding(copy, inner)
+            sch.vectorize(sch.get_loops(zeros)[-1])
 
         def _shared_rows(self, sch: Any, block: Any, batch: list[Any], i: Any, width: int) -> tuple[list[Any], Any]:
             """``(batch, i)``, the static batch loops next to the rows fused into them

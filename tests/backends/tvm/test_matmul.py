@@ -349,6 +349,22 @@ def test_attention_with_197_tokens_gets_whole_tiles_and_agrees():
     assert_agrees_with_ort(model)
 
 
+def test_zero_padded_copy_of_k_is_zeros_then_the_rows_without_a_branch():
+    # K^T's 50 columns padded to 64: zeros over each padded row, then the 50 real
+    # columns copied, both vector loops (one loop with if_then_else(j < 50) was scalar).
+    import tvm
+
+    model = attention_model(heads=2, sequence=50, dim=64)
+    (scores,) = [f for name, f in scheduled(model).items() if "multiply" in name]
+    text = scores.script()  # type: ignore[attr-defined]
+    assert "_pad_const" in text and "if_then_else" not in text
+    sch = tvm.s_tir.Schedule(scores)
+    for name in ("lv_pad_pad_const", "lv_pad"):
+        inner = sch.get(sch.get_loops(sch.get_sblock(name))[-1])
+        assert inner.kind == tvm.tirx.ForKind.VECTORIZED, name
+    assert_agrees_with_ort(model)
+
+
 def test_scores_past_l2_sweep_every_panel_per_row_tile_and_agree():
     # 600 x 600 scores per head (1.4 MB, past ROW_MAJOR_MIN_OUTPUT_BYTES) from a 64-deep
     # K^T (150 KB): each row tile sweeps the 19 panels, so C is written row by row.
