@@ -64,13 +64,15 @@ ROW_BLOCK_BYTES = 1 << 20
 # The k loop of a matmul whose rows and B both overflow L2 is cut into blocks this deep
 # (:func:`k_block`; 0: never). 768 and 1024 measured alike on ViT-B/16's MLP, 384 worse.
 K_CHUNK = 768
-# A packed weight of at least this many bytes (an L2), read by at most PREFETCH_MAX_TILES
-# row tiles of at least PREFETCH_MIN_ROWS rows (a batch-1 matmul's few rows), is streamed
-# from memory while it is multiplied: the micro-kernel prefetches the next panel
-# (:func:`prefetch_next_panel`; PREFETCH_LOCALITY: llvm.prefetch's, 3 = into L1; 1 and 2
-# measured alike).
-PREFETCH_MIN_BYTES = 1 << 21
-PREFETCH_MAX_TILES = 8
+# A packed weight of at least this many bytes (half an L2: in a model, the other layers'
+# weights evict it between calls), read by at most PREFETCH_MAX_TILES row tiles of at
+# least PREFETCH_MIN_ROWS rows (a batch-1 matmul's few rows), is streamed from memory while
+# it is multiplied: the micro-kernel prefetches the next panel (:func:`prefetch_next_panel`;
+# PREFETCH_LOCALITY: llvm.prefetch's, 3 = into L1; 1 and 2 measured alike). 1 MiB and 10
+# tiles take CLIP's 50-token MLP (1 MiB weights, 10 tiles of 5 rows: the model 10%
+# faster); 16 tiles took 128-token matmuls too, which lost (GPT-2 8% slower).
+PREFETCH_MIN_BYTES = 1 << 20
+PREFETCH_MAX_TILES = 10
 PREFETCH_MIN_ROWS = 4
 PREFETCH_LOCALITY = 3
 # A matmul whose product (per batch iteration) is at least ROW_MAJOR_MIN_OUTPUT_BYTES
@@ -300,8 +302,10 @@ def streams_weight(weight_bytes: int, tile_rows: int, tiles: int) -> bool:
 
     >>> streams_weight(768 * 3072 * 4, 7, 7), streams_weight(768 * 3072 * 4, 8, 16)
     (True, False)
-    >>> streams_weight(768 * 3072 * 4, 1, 1), streams_weight(256 * 1024 * 4, 7, 7)
+    >>> streams_weight(768 * 3072 * 4, 1, 1), streams_weight(256 * 768 * 4, 7, 7)
     (False, False)
+    >>> streams_weight(256 * 1024 * 4, 5, 10)  # CLIP's MLP at 50 tokens
+    True
     """
     return weight_bytes >= PREFETCH_MIN_BYTES and tile_rows >= PREFETCH_MIN_ROWS and 0 < tiles <= PREFETCH_MAX_TILES
 
