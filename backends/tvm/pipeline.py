@@ -127,6 +127,8 @@ def relax_pipeline(
         passes.append(outputs_as_params.outputs_as_params())
     for finalize in stages.finalize_passes(target):
         passes.append(finalize)
+        if finalize.info.name == "StaticPlanBlockMemory":  # storages of symbolic size shared too
+            passes.append(memory_plan.share_symbolic_storage())
         if storage is not None and finalize.info.name == "LowerAllocTensor":
             passes.append(memory_plan.record_storage(storage))  # every allocation now explicit
 
