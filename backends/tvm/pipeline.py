@@ -34,8 +34,10 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    ``main`` in a buffer of its own and ``main_out``, which writes the outputs into the
    caller's arrays (:mod:`rewriter.backends.tvm.relax_passes.outputs_as_params`);
    memory planning sizes the buffers of symbolic dimensions at their upper bounds where
-   ``main`` has them (``tir_var_upper_bound``, from ``compile(max_dims=...)``), and
-   ``storage`` counts the allocations it left constant or sized at run time
+   ``main`` has them (``tir_var_upper_bound``, from ``compile(max_dims=...)``); storages
+   of symbolic size are shared between tensors whose lifetimes do not overlap, where
+   their sizes are a constant times the same variables; ``storage`` counts the
+   allocations left constant or sized at run time
    (:mod:`rewriter.backends.tvm.relax_passes.memory_plan`).
 
 >>> executable = relax.build(mod, target=target, relax_pipeline=relax_pipeline(target))  # doctest: +SKIP

@@ -14,6 +14,11 @@ variable of a symbolic input axis after its ONNX ``dim_param``, so a bound is ke
 the axis's name. A call with a larger size would overflow the planned buffers:
 :class:`rewriter.backends.tvm.session.Session` refuses it before the VM runs.
 
+Without a bound, TVM's planner shares a storage of symbolic size only between requests
+of provably the same size: :func:`share_symbolic_storage`, right after it, shares those
+whose sizes are a constant times the same variables (``602112 * batch``) between
+tensors whose lifetimes do not overlap, as the planner does constant ones.
+
 :func:`record_storage` runs after TVM's memory planning (``StaticPlanBlockMemory``,
 ``LowerAllocTensor``) and counts each function's storage allocations by whether their
 size is a constant (planned statically) or computed at run time: :class:`StorageRecord`,
