@@ -245,7 +245,9 @@ def share_symbolic_storage() -> tvm.transform.Pass:
     def is_call(value: Any, op: Any) -> bool:
         return isinstance(value, relax.Call) and value.op.same_as(op)
 
-    def symbolic_storages(bindings: list[Any]) -> dict[Any, _Storage]:
+    def symbolic_storages(bindings: list[Any], result: Any) -> dict[Any, _Storage]:
+        """The storages of ``bindings`` that may be shared (``result``: what the
+        function returns)."""
         storages = {}
         for index, binding in enumerate(bindings):
             value = binding.value
@@ -261,13 +263,15 @@ def share_symbolic_storage() -> tvm.transform.Pass:
             if not (isinstance(offset, tvm.tirx.IntImm) and int(offset.value) == 0):
                 for var in relax.analysis.free_vars(value):
                     storages.pop(var, None)
+        for var in relax.analysis.free_vars(result):
+            storages.pop(var, None)
         return storages
 
     def plan(func: Any, kernels: set[str]) -> Any:
         if not isinstance(func.body, relax.SeqExpr):
             return func
         bindings = [binding for block in func.body.blocks for binding in block.bindings]
-        storages = symbolic_storages(bindings)
+        storages = symbolic_storages(bindings, func.body.body)
         _set_ends(bindings, func.body.body, storages, kernels)
         groups = _share(sorted(storages.values(), key=lambda storage: storage.start))
         if len(groups) == len(storages):
