@@ -93,11 +93,13 @@ def test_fewer_storages_are_allocated_per_call(shared, unshared):
     assert after["dynamic"] < before["dynamic"], (before, after)
 
 
-def storage(name: str, start: int, end: int, coefficient: int, kind: str = "batch") -> memory_plan._Storage:
-    return memory_plan._Storage(name, start, end, coefficient, (BATCH,), kind)
-
-
 BATCH = tvm.tirx.Var("batch", "int64")
+
+
+def storage(name: str, start: int, end: int, coefficient: int, kind: str = "batch") -> memory_plan._Storage:
+    """A storage of ``coefficient * batch`` bytes allocated at binding ``start``, last
+    used at ``end``."""
+    return memory_plan._Storage(name, start, end, coefficient, (BATCH,), kind)
 
 
 def test_a_dead_storage_serves_the_next_request_the_smallest_that_fits_first():
@@ -127,4 +129,5 @@ def test_the_smallest_fitting_storage_is_taken_and_kinds_do_not_mix():
 )
 def test_size_terms(size, terms):
     found = memory_plan.size_terms(size)
-    assert (found and (found[0], tuple(var.name for var in found[1]))) == terms or found is terms
+    described = None if found is None else (found[0], tuple(var.name for var in found[1]))
+    assert described == terms
