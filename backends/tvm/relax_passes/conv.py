@@ -508,22 +508,23 @@ def rules() -> dict[str, Any]:
         sch.transform_block_layout(tail, index_map(fused, ndim=lead))
 
     def images_apart(
-        sch: Any, tail: Any, lead: int, keep: int, extents: list[Any], *, weight: tuple[Any, int] | None = None
+        sch: Any, tail: Any, lead: int, keep: int, extents: list[Any], *, weight: Any = None, data_bytes: int = 0
     ) -> tuple[int, list[Any]]:
         """``(keep, extents)``, the images of a static batch kept apart (as a symbolic
         batch is) where the epilogue ``tail`` keeps part of a 1-D convolution's frames
         (the padded frames of :mod:`rewriter.backends.tvm.relax_passes.conv_frames`):
         frames flattened across images would index the epilogue (``n * 1599 + f``)
         otherwise than the convolution (``n * 1600 + f``); and where a convolution's
-        input (``weight``: the weight buffer and the bytes of the largest buffer read,
-        every image) is past :data:`CONV_IMAGES_APART_BYTES` and its weight stays in L2:
-        flattened, each panel of output channels swept the pixels of every image, reading the whole input once a panel from beyond L2 (MobileNetV3-small's
-        1 x 1 convolutions at 56 x 56, batch 8: 1.45 ms against 0.78 image by image);
-        image by image, one image's input stays in cache over the panels."""
+        input (``data_bytes``, every image) is past :data:`CONV_IMAGES_APART_BYTES` and
+        its ``weight`` stays in L2: flattened, each panel of output channels swept the
+        pixels of every image, reading the whole input once a panel from beyond L2
+        (MobileNetV3-small's 1 x 1 convolutions at 56 x 56, batch 8: 1.45 ms against 0.78
+        image by image); image by image, one image's input stays in cache over the
+        panels."""
         if keep or extents[0] == 1:
             return keep, extents
-        in_l2 = weight is not None and buffer_bytes(weight[0]) <= schedules.ROW_MAJOR_MAX_B_BYTES
-        if in_l2 and weight is not None and weight[1] > CONV_IMAGES_APART_BYTES:
+        in_l2 = weight is not None and buffer_bytes(weight) <= schedules.ROW_MAJOR_MAX_B_BYTES
+        if in_l2 and data_bytes > CONV_IMAGES_APART_BYTES:
             return 1, [1, *extents[1:]]
         if lead != 3:
             return keep, extents
@@ -672,7 +673,9 @@ def rules() -> dict[str, Any]:
             tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
             if len(sch.get(tail).iter_vars) != lead:
                 return None
-            keep, extents = images_apart(sch, tail, lead, keep, extents, weight=(weight.source, input_bytes(stmt, 0)))
+            keep, extents = images_apart(
+                sch, tail, lead, keep, extents, weight=weight.source, data_bytes=input_bytes(stmt, 0)
+            )
             flatten_pixels(sch, block, tail, lead, extents, keep)
             pixels = 1
             for extent in extents[: lead - 1]:
