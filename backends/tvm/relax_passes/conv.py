@@ -644,23 +644,13 @@ def rules() -> dict[str, Any]:
         shape = list(sch.get(block).writes[0].source.shape)
         if len(shape) != len(conv_shape) or len(shape) < 3:
             return False
-        wider = False
+        wider, analyzer = False, sym.Analyzer()
         for extent, conv_extent in zip(shape[1:-1], conv_shape[1:-1], strict=True):
             if isinstance(conv_extent, tirx.IntImm) and int(conv_extent) == 1:
                 wider |= not (isinstance(extent, tirx.IntImm) and int(extent) == 1)
-            elif not sym.Analyzer().can_prove_equal(extent, conv_extent):
+            elif not analyzer.can_prove_equal(extent, conv_extent):
                 return False
         return wider
-
-    def rows_parallel(sch: Any, block: Any, lanes: int) -> None:
-        """An elementwise ``block`` on its own: its outer loops one parallel loop, its
-        last (channels) vectorized in whole vectors where they divide it."""
-        *outer, inner = sch.get_loops(block)
-        extent = sch.get(inner).extent
-        if isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
-            sch.vectorize(sch.split(inner, [None, lanes])[1])
-        if outer:
-            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
     class ConvRule(base):  # type: ignore[misc, valid-type]
         """``Y[p..., f] += X[g(p..., r...), rc] * W[r..., rc, f]`` (+ epilogue): a
@@ -708,7 +698,7 @@ def rules() -> dict[str, Any]:
             if len(sch.get(tail).iter_vars) != lead:
                 return None
             if spread:
-                rows_parallel(sch, spread[-1], self.lanes)
+                schedules.rows_parallel(sch, spread[-1], self.lanes)
             keep, extents = images_apart(
                 sch, tail, lead, keep, extents, weight=weight.source, data_bytes=input_bytes(stmt, 0)
             )
@@ -763,10 +753,7 @@ def rules() -> dict[str, Any]:
             tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
             if len(sch.get(tail).iter_vars) != lead:
                 return None
-            sources = sorted(
-                (read.source for read in stmt.reads if not read.source.same_as(stmt.writes[0].source)),
-                key=buffer_bytes,
-            )
+            sources = sorted(operands(stmt), key=buffer_bytes)
             keep, extents = images_apart(
                 sch, tail, lead, keep, extents, weight=sources[0] if len(sources) > 1 else None,
                 data_bytes=input_bytes(stmt, 0),
@@ -839,8 +826,11 @@ def rules() -> dict[str, Any]:
     def input_bytes(stmt: Any, keep: int) -> int:
         """Bytes of the largest buffer a window reads, per image of a symbolic batch
         (``keep`` leading axes left out)."""
-        sources = [read.source for read in stmt.reads if not read.source.same_as(stmt.writes[0].source)]
-        return max((buffer_bytes(source, keep) for source in sources), default=0)
+        return max((buffer_bytes(source, keep) for source in operands(stmt)), default=0)
+
+    def operands(stmt: Any) -> list[Any]:
+        """The buffers a block reads, but the one it accumulates into."""
+        return [read.source for read in stmt.reads if not read.source.same_as(stmt.writes[0].source)]
 
     def inline_cheap_padding(
         sch: Any, producers: list[Any], extents: list[int], *, any_size: bool = True

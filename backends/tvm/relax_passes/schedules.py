@@ -236,6 +236,19 @@ def zero_pad(sch: Any, block: Any, pad: tuple[int, int]) -> bool:
     return True
 
 
+def rows_parallel(sch: Any, block: Any, lanes: int) -> None:
+    """A block's outer loops fused and parallel, its inner loop vectorized in whole
+    vectors of ``lanes`` where they divide its (static) extent."""
+    from tvm import tirx
+
+    *outer, inner = sch.get_loops(block)
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    extent = sch.get(inner).extent
+    if isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
+        sch.vectorize(sch.split(inner, [None, lanes])[1])
+
+
 def clamp_rows(sch: Any, copy: Any) -> bool:
     """Replace ``pad_einsum``'s zero-padded ``copy`` of a matmul input by reads of the
     input itself, its padded rows clamped to its last row, and inline it; False (the
@@ -739,17 +752,8 @@ def _rules() -> dict[str, Any]:
             sch.decompose_reduction(rf, loops[n_outer + 2])
             zero = sch.decompose_reduction(block, loops[0])
             for nest in [zero, *pad_copies, *[info.block_rv for info in epilogue[-1:]]]:
-                self._rows_parallel(sch, nest)
+                rows_parallel(sch, nest, self.lanes)
             return sch
-
-        def _rows_parallel(self, sch: Any, block: Any) -> None:
-            """A block's outer loops fused and parallel, its inner loop vectorized."""
-            *outer, inner = sch.get_loops(block)
-            if outer:
-                sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-            extent = (static_extents(sch, [inner]) or [0])[0]
-            if extent and extent % self.lanes == 0:
-                sch.vectorize(sch.split(inner, [None, self.lanes])[1])
 
         def _pad(self, sch: Any, infos: list[Any], block: Any, gemv: bool) -> list[Any]:
             """``infos`` once matmul ``block`` (B unpacked) is padded to whole register

@@ -539,18 +539,36 @@ def test_conv_weight_reused_by_many_pixel_tiles_is_not_prefetched(monkeypatch):
     assert "prefetch" not in compiled.executable.mod.imports[0].inspect_source("asm")
 
 
-@pytest.mark.parametrize(("limit", "apart"), [(1 << 20, False), (32 << 10, True)])
-def test_a_large_batch_input_is_convolved_image_by_image(monkeypatch, limit, apart):
-    # 4 images of 16 x 16 x 16 (64 KiB), a 1 x 1 weight in L2: past the limit the images
-    # stay apart (one image's input in cache over the panels), as under a symbolic batch;
-    # flattened, every panel swept the pixels of all images (MobileNetV3-small at batch
-    # 8: 1.45 ms against 0.78 ms for one 56 x 56 layer).
-    monkeypatch.setattr(conv, "CONV_IMAGES_APART_BYTES", limit)
-    script = _scheduled("conv", 16, (1, 1, 16, 32), 1, 1, images=4)
-    accumulator = "T.sblock_alloc_buffer((T.int64(4), T.int64(256), T.int64(32))"
-    flattened = "T.sblock_alloc_buffer((T.int64(1024), T.int64(32))"
-    assert (accumulator in script, flattened in script) == (apart, not apart), script
-    compiled, error = _run(conv_model([4, 16, 16, 16], 32, 1), [4, 16, 16, 16])
+IMAGES_APART = [
+    # 4 images of 16 x 16 x 16 (64 KiB), a 1 x 1 weight in L2: flattened, every panel
+    # swept the pixels of all images (MobileNetV3-small at batch 8: 1.45 ms against 0.78
+    # ms for one 56 x 56 layer).
+    pytest.param("conv", 16, (1, 1, 16, 32), 1, 32 << 10, (4, 256, 32), (1024, 32), id="conv-1x1"),
+    # 4 images of 7 x 7 x 64, a 5 x 5 depthwise window (EfficientNet's last stage): its
+    # tiles of 4 pixels span image rows (no tile divides 7); the padded input of every
+    # image, 124 KiB here, 4.4 MiB at batch 8 there (EfficientNet-B0 at batch 8, two
+    # threads: the model 11% faster image by image).
+    pytest.param("window", 7, (5, 5, 1, 64), 64, 64 << 10, (4, 49, 64), (196, 64), id="depthwise-5x5"),
+]
+
+
+@pytest.mark.parametrize("apart", [False, True])
+@pytest.mark.parametrize(("rule", "size", "weight", "groups", "limit", "accumulator", "flattened"), IMAGES_APART)
+def test_a_large_batch_input_is_convolved_image_by_image(
+    monkeypatch, rule, size, weight, groups, limit, accumulator, flattened, apart
+):
+    # Past the limit the images stay apart (one image's input in cache over the panels
+    # or tiles), as under a symbolic batch; under it, the pixels of all images are one axis.
+    monkeypatch.setattr(conv, "CONV_IMAGES_APART_BYTES", limit if apart else 1 << 20)
+    script = _scheduled(rule, size, weight, 1, groups, images=4)
+
+    def allocated(extents: tuple[int, ...]) -> bool:
+        return "T.sblock_alloc_buffer((" + ", ".join(f"T.int64({e})" for e in extents) + ")" in script
+
+    assert (allocated(accumulator), allocated(flattened)) == (apart, not apart), script
+    kernel, channels, out = weight[0], weight[2] * groups, weight[3]
+    model = conv_model([4, channels, size, size], out, kernel, 1, kernel // 2, groups)
+    compiled, error = _run(model, [4, channels, size, size])
     assert error < TOLERANCE.rtol
 
 
@@ -611,20 +629,3 @@ def test_excitation_gate_is_computed_once_per_channel_and_agrees(batch):
     assert f"T.sblock_alloc_buffer((T.int64({batch}), T.int64(1), T.int64(1), T.int64(48)))" in text, text
     product = [line for line in text.splitlines() if "T_multiply" in line and " = " in line and "[v" in line]
     assert product and not any("sigmoid" in line or "exp" in line or "tanh" in line for line in product), text
-
-
-@pytest.mark.parametrize(("limit", "apart"), [(1 << 20, False), (64 << 10, True)])
-def test_a_large_batch_input_is_windowed_image_by_image(monkeypatch, limit, apart):
-    # 4 images of 7 x 7 x 64, a 5 x 5 depthwise window (EfficientNet's last stage): its
-    # tiles of 4 pixels span image rows (no tile divides 7). Past the limit (the padded
-    # input of every image, 124 KiB here, 4.4 MiB at batch 8 there), the images stay
-    # apart: one image's input stays in cache over its 13 tiles (EfficientNet-B0 at
-    # batch 8, two threads: the model 11% faster).
-    monkeypatch.setattr(conv, "CONV_IMAGES_APART_BYTES", limit)
-    script = _scheduled("window", 7, (5, 5, 1, 64), 1, 64, images=4)
-    accumulator = "T.int64(4), T.int64(49), T.int64(64)"
-    flattened = "T.int64(196), T.int64(64)"
-    assert (accumulator in script, flattened in script) == (apart, not apart), script
-    model = conv_model([4, 64, 7, 7], 64, 5, 1, 2, 64)
-    compiled, error = _run(model, [4, 64, 7, 7])
-    assert error < TOLERANCE.rtol
