@@ -575,11 +575,28 @@ def rules() -> dict[str, Any]:
             sch.parallel(rows if rows is not None else sch.get_loops(block)[0])
 
     def tile(
-        sch: Any, block: Any, tail: Any, pixels: Any, limit: int, tile_j: int, unroll_k: bool, keep: int
-    ) -> None:
+        sch: Any,
+        block: Any,
+        tail: Any,
+        pixels: Any,
+        limit: int,
+        tile_j: int,
+        unroll_k: bool,
+        keep: int,
+        pixel_floats: int = 0,
+    ) -> Any:
         """The register tile: ``tile_i`` pixels (at most ``limit``) x ``tile_j`` channels
         accumulated in registers over the reduction loops, ``tail`` (the epilogue, or a
-        copy out) run on each finished tile.
+        copy out) run on each finished tile. Returns the pixels per block (below).
+
+        Loops, outside in, as the matmul rule's: blocks of pixels whose input
+        (``pixel_floats`` floats per output pixel) fits half of L2
+        (:func:`.schedules.row_block`), panels of output channels, pixel tiles. So a
+        block's input stays in cache over the panels, and each thread of the parallel
+        loop reads the pixels of a contiguous share of the images, the share its producer
+        wrote. Panels outside every pixel (one block) read the whole input once a panel:
+        CLIP's 32 x 32 patch embedding at batch 8 (4.8 MB of input, a 3 MB weight) ran
+        in 2.2 ms on two threads after its producer, against 1.8 ms in blocks of 56 pixels.
 
         ``tile_i`` divides ``pixels`` where a divisor of at least half of ``limit`` does;
         else (169 = 13 x 13 pixels) it is ``limit`` and the last tile is partial: its
@@ -605,14 +622,21 @@ def rules() -> dict[str, Any]:
             tile_i = schedules.stack_rows(pixels, limit, tile_j) or tile_i
         loops = sch.get_loops(block)
         outer, (pixel, channel), reduction = loops[:keep], loops[keep : keep + 2], loops[keep + 2 :]
-        po, pi = sch.split(pixel, [None, tile_i])
+        per_block = pixels
+        if not ragged and not run_time and pixel_floats:
+            per_block = schedules.row_block(pixels, pixel_floats, tile_i)
+        if per_block != pixels:
+            pb, po, pi = sch.split(pixel, [None, per_block // tile_i, tile_i])
+            outer = [*outer, pb]
+        else:
+            po, pi = sch.split(pixel, [None, tile_i])
         co, ci = sch.split(channel, [None, tile_j])
         inner = list(reduction)
         if unroll_k:
             extent = int(sch.get(inner[-1]).extent)
             if extent % K_UNROLL == 0 and extent > K_UNROLL:
                 inner[-1:] = sch.split(inner[-1], [None, K_UNROLL])
-        sch.reorder(co, po, *inner, pi, ci)
+        sch.reorder(*outer[keep:], co, po, *inner, pi, ci)
         sch.reverse_compute_at(tail, po)
         sch.set_scope(block, 0, schedules.tile_scope(tile_i, tile_j))
         sch.vectorize(ci)
@@ -632,6 +656,7 @@ def rules() -> dict[str, Any]:
         else:
             sch.parallel(sch.fuse(*outer, co, po))
         sch.decompose_reduction(block, inner[0])
+        return per_block
 
     def spreads(sch: Any, block: Any, stmt: Any) -> bool:
         """Whether the epilogue's ``block`` writes more pixels than the convolution
@@ -706,7 +731,10 @@ def rules() -> dict[str, Any]:
             pixels = 1
             for extent in extents[: lead - 1]:
                 pixels *= extent
-            tile(sch, block, tail, pixels, schedules.tile_rows(tile_j, self.lanes), tile_j, True, keep)
+            # The input floats per output pixel (an image's, a static batch flattened).
+            pixel_floats = buffer_bytes(data.source, keep) // 4 // pixels if isinstance(pixels, int) else 0
+            limit = schedules.tile_rows(tile_j, self.lanes)
+            per_block = tile(sch, block, tail, pixels, limit, tile_j, True, keep, pixel_floats)
             # Each input element is read once per output-channel tile.
             reads = [*extents[: lead - 1], extents[lead - 1] // tile_j, *extents[lead:]]
             producers = inline_plain_copies(sch, producers)
@@ -717,7 +745,7 @@ def rules() -> dict[str, Any]:
             if extents[-1] < self.lanes:
                 producers = inline_cheap_padding(sch, producers, reads, any_size=False)
             finish_producers(sch, producers, self.lanes)
-            return prefetch_streamed_weight(sch, block, pixels) if packed is not None else sch
+            return prefetch_streamed_weight(sch, block, per_block) if packed is not None else sch
 
     class WindowRule(base):  # type: ignore[misc, valid-type]
         """``Y[p..., c] = reduce_r X[g(p..., r...), c + ...] (* W[r..., c])`` (+ epilogue):
@@ -787,8 +815,8 @@ def rules() -> dict[str, Any]:
     def prefetch_streamed_weight(sch: Any, block: Any, pixels: Any) -> Any:
         """``sch`` with the next weight panel prefetched in the micro-kernel
         (:func:`.schedules.prefetch_next_panel`) where the packed weight is streamed from
-        memory (:func:`.schedules.streams_weight`: a large weight, few tiles of
-        ``pixels``; ResNet-18's last stage at batch 1: 7 x 7 pixels, a 9 MiB 3 x 3 x 512
+        memory (:func:`.schedules.streams_weight`: a large weight, few tiles of the
+        ``pixels`` of a block; ResNet-18's last stage at batch 1: 7 x 7 pixels, a 9 MiB 3 x 3 x 512
         x 512 weight), as the matmul rule does. Only where the panels and pixel tiles are one
         parallel loop (:func:`tile`: static, whole tiles)."""
         loops = [sch.get(loop) for loop in sch.get_loops(block)]  # (panels, tiles), reduction..., tile
@@ -802,7 +830,8 @@ def rules() -> dict[str, Any]:
         tiles = pixels // tile_i
         if not schedules.streams_weight(buffer_bytes(weight), tile_i, tiles) or loops[0].kind != tirx.ForKind.PARALLEL:
             return sch
-        # The parallel loop fuses (images of a symbolic batch,) panels and pixel tiles.
+        # The parallel loop fuses (images of a symbolic batch, pixel blocks,) panels and
+        # the pixel tiles of a block.
         panels = int(weight.shape[0])
         if not sym.Analyzer().can_prove(tirx.floormod(loops[0].extent, tiles * panels) == 0):
             return sch

@@ -12,7 +12,7 @@ loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
   floats, 16 of AVX-512's 32 registers): for each ``k`` (unrolled by
   :data:`K_UNROLL`) it broadcasts ``tile_i`` values of A and multiplies-adds them
   with ``tile_j / lanes`` vectors of B (``vfmadd231ps`` on zmm). Loops, outside in:
-  batch, row blocks of A sized for L2 (:func:`_row_block`), panels of B, row tiles,
+  batch, row blocks of A sized for L2 (:func:`row_block`), panels of B, row tiles,
   ``k``, the tile. So a ``K x tile_j`` panel of B stays in L1/L2 while the row tiles
   stream past it; the packed panel is one contiguous stream. The epilogue (bias,
   GELU, residual add) runs on each finished tile and writes the output once (a tile
@@ -337,8 +337,10 @@ def prefetch_next_panel(
     3072), each panel is read from memory by the first row tile, at its pace, and from
     cache by the others: the matmul ran at 3.7 GB/s of weight, 90 GFLOP/s, as ONNX
     Runtime's does. Each iteration of the ``k`` loop now also prefetches
-    (``llvm.prefetch``) lines of the next panel, spread evenly over all row tiles, so the
-    memory stream overlaps the whole panel's arithmetic: 0.95 -> 0.69x ONNX Runtime's
+    (``llvm.prefetch``) lines of the next panel, spread evenly over all row tiles (where
+    the iterations outnumber the panel's lines, a line every few iterations: a line each
+    iteration ran 3.5 panels ahead, and CLIP's patch embedding took 5.5 ms at batch 8
+    against 4.1), so the memory stream overlaps the whole panel's arithmetic: 0.95 -> 0.69x ONNX Runtime's
     time after a 64 MiB sweep of the cache, 1.00 -> 0.77x in cache (one thread). One row
     (a GEMV) is left to the hardware's stream prefetcher: there the prefetches doubled
     the loads (0.92 -> 1.03x). The panels are contiguous; after the last comes the first
@@ -350,10 +352,10 @@ def prefetch_next_panel(
     panels, depth, width = (int(extent) for extent in weight.shape)
     tiles, steps = counts
     line = 64 // ((tvm_ffi.dtype(str(weight.dtype)).bits + 7) // 8)  # elements per cache line
-    per_iteration = max(1, width * steps // (line * tiles))
+    per_iteration, stride = prefetch_spacing(width * steps, line, tiles)
     size = panels * depth * width
     following = tirx.floormod(panel + 1, panels) * (depth * width)
-    lines = position * per_iteration
+    lines = position * per_iteration if stride == 1 else tirx.floordiv(position, stride)
 
     def prefetches() -> list[Any]:
         out = []
@@ -363,7 +365,9 @@ def prefetch_next_panel(
             address = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(weight, [*index, tirx.floormod(flat, width)]))
             locality = [tirx.const(value, "int32") for value in (0, PREFETCH_LOCALITY, 1)]  # read, locality, data
             out.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *locality)))
-        return out
+        if stride == 1:
+            return out
+        return [tirx.IfThenElse(tirx.floormod(position, stride) == 0, out[0], None)]
 
     def with_prefetches(loop: Any) -> Any:
         if not loop.loop_var.same_as(at.loop_var):
@@ -373,6 +377,22 @@ def prefetch_next_panel(
 
     func = sch.mod["main"]
     return s_tir.Schedule(func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, with_prefetches)], order="post")))
+
+
+def prefetch_spacing(elements: int, line: int, tiles: int) -> tuple[int, int]:
+    """``(lines, every)``: each ``every``-th iteration of the ``k`` loop prefetches that
+    many cache lines (``line`` elements each) of the next panel, where each of ``tiles``
+    row tiles runs the loop over the panel, ``elements`` of it an iteration. So the
+    prefetches cover at most the next panel, and at least half of it.
+
+    >>> prefetch_spacing(128, 16, 3), prefetch_spacing(128, 16, 8), prefetch_spacing(32, 16, 7)
+    ((2, 1), (1, 1), (1, 4))
+
+    More iterations than lines (7 tiles, CLIP's patch embedding, whose reduction loop over
+    3 channels takes no :data:`K_UNROLL` steps) prefetch a line every few iterations."""
+    if elements >= line * tiles:
+        return elements // (line * tiles), 1
+    return 1, -(-line * tiles // elements)
 
 
 def row_iterator(block: Any) -> int:
@@ -443,8 +463,10 @@ def tile_rows(tile_j: int, lanes: int) -> int:
     return min(MAX_TILE_ROWS, max(accumulators * lanes // tile_j, 1))
 
 
-def _row_block(rows: int, depth: int, tile_i: int) -> int:
-    """Rows of A per block: all of them if ``rows x depth`` floats fit ROW_BLOCK_BYTES."""
+def row_block(rows: int, depth: int, tile_i: int) -> int:
+    """Rows of A per block (a multiple of ``tile_i`` that divides ``rows``): all of them
+    if ``rows x depth`` floats fit ROW_BLOCK_BYTES (a convolution's rows are its output
+    pixels, ``depth`` the input floats per pixel)."""
     limit = max(ROW_BLOCK_BYTES // (4 * depth), tile_i)
     return _largest_divisor(rows, limit, tile_i) or tile_i
 
@@ -452,7 +474,7 @@ def _row_block(rows: int, depth: int, tile_i: int) -> int:
 def k_block(rows: int, depth: int, cols: int) -> int:
     """Depth of the blocks the matmul's ``k`` loop is cut into, or 0 to keep it whole.
 
-    The row blocks of A (:func:`_row_block`) hold whole rows, ``depth`` floats each, in
+    The row blocks of A (:func:`row_block`) hold whole rows, ``depth`` floats each, in
     half of L2: at a large depth they are short, and B, when it does not fit in L2
     either, is read from memory once per row block (ViT-B/16's 3072 x 768 MLP weight:
     1.2-1.3x ONNX Runtime's time). Cut into blocks of at most :data:`K_CHUNK` (a divisor
@@ -607,8 +629,8 @@ def _rules() -> dict[str, Any]:
             if depth % K_UNROLL == 0 and depth > K_UNROLL:
                 k_loops = list(sch.split(k, [None, K_UNROLL]))
             if rows:
-                row_block = _row_block(rows, depth, tile_i) if depth else tile_i
-                mc, mo, mi = sch.split(i, [None, row_block // tile_i, tile_i])
+                rows_per_block = row_block(rows, depth, tile_i) if depth else tile_i
+                mc, mo, mi = sch.split(i, [None, rows_per_block // tile_i, tile_i])
                 outer = [*batch, mc, jo]
             else:
                 # Symbolic rows, padded to whole tiles: no row of the micro-kernel is

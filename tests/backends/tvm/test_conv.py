@@ -531,6 +531,35 @@ def test_streamed_conv_weight_is_prefetched_and_agrees(monkeypatch, symbolic):
         assert np.abs(got - reference).max() / np.abs(reference).max() < TOLERANCE.rtol
 
 
+def test_prefetches_spread_over_more_iterations_than_lines_stay_in_the_next_panel(monkeypatch):
+    # An 8 x 8 patch embedding over 3 channels (CLIP's is 32 x 32): its reduction loop
+    # takes no K_UNROLL steps, so 7 tiles of 7 pixels run 7 x 192 iterations over a panel
+    # of 192 x 32 floats (384 lines). A line each iteration ran 3.5 panels ahead (CLIP at
+    # batch 8: 5.5 ms against 4.1); now every 4th iteration prefetches one.
+    monkeypatch.setattr(schedules, "PREFETCH_MIN_BYTES", 8 * 8 * 3 * 64 * 4)
+    model = conv_model([1, 3, 56, 56], 64, 8, 8)
+    script = _scheduled_function(model, "conv")
+    assert script.count("llvm.prefetch") == 1, script
+    guard = script.split("llvm.prefetch")[0].rsplit("if ", 1)[1]
+    assert guard.startswith("(") and "% T.int64(4) == T.int64(0)" in guard, script
+    compiled, error = _run(model, [1, 3, 56, 56])
+    assert error < TOLERANCE.rtol
+    assert "prefetcht0" in compiled.executable.mod.imports[0].inspect_source("asm")
+
+
+@pytest.mark.parametrize("tiles", [1, 3, 7, 8, 10])
+@pytest.mark.parametrize("elements", [16, 32, 128])
+def test_prefetches_cover_at_most_the_next_panel_and_at_least_half(tiles, elements):
+    # Each of `tiles` row tiles runs the k loop over the panel, `elements` of it (16 a
+    # line) an iteration: the iterations' prefetched lines, together, stay within the
+    # next panel and cover at least half of it.
+    iterations = 48
+    lines, every = schedules.prefetch_spacing(elements, 16, tiles)
+    covered = -(-tiles * iterations // every) * lines
+    panel = iterations * elements // 16
+    assert panel // 2 <= covered <= panel
+
+
 def test_conv_weight_reused_by_many_pixel_tiles_is_not_prefetched(monkeypatch):
     # The same weight over 14 x 14 pixels: 28 tiles reuse each panel from cache.
     monkeypatch.setattr(schedules, "PREFETCH_MIN_BYTES", 3 * 3 * 64 * 64 * 4)
@@ -572,6 +601,55 @@ def test_a_large_batch_input_is_convolved_image_by_image(
     assert error < TOLERANCE.rtol
 
 
+@pytest.mark.parametrize("blocked", [False, True])
+def test_pixels_past_half_of_l2_are_convolved_in_blocks(monkeypatch, blocked):
+    # Two images of 4 x 4 patches (8 x 8 x 3: 192 input floats a pixel), two panels of 32
+    # output channels. Past ROW_BLOCK_BYTES (16 pixels' input here), blocks of pixels come
+    # outside the panels, as the matmul's row blocks do: the first half of the parallel
+    # loop (a thread's share) convolves the first image, the one its producer's first
+    # share wrote, its input in cache over both panels. Panels outside, each half read
+    # every image (CLIP's patch embedding at batch 8, two threads: 2.2 ms against 1.8).
+    monkeypatch.setattr(schedules, "ROW_BLOCK_BYTES", 16 * 192 * 4 if blocked else 1 << 20)
+    model = conv_model([2, 3, 32, 32], 64, 8, 8)
+    first = _parallel_first_pixels(_scheduled_primfunc(model, "conv"))
+    assert len(first) == 8
+    assert first[:4] == ([0, 8, 0, 8] if blocked else [0, 8, 16, 24]), first
+    compiled, error = _run(model, [2, 3, 32, 32])
+    assert error < TOLERANCE.rtol
+
+
+def _parallel_first_pixels(func: object) -> list[int]:
+    """The first pixel that each iteration of ``func``'s parallel loop convolves."""
+    import tvm_ffi
+    from tvm import s_tir, sym, tirx
+
+    found: dict[str, object] = {}
+
+    def loop(node: object, visitor: object) -> None:
+        if node.kind == tirx.ForKind.PARALLEL:  # type: ignore[attr-defined]
+            found.setdefault("loop", node)
+        visitor.default_visit(node)  # type: ignore[attr-defined]
+
+    def realize(node: object, visitor: object) -> None:
+        if node.block.name_hint.endswith("_update"):  # type: ignore[attr-defined]
+            found["pixel"] = node.iter_values[0]  # type: ignore[attr-defined]
+        visitor.default_visit(node)  # type: ignore[attr-defined]
+
+    tvm_ffi.structural_visit(func.body, [(tirx.For, loop), (s_tir.SBlockRealize, realize)])  # type: ignore[attr-defined]
+    parallel, pixel = found["loop"], found["pixel"]
+    analyzer = sym.Analyzer()
+
+    def at(iteration: int) -> int:
+        # The other loops at 0: the tile's first pixel.
+        value = tvm_ffi.structural_map(
+            pixel,
+            [(tirx.Var, lambda var: tirx.const(iteration if var.same_as(parallel.loop_var) else 0, "int64"))],  # type: ignore[attr-defined]
+        )
+        return int(analyzer.simplify(value))
+
+    return [at(i) for i in range(int(parallel.extent))]  # type: ignore[attr-defined]
+
+
 def excitation_gate(channels: int = 48, size: int = 14, batch: int = 2) -> onnx.ModelProto:
     """EfficientNet's squeeze-excitation gate after a convolution: ``f = Conv3x3(x)``,
     ``f * Sigmoid(Conv1x1(Relu(Conv1x1(GlobalAveragePool(f)))))``: the last convolution's
@@ -596,8 +674,8 @@ def excitation_gate(channels: int = 48, size: int = 14, batch: int = 2) -> onnx.
     return _model(nodes, [batch, channels, size, size], inits)
 
 
-def _scheduled_function(model: onnx.ModelProto, name: str) -> str:
-    """TVMScript of the scheduled PrimFunc of ``model`` whose name contains ``name``."""
+def _scheduled_primfunc(model: onnx.ModelProto, name: str) -> object:
+    """The scheduled PrimFunc of ``model`` whose name contains ``name``."""
     import tvm
 
     from rewriter.backends.tvm import import_onnx, pipeline, targets
@@ -605,13 +683,18 @@ def _scheduled_function(model: onnx.ModelProto, name: str) -> str:
     target = targets.resolve("avx512")
     mod = import_onnx.import_onnx(import_onnx.prepare(model), target=target)
     scheduled = pipeline.relax_pipeline(target)(mod)
-    texts = [
-        str(func.script())
+    funcs = [
+        func
         for var, func in scheduled.functions.items()
         if isinstance(func, tvm.tirx.PrimFunc) and name in var.name_hint
     ]
-    assert len(texts) == 1, [var.name_hint for var in scheduled.functions]
-    return texts[0]
+    assert len(funcs) == 1, [var.name_hint for var in scheduled.functions]
+    return funcs[0]
+
+
+def _scheduled_function(model: onnx.ModelProto, name: str) -> str:
+    """TVMScript of the scheduled PrimFunc of ``model`` whose name contains ``name``."""
+    return str(_scheduled_primfunc(model, name).script())  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
