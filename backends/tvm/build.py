@@ -379,6 +379,8 @@ def compile(
         inputs, outputs = torch_import.signature(model)
         source: Any = model
     else:
+        if dims:  # a name that matches no axis would be ignored: the library left symbolic
+            verify.check_dims(input_shapes(model), dims, option="dims")
         if max_dims:
             bounds = verify.check_max_dims(input_shapes(model), max_dims, dims)
         source = onnx_import.prepare(model, dims=dims, gpu=targets.is_gpu(target))

@@ -152,6 +152,15 @@ def test_bad_bounds_are_input_errors(max_dims, dims, message):
         backend.compile(conv_net(), "avx512", dims=dims, max_dims=max_dims)
 
 
+@pytest.mark.parametrize("dims", [{"batch_size": 2}, {"x.1": 2}])
+def test_dims_naming_no_symbolic_axis_are_input_errors(dims):
+    # Ignored, they left the library symbolic (a `batch_size` for an axis named `batch`):
+    # the Python API refuses them as the CLI's --dim does.
+    key = next(iter(dims))
+    with pytest.raises(InputError, match=rf"dims {key}: the model has no symbolic input axis.*batch \(x\[0\]\)"):
+        backend.compile(conv_net(), "avx512", dims=dims)
+
+
 def test_an_unnamed_axis_cannot_be_bounded():
     model = conv_net(batch="")
     with pytest.raises(InputError, match="axis 0 of input 'x' has no name"):
