@@ -379,10 +379,11 @@ def compile(
         inputs, outputs = torch_import.signature(model)
         source: Any = model
     else:
+        shapes = input_shapes(model) if dims or max_dims else {}
         if dims:  # a name that matches no axis would be ignored: the library left symbolic
-            verify.check_dims(input_shapes(model), dims, option="dims")
+            verify.check_dims(shapes, dims, option="dims")
         if max_dims:
-            bounds = verify.check_max_dims(input_shapes(model), max_dims, dims)
+            bounds = verify.check_max_dims(shapes, max_dims, dims)
         source = onnx_import.prepare(model, dims=dims, gpu=targets.is_gpu(target))
         inputs = onnx_import.input_signature(source)
         outputs = [output.name for output in source.graph.output]

@@ -628,10 +628,11 @@ def rules() -> dict[str, Any]:
         loops = sch.get_loops(block)
         outer, (pixel, channel), reduction = loops[:keep], loops[keep : keep + 2], loops[keep + 2 :]
         per_block = pixels
-        if not ragged and not run_time and weight_in_l2:
-            per_block = tile_i
-        elif not ragged and not run_time and pixel_floats:
-            per_block = schedules.row_block(pixels, pixel_floats, tile_i)
+        if not (ragged or run_time):  # static whole tiles: blocks of them (docstring)
+            if weight_in_l2:
+                per_block = tile_i
+            elif pixel_floats:
+                per_block = schedules.row_block(pixels, pixel_floats, tile_i)
         if per_block != pixels:
             pb, po, pi = sch.split(pixel, [None, per_block // tile_i, tile_i])
             outer = [*outer, pb]
@@ -827,8 +828,8 @@ def rules() -> dict[str, Any]:
         """``sch`` with the next weight panel prefetched in the micro-kernel
         (:func:`.schedules.prefetch_next_panel`) where the packed weight is streamed from
         memory (:func:`.schedules.streams_weight`: a large weight, few tiles of the
-        ``pixels`` of a block; ResNet-18's last stage at batch 1: 7 x 7 pixels, a 9 MiB 3 x 3 x 512
-        x 512 weight), as the matmul rule does. Only where the panels and pixel tiles are one
+        ``pixels`` of a block; ResNet-18's last stage at batch 1: 7 x 7 pixels, a 9 MiB
+        3 x 3 x 512 x 512 weight), as the matmul rule does. Only where the panels and pixel tiles are one
         parallel loop (:func:`tile`: static, whole tiles)."""
         loops = [sch.get(loop) for loop in sch.get_loops(block)]  # (panels, tiles), reduction..., tile
         weight = sch.get(block).reads[-1].source  # the update reads Y, X, W

@@ -340,12 +340,13 @@ def prefetch_next_panel(
     (``llvm.prefetch``) lines of the next panel, spread evenly over all row tiles (where
     the iterations outnumber the panel's lines, a line every few iterations: a line each
     iteration ran 3.5 panels ahead, and CLIP's patch embedding took 5.5 ms at batch 8
-    against 4.1), so the memory stream overlaps the whole panel's arithmetic: 0.95 -> 0.69x ONNX Runtime's
-    time after a 64 MiB sweep of the cache, 1.00 -> 0.77x in cache (one thread). One row
-    (a GEMV) is left to the hardware's stream prefetcher: there the prefetches doubled
-    the loads (0.92 -> 1.03x). The panels are contiguous; after the last comes the first
-    (of the next batch or row block). No schedule primitive inserts a statement: the
-    function is rebuilt with the prefetches, and a new schedule returned."""
+    against 4.1), so the memory stream overlaps the whole panel's arithmetic: 0.95 ->
+    0.69x ONNX Runtime's time after a 64 MiB sweep of the cache, 1.00 -> 0.77x in cache
+    (one thread). One row (a GEMV) is left to the hardware's stream prefetcher: there
+    the prefetches doubled the loads (0.92 -> 1.03x). The panels are contiguous; after
+    the last comes the first (of the next batch or row block). No schedule primitive
+    inserts a statement: the function is rebuilt with the prefetches, and a new schedule
+    returned."""
     import tvm_ffi
     from tvm import s_tir, tirx
 
