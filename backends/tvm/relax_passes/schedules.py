@@ -75,11 +75,13 @@ PREFETCH_MIN_BYTES = 1 << 20
 PREFETCH_MAX_TILES = 10
 PREFETCH_MIN_ROWS = 4
 PREFETCH_LOCALITY = 3
-# A matmul whose product (per batch iteration) is at least ROW_MAJOR_MIN_OUTPUT_BYTES
-# and whose B is at most ROW_MAJOR_MAX_B_BYTES (half of AMD Zen 4's 1 MiB L2) sweeps all of
-# B's panels per row tile, so that C is written row by row (:func:`rows_outside`).
+# A matmul whose B is at most ROW_MAJOR_MAX_B_BYTES (half of AMD Zen 4's 1 MiB L2) sweeps
+# all of B's panels per row tile, so that C is written row by row, where its product (per
+# batch iteration) is at least ROW_MAJOR_MIN_OUTPUT_BYTES, or where its static shape gives
+# the parallel loop at least ROW_MAJOR_MIN_TILES row tiles (:func:`rows_outside`).
 ROW_MAJOR_MIN_OUTPUT_BYTES = 1 << 20
 ROW_MAJOR_MAX_B_BYTES = 1 << 19
+ROW_MAJOR_MIN_TILES = 8
 # Rows under which a matmul with a packed weight (the same for every batch iteration)
 # takes the static batch loops next to its rows as rows too (``_shared_rows``).
 MIN_PANEL_ROWS = 64
@@ -289,10 +291,12 @@ def clamp_rows(sch: Any, copy: Any) -> bool:
     return True
 
 
-def rows_outside(rows: int, depth: int, cols: int) -> bool:
+def rows_outside(rows: int, depth: int, cols: int, row_tiles: int | None = None) -> bool:
     """Whether a ``rows x depth x cols`` float32 matmul (per batch iteration) runs its
     row tiles outside its panels of B: each row tile sweeps every panel, and C is
-    written row by row, where it is past L2 and B is small enough to stay there.
+    written row by row, where B is small enough to stay in L2 and either C is past L2
+    or ``row_tiles`` (the row tiles of every batch iteration, where the batch is static)
+    give the threads enough to split.
 
     The panels-outside order keeps a ``depth x tile_j`` panel in L1 while every row
     tile streams past it, but writes C in column strips ``tile_j`` floats wide: past
@@ -300,12 +304,21 @@ def rows_outside(rows: int, depth: int, cols: int) -> bool:
     strip is partial cache lines spread over every row, written back to memory before
     the next strip fills them. That kernel (4 heads) ran at 1.33x ONNX Runtime's time and
     at 0.73x with the rows outside; where B is past L2 (197 x 768 x 768) the sweep costs
-    1.3x.
+    1.3x. Under L2 the row order still keeps a row tile of A in L1 over the panels, and
+    the threads split rows, the rows their producer wrote, instead of panels: the
+    attention and MLP matmuls of ViT and BART at batch 8 ran 3-8% faster. A symbolic
+    batch keeps the panels outside: its loop stays serial around the parallel row tiles
+    (:class:`RegisterTiledMatmul`), and Swin's 49-row windows ran 1.5-3.5x longer on two
+    threads, one fork per window.
 
     >>> rows_outside(1500, 64, 1500), rows_outside(197, 64, 197), rows_outside(1576, 768, 2304)
     (True, False, False)
+    >>> rows_outside(197, 64, 197, row_tiles=12 * 33), rows_outside(1, 768, 100, row_tiles=1)
+    (True, False)
     """
-    return rows * cols * 4 >= ROW_MAJOR_MIN_OUTPUT_BYTES and depth * cols * 4 <= ROW_MAJOR_MAX_B_BYTES
+    if depth * cols * 4 > ROW_MAJOR_MAX_B_BYTES:
+        return False
+    return rows * cols * 4 >= ROW_MAJOR_MIN_OUTPUT_BYTES or (row_tiles or 0) >= ROW_MAJOR_MIN_TILES
 
 
 def streams_weight(weight_bytes: int, tile_rows: int, tiles: int) -> bool:
@@ -641,12 +654,17 @@ def _rules() -> dict[str, Any]:
                 outer = [*batch, jo]
             # Panels of B outside, rows of A inside: a K x tile_j panel of B stays in
             # cache while every row tile of the row block streams past it (the other way
-            # round where C is past L2 and all of B fits there: rows_outside).
+            # round where all of B fits L2 and C is past it, or the threads get row tiles
+            # to split: rows_outside).
             scope = tile_scope(tile_i, tile_j)
             if ko is not None:
                 sch.reorder(ko, *outer, mo, *k_loops, mi, ji)
                 return self._k_blocked(sch, block, len(outer), len(k_loops), epilogue, pad_copies, scope)
-            swept = bool(rows and cols and depth) and rows_outside(rows, depth, cols)
+            static_batch = static_extents(sch, batch)
+            row_tiles = None
+            if rows and static_batch is not None:
+                row_tiles = math.prod(static_batch) * -(-rows // tile_i)
+            swept = bool(rows and cols and depth) and rows_outside(rows, depth, cols, row_tiles)
             if swept:  # row tiles outside, every panel swept per row tile
                 outer = [*batch, mc, mo]
                 sch.reorder(*outer, jo, *k_loops, mi, ji)
@@ -675,7 +693,7 @@ def _rules() -> dict[str, Any]:
                 # element in the epilogue's bounds check (LLVM cannot hoist a division
                 # out of a branch): the attention scores ran at 8x the fixed-size time.
                 sch.parallel(sch.fuse(*batch) if len(batch) > 1 else batch[0])
-            elif swept and static_extents(sch, batch) is None:
+            elif swept and static_batch is None:
                 # A symbolic batch stays a serial loop outside: fused with it, the row
                 # tiles' index let the register tile's buffer grow to 51 KB (ConvNeXt's
                 # 3136 x 384 x 96 MLP, 2.2x its time under a fixed batch).
