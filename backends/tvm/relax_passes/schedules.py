@@ -661,9 +661,10 @@ def _rules() -> dict[str, Any]:
                 sch.reorder(ko, *outer, mo, *k_loops, mi, ji)
                 return self._k_blocked(sch, block, len(outer), len(k_loops), epilogue, pad_copies, scope)
             static_batch = static_extents(sch, batch)
+            tiles = -(-rows // tile_i) if rows else 0
             row_tiles = None
             if rows and static_batch is not None:
-                row_tiles = math.prod(static_batch) * -(-rows // tile_i)
+                row_tiles = math.prod(static_batch) * tiles
             swept = bool(rows and cols and depth) and rows_outside(rows, depth, cols, row_tiles)
             if swept:  # row tiles outside, every panel swept per row tile
                 outer = [*batch, mc, mo]
@@ -712,7 +713,6 @@ def _rules() -> dict[str, Any]:
                     sch.vectorize(inner)
                 elif dividing_tile(sch.get(inner).extent, self.lanes, self.lanes):
                     sch.vectorize(sch.split(inner, [None, self.lanes])[1])  # padded columns
-            tiles = -(-rows // tile_i) if rows else 0
             if packed and not swept and streams_weight(depth * cols * 4, tile_i, tiles):
                 # The update's loops: parallel (..., panels), row tiles, k (and its
                 # unrolled steps), the tile; it reads C, A, B.
