@@ -38,7 +38,9 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    of symbolic size are shared between tensors whose lifetimes do not overlap, where
    their sizes are a constant times the same variables; ``storage`` counts the
    allocations left constant or sized at run time
-   (:mod:`rewriter.backends.tvm.relax_passes.memory_plan`).
+   (:mod:`rewriter.backends.tvm.relax_passes.memory_plan`); the VM's shape functions
+   store their sizes in slot order, so a model compiled twice is the same library
+   (:mod:`rewriter.backends.tvm.relax_passes.shape_funcs`).
 
 >>> executable = relax.build(mod, target=target, relax_pipeline=relax_pipeline(target))  # doctest: +SKIP
 """
@@ -48,7 +50,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rewriter.backends.tvm import tuning
-from rewriter.backends.tvm.relax_passes import cpu_schedule, memory_plan
+from rewriter.backends.tvm.relax_passes import cpu_schedule, memory_plan, shape_funcs
 
 if TYPE_CHECKING:
     import tvm
@@ -131,6 +133,8 @@ def relax_pipeline(
         passes.append(finalize)
         if finalize.info.name == "StaticPlanBlockMemory":  # storages of symbolic size shared too
             passes.append(memory_plan.share_symbolic_storage())
+        if finalize.info.name == "VMShapeLower":  # its shape functions' stores in slot order
+            passes.append(shape_funcs.ordered_shape_funcs())
         if storage is not None and finalize.info.name == "LowerAllocTensor":
             passes.append(memory_plan.record_storage(storage))  # every allocation now explicit
 

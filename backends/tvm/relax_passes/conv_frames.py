@@ -142,11 +142,17 @@ def padded_conv(builder: Any, call: Any, lanes: int) -> Any:
     def copy(x: Any) -> Any:
         from tvm import te
 
+        # In the placeholder's own copies of the shape's variables (``emit_te`` makes them):
+        # the caller's would be a second variable of the same name, and TVM orders a
+        # PrimFunc's variables from a set (a different function, and code, every build).
+        n_x, length_x, channels_x = x.shape
+        span_x = in_placeholder_vars(span, (batch, length, channels), x.shape)
+
         def element(n: Any, i: Any, c: Any) -> Any:
-            inside = tirx.all(i >= left, i < left + length) if left else i < length
+            inside = tirx.all(i >= left, i < left + length_x) if left else i < length_x
             return tirx.if_then_else(inside, x[n, i - left, c], tirx.const(0, x.dtype))
 
-        return te.compute((batch, span, channels), element, name="pad_frames")
+        return te.compute((n_x, span_x, channels_x), element, name="pad_frames")
 
     # Without padding, the copy may fuse into the epilogue of the function that computes
     # ``data`` (wav2vec2: the previous convolution's), which writes only the samples its
@@ -157,3 +163,18 @@ def padded_conv(builder: Any, call: Any, lanes: int) -> Any:
     source = builder.emit_te(copy, data, primfunc_name_hint="pad_frames", primfunc_attrs=attrs)
     whole = builder.emit(conv._conv_like(call, source, weight, padding=[0, 0]))
     return relax.op.strided_slice(whole, axes=[1], begin=[0], end=[frames], assume_inbound=True)
+
+
+def in_placeholder_vars(expr: Any, values: Any, shape: Any) -> Any:
+    """``expr`` with the variables of ``values`` (a Relax shape) replaced by those of
+    ``shape``, the shape of the TE placeholder that ``emit_te`` made of it (the same
+    expressions over fresh variables)."""
+    import tvm_ffi
+    from tvm import tirx
+
+    fresh: dict[Any, Any] = {}
+    for value, placeholder in zip(values, shape, strict=True):
+        olds = tirx.analysis.undefined_vars(value, [])
+        news = tirx.analysis.undefined_vars(placeholder, [])
+        fresh.update(zip(olds, news, strict=True))
+    return tvm_ffi.structural_map(expr, [(tirx.Var, lambda var: fresh.get(var, var))])

@@ -41,7 +41,9 @@ def legalizations() -> dict[str, Any]:
         if shared == 0:
             return stock(bb, call)  # static
         return bb.call_te(
-            lambda x: prefix_reshape(x, [int(d) for d in target[shared:]], target[:shared]),  # type: ignore[index]
+            # The prefix in the placeholder's own variables (the caller's would be a second
+            # variable of the same name, which TVM orders differently every build).
+            lambda x: prefix_reshape(x, [int(d) for d in target[shared:]], x.shape[:shared]),  # type: ignore[index]
             call.args[0],
             primfunc_name_hint="reshape",
         )

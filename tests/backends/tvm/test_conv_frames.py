@@ -17,6 +17,7 @@ from rewriter.backends import tvm as backend
 from rewriter.backends.tvm import verify
 from rewriter.backends.tvm.relax_passes import conv, conv_frames
 from tests.backends.tvm.test_conv import conv_model
+from tests.backends.tvm.test_reshape_views import shared_names
 
 TOLERANCE = verify.COMPILED_TOLERANCE["float32"]
 
@@ -136,6 +137,7 @@ def test_ragged_frames_are_padded_then_sliced(length):
     once = conv_frames.pad_frames(_conv1d(size), 16)
     text = once["main"].script()
     assert "pad_frames" in text and "R.strided_slice" in text, text
+    assert shared_names(once) == {}  # the copy's frames in its placeholder's variables
     # Idempotent: the padded convolution's frames are whole tiles.
     tvm.ir.assert_structural_equal(conv_frames.pad_frames(once, 16), once)
 

@@ -42,6 +42,37 @@ def test_symbolic_reshape_is_kept_and_static_ones_legalized():
     script = legalized["main"].script()
     assert script.count("R.reshape(") == 1 and "R.shape([2 * n, 8])" in script, script
     assert sum(1 for gv in legalized.get_global_vars() if gv.name_hint.startswith("reshape")) == 2
+    assert shared_names(legalized) == {}
+
+
+def shared_names(mod: object) -> dict[str, list[str]]:
+    """Per PrimFunc of ``mod``, the names that two distinct variables of its buffers'
+    shapes and its scalar parameters share. ``BlockBuilder.call_te`` gives a placeholder
+    fresh copies of the caller's variables; a TE function that also uses the caller's own
+    gets two of one name, which TVM orders from a set: a different PrimFunc (and code)
+    from build to build."""
+    from tvm import tirx
+
+    found: dict[str, list[str]] = {}
+    for gvar, func in mod.functions_items():  # type: ignore[attr-defined]
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        seen: list[object] = []
+        for param in func.params:  # buffers, and the symbolic sizes passed as scalars
+            dims = list(getattr(param, "shape", None) or [])
+            if not dims and str(getattr(param.ty, "dtype", "")) == "int64":
+                seen.append(param)
+            for dim in dims:
+                seen.extend(tirx.analysis.undefined_vars(dim, []))
+        distinct: list[object] = []
+        for var in seen:
+            if not any(var.same_as(other) for other in distinct):  # type: ignore[attr-defined]
+                distinct.append(var)
+        names = [var.name for var in distinct]  # type: ignore[attr-defined]
+        shared = sorted({name for name in names if names.count(name) > 1})
+        if shared:
+            found[gvar.name_hint] = shared
+    return found
 
 
 def test_symbolic_reshape_agrees_at_several_sizes():
