@@ -11,7 +11,10 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
 2. ONNX's variadic ``Min``/``Max``/``Sum`` as pairwise ops rather than TVM's stack and
    reduction (:mod:`rewriter.backends.tvm.relax_passes.pairwise`); inference forms: batch norms folded into the convolutions before them (the rest
    decomposed into a scale and a shift), constant computations folded; on CPUs the
-   convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`);
+   convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`), 1-D ones
+   over whole tiles of frames (:mod:`rewriter.backends.tvm.relax_passes.conv_frames`),
+   3 x 3 ones over enough output tiles by Winograd's F(2 x 2, 3 x 3)
+   (:mod:`rewriter.backends.tvm.relax_passes.winograd`);
 3. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
    stock ``softmax``) become TVM's polynomial versions, after sigmoid, silu and gelu are
    spelled out in them (:mod:`rewriter.backends.tvm.relax_passes.activations`; BERT
@@ -83,6 +86,7 @@ def relax_pipeline(
         reciprocal,
         reduce_identity,
         reshape_views,
+        winograd,
     )
 
     gpu = "gpu" in target.keys
@@ -108,6 +112,8 @@ def relax_pipeline(
         passes.append(conv.channels_last())
         # Then (on their NWC form) 1-D ones get whole tiles of frames (no masked last tile).
         passes.append(conv_frames.whole_tiles(target))
+        # 3 x 3 convolutions over many output tiles: Winograd's F(2 x 2, 3 x 3).
+        passes.append(winograd.winograd_convs())
     if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)

@@ -1,0 +1,255 @@
+"""3 x 3 convolutions as Winograd's minimal filtering F(2 x 2, 3 x 3): 2.25x fewer products.
+
+Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016). Each
+2 x 2 tile of output pixels is computed from the 4 x 4 input patch around it as
+
+    Y = A^T [ (G g G^T) . (B^T d B) ] A
+
+with ``g`` the 3 x 3 filter, ``d`` the patch, ``.`` the element-wise product over the 16
+positions, summed over input channels. Over channels the element-wise products are 16
+matrix products, one per position ``e``: ``M[e] = V[e] @ U[e]``, ``V[e]`` ``[tiles, C]``
+(the transformed patches), ``U[e]`` ``[C, K]`` (the transformed filters). So a convolution
+of ``9 C K`` products per output pixel costs ``16 C K / 4 = 4 C K`` per output pixel in
+the matrix products, plus the two transforms (additions and subtractions, no products but
+the output transform's signs).
+
+The pass rewrites a channels-last ``conv2d`` (``NHWC``, ``HWIO``: after
+:func:`rewriter.backends.tvm.relax_passes.conv.channels_last`) whose filter is a constant
+3 x 3, stride 1, no dilation, one group, float32, into:
+
+1. ``V = input_transform(x)``, ``[16, N * tiles, C]`` (a TE function; the padding folded
+   in: positions outside the image read zeros). Marked opaque, so ``FuseOps`` does not
+   inline a producer into its gathers (each input pixel is read by four patches);
+2. ``M = matmul(V, U)``, ``U`` the filter transformed at compile time, ``[16, C, K]``:
+   our matmul rule's register tiles;
+3. ``Y = output_transform(M)``, ``[N, H_out, W_out, K]``: an injective TE function, so
+   the bias, activation and residual after the convolution fuse into it.
+
+Where it pays: the matrix products reuse each transformed filter ``N * tiles`` times; at
+few tiles an image (14 x 14 and smaller outputs at ImageNet sizes: 49 tiles) the
+convolution is bound by reading its filter, and ``U`` is 16 / 9 of it, so those stay
+direct convolutions (:data:`MIN_TILES` per image, so that a model compiled for any
+batch makes the same choice as one compiled for a fixed batch).
+
+Not exact in the ``assert_equal`` sense: the transforms add and subtract input values
+(and filter values, in float64 at compile time) before the products, so the rounding
+differs from the direct sum's; F(2 x 2, 3 x 3)'s transforms have entries 0, +-1 and
++-1/2 only, and the error stays at float32 rounding of the output scale (measured
+max relative error ~1e-6 on ResNet-18), within :data:`rewriter.backends.tvm.verify.COMPILED_TOLERANCE`.
+Larger tiles (F(4 x 4, 3 x 3): 4x fewer products) grow the error by orders of magnitude
+and are not used.
+
+>>> mod = winograd_convs()(mod)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rewriter.backends.tvm.relax_passes import conv, visit_functions
+
+if TYPE_CHECKING:
+    import tvm
+
+# Output tiles (of a static batch; of one image under a symbolic one) from which a 3 x 3
+# convolution is done by Winograd. Below, each transformed filter is reused too few times
+# and the direct convolution is faster: 512 channels at 7 x 7 (16 tiles), 1.41 ms against
+# 1.11 direct at one thread; 256 at 14 x 14 (49 tiles) 0.72 against 1.11; 7 x 7 at batch
+# 8 (128 tiles) 6.4 against 8.7.
+MIN_TILES = 32
+# Input and output channels must be multiples of this (whole vectors in the transforms).
+CHANNEL_MULTIPLE = 16
+# ... and at least this many: the matrix products' depth and width. With fewer, each
+# transformed patch feeds too few products for the 4x traffic of V and M (32 channels
+# at 224 x 224: 6.99 ms against 6.01 direct at one thread; 64 at 112 x 112: 4.26
+# against 5.06).
+MIN_CHANNELS = 64
+OPAQUE = 8  # TVM's ``OpPatternKind.kOpaque``: FuseOps fuses nothing with it
+OUT_ELEMWISE_FUSABLE = 4  # ``kOutEWiseFusable``: element-wise consumers fuse into it
+
+# F(2, 3): B^T (4 x 4), G (4 x 3), A^T (2 x 4).
+B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
+G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
+A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+
+
+def winograd_convs() -> tvm.transform.Pass:
+    """The Relax pass (see the module docstring)."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="WinogradConv")
+    def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        @relax.expr_functor.mutator
+        class Mutator(relax.PyExprMutator):  # type: ignore[misc]
+            def visit_call_(self, call: Any) -> Any:
+                call = super().visit_call_(call)
+                rewritten = winograd_conv(self.builder_, call)
+                return call if rewritten is None else rewritten
+
+        mutator = Mutator(mod)
+        visit_functions(mutator, mod)
+        return mutator.builder_.get()
+
+    return pass_
+
+
+def transformed_filter(weight: np.ndarray) -> np.ndarray:
+    """``U[4 a + b, c, k] = (G g[:, :, c, k] G^T)[a, b]`` of an ``HWIO`` 3 x 3 filter,
+    computed in float64, as float32 ``[16, C, K]``."""
+    u = np.einsum("ai,ijck,bj->abck", G, weight.astype(np.float64), G)
+    return u.reshape(16, *weight.shape[2:]).astype(np.float32)
+
+
+def _pick(index: Any, values: list[int]) -> Any:
+    """``values[index]`` for a TIR ``index`` in ``range(len(values))``, as a select chain."""
+    from tvm import tirx
+
+    picked = tirx.const(values[-1], "int64")
+    for at in range(len(values) - 2, -1, -1):
+        picked = tirx.if_then_else(index == at, tirx.const(values[at], "int64"), picked)
+    return picked
+
+
+# Each row of B^T has two non-zeros: row a is d[FIRST[a]] + SIGN[a] * d[SECOND[a]].
+FIRST = [0, 1, 2, 1]
+SECOND = [2, 2, 1, 3]
+SIGN = [-1, 1, -1, -1]
+
+
+def winograd_conv(builder: Any, call: Any) -> Any:
+    """``call`` (a conv2d) as input transform, matrix products and output transform; None
+    where the pass does not apply (the module docstring)."""
+    import tvm
+    from tvm import relax, tirx
+
+    if not conv._is_op(call, "relax.nn.conv2d"):
+        return None
+    attrs = call.attrs
+    if str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "HWIO":
+        return None
+    if attrs.out_layout not in (None, "NHWC") and str(attrs.out_layout) != "NHWC":
+        return None
+    if int(attrs.groups) != 1 or [int(s) for s in attrs.strides] != [1, 1]:
+        return None
+    if [int(d) for d in attrs.dilation] != [1, 1]:
+        return None
+    data, weight = call.args
+    if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(weight.value, tvm.runtime.Tensor):
+        return None
+    filt = weight.value.numpy()
+    if filt.dtype != np.float32 or filt.shape[:2] != (3, 3):
+        return None
+    channels, outputs = filt.shape[2:]
+    if channels % CHANNEL_MULTIPLE or outputs % CHANNEL_MULTIPLE or min(channels, outputs) < MIN_CHANNELS:
+        return None
+    shape = getattr(data.ty, "shape", None)
+    out_shape = getattr(call.ty, "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or not isinstance(out_shape, relax.ShapeExpr):
+        return None
+    if str(data.ty.dtype) != "float32" or str(call.ty.dtype) != "float32":
+        return None
+    _, height, width, _ = shape.values
+    _, out_h, out_w, _ = out_shape.values
+    if not all(isinstance(v, tirx.IntImm) for v in (height, width, out_h, out_w)):
+        return None
+    height, width, out_h, out_w = int(height), int(width), int(out_h), int(out_w)
+    tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
+    batch = shape.values[0]
+    images = int(batch) if isinstance(batch, tirx.IntImm) else 1  # a symbolic batch: per image
+    if images * tiles_h * tiles_w < MIN_TILES:
+        return None
+    top, left = int(attrs.padding[0]), int(attrs.padding[1])
+
+    def input_transform(x: Any) -> Any:
+        from tvm import te
+
+        batch = x.shape[0]
+
+        def patch(n: Any, th: Any, tw: Any, i: Any, j: Any, c: Any) -> Any:
+            row, col = 2 * th + i - top, 2 * tw + j - left
+            inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
+            return tirx.if_then_else(inside, x[n, row, col, c], tirx.const(0, "float32"))
+
+        def element(e: Any, t: Any, c: Any) -> Any:
+            a, b = e // 4, e % 4
+            n, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
+            th, tw = rest // tiles_w, rest % tiles_w
+            first_a, second_a = _pick(a, FIRST), _pick(a, SECOND)
+            first_b, second_b = _pick(b, FIRST), _pick(b, SECOND)
+            sign_a = _pick(a, SIGN).astype("float32")
+            sign_b = _pick(b, SIGN).astype("float32")
+
+            def row(i: Any) -> Any:
+                return patch(n, th, tw, i, first_b, c) + sign_b * patch(n, th, tw, i, second_b, c)
+
+            return row(first_a) + sign_a * row(second_a)
+
+        return te.compute((16, batch * (tiles_h * tiles_w), x.shape[3]), element, name="winograd_input")
+
+    def output_transform(m: Any, batch: Any) -> Any:
+        from tvm import te
+
+        def element(n: Any, h: Any, w: Any, k: Any) -> Any:
+            t = (n * tiles_h + h // 2) * tiles_w + w // 2
+            ph, pw = h % 2, w % 2
+            total = tirx.const(0, "float32")
+            for a in range(4):
+                coef_a = tirx.if_then_else(ph == 0, float(A_T[0, a]), float(A_T[1, a]))
+                inner = tirx.const(0, "float32")
+                for b in range(4):
+                    coef_b = tirx.if_then_else(pw == 0, float(A_T[0, b]), float(A_T[1, b]))
+                    inner = inner + coef_b.astype("float32") * m[4 * a + b, t, k]
+                total = total + coef_a.astype("float32") * inner
+            return total
+
+        return te.compute((batch, out_h, out_w, m.shape[2]), element, name="winograd_output")
+
+    placeholder_batch = batch if isinstance(batch, tirx.IntImm) else tirx.Var("batch", "int64")
+    gather = input_kernel(input_transform, (placeholder_batch, height, width, channels))
+    patches = builder.emit(
+        relax.call_tir(
+            builder.add_func(gather, "winograd_input"),
+            [data],
+            relax.TensorType([16, batch * (tiles_h * tiles_w), channels], "float32"),
+        )
+    )
+    products = builder.emit(relax.op.matmul(patches, relax.const(transformed_filter(filt), "float32")))
+    tiles = tiles_h * tiles_w
+    # Out-element-wise fusable, as a convolution: its bias, activation and residual fuse
+    # into it, a transpose after it (which would reorder its loops) does not.
+    return builder.call_te(
+        lambda m: output_transform(m, _batch_of(m, tiles)),
+        products,
+        primfunc_name_hint="winograd_output",
+        primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE},
+    )
+
+
+def input_kernel(compute: Any, shape: tuple[Any, ...]) -> Any:
+    """The input transform ``compute`` of an ``NHWC`` input of ``shape``, scheduled: tiles
+    in parallel, then vectors of channels, the 16 positions of a patch unrolled (their
+    coefficients constants, the patch's 16 loads shared)."""
+    from tvm import s_tir, te
+
+    x = te.placeholder(shape, "float32", name="x")
+    out = compute(x)
+    sch = s_tir.Schedule(te.create_prim_func([x, out]))
+    block = sch.get_sblock("winograd_input")
+    position, tile, channel = sch.get_loops(block)
+    outer, lanes = sch.split(channel, [None, CHANNEL_MULTIPLE])
+    sch.reorder(tile, outer, position, lanes)
+    sch.unroll(position)
+    sch.vectorize(lanes)
+    sch.parallel(tile)
+    func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return func.with_attr("op_pattern", OPAQUE).without_attr("global_symbol")
+
+
+def _batch_of(m: Any, tiles: int) -> Any:
+    """The batch of ``m`` (``[16, batch * tiles, K]``), in its own variables."""
+    from tvm import sym
+
+    return sym.Analyzer().simplify(m.shape[1] // tiles)

@@ -1,0 +1,113 @@
+"""3 x 3 convolutions by Winograd's F(2 x 2, 3 x 3) (:mod:`rewriter.backends.tvm.relax_passes.winograd`).
+
+Each compiled model agrees with ONNX Runtime within
+:data:`rewriter.backends.tvm.verify.COMPILED_TOLERANCE` (float32: 1e-4 of the output's
+scale; the transforms add inputs before the products, a rounding of the same order as
+the direct sum's reordering: measured ~1e-6). Where the pass applies, the convolution is
+three functions: the input transform (our scheduled kernel), the matrix products (the
+matmul rule) and the output transform with the convolution's epilogue fused into it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from rewriter.backends.tvm.relax_passes import winograd
+from tests.backends.tvm.test_conv import TOLERANCE, _rules, _run, conv_model, resnet_block
+
+
+def test_the_sparse_rows_spell_b_transposed():
+    for a in range(4):
+        row = np.zeros(4)
+        row[winograd.FIRST[a]] += 1
+        row[winograd.SECOND[a]] += winograd.SIGN[a]
+        np.testing.assert_array_equal(row, winograd.B_T[a])
+
+
+def test_the_transforms_compute_the_convolution_of_a_tile():
+    # Y = A^T [(G g G^T) . (B^T d B)] A is the 2 x 2 valid correlation of the 4 x 4 patch.
+    rng = np.random.default_rng(0)
+    d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
+    u = winograd.transformed_filter(g.reshape(3, 3, 1, 1).astype(np.float32)).reshape(4, 4)
+    y = winograd.A_T @ (u * (winograd.B_T @ d @ winograd.B_T.T)) @ winograd.A_T.T
+    direct = np.array([[np.sum(d[i : i + 3, j : j + 3] * g) for j in range(2)] for i in range(2)])
+    np.testing.assert_allclose(y, direct, rtol=1e-5, atol=1e-5)
+
+
+def _winograd_rules(rules: dict[str, str]) -> tuple[list[str], list[str]]:
+    inputs = [name for name in rules if "winograd_input" in name]
+    outputs = [name for name in rules if "winograd_output" in name]
+    return inputs, outputs
+
+
+@pytest.mark.parametrize(
+    ("shape", "out", "pad"),
+    [
+        pytest.param([1, 64, 16, 16], 64, 1, id="16x16-same"),
+        # 15 x 15 outputs: the last row and column of tiles half outside the image.
+        pytest.param([1, 64, 15, 15], 64, 1, id="15x15-ragged"),
+        # No padding (10 x 10 outputs), a static batch of 2 (25 tiles each, 50 in all),
+        # more outputs than inputs.
+        pytest.param([2, 64, 12, 12], 96, 0, id="valid-batch2"),
+    ],
+)
+def test_winograd_convs_agree(shape, out, pad):
+    compiled, error = _run(conv_model(shape, out, 3, 1, pad), shape)
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    inputs, outputs = _winograd_rules(rules)
+    assert inputs and all(rules[name] == "kernel" for name in inputs), rules
+    # The bias and ReLU after the convolution are in the output transform's function.
+    assert outputs and all("add" in name and "relu" in name for name in outputs), rules
+    assert "matmul" in rules.values(), rules
+    assert not any("conv2d" in name for name in rules), rules
+
+
+@pytest.mark.parametrize(
+    ("shape", "out", "stride", "groups"),
+    [
+        # 4 x 4 tiles: too few for the transformed filter's reuse.
+        pytest.param([1, 64, 8, 8], 64, 1, 1, id="16-tiles"),
+        pytest.param([1, 64, 16, 16], 64, 2, 1, id="stride2"),
+        pytest.param([1, 32, 16, 16], 32, 1, 1, id="32-channels"),
+        pytest.param([1, 64, 16, 16], 64, 1, 2, id="grouped"),
+    ],
+)
+def test_other_convs_stay_direct(shape, out, stride, groups):
+    compiled, error = _run(conv_model(shape, out, 3, stride, 1, groups), shape)
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    assert _winograd_rules(rules) == ([], []), rules
+    assert any("conv2d" in name for name in rules), rules
+
+
+def test_a_residual_block_fuses_its_sum_into_the_output_transform():
+    compiled, error = _run(resnet_block(channels=64, size=16), [1, 64, 16, 16])
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    inputs, outputs = _winograd_rules(rules)
+    # One input transform (both convolutions' shapes are the same function), two outputs.
+    assert len(inputs) == 1 and len(outputs) == 2, rules
+    # The second convolution's output transform adds the block's input, then ReLU.
+    assert any(name.count("add") >= 1 and "relu" in name for name in outputs), rules
+    assert compiled.schedules is not None and compiled.schedules.unscheduled == []
+
+
+def test_a_symbolic_batch_chooses_per_image_and_agrees_at_every_batch():
+    import onnxruntime as ort
+
+    from rewriter.backends import tvm as backend
+
+    model = conv_model([1, 64, 16, 16], 64, 3, 1, 1)  # 64 tiles an image
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, 16, 16]))
+    compiled = backend.compile(model, "avx512")
+    assert _winograd_rules(_rules(compiled))[0], _rules(compiled)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, 64, 16, 16)).astype(np.float32)
+        reference = session.run(None, {"x": x})[0]
+        got = compiled.run({"x": x})["y"]
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, batch
