@@ -111,3 +111,33 @@ def test_a_symbolic_batch_chooses_per_image_and_agrees_at_every_batch():
         reference = session.run(None, {"x": x})[0]
         got = compiled.run({"x": x})["y"]
         assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, batch
+
+
+@pytest.mark.slow(reason="builds and exports torchvision's ResNet-18 (random weights), compiles it (~30 s)")
+def test_resnet18_export_compiles_with_winograd_and_agrees(tmp_path):
+    import onnxruntime as ort
+
+    pytest.importorskip("torchvision")
+    torch = pytest.importorskip("torch")
+    import torchvision
+
+    from rewriter.backends import tvm as backend
+
+    torch.manual_seed(0)
+    module = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "resnet18.onnx"
+    images = torch.randn(1, 3, 112, 112)
+    torch.onnx.export(
+        module, (images,), str(path), input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}}, dynamo=False, opset_version=17,
+    )
+    compiled = backend.compile(str(path), "avx512")
+    # 28 x 28 (196 tiles) and 14 x 14 (49) stages by Winograd; 7 x 7 (16) and 4 x 4 direct.
+    inputs, outputs = _winograd_rules(_rules(compiled))
+    assert len(inputs) == 2 and len(outputs) >= 2, _rules(compiled)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 2):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 112, 112)).astype(np.float32)
+        reference = session.run(None, {"x": x})[0]
+        got = compiled.run({"x": x})["y"]
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, batch
