@@ -40,6 +40,8 @@ so the two can be compared family by family.
 
 >>> family("fused_conv2d1_add1_relu1"), family("FusedConv"), family("max_pool2d")
 ('conv', 'conv', 'pool')
+>>> family("winograd_input1"), family("fused_winograd_output_add1_relu1")
+('conv', 'conv')
 >>> family("fused_strided_slice_maximum"), family("ReduceMean"), family("vm.builtin.reshape")
 ('layout', 'reduce', 'vm')
 """
@@ -104,7 +106,20 @@ ORT_FAMILIES = {
 # family, in this order, that one of its ops (digits dropped) belongs to.
 TVM_FAMILIES = (
     ("softmax", ("softmax", "log_softmax")),
-    ("conv", ("conv1d", "conv2d", "conv3d", "conv1d_transpose", "conv2d_transpose")),
+    # Winograd's transforms (relax_passes/winograd.py) count as convolution; its 16 matrix
+    # products are a plain ``matmul`` PrimFunc, counted as matmul.
+    (
+        "conv",
+        (
+            "conv1d",
+            "conv2d",
+            "conv3d",
+            "conv1d_transpose",
+            "conv2d_transpose",
+            "winograd_input",
+            "winograd_output",
+        ),
+    ),
     ("matmul", ("matmul", "dense", "batch_matmul", "einsum")),
     ("norm", ("layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm")),
     ("pool", ("max_pool1d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "pool")),

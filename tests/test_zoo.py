@@ -130,6 +130,8 @@ def test_a_failing_export_is_a_result(tmp_path: Path) -> None:
     ("name", "family"),
     [
         ("fused_conv2d1_add1_relu1", "conv"),
+        ("winograd_input1", "conv"),
+        ("fused_winograd_output_add1_add2_relu1", "conv"),
         ("fused_matmul_add9_packed", "matmul"),
         ("fused_layer_norm1", "norm"),
         ("fused_power_mean_add_rsqrt_multiply", "reduce"),
