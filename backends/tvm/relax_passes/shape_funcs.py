@@ -52,7 +52,7 @@ def ordered_stores(body: Any) -> Any | None:
     if not isinstance(body, tirx.SeqStmt):
         return None
     stores = list(body.seq)
-    if not all(isinstance(store, tirx.BufferStore) and len(store.indices) == 1 for store in stores):
+    if not stores or not all(isinstance(store, tirx.BufferStore) and len(store.indices) == 1 for store in stores):
         return None
     if not all(isinstance(store.indices[0], tirx.IntImm) for store in stores):
         return None

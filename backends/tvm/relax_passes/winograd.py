@@ -22,14 +22,15 @@ The pass rewrites a channels-last ``conv2d`` (``NHWC``, ``HWIO``: after
    inline a producer into its gathers (each input pixel is read by four patches);
 2. ``M = matmul(V, U)``, ``U`` the filter transformed at compile time, ``[16, C, K]``:
    our matmul rule's register tiles;
-3. ``Y = output_transform(M)``, ``[N, H_out, W_out, K]``: an injective TE function, so
-   the bias, activation and residual after the convolution fuse into it.
+3. ``Y = output_transform(M)``, ``[N, H_out, W_out, K]``: a TE function marked
+   out-element-wise fusable, as a convolution is, so the bias, activation and residual
+   after it fuse into it and a transpose (which would reorder its loops) does not.
 
 Where it pays: the matrix products reuse each transformed filter ``N * tiles`` times; at
-few tiles an image (14 x 14 and smaller outputs at ImageNet sizes: 49 tiles) the
-convolution is bound by reading its filter, and ``U`` is 16 / 9 of it, so those stay
-direct convolutions (:data:`MIN_TILES` per image, so that a model compiled for any
-batch makes the same choice as one compiled for a fixed batch).
+few tiles (7 x 7 outputs at batch 1: 16 tiles) the convolution is bound by reading its
+filter, and ``U`` is 16 / 9 of it, so those stay direct convolutions (:data:`MIN_TILES`,
+counted over a static batch, per image under a symbolic one); so do convolutions of few
+channels (:data:`MIN_CHANNELS`).
 
 Not exact in the ``assert_equal`` sense: the transforms add and subtract input values
 (and filter values, in float64 at compile time) before the products, so the rounding
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rewriter.backends.tvm.relax_passes import conv, visit_functions
+from rewriter.backends.tvm.relax_passes.conv_frames import OPAQUE
 
 if TYPE_CHECKING:
     import tvm
@@ -66,7 +68,6 @@ CHANNEL_MULTIPLE = 16
 # at 224 x 224: 6.99 ms against 6.01 direct at one thread; 64 at 112 x 112: 4.26
 # against 5.06).
 MIN_CHANNELS = 64
-OPAQUE = 8  # TVM's ``OpPatternKind.kOpaque``: FuseOps fuses nothing with it
 OUT_ELEMWISE_FUSABLE = 4  # ``kOutEWiseFusable``: element-wise consumers fuse into it
 
 # F(2, 3): B^T (4 x 4), G (4 x 3), A^T (2 x 4).
@@ -130,7 +131,7 @@ def winograd_conv(builder: Any, call: Any) -> Any:
     attrs = call.attrs
     if str(attrs.data_layout) != "NHWC" or str(attrs.kernel_layout) != "HWIO":
         return None
-    if attrs.out_layout not in (None, "NHWC") and str(attrs.out_layout) != "NHWC":
+    if attrs.out_layout not in (None, "NHWC"):
         return None
     if int(attrs.groups) != 1 or [int(s) for s in attrs.strides] != [1, 1]:
         return None
