@@ -17,11 +17,13 @@ The pass rewrites a channels-last ``conv2d`` (``NHWC``, ``HWIO``: after
 :func:`rewriter.backends.tvm.relax_passes.conv.channels_last`) whose filter is a constant
 3 x 3, stride 1, no dilation, one group, float32, into:
 
-1. ``V = input_transform(x)``, ``[16, N * tiles, C]`` (a TE function; the padding folded
-   in: positions outside the image read zeros). Marked opaque, so ``FuseOps`` does not
+1. ``V = input_transform(x)``, ``[16, N * tiles, C]`` under a static batch, ``[N, 16,
+   tiles, C]`` under a symbolic one (so the products' rows, one image's tiles, stay a
+   static extent); a TE function, the padding folded in: positions outside the image
+   read zeros. Marked opaque, so ``FuseOps`` does not
    inline a producer into its gathers (each input pixel is read by four patches);
-2. ``M = matmul(V, U)``, ``U`` the filter transformed at compile time, ``[16, C, K]``:
-   our matmul rule's register tiles;
+2. ``M = matmul(V, U)``, ``U`` the filter transformed at compile time, ``[16, C, K]``
+   (broadcast over a symbolic batch): our matmul rule's register tiles;
 3. ``Y = output_transform(M)``, ``[N, H_out, W_out, K]``: a TE function marked
    out-element-wise fusable, as a convolution is, so the bias, activation and residual
    after it fuse into it and a transpose (which would reorder its loops) does not.
@@ -124,7 +126,7 @@ def winograd_conv(builder: Any, call: Any) -> Any:
     """``call`` (a conv2d) as input transform, matrix products and output transform; None
     where the pass does not apply (the module docstring)."""
     import tvm
-    from tvm import relax, tirx
+    from tvm import relax, sym, tirx
 
     if not conv._is_op(call, "relax.nn.conv2d"):
         return None
@@ -138,13 +140,19 @@ def winograd_conv(builder: Any, call: Any) -> Any:
     if [int(d) for d in attrs.dilation] != [1, 1]:
         return None
     data, weight = call.args
-    if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(weight.value, tvm.runtime.Tensor):
+    if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(
+        weight.value, tvm.runtime.Tensor
+    ):
         return None
     filt = weight.value.numpy()
     if filt.dtype != np.float32 or filt.shape[:2] != (3, 3):
         return None
     channels, outputs = filt.shape[2:]
-    if channels % CHANNEL_MULTIPLE or outputs % CHANNEL_MULTIPLE or min(channels, outputs) < MIN_CHANNELS:
+    if (
+        channels % CHANNEL_MULTIPLE
+        or outputs % CHANNEL_MULTIPLE
+        or min(channels, outputs) < MIN_CHANNELS
+    ):
         return None
     shape = getattr(data.ty, "shape", None)
     out_shape = getattr(call.ty, "shape", None)
@@ -164,20 +172,23 @@ def winograd_conv(builder: Any, call: Any) -> Any:
         return None
     top, left = int(attrs.padding[0]), int(attrs.padding[1])
 
+    tiles = tiles_h * tiles_w
+    # Under a symbolic batch the patches are ``[batch, 16, tiles, C]``: the matrix products'
+    # rows are one image's tiles, a static extent (as ``[16, batch * tiles, C]`` they
+    # would be symbolic rows, copied each call to whole register tiles).
+    per_image = not isinstance(batch, tirx.IntImm)
+
     def input_transform(x: Any) -> Any:
         from tvm import te
-
-        batch = x.shape[0]
 
         def patch(n: Any, th: Any, tw: Any, i: Any, j: Any, c: Any) -> Any:
             row, col = 2 * th + i - top, 2 * tw + j - left
             inside = tirx.all(row >= 0, row < height, col >= 0, col < width)
             return tirx.if_then_else(inside, x[n, row, col, c], tirx.const(0, "float32"))
 
-        def element(e: Any, t: Any, c: Any) -> Any:
+        def element(n: Any, e: Any, t: Any, c: Any) -> Any:
             a, b = e // 4, e % 4
-            n, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
-            th, tw = rest // tiles_w, rest % tiles_w
+            th, tw = t // tiles_w, t % tiles_w
             first_a, second_a = _pick(a, FIRST), _pick(a, SECOND)
             first_b, second_b = _pick(b, FIRST), _pick(b, SECOND)
             sign_a = _pick(a, SIGN).astype("float32")
@@ -188,13 +199,22 @@ def winograd_conv(builder: Any, call: Any) -> Any:
 
             return row(first_a) + sign_a * row(second_a)
 
-        return te.compute((16, batch * (tiles_h * tiles_w), x.shape[3]), element, name="winograd_input")
+        if per_image:
+            return te.compute((x.shape[0], 16, tiles, x.shape[3]), element, name="winograd_input")
+        return te.compute(
+            (16, x.shape[0] * tiles, x.shape[3]),
+            lambda e, t, c: element(t // tiles, e, t % tiles, c),
+            name="winograd_input",
+        )
 
-    def output_transform(m: Any, batch: Any) -> Any:
+    def output_transform(m: Any) -> Any:
         from tvm import te
 
+        def product(e: int, n: Any, t: Any, k: Any) -> Any:
+            return m[n, e, t, k] if per_image else m[e, n * tiles + t, k]
+
         def element(n: Any, h: Any, w: Any, k: Any) -> Any:
-            t = (n * tiles_h + h // 2) * tiles_w + w // 2
+            t = h // 2 * tiles_w + w // 2
             ph, pw = h % 2, w % 2
             total = tirx.const(0, "float32")
             for a in range(4):
@@ -202,27 +222,30 @@ def winograd_conv(builder: Any, call: Any) -> Any:
                 inner = tirx.const(0, "float32")
                 for b in range(4):
                     coef_b = tirx.if_then_else(pw == 0, float(A_T[0, b]), float(A_T[1, b]))
-                    inner = inner + coef_b.astype("float32") * m[4 * a + b, t, k]
+                    inner = inner + coef_b.astype("float32") * product(4 * a + b, n, t, k)
                 total = total + coef_a.astype("float32") * inner
             return total
 
-        return te.compute((batch, out_h, out_w, m.shape[2]), element, name="winograd_output")
+        count = m.shape[0] if per_image else sym.Analyzer().simplify(m.shape[1] // tiles)
+        return te.compute((count, out_h, out_w, m.shape[-1]), element, name="winograd_output")
 
-    placeholder_batch = batch if isinstance(batch, tirx.IntImm) else tirx.Var("batch", "int64")
+    placeholder_batch = tirx.Var("batch", "int64") if per_image else batch
     gather = input_kernel(input_transform, (placeholder_batch, height, width, channels))
+    out_shape = [batch, 16, tiles, channels] if per_image else [16, batch * tiles, channels]
     patches = builder.emit(
         relax.call_tir(
             builder.add_func(gather, "winograd_input"),
             [data],
-            relax.TensorType([16, batch * (tiles_h * tiles_w), channels], "float32"),
+            relax.TensorType(out_shape, "float32"),
         )
     )
-    products = builder.emit(relax.op.matmul(patches, relax.const(transformed_filter(filt), "float32")))
-    tiles = tiles_h * tiles_w
+    products = builder.emit(
+        relax.op.matmul(patches, relax.const(transformed_filter(filt), "float32"))
+    )
     # Out-element-wise fusable, as a convolution: its bias, activation and residual fuse
     # into it, a transpose after it (which would reorder its loops) does not.
     return builder.call_te(
-        lambda m: output_transform(m, _batch_of(m, tiles)),
+        output_transform,
         products,
         primfunc_name_hint="winograd_output",
         primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE},
@@ -239,18 +262,11 @@ def input_kernel(compute: Any, shape: tuple[Any, ...]) -> Any:
     out = compute(x)
     sch = s_tir.Schedule(te.create_prim_func([x, out]))
     block = sch.get_sblock("winograd_input")
-    position, tile, channel = sch.get_loops(block)
+    *images, position, tile, channel = sch.get_loops(block)  # [16, tiles, C] or [N, 16, tiles, C]
     outer, lanes = sch.split(channel, [None, CHANNEL_MULTIPLE])
-    sch.reorder(tile, outer, position, lanes)
+    sch.reorder(*images, tile, outer, position, lanes)
     sch.unroll(position)
     sch.vectorize(lanes)
-    sch.parallel(tile)
+    sch.parallel(sch.fuse(*images, tile) if images else tile)
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     return func.with_attr("op_pattern", OPAQUE).without_attr("global_symbol")
-
-
-def _batch_of(m: Any, tiles: int) -> Any:
-    """The batch of ``m`` (``[16, batch * tiles, K]``), in its own variables."""
-    from tvm import sym
-
-    return sym.Analyzer().simplify(m.shape[1] // tiles)

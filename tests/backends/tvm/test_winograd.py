@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tvm
 from onnx import TensorProto, helper
 
 from rewriter.backends.tvm.relax_passes import winograd
@@ -34,6 +35,24 @@ def test_the_transforms_compute_the_convolution_of_a_tile():
     y = winograd.A_T @ (u * (winograd.B_T @ d @ winograd.B_T.T)) @ winograd.A_T.T
     direct = np.array([[np.sum(d[i : i + 3, j : j + 3] * g) for j in range(2)] for i in range(2)])
     np.testing.assert_allclose(y, direct, rtol=1e-5, atol=1e-5)
+
+
+def _patch_shapes(mod) -> list[list[object]]:
+    """The shapes of the input transforms' outputs in Relax module ``mod`` (ints where static)."""
+    from tvm import relax, tirx
+
+    shapes = []
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        for binding in (b for block in func.body.blocks for b in block.bindings):
+            value = binding.value
+            if isinstance(value, relax.Call) and "winograd_input" in str(
+                getattr(value.args[0], "name_hint", "")
+            ):
+                dims = binding.var.ty.shape.values
+                shapes.append([int(d) if isinstance(d, tirx.IntImm) else d for d in dims])
+    return shapes
 
 
 def _winograd_rules(rules: dict[str, str]) -> tuple[list[str], list[str]]:
@@ -101,19 +120,38 @@ def test_a_symbolic_batch_chooses_per_image_and_agrees_at_every_batch():
     from rewriter.backends import tvm as backend
 
     model = conv_model([1, 64, 16, 16], 64, 3, 1, 1)  # 64 tiles an image
-    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, 16, 16]))
-    compiled = backend.compile(model, "avx512")
+    model.graph.input[0].CopyFrom(
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, 16, 16])
+    )
+    patches = []
+
+    @tvm.instrument.pass_instrument
+    class Patches:
+        def run_after_pass(self, mod, info):
+            if info.name == "WinogradConv":
+                patches.extend(_patch_shapes(mod))
+
+    with tvm.transform.PassContext(opt_level=3, instruments=[Patches()]):
+        compiled = backend.compile(model, "avx512")
     assert _winograd_rules(_rules(compiled))[0], _rules(compiled)
+    # [batch, 16, tiles, C]: the products' rows are one image's 64 tiles, a static extent
+    # (as [16, batch * 64, C] they would be symbolic rows, copied to whole tiles per call).
+    assert [shape[1:] for shape in patches] == [[16, 64, 64]], patches
+    assert not isinstance(patches[0][0], int), patches
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(4)
     for batch in (1, 3):
         x = rng.standard_normal((batch, 64, 16, 16)).astype(np.float32)
         reference = session.run(None, {"x": x})[0]
         got = compiled.run({"x": x})["y"]
-        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, batch
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, (
+            batch
+        )
 
 
-@pytest.mark.slow(reason="builds and exports torchvision's ResNet-18 (random weights), compiles it (~30 s)")
+@pytest.mark.slow(
+    reason="builds and exports torchvision's ResNet-18 (random weights), compiles it (~30 s)"
+)
 def test_resnet18_export_compiles_with_winograd_and_agrees(tmp_path):
     import onnxruntime as ort
 
@@ -128,8 +166,14 @@ def test_resnet18_export_compiles_with_winograd_and_agrees(tmp_path):
     path = tmp_path / "resnet18.onnx"
     images = torch.randn(1, 3, 112, 112)
     torch.onnx.export(
-        module, (images,), str(path), input_names=["x"], output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}}, dynamo=False, opset_version=17,
+        module,
+        (images,),
+        str(path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}},
+        dynamo=False,
+        opset_version=17,
     )
     compiled = backend.compile(str(path), "avx512")
     # 28 x 28 (196 tiles) and 14 x 14 (49) stages by Winograd; 7 x 7 (16) and 4 x 4 direct.
@@ -140,4 +184,6 @@ def test_resnet18_export_compiles_with_winograd_and_agrees(tmp_path):
         x = np.random.default_rng(batch).standard_normal((batch, 3, 112, 112)).astype(np.float32)
         reference = session.run(None, {"x": x})[0]
         got = compiled.run({"x": x})["y"]
-        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, batch
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, (
+            batch
+        )
