@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rewriter import verify
-from rewriter.backends.tvm import amx_runtime, cpu_features, parallel_cost, targets, tuning
+from rewriter.backends.tvm import (
+    amx_runtime,
+    cpu_features,
+    parallel_cost,
+    targets,
+    thread_pool,
+    tuning,
+)
 from rewriter.backends.tvm import import_onnx as onnx_import
 from rewriter.backends.tvm import import_torch as torch_import
 from rewriter.backends.tvm.pipeline import relax_pipeline
@@ -132,6 +139,8 @@ class Compiled:
         self.schedules: cpu_schedule.ScheduleRecord | None = None
         # Each Relax function's storage allocations planned statically and at run time.
         self.memory: memory_plan.StorageRecord | None = None
+        # Whether its parallel loops run on our thread pool (a loaded library), not TVM's.
+        self.thread_pool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -189,7 +198,7 @@ class Compiled:
         """
         import tvm
 
-        return Session(self._machine(), self.signature, self._device(tvm))
+        return Session(self._machine(), self.signature, self._device(tvm), pooled=self.thread_pool)
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run on ``inputs`` (numpy arrays or torch tensors, by name); returns the outputs
@@ -423,7 +432,9 @@ def compile(
         )
         # CPU: TVM's TIR pipeline, small parallel loops kept on the calling thread.
         tir_pipeline = "default" if targets.is_gpu(target) else parallel_cost.pipeline_name()
-        executable = relax.build(mod, target=tvm_target, relax_pipeline=pipeline, tir_pipeline=tir_pipeline)
+        executable = relax.build(
+            mod, target=tvm_target, relax_pipeline=pipeline, tir_pipeline=tir_pipeline
+        )
     except InputError:
         raise
     except Exception as exc:
@@ -517,7 +528,9 @@ def load(path: str | os.PathLike[str], device: str = "cpu") -> Compiled:
     except Exception as exc:  # TVM's loader raises its own error types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"{path}: cannot load the library ({first})") from exc
-    return Compiled(executable, signature, device=device)
+    compiled = Compiled(executable, signature, device=device)
+    compiled.thread_pool = device == "cpu" and thread_pool.install(path)
+    return compiled
 
 
 def compile_and_run(

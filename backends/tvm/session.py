@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rewriter.backends.tvm import thread_pool
 from rewriter.backends.tvm.relax_passes.outputs_as_params import OUT_FUNCTION
 from rewriter.errors import InputError
 
@@ -198,7 +199,9 @@ class Session:
     >>> outputs = session.run({"input_ids": ids, "attention_mask": mask})  # doctest: +SKIP
     """
 
-    def __init__(self, vm: Any, signature: Signature, device: Any = None) -> None:
+    def __init__(
+        self, vm: Any, signature: Signature, device: Any = None, *, pooled: bool = False
+    ) -> None:
         self._vm = vm
         # A GPU model takes copies to the device and gives copies back (no DLPack sharing).
         self._gpu = device if device is not None and device.dlpack_device_type() != 1 else None
@@ -208,6 +211,10 @@ class Session:
             self._main_out: Any = vm[OUT_FUNCTION]
         except AttributeError:  # GPU code, or a main returning more than tensors: no main_out
             self._main_out = None
+        if pooled:  # the workers of our thread pool spin while a call runs (thread_pool)
+            self._main = thread_pool.hot(self._main)
+            if self._main_out is not None:
+                self._main_out = thread_pool.hot(self._main_out)
         self._names = [name for name, _, _ in signature.inputs]
         self._known = set(self._names)
         # Per input: name, shape, dtype name, numpy dtype (None: no numpy equivalent), the
@@ -310,7 +317,9 @@ class Session:
         raise InputError(f"{', '.join(problems)}; the compiled model takes {self._names}")
 
     def _argument(
-        self, value: Any, spec: tuple[str, Any, str, Any, list[tuple[int, int]], list[tuple[int, int]]]
+        self,
+        value: Any,
+        spec: tuple[str, Any, str, Any, list[tuple[int, int]], list[tuple[int, int]]],
     ) -> Any:
         name, shape, dtype, np_dtype, static, bounded = spec
         if (
