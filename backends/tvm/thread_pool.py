@@ -136,7 +136,8 @@ static void* worker(void* unused) {
       continue;
     }
     if (atomic_load(&hot) > 0) {  /* a call of the model is running: the next launch is near */
-      for (int i = 0; i < 64; i++) PAUSE();
+      for (int i = 0; i < 16; i++) PAUSE();
+      sched_yield();  /* a thread waiting for this CPU (more threads than CPUs) gets it */
       continue;
     }
     if (spins > 0) {
