@@ -36,9 +36,9 @@ An error inside a share (a failed check in a kernel) fails the launch, as with T
 pool, but its message stays on the thread that ran the share.
 
 Measured (``benchmarks/zoo.py`` inputs, 2 threads, batch 1, against ONNX Runtime on the
-same inputs, both pools' idle threads sleeping): ResNet-18 1.02 -> 0.82x, BERT 0.80 ->
-0.65x (see the README for every model). Against ONNX Runtime with its own default,
-spinning threads, each timed alone: 0.87x and 0.91x.
+same inputs, both pools' idle threads sleeping): ResNet-18 1.01-1.02 -> 0.82-0.83x,
+BERT 0.80-0.81 -> 0.65-0.67x (the README has every model). Against ONNX Runtime with
+its own default, spinning threads, each timed alone: 0.87x and 0.91x.
 
 >>> install("model.so")  # doctest: +SKIP
 True
