@@ -211,7 +211,6 @@ void rewriter_pool_hot(int delta) {
 """
 
 _lock = threading.Lock()
-_installed: set[str] = set()
 
 
 def cache_dir() -> Path:
@@ -283,22 +282,23 @@ def _build(library: Path) -> None:
 def install(path: str | os.PathLike[str]) -> bool:
     """Point the parallel loops of the library at ``path`` (loaded by TVM already) at the
     pool; False where they stay on TVM's (see the module docstring)."""
+    import _ctypes
+
     started = pool()
     if started is None:
         return False
-    real = os.path.realpath(path)
     with _lock:
-        if real in _installed:
+        library = ctypes.CDLL(os.path.realpath(path))  # TVM's mapping (dlopen finds it)
+        try:
+            launch = _pointer(library, "__TVMBackendParallelLaunch")
+            if launch is None:  # no parallel loop in the library
+                return False
+            if _pointer(library, "__TVMBackendParallelBarrier") is not None:
+                return False  # barriers inside a loop assume TVM's one share per thread
+            launch.value = ctypes.cast(started.rewriter_parallel_launch, ctypes.c_void_p).value
             return True
-        library = ctypes.CDLL(real)  # the handle TVM's loader opened: the same mapping
-        launch = _pointer(library, "__TVMBackendParallelLaunch")
-        if launch is None:  # no parallel loop in the library
-            return False
-        if _pointer(library, "__TVMBackendParallelBarrier") is not None:
-            return False  # barriers inside a loop assume TVM's one share per thread
-        launch.value = ctypes.cast(started.rewriter_parallel_launch, ctypes.c_void_p).value
-        _installed.add(real)
-    return True
+        finally:
+            _ctypes.dlclose(library._handle)  # TVM's reference keeps it loaded, not ours
 
 
 def _pointer(library: ctypes.CDLL, name: str) -> ctypes.c_void_p | None:
