@@ -24,7 +24,7 @@ def rule() -> Any:
     if _RULE:
         return _RULE[0]
     import tvm
-    from tvm import s_tir, tirx
+    from tvm import s_tir, sym, tirx
 
     from rewriter.backends.tvm.relax_passes import schedules
 
@@ -38,12 +38,13 @@ def rule() -> Any:
         def _schedule(self, func: Any) -> Any:
             sch = s_tir.Schedule(func)
             blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-            # A transpose and the reshapes TVM fused after it (wav2vec2's feature
-            # projection: a transpose then an identity reshape): one copy block.
-            for consumer in reversed(blocks[1:]):
-                try:
-                    sch.reverse_compute_inline(consumer)
-                except Exception:  # not a copy whose index TVM can invert
+            # A transpose and the reshapes TVM fused before it (ViT's keys split into
+            # heads) or after it (wav2vec2's feature projection: a transpose then an
+            # identity reshape): one copy block.
+            if not inline_all(sch, blocks[:-1], sch.compute_inline):
+                sch = s_tir.Schedule(func)
+                blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+                if not inline_all(sch, list(reversed(blocks[1:])), sch.reverse_compute_inline):
                     return None
             blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
             if len(blocks) != 1:
@@ -54,11 +55,21 @@ def rule() -> Any:
                 return None
             if any(iv.iter_type != tirx.IterVar.DataPar for iv in stmt.iter_vars):
                 return None
-            if not isinstance(stmt.body, tirx.BufferStore) or not isinstance(stmt.body.value, tvm.ir.TensorLoad):
+            if not isinstance(stmt.body, tirx.BufferStore) or not isinstance(
+                stmt.body.value, tvm.ir.TensorLoad
+            ):
                 return None  # a copy, nothing computed
             ivars = [iv.var for iv in stmt.iter_vars]
             write_index = list(stmt.body.indices)
-            read_index = list(stmt.body.value.indices)
+            # An input axis that is two output axes merged (a reshape fused before the
+            # transpose: ViT's keys [b, s, h * d] -> [b, h, d, s]) stands for its inner one.
+            analyzer = sym.Analyzer()
+            for iv in stmt.iter_vars:  # the inlined reshape's index, simplified in bounds
+                analyzer.bind(iv.var, iv.dom)
+            read_index = [
+                merged_inner(analyzer.simplify(index), stmt.iter_vars)
+                for index in stmt.body.value.indices
+            ]
             for index in write_index + read_index:  # iterators, or unit axes (constant 0)
                 if not (isinstance(index, tirx.IntImm) or any(index.same_as(v) for v in ivars)):
                     return None
@@ -82,7 +93,9 @@ def rule() -> Any:
             if len(short) == 2:
                 return None
             if short:
-                return short_axis(sch, loops, short[0], in_inner if short[0] == out_inner else out_inner, size)
+                return short_axis(
+                    sch, loops, short[0], in_inner if short[0] == out_inner else out_inner, size
+                )
             if not any(static):
                 return None
             # A ragged tile's tail is masked by a predicate, which vectorize refuses: the
@@ -91,7 +104,11 @@ def rule() -> Any:
             b_outer, b_inner = sch.split(loops[in_inner], [None, size])
             rest = [loop for i, loop in enumerate(loops) if i not in (out_inner, in_inner)]
             sch.reorder(*rest, b_outer, a_outer, b_inner, a_inner)
-            if all(static) and int(extents[out_inner]) % size == 0 and int(extents[in_inner]) % size == 0:
+            if (
+                all(static)
+                and int(extents[out_inner]) % size == 0
+                and int(extents[in_inner]) % size == 0
+            ):
                 sch.vectorize(a_inner)
             if all(static):
                 sch.parallel(sch.fuse(*rest, b_outer, a_outer))
@@ -106,6 +123,33 @@ def rule() -> Any:
             else:
                 sch.parallel(sch.fuse(*rest, b_outer) if rest else b_outer)
             return sch
+
+    def inline_all(sch: Any, blocks: list[Any], inline: Any) -> bool:
+        """Whether ``inline`` took every one of ``blocks``."""
+        for block in blocks:
+            try:
+                inline(block)
+            except Exception:  # not a copy whose index TVM can inline or invert
+                return False
+        return True
+
+    def merged_inner(index: Any, iter_vars: list[Any]) -> Any:
+        """``b`` for an index ``a * n + b`` of two iterators, ``b``'s extent ``n`` (two axes
+        of the output that are one of the input); ``index`` itself otherwise."""
+        if not isinstance(index, tirx.Add):
+            return index
+        outer, inner = index.a, index.b
+        if not isinstance(outer, tirx.Mul) or not isinstance(inner, tirx.Var):
+            return index
+        factor, var = (outer.b, outer.a) if isinstance(outer.b, tirx.IntImm) else (outer.a, outer.b)
+        if not isinstance(factor, tirx.IntImm) or not isinstance(var, tirx.Var):
+            return index
+        extents = [iv.dom.extent for iv in iter_vars if iv.var.same_as(inner)]
+        if not any(iv.var.same_as(var) for iv in iter_vars) or len(extents) != 1:
+            return index
+        if not isinstance(extents[0], tirx.IntImm) or int(extents[0]) != int(factor):
+            return index
+        return inner
 
     def short_axis(sch: Any, loops: list[Any], short: int, long: int, size: int) -> Any:
         """A transpose whose one innermost axis is shorter than a vector (an image's 3
