@@ -38,13 +38,13 @@ def rule() -> Any:
         def _schedule(self, func: Any) -> Any:
             sch = s_tir.Schedule(func)
             blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-            # A transpose and the reshapes TVM fused before it (ViT's keys split into
-            # heads) or after it (wav2vec2's feature projection: a transpose then an
-            # identity reshape): one copy block.
-            if not inline_all(sch, blocks[:-1], sch.compute_inline):
+            # A transpose and the reshapes TVM fused after it (wav2vec2's feature
+            # projection: a transpose then an identity reshape), else before it (ViT's
+            # keys split into heads): one copy block.
+            if not inline_all(sch, list(reversed(blocks[1:])), sch.reverse_compute_inline):
                 sch = s_tir.Schedule(func)
                 blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-                if not inline_all(sch, list(reversed(blocks[1:])), sch.reverse_compute_inline):
+                if not inline_all(sch, blocks[:-1], sch.compute_inline):
                     return None
             blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
             if len(blocks) != 1:
