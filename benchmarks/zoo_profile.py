@@ -4,17 +4,17 @@ Three pieces, used by ``benchmarks/zoo.py``:
 
 * :func:`schedule_capture` and :func:`schedule_table`: which rule scheduled each
   PrimFunc. A ``PassInstrument`` (passed to ``tvm.transform.PassContext`` around
-  ``backend.compile``) snapshots the module's PrimFuncs before and after our CPU
-  scheduling pass (dlight's ``ApplyDefaultSchedule``, run once by
-  ``rewriter.backends.schedules.cpu_schedule``). The snapshot must be taken inside the
-  hook: the pass updates the module in place. Then for each PrimFunc:
+  ``backend.compile``) snapshots the module's PrimFuncs after our CPU scheduling pass
+  (``RewriterCpuSchedule``, :func:`rewriter.backends.tvm.relax_passes.cpu_schedule.cpu_schedule`).
+  The snapshot must be taken inside the hook: later passes lower the module in place.
+  Which rule took each function is the compile's own record (``Compiled.schedules``):
 
   - ``kernel``: already marked ``tirx.is_scheduled`` before the pass (our hand-written
     kernels: softmax, attention, losses, int8/bf16 matmuls);
-  - the class name of the first rule of the pass whose ``apply`` returns a schedule for
-    the function as it was before: ``RegisterTiledMatmul``, ``VectorizedRowReduction``,
-    ``VectorizedElementwise`` (ours) or ``Reduction`` (dlight's generic CPU rule, which
-    parallelizes the outer loops and leaves the reduction itself scalar);
+  - the name of the first rule that scheduled it: ours (:data:`OUR_RULES`: ``conv``,
+    ``matmul``, ``channels-last window``, ``row reduction``, ``transpose``,
+    ``elementwise``) or ``Reduction`` (dlight's generic CPU rule, which parallelizes the
+    outer loops and leaves the reduction itself scalar);
   - ``none``: no rule applied; the function is lowered as TVM legalized it, scalar and
     single-threaded.
 
@@ -55,8 +55,9 @@ from benchmarks.e2e import profile_kernels, profile_ort
 
 __all__ = ["OUR_RULES", "family", "profile_kernels", "profile_ort", "schedule_capture"]
 
-SCHEDULE_PASS = "ApplyDefaultSchedule"
-OUR_RULES = ("RegisterTiledMatmul", "VectorizedRowReduction", "VectorizedElementwise")
+SCHEDULE_PASS = "RewriterCpuSchedule"
+# The names our CPU rules record (``what``), in the order the pass tries them.
+OUR_RULES = ("conv", "matmul", "channels-last window", "row reduction", "transpose", "elementwise")
 
 # Op families. ORT op types by name (its fused ops included); anything else is
 # elementwise.
@@ -175,19 +176,14 @@ def _op_names(name: str) -> set[str]:
 
 
 def schedule_capture() -> Any:
-    """A ``PassInstrument`` that snapshots the PrimFuncs around our scheduling pass
-    (``.before`` and ``.after``, name -> PrimFunc)."""
+    """A ``PassInstrument`` that snapshots the PrimFuncs after our scheduling pass
+    (``.after``, name -> PrimFunc)."""
     import tvm
 
     @tvm.instrument.pass_instrument
     class ScheduleCapture:
         def __init__(self) -> None:
-            self.before: dict[str, Any] = {}
             self.after: dict[str, Any] = {}
-
-        def run_before_pass(self, mod: Any, info: Any) -> None:
-            if info.name == SCHEDULE_PASS:
-                self.before = _prim_funcs(mod)
 
         def run_after_pass(self, mod: Any, info: Any) -> None:
             if info.name == SCHEDULE_PASS:
@@ -196,31 +192,20 @@ def schedule_capture() -> Any:
     return ScheduleCapture()
 
 
-def schedule_table(capture: Any, target: str) -> list[dict[str, Any]]:
+def schedule_table(capture: Any, record: Any) -> list[dict[str, Any]]:
     """One row per PrimFunc that the scheduling pass saw: ``name``, ``scheduled_by``
-    (``kernel``, a rule's class name, or ``none``), ``ours`` (a kernel or one of our
-    rules), ``vector``, ``parallel``, ``reduction``, ``symbolic``."""
-    from rewriter.backends import schedules, targets
-
-    tvm_target = targets.resolve(target)
-    rules = list(schedules.cpu_schedule(tvm_target).rules)
+    (``kernel``, a rule's name, ``Reduction`` or ``none``, from ``record``, the compile's
+    ``ScheduleRecord``), ``ours`` (a kernel or one of our rules), ``vector``,
+    ``parallel``, ``reduction``, ``symbolic``."""
     rows = []
-    with tvm_target:
-        for name, func in sorted(capture.after.items()):
-            before = capture.before.get(name, func)
-            if _is_scheduled(before):
-                by = "kernel"
-            else:
-                by = next(
-                    (type(r).__name__ for r in rules if r.apply(before, tvm_target, False)),
-                    "none",
-                )
-            facts = _loop_facts(func)
-            if by == "kernel":  # hand-written: vector types, not vectorized loops
-                facts |= {"vector": None, "parallel": None}
-            ours = by == "kernel" or by in OUR_RULES
-            row = {"name": name, "scheduled_by": by, "ours": ours, **facts}
-            rows.append(row | {"buffers": _buffers(func)})
+    for name, func in sorted(capture.after.items()):
+        by = record.scheduled.get(name, "none")
+        facts = _loop_facts(func)
+        if by == "kernel":  # hand-written: vector types, not vectorized loops
+            facts |= {"vector": None, "parallel": None}
+        ours = by == "kernel" or by in OUR_RULES
+        row = {"name": name, "scheduled_by": by, "ours": ours, **facts}
+        rows.append(row | {"buffers": _buffers(func)})
     return rows
 
 
@@ -241,10 +226,6 @@ def _prim_funcs(mod: Any) -> dict[str, Any]:
     from tvm import tirx
 
     return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
-
-
-def _is_scheduled(func: Any) -> bool:
-    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
 
 
 def _loop_facts(func: Any) -> dict[str, bool | None]:

@@ -50,9 +50,9 @@ def compile_library(job: dict[str, Any]) -> dict[str, Any]:
         operator = node_op_type(result["error"], job["onnx"])
         result |= {"operator": operator} if operator else {}
     result["seconds"] = time.perf_counter() - start
-    if capture.after:
+    if capture.after and result["status"] == "compiled" and compiled.schedules is not None:
         try:
-            result["primfuncs"] = zoo_profile.schedule_table(capture, job["target"])
+            result["primfuncs"] = zoo_profile.schedule_table(capture, compiled.schedules)
         except Exception as exc:  # the table is extra information: keep the library
             result["primfuncs_error"] = first_line(exc)
     return result

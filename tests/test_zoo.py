@@ -147,3 +147,29 @@ def test_a_failing_export_is_a_result(tmp_path: Path) -> None:
 )
 def test_op_families(name: str, family: str) -> None:
     assert zoo_profile.family(name) == family
+
+
+def test_the_compile_worker_says_which_rule_scheduled_each_primfunc(tmp_path: Path) -> None:
+    # The zoo's PrimFunc tables read the compile's own record, snapshotted after our
+    # scheduling pass; they were empty while the instrument looked for a pass name that
+    # no longer ran.
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from benchmarks import zoo_workers
+
+    weight = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 32])],
+        [weight],
+    )
+    path = tmp_path / "m.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    job = {"onnx": str(path), "target": "avx512", "dims": None, "lib": str(tmp_path / "m.so")}
+    result = zoo_workers.compile_library(job)
+    assert result["status"] == "compiled", result
+    rows = {row["name"]: row for row in result["primfuncs"]}
+    matmul = next(row for name, row in rows.items() if "matmul" in name)
+    assert matmul["scheduled_by"] == "matmul" and matmul["ours"] and matmul["vector"], matmul
