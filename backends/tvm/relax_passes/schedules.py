@@ -94,6 +94,9 @@ MIN_ROWS = 16
 # per register tile: ~30% of a 1x1 convolution over 16 channels. On the stack LLVM keeps
 # the tile in registers from its zeros to the epilogue.
 STACK_BYTES = 1024
+# A row reduction over a static extent of at least this many elements that no vector
+# divides is vectorized nest by nest (VectorizedRowReduction._nest_by_nest).
+RAGGED_MIN_EXTENT = 17
 # Marks the zero-padded input copies that zero_pad adds (kept out of the micro-kernel).
 PAD_ANNOTATION = "rewriter.zero_pad"
 
@@ -334,7 +337,11 @@ def streams_weight(weight_bytes: int, tile_rows: int, tiles: int) -> bool:
     >>> streams_weight(256 * 1024 * 4, 5, 10)  # CLIP's MLP at 50 tokens
     True
     """
-    return weight_bytes >= PREFETCH_MIN_BYTES and tile_rows >= PREFETCH_MIN_ROWS and 0 < tiles <= PREFETCH_MAX_TILES
+    return (
+        weight_bytes >= PREFETCH_MIN_BYTES
+        and tile_rows >= PREFETCH_MIN_ROWS
+        and 0 < tiles <= PREFETCH_MAX_TILES
+    )
 
 
 def prefetch_next_panel(
@@ -375,10 +382,21 @@ def prefetch_next_panel(
         out = []
         for part in range(per_iteration):
             flat = tirx.floormod(following + (lines + part) * line, size)
-            index = [tirx.floordiv(flat, depth * width), tirx.floormod(tirx.floordiv(flat, width), depth)]
-            address = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(weight, [*index, tirx.floormod(flat, width)]))
-            locality = [tirx.const(value, "int32") for value in (0, PREFETCH_LOCALITY, 1)]  # read, locality, data
-            out.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *locality)))
+            index = [
+                tirx.floordiv(flat, depth * width),
+                tirx.floormod(tirx.floordiv(flat, width), depth),
+            ]
+            address = tirx.call_intrin(
+                "handle",
+                "tirx.address_of",
+                tirx.BufferLoad(weight, [*index, tirx.floormod(flat, width)]),
+            )
+            locality = [
+                tirx.const(value, "int32") for value in (0, PREFETCH_LOCALITY, 1)
+            ]  # read, locality, data
+            out.append(
+                tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *locality))
+            )
         if stride == 1:
             return out
         return [tirx.IfThenElse(tirx.floormod(position, stride) == 0, out[0], None)]
@@ -387,10 +405,22 @@ def prefetch_next_panel(
         if not loop.loop_var.same_as(at.loop_var):
             return loop
         body = tirx.SeqStmt([*prefetches(), loop.body])
-        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
+        return tirx.For(
+            loop.loop_var,
+            loop.min,
+            loop.extent,
+            loop.kind,
+            body,
+            loop.thread_binding,
+            loop.annotations,
+        )
 
     func = sch.mod["main"]
-    return s_tir.Schedule(func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, with_prefetches)], order="post")))
+    return s_tir.Schedule(
+        func.with_body(
+            tvm_ffi.structural_map(func.body, [(tirx.For, with_prefetches)], order="post")
+        )
+    )
 
 
 def prefetch_spacing(elements: int, line: int, tiles: int) -> tuple[int, int]:
@@ -429,7 +459,11 @@ def row_iterator(block: Any) -> int:
         return -3
     outer = iter_vars[-4].var
     weight = block.reads[1]
-    if any(free.same_as(outer) for r in weight.region for free in tirx.analysis.undefined_vars(r.min, [])):
+    if any(
+        free.same_as(outer)
+        for r in weight.region
+        for free in tirx.analysis.undefined_vars(r.min, [])
+    ):
         return -3
     return -4
 
@@ -512,7 +546,9 @@ def dividing_tile(extent: Any, limit: int, multiple_of: int = 1) -> int | None:
 
     analyzer = sym.Analyzer()
     for candidate in range(limit, 1, -1):
-        if candidate % multiple_of == 0 and analyzer.can_prove(tirx.floormod(extent, candidate) == 0):
+        if candidate % multiple_of == 0 and analyzer.can_prove(
+            tirx.floormod(extent, candidate) == 0
+        ):
             return candidate
     return None
 
@@ -659,7 +695,9 @@ def _rules() -> dict[str, Any]:
             scope = tile_scope(tile_i, tile_j)
             if ko is not None:
                 sch.reorder(ko, *outer, mo, *k_loops, mi, ji)
-                return self._k_blocked(sch, block, len(outer), len(k_loops), epilogue, pad_copies, scope)
+                return self._k_blocked(
+                    sch, block, len(outer), len(k_loops), epilogue, pad_copies, scope
+                )
             static_batch = static_extents(sch, batch)
             tiles = -(-rows // tile_i) if rows else 0
             row_tiles = None
@@ -736,7 +774,9 @@ def _rules() -> dict[str, Any]:
             zeros = sch.decompose_padding(copy, inner)
             sch.vectorize(sch.get_loops(zeros)[-1])
 
-        def _shared_rows(self, sch: Any, block: Any, batch: list[Any], i: Any, width: int) -> tuple[list[Any], Any]:
+        def _shared_rows(
+            self, sch: Any, block: Any, batch: list[Any], i: Any, width: int
+        ) -> tuple[list[Any], Any]:
             """``(batch, i)``, the static batch loops next to the rows fused into them
             where the rows alone are fewer than :data:`MIN_PANEL_ROWS`: the packed weight is
             the same for every batch iteration, and each of its panels should serve many
@@ -886,7 +926,11 @@ def _rules() -> dict[str, Any]:
             single_row = (
                 len(sch.get_loops(infos[-1].block_rv)) == 1
                 and not infos[-1].dom_kind().endswith("R")
-                and all(_spatial_size(sch, info.block_rv) == 1 for info in infos if not info.is_injective())
+                and all(
+                    _spatial_size(sch, info.block_rv) == 1
+                    for info in infos
+                    if not info.is_injective()
+                )
             )
             if single_row:
                 lead = 1
@@ -899,6 +943,8 @@ def _rules() -> dict[str, Any]:
                 if info.is_injective() and len(sch.get_consumers(info.block_rv)) == 1:
                     sch.compute_inline(info.block_rv)
             blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+            if not single_row and any(self._ragged(sch, block) for block in blocks[:-1]):
+                return self._nest_by_nest(sch, blocks, lead)
             partials = []
             for block in blocks[:-1]:
                 if _is_reduction(sch, block):
@@ -927,6 +973,49 @@ def _rules() -> dict[str, Any]:
                 sch.reorder(chunk, lane)
                 sch.vectorize(lane)
                 sch.decompose_reduction(partial, chunk)
+            return sch
+
+        def _ragged(self, sch: Any, block: Any) -> bool:
+            """Whether ``block`` reduces over a static extent that no vector divides."""
+            if not _is_reduction(sch, block):
+                return False
+            extents = static_extents(sch, sch.get_loops(block)[-1:])
+            if extents is None:  # symbolic (frames of audio of any length): may be ragged
+                return True
+            return extents[0] >= RAGGED_MIN_EXTENT and extents[0] % self.lanes != 0
+
+        def _nest_by_nest(self, sch: Any, blocks: list[Any], lead: int) -> Any:
+            """Each block in its own loop nest, rows in parallel, for functions with a row
+            reduction over an extent no vector divides (wav2vec2's group norm over 3199
+            frames): such a reduction ran scalar, a loop-carried add per element, at 10x
+            the time of 3200. Its ``lanes`` partial results (:meth:`_vector_partials`)
+            come from a split whose predicate masks the last vector's lanes past the row;
+            ``pragma_loop_partition_hint`` has TVM's ``LoopPartition`` peel that last
+            vector off, so all the others are whole vectors. The predicate survives only
+            where the partial block is never moved: ``compute_at`` rebuilds a block's
+            loops from the regions it must cover and drops it (the partial sums then read
+            past the row), so nothing is computed at one row loop here, and the row is
+            read once per reduction (from cache: a few KiB)."""
+            for block in blocks:
+                partial = None
+                if _is_reduction(sch, block):
+                    extents = static_extents(sch, sch.get_loops(block)[-1:])
+                    if extents is None or extents[0] > self.lanes:
+                        chunk, lane = sch.split(sch.get_loops(block)[-1], [None, self.lanes])
+                        region = len(sch.get(block).writes[0].region)
+                        partial = sch.rfactor(lane, factor_axis=region)
+                for nest in [partial, block] if partial is not None else [block]:
+                    loops = sch.get_loops(nest)
+                    if len(loops) < lead:
+                        return None
+                    sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
+                if partial is not None:
+                    chunk, lane = sch.get_loops(partial)[-2:]
+                    sch.vectorize(lane)
+                    sch.annotate(chunk, "pragma_loop_partition_hint", 1)
+                    sch.decompose_reduction(partial, chunk)
+                elif not _is_reduction(sch, block):
+                    self._vectorize_inner(sch, block)
             return sch
 
         def _vector_partials(self, sch: Any, block: Any) -> Any:
@@ -1012,7 +1101,14 @@ def _rules() -> dict[str, Any]:
             # scalar. (Whole vectors and a masked last one peeled off by LoopPartition would
             # be faster, but TVM's LoopPartition fails on such loops, mixing int32 and int64
             # bounds.)
-            width = next((w for w in (self.lanes, self.lanes // 2, self.lanes // 4) if w >= 2 and total % w == 0), 0)
+            width = next(
+                (
+                    w
+                    for w in (self.lanes, self.lanes // 2, self.lanes // 4)
+                    if w >= 2 and total % w == 0
+                ),
+                0,
+            )
             if not width:
                 if outer:
                     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])

@@ -175,7 +175,10 @@ def micro_kernel(func: object) -> list[tuple[object, int]]:
 
     sch = s_tir.Schedule(func)
     loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("matmul_update"))]
-    return [(loop.kind, int(loop.extent) if isinstance(loop.extent, tvm.tirx.IntImm) else None) for loop in loops]
+    return [
+        (loop.kind, int(loop.extent) if isinstance(loop.extent, tvm.tirx.IntImm) else None)
+        for loop in loops
+    ]
 
 
 def assert_register_tiled(funcs: dict[str, object], count: int, rows: int = 8) -> None:
@@ -586,7 +589,9 @@ def test_rows_without_a_dividing_row_block_are_padded_to_equal_blocks(monkeypatc
 
 
 @pytest.mark.parametrize(
-    ("epilogue", "weight_input"), [("gelu", False), ("none", False), ("residual", True)], ids=["gelu", "none", "input"]
+    ("epilogue", "weight_input"),
+    [("gelu", False), ("none", False), ("residual", True)],
+    ids=["gelu", "none", "input"],
 )
 def test_deep_matmul_is_cut_into_k_blocks_and_agrees(monkeypatch, epilogue, weight_input):
     # Scaled down (16 KiB row blocks, 64-deep k blocks): rows x K and K x N both
@@ -700,6 +705,49 @@ def test_norm_statistics_run_their_rows_in_parallel_and_agree():
     assert_agrees_with_ort(model)
 
 
+@pytest.mark.parametrize("frames", [201, "frames"], ids=["static", "symbolic"])
+def test_ragged_norm_statistics_are_vectorized_and_agree(frames):
+    # InstanceNormalization over 201 frames (wav2vec2's group norm: 3199), which no
+    # vector divides: its sums ran scalar, a loop-carried add per element, at 10x the
+    # time of 3200. Now 16 partial sums a row, the last vector's lanes past the row
+    # masked, at static and at symbolic lengths (audio of any length).
+    import tvm
+    from tvm import s_tir
+
+    rng = np.random.default_rng(SEED)
+    graph = helper.make_graph(
+        [helper.make_node("InstanceNormalization", ["x", "g", "b"], ["y"], epsilon=1e-5)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, frames])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, frames])],
+        [
+            numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "g"),
+            numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (variance,) = [f for name, f in scheduled(model).items() if "variance" in name]
+    sch = s_tir.Schedule(variance)
+    partials = [
+        sch.get(block).name_hint
+        for block in sch.get_child_blocks(sch.get_sblock("root"))
+        if sch.get(block).name_hint.endswith("_rf_update")
+    ]
+    assert len(partials) == 2, variance  # the mean's sum and the squared deviations'
+    for name in partials:
+        inner = sch.get(sch.get_loops(sch.get_sblock(name))[-1])
+        assert inner.kind == tvm.tirx.ForKind.VECTORIZED and int(inner.extent) == 16
+    assert variance.script().count("pragma_loop_partition_hint") == 2  # type: ignore[attr-defined]
+    compiled = backend.compile(model, "avx512")
+    for length in (201, 333, 16):  # whole vectors and none: 16 frames
+        if frames != "frames" and length != frames:
+            continue
+        x = rng.standard_normal((1, 8, length)).astype(np.float32) * 3 + 1
+        reference = verify.run(model.SerializeToString(), {"x": x})["y"]
+        error = float(np.abs(compiled.run({"x": x})["y"] - reference).max())
+        assert TOLERANCE.allows(error, float(np.abs(reference).max())), (length, error)
+
+
 def test_streamed_weight_panels_are_prefetched_and_agree(monkeypatch):
     # Scaled down: a weight of 64 x 512 floats (128 KiB) counts as streamed from memory;
     # 24 rows are 3 row tiles of 8, so each iteration of the k loop prefetches 2 lines of
@@ -728,9 +776,39 @@ def test_cached_or_reused_weights_are_not_prefetched(monkeypatch, shape, columns
 @pytest.mark.parametrize(
     ("shape", "kernel"),
     [
-        ((1, 7, 7, 64), [("PARALLEL", 3), ("SERIAL", 7), ("SERIAL", 16), ("UNROLLED", 4), ("UNROLLED", 7), ("VECTORIZED", 32)]),
-        ((2, 4, 6, 64), [("PARALLEL", 8), ("SERIAL", 3), ("SERIAL", 16), ("UNROLLED", 4), ("UNROLLED", 6), ("VECTORIZED", 32)]),
-        ((1, 3, 10, 64), [("PARALLEL", 9), ("SERIAL", 2), ("SERIAL", 16), ("UNROLLED", 4), ("UNROLLED", 5), ("VECTORIZED", 32)]),
+        (
+            (1, 7, 7, 64),
+            [
+                ("PARALLEL", 3),
+                ("SERIAL", 7),
+                ("SERIAL", 16),
+                ("UNROLLED", 4),
+                ("UNROLLED", 7),
+                ("VECTORIZED", 32),
+            ],
+        ),
+        (
+            (2, 4, 6, 64),
+            [
+                ("PARALLEL", 8),
+                ("SERIAL", 3),
+                ("SERIAL", 16),
+                ("UNROLLED", 4),
+                ("UNROLLED", 6),
+                ("VECTORIZED", 32),
+            ],
+        ),
+        (
+            (1, 3, 10, 64),
+            [
+                ("PARALLEL", 9),
+                ("SERIAL", 2),
+                ("SERIAL", 16),
+                ("UNROLLED", 4),
+                ("UNROLLED", 5),
+                ("VECTORIZED", 32),
+            ],
+        ),
     ],
     ids=["7x7-pixels", "batch-and-image-rows", "tile-of-6-would-straddle-rows-of-10"],
 )
