@@ -1015,8 +1015,24 @@ def _rules() -> dict[str, Any]:
                     sch.annotate(chunk, "pragma_loop_partition_hint", 1)
                     sch.decompose_reduction(partial, chunk)
                 elif not _is_reduction(sch, block):
-                    self._vectorize_inner(sch, block)
+                    self._vectorize_ragged_inner(sch, block)
             return sch
+
+        def _vectorize_ragged_inner(self, sch: Any, block: Any) -> None:
+            """An elementwise nest of :meth:`_nest_by_nest`: its inner loop split by the
+            vector width and vectorized, whole vectors or not (a softmax's exponentials
+            over 197 keys): the split's predicate masks the last vector's lanes, and
+            LoopPartition peels that vector off, as for the partial sums."""
+            loops = sch.get_loops(block)
+            extents = static_extents(sch, loops[-1:])
+            if len(loops) < 2 or (extents is not None and extents[0] < self.lanes):
+                return
+            if extents is not None and extents[0] % self.lanes == 0:
+                self._vectorize_inner(sch, block)
+                return
+            vectors, lane = sch.split(loops[-1], [None, self.lanes])
+            sch.vectorize(lane)
+            sch.annotate(vectors, "pragma_loop_partition_hint", 1)
 
         def _vector_partials(self, sch: Any, block: Any) -> Any:
             """``rfactor`` the row reduction of ``block`` into ``lanes`` partial results."""

@@ -710,7 +710,8 @@ def test_ragged_norm_statistics_are_vectorized_and_agree(frames):
     # InstanceNormalization over 201 frames (wav2vec2's group norm: 3199), which no
     # vector divides: its sums ran scalar, a loop-carried add per element, at 10x the
     # time of 3200. Now 16 partial sums a row, the last vector's lanes past the row
-    # masked, at static and at symbolic lengths (audio of any length).
+    # masked, at static and at symbolic lengths (audio of any length); the normalized
+    # rows' elementwise loops too.
     import tvm
     from tvm import s_tir
 
@@ -726,7 +727,11 @@ def test_ragged_norm_statistics_are_vectorized_and_agree(frames):
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    (variance,) = [f for name, f in scheduled(model).items() if "variance" in name]
+    funcs = scheduled(model)
+    (variance,) = [f for name, f in funcs.items() if "variance" in name]
+    (normalize,) = [f for name, f in funcs.items() if "subtract" in name]
+    # The mean's partial sums and the normalized row, each vectorized, its last vector peeled.
+    assert normalize.script().count("pragma_loop_partition_hint") == 2  # type: ignore[attr-defined]
     sch = s_tir.Schedule(variance)
     partials = [
         sch.get(block).name_hint
