@@ -976,7 +976,8 @@ def _rules() -> dict[str, Any]:
             return sch
 
         def _ragged(self, sch: Any, block: Any) -> bool:
-            """Whether ``block`` reduces over a static extent that no vector divides."""
+            """Whether ``block`` reduces over a static extent that no vector divides (of at
+            least :data:`RAGGED_MIN_EXTENT`) or over a symbolic one."""
             if not _is_reduction(sch, block):
                 return False
             extents = static_extents(sch, sch.get_loops(block)[-1:])
@@ -997,13 +998,8 @@ def _rules() -> dict[str, Any]:
             past the row), so nothing is computed at one row loop here, and the row is
             read once per reduction (from cache: a few KiB)."""
             for block in blocks:
-                partial = None
-                if _is_reduction(sch, block):
-                    extents = static_extents(sch, sch.get_loops(block)[-1:])
-                    if extents is None or extents[0] > self.lanes:
-                        chunk, lane = sch.split(sch.get_loops(block)[-1], [None, self.lanes])
-                        region = len(sch.get(block).writes[0].region)
-                        partial = sch.rfactor(lane, factor_axis=region)
+                reduction = _is_reduction(sch, block)
+                partial = self._vector_partials(sch, block, ragged=True) if reduction else None
                 for nest in [partial, block] if partial is not None else [block]:
                     loops = sch.get_loops(nest)
                     if len(loops) < lead:
@@ -1014,7 +1010,7 @@ def _rules() -> dict[str, Any]:
                     sch.vectorize(lane)
                     sch.annotate(chunk, "pragma_loop_partition_hint", 1)
                     sch.decompose_reduction(partial, chunk)
-                elif not _is_reduction(sch, block):
+                elif not reduction:
                     self._vectorize_ragged_inner(sch, block)
             return sch
 
@@ -1034,11 +1030,16 @@ def _rules() -> dict[str, Any]:
             sch.vectorize(lane)
             sch.annotate(vectors, "pragma_loop_partition_hint", 1)
 
-        def _vector_partials(self, sch: Any, block: Any) -> Any:
-            """``rfactor`` the row reduction of ``block`` into ``lanes`` partial results."""
+        def _vector_partials(self, sch: Any, block: Any, ragged: bool = False) -> Any:
+            """``rfactor`` the row reduction of ``block`` into ``lanes`` partial results, or
+            None; with ``ragged``, also over an extent no vector divides or a symbolic one
+            (the split's predicate masks the last vector's lanes past the row)."""
             loop = sch.get_loops(block)[-1]
-            extent = (static_extents(sch, [loop]) or [0])[0]
-            if extent <= self.lanes or extent % self.lanes:
+            extents = static_extents(sch, [loop])
+            if extents is None:
+                if not ragged:
+                    return None
+            elif extents[0] <= self.lanes or (extents[0] % self.lanes and not ragged):
                 return None
             _, lane = sch.split(loop, [None, self.lanes])
             return sch.rfactor(lane, factor_axis=len(sch.get(block).writes[0].region))
