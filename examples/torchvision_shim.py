@@ -6,7 +6,10 @@ torchvision's import then fails on ``torchvision::nms`` not existing. transforme
 imports torchvision whenever it is installed, so ``from transformers import BertModel``
 fails the same way ("Could not import module 'BertModel'"). Defining the two op
 schemas torchvision checks for, before either is imported, is enough for the imports:
-the model code is pure Python. ``nms`` also gets a CPU kernel in Python (greedy, as
+the model code is pure Python. Where torchvision's compiled ops do load (a torchvision
+built for the torch installed, as on a CUDA machine), they are loaded instead and the
+shim defines nothing: torchvision registering its own ``nms`` over the shim's aborts the
+process. ``nms`` also gets a CPU kernel in Python (greedy, as
 torchvision's) and a fake one (a data-dependent length, for ``torch.export``); nothing
 here calls ``qnms``.
 
@@ -22,7 +25,9 @@ definition of them, changes nothing) is what every user of transformers calls fi
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 # The library fragment that defines the schemas: it must stay alive for the schemas
@@ -39,12 +44,35 @@ def install() -> None:
 
     if _LIBRARY is not None or torch._C._jit_get_schemas_for_operator("torchvision::nms"):
         return
+    if _load_compiled_ops():  # torchvision's own ops work here: they define both
+        return
     library = torch.library.Library("torchvision", "DEF")
     library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     library.impl("nms", _nms, "CPU")
     library._register_fake("nms", _nms_fake)
     _LIBRARY = library
+
+
+def _load_compiled_ops() -> bool:
+    """Load torchvision's compiled ops (``torchvision/_C*.so``) as its import would, without
+    importing it; False where torchvision or its ops library is missing, or the library
+    does not load against this torch (undefined symbols of a CUDA build)."""
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    for folder in spec.submodule_search_locations:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            library = Path(folder) / f"_C{suffix}"
+            if library.exists():
+                try:
+                    torch.ops.load_library(str(library))
+                except (OSError, RuntimeError):
+                    return False
+                return bool(torch._C._jit_get_schemas_for_operator("torchvision::nms"))
+    return False
 
 
 def import_torchvision() -> Any:
