@@ -29,7 +29,8 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    (:mod:`rewriter.backends.tvm.relax_passes.cpu_schedule`: register-tiled matmul and
    convolutions, channels-last windows, vectorized row reductions, tiled transposes and
    elementwise loops); on CUDA
-   ``tvm.s_tir.dlight`` (Matmul, GEMV, Reduction, GeneralReduction, Fallback). With
+   ``tvm.s_tir.dlight`` (Matmul, GEMV, Reduction, GeneralReduction, Fallback), applied by
+   ``cpu_schedule.gpu_schedule``: a rule that raises on a function is passed over. With
    ``tune``/``tune_db`` (CPU targets), before our rules: the tuning stage
    (:mod:`rewriter.backends.tvm.tuning`) tunes what the database lacks and gives each
    function its best record where that beat ours side by side; our rules schedule the rest;
@@ -125,9 +126,14 @@ def relax_pipeline(
         legalizations |= reciprocal.legalizations()  # quantize by a reciprocal scale
     passes.append(relax.transform.LegalizeOps(customize_legalize_map=legalizations))
     # TVM's stages after its own LegalizeOps (ours above legalized the rest, and what it
-    # kept, the symbolic reshapes, must stay); CUDA's end with dlight's default rules.
-    passes += [p for p in stages.legalize_passes(target) if p.info.name != "LegalizeOps"]
-    if not gpu:
+    # kept, the symbolic reshapes, must stay).
+    # On CUDA our pass applies dlight's rules in place of its ApplyDefaultSchedule, passing
+    # over a rule that raises on a function (cpu_schedule.gpu_schedule).
+    replaced = ("LegalizeOps", "ApplyDefaultSchedule")
+    passes += [p for p in stages.legalize_passes(target) if p.info.name not in replaced]
+    if gpu:
+        passes.append(cpu_schedule.gpu_schedule(target))
+    else:
         passes.append(pack_weights.pack_matmul_weights(target))
         if tuner is not None:  # tuned records first; our rules skip what they scheduled
             passes += tuner.passes(target)

@@ -452,6 +452,28 @@ def test_cuda_target_generates_code_without_a_gpu(tmp_path):
             compiled.run(feeds_for(original))
 
 
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc not on PATH: TVM cannot build CUDA code"
+)
+def test_a_gpu_rule_that_raises_is_passed_over(monkeypatch):
+    """dlight's GPU Matmul asserts on some fused convolutions (MobileNetV3-small at batch 8),
+    which ended the compile: our GPU scheduling pass takes the next rule instead."""
+    from rewriter.backends.tvm.relax_passes import cpu_schedule
+
+    tried = []
+
+    class Raising:
+        def apply(self, func, target, tunable):
+            tried.append(func)
+            raise AssertionError("There are some consumers of the cache-write stage ...")
+
+    rules = cpu_schedule.gpu_rules
+    monkeypatch.setattr(cpu_schedule, "gpu_rules", lambda: [Raising(), *rules()])
+    compiled = backend.compile(rewritten(matmul_softmax()), "cuda", cuda_arch="sm_90")
+    source = compiled.device_source()
+    assert tried and source is not None and "__global__" in source
+
+
 # --- CLI ----------------------------------------------------------------------------
 
 
@@ -527,7 +549,11 @@ def test_cli_target_for_features_this_cpu_lacks_builds_and_says_so(tmp_path):
     code, lib, report = _cli_compile(tmp_path, lacking[0])
     assert code == 0 and lib.is_file()
     compiled = json.loads(report.read_text())["compiled"]
-    assert compiled["ran"] is False and "this CPU lacks" in compiled["note"] and "not run" in compiled["note"]
+    assert (
+        compiled["ran"] is False
+        and "this CPU lacks" in compiled["note"]
+        and "not run" in compiled["note"]
+    )
     with pytest.raises(InputError, match="this CPU lacks|which this CPU lacks"):
         backend.load(lib)
 
@@ -751,7 +777,9 @@ def test_symbolic_dims_tvm_cannot_keep_are_fixed_and_the_report_says_so():
 
     rng = np.random.default_rng(SEED)
     feeds = {"x": rng.standard_normal((3, 5)).astype(np.float32)}
-    check = compiled_check.check_compiled(_pad_to_multiple_of_8(), "avx512", feeds=feeds, reference=None)
+    check = compiled_check.check_compiled(
+        _pad_to_multiple_of_8(), "avx512", feeds=feeds, reference=None
+    )
     assert check.note is not None and "fixed to the verification inputs' sizes" in check.note
     assert check.accepts == {name: list(value.shape) for name, value in feeds.items()}
 
