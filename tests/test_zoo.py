@@ -173,3 +173,40 @@ def test_the_compile_worker_says_which_rule_scheduled_each_primfunc(tmp_path: Pa
     rows = {row["name"]: row for row in result["primfuncs"]}
     matmul = next(row for name, row in rows.items() if "matmul" in name)
     assert matmul["scheduled_by"] == "matmul" and matmul["ours"] and matmul["vector"], matmul
+
+
+def test_the_gpu_zoo_reports_failures_per_batch_and_needs_a_gpu(capsys, monkeypatch):
+    """benchmarks/cuda_zoo.py: a batch that fails is a row naming the batch and the error
+    beside the measured ones, and without a CUDA device the script says so and exits."""
+    import subprocess
+    import sys
+
+    from benchmarks import cuda_zoo
+
+    rows = [
+        {
+            "model": "bert",
+            "batch": 1,
+            "ours_ms": 0.35,
+            "vs_stock_tvm": 0.98,
+            "vs_torch": 0.13,
+            "max_rel_err": 2.6e-7,
+            "cosine": 1.0,
+        },
+        {"model": "bert", "batch": 8, "error": "AssertionError: consumers not inlined"},
+    ]
+    cuda_zoo.print_table(rows)
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].startswith("| bert | 1 | 0.350 | 0.98 | 0.13 |")
+    assert table[3] == "| bert | 8 | AssertionError: consumers not inlined | | | | |"
+    assert cuda_zoo._row_line(rows[1]) == "bert b8: AssertionError: consumers not inlined"
+
+    import tvm
+
+    if tvm.cuda(0).exist:
+        pytest.skip("a CUDA device is here: the script would run")
+    script = Path(cuda_zoo.__file__)
+    done = subprocess.run(
+        [sys.executable, str(script), "--models", "bert"], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "no CUDA device" in done.stderr
