@@ -175,22 +175,29 @@ class Compiled:
         return tvm.cuda(0) if self.device == "cuda" else tvm.cpu(0)
 
     def _machine(self) -> Any:
+        """This model's Relax VM, made once (the benchmarks call its functions directly)."""
         if self._vm is None:
-            import tvm
-            from tvm import relax
-
-            why = self.not_runnable()
-            if why is not None:
-                raise InputError(f"{why}: the model cannot run here")
-            if amx_runtime.uses_amx(self.signature.target_json):
-                amx_runtime.ensure_permission()  # else the first tile instruction is SIGILL
-            self._vm = relax.VirtualMachine(self.executable, self._device(tvm))
+            self._vm = self._new_machine()
         return self._vm
 
+    def _new_machine(self) -> Any:
+        """A Relax VM of its own on the shared executable: a VM's registers are state, so
+        two threads must never call one VM."""
+        import tvm
+        from tvm import relax
+
+        why = self.not_runnable()
+        if why is not None:
+            raise InputError(f"{why}: the model cannot run here")
+        if amx_runtime.uses_amx(self.signature.target_json):
+            amx_runtime.ensure_permission()  # else the first tile instruction is SIGILL
+        return relax.VirtualMachine(self.executable, self._device(tvm))
+
     def session(self) -> Session:
-        """A :class:`Session` on this model's VM: repeated calls without copies or
+        """A :class:`Session` on a Relax VM of its own: repeated calls without copies or
         allocations (inputs through DLPack, outputs in buffers it reuses once the caller
-        dropped them, or written into ``out=`` arrays); one per thread. :meth:`run` uses one of its own.
+        dropped them, or written into ``out=`` arrays); one per thread (sessions of one
+        model in several threads run at once, each on its own VM). :meth:`run` uses one of its own.
 
         >>> session = compiled.session()  # doctest: +SKIP
         >>> for batch in batches:  # doctest: +SKIP
@@ -198,7 +205,9 @@ class Compiled:
         """
         import tvm
 
-        return Session(self._machine(), self.signature, self._device(tvm), pooled=self.thread_pool)
+        return Session(
+            self._new_machine(), self.signature, self._device(tvm), pooled=self.thread_pool
+        )
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run on ``inputs`` (numpy arrays or torch tensors, by name); returns the outputs

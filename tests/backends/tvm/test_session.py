@@ -273,3 +273,28 @@ def test_bfloat16_outputs_through_the_sessions_buffers():
         assert y.dtype == ml_dtypes.bfloat16
         # Rounding to bfloat16 (8 mantissa bits): within 2**-8 of |x|, and exact on bf16 values.
         np.testing.assert_allclose(y.astype(np.float32), x, rtol=2.0**-8, atol=0)
+
+
+def test_sessions_in_threads_each_have_a_vm_and_agree(compiled):
+    """A Relax VM's registers are state: sessions of one model that share a VM corrupt
+    each other's calls from several threads (a register index of 2**54, then a segfault,
+    seen with four threads). Each session has a VM of its own."""
+    import threading
+
+    sessions = [compiled.session() for _ in range(4)]
+    assert len({id(session._vm) for session in sessions}) == 4
+    x = _input()
+    expected = compiled.run({"x": x})["y"].copy()
+    failures: list[str] = []
+
+    def runs(session) -> None:
+        for _ in range(50):
+            if not np.array_equal(session.run({"x": x})["y"], expected):
+                failures.append("differs")
+
+    workers = [threading.Thread(target=runs, args=(session,)) for session in sessions]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not failures
