@@ -623,8 +623,8 @@ def rules() -> dict[str, Any]:
         symbolic = run_time and ragged
         # A tile on the stack (in registers) where one divides the pixels (56 x 56: 7 x 32);
         # a symbolic count's tile is the one that provably divides it.
-        if ragged:
-            tile_i = limit
+        if ragged:  # any height: the tallest on the stack (4 x 64 floats are 1 KiB: 3 x 64)
+            tile_i = schedules.stack_height(limit, tile_j)
         elif not run_time:
             tile_i = schedules.stack_rows(pixels, limit, tile_j) or tile_i
         loops = sch.get_loops(block)

@@ -80,8 +80,7 @@ def tile_height(channels: int, groups: int, lanes: int) -> int:
         limit = schedules.tile_rows(width, lanes) if width else 1
     if not width:
         return 1
-    stacked = (h for h in range(limit, 0, -1) if 4 * h >= 3 * limit and schedules.tile_scope(h, width) == "global")
-    return next(stacked, limit)
+    return schedules.stack_height(limit, width)
 
 
 def pad_frames(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:

@@ -489,6 +489,19 @@ def tile_scope(tile_i: int, tile_j: int, itemsize: int = 4) -> str:
     return "global" if tile_i * tile_j * itemsize < STACK_BYTES else "local"
 
 
+def stack_height(limit: int, tile_j: int, itemsize: int = 4) -> int:
+    """The tallest tile height up to ``limit`` whose tile fits the stack (:func:`tile_scope`)
+    and keeps at least 3/4 of the ``limit``'s accumulators; else ``limit`` (for a ragged
+    tile, which need not divide anything: 4 x 64 floats are 1 KiB, a workspace per
+    tile; 3 x 64 stay on the stack).
+
+    >>> stack_height(4, 64), stack_height(8, 32), stack_height(8, 16), stack_height(2, 256)
+    (3, 7, 8, 2)
+    """
+    stacked = (h for h in range(limit, 0, -1) if 4 * h >= 3 * limit and tile_scope(h, tile_j, itemsize) == "global")
+    return next(stacked, limit)
+
+
 def stack_rows(rows: int, limit: int, tile_j: int, itemsize: int = 4) -> int | None:
     """The tallest tile height dividing ``rows`` whose tile fits the stack
     (:func:`tile_scope`), where it keeps at least 3/4 of the ``limit``'s accumulators

@@ -412,6 +412,16 @@ def test_depthwise_window_tile_lives_on_the_stack(size, stride):
     assert "T.unroll(T.int64(7))" in text and "T.unroll(T.int64(8))" not in text, text
 
 
+def test_ragged_window_tile_lives_on_the_stack():
+    # 7 x 7 pixels of 128 channels: 64-wide tiles of at most 4 pixels, none dividing 49
+    # (ragged): 3 pixels (768 bytes, on the stack), not 4 (1 KiB, a workspace per tile;
+    # EfficientNet-B0's 5 x 5 depthwise convolutions over 7 x 7 maps).
+    assert schedules.stack_height(4, 64) == 3
+    text = _window_schedule(128, 7, 5, 1)
+    assert 'scope="local"' not in text, text
+    assert "T.unroll(T.int64(3))" in text, text
+
+
 def test_symbolic_batch_decides_the_padding_copy_per_image():
     # 58 x 58 x 72 padded floats per image (969 KB, past the L2 block): inlined as at a
     # fixed batch; a copy kept for any batch (its size unknown) ran MobileNetV3's
