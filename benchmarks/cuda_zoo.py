@@ -35,6 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.zoo_export import first_line  # noqa: E402
+
 DEFAULT_MODELS = [
     "bert",
     "gpt2",
@@ -85,13 +87,13 @@ def measure_model(args: argparse.Namespace, model: Any, work: Path) -> Iterator[
     try:
         prepared = _prepare(args, model, work)
     except Exception as exc:
-        yield {"model": model.name, "error": _first_line(exc)}
+        yield {"model": model.name, "error": first_line(exc)}
         return
     for batch in args.batch:
         try:
             yield _measure(args, model, batch, *prepared)
         except Exception as exc:
-            yield {"model": model.name, "batch": batch, "error": _first_line(exc)}
+            yield {"model": model.name, "batch": batch, "error": first_line(exc)}
 
 
 def _prepare(args: argparse.Namespace, model: Any, work: Path) -> tuple[Path, Path, Any, Any]:
@@ -120,6 +122,7 @@ def _measure(
 ) -> dict[str, Any]:
     from benchmarks import zoo_models
     from benchmarks.timing import interleaved
+    from rewriter import verify
     from rewriter.backends import tvm as backend
 
     feeds = zoo_models.feeds(model, batch)
@@ -130,7 +133,7 @@ def _measure(
     try:
         stock = backend.compile(original, "cuda", cuda_arch=args.cuda_arch, dims=dims)
     except Exception as exc:  # TVM's stock lowering failing is a result too
-        stock, stock_error = None, _first_line(exc)
+        stock, stock_error = None, first_line(exc)
     reference = reference_session.run([model.output], feeds)[0]
     got = ours.run(feeds)[model.output]
     calls = {"ours": _device_call(ours, feeds)}
@@ -139,11 +142,12 @@ def _measure(
     if module is not None:
         calls["torch"] = _torch_call(module, feeds)
     seconds = interleaved(calls, args.seconds)
+    compared = verify.compare(model.output, reference, got)
     row: dict[str, Any] = {
         "model": model.name,
         "batch": batch,
-        "max_rel_err": float(np.abs(got - reference).max() / max(np.abs(reference).max(), 1e-30)),
-        "cosine": _cosine(got, reference),
+        "max_rel_err": compared.max_rel_err,
+        "cosine": compared.cosine,
         "ours_ms": seconds["ours"] * 1e3,
         "compile_s": compile_s,
     }
@@ -188,7 +192,7 @@ def _torch_module(model: Any) -> Any:
     try:
         return model.make().eval().to("cuda")
     except Exception as exc:  # another transformers or torchvision than the zoo's
-        print(f"{model.name}: no PyTorch peer ({_first_line(exc)})", flush=True)
+        print(f"{model.name}: no PyTorch peer ({first_line(exc)})", flush=True)
         return None
     finally:
         torch.cuda.synchronize()
@@ -205,16 +209,6 @@ def _torch_call(module: Any, feeds: dict[str, np.ndarray]) -> Callable[[], None]
         torch.cuda.synchronize()
 
     return call
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
 def _row_line(row: dict[str, Any]) -> str:

@@ -46,6 +46,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import tvm
 
 logger = logging.getLogger(__name__)
@@ -498,8 +500,7 @@ def stack_height(limit: int, tile_j: int, itemsize: int = 4) -> int:
     >>> stack_height(4, 64), stack_height(8, 32), stack_height(8, 16), stack_height(2, 256)
     (3, 7, 8, 2)
     """
-    stacked = (h for h in range(limit, 0, -1) if 4 * h >= 3 * limit and tile_scope(h, tile_j, itemsize) == "global")
-    return next(stacked, limit)
+    return next(_stack_heights(limit, tile_j, itemsize), limit)
 
 
 def stack_rows(rows: int, limit: int, tile_j: int, itemsize: int = 4) -> int | None:
@@ -510,12 +511,16 @@ def stack_rows(rows: int, limit: int, tile_j: int, itemsize: int = 4) -> int | N
     >>> stack_rows(3136, 8, 32), stack_rows(4096, 8, 32), stack_rows(4096, 8, 16)
     (7, None, 8)
     """
+    return next((h for h in _stack_heights(limit, tile_j, itemsize) if rows % h == 0), None)
+
+
+def _stack_heights(limit: int, tile_j: int, itemsize: int) -> Iterator[int]:
+    """Tile heights from ``limit`` down to 3/4 of it whose tile fits the stack."""
     for height in range(limit, 0, -1):
         if 4 * height < 3 * limit:
-            return None
-        if rows % height == 0 and tile_scope(height, tile_j, itemsize) == "global":
-            return height
-    return None
+            return
+        if tile_scope(height, tile_j, itemsize) == "global":
+            yield height
 
 
 def tile_rows(tile_j: int, lanes: int) -> int:
