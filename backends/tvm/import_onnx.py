@@ -369,6 +369,54 @@ def _bounds_safe_take(bb: Any, expr: Any) -> Any:
     return expr
 
 
+def _gather_elements(bb: Any, inputs: list, attrs: dict) -> Any | None:
+    """``GatherElements`` as one kernel that wraps a negative index, clamps it (as
+    :func:`_bounds_safe_take` does for ``Gather``) and reads an index that is an
+    ``Expand`` of a smaller one through its broadcast. TVM's converter first builds the
+    data's shape as a tensor, then a ``less``, an ``add`` and a ``where`` over the whole
+    index: over symbolic sizes four kernels and a copy of the index per call, and a
+    broadcast index copied to the output's shape (DeBERTa's relative positions, [sequence,
+    sequence], expanded to [batch x heads, sequence, sequence] twice per layer: 4 MiB of
+    int64 written and read again per gather at batch 8). None where the shapes are not
+    known ranks (TVM's converter then)."""
+    from tvm import relax, te, tirx
+
+    data, indices = inputs[0], inputs[1]
+    shape = getattr(getattr(indices, "ty", None), "shape", None)
+    data_shape = getattr(getattr(data, "ty", None), "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or not isinstance(data_shape, relax.ShapeExpr):
+        return None
+    out_shape = list(shape.values)
+    axis = attrs.get("axis", 0) % len(out_shape)
+    # The importer hands over a value as the call that makes it, or as a bound variable.
+    binding = bb.lookup_binding(indices) if isinstance(indices, relax.Var) else indices
+    if (
+        isinstance(binding, relax.Call)
+        and binding.op == relax.op.broadcast_to(indices, shape).op
+        and isinstance(getattr(binding.args[0].ty, "shape", None), relax.ShapeExpr)
+    ):
+        indices = binding.args[0]  # read through the broadcast
+
+    def gather(values: te.Tensor, index: te.Tensor) -> te.Tensor:
+        extent = values.shape[axis]
+        lead = len(out_shape) - len(index.shape)
+
+        def element(*at: Any) -> Any:
+            read = [
+                tirx.const(0, "int64") if isinstance(dim, tirx.IntImm) and dim.value == 1 else at[lead + i]
+                for i, dim in enumerate(index.shape)
+            ]
+            position = index[tuple(read)].astype("int64")
+            if not str(index.dtype).startswith("uint"):
+                position = tirx.Select(position < 0, position + extent, position)
+            position = tirx.max(tirx.min(position, extent - 1), tirx.const(0, "int64"))
+            return values[tuple(position if i == axis else at[i] for i in range(len(at)))]
+
+        return te.compute(out_shape, element, name="gather_elements")
+
+    return bb.normalize(bb.call_te(gather, data, indices, primfunc_name_hint="gather_elements"))
+
+
 def _is_shape(expr: Any) -> bool:
     from tvm import relax
 
@@ -561,6 +609,8 @@ def _importer_class() -> type:
                     return positions
             if op_name == "Gather":
                 return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
+            if op_name == "GatherElements" and (gathered := _gather_elements(self.bb, inputs, attrs)) is not None:
+                return gathered
             if op_name in ("ReduceMin", "ReduceMax") and _is_shape(inputs[0]):
                 return _reduce_shape(op_name, inputs, attrs)
             if op_name == "TopK" and len(inputs) > 1 and _runtime_k(inputs[1]):

@@ -53,13 +53,18 @@ def pipeline_name() -> str:
             import tvm
             from tvm import tirx
 
-            from rewriter.backends.tvm import vector_tails
+            from rewriter.backends.tvm import stack_tiles, vector_tails
 
             main, host, device = s_tir_pipeline.default_s_tir_pipeline()
             lower = tvm.transform.Sequential([_argument_bytes_pass(), vector_tails.unswitch_pass(), main])
 
             def finalize_host() -> tvm.transform.Pass:
-                passes = [_serial_small_loops_pass(), tirx.transform.ConvertSSA(), host()]
+                passes = [
+                    _serial_small_loops_pass(),
+                    tirx.transform.ConvertSSA(),
+                    stack_tiles.stack_tiles_pass(),  # small tiles on the stack, not the heap
+                    host(),
+                ]
                 return tvm.transform.Sequential(passes)
 
             return lower, finalize_host, device

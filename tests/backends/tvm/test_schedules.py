@@ -98,22 +98,55 @@ class Buckets:
         return y
 
 
-def test_all_symbolic_elementwise_runs_its_rows_in_parallel():
-    # Every extent symbolic (T5's relative-position buckets over [sequence, sequence]):
-    # no static loop to vectorize, the rows in parallel (left unscheduled before).
+def test_all_symbolic_elementwise_runs_its_rows_in_parallel_in_vectors():
+    # Every extent symbolic (T5's relative-position buckets over [sequence, sequence],
+    # attention scores masked over [batch, heads, sequence, sequence]): the rows in
+    # parallel (left unscheduled before), each in 16-lane vectors and a masked last one
+    # (a plain loop before: DeBERTa's masked scores ran 3x their fixed-size time).
     record = cpu_schedule.ScheduleRecord()
     func = _scheduled(Buckets, record)
     assert record.unscheduled == [] and set(record.scheduled.values()) == {"elementwise"}, record
     target = targets.resolve("avx512")
-    assert [loop.kind for loop in _loops(func)] == [
+    loops = _loops(func)
+    assert [loop.kind for loop in loops] == [
         tvm.tirx.ForKind.PARALLEL,
         tvm.tirx.ForKind.SERIAL,
+        tvm.tirx.ForKind.VECTORIZED,
     ]
+    assert int(loops[-1].extent) == 16
     executable = relax.build(Buckets, target=target, relax_pipeline=pipeline.relax_pipeline(target))
     vm = relax.VirtualMachine(executable, tvm.cpu())
-    x = np.random.default_rng(0).standard_normal((7, 13)).astype(np.float32) * 10
-    got = vm["main"](tvm.runtime.tensor(x)).numpy()
-    np.testing.assert_allclose(got, np.minimum(np.log(np.abs(x) + 1), 2), rtol=1e-6)
+    for shape in [(7, 13), (3, 37), (2, 64), (1, 1)]:  # a tail only, ragged, whole vectors
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 10
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_allclose(got, np.minimum(np.log(np.abs(x) + 1), 2), rtol=1e-6)
+
+
+@I.ir_module
+class Scores:
+    @R.function
+    def main(x: R.Tensor(("groups", "sequence", "sequence"), "float32")):
+        with R.dataflow():
+            y = R.permute_dims(x, [0, 2, 1])  # DeBERTa's p2c scores, both axes symbolic
+            R.output(y)
+        return y
+
+
+def test_transpose_of_two_symbolic_axes_is_tiled_and_agrees():
+    # Both innermost axes symbolic: 16 x 16 tiles, the output's axis a masked vector loop
+    # (the elementwise rule's vectors gathered one column apart: 1.5x a scalar loop).
+    target = targets.resolve("avx512")
+    record = cpu_schedule.ScheduleRecord()
+    func = _scheduled(Scores, record)
+    assert set(record.scheduled.values()) == {"transpose"}, record
+    loops = _loops(func)
+    assert loops[0].kind == tvm.tirx.ForKind.PARALLEL
+    assert loops[-1].kind == tvm.tirx.ForKind.VECTORIZED and int(loops[-1].extent) == 16
+    executable = relax.build(Scores, target=target, relax_pipeline=pipeline.relax_pipeline(target))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    for groups, sequence in [(1, 1), (2, 13), (3, 37), (1, 32)]:
+        x = np.random.default_rng(sequence).standard_normal((groups, sequence, sequence)).astype(np.float32)
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), x.transpose(0, 2, 1))
 
 
 @I.ir_module

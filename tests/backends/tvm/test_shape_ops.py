@@ -242,3 +242,68 @@ def test_division_of_sizes_is_floor_division_only_where_the_dividend_is_nonnegat
     assert isinstance(sizes.divide(samples - 10, five), tvm.tirx.FloorDiv)
     assert isinstance(sizes.divide(samples - 500, five), tvm.tirx.Div)  # negative below 500
     assert isinstance(shape_values.Sizes().divide(samples - 10, five), tvm.tirx.Div)
+
+
+def gather_expanded(rows: int, cols: int) -> onnx.ModelProto:
+    """``GatherElements(x, Expand(idx, [batch, rows, rows]))`` along the last axis, the
+    batch read from ``Shape(x)`` (DeBERTa's relative positions, expanded to batch x heads),
+    and a plain ``GatherElements`` of an index input along axis 1."""
+    index = np.random.default_rng(SEED).integers(-cols, cols, size=(1, rows, rows))
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "axes"], ["batch1"]),
+        helper.make_node("Concat", ["batch1", "square"], ["target"], axis=0),
+        helper.make_node("Expand", ["index", "target"], ["expanded"]),
+        helper.make_node("GatherElements", ["x", "expanded"], ["y"], axis=-1),
+        helper.make_node("GatherElements", ["x", "plain"], ["z"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gather_elements",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows, cols]),
+            helper.make_tensor_value_info("plain", TensorProto.INT64, ["batch", 3, cols]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", rows, rows]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3, cols]),
+        ],
+        initializer=[
+            numpy_helper.from_array(index.astype(np.int64), "index"),
+            ints("zero", 0, scalar=True),
+            ints("axes", 0),
+            ints("square", rows, rows),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("dims", [None, {"batch": 3}], ids=["symbolic", "fixed"])
+def test_gather_elements_reads_an_expanded_index_through_its_broadcast(dims):
+    # DeBERTa-v2's c2p/p2c gathers: the [1, n, n] positions are not copied to
+    # [batch x heads, n, n] (4 MiB of int64 per gather at batch 8), and negative indices
+    # wrap in the kernel (TVM's converter: a shape tensor, less, add and where per call).
+    proto = gather_expanded(6, 9)
+    compiled = backend.compile(proto, "avx512", dims=dims)
+    assert set(compiled.schedules.scheduled) == {"gather_elements", "gather_elements1"}, compiled.schedules
+    rng = np.random.default_rng(SEED)
+    for batch in (3,) if dims else (1, 3):
+        feeds = {
+            "x": rng.standard_normal((batch, 6, 9)).astype(np.float32),
+            "plain": rng.integers(-6, 6, size=(batch, 3, 9)).astype(np.int64),
+        }
+        expected = run(proto, feeds)
+        got = compiled.run(feeds)
+        for name in ("y", "z"):
+            np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_gather_elements_clamps_an_index_past_the_axis():
+    # ONNX Runtime refuses such an index; a deployed library must not read past the data
+    # (as Gather's take, mode="clip").
+    proto = gather_expanded(2, 4)
+    compiled = backend.compile(proto, "avx512", dims={"batch": 1})
+    x = np.arange(1 * 2 * 4, dtype=np.float32).reshape(1, 2, 4)
+    plain = np.full((1, 3, 4), 7, np.int64)
+    np.testing.assert_array_equal(compiled.run({"x": x, "plain": plain})["z"], np.broadcast_to(x[:, 1:2, :], (1, 3, 4)))
