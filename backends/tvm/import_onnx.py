@@ -379,6 +379,7 @@ def _gather_elements(bb: Any, inputs: list, attrs: dict) -> Any | None:
     sequence], expanded to [batch x heads, sequence, sequence] twice per layer: 4 MiB of
     int64 written and read again per gather at batch 8). None where the shapes are not
     known ranks (TVM's converter then)."""
+    import tvm
     from tvm import relax, te, tirx
 
     data, indices = inputs[0], inputs[1]
@@ -392,8 +393,8 @@ def _gather_elements(bb: Any, inputs: list, attrs: dict) -> Any | None:
     binding = bb.lookup_binding(indices) if isinstance(indices, relax.Var) else indices
     if (
         isinstance(binding, relax.Call)
-        and binding.op == relax.op.broadcast_to(indices, shape).op
-        and isinstance(getattr(binding.args[0].ty, "shape", None), relax.ShapeExpr)
+        and binding.op == tvm.ir.Op.get("relax.broadcast_to")
+        and _broadcasts_by_ones(getattr(binding.args[0].ty, "shape", None), out_shape)
     ):
         indices = binding.args[0]  # read through the broadcast
 
@@ -415,6 +416,22 @@ def _gather_elements(bb: Any, inputs: list, attrs: dict) -> Any | None:
         return te.compute(out_shape, element, name="gather_elements")
 
     return bb.normalize(bb.call_te(gather, data, indices, primfunc_name_hint="gather_elements"))
+
+
+def _broadcasts_by_ones(source: Any, target: list[Any]) -> bool:
+    """Whether ``source`` (a ShapeExpr) broadcasts to ``target`` only along its dimensions
+    of a constant 1: every other dimension is the target's own (a symbolic one that is 1
+    only at run time cannot be read through)."""
+    import tvm_ffi
+    from tvm import relax, tirx
+
+    if not isinstance(source, relax.ShapeExpr) or len(source.values) > len(target):
+        return False
+    lead = len(target) - len(source.values)
+    return all(
+        (isinstance(dim, tirx.IntImm) and dim.value == 1) or tvm_ffi.structural_equal(dim, target[lead + i])
+        for i, dim in enumerate(source.values)
+    )
 
 
 def _is_shape(expr: Any) -> bool:
