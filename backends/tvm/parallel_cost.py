@@ -77,24 +77,18 @@ def argument_bytes(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimExpr:
     """The bytes of ``func``'s buffer arguments, as a float64 expression of its sizes."""
     from tvm import tirx
 
+    from rewriter.backends.tvm.stack_tiles import dtype_bytes
+
     total = tirx.const(0.0, "float64")
     for param in func.params:
         kind = getattr(param, "ty", None)
         if not isinstance(kind, tirx.BufferType):
             continue
-        size = tirx.const(float(_dtype_bytes(kind.dtype)), "float64")
+        size = tirx.const(float(dtype_bytes(kind.dtype)), "float64")
         for extent in kind.shape:
             size = size * tirx.Cast("float64", extent)
         total = total + size
     return total
-
-
-def _dtype_bytes(dtype: Any) -> int:
-    """Bytes of one element of ``dtype`` (lanes included)."""
-    import tvm
-
-    kind = tvm.DataType(str(dtype))
-    return max(1, kind.bits * kind.lanes // 8)
 
 
 def work_ns(stmt: tvm.tirx.Stmt, tiles: frozenset[Any] = frozenset()) -> tvm.tirx.PrimExpr:

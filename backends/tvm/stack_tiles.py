@@ -46,13 +46,19 @@ def stack_tiles_pass() -> Any:
 
 def constant_bytes(buffer: Any) -> int | None:
     """``buffer``'s size in bytes where every extent is a constant, else None."""
-    import tvm
     from tvm import tirx
 
-    kind = tvm.DataType(str(buffer.dtype))
-    size = (kind.bits + 7) // 8 * max(1, kind.lanes)
+    size = dtype_bytes(buffer.dtype)
     for extent in buffer.shape:
         if not isinstance(extent, tirx.IntImm):
             return None
         size *= int(extent)
     return size
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes of one element of ``dtype`` (lanes included)."""
+    import tvm
+
+    kind = tvm.DataType(str(dtype))
+    return max(1, kind.bits * kind.lanes // 8)

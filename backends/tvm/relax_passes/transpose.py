@@ -96,19 +96,22 @@ def rule() -> Any:
                 return short_axis(
                     sch, loops, short[0], in_inner if short[0] == out_inner else out_inner, size
                 )
-            if not any(static):
-                return both_symbolic(sch, loops, out_inner, in_inner, size)
-            # A ragged tile's tail is masked by a predicate, which vectorize refuses: the
-            # output's axis is vectorized only where whole tiles cover it.
+            # ``size x size`` tiles. The output's axis is vectorized where whole tiles cover
+            # it, and where both axes are symbolic (DeBERTa's p2c scores, [batch x heads,
+            # sequence, sequence] swapped): its lanes past the end are masked, and the
+            # masked last vector is split off before lowering (vector_tails). As
+            # elementwise vectors, those gathered their elements one column apart (1.5x a
+            # scalar loop, which is 3x a tiled transpose at fixed sizes).
             a_outer, a_inner = sch.split(loops[out_inner], [None, size])
             b_outer, b_inner = sch.split(loops[in_inner], [None, size])
             rest = [loop for i, loop in enumerate(loops) if i not in (out_inner, in_inner)]
             sch.reorder(*rest, b_outer, a_outer, b_inner, a_inner)
-            if (
+            whole = (
                 all(static)
                 and int(extents[out_inner]) % size == 0
                 and int(extents[in_inner]) % size == 0
-            ):
+            )
+            if whole or not any(static):
                 sch.vectorize(a_inner)
             if all(static):
                 sch.parallel(sch.fuse(*rest, b_outer, a_outer))
@@ -116,8 +119,9 @@ def rule() -> Any:
             # One axis symbolic (wav2vec2's NWC -> NCW around its group norm, over the
             # frames): its tiles a serial loop inside the parallel one, whose index then
             # divides by constants only (a per-element division by a run-time extent
-            # otherwise). Walked column by column it ran at 12 ns per element.
-            if not static[1]:  # the symbolic tiles outside the static ones
+            # otherwise). Walked column by column it ran at 12 ns per element. Both
+            # symbolic: the input's tiles are the parallel loop.
+            if static[0] and not static[1]:  # the symbolic tiles outside the static ones
                 sch.reorder(a_outer, b_outer)
                 sch.parallel(sch.fuse(*rest, a_outer) if rest else a_outer)
             else:
@@ -150,22 +154,6 @@ def rule() -> Any:
         if not isinstance(extents[0], tirx.IntImm) or int(extents[0]) != int(factor):
             return index
         return inner
-
-    def both_symbolic(sch: Any, loops: list[Any], out_inner: int, in_inner: int, size: int) -> Any:
-        """A transpose whose two innermost axes are both symbolic (the p2c scores of
-        DeBERTa, ``[batch x heads, sequence, sequence]`` swapped): ``size x size`` tiles,
-        the output's axis a vector loop whose lanes past the end are masked (split into a
-        whole-vector case and a masked tail before lowering: vector_tails), the tiles of
-        the input's axis the parallel loop. As elementwise vectors, each gathered its
-        elements one column apart (1.5x the scalar loop's time, which is 3x a tiled
-        transpose's at fixed sizes)."""
-        a_outer, a_inner = sch.split(loops[out_inner], [None, size])
-        b_outer, b_inner = sch.split(loops[in_inner], [None, size])
-        rest = [loop for i, loop in enumerate(loops) if i not in (out_inner, in_inner)]
-        sch.reorder(*rest, b_outer, a_outer, b_inner, a_inner)
-        sch.vectorize(a_inner)
-        sch.parallel(sch.fuse(*rest, b_outer) if rest else b_outer)
-        return sch
 
     def short_axis(sch: Any, loops: list[Any], short: int, long: int, size: int) -> Any:
         """A transpose whose one innermost axis is shorter than a vector (an image's 3
