@@ -43,7 +43,7 @@ def unswitched(loop: Any) -> Any:
         return loop
     lane = loop.loop_var
     terms = _conjuncts(realize.predicate)
-    moving = [term for term in terms if _uses(term, lane)]
+    moving = [term for term in terms if uses(term, lane)]
     if not moving:
         return loop
     checks = []
@@ -53,7 +53,7 @@ def unswitched(loop: Any) -> Any:
         if at is None:
             return loop
         checks.append(sym.Analyzer().simplify(_substitute(term, lane, at)))
-    kept = [term for term in terms if not _uses(term, lane)]
+    kept = [term for term in terms if not uses(term, lane)]
     fresh = tirx.Var(lane.name, lane.ty)
     values = [_substitute(value, lane, fresh) for value in realize.iter_values]
     full = s_tir.SBlockRealize(values, _all(kept), realize.block)
@@ -72,9 +72,9 @@ def _holds_everywhere_at(term: Any, lane: Any, first: Any, last: Any) -> Any:
         low, high = term.b, term.a
     else:
         return None
-    if _uses(low, lane) == _uses(high, lane):
+    if uses(low, lane) == uses(high, lane):
         return None
-    moving = low if _uses(low, lane) else high
+    moving = low if uses(low, lane) else high
     coefficients = sym.detect_linear_equation(moving, [lane])
     if len(coefficients) != 2 or not isinstance(coefficients[0], tirx.IntImm):
         return None
@@ -105,7 +105,8 @@ def _all(terms: list[Any]) -> Any:
     return condition
 
 
-def _uses(expr: Any, var: Any) -> bool:
+def uses(expr: Any, var: Any) -> bool:
+    """Whether ``var`` is free in ``expr``."""
     from tvm import tirx
 
     return any(free.same_as(var) for free in tirx.analysis.undefined_vars(expr, []))

@@ -420,6 +420,7 @@ def rules() -> dict[str, Any]:
     from tvm import s_tir, sym, tirx
 
     from rewriter.backends.tvm.relax_passes import schedules
+    from rewriter.backends.tvm.vector_tails import uses
 
     base = schedules.cpu_rule_base()
     reduce = tirx.IterVar.CommReduce
@@ -475,9 +476,6 @@ def rules() -> dict[str, Any]:
         if lead is None or shape is None or len(stmt.writes) != 1:
             return None
         return producers, block, epilogue, stmt, lead, *shape
-
-    def _mentions(expr: Any, var: Any) -> bool:
-        return any(free.same_as(var) for free in tirx.analysis.undefined_vars(expr, []))
 
     def flatten_pixels(sch: Any, block: Any, tail: Any, lead: int, extents: list[Any], keep: int) -> None:
         """Fuse the pixel iterators of ``block`` (the ``lead - 1`` before its channel, but
@@ -713,7 +711,7 @@ def rules() -> dict[str, Any]:
                 return None
             data, weight = stmt.reads
             group = group_size(data.region[-1].min, channel, reductions[-1])
-            if group is None or any(_mentions(r.min, channel) for r in data.region[:-1]):
+            if group is None or any(uses(r.min, channel) for r in data.region[:-1]):
                 return None  # a depthwise convolution or pooling: the window rule's
             packed = stmt.annotations.get(PACKED_ANNOTATION)
             weight_index = [r.min for r in weight.region]
@@ -788,7 +786,7 @@ def rules() -> dict[str, Any]:
                 last = read.region[-1].min
                 if read.source.same_as(stmt.writes[0].source):
                     continue
-                if not _mentions(last, channel) or any(_mentions(r.min, channel) for r in read.region[:-1]):
+                if not uses(last, channel) or any(uses(r.min, channel) for r in read.region[:-1]):
                     return None
                 if not (last.same_as(channel) or _is_channel_plus_reduction(last, channel, ivars[lead:])):
                     return None

@@ -27,15 +27,21 @@ def rule() -> Any:
     from tvm import s_tir, sym, tirx
 
     from rewriter.backends.tvm.relax_passes import schedules
+    from rewriter.backends.tvm.vector_tails import uses
 
     class BlockedTranspose(schedules.cpu_rule_base()):  # type: ignore[misc]
         """One copy block ``Y[i...] = X[perm(i...)]`` whose innermost axes differ, both at
         least one tile (``lanes``) long: tiled, the output's innermost axis vectorized
-        where tiles are whole; one of them shorter: :func:`short_axis`."""
+        where tiles are whole; one of them shorter: :func:`short_axis`. Or one block that
+        computes its output from inputs it reads transposed (:func:`computed`)."""
 
         what = "transpose"
 
         def _schedule(self, func: Any) -> Any:
+            sch = self._copy(func)
+            return sch if sch is not None else computed(func, self.lanes)
+
+        def _copy(self, func: Any) -> Any:
             sch = s_tir.Schedule(func)
             blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
             # A transpose and the reshapes TVM fused after it (wav2vec2's feature
@@ -96,37 +102,133 @@ def rule() -> Any:
                 return short_axis(
                     sch, loops, short[0], in_inner if short[0] == out_inner else out_inner, size
                 )
-            # ``size x size`` tiles. The output's axis is vectorized where whole tiles cover
-            # it, and where both axes are symbolic (DeBERTa's p2c scores, [batch x heads,
-            # sequence, sequence] swapped): its lanes past the end are masked, and the
-            # masked last vector is split off before lowering (vector_tails). As
-            # elementwise vectors, those gathered their elements one column apart (1.5x a
-            # scalar loop, which is 3x a tiled transpose at fixed sizes).
-            a_outer, a_inner = sch.split(loops[out_inner], [None, size])
-            b_outer, b_inner = sch.split(loops[in_inner], [None, size])
-            rest = [loop for i, loop in enumerate(loops) if i not in (out_inner, in_inner)]
-            sch.reorder(*rest, b_outer, a_outer, b_inner, a_inner)
-            whole = (
-                all(static)
-                and int(extents[out_inner]) % size == 0
-                and int(extents[in_inner]) % size == 0
-            )
-            if whole or not any(static):
-                sch.vectorize(a_inner)
-            if all(static):
-                sch.parallel(sch.fuse(*rest, b_outer, a_outer))
-                return sch
-            # One axis symbolic (wav2vec2's NWC -> NCW around its group norm, over the
-            # frames): its tiles a serial loop inside the parallel one, whose index then
-            # divides by constants only (a per-element division by a run-time extent
-            # otherwise). Walked column by column it ran at 12 ns per element. Both
-            # symbolic: the input's tiles are the parallel loop.
-            if static[0] and not static[1]:  # the symbolic tiles outside the static ones
-                sch.reorder(a_outer, b_outer)
-                sch.parallel(sch.fuse(*rest, a_outer) if rest else a_outer)
-            else:
-                sch.parallel(sch.fuse(*rest, b_outer) if rest else b_outer)
+            return tiled(sch, loops, out_inner, in_inner, extents, size)
+
+    def tiled(sch: Any, loops: list[Any], out_inner: int, in_inner: int, extents: list[Any], size: int) -> Any:
+        """``sch`` with the loops of the output's innermost axis (``out_inner``) and of the
+        input's (``in_inner``) cut into ``size x size`` tiles, the output's axis inside.
+
+        The output's axis is vectorized where whole tiles cover it, and where both axes
+        are symbolic (DeBERTa's p2c scores, [batch x heads, sequence, sequence] swapped):
+        its lanes past the end are masked, and the masked last vector is split off before
+        lowering (vector_tails). As elementwise vectors, those gathered their elements one
+        column apart (1.5x a scalar loop, which is 3x a tiled transpose at fixed sizes)."""
+        static = [isinstance(extents[axis], tirx.IntImm) for axis in (out_inner, in_inner)]
+        a_outer, a_inner = sch.split(loops[out_inner], [None, size])
+        b_outer, b_inner = sch.split(loops[in_inner], [None, size])
+        rest = [loop for i, loop in enumerate(loops) if i not in (out_inner, in_inner)]
+        sch.reorder(*rest, b_outer, a_outer, b_inner, a_inner)
+        whole = (
+            all(static)
+            and int(extents[out_inner]) % size == 0
+            and int(extents[in_inner]) % size == 0
+        )
+        if whole or not any(static):
+            sch.vectorize(a_inner)
+        if all(static):
+            sch.parallel(sch.fuse(*rest, b_outer, a_outer))
             return sch
+        # One axis symbolic (wav2vec2's NWC -> NCW around its group norm, over the
+        # frames): its tiles a serial loop inside the parallel one, whose index then
+        # divides by constants only (a per-element division by a run-time extent
+        # otherwise). Walked column by column it ran at 12 ns per element. Both
+        # symbolic: the input's tiles are the parallel loop.
+        if static[0] and not static[1]:  # the symbolic tiles outside the static ones
+            sch.reorder(a_outer, b_outer)
+            sch.parallel(sch.fuse(*rest, a_outer) if rest else a_outer)
+        else:
+            sch.parallel(sch.fuse(*rest, b_outer) if rest else b_outer)
+        return sch
+
+    def computed(func: Any, size: int) -> Any:
+        """A single block that computes its output from inputs it reads transposed, tiled
+        as a copy is (:func:`tiled`): every load that varies along the output's innermost
+        axis has that axis outside its own innermost index, and those all step along one
+        other iterator (:func:`transposed_axis`), both axes static and at least a tile
+        long (tiles across ViT's 197 tokens: 0.35 ms for 64 x 197 x 64 floats scaled, 1.26
+        as elementwise vectors; 16-lane vectors where tiles are whole). Llama's keys,
+        rotated (RoPE) and written transposed for ``Q @ K^T`` in one fused function: as
+        elementwise vectors along the tokens, each lane read another 512-byte row of the
+        keys and of the sine and cosine tables."""
+        sch = s_tir.Schedule(func)
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        if not blocks or not inline_all(sch, blocks[:-1], sch.compute_inline):
+            return None
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        if len(blocks) != 1:
+            return None
+        stmt = sch.get(blocks[0])
+        if any(iv.iter_type != tirx.IterVar.DataPar for iv in stmt.iter_vars):
+            return None
+        if not isinstance(stmt.body, tirx.BufferStore):
+            return None
+        ivars = [iv.var for iv in stmt.iter_vars]
+        out = stmt.body.indices[-1]
+        loops = sch.get_loops(blocks[0])
+        if len(loops) != len(ivars) or not any(out.same_as(v) for v in ivars):
+            return None
+        inner = transposed_axis(stmt, out)
+        if inner is None:
+            return None
+        out_inner = next(i for i, v in enumerate(ivars) if v.same_as(out))
+        in_inner = next(i for i, v in enumerate(ivars) if v.same_as(inner))
+        extents = [iv.dom.extent for iv in stmt.iter_vars]
+        for axis in (out_inner, in_inner):
+            if not isinstance(extents[axis], tirx.IntImm) or int(extents[axis]) < size:
+                return None
+        return tiled(sch, loops, out_inner, in_inner, extents, size)
+
+    def transposed_axis(stmt: Any, out: Any) -> Any:
+        """The iterator along which every load of the block ``stmt`` that varies with the
+        output's innermost iterator ``out`` reads contiguous elements: its last index is
+        ``iterator + terms without it`` (indices simplified over the iterators' domains
+        and the conditions the load is under: a rotation's ``x[..., d - 32]`` where
+        ``d >= 32``). None where a load reads along ``out``, another index form (an image
+        row split from a flattened axis, ``p // 28, p % 28``: tiled, 1.5x slower than as
+        vectors), or the loads differ."""
+        analyzer = sym.Analyzer()
+        for iv in stmt.iter_vars:
+            analyzer.bind(iv.var, iv.dom)
+        iterators = [iv.var for iv in stmt.iter_vars]
+        inner = None
+        for load, conditions in guarded_loads(stmt.body.value, []):
+            with analyzer.constraint_scope(analyzer.simplify(tirx.all(*conditions, tirx.const(True)))):
+                indices = [analyzer.simplify(index) for index in load.indices]
+            if not any(uses(index, out) for index in indices):
+                continue  # the same for every output element along ``out`` (a broadcast)
+            if uses(indices[-1], out):
+                return None
+            along = [var for var in iterators if uses(indices[-1], var) and unit_step(indices[-1], var)]
+            if len(along) != 1 or (inner is not None and not along[0].same_as(inner)):
+                return None
+            inner = along[0]
+        return inner
+
+    def guarded_loads(expr: Any, conditions: list[Any]) -> list[tuple[Any, list[Any]]]:
+        """The loads in ``expr``, each with the conditions of the ``if_then_else``
+        branches it is under."""
+        if isinstance(expr, tvm.ir.TensorLoad):
+            return [(expr, conditions)]
+        if isinstance(expr, tvm.ir.Call) and expr.op.name == "prim.if_then_else":
+            condition, then, otherwise = expr.args
+            return (
+                guarded_loads(condition, conditions)
+                + guarded_loads(then, [*conditions, condition])
+                + guarded_loads(otherwise, [*conditions, tirx.Not(condition)])
+            )
+        children: list[Any] = list(expr.args) if isinstance(expr, tvm.ir.Call) else []
+        children += [getattr(expr, field) for field in ("a", "b", "value") if hasattr(expr, field)]
+        return [found for child in children for found in guarded_loads(child, conditions)]
+
+    def unit_step(index: Any, var: Any) -> bool:
+        """Whether ``index`` is ``var`` plus terms without it."""
+        coefficients = sym.detect_linear_equation(index, [var])
+        return (
+            len(coefficients) == 2
+            and isinstance(coefficients[0], tirx.IntImm)
+            and int(coefficients[0]) == 1
+            and not uses(coefficients[1], var)
+        )
 
     def inline_all(sch: Any, blocks: list[Any], inline: Any) -> bool:
         """Whether ``inline`` took every one of ``blocks``."""
