@@ -21,7 +21,10 @@ when its thread pool starts; ORT gets ``intra_op_num_threads``, torch
 cores from the next contender at 2 threads. Outputs are compared with ORT's before timing; times are
 medians of interleaved rounds. Then a per-kernel breakdown of ``ours`` (the Relax VM's
 instrument hook; this TVM's VM has no ``profile``) beside ORT's per-op-type breakdown
-(its profiler), both on the fewest threads. ::
+(its profiler), both on the fewest threads, and the matmul floor: the model's MatMul and
+Gemm work (from the shapes in ORT's profile) at the float32 FMA peak measured on the spot
+(``probes.fma_peak``), as a fraction of ORT's time: no float32 library runs the model
+faster than that. ::
 
     .venv/bin/python benchmarks/e2e.py --quick        # batch 1, one thread
     .venv/bin/python benchmarks/e2e.py                # batch 1 and 8, threads 1 and 2
@@ -48,6 +51,7 @@ MODELS = ("minilm", "random")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUTS = ("last_hidden_state", "pooler_output")
 CONTENDERS = ("ours", "tvm", "ort", "torch")
+MATMUL_OPS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm")
 
 
 def torch_model(name: str) -> Any:
@@ -150,10 +154,10 @@ def profile_kernels(
     )
 
 
-def profile_ort(
+def ort_kernel_events(
     original: str, feeds: dict[str, np.ndarray], threads: int, runs: int, folder: Path
-) -> list[tuple[str, int, float]]:
-    """Per ORT op type: (op type, nodes run per run, seconds per run), from ORT's profiler."""
+) -> list[dict[str, Any]]:
+    """ORT's profiler events of its node kernels over ``runs`` runs (after a warm-up run)."""
     import onnxruntime as ort
     import timing
 
@@ -169,13 +173,22 @@ def profile_ort(
     events = json.loads(trace.read_text())
     trace.unlink()
     start = sorted(e["ts"] for e in events if e.get("name") == "model_run")[1]
+    return [
+        event
+        for event in events
+        if event.get("cat") == "Node"
+        and event["name"].endswith("_kernel_time")
+        and event["ts"] >= start
+    ]
+
+
+def profile_ort(
+    original: str, feeds: dict[str, np.ndarray], threads: int, runs: int, folder: Path
+) -> list[tuple[str, int, float]]:
+    """Per ORT op type: (op type, nodes run per run, seconds per run), from ORT's profiler."""
     totals: dict[str, float] = {}
     calls: dict[str, int] = {}
-    for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-            continue
-        if event["ts"] < start:
-            continue
+    for event in ort_kernel_events(original, feeds, threads, runs, folder):
         op = event["args"]["op_name"]
         totals[op] = totals.get(op, 0.0) + event["dur"] * 1e-6
         calls[op] = calls.get(op, 0) + 1
@@ -185,19 +198,36 @@ def profile_ort(
     )
 
 
+def matmul_gflop(original: str, feeds: dict[str, np.ndarray], folder: Path) -> float:
+    """The model's matmul work per run in GFLOP: 2 x output elements x depth (the first
+    input's last axis) of every MatMul and Gemm ORT runs (fused forms too), from the
+    shapes its profiler records."""
+    work = 0
+    for event in ort_kernel_events(original, feeds, 1, 1, folder):
+        if event["args"]["op_name"] not in MATMUL_OPS:
+            continue
+        (first,) = event["args"]["input_type_shape"][0].values()
+        (output,) = event["args"]["output_type_shape"][0].values()
+        work += 2 * int(np.prod(output)) * first[-1]
+    return work / 1e9
+
+
 def worker(args: argparse.Namespace) -> None:
     """One thread count, in its own process: check outputs, time, profile; JSON to --out."""
     import onnxruntime as ort
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import probes
     import timing
 
     from rewriter import verify
     from rewriter.backends import tvm as backend
+    from rewriter.backends.tvm import targets
 
     threads = args.threads[0]
     torch.set_num_threads(threads)
+    peak = probes.fma_peak(targets.resolve(args.target), threads) if args.profile else 0.0
     plan = json.loads(Path(args.plan).read_text())
     results: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
@@ -256,6 +286,8 @@ def worker(args: argparse.Namespace) -> None:
                     "ort": profile_ort(
                         original, feeds, threads, runs_profiled, Path(args.plan).parent
                     ),
+                    "matmul_gflop": matmul_gflop(original, feeds, Path(args.plan).parent),
+                    "fma_peak": peak,
                 }
     Path(args.out).write_text(json.dumps({"results": results, "profiles": profiles}))
 
@@ -300,6 +332,17 @@ def print_tables(results: list[dict[str, Any]], profiles: dict[str, Any], thread
         print(f"{'op type':<60} {'nodes':>5} {'ms':>8} {'%':>6}")
         for name, count, seconds in rows[:10]:
             print(f"{name[:60]:<60} {count:>5} {seconds * 1e3:>8.3f} {100 * seconds / total:>6.1f}")
+        (row,) = [
+            r for r in results if (r["model"], str(r["batch"]), r["threads"]) == (model, batch, threads)
+        ]
+        floor = profile["matmul_gflop"] / profile["fma_peak"] * 1e3
+        print(
+            f"Matmul floor: {profile['matmul_gflop']:.2f} GFLOP of MatMul/Gemm work at the "
+            f"{profile['fma_peak']:.0f} GFLOP/s float32 FMA peak of {threads} thread(s), "
+            f"measured now (probes.fma_peak) = {floor:.2f} ms, {floor / row['ms']['ort']:.2f} "
+            f"of ORT's time (ours {row['ms']['ours'] / row['ms']['ort']:.2f}): no float32 "
+            f"kernel runs the matmuls alone faster"
+        )
 
 
 def main() -> None:

@@ -8,11 +8,14 @@
   accumulators) or write it once (with the same non-temporal stores the two-pass kernel
   uses for that shape), so the two-pass floor -- two reads and one write per element
   (Dukhan & Ablavatski 2020) -- can be measured on the spot.
+* :func:`fma_probe` / :func:`fma_peak`: vector FMAs on registers only, in independent
+  chains: the cores' float32 multiply-add peak, the floor of any matmul's time.
 * :func:`bind`: compile a PrimFunc and bind it to numpy buffers without copying.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -106,6 +109,60 @@ def write_probe(rows: int, cols: int, target: tvm.target.Target) -> tirx.PrimFun
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.sse.sfence"))
 
     return write_probe
+
+
+FMA_CHAINS = 12  # independent accumulators: more than the FMA latency x the FMA pipes
+
+
+def fma_probe(iterations: int, tasks: int, lanes: int) -> tirx.PrimFunc:
+    """``tasks`` parallel tasks, each ``iterations`` rounds of :data:`FMA_CHAINS`
+    independent ``lanes``-wide multiply-adds on registers (no memory traffic inside the
+    loop): ``2 x FMA_CHAINS x lanes x iterations x tasks`` flops.
+
+    >>> fma_probe(10, 2, 16).params[0].name
+    'X'
+    """
+    width = FMA_CHAINS * lanes
+
+    @T.prim_func
+    def fma_probe(
+        X: T.Buffer((tasks, width), "float32"),  # type: ignore[valid-type]
+        Y: T.Buffer((tasks, width), "float32"),  # type: ignore[valid-type]
+    ):
+        T.func_attr({"tir.noalias": True})
+        for t in T.parallel(tasks):
+            acc = T.alloc_buffer((width,), "float32", scope="global")
+            for u in T.unroll(FMA_CHAINS):
+                acc[T.Ramp(u * lanes, 1, lanes)] = X[t, T.Ramp(u * lanes, 1, lanes)]
+            for _ in T.serial(iterations):
+                for u in T.unroll(FMA_CHAINS):
+                    acc[T.Ramp(u * lanes, 1, lanes)] = acc[
+                        T.Ramp(u * lanes, 1, lanes)
+                    ] * T.Broadcast(T.float32(0.9999999), lanes) + T.Broadcast(
+                        T.float32(1e-7), lanes
+                    )
+            for u in T.unroll(FMA_CHAINS):
+                Y[t, T.Ramp(u * lanes, 1, lanes)] = acc[T.Ramp(u * lanes, 1, lanes)]
+
+    return fma_probe
+
+
+def fma_peak(target: tvm.target.Target, tasks: int = 1) -> float:
+    """The float32 FMA peak in GFLOP/s of ``tasks`` threads (TVM's pool runs them: its
+    thread count is ``TVM_NUM_THREADS``), the fastest of 5 calls (a few ms each)."""
+    lanes = Plan(1, 1, "float32", target).lanes
+    iterations = 1 << 20
+    flops = 2 * FMA_CHAINS * lanes * iterations * tasks
+    x, y = aligned_empty((tasks, FMA_CHAINS * lanes)), aligned_empty((tasks, FMA_CHAINS * lanes))
+    x[:] = 1.0
+    run = bind(fma_probe(iterations, tasks, lanes), target, x, y)
+    run()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: str = "float32", align: int = 64) -> np.ndarray:
