@@ -205,12 +205,17 @@ def rule() -> Any:
         return inner
 
     def guarded_loads(expr: Any, conditions: list[Any]) -> list[tuple[Any, list[Any]]]:
-        """The loads in ``expr``, each with the conditions of the ``if_then_else``
-        branches it is under."""
+        """The loads in ``expr``, each with the conditions of the ``if_then_else`` (or
+        ``Select``) branches it is under."""
         if isinstance(expr, tvm.ir.TensorLoad):
             return [(expr, conditions)]
+        branches = None
         if isinstance(expr, tvm.ir.Call) and expr.op.name == "prim.if_then_else":
-            condition, then, otherwise = expr.args
+            branches = expr.args
+        elif isinstance(expr, tirx.Select):
+            branches = (expr.condition, expr.true_value, expr.false_value)
+        if branches is not None:
+            condition, then, otherwise = branches
             return (
                 guarded_loads(condition, conditions)
                 + guarded_loads(then, [*conditions, condition])
