@@ -1014,7 +1014,13 @@ def _rules() -> dict[str, Any]:
             where the partial block is never moved: ``compute_at`` rebuilds a block's
             loops from the regions it must cover and drops it (the partial sums then read
             past the row), so nothing is computed at one row loop here, and the row is
-            read once per reduction (from cache: a few KiB)."""
+            read once per reduction (from cache: a few KiB). Under a symbolic row count
+            the hint is left out: TVM's LoopPartition then mixed int32 and int64 bounds
+            (the data-type narrowing before it had made the vector loops int32) and the
+            build failed (Swin's window softmax, [batch x 64, 2, 49, 49], compiled
+            without the rewrite); ``vector_tails`` splits the masked vector off instead."""
+            rows = sch.get_loops(blocks[0])[:lead]
+            hint = static_extents(sch, rows) is not None
             for block in blocks:
                 reduction = _is_reduction(sch, block)
                 partial = self._vector_partials(sch, block, ragged=True) if reduction else None
@@ -1026,17 +1032,18 @@ def _rules() -> dict[str, Any]:
                 if partial is not None:
                     chunk, lane = sch.get_loops(partial)[-2:]
                     sch.vectorize(lane)
-                    sch.annotate(chunk, "pragma_loop_partition_hint", 1)
+                    if hint:
+                        sch.annotate(chunk, "pragma_loop_partition_hint", 1)
                     sch.decompose_reduction(partial, chunk)
                 elif not reduction:
-                    self._vectorize_ragged_inner(sch, block)
+                    self._vectorize_ragged_inner(sch, block, hint)
             return sch
 
-        def _vectorize_ragged_inner(self, sch: Any, block: Any) -> None:
+        def _vectorize_ragged_inner(self, sch: Any, block: Any, hint: bool) -> None:
             """An elementwise nest of :meth:`_nest_by_nest`: its inner loop split by the
             vector width and vectorized, whole vectors or not (a softmax's exponentials
             over 197 keys): the split's predicate masks the last vector's lanes, and
-            LoopPartition peels that vector off, as for the partial sums."""
+            LoopPartition peels that vector off (with ``hint``), as for the partial sums."""
             loops = sch.get_loops(block)
             extents = static_extents(sch, loops[-1:])
             if len(loops) < 2 or (extents is not None and extents[0] < self.lanes):
@@ -1046,7 +1053,8 @@ def _rules() -> dict[str, Any]:
                 return
             vectors, lane = sch.split(loops[-1], [None, self.lanes])
             sch.vectorize(lane)
-            sch.annotate(vectors, "pragma_loop_partition_hint", 1)
+            if hint:
+                sch.annotate(vectors, "pragma_loop_partition_hint", 1)
 
         def _vector_partials(self, sch: Any, block: Any, ragged: bool = False) -> Any:
             """``rfactor`` the row reduction of ``block`` into ``lanes`` partial results, or

@@ -335,3 +335,33 @@ def test_an_image_row_split_from_flat_pixels_stays_elementwise():
     record = cpu_schedule.ScheduleRecord()
     _scheduled(bb.get(), record)
     assert list(record.scheduled.values()) == ["elementwise"], record
+
+
+@I.ir_module
+class WindowSoftmax:
+    @R.function
+    def main(x: R.Tensor(("windows", 2, 49, 49), "float32")):
+        with R.dataflow():
+            y = R.nn.softmax(x, axis=-1)
+            R.output(y)
+        return y
+
+
+def test_softmax_over_ragged_rows_of_a_symbolic_count_builds_and_agrees():
+    # Swin's window attention compiled without the rewrite: rows of 49 keys (no whole
+    # vectors) over a symbolic number of windows. Asked to peel the masked last vector,
+    # TVM's LoopPartition mixed int32 and int64 bounds and the build failed; vector_tails
+    # splits it off instead.
+    target = targets.resolve("avx512")
+    record = cpu_schedule.ScheduleRecord()
+    executable = relax.build(
+        WindowSoftmax, target=target, relax_pipeline=pipeline.relax_pipeline(target, record=record)
+    )
+    assert set(record.scheduled.values()) == {"row reduction"}, record
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    for windows in (1, 3):
+        x = np.random.default_rng(windows).standard_normal((windows, 2, 49, 49)).astype(np.float32)
+        expected = np.exp(x - x.max(-1, keepdims=True))
+        expected /= expected.sum(-1, keepdims=True)
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
