@@ -50,6 +50,17 @@ def _scheduled(
     return func
 
 
+def _machine(
+    module: tvm.IRModule, record: cpu_schedule.ScheduleRecord | None = None
+) -> relax.VirtualMachine:
+    """``module`` built through our pipeline for avx512 (its rules in ``record``), on the CPU."""
+    target = targets.resolve("avx512")
+    executable = relax.build(
+        module, target=target, relax_pipeline=pipeline.relax_pipeline(target, record=record)
+    )
+    return relax.VirtualMachine(executable, tvm.cpu())
+
+
 def _loops(func: tvm.tirx.PrimFunc) -> list[tvm.tirx.For]:
     loops: list[tvm.tirx.For] = []
     stmt = func.body
@@ -78,9 +89,7 @@ def test_symbolic_loops_are_parallel_and_the_vectors_serial_inside():
 
 
 def test_symbolic_transpose_agrees_at_several_sizes():
-    target = targets.resolve("avx512")
-    executable = relax.build(Heads, target=target, relax_pipeline=pipeline.relax_pipeline(target))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = _machine(Heads)
     rng = np.random.default_rng(0)
     for batch, sequence in [(1, 1), (2, 13), (1, 128)]:
         x = rng.standard_normal((batch, sequence, 4, 64)).astype(np.float32)
@@ -106,7 +115,6 @@ def test_all_symbolic_elementwise_runs_its_rows_in_parallel_in_vectors():
     record = cpu_schedule.ScheduleRecord()
     func = _scheduled(Buckets, record)
     assert record.unscheduled == [] and set(record.scheduled.values()) == {"elementwise"}, record
-    target = targets.resolve("avx512")
     loops = _loops(func)
     assert [loop.kind for loop in loops] == [
         tvm.tirx.ForKind.PARALLEL,
@@ -114,8 +122,7 @@ def test_all_symbolic_elementwise_runs_its_rows_in_parallel_in_vectors():
         tvm.tirx.ForKind.VECTORIZED,
     ]
     assert int(loops[-1].extent) == 16
-    executable = relax.build(Buckets, target=target, relax_pipeline=pipeline.relax_pipeline(target))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = _machine(Buckets)
     for shape in [(7, 13), (3, 37), (2, 64), (1, 1)]:  # a tail only, ragged, whole vectors
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 10
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -135,15 +142,13 @@ class Scores:
 def test_transpose_of_two_symbolic_axes_is_tiled_and_agrees():
     # Both innermost axes symbolic: 16 x 16 tiles, the output's axis a masked vector loop
     # (the elementwise rule's vectors gathered one column apart: 1.5x a scalar loop).
-    target = targets.resolve("avx512")
     record = cpu_schedule.ScheduleRecord()
     func = _scheduled(Scores, record)
     assert set(record.scheduled.values()) == {"transpose"}, record
     loops = _loops(func)
     assert loops[0].kind == tvm.tirx.ForKind.PARALLEL
     assert loops[-1].kind == tvm.tirx.ForKind.VECTORIZED and int(loops[-1].extent) == 16
-    executable = relax.build(Scores, target=target, relax_pipeline=pipeline.relax_pipeline(target))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = _machine(Scores)
     for groups, sequence in [(1, 1), (2, 13), (3, 37), (1, 32)]:
         x = np.random.default_rng(sequence).standard_normal((groups, sequence, sequence)).astype(np.float32)
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), x.transpose(0, 2, 1))
@@ -174,8 +179,7 @@ def test_transpose_over_a_symbolic_axis_is_tiled_and_agrees():
     assert loops[0].kind == tvm.tirx.ForKind.PARALLEL and [
         int(loop.extent) for loop in loops[2:]
     ] == [16, 16]
-    executable = relax.build(Frames, target=target, relax_pipeline=pipeline.relax_pipeline(target))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = _machine(Frames)
     for batch, frames in [(1, 5), (2, 37)]:
         x = np.random.default_rng(frames).standard_normal((batch, frames, 256)).astype(np.float32)
         np.testing.assert_array_equal(
@@ -239,11 +243,7 @@ def test_rows_of_half_vectors_are_not_fused_across_rows():
         (tvm.tirx.ForKind.SERIAL, 3),
         (tvm.tirx.ForKind.VECTORIZED, 8),
     ], loops
-    target = targets.resolve("avx512")
-    executable = relax.build(
-        HalfVectorHeads, target=target, relax_pipeline=pipeline.relax_pipeline(target)
-    )
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = _machine(HalfVectorHeads)
     x = np.random.default_rng(0).standard_normal((64, 49, 48)).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(got, x.reshape(64, 49, 2, 24).transpose(0, 2, 1, 3))
@@ -265,15 +265,11 @@ def test_a_reshape_fused_before_a_transpose_is_tiled_and_agrees():
     # ViT's keys [b, 197, 4 * 64] -> [b, 4, 64, 197]: the input's last axis is two of the
     # output's merged; the elementwise rule gathered each vector with a division per lane
     # (60 us at batch 1, 140 us at a symbolic batch); 16 x 16 tiles now.
-    target = targets.resolve("avx512")
     record = cpu_schedule.ScheduleRecord()
-    executable = relax.build(
-        HeadKeys, target=target, relax_pipeline=pipeline.relax_pipeline(target, record=record)
-    )
+    vm = _machine(HeadKeys, record)
     assert [rule for name, rule in record.scheduled.items() if "transpose" in name] == [
         "transpose"
     ], record
-    vm = relax.VirtualMachine(executable, tvm.cpu())
     for batch in (1, 2):
         x = np.random.default_rng(batch).standard_normal((batch, 197, 256)).astype(np.float32)
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -306,13 +302,9 @@ def test_keys_rotated_then_transposed_are_tiled_and_agree(tokens):
     # vectors along the tokens, each lane read another row of the keys and of the sine and
     # cosine tables (0.99 ms of a 48 ms batch-8 call, Zen 4, one thread); 16 x 16 tiles as
     # a transpose's (0.55 ms).
-    target = targets.resolve("avx512")
     record = cpu_schedule.ScheduleRecord()
-    executable = relax.build(
-        rotated_keys(tokens), target=target, relax_pipeline=pipeline.relax_pipeline(target, record=record)
-    )
+    vm = _machine(rotated_keys(tokens), record)
     assert list(record.scheduled.values()) == ["transpose"], record
-    vm = relax.VirtualMachine(executable, tvm.cpu())
     rng = np.random.default_rng(tokens)
     k, cos, sin = (rng.standard_normal(shape).astype(np.float32) for shape in ((2, tokens, 128), (tokens, 64), (tokens, 64)))
     got = vm["main"](*(tvm.runtime.tensor(a) for a in (k, cos, sin))).numpy()
@@ -352,13 +344,9 @@ def test_softmax_over_ragged_rows_of_a_symbolic_count_builds_and_agrees():
     # vectors) over a symbolic number of windows. Asked to peel the masked last vector,
     # TVM's LoopPartition mixed int32 and int64 bounds and the build failed; vector_tails
     # splits it off instead.
-    target = targets.resolve("avx512")
     record = cpu_schedule.ScheduleRecord()
-    executable = relax.build(
-        WindowSoftmax, target=target, relax_pipeline=pipeline.relax_pipeline(target, record=record)
-    )
+    vm = _machine(WindowSoftmax, record)
     assert set(record.scheduled.values()) == {"row reduction"}, record
-    vm = relax.VirtualMachine(executable, tvm.cpu())
     for windows in (1, 3):
         x = np.random.default_rng(windows).standard_normal((windows, 2, 49, 49)).astype(np.float32)
         expected = np.exp(x - x.max(-1, keepdims=True))
