@@ -186,9 +186,14 @@ def profile_ort(
     original: str, feeds: dict[str, np.ndarray], threads: int, runs: int, folder: Path
 ) -> list[tuple[str, int, float]]:
     """Per ORT op type: (op type, nodes run per run, seconds per run), from ORT's profiler."""
+    return op_type_rows(ort_kernel_events(original, feeds, threads, runs, folder), runs)
+
+
+def op_type_rows(events: list[dict[str, Any]], runs: int) -> list[tuple[str, int, float]]:
+    """:func:`profile_ort`'s rows from the kernel events of ``runs`` runs."""
     totals: dict[str, float] = {}
     calls: dict[str, int] = {}
-    for event in ort_kernel_events(original, feeds, threads, runs, folder):
+    for event in events:
         op = event["args"]["op_name"]
         totals[op] = totals.get(op, 0.0) + event["dur"] * 1e-6
         calls[op] = calls.get(op, 0) + 1
@@ -198,18 +203,18 @@ def profile_ort(
     )
 
 
-def matmul_gflop(original: str, feeds: dict[str, np.ndarray], folder: Path) -> float:
+def matmul_gflop(events: list[dict[str, Any]], runs: int) -> float:
     """The model's matmul work per run in GFLOP: 2 x output elements x depth (the first
-    input's last axis) of every MatMul and Gemm ORT runs (fused forms too), from the
-    shapes its profiler records."""
+    input's last axis) of every MatMul and Gemm ORT ran (fused forms too) in the kernel
+    events of ``runs`` runs, from the shapes its profiler records."""
     work = 0
-    for event in ort_kernel_events(original, feeds, 1, 1, folder):
+    for event in events:
         if event["args"]["op_name"] not in MATMUL_OPS:
             continue
         (first,) = event["args"]["input_type_shape"][0].values()
         (output,) = event["args"]["output_type_shape"][0].values()
         work += 2 * int(np.prod(output)) * first[-1]
-    return work / 1e9
+    return work / runs / 1e9
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -279,14 +284,15 @@ def worker(args: argparse.Namespace) -> None:
             )
             if args.profile:
                 runs_profiled = 3 if args.quick else 10
+                events = ort_kernel_events(
+                    original, feeds, threads, runs_profiled, Path(args.plan).parent
+                )
                 profiles[f"{model}/{batch}"] = {
                     "ours": profile_kernels(
                         plan[model]["libs"][f"ours/{batch}"], feeds, runs=runs_profiled
                     ),
-                    "ort": profile_ort(
-                        original, feeds, threads, runs_profiled, Path(args.plan).parent
-                    ),
-                    "matmul_gflop": matmul_gflop(original, feeds, Path(args.plan).parent),
+                    "ort": op_type_rows(events, runs_profiled),
+                    "matmul_gflop": matmul_gflop(events, runs_profiled),
                     "fma_peak": peak,
                 }
     Path(args.out).write_text(json.dumps({"results": results, "profiles": profiles}))
