@@ -846,7 +846,8 @@ def rules() -> dict[str, Any]:
         annotations stay on the loops through the tiling's splits and reorder."""
         stmt = sch.get(block)
         count = sum(iv.iter_type == tirx.IterVar.CommReduce for iv in stmt.iter_vars)
-        window = sch.get_loops(block)[len(sch.get_loops(block)) - count :]
+        loops = sch.get_loops(block)
+        window = loops[len(loops) - count :]
         extents = [sch.get(loop).extent for loop in window]
         if not all(isinstance(e, tirx.IntImm) for e in extents):
             return
