@@ -39,6 +39,7 @@ Exact: the same products are summed, in another order (float32 rounding only).
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 from rewriter.backends.tvm.relax_passes import visit_functions
@@ -57,9 +58,11 @@ PACKED_ANNOTATION = "rewriter.packed_conv"
 # Output pixels per window-rule tile, at most (fewer where the accumulators would not fit
 # the registers), and its channel widths, widest first: whole vectors only (48 or 24 lanes,
 # a vector and a half, ran 2-4x slower than 16 or 8 on MobileNetV3's depthwise convs: LLVM
-# shuffled the accumulators lane by lane).
+# shuffled the accumulators lane by lane). 4 and 2 lanes for channels no 8 divides
+# (ShuffleNetV2's 116 and 58): without them TVM's generic rule ran the window scalar,
+# 9-18x slower.
 WINDOW_PIXELS = 8
-WINDOW_WIDTHS = (64, 32, 16, 8)
+WINDOW_WIDTHS = (64, 32, 16, 8, 4, 2)
 # A window's padded copy of its input is made where each copied element is read at least
 # this many times and the copy fits WINDOW_BLOCK_BYTES, else the padding is tested in the
 # window's loads (measured on MobileNetV3-small: a 3x3 stride-2 depthwise conv, 2 reads
@@ -774,6 +777,10 @@ def rules() -> dict[str, Any]:
 
         what = "channels-last window"
 
+        def _pixels(self, tile_j: int) -> int:
+            """Output pixels a tile ``tile_j`` channels wide has at most."""
+            return min(WINDOW_PIXELS, schedules.tile_rows(tile_j, self.lanes))
+
         def _schedule(self, func: Any) -> Any:
             sch = s_tir.Schedule(func)
             parts = reduction_parts(sch)
@@ -794,8 +801,8 @@ def rules() -> dict[str, Any]:
                 if not (last.same_as(channel) or _is_channel_plus_reduction(last, channel, ivars[lead:])):
                     return None
             channels = extents[lead - 1]
-            tile_j = next((w for w in WINDOW_WIDTHS if channels % w == 0), None)
-            if tile_j is None:
+            widths = [w for w in WINDOW_WIDTHS if channels % w == 0]
+            if not widths:
                 return None
             for extra in epilogue[:-1]:
                 sch.compute_inline(extra)
@@ -807,14 +814,26 @@ def rules() -> dict[str, Any]:
                 sch, tail, lead, keep, extents, weight=sources[0] if len(sources) > 1 else None,
                 data_bytes=input_bytes(stmt, 0),
             )
-            limit = min(WINDOW_PIXELS, schedules.tile_rows(tile_j, self.lanes))
+            width = extents[lead - 2]
+            # The widest tile, unless its pixels would be ragged both ways (no height
+            # dividing the row in at least half of its rows, none dividing the flattened
+            # pixels either): then the widest whose height divides the row so. SqueezeNet's
+            # max pool over 55 x 55 x 64 in 5 x 32 tiles, not 3 x 64 ones over flattened
+            # pixels, masked, which ran 2.3x as long (3.4x on two threads: the parallel
+            # loop was the one panel). Images apart (a large batch) keep the widest: their
+            # flattened tiles were measured so (EfficientNet-B0's 7 x 7 maps at batch 8).
+            pixels = math.prod(extents[keep : lead - 1]) if all(isinstance(e, int) for e in extents[keep : lead - 1]) else 0
+            tile_j = widths[0]
+            ragged = not (_row_tiles(width, self._pixels(tile_j)) or _whole_tiles(pixels, self._pixels(tile_j)))
+            if ragged and not keep:
+                tile_j = next((w for w in widths if _row_tiles(width, self._pixels(w))), tile_j)
+            limit = self._pixels(tile_j)
             tail_extents = [iv.dom.extent for iv in sch.get(tail).iter_vars]
             same = all(
                 isinstance(t, tirx.IntImm) and int(t) == e
                 for t, e in zip(tail_extents[keep:lead], extents[keep:lead], strict=True)
             )
-            width = extents[lead - 2]
-            tile_i = max(d for d in range(1, limit + 1) if width % d == 0)
+            tile_i = _row_divisor(width, limit)
             # A tile on the stack (in registers) where one divides the row (56 or 112
             # pixels: 7 x 32, not 8 x 32 in a workspace allocated and zeroed per tile,
             # its accumulators stored after every FMA), as in the convolution rule.
@@ -838,6 +857,18 @@ def rules() -> dict[str, Any]:
                 tile(sch, block, tail, pixels, limit, tile_j, False, keep)
             finish_producers(sch, producers, self.lanes)
             return sch
+
+    def _row_divisor(width: int, limit: int) -> int:
+        """The largest divisor of ``width`` (an image row's pixels) up to ``limit``."""
+        return max(d for d in range(1, limit + 1) if width % d == 0)
+
+    def _row_tiles(width: int, limit: int) -> bool:
+        """Whether tiles of at least half of ``limit`` pixels divide a row ``width`` long."""
+        return 2 * _row_divisor(width, limit) >= limit
+
+    def _whole_tiles(pixels: int, limit: int) -> bool:
+        """Whether tiles of at least half of ``limit`` pixels divide ``pixels`` (0: symbolic)."""
+        return pixels > 0 and 2 * _row_divisor(pixels, limit) >= limit
 
     def unroll_small_window(sch: Any, block: Any) -> None:
         """Unrolls the window's loops (its reduction: the kernel's rows and columns)

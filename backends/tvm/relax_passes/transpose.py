@@ -73,7 +73,7 @@ def rule() -> Any:
             for iv in stmt.iter_vars:  # the inlined reshape's index, simplified in bounds
                 analyzer.bind(iv.var, iv.dom)
             read_index = [
-                merged_inner(analyzer.simplify(index), stmt.iter_vars)
+                without_offset(merged_inner(analyzer.simplify(index), stmt.iter_vars))
                 for index in stmt.body.value.indices
             ]
             for index in write_index + read_index:  # iterators, or unit axes (constant 0)
@@ -243,6 +243,13 @@ def rule() -> Any:
             except Exception:  # not a copy whose index TVM can inline or invert
                 return False
         return True
+
+    def without_offset(index: Any) -> Any:
+        """``i`` for an index ``i + c`` or ``i - c`` of an iterator ``i`` and a constant ``c``
+        (a slice fused before the transpose: ShuffleNetV2's second half of the channels,
+        moved last); ``index`` itself otherwise."""
+        offset = isinstance(index, (tirx.Add, tirx.Sub)) and isinstance(index.b, tirx.IntImm)
+        return index.a if offset and isinstance(index.a, tirx.Var) else index
 
     def merged_inner(index: Any, iter_vars: list[Any]) -> Any:
         """``b`` for an index ``a * n + b`` of two iterators, ``b``'s extent ``n`` (two axes

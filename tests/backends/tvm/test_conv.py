@@ -401,6 +401,16 @@ def test_depthwise_window_tiles_pixels_of_one_row(channels, size, kernel, stride
     assert f"// T.int64({width})" not in text, text
 
 
+def test_a_row_no_wide_tile_divides_takes_narrower_tiles():
+    # 55 x 55 pixels (SqueezeNet's max pool): 64-channel tiles hold at most 4 pixels, of
+    # which 1 divides 55 (and none of 2 to 4 divides 3025): ragged 3-pixel tiles over
+    # flattened pixels, one panel as the parallel loop. 32-channel tiles: 5 of at most 8.
+    text = _window_schedule(64, 110, 3, 2)
+    assert "T.vectorized(T.int64(32))" in text, text
+    assert "T.unroll(T.int64(5))" in text, text
+    assert "T.where" not in text, text
+
+
 @pytest.mark.parametrize(
     ("kernel", "size", "unrolled"),
     [(3, 56, True), (3, 7, True), (5, 28, False), (7, 14, False)],
@@ -429,13 +439,15 @@ def test_depthwise_window_tile_lives_on_the_stack(size, stride):
 
 
 def test_ragged_window_tile_lives_on_the_stack():
-    # 7 x 7 pixels of 128 channels: 64-wide tiles of at most 4 pixels, none dividing 49
-    # (ragged): 3 pixels (768 bytes, on the stack), not 4 (1 KiB, a workspace per tile;
-    # EfficientNet-B0's 5 x 5 depthwise convolutions over 7 x 7 maps).
+    # A 64-wide tile of at most 4 pixels that no height divides: 3 pixels (768 bytes, on
+    # the stack), not 4 (1 KiB, a workspace per tile).
     assert schedules.stack_height(4, 64) == 3
+    # 7 x 7 pixels of 128 channels (EfficientNet-B0's 5 x 5 depthwise convolutions over
+    # 7 x 7 maps): no 64-wide tile divides 7 or 49; 7 x 32 row tiles instead (the model
+    # at batch 1: 0.871-0.874 -> 0.857-0.863x ORT, one thread), on the stack.
     text = _window_schedule(128, 7, 5, 1)
     assert 'scope="local"' not in text, text
-    assert "T.unroll(T.int64(3))" in text, text
+    assert "T.unroll(T.int64(7))" in text and "T.vectorized(T.int64(32))" in text, text
 
 
 def test_symbolic_batch_decides_the_padding_copy_per_image():
@@ -453,6 +465,10 @@ def test_symbolic_batch_decides_the_padding_copy_per_image():
         pytest.param(240, 14, 5, 1, id="5x5-240"),
         pytest.param(96, 14, 7, 1, id="7x7-96"),
         pytest.param(88, 13, 3, 1, id="3x3-ragged-row-88"),  # 13 pixels: flattened tiles
+        # ShuffleNetV2's branches: 116 channels (4-lane vectors) and 58 (2-lane): without
+        # a width dividing them, TVM's generic reduction rule ran them scalar (18x, 9x).
+        pytest.param(116, 14, 3, 1, id="3x3-116"),
+        pytest.param(58, 28, 3, 2, id="3x3-stride2-58"),
     ],
 )
 def test_depthwise_convs_agree(channels, size, kernel, stride):
@@ -481,6 +497,30 @@ def test_transpose_with_a_short_innermost_axis_is_scheduled_and_exact(shape, per
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
     )
     compiled, error = _run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), shape)
+    assert error == 0
+    assert list(_rules(compiled).values()) == ["transpose"], _rules(compiled)
+
+
+def test_a_sliced_half_of_the_channels_moved_last_is_a_tiled_transpose():
+    # ShuffleNetV2: the second half of the channels (read at c + 116), NCHW -> NHWC for
+    # the branch's convolution; with the slice's offset in the index it was left to the
+    # elementwise rule (13.8 us against 6.3 tiled for 116 x 14 x 14).
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["x", "start", "end", "axis"], ["half"]),
+            helper.make_node("Transpose", ["half"], ["y"], perm=[0, 2, 3, 1]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 232, 14, 14])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 14, 14, 116])],
+        [
+            numpy_helper.from_array(np.array([116], np.int64), "start"),
+            numpy_helper.from_array(np.array([232], np.int64), "end"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    compiled, error = _run(model, [1, 232, 14, 14])
     assert error == 0
     assert list(_rules(compiled).values()) == ["transpose"], _rules(compiled)
 
