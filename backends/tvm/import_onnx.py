@@ -205,9 +205,49 @@ def _optimize(work: ir.Model) -> None:
         log.setLevel(logging.ERROR)
     try:
         optimize_ir(work, should_fold=_fold_constant_of_shape)
+        if _fold_static_sizes(work):  # what they feed (float shape arithmetic) folds now
+            optimize_ir(work, should_fold=_fold_constant_of_shape)
     finally:
         for log, level in zip(quiet, levels, strict=True):
             log.setLevel(level)
+
+
+def _fold_static_sizes(work: ir.Model) -> int:
+    """Replace each ``Gather(Shape(x), i)`` with a scalar constant ``i`` (TorchScript's
+    ``x.size(i)``) by ``x``'s size ``i`` where that is static; returns how many.
+
+    onnxscript's folder takes such a Gather of a 1-D index only. With the batch symbolic,
+    the rest of ``Shape(x)`` is unknown, and what is computed from a static size
+    (MobileViT's ``ceil(h / 2) * 2`` in floats, for a Reshape into patches) stayed
+    tensors, which TVM's Reshape refuses ("requires the input new shape to be Shape")."""
+    folded = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(work.graph)):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        source, index = node.inputs
+        producer = source.producer() if source is not None else None
+        if producer is None or producer.op_type != "Shape" or producer.domain not in ("", "ai.onnx"):
+            continue
+        axis = node.attributes.get_int("axis", 0)
+        position = index.const_value if index is not None else None
+        data = producer.inputs[0]
+        if axis != 0 or position is None or position.numpy().ndim != 0 or data is None or data.shape is None:
+            continue
+        if node.outputs[0].is_graph_output() or node.graph is None:
+            continue
+        start = producer.attributes.get_int("start", 0)
+        end = producer.attributes.get_int("end", None)
+        dims = list(data.shape)[start:end]
+        at = int(position.numpy())
+        if not -len(dims) <= at < len(dims) or not isinstance(dims[at], int):
+            continue
+        constant = ir.node(
+            "Constant", [], attributes={"value": ir.tensor(np.array(dims[at], np.int64))}
+        )
+        node.graph.insert_before(node, constant)
+        ir.convenience.replace_all_uses_with(node.outputs[0], constant.outputs[0])
+        folded += 1
+    return folded
 
 
 _WIDER = {ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8}

@@ -128,6 +128,19 @@ def operands(
 
     if op_name == "Resize":
         return _resize_sizes(bb, inputs, sizes)
+    if op_name == "Slice":
+        # Bounds computed from static sizes (``x.chunk(2, dim=1)`` in a TorchScript
+        # export: the channels read by Shape and Gather, halved): constants, so that TVM's
+        # converter knows the slice's shape (from tensors it loses it, and a later
+        # Reshape by computed sizes fails at a symbolic batch: ShuffleNetV2).
+        for position in range(1, min(len(inputs), 5)):
+            if _settled(inputs[position]):
+                continue
+            bounds = values(bb, inputs[position], sizes)
+            if bounds is not None and _all_constant(bounds):
+                array = np.array([item.value for item in bounds], np.int64)
+                inputs = _with(inputs, position, relax.const(array, "int64"))
+        return inputs
     index = _SHAPE_OPERAND.get(op_name, _CONSTANT_OPERAND.get(op_name))
     if index is None or index >= len(inputs) or _settled(inputs[index]):
         return inputs

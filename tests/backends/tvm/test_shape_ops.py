@@ -307,3 +307,64 @@ def test_gather_elements_clamps_an_index_past_the_axis():
     x = np.arange(1 * 2 * 4, dtype=np.float32).reshape(1, 2, 4)
     plain = np.full((1, 3, 4), 7, np.int64)
     np.testing.assert_array_equal(compiled.run({"x": x, "plain": plain})["z"], np.broadcast_to(x[:, 1:2, :], (1, 3, 4)))
+
+
+def test_a_chunk_of_static_channels_keeps_its_shape_for_a_reshape_by_sizes():
+    # ShuffleNetV2's TorchScript export: the channel shuffle reshapes by sizes read from
+    # the shape (unknown to ONNX's shape inference), then x.chunk(2, dim=1) slices at
+    # bounds computed from its Shape(x)[1] ((c + 1) / 2, times 1 and 2), and the next
+    # shuffle reshapes by sizes read from the slice's shape. The bounds stayed tensors,
+    # the slice lost its shape, and TVM's Reshape refused the sizes at a symbolic batch.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Gather", ["x_shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Concat", ["batch", "maps"], ["maps_shape"], axis=0),
+        helper.make_node("Reshape", ["x", "maps_shape"], ["shuffled"]),
+        helper.make_node("Shape", ["shuffled"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["channels"], axis=0),
+        helper.make_node("Add", ["channels", "one"], ["rounded"]),
+        helper.make_node("Div", ["rounded", "two"], ["half"]),
+        helper.make_node("Mul", ["half", "one"], ["start"]),
+        helper.make_node("Mul", ["half", "two"], ["end"]),
+        helper.make_node("Slice", ["shuffled", "start", "end", "one"], ["right"]),
+        helper.make_node("Shape", ["right"], ["right_shape"]),
+        helper.make_node("Gather", ["right_shape", "zero"], ["right_batch"], axis=0),
+        helper.make_node("Concat", ["right_batch", "groups"], ["target"], axis=0),
+        helper.make_node("Reshape", ["right", "target"], ["out"]),
+    ]
+    initializers = [
+        ints("zero", 0),
+        ints("one", 1),
+        ints("two", 2),
+        ints("maps", 12, 5, 5),
+        ints("groups", 2, 3, 5, 5),
+    ]
+    proto = model(nodes, {"x": ["batch", 300]}, "out", initializers)
+    assert_runs_symbolic(proto, [{"x": (1, 300)}, {"x": (3, 300)}])
+
+
+def test_a_static_size_through_float_arithmetic_folds_for_a_reshape():
+    # MobileViT's TorchScript export: the patched height, int(ceil(h / 2) * 2), computed
+    # in floats from Shape(x)[2] (a scalar Gather, which onnxscript's folder leaves), and
+    # a Reshape by it; the batch symbolic. TVM's Reshape refused the tensor of sizes.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "two"], ["height"], axis=0),
+        helper.make_node("Cast", ["height"], ["height_f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["height_f", "two_f"], ["halves"]),
+        helper.make_node("Ceil", ["halves"], ["whole"]),
+        helper.make_node("Mul", ["whole", "two_f"], ["padded_f"]),
+        helper.make_node("Cast", ["padded_f"], ["padded"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["padded", "axes"], ["padded_1d"]),
+        helper.make_node("Concat", ["minus_one", "padded_1d", "width"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["out"]),
+    ]
+    initializers = [
+        ints("two", 2, scalar=True),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two_f"),
+        ints("axes", 0),
+        ints("minus_one", -1),
+        ints("width", 3),
+    ]
+    proto = model(nodes, {"x": ["batch", 4, 6, 3]}, "out", initializers)
+    assert_runs_symbolic(proto, [{"x": (1, 4, 6, 3)}, {"x": (2, 4, 6, 3)}])
