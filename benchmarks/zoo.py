@@ -1,6 +1,6 @@
 """Compiled speed on every architecture: our TVM libraries against ONNX Runtime, model by model.
 
-For each model of the zoo (:mod:`benchmarks.zoo_models`: 26 small random-weight
+For each model of the zoo (:mod:`benchmarks.zoo_models`: 28 small random-weight
 models from ``transformers`` and ``torchvision``) and each torch exporter
 (:mod:`benchmarks.zoo_export`, exports cached in ``--cache``):
 

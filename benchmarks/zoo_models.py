@@ -1,6 +1,6 @@
 """The model zoo of ``benchmarks/zoo.py``: which models, their inputs, their run sizes.
 
-26 architectures in 8 families, each a small random-weight model built by
+28 architectures in 8 families, each a small random-weight model built by
 :mod:`benchmarks.zoo_builders` from a ``transformers`` config or from ``torchvision``
 (``weights=None``):
 
@@ -14,7 +14,8 @@
   inputs needs per-exporter glue that users of these exporters do not write;
 * ViT-style: ViT, DeiT, CLIP's vision tower, torchvision's ViT-B/16 (2 layers);
 * Swin; SegFormer (semantic segmentation, with a Resize in the decode head);
-* CNNs: ResNet-18, MobileNetV3-small, EfficientNet-B0, RegNetY-400MF, ConvNeXt;
+* CNNs: ResNet-18, MobileNetV3-small, EfficientNet-B0, RegNetY-400MF, ShuffleNetV2 (x1.0),
+  DenseNet-121, ConvNeXt;
 * speech: wav2vec2 (1 s of 16 kHz audio) and Whisper's encoder (80 x 3000 mel frames).
 
 Symbolic axes: ``batch`` everywhere, ``sequence`` (128 at run time) for text, and
@@ -147,6 +148,13 @@ ZOO: list[ZooModel] = [
     _tv("mobilenet_v3_small", "cnn", build.torchvision_model("mobilenet_v3_small")),
     _tv("efficientnet_b0", "cnn", build.torchvision_model("efficientnet_b0")),
     _tv("regnet_y_400mf", "cnn", build.torchvision_model("regnet_y_400mf"), "grouped convs, SE"),
+    _tv(
+        "shufflenet_v2",
+        "cnn",
+        build.torchvision_model("shufflenet_v2_x1_0"),
+        "channel shuffle, 58/116-channel branches",
+    ),
+    _tv("densenet121", "cnn", build.torchvision_model("densenet121"), "concats of growing maps"),
     _tv("convnext", "cnn", build.convnext, "ConvNeXt-T widths, 1 block/stage"),
     ZooModel(
         "wav2vec2",
