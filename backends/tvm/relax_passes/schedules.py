@@ -483,10 +483,10 @@ def concat_spans(block: Any, loops: int, extent: int) -> list[int] | None:
     import tvm_ffi
     from tvm import tirx
 
-    iter_vars = block.iter_vars
-    if len(iter_vars) != loops or not isinstance(block.body, tirx.BufferStore):
+    value = _stored_value(block, loops)
+    if value is None:
         return None
-    var = iter_vars[-1].var
+    var = block.iter_vars[-1].var
     conditions: list[Any] = []
 
     def note(node: Any) -> Any:
@@ -496,7 +496,7 @@ def concat_spans(block: Any, loops: int, extent: int) -> list[int] | None:
             conditions.append(node.args[0])
         return node
 
-    tvm_ffi.structural_map(block.body.value, [(tvm.ir.Call, note), (tirx.Select, note)], order="post")
+    tvm_ffi.structural_map(value, [(tvm.ir.Call, note), (tirx.Select, note)], order="post")
     cuts: set[int] = set()
     for condition in conditions:
         found = _cuts(condition, var)
@@ -541,57 +541,60 @@ def _cuts(condition: Any, var: Any) -> list[int] | None:
     return None
 
 
-def decoded_tail(block: Any, loops: int, static: int) -> int | None:
-    """How many of ``block``'s axes follow the last one among its ``static`` trailing
-    axes, the innermost aside (:func:`row_period`), whose iterator a load divides by a
-    constant or takes the remainder of (a channel shuffle's ``c % 2 * 116 + c // 2``);
-    None where no load does so, or the iterators are not the ``loops`` loops one to one."""
+def _stored_value(block: Any, loops: int) -> Any:
+    """The value ``block`` stores, where its iterators are its ``loops`` loops one to one
+    and its body one store; None otherwise."""
+    from tvm import tirx
+
+    if len(block.iter_vars) != loops or not isinstance(block.body, tirx.BufferStore):
+        return None
+    return block.body.value
+
+
+def divisions(block: Any, loops: int) -> list[tuple[Any, int]] | None:
+    """``(dividend, divisor)`` of each floor division or remainder by a constant in the
+    value ``block`` stores (its loads' index arithmetic); None where :func:`_stored_value`
+    is. What :func:`row_period` and :func:`decoded_tail` read."""
     import tvm_ffi
     from tvm import tirx
 
-    from rewriter.backends.tvm.vector_tails import uses
-
-    iter_vars = block.iter_vars
-    if len(iter_vars) != loops or not isinstance(block.body, tirx.BufferStore):
+    value = _stored_value(block, loops)
+    if value is None:
         return None
-    decoded: set[int] = set()
+    found: list[tuple[Any, int]] = []
 
     def note(node: Any) -> Any:
         if isinstance(node.b, tirx.IntImm):
-            decoded.update(i for i in range(loops - static, loops - 1) if uses(node.a, iter_vars[i].var))
+            found.append((node.a, int(node.b)))
         return node
 
-    tvm_ffi.structural_map(
-        block.body.value, [(tirx.FloorDiv, note), (tirx.FloorMod, note)], order="post"
-    )
-    return loops - 1 - max(decoded) if decoded else None
+    tvm_ffi.structural_map(value, [(tirx.FloorDiv, note), (tirx.FloorMod, note)], order="post")
+    return found
 
 
-def row_period(block: Any, loops: int, extent: int) -> int | None:
-    """The greatest common divisor of ``extent`` and every constant by which a load of
-    ``block`` divides an index along its innermost iterator (``x // 24``, ``x % 24``: a
-    row of heads read from ``[..., heads, tokens, 24]``); None if no load does, or the
-    block's iterators are not its ``loops`` loops one to one. A vector whose lanes divide
-    it never straddles two of those periods, so its loads stay contiguous."""
-    import tvm_ffi
-    from tvm import tirx
-
+def decoded_tail(block: Any, divided: list[tuple[Any, int]], static: int) -> int | None:
+    """How many of ``block``'s axes follow the last one among its ``static`` trailing
+    axes, the innermost aside (:func:`row_period`), whose iterator one of the ``divided``
+    dividends (:func:`divisions`) holds (a channel shuffle's ``c % 2 * 116 + c // 2``);
+    None where none does."""
     from rewriter.backends.tvm.vector_tails import uses
 
     iter_vars = block.iter_vars
-    if len(iter_vars) != loops or not isinstance(block.body, tirx.BufferStore):
-        return None
-    var = iter_vars[-1].var
-    divisors: list[int] = []
+    axes = range(len(iter_vars) - static, len(iter_vars) - 1)
+    decoded = [i for i in axes if any(uses(dividend, iter_vars[i].var) for dividend, _ in divided)]
+    return len(iter_vars) - 1 - max(decoded) if decoded else None
 
-    def note(node: Any) -> Any:
-        if isinstance(node.b, tirx.IntImm) and uses(node.a, var):
-            divisors.append(int(node.b))
-        return node
 
-    tvm_ffi.structural_map(
-        block.body.value, [(tirx.FloorDiv, note), (tirx.FloorMod, note)], order="post"
-    )
+def row_period(block: Any, divided: list[tuple[Any, int]], extent: int) -> int | None:
+    """The greatest common divisor of ``extent`` and every divisor among ``divided``
+    (:func:`divisions`) whose dividend holds ``block``'s innermost iterator (``x // 24``,
+    ``x % 24``: a row of heads read from ``[..., heads, tokens, 24]``); None if none does.
+    A vector whose lanes divide it never straddles two of those periods, so its loads stay
+    contiguous."""
+    from rewriter.backends.tvm.vector_tails import uses
+
+    var = block.iter_vars[-1].var
+    divisors = [divisor for dividend, divisor in divided if uses(dividend, var)]
     return math.gcd(extent, *divisors) if divisors else None
 
 
@@ -1263,7 +1266,8 @@ def _rules() -> dict[str, Any]:
                 if rest:
                     sch.parallel(sch.fuse(*rest) if len(rest) > 1 else rest[0])
                 return sch
-            period = row_period(sch.get(block), len(loops), extents[-1])
+            divided = divisions(sch.get(block), len(loops))
+            period = row_period(sch.get(block), divided, extents[-1]) if divided else None
             if period is not None and period < extents[-1] and period % (self.lanes // 4) == 0:
                 # Rows of heads (``[b, 49, 2 x 24] <- [b, 2, 49, 24]``): the row split at
                 # the heads, so that no vector straddles two of them (16-lane vectors over
@@ -1283,7 +1287,7 @@ def _rules() -> dict[str, Any]:
                 sch.vectorize(lanes)
                 sch.parallel(sch.fuse(*outer, *inner[:-1]))
                 return sch
-            after = decoded_tail(sch.get(block), len(loops), len(inner))
+            after = decoded_tail(sch.get(block), divided, len(inner)) if divided else None
             if after is not None and 0 < after < len(inner):
                 # An axis whose index the loads decode (a channel shuffle's ``c % 2 * 116 +
                 # c // 2``) before the last: rows up to it in parallel, decoded once a row,
