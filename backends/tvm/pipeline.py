@@ -10,7 +10,8 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    (:mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
 2. ONNX's variadic ``Min``/``Max``/``Sum`` as pairwise ops rather than TVM's stack and
    reduction (:mod:`rewriter.backends.tvm.relax_passes.pairwise`); inference forms: batch norms folded into the convolutions before them (the rest
-   decomposed into a scale and a shift), constant computations folded; on CPUs the
+   decomposed into a scale and a shift, its result tuple dropped so that it fuses with
+   what reads it), constant computations folded; on CPUs the
    convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`), 1-D ones
    over whole tiles of frames (:mod:`rewriter.backends.tvm.relax_passes.conv_frames`),
    3 x 3 ones over enough output tiles by Winograd's F(2 x 2, 3 x 3)
@@ -103,10 +104,15 @@ def relax_pipeline(
     passes.append(legalize_bf16_norms.upcast_pass())  # TVM legalizes no bf16 layer norm
     # Inference forms: batch norms folded into the convolutions before them (the rest
     # decomposed into a scale and a shift), and the weights' computations folded.
+    # A batch norm left unfolded (after a pool or a concat, before a ReLU) decomposes into
+    # ops and a tuple (y, mean, var) its users read y from; that read would end fusion, so
+    # the tuple's item is bound to y itself, and the tuple dropped.
     passes += [
         relax.transform.FoldConstant(),
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.DeadCodeElimination(),
         relax.transform.FoldConstant(),
     ]
     if not gpu:  # convolutions channels-last, for our conv schedules

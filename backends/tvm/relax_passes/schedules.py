@@ -1268,7 +1268,9 @@ def _rules() -> dict[str, Any]:
                 return sch
             divided = divisions(sch.get(block), len(loops))
             period = row_period(sch.get(block), divided, extents[-1]) if divided else None
-            if period is not None and period < extents[-1] and period % (self.lanes // 4) == 0:
+            axes = len(inner)  # the block's static trailing axes (the split below adds a loop)
+            split = period is not None and period < extents[-1] and period % (self.lanes // 4) == 0
+            if split:
                 # Rows of heads (``[b, 49, 2 x 24] <- [b, 2, 49, 24]``): the row split at
                 # the heads, so that no vector straddles two of them (16-lane vectors over
                 # Swin's 48-float rows gathered every element: 25x the 8-lane copy).
@@ -1287,8 +1289,9 @@ def _rules() -> dict[str, Any]:
                 sch.vectorize(lanes)
                 sch.parallel(sch.fuse(*outer, *inner[:-1]))
                 return sch
-            after = decoded_tail(sch.get(block), divided, len(inner)) if divided else None
-            if after is not None and 0 < after < len(inner):
+            after = decoded_tail(sch.get(block), divided, axes) if divided else None
+            if after is not None and 0 < after < axes:
+                after += int(split)  # block axes to loops: the row is two loops if split
                 # An axis whose index the loads decode (a channel shuffle's ``c % 2 * 116 +
                 # c // 2``) before the last: rows up to it in parallel, decoded once a row,
                 # and the axes after it one row, in the widest vectors that divide it
@@ -1296,7 +1299,14 @@ def _rules() -> dict[str, Any]:
                 # 14 x 14 pixels decoded every lane, 1.89 ms; rows of 196 in 4 lanes, 0.05).
                 row = sch.fuse(*inner[-after:]) if after > 1 else inner[-1]
                 length = math.prod(extents[-after:])
-                width = next((w for w in (self.lanes, self.lanes // 2, self.lanes // 4) if length % w == 0), 0)
+                width = next(
+                    (
+                        w
+                        for w in (self.lanes, self.lanes // 2, self.lanes // 4)
+                        if length % w == 0 and (period is None or period % w == 0)
+                    ),
+                    0,
+                )
                 if width:
                     _, lanes = sch.split(row, [None, width])
                     sch.vectorize(lanes)

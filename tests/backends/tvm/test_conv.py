@@ -328,6 +328,42 @@ def test_hardswish_and_hardsigmoid_fuse_into_the_convolutions_and_agree():
     assert sum("transpose" in name for name in rules) <= 2, rules
 
 
+def dense_layer(channels: int = 32, growth: int = 16, size: int = 14) -> onnx.ModelProto:
+    """DenseNet's pre-activation layer: the features so far concatenated, BatchNorm, Relu,
+    then a 1x1 conv (the BatchNorm has no conv before it to fold into)."""
+    rng = np.random.default_rng(4)
+    total = channels + growth
+
+    def tensor(name: str, *shape: int, low: float = -1.0) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.uniform(low, 1.0, shape).astype(np.float32), name)
+
+    inits = [
+        tensor("grow", growth, channels, 1, 1),
+        tensor("scale", total), tensor("shift", total), tensor("mean", total),
+        tensor("var", total, low=0.5),
+        tensor("w", 32, total, 1, 1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "grow"], ["new"]),
+        helper.make_node("Concat", ["x", "new"], ["cat"], axis=1),
+        helper.make_node("BatchNormalization", ["cat", "scale", "shift", "mean", "var"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("Conv", ["r", "w"], ["y"]),
+    ]
+    return _model(nodes, [1, channels, size, size], inits)
+
+
+def test_an_unfolded_batch_norm_fuses_with_the_relu_after_it():
+    # DecomposeOpsForInference leaves a tuple (y, mean, var) that its users index; the
+    # index ended fusion, so the Relu after a pre-activation BatchNorm was a pass of its
+    # own over the maps (DenseNet-121 at batch 8: 18 ms of 480).
+    compiled, error = _run(dense_layer(), [1, 32, 14, 14])
+    assert error < TOLERANCE.rtol
+    rules = _rules(compiled)
+    assert not any(name.startswith("fused_relu") for name in rules), rules
+    assert any("concatenate" in name and "add_relu" in name for name in rules), rules
+
+
 def test_clips_become_maximum_then_minimum():
     from tvm import relax
 

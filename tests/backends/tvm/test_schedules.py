@@ -396,6 +396,45 @@ def test_rows_of_merged_heads_are_split_at_the_heads(heads, symbolic):
     np.testing.assert_array_equal(y.numpy(), x.transpose(0, 2, 1, 3).reshape(64, 49, -1))
 
 
+def shuffled_heads() -> tvm.tirx.PrimFunc:
+    """A channel shuffle (``c % 2 * 4 + c // 2``) whose rows are 4 heads of 12 floats
+    read from ``[.., head, pixel, 12]``: a decoded axis before the last, and a row period."""
+    source = """
+@T.prim_func(private=True, s_tir=True)
+def main(x: T.Buffer((2, 8, 4, 6, 12), "float32"), y: T.Buffer((2, 8, 6, 48), "float32")):
+    for n, c, p, r in T.grid(2, 8, 6, 48):
+        with T.sblock("T_shuffle"):
+            v0, v1, v2, v3 = T.axis.remap("SSSS", [n, c, p, r])
+            y[v0, v1, v2, v3] = x[v0, v1 % 2 * 4 + v1 // 2, v3 // 12, v2, v3 % 12]
+"""
+    return tvm.script.from_source(source)
+
+
+def test_a_decoded_axis_before_a_split_row_ends_the_parallel_rows():
+    # The row split at its period (12) is two loops for one block axis: the pixels and
+    # the row after the decoded channel are three loops, in vectors that divide the
+    # period (one loop short, 16-lane vectors over one row straddled the heads).
+    target = targets.resolve("avx512")
+    with target:
+        mod = cpu_schedule.cpu_schedule(target)(tvm.IRModule({"main": shuffled_heads()}))
+    func = mod["main"]
+    loops = [(loop.kind, int(loop.extent)) for loop in _loops(func)]
+    assert loops == [
+        (tvm.tirx.ForKind.PARALLEL, 16),
+        (tvm.tirx.ForKind.SERIAL, 72),
+        (tvm.tirx.ForKind.VECTORIZED, 4),
+    ], loops
+    library = tvm.tirx.build(
+        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target
+    )
+    x = np.random.default_rng(0).standard_normal((2, 8, 4, 6, 12)).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros((2, 8, 6, 48), np.float32))
+    library["main"](tvm.runtime.tensor(x), y)
+    channels = [c % 2 * 4 + c // 2 for c in range(8)]
+    expected = x[:, channels].transpose(0, 1, 3, 2, 4).reshape(2, 8, 6, 48)
+    np.testing.assert_array_equal(y.numpy(), expected)
+
+
 @I.ir_module
 class HeadKeys:
     @R.function
