@@ -110,6 +110,9 @@ def channels_last() -> tvm.transform.Pass:
             logger.info("convolutions converted one by one (ConvertLayout failed: %s)", _first_line(exc))
             mod = _rewrite_convs(mod, _each_channels_last)
         mod = relax.transform.FoldConstant()(mod)
+        # Each convolution's input got a transpose of its own: two convolutions reading one
+        # channels-first tensor (ShuffleNetV2's two branches) transposed it twice.
+        mod = relax.transform.EliminateCommonSubexpr()(mod)
         return trim_sliced_positions(_rewrite_convs(mod, pad_channels))
 
     return pass_
