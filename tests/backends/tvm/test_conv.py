@@ -173,10 +173,15 @@ def test_small_resnet_block_agrees_with_nothing_left_unscheduled():
     assert compiled.schedules.unscheduled == []
 
 
-@pytest.mark.parametrize(("channels", "groups", "rule"), [(32, 2, "conv"), (16, 4, None)])
+@pytest.mark.parametrize(
+    ("channels", "groups", "rule"),
+    [(32, 2, "conv"), (16, 4, "conv"), (128, 32, "conv"), (16, 8, "conv"), (18, 6, None)],
+)
 def test_grouped_conv_tiles_inside_a_group_and_agrees(channels, groups, rule):
-    # 16 output channels per group: tiles of 16 inside each group; groups of 4 channels
-    # are too narrow for a vector (left to another rule), and still compute right.
+    # 16 output channels per group: tiles of 16 inside each group; groups of 4 or 2
+    # channels (ResNeXt's 32 groups of 4) tiles of one group in 4- or 2-lane vectors
+    # (11x TVM's generic reduction); groups of 3 are left to another rule, and still
+    # compute right.
     compiled, error = _run(conv_model([1, channels, 8, 8], channels, 3, 1, 1, groups), [1, channels, 8, 8])
     assert error < TOLERANCE.rtol
     convs = {name: kind for name, kind in _rules(compiled).items() if "conv" in name}
