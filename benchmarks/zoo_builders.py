@@ -10,7 +10,8 @@ what a user would try first:
 * vision transformers: 224 x 224 images, the text widths; torchvision's ViT-B/16 with
   its own widths and 2 layers;
 * CNNs: torchvision's as they are (``weights=None``), BatchNorm statistics calibrated
-  (:func:`_calibrate_batch_norm`); ConvNeXt with ConvNeXt-T's widths, one block a stage;
+  (:func:`_calibrate_batch_norm`); ConvNeXt with ConvNeXt-T's widths and ResNeXt with
+  ResNeXt-50 32x4d's, one block a stage;
 * speech: wav2vec2 with a 256-channel conv front end; Whisper's encoder at the text
   widths with its full 80 x 3000 mel input.
 
@@ -423,6 +424,16 @@ def convnext() -> Any:
     stages = [(96, 192), (192, 384), (384, 768), (768, None)]
     model = ConvNeXt([CNBlockConfig(width, out, 1) for width, out in stages])
     return _wrap(model, None, "images")
+
+
+def resnext() -> Any:
+    """torchvision's ResNeXt-50 32x4d widths (32 groups of 4 channels in the first stage's
+    3 x 3 convolutions, up to 32 of 32 in the last), one bottleneck block per stage."""
+    _seeded()
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    model = ResNet(Bottleneck, [1, 1, 1, 1], groups=32, width_per_group=4)
+    return _wrap(_calibrate_batch_norm(model), None, "images")
 
 
 def wav2vec2() -> Any:

@@ -155,6 +155,7 @@ ZOO: list[ZooModel] = [
         "channel shuffle, 58/116-channel branches",
     ),
     _tv("densenet121", "cnn", build.torchvision_model("densenet121"), "concats of growing maps"),
+    _tv("resnext", "cnn", build.resnext, "ResNeXt-50 32x4d widths, 1 block/stage: 32 groups"),
     _tv("convnext", "cnn", build.convnext, "ConvNeXt-T widths, 1 block/stage"),
     ZooModel(
         "wav2vec2",
