@@ -15,13 +15,18 @@
   candidates, boxes above the score threshold)``) -> the reduction of ``Cast(x)`` to its own
   type. The importer keeps shape values as a ``ShapeExpr``, which only its shape ops take
   ("ReduceMin ... cannot handle ShapeExpr inputs"); its ``Cast`` makes an int64 tensor of it.
+* ``Einsum`` of two operands that is a batched matrix product (each index a batch index
+  of both operands and the output, the one contracted index, or one free index of each
+  operand: CvT's attention ``bhlk,bhtk->bhlt`` and ``bhlt,bhtv->bhlv``) -> ``Transpose``s
+  and ``MatMul``. The importer's einsum is a generic reduction that no matmul schedule
+  recognizes (CvT-13's 3136 x 784 scores: 15 ms, 3.5x the same product as a matmul).
 
 Exact up to rounding: ``x * x * x`` is within an ulp or two of ``pow(x, 3)``; sums are
 added left to right.
 
 >>> stats = simplify(model)  # doctest: +SKIP
->>> stats
-{'pow_expanded': 12, 'variadic_split': 0, 'dropout_removed': 0}
+>>> stats  # doctest: +SKIP
+{'pow_expanded': 12, 'variadic_split': 0, 'dropout_removed': 0, 'shape_reductions_cast': 0, 'einsum_matmul': 0}
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def simplify(model: ir.Model) -> dict[str, int]:
         "variadic_split": 0,
         "dropout_removed": 0,
         "shape_reductions_cast": 0,
+        "einsum_matmul": 0,
     }
     for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
         if node.domain not in ("", "ai.onnx") or node.graph is None:
@@ -60,6 +66,8 @@ def simplify(model: ir.Model) -> dict[str, int]:
             stats["dropout_removed"] += 1
         elif node.op_type in REDUCTIONS and _cast_shape_input(node):
             stats["shape_reductions_cast"] += 1
+        elif node.op_type == "Einsum" and _einsum_as_matmul(node):
+            stats["einsum_matmul"] += 1
 
     return stats
 
@@ -183,4 +191,64 @@ def _remove_dropout(node: ir.Node) -> bool:
         return False
     identity = ir.node("Identity", [source])
     _replace(node, [identity], identity.outputs[0])
+    return True
+
+
+def matmul_order(equation: str) -> tuple[list[int], list[int], list[int]] | None:
+    """For an ``Einsum`` equation that is a batched matrix product, the permutations that
+    put the first operand in ``[batch..., i, k]``, the second in ``[batch..., k, j]``, and
+    the product ``[batch..., i, j]`` in the output's order; None for any other equation
+    (an ellipsis, a repeated index, an index summed out of one operand, no free index).
+
+    >>> matmul_order("bhlk,bhtk->bhlt")
+    ([0, 1, 2, 3], [0, 1, 3, 2], [0, 1, 2, 3])
+    >>> matmul_order("bij,bjk->bik"), matmul_order("ij,jk->ki"), matmul_order("bik,bjk->bk")
+    (([0, 1, 2], [0, 1, 2], [0, 1, 2]), ([0, 1], [0, 1], [1, 0]), None)
+    """
+    equation = equation.replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        return None
+    operands, out = equation.split("->")
+    parts = operands.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if any(len(set(term)) != len(term) for term in (a, b, out)):
+        return None
+    batch = [c for c in out if c in a and c in b]
+    contracted = [c for c in a if c in b and c not in out]
+    left = [c for c in a if c not in b]
+    right = [c for c in b if c not in a]
+    if len(contracted) != 1 or len(left) != 1 or len(right) != 1:
+        return None
+    if set(out) != {*batch, *left, *right}:
+        return None  # an index of one operand summed away
+    product = [*batch, left[0], right[0]]
+    return (
+        [a.index(c) for c in [*batch, left[0], contracted[0]]],
+        [b.index(c) for c in [*batch, contracted[0], right[0]]],
+        [product.index(c) for c in out],
+    )
+
+
+def _einsum_as_matmul(node: ir.Node) -> bool:
+    equation = node.attributes.get_string("equation")
+    order = matmul_order(equation) if equation else None
+    if order is None or len(node.inputs) != 2 or any(value is None for value in node.inputs):
+        return False
+    new: list[ir.Node] = []
+
+    def transposed(value: ir.Value, perm: list[int]) -> ir.Value:
+        if perm == sorted(perm):
+            return value
+        created = ir.node("Transpose", [value], attributes={"perm": perm})
+        new.append(created)
+        return created.outputs[0]
+
+    first, second = node.inputs
+    assert first is not None and second is not None
+    product = ir.node("MatMul", [transposed(first, order[0]), transposed(second, order[1])])
+    new.append(product)
+    result = transposed(product.outputs[0], order[2])
+    _replace(node, new, result)
     return True

@@ -1269,8 +1269,9 @@ def _rules() -> dict[str, Any]:
             divided = divisions(sch.get(block), len(loops))
             period = row_period(sch.get(block), divided, extents[-1]) if divided else None
             axes = len(inner)  # the block's static trailing axes (the split below adds a loop)
-            split = period is not None and period < extents[-1] and period % (self.lanes // 4) == 0
-            if split:
+            split = False
+            if period is not None and period < extents[-1] and period % (self.lanes // 4) == 0:
+                split = True
                 # Rows of heads (``[b, 49, 2 x 24] <- [b, 2, 49, 24]``): the row split at
                 # the heads, so that no vector straddles two of them (16-lane vectors over
                 # Swin's 48-float rows gathered every element: 25x the 8-lane copy).

@@ -72,3 +72,47 @@ def test_dropout_whose_mask_is_used_is_kept():
     ]
     work = ir.serde.deserialize_model(_model(nodes, ["x"], []))
     assert onnx_simplify.simplify(work)["dropout_removed"] == 0
+
+
+EINSUMS = [
+    ("bhlk,bhtk->bhlt", [2, 3, 5, 8], [2, 3, 7, 8]),  # CvT's attention scores
+    ("bhlt,bhtv->bhlv", [2, 3, 5, 7], [2, 3, 7, 4]),  # ... and their values
+    ("bij,bjk->bki", [2, 5, 6], [2, 6, 3]),  # the product transposed
+    ("ik,jk->ij", [5, 6], [3, 6]),
+]
+
+
+def _einsum(equation: str, a: list[int], b: list[int]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Einsum", ["a", "b"], ["y"], equation=equation)],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, a), helper.make_tensor_value_info("b", TensorProto.FLOAT, b)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("equation", "a", "b"), EINSUMS)
+def test_an_einsum_that_is_a_matmul_becomes_one_and_compiles_to_the_matmul_rule(equation, a, b):
+    from rewriter.backends import tvm as backend
+
+    model = _einsum(equation, a, b)
+    work = ir.serde.deserialize_model(model)
+    assert onnx_simplify.simplify(work)["einsum_matmul"] == 1
+    rewritten = ir.serde.serialize_model(work)
+    assert "Einsum" not in {node.op_type for node in rewritten.graph.node}
+    rng = np.random.default_rng(1)
+    feeds = {"a": rng.standard_normal(a).astype(np.float32), "b": rng.standard_normal(b).astype(np.float32)}
+    expected = np.einsum(equation, feeds["a"], feeds["b"])
+    got = ort.InferenceSession(rewritten.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    compiled = backend.compile(model, "avx512")
+    np.testing.assert_allclose(compiled.run(feeds)["y"], expected, rtol=1e-5, atol=1e-5)
+    assert compiled.schedules is not None
+    assert "einsum" not in " ".join(compiled.schedules.scheduled), compiled.schedules.scheduled
+    assert "matmul" in compiled.schedules.scheduled.values(), compiled.schedules.scheduled
+
+
+@pytest.mark.parametrize("equation", ["bik,bjk->bk", "ii,ij->j", "...ij,...jk->...ik", "ij,jk,kl->il"])
+def test_other_einsums_are_kept(equation):
+    assert onnx_simplify.matmul_order(equation) is None
