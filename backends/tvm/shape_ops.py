@@ -174,7 +174,40 @@ def lower(bb: Any, op_name: str, inputs: list[Any], sizes: Sizes) -> Any | None:
         return _tile(bb, inputs, sizes)
     if op_name == "Reshape":
         return _reshape_scalar(bb, inputs, sizes)
+    if op_name == "Expand":
+        return _expand_symbolic(bb, inputs)
     return None
+
+
+def _expand_symbolic(bb: Any, inputs: list[Any]) -> Any | None:
+    """``Expand`` of a tensor with symbolic dimensions to a constant shape, by ONNX's
+    broadcasting (right-aligned; a target 1 keeps the input's dimension, an input 1
+    takes the target's); TVM's converter reads every input dimension as a constant
+    (GPT-J's dynamo export: ``'Var' object has no attribute 'value'``). None elsewhere
+    (static inputs, a computed shape): TVM's converter."""
+    import tvm
+    from tvm import relax, tirx
+
+    data, shape = inputs[0], inputs[1] if len(inputs) > 1 else None
+    dims = getattr(getattr(data, "ty", None), "shape", None)
+    if not isinstance(shape, tvm.ir.GenericConst) or not isinstance(dims, relax.ShapeExpr):
+        return None
+    if all(isinstance(dim, tirx.IntImm) for dim in dims.values):
+        return None
+    target = [int(v) for v in shape.value.numpy().reshape(-1)]
+    have = list(dims.values)
+    rank = max(len(target), len(have))
+    have = [tirx.IntImm("int64", 1)] * (rank - len(have)) + have
+    target = [1] * (rank - len(target)) + target
+    out = []
+    for dim, wanted in zip(have, target, strict=True):
+        if wanted == 1 or (isinstance(dim, tirx.IntImm) and int(dim) == wanted):
+            out.append(dim)
+        elif isinstance(dim, tirx.IntImm) and int(dim) != 1:
+            return None  # not broadcastable: TVM's converter says so
+        else:
+            out.append(tirx.IntImm("int64", wanted))
+    return bb.normalize(relax.op.broadcast_to(data, relax.ShapeExpr(out)))
 
 
 def unclamped_slice(bb: Any, inputs: list[Any], sliced: Any, sizes: Sizes) -> Any:

@@ -368,3 +368,23 @@ def test_a_static_size_through_float_arithmetic_folds_for_a_reshape():
     ]
     proto = model(nodes, {"x": ["batch", 4, 6, 3]}, "out", initializers)
     assert_runs_symbolic(proto, [{"x": (1, 4, 6, 3)}, {"x": (2, 4, 6, 3)}])
+
+
+@pytest.mark.parametrize(
+    ("shape", "target"),
+    [
+        (["batch", 1, "seq"], [1, 4, 1]),  # GPT-J's dynamo export: a mask expanded to heads
+        ([1, "seq"], [3, 1, 1]),  # a longer target: new leading axes
+        (["batch", 1, 8], [1, 5, 8]),
+    ],
+)
+def test_expand_of_symbolic_dimensions_to_a_constant_shape(shape, target):
+    # TVM's converter read every input dimension as a constant ('Var' object has no
+    # attribute 'value'): the model refused to compile without dims.
+    proto = model(
+        [helper.make_node("Expand", ["x", "shape"], ["y"])], {"x": shape}, "y", [ints("shape", *target)]
+    )
+    sizes = [{"batch": 2, "seq": 5}, {"batch": 1, "seq": 9}]
+    assert_runs_symbolic(
+        proto, [{"x": tuple(s[d] if isinstance(d, str) else d for d in shape)} for s in sizes]
+    )
