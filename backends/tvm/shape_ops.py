@@ -201,7 +201,7 @@ def _expand_symbolic(bb: Any, inputs: list[Any]) -> Any | None:
     target = [1] * (rank - len(target)) + target
     out = []
     for dim, wanted in zip(have, target, strict=True):
-        if wanted == 1 or (isinstance(dim, tirx.IntImm) and int(dim) == wanted):
+        if wanted in (1, -1) or (isinstance(dim, tirx.IntImm) and int(dim) == wanted):  # -1 kept, as TVM does
             out.append(dim)
         elif isinstance(dim, tirx.IntImm) and int(dim) != 1:
             return None  # not broadcastable: TVM's converter says so
