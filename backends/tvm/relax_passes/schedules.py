@@ -598,6 +598,26 @@ def row_period(block: Any, divided: list[tuple[Any, int]], extent: int) -> int |
     return math.gcd(extent, *divisors) if divisors else None
 
 
+def _spreads(sch: Any, tail: Any, reduction: Any) -> bool:
+    """Whether the block ``tail`` iterates over more elements than ``reduction``'s spatial
+    iterators do, at static extents (a pad after a matmul: the register tiles would write
+    its result only where the matmul's output lies, the padding left unwritten)."""
+    from tvm import tirx
+
+    def size(block: Any, spatial_only: bool) -> int | None:
+        total = 1
+        for iv in sch.get(block).iter_vars:
+            if spatial_only and iv.iter_type != tirx.IterVar.DataPar:
+                continue
+            if not isinstance(iv.dom.extent, tirx.IntImm):
+                return None
+            total *= int(iv.dom.extent)
+        return total
+
+    wide, narrow = size(tail, False), size(reduction, True)
+    return wide is not None and narrow is not None and wide > narrow
+
+
 def rule(name: str) -> type:
     """One of this module's rule classes by name: ``matmul``, ``row_reduction``,
     ``elementwise``."""
@@ -782,6 +802,8 @@ def _rules() -> dict[str, Any]:
                 if not _is_pad(sch, info):
                     sch.compute_inline(info.block_rv)
             epilogue = infos[position + 1 :]
+            if epilogue and _spreads(sch, epilogue[-1].block_rv, reductions[0].block_rv):
+                return None  # an epilogue over more elements (a pad): the tiles cover too few
             for info in epilogue[:-1]:
                 sch.compute_inline(info.block_rv)
             block = reductions[0].block_rv
