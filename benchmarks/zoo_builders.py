@@ -383,6 +383,25 @@ def segformer() -> Any:
     return _wrap(SegformerForSemanticSegmentation(config), "logits", "pixels")
 
 
+def deeplabv3() -> Any:
+    """torchvision's DeepLabV3 on MobileNetV3-large (21 classes, output stride 16: an
+    atrous pyramid at rates 12, 24 and 36 over a 14 x 14 map), its ``out`` map."""
+    _seeded()
+    import torch
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    class Out(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: Any) -> Any:
+            return self.model(images)["out"]
+
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21)
+    return _wrap(Out(_calibrate_batch_norm(model)), None, "images")
+
+
 def torchvision_model(name: str, **options: Any) -> Callable[[], Any]:
     def build() -> Any:
         _seeded()

@@ -144,6 +144,7 @@ ZOO: list[ZooModel] = [
     _tv("tv_vit_b_16", "vision-transformer", build.torchvision_vit, "ViT-B/16 widths, 2 layers"),
     _image("swin", "swin", build.swin, "logits", "embed 48, depths 2-2"),
     _image("segformer", "segmentation", build.segformer, "logits", "MiT-B0 widths, 1 block/stage"),
+    _tv("deeplabv3", "segmentation", build.deeplabv3, "MobileNetV3-large, atrous rates 12/24/36"),
     _tv("resnet18", "cnn", build.torchvision_model("resnet18")),
     _tv("mobilenet_v3_small", "cnn", build.torchvision_model("mobilenet_v3_small")),
     _tv("efficientnet_b0", "cnn", build.torchvision_model("efficientnet_b0")),
