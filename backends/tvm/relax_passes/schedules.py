@@ -598,6 +598,20 @@ def row_period(block: Any, divided: list[tuple[Any, int]], extent: int) -> int |
     return math.gcd(extent, *divisors) if divisors else None
 
 
+def row_width(length: int, lanes: int, period: int | None) -> int:
+    """The widest vector, of ``lanes`` or a half or a quarter of them (at least 2), that
+    divides a row of ``length`` and its ``period`` (:func:`row_period`; None: any); 0 if
+    none does.
+
+    >>> row_width(196, 16, None), row_width(288, 16, 12), row_width(7, 16, None)
+    (4, 4, 0)
+    """
+    return next(
+        (w for w in (lanes, lanes // 2, lanes // 4) if w >= 2 and length % w == 0 and (period is None or period % w == 0)),
+        0,
+    )
+
+
 def _spreads(sch: Any, tail: Any, reduction: Any) -> bool:
     """Whether the block ``tail`` iterates over more elements than ``reduction``'s spatial
     iterators do, at static extents (a pad after a matmul: the register tiles would write
@@ -1322,14 +1336,7 @@ def _rules() -> dict[str, Any]:
                 # 14 x 14 pixels decoded every lane, 1.89 ms; rows of 196 in 4 lanes, 0.05).
                 row = sch.fuse(*inner[-after:]) if after > 1 else inner[-1]
                 length = math.prod(extents[-after:])
-                width = next(
-                    (
-                        w
-                        for w in (self.lanes, self.lanes // 2, self.lanes // 4)
-                        if length % w == 0 and (period is None or period % w == 0)
-                    ),
-                    0,
-                )
+                width = row_width(length, self.lanes, period)
                 if width:
                     _, lanes = sch.split(row, [None, width])
                     sch.vectorize(lanes)
@@ -1346,14 +1353,7 @@ def _rules() -> dict[str, Any]:
             # scalar. (Whole vectors and a masked last one peeled off by LoopPartition would
             # be faster, but TVM's LoopPartition fails on such loops, mixing int32 and int64
             # bounds.)
-            width = next(
-                (
-                    w
-                    for w in (self.lanes, self.lanes // 2, self.lanes // 4)
-                    if w >= 2 and total % w == 0 and (period is None or period % w == 0)
-                ),
-                0,
-            )
+            width = row_width(total, self.lanes, period)
             if not width:
                 if outer:
                     sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])

@@ -353,6 +353,17 @@ def test_a_channel_shuffle_runs_a_row_per_channel():
     assert_agrees_with_ort(proto)
 
 
+def _scheduled_and_built(func: tvm.tirx.PrimFunc) -> tuple[tvm.tirx.PrimFunc, tvm.runtime.Module]:
+    """``func`` scheduled by our CPU rules for avx512, and built as ``main``."""
+    target = targets.resolve("avx512")
+    with target:
+        scheduled_func = cpu_schedule.cpu_schedule(target)(tvm.IRModule({"main": func}))["main"]
+    library = tvm.tirx.build(
+        tvm.IRModule({"main": scheduled_func.with_attr("global_symbol", "main")}), target=target
+    )
+    return scheduled_func, library
+
+
 def merged_heads(heads: int, symbolic: bool) -> tvm.tirx.PrimFunc:
     """Swin's attention output, its heads of 24 merged back as TVM fuses the transpose
     and the reshape: [windows, heads, 49, 24] -> [windows, 49, heads x 24], 64 windows
@@ -378,18 +389,12 @@ def test_rows_of_merged_heads_are_split_at_the_heads(heads, symbolic):
     # floats straddled two heads and gathered every element (Swin at a symbolic batch:
     # 316 us at one thread for [64, 2, 49, 24]; split at the heads, three 8-lane vectors
     # a head: 13 us).
-    target = targets.resolve("avx512")
-    with target:
-        mod = cpu_schedule.cpu_schedule(target)(tvm.IRModule({"main": merged_heads(heads, symbolic)}))
-    func = mod["main"]
+    func, library = _scheduled_and_built(merged_heads(heads, symbolic))
     loops = _loops(func)
     assert [(loop.kind, int(loop.extent)) for loop in loops[-2:]] == [
         (tvm.tirx.ForKind.SERIAL, 3),
         (tvm.tirx.ForKind.VECTORIZED, 8),
     ], loops
-    library = tvm.tirx.build(
-        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target
-    )
     x = np.random.default_rng(heads).standard_normal((64, heads, 49, 24)).astype(np.float32)
     y = tvm.runtime.tensor(np.zeros((64, 49, heads * 24), np.float32))
     library["main"](tvm.runtime.tensor(x), y, *([1] if symbolic else []))
@@ -414,19 +419,13 @@ def test_a_decoded_axis_before_a_split_row_ends_the_parallel_rows():
     # The row split at its period (12) is two loops for one block axis: the pixels and
     # the row after the decoded channel are three loops, in vectors that divide the
     # period (one loop short, 16-lane vectors over one row straddled the heads).
-    target = targets.resolve("avx512")
-    with target:
-        mod = cpu_schedule.cpu_schedule(target)(tvm.IRModule({"main": shuffled_heads()}))
-    func = mod["main"]
+    func, library = _scheduled_and_built(shuffled_heads())
     loops = [(loop.kind, int(loop.extent)) for loop in _loops(func)]
     assert loops == [
         (tvm.tirx.ForKind.PARALLEL, 16),
         (tvm.tirx.ForKind.SERIAL, 72),
         (tvm.tirx.ForKind.VECTORIZED, 4),
     ], loops
-    library = tvm.tirx.build(
-        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target
-    )
     x = np.random.default_rng(0).standard_normal((2, 8, 4, 6, 12)).astype(np.float32)
     y = tvm.runtime.tensor(np.zeros((2, 8, 6, 48), np.float32))
     library["main"](tvm.runtime.tensor(x), y)
