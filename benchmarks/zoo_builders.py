@@ -48,7 +48,10 @@ def _wrappers() -> dict[str, Any]:
 
         def out(self, *args: Any, **kwargs: Any) -> Any:
             output = self.model(*args, **kwargs, **self.fixed)
-            return output if self.field is None else getattr(output, self.field)
+            if self.field is None:
+                return output
+            # A model output's field, or a dict's entry (torchvision's segmentation models).
+            return getattr(output, self.field) if hasattr(output, self.field) else output[self.field]
 
     class Text(Wrapped):
         def forward(self, input_ids: Any, attention_mask: Any) -> Any:
@@ -90,8 +93,8 @@ def _wrappers() -> dict[str, Any]:
 
 def _wrap(model: Any, field: str | None, signature: str, **fixed: Any) -> Any:
     """``model`` behind the ``forward`` of ``signature`` (a key of :func:`_wrappers`),
-    called with ``fixed`` keyword arguments too, returning ``output.field`` (or the
-    output itself when ``field`` is None)."""
+    called with ``fixed`` keyword arguments too, returning ``output.field`` or
+    ``output[field]`` (or the output itself when ``field`` is None)."""
     return _wrappers()[signature](model, field, fixed).eval()
 
 
@@ -387,19 +390,10 @@ def deeplabv3() -> Any:
     """torchvision's DeepLabV3 on MobileNetV3-large (21 classes, output stride 16: an
     atrous pyramid at rates 12, 24 and 36 over a 14 x 14 map), its ``out`` map."""
     _seeded()
-    import torch
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
-    class Out(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, images: Any) -> Any:
-            return self.model(images)["out"]
-
     model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21)
-    return _wrap(Out(_calibrate_batch_norm(model)), None, "images")
+    return _wrap(_calibrate_batch_norm(model), "out", "images")
 
 
 def torchvision_model(name: str, **options: Any) -> Callable[[], Any]:
