@@ -449,6 +449,16 @@ def resnext() -> Any:
     return _wrap(_calibrate_batch_norm(model), None, "images")
 
 
+def bit() -> Any:
+    """Big Transfer's ResNetV2-50 widths (pre-activation bottlenecks, group norms of 32
+    groups, weight-standardized convolutions), one block per stage."""
+    _seeded()
+    from transformers import BitConfig, BitForImageClassification
+
+    config = BitConfig(depths=[1, 1, 1, 1], num_labels=1000)
+    return _wrap(BitForImageClassification(config), "logits", "pixels")
+
+
 def wav2vec2() -> Any:
     """wav2vec2 with a 256-channel conv feature encoder (the base model's strides and
     kernels: one frame per 320 samples), group norm, 2 transformer layers."""

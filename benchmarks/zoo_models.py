@@ -158,6 +158,7 @@ ZOO: list[ZooModel] = [
     _tv("densenet121", "cnn", build.torchvision_model("densenet121"), "concats of growing maps"),
     _tv("resnext", "cnn", build.resnext, "ResNeXt-50 32x4d widths, 1 block/stage: 32 groups"),
     _tv("convnext", "cnn", build.convnext, "ConvNeXt-T widths, 1 block/stage"),
+    _image("bit", "cnn", build.bit, "logits", "BiT ResNetV2-50 widths, 1 block/stage: group norms"),
     ZooModel(
         "wav2vec2",
         "speech",

@@ -525,6 +525,31 @@ def _topk_runtime_k(bb: Any, inputs: list, attrs: dict) -> Any:
     return relax.Tuple([values, indices])
 
 
+def _constant_pad(bb: Any, inputs: list, attrs: dict) -> Any | None:
+    """A constant-mode ``Pad`` with constant pads and value (opset 11 on, no ``axes``) as
+    Relax's ``nn.pad``, whose layout the convolution pass carries channels-last
+    (:func:`~rewriter.backends.tvm.relax_passes.conv.pads_as_pools`); TVM's converter
+    emits the padding PrimFunc itself, which no later pass can read as a pad. None for the
+    other forms (TVM's converter takes them)."""
+    import tvm
+    from tvm import relax
+
+    if attrs.get("mode", b"constant") not in (b"constant", "constant") or not 2 <= len(inputs) <= 3:
+        return None
+    pads, value = inputs[1], inputs[2] if len(inputs) == 3 else None
+    if not isinstance(pads, tvm.ir.GenericConst) or not (value is None or isinstance(value, tvm.ir.GenericConst)):
+        return None
+    widths = [int(width) for width in pads.value.numpy().reshape(-1)]
+    rank = len(widths) // 2
+    if getattr(inputs[0].ty, "ndim", -1) != rank:
+        return None
+    if not any(widths):
+        return inputs[0]  # (Swin pads its windows by nothing where they divide the map)
+    fill = 0.0 if value is None else float(value.value.numpy().reshape(-1)[0])
+    interleaved = [width for axis in range(rank) for width in (widths[axis], widths[rank + axis])]
+    return bb.normalize(relax.op.nn.pad(inputs[0], interleaved, pad_value=fill))
+
+
 def _nms_box_limit(inputs: list) -> list:
     """NonMaxSuppression's inputs with ``max_output_boxes_per_class`` at most the number of
     boxes. TVM sizes its output by that limit (and makes an int32 literal of it), so
@@ -674,6 +699,8 @@ def _importer_class() -> type:
                 return _topk_runtime_k(self.bb, inputs, attrs)
             if op_name == "NonMaxSuppression":
                 inputs = _nms_box_limit(inputs)
+            if op_name == "Pad" and (padded := _constant_pad(self.bb, inputs, attrs)) is not None:
+                return padded
             return super()._convert_operator(op_name, inputs, attrs, opset)
 
     _IMPORTER = Importer

@@ -105,13 +105,13 @@ def channels_last() -> tvm.transform.Pass:
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not _has_conv(mod):
             return mod
-        mod = clips_as_max_min(mod)
+        mod = constants_at_full_rank(pads_as_pools(clips_as_max_min(mod)))
         try:
             mod = relax.transform.ConvertLayout(LAYOUTS)(mod)
         except Exception as exc:  # an op ConvertLayout has no rule for
             logger.info("convolutions converted one by one (ConvertLayout failed: %s)", _first_line(exc))
             mod = _rewrite_convs(mod, _each_channels_last)
-        mod = relax.transform.FoldConstant()(mod)
+        mod = relax.transform.FoldConstant()(pools_as_pads(mod))
         # Each convolution's input got a transpose of its own: two convolutions reading one
         # channels-first tensor (ShuffleNetV2's two branches) transposed it twice.
         mod = relax.transform.EliminateCommonSubexpr()(mod)
@@ -144,6 +144,125 @@ def clips_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
                 return call
             low, high = (relax.const(bound, dtype) for bound in bounds)
             return relax.op.minimum(self.builder_.emit(relax.op.maximum(x, low)), high)
+
+    mutator = Mutator(mod)
+    visit_functions(mutator, mod)
+    return mutator.builder_.get()
+
+
+# The element-wise binary ops whose constant operand :func:`constants_at_full_rank` widens.
+BINARY_OPS = frozenset(
+    f"relax.{name}" for name in ("add", "subtract", "multiply", "divide", "maximum", "minimum", "power")
+)
+COMMUTATIVE = frozenset({"add", "multiply", "maximum", "minimum"})
+
+
+def constants_at_full_rank(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with each constant operand of an element-wise binary op that has fewer axes
+    than the other operand given the missing leading axes (``[C, 1, 1]`` -> ``[1, C, 1,
+    1]``): the same broadcast.
+
+    TVM's ``ConvertLayout`` takes a binary op whose operands differ in rank back to the
+    initial layout: a per-channel constant as exporters write it (a group norm's affine
+    ``weight.unsqueeze(-1).unsqueeze(-1)``, a layer scale ``[C, 1, 1]``) put its
+    channels-last operand through a transpose to channels-first, the op, and one back
+    (BiT's group norms; the transposed result made the element-wise function after it
+    write channels-first). Of the same rank, the constant is transposed instead (folded).
+    A constant first operand of a commutative op goes second: the conversion takes a
+    binary op's layout from its first operand."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not any(_is_op(call, name) for name in BINARY_OPS) or len(call.args) != 2:
+                return call
+            ranks = [getattr(arg.ty, "ndim", -1) for arg in call.args]
+            args = list(call.args)
+            for index, arg in enumerate(args):
+                other = ranks[1 - index]
+                if not isinstance(arg, tvm.ir.expr.GenericConst) or not 0 <= ranks[index] < other:
+                    continue
+                if not isinstance(arg.value, tvm.runtime.Tensor):
+                    return call
+                value = arg.value.numpy()
+                args[index] = relax.const(value.reshape((1,) * (other - value.ndim) + value.shape), str(value.dtype))
+            name = call.op.name.removeprefix("relax.")
+            if isinstance(args[0], tvm.ir.expr.GenericConst) and name in COMMUTATIVE:
+                args.reverse()  # the layout is the first operand's
+            if all(new.same_as(old) for new, old in zip(args, call.args, strict=True)):
+                return call
+            return getattr(relax.op, name)(*args)
+
+    mutator = Mutator(mod)
+    visit_functions(mutator, mod)
+    return mutator.builder_.get()
+
+
+def pads_as_pools(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with every zero ``pad`` of the spatial axes of a 3-D or 4-D float map as the
+    average pool over a 1-wide window with that padding, zeros counted (the same values:
+    each output is one input element divided by one, or a zero).
+
+    TVM's ``ConvertLayout`` has no layout rule for ``pad``, and has one for pools: an
+    explicit pad between channels-last convolutions (BiT's stem pads the convolution's
+    output before its max pool; TensorFlow-style "same" padding) went back to
+    channels-first between two transposes, and every op after it up to the next
+    convolution stayed channels-first with it (BiT at batch 8: the transposing pad 4.3 ms,
+    the channels-first max pool, which no rule of ours schedules, 1.4 ms).
+    :func:`pools_as_pads` turns them back after the conversion."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not _is_op(call, "relax.nn.pad"):
+                return call
+            ty = call.args[0].ty
+            widths = [int(width) for width in call.attrs.pad_width]
+            rank = getattr(ty, "ndim", -1)
+            dtype = str(getattr(ty, "dtype", ""))
+            if call.attrs.pad_mode != "constant" or _number(call.attrs.pad_value) != 0.0 or not dtype.startswith("float"):
+                return call
+            if rank not in (3, 4) or any(widths[:4]) or min(widths) < 0:
+                return call
+            before, after = widths[4::2], widths[5::2]
+            pool = relax.op.nn.avg_pool1d if rank == 3 else relax.op.nn.avg_pool2d
+            return pool(call.args[0], pool_size=[1] * (rank - 2), padding=before + after, count_include_pad=True)
+
+    mutator = Mutator(mod)
+    visit_functions(mutator, mod)
+    return mutator.builder_.get()
+
+
+def pools_as_pads(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with every average pool over a 1-wide window, stride 1, zeros counted, as
+    the zero ``pad`` it is, in the pool's layout (undoes :func:`pads_as_pools`)."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not (_is_op(call, "relax.nn.avg_pool1d") or _is_op(call, "relax.nn.avg_pool2d")):
+                return call
+            attrs = call.attrs
+            ones = [int(v) for v in (*attrs.pool_size, *attrs.strides, *attrs.dilation)]
+            if any(v != 1 for v in ones) or not attrs.count_include_pad or attrs.ceil_mode:
+                return call
+            if attrs.layout != attrs.out_layout:
+                return call
+            padding = [int(v) for v in attrs.padding]
+            spatial = len(padding) // 2
+            axes = [axis for axis in attrs.layout if axis not in "NC"]
+            widths: list[int] = []
+            for axis in attrs.layout:
+                at = axes.index(axis) if axis in axes else None
+                widths += [0, 0] if at is None else [padding[at], padding[spatial + at]]
+            return relax.op.nn.pad(call.args[0], widths, pad_value=0.0)
 
     mutator = Mutator(mod)
     visit_functions(mutator, mod)

@@ -116,3 +116,59 @@ def test_an_einsum_that_is_a_matmul_becomes_one_and_compiles_to_the_matmul_rule(
 @pytest.mark.parametrize("equation", ["bik,bjk->bk", "ii,ij->j", "...ij,...jk->...ik", "ij,jk,kl->il"])
 def test_other_einsums_are_kept(equation):
     assert onnx_simplify.matmul_order(equation) is None
+
+
+def _norm(shape: list[int], groups: int | None, back: list[int] | None = None) -> onnx.ModelProto:
+    """An instance norm of ``x`` (``groups=None``), or a group norm as the torch exporters
+    write it: ``Reshape(x, [0, G, -1])``, ``InstanceNormalization``, ``Reshape`` back to
+    ``Shape(x)`` (or to the constant ``back``). Batch symbolic."""
+    rng = np.random.default_rng(3)
+    norms = shape[1] if groups is None else groups
+    inits = [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, norms).astype(np.float32), "scale"),
+        numpy_helper.from_array(rng.uniform(-0.5, 0.5, norms).astype(np.float32), "shift"),
+        numpy_helper.from_array(np.array([0, norms, -1], np.int64), "grouped"),
+    ]
+    if groups is None:
+        nodes = [helper.make_node("InstanceNormalization", ["x", "scale", "shift"], ["y"], epsilon=1e-5)]
+    else:
+        nodes = [
+            helper.make_node("Reshape", ["x", "grouped"], ["g"]),
+            helper.make_node("InstanceNormalization", ["g", "scale", "shift"], ["n"], epsilon=1e-5),
+        ]
+        if back is None:
+            nodes += [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Reshape", ["n", "shape"], ["y"])]
+        else:
+            inits.append(numpy_helper.from_array(np.array(back, np.int64), "back"))
+            nodes.append(helper.make_node("Reshape", ["n", "back"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *shape[1:]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", *shape[1:]] if back is None else back)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [([2, 16, 5, 6], 4), ([2, 16, 5, 6], 1), ([2, 16, 5, 6], 16), ([2, 16, 5, 6], None), ([3, 8, 7], None), ([2, 8, 9], 2)],
+)
+def test_group_and_instance_norms_become_per_channel_statistics(shape, groups):
+    model = _norm(shape, groups)
+    work = ir.serde.deserialize_model(model)
+    assert onnx_simplify.simplify(work)["norms_per_channel"] == 1
+    rewritten = ir.serde.serialize_model(work)
+    onnx.checker.check_model(rewritten)
+    ops = {node.op_type for node in rewritten.graph.node}
+    assert not ops & {"InstanceNormalization", "Reshape", "Shape"}, ops  # no reshape of the map
+    x = (np.random.default_rng(4).standard_normal(shape) + 3.0).astype(np.float32)  # a mean away from zero
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    after = ort.InferenceSession(rewritten.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=2e-5)
+
+
+def test_a_group_norm_reshaped_to_another_shape_is_kept():
+    work = ir.serde.deserialize_model(_norm([2, 16, 5, 6], 4, back=[2, 16, 30]))
+    assert onnx_simplify.simplify(work)["norms_per_channel"] == 0
