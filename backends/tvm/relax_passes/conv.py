@@ -115,7 +115,7 @@ def channels_last() -> tvm.transform.Pass:
         # Each convolution's input got a transpose of its own: two convolutions reading one
         # channels-first tensor (ShuffleNetV2's two branches) transposed it twice.
         mod = relax.transform.EliminateCommonSubexpr()(mod)
-        mod = _rewrite_convs(mod, drop_dead_taps)
+        mod = _rewrite_convs(_rewrite_convs(mod, drop_dead_taps), split_partial_taps)
         return trim_sliced_positions(_rewrite_convs(mod, pad_channels))
 
     return pass_
@@ -447,6 +447,15 @@ def _each_channels_last(builder: Any, call: Any) -> Any:
 
 # Output channels are padded to a multiple of this (one AVX-512 vector) where that wastes
 # at most MAX_CHANNEL_WASTE of the convolution's work; below, narrower tiles are used.
+# A convolution whose live taps (summed over its outputs) are at most this share of its
+# taps times its outputs is split into regions of the same live taps
+# (:func:`split_partial_taps`): a region's convolution reads its weight's slice again, so
+# only where most of the work is on padding.
+PARTIAL_TAPS_LIVE = 0.5
+# ... into at most this many regions: a 3 x 3 kernel's border rows and columns. A wide
+# kernel slides its live taps output by output (wav2vec2's positional convolution, 128
+# taps over 49 frames padded by 64: 49 regions, 4x the time of the one convolution).
+PARTIAL_TAPS_REGIONS = 9
 CHANNEL_MULTIPLE = 16
 MAX_CHANNEL_WASTE = 0.25
 
@@ -536,6 +545,93 @@ def drop_dead_taps(builder: Any, call: Any) -> Any:
     kept = relax.const(np.ascontiguousarray(array[tuple(slice(t.start, t.stop) for t in live)]), str(array.dtype))
     dilation = [d if len(t) > 1 else 1 for d, t in zip(dilations, live, strict=True)]
     return _conv_like(call, call.args[0], kept, padding=[*new_before, *new_after], dilation=dilation)
+
+
+def tap_bands(size: int, out: int, kernel: int, stride: int, dilation: int, before: int) -> list[tuple[range, range]]:
+    """The output positions along one axis in runs over which the same taps are live
+    (:func:`live_taps`, position by position): ``(positions, taps)`` pairs in order.
+
+    >>> tap_bands(14, 14, 3, 1, 12, 12)
+    [(range(0, 2), range(1, 3)), (range(2, 12), range(1, 2)), (range(12, 14), range(0, 2))]
+    """
+    bands: list[tuple[range, range]] = []
+    for o in range(out):
+        taps = live_taps(size, 1, kernel, 1, dilation, before - o * stride)
+        if bands and bands[-1][1] == taps:
+            bands[-1] = (range(bands[-1][0].start, o + 1), taps)
+        else:
+            bands.append((range(o, o + 1), taps))
+    return bands
+
+
+def split_partial_taps(builder: Any, call: Any) -> Any:
+    """A channels-last convolution with a constant weight whose taps read padding for most
+    outputs (live taps at most :data:`PARTIAL_TAPS_LIVE` of the work, in at most
+    :data:`PARTIAL_TAPS_REGIONS` regions), as one
+    convolution per region of outputs over which the same taps are live (:func:`tap_bands`
+    along each axis), each over the input it reads with no padding, concatenated:
+    exact, the taps dropped multiplied zeros only. DeepLabV3's rate-12 ASPP branch over a
+    14 x 14 map: the outer taps are live on the 2 border rows or columns only, a fifth of
+    the 3 x 3 work; computed whole, over a padded copy, 8.3 ms against ONNX Runtime's 2.5
+    (which skips the taps per output) at batch 1. None for the other convolutions."""
+    import numpy as np
+    import tvm
+    from tvm import relax, tirx
+
+    attrs = call.attrs
+    weight = call.args[1]
+    if attrs.data_layout not in ("NHWC", "NWC") or attrs.kernel_layout not in ("HWIO", "WIO"):
+        return None
+    if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(weight.value, tvm.runtime.Tensor):
+        return None
+    data_shape = getattr(call.args[0].ty, "shape", None)
+    out_shape = getattr(call.ty, "shape", None)
+    if not isinstance(data_shape, relax.ShapeExpr) or not isinstance(out_shape, relax.ShapeExpr):
+        return None
+    sizes, outs = data_shape.values[1:-1], out_shape.values[1:-1]
+    if not all(isinstance(v, tirx.IntImm) for v in [*sizes, *outs]):
+        return None
+    array = weight.value.numpy()
+    axes = len(sizes)
+    before = [int(p) for p in attrs.padding][:axes]
+    strides, dilations = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+    bands = [
+        tap_bands(int(sizes[i]), int(outs[i]), array.shape[i], strides[i], dilations[i], before[i])
+        for i in range(axes)
+    ]
+    live = math.prod(
+        sum(len(positions) * len(taps) for positions, taps in axis) / (int(outs[i]) * array.shape[i])
+        for i, axis in enumerate(bands)
+    )
+    if live > PARTIAL_TAPS_LIVE or math.prod(len(axis) for axis in bands) > PARTIAL_TAPS_REGIONS:
+        return None
+    for i, axis in enumerate(bands):  # (an output no tap reads the input for: all taps)
+        for positions, taps in axis:
+            first = positions.start * strides[i] + taps.start * dilations[i] - before[i]
+            last = (positions.stop - 1) * strides[i] + (taps.stop - 1) * dilations[i] - before[i]
+            if first < 0 or last >= int(sizes[i]):
+                return None
+
+    def region(chosen: list[tuple[range, range]]) -> Any:
+        begin = [p.start * s + t.start * d - b for (p, t), s, d, b in zip(chosen, strides, dilations, before, strict=True)]
+        end = [
+            (p.stop - 1) * s + (t.stop - 1) * d - b + 1
+            for (p, t), s, d, b in zip(chosen, strides, dilations, before, strict=True)
+        ]
+        data = builder.emit(relax.op.strided_slice(call.args[0], axes=list(range(1, axes + 1)), begin=begin, end=end))
+        taps = np.ascontiguousarray(array[tuple(slice(t.start, t.stop) for _, t in chosen)])
+        dilation = [d if len(t) > 1 else 1 for d, (_, t) in zip(dilations, chosen, strict=True)]
+        return builder.emit(
+            _conv_like(call, data, relax.const(taps, str(array.dtype)), padding=[0] * (2 * axes), dilation=dilation)
+        )
+
+    def joined(axis: int, chosen: list[tuple[range, range]]) -> Any:
+        if axis == axes:
+            return region(chosen)
+        parts = [joined(axis + 1, [*chosen, band]) for band in bands[axis]]
+        return parts[0] if len(parts) == 1 else builder.emit(relax.op.concat(parts, axis=axis + 1))
+
+    return joined(0, [])
 
 
 def _has_conv(mod: tvm.IRModule) -> bool:

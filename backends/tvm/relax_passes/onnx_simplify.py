@@ -295,6 +295,8 @@ def _norm_per_channel(node: ir.Node, opset: int) -> bool:
     shape = source.shape
     if shape is None or len(shape) < 3 or not isinstance(shape[1], int) or source.dtype is None:
         return False
+    if not all(isinstance(size, int) for size in shape[2:]):
+        return False  # (the channels-last pooling schedule takes static pixel extents)
     channels, rank = shape[1], len(shape)
     if not source.dtype.is_floating_point() or channels % groups or (back is None and groups != channels):
         return False
