@@ -1,6 +1,6 @@
 """The model zoo of ``benchmarks/zoo.py``: which models, their inputs, their run sizes.
 
-28 architectures in 8 families, each a small random-weight model built by
+31 architectures in 8 families, each a small random-weight model built by
 :mod:`benchmarks.zoo_builders` from a ``transformers`` config or from ``torchvision``
 (``weights=None``):
 
@@ -13,9 +13,10 @@
   with past key-values is left out: exporting transformers' cache objects as graph
   inputs needs per-exporter glue that users of these exporters do not write;
 * ViT-style: ViT, DeiT, CLIP's vision tower, torchvision's ViT-B/16 (2 layers);
-* Swin; SegFormer (semantic segmentation, with a Resize in the decode head);
+* Swin; SegFormer (semantic segmentation, with a Resize in the decode head) and
+  DeepLabV3 (MobileNetV3-large, atrous convolutions);
 * CNNs: ResNet-18, MobileNetV3-small, EfficientNet-B0, RegNetY-400MF, ShuffleNetV2 (x1.0),
-  DenseNet-121, ConvNeXt;
+  DenseNet-121, ResNeXt (32 groups of 4), ConvNeXt, BiT (group norms);
 * speech: wav2vec2 (1 s of 16 kHz audio) and Whisper's encoder (80 x 3000 mel frames).
 
 Symbolic axes: ``batch`` everywhere, ``sequence`` (128 at run time) for text, and
