@@ -20,9 +20,9 @@
   operand: CvT's attention ``bhlk,bhtk->bhlt`` and ``bhlt,bhtv->bhlv``) -> ``Transpose``s
   and ``MatMul``. The importer's einsum is a generic reduction that no matmul schedule
   recognizes (CvT-13's 3136 x 784 scores: 15 ms, 3.5x the same product as a matmul).
-* ``InstanceNormalization``, and the group norm both torch exporters write as
-  ``Reshape(x, [N, G, -1])`` -> ``InstanceNormalization`` -> ``Reshape`` back ->
-  per-channel statistics of ``x`` (``GlobalAveragePool``, the group's mean by a grouped
+* The group norm both torch exporters write as ``Reshape(x, [N, G, -1])`` ->
+  ``InstanceNormalization`` -> ``Reshape`` back (over static positions) -> per-channel
+  statistics of ``x`` (``GlobalAveragePool``, the group's mean by a grouped
   1 x 1 ``Conv`` of weight ``1 / (C / G)``, or a ``ReduceMean`` over the channels for one
   group), then ``x * a - b`` per channel. The reshape to ``[N, G, -1]`` reads
   channels-first order: between channels-last convolutions each group norm was a
@@ -268,8 +268,8 @@ def _einsum_as_matmul(node: ir.Node) -> bool:
 
 
 def _norm_per_channel(node: ir.Node, opset: int) -> bool:
-    """An instance norm, or a group norm as exporters write it (``Reshape(x, [N, G, -1])``
-    -> ``InstanceNormalization`` -> ``Reshape`` back to ``x``'s shape), as per-channel
+    """A group norm as exporters write it (``Reshape(x, [N, G, -1])`` ->
+    ``InstanceNormalization`` -> ``Reshape`` back to ``x``'s shape), as per-channel
     statistics of ``x`` itself: ``y = x * a - b``, ``a`` and ``b`` per sample and channel.
 
     Each channel's mean over its pixels (``GlobalAveragePool``), averaged over the
@@ -283,22 +283,21 @@ def _norm_per_channel(node: ir.Node, opset: int) -> bool:
     if data is None or scales is None or shifts is None or scales.ndim != 1:
         return False
     groups = scales.size
-    reshape, back = data.producer(), None
-    if reshape is not None and reshape.op_type == "Reshape" and _splits_groups(reshape, groups):
-        source = reshape.inputs[0]
-        uses = list(node.outputs[0].uses())
-        back = uses[0][0] if len(uses) == 1 and not node.outputs[0].is_graph_output() else None
-        if source is None or back is None or back.op_type != "Reshape" or not _shape_of(back.inputs[1], source):
-            return False
-    else:
-        source = data
+    reshape = data.producer()
+    if reshape is None or reshape.op_type != "Reshape" or not _splits_groups(reshape, groups):
+        return False  # an instance norm of its own: TVM's decomposition keeps its layout
+    source = reshape.inputs[0]
+    uses = list(node.outputs[0].uses())
+    back = uses[0][0] if len(uses) == 1 and not node.outputs[0].is_graph_output() else None
+    if source is None or back is None or back.op_type != "Reshape" or not _shape_of(back.inputs[1], source):
+        return False
     shape = source.shape
     if shape is None or len(shape) < 3 or not isinstance(shape[1], int) or source.dtype is None:
         return False
     if not all(isinstance(size, int) for size in shape[2:]):
         return False  # (the channels-last pooling schedule takes static pixel extents)
     channels, rank = shape[1], len(shape)
-    if not source.dtype.is_floating_point() or channels % groups or (back is None and groups != channels):
+    if not source.dtype.is_floating_point() or channels % groups:
         return False
     width, dtype = channels // groups, source.dtype.numpy()
     epsilon = node.attributes.get_float("epsilon", 1e-5)
@@ -346,9 +345,6 @@ def _norm_per_channel(node: ir.Node, opset: int) -> bool:
     if np.any(shifts != 0):
         offset = op("Sub", offset, const(np.repeat(shifts, width).reshape(per_channel).astype(dtype)))
     result = op("Sub", op("Mul", source, scaled), offset)
-    if back is None:
-        _replace(node, new, result)
-        return True
     target = back.inputs[1]
     _replace(back, new, result)
     for dead in (node, reshape, target.producer() if target is not None else None):
