@@ -445,8 +445,6 @@ def _each_channels_last(builder: Any, call: Any) -> Any:
     return relax.op.permute_dims(out, to_first)
 
 
-# Output channels are padded to a multiple of this (one AVX-512 vector) where that wastes
-# at most MAX_CHANNEL_WASTE of the convolution's work; below, narrower tiles are used.
 # A convolution whose live taps (summed over its outputs) are at most this share of its
 # taps times its outputs is split into regions of the same live taps
 # (:func:`split_partial_taps`): a region's convolution reads its weight's slice again, so
@@ -456,6 +454,8 @@ PARTIAL_TAPS_LIVE = 0.5
 # kernel slides its live taps output by output (wav2vec2's positional convolution, 128
 # taps over 49 frames padded by 64: 49 regions, 4x the time of the one convolution).
 PARTIAL_TAPS_REGIONS = 9
+# Output channels are padded to a multiple of this (one AVX-512 vector) where that wastes
+# at most MAX_CHANNEL_WASTE of the convolution's work; below, narrower tiles are used.
 CHANNEL_MULTIPLE = 16
 MAX_CHANNEL_WASTE = 0.25
 

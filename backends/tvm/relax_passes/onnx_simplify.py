@@ -66,6 +66,10 @@ def simplify(model: ir.Model) -> dict[str, int]:
         "norms_per_channel": 0,
     }
     opset = model.opset_imports.get("", 1)
+    if any(_unknown_group_norm_positions(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)):
+        # A TorchScript export with a symbolic batch records no shapes past its inputs:
+        # whether a group norm's positions are static (an image's) is inferred first.
+        ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
     for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
         if node.domain not in ("", "ai.onnx") or node.graph is None:
             continue
@@ -351,6 +355,18 @@ def _norm_per_channel(node: ir.Node, opset: int) -> bool:
         if dead is not None and dead.graph is not None and not any(out.uses() or out.is_graph_output() for out in dead.outputs):
             dead.graph.remove(dead, safe=True)
     return True
+
+
+def _unknown_group_norm_positions(node: ir.Node) -> bool:
+    """Whether ``node`` is the instance norm of an exporter's group norm whose input's
+    positions have no recorded size."""
+    if node.op_type != "InstanceNormalization" or node.inputs[0] is None:
+        return False
+    reshape = node.inputs[0].producer()
+    if reshape is None or reshape.op_type != "Reshape" or reshape.inputs[0] is None:
+        return False
+    shape = reshape.inputs[0].shape
+    return shape is None or any(dim is None or (not isinstance(dim, int) and dim.value is None) for dim in shape[2:])
 
 
 def _splits_groups(reshape: ir.Node, groups: int) -> bool:

@@ -189,3 +189,20 @@ def test_a_norm_over_symbolic_positions_is_kept():
     # at twice the time of TVM's own norm.
     work = ir.serde.deserialize_model(_norm([2, 8, "frames"], 8))  # type: ignore[list-item]
     assert onnx_simplify.simplify(work)["norms_per_channel"] == 0
+
+
+def test_a_group_norm_of_a_value_with_no_recorded_shape_is_rewritten():
+    # TorchScript exports with a symbolic batch record no shapes past the inputs; the
+    # positions (an image's, static) are inferred before the rewrite decides.
+    model = _norm([2, 16, 5, 6], 4)
+    model.graph.node.insert(0, helper.make_node("Relu", ["x"], ["r"]))
+    for node in model.graph.node[1:]:
+        node.input[:] = ["r" if name == "x" else name for name in node.input]
+    work = ir.serde.deserialize_model(model)
+    reshape = next(node for node in work.graph if node.op_type == "Reshape")
+    assert reshape.inputs[0].shape is None  # nothing recorded
+    assert onnx_simplify.simplify(work)["norms_per_channel"] == 1
+    x = np.random.default_rng(5).standard_normal([2, 16, 5, 6]).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    after = ort.InferenceSession(ir.serde.serialize_model(work).SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=2e-5)
