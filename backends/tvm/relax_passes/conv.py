@@ -131,23 +131,16 @@ def clips_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
     same comparisons)."""
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not _is_op(call, "relax.clip"):
-                return call
-            x, lo, hi = call.args
-            dtype = str(getattr(x.ty, "dtype", ""))
-            bounds = [_number(bound) for bound in (lo, hi)]
-            if not dtype.startswith("float") or None in bounds:
-                return call
-            low, high = (relax.const(bound, dtype) for bound in bounds)
-            return relax.op.minimum(self.builder_.emit(relax.op.maximum(x, low)), high)
+    def rewrite(builder: Any, call: Any) -> Any:
+        x, lo, hi = call.args
+        dtype = str(getattr(x.ty, "dtype", ""))
+        bounds = [_number(bound) for bound in (lo, hi)]
+        if not dtype.startswith("float") or None in bounds:
+            return None
+        low, high = (relax.const(bound, dtype) for bound in bounds)
+        return relax.op.minimum(builder.emit(relax.op.maximum(x, low)), high)
 
-    mutator = Mutator(mod)
-    visit_functions(mutator, mod)
-    return mutator.builder_.get()
+    return _rewrite_calls(mod, {"relax.clip"}, rewrite)
 
 
 # The element-wise binary ops whose constant operand :func:`constants_at_full_rank` widens.
@@ -173,32 +166,27 @@ def constants_at_full_rank(mod: tvm.IRModule) -> tvm.IRModule:
     import tvm
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not any(_is_op(call, name) for name in BINARY_OPS) or len(call.args) != 2:
-                return call
-            ranks = [getattr(arg.ty, "ndim", -1) for arg in call.args]
-            args = list(call.args)
-            for index, arg in enumerate(args):
-                other = ranks[1 - index]
-                if not isinstance(arg, tvm.ir.expr.GenericConst) or not 0 <= ranks[index] < other:
-                    continue
-                if not isinstance(arg.value, tvm.runtime.Tensor):
-                    return call
-                value = arg.value.numpy()
-                args[index] = relax.const(value.reshape((1,) * (other - value.ndim) + value.shape), str(value.dtype))
-            name = call.op.name.removeprefix("relax.")
-            if isinstance(args[0], tvm.ir.expr.GenericConst) and name in COMMUTATIVE:
-                args.reverse()  # the layout is the first operand's
-            if all(new.same_as(old) for new, old in zip(args, call.args, strict=True)):
-                return call
-            return getattr(relax.op, name)(*args)
+    def rewrite(_builder: Any, call: Any) -> Any:
+        if len(call.args) != 2:
+            return None
+        ranks = [getattr(arg.ty, "ndim", -1) for arg in call.args]
+        args = list(call.args)
+        for index, arg in enumerate(args):
+            other = ranks[1 - index]
+            if not isinstance(arg, tvm.ir.expr.GenericConst) or not 0 <= ranks[index] < other:
+                continue
+            if not isinstance(arg.value, tvm.runtime.Tensor):
+                return None
+            value = arg.value.numpy()
+            args[index] = relax.const(value.reshape((1,) * (other - value.ndim) + value.shape), str(value.dtype))
+        name = call.op.name.removeprefix("relax.")
+        if isinstance(args[0], tvm.ir.expr.GenericConst) and name in COMMUTATIVE:
+            args.reverse()  # the layout is the first operand's
+        if all(new.same_as(old) for new, old in zip(args, call.args, strict=True)):
+            return None
+        return getattr(relax.op, name)(*args)
 
-    mutator = Mutator(mod)
-    visit_functions(mutator, mod)
-    return mutator.builder_.get()
+    return _rewrite_calls(mod, BINARY_OPS, rewrite)
 
 
 def pads_as_pools(mod: tvm.IRModule) -> tvm.IRModule:
@@ -215,27 +203,20 @@ def pads_as_pools(mod: tvm.IRModule) -> tvm.IRModule:
     :func:`pools_as_pads` turns them back after the conversion."""
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not _is_op(call, "relax.nn.pad"):
-                return call
-            ty = call.args[0].ty
-            widths = [int(width) for width in call.attrs.pad_width]
-            rank = getattr(ty, "ndim", -1)
-            dtype = str(getattr(ty, "dtype", ""))
-            if call.attrs.pad_mode != "constant" or _number(call.attrs.pad_value) != 0.0 or not dtype.startswith("float"):
-                return call
-            if rank not in (3, 4) or any(widths[:4]) or min(widths) < 0:
-                return call
-            before, after = widths[4::2], widths[5::2]
-            pool = relax.op.nn.avg_pool1d if rank == 3 else relax.op.nn.avg_pool2d
-            return pool(call.args[0], pool_size=[1] * (rank - 2), padding=before + after, count_include_pad=True)
+    def rewrite(_builder: Any, call: Any) -> Any:
+        ty = call.args[0].ty
+        widths = [int(width) for width in call.attrs.pad_width]
+        rank = getattr(ty, "ndim", -1)
+        dtype = str(getattr(ty, "dtype", ""))
+        if call.attrs.pad_mode != "constant" or _number(call.attrs.pad_value) != 0.0 or not dtype.startswith("float"):
+            return None
+        if rank not in (3, 4) or any(widths[:4]) or min(widths) < 0:
+            return None
+        before, after = widths[4::2], widths[5::2]
+        pool = relax.op.nn.avg_pool1d if rank == 3 else relax.op.nn.avg_pool2d
+        return pool(call.args[0], pool_size=[1] * (rank - 2), padding=before + after, count_include_pad=True)
 
-    mutator = Mutator(mod)
-    visit_functions(mutator, mod)
-    return mutator.builder_.get()
+    return _rewrite_calls(mod, {"relax.nn.pad"}, rewrite)
 
 
 def pools_as_pads(mod: tvm.IRModule) -> tvm.IRModule:
@@ -243,30 +224,23 @@ def pools_as_pads(mod: tvm.IRModule) -> tvm.IRModule:
     the zero ``pad`` it is, in the pool's layout (undoes :func:`pads_as_pools`)."""
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not (_is_op(call, "relax.nn.avg_pool1d") or _is_op(call, "relax.nn.avg_pool2d")):
-                return call
-            attrs = call.attrs
-            ones = [int(v) for v in (*attrs.pool_size, *attrs.strides, *attrs.dilation)]
-            if any(v != 1 for v in ones) or not attrs.count_include_pad or attrs.ceil_mode:
-                return call
-            if attrs.layout != attrs.out_layout:
-                return call
-            padding = [int(v) for v in attrs.padding]
-            spatial = len(padding) // 2
-            axes = [axis for axis in attrs.layout if axis not in "NC"]
-            widths: list[int] = []
-            for axis in attrs.layout:
-                at = axes.index(axis) if axis in axes else None
-                widths += [0, 0] if at is None else [padding[at], padding[spatial + at]]
-            return relax.op.nn.pad(call.args[0], widths, pad_value=0.0)
+    def rewrite(_builder: Any, call: Any) -> Any:
+        attrs = call.attrs
+        ones = [int(v) for v in (*attrs.pool_size, *attrs.strides, *attrs.dilation)]
+        if any(v != 1 for v in ones) or not attrs.count_include_pad or attrs.ceil_mode:
+            return None
+        if attrs.layout != attrs.out_layout:
+            return None
+        padding = [int(v) for v in attrs.padding]
+        spatial = len(padding) // 2
+        axes = [axis for axis in attrs.layout if axis not in "NC"]
+        widths: list[int] = []
+        for axis in attrs.layout:
+            at = axes.index(axis) if axis in axes else None
+            widths += [0, 0] if at is None else [padding[at], padding[spatial + at]]
+        return relax.op.nn.pad(call.args[0], widths, pad_value=0.0)
 
-    mutator = Mutator(mod)
-    visit_functions(mutator, mod)
-    return mutator.builder_.get()
+    return _rewrite_calls(mod, {"relax.nn.avg_pool1d", "relax.nn.avg_pool2d"}, rewrite)
 
 
 def _number(expr: Any) -> float | None:
@@ -409,6 +383,12 @@ def _conv_like(conv: Any, data: Any, weight: Any, **changes: Any) -> Any:
 def _rewrite_convs(mod: tvm.IRModule, rewrite: Any) -> tvm.IRModule:
     """``mod`` with every conv1d/conv2d call ``c`` replaced by ``rewrite(builder, c)``
     (which returns the new expression, or None to keep ``c``)."""
+    return _rewrite_calls(mod, LAYOUTS.keys(), rewrite)
+
+
+def _rewrite_calls(mod: tvm.IRModule, ops: Any, rewrite: Any) -> tvm.IRModule:
+    """``mod`` with every call ``c`` of an op named in ``ops`` replaced by
+    ``rewrite(builder, c)`` (which returns the new expression, or None to keep ``c``)."""
     import tvm
     from tvm import relax
 
@@ -416,7 +396,7 @@ def _rewrite_convs(mod: tvm.IRModule, rewrite: Any) -> tvm.IRModule:
     class Mutator(relax.PyExprMutator):  # type: ignore[misc]
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if isinstance(call.op, tvm.ir.Op) and call.op.name in LAYOUTS:
+            if isinstance(call.op, tvm.ir.Op) and call.op.name in ops:
                 new = rewrite(self.builder_, call)
                 if new is not None:
                     return new
@@ -504,13 +484,10 @@ def live_taps(size: int, out: int, kernel: int, stride: int, dilation: int, befo
     return range(live[0], live[-1] + 1) if live else range(kernel)
 
 
-def drop_dead_taps(builder: Any, call: Any) -> Any:
-    """A channels-last convolution with a constant weight whose outer taps only ever read
-    padding (an atrous convolution dilated past its map: DeepLabV3's ASPP at rates 24 and
-    36 over a 14 x 14 map is a 1 x 1 convolution), as the convolution over its live taps
-    alone, its padding cut by as much: exact, the dropped taps multiplied zeros only.
-    None where every tap is live or the positions are not static."""
-    import numpy as np
+def _static_conv(call: Any) -> tuple[Any, list[int], list[int], list[int], list[int], list[int], list[int]] | None:
+    """(weight array, input sizes, output sizes, padding before, padding after, strides,
+    dilations) along the positions of a channels-last convolution with a constant weight
+    and static positions; None for any other."""
     import tvm
     from tvm import relax, tirx
 
@@ -527,13 +504,35 @@ def drop_dead_taps(builder: Any, call: Any) -> Any:
     sizes, outs = data_shape.values[1:-1], out_shape.values[1:-1]
     if not all(isinstance(v, tirx.IntImm) for v in [*sizes, *outs]):
         return None
-    array = weight.value.numpy()
     axes = len(sizes)
     padding = [int(p) for p in attrs.padding]
-    before, after = padding[:axes], padding[axes:]
-    strides, dilations = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
+    return (
+        weight.value.numpy(),
+        [int(v) for v in sizes],
+        [int(v) for v in outs],
+        padding[:axes],
+        padding[axes:],
+        [int(v) for v in attrs.strides],
+        [int(v) for v in attrs.dilation],
+    )
+
+
+def drop_dead_taps(builder: Any, call: Any) -> Any:
+    """A channels-last convolution with a constant weight whose outer taps only ever read
+    padding (an atrous convolution dilated past its map: DeepLabV3's ASPP at rates 24 and
+    36 over a 14 x 14 map is a 1 x 1 convolution), as the convolution over its live taps
+    alone, its padding cut by as much: exact, the dropped taps multiplied zeros only.
+    None where every tap is live or the positions are not static."""
+    import numpy as np
+    from tvm import relax
+
+    static = _static_conv(call)
+    if static is None:
+        return None
+    array, sizes, outs, before, after, strides, dilations = static
+    axes = len(sizes)
     live = [
-        live_taps(int(sizes[i]), int(outs[i]), array.shape[i], strides[i], dilations[i], before[i])
+        live_taps(sizes[i], outs[i], array.shape[i], strides[i], dilations[i], before[i])
         for i in range(axes)
     ]
     if all(len(taps) == array.shape[i] for i, taps in enumerate(live)):
@@ -575,32 +574,19 @@ def split_partial_taps(builder: Any, call: Any) -> Any:
     the 3 x 3 work; computed whole, over a padded copy, 8.3 ms against ONNX Runtime's 2.5
     (which skips the taps per output) at batch 1. None for the other convolutions."""
     import numpy as np
-    import tvm
-    from tvm import relax, tirx
+    from tvm import relax
 
-    attrs = call.attrs
-    weight = call.args[1]
-    if attrs.data_layout not in ("NHWC", "NWC") or attrs.kernel_layout not in ("HWIO", "WIO"):
+    static = _static_conv(call)
+    if static is None:
         return None
-    if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(weight.value, tvm.runtime.Tensor):
-        return None
-    data_shape = getattr(call.args[0].ty, "shape", None)
-    out_shape = getattr(call.ty, "shape", None)
-    if not isinstance(data_shape, relax.ShapeExpr) or not isinstance(out_shape, relax.ShapeExpr):
-        return None
-    sizes, outs = data_shape.values[1:-1], out_shape.values[1:-1]
-    if not all(isinstance(v, tirx.IntImm) for v in [*sizes, *outs]):
-        return None
-    array = weight.value.numpy()
+    array, sizes, outs, before, _, strides, dilations = static
     axes = len(sizes)
-    before = [int(p) for p in attrs.padding][:axes]
-    strides, dilations = [int(v) for v in attrs.strides], [int(v) for v in attrs.dilation]
     bands = [
-        tap_bands(int(sizes[i]), int(outs[i]), array.shape[i], strides[i], dilations[i], before[i])
+        tap_bands(sizes[i], outs[i], array.shape[i], strides[i], dilations[i], before[i])
         for i in range(axes)
     ]
     live = math.prod(
-        sum(len(positions) * len(taps) for positions, taps in axis) / (int(outs[i]) * array.shape[i])
+        sum(len(positions) * len(taps) for positions, taps in axis) / (outs[i] * array.shape[i])
         for i, axis in enumerate(bands)
     )
     if live > PARTIAL_TAPS_LIVE or math.prod(len(axis) for axis in bands) > PARTIAL_TAPS_REGIONS:
@@ -609,7 +595,7 @@ def split_partial_taps(builder: Any, call: Any) -> Any:
         for positions, taps in axis:
             first = positions.start * strides[i] + taps.start * dilations[i] - before[i]
             last = (positions.stop - 1) * strides[i] + (taps.stop - 1) * dilations[i] - before[i]
-            if first < 0 or last >= int(sizes[i]):
+            if first < 0 or last >= sizes[i]:
                 return None
 
     def region(chosen: list[tuple[range, range]]) -> Any:
