@@ -29,7 +29,7 @@ from rewriter.backends import tvm as backend
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """One layer: ``Conv`` (``groups``; ``pool`` for MaxPool/AveragePool) on ``[1, c, *size]``."""
+    """One layer: ``Conv`` (``groups``; ``pool`` for MaxPool/AveragePool) on ``[batch, c, *size]``."""
 
     name: str
     c: int
@@ -40,10 +40,11 @@ class Layer:
     pad: int = 0
     groups: int = 1
     pool: str = ""
+    batch: int = 1
 
     @property
     def flops(self) -> float:
-        outputs = 1.0
+        outputs = float(self.batch)
         for extent in self.size:
             outputs *= (extent + 2 * self.pad - self.kernel) // self.stride + 1
         if self.pool:
@@ -60,6 +61,9 @@ LAYERS = [
     Layer("resnet 3x3 14x14x256", 256, (14, 14), 256, 3, 1, 1),
     Layer("resnet 3x3 7x7x512", 512, (7, 7), 512, 3, 1, 1),
     Layer("resnet 1x1/2 downsample x128", 64, (56, 56), 128, 1, 2, 0),
+    Layer("densenet 3x3 56x56 128->32", 128, (56, 56), 32, 3, 1, 1),
+    Layer("densenet 3x3 56x56 128->32 b8", 128, (56, 56), 32, 3, 1, 1, batch=8),
+    Layer("densenet 3x3 14x14 128->32", 128, (14, 14), 32, 3, 1, 1),
     Layer("vit patch 16x16/16", 3, (224, 224), 768, 16, 16, 0),
     Layer("mobilenet 1x1 56x56 24->72", 24, (56, 56), 72, 1, 1, 0),
     Layer("mobilenet dw 3x3 56x56x72", 72, (56, 56), 72, 3, 1, 1, groups=72),
@@ -98,7 +102,7 @@ def model(layer: Layer) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "layer",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, layer.c, *layer.size])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [layer.batch, layer.c, *layer.size])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         inits,
     )
@@ -118,7 +122,7 @@ def main() -> None:
         if args.only not in layer.name:
             continue
         proto = model(layer)
-        x = np.random.default_rng(1).standard_normal((1, layer.c, *layer.size)).astype(np.float32)
+        x = np.random.default_rng(1).standard_normal((layer.batch, layer.c, *layer.size)).astype(np.float32)
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         compiled = backend.compile(proto, args.target)
         reference = session.run(None, {"x": x})[0]

@@ -32,7 +32,13 @@ Where it pays: the matrix products reuse each transformed filter ``N * tiles`` t
 few tiles (7 x 7 outputs at batch 1: 16 tiles) the convolution is bound by reading its
 filter, and ``U`` is 16 / 9 of it, so those stay direct convolutions (:data:`MIN_TILES`,
 counted over a static batch, per image under a symbolic one); so do convolutions of few
-channels (:data:`MIN_CHANNELS`).
+channels (:data:`MIN_CHANNELS`, :data:`MIN_PRODUCTS`).
+
+``V`` is 4x the input, written by the input transform and read right after by the
+products: where a static batch's ``V`` overflows the cache (:data:`PATCH_BYTES`), the
+three steps run in chunks (:func:`patch_chunks`: runs of whole images, or bands of tile
+rows of one image), and the chunks' outputs are concatenated (the concatenation fuses
+with the convolution's epilogue). Under a symbolic batch ``V`` is one chunk.
 
 Not exact in the ``assert_equal`` sense: the transforms add and subtract input values
 (and filter values, in float64 at compile time) before the products, so the rounding
@@ -47,7 +53,7 @@ and are not used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -65,11 +71,22 @@ if TYPE_CHECKING:
 MIN_TILES = 32
 # Input and output channels must be multiples of this (whole vectors in the transforms).
 CHANNEL_MULTIPLE = 16
-# ... and at least this many: the matrix products' depth and width. With fewer, each
-# transformed patch feeds too few products for the 4x traffic of V and M (32 channels
-# at 224 x 224: 6.99 ms against 6.01 direct at one thread; 64 at 112 x 112: 4.26
-# against 5.06).
-MIN_CHANNELS = 64
+# ... and at least this many (the matrix products' depth and width), with at least
+# MIN_PRODUCTS channel pairs (input x output): the transforms' work grows with the
+# channels, the products' with their product, so below it the transforms' share outgrows
+# that of 64 -> 64 channels, where the pass was first measured to pay. 32 -> 32 channels
+# at 224 x 224 ran 6.99 ms against 6.01 direct on one machine; DenseNet's 128 -> 32
+# (4096 pairs, a smaller transform share than 64 -> 64's: its output transform is a
+# quarter as wide) 2.05 -> 1.20 ms at 56 x 56, batch 1, one thread (AMD Zen 4).
+MIN_CHANNELS = 32
+MIN_PRODUCTS = 64 * 64
+# The patches V of a static batch (16 floats per input value of each 2 x 2 tile: 4x the
+# input) are written by the input transform and read right after by the products; past
+# the last-level cache (32 MiB on the machines measured) that is a round trip to memory:
+# DenseNet's 128 -> 32 channels at 56 x 56, batch 8 (51 MB of patches) ran its products
+# at 65 GFLOP/s against 103 at 28 x 28. A batch whose patches exceed this many bytes goes
+# in chunks of images, each transformed, multiplied and transformed back in turn.
+PATCH_BYTES = 16 << 20
 OUT_ELEMWISE_FUSABLE = 4  # ``kOutEWiseFusable``: element-wise consumers fuse into it
 
 # F(2, 3): B^T (4 x 4), G (4 x 3), A^T (2 x 4).
@@ -126,7 +143,7 @@ def winograd_conv(builder: Any, call: Any) -> Any:
     """``call`` (a conv2d) as input transform, matrix products and output transform; None
     where the pass does not apply (the module docstring)."""
     import tvm
-    from tvm import relax, sym, tirx
+    from tvm import relax, tirx
 
     if not conv._is_op(call, "relax.nn.conv2d"):
         return None
@@ -152,6 +169,7 @@ def winograd_conv(builder: Any, call: Any) -> Any:
         channels % CHANNEL_MULTIPLE
         or outputs % CHANNEL_MULTIPLE
         or min(channels, outputs) < MIN_CHANNELS
+        or channels * outputs < MIN_PRODUCTS
     ):
         return None
     shape = getattr(data.ty, "shape", None)
@@ -178,8 +196,12 @@ def winograd_conv(builder: Any, call: Any) -> Any:
     # would be symbolic rows, copied each call to whole register tiles).
     per_image = not isinstance(batch, tirx.IntImm)
 
-    def input_transform(x: Any) -> Any:
+    def input_transform(x: Any, chunk: Chunk) -> Any:
+        """V of ``chunk``'s tiles (all of them under a symbolic batch)."""
         from tvm import te
+
+        first_image, _, first_row, rows = chunk
+        chunk_tiles = rows * tiles_w
 
         def patch(n: Any, th: Any, tw: Any, i: Any, j: Any, c: Any) -> Any:
             row, col = 2 * th + i - top, 2 * tw + j - left
@@ -188,7 +210,7 @@ def winograd_conv(builder: Any, call: Any) -> Any:
 
         def element(n: Any, e: Any, t: Any, c: Any) -> Any:
             a, b = e // 4, e % 4
-            th, tw = t // tiles_w, t % tiles_w
+            th, tw = first_row + t // tiles_w, t % tiles_w
             first_a, second_a = _pick(a, FIRST), _pick(a, SECOND)
             first_b, second_b = _pick(b, FIRST), _pick(b, SECOND)
             sign_a = _pick(a, SIGN).astype("float32")
@@ -202,16 +224,19 @@ def winograd_conv(builder: Any, call: Any) -> Any:
         if per_image:
             return te.compute((x.shape[0], 16, tiles, x.shape[3]), element, name="winograd_input")
         return te.compute(
-            (16, x.shape[0] * tiles, x.shape[3]),
-            lambda e, t, c: element(t // tiles, e, t % tiles, c),
+            (16, chunk.images * chunk_tiles, x.shape[3]),
+            lambda e, t, c: element(first_image + t // chunk_tiles, e, t % chunk_tiles, c),
             name="winograd_input",
         )
 
-    def output_transform(m: Any) -> Any:
+    def output_transform(m: Any, chunk: Chunk) -> Any:
+        """``chunk``'s output pixels from its products ``m``."""
         from tvm import te
 
+        chunk_tiles = chunk.rows * tiles_w
+
         def product(e: int, n: Any, t: Any, k: Any) -> Any:
-            return m[n, e, t, k] if per_image else m[e, n * tiles + t, k]
+            return m[n, e, t, k] if per_image else m[e, n * chunk_tiles + t, k]
 
         def element(n: Any, h: Any, w: Any, k: Any) -> Any:
             t = h // 2 * tiles_w + w // 2
@@ -226,30 +251,93 @@ def winograd_conv(builder: Any, call: Any) -> Any:
                 total = total + coef_a.astype("float32") * inner
             return total
 
-        count = m.shape[0] if per_image else sym.Analyzer().simplify(m.shape[1] // tiles)
-        return te.compute((count, out_h, out_w, m.shape[-1]), element, name="winograd_output")
+        count = m.shape[0] if per_image else chunk.images
+        rows = min(2 * (chunk.first_row + chunk.rows), out_h) - 2 * chunk.first_row
+        return te.compute((count, rows, out_w, m.shape[-1]), element, name="winograd_output")
 
     placeholder_batch = tirx.Var("batch", "int64") if per_image else batch
-    gather = input_kernel(input_transform, (placeholder_batch, height, width, channels))
-    out_shape = [batch, 16, tiles, channels] if per_image else [16, batch * tiles, channels]
-    patches = builder.emit(
-        relax.call_tir(
-            builder.add_func(gather, "winograd_input"),
-            [data],
-            relax.TensorType(out_shape, "float32"),
+    transformed = relax.const(transformed_filter(filt), "float32")
+    if per_image:
+        chunks = [Chunk(0, 1, 0, tiles_h)]
+    else:
+        chunks = patch_chunks(images, tiles_h, 16 * tiles_w * channels * 4)
+    outputs = []
+    for chunk in chunks:
+        gather = input_kernel(
+            lambda x, chunk=chunk: input_transform(x, chunk),
+            (placeholder_batch, height, width, channels),
         )
-    )
-    products = builder.emit(
-        relax.op.matmul(patches, relax.const(transformed_filter(filt), "float32"))
-    )
-    # Out-element-wise fusable, as a convolution: its bias, activation and residual fuse
-    # into it, a transpose after it (which would reorder its loops) does not.
-    return builder.call_te(
-        output_transform,
-        products,
-        primfunc_name_hint="winograd_output",
-        primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE},
-    )
+        chunk_tiles = chunk.images * chunk.rows * tiles_w
+        out_shape = [batch, 16, tiles, channels] if per_image else [16, chunk_tiles, channels]
+        patches = builder.emit(
+            relax.call_tir(
+                builder.add_func(gather, "winograd_input"),
+                [data],
+                relax.TensorType(out_shape, "float32"),
+            )
+        )
+        products = builder.emit(relax.op.matmul(patches, transformed))
+        # Out-element-wise fusable, as a convolution: its bias, activation and residual
+        # fuse into it, a transpose after it (which would reorder its loops) does not.
+        outputs.append(
+            builder.call_te(
+                lambda m, chunk=chunk: output_transform(m, chunk),
+                products,
+                primfunc_name_hint="winograd_output",
+                primfunc_attrs={"op_pattern": OUT_ELEMWISE_FUSABLE},
+            )
+        )
+    if len(outputs) == 1:
+        return outputs[0]
+    # Bands of one image joined along its rows, then the images along the batch.
+    images_out, bands = [], []
+    for chunk, out in zip(chunks, outputs, strict=True):
+        bands.append(builder.emit(out))
+        if chunk.first_row + chunk.rows == tiles_h:  # the image's last band
+            images_out.append(
+                builder.emit(relax.op.concat(bands, axis=1)) if len(bands) > 1 else bands[0]
+            )
+            bands = []
+    return relax.op.concat(images_out, axis=0)
+
+
+class Chunk(NamedTuple):
+    """Tiles transformed, multiplied and transformed back together: ``images`` whole
+    images from ``first_image``, or, in one image, its tile rows ``first_row`` to
+    ``first_row + rows``."""
+
+    first_image: int
+    images: int
+    first_row: int
+    rows: int
+
+
+def patch_chunks(images: int, tiles_h: int, row_bytes: int) -> list[Chunk]:
+    """The chunks of a static batch of ``images`` (``tiles_h`` rows of tiles, their patches
+    ``row_bytes`` a row): one where all patches fit :data:`PATCH_BYTES`; else runs of whole
+    images that do, else bands of rows of each image, as equal as they divide.
+
+    >>> patch_chunks(8, 28, 16 * 28 * 128 * 4)  # DenseNet at 56 x 56, batch 8: 51 MB
+    [Chunk(first_image=0, images=2, first_row=0, rows=28), Chunk(first_image=2, images=2, first_row=0, rows=28), Chunk(first_image=4, images=2, first_row=0, rows=28), Chunk(first_image=6, images=2, first_row=0, rows=28)]
+    >>> patch_chunks(1, 112, 16 * 112 * 32 * 4)  # 224 x 224, 32 channels: 26 MB
+    [Chunk(first_image=0, images=1, first_row=0, rows=56), Chunk(first_image=0, images=1, first_row=56, rows=56)]
+    >>> len(patch_chunks(8, 14, 16 * 14 * 128 * 4))  # 28 x 28: 13 MB
+    1
+    """
+    image_bytes = tiles_h * row_bytes
+    if images * image_bytes <= PATCH_BYTES:
+        return [Chunk(0, images, 0, tiles_h)]
+    if image_bytes <= PATCH_BYTES:
+        runs = -(-images * image_bytes // PATCH_BYTES)
+        per_run = -(-images // runs)
+        return [Chunk(n, min(per_run, images - n), 0, tiles_h) for n in range(0, images, per_run)]
+    bands = -(-image_bytes // PATCH_BYTES)
+    rows = -(-tiles_h // bands)
+    return [
+        Chunk(n, 1, r, min(rows, tiles_h - r))
+        for n in range(images)
+        for r in range(0, tiles_h, rows)
+    ]
 
 
 def input_kernel(compute: Any, shape: tuple[Any, ...]) -> Any:

@@ -70,6 +70,8 @@ def _winograd_rules(rules: dict[str, str]) -> tuple[list[str], list[str]]:
         # No padding (10 x 10 outputs), a static batch of 2 (25 tiles each, 50 in all),
         # more outputs than inputs.
         pytest.param([2, 64, 12, 12], 96, 0, id="valid-batch2"),
+        # DenseNet's bottleneck: 128 -> 32 channels (4096 channel pairs, as 64 -> 64).
+        pytest.param([1, 128, 14, 14], 32, 1, id="128-to-32"),
     ],
 )
 def test_winograd_convs_agree(shape, out, pad):
@@ -91,6 +93,8 @@ def test_winograd_convs_agree(shape, out, pad):
         pytest.param([1, 64, 8, 8], 64, 1, 1, id="16-tiles"),
         pytest.param([1, 64, 16, 16], 64, 2, 1, id="stride2"),
         pytest.param([1, 32, 16, 16], 32, 1, 1, id="32-channels"),
+        # 16 channels in: under MIN_CHANNELS, whatever the channel pairs.
+        pytest.param([1, 16, 16, 16], 256, 1, 1, id="16-channels-in"),
         pytest.param([1, 64, 16, 16], 64, 1, 2, id="grouped"),
     ],
 )
@@ -100,6 +104,57 @@ def test_other_convs_stay_direct(shape, out, stride, groups):
     rules = _rules(compiled)
     assert _winograd_rules(rules) == ([], []), rules
     assert any("conv2d" in name for name in rules), rules
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch_bytes", "chunks"),
+    [
+        # Each image's patches fit (16 positions x 64 tiles x 64 channels x 4 bytes =
+        # 256 KiB), two images' do: runs of 2, 2 and 1 image.
+        pytest.param([5, 64, 16, 16], 2 * 64 * 1024 * 4, 3, id="runs-of-images"),
+        # One image's patches overflow: bands of 3, 3 and 2 of its 8 rows of tiles, the
+        # last row of tiles half outside the image (15 x 15 outputs).
+        pytest.param([2, 64, 15, 15], 3 * 8 * 64 * 64, 6, id="bands-of-rows"),
+    ],
+)
+def test_patches_over_the_cache_go_in_chunks_and_agree(monkeypatch, shape, patch_bytes, chunks):
+    monkeypatch.setattr(winograd, "PATCH_BYTES", patch_bytes)
+    patches = []
+
+    @tvm.instrument.pass_instrument
+    class Patches:
+        def run_after_pass(self, mod, info):
+            if info.name == "WinogradConv":
+                patches.extend(_patch_shapes(mod))
+
+    with tvm.transform.PassContext(opt_level=3, instruments=[Patches()]):
+        compiled, error = _run(conv_model(shape, 64, 3, 1, 1), shape)
+    assert error < TOLERANCE.rtol
+    assert len(patches) == chunks, patches
+    assert all(16 * rows * channels * 4 <= patch_bytes for _, rows, channels in patches), patches
+    tiles = shape[0] * (-(-shape[2] // 2)) ** 2
+    assert sum(rows for _, rows, _ in patches) == tiles, patches
+    rules = _rules(compiled)
+    assert not any("conv2d" in name for name in rules), rules
+    # The chunks' outputs are concatenated in the function of the bias and ReLU.
+    assert any("concatenate" in name and "relu" in name for name in rules), rules
+
+
+def test_patch_chunks_cover_the_batch_in_order():
+    for images, tiles_h, row_bytes in [(8, 28, 16 * 28 * 128 * 4), (3, 7, 100), (2, 9, 1 << 22)]:
+        chunks = winograd.patch_chunks(images, tiles_h, row_bytes)
+        covered = [
+            (chunk.first_image + n, chunk.first_row + r)
+            for chunk in chunks
+            for n in range(chunk.images)
+            for r in range(chunk.rows)
+        ]
+        assert covered == [(n, r) for n in range(images) for r in range(tiles_h)]
+        assert all(
+            chunk.images * chunk.rows * row_bytes <= winograd.PATCH_BYTES
+            or (chunk.images, chunk.rows) == (1, 1)
+            for chunk in chunks
+        )
 
 
 def test_a_residual_block_fuses_its_sum_into_the_output_transform():
