@@ -84,8 +84,11 @@ MIN_PRODUCTS = 64 * 64
 # input) are written by the input transform and read right after by the products; past
 # the last-level cache (32 MiB on the machines measured) that is a round trip to memory:
 # DenseNet's 128 -> 32 channels at 56 x 56, batch 8 (51 MB of patches) ran its products
-# at 65 GFLOP/s against 103 at 28 x 28. A batch whose patches exceed this many bytes goes
-# in chunks of images, each transformed, multiplied and transformed back in turn.
+# at 65 GFLOP/s against 103 at 28 x 28. A static batch whose patches exceed this many
+# bytes goes in chunks that do not (:func:`patch_chunks`), each transformed, multiplied
+# and transformed back in turn: in chunks of 13 MB those products ran at 99 GFLOP/s, in
+# chunks of 26 MB at 68 (64 -> 64 channels, half the products' reads per flop, ran at
+# 103 in one piece of 26 MB and no faster in two).
 PATCH_BYTES = 16 << 20
 OUT_ELEMWISE_FUSABLE = 4  # ``kOutEWiseFusable``: element-wise consumers fuse into it
 
