@@ -38,7 +38,8 @@ channels (:data:`MIN_CHANNELS`, :data:`MIN_PRODUCTS`).
 products: where a static batch's ``V`` overflows the cache (:data:`PATCH_BYTES`), the
 three steps run in chunks (:func:`patch_chunks`: runs of whole images, or bands of tile
 rows of one image), and the chunks' outputs are concatenated (the concatenation fuses
-with the convolution's epilogue). Under a symbolic batch ``V`` is one chunk.
+with the convolution's epilogue). Under a symbolic batch the chunks are bands of tile
+rows of every image, sized for :data:`SYMBOLIC_IMAGES` images.
 
 Not exact in the ``assert_equal`` sense: the transforms add and subtract input values
 (and filter values, in float64 at compile time) before the products, so the rounding
@@ -90,6 +91,10 @@ MIN_PRODUCTS = 64 * 64
 # chunks of 26 MB at 68 (64 -> 64 channels, half the products' reads per flop, ran at
 # 103 in one piece of 26 MB and no faster in two).
 PATCH_BYTES = 16 << 20
+# Under a symbolic batch the patches are per image, ``[batch, 16, tiles, C]``; their size
+# grows with the batch, so each image's go in bands sized for this many images (so at
+# batch 8, DenseNet's 56 x 56 stage's 51 MB of patches run in four bands of 13 MB).
+SYMBOLIC_IMAGES = 8
 OUT_ELEMWISE_FUSABLE = 4  # ``kOutEWiseFusable``: element-wise consumers fuse into it
 
 # F(2, 3): B^T (4 x 4), G (4 x 3), A^T (2 x 4).
@@ -193,10 +198,9 @@ def winograd_conv(builder: Any, call: Any) -> Any:
         return None
     top, left = int(attrs.padding[0]), int(attrs.padding[1])
 
-    tiles = tiles_h * tiles_w
     # Under a symbolic batch the patches are ``[batch, 16, tiles, C]``: the matrix products'
-    # rows are one image's tiles, a static extent (as ``[16, batch * tiles, C]`` they
-    # would be symbolic rows, copied each call to whole register tiles).
+    # rows are one image's tiles (of a band), a static extent (as ``[16, batch * tiles, C]``
+    # they would be symbolic rows, copied each call to whole register tiles).
     per_image = not isinstance(batch, tirx.IntImm)
 
     def input_transform(x: Any, chunk: Chunk) -> Any:
@@ -225,7 +229,9 @@ def winograd_conv(builder: Any, call: Any) -> Any:
             return row(first_a) + sign_a * row(second_a)
 
         if per_image:
-            return te.compute((x.shape[0], 16, tiles, x.shape[3]), element, name="winograd_input")
+            return te.compute(
+                (x.shape[0], 16, chunk_tiles, x.shape[3]), element, name="winograd_input"
+            )
         return te.compute(
             (16, chunk.images * chunk_tiles, x.shape[3]),
             lambda e, t, c: element(first_image + t // chunk_tiles, e, t % chunk_tiles, c),
@@ -260,10 +266,11 @@ def winograd_conv(builder: Any, call: Any) -> Any:
 
     placeholder_batch = tirx.Var("batch", "int64") if per_image else batch
     transformed = relax.const(transformed_filter(filt), "float32")
-    if per_image:
-        chunks = [Chunk(0, 1, 0, tiles_h)]
+    row_bytes = 16 * tiles_w * channels * 4
+    if per_image:  # bands of every image, sized for SYMBOLIC_IMAGES images
+        chunks = patch_chunks(1, tiles_h, row_bytes, PATCH_BYTES // SYMBOLIC_IMAGES)
     else:
-        chunks = patch_chunks(images, tiles_h, 16 * tiles_w * channels * 4)
+        chunks = patch_chunks(images, tiles_h, row_bytes)
     outputs = []
     for chunk in chunks:
         gather = input_kernel(
@@ -271,7 +278,7 @@ def winograd_conv(builder: Any, call: Any) -> Any:
             (placeholder_batch, height, width, channels),
         )
         chunk_tiles = chunk.images * chunk.rows * tiles_w
-        out_shape = [batch, 16, tiles, channels] if per_image else [16, chunk_tiles, channels]
+        out_shape = [batch, 16, chunk_tiles, channels] if per_image else [16, chunk_tiles, channels]
         patches = builder.emit(
             relax.call_tir(
                 builder.add_func(gather, "winograd_input"),
@@ -301,7 +308,7 @@ def winograd_conv(builder: Any, call: Any) -> Any:
                 builder.emit(relax.op.concat(bands, axis=1)) if len(bands) > 1 else bands[0]
             )
             bands = []
-    return relax.op.concat(images_out, axis=0)
+    return images_out[0] if len(images_out) == 1 else relax.op.concat(images_out, axis=0)
 
 
 class Chunk(NamedTuple):
@@ -315,10 +322,13 @@ class Chunk(NamedTuple):
     rows: int
 
 
-def patch_chunks(images: int, tiles_h: int, row_bytes: int) -> list[Chunk]:
+def patch_chunks(
+    images: int, tiles_h: int, row_bytes: int, budget: int | None = None
+) -> list[Chunk]:
     """The chunks of a static batch of ``images`` (``tiles_h`` rows of tiles, their patches
-    ``row_bytes`` a row): one where all patches fit :data:`PATCH_BYTES`; else runs of whole
-    images that do, else bands of rows of each image, as equal as they divide.
+    ``row_bytes`` a row): one where all patches fit ``budget`` bytes (default
+    :data:`PATCH_BYTES`); else runs of whole images that do, else bands of rows of each
+    image, as equal as they divide.
 
     >>> patch_chunks(8, 28, 16 * 28 * 128 * 4)  # DenseNet at 56 x 56, batch 8: 51 MB
     [Chunk(first_image=0, images=2, first_row=0, rows=28), Chunk(first_image=2, images=2, first_row=0, rows=28), Chunk(first_image=4, images=2, first_row=0, rows=28), Chunk(first_image=6, images=2, first_row=0, rows=28)]
@@ -327,14 +337,15 @@ def patch_chunks(images: int, tiles_h: int, row_bytes: int) -> list[Chunk]:
     >>> len(patch_chunks(8, 14, 16 * 14 * 128 * 4))  # 28 x 28: 13 MB
     1
     """
+    budget = budget or PATCH_BYTES
     image_bytes = tiles_h * row_bytes
-    if images * image_bytes <= PATCH_BYTES:
+    if images * image_bytes <= budget:
         return [Chunk(0, images, 0, tiles_h)]
-    if image_bytes <= PATCH_BYTES:
-        runs = -(-images * image_bytes // PATCH_BYTES)
+    if image_bytes <= budget:
+        runs = -(-images * image_bytes // budget)
         per_run = -(-images // runs)
         return [Chunk(n, min(per_run, images - n), 0, tiles_h) for n in range(0, images, per_run)]
-    bands = -(-image_bytes // PATCH_BYTES)
+    bands = -(-image_bytes // budget)
     rows = -(-tiles_h // bands)
     return [
         Chunk(n, 1, r, min(rows, tiles_h - r))

@@ -140,6 +140,40 @@ def test_patches_over_the_cache_go_in_chunks_and_agree(monkeypatch, shape, patch
     assert any("concatenate" in name and "relu" in name for name in rules), rules
 
 
+def test_a_symbolic_batch_goes_in_bands_of_every_image_and_agrees(monkeypatch):
+    import onnxruntime as ort
+
+    from rewriter.backends import tvm as backend
+
+    # One image's patches: 16 x 64 tiles x 64 channels x 4 bytes = 256 KiB, in 8 rows of
+    # tiles; a budget of 3 rows an image (for SYMBOLIC_IMAGES of them): bands of 3, 3, 2.
+    monkeypatch.setattr(winograd, "PATCH_BYTES", winograd.SYMBOLIC_IMAGES * 3 * 8 * 16 * 64 * 4)
+    model = conv_model([1, 64, 16, 16], 64, 3, 1, 1)
+    model.graph.input[0].CopyFrom(
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, 16, 16])
+    )
+    patches = []
+
+    @tvm.instrument.pass_instrument
+    class Patches:
+        def run_after_pass(self, mod, info):
+            if info.name == "WinogradConv":
+                patches.extend(_patch_shapes(mod))
+
+    with tvm.transform.PassContext(opt_level=3, instruments=[Patches()]):
+        compiled = backend.compile(model, "avx512")
+    assert [shape[1:] for shape in patches] == [[16, 24, 64], [16, 24, 64], [16, 16, 64]], patches
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, 64, 16, 16)).astype(np.float32)
+        reference = session.run(None, {"x": x})[0]
+        got = compiled.run({"x": x})["y"]
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, (
+            batch
+        )
+
+
 def test_patch_chunks_cover_the_batch_in_order():
     for images, tiles_h, row_bytes in [(8, 28, 16 * 28 * 128 * 4), (3, 7, 100), (2, 9, 1 << 22)]:
         chunks = winograd.patch_chunks(images, tiles_h, row_bytes)
