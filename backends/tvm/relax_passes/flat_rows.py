@@ -79,9 +79,9 @@ def flattened(builder: Any, call: Any, batches: list[Any]) -> Any:
     if not _is_op(call, "relax.matmul"):
         return None
     x, weight = call.args
-    shape = getattr(getattr(x, "ty", None), "shape", None)
-    weight_shape = getattr(getattr(weight, "ty", None), "shape", None)
-    out_shape = getattr(getattr(call, "ty", None), "shape", None)
+    shape: Any = getattr(getattr(x, "ty", None), "shape", None)
+    weight_shape: Any = getattr(getattr(weight, "ty", None), "shape", None)
+    out_shape: Any = getattr(getattr(call, "ty", None), "shape", None)
     if not all(isinstance(s, relax.ShapeExpr) for s in (shape, weight_shape, out_shape)):
         return None
     if len(weight_shape.values) != 2 or len(shape.values) < 3:
