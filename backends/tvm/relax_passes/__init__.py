@@ -13,6 +13,34 @@ On the Relax module, in :func:`rewriter.backends.tvm.pipeline.relax_pipeline`:
 for the CPU).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tvm
+
+
+def rewrite_calls(mod: tvm.IRModule, ops: Any, rewrite: Any) -> tvm.IRModule:
+    """``mod`` (an ``IRModule``) with every call ``c`` of an op named in ``ops`` replaced
+    by ``rewrite(builder, c)`` (which returns the new expression, or None to keep ``c``)."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name in ops:
+                new = rewrite(self.builder_, call)
+                if new is not None:
+                    return new
+            return call
+
+    mutator = Mutator(mod)
+    visit_functions(mutator, mod)
+    return mutator.builder_.get()
+
 
 def visit_functions(mutator: object, mod: object) -> None:
     """Run a ``relax.PyExprMutator`` over every Relax function of ``mod``, each result

@@ -42,7 +42,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import visit_functions
+from rewriter.backends.tvm.relax_passes import rewrite_calls, visit_functions
 
 if TYPE_CHECKING:
     import tvm
@@ -140,7 +140,7 @@ def clips_as_max_min(mod: tvm.IRModule) -> tvm.IRModule:
         low, high = (relax.const(bound, dtype) for bound in bounds)
         return relax.op.minimum(builder.emit(relax.op.maximum(x, low)), high)
 
-    return _rewrite_calls(mod, {"relax.clip"}, rewrite)
+    return rewrite_calls(mod, {"relax.clip"}, rewrite)
 
 
 # The element-wise binary ops whose constant operand :func:`constants_at_full_rank` widens.
@@ -186,7 +186,7 @@ def constants_at_full_rank(mod: tvm.IRModule) -> tvm.IRModule:
             return None
         return getattr(relax.op, name)(*args)
 
-    return _rewrite_calls(mod, BINARY_OPS, rewrite)
+    return rewrite_calls(mod, BINARY_OPS, rewrite)
 
 
 def pads_as_pools(mod: tvm.IRModule) -> tvm.IRModule:
@@ -216,7 +216,7 @@ def pads_as_pools(mod: tvm.IRModule) -> tvm.IRModule:
         pool = relax.op.nn.avg_pool1d if rank == 3 else relax.op.nn.avg_pool2d
         return pool(call.args[0], pool_size=[1] * (rank - 2), padding=before + after, count_include_pad=True)
 
-    return _rewrite_calls(mod, {"relax.nn.pad"}, rewrite)
+    return rewrite_calls(mod, {"relax.nn.pad"}, rewrite)
 
 
 def pools_as_pads(mod: tvm.IRModule) -> tvm.IRModule:
@@ -240,7 +240,7 @@ def pools_as_pads(mod: tvm.IRModule) -> tvm.IRModule:
             widths += [0, 0] if at is None else [padding[at], padding[spatial + at]]
         return relax.op.nn.pad(call.args[0], widths, pad_value=0.0)
 
-    return _rewrite_calls(mod, {"relax.nn.avg_pool1d", "relax.nn.avg_pool2d"}, rewrite)
+    return rewrite_calls(mod, {"relax.nn.avg_pool1d", "relax.nn.avg_pool2d"}, rewrite)
 
 
 def _number(expr: Any) -> float | None:
@@ -383,28 +383,7 @@ def _conv_like(conv: Any, data: Any, weight: Any, **changes: Any) -> Any:
 def _rewrite_convs(mod: tvm.IRModule, rewrite: Any) -> tvm.IRModule:
     """``mod`` with every conv1d/conv2d call ``c`` replaced by ``rewrite(builder, c)``
     (which returns the new expression, or None to keep ``c``)."""
-    return _rewrite_calls(mod, LAYOUTS.keys(), rewrite)
-
-
-def _rewrite_calls(mod: tvm.IRModule, ops: Any, rewrite: Any) -> tvm.IRModule:
-    """``mod`` with every call ``c`` of an op named in ``ops`` replaced by
-    ``rewrite(builder, c)`` (which returns the new expression, or None to keep ``c``)."""
-    import tvm
-    from tvm import relax
-
-    @relax.expr_functor.mutator
-    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if isinstance(call.op, tvm.ir.Op) and call.op.name in ops:
-                new = rewrite(self.builder_, call)
-                if new is not None:
-                    return new
-            return call
-
-    mutator = Mutator(mod)
-    visit_functions(mutator, mod)
-    return mutator.builder_.get()
+    return rewrite_calls(mod, LAYOUTS.keys(), rewrite)
 
 
 def _each_channels_last(builder: Any, call: Any) -> Any:

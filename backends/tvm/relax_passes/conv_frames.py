@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import conv, schedules, visit_functions
+from rewriter.backends.tvm.relax_passes import conv, rewrite_calls, schedules
 
 if TYPE_CHECKING:
     import tvm
@@ -86,18 +86,9 @@ def tile_height(channels: int, groups: int, lanes: int) -> int:
 def pad_frames(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     """``mod`` with every ``NWC`` conv1d computing whole tiles of frames for
     ``lanes``-wide vectors (the module docstring)."""
-    from tvm import relax
-
-    @relax.expr_functor.mutator
-    class Mutator(relax.PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            padded = padded_conv(self.builder_, call, lanes)
-            return call if padded is None else padded
-
-    mutator = Mutator(mod)
-    visit_functions(mutator, mod)
-    return mutator.builder_.get()
+    return rewrite_calls(
+        mod, {"relax.nn.conv1d"}, lambda builder, call: padded_conv(builder, call, lanes)
+    )
 
 
 def whole_tile(frames: Any, rows: int) -> int:

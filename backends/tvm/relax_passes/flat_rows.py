@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import visit_functions
+from rewriter.backends.tvm.relax_passes import rewrite_calls
 from rewriter.backends.tvm.relax_passes.conv import _is_op
 
 if TYPE_CHECKING:
@@ -31,22 +31,13 @@ if TYPE_CHECKING:
 def flatten_symbolic_rows() -> tvm.transform.Pass:
     """The Relax pass (see the module docstring)."""
     import tvm
-    from tvm import relax
 
     @tvm.transform.module_pass(opt_level=0, name="FlattenSymbolicRows")
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         batches = batch_vars(mod)
-
-        @relax.expr_functor.mutator
-        class Mutator(relax.PyExprMutator):  # type: ignore[misc]
-            def visit_call_(self, call: Any) -> Any:
-                call = super().visit_call_(call)
-                rewritten = flattened(self.builder_, call, batches)
-                return call if rewritten is None else rewritten
-
-        mutator = Mutator(mod)
-        visit_functions(mutator, mod)
-        return mutator.builder_.get()
+        return rewrite_calls(
+            mod, {"relax.matmul"}, lambda builder, call: flattened(builder, call, batches)
+        )
 
     return pass_
 

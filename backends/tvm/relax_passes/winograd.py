@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from rewriter.backends.tvm.relax_passes import conv, visit_functions
+from rewriter.backends.tvm.relax_passes import conv, rewrite_calls
 from rewriter.backends.tvm.relax_passes.conv_frames import OPAQUE
 
 if TYPE_CHECKING:
@@ -106,20 +106,10 @@ A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
 def winograd_convs() -> tvm.transform.Pass:
     """The Relax pass (see the module docstring)."""
     import tvm
-    from tvm import relax
 
     @tvm.transform.module_pass(opt_level=0, name="WinogradConv")
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        @relax.expr_functor.mutator
-        class Mutator(relax.PyExprMutator):  # type: ignore[misc]
-            def visit_call_(self, call: Any) -> Any:
-                call = super().visit_call_(call)
-                rewritten = winograd_conv(self.builder_, call)
-                return call if rewritten is None else rewritten
-
-        mutator = Mutator(mod)
-        visit_functions(mutator, mod)
-        return mutator.builder_.get()
+        return rewrite_calls(mod, {"relax.nn.conv2d"}, winograd_conv)
 
     return pass_
 

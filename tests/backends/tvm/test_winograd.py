@@ -61,6 +61,46 @@ def _winograd_rules(rules: dict[str, str]) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
+def _recording_patches(compile_model):
+    """``compile_model()``'s result, and the shapes of the input transforms' outputs after
+    the Winograd pass (:func:`_patch_shapes`)."""
+    patches = []
+
+    @tvm.instrument.pass_instrument
+    class Patches:
+        def run_after_pass(self, mod, info):
+            if info.name == "WinogradConv":
+                patches.extend(_patch_shapes(mod))
+
+    with tvm.transform.PassContext(opt_level=3, instruments=[Patches()]):
+        result = compile_model()
+    return result, patches
+
+
+def _symbolic_batch_model():
+    """A 3 x 3, 64 -> 64 convolution over ``[batch, 64, 16, 16]`` (64 tiles an image)."""
+    model = conv_model([1, 64, 16, 16], 64, 3, 1, 1)
+    model.graph.input[0].CopyFrom(
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, 16, 16])
+    )
+    return model
+
+
+def _assert_agrees_at_batches(model, compiled, seed):
+    """``compiled`` (of ``model``, symbolic batch) agrees with ORT at batch 1 and 3."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, 64, 16, 16)).astype(np.float32)
+        reference = session.run(None, {"x": x})[0]
+        got = compiled.run({"x": x})["y"]
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, (
+            batch
+        )
+
+
 @pytest.mark.parametrize(
     ("shape", "out", "pad"),
     [
@@ -119,16 +159,7 @@ def test_other_convs_stay_direct(shape, out, stride, groups):
 )
 def test_patches_over_the_cache_go_in_chunks_and_agree(monkeypatch, shape, patch_bytes, chunks):
     monkeypatch.setattr(winograd, "PATCH_BYTES", patch_bytes)
-    patches = []
-
-    @tvm.instrument.pass_instrument
-    class Patches:
-        def run_after_pass(self, mod, info):
-            if info.name == "WinogradConv":
-                patches.extend(_patch_shapes(mod))
-
-    with tvm.transform.PassContext(opt_level=3, instruments=[Patches()]):
-        compiled, error = _run(conv_model(shape, 64, 3, 1, 1), shape)
+    (compiled, error), patches = _recording_patches(lambda: _run(conv_model(shape, 64, 3, 1, 1), shape))
     assert error < TOLERANCE.rtol
     assert len(patches) == chunks, patches
     assert all(16 * rows * channels * 4 <= patch_bytes for _, rows, channels in patches), patches
@@ -141,37 +172,15 @@ def test_patches_over_the_cache_go_in_chunks_and_agree(monkeypatch, shape, patch
 
 
 def test_a_symbolic_batch_goes_in_bands_of_every_image_and_agrees(monkeypatch):
-    import onnxruntime as ort
-
     from rewriter.backends import tvm as backend
 
     # One image's patches: 16 x 64 tiles x 64 channels x 4 bytes = 256 KiB, in 8 rows of
     # tiles; a budget of 3 rows an image (for SYMBOLIC_IMAGES of them): bands of 3, 3, 2.
     monkeypatch.setattr(winograd, "PATCH_BYTES", winograd.SYMBOLIC_IMAGES * 3 * 8 * 16 * 64 * 4)
-    model = conv_model([1, 64, 16, 16], 64, 3, 1, 1)
-    model.graph.input[0].CopyFrom(
-        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, 16, 16])
-    )
-    patches = []
-
-    @tvm.instrument.pass_instrument
-    class Patches:
-        def run_after_pass(self, mod, info):
-            if info.name == "WinogradConv":
-                patches.extend(_patch_shapes(mod))
-
-    with tvm.transform.PassContext(opt_level=3, instruments=[Patches()]):
-        compiled = backend.compile(model, "avx512")
+    model = _symbolic_batch_model()
+    compiled, patches = _recording_patches(lambda: backend.compile(model, "avx512"))
     assert [shape[1:] for shape in patches] == [[16, 24, 64], [16, 24, 64], [16, 16, 64]], patches
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(5)
-    for batch in (1, 3):
-        x = rng.standard_normal((batch, 64, 16, 16)).astype(np.float32)
-        reference = session.run(None, {"x": x})[0]
-        got = compiled.run({"x": x})["y"]
-        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, (
-            batch
-        )
+    _assert_agrees_at_batches(model, compiled, seed=5)
 
 
 def test_patch_chunks_cover_the_batch_in_order():
@@ -204,38 +213,16 @@ def test_a_residual_block_fuses_its_sum_into_the_output_transform():
 
 
 def test_a_symbolic_batch_chooses_per_image_and_agrees_at_every_batch():
-    import onnxruntime as ort
-
     from rewriter.backends import tvm as backend
 
-    model = conv_model([1, 64, 16, 16], 64, 3, 1, 1)  # 64 tiles an image
-    model.graph.input[0].CopyFrom(
-        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64, 16, 16])
-    )
-    patches = []
-
-    @tvm.instrument.pass_instrument
-    class Patches:
-        def run_after_pass(self, mod, info):
-            if info.name == "WinogradConv":
-                patches.extend(_patch_shapes(mod))
-
-    with tvm.transform.PassContext(opt_level=3, instruments=[Patches()]):
-        compiled = backend.compile(model, "avx512")
+    model = _symbolic_batch_model()
+    compiled, patches = _recording_patches(lambda: backend.compile(model, "avx512"))
     assert _winograd_rules(_rules(compiled))[0], _rules(compiled)
     # [batch, 16, tiles, C]: the products' rows are one image's 64 tiles, a static extent
     # (as [16, batch * 64, C] they would be symbolic rows, copied to whole tiles per call).
     assert [shape[1:] for shape in patches] == [[16, 64, 64]], patches
     assert not isinstance(patches[0][0], int), patches
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(4)
-    for batch in (1, 3):
-        x = rng.standard_normal((batch, 64, 16, 16)).astype(np.float32)
-        reference = session.run(None, {"x": x})[0]
-        got = compiled.run({"x": x})["y"]
-        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, (
-            batch
-        )
+    _assert_agrees_at_batches(model, compiled, seed=4)
 
 
 @pytest.mark.slow(
