@@ -15,9 +15,10 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`), 1-D ones
    over whole tiles of frames (:mod:`rewriter.backends.tvm.relax_passes.conv_frames`),
    3 x 3 ones over enough output tiles by Winograd's F(2 x 2, 3 x 3)
-   (:mod:`rewriter.backends.tvm.relax_passes.winograd`); matmuls by a 2-D weight over
-   two or more symbolic leading axes on those axes flattened
-   (:mod:`rewriter.backends.tvm.relax_passes.flat_rows`);
+   (:mod:`rewriter.backends.tvm.relax_passes.winograd`), and matmuls by a 2-D weight
+   over two or more symbolic leading axes on those axes flattened
+   (:mod:`rewriter.backends.tvm.relax_passes.flat_rows`; dlight's CUDA matmul rule
+   fuses the leading axes itself);
 3. ``FastMathTransform`` (optional, on by default): ``exp``/``erf``/``tanh`` (and a
    stock ``softmax``) become TVM's polynomial versions, after sigmoid, silu and gelu are
    spelled out in them (:mod:`rewriter.backends.tvm.relax_passes.activations`; BERT
@@ -124,8 +125,9 @@ def relax_pipeline(
         passes.append(conv_frames.whole_tiles(target))
         # 3 x 3 convolutions over many output tiles: Winograd's F(2 x 2, 3 x 3).
         passes.append(winograd.winograd_convs())
-    # Matmuls by a 2-D weight over two symbolic leading axes: on their rows flattened.
-    passes.append(flat_rows.flatten_symbolic_rows())
+        # Matmuls by a 2-D weight over two symbolic leading axes: on their rows flattened
+        # (our matmul rule tiles one leading axis; dlight's on CUDA fuses them already).
+        passes.append(flat_rows.flatten_symbolic_rows())
     if not gpu and bf16_matmul.supported(target):  # Relax matmuls, before legalization
         passes.append(bf16_matmul.rewrite_pass(target))
     passes += stages.library_dispatch_passes(target)

@@ -9,6 +9,8 @@ batch as its rows, 8 rows computed for each row of a batch of 1. Flattened, the 
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -46,9 +48,11 @@ def projection_model(sequence_first: bool) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _matmul_inputs(model: onnx.ModelProto) -> tuple[backend.Compiled, list[int]]:
+def _matmul_inputs(
+    model: onnx.ModelProto, target: str = "avx512"
+) -> tuple[backend.Compiled, list[int]]:
     """The model compiled without dims, and the rank of each matmul's first operand after
-    ``FlattenSymbolicRows``."""
+    ``FlattenSymbolicRows`` (none where the pass did not run)."""
     from tvm import relax
 
     ranks: list[int] = []
@@ -68,7 +72,7 @@ def _matmul_inputs(model: onnx.ModelProto) -> tuple[backend.Compiled, list[int]]
                             ranks.append(len(value.args[0].ty.shape.values))
 
     with tvm.transform.PassContext(opt_level=3, instruments=[Ranks()]):
-        compiled = backend.compile(model, "avx512")
+        compiled = backend.compile(model, target)
     return compiled, ranks
 
 
@@ -112,3 +116,13 @@ def test_one_symbolic_axis_is_left_to_the_matmul_rule(frames):
     )
     _, ranks = _matmul_inputs(model)
     assert ranks == [3], ranks
+
+
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="nvcc not on PATH: TVM cannot build CUDA code"
+)
+def test_cuda_targets_leave_the_leading_axes_to_dlight():
+    # dlight's matmul rule fuses every leading axis of the rows itself; the pass is ours
+    # for the CPU matmul rule only.
+    _, ranks = _matmul_inputs(projection_model(sequence_first=True), "cuda")
+    assert ranks == [], ranks
