@@ -11,7 +11,9 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
 2. ONNX's variadic ``Min``/``Max``/``Sum`` as pairwise ops rather than TVM's stack and
    reduction (:mod:`rewriter.backends.tvm.relax_passes.pairwise`); inference forms: batch norms folded into the convolutions before them (the rest
    decomposed into a scale and a shift, its result tuple dropped so that it fuses with
-   what reads it), constant computations folded; on CPUs the
+   what reads it), constant computations folded; on CPUs 3-D convolutions as 2-D ones
+   over their depth taps stacked into the channels
+   (:mod:`rewriter.backends.tvm.relax_passes.conv_depth`), the
    convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`), 1-D ones
    over whole tiles of frames (:mod:`rewriter.backends.tvm.relax_passes.conv_frames`),
    3 x 3 ones over enough output tiles by Winograd's F(2 x 2, 3 x 3)
@@ -83,6 +85,7 @@ def relax_pipeline(
         bf16_matmul,
         bind_shapes,
         conv,
+        conv_depth,
         conv_frames,
         flat_rows,
         legalize_bf16_norms,
@@ -120,6 +123,7 @@ def relax_pipeline(
         relax.transform.FoldConstant(),
     ]
     if not gpu:  # convolutions channels-last, for our conv schedules
+        passes.append(conv_depth.conv3d_as_conv2d())  # 3-D ones as 2-D over stacked taps
         passes.append(conv.channels_last())
         # Then (on their NWC form) 1-D ones get whole tiles of frames (no masked last tile).
         passes.append(conv_frames.whole_tiles(target))

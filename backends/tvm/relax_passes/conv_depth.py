@@ -1,0 +1,150 @@
+"""A 3-D convolution runs as a 2-D one over its depth taps stacked into the channels.
+
+TVM has no CPU schedule for ``conv3d``: its default lowering ran torchvision's R3D-18
+(video, 8 x 112 x 112 frames) at 60x ONNX Runtime's time. A 3-D convolution is a 2-D
+one per output frame whose input channels are the ``kd`` input frames it reads::
+
+    y[n, o, d] = sum_t conv2d(x[n, :, d * s + t * dilation], w[o, :, t])
+               = conv2d(concat_t x[n, :, d * s + t * dilation], w[o, :, t] over (t, c))
+
+so the input, padded in depth, is sliced once per depth tap (a strided slice: the
+frames that tap reads for each output frame), the slices stacked along the channels
+(per group: ``[groups, taps, channels]``), the output frames moved into the batch, and
+the filter's taps moved into its input channels. The 2-D convolution then takes every
+path a convolution takes here (channels-last, register tiles, Winograd for 3 x 3
+taps), and its output frames move back out of the batch. Exact: the same products,
+summed in another order. The stacked input is ``kd`` times the input (3x for 3 x 3 x 3
+filters); a filter of one depth tap reads the input as it is.
+
+>>> mod = conv3d_as_conv2d()(mod)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rewriter.backends.tvm.relax_passes import rewrite_calls
+
+if TYPE_CHECKING:
+    import tvm
+
+
+def conv3d_as_conv2d() -> tvm.transform.Pass:
+    """The Relax pass (see the module docstring)."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="Conv3dAsConv2d")
+    def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return rewrite_calls(mod, {"relax.nn.conv3d"}, as_conv2d)
+
+    return pass_
+
+
+def as_conv2d(builder: Any, call: Any) -> Any:
+    """``call`` (a ``conv3d``) as the module docstring's 2-D convolution, or None where
+    its layouts are not ``NCDHW``/``OIDHW`` or its filter's shape is not static."""
+    from tvm import relax, tirx
+
+    attrs = call.attrs
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCDHW", "OIDHW", "NCDHW"):
+        return None
+    x, weight = call.args
+    shape: Any = getattr(getattr(x, "ty", None), "shape", None)
+    weight_shape: Any = getattr(getattr(weight, "ty", None), "shape", None)
+    out_shape: Any = getattr(getattr(call, "ty", None), "shape", None)
+    if not all(isinstance(s, relax.ShapeExpr) for s in (shape, weight_shape, out_shape)):
+        return None
+    if not all(isinstance(extent, tirx.IntImm) for extent in weight_shape.values):
+        return None
+    batch, channels, depth, height, width = shape.values
+    outputs, group_channels, taps, kernel_h, kernel_w = (int(e) for e in weight_shape.values)
+    frames = out_shape.values[2]
+    groups = int(attrs.groups)
+    stride = int(attrs.strides[0])
+    dilation = int(attrs.dilation[0])
+    front, back = int(attrs.padding[0]), int(attrs.padding[3])
+    emit = builder.emit
+
+    padded = x
+    if front or back:
+        padded = emit(relax.op.nn.pad(x, [0, 0, 0, 0, front, back, 0, 0, 0, 0]))
+    slices = []
+    for tap in range(taps):
+        start = tap * dilation
+        reads = (frames - 1) * stride + 1
+        if taps == 1 and stride == 1 and not (front or back):
+            slices.append(x)  # the frames as they are
+            continue
+        slices.append(
+            emit(
+                relax.op.strided_slice(
+                    padded, axes=[2], begin=[start], end=[start + reads], strides=[stride], assume_inbound=True
+                )
+            )
+        )
+    if group_channels == 1 and taps > 1:
+        return _depthwise_taps(builder, call, slices, [batch, frames, height, width])
+    if groups == 1:
+        stacked = slices[0] if taps == 1 else emit(relax.op.concat(slices, axis=1))
+    else:  # per group, its taps' channels side by side: [n, groups, taps, channels / groups, ...]
+        split = [
+            emit(relax.op.expand_dims(emit(relax.op.reshape(part, [batch, groups, group_channels, frames, height, width])), 2))
+            for part in slices
+        ]
+        stacked = split[0] if taps == 1 else emit(relax.op.concat(split, axis=2))
+    stacked = emit(relax.op.reshape(stacked, [batch, taps * channels, frames, height, width]))
+    images = _as_images(builder, stacked, [batch, frames, height, width])
+    # The filter's depth taps before its input channels: [o, taps, c / groups, kh, kw].
+    filters = emit(relax.op.permute_dims(weight, [0, 2, 1, 3, 4]))
+    filters = emit(relax.op.reshape(filters, [outputs, taps * group_channels, kernel_h, kernel_w]))
+    planes = emit(relax.op.nn.conv2d(images, filters, **_spatial(call)))
+    return _frames_out(builder, planes, call)
+
+
+def _spatial(call: Any) -> dict[str, Any]:
+    """``call``'s (a ``conv3d``) height and width attributes, as ``conv2d``'s."""
+    attrs = call.attrs
+    return {
+        "strides": [int(attrs.strides[1]), int(attrs.strides[2])],
+        "padding": [int(attrs.padding[i]) for i in (1, 2, 4, 5)],
+        "dilation": [int(attrs.dilation[1]), int(attrs.dilation[2])],
+        "groups": int(attrs.groups),
+        "out_dtype": attrs.out_dtype,
+    }
+
+
+def _frames_out(builder: Any, planes: Any, call: Any) -> Any:
+    """``planes`` ``[batch x frames, o, h, w]`` as ``call``'s output ``[batch, o, frames, h, w]``."""
+    from tvm import relax
+
+    batch, outputs, frames, out_h, out_w = call.ty.shape.values
+    planes = builder.emit(relax.op.reshape(planes, [batch, frames, outputs, out_h, out_w]))
+    return relax.op.permute_dims(planes, [0, 2, 1, 3, 4])
+
+
+def _as_images(builder: Any, frames: Any, dims: list[Any]) -> Any:
+    """``frames`` ``[batch, c, frames, h, w]`` as images ``[batch x frames, c, h, w]``."""
+    from tvm import relax
+
+    batch, count, height, width = dims
+    images = builder.emit(relax.op.permute_dims(frames, [0, 2, 1, 3, 4]))
+    channels = frames.ty.shape.values[1]
+    return builder.emit(relax.op.reshape(images, [batch * count, channels, height, width]))
+
+
+def _depthwise_taps(builder: Any, call: Any, slices: list[Any], dims: list[Any]) -> Any:
+    """A depthwise ``call`` (one input channel a group) as the sum of one depthwise 2-D
+    convolution a depth tap: stacked, a group's taps would make a 2-D convolution of
+    ``kd`` channels a group, which no rule here tiles; each tap's is a depthwise one,
+    which the window rule does, and the sum of the taps fuses into their epilogues."""
+    from tvm import relax
+
+    weight = call.args[1]
+    outputs, _, _, kernel_h, kernel_w = (int(e) for e in weight.ty.shape.values)
+    total = None
+    for tap, part in enumerate(slices):
+        tap_filter = builder.emit(relax.op.strided_slice(weight, axes=[2], begin=[tap], end=[tap + 1]))
+        tap_filter = builder.emit(relax.op.reshape(tap_filter, [outputs, 1, kernel_h, kernel_w]))
+        plane = builder.emit(relax.op.nn.conv2d(_as_images(builder, part, dims), tap_filter, **_spatial(call)))
+        total = plane if total is None else builder.emit(relax.op.add(total, plane))
+    return _frames_out(builder, total, call)
