@@ -167,7 +167,8 @@ def prepare(
     logger.debug("simplified for the importer: %s", onnx_simplify.simplify(work))
     _widen_4bit_initializers(work)
     expand_losses(work)
-    unroll_loops(work)
+    if unroll_loops(work):  # the copied bodies fold (their iteration number is a constant now)
+        _optimize(work)
     _expand_blocked_dequantize(work)
     for node in list(ir.traversal.RecursiveGraphIterator(work.graph)):
         lowering = ops.lowering(node.op_type.removesuffix(_STATIC_MARK))
@@ -525,6 +526,22 @@ def _topk_runtime_k(bb: Any, inputs: list, attrs: dict) -> Any:
     return relax.Tuple([values, indices])
 
 
+def _narrow_float_scalar(result: Any, inputs: list) -> Any:
+    """``result`` (an arithmetic op's) as a float32 scalar where TVM's converter computed
+    it from float32 scalars as a Python float, a float64 ``R.prim_value``: sizes cast to
+    float and divided (TorchScript's MViT scales its relative positions by
+    ``Cast(size_q) / Cast(size_k)``), which a float32 tensor then could not be multiplied
+    by ("Binary operators must have the same datatype")."""
+    import tvm
+    from tvm import tirx
+
+    if not isinstance(result, tirx.FloatImm) or str(result.ty) != "float64":
+        return result
+    widths = {str(value.ty) for value in inputs if tvm.ir.is_prim_expr(value)}
+    widths |= {str(value.ty.dtype) for value in inputs if isinstance(value, tvm.ir.GenericConst)}
+    return tirx.const(result.value, "float32") if widths == {"float32"} else result
+
+
 def _constant_pad(bb: Any, inputs: list, attrs: dict) -> Any | None:
     """A constant-mode ``Pad`` with constant pads and value (opset 11 on, no ``axes``) as
     Relax's ``nn.pad``, whose layout the convolution pass carries channels-last
@@ -701,7 +718,10 @@ def _importer_class() -> type:
                 inputs = _nms_box_limit(inputs)
             if op_name == "Pad" and (padded := _constant_pad(self.bb, inputs, attrs)) is not None:
                 return padded
-            return super()._convert_operator(op_name, inputs, attrs, opset)
+            converted = super()._convert_operator(op_name, inputs, attrs, opset)
+            if op_name in ("Add", "Sub", "Mul", "Div"):
+                return _narrow_float_scalar(converted, inputs)
+            return converted
 
     _IMPORTER = Importer
     return Importer

@@ -9,7 +9,9 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    our ``vdpbf16ps`` kernel, or our AMX kernel where the target has AMX-BF16
    (:mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
 2. ONNX's variadic ``Min``/``Max``/``Sum`` as pairwise ops rather than TVM's stack and
-   reduction (:mod:`rewriter.backends.tvm.relax_passes.pairwise`); inference forms: batch norms folded into the convolutions before them (the rest
+   reduction (:mod:`rewriter.backends.tvm.relax_passes.pairwise`); a pool whose one
+   window covers its map as a global pool
+   (:mod:`rewriter.backends.tvm.relax_passes.global_pools`); inference forms: batch norms folded into the convolutions before them (the rest
    decomposed into a scale and a shift, its result tuple dropped so that it fuses with
    what reads it), constant computations folded; on CPUs 3-D convolutions as 2-D ones
    over their depth taps stacked into the channels
@@ -88,6 +90,7 @@ def relax_pipeline(
         conv_depth,
         conv_frames,
         flat_rows,
+        global_pools,
         legalize_bf16_norms,
         outputs_as_params,
         pack_weights,
@@ -114,6 +117,9 @@ def relax_pipeline(
     # A batch norm left unfolded (after a pool or a concat, before a ReLU) decomposes into
     # ops and a tuple (y, mean, var) its users read y from; that read would end fusion, so
     # the tuple's item is bound to y itself, and the tuple dropped.
+    # A pool whose one window covers its map: a global pool (TVM would pad the map to the
+    # window: HF EfficientNet's 2560 x 2560 one over a 7 x 7 map, 67 GB).
+    passes.append(global_pools.global_pools())
     passes += [
         relax.transform.FoldConstant(),
         relax.transform.FoldBatchnormToConv2D(),

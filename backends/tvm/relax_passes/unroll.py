@@ -2,8 +2,11 @@
 ``Loop``).
 
 Only the simple, common form is unrolled: a constant trip count (at most
-:data:`MAX_TRIPS`), a constant true condition that the body passes through unchanged,
-and no scan outputs — e.g. the Newton–Schulz iterations of ``SoftmaxFreeAttention``.
+:data:`MAX_TRIPS`; a 0-d tensor or, as TorchScript writes it, one of shape ``[1]``), a
+constant true condition that the body passes through unchanged or replaces with a
+constant true, and no scan outputs — e.g. the Newton–Schulz iterations of
+``SoftmaxFreeAttention``, or TorchScript's loops over a list (MViT's pooling). The
+iteration number is a constant of the rank the body declares for it.
 Each iteration's body nodes are copied with the loop-carried values threaded through.
 
 >>> unrolled = unroll_loops(model)  # doctest: +SKIP
@@ -27,9 +30,13 @@ def unroll_loops(model: ir.Model) -> int:
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
+    """``value``'s constant as a scalar array, or None where it has none or more than one
+    element (a trip count or condition of shape ``[1]``, as TorchScript exports them, is
+    its element)."""
     if value is None or value.const_value is None:
         return None
-    return value.const_value.numpy()
+    array = value.const_value.numpy()
+    return array.reshape(()) if array.size == 1 else None
 
 
 def _unroll(graph: ir.Graph, loop: ir.Node) -> bool:
@@ -42,18 +49,24 @@ def _unroll(graph: ir.Graph, loop: ir.Node) -> bool:
     if len(body.outputs) != 1 + len(carried) or any(value is None for value in carried):
         return False  # scan outputs
     cond_out = body.outputs[0]
-    passes_through = cond_out is body.inputs[1] or (
-        cond_out.producer() is not None
-        and cond_out.producer().op_type == "Identity"  # type: ignore[union-attr]
-        and cond_out.producer().inputs[0] is body.inputs[1]  # type: ignore[union-attr]
-    )
-    if not passes_through:
+    source = cond_out
+    producer = cond_out.producer()
+    if producer is not None and producer.op_type == "Identity":
+        source = producer.inputs[0]  # type: ignore[assignment]
+    # The condition passed through, or a constant true (TorchScript's, from outside the body).
+    constant = _constant(source)
+    if source is not body.inputs[1] and (constant is None or not bool(constant)):
         return False
+    # The iteration number as the body declares it: 0-d, or [1] (TorchScript's; ONNX
+    # Runtime feeds that rank, and the body's Gathers by it then give 1-D Slice bounds).
+    declared = body.inputs[0].shape
+    shape = (1,) if declared is not None and declared.rank() == 1 else ()
     current: list[ir.Value] = [value for value in carried if value is not None]
     new_nodes: list[ir.Node] = []
     for iteration in range(int(trips)):
         mapping: dict[ir.Value, ir.Value] = dict(zip(body.inputs[2:], current, strict=True))
-        index = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(iteration, dtype=np.int64))})
+        number = np.array(iteration, dtype=np.int64).reshape(shape)
+        index = ir.node("Constant", [], attributes={"value": ir.tensor(number)})
         new_nodes.append(index)
         mapping[body.inputs[0]] = index.outputs[0]
         for original in body:

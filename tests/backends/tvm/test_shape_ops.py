@@ -388,3 +388,20 @@ def test_expand_of_symbolic_dimensions_to_a_constant_shape(shape, target):
     assert_runs_symbolic(
         proto, [{"x": tuple(s[d] if isinstance(d, str) else d for d in shape)} for s in sizes]
     )
+
+
+def test_float_sizes_divided_stay_float32():
+    # TVM's converter computes arithmetic on scalar sizes as a Python float: two sizes
+    # cast to float32 and divided (TorchScript's MViT scales relative positions by
+    # Cast(size_q) / Cast(size_k)) came back a float64 scalar, which no float32 tensor
+    # could then be multiplied by. The converter's result is narrowed back.
+    from tvm import relax, tirx
+
+    quotient = tirx.const(8.0, "float64")
+    sizes = [tirx.const(56.0, "float32"), tirx.const(7.0, "float32")]
+    narrowed = import_onnx._narrow_float_scalar(quotient, sizes)
+    assert str(narrowed.ty) == "float32" and float(narrowed.value) == 8.0
+    # float64 sizes, or a tensor result, are left as they are.
+    assert import_onnx._narrow_float_scalar(quotient, [tirx.const(1.0, "float64")]) is quotient
+    tensor = relax.const(np.ones(2, np.float32))
+    assert import_onnx._narrow_float_scalar(tensor, sizes) is tensor

@@ -107,3 +107,39 @@ def test_loop_with_a_computed_trip_count_is_left():
     unchanged = structure(before)
     assert unroll_loops(before) == 0
     assert structure(before) == unchanged
+
+
+TORCHSCRIPT_LOOP = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[6, 3] data, float[2, 3] acc0) => (float[2, 3] y) {
+        trips = Constant<value = int64[1] {3}>()
+        cond = Constant<value = bool {1}>()
+        starts = Constant<value = int64[3] {0, 3, 4}>()
+        two = Constant<value = int64 {2}>()
+        axes = Constant<value = int64[1] {0}>()
+        y = Loop(trips, cond, acc0) <body = step (int64[1] i, bool c, float[2, 3] acc) => (bool c_out, float[2, 3] acc_out) {
+            c_out = Identity(cond)
+            start = Gather(starts, i)
+            end = Add(start, two)
+            rows = Slice(data, start, end, axes)
+            acc_out = Add(acc, rows)
+        }>
+    }
+"""
+
+
+def test_a_torchscript_loop_unrolls_and_compiles():
+    # TorchScript's form (MViT's pooling): a trip count of shape [1], the condition a
+    # constant from outside the body, and an iteration number of shape [1] (so Slice
+    # bounds picked by it are 1-D, as ONNX Runtime runs the loop).
+    from rewriter.backends import tvm as backend
+
+    model = to_proto(model_from_text(TORCHSCRIPT_LOOP))
+    rng = np.random.default_rng(0)
+    feeds = {
+        "data": rng.standard_normal((6, 3)).astype(np.float32),
+        "acc0": rng.standard_normal((2, 3)).astype(np.float32),
+    }
+    expected = verify.run(model.SerializeToString(), feeds)["y"]
+    got = backend.compile(model, "avx512").run(feeds)["y"]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
