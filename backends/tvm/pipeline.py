@@ -15,7 +15,9 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    decomposed into a scale and a shift, its result tuple dropped so that it fuses with
    what reads it), constant computations folded; on CPUs 3-D convolutions as 2-D ones
    over their depth taps stacked into the channels
-   (:mod:`rewriter.backends.tvm.relax_passes.conv_depth`), the
+   (:mod:`rewriter.backends.tvm.relax_passes.conv_depth`), transposed ones of
+   non-overlapping blocks as 1 x 1 ones and a depth-to-space
+   (:mod:`rewriter.backends.tvm.relax_passes.conv_transpose`), the
    convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`), 1-D ones
    over whole tiles of frames (:mod:`rewriter.backends.tvm.relax_passes.conv_frames`),
    3 x 3 ones over enough output tiles by Winograd's F(2 x 2, 3 x 3)
@@ -89,6 +91,7 @@ def relax_pipeline(
         conv,
         conv_depth,
         conv_frames,
+        conv_transpose,
         flat_rows,
         global_pools,
         legalize_bf16_norms,
@@ -130,6 +133,7 @@ def relax_pipeline(
     ]
     if not gpu:  # convolutions channels-last, for our conv schedules
         passes.append(conv_depth.conv3d_as_conv2d())  # 3-D ones as 2-D over stacked taps
+        passes.append(conv_transpose.blocks_as_conv2d())  # upsampling blocks: 1 x 1 ones
         passes.append(conv.channels_last())
         # Then (on their NWC form) 1-D ones get whole tiles of frames (no masked last tile).
         passes.append(conv_frames.whole_tiles(target))

@@ -51,6 +51,11 @@ logger = logging.getLogger(__name__)
 
 # Data and kernel layouts the convolutions are converted to, per op.
 LAYOUTS = {"relax.nn.conv1d": ["NWC", "WIO"], "relax.nn.conv2d": ["NHWC", "HWIO"]}
+# Transposed convolutions stay channels-first: TVM lowers them in no other layout, and
+# ConvertLayout, unasked, gave them their channels-last input's (the build then failed
+# in VM codegen, the op never lowered). Those of non-overlapping blocks are 1 x 1
+# convolutions by then (:mod:`rewriter.backends.tvm.relax_passes.conv_transpose`).
+KEEP_FIRST = {"relax.nn.conv1d_transpose": ["NCW", "IOW"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 # Vectors of output channels per register tile row (as the matmul's panels).
 PANEL_VECTORS = 2
 # Marks a convolution whose weight pack_weights stored as panels (value: the panel width).
@@ -107,7 +112,7 @@ def channels_last() -> tvm.transform.Pass:
             return mod
         mod = constants_at_full_rank(pads_as_pools(clips_as_max_min(mod)))
         try:
-            mod = relax.transform.ConvertLayout(LAYOUTS)(mod)
+            mod = relax.transform.ConvertLayout({**LAYOUTS, **KEEP_FIRST})(mod)
         except Exception as exc:  # an op ConvertLayout has no rule for
             logger.info("convolutions converted one by one (ConvertLayout failed: %s)", _first_line(exc))
             mod = _rewrite_convs(mod, _each_channels_last)
