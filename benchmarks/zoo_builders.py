@@ -408,8 +408,8 @@ def torchvision_model(name: str, **options: Any) -> Callable[[], Any]:
     return build
 
 
-def _calibrate_batch_norm(model: Any) -> Any:
-    """Set the BatchNorm statistics from two batches of N(0, 1) images (cumulative
+def _calibrate_batch_norm(model: Any, images: tuple[int, ...] = (4, 3, 224, 224)) -> Any:
+    """Set the BatchNorm statistics from two batches of N(0, 1) ``images`` (cumulative
     averages), then switch to eval mode.
 
     With the initial statistics (mean 0, variance 1) the eval-mode BatchNorms scale
@@ -425,8 +425,18 @@ def _calibrate_batch_norm(model: Any) -> Any:
     model.train()
     with torch.no_grad():
         for _ in range(2):
-            model(torch.randn(4, 3, 224, 224))
+            model(torch.randn(*images))
     return model.eval()
+
+
+def r3d_18() -> Any:
+    """torchvision's R3D-18 video classifier (3-D convolutions), calibrated on clips of
+    8 frames of 112 x 112."""
+    _seeded()
+    import torchvision
+
+    model = torchvision.models.video.r3d_18(weights=None)
+    return _wrap(_calibrate_batch_norm(model, (2, 3, 8, 112, 112)), None, "images")
 
 
 def convnext() -> Any:

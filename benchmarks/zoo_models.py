@@ -1,6 +1,6 @@
 """The model zoo of ``benchmarks/zoo.py``: which models, their inputs, their run sizes.
 
-31 architectures in 8 families, each a small random-weight model built by
+32 architectures in 9 families, each a small random-weight model built by
 :mod:`benchmarks.zoo_builders` from a ``transformers`` config or from ``torchvision``
 (``weights=None``):
 
@@ -17,11 +17,12 @@
   DeepLabV3 (MobileNetV3-large, atrous convolutions);
 * CNNs: ResNet-18, MobileNetV3-small, EfficientNet-B0, RegNetY-400MF, ShuffleNetV2 (x1.0),
   DenseNet-121, ResNeXt (32 groups of 4), ConvNeXt, BiT (group norms);
+* video: torchvision's R3D-18 (3-D convolutions, clips of 8 frames of 112 x 112);
 * speech: wav2vec2 (1 s of 16 kHz audio) and Whisper's encoder (80 x 3000 mel frames).
 
 Symbolic axes: ``batch`` everywhere, ``sequence`` (128 at run time) for text, and
 ``samples`` (16000) for wav2vec2; image sizes, Whisper's frames and BART's decoder
-length are fixed, as in the models' own configs.
+length are fixed, as in the models' own configs (a clip's frames too).
 
 >>> [model.name for model in select(["cnn"])][:2]
 ['resnet18', 'mobilenet_v3_small']
@@ -160,6 +161,15 @@ ZOO: list[ZooModel] = [
     _tv("resnext", "cnn", build.resnext, "ResNeXt-50 32x4d widths, 1 block/stage: 32 groups"),
     _tv("convnext", "cnn", build.convnext, "ConvNeXt-T widths, 1 block/stage"),
     _image("bit", "cnn", build.bit, "logits", "BiT ResNetV2-50 widths, 1 block/stage: group norms"),
+    ZooModel(
+        "r3d_18",
+        "video",
+        (Input("images", ("batch", 3, 8, 112, 112)),),
+        "logits",
+        build.r3d_18,
+        {},
+        "R3D-18: 3-D convolutions over 8 frames of 112 x 112",
+    ),
     ZooModel(
         "wav2vec2",
         "speech",

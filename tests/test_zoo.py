@@ -29,6 +29,7 @@ PER_FAMILY = {
     "swin": "swin",
     "segmentation": "segformer",
     "cnn": "resnet18",
+    "video": "r3d_18",
     "speech": "whisper_encoder",
 }
 # ONNX Runtime against torch eager on the same float32 model: reordered float sums,
@@ -77,7 +78,7 @@ def test_every_model_builds(name: str) -> None:
     _needs(model)
     module = model.make()
     assert not module.training
-    if model.family in ("cnn", "segmentation", "swin", "speech") or name == "tv_vit_b_16":
+    if model.family in ("cnn", "segmentation", "swin", "speech", "video") or name == "tv_vit_b_16":
         return  # seconds of eager compute each; their exports run them in the slow suite
     with torch.no_grad():
         output = module(*[torch.from_numpy(v) for v in zoo_models.feeds(model, 2).values()])
