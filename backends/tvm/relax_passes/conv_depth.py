@@ -56,7 +56,7 @@ def as_conv2d(builder: Any, call: Any) -> Any:
         return None
     if not all(isinstance(extent, tirx.IntImm) for extent in weight_shape.values):
         return None
-    batch, channels, depth, height, width = shape.values
+    batch, channels, _, height, width = shape.values
     outputs, group_channels, taps, kernel_h, kernel_w = (int(e) for e in weight_shape.values)
     frames = out_shape.values[2]
     groups = int(attrs.groups)
@@ -82,7 +82,7 @@ def as_conv2d(builder: Any, call: Any) -> Any:
                 )
             )
         )
-    if group_channels == 1 and taps > 1:
+    if group_channels == 1 and groups > 1 and taps > 1:
         return _depthwise_taps(builder, call, slices, [batch, frames, height, width])
     if groups == 1:
         stacked = slices[0] if taps == 1 else emit(relax.op.concat(slices, axis=1))

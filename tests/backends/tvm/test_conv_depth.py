@@ -77,6 +77,8 @@ CASES = {
     "one-tap": dict(channels=8, outputs=16, kernel=(1, 1, 1), strides=(2, 2, 2), shape=[1, 8, 5, 9, 9]),
     "temporal": dict(channels=8, outputs=8, kernel=(3, 1, 1), pads=(1, 0, 0) * 2, shape=[1, 8, 5, 6, 6]),
     "grouped-dilated": dict(channels=16, outputs=16, kernel=(3, 3, 3), pads=(2, 1, 1) * 2, dilations=(2, 1, 1), groups=4, shape=[1, 16, 6, 8, 8]),
+    # One input channel (a medical volume): its taps stacked, 3 channels, as an image's.
+    "one-channel": dict(channels=1, outputs=8, kernel=(3, 3, 3), pads=(1,) * 6, shape=[1, 1, 5, 8, 8]),
     "depthwise": dict(channels=16, outputs=16, kernel=(3, 3, 3), pads=(1,) * 6, groups=16, shape=[1, 16, 5, 8, 8]),
 }
 
