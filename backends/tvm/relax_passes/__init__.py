@@ -50,3 +50,12 @@ def visit_functions(mutator: object, mod: object) -> None:
     for gv, func in mod.functions.items():  # type: ignore[attr-defined]
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))  # type: ignore[attr-defined]
+
+
+def dims_of(expr: Any) -> list[Any] | None:
+    """``expr``'s dimensions (ints or symbolic ``tirx`` expressions) where its type has a
+    known shape (a ``ShapeExpr``), else None."""
+    from tvm import relax
+
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    return list(shape.values) if isinstance(shape, relax.ShapeExpr) else None

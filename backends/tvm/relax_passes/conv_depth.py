@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import rewrite_calls
+from rewriter.backends.tvm.relax_passes import dims_of, rewrite_calls
 
 if TYPE_CHECKING:
     import tvm
@@ -49,16 +49,14 @@ def as_conv2d(builder: Any, call: Any) -> Any:
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCDHW", "OIDHW", "NCDHW"):
         return None
     x, weight = call.args
-    shape: Any = getattr(getattr(x, "ty", None), "shape", None)
-    weight_shape: Any = getattr(getattr(weight, "ty", None), "shape", None)
-    out_shape: Any = getattr(getattr(call, "ty", None), "shape", None)
-    if not all(isinstance(s, relax.ShapeExpr) for s in (shape, weight_shape, out_shape)):
+    shape, weight_shape, out_shape = dims_of(x), dims_of(weight), dims_of(call)
+    if shape is None or weight_shape is None or out_shape is None:
         return None
-    if not all(isinstance(extent, tirx.IntImm) for extent in weight_shape.values):
+    if not all(isinstance(extent, tirx.IntImm) for extent in weight_shape):
         return None
-    batch, channels, _, height, width = shape.values
-    outputs, group_channels, taps, kernel_h, kernel_w = (int(e) for e in weight_shape.values)
-    frames = out_shape.values[2]
+    batch, channels, _, height, width = shape
+    outputs, group_channels, taps, kernel_h, kernel_w = (int(e) for e in weight_shape)
+    frames = out_shape[2]
     groups = int(attrs.groups)
     stride = int(attrs.strides[0])
     dilation = int(attrs.dilation[0])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import rewrite_calls
+from rewriter.backends.tvm.relax_passes import dims_of, rewrite_calls
 
 if TYPE_CHECKING:
     import tvm
@@ -47,18 +47,17 @@ def as_blocks(builder: Any, call: Any) -> Any:
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "IOHW", "NCHW"):
         return None
     x, weight = call.args
-    shape: Any = getattr(getattr(x, "ty", None), "shape", None)
-    weight_shape: Any = getattr(getattr(weight, "ty", None), "shape", None)
-    if not isinstance(shape, relax.ShapeExpr) or not isinstance(weight_shape, relax.ShapeExpr):
+    shape, weight_shape = dims_of(x), dims_of(weight)
+    if shape is None or weight_shape is None:
         return None
-    if not all(isinstance(extent, tirx.IntImm) for extent in weight_shape.values):
+    if not all(isinstance(extent, tirx.IntImm) for extent in weight_shape):
         return None
-    channels, outputs, kernel_h, kernel_w = (int(e) for e in weight_shape.values)
+    channels, outputs, kernel_h, kernel_w = (int(e) for e in weight_shape)
     if int(attrs.groups) != 1 or [int(s) for s in attrs.strides] != [kernel_h, kernel_w]:
         return None
     if any(int(p) for p in [*attrs.padding, *attrs.output_padding]) or any(int(d) != 1 for d in attrs.dilation):
         return None
-    batch, _, height, width = shape.values
+    batch, _, height, width = shape
     emit = builder.emit
     # W[c, o, i, j] -> [(o, i, j), c, 1, 1]
     filters = emit(relax.op.permute_dims(weight, [1, 2, 3, 0]))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import rewrite_calls
+from rewriter.backends.tvm.relax_passes import dims_of, rewrite_calls
 from rewriter.backends.tvm.relax_passes.conv import _is_op
 
 if TYPE_CHECKING:
@@ -70,14 +70,12 @@ def flattened(builder: Any, call: Any, batches: list[Any]) -> Any:
     if not _is_op(call, "relax.matmul"):
         return None
     x, weight = call.args
-    shape: Any = getattr(getattr(x, "ty", None), "shape", None)
-    weight_shape: Any = getattr(getattr(weight, "ty", None), "shape", None)
-    out_shape: Any = getattr(getattr(call, "ty", None), "shape", None)
-    if not all(isinstance(s, relax.ShapeExpr) for s in (shape, weight_shape, out_shape)):
+    shape, weight_shape, out_shape = dims_of(x), dims_of(weight), dims_of(call)
+    if shape is None or weight_shape is None or out_shape is None:
         return None
-    if len(weight_shape.values) != 2 or len(shape.values) < 3:
+    if len(weight_shape) != 2 or len(shape) < 3:
         return None
-    leading = list(shape.values[:-1])
+    leading = shape[:-1]
     if sum(not isinstance(d, tirx.IntImm) for d in leading) < 2:
         return None
     if not any(tvm_ffi.structural_equal(leading[-1], batch) for batch in batches):
@@ -85,6 +83,6 @@ def flattened(builder: Any, call: Any, batches: list[Any]) -> Any:
     rows = leading[0]
     for extent in leading[1:]:
         rows = rows * extent
-    flat = builder.emit(relax.op.reshape(x, [rows, shape.values[-1]]))
+    flat = builder.emit(relax.op.reshape(x, [rows, shape[-1]]))
     product = builder.emit(relax.op.matmul(flat, weight, out_dtype=call.attrs.out_dtype))
-    return relax.op.reshape(product, list(out_shape.values))
+    return relax.op.reshape(product, out_shape)

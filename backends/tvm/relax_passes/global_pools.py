@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import rewrite_calls
+from rewriter.backends.tvm.relax_passes import dims_of, rewrite_calls
 
 if TYPE_CHECKING:
     import tvm
@@ -48,11 +48,10 @@ def as_global(_builder: Any, call: Any) -> Any:
     layout = str(attrs.layout)
     if not layout.startswith("NC") or str(attrs.out_layout) != layout:
         return None
-    shape: Any = getattr(getattr(call.args[0], "ty", None), "shape", None)
-    out_shape: Any = getattr(getattr(call, "ty", None), "shape", None)
-    if not isinstance(shape, relax.ShapeExpr) or not isinstance(out_shape, relax.ShapeExpr):
+    shape, out_shape = dims_of(call.args[0]), dims_of(call)
+    if shape is None or out_shape is None:
         return None
-    spatial, out = shape.values[2:], out_shape.values[2:]
+    spatial, out = shape[2:], out_shape[2:]
     if not all(isinstance(extent, tirx.IntImm) for extent in spatial):
         return None
     if any(not isinstance(extent, tirx.IntImm) or int(extent) != 1 for extent in out):
