@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import conv, rewrite_calls, schedules
+from rewriter.backends.tvm.relax_passes import conv, dims_of, rewrite_calls, schedules
 
 if TYPE_CHECKING:
     import tvm
@@ -112,13 +112,10 @@ def padded_conv(builder: Any, call: Any, lanes: int) -> Any:
     if str(call.attrs.kernel_layout) != "WIO" or call.attrs.out_layout not in (None, "NWC"):
         return None
     data, weight = call.args
-    shapes = []
-    for value in (data, weight, call):
-        shape = getattr(value.ty, "shape", None)
-        if not isinstance(shape, relax.ShapeExpr):
-            return None
-        shapes.append(list(shape.values))
-    (batch, length, channels), kernel, (_, frames, outputs) = shapes
+    data_shape, kernel, out_shape = dims_of(data), dims_of(weight), dims_of(call)
+    if data_shape is None or kernel is None or out_shape is None:
+        return None
+    (batch, length, channels), (_, frames, outputs) = data_shape, out_shape
     if not all(isinstance(v, tirx.IntImm) for v in (*kernel, outputs)):
         return None
     rows = tile_height(int(outputs), int(call.attrs.groups), lanes)

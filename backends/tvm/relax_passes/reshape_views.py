@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rewriter.backends.tvm.relax_passes import dims_of
+
 
 def legalizations() -> dict[str, Any]:
     """The ``LegalizeOps`` entry for ``relax.reshape`` (see the module)."""
@@ -33,8 +35,7 @@ def legalizations() -> dict[str, Any]:
     stock = ir.Op.get("relax.reshape").get_attr("FLegalize")
 
     def legalize(bb: Any, call: Any) -> Any:
-        source = getattr(getattr(call.args[0].ty, "shape", None), "values", None)
-        target = getattr(getattr(call.ty, "shape", None), "values", None)
+        source, target = dims_of(call.args[0]), dims_of(call)
         shared = shared_prefix(source, target)
         if shared is None:
             return call  # kept: VMBuiltinLower makes it vm.builtin.reshape (a view)
