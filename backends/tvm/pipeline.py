@@ -13,12 +13,12 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    window covers its map as a global pool
    (:mod:`rewriter.backends.tvm.relax_passes.global_pools`); inference forms: batch norms folded into the convolutions before them (the rest
    decomposed into a scale and a shift, its result tuple dropped so that it fuses with
-   what reads it), constant computations folded; on CPUs 3-D convolutions as 2-D ones
-   over their depth taps stacked into the channels
-   (:mod:`rewriter.backends.tvm.relax_passes.conv_depth`), transposed ones of
+   what reads it), constant computations folded; on CPUs transposed convolutions of
    non-overlapping blocks as 1 x 1 ones and a depth-to-space
    (:mod:`rewriter.backends.tvm.relax_passes.conv_transpose`), the
-   convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`), 1-D ones
+   convolutions channels-last (:mod:`rewriter.backends.tvm.relax_passes.conv`), 3-D ones
+   then as 2-D ones over their depth taps stacked into the channels
+   (:mod:`rewriter.backends.tvm.relax_passes.conv_depth`), 1-D ones
    over whole tiles of frames (:mod:`rewriter.backends.tvm.relax_passes.conv_frames`),
    3 x 3 ones over enough output tiles by Winograd's F(2 x 2, 3 x 3)
    (:mod:`rewriter.backends.tvm.relax_passes.winograd`), and matmuls by a 2-D weight
@@ -89,7 +89,6 @@ def relax_pipeline(
         bf16_matmul,
         bind_shapes,
         conv,
-        conv_depth,
         conv_frames,
         conv_transpose,
         flat_rows,
@@ -132,9 +131,8 @@ def relax_pipeline(
         relax.transform.FoldConstant(),
     ]
     if not gpu:  # convolutions channels-last, for our conv schedules
-        passes.append(conv_depth.conv3d_as_conv2d())  # 3-D ones as 2-D over stacked taps
         passes.append(conv_transpose.blocks_as_conv2d())  # upsampling blocks: 1 x 1 ones
-        passes.append(conv.channels_last())
+        passes.append(conv.channels_last())  # 3-D ones then as 2-D ones over stacked taps
         # Then (on their NWC form) 1-D ones get whole tiles of frames (no masked last tile).
         passes.append(conv_frames.whole_tiles(target))
         # 3 x 3 convolutions over many output tiles: Winograd's F(2 x 2, 3 x 3).

@@ -42,7 +42,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import rewrite_calls, visit_functions
+from rewriter.backends.tvm.relax_passes import dims_of, rewrite_calls, visit_functions
 
 if TYPE_CHECKING:
     import tvm
@@ -51,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 # Data and kernel layouts the convolutions are converted to, per op.
 LAYOUTS = {"relax.nn.conv1d": ["NWC", "WIO"], "relax.nn.conv2d": ["NHWC", "HWIO"]}
+# 3-D convolutions too, so that the frames between them stay channels-last: each becomes
+# 2-D ones over frames in the batch (:mod:`.conv_depth`), on which the steps after
+# ``ConvertLayout`` (and the rules) work.
+LAYOUTS_3D = {"relax.nn.conv3d": ["NDHWC", "DHWIO"]}
 # Transposed convolutions stay channels-first: TVM lowers them in no other layout, and
 # ConvertLayout, unasked, gave them their channels-last input's (the build then failed
 # in VM codegen, the op never lowered). Those of non-overlapping blocks are 1 x 1
@@ -106,16 +110,19 @@ def channels_last() -> tvm.transform.Pass:
     import tvm
     from tvm import relax
 
+    from rewriter.backends.tvm.relax_passes import conv_depth
+
     @tvm.transform.module_pass(opt_level=0, name="ChannelsLastConv")
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not _has_conv(mod):
             return mod
         mod = constants_at_full_rank(pads_as_pools(clips_as_max_min(mod)))
         try:
-            mod = relax.transform.ConvertLayout({**LAYOUTS, **KEEP_FIRST})(mod)
+            mod = relax.transform.ConvertLayout({**LAYOUTS, **LAYOUTS_3D, **KEEP_FIRST})(mod)
         except Exception as exc:  # an op ConvertLayout has no rule for
             logger.info("convolutions converted one by one (ConvertLayout failed: %s)", _first_line(exc))
-            mod = _rewrite_convs(mod, _each_channels_last)
+            mod = rewrite_calls(mod, {*LAYOUTS, *LAYOUTS_3D}, _each_channels_last)
+        mod = conv_depth.conv3d_as_conv2d()(mod)  # 3-D ones as 2-D ones, before the steps below
         mod = relax.transform.FoldConstant()(pools_as_pads(mod))
         # Each convolution's input got a transpose of its own: two convolutions reading one
         # channels-first tensor (ShuffleNetV2's two branches) transposed it twice.
@@ -319,13 +326,12 @@ def _broadcasts_over(bias: Any, slice_: Any) -> bool:
     """Whether constant ``bias`` is the same at every position ``slice_`` slices (its
     extent there 1, or it has no such axis)."""
     import tvm
-    from tvm import relax
 
-    shape = getattr(getattr(bias, "ty", None), "shape", None)
+    shape = dims_of(bias)
     rank = slice_.args[0].ty.ndim
-    if not isinstance(bias, tvm.ir.expr.GenericConst) or not isinstance(shape, relax.ShapeExpr):
+    if not isinstance(bias, tvm.ir.expr.GenericConst) or shape is None:
         return False
-    dims = [int(d) for d in shape.values]
+    dims = [int(d) for d in shape]
     for axis in slice_.args[1].fields:
         position = int(axis) - (rank - len(dims))
         if 0 <= position < len(dims) and dims[position] != 1:
@@ -336,7 +342,6 @@ def _broadcasts_over(bias: Any, slice_: Any) -> bool:
 def _trimmed_conv(conv: Any, slice_: Any) -> Any:
     """The convolution ``conv`` computing only what ``slice_`` keeps of it, or None."""
     import tvm
-    from tvm import relax
 
     if not any(_is_op(conv, name) for name in LAYOUTS):
         return None
@@ -346,7 +351,7 @@ def _trimmed_conv(conv: Any, slice_: Any) -> Any:
     attrs = conv.attrs
     layout = str(attrs.data_layout)
     spatial = [i for i, letter in enumerate(layout) if letter not in "NC"]
-    shape = conv.ty.shape.values if isinstance(conv.ty.shape, relax.ShapeExpr) else None
+    shape = dims_of(conv)
     if shape is None:
         return None
     padding = [int(p) for p in attrs.padding]
@@ -392,11 +397,11 @@ def _rewrite_convs(mod: tvm.IRModule, rewrite: Any) -> tvm.IRModule:
 
 
 def _each_channels_last(builder: Any, call: Any) -> Any:
-    """One NCHW/NCW convolution as ``transpose -> channels-last conv -> transpose``."""
+    """One NCHW/NCW/NCDHW convolution as ``transpose -> channels-last conv -> transpose``."""
     from tvm import relax
 
     attrs = call.attrs
-    data_layout, kernel_layout = LAYOUTS[call.op.name]
+    data_layout, kernel_layout = {**LAYOUTS, **LAYOUTS_3D}[call.op.name]
     if attrs.data_layout != data_layout[0] + "C" + data_layout[1:-1] or attrs.kernel_layout != "OI" + kernel_layout[:-2]:
         return None
     rank = len(data_layout)
@@ -486,7 +491,7 @@ def _static_conv(call: Any) -> tuple[Any, list[int], list[int], list[int], list[
     dilations) along the positions of a channels-last convolution with a constant weight
     and static positions; None for any other."""
     import tvm
-    from tvm import relax, tirx
+    from tvm import tirx
 
     attrs = call.attrs
     weight = call.args[1]
@@ -494,11 +499,10 @@ def _static_conv(call: Any) -> tuple[Any, list[int], list[int], list[int], list[
         return None
     if not isinstance(weight, tvm.ir.expr.GenericConst) or not isinstance(weight.value, tvm.runtime.Tensor):
         return None
-    data_shape = getattr(call.args[0].ty, "shape", None)
-    out_shape = getattr(call.ty, "shape", None)
-    if not isinstance(data_shape, relax.ShapeExpr) or not isinstance(out_shape, relax.ShapeExpr):
+    data_shape, out_shape = dims_of(call.args[0]), dims_of(call)
+    if data_shape is None or out_shape is None:
         return None
-    sizes, outs = data_shape.values[1:-1], out_shape.values[1:-1]
+    sizes, outs = data_shape[1:-1], out_shape[1:-1]
     if not all(isinstance(v, tirx.IntImm) for v in [*sizes, *outs]):
         return None
     axes = len(sizes)
@@ -625,7 +629,7 @@ def _has_conv(mod: tvm.IRModule) -> bool:
 
     def visit(expr: Any) -> None:
         nonlocal found
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in LAYOUTS:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in {*LAYOUTS, *LAYOUTS_3D}:
             found = True
 
     for func in mod.functions.values():

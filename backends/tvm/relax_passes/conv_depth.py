@@ -4,17 +4,23 @@ TVM has no CPU schedule for ``conv3d``: its default lowering ran torchvision's R
 (video, 8 x 112 x 112 frames) at 60x ONNX Runtime's time. A 3-D convolution is a 2-D
 one per output frame whose input channels are the ``kd`` input frames it reads::
 
-    y[n, o, d] = sum_t conv2d(x[n, :, d * s + t * dilation], w[o, :, t])
-               = conv2d(concat_t x[n, :, d * s + t * dilation], w[o, :, t] over (t, c))
+    y[n, d] = sum_t conv2d(x[n, d * s + t * dilation], w[t])
+            = conv2d(concat_t x[n, d * s + t * dilation], w over (t, c))
 
-so the input, padded in depth, is sliced once per depth tap (a strided slice: the
-frames that tap reads for each output frame), the slices stacked along the channels
-(per group: ``[groups, taps, channels]``), the output frames moved into the batch, and
-the filter's taps moved into its input channels. The 2-D convolution then takes every
-path a convolution takes here (channels-last, register tiles, Winograd for 3 x 3
-taps), and its output frames move back out of the batch. Exact: the same products,
-summed in another order. The stacked input is ``kd`` times the input (3x for 3 x 3 x 3
-filters); a filter of one depth tap reads the input as it is.
+The pass runs on channels-last convolutions (``NDHWC``/``DHWIO``: after
+:func:`rewriter.backends.tvm.relax_passes.conv.channels_last`'s ``ConvertLayout``, so the
+frames between convolutions stay channels-last, as images do). The input, padded in
+depth, is sliced once per depth tap (a strided slice: the frames that tap reads for
+each output frame), the slices stacked along the channels (per group: ``[groups, taps,
+channels]``), and the frames reshaped into the batch: ``[batch x frames, h, w, taps x
+c]``, a view. The filter's taps move into its input channels (at compile time). The
+2-D convolution then takes every path a convolution takes here (register tiles,
+Winograd for 3 x 3 taps), and its output ``[batch x frames, h, w, o]`` is the 3-D
+one's by a reshape, a view again: no transpose anywhere (channels-first, the frames
+went in and out of the batch by transposes; a symbolic batch kept each a kernel of its
+own, and R3D-18's symbolic library ran at 1.3-1.5x its fixed one's time). Exact: the
+same products, summed in another order. The stacked input is ``kd`` times the input
+(3x for 3 x 3 x 3 filters); a filter of one depth tap reads the input as it is.
 
 >>> mod = conv3d_as_conv2d()(mod)  # doctest: +SKIP
 """
@@ -42,11 +48,11 @@ def conv3d_as_conv2d() -> tvm.transform.Pass:
 
 def as_conv2d(builder: Any, call: Any) -> Any:
     """``call`` (a ``conv3d``) as the module docstring's 2-D convolution, or None where
-    its layouts are not ``NCDHW``/``OIDHW`` or its filter's shape is not static."""
+    its layouts are not ``NDHWC``/``DHWIO`` or its filter's shape is not static."""
     from tvm import relax, tirx
 
     attrs = call.attrs
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCDHW", "OIDHW", "NCDHW"):
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NDHWC", "DHWIO", "NDHWC"):
         return None
     x, weight = call.args
     shape, weight_shape, out_shape = dims_of(x), dims_of(weight), dims_of(call)
@@ -54,9 +60,9 @@ def as_conv2d(builder: Any, call: Any) -> Any:
         return None
     if not all(isinstance(extent, tirx.IntImm) for extent in weight_shape):
         return None
-    batch, channels, _, height, width = shape
-    outputs, group_channels, taps, kernel_h, kernel_w = (int(e) for e in weight_shape)
-    frames = out_shape[2]
+    batch, _, height, width, channels = shape
+    taps, kernel_h, kernel_w, group_channels, outputs = (int(e) for e in weight_shape)
+    frames = out_shape[1]
     groups = int(attrs.groups)
     stride = int(attrs.strides[0])
     dilation = int(attrs.dilation[0])
@@ -65,7 +71,7 @@ def as_conv2d(builder: Any, call: Any) -> Any:
 
     padded = x
     if front or back:
-        padded = emit(relax.op.nn.pad(x, [0, 0, 0, 0, front, back, 0, 0, 0, 0]))
+        padded = emit(relax.op.nn.pad(x, [0, 0, front, back, 0, 0, 0, 0, 0, 0]))
     slices = []
     for tap in range(taps):
         start = tap * dilation
@@ -76,61 +82,45 @@ def as_conv2d(builder: Any, call: Any) -> Any:
         slices.append(
             emit(
                 relax.op.strided_slice(
-                    padded, axes=[2], begin=[start], end=[start + reads], strides=[stride], assume_inbound=True
+                    padded, axes=[1], begin=[start], end=[start + reads], strides=[stride], assume_inbound=True
                 )
             )
         )
+    images = [batch * frames, height, width]
     if group_channels == 1 and groups > 1 and taps > 1:
-        return _depthwise_taps(builder, call, slices, [batch, frames, height, width])
+        return _depthwise_taps(builder, call, slices, images)
     if groups == 1:
-        stacked = slices[0] if taps == 1 else emit(relax.op.concat(slices, axis=1))
-    else:  # per group, its taps' channels side by side: [n, groups, taps, channels / groups, ...]
+        stacked = slices[0] if taps == 1 else emit(relax.op.concat(slices, axis=4))
+    else:  # per group, its taps' channels side by side: [n, d, h, w, groups, taps, channels / groups]
         split = [
-            emit(relax.op.expand_dims(emit(relax.op.reshape(part, [batch, groups, group_channels, frames, height, width])), 2))
+            emit(relax.op.expand_dims(emit(relax.op.reshape(part, [batch, frames, height, width, groups, group_channels])), 5))
             for part in slices
         ]
-        stacked = split[0] if taps == 1 else emit(relax.op.concat(split, axis=2))
-    stacked = emit(relax.op.reshape(stacked, [batch, taps * channels, frames, height, width]))
-    images = _as_images(builder, stacked, [batch, frames, height, width])
-    # The filter's depth taps before its input channels: [o, taps, c / groups, kh, kw].
-    filters = emit(relax.op.permute_dims(weight, [0, 2, 1, 3, 4]))
-    filters = emit(relax.op.reshape(filters, [outputs, taps * group_channels, kernel_h, kernel_w]))
-    planes = emit(relax.op.nn.conv2d(images, filters, **_spatial(call)))
-    return _frames_out(builder, planes, call)
+        stacked = split[0] if taps == 1 else emit(relax.op.concat(split, axis=5))
+    stacked = emit(relax.op.reshape(stacked, [*images, taps * channels]))
+    # The filter's depth taps before its input channels: [kh, kw, taps, c / groups, o].
+    filters = emit(relax.op.permute_dims(weight, [1, 2, 0, 3, 4]))
+    filters = emit(relax.op.reshape(filters, [kernel_h, kernel_w, taps * group_channels, outputs]))
+    planes = emit(relax.op.nn.conv2d(stacked, filters, **_spatial(call)))
+    return relax.op.reshape(planes, out_shape)
 
 
 def _spatial(call: Any) -> dict[str, Any]:
-    """``call``'s (a ``conv3d``) height and width attributes, as ``conv2d``'s."""
+    """``call``'s (a ``conv3d``) height and width attributes, as a channels-last ``conv2d``'s."""
     attrs = call.attrs
     return {
         "strides": [int(attrs.strides[1]), int(attrs.strides[2])],
         "padding": [int(attrs.padding[i]) for i in (1, 2, 4, 5)],
         "dilation": [int(attrs.dilation[1]), int(attrs.dilation[2])],
         "groups": int(attrs.groups),
+        "data_layout": "NHWC",
+        "kernel_layout": "HWIO",
+        "out_layout": "NHWC",
         "out_dtype": attrs.out_dtype,
     }
 
 
-def _frames_out(builder: Any, planes: Any, call: Any) -> Any:
-    """``planes`` ``[batch x frames, o, h, w]`` as ``call``'s output ``[batch, o, frames, h, w]``."""
-    from tvm import relax
-
-    batch, outputs, frames, out_h, out_w = call.ty.shape.values
-    planes = builder.emit(relax.op.reshape(planes, [batch, frames, outputs, out_h, out_w]))
-    return relax.op.permute_dims(planes, [0, 2, 1, 3, 4])
-
-
-def _as_images(builder: Any, frames: Any, dims: list[Any]) -> Any:
-    """``frames`` ``[batch, c, frames, h, w]`` as images ``[batch x frames, c, h, w]``."""
-    from tvm import relax
-
-    batch, count, height, width = dims
-    images = builder.emit(relax.op.permute_dims(frames, [0, 2, 1, 3, 4]))
-    channels = frames.ty.shape.values[1]
-    return builder.emit(relax.op.reshape(images, [batch * count, channels, height, width]))
-
-
-def _depthwise_taps(builder: Any, call: Any, slices: list[Any], dims: list[Any]) -> Any:
+def _depthwise_taps(builder: Any, call: Any, slices: list[Any], images: list[Any]) -> Any:
     """A depthwise ``call`` (one input channel a group) as the sum of one depthwise 2-D
     convolution a depth tap: stacked, a group's taps would make a 2-D convolution of
     ``kd`` channels a group, which no rule here tiles; each tap's is a depthwise one,
@@ -138,11 +128,13 @@ def _depthwise_taps(builder: Any, call: Any, slices: list[Any], dims: list[Any])
     from tvm import relax
 
     weight = call.args[1]
-    outputs, _, _, kernel_h, kernel_w = (int(e) for e in weight.ty.shape.values)
+    _, kernel_h, kernel_w, _, outputs = (int(e) for e in weight.ty.shape.values)
     total = None
     for tap, part in enumerate(slices):
-        tap_filter = builder.emit(relax.op.strided_slice(weight, axes=[2], begin=[tap], end=[tap + 1]))
-        tap_filter = builder.emit(relax.op.reshape(tap_filter, [outputs, 1, kernel_h, kernel_w]))
-        plane = builder.emit(relax.op.nn.conv2d(_as_images(builder, part, dims), tap_filter, **_spatial(call)))
+        tap_filter = builder.emit(relax.op.strided_slice(weight, axes=[0], begin=[tap], end=[tap + 1]))
+        tap_filter = builder.emit(relax.op.reshape(tap_filter, [kernel_h, kernel_w, 1, outputs]))
+        channels = part.ty.shape.values[4]
+        plane = builder.emit(relax.op.reshape(part, [*images, channels]))
+        plane = builder.emit(relax.op.nn.conv2d(plane, tap_filter, **_spatial(call)))
         total = plane if total is None else builder.emit(relax.op.add(total, plane))
-    return _frames_out(builder, total, call)
+    return relax.op.reshape(total, dims_of(call))

@@ -39,7 +39,8 @@ products: where a static batch's ``V`` overflows the cache (:data:`PATCH_BYTES`)
 three steps run in chunks (:func:`patch_chunks`: runs of whole images, or bands of tile
 rows of one image), and the chunks' outputs are concatenated (the concatenation fuses
 with the convolution's epilogue). Under a symbolic batch the chunks are bands of tile
-rows of every image, sized for :data:`SYMBOLIC_IMAGES` images.
+rows of every image, sized for :data:`SYMBOLIC_IMAGES` images (times the batch's static
+factor: a 3-D convolution's frames in the batch).
 
 Not exact in the ``assert_equal`` sense: the transforms add and subtract input values
 (and filter values, in float64 at compile time) before the products, so the rounding
@@ -58,7 +59,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from rewriter.backends.tvm.relax_passes import conv, rewrite_calls
+from rewriter.backends.tvm.relax_passes import conv, dims_of, rewrite_calls
 from rewriter.backends.tvm.relax_passes.conv_frames import OPAQUE
 
 if TYPE_CHECKING:
@@ -93,7 +94,10 @@ MIN_PRODUCTS = 64 * 64
 PATCH_BYTES = 16 << 20
 # Under a symbolic batch the patches are per image, ``[batch, 16, tiles, C]``; their size
 # grows with the batch, so each image's go in bands sized for this many images (so at
-# batch 8, DenseNet's 56 x 56 stage's 51 MB of patches run in four bands of 13 MB).
+# batch 8, DenseNet's 56 x 56 stage's 51 MB of patches run in four bands of 13 MB), times
+# the batch's static factor where it has one (a 3-D convolution's frames in the batch,
+# ``batch * 8``: R3D-18's symbolic library at batch 8 wrote 132 MB of patches a band, and
+# ran at 1.19x its fixed library's time).
 SYMBOLIC_IMAGES = 8
 OUT_ELEMWISE_FUSABLE = 4  # ``kOutEWiseFusable``: element-wise consumers fuse into it
 
@@ -170,19 +174,18 @@ def winograd_conv(builder: Any, call: Any) -> Any:
         or channels * outputs < MIN_PRODUCTS
     ):
         return None
-    shape = getattr(data.ty, "shape", None)
-    out_shape = getattr(call.ty, "shape", None)
-    if not isinstance(shape, relax.ShapeExpr) or not isinstance(out_shape, relax.ShapeExpr):
+    shape, out_shape = dims_of(data), dims_of(call)
+    if shape is None or out_shape is None:
         return None
     if str(data.ty.dtype) != "float32" or str(call.ty.dtype) != "float32":
         return None
-    _, height, width, _ = shape.values
-    _, out_h, out_w, _ = out_shape.values
+    _, height, width, _ = shape
+    _, out_h, out_w, _ = out_shape
     if not all(isinstance(v, tirx.IntImm) for v in (height, width, out_h, out_w)):
         return None
     height, width, out_h, out_w = int(height), int(width), int(out_h), int(out_w)
     tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
-    batch = shape.values[0]
+    batch = shape[0]
     images = int(batch) if isinstance(batch, tirx.IntImm) else 1  # a symbolic batch: per image
     if images * tiles_h * tiles_w < MIN_TILES:
         return None
@@ -257,8 +260,8 @@ def winograd_conv(builder: Any, call: Any) -> Any:
     placeholder_batch = tirx.Var("batch", "int64") if per_image else batch
     transformed = relax.const(transformed_filter(filt), "float32")
     row_bytes = 16 * tiles_w * channels * 4
-    if per_image:  # bands of every image, sized for SYMBOLIC_IMAGES images
-        chunks = patch_chunks(1, tiles_h, row_bytes, PATCH_BYTES // SYMBOLIC_IMAGES)
+    if per_image:  # bands of every image, sized for SYMBOLIC_IMAGES images (times a factor)
+        chunks = patch_chunks(1, tiles_h, row_bytes, PATCH_BYTES // (SYMBOLIC_IMAGES * static_factor(batch)))
     else:
         chunks = patch_chunks(images, tiles_h, row_bytes)
     outputs = []
@@ -299,6 +302,17 @@ def winograd_conv(builder: Any, call: Any) -> Any:
             )
             bands = []
     return images_out[0] if len(images_out) == 1 else relax.op.concat(images_out, axis=0)
+
+
+def static_factor(extent: Any) -> int:
+    """The constant factor of a product ``extent`` (``batch * 8``: 8), 1 where it has none."""
+    from tvm import tirx
+
+    if isinstance(extent, tirx.IntImm):
+        return int(extent)
+    if isinstance(extent, tirx.Mul):
+        return static_factor(extent.a) * static_factor(extent.b)
+    return 1
 
 
 class Chunk(NamedTuple):

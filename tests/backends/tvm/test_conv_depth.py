@@ -129,3 +129,34 @@ def test_r3d_18_export_compiles_and_agrees(tmp_path):
     compiled = backend.compile(model, "avx512")
     assert compiled.schedules is not None and compiled.schedules.unscheduled == []
     _assert_agrees(model, compiled, [(1, 3, 4, 56, 56), (2, 3, 4, 56, 56)])
+
+
+def test_frames_between_conv3ds_stay_channels_last_under_a_symbolic_batch():
+    # Two 3 x 3 x 3 convolutions: the frames between them are channels-last and reshaped
+    # into and out of the batch (views), so the only transposes are the model's input
+    # and output (NCDHW); channels-first, each convolution's frames went in and out of
+    # the batch by transposes, each a kernel of its own under a symbolic batch.
+    first = conv3d_model(16, 16, (3, 3, 3), pads=(1,) * 6, shape=["batch", 16, 4, 10, 10])
+    second = conv3d_model(16, 16, (3, 3, 3), pads=(1,) * 6, shape=["batch", 16, 4, 10, 10])
+    graph = first.graph
+    renamed = []
+    for node in second.graph.node:
+        node = onnx.NodeProto.FromString(node.SerializeToString())
+        node.input[:] = [{"x": "y", "w": "w2", "b": "b2", "c": "c2"}.get(n, n) for n in node.input]
+        node.output[:] = [{"c": "c2", "y": "z"}.get(n, n) for n in node.output]
+        renamed.append(node)
+    graph.node.extend(renamed)
+    for tensor in second.graph.initializer:
+        tensor.name += "2"
+        graph.initializer.append(tensor)
+    graph.output[0].name = "z"
+    compiled = backend.compile(first, "avx512")
+    assert compiled.schedules is not None and compiled.schedules.unscheduled == []
+    names = list(compiled.schedules.scheduled)
+    assert sum("transpose" in name for name in names) <= 2, names
+    session = ort.InferenceSession(first.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 16, 4, 10, 10)).astype(np.float32)
+        reference = session.run(None, {"x": x})[0]
+        error = float(np.abs(compiled.run({"x": x})["z"] - reference).max() / np.abs(reference).max())
+        assert error < COMPILED_TOLERANCE["float32"].rtol, (batch, error)

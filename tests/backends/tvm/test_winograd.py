@@ -86,14 +86,15 @@ def _symbolic_batch_model():
     return model
 
 
-def _assert_agrees_at_batches(model, compiled, seed):
-    """``compiled`` (of ``model``, symbolic batch) agrees with ORT at batch 1 and 3."""
+def _assert_agrees_at_batches(model, compiled, seed, sample=(64, 16, 16)):
+    """``compiled`` (of ``model``, symbolic batch of ``sample``-shaped inputs) agrees with
+    ORT at batch 1 and 3."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     for batch in (1, 3):
-        x = rng.standard_normal((batch, 64, 16, 16)).astype(np.float32)
+        x = rng.standard_normal((batch, *sample)).astype(np.float32)
         reference = session.run(None, {"x": x})[0]
         got = compiled.run({"x": x})["y"]
         assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, (
@@ -263,3 +264,20 @@ def test_resnet18_export_compiles_with_winograd_and_agrees(tmp_path):
         assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, (
             batch
         )
+
+
+def test_a_symbolic_batch_with_a_static_factor_sizes_its_bands_for_it(monkeypatch):
+    from rewriter.backends import tvm as backend
+    from tests.backends.tvm.test_conv_depth import conv3d_model
+
+    batch = tvm.tirx.Var("batch", "int64")
+    assert [winograd.static_factor(e) for e in (batch * 4, batch, 2 * (batch * 4))] == [4, 1, 8]
+    # A 3-D convolution's 4 frames go into the batch of its 2-D one (``batch * 4``): 48
+    # stacked channels, 16 x 16 (8 rows of 8 tiles, 24 KiB a row). A budget of 3 rows an
+    # image for SYMBOLIC_IMAGES x 4 images: bands of 3, 3, 2 (one band of 8 rows, were
+    # the batch counted as SYMBOLIC_IMAGES images).
+    monkeypatch.setattr(winograd, "PATCH_BYTES", winograd.SYMBOLIC_IMAGES * 4 * 3 * 16 * 8 * 48 * 4)
+    model = conv3d_model(16, 96, (3, 3, 3), pads=(1,) * 6, shape=["batch", 16, 4, 16, 16])
+    compiled, patches = _recording_patches(lambda: backend.compile(model, "avx512"))
+    assert [shape[1:] for shape in patches] == [[16, 24, 48], [16, 24, 48], [16, 16, 48]], patches
+    _assert_agrees_at_batches(model, compiled, seed=6, sample=(16, 4, 16, 16))
