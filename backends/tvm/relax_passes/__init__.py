@@ -59,3 +59,26 @@ def dims_of(expr: Any) -> list[Any] | None:
 
     shape = getattr(getattr(expr, "ty", None), "shape", None)
     return list(shape.values) if isinstance(shape, relax.ShapeExpr) else None
+
+
+def size_terms(size: Any) -> tuple[int, tuple[Any, ...]] | None:
+    """``size`` (a TIR expression: a storage's bytes, a symbolic batch) as ``coefficient *
+    v1 * v2 ...``: ``(coefficient, (v1, v2, ...))`` the variables sorted by name; None for
+    any other form (a sum, a division) or a constant."""
+    from tvm import tirx
+
+    coefficient, variables = 1, []
+    pending = [size]
+    while pending:
+        term = pending.pop()
+        if isinstance(term, tirx.Mul):
+            pending += [term.a, term.b]
+        elif isinstance(term, tirx.IntImm):
+            coefficient *= int(term.value)
+        elif isinstance(term, tirx.Var):
+            variables.append(term)
+        else:
+            return None
+    if not variables:
+        return None
+    return coefficient, tuple(sorted(variables, key=lambda var: var.name))

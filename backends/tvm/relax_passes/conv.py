@@ -42,7 +42,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import dims_of, rewrite_calls, visit_functions
+from rewriter.backends.tvm.relax_passes import conv_depth, dims_of, rewrite_calls, visit_functions
 
 if TYPE_CHECKING:
     import tvm
@@ -55,6 +55,7 @@ LAYOUTS = {"relax.nn.conv1d": ["NWC", "WIO"], "relax.nn.conv2d": ["NHWC", "HWIO"
 # 2-D ones over frames in the batch (:mod:`.conv_depth`), on which the steps after
 # ``ConvertLayout`` (and the rules) work.
 LAYOUTS_3D = {"relax.nn.conv3d": ["NDHWC", "DHWIO"]}
+CHANNELS_LAST = {**LAYOUTS, **LAYOUTS_3D}
 # Transposed convolutions stay channels-first: TVM lowers them in no other layout, and
 # ConvertLayout, unasked, gave them their channels-last input's (the build then failed
 # in VM codegen, the op never lowered). Those of non-overlapping blocks are 1 x 1
@@ -110,18 +111,16 @@ def channels_last() -> tvm.transform.Pass:
     import tvm
     from tvm import relax
 
-    from rewriter.backends.tvm.relax_passes import conv_depth
-
     @tvm.transform.module_pass(opt_level=0, name="ChannelsLastConv")
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if not _has_conv(mod):
             return mod
         mod = constants_at_full_rank(pads_as_pools(clips_as_max_min(mod)))
         try:
-            mod = relax.transform.ConvertLayout({**LAYOUTS, **LAYOUTS_3D, **KEEP_FIRST})(mod)
+            mod = relax.transform.ConvertLayout({**CHANNELS_LAST, **KEEP_FIRST})(mod)
         except Exception as exc:  # an op ConvertLayout has no rule for
             logger.info("convolutions converted one by one (ConvertLayout failed: %s)", _first_line(exc))
-            mod = rewrite_calls(mod, {*LAYOUTS, *LAYOUTS_3D}, _each_channels_last)
+            mod = rewrite_calls(mod, CHANNELS_LAST.keys(), _each_channels_last)
         mod = conv_depth.conv3d_as_conv2d()(mod)  # 3-D ones as 2-D ones, before the steps below
         mod = relax.transform.FoldConstant()(pools_as_pads(mod))
         # Each convolution's input got a transpose of its own: two convolutions reading one
@@ -401,7 +400,7 @@ def _each_channels_last(builder: Any, call: Any) -> Any:
     from tvm import relax
 
     attrs = call.attrs
-    data_layout, kernel_layout = {**LAYOUTS, **LAYOUTS_3D}[call.op.name]
+    data_layout, kernel_layout = CHANNELS_LAST[call.op.name]
     if attrs.data_layout != data_layout[0] + "C" + data_layout[1:-1] or attrs.kernel_layout != "OI" + kernel_layout[:-2]:
         return None
     rank = len(data_layout)
@@ -629,7 +628,7 @@ def _has_conv(mod: tvm.IRModule) -> bool:
 
     def visit(expr: Any) -> None:
         nonlocal found
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in {*LAYOUTS, *LAYOUTS_3D}:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in CHANNELS_LAST:
             found = True
 
     for func in mod.functions.values():

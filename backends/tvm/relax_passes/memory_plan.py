@@ -37,6 +37,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from rewriter.backends.tvm.relax_passes import size_terms
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -133,29 +134,6 @@ def record_storage(record: StorageRecord) -> tvm.transform.Pass:
         return mod
 
     return pass_
-
-
-def size_terms(size: Any) -> tuple[int, tuple[Any, ...]] | None:
-    """``size`` (a storage's bytes, a TIR expression) as ``coefficient * v1 * v2 ...``:
-    ``(coefficient, (v1, v2, ...))`` the variables sorted by name; None for any other
-    form (a sum, a division) or a constant."""
-    from tvm import tirx
-
-    coefficient, variables = 1, []
-    pending = [size]
-    while pending:
-        term = pending.pop()
-        if isinstance(term, tirx.Mul):
-            pending += [term.a, term.b]
-        elif isinstance(term, tirx.IntImm):
-            coefficient *= int(term.value)
-        elif isinstance(term, tirx.Var):
-            variables.append(term)
-        else:
-            return None
-    if not variables:
-        return None
-    return coefficient, tuple(sorted(variables, key=lambda var: var.name))
 
 
 @dataclasses.dataclass

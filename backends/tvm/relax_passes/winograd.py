@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from rewriter.backends.tvm.relax_passes import conv, dims_of, rewrite_calls
+from rewriter.backends.tvm.relax_passes import conv, dims_of, rewrite_calls, size_terms
 from rewriter.backends.tvm.relax_passes.conv_frames import OPAQUE
 
 if TYPE_CHECKING:
@@ -305,14 +305,10 @@ def winograd_conv(builder: Any, call: Any) -> Any:
 
 
 def static_factor(extent: Any) -> int:
-    """The constant factor of a product ``extent`` (``batch * 8``: 8), 1 where it has none."""
-    from tvm import tirx
-
-    if isinstance(extent, tirx.IntImm):
-        return int(extent)
-    if isinstance(extent, tirx.Mul):
-        return static_factor(extent.a) * static_factor(extent.b)
-    return 1
+    """The constant factor of a symbolic ``extent`` (``batch * 8``: 8), 1 where it is no
+    product of a constant and variables (:func:`.size_terms`)."""
+    terms = size_terms(extent)
+    return terms[0] if terms else 1
 
 
 class Chunk(NamedTuple):
