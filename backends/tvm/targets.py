@@ -114,6 +114,39 @@ def native_dict(flags: frozenset[str] | None = None, cpu: str | None = None) -> 
     return {**_HOST, "mcpu": cpu, "mattr": mattr}
 
 
+# ``mcpu`` values that name an instruction-set level, not a CPU (``avx512``: ``x86-64-v4``).
+ISA_LEVELS = frozenset({"x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4"})
+
+
+def tuned_cpu(
+    target: tvm.target.Target, host: str | None = None, flags: frozenset[str] | None = None
+) -> str:
+    """LLVM's name of the CPU whose caches and prefetchers ``target``'s schedules are tuned
+    for (:mod:`.relax_passes.schedules`): its ``mcpu`` where that names a CPU; where it
+    names an instruction-set level (``avx512``), this machine's CPU (``host``, asked of
+    LLVM when not given) if it runs the target's code (its ``/proc/cpuinfo`` ``flags``,
+    read when not given), as where a library is compiled on
+    the machine it is deployed to; else the level (the schedules' defaults). '' for a
+    target that is not LLVM's.
+
+    The choice changes only how fast the code runs, never what it computes or where it
+    can run: the instructions are the target's.
+
+    >>> tuned_cpu(resolve("zen4")), tuned_cpu(resolve("avx2"), host="emeraldrapids")  # doctest: +SKIP
+    ('znver4', 'haswell')
+    """
+    if target.kind.name != "llvm":
+        return ""
+    mcpu = str(target.attrs.get("mcpu", "x86-64"))
+    if mcpu not in ISA_LEVELS or cpu_features.missing(cpu_features.target_features(target), flags):
+        return mcpu
+    if host is None:
+        from tvm.target import codegen
+
+        host = str(codegen.llvm_get_system_cpu())
+    return host
+
+
 def x86_has(target: tvm.target.Target, *features: str) -> bool:
     """Whether ``target`` is an LLVM (CPU) target with AVX-512 F and every one of ``features``.
 

@@ -1045,7 +1045,9 @@ def rules() -> dict[str, Any]:
             if extents[-1] < self.lanes:
                 producers = inline_cheap_padding(sch, producers, reads, any_size=False)
             finish_producers(sch, producers, self.lanes)
-            return prefetch_streamed_weight(sch, block, per_block) if packed is not None else sch
+            if packed is None:
+                return sch
+            return prefetch_streamed_weight(sch, block, per_block, self.prefetch_tiles)
 
     class WindowRule(base):  # type: ignore[misc, valid-type]
         """``Y[p..., c] = reduce_r X[g(p..., r...), c + ...] (* W[r..., c])`` (+ epilogue):
@@ -1165,7 +1167,7 @@ def rules() -> dict[str, Any]:
             for loop in window:
                 sch.unroll(loop)
 
-    def prefetch_streamed_weight(sch: Any, block: Any, pixels: Any) -> Any:
+    def prefetch_streamed_weight(sch: Any, block: Any, pixels: Any, max_tiles: int | None) -> Any:
         """``sch`` with the next weight panel prefetched in the micro-kernel
         (:func:`.schedules.prefetch_next_panel`) where the packed weight is streamed from
         memory (:func:`.schedules.streams_weight`: a large weight, few tiles of the
@@ -1181,7 +1183,7 @@ def rules() -> dict[str, Any]:
         if not isinstance(pixels, int) or pixels % tile_i or not serial:
             return sch
         tiles = pixels // tile_i
-        if not schedules.streams_weight(buffer_bytes(weight), tile_i, tiles) or loops[0].kind != tirx.ForKind.PARALLEL:
+        if not schedules.streams_weight(buffer_bytes(weight), tile_i, tiles, max_tiles) or loops[0].kind != tirx.ForKind.PARALLEL:
             return sch
         # The parallel loop fuses (images of a symbolic batch, pixel blocks,) panels and
         # the pixel tiles of a block.

@@ -57,9 +57,10 @@ def cpu_rules(target: tvm.target.Target) -> list[Any]:
     from tvm.s_tir import dlight as dl
 
     lanes = schedules.vector_lanes(target)
+    prefetch_tiles = schedules.prefetch_max_tiles(target)
     return [
-        conv.rules()["conv"](lanes),
-        schedules.rule("matmul")(lanes),
+        conv.rules()["conv"](lanes, prefetch_tiles),
+        schedules.rule("matmul")(lanes, prefetch_tiles),
         conv.rules()["window"](lanes),
         schedules.rule("row_reduction")(lanes),
         dl.cpu.Reduction(),

@@ -77,6 +77,12 @@ PREFETCH_MIN_BYTES = 1 << 20
 PREFETCH_MAX_TILES = 10
 PREFETCH_MIN_ROWS = 4
 PREFETCH_LOCALITY = 3
+# PREFETCH_MAX_TILES per CPU the code is tuned for (:func:`prefetch_max_tiles`) where it
+# differs: the 10 above were measured on AMD Zen 4. Intel's Sapphire Rapids class gains
+# from the prefetch up to ViT's 197 rows (25 tiles): on an Emerald Rapids, chains of
+# 128 x 1024 x 1024 and 197 x 768 x 768 matmuls ran 1.24x and 1.11x faster with it
+# (benchmarks/streamed_weights.py), ViT-B/16 at batch 1 0.997 -> 0.92x ONNX Runtime's time.
+PREFETCH_MAX_TILES_BY_CPU = {"sapphirerapids": 32, "emeraldrapids": 32, "graniterapids": 32}
 # A matmul whose B is at most ROW_MAJOR_MAX_B_BYTES (half of AMD Zen 4's 1 MiB L2) sweeps
 # all of B's panels per row tile, so that C is written row by row, where its product (per
 # batch iteration) is at least ROW_MAJOR_MIN_OUTPUT_BYTES, or where its static shape gives
@@ -329,11 +335,25 @@ def rows_outside(rows: int, depth: int, cols: int, row_tiles: int | None = None)
     return rows * cols * 4 >= ROW_MAJOR_MIN_OUTPUT_BYTES or (row_tiles or 0) >= ROW_MAJOR_MIN_TILES
 
 
-def streams_weight(weight_bytes: int, tile_rows: int, tiles: int) -> bool:
+def prefetch_max_tiles(target: tvm.target.Target) -> int:
+    """Row tiles a streamed weight is prefetched for, at most, in code for ``target``:
+    :data:`PREFETCH_MAX_TILES_BY_CPU` of the CPU it is tuned for
+    (:func:`.targets.tuned_cpu`), else :data:`PREFETCH_MAX_TILES`.
+
+    >>> prefetch_max_tiles(targets.resolve("sapphirerapids"))  # doctest: +SKIP
+    32
+    """
+    from rewriter.backends.tvm import targets
+
+    return PREFETCH_MAX_TILES_BY_CPU.get(targets.tuned_cpu(target), PREFETCH_MAX_TILES)
+
+
+def streams_weight(weight_bytes: int, tile_rows: int, tiles: int, max_tiles: int | None = None) -> bool:
     """Whether a packed weight of ``weight_bytes`` read by ``tiles`` register tiles of
     ``tile_rows`` rows streams from memory as it is multiplied, so that its next panel is
     worth prefetching (:func:`prefetch_next_panel`; :data:`PREFETCH_MIN_BYTES`,
-    :data:`PREFETCH_MAX_TILES`, :data:`PREFETCH_MIN_ROWS`).
+    :data:`PREFETCH_MIN_ROWS`, and ``max_tiles``: :func:`prefetch_max_tiles`,
+    :data:`PREFETCH_MAX_TILES` where not given).
 
     >>> streams_weight(768 * 3072 * 4, 7, 7), streams_weight(768 * 3072 * 4, 8, 16)
     (True, False)
@@ -341,12 +361,11 @@ def streams_weight(weight_bytes: int, tile_rows: int, tiles: int) -> bool:
     (False, False)
     >>> streams_weight(256 * 1024 * 4, 5, 10)  # CLIP's MLP at 50 tokens
     True
+    >>> streams_weight(768 * 768 * 4, 8, 25), streams_weight(768 * 768 * 4, 8, 25, max_tiles=32)
+    (False, True)
     """
-    return (
-        weight_bytes >= PREFETCH_MIN_BYTES
-        and tile_rows >= PREFETCH_MIN_ROWS
-        and 0 < tiles <= PREFETCH_MAX_TILES
-    )
+    limit = PREFETCH_MAX_TILES if max_tiles is None else max_tiles
+    return weight_bytes >= PREFETCH_MIN_BYTES and tile_rows >= PREFETCH_MIN_ROWS and 0 < tiles <= limit
 
 
 def prefetch_next_panel(
@@ -767,8 +786,10 @@ def _rules() -> dict[str, Any]:
 
         what = "cpu"
 
-        def __init__(self, lanes: int) -> None:
+        def __init__(self, lanes: int, prefetch_tiles: int | None = None) -> None:
             self.lanes = lanes
+            # streams_weight's max_tiles: prefetch_max_tiles of the target.
+            self.prefetch_tiles = prefetch_tiles
 
         def apply(self, func: tirx.PrimFunc, target: Any, _tunable: bool) -> Any:
             if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
@@ -933,7 +954,7 @@ def _rules() -> dict[str, Any]:
                     sch.vectorize(inner)
                 elif dividing_tile(sch.get(inner).extent, self.lanes, self.lanes):
                     sch.vectorize(sch.split(inner, [None, self.lanes])[1])  # padded columns
-            if packed and not swept and streams_weight(depth * cols * 4, tile_i, tiles):
+            if packed and not swept and streams_weight(depth * cols * 4, tile_i, tiles, self.prefetch_tiles):
                 # The update's loops: parallel (..., panels), row tiles, k (and its
                 # unrolled steps), the tile; it reads C, A, B.
                 kernel = [sch.get(loop) for loop in sch.get_loops(block)]

@@ -772,10 +772,21 @@ def test_streamed_weight_panels_are_prefetched_and_agree(monkeypatch):
 )
 def test_cached_or_reused_weights_are_not_prefetched(monkeypatch, shape, columns):
     # The same threshold: a smaller weight stays in cache; 96 rows (12 tiles) reuse each
-    # panel enough to hide its stream; one row is the hardware prefetcher's stream.
+    # panel enough to hide its stream on Zen 4 (the target names the CPU: the tuning does
+    # not depend on the host); one row is the hardware prefetcher's stream.
     monkeypatch.setattr(schedules, "PREFETCH_MIN_BYTES", 64 * 512 * 4)
-    (func,) = scheduled(dense_model(shape, columns, "gelu")).values()
+    (func,) = scheduled(dense_model(shape, columns, "gelu"), "zen4").values()
     assert "llvm.prefetch" not in func.script()  # type: ignore[attr-defined]
+
+
+def test_code_tuned_for_sapphire_rapids_prefetches_for_more_row_tiles(monkeypatch):
+    # 96 rows, 12 tiles: past Zen 4's limit, within Sapphire Rapids' (PREFETCH_MAX_TILES_BY_CPU).
+    monkeypatch.setattr(schedules, "PREFETCH_MIN_BYTES", 64 * 512 * 4)
+    monkeypatch.setattr(schedules, "ROW_MAJOR_MAX_B_BYTES", 1024)  # nor does it stay in L2
+    model = dense_model((1, 96, 64), 512, "gelu")
+    for target, prefetched in (("sapphirerapids", True), ("zen4", False)):
+        (func,) = scheduled(model, target).values()
+        assert ("llvm.prefetch" in func.script()) == prefetched, target  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,18 @@ def test_native_takes_the_features_from_the_flags_not_the_name():
     assert targets.native_dict(SPR_GUEST, "rocketlake")["mcpu"] == "rocketlake"
 
 
+def test_schedules_are_tuned_for_the_named_cpu_or_for_the_host_that_runs_the_level():
+    """A preset naming a CPU is tuned for it; ``avx512`` (an ISA level) for the compiling
+    host where that host runs its code, else for the level (the schedules' defaults)."""
+    assert targets.tuned_cpu(targets.resolve("zen4"), host="emeraldrapids") == "znver4"
+    assert targets.tuned_cpu(targets.resolve("avx2"), host="emeraldrapids") == "haswell"
+    avx512 = targets.resolve("avx512")
+    assert targets.tuned_cpu(avx512, host="emeraldrapids", flags=SPR_GUEST) == "emeraldrapids"
+    no_avx512 = frozenset(flag for flag in SPR_GUEST if not flag.startswith(("avx512", "amx")))
+    assert targets.tuned_cpu(avx512, host="alderlake", flags=no_avx512) == "x86-64-v4"
+    assert targets.tuned_cpu(targets.resolve("cuda")) == ""
+
+
 def test_native_without_flags_is_an_input_error():
     with pytest.raises(InputError, match="native: cannot read this CPU's features"):
         targets.native_dict(frozenset(), "rocketlake")
