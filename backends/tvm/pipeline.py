@@ -9,7 +9,8 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    our ``vdpbf16ps`` kernel, or our AMX kernel where the target has AMX-BF16
    (:mod:`rewriter.backends.tvm.relax_passes.bf16_matmul`);
 2. ONNX's variadic ``Min``/``Max``/``Sum`` as pairwise ops rather than TVM's stack and
-   reduction (:mod:`rewriter.backends.tvm.relax_passes.pairwise`); a pool whose one
+   reduction (:mod:`rewriter.backends.tvm.relax_passes.pairwise`); a ``split`` as one
+   slice per part (:mod:`rewriter.backends.tvm.relax_passes.split_slices`); a pool whose one
    window covers its map as a global pool
    (:mod:`rewriter.backends.tvm.relax_passes.global_pools`); inference forms: batch norms folded into the convolutions before them (the rest
    decomposed into a scale and a shift, its result tuple dropped so that it fuses with
@@ -100,6 +101,7 @@ def relax_pipeline(
         reciprocal,
         reduce_identity,
         reshape_views,
+        split_slices,
         winograd,
     )
 
@@ -113,6 +115,7 @@ def relax_pipeline(
     # LegalizeOps lowers nothing on it otherwise.
     passes = [bind_shapes.bind_unknown_shapes()]
     passes.append(pairwise.pairwise())  # ONNX Min/Max/Sum: pairwise ops, not a stack reduced
+    passes.append(split_slices.split_slices())  # a slice per part: single-output functions
     passes.append(legalize_bf16_norms.upcast_pass())  # TVM legalizes no bf16 layer norm
     # Inference forms: batch norms folded into the convolutions before them (the rest
     # decomposed into a scale and a shift), and the weights' computations folded.
