@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import dims_of, visit_functions
+from rewriter.backends.tvm.relax_passes import dims_of, rewrite_calls
 
 if TYPE_CHECKING:
     import tvm
@@ -48,43 +48,40 @@ def split_slices() -> tvm.transform.Pass:
     """The Relax pass (see the module docstring); the tuple items of a split then read
     its slices directly (CanonicalizeBindings)."""
     import tvm
-    from tvm import relax, tirx
-
-    split_op = tvm.ir.Op.get("relax.split")
-
-    @relax.expr_functor.mutator
-    class SplitSlices(relax.PyExprMutator):  # type: ignore[misc]
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if call.op != split_op:
-                return call
-            data = call.args[0]
-            dims = dims_of(data)
-            if dims is None:
-                return call
-            axis = int(call.attrs.axis) % len(dims)
-            extent = dims[axis]
-            parts = call.attrs.indices_or_sections
-            if isinstance(parts, tirx.IntImm):
-                parts = int(parts)
-            else:
-                if not all(isinstance(cut, tirx.IntImm) for cut in parts):
-                    return call
-                parts = [int(cut) for cut in parts]
-            cuts = bounds(int(extent) if isinstance(extent, tirx.IntImm) else None, parts)
-            if cuts is None:
-                return call
-            slices = [
-                self.builder_.emit(relax.op.strided_slice(data, [axis], [begin], [end], assume_inbound=True))
-                for begin, end in cuts
-            ]
-            return relax.Tuple(slices)
+    from tvm import relax
 
     @tvm.transform.module_pass(opt_level=0, name="SplitSlices")
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        mutator = SplitSlices(mod)
-        visit_functions(mutator, mod)
-        updated = relax.transform.CanonicalizeBindings()(mutator.builder_.get())
+        updated = rewrite_calls(mod, {"relax.split"}, _as_slices)
+        updated = relax.transform.CanonicalizeBindings()(updated)
         return relax.transform.DeadCodeElimination()(updated)
 
     return pass_
+
+
+def _as_slices(builder: Any, call: Any) -> Any:
+    """A tuple of one ``strided_slice`` of ``call``'s input per part of the split, or None
+    (the split kept) where its extent or its cuts are not static."""
+    from tvm import relax, tirx
+
+    data = call.args[0]
+    dims = dims_of(data)
+    if dims is None:
+        return None
+    axis = int(call.attrs.axis) % len(dims)
+    extent = dims[axis]
+    parts = call.attrs.indices_or_sections
+    if isinstance(parts, tirx.IntImm):
+        parts = int(parts)
+    elif all(isinstance(cut, tirx.IntImm) for cut in parts):
+        parts = [int(cut) for cut in parts]
+    else:
+        return None
+    cuts = bounds(int(extent) if isinstance(extent, tirx.IntImm) else None, parts)
+    if cuts is None:
+        return None
+    slices = [
+        builder.emit(relax.op.strided_slice(data, [axis], [begin], [end], assume_inbound=True))
+        for begin, end in cuts
+    ]
+    return relax.Tuple(slices)
