@@ -19,7 +19,9 @@ are symbolic the test is made at run time: the loop becomes
 (:func:`tvm.tirx.transform.ConvertSSA` then renames the copy's definitions).
 
 Before lowering, the pipeline also splits vector loops with masked lanes into a
-full-vector case and a tail (:mod:`rewriter.backends.tvm.vector_tails`).
+full-vector case and a tail (:mod:`rewriter.backends.tvm.vector_tails`); after it,
+float32 ``log`` becomes a polynomial in the loop's vector width
+(:mod:`rewriter.backends.tvm.vector_log`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def pipeline_name() -> str:
             import tvm
             from tvm import tirx
 
-            from rewriter.backends.tvm import stack_tiles, vector_tails
+            from rewriter.backends.tvm import stack_tiles, vector_log, vector_tails
 
             main, host, device = s_tir_pipeline.default_s_tir_pipeline()
             lower = tvm.transform.Sequential([_argument_bytes_pass(), vector_tails.unswitch_pass(), main])
@@ -64,6 +66,7 @@ def pipeline_name() -> str:
                     tirx.transform.ConvertSSA(),
                     stack_tiles.stack_tiles_pass(),  # small tiles on the stack, not the heap
                     host(),
+                    vector_log.log_pass(),  # after LowerIntrin: its analyzer would expand it
                 ]
                 return tvm.transform.Sequential(passes)
 

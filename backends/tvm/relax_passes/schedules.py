@@ -83,6 +83,13 @@ PREFETCH_LOCALITY = 3
 # 128 x 1024 x 1024 and 197 x 768 x 768 matmuls ran 1.24x and 1.11x faster with it
 # (benchmarks/streamed_weights.py), ViT-B/16 at batch 1 0.997 -> 0.92x ONNX Runtime's time.
 PREFETCH_MAX_TILES_BY_CPU = {"sapphirerapids": 32, "emeraldrapids": 32, "graniterapids": 32}
+# Symbolic rows (a library for any sequence length): the prefetches are spread as over
+# 1 / SYMBOLIC_PREFETCH_SHARE of the most row tiles that gain, made by the first row
+# tiles only, and only where the row tiles, counted at run time, are few enough to gain.
+# Without them the symbolic libraries of text models ran 1.10-1.26x their fixed-shape
+# time at batch 1 on an Emerald Rapids (DeBERTa-v2 4.70 against 3.74 ms; 2 and 4: 4.10
+# and 4.08 ms; GPT-2 4.09 -> 3.70, fixed 3.52).
+SYMBOLIC_PREFETCH_SHARE = 2
 # A matmul whose B is at most ROW_MAJOR_MAX_B_BYTES (half of AMD Zen 4's 1 MiB L2) sweeps
 # all of B's panels per row tile, so that C is written row by row, where its product (per
 # batch iteration) is at least ROW_MAJOR_MIN_OUTPUT_BYTES, or where its static shape gives
@@ -369,7 +376,13 @@ def streams_weight(weight_bytes: int, tile_rows: int, tiles: int, max_tiles: int
 
 
 def prefetch_next_panel(
-    sch: Any, weight: Any, at: Any, panel: Any, position: Any, counts: tuple[int, int]
+    sch: Any,
+    weight: Any,
+    at: Any,
+    panel: Any,
+    position: Any,
+    counts: tuple[int, int],
+    guard: Any = None,
 ) -> Any:
     """``sch`` (a matmul's or convolution's) with the next panel of the packed ``weight``
     (``[panels, K, width]``) prefetched while ``panel`` is multiplied, in the body of the
@@ -390,7 +403,8 @@ def prefetch_next_panel(
     the prefetches doubled the loads (0.92 -> 1.03x). The panels are contiguous; after
     the last comes the first (of the next batch or row block). No schedule primitive
     inserts a statement: the function is rebuilt with the prefetches, and a new schedule
-    returned."""
+    returned. Where ``guard`` is given, only iterations where it holds prefetch (symbolic
+    rows: the first ``counts[0]`` row tiles, where the rows are few enough to gain)."""
     import tvm_ffi
     from tvm import s_tir, tirx
 
@@ -421,9 +435,9 @@ def prefetch_next_panel(
             out.append(
                 tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *locality))
             )
-        if stride == 1:
-            return out
-        return [tirx.IfThenElse(tirx.floormod(position, stride) == 0, out[0], None)]
+        if stride > 1:
+            out = [tirx.IfThenElse(tirx.floormod(position, stride) == 0, out[0], None)]
+        return out if guard is None else [tirx.IfThenElse(guard, tirx.SeqStmt(out) if len(out) > 1 else out[0], None)]
 
     def with_prefetches(loop: Any) -> Any:
         if not loop.loop_var.same_as(at.loop_var):
@@ -954,7 +968,11 @@ def _rules() -> dict[str, Any]:
                     sch.vectorize(inner)
                 elif dividing_tile(sch.get(inner).extent, self.lanes, self.lanes):
                     sch.vectorize(sch.split(inner, [None, self.lanes])[1])  # padded columns
-            if packed and not swept and streams_weight(depth * cols * 4, tile_i, tiles, self.prefetch_tiles):
+            limit = PREFETCH_MAX_TILES if self.prefetch_tiles is None else self.prefetch_tiles
+            # Symbolic rows: the prefetches spread as over a share of the most row tiles
+            # that gain (SYMBOLIC_PREFETCH_SHARE), where the row tiles at run time gain.
+            nominal = tiles or max(1, limit // SYMBOLIC_PREFETCH_SHARE)
+            if packed and not swept and streams_weight(depth * cols * 4, tile_i, nominal, limit):
                 # The update's loops: parallel (..., panels), row tiles, k (and its
                 # unrolled steps), the tile; it reads C, A, B.
                 kernel = [sch.get(loop) for loop in sch.get_loops(block)]
@@ -963,7 +981,10 @@ def _rules() -> dict[str, Any]:
                 weight = sch.get(block).reads[-1].source
                 panel = tirx.floormod(parallel.loop_var, int(weight.shape[0]))
                 position = row_tile.loop_var * k_outer.extent + k_outer.loop_var
-                return prefetch_next_panel(sch, weight, k_outer, panel, position, (tiles, steps))
+                guard = None
+                if not tiles:  # the next panel once, by the first row tiles; where few enough run
+                    guard = tirx.all(position < nominal * k_outer.extent, row_tile.extent <= limit)
+                return prefetch_next_panel(sch, weight, k_outer, panel, position, (nominal, steps), guard)
             return sch
 
         def _unmasked_copy(self, sch: Any, copy: Any) -> None:

@@ -222,7 +222,7 @@ def rule() -> Any:
                 + guarded_loads(otherwise, [*conditions, tirx.Not(condition)])
             )
         children: list[Any] = list(expr.args) if isinstance(expr, tvm.ir.Call) else []
-        children += [getattr(expr, field) for field in ("a", "b", "value") if hasattr(expr, field)]
+        children += [getattr(expr, field) for field in ("a", "b", "value", "body") if hasattr(expr, field)]
         return [found for child in children for found in guarded_loads(child, conditions)]
 
     def unit_step(index: Any, var: Any) -> bool:

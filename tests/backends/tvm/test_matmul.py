@@ -765,6 +765,28 @@ def test_streamed_weight_panels_are_prefetched_and_agree(monkeypatch):
     assert "prefetcht0" in compiled.executable.mod.imports[0].inspect_source("asm")
 
 
+def test_streamed_weight_panels_are_prefetched_at_symbolic_rows_and_agree(monkeypatch):
+    # A library for any sequence length: the row tiles are counted at run time. The first
+    # row tiles prefetch the next panel, where the row tiles are few enough to gain (at
+    # most 10 here, Zen 4's limit); the symbolic text models ran 1.10-1.26x their fixed-shape
+    # time at batch 1 without it.
+    monkeypatch.setattr(schedules, "PREFETCH_MIN_BYTES", 64 * 512 * 4)
+    monkeypatch.setattr(schedules, "PREFETCH_MAX_TILES_BY_CPU", {})  # 10 on any host
+    model = dense_model((1, "tokens", 64), 512, "gelu")  # type: ignore[arg-type]
+    (func,) = scheduled(model).values()
+    script = func.script()  # type: ignore[attr-defined]
+    # 32 columns x 4 k steps: 8 lines an iteration, over 5 nominal tiles (half of 10): 1
+    assert script.count("llvm.prefetch") == 1, script
+    assert "<= T.int64(10)" in script, script  # only where the row tiles at run time are few enough
+    compiled = backend.compile(model, "avx512")
+    rng = np.random.default_rng(SEED)
+    for tokens in (1, 24, 37, 200):  # under, within and past the nominal 5 tiles and the limit
+        x = rng.standard_normal((1, tokens, 64)).astype(np.float32)
+        reference = verify.run(model.SerializeToString(), {"x": x})["y"]
+        error = float(np.abs(compiled.run({"x": x})["y"] - reference).max())
+        assert TOLERANCE.allows(error, float(np.abs(reference).max())), (tokens, error)
+
+
 @pytest.mark.parametrize(
     ("shape", "columns"),
     [((1, 24, 64), 256), ((1, 96, 64), 512), ((1, 1, 64), 512)],
