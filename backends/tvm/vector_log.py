@@ -42,7 +42,8 @@ def log_pass() -> Any:
     value. Inlining copies a producer into each of its uses, and TVM's
     common-subexpression elimination leaves calls alone: T5's position bucket reads one
     log 15 times. A log of a variable the value binds itself stays a libm call (none seen
-    in real exports)."""
+    in real exports), and so does a log of a load under an ``if_then_else`` (a padded
+    read: computed ahead of the value, it would read past the guard)."""
     import tvm
     import tvm_ffi
     from tvm import tirx
@@ -65,15 +66,34 @@ def log_pass() -> Any:
         the stub asks for a hash too)."""
         return tvm_ffi.StructuralKey(call.args[-1])  # type: ignore[call-arg]
 
+    def reads_memory(expr: Any) -> bool:
+        loads: list[Any] = []
+
+        def note_load(load: Any) -> Any:
+            loads.append(load)
+            return load
+
+        tvm_ffi.structural_map(expr, [(tvm.ir.TensorLoad, note_load)])
+        return bool(loads)
+
     def expanded(store: Any) -> Any:
         calls: list[Any] = []
         bound: set[Any] = set()
+        guarded: set[Any] = set()  # logs of loads an if_then_else guards (a padded read)
+
+        def note_guarded(node: Any) -> Any:
+            if is_log(node) and reads_memory(node.args[-1]):
+                guarded.add(key(node))
+            return node
 
         def note(node: Any) -> Any:
             if isinstance(node, tirx.Let):
                 bound.add(node.var)
             elif is_log(node):
                 calls.append(node)
+            elif getattr(node.op, "name", None) == "prim.if_then_else":
+                for branch in node.args[1:]:
+                    tvm_ffi.structural_map(branch, [(tvm.ir.Call, note_guarded)])
             return node
 
         tvm_ffi.structural_map(store.value, [(tvm.ir.Call, note), (tirx.Let, note)])
@@ -81,7 +101,7 @@ def log_pass() -> Any:
         arguments = {
             found: argument
             for found, argument in arguments.items()
-            if not bound.intersection(tirx.analysis.undefined_vars(argument, []))
+            if found not in guarded and not bound.intersection(tirx.analysis.undefined_vars(argument, []))
         }
         if not arguments:
             return store
@@ -108,8 +128,8 @@ def log_pass() -> Any:
 
 def fast_log(x: Any) -> tuple[list[tuple[Any, Any]], Any]:
     """The float32 expression ``log(x)`` (``x`` a scalar or a vector) as Cephes' ``logf``
-    computes it, as bindings ``(variable, value)`` in order and the result over them: ``x = m * 2^e`` from its bits, ``m`` in ``[sqrt(1/2), sqrt(2))``,
-    ``log(x) = e * ln 2 + log(m)``, ``log(m)`` a polynomial; subnormals scaled by 2^23
+    computes it, as bindings ``(variable, value)`` in order and the result over them:
+    ``x = m * 2^e`` from its bits, ``m`` in ``[sqrt(1/2), sqrt(2))``, ``log(x) = e * ln 2 + log(m)``, ``log(m)`` a polynomial; subnormals scaled by 2^23
     first; ``log(0) = -inf``, ``log(inf) = inf``, NaN for NaN and negative ``x``. The
     variables are fresh; bind them with ``Let`` around the use (LLVM's code generator
     does; not inside another binding's value)."""

@@ -75,3 +75,20 @@ def test_a_log_read_many_times_is_computed_once_and_agrees_at_symbolic_sizes():
     assert "llvm.log" not in expanded
     # two distinct logs, each one polynomial (its highest coefficient once)
     assert expanded.count(str(vector_log.LOG_POLYNOMIAL[0])[:10]) == 2, expanded
+
+
+def test_a_log_of_a_guarded_load_is_left_where_it_is():
+    # Computed ahead of the stored value, the log of a padded read would read past its
+    # guard; a log of index arithmetic under the same guard (a position bucket) is not a read.
+    @T.prim_func
+    def func(a: T.Buffer((8,), "float32"), b: T.Buffer((16,), "float32")):
+        T.func_attr({"target": T.target("llvm"), "global_symbol": "func"})
+        for i in range(16):
+            b[i] = T.if_then_else(i < 8, T.log(a[i]), T.float32(0)) + T.if_then_else(
+                i < 4, T.log(T.Cast("float32", i + 1)), T.float32(0)
+            )
+
+    lowered = tvm.tirx.transform.LowerIntrin()(tvm.IRModule({"func": func}))
+    expanded = vector_log.log_pass()(lowered)["func"].script()
+    assert expanded.count("llvm.log") == 1, expanded  # the padded read's
+    assert expanded.count(str(vector_log.LOG_POLYNOMIAL[0])[:10]) == 1, expanded
