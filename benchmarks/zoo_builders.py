@@ -503,3 +503,37 @@ def whisper_encoder() -> Any:
         attn_implementation="eager",
     )
     return _wrap(WhisperEncoder(config), "last_hidden_state", "mel")
+
+
+def _recurrent(kind: str, bidirectional: bool) -> Any:
+    """An acoustic model on 80 mel features per frame: a linear front to the text width,
+    a 2-layer ``nn.LSTM``/``nn.GRU`` of that width, and a linear head of 32 symbols (a
+    CTC alphabet). Both exporters write one ONNX ``LSTM``/``GRU`` node per layer."""
+    import torch
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            width = TEXT["hidden"]
+            self.front = torch.nn.Linear(80, width)
+            self.rnn = getattr(torch.nn, kind)(
+                width, width, num_layers=TEXT["layers"], batch_first=True, bidirectional=bidirectional
+            )
+            self.head = torch.nn.Linear(width * (2 if bidirectional else 1), 32)
+
+        def forward(self, input_features: Any) -> Any:
+            hidden, _ = self.rnn(self.front(input_features))
+            return self.head(hidden)
+
+    _seeded()
+    return Recurrent().eval()
+
+
+def lstm() -> Any:
+    """Bidirectional LSTM (a CTC acoustic model)."""
+    return _recurrent("LSTM", bidirectional=True)
+
+
+def gru() -> Any:
+    """Unidirectional GRU (a streaming acoustic model)."""
+    return _recurrent("GRU", bidirectional=False)

@@ -1,6 +1,6 @@
 """The model zoo of ``benchmarks/zoo.py``: which models, their inputs, their run sizes.
 
-32 architectures in 9 families, each a small random-weight model built by
+34 architectures in 10 families, each a small random-weight model built by
 :mod:`benchmarks.zoo_builders` from a ``transformers`` config or from ``torchvision``
 (``weights=None``):
 
@@ -18,11 +18,14 @@
 * CNNs: ResNet-18, MobileNetV3-small, EfficientNet-B0, RegNetY-400MF, ShuffleNetV2 (x1.0),
   DenseNet-121, ResNeXt (32 groups of 4), ConvNeXt, BiT (group norms);
 * video: torchvision's R3D-18 (3-D convolutions, clips of 8 frames of 112 x 112);
-* speech: wav2vec2 (1 s of 16 kHz audio) and Whisper's encoder (80 x 3000 mel frames).
+* speech: wav2vec2 (1 s of 16 kHz audio) and Whisper's encoder (80 x 3000 mel frames);
+* recurrent: a 2-layer bidirectional LSTM and a 2-layer GRU over mel frames (ONNX's
+  ``LSTM`` and ``GRU`` ops, lowered by :mod:`rewriter.backends.tvm.recurrent`).
 
-Symbolic axes: ``batch`` everywhere, ``sequence`` (128 at run time) for text, and
-``samples`` (16000) for wav2vec2; image sizes, Whisper's frames and BART's decoder
-length are fixed, as in the models' own configs (a clip's frames too).
+Symbolic axes: ``batch`` everywhere, ``sequence`` (128 at run time) for text and the
+recurrent models' frames, and ``samples`` (16000) for wav2vec2; image sizes, Whisper's
+frames and BART's decoder length are fixed, as in the models' own configs (a clip's
+frames too).
 
 >>> [model.name for model in select(["cnn"])][:2]
 ['resnet18', 'mobilenet_v3_small']
@@ -187,6 +190,24 @@ ZOO: list[ZooModel] = [
         build.whisper_encoder,
         {},
         "80 x 3000 mel frames: 1500 tokens",
+    ),
+    ZooModel(
+        "lstm",
+        "recurrent",
+        (Input("input_features", ("batch", "sequence", 80)),),
+        "logits",
+        build.lstm,
+        _SEQUENCE,
+        "2-layer bidirectional LSTM, 256 wide, over 128 frames of 80 mel features",
+    ),
+    ZooModel(
+        "gru",
+        "recurrent",
+        (Input("input_features", ("batch", "sequence", 80)),),
+        "logits",
+        build.gru,
+        _SEQUENCE,
+        "2-layer GRU, 256 wide, over 128 frames of 80 mel features",
     ),
 ]
 MODELS = {model.name: model for model in ZOO}

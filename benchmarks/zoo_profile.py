@@ -66,6 +66,7 @@ ORT_FAMILIES = {
     **dict.fromkeys(("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Einsum"), "matmul"),
     **dict.fromkeys(("Attention", "MultiHeadAttention", "GroupQueryAttention"), "attention"),
     **dict.fromkeys(("Softmax", "LogSoftmax"), "softmax"),
+    **dict.fromkeys(("LSTM", "GRU", "RNN"), "recurrent"),
     **dict.fromkeys(
         (
             "LayerNormalization",
@@ -122,6 +123,7 @@ TVM_FAMILIES = (
         ),
     ),
     ("matmul", ("matmul", "dense", "batch_matmul", "einsum")),
+    ("recurrent", ("lstm", "gru")),
     ("norm", ("layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm")),
     ("pool", ("max_pool1d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "pool")),
     ("resize", ("resize1d", "resize2d", "image_resize2d")),
@@ -151,7 +153,8 @@ TVM_FAMILIES = (
 def family(name: str) -> str:
     """The op family of a TVM PrimFunc or VM call symbol, or of an ORT op type:
     ``softmax``, ``attention``, ``conv``, ``matmul``, ``norm``, ``pool``, ``resize``,
-    ``reduce``, ``gather``, ``layout``, ``elementwise``, or ``vm`` (the VM's builtins)."""
+    ``reduce``, ``gather``, ``layout``, ``recurrent``, ``elementwise``, or ``vm`` (the
+    VM's builtins)."""
     if name.startswith("vm."):
         return "vm"
     if name[:1].isupper():

@@ -31,6 +31,7 @@ PER_FAMILY = {
     "cnn": "resnet18",
     "video": "r3d_18",
     "speech": "whisper_encoder",
+    "recurrent": "gru",
 }
 # ONNX Runtime against torch eager on the same float32 model: reordered float sums,
 # ~1e-6 of the output's scale over these 2-layer models and 20-layer CNNs (measured:
@@ -144,6 +145,8 @@ def test_a_failing_export_is_a_result(tmp_path: Path) -> None:
         ("SkipLayerNormalization", "norm"),
         ("ReduceMean", "reduce"),
         ("BiasGelu", "elementwise"),
+        ("rewriter_lstm", "recurrent"),
+        ("LSTM", "recurrent"),
     ],
 )
 def test_op_families(name: str, family: str) -> None:

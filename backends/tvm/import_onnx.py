@@ -42,7 +42,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from rewriter import input_sizes
-from rewriter.backends.tvm import ops, shape_ops, shape_values
+from rewriter.backends.tvm import ops, recurrent, shape_ops, shape_values
 from rewriter.backends.tvm.ops import KernelFactory
 from rewriter.backends.tvm.relax_passes import onnx_simplify
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 # only at run time that TVM may size its output by (int32, and 2**20 boxes per class of
 # 3 int64 indices is 24 MiB per class).
 MAX_NMS_BOXES = 1 << 20
+# ONNX ops TVM's importer lacks, converted by rewriter.backends.tvm.recurrent.
+RECURRENT = frozenset(recurrent.KERNEL_NAMES)
 
 # Appended to the op type of a node that gets a static-shape kernel, while prepare runs
 # the optimizer again: no function has that name, so the node is kept as it is.
@@ -141,6 +143,7 @@ def prepare(
         else:
             held[key] = work.functions.pop(key)
     _optimize(work)
+    recurrent.fold_weights(work)
     if held:
         inline = False
         for node in ir.traversal.RecursiveGraphIterator(work.graph):
@@ -665,7 +668,7 @@ def _importer_class() -> type:
         def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
             standard = onnx.GraphProto()
             standard.CopyFrom(graph)
-            kept = [node for node in standard.node if node.op_type not in ours]
+            kept = [node for node in standard.node if node.op_type not in ours and node.op_type not in RECURRENT]
             del standard.node[:]
             standard.node.extend(kept)
             super()._check_for_unsupported_ops(standard)
@@ -706,6 +709,8 @@ def _importer_class() -> type:
                 positions = shape_values.symbolic_range(self.bb, inputs, self._sizes)
                 if positions is not None:
                     return positions
+            if op_name in RECURRENT:
+                return recurrent.convert(self.bb, op_name, inputs, attrs, self._target)
             if op_name == "Gather":
                 return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
             if op_name == "GatherElements" and (gathered := _gather_elements(self.bb, inputs, attrs)) is not None:

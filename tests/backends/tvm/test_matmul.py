@@ -461,6 +461,19 @@ def test_symbolic_rows_of_a_packed_matmul_get_whole_tiles_and_agree():
         assert_agrees_at(model, compiled, {"x": (batch, sequence, 64)})
 
 
+@pytest.mark.parametrize("n", [32, 16])
+def test_a_head_one_panel_wide_is_register_tiled_at_symbolic_rows_and_agrees(n):
+    # A head as wide as one packed panel (a CTC or token-classification head of 32
+    # symbols): its packed weight reads Bp[0, k, j], the panel index and the column in
+    # the panel simplified away; unrecognized, it fell to TVM's generic reduction at
+    # symbolic rows, 46x ONNX Runtime's time.
+    model = with_symbolic_axes(dense_model((2, 40, 64), n, "none"), {0: "batch", 1: "sequence"})
+    assert_register_tiled(scheduled(model), 1)
+    compiled = backend.compile(model, "avx512")
+    for batch, sequence in [(1, 1), (3, 17)]:
+        assert_agrees_at(model, compiled, {"x": (batch, sequence, 64)})
+
+
 def test_the_images_of_a_symbolic_batch_are_one_row_tiles_not_padded():
     # A classifier head, [batch, K] x W: padded to a row tile, batch 1 computed 8 rows
     # (MobileNetV3-small's head: 1.6x its time at a fixed batch of 1, after a cache sweep).
