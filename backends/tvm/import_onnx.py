@@ -701,7 +701,9 @@ def _importer_class() -> type:
             if lowered is not None:
                 return lowered
             if op_name == "Slice":
-                sliced = super()._convert_operator(op_name, inputs, attrs, opset)
+                sliced = shape_ops.symbolic_slice(self.bb, inputs, self._sizes)
+                if sliced is None:
+                    sliced = super()._convert_operator(op_name, inputs, attrs, opset)
                 return shape_ops.unclamped_slice(self.bb, inputs, sliced, self._sizes)
             if op_name == "Range":
                 # Shape arithmetic gives arange a size of the input dimensions, not a

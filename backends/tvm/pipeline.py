@@ -166,7 +166,12 @@ def relax_pipeline(
         if tuner is not None:  # tuned records first; our rules skip what they scheduled
             passes += tuner.passes(target)
         passes.append(cpu_schedule.cpu_schedule(target, record))
-    passes += stages.dataflow_lower_passes(target)
+    # TVM's RewriteDataflowReshape as ours: its test of a function can abort the compile
+    # (reshape_views.dataflow_reshapes).
+    passes += [
+        reshape_views.dataflow_reshapes() if p.info.name == "RewriteDataflowReshape" else p
+        for p in stages.dataflow_lower_passes(target)
+    ]
     if not gpu:  # main's outputs in buffers of their own, and main_out writing into the caller's
         passes.append(outputs_as_params.outputs_as_params())
     for finalize in stages.finalize_passes(target):

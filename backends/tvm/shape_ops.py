@@ -124,6 +124,7 @@ def operands(
 ) -> list[Any]:
     """``inputs`` with the op's shape operand in the form TVM's converter takes, where it
     is shape arithmetic (the same list where there is nothing to change)."""
+    import tvm
     from tvm import relax
 
     if op_name == "Resize":
@@ -142,6 +143,14 @@ def operands(
                 inputs = _with(inputs, position, relax.const(array, "int64"))
         return inputs
     index = _SHAPE_OPERAND.get(op_name, _CONSTANT_OPERAND.get(op_name))
+    if op_name == "Reshape" and len(inputs) > 1 and isinstance(inputs[1], relax.ShapeExpr):
+        # A target of sizes (a Concat of them, lowered here) with a -1: resolved here,
+        # where the sizes both sides share cancel (see _reshape_target).
+        target = list(inputs[1].values)
+        if any(isinstance(item, tvm.tirx.IntImm) and item.value in (0, -1) for item in target):
+            resolved = _reshape_target(inputs[0], target, attrs)
+            if resolved is not None:
+                return _with(inputs, 1, relax.ShapeExpr(resolved))
     if index is None or index >= len(inputs) or _settled(inputs[index]):
         return inputs
     read = values(bb, inputs[index], sizes)
@@ -210,11 +219,98 @@ def _expand_symbolic(bb: Any, inputs: list[Any]) -> Any | None:
     return bb.normalize(relax.op.broadcast_to(data, relax.ShapeExpr(out)))
 
 
+def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
+    """A ``Slice`` whose start or end is computed from the input sizes (shape arithmetic:
+    a conformer's relative positions, ``pe[:, c - n + 1 : c + n]``) as a slice by those
+    sizes, clamped as ONNX clamps, whose shape is known (:func:`unclamped_slice` then
+    states it unclamped); TVM's converter slices by tensors to a shape it does not know,
+    and a later ``Reshape`` failed at symbolic sizes. None where the bounds are constants
+    or not shape arithmetic, or the axes or steps not constants, or a step not 1 (TVM's
+    converter then)."""
+    import tvm
+    from tvm import relax, te
+
+    data = inputs[0]
+    shape = getattr(getattr(data, "ty", None), "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or len(inputs) < 3 or inputs[1] is None or inputs[2] is None:
+        return None
+    params = [values(bb, value, sizes) if value is not None else None for value in inputs[1:5]]
+    starts, ends = params[0], params[1]
+    if starts is None or ends is None or _all_constant(starts + ends):
+        return None
+    rank = len(shape.values)
+    axes = params[2] if params[2] is not None else [tvm.tirx.const(axis, "int64") for axis in range(len(starts))]
+    steps = params[3] if params[3] is not None else [tvm.tirx.const(1, "int64")] * len(starts)
+    if not _all_constant(axes + steps) or not len(starts) == len(ends) == len(axes) == len(steps):
+        return None
+    if any(step.value != 1 for step in steps):
+        return None
+    for start, end, axis in zip(starts, ends, axes, strict=True):
+        extent = shape_values.as_int64(shape.values[int(axis.value) % rank])
+        begin, stop = _bound(start, extent, _begin, sizes), _bound(end, extent, _stop, sizes)
+        size = None if begin is None or stop is None else shape_values.simplify(stop - begin)
+        if size is None or isinstance(size, tvm.tirx.Var):
+            # A slice to an input's size (BERT's position ids, [:, :sequence]): TVM's
+            # converter, whose shape the later passes bind (TVM's CanonicalizeBindings
+            # crashed on a match_cast of this slice to a size another input defines).
+            return None
+    # The bounds clamped as ONNX clamps them (a negative one counted from the end), so
+    # the slice is in bounds (Relax's own clamping types the shape with if_then_else,
+    # which later Relax passes cannot type).
+    out_shape = list(shape.values)
+    positions, begins, stops = [], [], []
+    for start, end, axis in zip(starts, ends, axes, strict=True):
+        position = int(axis.value) % rank
+        extent = shape_values.as_int64(shape.values[position])
+        begin = _clamped(start, extent, sizes)
+        stop = shape_values.simplify(tvm.tirx.max(_clamped(end, extent, sizes), begin))
+        positions.append(position)
+        begins.append(begin)
+        stops.append(stop)
+        out_shape[position] = shape_values.simplify(stop - begin)
+    if not isinstance(data, tvm.ir.GenericConst):
+        return bb.normalize(relax.op.strided_slice(data, positions, begins, stops, assume_inbound=True))
+
+    # A constant (a table of positions): as a kernel of our own; ConvertLayout lost the
+    # binding of Relax's strided_slice of a constant by such sizes.
+    def slice_(x: Any) -> Any:
+        offset = dict(zip(positions, begins, strict=True))
+
+        def element(*at: Any) -> Any:
+            return x[tuple(at[i] + offset[i] if i in offset else at[i] for i in range(rank))]
+
+        return te.compute(out_shape, element, name="T_strided_slice")
+
+    return bb.normalize(bb.call_te(slice_, data, primfunc_name_hint="strided_slice"))
+
+
+def _clamped(index: Any, extent: Any, sizes: Sizes) -> Any:
+    """ONNX's slice bound ``index`` on an axis of ``extent``: counted from the end where
+    negative (a select only where its sign is not known), then clamped to ``[0,
+    extent]``."""
+    import tvm
+
+    zero = tvm.tirx.const(0, "int64")
+    index = shape_values.as_int64(index)
+    if isinstance(index, tvm.tirx.IntImm) and int(index) >= 1 << 62:
+        return extent
+    if sizes.can_prove(index >= zero):
+        wrapped = index
+    elif sizes.can_prove(index <= zero):  # negative but where 0 (x[:, -k:] at k = 0)
+        wrapped = index + extent
+    else:
+        wrapped = tvm.tirx.Select(index < zero, index + extent, index)
+    return shape_values.simplify(tvm.tirx.max(tvm.tirx.min(wrapped, extent), zero))
+
+
 def unclamped_slice(bb: Any, inputs: list[Any], sliced: Any, sizes: Sizes) -> Any:
     """``sliced``, TVM's ``Slice`` of ``inputs[0]``, cast to the shape it has whenever each
     sliced axis is long enough that ONNX's clamps change nothing (a ``match_cast``: the
-    run checks it). Only a start or end counted from the end of a symbolic axis (a
-    negative constant, or one past the end) is taken so; the others stay as they are."""
+    run checks it). Taken so: a constant start or end counted from the end of a symbolic
+    axis (a negative constant, or one past the end), and a start or end computed from the
+    input sizes where :func:`symbolic_slice` sliced (a conformer's relative positions,
+    ``pe[:, c - n + 1 : c + n]``: 2n - 1 rows, not the clamped form); the others stay as
+    they are."""
     import tvm
     from tvm import relax
 
@@ -224,7 +320,7 @@ def unclamped_slice(bb: Any, inputs: list[Any], sliced: Any, sizes: Sizes) -> An
         return sliced
     params = [values(bb, value, sizes) if value is not None else None for value in inputs[1:5]]
     starts, ends = params[0], params[1]
-    if starts is None or ends is None or not _all_constant(starts + ends):
+    if starts is None or ends is None:
         return sliced
     rank = len(shape.values)
     axes = (
@@ -243,14 +339,37 @@ def unclamped_slice(bb: Any, inputs: list[Any], sliced: Any, sizes: Sizes) -> An
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         position = axis.value % rank
         extent = shape_values.as_int64(shape.values[position])
-        if isinstance(extent, tvm.tirx.IntImm) or step.value != 1:
+        computed = not (_all_constant([start, end]))
+        if step.value != 1 or (isinstance(extent, tvm.tirx.IntImm) and not computed):
             continue
-        begin, stop = _begin(start.value, extent), _stop(end.value, extent)
+        begin, stop = _bound(start, extent, _begin, sizes), _bound(end, extent, _stop, sizes)
         if begin is not None and stop is not None:
             exact[position] = shape_values.simplify(stop - begin)
     if all(a.same_as(b) for a, b in zip(exact, out.values, strict=True)):
         return sliced
+    if not isinstance(sliced, relax.Var):  # bound first: a call_tir inside a match_cast
+        sliced = bb.emit(sliced)  # crashed TVM's CanonicalizeTIRVariables
     return bb.match_cast(sliced, relax.TensorType(exact, sliced.ty.dtype))
+
+
+def _bound(index: Any, extent: Any, constant: Any, sizes: Sizes) -> Any | None:
+    """A slice bound where the axis is long enough: a constant one by ``constant``
+    (:func:`_begin` or :func:`_stop`), or clamped on a static axis, as ONNX does; a
+    computed one counted from the end where it is provably at most 0 (``x[:, -n:]``),
+    else as it is (a conformer's ``c - n + 1``: at run time ``match_cast`` checks the
+    slice's size, so a bound that ONNX clamps is an error, not a wrong answer)."""
+    import tvm
+
+    if not isinstance(index, tvm.tirx.IntImm):
+        zero = tvm.tirx.const(0, "int64")
+        if not sizes.can_prove(index >= zero) and sizes.can_prove(index <= zero):
+            return shape_values.simplify(index + extent)
+        return index
+    if isinstance(extent, tvm.tirx.IntImm):
+        size = int(extent)
+        value = int(index) + size if int(index) < 0 else int(index)
+        return tvm.tirx.const(min(max(value, 0), size), "int64")
+    return constant(int(index), extent)
 
 
 def _begin(index: int, extent: Any) -> Any | None:
@@ -325,9 +444,22 @@ def _reshape_target(data: Any, target: list[Any], attrs: dict[str, Any]) -> list
     if len(unknown) > 1:
         return None
     if unknown:
-        total = reduce(lambda a, b: a * b, dims, tvm.tirx.const(1, "int64"))
-        known = [item for i, item in enumerate(resolved) if i != unknown[0]]
-        rest = reduce(lambda a, b: a * b, known, tvm.tirx.const(1, "int64"))
+        # The sizes both sides share cancel first: TVM's simplifier does not factor, and
+        # ((2n + 1) * 256) // ((2n + 1) * 64) stayed a quotient where it is 4 (a
+        # conformer's relative positions split into heads), which a later broadcast
+        # could not match.
+        numerator = list(dims)
+        denominator = []
+        for i, item in enumerate(resolved):
+            if i == unknown[0]:
+                continue
+            shared = next((k for k, dim in enumerate(numerator) if _equal(dim, item)), None)
+            if shared is None:
+                denominator.append(item)
+            else:
+                del numerator[shared]
+        total = reduce(lambda a, b: a * b, numerator, tvm.tirx.const(1, "int64"))
+        rest = reduce(lambda a, b: a * b, denominator, tvm.tirx.const(1, "int64"))
         resolved[unknown[0]] = shape_values.simplify(tvm.tirx.floordiv(total, rest))
     return resolved
 

@@ -53,6 +53,10 @@ class Sizes:
         for var, size in (smallest or {}).items():
             self._analyzer.bind(var, tvm.ir.Range.from_min_extent(size, _LARGEST - size))
 
+    def can_prove(self, condition: Any) -> bool:
+        """Whether ``condition`` holds at every size the model runs at."""
+        return bool(self._analyzer.can_prove(condition))
+
     def divide(self, a: Any, b: Any) -> Any:
         """ONNX ``Div`` of integer sizes: floor division where ``a >= 0`` and ``b > 0``
         hold at every size the model runs at, else the truncating division."""
@@ -234,6 +238,23 @@ def _values(bb: Any, expr: Any, max_elements: int, depth: int, sizes: Sizes) -> 
                 return None
             joined.append(part_values)
         return np.concatenate(joined, axis=int(attrs.axis)) if joined else None
+    if name == "relax.stack":  # ONNX's variadic Min and Max: stacked, then reduced
+        (parts,) = args
+        fields = getattr(parts, "fields", None)
+        stacked: list[_Array] = []
+        for part in fields or []:
+            part_values = _values(bb, part, max_elements, depth + 1, sizes)
+            if part_values is None:
+                return None
+            stacked.append(part_values)
+        if not stacked:
+            return None
+        try:
+            return np.stack(stacked, axis=int(attrs.axis))
+        except ValueError:
+            return None
+    if name in ("relax.min", "relax.max"):
+        return _reduce(arg(0), attrs, _minimum if name == "relax.min" else _maximum)
     if name == "relax.negative":
         negated = arg(0)
         return None if negated is None else _elementwise(lambda value: -value, negated)
@@ -262,6 +283,24 @@ def _values(bb: Any, expr: Any, max_elements: int, depth: int, sizes: Sizes) -> 
 def _elementwise(function: Callable[..., Any], *arrays: _Array) -> _Array:
     """``function`` of the arrays' elements, broadcast together (ValueError if they do not)."""
     result = np.frompyfunc(function, len(arrays), 1)(*arrays)
+    return result if isinstance(result, np.ndarray) else _array([result], ())
+
+
+def _reduce(data: _Array | None, attrs: Any, pair: Callable[[Any, Any], Any]) -> _Array | None:
+    """A ``min``/``max`` reduction of ``data`` over ``attrs.axis`` (all axes where None),
+    its items combined pairwise by ``pair``."""
+    if data is None or data.size == 0:
+        return None
+    axes = _ints(attrs.axis) if attrs.axis is not None else list(range(data.ndim))
+    if axes is None:
+        return None
+    result = data
+    for axis in sorted((a % max(data.ndim, 1) for a in axes), reverse=True):
+        moved = np.moveaxis(result, axis, 0)
+        folded = moved[0]
+        for item in moved[1:]:
+            folded = _elementwise(lambda a, b: simplify(pair(a, b)), folded, item)
+        result = np.expand_dims(folded, axis) if attrs.keepdims else folded
     return result if isinstance(result, np.ndarray) else _array([result], ())
 
 

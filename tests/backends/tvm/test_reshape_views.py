@@ -125,3 +125,78 @@ def test_reshape_under_a_symbolic_batch_fuses_with_its_neighbours():
         x = np.random.default_rng(batch).standard_normal((batch, 16, 64)).astype(np.float32)
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
         np.testing.assert_array_equal(got, x.transpose(0, 2, 1).reshape(batch, 64, 4, 4).transpose(0, 2, 3, 1))
+
+
+@I.ir_module
+class RelativePositions:
+    # A conformer's relative positions, [1, 2n + 1, 4, 64] with n = (samples - 400) // 320,
+    # transposed: TVM's reshape test of this function aborts ("padding factor ... is not
+    # divisible") instead of answering no, and took the whole compile with it.
+    @T.prim_func(private=True, s_tir=True)
+    def transpose(a: T.handle, b: T.handle):
+        samples = T.int64()
+        A = T.match_buffer(
+            a,
+            (
+                T.int64(1),
+                (samples - T.int64(400)) // T.int64(320) * T.int64(2) + T.int64(1),
+                T.int64(4),
+                T.int64(64),
+            ),
+        )
+        B = T.match_buffer(
+            b,
+            (
+                T.int64(1),
+                T.int64(4),
+                T.int64(64),
+                (samples - T.int64(400)) // T.int64(320) * T.int64(2) + T.int64(1),
+            ),
+        )
+        for i0, i1, i2, i3 in T.grid(
+            T.int64(1),
+            T.int64(4),
+            T.int64(64),
+            (samples - T.int64(400)) // T.int64(320) * T.int64(2) + T.int64(1),
+        ):
+            with T.sblock("T_transpose"):
+                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                B[v0, v1, v2, v3] = A[v0, v3, v1, v2]
+
+    @T.prim_func(private=True, s_tir=True)
+    def flatten(a: T.handle, b: T.handle):
+        n = T.int64()
+        A = T.match_buffer(a, (n, T.int64(8)))
+        B = T.match_buffer(b, (n * T.int64(8),))
+        for i in T.grid(n * T.int64(8)):
+            with T.sblock("T_reshape"):
+                v = T.axis.remap("S", [i])
+                B[v] = A[v // T.int64(8), v % T.int64(8)]
+
+    @R.function
+    def main(
+        w: R.Tensor(("samples",), "float32"),
+        x: R.Tensor((1, "(samples - 400) // 320 * 2 + 1", 4, 64), "float32"),
+        y: R.Tensor(("n", 8), "float32"),
+    ):
+        samples = T.int64()
+        n = T.int64()
+        cls = RelativePositions
+        with R.dataflow():
+            t = R.call_tir(
+                cls.transpose,
+                (x,),
+                out_ty=R.Tensor((1, 4, 64, (samples - 400) // 320 * 2 + 1), "float32"),
+            )
+            f = R.call_tir(cls.flatten, (y,), out_ty=R.Tensor((n * 8,), "float32"))
+            out = (R.add(t, t), R.add(f, f))
+            R.output(out)
+        return out
+
+
+def test_a_function_tvms_reshape_test_aborts_on_is_not_taken_for_a_reshape():
+    with pytest.raises(tvm.error.InternalError, match="padding factor"):
+        relax.transform.RewriteDataflowReshape()(RelativePositions)
+    main = reshape_views.dataflow_reshapes()(RelativePositions)["main"].script()
+    assert "R.call_tir(transpose" in main  # kept: not provably a reshape
+    assert "R.call_tir(flatten" not in main and "R.reshape(y" in main  # a reshape: a view

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import verify
 from rewriter.backends import tvm as backend
-from rewriter.backends.tvm import import_onnx, shape_values
+from rewriter.backends.tvm import import_onnx, shape_values, targets
 from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
 from tests.helpers import run
 
@@ -405,3 +405,88 @@ def test_float_sizes_divided_stay_float32():
     assert import_onnx._narrow_float_scalar(quotient, [tirx.const(1.0, "float64")]) is quotient
     tensor = relax.const(np.ones(2, np.float32))
     assert import_onnx._narrow_float_scalar(tensor, sizes) is tensor
+
+
+def _relative_positions(extra: list[onnx.NodeProto], output: str) -> onnx.ModelProto:
+    """A conformer's relative positions: a table ``pe[1, 100, 8]`` sliced to ``[50 - n +
+    1, 50 + n)`` by the input's length ``n`` (2n - 1 rows), then ``extra``."""
+    pe = np.random.default_rng(SEED).standard_normal((1, 100, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["n"], start=1, end=2),
+        helper.make_node("Sub", ["centre", "n"], ["low"]),
+        helper.make_node("Add", ["low", "one"], ["start"]),
+        helper.make_node("Add", ["centre", "n"], ["end"]),
+        helper.make_node("Slice", ["pe", "start", "end", "one"], ["positions"]),
+        *extra,
+    ]
+    inits = [numpy_helper.from_array(pe, "pe"), ints("centre", 50), ints("one", 1)]
+    inits += [ints("heads", 2, 4)]
+    return model(nodes, {"x": ["batch", "n", 8]}, output, inits)
+
+
+def test_a_slice_by_computed_bounds_has_its_size_for_the_ops_after_it():
+    # TVM's converter sliced by tensors to a shape it did not know, and the Reshape into
+    # heads after it failed at symbolic sizes (Wav2Vec2-Conformer's exports).
+    split = [
+        helper.make_node("Shape", ["positions"], ["rows"], start=0, end=2),
+        helper.make_node("Concat", ["rows", "heads"], ["target"], axis=0),
+        helper.make_node("Reshape", ["positions", "target"], ["y"]),
+    ]
+    proto = _relative_positions(split, "y")
+    assert_runs_symbolic(proto, [{"x": (2, 3, 8)}, {"x": (1, 20, 8)}])
+
+
+def test_a_slice_by_computed_bounds_past_its_table_is_an_error_not_a_wrong_answer():
+    # The slice's size is taken as 2n - 1 (the bounds unclamped) and checked on every
+    # call: at n = 60 ONNX clamps it to 9 rows, and the run refuses.
+    compiled = backend.compile(_relative_positions([], "positions"), "llvm")
+    assert compiled.run({"x": np.zeros((1, 20, 8), np.float32)})["positions"].shape == (1, 39, 8)
+    with pytest.raises(RuntimeError, match="match_cast"):
+        compiled.run({"x": np.zeros((1, 60, 8), np.float32)})
+
+
+def test_a_reshape_to_sizes_with_minus_one_cancels_the_sizes_both_sides_share():
+    # [1, 2n - 1, 256] -> [1, 2n - 1, -1, 64]: -1 is 4, not (512n - 256) // (128n - 64),
+    # a quotient TVM's simplifier leaves and a later broadcast could not match (a
+    # conformer's 2n - 1 relative positions split into heads).
+    nodes = [
+        helper.make_node("Slice", ["x", "one", "end", "one"], ["tail"]),
+        helper.make_node("Concat", ["x", "tail"], ["rows"], axis=1),
+        helper.make_node("Shape", ["rows"], ["sizes"], start=0, end=2),
+        helper.make_node("Concat", ["sizes", "split"], ["target"], axis=0),
+        helper.make_node("Reshape", ["rows", "target"], ["y"]),
+    ]
+    inits = [ints("one", 1), ints("end", INT64_MAX), ints("split", -1, 64)]
+    proto = model(nodes, {"x": [1, "n", 256]}, "y", inits)
+    mod = import_onnx.import_onnx(proto, target=targets.resolve("llvm"))
+    dims = mod["main"].ret_ty.shape.values
+    assert int(dims[2]) == 4 and int(dims[3]) == 64
+    assert_runs_symbolic(proto, [{"x": (1, 3, 256)}, {"x": (1, 8, 256)}])
+
+
+def test_a_slice_to_the_smaller_of_two_sizes():
+    # SEW's dynamo export bounds a length by Min of two sizes (ONNX's variadic Min, which
+    # TVM imports as a stack and a reduction): read as min(n, 5), the slice keeps a size.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["n"], start=1, end=2),
+        helper.make_node("Min", ["n", "five"], ["end"]),
+        helper.make_node("Slice", ["x", "zero", "end", "one"], ["y"]),
+    ]
+    proto = model(nodes, {"x": ["batch", "n", 8]}, "y", [ints("five", 5), ints("zero", 0), ints("one", 1)])
+    assert_runs_symbolic(proto, [{"x": (2, 3, 8)}, {"x": (1, 9, 8)}])
+
+
+def test_a_slice_from_a_computed_negative_start_counts_from_the_end():
+    # x[:, -(k + 1):] with k the length of a second input: the last k + 1 rows
+    # (-(k + 1) < 0 provably, so the slice's size is k + 1, not n + k + 1).
+    nodes = [
+        helper.make_node("Shape", ["y"], ["k"], start=1, end=2),
+        helper.make_node("Add", ["k", "one"], ["rows"]),
+        helper.make_node("Neg", ["rows"], ["start"]),
+        helper.make_node("Slice", ["x", "start", "end", "one"], ["tail"]),
+        helper.make_node("Pad", ["y", "pads"], ["padded"]),  # [batch, k + 1, 8]
+        helper.make_node("Add", ["tail", "padded"], ["z"]),
+    ]
+    inits = [ints("end", INT64_MAX), ints("one", 1), ints("pads", 0, 0, 0, 0, 1, 0)]
+    proto = model(nodes, {"x": ["batch", "n", 8], "y": ["batch", "k", 8]}, "z", inits)
+    assert_runs_symbolic(proto, [{"x": (2, 5, 8), "y": (2, 3, 8)}, {"x": (1, 9, 8), "y": (1, 8, 8)}])
