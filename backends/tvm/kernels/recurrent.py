@@ -41,8 +41,12 @@ from rewriter.backends.tvm.kernels.common import activations as act
 from rewriter.backends.tvm.kernels.common import exp_pair as ep
 from rewriter.backends.tvm.kernels.common.simd_plan import bcast, isa, span
 
-# Vectors of units per task; rows per tile where the batch has whole tiles.
+# Vectors of units per task; rows per tile where the batch has whole tiles: 8 rows, two
+# gates at a time (16 accumulators), then 4 rows, every gate; single rows take both
+# vectors of units, every gate.
 UNIT_VECTORS = 2
+WIDE_ROWS = 8
+GATES_PER_PASS = 2
 ROW_TILE = 4
 GATES = {"lstm": 4, "gru": 3}
 
@@ -93,7 +97,7 @@ def recurrence(
     f32 = "float32"
     seq = tirx.Var("seq", "int64")
     batch = tirx.Var("batch", "int64")
-    acc_size = ROW_TILE * gates * lanes  # the larger tile: 4 rows x gates x 1 vector
+    acc_size = WIDE_ROWS * gates * lanes  # the tallest tile: 8 rows x gates x 1 vector
 
     def v(value: float) -> tirx.Expr:
         return ep.const(value, f32, lanes)
@@ -145,8 +149,55 @@ def recurrence(
                         )
 
     @T.macro
+    def gates_of(XW, RT, H0, Y, RB, acc, first, tp, t, d, blk, b0, rows, w0, vectors, g0, g1):
+        # A tall tile (WIDE_ROWS rows) takes its gates GATES_PER_PASS at a time, so that its
+        # accumulators fit the registers; each weight vector then serves 8 rows.
+        if rows == WIDE_ROWS:
+            accumulate(
+                XW,
+                RT,
+                H0,
+                Y,
+                RB,
+                acc,
+                first,
+                tp,
+                t,
+                d,
+                blk,
+                b0,
+                rows,
+                w0,
+                vectors,
+                g0,
+                min(g0 + GATES_PER_PASS, g1),
+            )
+            if g0 + GATES_PER_PASS < g1:
+                accumulate(
+                    XW,
+                    RT,
+                    H0,
+                    Y,
+                    RB,
+                    acc,
+                    first,
+                    tp,
+                    t,
+                    d,
+                    blk,
+                    b0,
+                    rows,
+                    w0,
+                    vectors,
+                    g0 + GATES_PER_PASS,
+                    g1,
+                )
+        else:
+            accumulate(XW, RT, H0, Y, RB, acc, first, tp, t, d, blk, b0, rows, w0, vectors, g0, g1)
+
+    @T.macro
     def lstm_tile(XW, RT, H0, P, Y, YC, acc, ex, first, tp, t, d, blk, b0, rows, w0, vectors):
-        accumulate(XW, RT, H0, Y, None, acc, first, tp, t, d, blk, b0, rows, w0, vectors, 0, 4)
+        gates_of(XW, RT, H0, Y, None, acc, first, tp, t, d, blk, b0, rows, w0, vectors, 0, 4)
         for r in T.unroll(rows):
             for w in T.unroll(vectors):
                 # i = 0, o = 1, f = 2, c = 3; peepholes i = 0, o = 1, f = 2
@@ -198,12 +249,12 @@ def recurrence(
     ):
         # phase 0: every gate (linear_before_reset); 1: z and r; 2: h (reads r h from RH)
         if phase == 0:
-            accumulate(XW, RT, H0, Y, RB, acc, first, tp, t, d, blk, b0, rows, w0, vectors, 0, 3)
+            gates_of(XW, RT, H0, Y, RB, acc, first, tp, t, d, blk, b0, rows, w0, vectors, 0, 3)
         if phase == 1:
-            accumulate(XW, RT, H0, Y, RB, acc, first, tp, t, d, blk, b0, rows, w0, vectors, 0, 2)
+            gates_of(XW, RT, H0, Y, RB, acc, first, tp, t, d, blk, b0, rows, w0, vectors, 0, 2)
         if phase == 2:
             # acc[h] = XW[h] + sum_k (r h)[k] R^T[k, h]
-            accumulate(XW, RT, RH, None, RB, acc, True, tp, t, d, blk, b0, rows, w0, vectors, 2, 3)
+            gates_of(XW, RT, RH, None, RB, acc, True, tp, t, d, blk, b0, rows, w0, vectors, 2, 3)
         for r in T.unroll(rows):
             for w in T.unroll(vectors):
                 if phase != 2:
@@ -252,7 +303,7 @@ def recurrence(
         def lstm_task(XW, RT, H0, P, Y, YC, first, s, d, blk):
             acc = T.alloc_buffer((acc_size,), f32, scope="global")
             ex = T.alloc_buffer((lanes,), f32, scope="global")
-            for bt in T.serial(batch // ROW_TILE):
+            for bt in T.serial(batch // WIDE_ROWS):
                 for w0 in T.unroll(UNIT_VECTORS):
                     lstm_tile(
                         XW,
@@ -268,7 +319,28 @@ def recurrence(
                         time_of(d, s),
                         d,
                         blk,
-                        bt * ROW_TILE,
+                        bt * WIDE_ROWS,
+                        WIDE_ROWS,
+                        w0,
+                        1,
+                    )
+            if batch % WIDE_ROWS >= ROW_TILE:
+                for w0 in T.unroll(UNIT_VECTORS):
+                    lstm_tile(
+                        XW,
+                        RT,
+                        H0,
+                        P,
+                        Y,
+                        YC,
+                        acc,
+                        ex,
+                        first,
+                        previous(d, s),
+                        time_of(d, s),
+                        d,
+                        blk,
+                        batch // WIDE_ROWS * WIDE_ROWS,
                         ROW_TILE,
                         w0,
                         1,
@@ -329,7 +401,7 @@ def recurrence(
     def gru_task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, phase):
         acc = T.alloc_buffer((acc_size,), f32, scope="global")
         ex = T.alloc_buffer((lanes,), f32, scope="global")
-        for bt in T.serial(batch // ROW_TILE):
+        for bt in T.serial(batch // WIDE_ROWS):
             for w0 in T.unroll(UNIT_VECTORS):
                 gru_tile(
                     XW,
@@ -346,7 +418,30 @@ def recurrence(
                     time_of(d, s),
                     d,
                     blk,
-                    bt * ROW_TILE,
+                    bt * WIDE_ROWS,
+                    WIDE_ROWS,
+                    w0,
+                    1,
+                    phase,
+                )
+        if batch % WIDE_ROWS >= ROW_TILE:
+            for w0 in T.unroll(UNIT_VECTORS):
+                gru_tile(
+                    XW,
+                    RT,
+                    H0,
+                    RB,
+                    Y,
+                    Z,
+                    RH,
+                    acc,
+                    ex,
+                    first,
+                    previous(d, s),
+                    time_of(d, s),
+                    d,
+                    blk,
+                    batch // WIDE_ROWS * WIDE_ROWS,
                     ROW_TILE,
                     w0,
                     1,

@@ -176,8 +176,9 @@ def test_recurrences_agree_with_onnx_runtime_at_any_sequence_and_batch(case: str
     model = rnn_model(op, hidden, inputs, direction, **attrs)
     compiled = backend.compile(model, "avx512")  # one library, symbolic seq and batch
     names = ["Y", "Y_h", "Y_c"][: len(model.graph.output)]
-    # batch 5: a tile of four rows and a single row; batch 3: single rows only
-    for seq, batch in ((7, 5), (3, 3), (1, 4)):
+    # batch 13: a tile of eight rows (its gates two at a time), one of four and a single
+    # row; batch 5: four rows and one; batch 3: single rows only
+    for seq, batch in ((7, 5), (3, 3), (1, 4), (4, 13), (2, 8)):
         feeds = feeds_for(model, seq, batch)
         got = compiled.run(feeds)
         for name, want in zip(names, reference(model, feeds), strict=True):
