@@ -193,8 +193,18 @@ def prepare(
     return ir.serde.serialize_model(work)
 
 
+# onnxscript rewrite rules that break a model: Flatten2Reshape names the Shape it inserts
+# after its input ("x/shape_1"), so two Flattens of one tensor insert two values of one
+# name and a Reshape reads one that no node produces (BART's TorchScript export flattens
+# its attention mask in the encoder and the decoder: a KeyError at import). TVM imports
+# Flatten as it is.
+_BROKEN_REWRITE_RULES = frozenset({"Flatten2Reshape"})
+
+
 def _optimize(work: ir.Model) -> None:
-    """onnxscript's optimizer (folding, local-function inlining), ConstantOfShape folded."""
+    """onnxscript's optimizer (folding, local-function inlining), ConstantOfShape folded,
+    without the rewrite rules in :data:`_BROKEN_REWRITE_RULES`."""
+    from onnxscript import rewriter as onnx_rewriter
     from onnxscript.optimizer._optimizer import optimize_ir
 
     # The folder logs a warning for every node it tries and cannot evaluate (shape ops
@@ -207,11 +217,16 @@ def _optimize(work: ir.Model) -> None:
     levels = [log.level for log in quiet]
     for log in quiet:
         log.setLevel(logging.ERROR)
+    rules = onnx_rewriter._DEFAULT_REWRITE_RULES  # optimize_ir reads them at each call
+    onnx_rewriter._DEFAULT_REWRITE_RULES = tuple(
+        rule for rule in rules if getattr(rule, "name", None) not in _BROKEN_REWRITE_RULES
+    )
     try:
         optimize_ir(work, should_fold=_fold_constant_of_shape)
         if _fold_static_sizes(work):  # what they feed (float shape arithmetic) folds now
             optimize_ir(work, should_fold=_fold_constant_of_shape)
     finally:
+        onnx_rewriter._DEFAULT_REWRITE_RULES = rules
         for log, level in zip(quiet, levels, strict=True):
             log.setLevel(level)
 

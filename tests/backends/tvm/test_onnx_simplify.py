@@ -206,3 +206,34 @@ def test_a_group_norm_of_a_value_with_no_recorded_shape_is_rewritten():
     before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     after = ort.InferenceSession(ir.serde.serialize_model(work).SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=2e-5)
+
+
+def test_two_flattens_of_one_tensor_compile_and_agree():
+    # onnxscript's Flatten2Reshape named the Shape it inserts after the input, so two
+    # Flattens of one tensor left a Reshape reading a value no node produced (BART's
+    # TorchScript export, its mask flattened by encoder and decoder: a KeyError).
+    from rewriter.backends import tvm as backend
+    from rewriter.backends.tvm import import_onnx
+
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["a"], axis=2),
+        helper.make_node("Flatten", ["x"], ["b"], axis=2),
+        helper.make_node("Relu", ["b"], ["c"]),
+        helper.make_node("Add", ["a", "c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n", 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = import_onnx.prepare(model)
+    produced = {value.name for value in proto.graph.input} | {init.name for init in proto.graph.initializer}
+    for node in proto.graph.node:
+        assert all(name in produced for name in node.input if name), node
+        produced.update(node.output)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    got = backend.compile(model, "avx512").run({"x": x})["y"]
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
