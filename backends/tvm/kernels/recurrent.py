@@ -2,21 +2,22 @@
 
 The lowering (:mod:`rewriter.backends.tvm.recurrent`) computes the input projection of
 all steps first, as one matmul ``XW = X W^T + b`` that the matmul rule schedules; what
-is left depends on the previous step, and is this kernel. Per step, per direction, the
-hidden units are split in blocks of ``2 x lanes`` (a task; the tasks of a step, both
-directions' too, run in parallel): a task accumulates its units' gates over the previous
-hidden state, ``acc[g] = XW[t, b, d, g] + sum_k h[k] R^T[k, g]``, as a register tile of
-vectors (one row and every gate of both vectors of units, or four rows and every gate of
-one vector), then applies the gates in place. The recurrent weights are packed per task,
-``RT[d, block, k, g, unit]``, so a task reads one contiguous panel per step.
+is left depends on the previous step, and is this kernel. The directions run one after
+the other (each one's weights stay in L2); per step, the hidden units are split in blocks
+of ``2 x lanes`` (a task; the tasks of a step run in parallel): a task accumulates its
+units' gates over the previous hidden state, ``acc[g] = XW[t, b, d, g] + sum_k h[k]
+R^T[k, g]``, as a register tile of vectors (eight rows, two gates at a time, of one
+vector of units; four rows and every gate; or one row and every gate of both vectors),
+then applies the gates in place. The recurrent weights are packed per task, ``RT[d,
+block, k, g, unit]``, so a task reads one contiguous panel per step.
 
 Buffers (``seq`` and ``batch`` symbolic; ``hp`` the hidden size padded to whole tasks,
 the padded units' weights zero; ONNX's gate order):
 
-* LSTM (gates i, o, f, c): ``XW[seq, batch, dirs, 4, hp]``, ``RT[dirs, blocks, hidden,
+* LSTM (gates i, o, f, c): ``XW[seq, batch, dirs x 4 x hp]``, ``RT[dirs, blocks, hidden,
   4, 2 lanes]``, ``H0``, ``C0[dirs, batch, hp]``, ``P[dirs, 3, hp]`` (peepholes i, o, f)
   -> ``Y[seq, dirs, batch, hp]``, ``YH``, ``YC[dirs, batch, hp]``;
-* GRU (gates z, r, h): ``XW[seq, batch, dirs, 3, hp]``, ``RT[dirs, blocks, hidden, 3,
+* GRU (gates z, r, h): ``XW[seq, batch, dirs x 3 x hp]``, ``RT[dirs, blocks, hidden, 3,
   2 lanes]``, ``H0[dirs, batch, hp]``, ``RB[dirs, hp]`` (the recurrent bias of the h
   gate where ``linear_before_reset``; else it is in ``XW``) -> ``Y``, ``YH``. Without
   ``linear_before_reset`` the h gate reads ``r * h``, which needs every unit's ``r``
