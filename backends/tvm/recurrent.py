@@ -217,6 +217,7 @@ def fold_weights(model: Any) -> int:
     import onnx_ir as ir
 
     folded = 0
+    done: dict[int, Any] = {}  # a weight two nodes read is folded once
     for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
         if (
             node.op_type not in KERNEL_NAMES
@@ -227,6 +228,9 @@ def fold_weights(model: Any) -> int:
         for index in (1, 2, 3, 7):
             value = node.inputs[index] if len(node.inputs) > index else None
             if value is None or value.const_value is not None:
+                continue
+            if id(value) in done:
+                node.replace_input_with(index, done[id(value)])
                 continue
             cone = _constant_cone(value)
             if cone is None:
@@ -258,6 +262,7 @@ def fold_weights(model: Any) -> int:
             )
             model.graph.register_initializer(constant)
             node.replace_input_with(index, constant)
+            done[id(value)] = constant
             folded += 1
     return folded
 

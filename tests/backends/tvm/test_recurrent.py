@@ -214,10 +214,18 @@ def test_weights_computed_from_initializers_are_folded() -> None:
     graph.node.insert(0, helper.make_node("Slice", ["W_torch", "s1", "e1", "axis"], ["upper"]))
     graph.node.insert(1, helper.make_node("Slice", ["W_torch", "s0", "s1", "axis"], ["lower"]))
     graph.node.insert(2, helper.make_node("Concat", ["upper", "lower"], ["W"], axis=1))
+    # A second GRU reading the same computed weights (folded once), the other way round.
+    first = graph.node[3]
+    second = onnx.helper.make_node(
+        "GRU", list(first.input), ["Y2"], hidden_size=16, linear_before_reset=1, direction="reverse"
+    )
+    graph.node.append(second)
+    graph.output.append(helper.make_tensor_value_info("Y2", TensorProto.FLOAT, ["seq", 1, "batch", 16]))
     feeds = feeds_for(model, 6, 2)
     got = backend.compile(model, "avx512").run(feeds)
     want = reference(model, feeds)
     np.testing.assert_allclose(got["Y"], want[0], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(got["Y2"], want[2], rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize(
