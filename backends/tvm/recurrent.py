@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from rewriter.backends.tvm.ops import constant_value
 from rewriter.errors import InputError
 
 DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
@@ -41,7 +42,7 @@ def convert(bb: Any, op_name: str, inputs: list, attrs: dict, target: Any) -> An
     kind = op_name.lower()
     gates = kernel.GATES[kind]
     x = bb.normalize(inputs[0])
-    weights = [_constant(value) for value in inputs[1:4]]
+    weights = [constant_value(value) for value in inputs[1:4]]
     _check(op_name, x, inputs, attrs, weights)
     w, r = weights[0], weights[1]
     assert w is not None and r is not None  # _check refused the others
@@ -100,7 +101,7 @@ def convert(bb: Any, op_name: str, inputs: list, attrs: dict, target: Any) -> An
         for index in ((5, 6) if kind == "lstm" else (5,))
     ]
     if kind == "lstm":
-        peepholes = _constant(inputs[7]) if len(inputs) > 7 and inputs[7] is not None else None
+        peepholes = constant_value(inputs[7]) if len(inputs) > 7 and inputs[7] is not None else None
         p = np.zeros((directions, 3, hp), np.float32)
         if peepholes is not None:
             p[:, :, :hidden] = peepholes.reshape(directions, 3, hidden)
@@ -163,7 +164,7 @@ def _check(op_name: str, x: Any, inputs: list, attrs: dict, weights: list) -> No
         op_name == "LSTM"
         and len(inputs) > 7
         and inputs[7] is not None
-        and _constant(inputs[7]) is None
+        and constant_value(inputs[7]) is None
     ):
         raise InputError("LSTM: the peepholes P must be an initializer")
     defaults = DEFAULT_ACTIVATIONS[op_name]
@@ -190,16 +191,6 @@ def _state(
     if hp != hidden:
         value = bb.emit(relax.op.nn.pad(value, [0, 0, 0, 0, 0, hp - hidden]))
     return value
-
-
-def _constant(value: Any) -> np.ndarray | None:
-    """The value of a Relax constant, else None."""
-    from tvm import ir as tvm_ir
-
-    if not isinstance(value, tvm_ir.expr.Constant):
-        return None
-    data = value.value
-    return data.numpy() if hasattr(data, "numpy") else np.asarray(data)
 
 
 def _text(value: Any) -> str:

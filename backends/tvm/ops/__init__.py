@@ -38,6 +38,7 @@ import pkgutil
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx_ir as ir
 
 from rewriter.pass_base import DOMAIN
@@ -171,6 +172,16 @@ def static_shape(expr: relax.Expr) -> list[int] | None:
     if not all(isinstance(v, tirx.IntImm) for v in values):
         return None
     return [int(v.value) for v in values]
+
+
+def constant_value(expr: Any) -> np.ndarray | None:
+    """The value of a constant tensor of the module (an initializer), else None."""
+    from tvm import ir
+
+    if not isinstance(expr, ir.expr.Constant):
+        return None
+    value = expr.value
+    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
 def scheduled_kernel(func: Any) -> Any:

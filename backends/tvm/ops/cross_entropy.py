@@ -33,7 +33,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.backends.tvm.ops import OpCall, register, scheduled_kernel, static_shape
+from rewriter.backends.tvm.ops import (
+    OpCall,
+    constant_value,
+    register,
+    scheduled_kernel,
+    static_shape,
+)
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -263,16 +269,6 @@ def emit_linear_cross_entropy(
     return _reshaped(bb, loss, labels_shape if options.reduction == "none" else [])
 
 
-def _constant(expr: relax.Expr | None) -> np.ndarray | None:
-    """The value of a constant tensor of the module (an initializer), else None."""
-    from tvm import ir
-
-    if not isinstance(expr, ir.expr.Constant):
-        return None
-    value = expr.value
-    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
-
-
 def _packed_weight(
     bb: relax.BlockBuilder, weight: relax.Expr, transposed: bool, vocab: int, size: int, width: int
 ) -> relax.Expr:
@@ -281,7 +277,7 @@ def _packed_weight(
 
     from rewriter.backends.tvm.kernels.linear_cross_entropy import pack_weight
 
-    constant = _constant(weight)
+    constant = constant_value(weight)
     if constant is not None:
         return relax.const(pack_weight(constant, transposed=transposed, width=width))
     w = bb.emit(relax.op.permute_dims(weight, [1, 0])) if transposed else weight
@@ -302,8 +298,8 @@ def _padded_bias(
 
     from rewriter.backends.tvm.kernels.linear_cross_entropy import padded_bias
 
-    if bias is None or _constant(bias) is not None:
-        return relax.const(padded_bias(_constant(bias), vocab, width))
+    if bias is None or constant_value(bias) is not None:
+        return relax.const(padded_bias(constant_value(bias), vocab, width))
     bias = bb.normalize(bias)
     if static_shape(bias) != [vocab]:
         raise InputError(f"FusedLinearCrossEntropy kernel: the bias must be [{vocab}]")

@@ -20,12 +20,18 @@ the compile stops with a clean error (fix the shapes with ``dims`` / ``--dim``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.backends.tvm.ops import OpCall, register, scheduled_kernel, static_shape
+from rewriter.backends.tvm.ops import (
+    OpCall,
+    constant_value,
+    register,
+    scheduled_kernel,
+    static_shape,
+)
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -109,7 +115,7 @@ def emit_soft_nms(
         )
     batches, count, _ = box_shape
     classes = score_shape[1]
-    bound = _constant(limit)
+    bound = constant_value(limit)
     k = count if bound is None else int(min(max(int(bound.reshape(-1)[0]), 0), count))
     scalars = [
         _one(bb, value, dtype, default)
@@ -173,13 +179,3 @@ def _one(
     if value.ty.dtype != dtype:
         value = bb.emit(relax.op.astype(value, dtype))
     return bb.emit(relax.op.reshape(value, [1]))
-
-
-def _constant(value: Any) -> np.ndarray | None:
-    """The value of a Relax constant, else None."""
-    from tvm import ir as tvm_ir
-
-    if not isinstance(value, tvm_ir.expr.Constant):
-        return None
-    data = value.value
-    return data.numpy() if hasattr(data, "numpy") else np.asarray(data)
