@@ -111,6 +111,9 @@ def recurrence(
             return tirx.Select(d == 0, s, seq - 1 - s)
         return seq - 1 - s if reverse else s
 
+    def previous(d: tirx.Expr, s: tirx.Expr) -> tirx.Expr:
+        return time_of(d, s - 1)
+
     def h_prev(H0: Any, Y: Any, first: bool, tp: Any, d: Any, b: Any, at: Any) -> tirx.Expr:
         return H0[d, b, at] if first else Y[tp, d, b, at]
 
@@ -153,7 +156,7 @@ def recurrence(
     def gates_of(XW, RT, H0, Y, RB, acc, first, tp, t, d, blk, b0, rows, w0, vectors, g0, g1):
         # A tall tile (WIDE_ROWS rows) takes its gates GATES_PER_PASS at a time, so that its
         # accumulators fit the registers; each weight vector then serves 8 rows.
-        if rows == WIDE_ROWS:
+        if rows == WIDE_ROWS and g0 + GATES_PER_PASS < g1:
             accumulate(
                 XW,
                 RT,
@@ -171,28 +174,27 @@ def recurrence(
                 w0,
                 vectors,
                 g0,
-                min(g0 + GATES_PER_PASS, g1),
+                g0 + GATES_PER_PASS,
             )
-            if g0 + GATES_PER_PASS < g1:
-                accumulate(
-                    XW,
-                    RT,
-                    H0,
-                    Y,
-                    RB,
-                    acc,
-                    first,
-                    tp,
-                    t,
-                    d,
-                    blk,
-                    b0,
-                    rows,
-                    w0,
-                    vectors,
-                    g0 + GATES_PER_PASS,
-                    g1,
-                )
+            accumulate(
+                XW,
+                RT,
+                H0,
+                Y,
+                RB,
+                acc,
+                first,
+                tp,
+                t,
+                d,
+                blk,
+                b0,
+                rows,
+                w0,
+                vectors,
+                g0 + GATES_PER_PASS,
+                g1,
+            )
         else:
             accumulate(XW, RT, H0, Y, RB, acc, first, tp, t, d, blk, b0, rows, w0, vectors, g0, g1)
 
@@ -295,77 +297,112 @@ def recurrence(
                         H0, Y, first, tp, d, b0 + r, span(blk * unit + (w0 + w) * lanes, lanes)
                     )
 
-    def previous(d: tirx.Expr, s: tirx.Expr) -> tirx.Expr:
-        return time_of(d, s - 1)
+    @T.macro
+    def tile(XW, RT, H0, PB, Y, C, RH, acc, ex, first, tp, t, d, blk, b0, rows, w0, vectors, phase):
+        # LSTM: PB the peepholes, C the cell state; GRU: PB the recurrent bias, C the gate z
+        if kind == "lstm":
+            lstm_tile(XW, RT, H0, PB, Y, C, acc, ex, first, tp, t, d, blk, b0, rows, w0, vectors)
+        else:
+            gru_tile(
+                XW,
+                RT,
+                H0,
+                PB,
+                Y,
+                C,
+                RH,
+                acc,
+                ex,
+                first,
+                tp,
+                t,
+                d,
+                blk,
+                b0,
+                rows,
+                w0,
+                vectors,
+                phase,
+            )
 
-    if kind == "lstm":
-
-        @T.macro
-        def lstm_task(XW, RT, H0, P, Y, YC, first, s, d, blk):
-            acc = T.alloc_buffer((acc_size,), f32, scope="global")
-            ex = T.alloc_buffer((lanes,), f32, scope="global")
-            for bt in T.serial(batch // WIDE_ROWS):
-                for w0 in T.unroll(UNIT_VECTORS):
-                    lstm_tile(
-                        XW,
-                        RT,
-                        H0,
-                        P,
-                        Y,
-                        YC,
-                        acc,
-                        ex,
-                        first,
-                        previous(d, s),
-                        time_of(d, s),
-                        d,
-                        blk,
-                        bt * WIDE_ROWS,
-                        WIDE_ROWS,
-                        w0,
-                        1,
-                    )
-            if batch % WIDE_ROWS >= ROW_TILE:
-                for w0 in T.unroll(UNIT_VECTORS):
-                    lstm_tile(
-                        XW,
-                        RT,
-                        H0,
-                        P,
-                        Y,
-                        YC,
-                        acc,
-                        ex,
-                        first,
-                        previous(d, s),
-                        time_of(d, s),
-                        d,
-                        blk,
-                        batch // WIDE_ROWS * WIDE_ROWS,
-                        ROW_TILE,
-                        w0,
-                        1,
-                    )
-            for br in T.serial(batch % ROW_TILE):
-                lstm_tile(
+    @T.macro
+    def task(XW, RT, H0, PB, Y, C, RH, first, s, d, blk, phase):
+        # The batch in tiles of WIDE_ROWS, then one of ROW_TILE rows, then single rows.
+        acc = T.alloc_buffer((acc_size,), f32, scope="global")
+        ex = T.alloc_buffer((lanes,), f32, scope="global")
+        tp, t = previous(d, s), time_of(d, s)
+        for bt in T.serial(batch // WIDE_ROWS):
+            for w0 in T.unroll(UNIT_VECTORS):
+                tile(
                     XW,
                     RT,
                     H0,
-                    P,
+                    PB,
                     Y,
-                    YC,
+                    C,
+                    RH,
                     acc,
                     ex,
                     first,
-                    previous(d, s),
-                    time_of(d, s),
+                    tp,
+                    t,
                     d,
                     blk,
-                    batch // ROW_TILE * ROW_TILE + br,
+                    bt * WIDE_ROWS,
+                    WIDE_ROWS,
+                    w0,
                     1,
-                    0,
-                    UNIT_VECTORS,
+                    phase,
                 )
+        if batch % WIDE_ROWS >= ROW_TILE:
+            for w0 in T.unroll(UNIT_VECTORS):
+                b0 = batch // WIDE_ROWS * WIDE_ROWS
+                tile(
+                    XW,
+                    RT,
+                    H0,
+                    PB,
+                    Y,
+                    C,
+                    RH,
+                    acc,
+                    ex,
+                    first,
+                    tp,
+                    t,
+                    d,
+                    blk,
+                    b0,
+                    ROW_TILE,
+                    w0,
+                    1,
+                    phase,
+                )
+        for br in T.serial(batch % ROW_TILE):
+            b0 = batch // ROW_TILE * ROW_TILE + br
+            tile(
+                XW,
+                RT,
+                H0,
+                PB,
+                Y,
+                C,
+                RH,
+                acc,
+                ex,
+                first,
+                tp,
+                t,
+                d,
+                blk,
+                b0,
+                1,
+                0,
+                UNIT_VECTORS,
+                phase,
+            )
+
+    if kind == "lstm":
 
         @T.prim_func
         def lstm_recurrence(
@@ -384,10 +421,10 @@ def recurrence(
             if seq > 0:
                 for d in T.serial(dirs):
                     for blk in T.parallel(blocks):
-                        lstm_task(XW, RT, H0, P, Y, YC, True, T.int64(0), d, blk)
+                        task(XW, RT, H0, P, Y, YC, None, True, T.int64(0), d, blk, 0)
                     for s in T.serial(seq - 1):
                         for blk in T.parallel(blocks):
-                            lstm_task(XW, RT, H0, P, Y, YC, False, s + 1, d, blk)
+                            task(XW, RT, H0, P, Y, YC, None, False, s + 1, d, blk, 0)
             for d, b, u in T.grid(dirs, batch, hp // lanes):
                 if seq > 0:
                     YH[d, b, span(u * lanes, lanes)] = Y[
@@ -399,88 +436,15 @@ def recurrence(
         return lstm_recurrence
 
     @T.macro
-    def gru_task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, phase):
-        acc = T.alloc_buffer((acc_size,), f32, scope="global")
-        ex = T.alloc_buffer((lanes,), f32, scope="global")
-        for bt in T.serial(batch // WIDE_ROWS):
-            for w0 in T.unroll(UNIT_VECTORS):
-                gru_tile(
-                    XW,
-                    RT,
-                    H0,
-                    RB,
-                    Y,
-                    Z,
-                    RH,
-                    acc,
-                    ex,
-                    first,
-                    previous(d, s),
-                    time_of(d, s),
-                    d,
-                    blk,
-                    bt * WIDE_ROWS,
-                    WIDE_ROWS,
-                    w0,
-                    1,
-                    phase,
-                )
-        if batch % WIDE_ROWS >= ROW_TILE:
-            for w0 in T.unroll(UNIT_VECTORS):
-                gru_tile(
-                    XW,
-                    RT,
-                    H0,
-                    RB,
-                    Y,
-                    Z,
-                    RH,
-                    acc,
-                    ex,
-                    first,
-                    previous(d, s),
-                    time_of(d, s),
-                    d,
-                    blk,
-                    batch // WIDE_ROWS * WIDE_ROWS,
-                    ROW_TILE,
-                    w0,
-                    1,
-                    phase,
-                )
-        for br in T.serial(batch % ROW_TILE):
-            gru_tile(
-                XW,
-                RT,
-                H0,
-                RB,
-                Y,
-                Z,
-                RH,
-                acc,
-                ex,
-                first,
-                previous(d, s),
-                time_of(d, s),
-                d,
-                blk,
-                batch // ROW_TILE * ROW_TILE + br,
-                1,
-                0,
-                UNIT_VECTORS,
-                phase,
-            )
-
-    @T.macro
     def gru_step(XW, RT, H0, RB, Y, Z, RH, first, s, d):
         if linear_before_reset:
             for blk in T.parallel(blocks):
-                gru_task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, 0)
+                task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, 0)
         else:
             for blk in T.parallel(blocks):
-                gru_task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, 1)
+                task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, 1)
             for blk in T.parallel(blocks):
-                gru_task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, 2)
+                task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, 2)
 
     @T.prim_func
     def gru_recurrence(
