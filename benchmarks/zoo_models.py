@@ -1,6 +1,6 @@
 """The model zoo of ``benchmarks/zoo.py``: which models, their inputs, their run sizes.
 
-34 architectures in 10 families, each a small random-weight model built by
+35 architectures in 10 families, each a small random-weight model built by
 :mod:`benchmarks.zoo_builders` from a ``transformers`` config or from ``torchvision``
 (``weights=None``):
 
@@ -15,7 +15,7 @@
 * ViT-style: ViT, DeiT, CLIP's vision tower, torchvision's ViT-B/16 (2 layers);
 * Swin; SegFormer (semantic segmentation, with a Resize in the decode head) and
   DeepLabV3 (MobileNetV3-large, atrous convolutions);
-* CNNs: ResNet-18, MobileNetV3-small, EfficientNet-B0, RegNetY-400MF, ShuffleNetV2 (x1.0),
+* CNNs: ResNet-18, MobileNetV3-small, MobileNetV2, EfficientNet-B0, RegNetY-400MF, ShuffleNetV2 (x1.0),
   DenseNet-121, ResNeXt (32 groups of 4), ConvNeXt, BiT (group norms);
 * video: torchvision's R3D-18 (3-D convolutions, clips of 8 frames of 112 x 112);
 * speech: wav2vec2 (1 s of 16 kHz audio) and Whisper's encoder (80 x 3000 mel frames);
@@ -152,6 +152,7 @@ ZOO: list[ZooModel] = [
     _tv("deeplabv3", "segmentation", build.deeplabv3, "MobileNetV3-large, atrous rates 12/24/36"),
     _tv("resnet18", "cnn", build.torchvision_model("resnet18")),
     _tv("mobilenet_v3_small", "cnn", build.torchvision_model("mobilenet_v3_small")),
+    _tv("mobilenet_v2", "cnn", build.torchvision_model("mobilenet_v2"), "ReLU6: Clip(0, 6)"),
     _tv("efficientnet_b0", "cnn", build.torchvision_model("efficientnet_b0")),
     _tv("regnet_y_400mf", "cnn", build.torchvision_model("regnet_y_400mf"), "grouped convs, SE"),
     _tv(

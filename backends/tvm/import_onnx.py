@@ -585,6 +585,40 @@ def _constant_pad(bb: Any, inputs: list, attrs: dict) -> Any | None:
     return bb.normalize(relax.op.nn.pad(inputs[0], interleaved, pad_value=fill))
 
 
+def _clip(bb: Any, inputs: list, attrs: dict, opset: int) -> Any | None:
+    """A float ``Clip`` as Relax's ``maximum`` and ``minimum`` ops; None for other types
+    (TVM's converter takes them).
+
+    TVM's converter emits ``topi.maximum``/``topi.minimum`` PrimFuncs itself, which the
+    convolution pass cannot carry channels-last: MobileNetV2's ReLU6 (``Clip(x, 0, 6)``
+    after every convolution but the projections) went back to channels-first between two
+    transposes, out of the convolution's epilogue (a fifth of its time at batch 1). A bound
+    that is absent or a constant NaN is none (as ONNX Runtime reads it); a computed bound
+    is replaced by infinity where it is NaN, as TVM's converter does. Exact (the same
+    comparisons)."""
+    from tvm import relax
+
+    x = inputs[0]
+    dtype = str(getattr(x.ty, "dtype", ""))
+    if not dtype.startswith("float"):
+        return None
+    if opset < 11:
+        bounds = [relax.const(attrs[key], dtype) if key in attrs else None for key in ("min", "max")]
+    else:
+        bounds = [*inputs[1:3], None, None][:2]
+    result = x
+    for bound, op, unbounded in ((bounds[0], relax.op.maximum, -np.inf), (bounds[1], relax.op.minimum, np.inf)):
+        if bound is None:
+            continue
+        value = ops.constant_value(bound)
+        if value is not None and np.isnan(value).all():
+            continue
+        if value is None or np.isnan(value).any():
+            bound = bb.emit(relax.op.where(relax.op.isnan(bound), relax.const(unbounded, dtype), bound))
+        result = bb.emit(op(result, bound))
+    return result
+
+
 def _nms_box_limit(inputs: list) -> list:
     """NonMaxSuppression's inputs with ``max_output_boxes_per_class`` at most the number of
     boxes. TVM sizes its output by that limit (and makes an int32 literal of it), so
@@ -740,6 +774,8 @@ def _importer_class() -> type:
                 inputs = _nms_box_limit(inputs)
             if op_name == "Pad" and (padded := _constant_pad(self.bb, inputs, attrs)) is not None:
                 return padded
+            if op_name == "Clip" and (clipped := _clip(self.bb, inputs, attrs, opset)) is not None:
+                return clipped
             converted = super()._convert_operator(op_name, inputs, attrs, opset)
             if op_name in ("Add", "Sub", "Mul", "Div"):
                 return _narrow_float_scalar(converted, inputs)
