@@ -426,15 +426,45 @@ PARTIAL_TAPS_REGIONS = 9
 # at most MAX_CHANNEL_WASTE of the convolution's work; below, narrower tiles are used.
 CHANNEL_MULTIPLE = 16
 MAX_CHANNEL_WASTE = 0.25
+# ... and further to a multiple of this (the widest register tile: two AVX-512 vectors)
+# where that wastes at most MAX_PANEL_WASTE: a tile one vector wide holds 8 accumulators,
+# half the registers, and its FMAs wait on loads (RegNetX-400MF's 1 x 1 convolutions over
+# 7 x 7 x 400: 98 GFLOP/s in 7 x 16 tiles, 124 in 7 x 32 ones over 416 channels; the
+# model at batch 1, one thread, 1.09x ORT's time).
+PANEL_MULTIPLE = 32
+MAX_PANEL_WASTE = 0.125
 # The narrowest register tile of the convolution rule (conv_tile_width): output channels
 # no tile divides are padded to a multiple of it whatever the waste.
 NARROWEST_TILE = 8
 
 
+def padded_channels(channels: int) -> int:
+    """The output channels :func:`pad_channels` computes for ``channels`` (the same
+    number where none are added).
+
+    >>> [padded_channels(n) for n in (400, 1000, 72, 40, 48, 3, 1, 64)]
+    [416, 1024, 80, 48, 48, 8, 8, 64]
+    """
+    padded = -(-channels // CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
+    wide = -(-channels // PANEL_MULTIPLE) * PANEL_MULTIPLE
+    if wide - channels <= MAX_PANEL_WASTE * channels:
+        padded = wide
+    if padded - channels <= MAX_CHANNEL_WASTE * channels:
+        return padded
+    if channels % NARROWEST_TILE == 0:
+        return channels  # a narrower register tile takes it
+    # No register tile divides them (an image's 3 channels, a depth map's 1, 12): the
+    # convolution rule refused them, and TVM's generic reduction rule ran them at 4-35x
+    # ONNX Runtime's time (Swin2SR's last 64 -> 3 at 128 x 128: 33 ms, 2.8 ms padded to 8).
+    return -(-channels // NARROWEST_TILE) * NARROWEST_TILE
+
+
 def pad_channels(builder: Any, call: Any) -> Any:
     """A channels-last, ungrouped convolution with a constant weight and ``N`` output
-    channels that :data:`CHANNEL_MULTIPLE` does not divide, as the convolution with
-    zero weights up to the next multiple (of :data:`NARROWEST_TILE` where that would
+    channels that :data:`CHANNEL_MULTIPLE` does not divide (or :data:`PANEL_MULTIPLE`,
+    within :data:`MAX_PANEL_WASTE`), as the convolution with zero weights up to the next
+    multiple (of :data:`PANEL_MULTIPLE` where that wastes at most
+    :data:`MAX_PANEL_WASTE`; of :data:`NARROWEST_TILE` where that would
     waste more than :data:`MAX_CHANNEL_WASTE` and no tile divides ``N``), sliced back to
     ``N`` channels (exact: the extra channels are computed from zeros and dropped). None
     where it does not apply."""
@@ -450,15 +480,7 @@ def pad_channels(builder: Any, call: Any) -> Any:
         return None
     array = weight.value.numpy()
     channels = array.shape[-1]
-    padded = -(-channels // CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
-    if (padded - channels) > MAX_CHANNEL_WASTE * channels:
-        if channels % NARROWEST_TILE == 0:
-            return None  # a narrower register tile takes it
-        # No register tile divides them (an image's 3 channels, a depth map's 1, 12):
-        # the convolution rule refused them, and TVM's generic reduction rule ran them at
-        # 4-35x ONNX Runtime's time (Swin2SR's last 64 -> 3 at 128 x 128: 33 ms, 2.8 ms
-        # padded to 8).
-        padded = -(-channels // NARROWEST_TILE) * NARROWEST_TILE
+    padded = padded_channels(channels)
     if padded == channels:
         return None
     widths = [(0, 0)] * (array.ndim - 1) + [(0, padded - channels)]

@@ -189,10 +189,11 @@ def test_grouped_conv_tiles_inside_a_group_and_agrees(channels, groups, rule):
 
 
 @pytest.mark.parametrize(
-    ("channels", "size", "kernel"), [(1000, 13, 1), (40, 9, 1), (3, 16, 3), (1, 16, 3), (12, 9, 3)]
+    ("channels", "size", "kernel"), [(1000, 13, 1), (400, 7, 1), (40, 9, 1), (3, 16, 3), (1, 16, 3), (12, 9, 3)]
 )
 def test_ragged_channels_and_pixels_get_whole_tiles_and_agree(channels, size, kernel):
-    # 1000 output channels are padded to 1008 (sliced back); 13 x 13 = 169 pixels (a
+    # 1000 output channels are padded to 1024 (sliced back), 400 to 416: tiles two
+    # vectors wide; 13 x 13 = 169 pixels (a
     # prime square) run whole 8-pixel tiles and a masked last one. An image's 3 output
     # channels (super-resolution, decoders), a depth map's 1, and 12 are padded to a
     # multiple of 8 whatever the waste: no register tile divides them (TVM's generic
