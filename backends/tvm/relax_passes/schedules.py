@@ -1364,8 +1364,9 @@ def _rules() -> dict[str, Any]:
         return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
     class VectorizedElementwise(CpuRule):
-        """A single injective block: its static inner loops fused and vectorized by the
-        widest vector (16, 8 or 4 lanes on AVX-512) that divides them, the outer ones
+        """Injective blocks, inlined into the last (but a computed one read at several
+        taps: :func:`gathered_at_taps`): its static inner loops fused and vectorized by
+        the widest vector (16, 8 or 4 lanes on AVX-512) that divides them, the outer ones
         (symbolic sizes: a batch) parallel."""
 
         what = "elementwise"
@@ -1380,7 +1381,7 @@ def _rules() -> dict[str, Any]:
             # recomputed at every tap, with the producers inlined into it. GLPN's decoder
             # upsamples a fused ``x * a + y * b`` twice (56 -> 112 -> 224): the product ran
             # 16 times per output element and the first resize 4 times, 17 ms against
-            # 1.7 ms once each is written once.
+            # 1.2 ms once each is written once.
             # A copy (a transpose, a reshape: SegFormer's four maps before their resizes)
             # is inlined still: its taps cost index arithmetic only. Blocks are taken in
             # order, each after its producers were inlined into it.
