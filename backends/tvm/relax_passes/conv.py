@@ -72,6 +72,12 @@ PACKED_ANNOTATION = "rewriter.packed_conv"
 # (ShuffleNetV2's 116 and 58): without them TVM's generic rule ran the window scalar,
 # 9-18x slower.
 WINDOW_PIXELS = 8
+# Images kept apart (a symbolic batch, or a large one) take the widest window tile, over
+# each image's pixels flattened, unless their rows are at least this long and a narrower
+# tile's height divides them (SqueezeNet's first max pool, 55 x 55 x 64, at a symbolic
+# batch: 0.46 ms in masked 4 x 64 tiles, 0.18 in 5 x 32 row tiles as at a fixed batch of
+# 1); short rows keep the widest (EfficientNet-B0's 7 x 7 maps at batch 8).
+WINDOW_LONG_ROW = 16
 WINDOW_WIDTHS = (64, 32, 16, 8, 4, 2)
 # A window's padded copy of its input is made where each copied element is read at least
 # this many times and the copy fits WINDOW_BLOCK_BYTES, else the padding is tested in the
@@ -1125,7 +1131,7 @@ def rules() -> dict[str, Any]:
             pixels = math.prod(extents[keep : lead - 1]) if all(isinstance(e, int) for e in extents[keep : lead - 1]) else 0
             tile_j = widths[0]
             ragged = not (_row_tiles(width, self._pixels(tile_j)) or _whole_tiles(pixels, self._pixels(tile_j)))
-            if ragged and not keep:
+            if ragged and (not keep or (isinstance(width, int) and width >= WINDOW_LONG_ROW)):
                 tile_j = next((w for w in widths if _row_tiles(width, self._pixels(w))), tile_j)
             limit = self._pixels(tile_j)
             tail_extents = [iv.dom.extent for iv in sch.get(tail).iter_vars]
