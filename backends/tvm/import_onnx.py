@@ -619,6 +619,20 @@ def _clip(bb: Any, inputs: list, attrs: dict, opset: int) -> Any | None:
     return result
 
 
+def _empty(value: Any) -> bool:
+    """Whether ``value``'s shape has a static 0 (a tensor with no elements).
+
+    Swin3D-T's TorchScript export builds its shifted-window mask with 54 ``ScatterND``s,
+    one per window region; at a symbolic batch they are not folded, and where the shift
+    is 0 along the clip's frames a region is empty: TVM's ``scatter_nd`` lowering then
+    indexes modulo a zero extent, and the compile failed ("Divide by zero")."""
+    from tvm import tirx
+
+    shape = getattr(getattr(value, "ty", None), "shape", None)
+    values = getattr(shape, "values", None)
+    return values is not None and any(isinstance(d, tirx.IntImm) and int(d) == 0 for d in values)
+
+
 def _nms_box_limit(inputs: list) -> list:
     """NonMaxSuppression's inputs with ``max_output_boxes_per_class`` at most the number of
     boxes. TVM sizes its output by that limit (and makes an int32 literal of it), so
@@ -776,6 +790,8 @@ def _importer_class() -> type:
                 return padded
             if op_name == "Clip" and (clipped := _clip(self.bb, inputs, attrs, opset)) is not None:
                 return clipped
+            if op_name in ("ScatterND", "ScatterElements") and _empty(inputs[2]):
+                return inputs[0]  # no update: the data as it is (TVM's lowering divides by 0)
             converted = super()._convert_operator(op_name, inputs, attrs, opset)
             if op_name in ("Add", "Sub", "Mul", "Div"):
                 return _narrow_float_scalar(converted, inputs)

@@ -237,3 +237,30 @@ def test_two_flattens_of_one_tensor_compile_and_agree():
     got = backend.compile(model, "avx512").run({"x": x})["y"]
     want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["ScatterND", "ScatterElements"])
+def test_a_scatter_of_no_updates_compiles_at_a_symbolic_batch_and_agrees(op):
+    # Swin3D-T's shifted-window mask: 54 ScatterNDs, some over an empty region. TVM's
+    # scatter lowering indexed modulo the zero extent ("Divide by zero"): the symbolic
+    # compile was refused. No update leaves the data as it is.
+    from rewriter.backends import tvm as backend
+
+    index_shape = (0, 1) if op == "ScatterND" else (0, 4)
+    nodes = [helper.make_node(op, ["x", "index", "update"], ["s"]), helper.make_node("Add", ["s", "x"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [
+            numpy_helper.from_array(np.zeros(index_shape, np.int64), "index"),
+            numpy_helper.from_array(np.zeros((0, 4), np.float32), "update"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    compiled = backend.compile(model, "avx512")
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 4)).astype(np.float32)
+        expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_allclose(compiled.run({"x": x})["y"], expected, rtol=1e-6)
