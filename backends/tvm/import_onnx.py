@@ -44,7 +44,7 @@ import onnx_ir.passes.common
 from rewriter import input_sizes
 from rewriter.backends.tvm import ops, recurrent, shape_ops, shape_values
 from rewriter.backends.tvm.ops import KernelFactory
-from rewriter.backends.tvm.relax_passes import onnx_simplify
+from rewriter.backends.tvm.relax_passes import dims_of, onnx_simplify
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
 from rewriter.backends.tvm.relax_passes.unroll import unroll_loops
 from rewriter.errors import InputError
@@ -628,9 +628,8 @@ def _empty(value: Any) -> bool:
     indexes modulo a zero extent, and the compile failed ("Divide by zero")."""
     from tvm import tirx
 
-    shape = getattr(getattr(value, "ty", None), "shape", None)
-    values = getattr(shape, "values", None)
-    return values is not None and any(isinstance(d, tirx.IntImm) and int(d) == 0 for d in values)
+    dims = dims_of(value)
+    return dims is not None and any(isinstance(d, tirx.IntImm) and int(d) == 0 for d in dims)
 
 
 def _nms_box_limit(inputs: list) -> list:

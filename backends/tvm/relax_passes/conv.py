@@ -856,8 +856,7 @@ def rules() -> dict[str, Any]:
         per call."""
         kept = []
         for producer in producers:
-            body = sch.get(producer).body
-            if isinstance(body, tirx.BufferStore) and isinstance(body.value, tvm.ir.TensorLoad):
+            if schedules.copies(sch.get(producer)):
                 try:
                     sch.compute_inline(producer)
                     continue

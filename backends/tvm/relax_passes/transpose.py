@@ -61,9 +61,7 @@ def rule() -> Any:
                 return None
             if any(iv.iter_type != tirx.IterVar.DataPar for iv in stmt.iter_vars):
                 return None
-            if not isinstance(stmt.body, tirx.BufferStore) or not isinstance(
-                stmt.body.value, tvm.ir.TensorLoad
-            ):
+            if not schedules.copies(stmt):
                 return None  # a copy, nothing computed
             ivars = [iv.var for iv in stmt.iter_vars]
             write_index = list(stmt.body.indices)
