@@ -89,6 +89,7 @@ def relax_pipeline(
         activations,
         bf16_matmul,
         bind_shapes,
+        carried_channels,
         conv,
         conv_frames,
         conv_transpose,
@@ -136,6 +137,7 @@ def relax_pipeline(
     if not gpu:  # convolutions channels-last, for our conv schedules
         passes.append(conv_transpose.blocks_as_conv2d())  # upsampling blocks: 1 x 1 ones
         passes.append(conv.channels_last())  # 3-D ones then as 2-D ones over stacked taps
+        passes.append(carried_channels.carried())  # padded channels on to the next convolution
         # Then (on their NWC form) 1-D ones get whole tiles of frames (no masked last tile).
         passes.append(conv_frames.whole_tiles(target))
         # 3 x 3 convolutions over many output tiles: Winograd's F(2 x 2, 3 x 3).

@@ -113,7 +113,8 @@ def channels_last() -> tvm.transform.Pass:
     transposed once), taps that only ever read padding dropped (:func:`drop_dead_taps`),
     and convolutions whose output channels no whole vector divides (1000 classes, 40 or
     72 channels) get zero output channels up to a multiple of :data:`CHANNEL_MULTIPLE`
-    (:func:`pad_channels`), the extra ones sliced off."""
+    (:func:`pad_channels`), the extra ones sliced off (after the next convolution, where
+    every use of them leads into one: :mod:`.carried_channels`, the pass after this one)."""
     import tvm
     from tvm import relax
 
