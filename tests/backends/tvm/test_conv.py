@@ -642,6 +642,17 @@ def test_a_long_row_no_wide_tile_divides_takes_narrower_tiles_at_a_symbolic_batc
     assert "T.where" not in text, text
 
 
+@pytest.mark.parametrize("symbolic", [False, True])
+def test_a_short_row_of_images_kept_apart_takes_row_tiles(symbolic):
+    # A 7 x 7 map of 1152 channels at batch 8 (MNASNet's, EfficientNet's last stage): its
+    # images are kept apart, and 3 x 64 tiles over 49 flattened pixels were masked and
+    # divided by the width per load (2-3x the time); 7 x 32 tiles cover one row each.
+    text = _scheduled("window", 7, (5, 5, 1, 1152), 1, 1152, symbolic=symbolic, images=8)
+    assert "T.vectorized(T.int64(32))" in text, text
+    assert "T.unroll(T.int64(7))" in text, text
+    assert "T.where" not in text and "// T.int64(7)" not in text, text
+
+
 @pytest.mark.parametrize(
     ("kernel", "size", "unrolled"),
     [(3, 56, True), (3, 7, True), (5, 28, False), (7, 14, False)],
@@ -889,11 +900,12 @@ IMAGES_APART = [
     # swept the pixels of all images (MobileNetV3-small at batch 8: 1.45 ms against 0.78
     # ms for one 56 x 56 layer).
     pytest.param("conv", 16, (1, 1, 16, 32), 1, 32 << 10, (4, 256, 32), (1024, 32), id="conv-1x1"),
-    # 4 images of 7 x 7 x 64, a 5 x 5 depthwise window (EfficientNet's last stage): its
-    # tiles of 4 pixels span image rows (no tile divides 7); the padded input of every
-    # image, 124 KiB here, 4.4 MiB at batch 8 there (EfficientNet-B0 at batch 8, two
-    # threads: the model 11% faster image by image).
-    pytest.param("window", 7, (5, 5, 1, 64), 64, 64 << 10, (4, 49, 64), (196, 64), id="depthwise-5x5"),
+    # 4 images of 7 x 7 x 64, a 5 x 5 depthwise window (EfficientNet's last stage):
+    # flattened, its tiles of 4 pixels span image rows (no tile divides 7) over the padded
+    # input of every image, 124 KiB here, 4.4 MiB at batch 8 there (EfficientNet-B0 at
+    # batch 8, two threads: the model 11% faster image by image); apart, each tile is a
+    # row of an image (WINDOW_LONG_ROW), accumulated per image.
+    pytest.param("window", 7, (5, 5, 1, 64), 64, 64 << 10, (4, 7, 7, 64), (196, 64), id="depthwise-5x5"),
 ]
 
 
