@@ -9,17 +9,20 @@ early layers (24, 40, 72, 120 channels) ran 1.1-1.6x ONNX Runtime's time there, 
 blocked layout pads channels to 16 through the whole network. This pass moves each
 such slice down the graph, past every op that treats channels apart:
 
-- element-wise ops (a per-channel constant padded, a tensor of the narrow channels
-  padded by ``nn.pad``, a divisor with ones), pools, reductions over positions, a pad
-  of the positions: the op runs on the padded tensor, and the slice follows it;
+- element-wise ops whose other operands are carried too, constants (padded: with
+  zeros, a divisor with ones) or broadcast along the channels; pools, reductions over
+  positions, a pad of the positions: the op runs on the padded tensor, and the slice
+  follows it;
 - a depthwise convolution: its weight gets zero channels, its groups as many;
 - a dense convolution (the end): its weight gets zero input channels, which read the
   padded ones. Its output is the same.
 
-A convolution whose output no vector divides and whose every use leads, through such
-ops, into convolutions (:func:`absorbed`) is padded here as well, to a multiple of 16
-channels where that wastes at most :data:`MAX_CARRIED_WASTE` (24 -> 32): ORT's blocked
-layout pays the same.
+Only where every use of the value leads, through such ops, into dense convolutions
+(:meth:`_Graph.absorbed`): elsewhere (a grouped convolution, a transpose out of the
+convolutions, a model output) the slice stays where it was. A convolution whose output
+no vector divides and whose every use leads so is padded here as well, to a multiple of
+16 channels where that wastes at most :data:`MAX_CARRIED_WASTE` (24 -> 32): ORT's
+blocked layout pays the same.
 
 Exact: a padded channel starts as a zero (a zero weight's output, a constant's padding)
 and every carried op keeps it finite (no logarithm, no division by it), so the zero
@@ -340,9 +343,8 @@ class _Graph:
 
     def __init__(self) -> None:
         self.values: dict[Any, Any] = {}  # var -> the call it is bound to
-        self.reads: dict[
-            Any, list[tuple[Any, Any, int]]
-        ] = {}  # var -> (user's var, call, argument)
+        # var -> (the user's var, its call, the argument the var is)
+        self.reads: dict[Any, list[tuple[Any, Any, int]]] = {}
         self.other: set[Any] = set()  # read elsewhere: a tuple, an output, a non-call binding
         self.memo: dict[Any, bool] = {}  # paddable
         self.leading: set[Any] | None = None  # absorbed
