@@ -37,6 +37,14 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from rewriter.backends.tvm.relax_passes import dims_of
+from rewriter.backends.tvm.relax_passes.conv import (
+    CHANNEL_MULTIPLE,
+    _conv_like,
+    _is_op,
+    _number,
+    pad_axis,
+    padded_channels,
+)
 
 if TYPE_CHECKING:
     import tvm
@@ -89,8 +97,6 @@ def carried_channels(channels: int) -> int:
     >>> [carried_channels(n) for n in (24, 40, 72, 120, 8, 3, 64)]
     [32, 48, 80, 128, 8, 8, 64]
     """
-    from rewriter.backends.tvm.relax_passes.conv import CHANNEL_MULTIPLE, padded_channels
-
     whole = -(-channels // CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
     padded = padded_channels(channels)
     return whole if padded < whole and whole - channels <= MAX_CARRIED_WASTE * channels else padded
@@ -139,12 +145,12 @@ def carry_padded_channels(mod: tvm.IRModule) -> tvm.IRModule:
                 return self._narrow(
                     relax.Call(call.op, [source, *call.args[1:]], call.attrs), channels
                 )
-            weight = _constant(call.args[1])
-            wide = int(source.ty.shape.values[-1])
             if int(call.attrs.groups) != channels:
                 return call
+            weight = _constant(call.args[1])
+            wide = int(source.ty.shape.values[-1])
             # Zero weights for the padded channels, one group each.
-            padded = _conv_with(call, source, _pad_axis(weight, -1, wide - channels), groups=wide)
+            padded = _conv_with(call, source, pad_axis(weight, -1, wide - channels), groups=wide)
             return self._narrow(padded, channels)
 
         def _wide(self, arg: Any) -> tuple[Any, int] | None:
@@ -181,18 +187,21 @@ def carry_padded_channels(mod: tvm.IRModule) -> tvm.IRModule:
             return self._narrow(relax.Call(call.op, args, call.attrs), channels)
 
         def _dense(self, call: Any) -> Any:
-            weight = _constant(call.args[1])
             slice_ = self._wide(call.args[0])
+            outputs = (_constant_shape(call.args[1]) or [0])[-1]  # a constant (_kind)
+            wider = carried_channels(outputs)
+            widened = wider != outputs and self.graph.absorbed(self.binding)
+            if slice_ is None and not widened:
+                return call  # its weight is not copied out
+            weight = _constant(call.args[1])
             if slice_ is not None:  # zero input channels read the padded ones
                 source, channels = slice_
-                weight = _pad_axis(weight, -2, int(source.ty.shape.values[-1]) - channels)
+                weight = pad_axis(weight, -2, int(source.ty.shape.values[-1]) - channels)
                 call = _conv_with(call, source, weight)
-            outputs = int(weight.shape[-1])
-            wider = carried_channels(outputs)
-            if wider == outputs or not self.graph.absorbed(self.binding):
+            if not widened:
                 return call
             return self._narrow(
-                _conv_with(call, call.args[0], _pad_axis(weight, -1, wider - outputs)), outputs
+                _conv_with(call, call.args[0], pad_axis(weight, -1, wider - outputs)), outputs
             )
 
     graph = _Graph()
@@ -213,15 +222,8 @@ def _channel_slice(expr: Any) -> tuple[Any, int] | None:
     ``channels`` along the last axis, a float ``source`` with
     :func:`carried_channels` or ``padded_channels(channels)`` channels there."""
     import tvm
-    from tvm import relax
 
-    from rewriter.backends.tvm.relax_passes.conv import padded_channels
-
-    if not (
-        isinstance(expr, relax.Call)
-        and isinstance(expr.op, tvm.ir.Op)
-        and expr.op.name == "relax.strided_slice"
-    ):
+    if not _is_op(expr, "relax.strided_slice"):
         return None
     source, axes, begins, ends, *steps = expr.args
     shape = dims_of(source)
@@ -260,8 +262,6 @@ def _channels_last(attrs: Any) -> bool:
 def _over_positions(call: Any) -> bool:
     """Whether ``call`` reduces or pads positions only (a mean over the pixels, a zero pad
     of the map), never the last axis."""
-    from rewriter.backends.tvm.relax_passes.conv import _number
-
     name = call.op.name
     rank = getattr(call.args[0].ty, "ndim", -1)
     if rank < 2:
@@ -299,15 +299,6 @@ def _constant(expr: Any) -> Any:
     return None
 
 
-def _pad_axis(array: Any, axis: int, extra: int, fill: float = 0.0) -> Any:
-    """``array`` with ``extra`` entries of ``fill`` appended along ``axis``."""
-    import numpy as np
-
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (0, extra)
-    return np.pad(array, widths, constant_values=fill)
-
-
 def _padded(arg: Any, channels: int, wide: int, fill: float) -> Any:
     """``arg`` (the other operand of an element-wise op) against ``wide`` channels: as it
     is where it is broadcast along them, padded with ``fill`` where it is a constant of
@@ -323,14 +314,12 @@ def _padded(arg: Any, channels: int, wide: int, fill: float) -> Any:
     value = _constant(arg)
     if value is None or value.shape[-1] != channels:
         return None
-    return relax.const(_pad_axis(value, -1, wide - channels, fill), str(value.dtype))
+    return relax.const(pad_axis(value, -1, wide - channels, fill), str(value.dtype))
 
 
 def _conv_with(call: Any, data: Any, weight: Any, **changes: Any) -> Any:
     """``call`` (a convolution) over ``data`` and the constant ``weight``."""
     from tvm import relax
-
-    from rewriter.backends.tvm.relax_passes.conv import _conv_like
 
     return _conv_like(call, data, relax.const(weight, str(weight.dtype)), **changes)
 

@@ -478,7 +478,6 @@ def pad_channels(builder: Any, call: Any) -> Any:
     waste more than :data:`MAX_CHANNEL_WASTE` and no tile divides ``N``), sliced back to
     ``N`` channels (exact: the extra channels are computed from zeros and dropped). None
     where it does not apply."""
-    import numpy as np
     import tvm
     from tvm import relax
 
@@ -493,11 +492,19 @@ def pad_channels(builder: Any, call: Any) -> Any:
     padded = padded_channels(channels)
     if padded == channels:
         return None
-    widths = [(0, 0)] * (array.ndim - 1) + [(0, padded - channels)]
-    wide = relax.const(np.pad(array, widths), str(array.dtype))
+    wide = relax.const(pad_axis(array, -1, padded - channels), str(array.dtype))
     out = builder.emit(_conv_like(call, call.args[0], wide))
     rank = len(attrs.data_layout)
     return relax.op.strided_slice(out, axes=[rank - 1], begin=[0], end=[channels])
+
+
+def pad_axis(array: Any, axis: int, extra: int, fill: float = 0.0) -> Any:
+    """``array`` (numpy) with ``extra`` entries of ``fill`` appended along ``axis``."""
+    import numpy as np
+
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, extra)
+    return np.pad(array, widths, constant_values=fill)
 
 
 def live_taps(size: int, out: int, kernel: int, stride: int, dilation: int, before: int) -> range:

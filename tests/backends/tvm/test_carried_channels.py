@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rewriter.backends import tvm as backend
-from rewriter.backends.tvm import verify
 from rewriter.backends.tvm.relax_passes import carried_channels, conv
-
-TOLERANCE = verify.COMPILED_TOLERANCE["float32"]
+from tests.backends.tvm.test_conv import TOLERANCE, _run
 
 
 def inverted_residual(
@@ -106,14 +102,9 @@ def _channels_last(model: onnx.ModelProto) -> tuple[list[tuple[int, int, int]], 
 
 
 def _agreement(model: onnx.ModelProto, batch: int) -> float:
+    """The compiled model's error relative to ORT's output on a batch of ``batch``."""
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
-    x = np.random.default_rng(6).standard_normal([batch, *dims]).astype(np.float32)
-    reference = ort.InferenceSession(
-        model.SerializeToString(), providers=["CPUExecutionProvider"]
-    ).run(None, {"x": x})[0]
-    got = backend.compile(model, "avx512").run({"x": x})["y"]
-    assert got.shape == reference.shape
-    return float(np.abs(got - reference).max() / np.abs(reference).max())
+    return _run(model, [batch, *dims])[1]
 
 
 def test_padded_channels_reach_the_next_convolution_unsliced():
