@@ -3,7 +3,8 @@
 Shapes real models have whose output width (or row count) no register tile divides:
 a 1000-class head, BERT's 30522-word LM head, ViT's 197 tokens (its linears, and its
 attention scores ``Q @ K^T`` with K an input; ViT-B/16's rows at batch 8, 1576 = 8 x 197,
-which no L2 row block divides, and its 3072-deep MLP matmul). Each is compiled through our pipeline
+which no L2 row block divides, and its 3072-deep MLP matmul, there and at batch 8;
+DINOv2-S's at batch 8). Each is compiled through our pipeline
 (``rewriter.backends.tvm.compile``, which pads them to whole tiles: zero-padded weight
 panels at compile time, padded rows reading the last real one, zero-padded copies of
 computed B once per call), and
@@ -114,6 +115,22 @@ CASES = [
     # MLP's 3072-deep second matmul (rows x K and the 9.4 MB weight both past L2).
     ("blocks", "1576x768x2304 +b", dense(1576, 768, 2304, False), "M=1600", dense(1600, 768, 2304, False)),
     ("deep", "197x3072x768 +b", dense(197, 3072, 768, False), "M=192", dense(192, 3072, 768, False)),
+    # The same weight under ViT-B/16's 1576 rows (batch 8), and DINOv2-S's MLP weight
+    # (1536 x 384, 2.4 MB) under its 2056 = 8 x 257 rows: k blocks in column blocks.
+    (
+        "deep",
+        "1576x3072x768 +b",
+        dense(1576, 3072, 768, False),
+        "M=1600",
+        dense(1600, 3072, 768, False),
+    ),
+    (
+        "deep",
+        "2056x1536x384 +b",
+        dense(2056, 1536, 384, False),
+        "M=2048",
+        dense(2048, 1536, 384, False),
+    ),
 ]
 
 

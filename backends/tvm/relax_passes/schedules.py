@@ -20,8 +20,8 @@ loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
   one a workspace buffer in L1); batch, row blocks and panels are fused into the parallel
   loop. Rows that no L2-sized block divides go to equal blocks (1576 -> 5 x 320:
   :func:`padding`); where rows x K and B both overflow L2 (ViT-B/16's 3072 x 768 MLP
-  weight), ``k`` runs in serial blocks (:func:`k_block`), each a parallel pass whose
-  register tiles add into C. A weight streamed from memory past few row tiles (a batch-1
+  weight), ``k`` runs in blocks (:func:`k_block`) inside each column block of B's panels
+  (as MLAS does), each register tile adding into C. A weight streamed from memory past few row tiles (a batch-1
   matmul: at most 8 tiles, 2 MiB or more) has its next panel prefetched in the ``k``
   loop (:func:`prefetch_next_panel`). Shapes without whole tiles (N = 197 or 1000; 197 rows)
   are padded to them (:func:`padding`, :func:`zero_pad`): padded rows of A read A's last
@@ -64,8 +64,19 @@ K_UNROLL = 4
 # A row block of A (rows x K float32) is kept under this many bytes (half of L2).
 ROW_BLOCK_BYTES = 1 << 20
 # The k loop of a matmul whose rows and B both overflow L2 is cut into blocks this deep
-# (:func:`k_block`; 0: never). 768 and 1024 measured alike on ViT-B/16's MLP, 384 worse.
-K_CHUNK = 768
+# (:func:`k_block`; 0: never), inside each column block of PANEL_GROUP panels of B, as
+# MLAS does (its packed B's blocks: 256 deep, 128 columns wide): a row tile of A's k block
+# stays in L1 across the group's panels, the group's B block (512 x 128 floats: 256 KiB) in
+# L2, and each register tile adds into the column block of C, which stays in L2 from one k
+# block to the next. Depths from 2 x K_CHUNK (1024) are cut.
+# Emerald Rapids, one thread, ours / ONNX Runtime's time for the MatMul + Add
+# (benchmarks/matmul_shapes.py --only deep): 1576 x 3072 x 768 (ViT-B/16's MLP at batch 8
+# as rows) 1.32 -> 1.04, 2056 x 1536 x 384 (DINOv2-S's at batch 8) 1.37 -> 0.97, 197 rows
+# 1.08 -> 1.05; before, each k block was a parallel pass over all of C with its panels
+# outside (768 deep). 256 deep with groups of 4 or 8 panels measured 1-5% slower than 512
+# with 4.
+K_CHUNK = 512
+PANEL_GROUP = 4
 # A packed weight of at least this many bytes (half an L2: in a model, the other layers'
 # weights evict it between calls), read by at most PREFETCH_MAX_TILES row tiles of at
 # least PREFETCH_MIN_ROWS rows (a batch-1 matmul's few rows), is streamed from memory while
@@ -360,7 +371,9 @@ def prefetch_max_tiles(target: tvm.target.Target) -> int:
     return PREFETCH_MAX_TILES_BY_CPU.get(targets.tuned_cpu(target), PREFETCH_MAX_TILES)
 
 
-def streams_weight(weight_bytes: int, tile_rows: int, tiles: int, max_tiles: int | None = None) -> bool:
+def streams_weight(
+    weight_bytes: int, tile_rows: int, tiles: int, max_tiles: int | None = None
+) -> bool:
     """Whether a packed weight of ``weight_bytes`` read by ``tiles`` register tiles of
     ``tile_rows`` rows streams from memory as it is multiplied, so that its next panel is
     worth prefetching (:func:`prefetch_next_panel`; :data:`PREFETCH_MIN_BYTES`,
@@ -377,7 +390,9 @@ def streams_weight(weight_bytes: int, tile_rows: int, tiles: int, max_tiles: int
     (False, True)
     """
     limit = PREFETCH_MAX_TILES if max_tiles is None else max_tiles
-    return weight_bytes >= PREFETCH_MIN_BYTES and tile_rows >= PREFETCH_MIN_ROWS and 0 < tiles <= limit
+    return (
+        weight_bytes >= PREFETCH_MIN_BYTES and tile_rows >= PREFETCH_MIN_ROWS and 0 < tiles <= limit
+    )
 
 
 def prefetch_next_panel(
@@ -442,7 +457,11 @@ def prefetch_next_panel(
             )
         if stride > 1:
             out = [tirx.IfThenElse(tirx.floormod(position, stride) == 0, out[0], None)]
-        return out if guard is None else [tirx.IfThenElse(guard, tirx.SeqStmt(out) if len(out) > 1 else out[0], None)]
+        return (
+            out
+            if guard is None
+            else [tirx.IfThenElse(guard, tirx.SeqStmt(out) if len(out) > 1 else out[0], None)]
+        )
 
     def with_prefetches(loop: Any) -> Any:
         if not loop.loop_var.same_as(at.loop_var):
@@ -645,7 +664,11 @@ def row_width(length: int, lanes: int, period: int | None) -> int:
     (4, 4, 0)
     """
     return next(
-        (w for w in (lanes, lanes // 2, lanes // 4) if w >= 2 and length % w == 0 and (period is None or period % w == 0)),
+        (
+            w
+            for w in (lanes, lanes // 2, lanes // 4)
+            if w >= 2 and length % w == 0 and (period is None or period % w == 0)
+        ),
         0,
     )
 
@@ -952,9 +975,12 @@ def _rules() -> dict[str, Any]:
             # to split: rows_outside).
             scope = tile_scope(tile_i, tile_j)
             if ko is not None:
-                sch.reorder(ko, *outer, mo, *k_loops, mi, ji)
+                # Column blocks of PANEL_GROUP panels, each through every k block.
+                group = _largest_divisor(-(-cols // tile_j), PANEL_GROUP) or 1
+                jb, jg = sch.split(jo, [None, group])
+                sch.reorder(*batch, mc, jb, ko, mo, jg, *k_loops, mi, ji)
                 return self._k_blocked(
-                    sch, block, len(outer), len(k_loops), epilogue, pad_copies, scope
+                    sch, block, len(batch) + 2, len(k_loops), epilogue, pad_copies, scope
                 )
             static_batch = static_extents(sch, batch)
             tiles = -(-rows // tile_i) if rows else 0
@@ -1025,7 +1051,9 @@ def _rules() -> dict[str, Any]:
                 guard = None
                 if not tiles:  # the next panel once, by the first row tiles; where few enough run
                     guard = tirx.all(position < nominal * k_outer.extent, row_tile.extent <= limit)
-                return prefetch_next_panel(sch, weight, k_outer, panel, position, (nominal, steps), guard)
+                return prefetch_next_panel(
+                    sch, weight, k_outer, panel, position, (nominal, steps), guard
+                )
             return sch
 
         def _unmasked_copy(self, sch: Any, copy: Any) -> None:
@@ -1079,14 +1107,18 @@ def _rules() -> dict[str, Any]:
             pad_copies: list[Any],
             scope: str,
         ) -> Any:
-            """Schedule ``block``, its loops ``ko, outer..., mo, k..., mi, ji``, in depth
-            blocks (:func:`k_block`): each block of ``k`` is a parallel pass over the
-            output, whose register tiles (``rfactor``: the block's partial sums) add into
-            C; C is zeroed before, and the epilogue reads it after, both row-parallel."""
-            rf = sch.rfactor(sch.get_loops(block)[0], factor_axis=0)
+            """Schedule ``block``, its loops ``outer..., ko, mo, jg, k..., mi, ji`` (``n_outer``
+            parallel loops: batch, row blocks, column blocks) in depth blocks (:func:`k_block`):
+            in each column block, for each block of ``k``, each register tile (``rfactor``:
+            the block's partial sums) adds into C; C's block is zeroed before its first
+            ``k`` block, and the epilogue reads C after, row-parallel."""
+            from tvm import tirx
+
+            loops = sch.get_loops(block)
+            rf = sch.rfactor(loops[n_outer], factor_axis=0)
             sch.set_scope(rf, 0, scope)  # the register tile: on the stack if it fits
             loops = sch.get_loops(rf)
-            sch.reverse_compute_at(block, loops[n_outer + 1])
+            sch.reverse_compute_at(block, loops[n_outer + 2])  # after each tile's k loop
             sch.vectorize(loops[-1])
             sch.unroll(loops[-2])
             if n_k == 2:
@@ -1094,10 +1126,14 @@ def _rules() -> dict[str, Any]:
             accumulate = sch.get_loops(block)
             sch.vectorize(accumulate[-1])
             sch.unroll(accumulate[-2])
-            sch.parallel(sch.fuse(*loops[1 : n_outer + 1]) if n_outer > 1 else loops[1])
-            sch.decompose_reduction(rf, loops[n_outer + 2])
-            zero = sch.decompose_reduction(block, loops[0])
-            for nest in [zero, *pad_copies, *[info.block_rv for info in epilogue[-1:]]]:
+            sch.parallel(sch.fuse(*loops[:n_outer]) if n_outer > 1 else loops[0])
+            sch.decompose_reduction(rf, loops[n_outer + 3])
+            zero = sch.decompose_reduction(block, loops[n_outer])  # C's block, in the thread
+            inner = sch.get_loops(zero)[-1]
+            extent = sch.get(inner).extent
+            if isinstance(extent, tirx.IntImm) and int(extent) % self.lanes == 0:
+                sch.vectorize(sch.split(inner, [None, self.lanes])[1])
+            for nest in [*pad_copies, *[info.block_rv for info in epilogue[-1:]]]:
                 rows_parallel(sch, nest, self.lanes)
             return sch
 
@@ -1142,7 +1178,9 @@ def _rules() -> dict[str, Any]:
         if not a_index[-1].same_as(k_var) or len(b_index) < 2:
             return None
         if b_index[-1].same_as(j_var) and b_index[-2].same_as(k_var):
-            if len(b_index) == 3 and _one_panel(b_index[0], stmt.iter_vars[-2], stmt.reads[1].source):
+            if len(b_index) == 3 and _one_panel(
+                b_index[0], stmt.iter_vars[-2], stmt.reads[1].source
+            ):
                 return int(stmt.reads[1].source.shape[2])
             return 0
         return _packed_width(b_index, j_var, k_var, stmt.reads[1].source)

@@ -608,25 +608,38 @@ def test_rows_without_a_dividing_row_block_are_padded_to_equal_blocks(monkeypatc
 )
 def test_deep_matmul_is_cut_into_k_blocks_and_agrees(monkeypatch, epilogue, weight_input):
     # Scaled down (16 KiB row blocks, 64-deep k blocks): rows x K and K x N both
-    # overflow the row block, so k runs in 256 / 64 = 4 serial blocks, each a parallel
-    # pass whose register tiles add into C.
+    # overflow the row block, so in each column block of PANEL_GROUP panels k runs in
+    # 256 / 64 = 4 blocks, each register tile adding into C.
     import tvm
 
     monkeypatch.setattr(schedules, "ROW_BLOCK_BYTES", 16 * 1024)
     monkeypatch.setattr(schedules, "K_CHUNK", 64)
-    model = dense_model((1, 40, 256), 64, epilogue, weight_input=weight_input)
+    model = dense_model((1, 40, 256), 256, epilogue, weight_input=weight_input)
     (func,) = [f for name, f in scheduled(model).items() if "matmul" in name]
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock("matmul_rf_update"))]
-    assert (loops[0].kind, int(loops[0].extent)) == (tvm.tirx.ForKind.SERIAL, 4)
-    assert loops[1].kind == tvm.tirx.ForKind.PARALLEL
-    assert [(loop.kind, int(loop.extent)) for loop in loops[-3:]] == [
-        (tvm.tirx.ForKind.UNROLLED, schedules.K_UNROLL),
-        (tvm.tirx.ForKind.UNROLLED, 8),
-        (tvm.tirx.ForKind.VECTORIZED, 32),
+
+    def loops(name: str) -> list[tuple[tvm.tirx.ForKind, int]]:
+        nest = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(name))]
+        return [(loop.kind, int(loop.extent)) for loop in nest]
+
+    serial, parallel = tvm.tirx.ForKind.SERIAL, tvm.tirx.ForKind.PARALLEL
+    unrolled, vectorized = tvm.tirx.ForKind.UNROLLED, tvm.tirx.ForKind.VECTORIZED
+    # Column blocks (256 / 32 / 4), k blocks, row tiles, the block's 4 panels, k, the tile.
+    assert loops("matmul_rf_update") == [
+        (parallel, 2),
+        (serial, 4),
+        (serial, 5),
+        (serial, schedules.PANEL_GROUP),
+        (serial, 64 // schedules.K_UNROLL),
+        (unrolled, schedules.K_UNROLL),
+        (unrolled, 8),
+        (vectorized, 32),
     ]
+    # Each tile adds into C after its k block; C's block is zeroed in the same thread.
+    assert loops("matmul_update")[:4] == loops("matmul_rf_update")[:4]
+    assert loops("matmul_init")[0] == (parallel, 2)
     assert_agrees_with_ort(model)
 
 
