@@ -311,7 +311,10 @@ def _writes(
     report_json: str | Path | None,
     plots: Mapping[RewritePass, str],
 ) -> list[tuple[str, str | Path]]:
-    """Every file the job may write, by role (the data file whether or not it is needed)."""
+    """Every file the job may write, by role (the data file whether or not it is needed).
+    The output model's location is checked first: its data file's name is derived from
+    it (``-o .`` has no file name to derive one from)."""
+    paths.check_output_location(destination, paths.OUTPUT_MODEL)
     writes: list[tuple[str, str | Path]] = [
         (paths.OUTPUT_MODEL, destination),
         (paths.OUTPUT_DATA, io.data_file(destination)),

@@ -131,11 +131,11 @@ def test_missing_report_folder_is_refused_before_the_model_is_written(folder, ca
     assert snapshot(folder) == before
 
 
-@pytest.mark.parametrize("output", ["newdir/", "sub/", "sub"])
+@pytest.mark.parametrize("output", ["newdir/", "sub/", "sub", ".", "..", ""])
 def test_output_that_names_a_folder(output, folder, capsys):
     before = snapshot(folder)
     code, lines = run_cli(["m.onnx", *PASSES, "-o", output], capsys)
-    assert_refused(code, lines, "must be a file name|is a folder")
+    assert_refused(code, lines, "must be a file name|is a folder|an output path is required")
     assert snapshot(folder) == before  # no file 'newdir'
 
 

@@ -352,6 +352,10 @@ class Session:
             staged = (to_tvm(view), view, None)
             self._staging[name] = staged
         tensor, view, torch_view = staged
+        if tensor is None:  # no memory to share (an empty input: a zero-size axis)
+            import tvm
+
+            return tvm.runtime.tensor(np.ascontiguousarray(value), tvm.cpu(0))
         if _is_torch(value):
             if torch_view is None:
                 import torch

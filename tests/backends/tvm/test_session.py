@@ -249,6 +249,22 @@ def test_symbolic_rows_with_out_arrays():
         session.run({"x": _input(3)}, out={"y": aligned_empty((4, COLS))})
 
 
+@pytest.mark.parametrize("static", [True, False], ids=["fixed", "symbolic"])
+def test_an_empty_input_runs(static):
+    # A zero-size axis: no memory to share through DLPack (the staged buffer has none
+    # either); the run gets an empty TVM tensor and returns an empty output. Before, the
+    # CLI's verification of such a model ended in an internal error.
+    compiled = backend.compile(softmax_model(0 if static else "rows"), "avx512")
+    session = compiled.session()
+    for x in (np.zeros((0, COLS), np.float32), _input(2)[:0]):
+        assert session.run({"x": x})["y"].shape == (0, COLS)
+    if not static:
+        x = _input(3)
+        np.testing.assert_allclose(
+            session.run({"x": x})["y"], reference(x), atol=ABS_TOLERANCE, rtol=0
+        )
+
+
 def test_exported_library_keeps_main_out(compiled, tmp_path):
     library = compiled.export(tmp_path / "softmax.so")
     session = backend.load(library).session()
