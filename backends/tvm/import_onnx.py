@@ -121,6 +121,7 @@ def prepare(
     >>> proto = prepare("bert.onnx", dims={"batch": 1, "sequence": 128})  # doctest: +SKIP
     """
     work = to_ir(model)
+    input_names = [value.name or "" for value in work.graph.inputs]
     if dims:
         _fix_dims(work, dims)
     # Ops with a kernel of ours lose their function body here; the others keep it and
@@ -190,7 +191,36 @@ def prepare(
         from rewriter.backends.tvm.relax_passes import qdq_matmul  # imports tvm (the kernel's)
 
         qdq_matmul.fuse(work, amx=int8_amx)
+    _restore_input_names(work.graph, input_names)
     return ir.serde.serialize_model(work)
+
+
+def _restore_input_names(graph: ir.Graph, names: list[str]) -> None:
+    """Give the graph inputs their names back where onnxscript's optimizer changed them.
+
+    Its ``OutputFixPass`` renames an input that is also a graph output (a model that
+    returns an input as it is: ``x`` -> ``x_orig``) and copies it to the output by an
+    Identity; the library then asked its callers for ``x_orig``. The Identity goes
+    again, the output is the input itself (TVM returns the argument; the library copies
+    it into a buffer of its own: ``outputs_as_params``)."""
+    if len(graph.inputs) != len(names):
+        return
+    for value, name in zip(graph.inputs, names, strict=True):
+        if not name or value.name == name:
+            continue
+        for index, output in enumerate(graph.outputs):
+            producer = output.producer()
+            if (
+                output.name == name
+                and producer is not None
+                and producer.op_type == "Identity"
+                and producer.inputs[0] is value
+                and not output.uses()
+            ):
+                graph.outputs[index] = value
+                graph.remove(producer, safe=True)
+                value.name = name
+                break
 
 
 # onnxscript rewrite rules that break a model: Flatten2Reshape names the Shape it inserts

@@ -177,6 +177,27 @@ def test_inputs_are_checked_by_name_and_dtype():
         compiled.run({"x": np.zeros((2, 5, 24))})
 
 
+def test_an_input_returned_as_it_is_keeps_its_name():
+    # onnxscript's optimizer renames an input that is also an output (x -> x_orig, an
+    # Identity to x); the library asked for "x_orig" and the CLI refused the model.
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "passthrough",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    compiled = backend.compile(model, "llvm")
+    assert compiled.input_names == ["x"] and compiled.output_names == ["x", "y"]
+    x = np.random.default_rng(SEED).standard_normal((3, 4)).astype(np.float32)
+    outputs = compiled.run({"x": x})
+    np.testing.assert_array_equal(outputs["x"], x)
+    np.testing.assert_array_equal(outputs["y"], np.maximum(x, 0))
+
+
 # --- a tiny transformers BERT ---------------------------------------------------------
 
 BERT_DIMS = {"batch": 2, "sequence": 16}
