@@ -67,6 +67,12 @@ def add_out_function(mod: tvm.IRModule) -> tvm.IRModule:
     main = mod["main"]
     if not isinstance(main, relax.Function) or not isinstance(main.body, relax.SeqExpr):
         return mod
+    if _branches(main):
+        # An output made in a branch of an If (a model with control flow): rebound as
+        # this pass rebinds it, TVM's memory planning met one call twice and aborted the
+        # build ("Check failed: (!token_map_.count(call))"). Session copies main's outputs.
+        logger.info("main branches (an If): no main_out")
+        return mod
     leaves = _leaves(main.body.body, _bindings(main))
     if leaves is None or not all(
         isinstance(leaf.ty, relax.TensorType) and leaf.ty.shape is not None for leaf in leaves
@@ -255,3 +261,14 @@ def _out_function(main: relax.Function) -> relax.Function:
     return out.with_attrs(
         {"global_symbol": OUT_FUNCTION, "num_input": len(func.params) + len(params)}
     )
+
+
+def _branches(function: relax.Function) -> bool:
+    """Whether ``function`` has an ``If``."""
+    from tvm import relax
+
+    found: list[bool] = []
+    relax.analysis.post_order_visit(
+        function, lambda node: found.append(True) if isinstance(node, relax.If) else None
+    )
+    return bool(found)
