@@ -21,9 +21,9 @@ loop. :func:`cpu_schedule` applies, through ``tvm.s_tir.dlight``'s
   loop. Rows that no L2-sized block divides go to equal blocks (1576 -> 5 x 320:
   :func:`padding`); where rows x K and B both overflow L2 (ViT-B/16's 3072 x 768 MLP
   weight), ``k`` runs in blocks (:func:`k_block`) inside each column block of B's panels
-  (as MLAS does), each register tile adding into C. A weight streamed from memory past few row tiles (a batch-1
-  matmul: at most 8 tiles, 2 MiB or more) has its next panel prefetched in the ``k``
-  loop (:func:`prefetch_next_panel`). Shapes without whole tiles (N = 197 or 1000; 197 rows)
+  (as MLAS does), each register tile adding into C. A weight streamed from memory past
+  few row tiles (a batch-1 matmul: at most 8 tiles, 2 MiB or more) has its next panel
+  prefetched in the ``k`` loop (:func:`prefetch_next_panel`). Shapes without whole tiles (N = 197 or 1000; 197 rows)
   are padded to them (:func:`padding`, :func:`zero_pad`): padded rows of A read A's last
   row (:func:`clamp_rows`: no copy), a computed B's padded columns are a zero-padded copy
   made once per call, and the epilogue writes only the real part; a packed B
