@@ -18,7 +18,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from rewriter import verify
-from rewriter.errors import VerificationError
+from rewriter.errors import InputError, VerificationError
 from rewriter.job import Verification
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,14 @@ def verify_rewrite(
     True
     """
     with torch.no_grad(), _buffers_restored(original, rewritten):
-        reference = _run_seeded(original, args, kwargs, seed)
+        try:
+            reference = _run_seeded(original, args, kwargs, seed)
+        except Exception as exc:  # the caller's module and inputs: not a rewrite's fault
+            lines = str(exc).strip().splitlines()
+            raise InputError(
+                f"the original module fails on example_inputs "
+                f"({type(exc).__name__}: {lines[0] if lines else ''})"
+            ) from exc
         candidate = _run_seeded(rewritten, args, kwargs, seed)
     ref_leaves, ref_spec = pytree.tree_flatten_with_path(reference)
     cand_leaves, cand_spec = pytree.tree_flatten_with_path(candidate)

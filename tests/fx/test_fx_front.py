@@ -41,6 +41,19 @@ def test_untraceable_module_without_inputs_is_an_input_error() -> None:
         rfx.rewrite(Branchy(), "two-pass-softmax")
 
 
+def test_inputs_the_original_module_cannot_take_are_an_input_error() -> None:
+    # Before: the module's own IndexError / NotImplementedError came out of the API.
+    class Scores(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(x @ x.transpose(-1, -2), dim=-1)
+
+    with pytest.raises(InputError, match=r"original module fails on example_inputs \(IndexError"):
+        rfx.rewrite(Scores(), ["two-pass-softmax"], example_inputs=(torch.randn(3),))
+    integers = torch.ones(2, 4, 8, dtype=torch.int64)
+    with pytest.raises(InputError, match="original module fails on example_inputs"):
+        rfx.rewrite(Scores(), ["two-pass-softmax"], example_inputs=(integers,))
+
+
 def test_report_json_has_the_onnx_report_shape() -> None:
     _, report = rfx.rewrite(nn.Softmax(-1), "two-pass-softmax", (torch.randn(2, 3),))
     document = json.loads(json.dumps(report.to_json()))
