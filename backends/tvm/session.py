@@ -140,8 +140,10 @@ def to_tvm(array: Any) -> Any:
     if type(array) is not np.ndarray:
         return tvm_ffi.from_dlpack(array.detach()) if _aligned_torch(array) else None
     flags = array.flags
-    # Checked first: the error tvm_ffi raises otherwise costs ~20 us on each call.
-    if not (flags.c_contiguous and flags.writeable) or array.ctypes.data % ALIGNMENT:
+    # Checked first: the error tvm_ffi raises otherwise costs ~20 us on each call. An
+    # empty array's strides may be zeros (np.zeros((0, 4))), which a kernel's argument
+    # check refuses: it is not shared (nothing to share).
+    if not (flags.c_contiguous and flags.writeable and array.size) or array.ctypes.data % ALIGNMENT:
         return None
     try:
         if array.dtype.kind not in "biufc":  # bfloat16 and float8 (ml_dtypes): as integers
@@ -355,7 +357,7 @@ class Session:
         if tensor is None:  # no memory to share (an empty input: a zero-size axis)
             import tvm
 
-            return tvm.runtime.tensor(np.ascontiguousarray(value), tvm.cpu(0))
+            return tvm.runtime.empty(shape, dtype_name(value), tvm.cpu(0))
         if _is_torch(value):
             if torch_view is None:
                 import torch
