@@ -33,3 +33,14 @@ def shorten(text: str, limit: int = 80) -> str:
     'xxxxx...'
     """
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name where it has none): a library's
+    error in a one-line message.
+
+    >>> first_line(ValueError("bad shape\\n  at node 3")), first_line(KeyError())
+    ('bad shape', 'KeyError')
+    """
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from rewriter import paths, staging
-from rewriter.errors import InputError, shorten
+from rewriter.errors import InputError, first_line, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def load_with_sources(path: str | os.PathLike[str]) -> tuple[ir.Model, list[Path
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
+        raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
     if not proto.graph.node and not proto.graph.output:
         raise InputError(f"{path}: not an ONNX model (no graph)")
     data_files = _check_external_data(proto, path.parent)
@@ -70,7 +70,7 @@ def load_with_sources(path: str | os.PathLike[str]) -> tuple[ir.Model, list[Path
         with gc_paused():
             model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir raises several types on malformed protos
-        raise InputError(f"{path}: malformed ONNX model ({_first_line(exc)})") from exc
+        raise InputError(f"{path}: malformed ONNX model ({first_line(exc)})") from exc
     # External tensors are memory-mapped from the input's folder, read-only.
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model, data_files
@@ -88,7 +88,7 @@ def check_model(path: str | os.PathLike[str], *, name: str | os.PathLike[str] | 
     try:
         onnx.checker.check_model(os.fspath(path), full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, and others from C++
-        raise InputError(f"{name or path}: invalid ONNX model ({_first_line(exc)})") from exc
+        raise InputError(f"{name or path}: invalid ONNX model ({first_line(exc)})") from exc
 
 
 def data_file(path: str | os.PathLike[str]) -> Path:
@@ -267,7 +267,3 @@ def _tensor_bytes_of(tensor: onnx.TensorProto) -> int | None:
 def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from onnx.external_data_helper._get_all_tensors(proto)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

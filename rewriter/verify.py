@@ -34,7 +34,7 @@ import onnx
 import onnxruntime as ort
 
 from rewriter import input_sizes
-from rewriter.errors import InputError, shorten
+from rewriter.errors import InputError, first_line, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -313,12 +313,8 @@ def session(
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types
         where = "the model" if isinstance(model, bytes) else str(model)
-        raise InputError(f"ONNX Runtime cannot load {where}: {_first_line(exc)}") from exc
+        raise InputError(f"ONNX Runtime cannot load {where}: {first_line(exc)}") from exc
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def run(model: str | Path | bytes, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -345,7 +341,7 @@ def run_original(
     except Exception as exc:  # ONNX Runtime raises its own exception types
         shapes = ", ".join(f"{name}{list(np.shape(value))}" for name, value in inputs.items())
         if not generated:
-            raise InputError(f"ONNX Runtime cannot run the original model on --inputs ({shapes}): {_first_line(exc)}") from exc
+            raise InputError(f"ONNX Runtime cannot run the original model on --inputs ({shapes}): {first_line(exc)}") from exc
         symbolic = sorted({str(dim) for spec in input_specs(model) for dim in spec.dims if isinstance(dim, str) and dim})
         hint = (
             f"give the sizes of its symbolic dimensions ({', '.join(symbolic)}) with --dim NAME=SIZE, or real inputs with --inputs"
@@ -353,7 +349,7 @@ def run_original(
             else "give real inputs with --inputs"
         )
         raise InputError(
-            f"ONNX Runtime cannot run the original model on the generated inputs ({shapes}): {_first_line(exc)}; {hint}"
+            f"ONNX Runtime cannot run the original model on the generated inputs ({shapes}): {first_line(exc)}; {hint}"
         ) from exc
 
 
@@ -562,14 +558,14 @@ def load_inputs(path: str | Path, model: str | Path | onnx.ModelProto, *, what: 
     except FileNotFoundError as exc:
         raise InputError(f"{path}: no such {what} file") from exc
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: not a readable .npz {what} file ({_first_line(exc)})") from exc
+        raise InputError(f"{path}: not a readable .npz {what} file ({first_line(exc)})") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise InputError(f"{path}: a single array, not an .npz archive of {what} keyed by input name (np.savez)")
     try:
         with archive:
             inputs = {name: archive[name] for name in archive.files}
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: not a readable .npz {what} file ({_first_line(exc)})") from exc
+        raise InputError(f"{path}: not a readable .npz {what} file ({first_line(exc)})") from exc
     check_inputs(inputs, model, source=f"{path}")
     return inputs
 

@@ -20,7 +20,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from rewriter import verify
-from rewriter.errors import InputError, VerificationError
+from rewriter.errors import InputError, VerificationError, first_line
 from rewriter.fx.pass_base import FxPass
 from rewriter.fx.registry import parse_fx_pipeline
 from rewriter.fx.verify import verify_rewrite
@@ -139,7 +139,7 @@ def _graph_module(
         try:
             gm, traced_with = fx.symbolic_trace(model), "symbolic_trace"
         except Exception as exc:  # tracing raises whatever the model's code raises on proxies
-            reason = f"torch.fx.symbolic_trace failed ({type(exc).__name__}: {_first_line(exc)})"
+            reason = f"torch.fx.symbolic_trace failed ({type(exc).__name__}: {first_line(exc)})"
             if args is None:
                 raise InputError(
                     f"{reason}; pass example_inputs to trace with torch.export"
@@ -148,7 +148,7 @@ def _graph_module(
                 gm = torch.export.export(model, args, kwargs).module()
             except Exception as export_exc:
                 raise InputError(
-                    f"{reason}; torch.export failed too ({_first_line(export_exc)})"
+                    f"{reason}; torch.export failed too ({first_line(export_exc)})"
                 ) from export_exc
             notes.append(f"{reason}: traced with torch.export instead")
             traced_with = "torch.export"
@@ -169,9 +169,5 @@ def _propagate_meta(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
         with mode:
             ShapeProp(gm).propagate(*fake_args)
     except Exception as exc:  # a model fake tensors cannot run: rewrite without metadata
-        logger.info("shape propagation failed (%s); dtypes and ranks unknown", _first_line(exc))
+        logger.info("shape propagation failed (%s); dtypes and ranks unknown", first_line(exc))
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

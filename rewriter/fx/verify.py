@@ -18,7 +18,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from rewriter import verify
-from rewriter.errors import InputError, VerificationError
+from rewriter.errors import InputError, VerificationError, first_line
 from rewriter.job import Verification
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,9 @@ def verify_rewrite(
         try:
             reference = _run_seeded(original, args, kwargs, seed)
         except Exception as exc:  # the caller's module and inputs: not a rewrite's fault
-            lines = str(exc).strip().splitlines()
             raise InputError(
-                f"the original module fails on example_inputs "
-                f"({type(exc).__name__}: {lines[0] if lines else ''})"
+                "the original module fails on example_inputs "
+                f"({type(exc).__name__}: {first_line(exc)})"
             ) from exc
         candidate = _run_seeded(rewritten, args, kwargs, seed)
     ref_leaves, ref_spec = pytree.tree_flatten_with_path(reference)
