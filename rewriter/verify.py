@@ -561,13 +561,46 @@ def load_inputs(path: str | Path, model: str | Path | onnx.ModelProto, *, what: 
         raise InputError(f"{path}: not a readable .npz {what} file ({first_line(exc)})") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise InputError(f"{path}: a single array, not an .npz archive of {what} keyed by input name (np.savez)")
+    inputs = {}
     try:
         with archive:
-            inputs = {name: archive[name] for name in archive.files}
+            assert archive.zip is not None  # None only once closed
+            _check_member_sizes(archive.zip, path)
+            for name in archive.files:
+                try:
+                    inputs[name] = archive[name]
+                except MemoryError as exc:
+                    raise InputError(f"{path}: member '{name}' does not fit in memory ({first_line(exc)})") from exc
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: not a readable .npz {what} file ({first_line(exc)})") from exc
     check_inputs(inputs, model, source=f"{path}")
     return inputs
+
+
+def _check_member_sizes(archive: zipfile.ZipFile, path: str | Path) -> None:
+    """Refuse an ``.npy`` member whose header declares more data than the member holds,
+    before numpy allocates the array: a 200-byte file can declare terabytes. The zip
+    entry records the member's uncompressed size, and reading stops there, so the data
+    can never be longer than that (compressed or not)."""
+    formats = np.lib.format
+    for info in archive.infolist():
+        with archive.open(info) as member:
+            if member.read(len(formats.MAGIC_PREFIX)) != formats.MAGIC_PREFIX:
+                continue  # not an array: numpy reads it as bytes, and check_inputs refuses those
+            member.seek(0)
+            version = formats.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                continue  # too new to read here: numpy reads it (a MemoryError is caught there)
+            read_header = formats.read_array_header_1_0 if version == (1, 0) else formats.read_array_header_2_0
+            shape, _, dtype = read_header(member)
+            declared = math.prod(shape) * dtype.itemsize
+            held = info.file_size - member.tell()
+            if not dtype.hasobject and declared > held:
+                name = info.filename.removesuffix(".npy")
+                raise InputError(
+                    f"{path}: member '{name}' declares shape {shape} {dtype} ({declared} bytes of data) "
+                    f"but holds {held} bytes"
+                )
 
 
 def check_calibration(inputs: Mapping[str, np.ndarray], *, source: str) -> None:

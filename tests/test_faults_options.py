@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,35 @@ def test_inputs_that_are_a_folder_or_hold_pickles(folder, capsys):
     _refused(folder, capsys, ["m.onnx", *PASSES, "-o", "o.onnx", "--inputs", "dir.npz"], "dir.npz: not a readable .npz")
     np.savez(folder / "objects.npz", x=np.array([{"a": 1}], dtype=object))
     _refused(folder, capsys, ["m.onnx", *PASSES, "-o", "o.onnx", "--inputs", "objects.npz"], "objects.npz: not a readable")
+
+
+def _npy_member(shape: str, data: bytes = b"") -> bytes:
+    """An ``.npy`` file of float32 declaring ``shape`` and holding ``data``."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    header += b" " * (118 - len(header)) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + data
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+@pytest.mark.parametrize("option", ["--inputs", "--calibration"])
+def test_npz_member_declaring_more_than_it_holds(option, compression, folder, capsys):
+    """A 200-byte file whose header declares 58 TiB is refused before anything is allocated."""
+    with zipfile.ZipFile(folder / "huge.npz", "w", compression=compression) as archive:
+        archive.writestr("x.npy", _npy_member("(2, 8000000000000)"))
+    argv = ["m.onnx", "--passes", "quantize", "-o", "o.onnx", option, "huge.npz"]
+    _refused(folder, capsys, argv, r"huge\.npz: member 'x' declares shape \(2, 8000000000000\) float32 .*holds 0")
+
+
+def test_npz_member_that_runs_out_of_memory(folder, capsys, monkeypatch):
+    """A size the file can hold but memory cannot is the same clean error, naming the member."""
+    np.savez(folder / "inputs.npz", x=np.ones((2, 16), np.float32))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 58.2 TiB for an array with shape (8000000000000,)")
+
+    monkeypatch.setattr(np.lib.format, "read_array", no_memory)
+    argv = ["m.onnx", *PASSES, "-o", "o.onnx", "--inputs", "inputs.npz"]
+    _refused(folder, capsys, argv, r"inputs\.npz: member 'x' does not fit in memory \(Unable to allocate 58\.2 TiB")
 
 
 @pytest.mark.parametrize("pass_spec", ["quantize(avg_bits=6)", "quantize(activations=int8)", "prune", "quantize"])
