@@ -99,6 +99,9 @@ def parse_pipeline(spec: str) -> list[RewritePass]:
 def load_pipeline(path: str | Path) -> list[RewritePass]:
     """Read a TOML pipeline file (``[[pass]]`` tables with ``name`` and ``options``).
 
+    Any other key, at the top level or in a ``[[pass]]``, is refused (a typo such as
+    ``opts`` or ``[pass.option]`` must not run the pass with its default options).
+
     Option values go through the same conversion as ``--passes`` strings (a TOML
     ``bits = 8`` is ``bits=8``, a list of strings is ``a|b``), so each is checked
     against its option's type; a table or a date is refused.
@@ -114,6 +117,7 @@ def load_pipeline(path: str | Path) -> list[RewritePass]:
         raise InputError(f"{path}: cannot read the pipeline file ({exc.strerror})") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a valid TOML pipeline ({exc})") from exc
+    _check_keys(path, document, ("pass",), "at the top level")
     entries = document.get("pass")
     if not isinstance(entries, list) or not entries:
         raise InputError(f"{path}: expected one or more [[pass]] tables")
@@ -122,12 +126,21 @@ def load_pipeline(path: str | Path) -> list[RewritePass]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InputError(f"{path}: each [[pass]] needs a name (a string)")
         name = entry["name"]
+        _check_keys(path, entry, ("name", "options"), f"in [[pass]] '{shorten(name)}'")
         options = entry.get("options", {})
         if not isinstance(options, dict):
             raise InputError(f"{path}: options of pass '{shorten(name)}' must be a table")
         texts = {key: _option_text(path, name, key, value) for key, value in options.items()}
         passes.append(create_pass(name, texts))
     return passes
+
+
+def _check_keys(path: Path, table: dict[str, Any], accepted: tuple[str, ...], where: str) -> None:
+    """Refuse a key of ``table`` not in ``accepted``: a misspelt ``options`` would otherwise
+    run the pass with its defaults."""
+    for key in table:
+        if key not in accepted:
+            raise InputError(f"{path}: unknown key '{shorten(key)}' {where} (accepted: {', '.join(accepted)})")
 
 
 def _option_text(path: Path, name: str, key: str, value: Any) -> str:

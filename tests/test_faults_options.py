@@ -113,6 +113,30 @@ def test_pipeline_name_that_is_not_a_string(folder, capsys):
     _refused(folder, capsys, ["m.onnx", "--pipeline", "p.toml", "-o", "o.onnx"], "needs a name")
 
 
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            '[[pass]]\nname = "two-pass-softmax"\nopts = { log_softmax = false }\n',
+            r"p\.toml: unknown key 'opts' in \[\[pass\]\] 'two-pass-softmax' \(accepted: name, options\)",
+        ),
+        (
+            '[[pass]]\nname = "two-pass-softmax"\n[pass.option]\nlog_softmax = false\n',
+            r"p\.toml: unknown key 'option' in \[\[pass\]\] 'two-pass-softmax' \(accepted: name, options\)",
+        ),
+        (
+            'pases = 1\n[[pass]]\nname = "two-pass-softmax"\n',
+            r"p\.toml: unknown key 'pases' at the top level \(accepted: pass\)",
+        ),
+    ],
+    ids=["opts", "pass.option table", "top level"],
+)
+def test_pipeline_with_a_misspelt_key(text, message, folder, capsys):
+    """A typo must not run the pass with its default options."""
+    (folder / "p.toml").write_text(text)
+    _refused(folder, capsys, ["m.onnx", "--pipeline", "p.toml", "-o", "o.onnx"], message)
+
+
 def test_pipeline_that_is_a_folder(folder, capsys):
     (folder / "pipes").mkdir()
     _refused(folder, capsys, ["m.onnx", "--pipeline", "pipes", "-o", "o.onnx"], "pipes: is a folder")
