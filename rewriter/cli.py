@@ -243,10 +243,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _route_plot(passes: Sequence[RewritePass], path: Path) -> None:
-    """Give ``--plot`` to the passes with a ``plot`` option (``NAME.PASS.png`` when several)."""
-    drawing = [p for p in passes if hasattr(p.options, "plot") and not p.options.plot]
+    """Give ``--plot`` to the passes with a ``plot`` option (``NAME.PASS.png`` when several)
+    that were not given one of their own. Where every drawing pass has its own, ``--plot``
+    is refused rather than ignored: two destinations for one figure are a mistake."""
+    drawing = [p for p in passes if hasattr(p.options, "plot")]
     if not drawing:
         raise InputError("--plot: none of the passes draws a plot (prune and quantize do)")
+    own = [p for p in drawing if p.options.plot]
+    drawing = [p for p in drawing if not p.options.plot]
+    if not drawing:
+        given = ", ".join(f"{p.name} already has its own plot option (plot={shorten(p.options.plot)})" for p in own)
+        raise InputError(f"--plot: {given}; give one or the other")
     for rewrite_pass in drawing:
         target = path if len(drawing) == 1 else path.with_name(f"{path.stem}.{rewrite_pass.name}{path.suffix}")
         rewrite_pass.options.plot = str(target)

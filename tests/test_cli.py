@@ -112,6 +112,18 @@ def test_plot_goes_to_the_passes_that_draw(model_path, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_when_the_drawing_pass_has_its_own(model_path, tmp_path, capsys):
+    """Two destinations for one plot: refused with a message that says so (it said that no
+    pass draws a plot)."""
+    own, plot = tmp_path / "a.png", tmp_path / "b.png"
+    code = main([str(model_path), "--passes", f"quantize(bits=8,plot={own})", "-o", str(tmp_path / "q.onnx"),
+                 "--plot", str(plot)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "quantize already has its own plot option" in lines[0] and "none of the passes" not in lines[0]
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".png" or p.name.startswith((".q.onnx", "q.onnx"))]
+
+
 def test_pipeline_file(model_path, tmp_path):
     pipeline = tmp_path / "pipeline.toml"
     pipeline.write_text('[[pass]]\nname = "two-pass-softmax"\noptions = { log_softmax = false }\n')
