@@ -8,19 +8,26 @@
     rewrite --list-passes
 
 Exit codes: 0 success; 2 bad input (one line on stderr, no output file);
-3 an exact pipeline failed verification (no output file); 130 interrupted (no output
-file); 1 an internal error.
+3 an exact pipeline failed verification (no output file); 130 interrupted (Ctrl-C) and
+143 terminated (SIGTERM), no output file either way; 1 an internal error.
+
+The console script enters through ``rewriter_entry`` (outside the package), which
+handles both signals while ``rewriter`` is imported; :func:`main` handles them for the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 from rewriter import registry, verify
@@ -45,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rewrite",
         description="Rewrite an ONNX model with verified passes.",
         epilog="Pass options: NAME(key=value,...), e.g. --passes 'two-pass-softmax(log_softmax=false)'. "
-        "Exit codes: 0 success, 2 bad input, 3 an exact rewrite failed verification, 130 interrupted "
-        "(no output is written unless the exit code is 0), 1 an internal error.",
+        "Exit codes: 0 success, 2 bad input, 3 an exact rewrite failed verification, 130 interrupted, "
+        "143 terminated (no output is written unless the exit code is 0), 1 an internal error.",
     )
     parser.add_argument("model", nargs="?", help="input ONNX model (never modified)")
     parser.add_argument("-o", "--output", help="where to write the rewritten model")
@@ -151,22 +158,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    with _sigterm_as_interrupt() as terminated:
+        try:
+            return _run(parser, args)
+        except RewriterError as exc:
+            if args.verbose:
+                raise
+            print(f"rewrite: error: {_one_line(str(exc))}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt as exc:
+            how, signum = ("terminated", signal.SIGTERM) if terminated else ("interrupted", signal.SIGINT)
+            print(f"rewrite: {how}; {str(exc) or 'nothing written'}", file=sys.stderr)
+            return 128 + signum
+        except Exception as exc:  # an internal error: one line unless -v
+            if args.verbose:
+                raise
+            first = _one_line((str(exc).strip().splitlines() or [""])[0])
+            print(f"rewrite: internal error: {type(exc).__name__}: {first} (run with -v for details)", file=sys.stderr)
+            return 1
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM handled like Ctrl-C while the block runs; yields the SIGTERMs received.
+
+    The SIGINT handler in force takes it: Python's raises ``KeyboardInterrupt``, and
+    :class:`rewriter.staging.Outputs`' (during the write) never cuts a commit in half and
+    removes the stage folders. Where SIGINT is ignored, SIGTERM still stops the run. Off
+    the main thread (no signal handlers there) nothing changes.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIG_IGN or SIG_DFL
+            handler = signal.default_int_handler
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        return _run(parser, args)
-    except RewriterError as exc:
-        if args.verbose:
-            raise
-        print(f"rewrite: error: {_one_line(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt as exc:
-        print(f"rewrite: interrupted; {str(exc) or 'nothing written'}", file=sys.stderr)
-        return 130
-    except Exception as exc:  # an internal error: one line unless -v
-        if args.verbose:
-            raise
-        first = _one_line((str(exc).strip().splitlines() or [""])[0])
-        print(f"rewrite: internal error: {type(exc).__name__}: {first} (run with -v for details)", file=sys.stderr)
-        return 1
+        yield received
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(message: str) -> str:

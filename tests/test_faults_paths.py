@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,14 @@ import pytest
 
 from rewriter import io, staging
 from rewriter.errors import InputError
-from tests.faults import assert_refused, attention_like, run_cli, set_external_data, snapshot
+from tests.faults import (
+    assert_refused,
+    attention_like,
+    run_cli,
+    same_code_env,
+    set_external_data,
+    snapshot,
+)
 
 PASSES = ["--passes", "two-pass-softmax"]
 
@@ -331,6 +339,103 @@ def test_an_interrupt_during_verification(folder, capsys, monkeypatch):
     assert code == 130 and lines == ["rewrite: interrupted; nothing written"]
     assert snapshot(folder) == before
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_during_the_write_is_an_interrupt(folder, capsys, monkeypatch):
+    """SIGTERM stops the run like Ctrl-C: exit 143, one line, nothing written, and the
+    SIGTERM handler given back after."""
+
+    def unhandled(signum, frame):  # the test's own guard: Python's default would kill pytest
+        raise RuntimeError("SIGTERM reached the default handler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    real_write = io.write
+
+    def write_then_terminate(*args, **kwargs):
+        real_write(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(io, "write", write_then_terminate)
+    before = snapshot(folder)
+    try:
+        code, lines = run_cli(["m.onnx", *PASSES, "-o", "o.onnx", "--report-json", "r.json"], capsys)
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143 and lines == ["rewrite: terminated; nothing written"]
+    assert snapshot(folder) == before
+
+
+def _rewrite_process(folder: Path, hook: str) -> subprocess.Popen[str]:
+    """``rewrite m.onnx --passes two-pass-softmax -o o.onnx`` through the console script's
+    entry (``rewriter_entry.main``) in a child Python that runs ``hook`` first; the hook
+    prints a line when the child is where the test wants to signal it."""
+    code = "\n".join(
+        [
+            "import sys, time",
+            "import rewriter_entry",
+            hook,
+            "sys.exit(rewriter_entry.main(['m.onnx', '--passes', 'two-pass-softmax', '-o', 'o.onnx']))",
+        ]
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=folder, env=same_code_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+# Blocks the first import of the package (the second or so that onnx and onnx-ir take).
+_BLOCK_IMPORT = """
+assert "rewriter" not in sys.modules  # the entry imports nothing of the package
+class Blocking:
+    def find_spec(self, name, path=None, target=None):
+        if name == "rewriter":
+            print("importing", flush=True)
+            time.sleep(60)
+sys.meta_path.insert(0, Blocking())
+"""
+
+
+@pytest.mark.parametrize(
+    "signum,code,line",
+    [
+        (signal.SIGINT, 130, "rewrite: interrupted; nothing written"),
+        (signal.SIGTERM, 143, "rewrite: terminated; nothing written"),
+    ],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_a_signal_while_the_cli_is_imported(signum, code, line, folder):
+    """The first second of a run is spent importing: a signal there was a 30-line
+    KeyboardInterrupt traceback (SIGINT) or a silent death (SIGTERM)."""
+    child = _rewrite_process(folder, _BLOCK_IMPORT)
+    assert child.stdout is not None and child.stdout.readline() == "importing\n"
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == code and err.strip().splitlines() == [line], err
+
+
+def test_sigterm_to_a_running_process_leaves_no_stage_folder(folder):
+    """A real SIGTERM while the staged model waits for the commit (it left an 80 MB stage
+    folder behind, the process killed by the signal)."""
+    hook = "\n".join(
+        [
+            "from rewriter import io",
+            "real_write = io.write",
+            "def write_and_wait(*args, **kwargs):",
+            "    real_write(*args, **kwargs)",
+            "    print('written', flush=True)",
+            "    time.sleep(60)",
+            "io.write = write_and_wait",
+        ]
+    )
+    before = snapshot(folder)
+    child = _rewrite_process(folder, hook)
+    assert child.stdout is not None and child.stdout.readline() == "written\n"
+    assert [p for p in folder.iterdir() if staging.STAGE_MARK in p.name]
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143 and err.strip().splitlines() == ["rewrite: terminated; nothing written"], err
+    assert snapshot(folder) == before
 
 
 # --- external data stays in the model's folder ---------------------------------------------
