@@ -83,12 +83,34 @@ def check_model(path: str | os.PathLike[str], *, name: str | os.PathLike[str] | 
     over 2 GB. Raises :class:`InputError` naming ``name`` (default ``path``) with
     the checker's first line.
 
+    A path that is not UTF-8 (:func:`rewriter.paths.is_utf8`), which the checker cannot
+    take, is checked as the model read into memory with its external data.
+
     >>> check_model("model.onnx")  # doctest: +SKIP
     """
     try:
-        onnx.checker.check_model(os.fspath(path), full_check=True)
+        if paths.is_utf8(path):
+            onnx.checker.check_model(os.fspath(path), full_check=True)
+        else:
+            onnx.checker.check_model(_read_whole(Path(path)), full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, and others from C++
         raise InputError(f"{name or path}: invalid ONNX model ({first_line(exc)})") from exc
+
+
+def _read_whole(path: Path) -> onnx.ModelProto:
+    """The model at ``path`` with its external data read into its tensors (Python's file
+    reading takes any path; onnx's external-data loader, like the checker, UTF-8 only)."""
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        with paths.resolve_inside(path.parent, info.get("location", "")).open("rb") as data:
+            data.seek(int(info.get("offset", "0")))
+            tensor.raw_data = data.read(int(info["length"])) if "length" in info else data.read()
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return proto
 
 
 def data_file(path: str | os.PathLike[str]) -> Path:
@@ -153,6 +175,11 @@ def write(model: ir.Model, path: Path, *, external_data: bool | None = None) -> 
     """Write ``model`` to ``path`` directly (not atomically); see :func:`save`."""
     if external_data is None:
         external_data = uses_external_data(model) or _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    if external_data and not paths.is_utf8(path.name):
+        raise InputError(
+            f"{path.name}: the output's external data would be named {path.name}.data, and ONNX stores "
+            "that name as UTF-8 text: choose an output name in UTF-8"
+        )
     with gc_paused():
         if external_data:
             ir.save(model, path, external_data=path.name + ".data")

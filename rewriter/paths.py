@@ -18,9 +18,10 @@ InputError: m.onnx: --report-json would overwrite the input model (m.onnx)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rewriter.errors import InputError
@@ -155,3 +156,36 @@ def resolve_inside(folder: PathLike, location: str) -> Path:
 def _components(path: str) -> list[str]:
     parts = path.replace(os.altsep, os.sep) if os.altsep else path
     return parts.split(os.sep)
+
+
+def is_utf8(path: PathLike) -> bool:
+    """Whether ``path`` is valid UTF-8: a Linux file name is bytes, and Python holds one that
+    is not UTF-8 as a str with surrogates, which C++ bindings (onnx.checker, ONNX Runtime)
+    refuse as an argument.
+
+    >>> is_utf8("m.onnx"), is_utf8(os.fsdecode(b"m\\xff.onnx"))
+    (True, False)
+    """
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def utf8_folder(folder: PathLike) -> Iterator[str]:
+    """``folder`` as a UTF-8 path while the block runs: itself, or, where it is not UTF-8,
+    the same folder through an open descriptor (``/proc/self/fd/N``, Linux).
+
+    >>> with utf8_folder("models") as text:  # doctest: +SKIP
+    ...     options.add_session_config_entry(EXTERNAL_DATA_FOLDER, text)
+    """
+    if is_utf8(folder):
+        yield os.fspath(folder)
+        return
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{descriptor}"
+    finally:
+        os.close(descriptor)

@@ -21,6 +21,7 @@ tolerance of exact passes, applied per row along the last axis (:class:`Toleranc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -33,7 +34,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rewriter import input_sizes
+from rewriter import input_sizes, paths
 from rewriter.errors import InputError, first_line, shorten
 
 logger = logging.getLogger(__name__)
@@ -298,7 +299,8 @@ def session(
     references, the folder their locations are relative to
     (:func:`rewriter.io.external_data_dir`; ONNX Runtime would otherwise look in the
     working directory). A model ONNX Runtime rejects raises :class:`InputError`
-    naming the reason.
+    naming the reason. A path that is not UTF-8, which ONNX Runtime cannot take, is
+    read here and given as bytes with its folder.
 
     >>> session(ir.serde.serialize_model(model).SerializeToString(), data_dir="big")  # doctest: +SKIP
     """
@@ -306,13 +308,18 @@ def session(
     options.log_severity_level = 4  # fatal only: a failed run raises with the message
     if threads is not None:
         options.intra_op_num_threads = threads
-    if data_dir is not None and isinstance(model, bytes):
-        options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(data_dir))
     source = model if isinstance(model, bytes) else str(model)
+    where = "the model" if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        if isinstance(source, str) and not paths.is_utf8(source):  # ONNX Runtime takes UTF-8 paths only
+            data_dir = Path(source).parent
+            source = Path(source).read_bytes()
+        with contextlib.ExitStack() as stack:
+            if data_dir is not None and isinstance(source, bytes):
+                folder = stack.enter_context(paths.utf8_folder(data_dir))
+                options.add_session_config_entry(EXTERNAL_DATA_FOLDER, folder)
+            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types
-        where = "the model" if isinstance(model, bytes) else str(model)
         raise InputError(f"ONNX Runtime cannot load {where}: {first_line(exc)}") from exc
 
 

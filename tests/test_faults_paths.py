@@ -438,6 +438,59 @@ def test_sigterm_to_a_running_process_leaves_no_stage_folder(folder):
     assert snapshot(folder) == before
 
 
+# --- file names -----------------------------------------------------------------------------
+
+
+def _odd(name: str, byte: bytes) -> str:
+    """``name`` followed by a byte that is not UTF-8, as Python spells such a file name."""
+    return os.fsdecode(name.encode() + byte)
+
+
+@pytest.mark.parametrize(
+    "folder_name,model,output,location",
+    [
+        ("d", _odd("in_", b"\xff") + ".onnx", "o.onnx", None),
+        ("d", "m.onnx", _odd("o_", b"\xfe") + ".onnx", None),
+        (_odd("d_", b"\xfd"), _odd("in_", b"\xff") + ".onnx", _odd("o_", b"\xfe") + ".onnx", None),
+        ("d", _odd("in_", b"\xff") + ".onnx", "o.onnx", "w.data"),
+        (_odd("d_", b"\xfd"), "m.onnx", "o.onnx", "w.data"),
+    ],
+    ids=["input", "output", "folder", "input with external data", "folder with external data"],
+)
+def test_file_names_that_are_not_utf8(folder_name, model, output, location, tmp_path, capsys):
+    """A Linux file name is bytes; one that is not UTF-8 reaches Python as a str with
+    surrogates, which onnx.checker and ONNX Runtime refuse as an argument: a valid model
+    was 'invalid' (exit 2) and a valid output 'failed the checker' (exit 1)."""
+    attention_like(tmp_path / "m.onnx", location=location)  # built under UTF-8 names
+    folder = tmp_path / folder_name
+    folder.mkdir()
+    for name in ["m.onnx", location]:
+        if name:
+            os.rename(tmp_path / name, folder / (model if name == "m.onnx" else name))
+    before = snapshot(folder)
+    code, lines = run_cli([folder / model, *PASSES, "-o", folder / output, "-q"], capsys)
+    assert code == 0, lines
+    assert snapshot(folder).items() >= before.items()
+    assert not [p for p in folder.iterdir() if staging.STAGE_MARK in p.name]
+    io.check_model(folder / output)
+
+
+def test_external_data_named_after_an_output_that_is_not_utf8(tmp_path):
+    """ONNX stores a data file's name as UTF-8 text: OUT.onnx.data cannot be named after
+    such an output, and the run says so (exit 2, nothing written). In a child process:
+    its stderr escapes the name's odd byte, pytest's capture would refuse it."""
+    attention_like(tmp_path / "m.onnx", location="w.data")
+    before = snapshot(tmp_path)
+    argv = ["m.onnx", *PASSES, "-o", _odd("o_", b"\xfe") + ".onnx"]
+    done = subprocess.run(
+        [sys.executable, "-m", "rewriter_entry", *argv], cwd=tmp_path, env=same_code_env(),
+        capture_output=True, text=True, errors="backslashreplace", check=False,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert_refused(done.returncode, lines, r"o_\\udcfe\.onnx\.data, and ONNX stores that name as UTF-8 text")
+    assert snapshot(tmp_path) == before
+
+
 # --- external data stays in the model's folder ---------------------------------------------
 
 
