@@ -217,7 +217,8 @@ def rewrite_file(
             raise RewriterError(f"the rewritten model fails the ONNX checker: {exc}; nothing written") from exc
         if check:
             assert feeds is not None and reference is not None
-            verification = _verify(staged_model, feeds, reference, result.exact, tolerance, say)
+            defaults = verify.output_tolerances(source) if tolerance is None else {}
+            verification = _verify(staged_model, feeds, reference, result.exact, tolerance or defaults, say)
             if verification.enforced and not verification.passed:
                 raise _verification_error(verification)
         if target is not None:
@@ -259,7 +260,7 @@ def _calibration(
 def _verification_error(verification: Verification) -> VerificationError:
     """The error of an exact rewrite that failed verification, naming its worst output."""
     worst = max((o for o in verification.outputs if o.passed is False), key=lambda o: o.max_row_rel_err)
-    tolerance = verification.tolerance or {}
+    tolerance = worst.tolerance or verification.tolerance or {}
     return VerificationError(
         f"exact rewrite changed output '{worst.name}': max abs err {worst.max_abs_err:.3g}, "
         f"max rel err {worst.max_rel_err:.3g} (worst row {worst.max_row_rel_err:.3g}) exceed the "
@@ -444,9 +445,12 @@ def _verify(
     feeds: dict[str, np.ndarray],
     reference: dict[str, np.ndarray],
     exact: bool,
-    tolerance: verify.Tolerance | None,
+    tolerance: verify.Tolerance | Mapping[str, verify.Tolerance],
     say: Progress,
 ) -> Verification:
+    """Compare the rewritten model with the original's outputs ``reference``; an ``exact``
+    rewrite's float outputs are checked against ``tolerance`` (``--rtol``/``--atol``), or
+    per output name (:func:`rewriter.verify.output_tolerances`), else by dtype."""
     say("verifying: running the rewritten model")
     candidate = verify.run(rewritten, feeds)
     outputs = []
@@ -455,9 +459,11 @@ def _verify(
     for name, ref in reference.items():
         comparison = verify.compare(name, ref, candidate[name], mask=mask)
         if exact and np.issubdtype(ref.dtype, np.floating):
-            chosen = tolerance or verify.DEFAULT_TOLERANCE.get(str(ref.dtype), verify.DEFAULT_TOLERANCE["float32"])
+            chosen = tolerance if isinstance(tolerance, verify.Tolerance) else tolerance.get(name)
+            chosen = chosen or verify.DEFAULT_TOLERANCE.get(str(ref.dtype), verify.DEFAULT_TOLERANCE["float32"])
             verify.check_tolerance(comparison, ref, chosen)
-            used = {"rtol": chosen.rtol, "atol": chosen.atol}
+            if used is None or chosen.rtol > used["rtol"]:  # the report names the loosest
+                used = {"rtol": chosen.rtol, "atol": chosen.atol}
         elif exact:
             comparison.passed = comparison.max_abs_err == 0
         if exact and comparison.rewritten_shape is not None:

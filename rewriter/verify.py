@@ -16,7 +16,8 @@ input and :data:`MAX_GENERATED_BYTES` in all (a ``--dim`` typo must not try to
 allocate terabytes).
 
 Each output is compared with :func:`compare`; :data:`DEFAULT_TOLERANCE` states the
-tolerance of exact passes, applied per row along the last axis (:class:`Tolerance`).
+tolerance of exact passes, applied per row along the last axis (:class:`Tolerance`), by
+the least precise float type the output is computed in (:func:`output_tolerances`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from rewriter import input_sizes, paths
+from rewriter import input_sizes, paths, precision
 from rewriter.errors import InputError, first_line, shorten
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,26 @@ DEFAULT_TOLERANCE = {
 }
 
 
+def output_tolerances(model: str | Path | onnx.ModelProto) -> dict[str, Tolerance]:
+    """Per float output of ``model``, the tolerance of exact passes: the loosest of
+    :data:`DEFAULT_TOLERANCE` over the float types the output is computed in, its own
+    type included (:func:`rewriter.precision.computed_types`). An output is as precise as
+    the least precise arithmetic behind it: a float32 softmax cast to a float64 output
+    gets float32's tolerance, a float16 softmax inside float32 graph inputs and outputs
+    float16's.
+
+    >>> output_tolerances("mixed_f16_inside.onnx")  # doctest: +SKIP
+    {'y': Tolerance(rtol=0.004, atol=0.0001)}
+    """
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    tolerances = {}
+    for name, types in precision.computed_types(proto).items():
+        candidates = [DEFAULT_TOLERANCE[dtype] for dtype in types if dtype in DEFAULT_TOLERANCE]
+        if candidates:
+            tolerances[name] = max(candidates, key=lambda tolerance: (tolerance.rtol, tolerance.atol))
+    return tolerances
+
+
 @dataclasses.dataclass
 class OutputComparison:
     """How one output of the rewritten model differs from the original's."""
@@ -103,6 +124,8 @@ class OutputComparison:
     pooled_cosine_mean: float | None = None
     pooled_cosine_min: float | None = None
     passed: bool | None = None
+    # The tolerance it was checked against (check_tolerance), {"rtol": ..., "atol": ...}.
+    tolerance: dict[str, float] | None = None
     # An output whose length is data-dependent (detections after NMS) and changed: the
     # rewritten model's shape; the figures above are over the leading rows both have.
     rewritten_shape: list[int] | None = None
@@ -283,6 +306,7 @@ def check_tolerance(
         scale = float(np.abs(finite).max()) if finite.size else 0.0
         within = tolerance.allows(comparison.max_abs_err, scale)
     comparison.passed = comparison.nan_mismatch == 0 and within
+    comparison.tolerance = {"rtol": tolerance.rtol, "atol": tolerance.atol}
     return comparison.passed
 
 

@@ -3,9 +3,11 @@ NaN or inf where the original has a number is never a perfect cosine."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+import onnx
 import pytest
 
 from rewriter import verify
@@ -80,3 +82,80 @@ def test_report_json_has_no_arrays():
     data = comparison.to_json()
     assert "row_errors" not in data and "row_scales" not in data
     assert data["max_row_rel_err"] == 0.0
+
+
+def _save(tmp_path, name: str, nodes, inputs, outputs, initializers=()):
+    from onnx import helper
+
+    path = tmp_path / f"{name}.onnx"
+    graph = helper.make_graph(nodes, name, inputs, outputs, list(initializers))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def _mixed_precision_models(tmp_path):
+    """A float32 softmax cast to a float64 output; a float16 softmax inside float32 I/O
+    (the keep_io_types mixed-precision export); a float64 output of float64 work."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    x32 = helper.make_tensor_value_info("x", T.FLOAT, [4, 64])
+    x64 = helper.make_tensor_value_info("x", T.DOUBLE, [4, 64])
+    to_f64 = _save(
+        tmp_path, "to_f64",
+        [helper.make_node("Softmax", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["y"], to=T.DOUBLE)],
+        [x32], [helper.make_tensor_value_info("y", T.DOUBLE, [4, 64])],
+    )
+    f16_inside = _save(
+        tmp_path, "f16_inside",
+        [
+            helper.make_node("Mul", ["x", "k"], ["xs"]),
+            helper.make_node("Cast", ["xs"], ["xh"], to=T.FLOAT16),
+            helper.make_node("Softmax", ["xh"], ["sh"]),
+            helper.make_node("Cast", ["sh"], ["y"], to=T.FLOAT),
+        ],
+        [x32], [helper.make_tensor_value_info("y", T.FLOAT, [4, 64])],
+        [helper.make_tensor("k", T.FLOAT, [], [4.0])],
+    )
+    # Two outputs: one through float16, one float32 throughout (keeps float32's tolerance).
+    branches = _save(
+        tmp_path, "branches",
+        [
+            helper.make_node("Cast", ["x"], ["xh"], to=T.FLOAT16),
+            helper.make_node("Softmax", ["xh"], ["sh"]),
+            helper.make_node("Cast", ["sh"], ["y16"], to=T.FLOAT),
+            helper.make_node("Softmax", ["x"], ["y32"]),
+        ],
+        [x32],
+        [helper.make_tensor_value_info("y16", T.FLOAT, [4, 64]), helper.make_tensor_value_info("y32", T.FLOAT, [4, 64])],
+    )
+    pure_f64 = _save(
+        tmp_path, "pure_f64", [helper.make_node("Softmax", ["x"], ["y"])],
+        [x64], [helper.make_tensor_value_info("y", T.DOUBLE, [4, 64])],
+    )
+    return to_f64, f16_inside, branches, pure_f64
+
+
+def test_tolerance_is_that_of_the_least_precise_type_an_output_is_computed_in(tmp_path):
+    to_f64, f16_inside, branches, pure_f64 = _mixed_precision_models(tmp_path)
+    fp32, fp64 = verify.DEFAULT_TOLERANCE["float32"], verify.DEFAULT_TOLERANCE["float64"]
+    assert verify.output_tolerances(to_f64) == {"y": fp32}
+    assert verify.output_tolerances(f16_inside) == {"y": FP16}
+    assert verify.output_tolerances(branches) == {"y16": FP16, "y32": fp32}
+    assert verify.output_tolerances(pure_f64) == {"y": fp64}
+
+
+def test_exact_rewrites_of_mixed_precision_models_pass(tmp_path, capsys):
+    from tests.faults import run_cli
+
+    for path in _mixed_precision_models(tmp_path):
+        out = tmp_path / f"{path.stem}.out.onnx"
+        report = tmp_path / f"{path.stem}.json"
+        code, lines = run_cli([path, "--passes", "two-pass-softmax", "-o", out, "--report-json", report, "-q"], capsys)
+        assert code == 0, (path.stem, lines)
+        outputs = json.loads(report.read_text())["verification"]["outputs"]
+        assert all(output["passed"] for output in outputs)
+    # The float32 output beside the float16 branch keeps float32's tolerance.
+    by_name = {o["name"]: o for o in json.loads((tmp_path / "branches.json").read_text())["verification"]["outputs"]}
+    assert by_name["y32"]["tolerance"] == {"rtol": 1e-5, "atol": 1e-6}
+    assert by_name["y16"]["tolerance"] == {"rtol": FP16.rtol, "atol": FP16.atol}
