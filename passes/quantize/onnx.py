@@ -198,7 +198,11 @@ class QuantizePass(RewritePass):
     def _layers(self, model: ir.Model) -> tuple[list[Layer], int, list[FloatWeight]]:
         """The weight ops to quantize, each with its layer (unit) name; the count excluded;
         the weights left in float with their reasons."""
-        graph_inputs = {value.name for value in model.graph.inputs}
+        # A weight the user may override at run time (a graph input), or one the graph
+        # returns (a graph output, which must stay the float tensor: a quantized copy
+        # beside it would grow the file), stays in float.
+        signature = {value.name: "input" for value in model.graph.inputs}
+        signature.update({value.name: "output" for value in model.graph.outputs})
         layers: list[Layer] = []
         left: list[FloatWeight] = []
         excluded = 0
@@ -206,7 +210,8 @@ class QuantizePass(RewritePass):
             if any(fnmatch.fnmatchcase(name, glob) for glob in self.options.exclude for name in (op.name, op.weight.name or "")):
                 excluded += 1
                 continue
-            layout = _layout(op) if op.weight.name not in graph_inputs else "its weight is also a graph input"
+            where = signature.get(op.weight.name or "")
+            layout = _layout(op) if where is None else f"its weight is also a graph {where}"
             if isinstance(layout, str):
                 left.append(FloatWeight(op.node.name or "", op.node.op_type, op.weight.name or "", layout))
                 continue

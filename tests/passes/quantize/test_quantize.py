@@ -283,6 +283,33 @@ def test_unsupported_weights_are_skipped_with_a_reason():
     assert any("rank 3" in note for note in result.notes)
 
 
+def _weight_also_in_the_signature(where: str) -> onnx.ModelProto:
+    """x @ W -> Softmax, with W (an initializer) also a graph input (a weight the user may
+    override at run time, valid since IR 4) or also a graph output."""
+    weight = numpy_helper.from_array(np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32), "W")
+    declared = helper.make_tensor_value_info("W", TensorProto.FLOAT, [64, 64])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm"), helper.make_node("Softmax", ["a"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])] + ([declared] if where == "input" else []),
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])] + ([declared] if where == "output" else []),
+        [weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_a_weight_that_is_also_a_graph_input_or_output_stays_float(where, tmp_path):
+    proto = _weight_also_in_the_signature(where)
+    result = quantize(ir.serde.deserialize_model(proto), bits=4)
+    assert not result.modified and result.stats["skipped"] == 1
+    assert f"MatMul 'mm' left in float (weight 'W'): its weight is also a graph {where}" in result.notes
+    assert result.tables["float_weights"][0]["reason"] == f"its weight is also a graph {where}"
+    onnx.save(proto, tmp_path / "m.onnx")
+    report = rewrite_file(tmp_path / "m.onnx", tmp_path / "out.onnx", "quantize(bits=4)")
+    assert report.verification is not None and report.verification.outputs[0].max_abs_err == 0
+
+
 # Idempotence
 
 
