@@ -328,16 +328,18 @@ def shared_constants(model: ir.Model, measured: Mapping[str, np.ndarray]) -> dic
 
 
 def with_weights_as_inputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
-    """The model as a proto where the initializers ``names`` are graph inputs instead."""
+    """The model as a proto where the initializers ``names`` are graph inputs instead (one
+    that is a graph input already, a weight the user may override, keeps its declaration)."""
     proto = ir.serde.serialize_model(model)
     wanted = set(names)
+    declared = {value.name for value in proto.graph.input}
     kept = []
     for tensor in proto.graph.initializer:
-        if tensor.name in wanted:
+        if tensor.name in wanted and tensor.name not in declared:
             proto.graph.input.append(
                 onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
             )
-        else:
+        elif tensor.name not in wanted:
             kept.append(tensor)
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)

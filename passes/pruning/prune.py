@@ -209,6 +209,10 @@ def prunable_layers(
     by_weight: dict[int, list] = {}
     for op in weight_ops(model):
         by_weight.setdefault(id(op.weight), []).append(op)
+    # A weight the user may override at run time (a graph input, valid since IR 4) or
+    # that the graph returns (a graph output) is not the pass's to change.
+    signature = {id(value): "input" for value in model.graph.inputs}
+    signature.update({id(value): "output" for value in model.graph.outputs})
     layers, notes = [], []
     for ops in by_weight.values():
         nodes = tuple(op.node for op in ops)
@@ -218,6 +222,9 @@ def prunable_layers(
             continue
         if any(fnmatch.fnmatchcase(n, glob) for n in names for glob in exclude):
             notes.append(f"layer {layer.name}: excluded by name")
+            continue
+        if id(layer.weight) in signature:
+            notes.append(f"layer {layer.name}: its weight is also a graph {signature[id(layer.weight)]}, left dense")
             continue
         if not include_lm_head and any(_is_lm_head(model, node) for node in nodes):
             notes.append(f"layer {layer.name}: LM head left dense (include_lm_head=true prunes it)")

@@ -265,6 +265,14 @@ def _match(model: ir.Model, down: Projection) -> Mlp | str:
     for shared in [s.weight for s in sources] + [down.weight]:
         if len(shared.uses()) != 1:
             return f"weight {shared.name!r} is shared with other nodes"
+    # Sliced below: a weight or bias the user may override at run time (a graph input,
+    # valid since IR 4) or that the graph returns must keep its values and shape.
+    biases = [s.node.inputs[2] for s in sources if s.node.op_type == "Gemm" and len(s.node.inputs) > 2]
+    sliced = [s.weight for s in sources] + [down.weight] + constants + [b for b in biases if b is not None]
+    for value in sliced:
+        for where, signature in (("input", model.graph.inputs), ("output", model.graph.outputs)):
+            if value in signature:
+                return f"{value.name!r} is also a graph {where}"
     if len({id(s.weight) for s in sources} | {id(down.weight)}) != len(sources) + 1:
         return "a weight is used twice inside the MLP"
     unique = list({id(c): c for c in constants}.values())

@@ -238,6 +238,27 @@ def test_exclude_by_glob() -> None:
     assert "layer layer1: excluded by name" in result.notes
 
 
+def declare(model: ir.Model, name: str, where: str) -> ir.Model:
+    """``model`` with the initializer ``name`` also a graph ``input`` (a weight the user may
+    override at run time, valid since IR 4) or ``output``."""
+    value = model.graph.initializers[name]
+    (model.graph.inputs if where == "input" else model.graph.outputs).append(value)
+    return model
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_a_weight_that_is_also_a_graph_input_or_output_is_left_dense(where: str, monkeypatch) -> None:
+    # Every initializer not measured is fed to the probe's sessions, w1 too.
+    monkeypatch.setattr(prune_probe, "SHARED_BYTES", 0)
+    model = declare(mlp_model(), "w1", where)
+    before = weights(model)["w1"]
+    result = run_pass(model, sparsity=0.5, allocation="rd")
+    np.testing.assert_array_equal(weights(result.model)["w1"], before)
+    assert f"layer layer1: its weight is also a graph {where}, left dense" in result.notes
+    assert result.stats["params_total"] == 8 * 32 + 32 * 16
+    onnx.checker.check_model(to_proto(result.model), full_check=True)
+
+
 def test_no_weights_leaves_the_model_unchanged() -> None:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["c"])],

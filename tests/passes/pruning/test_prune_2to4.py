@@ -150,3 +150,14 @@ def test_real_bert(real_model) -> None:
     assert result.stats["params_zeroed"] * 2 == result.stats["params_total"]
     onnx.checker.check_model(to_proto(result.model), full_check=True)
     assert run(result.model, bert.inputs)["last_hidden_state"].shape == (2, 16, 64)
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_a_weight_that_is_also_a_graph_input_or_output_is_left_dense(where: str) -> None:
+    m = model()
+    (m.graph.inputs if where == "input" else m.graph.outputs).append(m.graph.initializers["W"])
+    before = weights(m)["W"]
+    result = prune_2to4.Prune2to4Pass()(m)
+    np.testing.assert_array_equal(weights(result.model)["W"], before)
+    assert f"layer matmul: its weight is also a graph {where}, left dense" in result.notes
+    assert_two_four(weights(model())["G"], weights(result.model)["G"], AXES["G"])

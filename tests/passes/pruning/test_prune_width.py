@@ -174,6 +174,23 @@ def test_near_misses_are_left_alone(kind: str, reason: str) -> None:
         np.testing.assert_array_equal(weight, before[name])
 
 
+@pytest.mark.parametrize(
+    ("make", "name", "where"),
+    [(glu_model, "Wd", "input"), (glu_model, "Wg", "output"), (gelu_mlp_model, "b1", "input")],
+)
+def test_a_weight_or_bias_that_is_also_a_graph_input_or_output_is_left_alone(make, name: str, where: str) -> None:
+    # A graph input is a weight the user may override at run time (valid since IR 4):
+    # slicing it would break the declared shape and the override.
+    m = make()
+    (m.graph.inputs if where == "input" else m.graph.outputs).append(m.graph.initializers[name])
+    before = weights(m)
+    result = prune_width.PruneWidthPass(prune_width.PruneWidthOptions(ratio=0.5))(m)
+    assert not result.modified
+    assert any(f"{name!r} is also a graph {where}" in note for note in result.notes), result.notes
+    for key, weight in weights(result.model).items():
+        np.testing.assert_array_equal(weight, before[key])
+
+
 def test_ratio_zero_and_multiple() -> None:
     result = prune_width.PruneWidthPass(prune_width.PruneWidthOptions(ratio=0.0))(glu_model())
     assert not result.modified
