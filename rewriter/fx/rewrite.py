@@ -23,7 +23,7 @@ from rewriter import verify
 from rewriter.errors import InputError, VerificationError, first_line
 from rewriter.fx.pass_base import FxPass
 from rewriter.fx.registry import parse_fx_pipeline
-from rewriter.fx.verify import verify_rewrite
+from rewriter.fx.verify import state_restored, verify_rewrite
 from rewriter.job import Verification
 from rewriter.manager import PassRecord
 
@@ -90,7 +90,8 @@ def rewrite(
     fx_passes = parse_fx_pipeline(passes)
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     notes: list[str] = []
-    gm, traced_with = _graph_module(model, args, example_kwargs, notes)
+    with state_restored(model):  # tracing runs a forward's in-place buffer updates for real
+        gm, traced_with = _graph_module(model, args, example_kwargs, notes)
     if args is not None and not example_kwargs:
         _propagate_meta(gm, args)
     records = []
@@ -136,8 +137,14 @@ def _graph_module(
         gm.meta = dict(model.meta)
         traced_with = "graph_module"
     else:
+        versions = _versions(model)
         try:
             gm, traced_with = fx.symbolic_trace(model), "symbolic_trace"
+            if _versions(model) != versions:  # a buffer updated in place (self.count += 1)
+                raise RuntimeError(
+                    "it ran in-place updates of the module's parameters or buffers, "
+                    "which its graph does not record"
+                )
         except Exception as exc:  # tracing raises whatever the model's code raises on proxies
             reason = f"torch.fx.symbolic_trace failed ({type(exc).__name__}: {first_line(exc)})"
             if args is None:
@@ -154,6 +161,13 @@ def _graph_module(
             traced_with = "torch.export"
     gm.training = model.training  # not recursive: submodules may be shared with model
     return gm, traced_with
+
+
+def _versions(model: torch.nn.Module) -> list[int]:
+    """The version counters of ``model``'s parameters and buffers (each in-place update moves one)."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [tensor._version for tensor in (*model.parameters(), *model.buffers())]
 
 
 def _propagate_meta(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:

@@ -1,15 +1,17 @@
 """Verification of an fx rewrite: the original and the rewritten module, run on the same inputs.
 
-Both run under the same seed (dropout in training mode draws the same masks) with their
-buffers restored afterwards; every tensor output is compared with :mod:`rewriter.verify`,
-with the ONNX front's tolerances.
+Both run under the same seed (dropout in training mode draws the same masks), each on
+its own copy of the inputs and from the same parameters and buffers (restored after each
+run): a module that updates its input or its own state in place must not make the second
+run differ, nor leave the caller's tensors or the module changed. Every tensor output is
+compared with :mod:`rewriter.verify`, with the ONNX front's tolerances.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -42,7 +44,7 @@ def verify_rewrite(
     >>> verify_rewrite(model, gm, (x,), {}, True, None, 0).passed  # doctest: +SKIP
     True
     """
-    with torch.no_grad(), _buffers_restored(original, rewritten):
+    with torch.no_grad(), state_restored(original, rewritten) as restore:
         try:
             reference = _run_seeded(original, args, kwargs, seed)
         except Exception as exc:  # the caller's module and inputs: not a rewrite's fault
@@ -50,6 +52,7 @@ def verify_rewrite(
                 "the original module fails on example_inputs "
                 f"({type(exc).__name__}: {first_line(exc)})"
             ) from exc
+        restore()
         candidate = _run_seeded(rewritten, args, kwargs, seed)
     ref_leaves, ref_spec = pytree.tree_flatten_with_path(reference)
     cand_leaves, cand_spec = pytree.tree_flatten_with_path(candidate)
@@ -90,23 +93,51 @@ def verify_rewrite(
 def _run_seeded(
     module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], seed: int
 ) -> Any:
-    # The same seed for both runs: dropout in training mode draws the same masks.
+    # The same seed for both runs: dropout in training mode draws the same masks. Each
+    # run on its own copy of the inputs: a module may update them in place (x.mul_(2)).
+    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return module(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def _buffers_restored(*modules: torch.nn.Module) -> Iterator[None]:
-    """Undo buffer updates (BatchNorm statistics in training mode) of the verification runs."""
-    buffers = {id(b): b for module in modules for b in module.buffers()}
-    saved = {key: b.detach().clone() for key, b in buffers.items()}
-    try:
-        yield
-    finally:
+def state_restored(*modules: torch.nn.Module) -> Iterator[Callable[[], None]]:
+    """Undo what running (or tracing) the modules does to their parameters and buffers: updates
+    in place (BatchNorm statistics in training mode, a forward that updates its own
+    parameter) and attributes assigned anew (``self.calls = self.calls + 1``). Yields the
+    function that restores them, for between the runs; restores them on exit.
+
+    Every parameter and buffer is copied once (modules that share one share its copy); a
+    restore copies back only those whose version counter moved.
+
+    >>> with state_restored(model):  # doctest: +SKIP
+    ...     gm = torch.fx.symbolic_trace(model)  # a buffer updated in place by the trace
+    """
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = [
+        (table, name, tensor)
+        for module in modules
+        if isinstance(module, torch.nn.Module)  # a plain callable has no state
+        for owner in module.modules()
+        for table in (owner._parameters, owner._buffers)
+        for name, tensor in table.items()
+        if tensor is not None
+    ]
+    saved = {id(tensor): (tensor.detach().clone(), tensor._version) for _, _, tensor in slots}
+
+    def restore() -> None:
         with torch.no_grad():
-            for key, buffer in buffers.items():
-                buffer.copy_(saved[key])
+            for table, name, tensor in slots:
+                table[name] = tensor
+                copy, version = saved[id(tensor)]
+                if tensor._version != version:
+                    tensor.copy_(copy)
+                    saved[id(tensor)] = (copy, tensor._version)
+
+    try:
+        yield restore
+    finally:
+        restore()
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -78,3 +78,40 @@ class BreakSoftmax(TwoPassSoftmaxFxPass):
 def test_verification_error_when_an_exact_pass_changes_outputs() -> None:
     with pytest.raises(VerificationError, match="exact fx rewrite changed output"):
         rfx.rewrite(nn.Softmax(-1), [BreakSoftmax()], (torch.randn(2, 3),))
+
+
+class ScalesItsInput(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2.0)
+        return torch.softmax(x, -1)
+
+
+class UpdatesItsParameter(nn.Module):
+    """A forward that updates its own parameter and buffer (a running statistic, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(5))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.scale.mul_(2.0)
+            self.calls += 1
+        return torch.softmax(x * self.scale, -1)
+
+
+@pytest.mark.parametrize("module", [ScalesItsInput(), UpdatesItsParameter()], ids=type)
+def test_each_run_gets_its_own_inputs_and_the_modules_state(module: nn.Module) -> None:
+    # Before: both modules ran on the same tensors, one after the other, so the second
+    # saw the first's updates (a false VerificationError), and the caller's tensor and
+    # the module's parameter were left changed.
+    x = torch.randn(2, 5)
+    before_x = x.clone()
+    before_state = {name: value.clone() for name, value in module.state_dict().items()}
+    _, report = rfx.rewrite(module, ["two-pass-softmax"], example_inputs=(x,))
+    assert report.verification is not None and report.verification.passed
+    assert report.verification.outputs[0].max_abs_err < 1e-6
+    assert torch.equal(x, before_x)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before_state[name]), name
