@@ -458,9 +458,9 @@ def _verify(
     mask = verify.find_attention_mask(feeds)
     for name, ref in reference.items():
         comparison = verify.compare(name, ref, candidate[name], mask=mask)
-        if exact and np.issubdtype(ref.dtype, np.floating):
+        if exact and verify.is_inexact(ref.dtype):
             chosen = tolerance if isinstance(tolerance, verify.Tolerance) else tolerance.get(name)
-            chosen = chosen or verify.DEFAULT_TOLERANCE.get(str(ref.dtype), verify.DEFAULT_TOLERANCE["float32"])
+            chosen = chosen or verify.default_tolerance(str(ref.dtype))
             verify.check_tolerance(comparison, ref, chosen)
             if used is None or chosen.rtol > used["rtol"]:  # the report names the loosest
                 used = {"rtol": chosen.rtol, "atol": chosen.atol}

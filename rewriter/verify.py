@@ -82,6 +82,26 @@ DEFAULT_TOLERANCE = {
 }
 
 
+# A complex output is compared at the tolerance of its components' type.
+COMPONENT_TYPES = {"complex64": "float32", "complex128": "float64"}
+
+
+def default_tolerance(dtype: str) -> Tolerance:
+    """The tolerance of exact passes for outputs of ``dtype`` (a complex type: its
+    components'; a type the table lacks: float32's).
+
+    >>> default_tolerance("complex64")
+    Tolerance(rtol=1e-05, atol=1e-06)
+    """
+    return DEFAULT_TOLERANCE.get(COMPONENT_TYPES.get(dtype, dtype), DEFAULT_TOLERANCE["float32"])
+
+
+def is_inexact(dtype: np.dtype) -> bool:
+    """Whether outputs of ``dtype`` are compared within a tolerance (float and complex
+    types, bfloat16 included) rather than bit for bit."""
+    return np.issubdtype(dtype, np.inexact) or dtype.name == "bfloat16"
+
+
 def output_tolerances(model: str | Path | onnx.ModelProto) -> dict[str, Tolerance]:
     """Per float output of ``model``, the tolerance of exact passes: the loosest of
     :data:`DEFAULT_TOLERANCE` over the float types the output is computed in, its own
@@ -158,7 +178,8 @@ def compare(
     """Compare one output: errors, cosine similarity, argmax agreement on the last axis.
 
     NaN and infinities count as equal where both outputs have the same value;
-    ``max_rel_err`` is ``max_abs_err / max|reference|`` over the finite entries.
+    ``max_rel_err`` is ``max_abs_err / max|reference|`` over the finite entries. Complex
+    outputs are compared by the modulus of the complex difference (both parts count).
     Where they differ (NaN or inf in one output only) the error is infinite and the
     cosine NaN: the finite entries alone say nothing then.
     With ``mask`` ([batch, seq], nonzero = real token) and an output of shape
@@ -177,8 +198,9 @@ def compare(
         comparison = compare(name, reference[:common], candidate[:common])
         comparison.shape, comparison.rewritten_shape = list(reference.shape), list(candidate.shape)
         return comparison
-    ref = np.asarray(reference, dtype=np.float64)
-    cand = np.asarray(candidate, dtype=np.float64)
+    wide = np.complex128 if np.iscomplexobj(reference) or np.iscomplexobj(candidate) else np.float64
+    ref = np.asarray(reference, dtype=wide)
+    cand = np.asarray(candidate, dtype=wide)
     same = (ref == cand) | (np.isnan(ref) & np.isnan(cand))
     finite = np.isfinite(ref) & np.isfinite(cand)
     mismatch = int(np.count_nonzero(~same & ~finite))
@@ -195,7 +217,7 @@ def compare(
     if largest > 0:  # scaled, so that values near the float64 maximum do not overflow
         a, b = a / largest, b / largest
     norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-    cosine = float(a @ b / norms) if norms > 0 else (1.0 if not a.any() and not b.any() else 0.0)
+    cosine = float(np.vdot(a, b).real / norms) if norms > 0 else (1.0 if not a.any() and not b.any() else 0.0)
     if mismatch:
         cosine = math.nan
     rows = (1, ref.size) if ref.ndim == 0 else (-1, ref.shape[-1])
@@ -269,11 +291,13 @@ def pooled_cosine(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray
     """
     weights = np.asarray(mask, dtype=np.float64).reshape(mask.shape + (1,) * (reference.ndim - 2))
     count = np.maximum(weights.sum(axis=1), 1.0)
-    a = (np.asarray(reference, np.float64) * weights).sum(axis=1) / count
-    b = (np.asarray(candidate, np.float64) * weights).sum(axis=1) / count
+    wide = np.complex128 if np.iscomplexobj(reference) else np.float64
+    a = (np.asarray(reference, wide) * weights).sum(axis=1) / count
+    b = (np.asarray(candidate, wide) * weights).sum(axis=1) / count
     a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
+    dots = (np.conj(a) * b).sum(axis=1).real
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
 
 
 def find_attention_mask(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -287,7 +311,8 @@ def find_attention_mask(inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
 def check_tolerance(
     comparison: OutputComparison, reference: np.ndarray, tolerance: Tolerance | None = None
 ) -> bool:
-    """Mark ``comparison.passed`` against ``tolerance`` (default: by dtype) and return it.
+    """Mark ``comparison.passed`` against ``tolerance`` (default: by dtype,
+    :func:`default_tolerance`) and return it.
 
     Each row along the last axis must pass on its own (see :class:`Tolerance`); a
     comparison made without the rows counts as one row, scaled by ``reference``.
@@ -296,14 +321,14 @@ def check_tolerance(
     >>> check_tolerance(c, np.array([[1.0, 2.0], [9e4, 0.0]]), Tolerance(rtol=4e-3, atol=1e-4))
     False
     """
-    tolerance = tolerance or DEFAULT_TOLERANCE.get(comparison.dtype, DEFAULT_TOLERANCE["float32"])
+    tolerance = tolerance or default_tolerance(comparison.dtype)
     if comparison.row_errors is not None and comparison.row_scales is not None:
         allowed = tolerance.atol + tolerance.rtol * comparison.row_scales
         within = bool(np.all(comparison.row_errors <= allowed))
     else:
-        ref = np.asarray(reference, dtype=np.float64)
-        finite = ref[np.isfinite(ref)]
-        scale = float(np.abs(finite).max()) if finite.size else 0.0
+        magnitude = np.abs(np.asarray(reference, dtype=np.complex128 if np.iscomplexobj(reference) else np.float64))
+        finite = magnitude[np.isfinite(magnitude)]
+        scale = float(finite.max()) if finite.size else 0.0
         within = tolerance.allows(comparison.max_abs_err, scale)
     comparison.passed = comparison.nan_mismatch == 0 and within
     comparison.tolerance = {"rtol": tolerance.rtol, "atol": tolerance.atol}

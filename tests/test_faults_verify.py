@@ -159,3 +159,22 @@ def test_exact_rewrites_of_mixed_precision_models_pass(tmp_path, capsys):
     by_name = {o["name"]: o for o in json.loads((tmp_path / "branches.json").read_text())["verification"]["outputs"]}
     assert by_name["y32"]["tolerance"] == {"rtol": 1e-5, "atol": 1e-6}
     assert by_name["y16"]["tolerance"] == {"rtol": FP16.rtol, "atol": FP16.atol}
+
+
+def test_complex_outputs_compare_the_complex_difference():
+    import warnings
+
+    reference = np.array([[1 + 1j, 2 - 1j], [0.5j, 3.0]], np.complex64)
+    candidate = reference.copy()
+    candidate[1, 0] += 1e-3j  # the imaginary part alone differs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", np.exceptions.ComplexWarning)
+        comparison = verify.compare("spectrum", reference, candidate)
+        assert comparison.max_abs_err == pytest.approx(1e-3, rel=1e-3)
+        assert comparison.cosine < 1 and comparison.argmax_agreement is None
+        assert not verify.check_tolerance(comparison, reference)
+        assert comparison.tolerance == {"rtol": 1e-5, "atol": 1e-6}  # complex64: float32's
+        same = verify.compare("spectrum", reference, reference.copy())
+        assert same.max_abs_err == 0 and same.cosine == pytest.approx(1.0)
+        assert verify.check_tolerance(same, reference)
+    assert verify.default_tolerance("complex128") == verify.DEFAULT_TOLERANCE["float64"]

@@ -37,8 +37,9 @@ def verify_rewrite(
 ) -> Verification:
     """Run ``original`` and ``rewritten`` on the same inputs and seed; compare their outputs.
 
-    An ``exact`` rewrite's float outputs must agree within ``tolerance`` (default: by
-    dtype, :data:`rewriter.verify.DEFAULT_TOLERANCE`), its other outputs bit for bit;
+    An ``exact`` rewrite's float and complex outputs must agree within ``tolerance``
+    (default: by dtype, :func:`rewriter.verify.default_tolerance`), its other outputs bit
+    for bit;
     the result says whether they do (the caller raises).
 
     >>> verify_rewrite(model, gm, (x,), {}, True, None, 0).passed  # doctest: +SKIP
@@ -68,10 +69,8 @@ def verify_rewrite(
         dtype = str(ref.dtype).removeprefix("torch.")
         comparison = verify.compare(name, to_numpy(ref), to_numpy(cand))
         comparison.dtype = dtype
-        if exact and ref.is_floating_point():
-            chosen = tolerance or verify.DEFAULT_TOLERANCE.get(
-                dtype, verify.DEFAULT_TOLERANCE["float32"]
-            )
+        if exact and (ref.is_floating_point() or ref.is_complex()):
+            chosen = tolerance or verify.default_tolerance(dtype)
             verify.check_tolerance(comparison, to_numpy(ref), chosen)
             used = {"rtol": chosen.rtol, "atol": chosen.atol}
         elif exact:
