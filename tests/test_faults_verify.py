@@ -178,3 +178,34 @@ def test_complex_outputs_compare_the_complex_difference():
         assert same.max_abs_err == 0 and same.cosine == pytest.approx(1.0)
         assert verify.check_tolerance(same, reference)
     assert verify.default_tolerance("complex128") == verify.DEFAULT_TOLERANCE["float64"]
+
+
+def test_bfloat16_graph_inputs_and_outputs_are_verified(tmp_path, capsys):
+    # Before: ONNX Runtime's numpy feeds and results have no bfloat16 ('Numpy_type 256
+    # can't be converted'), so such models could not be verified (exit 2).
+    import ml_dtypes
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    from tests.faults import run_cli
+
+    bf16_in = _save(
+        tmp_path, "bf16_in",
+        [helper.make_node("Cast", ["b"], ["bf"], to=T.FLOAT), helper.make_node("Add", ["x", "bf"], ["s"]),
+         helper.make_node("Softmax", ["s"], ["y"])],
+        [helper.make_tensor_value_info("x", T.FLOAT, [2, 8]), helper.make_tensor_value_info("b", T.BFLOAT16, [2, 8])],
+        [helper.make_tensor_value_info("y", T.FLOAT, [2, 8])],
+    )
+    bf16_out = _save(
+        tmp_path, "bf16_out",
+        [helper.make_node("Softmax", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["y"], to=T.BFLOAT16)],
+        [helper.make_tensor_value_info("x", T.FLOAT, [2, 8])], [helper.make_tensor_value_info("y", T.BFLOAT16, [2, 8])],
+    )
+    generated = verify.make_inputs(bf16_in)["b"]
+    assert generated.dtype == ml_dtypes.bfloat16 and len(np.unique(generated.astype(np.float32))) > 2
+    outputs = verify.run(bf16_out, {"x": np.ones((2, 8), np.float32)})
+    assert outputs["y"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(outputs["y"].astype(np.float32), np.full((2, 8), 0.125, np.float32))
+    for path in (bf16_in, bf16_out):
+        code, lines = run_cli([path, "--passes", "two-pass-softmax", "-o", tmp_path / f"{path.stem}.out.onnx", "-q"], capsys)
+        assert code == 0, (path.stem, lines)
