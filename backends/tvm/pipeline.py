@@ -90,6 +90,7 @@ def relax_pipeline(
         bf16_matmul,
         bind_shapes,
         carried_channels,
+        concat_in_place,
         conv,
         conv_frames,
         conv_transpose,
@@ -150,6 +151,8 @@ def relax_pipeline(
     passes += stages.library_dispatch_passes(target)
     legalizations = reduce_identity.legalizations()  # float max/min from -inf/+inf, not finfo
     legalizations |= reshape_views.legalizations()  # symbolic reshapes stay views
+    if not gpu:  # concatenations marked, for concat_in_place
+        legalizations |= concat_in_place.legalizations()
     if fast_math:  # sigmoid, silu, gelu as exp/tanh/erf first: their fast forms vectorize
         passes += [activations.expand_activations(), relax.transform.FastMathTransform()]
         passes.append(reciprocal.divide_by_constants())  # x / c -> x * (1 / c)
@@ -165,6 +168,8 @@ def relax_pipeline(
         passes.append(cpu_schedule.gpu_schedule(target))
     else:
         passes.append(pack_weights.pack_matmul_weights(target))
+        # The parts of a concatenation written into it by the calls that make them.
+        passes.append(concat_in_place.concat_in_place())
         if tuner is not None:  # tuned records first; our rules skip what they scheduled
             passes += tuner.passes(target)
         passes.append(cpu_schedule.cpu_schedule(target, record))
