@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 # Lint and type checks first (seconds), then the tests.
 test: $(STAMP)
-	$(PY) -m ruff check rewriter rewriter_entry.py passes backends tests examples benchmarks
+	$(PY) -m ruff check rewriter passes backends tests examples benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest -m "not slow" -q
 
@@ -34,7 +34,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check rewriter rewriter_entry.py passes backends tests examples benchmarks
+	$(PY) -m ruff check rewriter passes backends tests examples benchmarks
 	$(PY) -m mypy
 
 clean:

@@ -11,8 +11,8 @@ Exit codes: 0 success; 2 bad input (one line on stderr, no output file);
 3 an exact pipeline failed verification (no output file); 130 interrupted (Ctrl-C) and
 143 terminated (SIGTERM), no output file either way; 1 an internal error.
 
-The console script enters through ``rewriter_entry`` (outside the package), which
-handles both signals while ``rewriter`` is imported; :func:`main` handles them for the run.
+The console script enters through :mod:`rewriter.entry`, which handles both signals
+while this module is imported; :func:`main` handles them for the run.
 """
 
 from __future__ import annotations

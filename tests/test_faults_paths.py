@@ -368,14 +368,14 @@ def test_sigterm_during_the_write_is_an_interrupt(folder, capsys, monkeypatch):
 
 def _rewrite_process(folder: Path, hook: str) -> subprocess.Popen[str]:
     """``rewrite m.onnx --passes two-pass-softmax -o o.onnx`` through the console script's
-    entry (``rewriter_entry.main``) in a child Python that runs ``hook`` first; the hook
+    entry (``rewriter.entry.main``) in a child Python that runs ``hook`` first; the hook
     prints a line when the child is where the test wants to signal it."""
     code = "\n".join(
         [
             "import sys, time",
-            "import rewriter_entry",
+            "from rewriter import entry",
             hook,
-            "sys.exit(rewriter_entry.main(['m.onnx', '--passes', 'two-pass-softmax', '-o', 'o.onnx']))",
+            "sys.exit(entry.main(['m.onnx', '--passes', 'two-pass-softmax', '-o', 'o.onnx']))",
         ]
     )
     return subprocess.Popen(
@@ -384,12 +384,12 @@ def _rewrite_process(folder: Path, hook: str) -> subprocess.Popen[str]:
     )
 
 
-# Blocks the first import of the package (the second or so that onnx and onnx-ir take).
+# Blocks the first import of the CLI (the second or so that onnx and onnx-ir take).
 _BLOCK_IMPORT = """
-assert "rewriter" not in sys.modules  # the entry imports nothing of the package
+assert "rewriter.cli" not in sys.modules and "onnx" not in sys.modules  # the entry is light
 class Blocking:
     def find_spec(self, name, path=None, target=None):
-        if name == "rewriter":
+        if name == "rewriter.cli":
             print("importing", flush=True)
             time.sleep(60)
 sys.meta_path.insert(0, Blocking())
@@ -483,7 +483,7 @@ def test_external_data_named_after_an_output_that_is_not_utf8(tmp_path):
     before = snapshot(tmp_path)
     argv = ["m.onnx", *PASSES, "-o", _odd("o_", b"\xfe") + ".onnx"]
     done = subprocess.run(
-        [sys.executable, "-m", "rewriter_entry", *argv], cwd=tmp_path, env=same_code_env(),
+        [sys.executable, "-m", "rewriter.entry", *argv], cwd=tmp_path, env=same_code_env(),
         capture_output=True, text=True, errors="backslashreplace", check=False,
     )
     lines = done.stderr.strip().splitlines()

@@ -1,15 +1,15 @@
 """The ``rewrite`` console script: Ctrl-C and SIGTERM handled from the first moment.
 
-``import rewriter`` takes about a second (onnx, onnx-ir, ml_dtypes), and a signal in that
+Importing the CLI takes about a second (onnx, onnx-ir, ml_dtypes), and a signal in that
 time must end like one during the run: one line on stderr, exit 130 (SIGINT) or 143
-(SIGTERM), no traceback. This module is outside the package and imports nothing heavy,
-so it runs before ``rewriter/__init__.py``: Python's own SIGINT handler raises
-``KeyboardInterrupt`` during the imports, and the SIGTERM handler installed here does
-too; both end here. :func:`rewriter.cli.main` then handles both for the run. Importing
-``rewriter`` installs no signal handler: only the command line does.
+(SIGTERM), no traceback. The package's ``__init__`` imports nothing heavy (its names
+load on first use), nor does this module, so this runs before those imports: Python's
+own SIGINT handler raises ``KeyboardInterrupt`` during them, and the SIGTERM handler
+installed here does too; both end here. :func:`rewriter.cli.main` then handles both for
+the run. Importing ``rewriter`` installs no signal handler: only the command line does.
 
->>> import rewriter_entry  # doctest: +SKIP
->>> rewriter_entry.main(["--list-passes"])  # doctest: +SKIP
+>>> from rewriter import entry  # doctest: +SKIP
+>>> entry.main(["--list-passes"])  # doctest: +SKIP
 0
 """
 
