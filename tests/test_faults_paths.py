@@ -266,6 +266,17 @@ def default_sigint():
     signal.signal(signal.SIGINT, previous)
 
 
+def _signal_after_writing(monkeypatch: pytest.MonkeyPatch, signum: int) -> None:
+    """``signum`` raised in this process right after the first staged output is written."""
+    real_write = io.write
+
+    def write_then_signal(*args, **kwargs):
+        real_write(*args, **kwargs)
+        signal.raise_signal(signum)
+
+    monkeypatch.setattr(io, "write", write_then_signal)
+
+
 def test_a_stale_python_handler_is_replaced_for_the_write(folder, capsys, monkeypatch):
     """A Python SIGINT handler left by a library or an earlier run still lets the write be
     interrupted cleanly: ours takes over for the write and gives that one back after."""
@@ -274,13 +285,7 @@ def test_a_stale_python_handler_is_replaced_for_the_write(folder, capsys, monkey
         raise RuntimeError("the stale handler ran")
 
     signal.signal(signal.SIGINT, left_behind)
-    real_write = io.write
-
-    def write_then_interrupt(*args, **kwargs):
-        real_write(*args, **kwargs)
-        signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(io, "write", write_then_interrupt)
+    _signal_after_writing(monkeypatch, signal.SIGINT)
     before = snapshot(folder)
     code, lines = run_cli(["m.onnx", *PASSES, "-o", "o.onnx"], capsys)
     assert code == 130 and lines == ["rewrite: interrupted; nothing written"]
@@ -349,13 +354,7 @@ def test_sigterm_during_the_write_is_an_interrupt(folder, capsys, monkeypatch):
         raise RuntimeError("SIGTERM reached the default handler")
 
     previous = signal.signal(signal.SIGTERM, unhandled)
-    real_write = io.write
-
-    def write_then_terminate(*args, **kwargs):
-        real_write(*args, **kwargs)
-        signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(io, "write", write_then_terminate)
+    _signal_after_writing(monkeypatch, signal.SIGTERM)
     before = snapshot(folder)
     try:
         code, lines = run_cli(["m.onnx", *PASSES, "-o", "o.onnx", "--report-json", "r.json"], capsys)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from rewriter.backends import tvm as backend
-from tests.backends.tvm.test_conv import TOLERANCE
+from tests.backends.tvm.test_conv import TOLERANCE, _model, _run
 
 SQUEEZE, EXPAND = 8, 16
 
@@ -72,26 +71,14 @@ def fire(tail: str = "conv", *, size: int = 14, axis: int = 1) -> onnx.ModelProt
             helper.make_node("Concat", ["cat", "s"], ["outer"], axis=axis),
             helper.make_node("Relu", ["outer"], ["y"]),
         ]
-    graph = helper.make_graph(
-        nodes,
-        "fire",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _model(nodes, ["batch", 16, size, size], inits)
 
 
 def _compiled(model: onnx.ModelProto, batch: int | None) -> tuple[backend.Compiled, float]:
     """``model`` compiled (at a fixed ``batch``, or symbolic where None), and its error
-    relative to ONNX Runtime's output at a batch of 3."""
-    x = np.random.default_rng(4).standard_normal((batch or 3, 16, 14, 14)).astype(np.float32)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    reference = session.run(None, {"x": x})[0]
-    compiled = backend.compile(model, "avx512", dims=None if batch is None else {"batch": batch})
-    got = compiled.run({"x": x})["y"]
-    assert got.shape == reference.shape
-    return compiled, float(np.abs(got - reference).max() / np.abs(reference).max())
+    relative to ONNX Runtime's output at that batch (3 for the symbolic one)."""
+    dims = None if batch is None else {"batch": batch}
+    return _run(model, [batch or 3, 16, 14, 14], dims)
 
 
 def _functions(compiled: backend.Compiled) -> dict[str, str]:

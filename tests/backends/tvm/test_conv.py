@@ -90,11 +90,14 @@ def resnet_block(channels: int = 32, size: int = 14) -> onnx.ModelProto:
     return _model(nodes, [1, channels, size, size], inits)
 
 
-def _run(model: onnx.ModelProto, shape: list[int]) -> tuple[backend.Compiled, float]:
-    """Compile ``model`` for avx512 and return it with its error relative to ORT's output."""
+def _run(
+    model: onnx.ModelProto, shape: list[int], dims: dict[str, int] | None = None
+) -> tuple[backend.Compiled, float]:
+    """Compile ``model`` for avx512 (``dims`` fixed) and return it with its error relative
+    to ORT's output on an input of ``shape``."""
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    compiled = backend.compile(model, "avx512")
+    compiled = backend.compile(model, "avx512", dims=dims)
     got = compiled.run({"x": x})["y"]
     assert got.shape == reference.shape
     return compiled, float(np.abs(got - reference).max() / np.abs(reference).max())
