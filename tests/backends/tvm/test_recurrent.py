@@ -4,10 +4,15 @@ Runtime; what the kernel does not compute is refused in one line naming the op."
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+
+from tests.faults import same_code_env
 
 tvm = pytest.importorskip("tvm")
 ort = pytest.importorskip("onnxruntime")
@@ -166,12 +171,58 @@ CASES = {
         {"with_h0": True, "linear_before_reset": 1},
     ),
     "gru-forward-reset-first": ("GRU", 33, 8, "forward", {"with_h0": True}),
+    "gru-bidirectional-reset-first": ("GRU", 24, 8, "bidirectional", {}),
     "gru-reverse-batch-first-clip": ("GRU", 16, 8, "reverse", {"layout": 1, "clip": 0.5}),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_recurrences_agree_with_onnx_runtime_at_any_sequence_and_batch(case: str) -> None:
+    check_case(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "lstm-bidirectional-states",
+        "gru-bidirectional-linear-before-reset",
+        "gru-bidirectional-reset-first",
+    ],
+)
+def test_directions_taken_together_on_two_threads_agree(case: str) -> None:
+    # From two threads (runtime.NumThreads, asked at each call) a bidirectional layer's
+    # two directions take each step together (recurrent.TOGETHER). TVM's pool sizes
+    # itself once, from TVM_NUM_THREADS: in a child process.
+    code = "\n".join(
+        [
+            "import tvm",
+            "assert tvm.get_global_func('runtime.NumThreads')() == 2",
+            "from tests.backends.tvm.test_recurrent import check_case",
+            f"check_case({case!r})",
+        ]
+    )
+    env = {**same_code_env(), "TVM_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_only_a_bidirectional_layer_asks_for_the_threads(kind: str) -> None:
+    from rewriter.backends.tvm.kernels import recurrent
+
+    target = targets.resolve("avx512")
+    unit = recurrent.unit_of(target)
+    both = recurrent.recurrence(kind, 64, 2, reverse=False, target=target).script()
+    one = recurrent.recurrence(kind, 64, 1, reverse=False, target=target).script()
+    assert "runtime.NumThreads" in both and "runtime.NumThreads" not in one
+    assert f"T.parallel({2 * 64 // unit})" in both  # both directions' tasks
+
+
+def check_case(case: str) -> None:
+    """Case ``case`` of :data:`CASES` compiled once, against ONNX Runtime at several
+    sequences and batches."""
     op, hidden, inputs, direction, attrs = CASES[case]
     model = rnn_model(op, hidden, inputs, direction, **attrs)
     compiled = backend.compile(model, "avx512")  # one library, symbolic seq and batch
@@ -220,7 +271,9 @@ def test_weights_computed_from_initializers_are_folded() -> None:
         "GRU", list(first.input), ["Y2"], hidden_size=16, linear_before_reset=1, direction="reverse"
     )
     graph.node.append(second)
-    graph.output.append(helper.make_tensor_value_info("Y2", TensorProto.FLOAT, ["seq", 1, "batch", 16]))
+    graph.output.append(
+        helper.make_tensor_value_info("Y2", TensorProto.FLOAT, ["seq", 1, "batch", 16])
+    )
     feeds = feeds_for(model, 6, 2)
     got = backend.compile(model, "avx512").run(feeds)
     want = reference(model, feeds)
