@@ -90,14 +90,15 @@ def concat_in_place() -> tvm.transform.Pass:
 
 @dataclasses.dataclass(frozen=True)
 class _Part:
-    """A part of a concatenation of type ``ty``, ``total`` long along ``axis``: its
-    producer writes it at ``offset`` (``first``: the producer that makes the buffer)."""
+    """A part of a concatenation of type ``ty``, ``total`` long along ``axis``, that the
+    call of PrimFunc ``producer`` makes: written at ``offset``. Parts equal but for
+    ``ty`` share their producer's copy."""
 
+    producer: str
     offset: int
     total: int
     axis: int
-    ty: Any
-    first: bool
+    ty: Any = dataclasses.field(compare=False)
 
 
 def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
@@ -107,15 +108,18 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
     call_tir = tvm.ir.Op.get("relax.call_tir")
     # Per concatenation's variable: its parts' variables in the order they are bound;
     # per part, its producer's PrimFunc writing into the concatenation.
+    # Per part, its producer's PrimFunc writing into the concatenation (one per _Part:
+    # fire modules of one shape share them).
     plans: dict[Any, list[Any]] = {}
-    parts: dict[Any, tuple[_Part, tvm.tirx.PrimFunc]] = {}
+    parts: dict[Any, _Part] = {}
+    written: dict[_Part, tvm.tirx.PrimFunc | None] = {}
     for func in mod.functions.values():
         if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
-            _plan(mod, func, call_tir, plans, parts)
+            _plan(mod, func, call_tir, plans, parts, written)
     if not plans:
         return mod
     owner = {part: concat for concat, chain in plans.items() for part in chain}
-    added: dict[tuple[str, int, int, int], Any] = {}
+    added: dict[_Part, Any] = {}
     last: dict[Any, Any] = {}  # a concatenation's variable -> its chain's last call
 
     @relax.expr_functor.mutator
@@ -128,20 +132,19 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
             if var not in parts:
                 super().visit_var_binding_(binding)
                 return
-            part, func = parts[var]
-            key = (value.args[0].name_hint, part.axis, part.total, part.offset)
-            if key not in added:
-                name = f"{key[0]}_into_{part.total}_at_{part.offset}"
+            part = parts[var]
+            if part not in added:
+                name = f"{part.producer}_into_{part.total}_at_{part.offset}"
                 if part.axis != len(part.ty.shape.values) - 1:
                     name += f"_axis{part.axis}"
-                added[key] = self.builder_.add_func(func, name)
+                added[part] = self.builder_.add_func(written[part], name)
             args = [self.visit_expr(arg) for arg in value.args[1].fields]
             concat = owner[var]
-            if part.first:
-                new = relax.call_tir(added[key], relax.Tuple(args), part.ty)
+            if concat not in last:  # the first part to run makes the buffer
+                new = relax.call_tir(added[part], relax.Tuple(args), part.ty)
             else:
                 new = relax.call_tir_inplace(
-                    added[key], relax.Tuple([*args, last[concat]]), [len(args)], part.ty
+                    added[part], relax.Tuple([*args, last[concat]]), [len(args)], part.ty
                 )
             last[concat] = self.builder_.emit(new, var.name)
 
@@ -157,10 +160,11 @@ def _plan(
     func: relax.Function,
     call_tir: Any,
     plans: dict[Any, list[Any]],
-    parts: dict[Any, tuple[_Part, tvm.tirx.PrimFunc]],
+    parts: dict[Any, _Part],
+    written: dict[_Part, tvm.tirx.PrimFunc | None],
 ) -> None:
     """Fill ``plans`` and ``parts`` with the concatenations of ``func`` whose parts all
-    qualify (see the module docstring)."""
+    qualify (see the module docstring), and ``written`` with their producers' copies."""
     from tvm import relax, tirx
 
     uses: collections.Counter[Any] = collections.Counter()
@@ -194,17 +198,18 @@ def _plan(
                 continue
             if not all(_qualifies(mod, arg, bound, uses, call_tir) for arg in inputs):
                 continue
-            order = sorted(range(len(inputs)), key=lambda i: position[inputs[i]])
             planned = {}
-            for rank, i in enumerate(order):
+            for i, arg in enumerate(inputs):
+                producer = bound[arg].args[0]
                 offset = sum(extents[:i])  # type: ignore[arg-type]
-                part = _Part(offset, total, axis, binding.var.ty, rank == 0)
-                written = _written_into(mod[bound[inputs[i]].args[0]], part)
-                if written is None:
+                part = _Part(producer.name_hint, offset, total, axis, binding.var.ty)
+                if part not in written:
+                    written[part] = _written_into(mod[producer], part)
+                if written[part] is None:
                     break
-                planned[inputs[i]] = part, written
+                planned[arg] = part
             else:
-                plans[binding.var] = [inputs[i] for i in order]
+                plans[binding.var] = sorted(inputs, key=position.__getitem__)
                 parts.update(planned)
 
 
