@@ -31,7 +31,6 @@ import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -105,21 +104,24 @@ def is_inexact(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.inexact) or dtype.name == "bfloat16"
 
 
-def output_tolerances(model: str | Path | onnx.ModelProto) -> dict[str, Tolerance]:
-    """Per float output of ``model``, the tolerance of exact passes: the loosest of
-    :data:`DEFAULT_TOLERANCE` over the float types the output is computed in, its own
-    type included (:func:`rewriter.precision.computed_types`). An output is as precise as
-    the least precise arithmetic behind it: a float32 softmax cast to a float64 output
-    gets float32's tolerance, a float16 softmax inside float32 graph inputs and outputs
-    float16's.
+def output_tolerances(
+    model: str | Path | onnx.ModelProto, table: Mapping[str, Tolerance] | None = None
+) -> dict[str, Tolerance]:
+    """Per float output of ``model``, its tolerance: the loosest in ``table`` (by float
+    type name; default :data:`DEFAULT_TOLERANCE`, exact passes') over the float types the
+    output is computed in, its own type included (:func:`rewriter.precision.computed_types`).
+    An output is as precise as the least precise arithmetic behind it: a float32 softmax
+    cast to a float64 output gets float32's tolerance, a float16 softmax inside float32
+    graph inputs and outputs float16's.
 
     >>> output_tolerances("mixed_f16_inside.onnx")  # doctest: +SKIP
     {'y': Tolerance(rtol=0.004, atol=0.0001)}
     """
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    chosen = DEFAULT_TOLERANCE if table is None else table
     tolerances = {}
     for name, types in precision.computed_types(proto).items():
-        candidates = [DEFAULT_TOLERANCE[dtype] for dtype in types if dtype in DEFAULT_TOLERANCE]
+        candidates = [chosen[dtype] for dtype in types if dtype in chosen]
         if candidates:
             tolerances[name] = max(candidates, key=lambda tolerance: (tolerance.rtol, tolerance.atol))
     return tolerances
@@ -384,15 +386,25 @@ def run(model: str | Path | bytes, inputs: Mapping[str, np.ndarray]) -> dict[str
     """
     sess = session(model)
     names = [output.name for output in sess.get_outputs()]
-    feeds: dict[str, Any] = {i.name: inputs[i.name] for i in sess.get_inputs()}
+    feeds = {i.name: inputs[i.name] for i in sess.get_inputs()}
+    return dict(zip(names, run_session(sess, names, feeds), strict=True))
+
+
+def run_session(
+    sess: ort.InferenceSession, names: Sequence[str], feeds: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
+    """``sess.run(names, feeds)``, with bfloat16 feeds and results (``ml_dtypes``
+    arrays), which ONNX Runtime's numpy conversion lacks, passed as ``OrtValue`` s."""
     typed = [np.asarray(value).dtype == ml_dtypes.bfloat16 for value in feeds.values()]
-    typed += [output.type == "tensor(bfloat16)" for output in sess.get_outputs()]
+    kinds = {output.name: output.type for output in sess.get_outputs()}
+    typed += [kinds.get(name) == "tensor(bfloat16)" for name in names]
     if not any(typed):
-        return dict(zip(names, sess.run(names, feeds), strict=True))
+        return list(sess.run(list(names), dict(feeds)))
     # Every feed an OrtValue then: ONNX Runtime takes no mix of those and arrays.
-    feeds = {name: _ort_value(np.asarray(value)) for name, value in feeds.items()}
-    values = sess.run_with_ort_values(names, feeds)
-    return {name: _from_ort_value(value) for name, value in zip(names, values, strict=True)}
+    values = sess.run_with_ort_values(
+        list(names), {name: _ort_value(np.asarray(value)) for name, value in feeds.items()}
+    )
+    return [_from_ort_value(value) for value in values]
 
 
 def _ort_value(array: np.ndarray) -> ort.OrtValue:
@@ -663,8 +675,24 @@ def load_inputs(path: str | Path, model: str | Path | onnx.ModelProto, *, what: 
                     raise InputError(f"{path}: member '{name}' does not fit in memory ({first_line(exc)})") from exc
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: not a readable .npz {what} file ({first_line(exc)})") from exc
+    inputs = _typed_raw(inputs, model)
     check_inputs(inputs, model, source=f"{path}")
     return inputs
+
+
+def _typed_raw(inputs: dict[str, np.ndarray], model: str | Path | onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``inputs`` with raw members read as the model's ``ml_dtypes`` types. ``np.savez``
+    stores bfloat16 and float8 arrays as raw bytes (``|V2``, ``|V1``): numpy does not know
+    those types, so their descriptor is lost. A raw member of the width of the model's
+    input type is that type's bits; other mismatches are left for :func:`check_inputs`."""
+    expected = {spec.name: spec.dtype for spec in input_specs(model)}
+    typed = dict(inputs)
+    for name, value in inputs.items():
+        dtype = expected.get(name)
+        raw = value.dtype.kind == "V" and value.dtype.names is None and value.dtype.subdtype is None
+        if dtype is not None and raw and dtype.kind == "V" and value.dtype.itemsize == dtype.itemsize:
+            typed[name] = value.view(dtype)
+    return typed
 
 
 def _check_member_sizes(archive: zipfile.ZipFile, path: str | Path) -> None:

@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from rewriter import verify
+from rewriter.errors import InputError
 
 FP16 = verify.DEFAULT_TOLERANCE["float16"]
 
@@ -209,3 +210,64 @@ def test_bfloat16_graph_inputs_and_outputs_are_verified(tmp_path, capsys):
     for path in (bf16_in, bf16_out):
         code, lines = run_cli([path, "--passes", "two-pass-softmax", "-o", tmp_path / f"{path.stem}.out.onnx", "-q"], capsys)
         assert code == 0, (path.stem, lines)
+
+
+def test_bfloat16_inputs_saved_with_np_savez_are_read_as_bfloat16(tmp_path, capsys):
+    # np.savez stores a bfloat16 array as raw bytes ('|V2'): before, --inputs refused it
+    # ("has dtype |V2, the model takes bfloat16").
+    import ml_dtypes
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    from tests.faults import run_cli
+
+    model = _save(
+        tmp_path, "bf16_in",
+        [helper.make_node("Cast", ["b"], ["bf"], to=T.FLOAT), helper.make_node("Add", ["x", "bf"], ["s"]),
+         helper.make_node("Softmax", ["s"], ["y"])],
+        [helper.make_tensor_value_info("x", T.FLOAT, [2, 8]), helper.make_tensor_value_info("b", T.BFLOAT16, [2, 8])],
+        [helper.make_tensor_value_info("y", T.FLOAT, [2, 8])],
+    )
+    values = np.linspace(-2, 2, 16, dtype=np.float32).reshape(2, 8)
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=np.zeros((2, 8), np.float32), b=values.astype(ml_dtypes.bfloat16))
+    loaded = verify.load_inputs(inputs, model)
+    assert loaded["b"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(loaded["b"].astype(np.float32), values.astype(ml_dtypes.bfloat16).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    code, lines = run_cli([model, "--passes", "two-pass-softmax", "-o", out, "--inputs", inputs, "-q"], capsys)
+    assert code == 0, lines
+    # Raw bytes of another width are still refused, naming the types.
+    np.savez(inputs, x=np.zeros((2, 8), np.float32), b=np.zeros((2, 8), ml_dtypes.float8_e4m3fn))
+    with pytest.raises(InputError, match="has dtype .V1, the model takes bfloat16"):
+        verify.load_inputs(inputs, model)
+
+
+def test_calibration_runs_take_bfloat16_inputs(tmp_path, capsys):
+    # Before: prune's distortion probe fed ONNX Runtime numpy bfloat16 arrays, an internal
+    # error ("Numpy_type 256 can't be converted to MLDataType"); quantize's importance
+    # runs share the same runner.
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from tests.faults import run_cli
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in (("w1", (16, 32)), ("w2", (32, 8)))
+    ]
+    model = _save(
+        tmp_path, "bf16_mlp",
+        [helper.make_node("Cast", ["xb"], ["x"], to=T.FLOAT), helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        [helper.make_tensor_value_info("xb", T.BFLOAT16, ["batch", 16])],
+        [helper.make_tensor_value_info("y", T.FLOAT, ["batch", 8])],
+        weights,
+    )
+    for passes in ("prune", "quantize(activations=int8)", "quantize(avg_bits=6)"):
+        report = tmp_path / "report.json"
+        out = tmp_path / "out.onnx"
+        code, lines = run_cli([model, "--passes", passes, "-o", out, "--report-json", report, "-q"], capsys)
+        assert code == 0, (passes, lines)
+        assert json.loads(report.read_text())["verification"]["outputs"][0]["cosine"] > 0.5

@@ -43,6 +43,12 @@ COMPILED_TOLERANCE = {
 }
 
 
+def _dtype_tolerance(dtype: np.dtype) -> verify.Tolerance:
+    """:data:`COMPILED_TOLERANCE` by ``dtype`` alone (complex types by their component)."""
+    name = verify.COMPONENT_TYPES.get(str(dtype), str(dtype))
+    return COMPILED_TOLERANCE.get(name, COMPILED_TOLERANCE["float32"])
+
+
 @dataclasses.dataclass
 class CompiledCheck:
     """The compiled model: where it was written, and how it compares with the original."""
@@ -130,7 +136,9 @@ def check_compiled(
     ``reference`` is ONNX Runtime's output of the original model on ``feeds`` (None:
     build only). ``library``: where to write the shared library (atomically, with its
     ``.json`` metadata), only when the check passed. ``enforce`` marks each float output against
-    :data:`COMPILED_TOLERANCE`. ``tune``, ``tune_db``, ``tune_seconds``, ``tune_rpc``:
+    :data:`COMPILED_TOLERANCE` for the least precise float type it is computed in
+    (:func:`rewriter.verify.output_tolerances`: a float16 softmax between float32 inputs
+    and outputs gets float16's). ``tune``, ``tune_db``, ``tune_seconds``, ``tune_rpc``:
     MetaSchedule tuning (see :func:`rewriter.backends.tvm.compile`); its progress goes to ``say``.
 
     >>> check_compiled("out.onnx", "cuda", feeds=feeds, reference=None).ran  # doctest: +SKIP
@@ -179,12 +187,14 @@ def check_compiled(
         candidate = compiled.run({name: feeds[name] for name in compiled.input_names if name in feeds})
         ran = True
         mask = verify.find_attention_mask(feeds)
+        tolerances = verify.output_tolerances(model, COMPILED_TOLERANCE) if enforce else {}
         for name, ref in reference.items():
             comparison = verify.compare(name, ref, candidate[name], mask=mask)
-            if enforce and np.issubdtype(ref.dtype, np.floating):
-                chosen = COMPILED_TOLERANCE.get(str(ref.dtype), COMPILED_TOLERANCE["float32"])
+            if enforce and verify.is_inexact(ref.dtype):
+                chosen = tolerances.get(name) or _dtype_tolerance(ref.dtype)
                 verify.check_tolerance(comparison, ref, chosen)
-                used = {"rtol": chosen.rtol, "atol": chosen.atol}
+                if used is None or chosen.rtol > used["rtol"]:  # the report names the loosest
+                    used = {"rtol": chosen.rtol, "atol": chosen.atol}
             elif enforce:
                 comparison.passed = comparison.max_abs_err == 0
             outputs.append(comparison)

@@ -133,13 +133,13 @@ class DistortionProbe:
     ) -> list[np.ndarray]:
         available = {**batch, **self.feeds, **(extra or {})}
         feeds = {i.name: available[i.name] for i in session.get_inputs()}
-        return session.run(self.outputs, feeds)
+        return verify.run_session(session, self.outputs, feeds)
 
     def _run_all(
         self, session: ort.InferenceSession, names: list[str], batch: dict[str, np.ndarray]
     ) -> list[np.ndarray]:
         available = {**batch, **self.feeds}
-        return session.run(names, {i.name: available[i.name] for i in session.get_inputs()})
+        return verify.run_session(session, names, {i.name: available[i.name] for i in session.get_inputs()})
 
     def distortion_of(self, name: str, weight: np.ndarray) -> float:
         """Output distortion with the weight ``name`` replaced by ``weight``."""

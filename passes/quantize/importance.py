@@ -61,7 +61,8 @@ class Fetcher:
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Nothing to run when every name is a graph input (ORT reads [] as all outputs).
-        values = self.session.run(self.outputs, {name: batch[name] for name in self.feeds}) if self.outputs else []
+        feeds = {name: batch[name] for name in self.feeds}
+        values = verify.run_session(self.session, self.outputs, feeds) if self.outputs else []
         results = dict(zip(self.outputs, values, strict=True))
         return {name: np.asarray(batch[name] if name in self.inputs else results[name]) for name in self.names}
 

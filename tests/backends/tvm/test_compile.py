@@ -169,6 +169,22 @@ def test_softmax_variants_compile_and_agree(op, axis, shape):
     assert_agrees(ort(original, feeds), compiled.run(feeds))
 
 
+def test_compiled_check_takes_the_tolerance_of_the_least_precise_type_computed(tmp_path):
+    """An output computed through a float16 softmax is checked at float16's compiled
+    tolerance though it is float32; the float32 output beside it keeps float32's."""
+    from rewriter.backends.tvm.verify import check_compiled
+    from tests.test_faults_verify import _mixed_precision_models
+
+    branches = _mixed_precision_models(tmp_path)[2]
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)}
+    check = check_compiled(branches, "llvm", feeds=feeds, reference=verify.run(branches, feeds))
+    by_name = {output.name: output for output in check.outputs}
+    as_dict = lambda tolerance: {"rtol": tolerance.rtol, "atol": tolerance.atol}  # noqa: E731
+    assert by_name["y16"].tolerance == as_dict(COMPILED_TOLERANCE["float16"])
+    assert by_name["y32"].tolerance == as_dict(COMPILED_TOLERANCE["float32"])
+    assert check.passed and check.tolerance == as_dict(COMPILED_TOLERANCE["float16"])
+
+
 def test_inputs_are_checked_by_name_and_dtype():
     compiled = backend.compile(matmul_softmax(), "llvm")
     with pytest.raises(InputError, match="missing inputs"):
