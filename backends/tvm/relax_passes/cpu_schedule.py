@@ -61,7 +61,7 @@ def cpu_rules(target: tvm.target.Target) -> list[Any]:
     return [
         conv.rules()["conv"](lanes, prefetch_tiles),
         schedules.rule("matmul")(lanes, prefetch_tiles),
-        conv.rules()["window"](lanes),
+        conv.rules()["window"](lanes, conv.window_stream_bytes(target)),
         schedules.rule("row_reduction")(lanes),
         dl.cpu.Reduction(),
         transpose.rule()(lanes),

@@ -1175,3 +1175,64 @@ def test_lower_rank_constants_of_binary_ops_take_the_channels_last_layout():
     assert error < TOLERANCE.rtol
     rules = _rules(compiled)
     assert len([name for name in rules if "transpose" in name]) == 2, rules
+
+
+def _scheduled_windows(model, shape):
+    """:func:`_run`'s ``(compiled, error)``, and the script of each PrimFunc our window
+    rule scheduled (after the scheduling pass)."""
+    import tvm
+    from tvm import tirx
+
+    scripts: dict[str, str] = {}
+
+    @tvm.instrument.pass_instrument
+    class Scheduled:
+        def run_after_pass(self, mod, info):
+            if info.name == "RewriterCpuSchedule":
+                for gv, func in mod.functions_items():
+                    if isinstance(func, tirx.PrimFunc):
+                        scripts[gv.name_hint] = func.script()
+
+    with tvm.transform.PassContext(opt_level=3, instruments=[Scheduled()]):
+        compiled, error = _run(model, shape)
+    windows = {name: scripts[name] for name, rule in _rules(compiled).items() if rule == "channels-last window"}
+    return (compiled, error), windows
+
+
+STREAMED = [
+    pytest.param([4, 48, 16, 16], 3, 2, id="3x3-stride2"),
+    pytest.param([4, 32, 14, 14], 3, 1, id="3x3"),
+    pytest.param([2, 32, 48, 48], 5, 1, id="5x5"),  # its padded copy past WINDOW_BLOCK_BYTES: inlined
+]
+
+
+@pytest.mark.parametrize(("shape", "kernel", "stride"), STREAMED)
+@pytest.mark.parametrize("symbolic", [False, True], ids=["fixed", "symbolic"])
+def test_windows_that_stream_their_input_prefetch_rows_ahead_in_one_vector_tiles_and_agree(
+    monkeypatch, shape, kernel, stride, symbolic
+):
+    """Where a window streams its input (WINDOW_STREAM_BYTES_BY_CPU: here every batch),
+    each tile prefetches the input rows its next output row adds, and its tiles are one
+    vector (16 channels) wide; the output agrees with ORT, border rows and the last row
+    (whose prefetches are clamped into the image) included."""
+    monkeypatch.setattr(conv, "window_stream_bytes", lambda target: 1)
+    model = conv_model(shape, shape[1], kernel, stride, kernel // 2, shape[1])
+    if symbolic:
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    (_, error), windows = _scheduled_windows(model, shape)
+    assert error < TOLERANCE.rtol
+    (script,) = windows.values()
+    assert "llvm.prefetch" in script
+    assert re.search(r"T\.vectorized\(T\.int64\(16\)\)", script) and "T.vectorized(T.int64(32))" not in script
+
+
+def test_windows_stream_only_over_a_batch_and_only_where_tuned_so():
+    """A window over one image keeps its widest tiles, unprefetched; and streaming is
+    tuned per CPU: on for Zen 4, off for Sapphire Rapids (measured with 2 MiB of L2)."""
+    from rewriter.backends.tvm import targets
+
+    shape = [1, 32, 14, 14]
+    (_, error), windows = _scheduled_windows(conv_model(shape, 32, 3, 1, 1, 32), shape)
+    assert error < TOLERANCE.rtol and "llvm.prefetch" not in next(iter(windows.values()))
+    assert conv.window_stream_bytes(targets.resolve("zen4")) > 0
+    assert conv.window_stream_bytes(targets.resolve("sapphirerapids")) == 0
