@@ -577,7 +577,11 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
     if not all(shape[1:]):
         return sch
     inner: list[Any] = []
-    tvm_ffi.structural_map(outer.body, [(tirx.For, lambda loop: inner.append(loop.loop_var) or loop)], order="post")
+    def note_loop(loop: Any) -> Any:
+        inner.append(loop.loop_var)
+        return loop
+
+    tvm_ffi.structural_map(outer.body, [(tirx.For, note_loop)], order="post")
     zero = tirx.const(0, "int64")
 
     def substitute(expr: Any, values: dict[Any, Any]) -> Any:
@@ -630,7 +634,13 @@ def _uses(expr: Any, var: Any) -> bool:
     from tvm import tirx
 
     found: list[Any] = []
-    tvm_ffi.structural_map(expr, [(tirx.Var, lambda node: found.append(node) or node if node.same_as(var) else node)])
+
+    def note(node: Any) -> Any:
+        if node.same_as(var):
+            found.append(node)
+        return node
+
+    tvm_ffi.structural_map(expr, [(tirx.Var, note)])
     return bool(found)
 
 
