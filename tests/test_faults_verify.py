@@ -181,6 +181,20 @@ def test_complex_outputs_compare_the_complex_difference():
     assert verify.default_tolerance("complex128") == verify.DEFAULT_TOLERANCE["float64"]
 
 
+def _bf16_input_model(tmp_path):
+    """``Softmax(x + float(b))`` with a float32 ``x`` and a bfloat16 ``b``, both [2, 8]."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    return _save(
+        tmp_path, "bf16_in",
+        [helper.make_node("Cast", ["b"], ["bf"], to=T.FLOAT), helper.make_node("Add", ["x", "bf"], ["s"]),
+         helper.make_node("Softmax", ["s"], ["y"])],
+        [helper.make_tensor_value_info("x", T.FLOAT, [2, 8]), helper.make_tensor_value_info("b", T.BFLOAT16, [2, 8])],
+        [helper.make_tensor_value_info("y", T.FLOAT, [2, 8])],
+    )
+
+
 def test_bfloat16_graph_inputs_and_outputs_are_verified(tmp_path, capsys):
     # Before: ONNX Runtime's numpy feeds and results have no bfloat16 ('Numpy_type 256
     # can't be converted'), so such models could not be verified (exit 2).
@@ -190,13 +204,7 @@ def test_bfloat16_graph_inputs_and_outputs_are_verified(tmp_path, capsys):
 
     from tests.faults import run_cli
 
-    bf16_in = _save(
-        tmp_path, "bf16_in",
-        [helper.make_node("Cast", ["b"], ["bf"], to=T.FLOAT), helper.make_node("Add", ["x", "bf"], ["s"]),
-         helper.make_node("Softmax", ["s"], ["y"])],
-        [helper.make_tensor_value_info("x", T.FLOAT, [2, 8]), helper.make_tensor_value_info("b", T.BFLOAT16, [2, 8])],
-        [helper.make_tensor_value_info("y", T.FLOAT, [2, 8])],
-    )
+    bf16_in = _bf16_input_model(tmp_path)
     bf16_out = _save(
         tmp_path, "bf16_out",
         [helper.make_node("Softmax", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["y"], to=T.BFLOAT16)],
@@ -216,18 +224,10 @@ def test_bfloat16_inputs_saved_with_np_savez_are_read_as_bfloat16(tmp_path, caps
     # np.savez stores a bfloat16 array as raw bytes ('|V2'): before, --inputs refused it
     # ("has dtype |V2, the model takes bfloat16").
     import ml_dtypes
-    from onnx import TensorProto as T
-    from onnx import helper
 
     from tests.faults import run_cli
 
-    model = _save(
-        tmp_path, "bf16_in",
-        [helper.make_node("Cast", ["b"], ["bf"], to=T.FLOAT), helper.make_node("Add", ["x", "bf"], ["s"]),
-         helper.make_node("Softmax", ["s"], ["y"])],
-        [helper.make_tensor_value_info("x", T.FLOAT, [2, 8]), helper.make_tensor_value_info("b", T.BFLOAT16, [2, 8])],
-        [helper.make_tensor_value_info("y", T.FLOAT, [2, 8])],
-    )
+    model = _bf16_input_model(tmp_path)
     values = np.linspace(-2, 2, 16, dtype=np.float32).reshape(2, 8)
     inputs = tmp_path / "inputs.npz"
     np.savez(inputs, x=np.zeros((2, 8), np.float32), b=values.astype(ml_dtypes.bfloat16))
