@@ -92,14 +92,16 @@ WINDOW_COPY_READS = 12
 # at most this large (a quarter of a 2 MiB L2).
 WINDOW_BLOCK_BYTES = 1 << 19
 # A window over a batch of images (a symbolic batch counts as WINDOW_SYMBOLIC_IMAGES)
-# whose input is at least this large (WINDOW_STREAM_BYTES_BY_CPU) streams it: its tiles are one vector of channels
-# wide, and each prefetches the input rows its next output row adds, this many output
-# rows ahead (:func:`prefetch_window_rows`; measured on Zen 4, one thread, batch 8:
-# MobileNetV2's and EfficientNet's depthwise convolutions over 56 x 56 x 144 to
-# 28 x 28 x 192, 3 x 3, stride 1 or 2, 1.3-1.9x faster than in 32-channel tiles without
-# prefetches; at batch 1 neither gained).
-# By the CPU the code is tuned for (.targets.tuned_cpu); elsewhere (0) windows keep their
-# widest tiles, unprefetched, as measured on Sapphire and Emerald Rapids (2 MiB of L2).
+# whose input is at least WINDOW_STREAM_BYTES_BY_CPU streams it: its tiles are one vector
+# of channels wide, and each prefetches the input rows its next output row adds,
+# WINDOW_PREFETCH_AHEAD output rows ahead (:func:`prefetch_window_rows`). Measured on
+# Zen 4, one thread, batch 8, the 3 x 3 depthwise convolutions of MobileNetV2 and
+# EfficientNet-B0 (56 x 56 x 144 to 28 x 28 x 192, stride 1 or 2), kernel alone:
+# 16-channel tiles 1.16-1.75x faster than 32-channel ones (both prefetching), the
+# prefetches 1.16-1.32x (both 16-channel); at batch 1, 16-channel tiles took 0.78-1.11x
+# the time and the prefetches 1.0-1.09x, so one image keeps its tiles. By the CPU the code
+# is tuned for (.targets.tuned_cpu); elsewhere (0) windows keep their widest tiles,
+# unprefetched: not measured on Sapphire or Emerald Rapids yet.
 WINDOW_STREAM_BYTES_BY_CPU = {"znver4": 4 << 20}
 WINDOW_SYMBOLIC_IMAGES = 8
 WINDOW_PREFETCH_AHEAD = 1
@@ -527,8 +529,9 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
     tile first prefetching the input it reads :data:`WINDOW_PREFETCH_AHEAD` output rows
     later that no earlier row reads: the window's last ``stride`` rows, over the tile's
     columns and channels. Only for an image input (``lead`` 4: ``[n, y, x, c]``) read by
-    the block ``name`` directly (its padding tested in the loads, not copied). Addresses are clamped into the image (a
-    prefetch past its edge would only repeat one). No schedule primitive inserts a
+    the block ``name`` directly (its padding tested in the loads, not copied). Addresses
+    are clamped into the image (a prefetch past its edge only repeats one inside it).
+    No schedule primitive inserts a
     statement: the function is rebuilt, and a new schedule returned (as
     :func:`.schedules.prefetch_next_panel` does); ``sch`` itself where it does not apply."""
     import tvm
@@ -577,6 +580,7 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
     if not all(shape[1:]):
         return sch
     inner: list[Any] = []
+
     def note_loop(loop: Any) -> Any:
         inner.append(loop.loop_var)
         return loop
