@@ -107,8 +107,7 @@ def _rewrite(mod: tvm.IRModule) -> tvm.IRModule:
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
     # Per concatenation's variable: its parts' variables in the order they are bound;
-    # per part, its producer's PrimFunc writing into the concatenation.
-    # Per part, its producer's PrimFunc writing into the concatenation (one per _Part:
+    # per part, its producer's PrimFunc writing into the concatenation (one per _Part:
     # fire modules of one shape share them).
     plans: dict[Any, list[Any]] = {}
     parts: dict[Any, _Part] = {}

@@ -539,6 +539,7 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
     from tvm import s_tir, sym, tirx
 
     from rewriter.backends.tvm.relax_passes import schedules
+    from rewriter.backends.tvm.vector_tails import uses
 
     func = sch.mod["main"]
     realizes: list[Any] = []
@@ -566,7 +567,7 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
     loads: list[Any] = []
 
     def note_load(node: Any) -> Any:
-        if any(node.source.same_as(param) for param in params) and len(node.indices) == 4 and _uses(node.indices[1], ivars[1]):
+        if any(node.source.same_as(param) for param in params) and len(node.indices) == 4 and uses(node.indices[1], ivars[1]):
             loads.append(node)
         return node
 
@@ -630,22 +631,6 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
         return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
 
     return s_tir.Schedule(func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, with_prefetches)], order="pre")))
-
-
-def _uses(expr: Any, var: Any) -> bool:
-    """Whether ``expr`` reads the variable ``var``."""
-    import tvm_ffi
-    from tvm import tirx
-
-    found: list[Any] = []
-
-    def note(node: Any) -> Any:
-        if node.same_as(var):
-            found.append(node)
-        return node
-
-    tvm_ffi.structural_map(expr, [(tirx.Var, note)])
-    return bool(found)
 
 
 def pad_axis(array: Any, axis: int, extra: int, fill: float = 0.0) -> Any:
@@ -1311,7 +1296,8 @@ def rules() -> dict[str, Any]:
             # pixels: 7 x 32, not 8 x 32 in a workspace allocated and zeroed per tile,
             # its accumulators stored after every FMA), as in the convolution rule.
             tile_i = schedules.stack_rows(width, limit, tile_j) or tile_i
-            if same and lead - 1 - keep >= 2 and 2 * tile_i >= limit:
+            row_tiled = same and lead - 1 - keep >= 2 and 2 * tile_i >= limit
+            if row_tiled:
                 rows = 1
                 for extent in extents[keep : lead - 2]:
                     rows *= extent
@@ -1321,9 +1307,6 @@ def rules() -> dict[str, Any]:
                 producers = inline_cheap_padding(sch, producers, extents)
                 unroll_small_window(sch, block)
                 row_tile(sch, block, tail, lead, keep, (tile_i, tile_j), block_rows)
-                if streaming:
-                    finish_producers(sch, producers, self.lanes)
-                    return prefetch_window_rows(sch, sch.get(block).name_hint, lead, (tile_i, tile_j))
             else:
                 flatten_pixels(sch, block, tail, lead, extents, keep)
                 unroll_small_window(sch, block)
@@ -1332,6 +1315,8 @@ def rules() -> dict[str, Any]:
                     pixels *= extent
                 tile(sch, block, tail, pixels, limit, tile_j, False, keep)
             finish_producers(sch, producers, self.lanes)
+            if streaming and row_tiled:
+                return prefetch_window_rows(sch, sch.get(block).name_hint, lead, (tile_i, tile_j))
             return sch
 
     def _row_divisor(width: int, limit: int) -> int:
