@@ -91,19 +91,23 @@ WINDOW_COPY_READS = 12
 # The window rule sweeps each channel tile over blocks of output rows whose input is
 # at most this large (a quarter of a 2 MiB L2).
 WINDOW_BLOCK_BYTES = 1 << 19
-# A window over a batch of images (a symbolic batch counts as WINDOW_SYMBOLIC_IMAGES)
-# whose input is at least WINDOW_STREAM_BYTES_BY_CPU streams it: its tiles are one vector
-# of channels wide, and each prefetches the input rows its next output row adds,
-# WINDOW_PREFETCH_AHEAD output rows ahead (:func:`prefetch_window_rows`). Measured on
-# Zen 4, one thread, batch 8, the 3 x 3 depthwise convolutions of MobileNetV2 and
-# EfficientNet-B0 (56 x 56 x 144 to 28 x 28 x 192, stride 1 or 2), kernel alone:
-# 16-channel tiles 1.16-1.75x faster than 32-channel ones (both prefetching), the
-# prefetches 1.16-1.32x (both 16-channel); at batch 1, 16-channel tiles took 0.78-1.11x
-# the time and the prefetches 1.0-1.09x, so one image keeps its tiles. By the CPU the code
-# is tuned for (.targets.tuned_cpu); elsewhere (0) windows keep their widest tiles,
-# unprefetched: not measured on Sapphire or Emerald Rapids yet.
-WINDOW_STREAM_BYTES_BY_CPU = {"znver4": 4 << 20}
-WINDOW_SYMBOLIC_IMAGES = 8
+# A window or convolution over a batch of images (a symbolic batch counts as
+# STREAM_SYMBOLIC_IMAGES) whose input is at least STREAM_BYTES_BY_CPU streams it.
+# A window's tiles are then one vector of channels wide, and each prefetches the input
+# rows its next output row adds, WINDOW_PREFETCH_AHEAD output rows ahead
+# (:func:`prefetch_window_rows`). Measured on Zen 4, one thread, batch 8, the 3 x 3
+# depthwise convolutions of MobileNetV2 and EfficientNet-B0 (56 x 56 x 144 to 28 x 28 x
+# 192, stride 1 or 2), kernel alone: 16-channel tiles 1.16-1.75x faster than 32-channel
+# ones (both prefetching), the prefetches 1.16-1.32x (both 16-channel); at batch 1,
+# 16-channel tiles took 0.78-1.11x the time and the prefetches 1.0-1.09x, so one image
+# keeps its tiles. A pointwise convolution's micro-kernel prefetches the next tile's
+# pixels (:func:`prefetch_next_pixels`): at batch 8, kernel alone, 144 -> 32 channels over
+# 56 x 56 took 0.54x the time, 96 -> 32 0.70x, 256 -> 64 0.83x, a stride-2 64 -> 128
+# 0.84x; those over 28 x 28 and 14 x 14 maps (in cache) and the expansions (32 -> 144,
+# 24 -> 144: 0.96-1.04x) alike. By the CPU the code is tuned for (.targets.tuned_cpu);
+# elsewhere (0) nothing streams: not measured on Sapphire or Emerald Rapids yet.
+STREAM_BYTES_BY_CPU = {"znver4": 4 << 20}
+STREAM_SYMBOLIC_IMAGES = 8
 WINDOW_PREFETCH_AHEAD = 1
 # A convolution over a static batch whose input (every image) is larger than this, with a
 # weight that stays in L2 (at most schedules.ROW_MAJOR_MAX_B_BYTES), runs image by image,
@@ -512,16 +516,17 @@ def pad_channels(builder: Any, call: Any) -> Any:
     return relax.op.strided_slice(out, axes=[rank - 1], begin=[0], end=[channels])
 
 
-def window_stream_bytes(target: tvm.target.Target) -> int:
-    """The input size from which a window over a batch of images streams it, in code for
-    ``target`` (:data:`WINDOW_STREAM_BYTES_BY_CPU` of the CPU it is tuned for; 0: never).
+def stream_bytes(target: tvm.target.Target) -> int:
+    """The input size from which a window or pointwise convolution over a batch of images
+    streams it, in code for ``target`` (:data:`STREAM_BYTES_BY_CPU` of the CPU it is
+    tuned for; 0: never).
 
-    >>> window_stream_bytes(targets.resolve("zen4")), window_stream_bytes(targets.resolve("sapphirerapids"))  # doctest: +SKIP
+    >>> stream_bytes(targets.resolve("zen4")), stream_bytes(targets.resolve("sapphirerapids"))  # doctest: +SKIP
     (4194304, 0)
     """
     from rewriter.backends.tvm import targets
 
-    return WINDOW_STREAM_BYTES_BY_CPU.get(targets.tuned_cpu(target), 0)
+    return STREAM_BYTES_BY_CPU.get(targets.tuned_cpu(target), 0)
 
 
 def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) -> Any:
@@ -626,6 +631,109 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
 
     def with_prefetches(loop: Any) -> Any:
         if not loop.same_as(outer):
+            return loop
+        body = tirx.SeqStmt([fetch, loop.body])
+        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
+
+    return s_tir.Schedule(func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, with_prefetches)], order="pre")))
+
+
+def prefetch_next_pixels(sch: Any, block: Any, weight: Any, keep: int) -> Any:
+    """``sch`` (the conv rule's, after :func:`tile`) with the micro-kernel prefetching
+    the input of the next tile of pixels while it multiplies this tile's: each iteration
+    of its reduction loop prefetches a few cache lines of the pixels one tile further,
+    spread so that the whole of the next tile's input is asked for by the end of this
+    tile. For a pointwise convolution (every window axis of extent 1) that reads its
+    input, a parameter, directly (its padding, if any, inlined), its ``weight`` from
+    another; ``keep`` leading axes apart from its flat pixels. Only
+    the first panel of output channels prefetches (the others read the same pixels).
+    The last tile's prefetches are clamped into the pixels. The function is rebuilt, as
+    :func:`prefetch_window_rows` does; ``sch`` itself where it does not apply."""
+    import tvm
+    import tvm_ffi
+    from tvm import s_tir, sym, tirx
+
+    from rewriter.backends.tvm.relax_passes import schedules
+    from rewriter.backends.tvm.vector_tails import uses
+
+    stmt = sch.get(block)
+    ivars = [iv.var for iv in stmt.iter_vars]
+    extents = [iv.dom.extent for iv in stmt.iter_vars]
+    pixel, channel, *reductions = ivars[keep:]
+    if not reductions or not all(isinstance(e, tirx.IntImm) and int(e) == 1 for e in extents[keep + 2 : -1]):
+        return sch
+    loops = [sch.get(loop) for loop in sch.get_loops(block)]
+    if loops[0].kind != tirx.ForKind.PARALLEL:
+        return sch
+    serial = [loop for loop in loops[1:] if loop.kind == tirx.ForKind.SERIAL]
+    tiled = [loop for loop in loops[1:] if loop.kind == tirx.ForKind.UNROLLED]
+    if not serial or not all(isinstance(loop.extent, tirx.IntImm) for loop in serial + tiled):
+        return sch
+    name = stmt.name_hint
+    func = sch.mod["main"]
+    realizes: list[Any] = []
+
+    def note_realize(node: Any) -> Any:
+        if node.block.name_hint == name:
+            realizes.append(node)
+        return node
+
+    tvm_ffi.structural_map(func.body, [(s_tir.SBlockRealize, note_realize)], order="post")
+    if len(realizes) != 1:
+        return sch
+    params = [param for param in func.params if hasattr(param, "shape") and not param.same_as(weight)]
+    loads: list[Any] = []
+
+    def note_load(node: Any) -> Any:
+        if any(node.source.same_as(param) for param in params):
+            loads.append(node)
+        return node
+
+    tvm_ffi.structural_map(realizes[0].block.body, [(tvm.ir.TensorLoad, note_load)], order="post")
+    if len(loads) != 1:
+        return sch
+    data = loads[0].source
+    zero = tirx.const(0, "int64")
+
+    def substitute(expr: Any, values: dict[Any, Any]) -> Any:
+        return tvm_ffi.structural_map(expr, [(tirx.Var, lambda var: values.get(var, var))])
+
+    inner = {loop.loop_var: zero for loop in loops[1:]}
+    base = {var: substitute(value, inner) for var, value in zip(ivars, realizes[0].iter_values, strict=True)}
+    analyzer = sym.Analyzer()
+    tile_i = next((int(loop.extent) for loop in tiled if uses(realizes[0].iter_values[keep], loop.loop_var)), 0)
+    first_panel = analyzer.simplify(base[channel] == 0)
+    if not tile_i or not isinstance(extents[-1], tirx.IntImm):
+        return sch
+    depth = int(extents[-1])
+    itemsize = (tvm.DataType(str(data.dtype)).bits + 7) // 8
+    line = max(64 // itemsize, 1)
+    per_pixel = -(-depth // line)
+    lines = tile_i * per_pixel
+    iterations = math.prod(int(loop.extent) for loop in serial)
+    per_iteration = -(-lines // iterations)
+    iteration: Any = zero
+    for loop in serial:
+        iteration = iteration * loop.extent + loop.loop_var
+    fetches = []
+    for part in range(per_iteration):
+        flat = tirx.min(iteration * per_iteration + part, lines - 1)
+        values = dict(base)
+        values[pixel] = tirx.min(base[pixel] + tile_i + tirx.floordiv(flat, per_pixel), extents[keep] - 1)
+        for var in reductions[:-1]:
+            values[var] = zero
+        values[reductions[-1]] = tirx.min(tirx.floormod(flat, per_pixel) * line, depth - 1)
+        index = [analyzer.simplify(substitute(i, values)) for i in loads[0].indices]
+        address = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(data, index))
+        locality = [tirx.const(value, "int32") for value in (0, schedules.PREFETCH_LOCALITY, 1)]
+        fetches.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *locality)))
+    fetch: Any = tirx.SeqStmt(fetches) if len(fetches) > 1 else fetches[0]
+    if not (isinstance(first_panel, tirx.IntImm) and int(first_panel)):
+        fetch = tirx.IfThenElse(first_panel, fetch, None)
+    at = serial[-1].loop_var
+
+    def with_prefetches(loop: Any) -> Any:
+        if not loop.loop_var.same_as(at):
             return loop
         body = tirx.SeqStmt([fetch, loop.body])
         return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
@@ -1153,6 +1261,10 @@ def rules() -> dict[str, Any]:
 
         what = "conv"
 
+        def __init__(self, lanes: int, prefetch_tiles: int | None = None, stream_bytes: int = 0) -> None:
+            super().__init__(lanes, prefetch_tiles)
+            self.stream_bytes = stream_bytes  # :func:`stream_bytes`; 0: never
+
         def _schedule(self, func: Any) -> Any:
             sch = s_tir.Schedule(func)
             parts = reduction_parts(sch)
@@ -1218,9 +1330,13 @@ def rules() -> dict[str, Any]:
             if extents[-1] < self.lanes:
                 producers = inline_cheap_padding(sch, producers, reads, any_size=False)
             finish_producers(sch, producers, self.lanes)
-            if packed is None:
-                return sch
-            return prefetch_streamed_weight(sch, block, per_block, self.prefetch_tiles)
+            if packed is not None:
+                prefetched = prefetch_streamed_weight(sch, block, per_block, self.prefetch_tiles)
+                if prefetched is not sch:
+                    return prefetched
+            if self.stream_bytes and streams(stmt, self.stream_bytes):
+                return prefetch_next_pixels(sch, block, weight.source, keep)
+            return sch
 
     class WindowRule(base):  # type: ignore[misc, valid-type]
         """``Y[p..., c] = reduce_r X[g(p..., r...), c + ...] (* W[r..., c])`` (+ epilogue):
@@ -1230,7 +1346,7 @@ def rules() -> dict[str, Any]:
 
         def __init__(self, lanes: int, stream_bytes: int = 0) -> None:
             super().__init__(lanes)
-            self.stream_bytes = stream_bytes  # window_stream_bytes; 0: never
+            self.stream_bytes = stream_bytes  # :func:`stream_bytes`; 0: never
 
         def _pixels(self, tile_j: int) -> int:
             """Output pixels a tile ``tile_j`` channels wide has at most."""
@@ -1392,12 +1508,12 @@ def rules() -> dict[str, Any]:
 
     def streams(stmt: Any, min_bytes: int) -> bool:
         """Whether a window streams its input: a batch of images (a symbolic one counts
-        as :data:`WINDOW_SYMBOLIC_IMAGES`) of at least ``min_bytes``."""
+        as :data:`STREAM_SYMBOLIC_IMAGES`) of at least ``min_bytes``."""
         source = max(operands(stmt), key=lambda buffer: buffer_bytes(buffer, 1), default=None)
         if source is None or not source.shape:
             return False
         batch = source.shape[0]
-        images = int(batch) if isinstance(batch, tirx.IntImm) else WINDOW_SYMBOLIC_IMAGES
+        images = int(batch) if isinstance(batch, tirx.IntImm) else STREAM_SYMBOLIC_IMAGES
         return images >= 2 and images * buffer_bytes(source, 1) >= min_bytes
 
     def input_bytes(stmt: Any, keep: int) -> int:

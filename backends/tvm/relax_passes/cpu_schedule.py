@@ -59,9 +59,9 @@ def cpu_rules(target: tvm.target.Target) -> list[Any]:
     lanes = schedules.vector_lanes(target)
     prefetch_tiles = schedules.prefetch_max_tiles(target)
     return [
-        conv.rules()["conv"](lanes, prefetch_tiles),
+        conv.rules()["conv"](lanes, prefetch_tiles, conv.stream_bytes(target)),
         schedules.rule("matmul")(lanes, prefetch_tiles),
-        conv.rules()["window"](lanes, conv.window_stream_bytes(target)),
+        conv.rules()["window"](lanes, conv.stream_bytes(target)),
         schedules.rule("row_reduction")(lanes),
         dl.cpu.Reduction(),
         transpose.rule()(lanes),

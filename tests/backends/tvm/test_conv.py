@@ -1177,9 +1177,9 @@ def test_lower_rank_constants_of_binary_ops_take_the_channels_last_layout():
     assert len([name for name in rules if "transpose" in name]) == 2, rules
 
 
-def _scheduled_windows(model, shape):
-    """:func:`_run`'s ``(compiled, error)``, and the script of each PrimFunc our window
-    rule scheduled (after the scheduling pass)."""
+def _scheduled_windows(model, shape, rule="channels-last window"):
+    """:func:`_run`'s ``(compiled, error)``, and the script of each PrimFunc our ``rule``
+    (the window rule) scheduled (after the scheduling pass)."""
     import tvm
     from tvm import tirx
 
@@ -1195,8 +1195,7 @@ def _scheduled_windows(model, shape):
 
     with tvm.transform.PassContext(opt_level=3, instruments=[Scheduled()]):
         compiled, error = _run(model, shape)
-    windows = {name: scripts[name] for name, rule in _rules(compiled).items() if rule == "channels-last window"}
-    return (compiled, error), windows
+    return (compiled, error), {name: scripts[name] for name, by in _rules(compiled).items() if by == rule}
 
 
 STREAMED = [
@@ -1211,11 +1210,11 @@ STREAMED = [
 def test_windows_that_stream_their_input_prefetch_rows_ahead_in_one_vector_tiles_and_agree(
     monkeypatch, shape, kernel, stride, symbolic
 ):
-    """Where a window streams its input (WINDOW_STREAM_BYTES_BY_CPU: here every batch),
+    """Where a window streams its input (STREAM_BYTES_BY_CPU: here every batch),
     each tile prefetches the input rows its next output row adds, and its tiles are one
     vector (16 channels) wide; the output agrees with ORT, border rows and the last row
     (whose prefetches are clamped into the image) included."""
-    monkeypatch.setattr(conv, "window_stream_bytes", lambda target: 1)
+    monkeypatch.setattr(conv, "stream_bytes", lambda target: 1)
     model = conv_model(shape, shape[1], kernel, stride, kernel // 2, shape[1])
     if symbolic:
         model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
@@ -1234,5 +1233,47 @@ def test_windows_stream_only_over_a_batch_and_only_where_tuned_so():
     shape = [1, 32, 14, 14]
     (_, error), windows = _scheduled_windows(conv_model(shape, 32, 3, 1, 1, 32), shape)
     assert error < TOLERANCE.rtol and "llvm.prefetch" not in next(iter(windows.values()))
-    assert conv.window_stream_bytes(targets.resolve("zen4")) > 0
-    assert conv.window_stream_bytes(targets.resolve("sapphirerapids")) == 0
+    assert conv.stream_bytes(targets.resolve("zen4")) > 0
+    assert conv.stream_bytes(targets.resolve("sapphirerapids")) == 0
+
+
+POINTWISE_STREAMED = [
+    pytest.param([4, 48, 14, 14], 32, 1, id="one-panel"),
+    pytest.param([4, 48, 14, 14], 96, 1, id="three-panels"),  # the first panel prefetches
+    pytest.param([2, 40, 15, 15], 32, 2, id="stride2"),  # 40 channels: 3 lines a pixel
+]
+
+
+@pytest.mark.parametrize(("shape", "out", "stride"), POINTWISE_STREAMED)
+@pytest.mark.parametrize("symbolic", [False, True], ids=["fixed", "symbolic"])
+def test_pointwise_convs_that_stream_their_input_prefetch_the_next_tile_and_agree(
+    monkeypatch, shape, out, stride, symbolic
+):
+    """Where a pointwise convolution streams its input (STREAM_BYTES_BY_CPU: here every
+    batch), its micro-kernel prefetches the next tile's pixels, in the first panel of
+    output channels only; the output agrees with ORT (the last tile's prefetches
+    clamped into the pixels)."""
+    monkeypatch.setattr(conv, "stream_bytes", lambda target: 1)
+    model = conv_model(shape, out, 1, stride)
+    if symbolic:
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    (_, error), convs = _scheduled_windows(model, shape, "conv")
+    assert error < TOLERANCE.rtol
+    (script,) = convs.values()
+    assert script.count("llvm.prefetch") >= 1
+    prefetch = next(line for line in script.splitlines() if "llvm.prefetch" in line)
+    guarded = any(line.strip().startswith("if ") for line in script.splitlines())
+    assert guarded == (out > 32), prefetch
+
+
+def test_convs_prefetch_pixels_only_where_pointwise_and_streamed(monkeypatch):
+    """A 3 x 3 convolution (its windows overlap: each tile's input mostly read by the
+    last) and a pointwise one over a single image not streamed keep their micro-kernel
+    unprefetched."""
+    monkeypatch.setattr(conv, "stream_bytes", lambda target: 1)
+    shape = [4, 32, 14, 14]
+    (_, error), convs = _scheduled_windows(conv_model(shape, 32, 3, 1, 1), shape, "conv")
+    assert error < TOLERANCE.rtol and "llvm.prefetch" not in next(iter(convs.values()))
+    monkeypatch.setattr(conv, "stream_bytes", lambda target: 1 << 30)
+    (_, error), convs = _scheduled_windows(conv_model(shape, 32, 1), shape, "conv")
+    assert error < TOLERANCE.rtol and "llvm.prefetch" not in next(iter(convs.values()))
