@@ -420,6 +420,44 @@ def recurrence(
                 phase,
             )
 
+    @T.macro
+    def step(XW, RT, H0, PB, Y, C, RH, first, s, d0, count):
+        # Step s of directions d0 .. d0 + count - 1: their tasks in one parallel loop
+        # (both directions where they take the step together, TOGETHER); a GRU without
+        # linear_before_reset in two (z and r; then h).
+        if kind == "gru" and not linear_before_reset:
+            for db in T.parallel(count * blocks):
+                task(XW, RT, H0, PB, Y, C, RH, first, s, d0 + db // blocks, db % blocks, 1)
+            for db in T.parallel(count * blocks):
+                task(XW, RT, H0, PB, Y, C, RH, first, s, d0 + db // blocks, db % blocks, 2)
+        else:
+            for db in T.parallel(count * blocks):
+                task(XW, RT, H0, PB, Y, C, RH, first, s, d0 + db // blocks, db % blocks, 0)
+
+    @T.macro
+    def run(XW, RT, H0, PB, Y, C, RH):
+        # Every step: of both directions together, or of one direction after the other.
+        if seq > 0 and together:
+            step(XW, RT, H0, PB, Y, C, RH, True, T.int64(0), T.int64(0), dirs)
+            for s in T.serial(seq - 1):
+                step(XW, RT, H0, PB, Y, C, RH, False, s + 1, T.int64(0), dirs)
+        elif seq > 0:
+            for d in T.serial(dirs):
+                step(XW, RT, H0, PB, Y, C, RH, True, T.int64(0), d, 1)
+                for s in T.serial(seq - 1):
+                    step(XW, RT, H0, PB, Y, C, RH, False, s + 1, d, 1)
+
+    @T.macro
+    def last_state(H0, Y, YH):
+        # YH: each direction's last output (its first state where the sequence is empty).
+        for d, b, u in T.grid(dirs, batch, hp // lanes):
+            if seq > 0:
+                YH[d, b, span(u * lanes, lanes)] = Y[
+                    time_of(d, seq - 1), d, b, span(u * lanes, lanes)
+                ]
+            else:
+                YH[d, b, span(u * lanes, lanes)] = H0[d, b, span(u * lanes, lanes)]
+
     if kind == "lstm":
 
         @T.prim_func
@@ -436,52 +474,10 @@ def recurrence(
             T.func_attr({"tirx.noalias": True})
             for d, b, u in T.grid(dirs, batch, hp // lanes):
                 YC[d, b, span(u * lanes, lanes)] = C0[d, b, span(u * lanes, lanes)]
-            if seq > 0 and together:
-                for db in T.parallel(dirs * blocks):
-                    task(XW, RT, H0, P, Y, YC, None, True, T.int64(0), db // blocks, db % blocks, 0)
-                for s in T.serial(seq - 1):
-                    for db in T.parallel(dirs * blocks):
-                        d, blk = db // blocks, db % blocks
-                        task(XW, RT, H0, P, Y, YC, None, False, s + 1, d, blk, 0)
-            elif seq > 0:
-                for d in T.serial(dirs):
-                    for blk in T.parallel(blocks):
-                        task(XW, RT, H0, P, Y, YC, None, True, T.int64(0), d, blk, 0)
-                    for s in T.serial(seq - 1):
-                        for blk in T.parallel(blocks):
-                            task(XW, RT, H0, P, Y, YC, None, False, s + 1, d, blk, 0)
-            for d, b, u in T.grid(dirs, batch, hp // lanes):
-                if seq > 0:
-                    YH[d, b, span(u * lanes, lanes)] = Y[
-                        time_of(d, seq - 1), d, b, span(u * lanes, lanes)
-                    ]
-                else:
-                    YH[d, b, span(u * lanes, lanes)] = H0[d, b, span(u * lanes, lanes)]
+            run(XW, RT, H0, P, Y, YC, None)
+            last_state(H0, Y, YH)
 
         return lstm_recurrence
-
-    @T.macro
-    def gru_step(XW, RT, H0, RB, Y, Z, RH, first, s, d):
-        if linear_before_reset:
-            for blk in T.parallel(blocks):
-                task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, 0)
-        else:
-            for blk in T.parallel(blocks):
-                task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, 1)
-            for blk in T.parallel(blocks):
-                task(XW, RT, H0, RB, Y, Z, RH, first, s, d, blk, 2)
-
-    @T.macro
-    def gru_step_together(XW, RT, H0, RB, Y, Z, RH, first, s):
-        # Both directions' tasks of step s in one parallel loop (TOGETHER).
-        if linear_before_reset:
-            for db in T.parallel(dirs * blocks):
-                task(XW, RT, H0, RB, Y, Z, RH, first, s, db // blocks, db % blocks, 0)
-        else:
-            for db in T.parallel(dirs * blocks):
-                task(XW, RT, H0, RB, Y, Z, RH, first, s, db // blocks, db % blocks, 1)
-            for db in T.parallel(dirs * blocks):
-                task(XW, RT, H0, RB, Y, Z, RH, first, s, db // blocks, db % blocks, 2)
 
     @T.prim_func
     def gru_recurrence(
@@ -498,21 +494,7 @@ def recurrence(
         RH = T.alloc_buffer(
             (dirs, batch if not linear_before_reset else 1, hp), f32, scope="global"
         )
-        if seq > 0 and together:
-            gru_step_together(XW, RT, H0, RB, Y, Z, RH, True, T.int64(0))
-            for s in T.serial(seq - 1):
-                gru_step_together(XW, RT, H0, RB, Y, Z, RH, False, s + 1)
-        elif seq > 0:
-            for d in T.serial(dirs):
-                gru_step(XW, RT, H0, RB, Y, Z, RH, True, T.int64(0), d)
-                for s in T.serial(seq - 1):
-                    gru_step(XW, RT, H0, RB, Y, Z, RH, False, s + 1, d)
-        for d, b, u in T.grid(dirs, batch, hp // lanes):
-            if seq > 0:
-                YH[d, b, span(u * lanes, lanes)] = Y[
-                    time_of(d, seq - 1), d, b, span(u * lanes, lanes)
-                ]
-            else:
-                YH[d, b, span(u * lanes, lanes)] = H0[d, b, span(u * lanes, lanes)]
+        run(XW, RT, H0, RB, Y, Z, RH)
+        last_state(H0, Y, YH)
 
     return gru_recurrence
