@@ -705,6 +705,8 @@ def prefetch_next_pixels(sch: Any, block: Any, weight: Any, keep: int) -> Any:
     first_panel = analyzer.simplify(base[channel] == 0)
     if not tile_i or not isinstance(extents[-1], tirx.IntImm):
         return sch
+    if any(uses(realizes[0].iter_values[keep], loop.loop_var) for loop in serial):
+        return sch  # ragged tiles in a loop of their own, not the parallel one
     depth = int(extents[-1])
     itemsize = (tvm.DataType(str(data.dtype)).bits + 7) // 8
     line = max(64 // itemsize, 1)

@@ -1268,11 +1268,15 @@ def test_pointwise_convs_that_stream_their_input_prefetch_the_next_tile_and_agre
 
 def test_convs_prefetch_pixels_only_where_pointwise_and_streamed(monkeypatch):
     """A 3 x 3 convolution (its windows overlap: each tile's input mostly read by the
-    last) and a pointwise one over a single image not streamed keep their micro-kernel
+    last), a pointwise one whose ragged tiles (2 x 13 x 13 pixels) are a loop of their
+    own, and one whose input is under the streaming size keep their micro-kernel
     unprefetched."""
     monkeypatch.setattr(conv, "stream_bytes", lambda target: 1)
     shape = [4, 32, 14, 14]
     (_, error), convs = _scheduled_windows(conv_model(shape, 32, 3, 1, 1), shape, "conv")
+    assert error < TOLERANCE.rtol and "llvm.prefetch" not in next(iter(convs.values()))
+    ragged = [2, 32, 13, 13]
+    (_, error), convs = _scheduled_windows(conv_model(ragged, 32, 1), ragged, "conv")
     assert error < TOLERANCE.rtol and "llvm.prefetch" not in next(iter(convs.values()))
     monkeypatch.setattr(conv, "stream_bytes", lambda target: 1 << 30)
     (_, error), convs = _scheduled_windows(conv_model(shape, 32, 1), shape, "conv")
