@@ -101,11 +101,15 @@ WINDOW_BLOCK_BYTES = 1 << 19
 # ones (both prefetching), the prefetches 1.16-1.32x (both 16-channel); at batch 1,
 # 16-channel tiles took 0.78-1.11x the time and the prefetches 1.0-1.09x, so one image
 # keeps its tiles. A pointwise convolution's micro-kernel prefetches the next tile's
-# pixels (:func:`prefetch_next_pixels`): at batch 8, kernel alone, 144 -> 32 channels over
-# 56 x 56 took 0.54x the time, 96 -> 32 0.70x, 256 -> 64 0.83x, a stride-2 64 -> 128
-# 0.84x; those over 28 x 28 and 14 x 14 maps (in cache) and the expansions (32 -> 144,
-# 24 -> 144: 0.96-1.04x) alike. By the CPU the code is tuned for (.targets.tuned_cpu);
-# elsewhere (0) nothing streams: not measured on Sapphire or Emerald Rapids yet.
+# pixels where its input streams, and the next tile's output where its output does
+# (:func:`prefetch_next_pixels`). Batch 8, kernel alone, against neither: 144 -> 32
+# channels over 56 x 56 0.57x the time, 96 -> 32 0.72x, 256 -> 64 0.81x, a stride-2
+# 64 -> 128 0.84x, the expansions 16 -> 96 over 112 x 112 and 32 -> 144, 24 -> 144 over
+# 56 x 56 0.87-0.88x (their output alone: 0.85x); over 28 x 28 and 14 x 14 0.91-1.0x. An
+# image's first convolution (3 x 3, 3 -> 32) took 1.16x the time with its output
+# prefetched: other convolutions are left as they were. By the CPU the code is tuned for
+# (.targets.tuned_cpu); elsewhere (0) nothing streams: not measured on Sapphire or
+# Emerald Rapids yet.
 STREAM_BYTES_BY_CPU = {"znver4": 4 << 20}
 STREAM_SYMBOLIC_IMAGES = 8
 WINDOW_PREFETCH_AHEAD = 1
@@ -638,100 +642,82 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
     return s_tir.Schedule(func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, with_prefetches)], order="pre")))
 
 
-def prefetch_next_pixels(sch: Any, block: Any, weight: Any, keep: int) -> Any:
-    """``sch`` (the conv rule's, after :func:`tile`) with the micro-kernel prefetching
-    the input of the next tile of pixels while it multiplies this tile's: each iteration
-    of its reduction loop prefetches a few cache lines of the pixels one tile further,
-    spread so that the whole of the next tile's input is asked for by the end of this
-    tile. For a pointwise convolution (every window axis of extent 1) that reads its
-    input, a parameter, directly (its padding, if any, inlined), its ``weight`` from
-    another; ``keep`` leading axes apart from its flat pixels. Only
-    the first panel of output channels prefetches (the others read the same pixels).
-    The last tile's prefetches are clamped into the pixels. The function is rebuilt, as
-    :func:`prefetch_window_rows` does; ``sch`` itself where it does not apply."""
-    import tvm
+def prefetch_next_pixels(sch: Any, block: Any, tail: Any, weight: Any, keep: int, inputs: bool, outputs: bool) -> Any:
+    """``sch`` (the conv rule's for a pointwise convolution, every window axis of extent
+    1, after :func:`tile`) with the micro-kernel prefetching for the next tile of pixels,
+    while it multiplies this tile's: with ``inputs``, the tile's input (a parameter read
+    directly; the ``weight`` another), in the first panel of output channels only (the
+    others read the same pixels); with ``outputs``, this panel's output, for writing
+    (``tail``: the block that stores it). Each iteration of the
+    reduction loop prefetches a few cache lines, spread so that the next tile's are all
+    asked for by the end of this one; the last tile's are clamped into the pixels.
+    ``keep`` leading axes stand apart from the flat pixel axis. The function is rebuilt,
+    as :func:`prefetch_window_rows` does; ``sch`` itself where it does not apply."""
     import tvm_ffi
     from tvm import s_tir, sym, tirx
 
-    from rewriter.backends.tvm.relax_passes import schedules
     from rewriter.backends.tvm.vector_tails import uses
 
-    stmt = sch.get(block)
-    ivars = [iv.var for iv in stmt.iter_vars]
-    extents = [iv.dom.extent for iv in stmt.iter_vars]
-    pixel, channel, *reductions = ivars[keep:]
-    if not reductions or not all(isinstance(e, tirx.IntImm) and int(e) == 1 for e in extents[keep + 2 : -1]):
-        return sch
+    stmt, tail_name = sch.get(block), sch.get(tail).name_hint
     loops = [sch.get(loop) for loop in sch.get_loops(block)]
-    if loops[0].kind != tirx.ForKind.PARALLEL:
-        return sch
     serial = [loop for loop in loops[1:] if loop.kind == tirx.ForKind.SERIAL]
     tiled = [loop for loop in loops[1:] if loop.kind == tirx.ForKind.UNROLLED]
-    if not serial or not all(isinstance(loop.extent, tirx.IntImm) for loop in serial + tiled):
+    if loops[0].kind != tirx.ForKind.PARALLEL or not serial:
         return sch
-    name = stmt.name_hint
+    if not all(isinstance(loop.extent, tirx.IntImm) for loop in serial + tiled):
+        return sch
     func = sch.mod["main"]
-    realizes: list[Any] = []
+    realizes: dict[str, Any] = {}
 
     def note_realize(node: Any) -> Any:
-        if node.block.name_hint == name:
-            realizes.append(node)
+        if node.block.name_hint in (stmt.name_hint, tail_name):
+            realizes.setdefault(node.block.name_hint, []).append(node)
         return node
 
     tvm_ffi.structural_map(func.body, [(s_tir.SBlockRealize, note_realize)], order="post")
-    if len(realizes) != 1:
+    if any(len(realizes.get(name, [])) != 1 for name in (stmt.name_hint, tail_name)):
+        return sch
+    update, store = realizes[stmt.name_hint][0], realizes[tail_name][0]
+    pixels = update.iter_values[keep]
+    if any(uses(pixels, loop.loop_var) for loop in serial):
+        return sch  # ragged tiles in a loop of their own, not the parallel one
+    tile_i = next((int(loop.extent) for loop in tiled if uses(pixels, loop.loop_var)), 0)
+    if not tile_i:
         return sch
     params = [param for param in func.params if hasattr(param, "shape") and not param.same_as(weight)]
-    loads: list[Any] = []
-
-    def note_load(node: Any) -> Any:
-        if any(node.source.same_as(param) for param in params):
-            loads.append(node)
-        return node
-
-    tvm_ffi.structural_map(realizes[0].block.body, [(tvm.ir.TensorLoad, note_load)], order="post")
-    if len(loads) != 1:
-        return sch
-    data = loads[0].source
-    zero = tirx.const(0, "int64")
-
-    def substitute(expr: Any, values: dict[Any, Any]) -> Any:
-        return tvm_ffi.structural_map(expr, [(tirx.Var, lambda var: values.get(var, var))])
-
-    inner = {loop.loop_var: zero for loop in loops[1:]}
-    base = {var: substitute(value, inner) for var, value in zip(ivars, realizes[0].iter_values, strict=True)}
-    analyzer = sym.Analyzer()
-    tile_i = next((int(loop.extent) for loop in tiled if uses(realizes[0].iter_values[keep], loop.loop_var)), 0)
-    first_panel = analyzer.simplify(base[channel] == 0)
-    if not tile_i or not isinstance(extents[-1], tirx.IntImm):
-        return sch
-    if any(uses(realizes[0].iter_values[keep], loop.loop_var) for loop in serial):
-        return sch  # ragged tiles in a loop of their own, not the parallel one
-    depth = int(extents[-1])
-    itemsize = (tvm.DataType(str(data.dtype)).bits + 7) // 8
-    line = max(64 // itemsize, 1)
-    per_pixel = -(-depth // line)
-    lines = tile_i * per_pixel
+    fused, zero = loops[0].loop_var, tirx.const(0, "int64")
     iterations = math.prod(int(loop.extent) for loop in serial)
-    per_iteration = -(-lines // iterations)
     iteration: Any = zero
     for loop in serial:
         iteration = iteration * loop.extent + loop.loop_var
-    fetches = []
-    for part in range(per_iteration):
-        flat = tirx.min(iteration * per_iteration + part, lines - 1)
-        values = dict(base)
-        values[pixel] = tirx.min(base[pixel] + tile_i + tirx.floordiv(flat, per_pixel), extents[keep] - 1)
-        for var in reductions[:-1]:
-            values[var] = zero
-        values[reductions[-1]] = tirx.min(tirx.floormod(flat, per_pixel) * line, depth - 1)
-        index = [analyzer.simplify(substitute(i, values)) for i in loads[0].indices]
-        address = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(data, index))
-        locality = [tirx.const(value, "int32") for value in (0, schedules.PREFETCH_LOCALITY, 1)]
-        fetches.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *locality)))
-    fetch: Any = tirx.SeqStmt(fetches) if len(fetches) > 1 else fetches[0]
-    if not (isinstance(first_panel, tirx.IntImm) and int(first_panel)):
-        fetch = tirx.IfThenElse(first_panel, fetch, None)
+    lines = _NextTileLines(tile_i, iteration, iterations)
+    fetches: list[Any] = []
+    ivars = [iv.var for iv in stmt.iter_vars]
+    extents = [iv.dom.extent for iv in stmt.iter_vars]
+    if len(ivars) < keep + 3 or not all(isinstance(e, tirx.IntImm) and int(e) == 1 for e in extents[keep + 2 : -1]):
+        return sch  # not pointwise
+    if inputs and isinstance(extents[-1], tirx.IntImm):
+        loads = _accesses(update.block.body, params, load=True)
+        if len(loads) == 1:
+            base = lines.base(ivars, update.iter_values, fused)
+            for var in ivars[keep + 2 :]:
+                base[var] = zero
+            first = lines.fetches(loads[0], base, (ivars[keep], extents[keep]), (ivars[-1], extents[-1]), 0, write=False)
+            first_panel = sym.Analyzer().simplify(base[ivars[keep + 1]] == 0)
+            if not (isinstance(first_panel, tirx.IntImm) and int(first_panel)):
+                first = [tirx.IfThenElse(first_panel, tirx.SeqStmt(first) if len(first) > 1 else first[0], None)]
+            fetches += first
+    tvars = [iv.var for iv in store.block.iter_vars]
+    textents = [iv.dom.extent for iv in store.block.iter_vars]
+    width = next((int(loop.extent) for loop in loops if loop.kind == tirx.ForKind.VECTORIZED), 0)
+    if outputs and len(tvars) == keep + 2 and width:
+        stores = _accesses(store.block.body, params, load=False)
+        if len(stores) == 1:
+            base = lines.base(tvars, store.iter_values, fused)
+            fetches += lines.fetches(stores[0], base, (tvars[keep], textents[keep]), (tvars[-1], textents[-1]), width, write=True)
+    if not fetches:
+        return sch
+    fetch = tirx.SeqStmt(fetches) if len(fetches) > 1 else fetches[0]
     at = serial[-1].loop_var
 
     def with_prefetches(loop: Any) -> Any:
@@ -741,6 +727,85 @@ def prefetch_next_pixels(sch: Any, block: Any, weight: Any, keep: int) -> Any:
         return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
 
     return s_tir.Schedule(func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, with_prefetches)], order="pre")))
+
+
+def _accesses(body: Any, buffers: list[Any], load: bool) -> list[Any]:
+    """The loads (or stores) of ``body`` from (to) any of ``buffers``."""
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+
+    found: list[Any] = []
+
+    def note(node: Any) -> Any:
+        if any((node.source if load else node.buffer).same_as(buffer) for buffer in buffers):
+            found.append(node)
+        return node
+
+    tvm_ffi.structural_map(body, [(tvm.ir.TensorLoad if load else tirx.BufferStore, note)], order="post")
+    return found
+
+
+def _substitute(expr: Any, values: dict[Any, Any]) -> Any:
+    """``expr`` with its variables replaced by their ``values``."""
+    import tvm_ffi
+    from tvm import tirx
+
+    return tvm_ffi.structural_map(expr, [(tirx.Var, lambda var: values.get(var, var))])
+
+
+class _NextTileLines:
+    """The prefetches of :func:`prefetch_next_pixels`: the cache lines of a buffer that
+    the next tile of ``tile_i`` pixels reads or writes, spread over ``iterations``
+    iterations of the reduction loop (``iteration``: which one this is)."""
+
+    def __init__(self, tile_i: int, iteration: Any, iterations: int) -> None:
+        self.tile_i, self.iteration, self.iterations = tile_i, iteration, iterations
+
+    @staticmethod
+    def base(ivars: list[Any], values: list[Any], fused: Any) -> dict[Any, Any]:
+        """A block's iterators at the first of this tile's (the parallel loop's ``fused``
+        iteration; every loop inside it at 0)."""
+        import tvm_ffi
+        from tvm import tirx
+
+        zero = tirx.const(0, "int64")
+
+        def at_start(expr: Any) -> Any:
+            return tvm_ffi.structural_map(expr, [(tirx.Var, lambda var: var if var.same_as(fused) else zero)])
+
+        return {var: at_start(value) for var, value in zip(ivars, values, strict=True)}
+
+    def fetches(
+        self, access: Any, base: dict[Any, Any], pixel: tuple[Any, Any], channel: tuple[Any, Any], width: int, write: bool
+    ) -> list[Any]:
+        """Prefetches of ``access`` (a load or store indexed by ``base``'s iterators) for
+        the next tile: its pixels (``pixel``: the iterator and its extent) one tile
+        further, the channels from ``base``'s over ``width`` of them (0: all of the
+        ``channel`` iterator's extent)."""
+        import tvm
+        from tvm import sym, tirx
+
+        from rewriter.backends.tvm.relax_passes import schedules
+
+        buffer = access.source if hasattr(access, "source") else access.buffer
+        line = max(64 // ((tvm.DataType(str(buffer.dtype)).bits + 7) // 8), 1)
+        (pixel_var, pixels), (channel_var, channels) = pixel, channel
+        per_pixel = -(-(width or int(channels)) // line)
+        lines = self.tile_i * per_pixel
+        per_iteration = -(-lines // self.iterations)
+        analyzer = sym.Analyzer()
+        out = []
+        for part in range(per_iteration):
+            flat = tirx.min(self.iteration * per_iteration + part, lines - 1)
+            values = dict(base)
+            values[pixel_var] = tirx.min(base[pixel_var] + self.tile_i + tirx.floordiv(flat, per_pixel), pixels - 1)
+            values[channel_var] = tirx.min(base[channel_var] + tirx.floormod(flat, per_pixel) * line, channels - 1)
+            index = [analyzer.simplify(_substitute(i, values)) for i in access.indices]
+            address = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(buffer, index))
+            flags = [tirx.const(value, "int32") for value in (int(write), schedules.PREFETCH_LOCALITY, 1)]
+            out.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *flags)))
+        return out
 
 
 def pad_axis(array: Any, axis: int, extra: int, fill: float = 0.0) -> Any:
@@ -1336,8 +1401,10 @@ def rules() -> dict[str, Any]:
                 prefetched = prefetch_streamed_weight(sch, block, per_block, self.prefetch_tiles)
                 if prefetched is not sch:
                     return prefetched
-            if self.stream_bytes and streams(stmt, self.stream_bytes):
-                return prefetch_next_pixels(sch, block, weight.source, keep)
+            inputs = bool(self.stream_bytes) and streams(stmt, self.stream_bytes)
+            outputs = bool(self.stream_bytes) and writes_stream(stmt, self.stream_bytes)
+            if inputs or outputs:
+                return prefetch_next_pixels(sch, block, tail, weight.source, keep, inputs, outputs)
             return sch
 
     class WindowRule(base):  # type: ignore[misc, valid-type]
@@ -1517,6 +1584,14 @@ def rules() -> dict[str, Any]:
         batch = source.shape[0]
         images = int(batch) if isinstance(batch, tirx.IntImm) else STREAM_SYMBOLIC_IMAGES
         return images >= 2 and images * buffer_bytes(source, 1) >= min_bytes
+
+    def writes_stream(stmt: Any, min_bytes: int) -> bool:
+        """Whether a convolution over a batch of images writes at least ``min_bytes`` (a
+        symbolic batch counted as :data:`STREAM_SYMBOLIC_IMAGES`)."""
+        out = stmt.writes[0].source
+        batch = out.shape[0]
+        images = int(batch) if isinstance(batch, tirx.IntImm) else STREAM_SYMBOLIC_IMAGES
+        return images >= 2 and images * buffer_bytes(out, 1) >= min_bytes
 
     def input_bytes(stmt: Any, keep: int) -> int:
         """Bytes of the largest buffer a window reads, per image of a symbolic batch
