@@ -627,19 +627,10 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
     y = tirx.max(tirx.min(at(1, row=r + (taps[0] - rows)), height), 0)
     x = tirx.max(tirx.min(at(2) + j, width), 0)
     channel = tirx.min(at(3) + c * line, shape[3] - 1)
-    address = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(source, [at(0), y, x, channel]))
-    locality = [tirx.const(value, "int32") for value in (0, schedules.PREFETCH_LOCALITY, 1)]
-    fetch: Any = tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *locality))
+    fetch = schedules.prefetch(source, [at(0), y, x, channel])
     for var, extent in ((c, -(-tile[1] // line)), (j, int(span) + 1), (r, rows)):
         fetch = tirx.For(var, zero, tirx.const(extent, "int64"), tirx.ForKind.SERIAL, fetch)
-
-    def with_prefetches(loop: Any) -> Any:
-        if not loop.same_as(outer):
-            return loop
-        body = tirx.SeqStmt([fetch, loop.body])
-        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
-
-    return s_tir.Schedule(func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, with_prefetches)], order="pre")))
+    return schedules.first_in_loop(sch, outer.loop_var, [fetch])
 
 
 def prefetch_next_pixels(sch: Any, block: Any, tail: Any, weight: Any, keep: int, inputs: bool, outputs: bool) -> Any:
@@ -656,9 +647,14 @@ def prefetch_next_pixels(sch: Any, block: Any, tail: Any, weight: Any, keep: int
     import tvm_ffi
     from tvm import s_tir, sym, tirx
 
+    from rewriter.backends.tvm.relax_passes import schedules
     from rewriter.backends.tvm.vector_tails import uses
 
     stmt, tail_name = sch.get(block), sch.get(tail).name_hint
+    ivars = [iv.var for iv in stmt.iter_vars]
+    extents = [iv.dom.extent for iv in stmt.iter_vars]
+    if len(ivars) < keep + 3 or not all(isinstance(e, tirx.IntImm) and int(e) == 1 for e in extents[keep + 2 : -1]):
+        return sch  # not pointwise
     loops = [sch.get(loop) for loop in sch.get_loops(block)]
     serial = [loop for loop in loops[1:] if loop.kind == tirx.ForKind.SERIAL]
     tiled = [loop for loop in loops[1:] if loop.kind == tirx.ForKind.UNROLLED]
@@ -692,10 +688,6 @@ def prefetch_next_pixels(sch: Any, block: Any, tail: Any, weight: Any, keep: int
         iteration = iteration * loop.extent + loop.loop_var
     lines = _NextTileLines(tile_i, iteration, iterations)
     fetches: list[Any] = []
-    ivars = [iv.var for iv in stmt.iter_vars]
-    extents = [iv.dom.extent for iv in stmt.iter_vars]
-    if len(ivars) < keep + 3 or not all(isinstance(e, tirx.IntImm) and int(e) == 1 for e in extents[keep + 2 : -1]):
-        return sch  # not pointwise
     if inputs and isinstance(extents[-1], tirx.IntImm):
         loads = _accesses(update.block.body, params, load=True)
         if len(loads) == 1:
@@ -715,18 +707,7 @@ def prefetch_next_pixels(sch: Any, block: Any, tail: Any, weight: Any, keep: int
         if len(stores) == 1:
             base = lines.base(tvars, store.iter_values, fused)
             fetches += lines.fetches(stores[0], base, (tvars[keep], textents[keep]), (tvars[-1], textents[-1]), width, write=True)
-    if not fetches:
-        return sch
-    fetch = tirx.SeqStmt(fetches) if len(fetches) > 1 else fetches[0]
-    at = serial[-1].loop_var
-
-    def with_prefetches(loop: Any) -> Any:
-        if not loop.loop_var.same_as(at):
-            return loop
-        body = tirx.SeqStmt([fetch, loop.body])
-        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
-
-    return s_tir.Schedule(func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, with_prefetches)], order="pre")))
+    return schedules.first_in_loop(sch, serial[-1].loop_var, fetches) if fetches else sch
 
 
 def _accesses(body: Any, buffers: list[Any], load: bool) -> list[Any]:
@@ -801,10 +782,7 @@ class _NextTileLines:
             values = dict(base)
             values[pixel_var] = tirx.min(base[pixel_var] + self.tile_i + tirx.floordiv(flat, per_pixel), pixels - 1)
             values[channel_var] = tirx.min(base[channel_var] + tirx.floormod(flat, per_pixel) * line, channels - 1)
-            index = [analyzer.simplify(_substitute(i, values)) for i in access.indices]
-            address = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(buffer, index))
-            flags = [tirx.const(value, "int32") for value in (int(write), schedules.PREFETCH_LOCALITY, 1)]
-            out.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *flags)))
+            out.append(schedules.prefetch(buffer, [analyzer.simplify(_substitute(i, values)) for i in access.indices], write))
         return out
 
 
@@ -1402,7 +1380,7 @@ def rules() -> dict[str, Any]:
                 if prefetched is not sch:
                     return prefetched
             inputs = bool(self.stream_bytes) and streams(stmt, self.stream_bytes)
-            outputs = bool(self.stream_bytes) and writes_stream(stmt, self.stream_bytes)
+            outputs = bool(self.stream_bytes) and streamed(stmt.writes[0].source, self.stream_bytes)
             if inputs or outputs:
                 return prefetch_next_pixels(sch, block, tail, weight.source, keep, inputs, outputs)
             return sch
@@ -1579,19 +1557,16 @@ def rules() -> dict[str, Any]:
         """Whether a window streams its input: a batch of images (a symbolic one counts
         as :data:`STREAM_SYMBOLIC_IMAGES`) of at least ``min_bytes``."""
         source = max(operands(stmt), key=lambda buffer: buffer_bytes(buffer, 1), default=None)
-        if source is None or not source.shape:
-            return False
-        batch = source.shape[0]
-        images = int(batch) if isinstance(batch, tirx.IntImm) else STREAM_SYMBOLIC_IMAGES
-        return images >= 2 and images * buffer_bytes(source, 1) >= min_bytes
+        return source is not None and streamed(source, min_bytes)
 
-    def writes_stream(stmt: Any, min_bytes: int) -> bool:
-        """Whether a convolution over a batch of images writes at least ``min_bytes`` (a
-        symbolic batch counted as :data:`STREAM_SYMBOLIC_IMAGES`)."""
-        out = stmt.writes[0].source
-        batch = out.shape[0]
+    def streamed(buffer: Any, min_bytes: int) -> bool:
+        """Whether ``buffer`` holds a batch of images of at least ``min_bytes`` (a symbolic
+        batch counted as :data:`STREAM_SYMBOLIC_IMAGES`)."""
+        if not buffer.shape:
+            return False
+        batch = buffer.shape[0]
         images = int(batch) if isinstance(batch, tirx.IntImm) else STREAM_SYMBOLIC_IMAGES
-        return images >= 2 and images * buffer_bytes(out, 1) >= min_bytes
+        return images >= 2 and images * buffer_bytes(buffer, 1) >= min_bytes
 
     def input_bytes(stmt: Any, keep: int) -> int:
         """Bytes of the largest buffer a window reads, per image of a symbolic batch

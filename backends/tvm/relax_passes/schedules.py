@@ -426,7 +426,7 @@ def prefetch_next_panel(
     returned. Where ``guard`` is given, only iterations where it holds prefetch (symbolic
     rows: the first ``counts[0]`` row tiles, where the rows are few enough to gain)."""
     import tvm_ffi
-    from tvm import s_tir, tirx
+    from tvm import tirx
 
     panels, depth, width = (int(extent) for extent in weight.shape)
     tiles, steps = counts
@@ -443,18 +443,9 @@ def prefetch_next_panel(
             index = [
                 tirx.floordiv(flat, depth * width),
                 tirx.floormod(tirx.floordiv(flat, width), depth),
+                tirx.floormod(flat, width),
             ]
-            address = tirx.call_intrin(
-                "handle",
-                "tirx.address_of",
-                tirx.BufferLoad(weight, [*index, tirx.floormod(flat, width)]),
-            )
-            locality = [
-                tirx.const(value, "int32") for value in (0, PREFETCH_LOCALITY, 1)
-            ]  # read, locality, data
-            out.append(
-                tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *locality))
-            )
+            out.append(prefetch(weight, index))
         if stride > 1:
             out = [tirx.IfThenElse(tirx.floormod(position, stride) == 0, out[0], None)]
         return (
@@ -463,26 +454,34 @@ def prefetch_next_panel(
             else [tirx.IfThenElse(guard, tirx.SeqStmt(out) if len(out) > 1 else out[0], None)]
         )
 
-    def with_prefetches(loop: Any) -> Any:
-        if not loop.loop_var.same_as(at.loop_var):
+    return first_in_loop(sch, at.loop_var, prefetches())
+
+
+def prefetch(buffer: Any, index: list[Any], write: bool = False) -> Any:
+    """The statement that prefetches ``buffer[index]``'s cache line into L1
+    (:data:`PREFETCH_LOCALITY`; ``llvm.prefetch``, for writing where ``write``)."""
+    from tvm import tirx
+
+    address = tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(buffer, index))
+    flags = [tirx.const(value, "int32") for value in (int(write), PREFETCH_LOCALITY, 1)]  # rw, locality, data
+    return tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, *flags))
+
+
+def first_in_loop(sch: Any, loop_var: Any, stmts: list[Any]) -> Any:
+    """A schedule of ``sch``'s function with ``stmts`` run first in each iteration of the
+    loop over ``loop_var``. No schedule primitive inserts a statement: the function is
+    rebuilt, and a new schedule returned."""
+    import tvm_ffi
+    from tvm import s_tir, tirx
+
+    def with_stmts(loop: Any) -> Any:
+        if not loop.loop_var.same_as(loop_var):
             return loop
-        body = tirx.SeqStmt([*prefetches(), loop.body])
-        return tirx.For(
-            loop.loop_var,
-            loop.min,
-            loop.extent,
-            loop.kind,
-            body,
-            loop.thread_binding,
-            loop.annotations,
-        )
+        body = tirx.SeqStmt([*stmts, loop.body])
+        return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
 
     func = sch.mod["main"]
-    return s_tir.Schedule(
-        func.with_body(
-            tvm_ffi.structural_map(func.body, [(tirx.For, with_prefetches)], order="post")
-        )
-    )
+    return s_tir.Schedule(func.with_body(tvm_ffi.structural_map(func.body, [(tirx.For, with_stmts)], order="post")))
 
 
 def prefetch_spacing(elements: int, line: int, tiles: int) -> tuple[int, int]:
