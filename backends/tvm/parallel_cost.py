@@ -40,6 +40,16 @@ TILE_STORE_NS = 0.05
 #: Cost of one byte of the function's arguments.
 BYTE_NS = 0.06
 
+#: A parallel loop annotated so stays parallel, whatever its work: a recurrence's step,
+#: launched once per step within one call, while our pool's workers spin
+#: (:mod:`rewriter.backends.tvm.thread_pool`: about 1.2 us a launch). The GRU of
+#: ``benchmarks/zoo.py`` at batch 1 (eight tasks of about a microsecond a step) ran its
+#: recurrence on the calling thread, 2.0 ms on one thread and on two: 0.95-1.01x ONNX
+#: Runtime's time on two threads; with its steps parallel 0.70-0.75x (fixed and symbolic
+#: libraries, 0.69-0.78x their time), one thread and batch 8 unchanged, the LSTM too
+#: (0.99-1.01x; AMD Zen 4, side by side).
+EVERY_STEP = "rewriter.parallel_every_step"
+
 PIPELINE = "rewriter_cpu"
 _ARG_BYTES = "rewriter.argument_bytes"
 
@@ -181,6 +191,8 @@ class _Loops:
     def parallel(self, loop: Any, defined: list[Any]) -> Any:
         from tvm import tirx
 
+        if EVERY_STEP in (loop.annotations or {}):
+            return loop
         cost = work_ns(loop)
         if self.argument_bytes is not None:
             with_bytes = cost + self.argument_bytes * tirx.const(BYTE_NS, "float64")

@@ -41,6 +41,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from rewriter.backends.tvm import parallel_cost
 from rewriter.backends.tvm.kernels.common import activations as act
 from rewriter.backends.tvm.kernels.common import exp_pair as ep
 from rewriter.backends.tvm.kernels.common.simd_plan import bcast, isa, span
@@ -424,14 +425,15 @@ def recurrence(
     def step(XW, RT, H0, PB, Y, C, RH, first, s, d0, count):
         # Step s of directions d0 .. d0 + count - 1: their tasks in one parallel loop
         # (both directions where they take the step together, TOGETHER); a GRU without
-        # linear_before_reset in two (z and r; then h).
+        # linear_before_reset in two (z and r; then h). Parallel however small a step
+        # (parallel_cost.EVERY_STEP).
         if kind == "gru" and not linear_before_reset:
-            for db in T.parallel(count * blocks):
+            for db in T.parallel(count * blocks, annotations={parallel_cost.EVERY_STEP: 1}):
                 task(XW, RT, H0, PB, Y, C, RH, first, s, d0 + db // blocks, db % blocks, 1)
-            for db in T.parallel(count * blocks):
+            for db in T.parallel(count * blocks, annotations={parallel_cost.EVERY_STEP: 1}):
                 task(XW, RT, H0, PB, Y, C, RH, first, s, d0 + db // blocks, db % blocks, 2)
         else:
-            for db in T.parallel(count * blocks):
+            for db in T.parallel(count * blocks, annotations={parallel_cost.EVERY_STEP: 1}):
                 task(XW, RT, H0, PB, Y, C, RH, first, s, d0 + db // blocks, db % blocks, 0)
 
     @T.macro

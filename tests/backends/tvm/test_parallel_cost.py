@@ -46,6 +46,13 @@ def add_one_rows(var_a: T.handle, var_b: T.handle):
             b[i, j] = a[i, j] + T.float32(1)
 
 
+@T.prim_func
+def add_one_step(a: T.Buffer((64, 16), "float32"), b: T.Buffer((64, 16), "float32")):
+    for i in T.parallel(64, annotations={parallel_cost.EVERY_STEP: 1}):
+        for j in range(16):
+            b[i, j] = a[i, j] + T.float32(1)
+
+
 def build(func: object, pipeline: str) -> object:
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     return tvm.tirx.build(mod, target="llvm", pipeline=pipeline)
@@ -60,6 +67,18 @@ def test_small_parallel_loop_is_serial_and_large_one_stays_parallel():
     assert LAUNCH in llvm_ir(build(add_one_small, "default"))  # TVM launches the pool
     assert LAUNCH not in llvm_ir(build(add_one_small, ours))
     assert LAUNCH in llvm_ir(build(add_one_large, ours))
+
+
+def test_a_loop_marked_as_a_recurrence_step_stays_parallel_however_small():
+    """The recurrence kernels' step loops (EVERY_STEP): launched once per step within a
+    call, when the pool's workers spin; the GRU's recurrence at batch 1 ran on the
+    calling thread before, no faster on two threads than on one."""
+    assert LAUNCH in llvm_ir(build(add_one_step, parallel_cost.pipeline_name()))
+    from rewriter.backends.tvm import targets
+    from rewriter.backends.tvm.kernels import recurrent
+
+    func = recurrent.recurrence("gru", 32, 1, reverse=False, target=targets.resolve("avx512"))
+    assert func.script().count(parallel_cost.EVERY_STEP) >= 1
 
 
 def test_estimate_counts_stores_by_extent():
