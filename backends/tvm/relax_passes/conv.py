@@ -597,12 +597,8 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
 
     tvm_ffi.structural_map(outer.body, [(tirx.For, note_loop)], order="post")
     zero = tirx.const(0, "int64")
-
-    def substitute(expr: Any, values: dict[Any, Any]) -> Any:
-        return tvm_ffi.structural_map(expr, [(tirx.Var, lambda var: values.get(var, var))])
-
     inner_zero = dict.fromkeys(inner, zero)
-    base = {var: substitute(value, inner_zero) for var, value in zip(ivars[:lead], realize.iter_values, strict=False)}
+    base = {var: _substitute(value, inner_zero) for var, value in zip(ivars[:lead], realize.iter_values, strict=False)}
     base[ivars[1]] = base[ivars[1]] + WINDOW_PREFETCH_AHEAD
     reductions = dict.fromkeys(ivars[lead:], zero)
     analyzer = sym.Analyzer()
@@ -610,11 +606,11 @@ def prefetch_window_rows(sch: Any, name: str, lead: int, tile: tuple[int, int]) 
     def at(index: int, row: Any = zero, column: Any = zero, pixel: int = 0) -> Any:
         values = {**base, **reductions, ivars[lead]: row, ivars[lead + 1]: column}
         values[ivars[2]] = base[ivars[2]] + pixel
-        return analyzer.simplify(substitute(indices[index], values))
+        return analyzer.simplify(_substitute(indices[index], values))
 
     taps = [int(iv.dom.extent) if isinstance(iv.dom.extent, tirx.IntImm) else 0 for iv in stmt.iter_vars[lead : lead + 2]]
     ahead = {**base, ivars[1]: base[ivars[1]] + 1}
-    stride = analyzer.simplify(substitute(indices[1], {**ahead, **reductions}) - substitute(indices[1], {**base, **reductions}))
+    stride = analyzer.simplify(_substitute(indices[1], {**ahead, **reductions}) - _substitute(indices[1], {**base, **reductions}))
     span = analyzer.simplify(at(2, column=tirx.const(taps[1] - 1, "int64"), pixel=tile[0] - 1) - at(2))
     if not all(taps) or not isinstance(stride, tirx.IntImm) or not isinstance(span, tirx.IntImm):
         return sch
@@ -1379,10 +1375,11 @@ def rules() -> dict[str, Any]:
                 prefetched = prefetch_streamed_weight(sch, block, per_block, self.prefetch_tiles)
                 if prefetched is not sch:
                     return prefetched
-            inputs = bool(self.stream_bytes) and streams(stmt, self.stream_bytes)
-            outputs = bool(self.stream_bytes) and streamed(stmt.writes[0].source, self.stream_bytes)
-            if inputs or outputs:
-                return prefetch_next_pixels(sch, block, tail, weight.source, keep, inputs, outputs)
+            if self.stream_bytes:
+                inputs = streamed(data.source, self.stream_bytes)
+                outputs = streamed(stmt.writes[0].source, self.stream_bytes)
+                if inputs or outputs:
+                    return prefetch_next_pixels(sch, block, tail, weight.source, keep, inputs, outputs)
             return sch
 
     class WindowRule(base):  # type: ignore[misc, valid-type]
