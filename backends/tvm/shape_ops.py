@@ -245,6 +245,17 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         return None
     if any(step.value != 1 for step in steps):
         return None
+    # An axis sliced from 0 to its own size (read back from the shape: a conformer's
+    # rotary table, ``[:frames]``) stays as it is: clamped, its size would read
+    # max(frames, 0), which a later broadcast against the frames cannot match.
+    sliced = [
+        (start, end, axis)
+        for start, end, axis in zip(starts, ends, axes, strict=True)
+        if not _whole_axis(start, end, shape.values[int(axis.value) % rank], sizes)
+    ]
+    if not sliced:
+        return data
+    starts, ends, axes = ([bound[i] for bound in sliced] for i in range(3))
     for start, end, axis in zip(starts, ends, axes, strict=True):
         extent = shape_values.as_int64(shape.values[int(axis.value) % rank])
         begin, stop = _bound(start, extent, _begin, sizes), _bound(end, extent, _stop, sizes)
@@ -282,6 +293,17 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         return te.compute(out_shape, element, name="T_strided_slice")
 
     return bb.normalize(bb.call_te(slice_, data, primfunc_name_hint="strided_slice"))
+
+
+def _whole_axis(start: Any, end: Any, extent: Any, sizes: Sizes) -> bool:
+    """Whether a slice from ``start`` to ``end`` (step 1) takes all of an axis of
+    ``extent``: from 0 to the extent itself."""
+    import tvm
+
+    start = shape_values.as_int64(start)
+    if not isinstance(start, tvm.tirx.IntImm) or int(start) != 0:
+        return False
+    return bool(sizes.can_prove(shape_values.as_int64(end) == shape_values.as_int64(extent)))
 
 
 def _clamped(index: Any, extent: Any, sizes: Sizes) -> Any:

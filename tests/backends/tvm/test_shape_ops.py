@@ -490,3 +490,20 @@ def test_a_slice_from_a_computed_negative_start_counts_from_the_end():
     inits = [ints("end", INT64_MAX), ints("one", 1), ints("pads", 0, 0, 0, 0, 1, 0)]
     proto = model(nodes, {"x": ["batch", "n", 8], "y": ["batch", "k", 8]}, "z", inits)
     assert_runs_symbolic(proto, [{"x": (2, 5, 8), "y": (2, 3, 8)}, {"x": (1, 9, 8), "y": (1, 8, 8)}])
+
+
+def test_a_slice_to_its_own_length_keeps_the_size_the_rest_of_the_model_has():
+    # A strided convolution's frames, (n - 4) // 2 + 1, sliced to that length read back
+    # from the shape (a conformer's rotary table, [:frames]), then multiplied by the
+    # frames. Clamped, the slice's size was max(frames, 0), which TVM's legalized product
+    # could not match to the frames: the symbolic compile failed (Wav2Vec2-Conformer).
+    weight = np.random.default_rng(SEED).standard_normal((8, 1, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["frames"], strides=[2]),
+        helper.make_node("Shape", ["frames"], ["length"], start=2, end=3),
+        helper.make_node("Slice", ["frames", "zero", "length", "two"], ["head"]),
+        helper.make_node("Mul", ["head", "frames"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(weight, "w"), ints("zero", 0), ints("two", 2)]
+    proto = model(nodes, {"x": ["batch", 1, "n"]}, "y", inits)
+    assert_runs_symbolic(proto, [{"x": (2, 1, 20)}, {"x": (1, 1, 9)}])
