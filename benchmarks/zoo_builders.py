@@ -537,3 +537,132 @@ def lstm() -> Any:
 def gru() -> Any:
     """Unidirectional GRU (a streaming acoustic model)."""
     return _recurrent("GRU", bidirectional=False)
+
+
+
+def unet() -> Any:
+    """A U-Net for 2-class segmentation: four stages of two 3 x 3 convolutions with batch
+    norms (32 to 256 channels), max pools down, 2 x 2 stride-2 transposed convolutions up,
+    each joined to its skip by a concatenation, and a 1 x 1 head at full resolution."""
+    import torch
+    from torch import nn
+
+    def stage(cin: int, cout: int) -> Any:
+        return nn.Sequential(
+            *(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()),
+            *(nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()),
+        )
+
+    class UNet(nn.Module):
+        def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+            super().__init__()
+            self.down = nn.ModuleList(
+                stage(cin, cout) for cin, cout in zip((3, *widths), widths, strict=False)
+            )
+            ups = widths[-2::-1]
+            self.up = nn.ModuleList(nn.ConvTranspose2d(2 * w, w, 2, stride=2) for w in ups)
+            self.merge = nn.ModuleList(stage(2 * w, w) for w in ups)
+            self.head = nn.Conv2d(widths[0], 2, 1)
+
+        def forward(self, images: Any) -> Any:
+            skips, x = [], images
+            for stage_ in self.down[:-1]:
+                x = stage_(x)
+                skips.append(x)
+                x = torch.nn.functional.max_pool2d(x, 2)
+            x = self.down[-1](x)
+            for up, merge in zip(self.up, self.merge, strict=True):
+                x = merge(torch.cat([up(x), skips.pop()], 1))
+            return self.head(x)
+
+    _seeded()
+    return _calibrate_batch_norm(UNet())
+
+
+def lraspp() -> Any:
+    """torchvision's LR-ASPP on MobileNetV3-large (21 classes): a sigmoid-gated head on
+    the 1/16 map, bilinear upsampling to the 1/8 map and to the image."""
+    _seeded()
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21)
+    return _wrap(_calibrate_batch_norm(model), "out", "images")
+
+
+def mobilevit() -> Any:
+    """MobileViT-XXS's widths: MobileNetV2 blocks, then transformers over unfolded 2 x 2
+    patches (reshapes and transposes in and out), SiLU."""
+    _seeded()
+    from transformers import MobileViTConfig, MobileViTForImageClassification
+
+    config = MobileViTConfig(
+        image_size=224,
+        hidden_sizes=[64, 80, 96],
+        neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320],
+        num_labels=1000,
+    )
+    return _wrap(_calibrate_batch_norm(MobileViTForImageClassification(config)), "logits", "pixels")
+
+
+def levit() -> Any:
+    """LeViT-128S: a convolutional stem, attention with learned biases gathered by
+    relative offset, shrinking attention between stages, hardswish, batch-normed linears."""
+    _seeded()
+    from transformers import LevitConfig, LevitForImageClassification
+
+    model = LevitForImageClassification(LevitConfig(num_labels=1000))
+    return _wrap(_calibrate_batch_norm(model), "logits", "pixels")
+
+
+def beit() -> Any:
+    """BEiT at the text widths: a relative position bias per layer, layer scale."""
+    _seeded()
+    from transformers import BeitConfig, BeitForImageClassification
+
+    config = BeitConfig(
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        use_relative_position_bias=True,
+        num_labels=1000,
+        attn_implementation="eager",
+    )
+    return _wrap(BeitForImageClassification(config), "logits", "pixels")
+
+
+def bloom() -> Any:
+    """BLOOM at the text widths: ALiBi position biases, an embedding layer norm."""
+    _seeded()
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(
+        vocab_size=VOCAB,
+        hidden_size=TEXT["hidden"],
+        n_layer=TEXT["layers"],
+        n_head=TEXT["heads"],
+        use_cache=False,
+        attn_implementation="eager",
+    )
+    return _wrap(BloomForCausalLM(config), "logits", "text", use_cache=False)
+
+
+def wav2vec2_conformer() -> Any:
+    """wav2vec2's conv front end (as :func:`wav2vec2`) into 2 conformer layers: rotary
+    position embeddings, GLU, a depthwise 1-D convolution of 31 taps, batch norm."""
+    _seeded()
+    from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerModel
+
+    config = Wav2Vec2ConformerConfig(
+        hidden_size=TEXT["hidden"],
+        num_hidden_layers=TEXT["layers"],
+        num_attention_heads=TEXT["heads"],
+        intermediate_size=TEXT["ffn"],
+        conv_dim=(256,) * 7,
+        num_conv_pos_embeddings=128,
+        num_conv_pos_embedding_groups=16,
+        position_embeddings_type="rotary",
+        attn_implementation="eager",
+    )
+    model = _calibrate_batch_norm(Wav2Vec2ConformerModel(config), (2, 16000))
+    return _wrap(model, "last_hidden_state", "audio")

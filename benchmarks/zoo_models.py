@@ -1,31 +1,35 @@
 """The model zoo of ``benchmarks/zoo.py``: which models, their inputs, their run sizes.
 
-35 architectures in 10 families, each a small random-weight model built by
+45 architectures in 10 families, each a small random-weight model built by
 :mod:`benchmarks.zoo_builders` from a ``transformers`` config or from ``torchvision``
 (``weights=None``):
 
 * text encoders: BERT, DistilBERT, RoBERTa, ALBERT, DeBERTa-v2;
 * decoders: GPT-2, and the Llama family with grouped-query (Llama, Qwen2, Mistral:
   4 query / 2 key-value heads) or multi-query attention (Gemma: 1 key-value head), and
-  Phi-3. They run one prefill of 128 tokens without a KV cache and return the logits;
+  Phi-3, and BLOOM (ALiBi). They run one prefill of 128 tokens without a KV cache and return the logits;
 * encoder-decoder: the T5 encoder alone, and BART's full forward (encoder, and the
   decoder over 32 teacher-forced tokens with cross-attention, no cache). A decoder step
   with past key-values is left out: exporting transformers' cache objects as graph
   inputs needs per-exporter glue that users of these exporters do not write;
-* ViT-style: ViT, DeiT, CLIP's vision tower, torchvision's ViT-B/16 (2 layers);
-* Swin; SegFormer (semantic segmentation, with a Resize in the decode head) and
-  DeepLabV3 (MobileNetV3-large, atrous convolutions);
+* ViT-style: ViT, DeiT, CLIP's vision tower, torchvision's ViT-B/16 (2 layers), BEiT
+  (relative position biases), LeViT-128S (attention biases, a convolutional stem);
+* Swin; segmentation: SegFormer (with a Resize in the decode head), DeepLabV3 and LR-ASPP
+  (MobileNetV3-large; atrous convolutions, bilinear upsampling), and a U-Net (transposed
+  convolutions, skip concatenations);
 * CNNs: ResNet-18, MobileNetV3-small, MobileNetV2, EfficientNet-B0, RegNetY-400MF, ShuffleNetV2 (x1.0),
-  DenseNet-121, ResNeXt (32 groups of 4), ConvNeXt, BiT (group norms);
+  DenseNet-121, ResNeXt (32 groups of 4), ConvNeXt, BiT (group norms), GoogLeNet,
+  SqueezeNet 1.1, EfficientNetV2-S, MobileViT-XXS (transformers over unfolded patches);
 * video: torchvision's R3D-18 (3-D convolutions, clips of 8 frames of 112 x 112);
-* speech: wav2vec2 (1 s of 16 kHz audio) and Whisper's encoder (80 x 3000 mel frames);
+* speech: wav2vec2 (1 s of 16 kHz audio), Whisper's encoder (80 x 3000 mel frames) and
+  a wav2vec2 conformer (rotary positions, depthwise convolutions);
 * recurrent: a 2-layer bidirectional LSTM and a 2-layer GRU over mel frames (ONNX's
   ``LSTM`` and ``GRU`` ops, lowered by :mod:`rewriter.backends.tvm.recurrent`).
 
 Symbolic axes: ``batch`` everywhere, ``sequence`` (128 at run time) for text and the
-recurrent models' frames, and ``samples`` (16000) for wav2vec2; image sizes, Whisper's
-frames and BART's decoder length are fixed, as in the models' own configs (a clip's
-frames too).
+recurrent models' frames, and ``samples`` (16000) for wav2vec2 and its conformer; image
+sizes, Whisper's frames and BART's decoder length are fixed, as in the models' own
+configs (a clip's frames too).
 
 >>> [model.name for model in select(["cnn"])][:2]
 ['resnet18', 'mobilenet_v3_small']
@@ -127,6 +131,7 @@ ZOO: list[ZooModel] = [
     _text("mistral", "decoder", build.mistral, "logits", "GQA 4/2 heads"),
     _text("phi3", "decoder", build.phi3, "logits", "fused qkv, MHA"),
     _text("gemma", "decoder", build.gemma, "logits", "MQA 4/1 heads"),
+    _text("bloom", "decoder", build.bloom, "logits", "ALiBi, MHA"),
     _text("t5_encoder", "encoder-decoder", build.t5_encoder, "last_hidden_state", "encoder only"),
     ZooModel(
         "bart",
@@ -147,9 +152,15 @@ ZOO: list[ZooModel] = [
         "patch 32: 50 tokens",
     ),
     _tv("tv_vit_b_16", "vision-transformer", build.torchvision_vit, "ViT-B/16 widths, 2 layers"),
+    _image("beit", "vision-transformer", build.beit, "logits", "relative position bias"),
+    _image(
+        "levit", "vision-transformer", build.levit, "logits", "LeViT-128S: attention biases, hardswish"
+    ),
     _image("swin", "swin", build.swin, "logits", "embed 48, depths 2-2"),
     _image("segformer", "segmentation", build.segformer, "logits", "MiT-B0 widths, 1 block/stage"),
     _tv("deeplabv3", "segmentation", build.deeplabv3, "MobileNetV3-large, atrous rates 12/24/36"),
+    _tv("lraspp", "segmentation", build.lraspp, "MobileNetV3-large, bilinear upsampling"),
+    _tv("unet", "segmentation", build.unet, "2 x 2 transposed convolutions up, skip concats"),
     _tv("resnet18", "cnn", build.torchvision_model("resnet18")),
     _tv("mobilenet_v3_small", "cnn", build.torchvision_model("mobilenet_v3_small")),
     _tv("mobilenet_v2", "cnn", build.torchvision_model("mobilenet_v2"), "ReLU6: Clip(0, 6)"),
@@ -165,6 +176,10 @@ ZOO: list[ZooModel] = [
     _tv("resnext", "cnn", build.resnext, "ResNeXt-50 32x4d widths, 1 block/stage: 32 groups"),
     _tv("convnext", "cnn", build.convnext, "ConvNeXt-T widths, 1 block/stage"),
     _image("bit", "cnn", build.bit, "logits", "BiT ResNetV2-50 widths, 1 block/stage: group norms"),
+    _tv("googlenet", "cnn", build.torchvision_model("googlenet", aux_logits=False, init_weights=True)),
+    _tv("squeezenet", "cnn", build.torchvision_model("squeezenet1_1"), "fire modules, ceil-mode pools"),
+    _tv("efficientnet_v2_s", "cnn", build.torchvision_model("efficientnet_v2_s"), "fused MBConv"),
+    _image("mobilevit", "cnn", build.mobilevit, "logits", "MobileViT-XXS widths: attention over patches"),
     ZooModel(
         "r3d_18",
         "video",
@@ -191,6 +206,15 @@ ZOO: list[ZooModel] = [
         build.whisper_encoder,
         {},
         "80 x 3000 mel frames: 1500 tokens",
+    ),
+    ZooModel(
+        "wav2vec2_conformer",
+        "speech",
+        (Input("input_values", ("batch", "samples")),),
+        "last_hidden_state",
+        build.wav2vec2_conformer,
+        {"samples": 16000},
+        "conformer layers: rotary positions, depthwise convolution of 31 taps",
     ),
     ZooModel(
         "lstm",

@@ -54,6 +54,7 @@ def test_zoo_covers_the_families() -> None:
         "bert",
         "wav2vec2",
         "whisper_encoder",
+        "wav2vec2_conformer",
     ]
     with pytest.raises(KeyError, match="unknown models"):
         zoo_models.select(["resnet1000"])
