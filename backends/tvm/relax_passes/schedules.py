@@ -108,6 +108,8 @@ SYMBOLIC_PREFETCH_SHARE = 2
 ROW_MAJOR_MIN_OUTPUT_BYTES = 1 << 20
 ROW_MAJOR_MAX_B_BYTES = 1 << 19
 ROW_MAJOR_MIN_TILES = 8
+# A symbolic batch axis counts as SYMBOLIC_BATCH items toward ROW_MAJOR_MIN_TILES.
+SYMBOLIC_BATCH = 8
 # Rows under which a matmul with a packed weight (the same for every batch iteration)
 # takes the static batch loops next to its rows as rows too (``_shared_rows``).
 MIN_PANEL_ROWS = 64
@@ -344,9 +346,12 @@ def rows_outside(rows: int, depth: int, cols: int, row_tiles: int | None = None)
     1.3x. Under L2 the row order still keeps a row tile of A in L1 over the panels, and
     the threads split rows, the rows their producer wrote, instead of panels: the
     attention and MLP matmuls of ViT and BART at batch 8 ran 3-8% faster. A symbolic
-    batch keeps the panels outside: its loop stays serial around the parallel row tiles
-    (:class:`RegisterTiledMatmul`), and Swin's 49-row windows ran 1.5-3.5x longer on two
-    threads, one fork per window.
+    batch axis counts as :data:`SYMBOLIC_BATCH` items where a row block holds all the
+    rows; :class:`RegisterTiledMatmul` then fuses the batch into the parallel loop with
+    the row tiles, one fork for all of them, as at a fixed batch (MobileViT's 196 x 196
+    scores per head at batch 8: 8.0 -> 6.6 ms, the fixed library's 6.3; Swin, the whole
+    model: 0.95x the time). Kept serial around the parallel row tiles, Swin's 49-row
+    windows ran 1.5-3.5x longer on two threads, one fork per window.
 
     >>> rows_outside(1500, 64, 1500), rows_outside(197, 64, 197), rows_outside(1576, 768, 2304)
     (True, False, False)
@@ -986,6 +991,11 @@ def _rules() -> dict[str, Any]:
             row_tiles = None
             if rows and static_batch is not None:
                 row_tiles = math.prod(static_batch) * tiles
+            elif rows and rows_per_block == rows:
+                # A symbolic batch counted as SYMBOLIC_BATCH items, as in rows_outside;
+                # the batch, fused into the parallel loop with the row tiles, is one fork.
+                nominal = [(static_extents(sch, [loop]) or [SYMBOLIC_BATCH])[0] for loop in batch]
+                row_tiles = math.prod(nominal) * tiles
             swept = bool(rows and cols and depth) and rows_outside(rows, depth, cols, row_tiles)
             if swept:  # row tiles outside, every panel swept per row tile
                 outer = [*batch, mc, mo]
@@ -1015,7 +1025,7 @@ def _rules() -> dict[str, Any]:
                 # element in the epilogue's bounds check (LLVM cannot hoist a division
                 # out of a branch): the attention scores ran at 8x the fixed-size time.
                 sch.parallel(sch.fuse(*batch) if len(batch) > 1 else batch[0])
-            elif swept and static_batch is None:
+            elif swept and static_batch is None and rows_outside(rows, depth, cols):
                 # A symbolic batch stays a serial loop outside: fused with it, the row
                 # tiles' index let the register tile's buffer grow to 51 KB (ConvNeXt's
                 # 3136 x 384 x 96 MLP, 2.2x its time under a fixed batch).
