@@ -100,7 +100,9 @@ WINDOW_BLOCK_BYTES = 1 << 19
 # 192, stride 1 or 2), kernel alone: 16-channel tiles 1.16-1.75x faster than 32-channel
 # ones (both prefetching), the prefetches 1.16-1.32x (both 16-channel); at batch 1,
 # 16-channel tiles took 0.78-1.11x the time and the prefetches 1.0-1.09x, so one image
-# keeps its tiles. A pointwise convolution's micro-kernel prefetches the next tile's
+# keeps its tiles. Pools (a window without a weight) keep theirs too: streamed, the 3 x 3
+# stride-2 max pools of ResNet-18 (112 x 112 x 64) and SqueezeNet (111 x 111 x 64) took
+# 1.46x and 1.2x the time at batch 8. A pointwise convolution's micro-kernel prefetches the next tile's
 # pixels where its input streams, and the next tile's output where its output does
 # (:func:`prefetch_next_pixels`). Batch 8, kernel alone, against neither: 144 -> 32
 # channels over 56 x 56 0.57x the time, 96 -> 32 0.72x, 256 -> 64 0.81x, a stride-2
@@ -1396,6 +1398,30 @@ def rules() -> dict[str, Any]:
             """Output pixels a tile ``tile_j`` channels wide has at most."""
             return min(WINDOW_PIXELS, schedules.tile_rows(tile_j, self.lanes))
 
+        def _tile(self, widths: list[int], extents: list[Any], lead: int, keep: int) -> tuple[int, int, int]:
+            """The register tile (rows, channels) and its pixel limit, of ``widths``.
+
+            The widest tile, unless its pixels would be ragged both ways (no height
+            dividing the row in at least half of its rows, none dividing the flattened
+            pixels either): then the widest whose height divides the row so. SqueezeNet's
+            max pool over 55 x 55 x 64 in 5 x 32 tiles, not 3 x 64 ones over flattened
+            pixels, masked, which ran 2.3x as long (3.4x on two threads: the parallel loop
+            was the one panel). Images apart (a large batch) keep the widest: their
+            flattened tiles were measured so (EfficientNet-B0's 7 x 7 maps at batch 8)."""
+            width = extents[lead - 2]
+            spatial = extents[keep : lead - 1]
+            pixels = math.prod(spatial) if all(isinstance(e, int) for e in spatial) else 0
+            tile_j = widths[0]
+            ragged = not (_row_tiles(width, self._pixels(tile_j)) or _whole_tiles(pixels, self._pixels(tile_j)))
+            if ragged and (not keep or (isinstance(width, int) and width >= WINDOW_LONG_ROW)):
+                tile_j = next((w for w in widths if _row_tiles(width, self._pixels(w))), tile_j)
+            limit = self._pixels(tile_j)
+            # A tile on the stack (in registers) where one divides the row (56 or 112
+            # pixels: 7 x 32, not 8 x 32 in a workspace allocated and zeroed per tile,
+            # its accumulators stored after every FMA), as in the convolution rule.
+            tile_i = schedules.stack_rows(width, limit, tile_j) or _row_divisor(width, limit)
+            return tile_i, tile_j, limit
+
         def _schedule(self, func: Any) -> Any:
             sch = s_tir.Schedule(func)
             parts = reduction_parts(sch)
@@ -1419,9 +1445,8 @@ def rules() -> dict[str, Any]:
             widths = [w for w in WINDOW_WIDTHS if channels % w == 0]
             if not widths:
                 return None
-            streaming = lead == 4 and self.stream_bytes > 0 and streams(stmt, self.stream_bytes)
-            if streaming and self.lanes in widths:
-                widths = [w for w in widths if w <= self.lanes]
+            pool = len(operands(stmt)) < 2
+            streaming = lead == 4 and self.stream_bytes > 0 and not pool and streams(stmt, self.stream_bytes)
             for extra in epilogue[:-1]:
                 sch.compute_inline(extra)
             tail = epilogue[-1] if epilogue else sch.cache_write(block, 0, "global")
@@ -1432,31 +1457,21 @@ def rules() -> dict[str, Any]:
                 sch, tail, lead, keep, extents, weight=sources[0] if len(sources) > 1 else None,
                 data_bytes=input_bytes(stmt, 0),
             )
-            width = extents[lead - 2]
-            # The widest tile, unless its pixels would be ragged both ways (no height
-            # dividing the row in at least half of its rows, none dividing the flattened
-            # pixels either): then the widest whose height divides the row so. SqueezeNet's
-            # max pool over 55 x 55 x 64 in 5 x 32 tiles, not 3 x 64 ones over flattened
-            # pixels, masked, which ran 2.3x as long (3.4x on two threads: the parallel
-            # loop was the one panel). Images apart (a large batch) keep the widest: their
-            # flattened tiles were measured so (EfficientNet-B0's 7 x 7 maps at batch 8).
-            pixels = math.prod(extents[keep : lead - 1]) if all(isinstance(e, int) for e in extents[keep : lead - 1]) else 0
-            tile_j = widths[0]
-            ragged = not (_row_tiles(width, self._pixels(tile_j)) or _whole_tiles(pixels, self._pixels(tile_j)))
-            if ragged and (not keep or (isinstance(width, int) and width >= WINDOW_LONG_ROW)):
-                tile_j = next((w for w in widths if _row_tiles(width, self._pixels(w))), tile_j)
-            limit = self._pixels(tile_j)
             tail_extents = [iv.dom.extent for iv in sch.get(tail).iter_vars]
             same = all(
                 isinstance(t, tirx.IntImm) and int(t) == e
                 for t, e in zip(tail_extents[keep:lead], extents[keep:lead], strict=True)
             )
-            tile_i = _row_divisor(width, limit)
-            # A tile on the stack (in registers) where one divides the row (56 or 112
-            # pixels: 7 x 32, not 8 x 32 in a workspace allocated and zeroed per tile,
-            # its accumulators stored after every FMA), as in the convolution rule.
-            tile_i = schedules.stack_rows(width, limit, tile_j) or tile_i
-            row_tiled = same and lead - 1 - keep >= 2 and 2 * tile_i >= limit
+            tiled = same and lead - 1 - keep >= 2
+            narrow = [w for w in widths if w <= self.lanes] if self.lanes in widths else widths
+            tile_i, tile_j, limit = self._tile(narrow if streaming else widths, extents, lead, keep)
+            if streaming and not (tiled and 2 * tile_i >= limit):
+                # The rows' prefetch needs row tiles: the tile as where nothing streams
+                # (SqueezeNet's max pools over 55 x 55 x 128 at batch 8: 3 x 64 row tiles,
+                # not 8 x 16 ones over flattened pixels, which ran 3.5x ORT's time).
+                streaming = False
+                tile_i, tile_j, limit = self._tile(widths, extents, lead, keep)
+            row_tiled = tiled and 2 * tile_i >= limit
             if row_tiled:
                 rows = 1
                 for extent in extents[keep : lead - 2]:
