@@ -29,6 +29,13 @@ from examples.torchvision_shim import install as install_torchvision_shim
 SEED = 0
 VOCAB = 1000
 TEXT = {"hidden": 256, "heads": 4, "ffn": 1024, "layers": 2, "positions": 512}
+# The text widths under the names most transformers configs give them.
+HF_WIDTHS = {
+    "hidden_size": TEXT["hidden"],
+    "num_hidden_layers": TEXT["layers"],
+    "num_attention_heads": TEXT["heads"],
+    "intermediate_size": TEXT["ffn"],
+}
 
 
 # --- Wrappers: named tensor inputs in, one tensor out -------------------------------
@@ -114,10 +121,7 @@ def bert() -> Any:
 
     config = BertConfig(
         vocab_size=VOCAB,
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         max_position_embeddings=TEXT["positions"],
         attn_implementation="eager",
     )
@@ -146,10 +150,7 @@ def roberta() -> Any:
 
     config = RobertaConfig(
         vocab_size=VOCAB,
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         max_position_embeddings=TEXT["positions"] + 2,
         attn_implementation="eager",
     )
@@ -163,10 +164,7 @@ def albert() -> Any:
     config = AlbertConfig(
         vocab_size=VOCAB,
         embedding_size=128,
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         max_position_embeddings=TEXT["positions"],
         attn_implementation="eager",
     )
@@ -179,10 +177,7 @@ def deberta_v2() -> Any:
 
     config = DebertaV2Config(
         vocab_size=VOCAB,
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         max_position_embeddings=TEXT["positions"],
         relative_attention=True,
         position_buckets=64,
@@ -217,10 +212,7 @@ def _causal_lm(config_name: str, model_name: str, **options: Any) -> Any:
 
     config = getattr(transformers, config_name)(
         vocab_size=VOCAB,
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         max_position_embeddings=TEXT["positions"],
         use_cache=False,
         attn_implementation="eager",
@@ -295,10 +287,7 @@ def vit() -> Any:
     config = ViTConfig(
         image_size=224,
         patch_size=16,
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         num_labels=1000,
         attn_implementation="eager",
     )
@@ -312,10 +301,7 @@ def deit() -> Any:
     config = DeiTConfig(
         image_size=224,
         patch_size=16,
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         num_labels=1000,
         attn_implementation="eager",
     )
@@ -329,10 +315,7 @@ def clip_vision() -> Any:
     config = CLIPVisionConfig(
         image_size=224,
         patch_size=32,
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         projection_dim=256,
         attn_implementation="eager",
     )
@@ -476,10 +459,7 @@ def wav2vec2() -> Any:
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     config = Wav2Vec2Config(
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         conv_dim=(256,) * 7,
         num_conv_pos_embeddings=128,
         num_conv_pos_embedding_groups=16,
@@ -620,10 +600,7 @@ def beit() -> Any:
     from transformers import BeitConfig, BeitForImageClassification
 
     config = BeitConfig(
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         use_relative_position_bias=True,
         num_labels=1000,
         attn_implementation="eager",
@@ -654,10 +631,7 @@ def wav2vec2_conformer() -> Any:
     from transformers import Wav2Vec2ConformerConfig, Wav2Vec2ConformerModel
 
     config = Wav2Vec2ConformerConfig(
-        hidden_size=TEXT["hidden"],
-        num_hidden_layers=TEXT["layers"],
-        num_attention_heads=TEXT["heads"],
-        intermediate_size=TEXT["ffn"],
+        **HF_WIDTHS,
         conv_dim=(256,) * 7,
         num_conv_pos_embeddings=128,
         num_conv_pos_embedding_groups=16,

@@ -102,13 +102,13 @@ WINDOW_BLOCK_BYTES = 1 << 19
 # 16-channel tiles took 0.78-1.11x the time and the prefetches 1.0-1.09x, so one image
 # keeps its tiles. Pools (a window without a weight) keep theirs too: streamed, the 3 x 3
 # stride-2 max pools of ResNet-18 (112 x 112 x 64) and SqueezeNet (111 x 111 x 64) took
-# 1.46x and 1.2x the time at batch 8. A pointwise convolution's micro-kernel prefetches the next tile's
-# pixels where its input streams, and the next tile's output where its output does
-# (:func:`prefetch_next_pixels`). Batch 8, kernel alone, against neither: 144 -> 32
-# channels over 56 x 56 0.57x the time, 96 -> 32 0.72x, 256 -> 64 0.81x, a stride-2
-# 64 -> 128 0.84x, the expansions 16 -> 96 over 112 x 112 and 32 -> 144, 24 -> 144 over
-# 56 x 56 0.87-0.88x (their output alone: 0.85x); over 28 x 28 and 14 x 14 0.91-1.0x. An
-# image's first convolution (3 x 3, 3 -> 32) took 1.16x the time with its output
+# 1.46x and 1.2x the time at batch 8. A pointwise convolution's micro-kernel prefetches
+# the next tile's pixels where its input streams, and the next tile's output where its
+# output does (:func:`prefetch_next_pixels`). Batch 8, kernel alone, against neither:
+# 144 -> 32 channels over 56 x 56 0.57x the time, 96 -> 32 0.72x, 256 -> 64 0.81x, a
+# stride-2 64 -> 128 0.84x, the expansions 16 -> 96 over 112 x 112 and 32 -> 144,
+# 24 -> 144 over 56 x 56 0.87-0.88x (their output alone: 0.85x); over 28 x 28 and
+# 14 x 14 0.91-1.0x. An image's first convolution (3 x 3, 3 -> 32) took 1.16x the time with its output
 # prefetched: other convolutions are left as they were. By the CPU the code is tuned for
 # (.targets.tuned_cpu); elsewhere (0) nothing streams: not measured on Sapphire or
 # Emerald Rapids yet.
