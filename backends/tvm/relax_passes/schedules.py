@@ -994,8 +994,8 @@ def _rules() -> dict[str, Any]:
             elif rows and rows_per_block == rows:
                 # A symbolic batch counted as SYMBOLIC_BATCH items, as in rows_outside;
                 # the batch, fused into the parallel loop with the row tiles, is one fork.
-                nominal = [(static_extents(sch, [loop]) or [SYMBOLIC_BATCH])[0] for loop in batch]
-                row_tiles = math.prod(nominal) * tiles
+                items = [(static_extents(sch, [loop]) or [SYMBOLIC_BATCH])[0] for loop in batch]
+                row_tiles = math.prod(items) * tiles
             swept = bool(rows and cols and depth) and rows_outside(rows, depth, cols, row_tiles)
             if swept:  # row tiles outside, every panel swept per row tile
                 outer = [*batch, mc, mo]
