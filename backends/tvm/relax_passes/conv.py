@@ -108,10 +108,10 @@ WINDOW_BLOCK_BYTES = 1 << 19
 # 144 -> 32 channels over 56 x 56 0.57x the time, 96 -> 32 0.72x, 256 -> 64 0.81x, a
 # stride-2 64 -> 128 0.84x, the expansions 16 -> 96 over 112 x 112 and 32 -> 144,
 # 24 -> 144 over 56 x 56 0.87-0.88x (their output alone: 0.85x); over 28 x 28 and
-# 14 x 14 0.91-1.0x. An image's first convolution (3 x 3, 3 -> 32) took 1.16x the time with its output
-# prefetched: other convolutions are left as they were. By the CPU the code is tuned for
-# (.targets.tuned_cpu); elsewhere (0) nothing streams: not measured on Sapphire or
-# Emerald Rapids yet.
+# 14 x 14 0.91-1.0x. An image's first convolution (3 x 3, 3 -> 32) took 1.16x the time
+# with its output prefetched: other convolutions are left as they were. By the CPU the
+# code is tuned for (.targets.tuned_cpu); elsewhere (0) nothing streams: not measured on
+# Sapphire or Emerald Rapids yet.
 STREAM_BYTES_BY_CPU = {"znver4": 4 << 20}
 STREAM_SYMBOLIC_IMAGES = 8
 WINDOW_PREFETCH_AHEAD = 1
