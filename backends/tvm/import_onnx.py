@@ -42,7 +42,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from rewriter import input_sizes
-from rewriter.backends.tvm import ops, recurrent, shape_ops, shape_values
+from rewriter.backends.tvm import attention_fusion, ops, recurrent, shape_ops, shape_values
 from rewriter.backends.tvm.ops import KernelFactory
 from rewriter.backends.tvm.relax_passes import dims_of, onnx_simplify
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
@@ -108,7 +108,9 @@ def prepare(
     shape computation fold to a constant.
 
     ``fuse_attention=False`` inlines ``SigmoidAttention`` from its function body (the
-    fused kernels exist for CPU and CUDA targets; this is for other backends and tests).
+    fused kernels exist for CPU and CUDA targets; this is for other backends and tests)
+    and leaves ``TwoPassSoftmax`` attention unfused; by default a static float32 one
+    becomes one fused kernel on CPU targets (:mod:`rewriter.backends.tvm.attention_fusion`).
     ``fuse_loss=False`` inlines ``FusedCrossEntropy``/``FusedLinearCrossEntropy`` from
     their function bodies. ``gpu=True`` (a GPU target) inlines the ops whose kernels are
     CPU only (the losses).
@@ -167,6 +169,8 @@ def prepare(
             _optimize(work)
             for key in held:
                 work.functions.pop(key, None)
+    if fuse_attention and not gpu and attention_fusion.fuse(work):
+        _optimize(work)  # the fused ops' operands: shape arithmetic that folds
     ir.passes.common.RemoveUnusedNodesPass()(work)
     logger.debug("simplified for the importer: %s", onnx_simplify.simplify(work))
     _widen_4bit_initializers(work)

@@ -213,7 +213,7 @@ class AttentionRule(RewriteRuleClassBase):
         logits = pattern.OrValue(
             [op.Cast(masked, _allow_other_attributes=True), masked], tag_var="pre_cast"
         )
-        probs = op.Softmax(logits, _allow_other_attributes=True, _outputs=["probs"])
+        probs = self.softmax(op, logits)
         kept = pattern.OrValue(
             [
                 op.Where(op.IsNaN(probs), zero, probs),
@@ -225,6 +225,11 @@ class AttentionRule(RewriteRuleClassBase):
         )
         joined = pattern.OrValue([op.Reshape(kept, merged), kept], tag_var="merge_op")
         return op.MatMul(joined, value, _outputs=["output"])
+
+    def softmax(self, op: Any, logits: Any) -> Any:
+        """The pattern's softmax of the scores, bound as ``probs``: ONNX ``Softmax`` (a
+        subclass may match another op of the same function, along the last axis)."""
+        return op.Softmax(logits, _allow_other_attributes=True, _outputs=["probs"])
 
     def check(self, op: Any, *args: Any, **bindings: Any) -> MatchResult:  # op: the MatchContext
         del args
@@ -430,19 +435,20 @@ class AttentionOpRule(AttentionRule):
 
 
 def rules(
-    rule_class: type[AttentionRule], *args: Any
+    rule_class: type[AttentionRule], *args: Any, operator: bool = True
 ) -> tuple[RewriteRuleSet, list[AttentionRule]]:
     """The rule set (subgraph pattern and ``Attention`` operator) of ``rule_class``.
 
     ``rule_class`` derives from :class:`AttentionRule`; the ``Attention`` operator rule
-    is the same class with :class:`AttentionOpRule`'s pattern mixed in. Returns the
-    set (with ``commute=True``) and the two rule instances (for their ``reasons``).
+    is the same class with :class:`AttentionOpRule`'s pattern mixed in (left out with
+    ``operator=False``). Returns the set (with ``commute=True``) and the rule instances
+    (for their ``reasons``).
     """
-    subgraph = rule_class(*args)
-    op_class = type(f"{rule_class.__name__}OnAttentionOp", (AttentionOpRule, rule_class), {})
-    attention_op = op_class(*args)
-    built = [_to_rule(subgraph), _to_rule(attention_op)]
-    return RewriteRuleSet(built, commute=True), [subgraph, attention_op]
+    instances = [rule_class(*args)]
+    if operator:
+        op_class = type(f"{rule_class.__name__}OnAttentionOp", (AttentionOpRule, rule_class), {})
+        instances.append(op_class(*args))
+    return RewriteRuleSet([_to_rule(i) for i in instances], commute=True), instances
 
 
 def remove_replaced(model: ir.Model) -> None:

@@ -1,12 +1,9 @@
 """``ai.rewriter::SigmoidAttention`` as ``call_tir`` to our fused kernel in a Relax module.
 
 For static 4-D float32 inputs Q [B, H, N, D], K [B, H, M, D], V [B, H, M, Dv] and an
-additive mask broadcastable to [B, H, N, M], in Relax::
+additive mask broadcastable to [B, H, N, M], in Relax (q, kt, v, mask in the layout of
+:mod:`rewriter.backends.tvm.ops.attention_layout`, padded keys masked with 0)::
 
-    q = R.reshape(Q, [B*H, N, D])
-    kt = R.permute_dims(R.reshape(K, [B*H, M, D]), [0, 2, 1])      # keys padded to Mp
-    v = R.reshape(V, [B*H, M, Dv])                                 # zero rows up to Mp
-    mask = R.reshape(R.broadcast_to(Mask, [B|1, H|1, N|1, M]), ...)  # unless all-zero
     y = R.call_tir(rewriter_sigmoid_attention, (q, kt, v[, mask]))  # [B*H, N, Dv]
     out = R.reshape(y, [B, H, N, Dv])
 
@@ -23,13 +20,12 @@ does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx_ir as ir
 
-from rewriter.backends.tvm.ops import OpCall, register, scheduled_kernel, static_shape
-from rewriter.errors import InputError
+from rewriter.backends.tvm.ops import OpCall, register, scheduled_kernel
+from rewriter.backends.tvm.ops.attention_layout import kernel_operands
 
 if TYPE_CHECKING:
     import tvm
@@ -100,76 +96,23 @@ def emit_sigmoid_attention(
     key_lanes, sigmoid_attention = cpu_kernel.key_lanes, cpu_kernel.sigmoid_attention
     if target.kind.name == "cuda":
         key_lanes, sigmoid_attention = cuda_kernel.key_lanes, cuda_kernel.sigmoid_attention_cuda
-    q, k, v = (bb.normalize(x) for x in (q, k, v))
-    shapes = [static_shape(x) for x in (q, k, v)]
-    if any(s is None or len(s) != 4 for s in shapes) or any(
-        x.ty.dtype != "float32" for x in (q, k, v)
-    ):
-        raise InputError("SigmoidAttention kernel: Q, K, V must be static 4-D float32 tensors")
-    (b, h, n, d), (bk, hk, m, dk), (bv, hv, mv, dv) = shapes  # type: ignore[misc]
-    if (bk, hk, dk) != (b, h, d) or (bv, hv, mv) != (b, h, m):
-        raise InputError(f"SigmoidAttention kernel: incompatible shapes {shapes}")
-    bh = b * h
-    lanes = key_lanes(target)
-    mp = -(-m // lanes) * lanes
-    pad = mp - m
-
-    def padded_keys(x: relax.Expr, axis: int) -> relax.Expr:
-        if not pad:
-            return x
-        shape = static_shape(x)
-        assert shape is not None
-        shape[axis] = pad
-        zeros = relax.const(np.zeros(shape, np.float32))
-        return bb.emit(relax.op.concat([x, zeros], axis=axis))
-
-    q3 = bb.emit(relax.op.reshape(q, [bh, n, d]))
-    kt = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(k, [bh, m, d])), [0, 2, 1]))
-    kt = padded_keys(kt, 2)
-    v3 = padded_keys(bb.emit(relax.op.reshape(v, [bh, m, dv])), 1)
-    args = [q3, kt, v3]
-    mask_heads = mask_rows = 1
-    if mask is not None and not _all_zero(mask):
-        mask = bb.normalize(mask)
-        mshape = static_shape(mask)
-        if mshape is None or len(mshape) > 4 or mask.ty.dtype != "float32":
-            raise InputError("SigmoidAttention kernel: the mask must be static float32, rank <= 4")
-        mshape = [1] * (4 - len(mshape)) + mshape
-        for size, full in zip(mshape, (b, h, n, m), strict=True):
-            if size not in (1, full):
-                raise InputError(f"SigmoidAttention kernel: mask {mshape} vs [{b}, {h}, {n}, {m}]")
-        per_head = mshape[0] != 1 or mshape[1] != 1
-        mask_heads = bh if per_head else 1
-        mask_rows = n if mshape[2] != 1 else 1
-        full = [b if per_head else 1, h if per_head else 1, mask_rows, m]
-        mask4 = bb.emit(relax.op.reshape(mask, mshape))
-        if mshape != full:
-            mask4 = bb.emit(relax.op.broadcast_to(mask4, full))
-        args.append(padded_keys(bb.emit(relax.op.reshape(mask4, [mask_heads, mask_rows, m])), 2))
+    layout = kernel_operands(
+        bb, q, k, v, mask, lanes=key_lanes(target), pad_fill=0.0, op_name="SigmoidAttention"
+    )
     func = sigmoid_attention(
-        bh,
-        n,
-        mp,
-        d,
+        layout.batch * layout.heads,
+        layout.q_len,
+        layout.k_len,
+        layout.head_dim,
         target=target,
-        has_mask=len(args) == 4,
-        value_dim=dv,
-        mask_heads=mask_heads,
-        mask_rows=mask_rows,
+        has_mask=layout.has_mask,
+        value_dim=layout.value_dim,
+        mask_heads=layout.mask_heads,
+        mask_rows=layout.mask_rows,
         scale=float(scale),
         bias=float(bias),
     )
     gvar = bb.add_func(scheduled_kernel(func), KERNEL_NAME)
-    y = bb.emit(relax.call_tir(gvar, args, relax.TensorType([bh, n, dv], "float32")))
-    return bb.emit(relax.op.reshape(y, [b, h, n, dv]))
-
-
-def _all_zero(mask: Any) -> bool:
-    """Whether ``mask`` is a constant tensor of zeros (the rewrite's "no mask")."""
-    from tvm import ir
-
-    if not isinstance(mask, ir.expr.Constant):
-        return False
-    value = mask.value
-    data = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
-    return not np.any(data)
+    shape = [layout.batch * layout.heads, layout.q_len, layout.value_dim]
+    y = bb.emit(relax.call_tir(gvar, layout.args, relax.TensorType(shape, "float32")))
+    return layout.output(bb, y)

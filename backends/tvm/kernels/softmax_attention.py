@@ -1,0 +1,231 @@
+"""Exact softmax attention as one fused CPU TIR kernel: ``softmax(scale * QKᵀ + mask) V``.
+
+``Out[b, i, :] = sum_j p(b, i, j) V[b, j, :]`` with ``p(b, i, :) = softmax(scale *
+Q[b, i]·K[b, :] + Mask[b, i, :])``: the function of ``MatMul(TwoPassSoftmax(QKᵀ·s +
+mask), V)`` that :mod:`rewriter.backends.tvm.attention_fusion` finds in a model. It is
+exact (the same function; float32 rounding differs as any reassociation does).
+
+Layout (the lowering, :mod:`rewriter.backends.tvm.ops.softmax_attention`, produces it), as
+for :mod:`rewriter.backends.tvm.kernels.sigmoid_attention`:
+
+* ``Q[bh, n, d]``, ``Kt[bh, d, mp]`` (K transposed, keys zero-padded to ``mp``, a
+  multiple of the vector width), ``V[bh, mp, dv]``;
+* ``Mask[mbh, mq, mp]`` with ``mbh`` in ``{1, bh}`` and ``mq`` in ``{1, n}``, -inf at the
+  padded keys (the lowering passes one whenever keys are padded);
+* ``Out[bh, n, dv]``.
+
+Schedule (by hand): the loop over ``bh x ceil(n / ROWS)`` tiles of ``ROWS`` query rows is
+parallel. A tile keeps its rows' scores, ``ROWS x mp`` floats, in a buffer of its own (on
+the stack up to 4 KiB, :mod:`rewriter.backends.tvm.stack_tiles`: 256 keys of four rows;
+else in L1/L2), and makes three sweeps over it:
+
+1. scores: ``ROWS x KEY_VECTORS`` register tiles of outer products (a broadcast of
+   ``q[i, c]`` times the vector ``Kt[c, j:j+lanes]``), scaled, masked and stored, with
+   a running per-lane maximum of each row;
+2. ``e**(s - max)`` in place (the float32 exponential of
+   :mod:`rewriter.backends.tvm.kernels.common.exp_pair`, ``vscalefps`` on AVX512) and
+   the row sums;
+3. ``acc[i, :] += e[i, j] V[j, :]`` for every key (``ROWS x dv`` accumulators in
+   registers), and ``Out[i, :] = acc[i, :] / sum[i]``.
+
+The scores never leave the core's caches, so subtracting the row maximum (one more sweep
+over L1) is cheaper than the two-pass algorithm's scaled pairs, which exist to save a
+sweep over memory. A row whose every key is masked with -inf gives zeros (the sdpa
+exports' ``Where(IsNaN(p), 0, p)``; a bare Softmax gives NaN there). The last query tile
+recomputes clamped rows and does not store them.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from rewriter.backends.tvm.kernels.common import exp_pair as ep
+from rewriter.backends.tvm.kernels.common.simd_plan import bcast, isa, span
+
+# Query rows per tile and key vectors per register tile of scores (ROWS x KEY_VECTORS
+# vectors; ROWS x dv / lanes output accumulators).
+ROWS = 4
+KEY_VECTORS = 4
+
+
+def key_lanes(target: tvm.target.Target) -> int:
+    """float32 lanes of one vector on ``target`` (keys are padded to a multiple of it)."""
+    return {"avx512": 16, "avx2": 8}.get(isa(target), 4)
+
+
+def _value_lanes(lanes: int, dv: int) -> int:
+    width = lanes
+    while dv % width:
+        width //= 2
+    return width
+
+
+def softmax_attention(
+    batch_heads: int,
+    q_len: int,
+    k_len: int,
+    head_dim: int,
+    *,
+    target: tvm.target.Target,
+    has_mask: bool,
+    value_dim: int | None = None,
+    mask_heads: int = 1,
+    mask_rows: int = 1,
+    scale: float = 1.0,
+) -> tirx.PrimFunc:
+    """The fused PrimFunc ``(Q, Kt, V[, Mask], Out)`` of softmax attention (static shapes).
+
+    ``k_len`` is the padded key count ``mp`` (a multiple of :func:`key_lanes`; padded keys
+    must be masked with -inf); see the module docstring for the buffer layout.
+    ``mask_heads`` (1 or ``batch_heads``) and ``mask_rows`` (1 or ``q_len``) give the
+    mask's broadcast layout. float32 only.
+
+    >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})
+    >>> func = softmax_attention(2, 8, 16, 4, target=target, has_mask=False, scale=0.5)
+    >>> [p.name for p in func.params]
+    ['Q', 'Kt', 'V', 'Out']
+    """
+    if isa(target) == "cuda":
+        raise ValueError("the softmax attention kernel is CPU only")
+    lanes = key_lanes(target)
+    scalef = isa(target) == "avx512"
+    if k_len % lanes:
+        raise ValueError(f"k_len {k_len} must be a multiple of {lanes} (pad the keys)")
+    if mask_heads not in (1, batch_heads) or mask_rows not in (1, q_len):
+        raise ValueError("mask_heads must be 1 or batch_heads, mask_rows 1 or q_len")
+    bh, n, m, d = batch_heads, q_len, k_len, head_dim
+    dv = head_dim if value_dim is None else value_dim
+    vl = _value_lanes(lanes, dv)
+    key_vectors = min(KEY_VECTORS, m // lanes)
+    block = key_vectors * lanes
+    blocks, rest = m // block, (m % block) // lanes  # rest < key_vectors vectors
+    tiles = (n + ROWS - 1) // ROWS
+    f32 = "float32"
+    scale_v = ep.const(scale, f32, lanes)
+    zero_v = ep.const(0.0, f32, lanes)
+    lowest_v = ep.const(-float("inf"), f32, lanes)
+
+    def row_of(i0: tirx.Expr, r: int) -> tirx.Expr:
+        return tirx.min(i0 + r, n - 1)
+
+    def mask_at(mask: tirx.Buffer, b: tirx.Expr, i: tirx.Expr, j0: tirx.Expr) -> tirx.Expr:
+        return mask[b if mask_heads > 1 else 0, i if mask_rows > 1 else 0, span(j0, lanes)]
+
+    def exp(x: tirx.Expr) -> tirx.Expr:
+        mant, expo = ep.exp_pair(x, lanes)
+        return ep.scale(mant, expo, lanes, scalef) if scalef else mant * ep.pow2(expo, lanes)
+
+    @T.macro
+    def score_block(Q, Kt, mask, sc, s, top, b, i0, j0, nvec):
+        # An ROWS x nvec register tile of scores, one rank-1 update per head-dim channel;
+        # scaled and masked into the tile's scores, with the running per-lane maxima.
+        for r in T.unroll(ROWS):
+            for c in T.unroll(nvec):
+                sc[span((r * key_vectors + c) * lanes, lanes)] = zero_v
+        for k in T.serial(d):
+            for r in T.unroll(ROWS):
+                for c in T.unroll(nvec):
+                    sc[span((r * key_vectors + c) * lanes, lanes)] = (
+                        sc[span((r * key_vectors + c) * lanes, lanes)]
+                        + bcast(Q[b, row_of(i0, r), k], lanes)
+                        * Kt[b, k, span(j0 + c * lanes, lanes)]
+                    )
+        for r in T.unroll(ROWS):
+            for c in T.unroll(nvec):
+                if mask is None:
+                    s[span(r * m + j0 + c * lanes, lanes)] = (
+                        sc[span((r * key_vectors + c) * lanes, lanes)] * scale_v
+                    )
+                else:
+                    s[span(r * m + j0 + c * lanes, lanes)] = sc[
+                        span((r * key_vectors + c) * lanes, lanes)
+                    ] * scale_v + mask_at(mask, b, row_of(i0, r), j0 + c * lanes)
+                top[span(r * lanes, lanes)] = tirx.max(
+                    top[span(r * lanes, lanes)], s[span(r * m + j0 + c * lanes, lanes)]
+                )
+
+    @T.macro
+    def tile(Q, Kt, V, mask, Out, t):
+        sc = T.alloc_buffer((ROWS * key_vectors * lanes,), f32, scope="global")
+        s = T.alloc_buffer((ROWS * m,), f32, scope="global")
+        top = T.alloc_buffer((ROWS * lanes,), f32, scope="global")
+        row_max = T.alloc_buffer((ROWS,), f32, scope="global")
+        total = T.alloc_buffer((ROWS * lanes,), f32, scope="global")
+        row_sum = T.alloc_buffer((ROWS,), f32, scope="global")
+        acc = T.alloc_buffer((ROWS * dv,), f32, scope="global")
+        b = t // tiles
+        i0 = t % tiles * ROWS
+        for r in T.unroll(ROWS):
+            top[span(r * lanes, lanes)] = lowest_v
+        for kb in T.serial(blocks):
+            score_block(Q, Kt, mask, sc, s, top, b, i0, kb * block, key_vectors)
+        for kr in T.serial(rest):
+            score_block(Q, Kt, mask, sc, s, top, b, i0, blocks * block + kr * lanes, 1)
+        for r in T.unroll(ROWS):
+            row_max[r] = top[r * lanes]
+            for lane in T.serial(1, lanes):
+                row_max[r] = T.max(row_max[r], top[r * lanes + lane])
+        # e**(s - max) in place, and the row sums.
+        for r in T.unroll(ROWS):
+            total[span(r * lanes, lanes)] = zero_v
+            for jv in T.serial(m // lanes):
+                s[span(r * m + jv * lanes, lanes)] = s[span(r * m + jv * lanes, lanes)] - bcast(
+                    row_max[r], lanes
+                )
+                s[span(r * m + jv * lanes, lanes)] = exp(s[span(r * m + jv * lanes, lanes)])
+                total[span(r * lanes, lanes)] = (
+                    total[span(r * lanes, lanes)] + s[span(r * m + jv * lanes, lanes)]
+                )
+            row_sum[r] = total[r * lanes]
+            for lane in T.serial(1, lanes):
+                row_sum[r] = row_sum[r] + total[r * lanes + lane]
+        # acc[r, :] = sum_j e[r, j] V[j, :], then divided by the row sums.
+        for r in T.unroll(ROWS):
+            for u in T.unroll(dv // vl):
+                acc[span(r * dv + u * vl, vl)] = ep.const(0.0, f32, vl)
+        for j in T.serial(m):
+            for r in T.unroll(ROWS):
+                for u in T.unroll(dv // vl):
+                    acc[span(r * dv + u * vl, vl)] = (
+                        acc[span(r * dv + u * vl, vl)]
+                        + bcast(s[r * m + j], vl) * V[b, j, span(u * vl, vl)]
+                    )
+        for r in T.unroll(ROWS):
+            if i0 + r < n:
+                for u in T.unroll(dv // vl):
+                    Out[b, i0 + r, span(u * vl, vl)] = T.Select(
+                        row_max[r] > T.float32(-float("inf")),
+                        acc[span(r * dv + u * vl, vl)] * bcast(T.float32(1.0) / row_sum[r], vl),
+                        ep.const(0.0, f32, vl),
+                    )
+
+    if has_mask:
+
+        @T.prim_func
+        def softmax_attention_masked(
+            Q: T.Buffer((bh, n, d), f32),  # type: ignore[valid-type]
+            Kt: T.Buffer((bh, d, m), f32),  # type: ignore[valid-type]
+            V: T.Buffer((bh, m, dv), f32),  # type: ignore[valid-type]
+            Mask: T.Buffer((mask_heads, mask_rows, m), f32),  # type: ignore[valid-type]
+            Out: T.Buffer((bh, n, dv), f32),  # type: ignore[valid-type]
+        ):
+            T.func_attr({"tirx.noalias": True})
+            for t in T.parallel(bh * tiles):
+                tile(Q, Kt, V, Mask, Out, t)
+
+        return softmax_attention_masked
+
+    @T.prim_func
+    def softmax_attention(
+        Q: T.Buffer((bh, n, d), f32),  # type: ignore[valid-type]
+        Kt: T.Buffer((bh, d, m), f32),  # type: ignore[valid-type]
+        V: T.Buffer((bh, m, dv), f32),  # type: ignore[valid-type]
+        Out: T.Buffer((bh, n, dv), f32),  # type: ignore[valid-type]
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for t in T.parallel(bh * tiles):
+            tile(Q, Kt, V, None, Out, t)
+
+    return softmax_attention
