@@ -11,11 +11,14 @@ exports' NaN guard), with ``TwoPassSoftmax`` as the softmax, and writes one
 :mod:`rewriter.backends.tvm.ops.softmax_attention`, calls the fused kernel of
 :mod:`rewriter.backends.tvm.kernels.softmax_attention`: the same function, exact.
 
-Only attentions whose Q, K, V and mask have static shapes and float32 values are fused
-(the kernel is built per shape); the others stay three kernels, as before. The op is
-internal to the backend: it exists only between ``prepare`` and the importer, so it has
-no function body. ``prepare(fuse_attention=False)`` and GPU targets leave every attention
-as it is.
+Every float32 attention becomes the op; its lowering calls the kernel where the shapes
+are static in Relax (the kernel is built per shape), and emits the three kernels of
+before where they are not (symbolic dimensions). The decision is the lowering's because
+only Relax knows every shape: ONNX inference ran before the optimizer folded the shape
+arithmetic, so a static dimension can still read ``unk__3`` here. The op is internal to
+the backend: it exists only between ``prepare`` and the importer, so it has no function
+body. ``prepare(fuse_attention=False)`` and GPU targets leave every attention as it
+is.
 
 >>> fuse(model)  # doctest: +SKIP
 6
@@ -39,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 class _FuseSoftmaxAttention(attention.AttentionRule):
-    """Attention with ``TwoPassSoftmax``, static float32, to ``SoftmaxAttention``."""
+    """Attention with ``TwoPassSoftmax`` in float32 to ``SoftmaxAttention``."""
 
     def __init__(self) -> None:
         super().__init__("FuseSoftmaxAttention")
@@ -48,44 +51,35 @@ class _FuseSoftmaxAttention(attention.AttentionRule):
         return op.TwoPassSoftmax(logits, _domain=DOMAIN, _outputs=["probs"])
 
     def refuse(self, match: AttentionMatch) -> str:
-        values = [match.query, match.key_transposed, match.value, *match.additive_terms()]
-        if match.mask_kind in ("boolean", "dropping"):
-            values.append(match.mask)
-        for value in values:
-            if value is None or value.shape is None or not all(
-                isinstance(dim, int) for dim in value.shape
-            ):
-                return "shapes not static"
         if any(v.dtype != ir.DataType.FLOAT for v in (match.query, match.value)):
             return "not float32"
-        if _output_shape(match) is None:
-            return "the heads split is not static"
         return ""
 
     def rewrite_attention(self, op: Any, match: AttentionMatch) -> ir.Value:
         q, k, v, mask = build.operands(op, match)
         output = op.op(OP_TYPE, q, k, v, mask, _domain=DOMAIN, scale=match.scale)
-        # The op has no function body to infer its shape from, and restore reads it.
-        output.shape = ir.Shape(_output_shape(match))
+        # The op has no function body to infer its type from; restore may read its shape.
         output.type = ir.TensorType(ir.DataType.FLOAT)
+        output.shape = _output_shape(match)
         return build.restore(op, match, output)
 
 
-def _output_shape(match: AttentionMatch) -> list[int] | None:
-    """[B, H, N, Dv] of the fused op's output (static shapes), or None."""
+def _output_shape(match: AttentionMatch) -> ir.Shape | None:
+    """[B, H, N, Dv] of the fused op's output as far as the match's shapes say, or None."""
     q_shape, v_shape = match.query.shape, match.value.shape
-    assert q_shape is not None and v_shape is not None
+    if q_shape is None or v_shape is None:
+        return None
     if match.heads is None:
-        return [*q_shape[:-1], v_shape[-1]]  # type: ignore[list-item]
+        return ir.Shape([*q_shape[:-1], v_shape[-1]])
     entries = static.partial_value(match.heads)
     if entries is None or not all(isinstance(e, int) for e in entries[:2]):
         return None
-    return [*entries[:2], q_shape[-2], v_shape[-1]]  # type: ignore[list-item]
+    return ir.Shape([*entries[:2], q_shape[-2], v_shape[-1]])
 
 
 def fuse(model: ir.Model) -> int:
-    """Fuse every static float32 ``TwoPassSoftmax`` attention of ``model`` (in place);
-    returns how many. Each one left unfused is logged with the reason."""
+    """Fuse every float32 ``TwoPassSoftmax`` attention of ``model`` (in place); returns
+    how many. Each one left unfused is logged with the reason."""
     rule_set, instances = attention.rules(_FuseSoftmaxAttention, operator=False)
     count = rule_set.apply_to_model(model)
     if count:

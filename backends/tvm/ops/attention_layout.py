@@ -101,7 +101,7 @@ def kernel_operands(
     args = [q3, kt, v3]
     sizes = {"batch": b, "heads": h, "q_len": n, "k_len": mp, "head_dim": d, "value_dim": dv}
     mask = None if mask is None else bb.normalize(mask)
-    if mask is None or _all_zero(mask):
+    if mask is None or all_zero(mask):
         if not pad or pad_fill == 0.0:
             return KernelOperands(args, **sizes)
         mask = relax.const(np.zeros([1, 1, 1, m], np.float32))
@@ -124,7 +124,7 @@ def kernel_operands(
     return KernelOperands(args, **sizes, mask_heads=mask_heads, mask_rows=mask_rows)
 
 
-def _all_zero(mask: Any) -> bool:
+def all_zero(mask: Any) -> bool:
     """Whether ``mask`` is a constant tensor of zeros (the rewrite's "no mask")."""
     data = constant_value(mask)
     return data is not None and not np.any(data)

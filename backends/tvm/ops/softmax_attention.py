@@ -1,17 +1,18 @@
 """``ai.rewriter::SoftmaxAttention`` as ``call_tir`` to our fused exact attention kernel.
 
 The op is the backend's own: :mod:`rewriter.backends.tvm.attention_fusion` writes it in
-place of ``MatMul(TwoPassSoftmax(QKᵀ·s + mask), V)`` while it prepares a model for
-import, only where Q, K, V and the mask are static float32, so it has no function body
-and every node of it gets the kernel. Q [B, H, N, D], K [B, H, M, D], V [B, H, M, Dv]
-and the additive mask become the layout of :mod:`rewriter.backends.tvm.ops.attention_layout`
-(padded keys masked with -inf), then::
+place of ``MatMul(TwoPassSoftmax(QKᵀ·s + mask), V)`` (float32) while it prepares a model
+for import, so it has no function body. Where Q [B, H, N, D], K [B, H, M, D],
+V [B, H, M, Dv] and the additive mask have static shapes, they become the layout of
+:mod:`rewriter.backends.tvm.ops.attention_layout` (padded keys masked with -inf), then::
 
     y = R.call_tir(rewriter_softmax_attention, (q, kt, v[, mask]))  # [B*H, N, Dv]
     out = R.reshape(y, [B, H, N, Dv])
 
 The kernel is :func:`rewriter.backends.tvm.kernels.softmax_attention.softmax_attention`
 (scores, softmax and ``p·V`` per tile of query rows; the n x m matrix never exists).
+Where a shape is symbolic, :func:`emit_unfused` writes the three kernels the graph had
+(two matmuls and our two-pass softmax).
 
 >>> y = emit_softmax_attention(bb, q, k, v, mask, scale=0.125, target=target)  # doctest: +SKIP
 """
@@ -21,8 +22,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from rewriter.backends.tvm.ops import OpCall, register, scheduled_kernel
-from rewriter.backends.tvm.ops.attention_layout import kernel_operands
+from rewriter.backends.tvm.ops import (
+    KernelFactory,
+    OpCall,
+    register,
+    scheduled_kernel,
+    static_shape,
+)
+from rewriter.backends.tvm.ops.attention_layout import all_zero, kernel_operands
 
 if TYPE_CHECKING:
     import tvm
@@ -35,10 +42,44 @@ KERNEL_NAME = "rewriter_softmax_attention"
 
 @register(OP_TYPE, cpu_only=True, option="fuse_attention")
 def emit(call: OpCall) -> relax.Expr:
-    """``SoftmaxAttention(q, k, v[, mask]; scale)``, from the fusion's rewrite."""
-    q, k, v = call.inputs[:3]
+    """``SoftmaxAttention(q, k, v, mask; scale)``, from the fusion's rewrite."""
+    q, k, v, mask = call.inputs[:4]
     scale = float(call.attrs.get("scale", 1.0))
-    return emit_softmax_attention(call.bb, q, k, v, call.input(3), scale=scale, target=call.target)
+    bb = call.bb
+    if not all(_static(bb, x) for x in (q, k, v, mask)):
+        return emit_unfused(bb, q, k, v, mask, scale=scale, target=call.target, kernel=call.kernel)
+    return emit_softmax_attention(bb, q, k, v, mask, scale=scale, target=call.target)
+
+
+def _static(bb: relax.BlockBuilder, x: relax.Expr | None) -> bool:
+    return x is None or static_shape(bb.normalize(x)) is not None
+
+
+def emit_unfused(
+    bb: relax.BlockBuilder,
+    q: relax.Expr,
+    k: relax.Expr,
+    v: relax.Expr,
+    mask: relax.Expr | None,
+    *,
+    scale: float,
+    target: tvm.target.Target,
+    kernel: KernelFactory | None = None,
+) -> relax.Expr:
+    """The attention as the graph had it, for shapes the kernel is not built for:
+    ``matmul(TwoPassSoftmax(matmul(q, kᵀ) * scale + mask), v)``, the softmax our kernel
+    (:func:`rewriter.backends.tvm.ops.two_pass_softmax.emit_two_pass_softmax`)."""
+    from tvm import relax
+
+    from rewriter.backends.tvm.ops.two_pass_softmax import emit_two_pass_softmax
+
+    scores = bb.emit(relax.op.matmul(q, bb.emit(relax.op.permute_dims(k, [0, 1, 3, 2]))))
+    if scale != 1.0:
+        scores = bb.emit(relax.op.multiply(scores, relax.const(scale, "float32")))
+    if mask is not None and not all_zero(mask):
+        scores = bb.emit(relax.op.add(scores, mask))
+    probs = emit_two_pass_softmax(bb, scores, log=False, target=target, kernel=kernel)
+    return bb.emit(relax.op.matmul(probs, v))
 
 
 def emit_softmax_attention(

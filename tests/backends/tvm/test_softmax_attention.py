@@ -1,0 +1,247 @@
+"""The fused exact softmax-attention kernel and the fusion of ``TwoPassSoftmax`` attention.
+
+The kernel is checked against numpy (float64) on padded keys, broadcast masks, ragged
+query tiles and the vector widths of each CPU target. ``prepare`` fuses every static
+float32 ``MatMul(TwoPassSoftmax(...), V)`` of the attention forms the exporters emit and
+of real exports into one ``SoftmaxAttention`` node; the compiled models call the kernel
+and agree with ONNX Runtime on the original models. Symbolic shapes get the three kernels of before; a
+float64 softmax and ``fuse_attention=False`` stay unfused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from rewriter import io, verify  # noqa: E402
+from rewriter.backends import tvm as backend  # noqa: E402
+from rewriter.backends.tvm import import_onnx, parallel_cost  # noqa: E402
+from rewriter.backends.tvm.kernels.softmax_attention import (  # noqa: E402
+    ROWS,
+    key_lanes,
+    softmax_attention,
+)
+from rewriter.backends.tvm.ops.softmax_attention import KERNEL_NAME  # noqa: E402
+from rewriter.backends.tvm.targets import resolve  # noqa: E402
+from rewriter.registry import create_pass  # noqa: E402
+from tests import attention_models  # noqa: E402
+
+AVX512 = resolve("avx512")
+TOLERANCE = 1e-5  # of the output's scale, float32 kernel vs float64 numpy
+FUSED = "ai.rewriter::SoftmaxAttention"
+
+
+def reference(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, scale: float
+) -> np.ndarray:
+    """``softmax(scale QKᵀ + mask) V`` in float64; a row masked everywhere gives 0."""
+    logits = q.astype(np.float64) @ np.swapaxes(k, -1, -2).astype(np.float64) * scale
+    if mask is not None:
+        logits = logits + mask
+    top = logits.max(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        e = np.exp(logits - np.where(np.isfinite(top), top, 0.0))
+    probs = e / np.where(e.sum(-1, keepdims=True) > 0, e.sum(-1, keepdims=True), 1.0)
+    return probs @ v.astype(np.float64)
+
+
+def run_kernel(
+    target: tvm.target.Target,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    mask: np.ndarray | None,
+    *,
+    scale: float,
+) -> np.ndarray:
+    """Pad and lay out the inputs as the lowering does, build with our TIR pipeline, run."""
+    bh, n, d = q.shape
+    m, dv = v.shape[1:]
+    lanes = key_lanes(target)
+    mp = -(-m // lanes) * lanes
+    kt = np.zeros((bh, d, mp), np.float32)
+    kt[:, :, :m] = np.swapaxes(k, 1, 2)
+    vp = np.zeros((bh, mp, dv), np.float32)
+    vp[:, :m] = v
+    args = [q, kt, vp]
+    heads = rows = 1
+    if mask is not None or mp != m:
+        mask = np.zeros((1, 1, m), np.float32) if mask is None else mask
+        heads, rows = mask.shape[:2]
+        padded = np.full((heads, rows, mp), -np.inf, np.float32)
+        padded[:, :, :m] = mask
+        args.append(padded)
+    func = softmax_attention(
+        bh,
+        n,
+        mp,
+        d,
+        target=target,
+        has_mask=len(args) == 4,
+        value_dim=dv,
+        mask_heads=heads,
+        mask_rows=rows,
+        scale=scale,
+    )
+    kernel = tvm.compile(func, target=target, tir_pipeline=parallel_cost.pipeline_name())
+    out = tvm.runtime.tensor(np.full((bh, n, dv), np.nan, np.float32))
+    kernel(*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+    return out.numpy()
+
+
+def inputs(bh: int, n: int, m: int, d: int, dv: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [
+        rng.standard_normal(shape).astype(np.float32) * 1.5
+        for shape in ((bh, n, d), (bh, m, d), (bh, m, dv))
+    ]
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray) -> None:
+    assert np.isfinite(got).all()
+    assert np.abs(got - expected).max() <= TOLERANCE * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(
+    ("bh", "n", "m", "d", "dv"),
+    # whole vectors of keys, padded keys (one key: all the rest padded), query rows that
+    # are not a multiple of ROWS, fewer rows than a tile, a long row of keys in L2
+    [(2, 8, 16, 4, 4), (3, 13, 53, 16, 24), (1, ROWS - 1, 1, 8, 8), (2, 9, 300, 64, 32)],
+)
+def test_kernel_matches_numpy_without_mask(bh: int, n: int, m: int, d: int, dv: int) -> None:
+    q, k, v = inputs(bh, n, m, d, dv)
+    scale = 1.0 / math.sqrt(d)
+    assert_close(run_kernel(AVX512, q, k, v, None, scale=scale), reference(q, k, v, None, scale))
+
+
+@pytest.mark.parametrize("layout", ["per_head_rows", "per_row", "shared_keys"])
+def test_masks_broadcast_and_masked_keys_weigh_nothing(layout: str) -> None:
+    bh, n, m, d, dv = 2, 9, 37, 8, 8
+    q, k, v = inputs(bh, n, m, d, dv, seed=1)
+    rng = np.random.default_rng(2)
+    shape = {"per_head_rows": (bh, n, m), "per_row": (1, n, m), "shared_keys": (1, 1, m)}[layout]
+    hidden = rng.random(shape) < 0.3
+    hidden[..., np.arange(m) % 6 == 0] = True  # hidden everywhere, with huge values in V
+    v[:, np.arange(m) % 6 == 0] = 1e6
+    mask = np.where(hidden, -np.inf, rng.standard_normal(shape)).astype(np.float32)
+    mask[..., 1] = np.where(hidden[..., 1], np.finfo(np.float32).min, mask[..., 1])
+    got = run_kernel(AVX512, q, k, v, mask, scale=0.5)
+    assert_close(got, reference(q, k, v, mask, 0.5))
+
+
+def test_a_row_masked_everywhere_gives_zeros() -> None:
+    # As the sdpa exports' Where(IsNaN(p), 0, p) says; the other rows are unaffected.
+    q, k, v = inputs(2, 6, 20, 8, 8, seed=5)
+    mask = np.zeros((2, 6, 20), np.float32)
+    mask[1, 4] = -np.inf
+    got = run_kernel(AVX512, q, k, v, mask, scale=0.5)
+    assert not got[1, 4].any()
+    assert_close(got, reference(q, k, v, mask, 0.5))
+
+
+def test_large_logits_do_not_overflow() -> None:
+    # Scores of thousands: the row maximum is subtracted before the exponential.
+    # float32 scores of thousands are off by ~1e-4 whoever computes them, hence 1e-3.
+    q, k, v = inputs(1, 5, 40, 4, 4, seed=4)
+    got = run_kernel(AVX512, q * 300, k, v, None, scale=1.0)
+    expected = reference(q * 300, k, v, None, 1.0)
+    assert np.isfinite(got).all()
+    assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("target_name", ["llvm", "avx2"])
+def test_kernel_other_vector_widths(target_name: str, require_cpu: Callable[..., None]) -> None:
+    if target_name == "avx2":
+        require_cpu("avx2")
+    q, k, v = inputs(2, 7, 21, 8, 12, seed=3)
+    mask = np.where(np.arange(21) % 5 == 0, -np.inf, 0.25).astype(np.float32)[None, None]
+    mask = np.broadcast_to(mask, (1, 7, 21)).copy()
+    got = run_kernel(resolve(target_name), q, k, v, mask, scale=0.5)
+    assert_close(got, reference(q, k, v, mask, 0.5))
+
+
+def two_pass(model: ir.Model) -> ir.Model:
+    assert create_pass("two-pass-softmax")(model).stats["softmax_replaced"] >= 1
+    return model
+
+
+def fused_nodes(proto: object) -> list[str]:
+    return [n.op_type for n in proto.graph.node if n.op_type == FUSED]  # type: ignore[attr-defined]
+
+
+FUSED_FORMS = sorted(set(attention_models.FORMS) - {"scale_in_q_boolean_mask_cast"})
+
+
+@pytest.mark.parametrize("form", FUSED_FORMS)
+def test_each_attention_form_compiles_to_the_kernel_and_agrees(form: str) -> None:
+    model = attention_models.attention_model(form)
+    feeds = attention_models.feeds(form)
+    expected = verify.run(ir.serde.serialize_model(model).SerializeToString(), feeds)["y"]
+    proto = ir.serde.serialize_model(two_pass(model))
+    assert fused_nodes(import_onnx.prepare(proto)) == [FUSED]
+    names = kernels(proto)
+    assert KERNEL_NAME in names
+    assert not any(name.startswith("rewriter_two_pass") for name in names)
+    got = backend.compile(proto, target="avx512").run(feeds)["y"]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def kernels(proto: object) -> list[str]:
+    mod = import_onnx.import_onnx(proto, target=AVX512)
+    return sorted({gv.name_hint.rstrip("0123456789") for gv in mod.get_global_vars()})
+
+
+def test_what_stays_three_kernels() -> None:
+    # A softmax in float64 (Cast around it): the kernel is float32, so not fused.
+    double = ir.serde.serialize_model(
+        two_pass(attention_models.attention_model("scale_in_q_boolean_mask_cast"))
+    )
+    assert fused_nodes(import_onnx.prepare(double)) == []
+    model = two_pass(attention_models.attention_model("div_transpose_additive"))
+    proto = ir.serde.serialize_model(model)
+    # fuse_attention=False: the three kernels, as before.
+    assert fused_nodes(import_onnx.prepare(proto, fuse_attention=False)) == []
+    # A symbolic query length: the op, lowered to matmuls and our softmax kernel, which
+    # agree with ONNX Runtime at any length.
+    model.graph.inputs[0].shape = ir.Shape([2, 2, "n", 4])
+    dynamic = ir.serde.serialize_model(model)
+    assert fused_nodes(import_onnx.prepare(dynamic)) == [FUSED]
+    names = kernels(dynamic)
+    assert KERNEL_NAME not in names
+    assert any(name.startswith("rewriter_two_pass") for name in names)
+    compiled = backend.compile(dynamic, target="avx512")
+    for n in (3, 8):
+        feeds = attention_models.feeds("div_transpose_additive")
+        feeds["q"] = np.ascontiguousarray(np.resize(feeds["q"], (2, 2, n, 4)))
+        expected = verify.run(dynamic.SerializeToString(), feeds)["y"]
+        got = compiled.run(feeds)["y"]
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    # ... and fixing it gives the kernel.
+    assert KERNEL_NAME in kernels(import_onnx.prepare(dynamic, dims={"n": 8}))
+
+
+@pytest.mark.parametrize(
+    "name",
+    # additive padding mask (TorchScript), sdpa with its NaN guard (dynamo), grouped
+    # heads with a causal mask (dynamo), merged heads (nn.MultiheadAttention)
+    ["bert_eager_torchscript", "bert_sdpa_dynamo", "llama_sdpa_dynamo", "mha_torchscript"],
+)
+def test_real_exports_fuse_every_attention_and_agree(real_model, tmp_path, name: str) -> None:
+    model = real_model(name)
+    result = create_pass("two-pass-softmax")(io.load(model.path))
+    path = tmp_path / f"{name}_tp.onnx"
+    io.save(result.model, path)
+    dims = backend.shape_dims(path, model.inputs)
+    prepared = import_onnx.prepare(path, dims=dims)
+    assert len(fused_nodes(prepared)) >= 1
+    assert not [n for n in prepared.graph.node if n.op_type.endswith("TwoPassSoftmax")]
+    expected = verify.run(model.path, model.inputs)
+    got = backend.compile(path, "avx512", dims=dims).run(model.inputs)
+    for key, value in expected.items():
+        assert np.abs(got[key] - value).max() <= 1e-4 * np.abs(value).max(), key
