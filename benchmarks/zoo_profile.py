@@ -107,6 +107,7 @@ ORT_FAMILIES = {
 # TVM PrimFuncs are named by the ops they hold (fused_conv2d1_add1_relu1): the first
 # family, in this order, that one of its ops (digits dropped) belongs to.
 TVM_FAMILIES = (
+    ("attention", ("softmax_attention", "sigmoid_attention")),  # our fused kernels
     ("softmax", ("softmax", "log_softmax")),
     # Winograd's transforms (relax_passes/winograd.py) count as convolution; its 16 matrix
     # products are a plain ``matmul`` PrimFunc, counted as matmul.

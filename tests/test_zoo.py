@@ -141,6 +141,7 @@ def test_a_failing_export_is_a_result(tmp_path: Path) -> None:
         ("fused_strided_slice_maximum", "layout"),
         ("max_pool2d", "pool"),
         ("rewriter_two_pass_softmax", "softmax"),
+        ("rewriter_softmax_attention", "attention"),
         ("vm.builtin.alloc_tensor", "vm"),
         ("FusedConv", "conv"),
         ("SkipLayerNormalization", "norm"),

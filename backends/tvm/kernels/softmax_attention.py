@@ -37,6 +37,8 @@ recomputes clamped rows and does not store them.
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
@@ -44,15 +46,24 @@ from tvm.script import tirx as T
 from rewriter.backends.tvm.kernels.common import exp_pair as ep
 from rewriter.backends.tvm.kernels.common.simd_plan import bcast, isa, span
 
+Size: TypeAlias = int | tirx.Var
+
 # Query rows per tile and key vectors per register tile of scores (ROWS x KEY_VECTORS
 # vectors; ROWS x dv / lanes output accumulators).
 ROWS = 4
 KEY_VECTORS = 4
+# Query tiles per parallel task: its buffers are allocated once for them all (a tile's
+# scores over more than 256 keys, or a symbolic number, are a pool workspace).
+TASK_TILES = 4
 
 
 def key_lanes(target: tvm.target.Target) -> int:
     """float32 lanes of one vector on ``target`` (keys are padded to a multiple of it)."""
     return {"avx512": 16, "avx2": 8}.get(isa(target), 4)
+
+
+def _is_one(size: Size) -> bool:
+    return isinstance(size, int) and size == 1
 
 
 def _value_lanes(lanes: int, dv: int) -> int:
@@ -63,24 +74,27 @@ def _value_lanes(lanes: int, dv: int) -> int:
 
 
 def softmax_attention(
-    batch_heads: int,
-    q_len: int,
-    k_len: int,
+    batch_heads: Size,
+    q_len: Size,
+    k_len: Size,
     head_dim: int,
     *,
     target: tvm.target.Target,
     has_mask: bool,
     value_dim: int | None = None,
-    mask_heads: int = 1,
-    mask_rows: int = 1,
+    mask_heads: Size = 1,
+    mask_rows: Size = 1,
     scale: float = 1.0,
 ) -> tirx.PrimFunc:
-    """The fused PrimFunc ``(Q, Kt, V[, Mask], Out)`` of softmax attention (static shapes).
+    """The fused PrimFunc ``(Q, Kt, V[, Mask], Out)`` of softmax attention.
 
     ``k_len`` is the padded key count ``mp`` (a multiple of :func:`key_lanes`; padded keys
     must be masked with -inf); see the module docstring for the buffer layout.
-    ``mask_heads`` (1 or ``batch_heads``) and ``mask_rows`` (1 or ``q_len``) give the
-    mask's broadcast layout. float32 only.
+    ``batch_heads``, ``q_len`` and ``k_len`` are ints, or ``tirx.Var`` (int64) for
+    symbolic sizes (then ``k_len`` must be a multiple of the lanes at run time, and a
+    tile's scores are a workspace of the pool). ``mask_heads`` (1 or ``batch_heads``) and
+    ``mask_rows`` (1 or ``q_len``, the same object when symbolic) give the mask's
+    broadcast layout. float32 only.
 
     >>> target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64-v4"})
     >>> func = softmax_attention(2, 8, 16, 4, target=target, has_mask=False, scale=0.5)
@@ -91,17 +105,20 @@ def softmax_attention(
         raise ValueError("the softmax attention kernel is CPU only")
     lanes = key_lanes(target)
     scalef = isa(target) == "avx512"
-    if k_len % lanes:
+    if isinstance(k_len, int) and k_len % lanes:
         raise ValueError(f"k_len {k_len} must be a multiple of {lanes} (pad the keys)")
-    if mask_heads not in (1, batch_heads) or mask_rows not in (1, q_len):
-        raise ValueError("mask_heads must be 1 or batch_heads, mask_rows 1 or q_len")
+    if not (_is_one(mask_heads) or mask_heads is batch_heads or mask_heads == batch_heads):
+        raise ValueError("mask_heads must be 1 or batch_heads")
+    if not (_is_one(mask_rows) or mask_rows is q_len or mask_rows == q_len):
+        raise ValueError("mask_rows must be 1 or q_len")
     bh, n, m, d = batch_heads, q_len, k_len, head_dim
     dv = head_dim if value_dim is None else value_dim
     vl = _value_lanes(lanes, dv)
-    key_vectors = min(KEY_VECTORS, m // lanes)
+    key_vectors = min(KEY_VECTORS, m // lanes) if isinstance(m, int) else KEY_VECTORS
     block = key_vectors * lanes
     blocks, rest = m // block, (m % block) // lanes  # rest < key_vectors vectors
     tiles = (n + ROWS - 1) // ROWS
+    per_head, per_row = not _is_one(mask_heads), not _is_one(mask_rows)
     f32 = "float32"
     scale_v = ep.const(scale, f32, lanes)
     zero_v = ep.const(0.0, f32, lanes)
@@ -111,7 +128,7 @@ def softmax_attention(
         return tirx.min(i0 + r, n - 1)
 
     def mask_at(mask: tirx.Buffer, b: tirx.Expr, i: tirx.Expr, j0: tirx.Expr) -> tirx.Expr:
-        return mask[b if mask_heads > 1 else 0, i if mask_rows > 1 else 0, span(j0, lanes)]
+        return mask[b if per_head else 0, i if per_row else 0, span(j0, lanes)]
 
     def exp(x: tirx.Expr) -> tirx.Expr:
         mant, expo = ep.exp_pair(x, lanes)
@@ -147,14 +164,7 @@ def softmax_attention(
                 )
 
     @T.macro
-    def tile(Q, Kt, V, mask, Out, t):
-        sc = T.alloc_buffer((ROWS * key_vectors * lanes,), f32, scope="global")
-        s = T.alloc_buffer((ROWS * m,), f32, scope="global")
-        top = T.alloc_buffer((ROWS * lanes,), f32, scope="global")
-        row_max = T.alloc_buffer((ROWS,), f32, scope="global")
-        total = T.alloc_buffer((ROWS * lanes,), f32, scope="global")
-        row_sum = T.alloc_buffer((ROWS,), f32, scope="global")
-        acc = T.alloc_buffer((ROWS * dv,), f32, scope="global")
+    def tile(Q, Kt, V, mask, Out, t, sc, s, top, row_max, total, row_sum, acc):
         b = t // tiles
         i0 = t % tiles * ROWS
         for r in T.unroll(ROWS):
@@ -201,6 +211,19 @@ def softmax_attention(
                         ep.const(0.0, f32, vl),
                     )
 
+    @T.macro
+    def task(Q, Kt, V, mask, Out, g):
+        # Tiles g * TASK_TILES ... share one set of buffers (the scores' may be a workspace).
+        sc = T.alloc_buffer((ROWS * key_vectors * lanes,), f32, scope="global")
+        s = T.alloc_buffer((ROWS * m,), f32, scope="global")
+        top = T.alloc_buffer((ROWS * lanes,), f32, scope="global")
+        row_max = T.alloc_buffer((ROWS,), f32, scope="global")
+        total = T.alloc_buffer((ROWS * lanes,), f32, scope="global")
+        row_sum = T.alloc_buffer((ROWS,), f32, scope="global")
+        acc = T.alloc_buffer((ROWS * dv,), f32, scope="global")
+        for t in T.serial(g * TASK_TILES, T.min(g * TASK_TILES + TASK_TILES, bh * tiles)):
+            tile(Q, Kt, V, mask, Out, t, sc, s, top, row_max, total, row_sum, acc)
+
     if has_mask:
 
         @T.prim_func
@@ -212,8 +235,8 @@ def softmax_attention(
             Out: T.Buffer((bh, n, dv), f32),  # type: ignore[valid-type]
         ):
             T.func_attr({"tirx.noalias": True})
-            for t in T.parallel(bh * tiles):
-                tile(Q, Kt, V, Mask, Out, t)
+            for g in T.parallel((bh * tiles + TASK_TILES - 1) // TASK_TILES):
+                task(Q, Kt, V, Mask, Out, g)
 
         return softmax_attention_masked
 
@@ -225,7 +248,7 @@ def softmax_attention(
         Out: T.Buffer((bh, n, dv), f32),  # type: ignore[valid-type]
     ):
         T.func_attr({"tirx.noalias": True})
-        for t in T.parallel(bh * tiles):
-            tile(Q, Kt, V, None, Out, t)
+        for g in T.parallel((bh * tiles + TASK_TILES - 1) // TASK_TILES):
+            task(Q, Kt, V, None, Out, g)
 
     return softmax_attention

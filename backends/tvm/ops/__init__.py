@@ -174,6 +174,18 @@ def static_shape(expr: relax.Expr) -> list[int] | None:
     return [int(v.value) for v in values]
 
 
+def kernel_dim(value: Any, name: str) -> Any:
+    """A size for a kernel's PrimFunc: an int where ``value`` (a TIR expression) is
+    static, else a fresh ``tirx.Var`` called ``name``, which the kernel binds from its
+    buffers' shapes at run time."""
+    from tvm import sym, tirx
+
+    simplified = sym.Analyzer().simplify(value)
+    if isinstance(simplified, tirx.IntImm):
+        return int(simplified.value)
+    return tirx.Var(name, "int64")
+
+
 def constant_value(expr: Any) -> np.ndarray | None:
     """The value of a constant tensor of the module (an initializer), else None."""
     from tvm import ir

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rewriter.backends.tvm.ops import constant_value, static_shape
+from rewriter.backends.tvm.ops import constant_value, kernel_dim
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -31,21 +31,36 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class KernelOperands:
-    """The kernel's arguments (q, kt, v[, mask]) and the sizes it is built for."""
+    """The kernel's arguments (q, kt, v[, mask]) and the sizes it is built for (ints, or
+    TIR expressions of the model's symbolic dimensions)."""
 
     args: list[Any]
-    batch: int
-    heads: int
-    q_len: int
-    k_len: int  # padded (Mp)
+    batch: Any
+    heads: Any
+    q_len: Any
+    k_len: Any  # padded (Mp)
     head_dim: int
     value_dim: int
-    mask_heads: int = 1  # 1 or B*H
-    mask_rows: int = 1  # 1 or N
+    per_head: bool = False  # the mask is [B*H, ., Mp], else [1, ., Mp]
+    per_row: bool = False  # the mask is [., N, Mp], else [., 1, Mp]
 
     @property
     def has_mask(self) -> bool:
         return len(self.args) == 4
+
+    def kernel_sizes(self) -> dict[str, Any]:
+        """``batch_heads``, ``q_len``, ``k_len``, ``mask_heads``, ``mask_rows`` for the
+        kernel: ints where static, else one ``tirx.Var`` each (a mask's size the same Var
+        as the size it stands for)."""
+        batch_heads = kernel_dim(self.batch * self.heads, "batch_heads")
+        q_len = kernel_dim(self.q_len, "queries")
+        return {
+            "batch_heads": batch_heads,
+            "q_len": q_len,
+            "k_len": kernel_dim(self.k_len, "keys"),
+            "mask_heads": batch_heads if self.per_head else 1,
+            "mask_rows": q_len if self.per_row else 1,
+        }
 
     def output(self, bb: relax.BlockBuilder, y: relax.Expr) -> relax.Expr:
         """The kernel's [B*H, N, Dv] output ``y`` as [B, H, N, Dv]."""
@@ -64,35 +79,55 @@ def kernel_operands(
     lanes: int,
     pad_fill: float,
     op_name: str,
+    symbolic: bool = False,
 ) -> KernelOperands:
     """Emit the kernel layout of ``q, k, v, mask`` into ``bb`` (see the module docstring).
 
-    Raises :class:`InputError` (naming ``op_name``) unless Q, K, V are static 4-D
-    float32 and the mask's shape is static and broadcastable to [B, H, N, M].
+    Raises :class:`InputError` (naming ``op_name``), before anything is emitted, unless
+    Q, K, V are 4-D float32 of static shapes and the mask's shape is static and
+    broadcastable to [B, H, N, M]. With ``symbolic``, B, H, N and M may be symbolic
+    (D and Dv stay static): padded keys are then concatenated at run time.
     """
-    from tvm import relax
+    from tvm import relax, sym
 
+    analyzer = sym.Analyzer()
     q, k, v = (bb.normalize(x) for x in (q, k, v))
-    shapes = [static_shape(x) for x in (q, k, v)]
+    shapes = [_shape(x) for x in (q, k, v)]
     if any(s is None or len(s) != 4 for s in shapes) or any(
         x.ty.dtype != "float32" for x in (q, k, v)
     ):
-        raise InputError(f"{op_name} kernel: Q, K, V must be static 4-D float32 tensors")
+        raise InputError(f"{op_name} kernel: Q, K, V must be 4-D float32 tensors of known shape")
     (b, h, n, d), (bk, hk, m, dk), (bv, hv, mv, dv) = shapes  # type: ignore[misc]
-    if (bk, hk, dk) != (b, h, d) or (bv, hv, mv) != (b, h, m):
+    if not (_static(d) and _static(dv)) or not (
+        symbolic or all(_static(size) for shape in shapes for size in shape)  # type: ignore[union-attr]
+    ):
+        raise InputError(f"{op_name} kernel: shapes {shapes} are not static")
+    pairs = ((bk, b), (hk, h), (dk, d), (bv, b), (hv, h), (mv, m))
+    if not all(analyzer.can_prove_equal(x, y) for x, y in pairs):
         raise InputError(f"{op_name} kernel: incompatible shapes {shapes}")
-    bh = b * h
-    mp = -(-m // lanes) * lanes
-    pad = mp - m
+    mask = None if mask is None else bb.normalize(mask)
+    mshape: list[Any] | None = None
+    if mask is not None and not all_zero(mask):
+        mshape = _shape(mask)
+        if mshape is None or len(mshape) > 4 or mask.ty.dtype != "float32":
+            raise InputError(f"{op_name} kernel: the mask must be float32, rank <= 4")
+        if not symbolic and not all(_static(size) for size in mshape):
+            raise InputError(f"{op_name} kernel: the mask's shape {mshape} is not static")
+        mshape = [1] * (4 - len(mshape)) + mshape
+        for size, full in zip(mshape, (b, h, n, m), strict=True):
+            if not (_is_one(size) or analyzer.can_prove_equal(size, full)):
+                raise InputError(f"{op_name} kernel: mask {mshape} vs [{b}, {h}, {n}, {m}]")
+    d, dv = int(d), int(dv)
+    bh = analyzer.simplify(b * h)
+    mp = analyzer.simplify((m + lanes - 1) // lanes * lanes)
+    pad = analyzer.simplify(mp - m)
 
     def padded_keys(x: relax.Expr, axis: int, fill: float = 0.0) -> relax.Expr:
-        if not pad:
+        if _is_zero(pad):
             return x
-        shape = static_shape(x)
-        assert shape is not None
+        shape = list(x.ty.shape.values)
         shape[axis] = pad
-        filler = relax.const(np.full(shape, fill, np.float32))
-        return bb.emit(relax.op.concat([x, filler], axis=axis))
+        return bb.emit(relax.op.concat([x, _full(bb, shape, fill)], axis=axis))
 
     q3 = bb.emit(relax.op.reshape(q, [bh, n, d]))
     kt = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(k, [bh, m, d])), [0, 2, 1]))
@@ -100,28 +135,51 @@ def kernel_operands(
     v3 = padded_keys(bb.emit(relax.op.reshape(v, [bh, m, dv])), 1)
     args = [q3, kt, v3]
     sizes = {"batch": b, "heads": h, "q_len": n, "k_len": mp, "head_dim": d, "value_dim": dv}
-    mask = None if mask is None else bb.normalize(mask)
-    if mask is None or all_zero(mask):
-        if not pad or pad_fill == 0.0:
+    if mask is None or mshape is None:
+        if _is_zero(pad) or pad_fill == 0.0:
             return KernelOperands(args, **sizes)
-        mask = relax.const(np.zeros([1, 1, 1, m], np.float32))
-    mshape = static_shape(mask)
-    if mshape is None or len(mshape) > 4 or mask.ty.dtype != "float32":
-        raise InputError(f"{op_name} kernel: the mask must be static float32, rank <= 4")
-    mshape = [1] * (4 - len(mshape)) + mshape
-    for size, full in zip(mshape, (b, h, n, m), strict=True):
-        if size not in (1, full):
-            raise InputError(f"{op_name} kernel: mask {mshape} vs [{b}, {h}, {n}, {m}]")
-    per_head = mshape[0] != 1 or mshape[1] != 1
-    mask_heads = bh if per_head else 1
-    mask_rows = n if mshape[2] != 1 else 1
-    full = [b if per_head else 1, h if per_head else 1, mask_rows, m]
+        mask = _full(bb, [1, 1, 1, m], 0.0)
+        mshape = [1, 1, 1, m]
+    per_head = not (_is_one(mshape[0]) and _is_one(mshape[1]))
+    per_row = not _is_one(mshape[2])
+    full = [b if per_head else 1, h if per_head else 1, n if per_row else 1, m]
     mask4 = bb.emit(relax.op.reshape(mask, mshape))
-    if mshape != full:
+    if not all(analyzer.can_prove_equal(x, y) for x, y in zip(mshape, full, strict=True)):
         mask4 = bb.emit(relax.op.broadcast_to(mask4, full))
-    mask3 = bb.emit(relax.op.reshape(mask4, [mask_heads, mask_rows, m]))
+    mask3 = bb.emit(relax.op.reshape(mask4, [bh if per_head else 1, full[2], m]))
     args.append(padded_keys(mask3, 2, pad_fill))
-    return KernelOperands(args, **sizes, mask_heads=mask_heads, mask_rows=mask_rows)
+    return KernelOperands(args, **sizes, per_head=per_head, per_row=per_row)
+
+
+def _shape(x: relax.Expr) -> list[Any] | None:
+    """The shape of a Relax tensor as TIR expressions, or None when it is not known."""
+    shape = getattr(x.ty, "shape", None)
+    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
+
+
+def _static(size: Any) -> bool:
+    from tvm import tirx
+
+    return isinstance(size, (int, tirx.IntImm))
+
+
+def _is_one(size: Any) -> bool:
+    return _static(size) and int(size) == 1
+
+
+def _is_zero(size: Any) -> bool:
+    return _static(size) and int(size) == 0
+
+
+def _full(bb: relax.BlockBuilder, shape: list[Any], fill: float) -> relax.Expr:
+    """A float32 tensor of ``shape`` filled with ``fill``: a constant where the shape is
+    static, else computed at run time."""
+    from tvm import relax
+
+    if all(_static(size) for size in shape):
+        return relax.const(np.full([int(size) for size in shape], fill, np.float32))
+    # broadcast_to, not full: TVM's legalization of full fails on an infinite fill
+    return bb.emit(relax.op.broadcast_to(relax.const(fill, "float32"), relax.ShapeExpr(shape)))
 
 
 def all_zero(mask: Any) -> bool:

@@ -100,15 +100,11 @@ def emit_sigmoid_attention(
         bb, q, k, v, mask, lanes=key_lanes(target), pad_fill=0.0, op_name="SigmoidAttention"
     )
     func = sigmoid_attention(
-        layout.batch * layout.heads,
-        layout.q_len,
-        layout.k_len,
-        layout.head_dim,
+        **layout.kernel_sizes(),
+        head_dim=layout.head_dim,
         target=target,
         has_mask=layout.has_mask,
         value_dim=layout.value_dim,
-        mask_heads=layout.mask_heads,
-        mask_rows=layout.mask_rows,
         scale=float(scale),
         bias=float(bias),
     )

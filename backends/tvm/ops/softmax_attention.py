@@ -19,6 +19,7 @@ Where a shape is symbolic, :func:`emit_unfused` writes the three kernels the gra
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -27,13 +28,15 @@ from rewriter.backends.tvm.ops import (
     OpCall,
     register,
     scheduled_kernel,
-    static_shape,
 )
 from rewriter.backends.tvm.ops.attention_layout import all_zero, kernel_operands
+from rewriter.errors import InputError
 
 if TYPE_CHECKING:
     import tvm
     from tvm import relax
+
+logger = logging.getLogger(__name__)
 
 OP_TYPE = "SoftmaxAttention"
 # Name of the kernel's GlobalVar in the Relax module (tests look for it).
@@ -45,14 +48,13 @@ def emit(call: OpCall) -> relax.Expr:
     """``SoftmaxAttention(q, k, v, mask; scale)``, from the fusion's rewrite."""
     q, k, v, mask = call.inputs[:4]
     scale = float(call.attrs.get("scale", 1.0))
-    bb = call.bb
-    if not all(_static(bb, x) for x in (q, k, v, mask)):
-        return emit_unfused(bb, q, k, v, mask, scale=scale, target=call.target, kernel=call.kernel)
-    return emit_softmax_attention(bb, q, k, v, mask, scale=scale, target=call.target)
-
-
-def _static(bb: relax.BlockBuilder, x: relax.Expr | None) -> bool:
-    return x is None or static_shape(bb.normalize(x)) is not None
+    try:
+        return emit_softmax_attention(call.bb, q, k, v, mask, scale=scale, target=call.target)
+    except InputError as refusal:  # raised before anything is emitted
+        logger.info("%s: three kernels", refusal)
+        return emit_unfused(
+            call.bb, q, k, v, mask, scale=scale, target=call.target, kernel=call.kernel
+        )
 
 
 def emit_unfused(
@@ -94,8 +96,9 @@ def emit_softmax_attention(
 ) -> relax.Expr:
     """Emit ``SoftmaxAttention(q, k, v, mask; scale)`` as ``call_tir`` into ``bb``.
 
-    Raises :class:`~rewriter.errors.InputError` unless Q, K, V are static 4-D float32 and
-    the mask's shape is static and broadcastable to [B, H, N, M].
+    Raises :class:`~rewriter.errors.InputError`, before anything is emitted, unless Q, K,
+    V are 4-D float32 of known shapes with static head dimensions and the mask
+    broadcasts to [B, H, N, M]; B, H, N and M may be symbolic.
     """
     from tvm import relax
 
@@ -110,17 +113,14 @@ def emit_softmax_attention(
         lanes=kernel.key_lanes(target),
         pad_fill=-math.inf,
         op_name=OP_TYPE,
+        symbolic=True,
     )
     func = kernel.softmax_attention(
-        layout.batch * layout.heads,
-        layout.q_len,
-        layout.k_len,
-        layout.head_dim,
+        **layout.kernel_sizes(),
+        head_dim=layout.head_dim,
         target=target,
         has_mask=layout.has_mask,
         value_dim=layout.value_dim,
-        mask_heads=layout.mask_heads,
-        mask_rows=layout.mask_rows,
         scale=scale,
     )
     gvar = bb.add_func(scheduled_kernel(func), KERNEL_NAME)

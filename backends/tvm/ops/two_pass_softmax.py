@@ -26,7 +26,13 @@ import logging
 from functools import reduce
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.ops import KernelFactory, OpCall, register, scheduled_kernel
+from rewriter.backends.tvm.ops import (
+    KernelFactory,
+    OpCall,
+    kernel_dim,
+    register,
+    scheduled_kernel,
+)
 from rewriter.errors import InputError
 
 if TYPE_CHECKING:
@@ -149,8 +155,8 @@ def emit_two_pass_softmax(
     rows_expr = reduce(lambda a, b: a * b, shape[:-1], one)
     cols_expr = shape[-1] if shape else one
     func = (kernel or default_kernel())(
-        _kernel_dim(rows_expr, "rows"),
-        _kernel_dim(cols_expr, "cols"),
+        kernel_dim(rows_expr, "rows"),
+        kernel_dim(cols_expr, "cols"),
         dtype=x.ty.dtype,
         log=log,
         target=target,
@@ -161,13 +167,3 @@ def emit_two_pass_softmax(
     flat = x if rank == 2 else bb.emit(relax.op.reshape(x, flat_shape))
     y = bb.emit(relax.call_tir(gvar, [flat], relax.TensorType(flat_shape, x.ty.dtype)))
     return y if rank == 2 else bb.emit(relax.op.reshape(y, shape))
-
-
-def _kernel_dim(value: Any, name: str) -> Any:
-    """An int for a static size, a fresh ``tirx.Var`` for a symbolic one."""
-    from tvm import sym, tirx
-
-    simplified = sym.Analyzer().simplify(value)
-    if isinstance(simplified, tirx.IntImm):
-        return int(simplified.value)
-    return tirx.Var(name, "int64")

@@ -16,6 +16,7 @@ def test_every_lowered_op_is_registered_once_by_name():
         "Int8MatMul",
         "SigmoidAttention",
         "SoftNonMaxSuppression",
+        "SoftmaxAttention",
         "TwoPassLogSoftmax",
         "TwoPassLogSoftmaxDouble",
         "TwoPassSoftmax",

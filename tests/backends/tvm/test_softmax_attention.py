@@ -4,8 +4,9 @@ The kernel is checked against numpy (float64) on padded keys, broadcast masks, r
 query tiles and the vector widths of each CPU target. ``prepare`` fuses every static
 float32 ``MatMul(TwoPassSoftmax(...), V)`` of the attention forms the exporters emit and
 of real exports into one ``SoftmaxAttention`` node; the compiled models call the kernel
-and agree with ONNX Runtime on the original models. Symbolic shapes get the three kernels of before; a
-float64 softmax and ``fuse_attention=False`` stay unfused.
+and agree with ONNX Runtime on the original models, at fixed and at symbolic lengths. A symbolic head
+dimension gets the three kernels of before; a float64 softmax and
+``fuse_attention=False`` stay unfused.
 """
 
 from __future__ import annotations
@@ -197,33 +198,53 @@ def kernels(proto: object) -> list[str]:
     return sorted({gv.name_hint.rstrip("0123456789") for gv in mod.get_global_vars()})
 
 
-def test_what_stays_three_kernels() -> None:
+def test_what_stays_unfused() -> None:
     # A softmax in float64 (Cast around it): the kernel is float32, so not fused.
     double = ir.serde.serialize_model(
         two_pass(attention_models.attention_model("scale_in_q_boolean_mask_cast"))
     )
     assert fused_nodes(import_onnx.prepare(double)) == []
-    model = two_pass(attention_models.attention_model("div_transpose_additive"))
-    proto = ir.serde.serialize_model(model)
     # fuse_attention=False: the three kernels, as before.
+    proto = ir.serde.serialize_model(
+        two_pass(attention_models.attention_model("div_transpose_additive"))
+    )
     assert fused_nodes(import_onnx.prepare(proto, fuse_attention=False)) == []
-    # A symbolic query length: the op, lowered to matmuls and our softmax kernel, which
-    # agree with ONNX Runtime at any length.
+
+
+def resized(feeds: dict[str, np.ndarray], name: str, axis: int, size: int) -> dict[str, np.ndarray]:
+    shape = list(feeds[name].shape)
+    shape[axis] = size
+    return {**feeds, name: np.ascontiguousarray(np.resize(feeds[name], shape))}
+
+
+def test_symbolic_lengths_get_the_kernel_and_agree_at_any_length() -> None:
+    model = two_pass(attention_models.attention_model("div_transpose_additive"))
     model.graph.inputs[0].shape = ir.Shape([2, 2, "n", 4])
-    dynamic = ir.serde.serialize_model(model)
-    assert fused_nodes(import_onnx.prepare(dynamic)) == [FUSED]
-    names = kernels(dynamic)
-    assert KERNEL_NAME not in names
-    assert any(name.startswith("rewriter_two_pass") for name in names)
-    compiled = backend.compile(dynamic, target="avx512")
-    for n in (3, 8):
-        feeds = attention_models.feeds("div_transpose_additive")
-        feeds["q"] = np.ascontiguousarray(np.resize(feeds["q"], (2, 2, n, 4)))
-        expected = verify.run(dynamic.SerializeToString(), feeds)["y"]
+    proto = ir.serde.serialize_model(model)
+    assert KERNEL_NAME in kernels(proto)
+    compiled = backend.compile(proto, target="avx512")
+    for n in (1, 3, 8, 13):
+        feeds = resized(attention_models.feeds("div_transpose_additive"), "q", 2, n)
+        expected = verify.run(proto.SerializeToString(), feeds)["y"]
         got = compiled.run(feeds)["y"]
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
-    # ... and fixing it gives the kernel.
-    assert KERNEL_NAME in kernels(import_onnx.prepare(dynamic, dims={"n": 8}))
+
+
+def test_a_symbolic_head_dimension_gets_three_kernels() -> None:
+    # The kernel is built for static head dimensions; the two matmuls and our softmax
+    # kernel (the graph's own computation) take any.
+    model = two_pass(attention_models.attention_model("div_transpose_additive"))
+    for value in model.graph.inputs[:3]:
+        value.shape = ir.Shape([2, 2, 8, "d"])
+    proto = ir.serde.serialize_model(model)
+    assert fused_nodes(import_onnx.prepare(proto)) == [FUSED]
+    names = kernels(proto)
+    assert KERNEL_NAME not in names
+    assert any(name.startswith("rewriter_two_pass") for name in names)
+    feeds = attention_models.feeds("div_transpose_additive")
+    expected = verify.run(proto.SerializeToString(), feeds)["y"]
+    got = backend.compile(proto, target="avx512").run(feeds)["y"]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize(
@@ -242,6 +263,9 @@ def test_real_exports_fuse_every_attention_and_agree(real_model, tmp_path, name:
     assert len(fused_nodes(prepared)) >= 1
     assert not [n for n in prepared.graph.node if n.op_type.endswith("TwoPassSoftmax")]
     expected = verify.run(model.path, model.inputs)
-    got = backend.compile(path, "avx512", dims=dims).run(model.inputs)
-    for key, value in expected.items():
-        assert np.abs(got[key] - value).max() <= 1e-4 * np.abs(value).max(), key
+    for fixed in (dims, None):  # the kernel at fixed and at symbolic dims
+        compiled = backend.compile(path, "avx512", dims=fixed)
+        got = compiled.run(model.inputs)
+        for key, value in expected.items():
+            assert np.abs(got[key] - value).max() <= 1e-4 * np.abs(value).max(), key
+    assert KERNEL_NAME in kernels(import_onnx.prepare(path))
