@@ -11,11 +11,11 @@ exports' NaN guard), with ``TwoPassSoftmax`` as the softmax, and writes one
 :mod:`rewriter.backends.tvm.ops.softmax_attention`, calls the fused kernel of
 :mod:`rewriter.backends.tvm.kernels.softmax_attention`: the same function, exact.
 
-Every float32 attention becomes the op; its lowering calls the kernel where the shapes
-are static in Relax (the kernel is built per shape), and emits the three kernels of
-before where they are not (symbolic dimensions). The decision is the lowering's because
-only Relax knows every shape: ONNX inference ran before the optimizer folded the shape
-arithmetic, so a static dimension can still read ``unk__3`` here. The op is internal to
+Every float32 attention becomes the op; its lowering calls the kernel where Relax knows
+Q, K and V as 4-D tensors with static head dimensions (batch and lengths static or
+symbolic), and emits the graph's three kernels where it does not. The decision is the
+lowering's because only Relax knows every shape: ONNX inference ran before the optimizer
+folded the shape arithmetic, so a static dimension can still read ``unk__3`` here. The op is internal to
 the backend: it exists only between ``prepare`` and the importer, so it has no function
 body. ``prepare(fuse_attention=False)`` and GPU targets leave every attention as it
 is.
@@ -84,7 +84,7 @@ def fuse(model: ir.Model) -> int:
     count = rule_set.apply_to_model(model)
     if count:
         attention.remove_replaced(model)
-    logger.info("%d attention(s) fused into the softmax attention kernel", count)
+    logger.info("%d attention(s) became %s", count, OP_TYPE)
     reasons = instances[0].reasons
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type == "TwoPassSoftmax" and node.domain == DOMAIN and node.name in reasons:

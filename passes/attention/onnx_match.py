@@ -29,7 +29,8 @@ pattern with alternatives (``OrValue``) and applied with ``commute=True``:
   grouped heads (fewer key/value heads) are repeated by :func:`key` and :func:`value`.
 
 A rule class derives from :class:`AttentionRule` and implements ``rewrite_attention(op,
-match)``; both ``sigmoid-attention`` and ``softmax-free-attention`` rewrite from the same
+match)`` (and ``softmax`` where it matches another op of the softmax's function: the TVM
+backend's fusion matches ``ai.rewriter::TwoPassSoftmax``); both ``sigmoid-attention`` and ``softmax-free-attention`` rewrite from the same
 :class:`AttentionMatch`, through :func:`rewriter.passes.attention.onnx_build.operands`
 (Q, K, V and one additive mask of rank 4) and :func:`~.onnx_build.restore` (the output
 in the graph's layout). Values of the matched subgraph may have other uses that only

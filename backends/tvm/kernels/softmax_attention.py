@@ -14,10 +14,14 @@ for :mod:`rewriter.backends.tvm.kernels.sigmoid_attention`:
   padded keys (the lowering passes one whenever keys are padded);
 * ``Out[bh, n, dv]``.
 
-Schedule (by hand): the loop over ``bh x ceil(n / ROWS)`` tiles of ``ROWS`` query rows is
-parallel. A tile keeps its rows' scores, ``ROWS x mp`` floats, in a buffer of its own (on
-the stack up to 4 KiB, :mod:`rewriter.backends.tvm.stack_tiles`: 256 keys of four rows;
-else in L1/L2), and makes three sweeps over it:
+Sizes: ``bh``, ``n`` and ``mp`` are ints, or ``tirx.Var`` for a library of symbolic batch
+and lengths (the head dimensions stay static).
+
+Schedule (by hand): the ``bh x ceil(n / ROWS)`` tiles of ``ROWS`` query rows are walked
+``TASK_TILES`` at a time by a parallel loop. A tile keeps its rows' scores, ``ROWS x mp``
+floats, in a buffer of its task (on the stack up to 4 KiB,
+:mod:`rewriter.backends.tvm.stack_tiles`: 256 keys of four rows; else a workspace of the
+pool, in L1/L2, allocated once for the task's tiles), and makes three sweeps over it:
 
 1. scores: ``ROWS x KEY_VECTORS`` register tiles of outer products (a broadcast of
    ``q[i, c]`` times the vector ``Kt[c, j:j+lanes]``), scaled, masked and stored, with

@@ -1,17 +1,19 @@
 """The layout the fused CPU attention kernels read, built in Relax from rank-4 Q, K, V.
 
 Both fused attention lowerings (:mod:`.sigmoid_attention`, :mod:`.softmax_attention`)
-take static 4-D float32 Q [B, H, N, D], K [B, H, M, D], V [B, H, M, Dv] and an additive
-mask broadcastable to [B, H, N, M], and hand their kernels::
+take 4-D float32 Q [B, H, N, D], K [B, H, M, D], V [B, H, M, Dv] and an additive mask
+broadcastable to [B, H, N, M] (static shapes; for softmax attention B, H, N and M may be
+symbolic), and hand their kernels::
 
     q = R.reshape(Q, [B*H, N, D])
     kt = R.permute_dims(R.reshape(K, [B*H, M, D]), [0, 2, 1])      # keys padded to Mp
     v = R.reshape(V, [B*H, M, Dv])                                 # zero rows up to Mp
     mask = R.reshape(R.broadcast_to(Mask, [B|1, H|1, N|1, M]), ...)  # keys padded to Mp
 
-``Mp`` is M rounded up to the kernel's vector width. Padded keys get ``pad_fill`` in the
-mask: 0 for sigmoid attention (its padded V rows are zero, so they add 0), -inf for
-softmax attention, which then always has a mask where keys are padded. A constant
+``Mp`` is M rounded up to the kernel's vector width (under a symbolic M, the padding is
+concatenated at run time, maybe empty). Padded keys get ``pad_fill`` in the mask: 0 for
+sigmoid attention (its padded V rows are zero, so they add 0), -inf for softmax
+attention, which then always has a mask where keys are (or may be) padded. A constant
 all-zero mask (the rewrite's "no mask") is dropped.
 """
 

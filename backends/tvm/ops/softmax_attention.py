@@ -3,7 +3,8 @@
 The op is the backend's own: :mod:`rewriter.backends.tvm.attention_fusion` writes it in
 place of ``MatMul(TwoPassSoftmax(QKᵀ·s + mask), V)`` (float32) while it prepares a model
 for import, so it has no function body. Where Q [B, H, N, D], K [B, H, M, D],
-V [B, H, M, Dv] and the additive mask have static shapes, they become the layout of
+V [B, H, M, Dv] have known shapes with static head dimensions (B, H, N, M static or
+symbolic) and the additive mask broadcasts to [B, H, N, M], they become the layout of
 :mod:`rewriter.backends.tvm.ops.attention_layout` (padded keys masked with -inf), then::
 
     y = R.call_tir(rewriter_softmax_attention, (q, kt, v[, mask]))  # [B*H, N, Dv]
@@ -11,8 +12,8 @@ V [B, H, M, Dv] and the additive mask have static shapes, they become the layout
 
 The kernel is :func:`rewriter.backends.tvm.kernels.softmax_attention.softmax_attention`
 (scores, softmax and ``p·V`` per tile of query rows; the n x m matrix never exists).
-Where a shape is symbolic, :func:`emit_unfused` writes the three kernels the graph had
-(two matmuls and our two-pass softmax).
+Elsewhere (a symbolic head dimension, say) :func:`emit_unfused` writes the three kernels
+the graph had (two matmuls and our two-pass softmax).
 
 >>> y = emit_softmax_attention(bb, q, k, v, mask, scale=0.125, target=target)  # doctest: +SKIP
 """
@@ -23,12 +24,7 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
-from rewriter.backends.tvm.ops import (
-    KernelFactory,
-    OpCall,
-    register,
-    scheduled_kernel,
-)
+from rewriter.backends.tvm.ops import KernelFactory, OpCall, register, scheduled_kernel
 from rewriter.backends.tvm.ops.attention_layout import all_zero, kernel_operands
 from rewriter.errors import InputError
 
@@ -68,7 +64,7 @@ def emit_unfused(
     target: tvm.target.Target,
     kernel: KernelFactory | None = None,
 ) -> relax.Expr:
-    """The attention as the graph had it, for shapes the kernel is not built for:
+    """The attention as the graph had it, for the shapes the kernel is not built for:
     ``matmul(TwoPassSoftmax(matmul(q, kᵀ) * scale + mask), v)``, the softmax our kernel
     (:func:`rewriter.backends.tvm.ops.two_pass_softmax.emit_two_pass_softmax`)."""
     from tvm import relax
