@@ -5,23 +5,25 @@ Q[b, i]Â·K[b, :] + Mask[b, i, :])``: the function of ``MatMul(TwoPassSoftmax(QKá
 mask), V)`` that :mod:`rewriter.backends.tvm.attention_fusion` finds in a model. It is
 exact (the same function; float32 rounding differs as any reassociation does).
 
-Layout (the lowering, :mod:`rewriter.backends.tvm.ops.softmax_attention`, produces it), as
-for :mod:`rewriter.backends.tvm.kernels.sigmoid_attention`:
+Layout (the lowering, :mod:`rewriter.backends.tvm.ops.softmax_attention`, produces it with
+:mod:`rewriter.backends.tvm.ops.attention_layout`, keys not padded):
 
-* ``Q[bh, n, d]``, ``Kt[bh, d, mp]`` (K transposed, keys zero-padded to ``mp``, a
-  multiple of the vector width), ``V[bh, mp, dv]``;
-* ``Mask[mbh, mq, mp]`` with ``mbh`` in ``{1, bh}`` and ``mq`` in ``{1, n}``, -inf at the
-  padded keys (the lowering passes one whenever keys are padded);
+* ``Q[bh, n, d]``, ``Kt[bh, d, m]`` (K transposed), ``V[bh, m, dv]``;
+* ``Mask[mbh, mq, m]`` (optional) with ``mbh`` in ``{1, bh}`` and ``mq`` in ``{1, n}``;
 * ``Out[bh, n, dv]``.
 
-Sizes: ``bh``, ``n`` and ``mp`` are ints, or ``tirx.Var`` for a library of symbolic batch
-and lengths (the head dimensions stay static).
+Sizes: ``bh``, ``n`` and ``m`` are ints, or ``tirx.Var`` for a library of symbolic batch
+and lengths (the head dimensions stay static). No input is padded, so a symbolic library
+makes no copy of K or V to pad them: the keys after the last whole vector are scored by
+the vector of the last ``lanes`` keys (the keys before them computed again, to the same
+bits) over a row end set to -inf, and fewer keys than a vector one dot product each.
 
 Schedule (by hand): the ``bh x ceil(n / ROWS)`` tiles of ``ROWS`` query rows are walked
 ``TASK_TILES`` at a time by a parallel loop. A tile keeps its rows' scores, ``ROWS x mp``
-floats, in a buffer of its task (on the stack up to 4 KiB,
-:mod:`rewriter.backends.tvm.stack_tiles`: 256 keys of four rows; else a workspace of the
-pool, in L1/L2, allocated once for the task's tiles), and makes three sweeps over it:
+floats (``mp``: ``m`` rounded up to whole vectors), in a buffer of its task (on the
+stack up to 4 KiB, :mod:`rewriter.backends.tvm.stack_tiles`: 256 keys of four rows; else
+a workspace of the pool, in L1/L2, allocated once for the task's tiles), and makes three
+sweeps over it:
 
 1. scores: ``ROWS x KEY_VECTORS`` register tiles of outer products (a broadcast of
    ``q[i, c]`` times the vector ``Kt[c, j:j+lanes]``), scaled, masked and stored, with
@@ -62,7 +64,7 @@ TASK_TILES = 4
 
 
 def key_lanes(target: tvm.target.Target) -> int:
-    """float32 lanes of one vector on ``target`` (keys are padded to a multiple of it)."""
+    """float32 lanes of one vector on ``target``: the keys of one score vector."""
     return {"avx512": 16, "avx2": 8}.get(isa(target), 4)
 
 
@@ -92,11 +94,10 @@ def softmax_attention(
 ) -> tirx.PrimFunc:
     """The fused PrimFunc ``(Q, Kt, V[, Mask], Out)`` of softmax attention.
 
-    ``k_len`` is the padded key count ``mp`` (a multiple of :func:`key_lanes`; padded keys
-    must be masked with -inf); see the module docstring for the buffer layout.
-    ``batch_heads``, ``q_len`` and ``k_len`` are ints, or ``tirx.Var`` (int64) for
-    symbolic sizes (then ``k_len`` must be a multiple of the lanes at run time, and a
-    tile's scores are a workspace of the pool). ``mask_heads`` (1 or ``batch_heads``) and
+    ``k_len`` is the number of keys (any); see the module docstring for the buffer
+    layout. ``batch_heads``, ``q_len`` and ``k_len`` are ints, or ``tirx.Var`` (int64)
+    for symbolic sizes (a tile's scores are then a workspace of the pool).
+    ``mask_heads`` (1 or ``batch_heads``) and
     ``mask_rows`` (1 or ``q_len``, the same object when symbolic) give the mask's
     broadcast layout. float32 only.
 
@@ -109,8 +110,6 @@ def softmax_attention(
         raise ValueError("the softmax attention kernel is CPU only")
     lanes = key_lanes(target)
     scalef = isa(target) == "avx512"
-    if isinstance(k_len, int) and k_len % lanes:
-        raise ValueError(f"k_len {k_len} must be a multiple of {lanes} (pad the keys)")
     if not (_is_one(mask_heads) or mask_heads is batch_heads or mask_heads == batch_heads):
         raise ValueError("mask_heads must be 1 or batch_heads")
     if not (_is_one(mask_rows) or mask_rows is q_len or mask_rows == q_len):
@@ -118,9 +117,11 @@ def softmax_attention(
     bh, n, m, d = batch_heads, q_len, k_len, head_dim
     dv = head_dim if value_dim is None else value_dim
     vl = _value_lanes(lanes, dv)
-    key_vectors = min(KEY_VECTORS, m // lanes) if isinstance(m, int) else KEY_VECTORS
+    key_vectors = max(1, min(KEY_VECTORS, m // lanes)) if isinstance(m, int) else KEY_VECTORS
     block = key_vectors * lanes
     blocks, rest = m // block, (m % block) // lanes  # rest < key_vectors vectors
+    tail = m % lanes  # keys after the last whole vector
+    mp = (m + lanes - 1) // lanes * lanes  # a row of a tile's scores: whole vectors
     tiles = (n + ROWS - 1) // ROWS
     per_head, per_row = not _is_one(mask_heads), not _is_one(mask_rows)
     f32 = "float32"
@@ -156,16 +157,44 @@ def softmax_attention(
         for r in T.unroll(ROWS):
             for c in T.unroll(nvec):
                 if mask is None:
-                    s[span(r * m + j0 + c * lanes, lanes)] = (
+                    s[span(r * mp + j0 + c * lanes, lanes)] = (
                         sc[span((r * key_vectors + c) * lanes, lanes)] * scale_v
                     )
                 else:
-                    s[span(r * m + j0 + c * lanes, lanes)] = sc[
+                    s[span(r * mp + j0 + c * lanes, lanes)] = sc[
                         span((r * key_vectors + c) * lanes, lanes)
                     ] * scale_v + mask_at(mask, b, row_of(i0, r), j0 + c * lanes)
                 top[span(r * lanes, lanes)] = tirx.max(
-                    top[span(r * lanes, lanes)], s[span(r * m + j0 + c * lanes, lanes)]
+                    top[span(r * lanes, lanes)], s[span(r * mp + j0 + c * lanes, lanes)]
                 )
+
+    @T.macro
+    def score_scalars(Q, Kt, mask, s, top, b, i0):
+        # Fewer keys than a vector: each score a dot product of its own.
+        for j in T.serial(m):
+            for r in T.unroll(ROWS):
+                s[r * mp + j] = T.float32(0.0)
+                for k in T.serial(d):
+                    s[r * mp + j] = s[r * mp + j] + Q[b, row_of(i0, r), k] * Kt[b, k, j]
+                if mask is None:
+                    s[r * mp + j] = s[r * mp + j] * T.float32(scale)
+                else:
+                    s[r * mp + j] = s[r * mp + j] * T.float32(scale) + mask[
+                        b if per_head else 0, row_of(i0, r) if per_row else 0, j
+                    ]
+                top[r * lanes] = T.max(top[r * lanes], s[r * mp + j])
+
+    @T.macro
+    def score_tail(Q, Kt, mask, sc, s, top, b, i0):
+        # The keys after the last whole vector: -inf over the row's last vector of scores,
+        # then the vector of the last `lanes` keys over it (the keys before the tail are
+        # computed again, to the same bits), so every read stays inside the inputs.
+        for r in T.unroll(ROWS):
+            s[span(r * mp + mp - lanes, lanes)] = lowest_v
+        if m >= lanes:
+            score_block(Q, Kt, mask, sc, s, top, b, i0, m - lanes, 1)
+        else:
+            score_scalars(Q, Kt, mask, s, top, b, i0)
 
     @T.macro
     def tile(Q, Kt, V, mask, Out, t, sc, s, top, row_max, total, row_sum, acc):
@@ -177,6 +206,8 @@ def softmax_attention(
             score_block(Q, Kt, mask, sc, s, top, b, i0, kb * block, key_vectors)
         for kr in T.serial(rest):
             score_block(Q, Kt, mask, sc, s, top, b, i0, blocks * block + kr * lanes, 1)
+        if tail > 0:
+            score_tail(Q, Kt, mask, sc, s, top, b, i0)
         for r in T.unroll(ROWS):
             row_max[r] = top[r * lanes]
             for lane in T.serial(1, lanes):
@@ -184,13 +215,13 @@ def softmax_attention(
         # e**(s - max) in place, and the row sums.
         for r in T.unroll(ROWS):
             total[span(r * lanes, lanes)] = zero_v
-            for jv in T.serial(m // lanes):
-                s[span(r * m + jv * lanes, lanes)] = s[span(r * m + jv * lanes, lanes)] - bcast(
-                    row_max[r], lanes
-                )
-                s[span(r * m + jv * lanes, lanes)] = exp(s[span(r * m + jv * lanes, lanes)])
+            for jv in T.serial(mp // lanes):
+                s[span(r * mp + jv * lanes, lanes)] = s[
+                    span(r * mp + jv * lanes, lanes)
+                ] - bcast(row_max[r], lanes)
+                s[span(r * mp + jv * lanes, lanes)] = exp(s[span(r * mp + jv * lanes, lanes)])
                 total[span(r * lanes, lanes)] = (
-                    total[span(r * lanes, lanes)] + s[span(r * m + jv * lanes, lanes)]
+                    total[span(r * lanes, lanes)] + s[span(r * mp + jv * lanes, lanes)]
                 )
             row_sum[r] = total[r * lanes]
             for lane in T.serial(1, lanes):
@@ -204,7 +235,7 @@ def softmax_attention(
                 for u in T.unroll(dv // vl):
                     acc[span(r * dv + u * vl, vl)] = (
                         acc[span(r * dv + u * vl, vl)]
-                        + bcast(s[r * m + j], vl) * V[b, j, span(u * vl, vl)]
+                        + bcast(s[r * mp + j], vl) * V[b, j, span(u * vl, vl)]
                     )
         for r in T.unroll(ROWS):
             if i0 + r < n:
@@ -219,7 +250,7 @@ def softmax_attention(
     def task(Q, Kt, V, mask, Out, g):
         # Tiles g * TASK_TILES ... share one set of buffers (the scores' may be a workspace).
         sc = T.alloc_buffer((ROWS * key_vectors * lanes,), f32, scope="global")
-        s = T.alloc_buffer((ROWS * m,), f32, scope="global")
+        s = T.alloc_buffer((ROWS * mp,), f32, scope="global")
         top = T.alloc_buffer((ROWS * lanes,), f32, scope="global")
         row_max = T.alloc_buffer((ROWS,), f32, scope="global")
         total = T.alloc_buffer((ROWS * lanes,), f32, scope="global")

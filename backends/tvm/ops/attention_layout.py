@@ -10,10 +10,11 @@ symbolic), and hand their kernels::
     v = R.reshape(V, [B*H, M, Dv])                                 # zero rows up to Mp
     mask = R.reshape(R.broadcast_to(Mask, [B|1, H|1, N|1, M]), ...)  # keys padded to Mp
 
-``Mp`` is M rounded up to the kernel's vector width (under a symbolic M, the padding is
-concatenated at run time, maybe empty). Padded keys get ``pad_fill`` in the mask: 0 for
-sigmoid attention (its padded V rows are zero, so they add 0), -inf for softmax
-attention, which then always has a mask where keys are (or may be) padded. A constant
+``Mp`` is M rounded up to ``lanes``, the kernel's keys per vector (the sigmoid kernel's
+vector width; 1 for the softmax kernel, which reads any number of keys, so nothing is
+padded). Padded keys get ``pad_fill`` in the mask: 0 for sigmoid attention (its padded V
+rows are zero, so they add 0); a mask that pads with another value is passed whenever
+keys are padded (under a symbolic M the padding is concatenated at run time). A constant
 all-zero mask (the rewrite's "no mask") is dropped.
 """
 

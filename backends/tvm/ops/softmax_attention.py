@@ -5,7 +5,8 @@ place of ``MatMul(TwoPassSoftmax(QKᵀ·s + mask), V)`` (float32) while it prepa
 for import, so it has no function body. Where Q [B, H, N, D], K [B, H, M, D],
 V [B, H, M, Dv] have known shapes with static head dimensions (B, H, N, M static or
 symbolic) and the additive mask broadcasts to [B, H, N, M], they become the layout of
-:mod:`rewriter.backends.tvm.ops.attention_layout` (padded keys masked with -inf), then::
+:mod:`rewriter.backends.tvm.ops.attention_layout` (keys not padded: the kernel takes any
+number), then::
 
     y = R.call_tir(rewriter_softmax_attention, (q, kt, v[, mask]))  # [B*H, N, Dv]
     out = R.reshape(y, [B, H, N, Dv])
@@ -106,7 +107,7 @@ def emit_softmax_attention(
         k,
         v,
         mask,
-        lanes=kernel.key_lanes(target),
+        lanes=1,  # the kernel reads unpadded keys
         pad_fill=-math.inf,
         op_name=OP_TYPE,
         symbolic=True,

@@ -1,6 +1,7 @@
 """The fused exact softmax-attention kernel and the fusion of ``TwoPassSoftmax`` attention.
 
-The kernel is checked against numpy (float64) on padded keys, broadcast masks, ragged
+The kernel is checked against numpy (float64), built for static and for symbolic sizes,
+on key counts that are not whole vectors (fewer than one too), broadcast masks, ragged
 query tiles and the vector widths of each CPU target. ``prepare`` fuses every static
 float32 ``MatMul(TwoPassSoftmax(...), V)`` of the attention forms the exporters emit and
 of real exports into one ``SoftmaxAttention`` node; the compiled models call the kernel
@@ -25,7 +26,6 @@ from rewriter.backends import tvm as backend  # noqa: E402
 from rewriter.backends.tvm import import_onnx, parallel_cost  # noqa: E402
 from rewriter.backends.tvm.kernels.softmax_attention import (  # noqa: E402
     ROWS,
-    key_lanes,
     softmax_attention,
 )
 from rewriter.backends.tvm.ops.softmax_attention import KERNEL_NAME  # noqa: E402
@@ -60,34 +60,28 @@ def run_kernel(
     mask: np.ndarray | None,
     *,
     scale: float,
+    symbolic: bool = False,
 ) -> np.ndarray:
-    """Pad and lay out the inputs as the lowering does, build with our TIR pipeline, run."""
+    """Lay out the inputs as the lowering does (Kᵀ, no padding), build with our TIR
+    pipeline (``symbolic``: for any batch·heads, query and key count), run."""
     bh, n, d = q.shape
     m, dv = v.shape[1:]
-    lanes = key_lanes(target)
-    mp = -(-m // lanes) * lanes
-    kt = np.zeros((bh, d, mp), np.float32)
-    kt[:, :, :m] = np.swapaxes(k, 1, 2)
-    vp = np.zeros((bh, mp, dv), np.float32)
-    vp[:, :m] = v
-    args = [q, kt, vp]
+    args = [q, np.swapaxes(k, 1, 2), v]
     heads = rows = 1
-    if mask is not None or mp != m:
-        mask = np.zeros((1, 1, m), np.float32) if mask is None else mask
+    if mask is not None:
         heads, rows = mask.shape[:2]
-        padded = np.full((heads, rows, mp), -np.inf, np.float32)
-        padded[:, :, :m] = mask
-        args.append(padded)
+        args.append(mask)
+    sizes: dict[str, object] = {"batch_heads": bh, "q_len": n, "k_len": m}
+    if symbolic:
+        sizes = {name: tvm.tirx.Var(name, "int64") for name in sizes}
     func = softmax_attention(
-        bh,
-        n,
-        mp,
-        d,
+        **sizes,  # type: ignore[arg-type]
+        head_dim=d,
         target=target,
-        has_mask=len(args) == 4,
+        has_mask=mask is not None,
         value_dim=dv,
-        mask_heads=heads,
-        mask_rows=rows,
+        mask_heads=sizes["batch_heads"] if heads > 1 else 1,  # type: ignore[arg-type]
+        mask_rows=sizes["q_len"] if rows > 1 else 1,  # type: ignore[arg-type]
         scale=scale,
     )
     kernel = tvm.compile(func, target=target, tir_pipeline=parallel_cost.pipeline_name())
@@ -109,16 +103,21 @@ def assert_close(got: np.ndarray, expected: np.ndarray) -> None:
     assert np.abs(got - expected).max() <= TOLERANCE * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("symbolic", [False, True], ids=["static", "symbolic"])
 @pytest.mark.parametrize(
     ("bh", "n", "m", "d", "dv"),
-    # whole vectors of keys, padded keys (one key: all the rest padded), query rows that
-    # are not a multiple of ROWS, fewer rows than a tile, a long row of keys in L2
+    # whole vectors of keys, a tail after whole blocks, fewer keys than a vector (one),
+    # query rows that are not a multiple of ROWS, fewer rows than a tile, a long row of
+    # keys in L2
     [(2, 8, 16, 4, 4), (3, 13, 53, 16, 24), (1, ROWS - 1, 1, 8, 8), (2, 9, 300, 64, 32)],
 )
-def test_kernel_matches_numpy_without_mask(bh: int, n: int, m: int, d: int, dv: int) -> None:
+def test_kernel_matches_numpy_without_mask(
+    bh: int, n: int, m: int, d: int, dv: int, symbolic: bool
+) -> None:
     q, k, v = inputs(bh, n, m, d, dv)
     scale = 1.0 / math.sqrt(d)
-    assert_close(run_kernel(AVX512, q, k, v, None, scale=scale), reference(q, k, v, None, scale))
+    got = run_kernel(AVX512, q, k, v, None, scale=scale, symbolic=symbolic)
+    assert_close(got, reference(q, k, v, None, scale))
 
 
 @pytest.mark.parametrize("layout", ["per_head_rows", "per_row", "shared_keys"])
@@ -134,6 +133,8 @@ def test_masks_broadcast_and_masked_keys_weigh_nothing(layout: str) -> None:
     mask[..., 1] = np.where(hidden[..., 1], np.finfo(np.float32).min, mask[..., 1])
     got = run_kernel(AVX512, q, k, v, mask, scale=0.5)
     assert_close(got, reference(q, k, v, mask, 0.5))
+    symbolic = run_kernel(AVX512, q, k, v, mask, scale=0.5, symbolic=True)
+    assert_close(symbolic, reference(q, k, v, mask, 0.5))
 
 
 def test_a_row_masked_everywhere_gives_zeros() -> None:
