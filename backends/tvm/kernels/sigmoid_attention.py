@@ -40,7 +40,13 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from rewriter.backends.tvm.kernels.common import exp_pair as ep
-from rewriter.backends.tvm.kernels.common.simd_plan import bcast, isa, span
+from rewriter.backends.tvm.kernels.common.simd_plan import (
+    bcast,
+    dividing_lanes,
+    isa,
+    lanes_of,
+    span,
+)
 
 # Query rows per tile and key vectors per block (a ROWS x KEY_VECTORS register tile of
 # scores; ROWS x dv / lanes output accumulators).
@@ -59,14 +65,7 @@ NEG_HIGH = 88.0
 
 def key_lanes(target: tvm.target.Target) -> int:
     """float32 lanes of one vector on ``target`` (keys are padded to a multiple of it)."""
-    return {"avx512": 16, "avx2": 8}.get(isa(target), 4)
-
-
-def _value_lanes(lanes: int, dv: int) -> int:
-    width = lanes
-    while dv % width:
-        width //= 2
-    return width
+    return lanes_of(target)
 
 
 def _neg_clamped(logits: tirx.Expr, lanes: int) -> tirx.Expr:
@@ -133,7 +132,7 @@ def sigmoid_attention(
         raise ValueError("mask_heads must be 1 or batch_heads, mask_rows 1 or q_len")
     bh, n, m, d = batch_heads, q_len, k_len, head_dim
     dv = head_dim if value_dim is None else value_dim
-    vl = _value_lanes(lanes, dv)
+    vl = dividing_lanes(lanes, dv)
     key_vectors = min(KEY_VECTORS, m // lanes)
     block = key_vectors * lanes
     blocks, rest = m // block, (m % block) // lanes  # rest < key_vectors vectors

@@ -50,7 +50,13 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from rewriter.backends.tvm.kernels.common import exp_pair as ep
-from rewriter.backends.tvm.kernels.common.simd_plan import bcast, isa, span
+from rewriter.backends.tvm.kernels.common.simd_plan import (
+    bcast,
+    dividing_lanes,
+    isa,
+    lanes_of,
+    span,
+)
 
 Size: TypeAlias = int | tirx.Var
 
@@ -63,20 +69,8 @@ KEY_VECTORS = 4
 TASK_TILES = 4
 
 
-def key_lanes(target: tvm.target.Target) -> int:
-    """float32 lanes of one vector on ``target``: the keys of one score vector."""
-    return {"avx512": 16, "avx2": 8}.get(isa(target), 4)
-
-
 def _is_one(size: Size) -> bool:
     return isinstance(size, int) and size == 1
-
-
-def _value_lanes(lanes: int, dv: int) -> int:
-    width = lanes
-    while dv % width:
-        width //= 2
-    return width
 
 
 def softmax_attention(
@@ -108,7 +102,7 @@ def softmax_attention(
     """
     if isa(target) == "cuda":
         raise ValueError("the softmax attention kernel is CPU only")
-    lanes = key_lanes(target)
+    lanes = lanes_of(target)
     scalef = isa(target) == "avx512"
     if not (_is_one(mask_heads) or mask_heads is batch_heads or mask_heads == batch_heads):
         raise ValueError("mask_heads must be 1 or batch_heads")
@@ -116,7 +110,7 @@ def softmax_attention(
         raise ValueError("mask_rows must be 1 or q_len")
     bh, n, m, d = batch_heads, q_len, k_len, head_dim
     dv = head_dim if value_dim is None else value_dim
-    vl = _value_lanes(lanes, dv)
+    vl = dividing_lanes(lanes, dv)
     key_vectors = max(1, min(KEY_VECTORS, m // lanes)) if isinstance(m, int) else KEY_VECTORS
     block = key_vectors * lanes
     blocks, rest = m // block, (m % block) // lanes  # rest < key_vectors vectors

@@ -11,11 +11,10 @@ symbolic), and hand their kernels::
     mask = R.reshape(R.broadcast_to(Mask, [B|1, H|1, N|1, M]), ...)  # keys padded to Mp
 
 ``Mp`` is M rounded up to ``lanes``, the kernel's keys per vector (the sigmoid kernel's
-vector width; 1 for the softmax kernel, which reads any number of keys, so nothing is
-padded). Padded keys get ``pad_fill`` in the mask: 0 for sigmoid attention (its padded V
-rows are zero, so they add 0); a mask that pads with another value is passed whenever
-keys are padded (under a symbolic M the padding is concatenated at run time). A constant
-all-zero mask (the rewrite's "no mask") is dropped.
+vector width, for static shapes only; 1 for the softmax kernel, which reads any number
+of keys, so nothing is padded). Padded keys are zeros in Kᵀ, V and the mask: the sigmoid
+kernel's padded V rows are zero, so they add 0. A constant all-zero mask (the rewrite's
+"no mask") is dropped.
 """
 
 from __future__ import annotations
@@ -80,7 +79,6 @@ def kernel_operands(
     mask: relax.Expr | None,
     *,
     lanes: int,
-    pad_fill: float,
     op_name: str,
     symbolic: bool = False,
 ) -> KernelOperands:
@@ -89,7 +87,7 @@ def kernel_operands(
     Raises :class:`InputError` (naming ``op_name``), before anything is emitted, unless
     Q, K, V are 4-D float32 of static shapes and the mask's shape is static and
     broadcastable to [B, H, N, M]. With ``symbolic``, B, H, N and M may be symbolic
-    (D and Dv stay static): padded keys are then concatenated at run time.
+    (D and Dv stay static) where no key is padded (``lanes`` 1).
     """
     from tvm import relax, sym
 
@@ -124,13 +122,16 @@ def kernel_operands(
     bh = analyzer.simplify(b * h)
     mp = analyzer.simplify((m + lanes - 1) // lanes * lanes)
     pad = analyzer.simplify(mp - m)
+    if not _static(pad):
+        raise InputError(f"{op_name} kernel: keys of symbolic length cannot be padded")
 
-    def padded_keys(x: relax.Expr, axis: int, fill: float = 0.0) -> relax.Expr:
-        if _is_zero(pad):
+    def padded_keys(x: relax.Expr, axis: int) -> relax.Expr:
+        if not int(pad):
             return x
-        shape = list(x.ty.shape.values)
-        shape[axis] = pad
-        return bb.emit(relax.op.concat([x, _full(bb, shape, fill)], axis=axis))
+        shape = [int(size) for size in x.ty.shape.values]
+        shape[axis] = int(pad)
+        zeros = relax.const(np.zeros(shape, np.float32))
+        return bb.emit(relax.op.concat([x, zeros], axis=axis))
 
     q3 = bb.emit(relax.op.reshape(q, [bh, n, d]))
     kt = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(k, [bh, m, d])), [0, 2, 1]))
@@ -139,10 +140,7 @@ def kernel_operands(
     args = [q3, kt, v3]
     sizes = {"batch": b, "heads": h, "q_len": n, "k_len": mp, "head_dim": d, "value_dim": dv}
     if mask is None or mshape is None:
-        if _is_zero(pad) or pad_fill == 0.0:
-            return KernelOperands(args, **sizes)
-        mask = _full(bb, [1, 1, 1, m], 0.0)
-        mshape = [1, 1, 1, m]
+        return KernelOperands(args, **sizes)
     per_head = not (_is_one(mshape[0]) and _is_one(mshape[1]))
     per_row = not _is_one(mshape[2])
     full = [b if per_head else 1, h if per_head else 1, n if per_row else 1, m]
@@ -150,7 +148,7 @@ def kernel_operands(
     if not all(analyzer.can_prove_equal(x, y) for x, y in zip(mshape, full, strict=True)):
         mask4 = bb.emit(relax.op.broadcast_to(mask4, full))
     mask3 = bb.emit(relax.op.reshape(mask4, [bh if per_head else 1, full[2], m]))
-    args.append(padded_keys(mask3, 2, pad_fill))
+    args.append(padded_keys(mask3, 2))
     return KernelOperands(args, **sizes, per_head=per_head, per_row=per_row)
 
 
@@ -168,21 +166,6 @@ def _static(size: Any) -> bool:
 
 def _is_one(size: Any) -> bool:
     return _static(size) and int(size) == 1
-
-
-def _is_zero(size: Any) -> bool:
-    return _static(size) and int(size) == 0
-
-
-def _full(bb: relax.BlockBuilder, shape: list[Any], fill: float) -> relax.Expr:
-    """A float32 tensor of ``shape`` filled with ``fill``: a constant where the shape is
-    static, else computed at run time."""
-    from tvm import relax
-
-    if all(_static(size) for size in shape):
-        return relax.const(np.full([int(size) for size in shape], fill, np.float32))
-    # broadcast_to, not full: TVM's legalization of full fails on an infinite fill
-    return bb.emit(relax.op.broadcast_to(relax.const(fill, "float32"), relax.ShapeExpr(shape)))
 
 
 def all_zero(mask: Any) -> bool:

@@ -97,7 +97,7 @@ def emit_sigmoid_attention(
     if target.kind.name == "cuda":
         key_lanes, sigmoid_attention = cuda_kernel.key_lanes, cuda_kernel.sigmoid_attention_cuda
     layout = kernel_operands(
-        bb, q, k, v, mask, lanes=key_lanes(target), pad_fill=0.0, op_name="SigmoidAttention"
+        bb, q, k, v, mask, lanes=key_lanes(target), op_name="SigmoidAttention"
     )
     func = sigmoid_attention(
         **layout.kernel_sizes(),

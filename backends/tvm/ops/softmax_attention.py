@@ -22,7 +22,6 @@ the graph had (two matmuls and our two-pass softmax).
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING
 
 from rewriter.backends.tvm.ops import KernelFactory, OpCall, register, scheduled_kernel
@@ -108,7 +107,6 @@ def emit_softmax_attention(
         v,
         mask,
         lanes=1,  # the kernel reads unpadded keys
-        pad_fill=-math.inf,
         op_name=OP_TYPE,
         symbolic=True,
     )

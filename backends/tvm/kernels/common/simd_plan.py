@@ -45,12 +45,25 @@ def isa(target: tvm.target.Target) -> str:
     return "generic"
 
 
+def lanes_of(target: tvm.target.Target) -> int:
+    """float32 lanes of one vector on a CPU ``target``: 16 (AVX512), 8 (AVX2), else 4."""
+    return {"avx512": 16, "avx2": 8}.get(isa(target), 4)
+
+
+def dividing_lanes(lanes: int, extent: int) -> int:
+    """The widest of ``lanes``, ``lanes / 2``, ... that divides ``extent`` (1 at least)."""
+    width = lanes
+    while extent % width:
+        width //= 2
+    return width
+
+
 class Plan:
     """Shapes, vector width and store kind of one CPU kernel."""
 
     def __init__(self, rows: Extent, cols: Extent, dtype: str, target: tvm.target.Target):
         kind = isa(target)
-        self.lanes = {"avx512": 16, "avx2": 8}.get(kind, 4)
+        self.lanes = lanes_of(target)
         self.scalef = kind == "avx512"
         self.rows, self.cols = ep.extents(rows, cols)
         self.dtype = dtype
