@@ -40,6 +40,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from rewriter.backends.tvm.kernels.common import exp_pair as ep
+from rewriter.backends.tvm.kernels.common.score_tile import score_tile
 from rewriter.backends.tvm.kernels.common.simd_plan import (
     bcast,
     dividing_lanes,
@@ -168,20 +169,12 @@ def sigmoid_attention(
                 mask_at(mask, b, i, j0) > masked_v, sc[span(off, lanes)], zero_v
             )
 
+    scores = score_tile(rows=ROWS, key_vectors=key_vectors, lanes=lanes, head_dim=d, row_of=row_of)
+
     @T.macro
     def key_block(Q, Kt, V, mask, sc, acc, b, i0, j0, nvec):
         # Scores: an ROWS x nvec tile of vectors, one rank-1 update per head-dim channel.
-        for r in T.unroll(ROWS):
-            for c in T.unroll(nvec):
-                sc[span((r * key_vectors + c) * lanes, lanes)] = zero_v
-        for k in T.serial(d):
-            for r in T.unroll(ROWS):
-                for c in T.unroll(nvec):
-                    sc[span((r * key_vectors + c) * lanes, lanes)] = (
-                        sc[span((r * key_vectors + c) * lanes, lanes)]
-                        + bcast(Q[b, row_of(i0, r), k], lanes)
-                        * Kt[b, k, span(j0 + c * lanes, lanes)]
-                    )
+        scores(Q, Kt, sc, b, i0, j0, nvec)
         # Probabilities in place, then acc[r, :] += p[r, j] * V[j, :].
         for r in T.unroll(ROWS):
             for c in T.unroll(nvec):

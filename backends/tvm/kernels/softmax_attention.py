@@ -50,6 +50,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from rewriter.backends.tvm.kernels.common import exp_pair as ep
+from rewriter.backends.tvm.kernels.common.score_tile import score_tile
 from rewriter.backends.tvm.kernels.common.simd_plan import (
     bcast,
     dividing_lanes,
@@ -133,21 +134,13 @@ def softmax_attention(
         mant, expo = ep.exp_pair(x, lanes)
         return ep.scale(mant, expo, lanes, scalef) if scalef else mant * ep.pow2(expo, lanes)
 
+    scores = score_tile(rows=ROWS, key_vectors=key_vectors, lanes=lanes, head_dim=d, row_of=row_of)
+
     @T.macro
     def score_block(Q, Kt, mask, sc, s, top, b, i0, j0, nvec):
         # An ROWS x nvec register tile of scores, one rank-1 update per head-dim channel;
         # scaled and masked into the tile's scores, with the running per-lane maxima.
-        for r in T.unroll(ROWS):
-            for c in T.unroll(nvec):
-                sc[span((r * key_vectors + c) * lanes, lanes)] = zero_v
-        for k in T.serial(d):
-            for r in T.unroll(ROWS):
-                for c in T.unroll(nvec):
-                    sc[span((r * key_vectors + c) * lanes, lanes)] = (
-                        sc[span((r * key_vectors + c) * lanes, lanes)]
-                        + bcast(Q[b, row_of(i0, r), k], lanes)
-                        * Kt[b, k, span(j0 + c * lanes, lanes)]
-                    )
+        scores(Q, Kt, sc, b, i0, j0, nvec)
         for r in T.unroll(ROWS):
             for c in T.unroll(nvec):
                 if mask is None:
