@@ -220,12 +220,16 @@ def _export_torchscript(
     )
 
 
-def bert_dynamo(directory: Path, *, attn_implementation: str = "eager") -> RealModel:
-    """BERT by the dynamo exporter (opset 18), dynamic batch/sequence if they export."""
+def bert_dynamo(
+    directory: Path, *, attn_implementation: str = "eager", opset: int = 18
+) -> RealModel:
+    """BERT by the dynamo exporter (opset 18, or ``opset``: at 23 sdpa is the ONNX
+    ``Attention`` operator), dynamic batch/sequence if they export."""
     model = bert_export.outputs_module(_bert(attn_implementation))
     inputs = _token_inputs(with_token_types=True)
-    path = directory / f"bert_{attn_implementation}_dynamo.onnx"
-    return _export_dynamo(model, inputs, path)
+    suffix = f"_opset{opset}" if opset != 18 else ""
+    path = directory / f"bert_{attn_implementation}_dynamo{suffix}.onnx"
+    return _export_dynamo(model, inputs, path, opset=opset)
 
 
 class _LlamaLogits(torch.nn.Module):
@@ -239,12 +243,13 @@ class _LlamaLogits(torch.nn.Module):
 
 
 def llama_dynamo(
-    directory: Path, *, attn_implementation: str = "eager", half: bool = False
+    directory: Path, *, attn_implementation: str = "eager", half: bool = False, opset: int = 18
 ) -> RealModel:
     """A Llama-shaped causal LM (2 layers, hidden 64, 4 query / 2 key-value heads) by the
     dynamo exporter, without a KV cache; the output is the logits.
 
-    ``half`` converts the model with ``model.half()`` before export.
+    ``half`` converts the model with ``model.half()`` before export; ``opset`` 23 writes
+    the ``Attention``, ``RotaryEmbedding`` and ``RMSNormalization`` operators.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -265,12 +270,14 @@ def llama_dynamo(
     if half:
         model = model.half()
     inputs = _token_inputs(with_token_types=False)
-    suffix = "_fp16" if half else ""
+    suffix = ("_fp16" if half else "") + (f"_opset{opset}" if opset != 18 else "")
     path = directory / f"llama_{attn_implementation}_dynamo{suffix}.onnx"
-    return _export_dynamo(model, inputs, path)
+    return _export_dynamo(model, inputs, path, opset=opset)
 
 
-def _export_dynamo(model: torch.nn.Module, inputs: dict[str, np.ndarray], path: Path) -> RealModel:
+def _export_dynamo(
+    model: torch.nn.Module, inputs: dict[str, np.ndarray], path: Path, *, opset: int = 18
+) -> RealModel:
     """Export with dynamic batch/sequence; on failure, export static shapes and say why."""
     from torch.export import Dim
 
@@ -280,12 +287,12 @@ def _export_dynamo(model: torch.nn.Module, inputs: dict[str, np.ndarray], path: 
     start = time.perf_counter()
     note = ""
     try:
-        _dynamo_export(model, kwargs, path, dynamic_shapes)
+        _dynamo_export(model, kwargs, path, dynamic_shapes, opset)
     except Exception as exc:  # torch.export raises many types on unsupported dynamism
         note = f"dynamic shapes failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); static export"
         logger.warning("%s: %s", path.name, note)
         dynamic_shapes = None
-        _dynamo_export(model, kwargs, path, dynamic_shapes)
+        _dynamo_export(model, kwargs, path, dynamic_shapes, opset)
     return RealModel(
         name=path.stem,
         path=path,
@@ -302,6 +309,7 @@ def _dynamo_export(
     kwargs: dict[str, torch.Tensor],
     path: Path,
     dynamic_shapes: dict[str, Any] | None,
+    opset: int = 18,
 ) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -312,7 +320,7 @@ def _dynamo_export(
             str(path),
             kwargs=kwargs,
             dynamo=True,
-            opset_version=18,
+            opset_version=opset,
             dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
@@ -792,6 +800,8 @@ BUILDERS: dict[str, Callable[[Path], RealModel]] = {
     "bert_sdpa_dynamo": lambda d: bert_dynamo(d, attn_implementation="sdpa"),
     "llama_eager_dynamo": lambda d: llama_dynamo(d, attn_implementation="eager"),
     "llama_sdpa_dynamo": lambda d: llama_dynamo(d, attn_implementation="sdpa"),
+    "bert_sdpa_dynamo_opset23": lambda d: bert_dynamo(d, attn_implementation="sdpa", opset=23),
+    "llama_sdpa_dynamo_opset23": lambda d: llama_dynamo(d, attn_implementation="sdpa", opset=23),
     "llama_eager_dynamo_fp16": lambda d: llama_dynamo(d, half=True),
     "vit_torchscript": vit_torchscript,
     "encoder_with_functions_torchscript": encoder_with_functions_torchscript,

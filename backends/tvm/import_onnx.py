@@ -42,7 +42,14 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from rewriter import input_sizes
-from rewriter.backends.tvm import attention_fusion, ops, recurrent, shape_ops, shape_values
+from rewriter.backends.tvm import (
+    attention_fusion,
+    ops,
+    recurrent,
+    shape_ops,
+    shape_values,
+    standard_functions,
+)
 from rewriter.backends.tvm.ops import KernelFactory
 from rewriter.backends.tvm.relax_passes import dims_of, onnx_simplify
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
@@ -62,6 +69,8 @@ logger = logging.getLogger(__name__)
 MAX_NMS_BOXES = 1 << 20
 # ONNX ops TVM's importer lacks, converted by rewriter.backends.tvm.recurrent.
 RECURRENT = frozenset(recurrent.KERNEL_NAMES)
+# ONNX ops TVM's importer lacks, converted here (and by the modules named above).
+OWN_CONVERTERS = RECURRENT | {"Col2Im"}
 
 # Appended to the op type of a node that gets a static-shape kernel, while prepare runs
 # the optimizer again: no function has that name, so the node is kept as it is.
@@ -145,6 +154,7 @@ def prepare(
             del work.functions[key]
         else:
             held[key] = work.functions.pop(key)
+    standard_functions.expand(work, converters())
     _optimize(work)
     recurrent.fold_weights(work)
     if held:
@@ -197,6 +207,14 @@ def prepare(
         qdq_matmul.fuse(work, amx=int8_amx)
     _restore_input_names(work.graph, input_names)
     return ir.serde.serialize_model(work)
+
+
+def converters() -> frozenset[str]:
+    """The default-domain ops the importer converts: TVM's converters and ours
+    (:data:`OWN_CONVERTERS`)."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    return frozenset(_get_convert_map()) | OWN_CONVERTERS
 
 
 def _restore_input_names(graph: ir.Graph, names: list[str]) -> None:
@@ -619,6 +637,45 @@ def _constant_pad(bb: Any, inputs: list, attrs: dict) -> Any | None:
     return bb.normalize(relax.op.nn.pad(inputs[0], interleaved, pad_value=fill))
 
 
+def _col2im(bb: Any, inputs: list, attrs: dict) -> Any:
+    """``Col2Im`` (opset 18: ``torch.nn.functional.fold``, MobileViTV2's patches back to
+    a map) as one gather kernel: each output pixel sums the block entries that cover it,
+    ``out[n, c, y, x] = Σ_ij in[n, (c·kh + i)·kw + j, by·nbw + bx]`` over the kernel
+    offsets (i, j) with ``y + pad_top = by·stride + i·dilation`` (and so for x), so no two
+    threads write one pixel. ``image_shape`` and ``block_shape`` must be constants."""
+    import tvm
+    from tvm import te, tirx
+
+    data, image, block = inputs[:3]
+    if not all(isinstance(value, tvm.ir.GenericConst) for value in (image, block)):
+        raise InputError("Col2Im: image_shape and block_shape must be constants")
+    height, width = (int(v) for v in image.value.numpy().reshape(-1))
+    kh, kw = (int(v) for v in block.value.numpy().reshape(-1))
+    dh, dw = attrs.get("dilations", [1, 1])
+    sh, sw = attrs.get("strides", [1, 1])
+    top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+    blocks_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    blocks_w = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+
+    def fold(columns: te.Tensor) -> te.Tensor:
+        batch, rows = columns.shape[0], columns.shape[1]
+        i, j = te.reduce_axis((0, kh), "i"), te.reduce_axis((0, kw), "j")
+
+        def pixel(n: Any, c: Any, y: Any, x: Any) -> Any:
+            ty, tx = y + top - i * dh, x + left - j * dw
+            by, bx = tirx.floordiv(ty, sh), tirx.floordiv(tx, sw)
+            inside = tirx.all(
+                ty >= 0, tirx.floormod(ty, sh) == 0, by < blocks_h,
+                tx >= 0, tirx.floormod(tx, sw) == 0, bx < blocks_w,
+            )
+            read = columns[n, (c * kh + i) * kw + j, tirx.max(by, 0) * blocks_w + tirx.max(bx, 0)]
+            return te.sum(tirx.if_then_else(inside, read, tirx.const(0, columns.dtype)), axis=[i, j])
+
+        return te.compute((batch, rows // (kh * kw), height, width), pixel, name="col2im")
+
+    return bb.normalize(bb.call_te(fold, data, primfunc_name_hint="col2im"))
+
+
 def _clip(bb: Any, inputs: list, attrs: dict, opset: int) -> Any | None:
     """A float ``Clip`` as Relax's ``maximum`` and ``minimum`` ops; None for other types
     (TVM's converter takes them).
@@ -764,7 +821,7 @@ def _importer_class() -> type:
         def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
             standard = onnx.GraphProto()
             standard.CopyFrom(graph)
-            kept = [node for node in standard.node if node.op_type not in ours and node.op_type not in RECURRENT]
+            kept = [node for node in standard.node if node.op_type not in ours and node.op_type not in OWN_CONVERTERS]
             del standard.node[:]
             standard.node.extend(kept)
             super()._check_for_unsupported_ops(standard)
@@ -809,6 +866,8 @@ def _importer_class() -> type:
                     return positions
             if op_name in RECURRENT:
                 return recurrent.convert(self.bb, op_name, inputs, attrs, self._target)
+            if op_name == "Col2Im":
+                return _col2im(self.bb, inputs, attrs)
             if op_name == "Gather":
                 return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
             if op_name == "GatherElements" and (gathered := _gather_elements(self.bb, inputs, attrs)) is not None:

@@ -436,16 +436,16 @@ class AttentionOpRule(AttentionRule):
 
 
 def rules(
-    rule_class: type[AttentionRule], *args: Any, operator: bool = True
+    rule_class: type[AttentionRule], *args: Any, operator: bool = True, subgraph: bool = True
 ) -> tuple[RewriteRuleSet, list[AttentionRule]]:
     """The rule set (subgraph pattern and ``Attention`` operator) of ``rule_class``.
 
     ``rule_class`` derives from :class:`AttentionRule`; the ``Attention`` operator rule
     is the same class with :class:`AttentionOpRule`'s pattern mixed in (left out with
-    ``operator=False``). Returns the set (with ``commute=True``) and the rule instances
-    (for their ``reasons``).
+    ``operator=False``; the subgraph rule with ``subgraph=False``). Returns the set
+    (with ``commute=True``) and the rule instances (for their ``reasons``).
     """
-    instances = [rule_class(*args)]
+    instances = [rule_class(*args)] if subgraph else []
     if operator:
         op_class = type(f"{rule_class.__name__}OnAttentionOp", (AttentionOpRule, rule_class), {})
         instances.append(op_class(*args))

@@ -15,6 +15,16 @@ backend replaces them with its vectorized kernel. ``TwoPassSoftmax`` works along
 the last axis: a Softmax over another axis is wrapped in Transpose (opset >= 13
 semantics) or Flatten/Reshape (opset < 13, which coerces the input to 2-D).
 
+The ``Attention`` operator (opset 23: what the dynamo exporter writes for
+``scaled_dot_product_attention`` at opset >= 23) holds its softmax inside. Each one the
+attention matcher takes (4-D Q, K, V, no KV cache, no softcap: see
+:class:`rewriter.passes.attention.onnx_match.AttentionOpRule`) is first written out as
+the operator's definition, ``Where(IsNaN(p), 0, p) @ V`` with ``p = Softmax(Q Kᵀ·scale +
+mask)`` (grouped key/value heads repeated, a boolean or causal mask as an additive one;
+the guard gives a fully masked row the zeros the operator's definition gives it), and
+its Softmax is then swapped as any other. An ``Attention`` node left as it is gets a
+note that says why.
+
 Requires: default-domain opset >= 9 (for ``Where``). Ensures: no Softmax or
 LogSoftmax is left except those reported as skipped, each new operator has its
 function body, the model's IR version is >= 8 (model-local functions).
@@ -23,6 +33,7 @@ function body, the model's IR version is >= 8 (model-local functions).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
@@ -36,6 +47,8 @@ from rewriter.pass_base import (
     add_function,
     all_nodes,
 )
+from rewriter.passes.attention import onnx_build
+from rewriter.passes.attention import onnx_match as attention
 from rewriter.passes.two_pass_softmax.body import (
     CASTLIKE_OPSET,
     DOUBLE_TARGETS,
@@ -72,9 +85,9 @@ class TwoPassSoftmaxPass(RewritePass):
     def call(self, model: ir.Model) -> RewriteResult:
         opset = model.opset_imports.get("", 1)
         sources = ["Softmax", "LogSoftmax"] if self.options.log_softmax else ["Softmax"]
+        stats, notes = _expand_attention_ops(model)
         # Dtype and rank decide how each node is rewritten.
         shapes.infer(model, [node.inputs[0] for source in sources for node in _find(model, source)])
-        stats: dict[str, int] = {}
         for source in sources:
             rules = RewriteRuleSet([_ToTwoPass.rule(source, opset)])
             stats[_stat_name(source)] = rules.apply_to_model(model)
@@ -82,20 +95,55 @@ class TwoPassSoftmaxPass(RewritePass):
         for op_type in sorted(used):
             add_function(model, function_proto(op_type, opset))
         in_functions = _function_nodes(model)
-        notes = [
+        notes += [
             f"{node.op_type} {node.name!r} left as is: "
             + _unsupported_reason(node, opset, in_function=node in in_functions)
             for source in sources
             for node in _find(model, source)
         ]
         stats["skipped"] = len(notes)
-        modified = any(stats[_stat_name(source)] for source in sources)
+        modified = any(stats[_stat_name(source)] for source in sources) or bool(stats["attention_expanded"])
         return RewriteResult(model, modified, stats=stats, notes=notes)
 
     def ensures(self, model: ir.Model) -> None:
         super().ensures(model)
         if any(node.domain == DOMAIN for node in all_nodes(model)):
             assert model.ir_version >= FUNCTIONS_IR_VERSION
+
+
+def _expand_attention_ops(model: ir.Model) -> tuple[dict[str, int], list[str]]:
+    """Write out every ``Attention`` operator the matcher takes (see the module
+    docstring); returns the stats (``attention_expanded``) and a note per one left."""
+    if not _find(model, "Attention"):
+        return {"attention_expanded": 0}, []
+    attention.prepare(model)
+    rule_set, instances = attention.rules(_ExpandAttention, subgraph=False)
+    expanded = rule_set.apply_to_model(model)
+    attention.remove_replaced(model)
+    reasons = {name: why for instance in instances for name, why in instance.reasons.items()}
+    notes = [
+        f"Attention {node.name!r} left as is: {reasons.get(node.name or '', 'not matched')}"
+        for node in _find(model, "Attention")
+    ]
+    return {"attention_expanded": expanded}, notes
+
+
+class _ExpandAttention(attention.AttentionRule):
+    """``Attention(Q, K, V, mask)`` -> ``Where(IsNaN(p), 0, p) @ V``, ``p = Softmax(Q Kᵀ·scale + mask)``."""
+
+    def __init__(self) -> None:
+        super().__init__("ExpandAttention")
+
+    def rewrite_attention(self, op: Any, match: attention.AttentionMatch) -> ir.Value:
+        q, k, v, mask = onnx_build.operands(op, match)
+        scale = op.CastLike(op.Constant(value_float=match.scale), q)
+        logits = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), scale)
+        if match.mask is not None or match.causal:
+            logits = op.Add(logits, mask)
+        probs = op.Softmax(logits, axis=-1)
+        zero = op.CastLike(op.Constant(value_float=0.0), probs)
+        kept = op.Where(op.IsNaN(probs), zero, probs)
+        return onnx_build.restore(op, match, op.MatMul(kept, v))
 
 
 def _stat_name(source: str) -> str:

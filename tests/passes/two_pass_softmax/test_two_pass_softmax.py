@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.reference
+import onnx_ir as ir
 import pytest
 
 from rewriter.pass_base import DOMAIN
@@ -267,3 +268,81 @@ def test_requires_opset_9():
 
     with pytest.raises(PreconditionError, match="opset >= 9"):
         rewrite(softmax_model(opset=8))
+
+
+# --- The Attention operator (opset 23) ----------------------------------------------
+
+ATTENTION_GRAPHS = {
+    "additive mask": (
+        "float[2, 2, 8, 4] q, float[2, 2, 8, 4] k, float[2, 2, 8, 4] v, float[2, 1, 8, 8] m",
+        "Attention<scale = 0.25>(q, k, v, m)",
+    ),
+    "boolean mask": (
+        "float[2, 2, 8, 4] q, float[2, 2, 8, 4] k, float[2, 2, 8, 4] v, bool[2, 1, 8, 8] m",
+        "Attention(q, k, v, m)",
+    ),
+    "causal, grouped heads": (
+        "float[2, 4, 8, 4] q, float[2, 2, 8, 4] k, float[2, 2, 8, 4] v",
+        "Attention<is_causal = 1>(q, k, v)",
+    ),
+}
+
+
+def attention_op_model(form: str) -> ir.Model:
+    inputs, call = ATTENTION_GRAPHS[form]
+    heads = 4 if "grouped" in form else 2
+    return model_from_text(
+        f"""
+        <ir_version: 10, opset_import: ["" : 23]>
+        g ({inputs}) => (float[2, {heads}, 8, 4] y) {{
+            y = {call}
+        }}
+        """
+    )
+
+
+def attention_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.inputs:
+        shape = [int(d) for d in value.shape]
+        if value.dtype == ir.DataType.BOOL:
+            keep = rng.random(shape) > 0.3
+            keep[..., 0] = True
+            keep[1, :, 3, :] = False  # a row masked everywhere: the operator gives zeros
+            feeds[value.name] = keep
+        elif value.name == "m":
+            mask = np.where(rng.random(shape) > 0.3, 0.0, -np.inf).astype(np.float32)
+            mask[..., 0] = 0.0
+            feeds[value.name] = mask
+        else:
+            feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("form", sorted(ATTENTION_GRAPHS))
+def test_attention_operator_is_written_out_and_its_softmax_swapped(form):
+    model = attention_op_model(form)
+    feeds = attention_feeds(model)
+    expected = run(to_proto(model), feeds)["y"]
+    result = rewrite(model)
+    assert result.stats["attention_expanded"] == 1 and result.stats["softmax_replaced"] == 1
+    assert "Attention" not in op_types(result.model) and "TwoPassSoftmax" in op_types(result.model)
+    got = run(to_proto(result.model), feeds)["y"]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_operator_it_cannot_write_out_gets_a_note():
+    model = model_from_text(
+        """
+        <ir_version: 10, opset_import: ["" : 23]>
+        g (float[2, 2, 8, 4] q, float[2, 2, 8, 4] k, float[2, 2, 8, 4] v) => (float[2, 2, 8, 4] y) {
+            y = Attention<softcap = 30.0>(q, k, v)
+        }
+        """
+    )
+    result = rewrite(model)
+    assert result.stats["attention_expanded"] == 0 and not result.modified
+    assert op_types(result.model) == ["Attention"]
+    assert any("softcap" in note for note in result.notes)
