@@ -51,6 +51,15 @@ def softmax_family() -> list[str]:
     return sorted(names)
 
 
+@functools.cache
+def attention_operator_cases() -> list[str]:
+    """The names of the cases of the ``Attention`` operator itself (opsets 23-25: not the
+    ``_expanded`` ones, which hold its function body), sorted."""
+    return sorted(
+        name for name in all_cases() if name.startswith("test_attention") and not name.endswith("_expanded")
+    )
+
+
 def feeds(proto: onnx.ModelProto, inputs: list[np.ndarray]) -> dict[str, np.ndarray]:
     """The graph inputs of ``proto`` by name."""
     return {info.name: value for info, value in zip(proto.graph.input, inputs, strict=True)}

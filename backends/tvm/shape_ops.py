@@ -59,6 +59,11 @@ _ELEMENTWISE = frozenset(
         "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Where", "BitShift",
     }
 )  # fmt: skip
+# Float ops of one input that a size reaches as a TIR expression (sigmoid attention's
+# bias -ln n_k at a symbolic key length: Log(Cast(Gather(Shape(k), 2)))).
+_UNARY = frozenset(
+    {"Log", "Exp", "Sqrt", "Reciprocal", "Neg", "Abs", "Floor", "Ceil", "Sin", "Cos", "Tanh", "Sigmoid", "Erf"}
+)
 
 # Shape operands longer than this are not shapes (a rank-8 Pad has 16 pads).
 _MAX_ELEMENTS = 16
@@ -73,7 +78,9 @@ def as_tensors(bb: Any, op_name: str, inputs: Sequence[Any]) -> dict[int, Any]:
     """The inputs (by position) that TVM's converter of ``op_name`` needs as tensors, each
     as a tensor of its values: an ``R.shape`` where the converter takes none (int64), and
     an integer or constant TIR expression beside a tensor in an elementwise op (rank 0:
-    TVM keeps it a scalar operand, which ``ConvertLayout`` crashes on)."""
+    TVM keeps it a scalar operand, which ``ConvertLayout`` crashes on), and such an
+    expression as the one input of a float op (:data:`_UNARY`: its converter takes a
+    tensor only)."""
     import tvm
     from tvm import relax
 
@@ -82,7 +89,7 @@ def as_tensors(bb: Any, op_name: str, inputs: Sequence[Any]) -> dict[int, Any]:
         for index, value in enumerate(inputs):
             if isinstance(getattr(value, "ty", None), relax.ShapeType):
                 tensors[index] = bb.emit(relax.op.shape_to_tensor(value))
-    if op_name in _ELEMENTWISE and any(
+    if op_name in _UNARY or op_name in _ELEMENTWISE and any(
         isinstance(getattr(value, "ty", None), relax.TensorType) for value in inputs
     ):
         for index, value in enumerate(inputs):
@@ -95,13 +102,17 @@ def as_tensors(bb: Any, op_name: str, inputs: Sequence[Any]) -> dict[int, Any]:
 
 def _scalar_tensor(bb: Any, value: Any) -> Any | None:
     """A TIR expression as a rank-0 tensor of its dtype: a constant where it is one, the
-    value of an integer one (through the int64 shape tensor), else None."""
+    value of an integer one (through the int64 shape tensor) or of one cast to a float
+    type, else None."""
     import tvm
     from tvm import relax
 
     dtype = shape_values.dtype_of(value)
     if isinstance(value, tvm.tirx.IntImm | tvm.tirx.FloatImm):
         return relax.const(value.value, dtype)
+    if isinstance(value, tvm.tirx.Cast) and dtype is not None and dtype.startswith(("float", "bfloat")):
+        integer = _scalar_tensor(bb, value.value)  # a size cast to float
+        return None if integer is None else bb.emit(relax.op.astype(integer, dtype))
     if dtype is None or not dtype.startswith(("int", "uint", "bool")):
         return None
     element = bb.emit(

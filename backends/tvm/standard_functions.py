@@ -158,10 +158,17 @@ def _definition(node: ir.Node, opset: int) -> onnx.FunctionProto:
         function = OWN[node.op_type](node, opset)
     if not function.node:
         raise ValueError("ONNX gives no definition for this node's inputs and attributes")
-    # The schema lists every optional output; the body computes those the node has.
+    # The schema lists every optional output; the body computes those the node has. An
+    # absent one before a present one (``Y, , , qk``) keeps its place, as an empty
+    # constant no one reads.
     outputs = list(function.output)[: len(node.outputs)]
     del function.output[:]
     function.output.extend(outputs)
+    produced = {name for body_node in function.node for name in body_node.output} | set(function.input)
+    for name in outputs:
+        if name not in produced:
+            empty = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [0], [])
+            function.node.append(onnx.helper.make_node("Constant", [], [name], value=empty))
     return function
 
 

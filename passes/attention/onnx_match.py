@@ -25,7 +25,8 @@ pattern with alternatives (``OrValue``) and applied with ``commute=True``:
   ``Where(IsNaN(p), 0, p)`` guard of the sdpa exports;
 * grouped/multi-query heads: K and V are taken after the model's own ``Expand``/
   ``Reshape`` (the values the MatMuls read), so they have as many heads as Q;
-* the ONNX ``Attention`` operator (opset 23) with 4-D inputs and no KV cache; its
+* the ONNX ``Attention`` operator (opset 23) with 4-D inputs, no KV cache, no softcap
+  and no local window (opset 25's ``left_window_size``/``right_window_size``); its
   grouped heads (fewer key/value heads) are repeated by :func:`key` and :func:`value`.
 
 A rule class derives from :class:`AttentionRule` and implements ``rewrite_attention(op,
@@ -365,7 +366,8 @@ def _shapes_only(node: ir.Node, matched: set[ir.Node], depth: int = 12) -> bool:
 
 
 class AttentionOpRule(AttentionRule):
-    """The ONNX ``Attention`` operator (opset 23) with 4-D Q, K, V and no KV cache."""
+    """The ONNX ``Attention`` operator (opset 23) with 4-D Q, K, V, no KV cache, no
+    softcap and no local window (opset 25)."""
 
     def pattern(self, op, query, key, value):  # type: ignore[override]
         return op.Attention(
@@ -395,10 +397,12 @@ class AttentionOpRule(AttentionRule):
         inputs = list(node.inputs) + [None] * 6
         if inputs[4] is not None or inputs[5] is not None or (len(node.inputs) > 6 and inputs[6]):
             return "Attention with a KV cache (past_key/past_value) or nonpad_kv_seqlen"
-        if any(output.uses() for output in node.outputs[1:]):
+        if any(output.uses() or output.is_graph_output() for output in node.outputs[1:]):
             return "Attention's present_key/present_value/qk outputs are used"
         if node.attributes.get_float("softcap", 0.0) != 0.0:
             return "Attention with softcap"
+        if any(node.attributes.get_int(side, -1) >= 0 for side in ("left_window_size", "right_window_size")):
+            return "Attention with a local window (left_window_size/right_window_size, opset 25)"
         query, key, value = bindings["query"], bindings["key"], bindings["value"]
         if any(_rank(v) != RANK for v in (query, key, value)):
             return "Attention with 3-D inputs (q_num_heads/kv_num_heads) or unknown ranks"

@@ -142,7 +142,9 @@ class _ExpandAttention(attention.AttentionRule):
             logits = op.Add(logits, mask)
         probs = op.Softmax(logits, axis=-1)
         zero = op.CastLike(op.Constant(value_float=0.0), probs)
-        kept = op.Where(op.IsNaN(probs), zero, probs)
+        # (bfloat16 checked in float32: TVM has no bfloat16 isnan)
+        checked = op.Cast(probs, to=ir.DataType.FLOAT) if match.query.dtype == ir.DataType.BFLOAT16 else probs
+        kept = op.Where(op.IsNaN(checked), zero, probs)
         return onnx_build.restore(op, match, op.MatMul(kept, v))
 
 

@@ -8,6 +8,12 @@ and NaN robustness, an empty structure, softmax precision: TVM's ``max`` started
 lowest finite float, see :mod:`rewriter.backends.tvm.relax_passes.reduce_identity`; the
 float64 softmax two-pass-softmax used to skip) and one plain case of each kind; the whole
 family (180 compiles, ~2-3 s each) is in the slow suite.
+
+The ``Attention`` operator's own cases (93, opsets 23-25) compile twice: as they are
+(the operator from its ONNX definition, :mod:`rewriter.backends.tvm.standard_functions`:
+TVM's importer read it as the ``com.microsoft`` op) and after two-pass-softmax (which
+writes out those the attention matcher takes: 4-D, no cache, softcap or local window);
+both give the expected outputs. A few in the default suite, all of them in the slow one.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from rewriter.registry import create_pass  # noqa: E402
 from tests.conformance_cases import (  # noqa: E402
     all_cases,
     assert_expected,
+    attention_operator_cases,
     feeds,
     softmax_family,
     softmax_nodes,
@@ -76,3 +83,47 @@ def test_through_tvm(name: str) -> None:
 @pytest.mark.parametrize("name", [name for name in CASE_NAMES if name not in DEFAULT])
 def test_through_tvm_whole_family(name: str) -> None:
     _check(name)
+
+
+# The Attention operator: written out (boolean mask, grouped heads with a causal mask, a
+# fully masked row, bfloat16) or left to its definition (3-D inputs, a KV cache, a local
+# window, the scores as an output next to absent ones).
+OPERATOR_DEFAULT = [
+    "test_attention_4d_attn_mask_bool",
+    "test_attention_4d_gqa_causal",
+    "test_attention_23_boolmask_fullymasked_row_nan_robustness",
+    "test_attention_4d_causal_bf16",
+    "test_attention_3d_gqa",
+    "test_attention_4d_gqa_with_past_and_present",
+    "test_attention_local_window",
+    "test_attention_4d_with_qk_matmul_softcap",
+]
+
+
+def test_operator_default_cases_exist():
+    assert set(OPERATOR_DEFAULT) <= set(attention_operator_cases())
+
+
+def _check_operator(name: str) -> None:
+    proto, data_sets = all_cases()[name]
+    model = ir.serde.deserialize_model(proto)
+    result = create_pass("two-pass-softmax")(model)
+    left = [note for note in result.notes if note.startswith("Attention")]
+    assert result.stats["attention_expanded"] + len(left) == 1, result.notes
+    for source in (proto, ir.serde.serialize_model(model)):
+        compiled = backend.compile(source, target="llvm")
+        for inputs, outputs in data_sets:
+            assert_expected(compiled.run(feeds(proto, inputs)), proto, outputs, name)
+
+
+@pytest.mark.parametrize("name", OPERATOR_DEFAULT)
+def test_attention_operator_through_tvm(name: str) -> None:
+    _check_operator(name)
+
+
+@pytest.mark.slow  # 85 cases, two compiles of 2-3 s each
+@pytest.mark.parametrize(
+    "name", [name for name in attention_operator_cases() if name not in OPERATOR_DEFAULT]
+)
+def test_attention_operator_through_tvm_all_cases(name: str) -> None:
+    _check_operator(name)

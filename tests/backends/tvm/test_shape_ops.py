@@ -91,6 +91,22 @@ def test_tile_by_repeats_computed_from_a_dimension():
     assert_runs_symbolic(proto, [{"x": (2, 4)}, {"x": (3, 7)}])
 
 
+def test_a_float_op_of_a_size_at_a_symbolic_length():
+    # sigmoid-attention's bias -ln n_k at a run-time key length: Log(Cast(Shape(x)[1])).
+    # The Cast of a size is a TIR expression, which TVM's Log converter refused, so the
+    # library fell back to the verification inputs' fixed sizes.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+        helper.make_node("Cast", ["length"], ["n"], to=TensorProto.FLOAT),
+        helper.make_node("Log", ["n"], ["log_n"]),
+        helper.make_node("Neg", ["log_n"], ["bias"]),
+        helper.make_node("Add", ["x", "bias"], ["out"]),
+    ]
+    proto = model(nodes, {"x": ["batch", "sequence"]}, "out", [ints("one", 1, scalar=True)])
+    assert_runs_symbolic(proto, [{"x": (2, 4)}, {"x": (3, 13)}])
+
+
 def test_resize_to_sizes_that_keep_batch_and_channels_from_the_shape():
     # SegFormer: Resize(x, sizes=Concat(Shape(x)[:2], [8, 8])); TVM's converter read
     # every size as a constant, batch too.
