@@ -17,13 +17,14 @@ semantics) or Flatten/Reshape (opset < 13, which coerces the input to 2-D).
 
 The ``Attention`` operator (opset 23: what the dynamo exporter writes for
 ``scaled_dot_product_attention`` at opset >= 23) holds its softmax inside. Each one the
-attention matcher takes (4-D Q, K, V, no KV cache, no softcap: see
+attention matcher takes (4-D Q, K, V, no KV cache, softcap or local window: see
 :class:`rewriter.passes.attention.onnx_match.AttentionOpRule`) is first written out as
 the operator's definition, ``Where(IsNaN(p), 0, p) @ V`` with ``p = Softmax(Q Kᵀ·scale +
 mask)`` (grouped key/value heads repeated, a boolean or causal mask as an additive one;
 the guard gives a fully masked row the zeros the operator's definition gives it), and
-its Softmax is then swapped as any other. An ``Attention`` node left as it is gets a
-note that says why.
+its Softmax is then swapped as any other (stat ``attention_expanded``, reported for a
+model that has the operator). An ``Attention`` node left as it is gets a note that says
+why, and counts as skipped.
 
 Requires: default-domain opset >= 9 (for ``Where``). Ensures: no Softmax or
 LogSoftmax is left except those reported as skipped, each new operator has its
@@ -102,7 +103,7 @@ class TwoPassSoftmaxPass(RewritePass):
             for node in _find(model, source)
         ]
         stats["skipped"] = len(notes)
-        modified = any(stats[_stat_name(source)] for source in sources) or bool(stats["attention_expanded"])
+        modified = any(stats[_stat_name(source)] for source in sources) or bool(stats.get("attention_expanded"))
         return RewriteResult(model, modified, stats=stats, notes=notes)
 
     def ensures(self, model: ir.Model) -> None:
@@ -113,9 +114,10 @@ class TwoPassSoftmaxPass(RewritePass):
 
 def _expand_attention_ops(model: ir.Model) -> tuple[dict[str, int], list[str]]:
     """Write out every ``Attention`` operator the matcher takes (see the module
-    docstring); returns the stats (``attention_expanded``) and a note per one left."""
+    docstring); returns the stats (``attention_expanded``, only for a model that has the
+    operator) and a note per one left."""
     if not _find(model, "Attention"):
-        return {"attention_expanded": 0}, []
+        return {}, []
     attention.prepare(model)
     rule_set, instances = attention.rules(_ExpandAttention, subgraph=False)
     expanded = rule_set.apply_to_model(model)
