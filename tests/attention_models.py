@@ -195,3 +195,55 @@ def softmax_body_model(rewritten: onnx.ModelProto, op_type: str) -> onnx.ModelPr
         if existing.name == op_type:
             swapped.functions[index].CopyFrom(function)
     return swapped
+
+
+# The ONNX ``Attention`` operator (opset 23): name -> (graph inputs, the call).
+OPERATOR_FORMS = {
+    "additive mask": (
+        "float[2, 2, 8, 4] q, float[2, 2, 8, 4] k, float[2, 2, 8, 4] v, float[2, 1, 8, 8] m",
+        "Attention<scale = 0.25>(q, k, v, m)",
+    ),
+    "boolean mask": (
+        "float[2, 2, 8, 4] q, float[2, 2, 8, 4] k, float[2, 2, 8, 4] v, bool[2, 1, 8, 8] m",
+        "Attention(q, k, v, m)",
+    ),
+    "causal, grouped heads": (
+        "float[2, 4, 8, 4] q, float[2, 2, 8, 4] k, float[2, 2, 8, 4] v",
+        "Attention<is_causal = 1>(q, k, v)",
+    ),
+}
+
+
+def operator_model(form: str) -> ir.Model:
+    """The ONNX ``Attention`` operator (opset 23) of ``form``."""
+    inputs, call = OPERATOR_FORMS[form]
+    heads = 4 if "grouped" in form else 2
+    return model_from_text(
+        f"""
+        <ir_version: 10, opset_import: ["" : 23]>
+        g ({inputs}) => (float[2, {heads}, 8, 4] y) {{
+            y = {call}
+        }}
+        """
+    )
+
+
+def operator_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    """Q, K, V and masks for an operator model: a boolean mask with a row masked
+    everywhere (the operator gives it zeros), an additive one of 0 and -inf."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.inputs:
+        shape = [int(d) for d in value.shape]
+        if value.dtype == ir.DataType.BOOL:
+            keep = rng.random(shape) > 0.3
+            keep[..., 0] = True
+            keep[1, :, 3, :] = False  # a row masked everywhere: the operator gives zeros
+            feeds[value.name] = keep
+        elif value.name == "m":
+            mask = np.where(rng.random(shape) > 0.3, 0.0, -np.inf).astype(np.float32)
+            mask[..., 0] = 0.0
+            feeds[value.name] = mask
+        else:
+            feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds

@@ -23,12 +23,8 @@ from rewriter.backends.tvm import import_onnx, standard_functions  # noqa: E402
 from rewriter.backends.tvm.ops.softmax_attention import KERNEL_NAME  # noqa: E402
 from rewriter.backends.tvm.targets import resolve  # noqa: E402
 from rewriter.registry import create_pass  # noqa: E402
+from tests import attention_models as am  # noqa: E402
 from tests.helpers import model_from_text, to_proto  # noqa: E402
-from tests.passes.two_pass_softmax.test_two_pass_softmax import (  # noqa: E402
-    ATTENTION_GRAPHS,
-    attention_feeds,
-    attention_op_model,
-)
 
 TOLERANCE = 1e-5  # of the output's scale
 
@@ -43,10 +39,10 @@ def kernels(proto: onnx.ModelProto) -> list[str]:
     return sorted({gv.name_hint for gv in mod.get_global_vars()})
 
 
-@pytest.mark.parametrize("form", sorted(ATTENTION_GRAPHS))
+@pytest.mark.parametrize("form", sorted(am.OPERATOR_FORMS))
 def test_attention_operator_compiles_from_its_definition(form: str) -> None:
-    model = attention_op_model(form)
-    feeds = attention_feeds(model)
+    model = am.operator_model(form)
+    feeds = am.operator_feeds(model)
     proto = to_proto(model)
     prepared = import_onnx.prepare(proto)
     assert "Attention" not in {node.op_type for node in prepared.graph.node}
@@ -54,10 +50,10 @@ def test_attention_operator_compiles_from_its_definition(form: str) -> None:
     agree(backend.compile(proto, target="avx512").run(feeds)["y"], expected)
 
 
-@pytest.mark.parametrize("form", sorted(ATTENTION_GRAPHS))
+@pytest.mark.parametrize("form", sorted(am.OPERATOR_FORMS))
 def test_attention_operator_after_two_pass_softmax_gets_the_fused_kernel(form: str) -> None:
-    model = attention_op_model(form)
-    feeds = attention_feeds(model)
+    model = am.operator_model(form)
+    feeds = am.operator_feeds(model)
     expected = verify.run(to_proto(model).SerializeToString(), feeds)["y"]
     proto = to_proto(create_pass("two-pass-softmax")(model).model)
     assert any(name.startswith(KERNEL_NAME) for name in kernels(proto))

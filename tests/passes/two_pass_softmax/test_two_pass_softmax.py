@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.reference
-import onnx_ir as ir
 import pytest
 
 from rewriter.pass_base import DOMAIN
 from rewriter.passes.two_pass_softmax import math as tpm
 from rewriter.registry import create_pass
+from tests import attention_models as am
 from tests.helpers import model_from_text, op_types, run, softmax_model, to_proto
 
 # The float32 rewrite agrees with ONNX Runtime's Softmax to the polynomial's error
@@ -272,58 +272,10 @@ def test_requires_opset_9():
 
 # --- The Attention operator (opset 23) ----------------------------------------------
 
-ATTENTION_GRAPHS = {
-    "additive mask": (
-        "float[2, 2, 8, 4] q, float[2, 2, 8, 4] k, float[2, 2, 8, 4] v, float[2, 1, 8, 8] m",
-        "Attention<scale = 0.25>(q, k, v, m)",
-    ),
-    "boolean mask": (
-        "float[2, 2, 8, 4] q, float[2, 2, 8, 4] k, float[2, 2, 8, 4] v, bool[2, 1, 8, 8] m",
-        "Attention(q, k, v, m)",
-    ),
-    "causal, grouped heads": (
-        "float[2, 4, 8, 4] q, float[2, 2, 8, 4] k, float[2, 2, 8, 4] v",
-        "Attention<is_causal = 1>(q, k, v)",
-    ),
-}
-
-
-def attention_op_model(form: str) -> ir.Model:
-    inputs, call = ATTENTION_GRAPHS[form]
-    heads = 4 if "grouped" in form else 2
-    return model_from_text(
-        f"""
-        <ir_version: 10, opset_import: ["" : 23]>
-        g ({inputs}) => (float[2, {heads}, 8, 4] y) {{
-            y = {call}
-        }}
-        """
-    )
-
-
-def attention_feeds(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for value in model.graph.inputs:
-        shape = [int(d) for d in value.shape]
-        if value.dtype == ir.DataType.BOOL:
-            keep = rng.random(shape) > 0.3
-            keep[..., 0] = True
-            keep[1, :, 3, :] = False  # a row masked everywhere: the operator gives zeros
-            feeds[value.name] = keep
-        elif value.name == "m":
-            mask = np.where(rng.random(shape) > 0.3, 0.0, -np.inf).astype(np.float32)
-            mask[..., 0] = 0.0
-            feeds[value.name] = mask
-        else:
-            feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
-
-
-@pytest.mark.parametrize("form", sorted(ATTENTION_GRAPHS))
+@pytest.mark.parametrize("form", sorted(am.OPERATOR_FORMS))
 def test_attention_operator_is_written_out_and_its_softmax_swapped(form):
-    model = attention_op_model(form)
-    feeds = attention_feeds(model)
+    model = am.operator_model(form)
+    feeds = am.operator_feeds(model)
     expected = run(to_proto(model), feeds)["y"]
     result = rewrite(model)
     assert result.stats["attention_expanded"] == 1 and result.stats["softmax_replaced"] == 1
