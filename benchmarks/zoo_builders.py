@@ -640,3 +640,155 @@ def wav2vec2_conformer() -> Any:
     )
     model = _calibrate_batch_norm(Wav2Vec2ConformerModel(config), (2, 16000))
     return _wrap(model, "last_hidden_state", "audio")
+
+
+# --- The survey: more architectures, off the default run (zoo_models.SURVEY) ----------
+
+
+def _hf(
+    config_name: str,
+    model_name: str,
+    field: str,
+    signature: str,
+    *,
+    calibrate: tuple[int, ...] | None = None,
+    **options: Any,
+) -> Any:
+    """A transformers model built from ``config_name(**options)``, eager attention,
+    its BatchNorm statistics calibrated on inputs of shape ``calibrate`` when given."""
+    _seeded()
+    import transformers
+
+    config = getattr(transformers, config_name)(**options)
+    config._attn_implementation = "eager"
+    model = getattr(transformers, model_name)(config)
+    if calibrate is not None:
+        model = _calibrate_batch_norm(model, calibrate)
+    return _wrap(model, field, signature)
+
+
+_IDS = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}
+_AUDIO_FRONT = {"conv_dim": (256,) * 7, "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16}
+
+
+def electra() -> Any:
+    """ELECTRA's discriminator: embeddings of 128 projected to the hidden width."""
+    return _hf("ElectraConfig", "ElectraModel", "last_hidden_state", "text", vocab_size=VOCAB, embedding_size=128, **HF_WIDTHS)
+
+
+def mpnet() -> Any:
+    """MPNet: relative position buckets added to the scores."""
+    return _hf("MPNetConfig", "MPNetModel", "last_hidden_state", "text", vocab_size=VOCAB, **HF_WIDTHS)
+
+
+def modernbert() -> Any:
+    """ModernBERT: rotary positions, GeGLU, alternating local (sliding-window) attention."""
+    options = {**_IDS, "cls_token_id": 0, "sep_token_id": 0}
+    return _hf("ModernBertConfig", "ModernBertModel", "last_hidden_state", "text", vocab_size=VOCAB, **HF_WIDTHS, **options)
+
+
+def mobilebert() -> Any:
+    """MobileBERT: bottlenecks, stacked FFNs, NoNorm (elementwise affine)."""
+    return _hf("MobileBertConfig", "MobileBertModel", "last_hidden_state", "text", vocab_size=VOCAB, num_hidden_layers=2)
+
+
+def roformer() -> Any:
+    """RoFormer: rotary positions on Q and K."""
+    return _hf("RoFormerConfig", "RoFormerModel", "last_hidden_state", "text", vocab_size=VOCAB, **HF_WIDTHS)
+
+
+def opt() -> Any:
+    """OPT: learned positions offset by 2, ReLU FFN."""
+    widths = {"hidden_size": TEXT["hidden"], "num_hidden_layers": TEXT["layers"], "num_attention_heads": TEXT["heads"]}
+    return _hf("OPTConfig", "OPTForCausalLM", "logits", "text", vocab_size=VOCAB, ffn_dim=TEXT["ffn"],
+               word_embed_proj_dim=TEXT["hidden"], use_cache=False, **widths, **_IDS)  # fmt: skip
+
+
+def gpt_neox() -> Any:
+    """GPT-NeoX: partial rotary dims, parallel attention and MLP."""
+    return _hf("GPTNeoXConfig", "GPTNeoXForCausalLM", "logits", "text", vocab_size=VOCAB, **HF_WIDTHS, use_cache=False, **_IDS)
+
+
+def falcon() -> Any:
+    """Falcon: multi-query attention, parallel attention and MLP."""
+    widths = {"hidden_size": TEXT["hidden"], "num_hidden_layers": TEXT["layers"], "num_attention_heads": TEXT["heads"]}
+    return _hf("FalconConfig", "FalconForCausalLM", "logits", "text", vocab_size=VOCAB, use_cache=False, **widths, **_IDS)
+
+
+def dinov2() -> Any:
+    """DINOv2: patch 14 (257 tokens), layer scale, interpolated positions."""
+    return _hf("Dinov2Config", "Dinov2Model", "pooler_output", "pixels", **HF_WIDTHS, image_size=224, patch_size=14)
+
+
+def convnextv2() -> Any:
+    """ConvNeXt V2 (HF) at ConvNeXt-T widths, one block a stage: global response norm."""
+    return _hf("ConvNextV2Config", "ConvNextV2ForImageClassification", "logits", "pixels",
+               depths=[1, 1, 1, 1], hidden_sizes=[96, 192, 384, 768])  # fmt: skip
+
+
+def poolformer() -> Any:
+    """PoolFormer: average pooling as the token mixer, group norms."""
+    return _hf("PoolFormerConfig", "PoolFormerForImageClassification", "logits", "pixels", depths=[1, 1, 2, 1])
+
+
+def pvt_v2() -> Any:
+    """PVT v2: spatial-reduction attention (keys from a strided conv), depthwise FFN convs."""
+    return _hf("PvtV2Config", "PvtV2ForImageClassification", "logits", "pixels", depths=[1, 1, 1, 1])
+
+
+def mobilevitv2() -> Any:
+    """MobileViTV2: separable linear attention, patches unfolded and folded (Col2Im)."""
+    return _hf("MobileViTV2Config", "MobileViTV2ForImageClassification", "logits", "pixels",
+               calibrate=(4, 3, 224, 224), num_labels=1000)  # fmt: skip
+
+
+def focalnet() -> Any:
+    """FocalNet: focal modulation (depthwise convs and gates) in place of attention."""
+    return _hf("FocalNetConfig", "FocalNetForImageClassification", "logits", "pixels", depths=[1, 1, 1, 1])
+
+
+def hiera() -> Any:
+    """Hiera: mask-unit attention over reordered tokens, pooled queries."""
+    return _hf("HieraConfig", "HieraForImageClassification", "logits", "pixels", depths=[1, 1, 1, 1])
+
+
+def siglip_vision() -> Any:
+    """SigLIP's vision tower: attention-pooling head over 196 tokens."""
+    return _hf("SiglipVisionConfig", "SiglipVisionModel", "pooler_output", "pixels", **HF_WIDTHS, image_size=224, patch_size=16)
+
+
+def yolos() -> Any:
+    """YOLOS: a ViT with 100 detection tokens appended."""
+    return _hf("YolosConfig", "YolosModel", "last_hidden_state", "pixels", **HF_WIDTHS, image_size=[224, 224])
+
+
+def wavlm() -> Any:
+    """WavLM: gated relative position bias in every layer."""
+    return _hf("WavLMConfig", "WavLMModel", "last_hidden_state", "audio", **HF_WIDTHS, **_AUDIO_FRONT)
+
+
+def hubert() -> Any:
+    """HuBERT: wav2vec2's front end and encoder."""
+    return _hf("HubertConfig", "HubertModel", "last_hidden_state", "audio", **HF_WIDTHS, **_AUDIO_FRONT)
+
+
+def ast() -> Any:
+    """Audio Spectrogram Transformer: 16 x 16 patches of 1024 x 128 filterbanks, stride 10."""
+    return _hf("ASTConfig", "ASTForAudioClassification", "logits", "audio", **HF_WIDTHS, max_length=1024, num_mel_bins=128)
+
+
+def speech_to_text() -> Any:
+    """Speech2Text's encoder: two stride-2 1-D convolutions with GLU, sinusoidal positions."""
+    _seeded()
+    from transformers import Speech2TextConfig
+    from transformers.models.speech_to_text.modeling_speech_to_text import Speech2TextEncoder
+
+    config = Speech2TextConfig(
+        d_model=TEXT["hidden"],
+        encoder_layers=TEXT["layers"],
+        encoder_attention_heads=TEXT["heads"],
+        encoder_ffn_dim=TEXT["ffn"],
+        input_feat_per_channel=80,
+    )
+    config._attn_implementation = "eager"
+    return _wrap(Speech2TextEncoder(config), "last_hidden_state", "mel")

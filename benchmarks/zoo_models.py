@@ -235,7 +235,57 @@ ZOO: list[ZooModel] = [
         "2-layer GRU, 256 wide, over 128 frames of 80 mel features",
     ),
 ]
-MODELS = {model.name: model for model in ZOO}
+_AUDIO = (Input("input_values", ("batch", "samples")),)
+_SAMPLES = {"samples": 16000}
+
+# More architectures, run by name or with ``--models survey`` (not in the default run,
+# whose table the README keeps): what a new user brings that the zoo above lacks.
+SURVEY: list[ZooModel] = [
+    _text("electra", "survey", build.electra, "last_hidden_state", "embeddings of 128 projected"),
+    _text("mpnet", "survey", build.mpnet, "last_hidden_state", "relative position buckets"),
+    _text("modernbert", "survey", build.modernbert, "last_hidden_state", "rotary, GeGLU, local attention"),
+    _text("mobilebert", "survey", build.mobilebert, "last_hidden_state", "bottlenecks, NoNorm"),
+    _text("roformer", "survey", build.roformer, "last_hidden_state", "rotary positions"),
+    _text("opt", "survey", build.opt, "logits", "ReLU FFN, learned positions"),
+    _text("gpt_neox", "survey", build.gpt_neox, "logits", "partial rotary, parallel MLP"),
+    _text("falcon", "survey", build.falcon, "logits", "multi-query attention"),
+    _image("dinov2", "survey", build.dinov2, "pooler_output", "patch 14: 257 tokens"),
+    _image("convnextv2", "survey", build.convnextv2, "logits", "global response norm"),
+    _image("poolformer", "survey", build.poolformer, "logits", "pooling as token mixer"),
+    _image("pvt_v2", "survey", build.pvt_v2, "logits", "spatial-reduction attention"),
+    _image("mobilevitv2", "survey", build.mobilevitv2, "logits", "linear attention, Col2Im"),
+    _image("focalnet", "survey", build.focalnet, "logits", "focal modulation"),
+    _image("hiera", "survey", build.hiera, "logits", "mask-unit attention"),
+    _image("siglip_vision", "survey", build.siglip_vision, "pooler_output", "attention-pooling head"),
+    _image("yolos", "survey", build.yolos, "last_hidden_state", "ViT + 100 detection tokens"),
+    ZooModel("wavlm", "survey", _AUDIO, "last_hidden_state", build.wavlm, _SAMPLES, "gated relative bias"),
+    ZooModel("hubert", "survey", _AUDIO, "last_hidden_state", build.hubert, _SAMPLES),
+    ZooModel(
+        "ast",
+        "survey",
+        (Input("input_values", ("batch", 1024, 128)),),
+        "logits",
+        build.ast,
+        {},
+        "1024 x 128 filterbanks: 1212 patches",
+    ),
+    ZooModel(
+        "speech_to_text",
+        "survey",
+        (Input("input_features", ("batch", 584, 80)),),
+        "last_hidden_state",
+        build.speech_to_text,
+        {},
+        "conv subsampling with GLU",
+    ),
+    _tv("inception_v3", "survey", build.torchvision_model("inception_v3", aux_logits=False, init_weights=True)),
+    _tv("mnasnet", "survey", build.torchvision_model("mnasnet1_0")),
+    _tv("vgg11", "survey", build.torchvision_model("vgg11_bn")),
+    _tv("swin_v2_t", "survey", build.torchvision_model("swin_v2_t"), "log-spaced continuous position bias"),
+    _tv("maxvit_t", "survey", build.torchvision_model("maxvit_t"), "block and grid attention, MBConv"),
+    _tv("wide_resnet50", "survey", build.torchvision_model("wide_resnet50_2")),
+]
+MODELS = {model.name: model for model in [*ZOO, *SURVEY]}
 
 
 # --- Inputs --------------------------------------------------------------------------
@@ -273,13 +323,15 @@ def symbolic_axes(model: ZooModel) -> list[str]:
 
 
 def select(names: Iterable[str] | None) -> list[ZooModel]:
-    """The zoo's models named in ``names`` (model or family names), in zoo order; all of
-    them for None. An unknown name raises ``KeyError`` listing the known ones."""
+    """The zoo's models named in ``names`` (model or family names, ``survey`` for
+    :data:`SURVEY`), in zoo order; the zoo without the survey for None. An unknown name
+    raises ``KeyError`` listing the known ones."""
     if names is None:
         return list(ZOO)
     wanted = set(names)
-    known = set(MODELS) | {model.family for model in ZOO}
+    every = [*ZOO, *SURVEY]
+    known = set(MODELS) | {model.family for model in every}
     unknown = sorted(wanted - known)
     if unknown:
         raise KeyError(f"unknown models {unknown}; known: {sorted(known)}")
-    return [model for model in ZOO if model.name in wanted or model.family in wanted]
+    return [model for model in every if model.name in wanted or model.family in wanted]

@@ -87,6 +87,22 @@ def test_every_model_builds(name: str) -> None:
     assert output.shape[0] == 2 and torch.isfinite(output).all() and output.std() > 1e-3
 
 
+def test_the_survey_is_off_the_default_run() -> None:
+    survey = [model.name for model in zoo_models.SURVEY]
+    assert len(survey) == len(set(survey)) and not set(survey) & {m.name for m in zoo_models.ZOO}
+    assert [m.name for m in zoo_models.select(["survey"])] == survey
+    assert [m.name for m in zoo_models.select(["mpnet", "bert"])] == ["bert", "mpnet"]
+    assert not set(survey) & {m.name for m in zoo_models.select(None)}
+
+
+@pytest.mark.slow  # 27 models built, seconds each
+@pytest.mark.parametrize("name", [model.name for model in zoo_models.SURVEY])
+def test_every_survey_model_builds(name: str) -> None:
+    model = zoo_models.MODELS[name]
+    _needs(model)
+    assert not model.make().training
+
+
 def _check_export(name: str, exporter: str, cache: Path) -> None:
     """Export, and run the export in ORT at batch 3 (traced at 2) against torch."""
     import onnxruntime as ort
