@@ -1,7 +1,8 @@
 """Compiled speed on every architecture: our TVM libraries against ONNX Runtime, model by model.
 
-For each model of the zoo (:mod:`benchmarks.zoo_models`: 28 small random-weight
-models from ``transformers`` and ``torchvision``) and each torch exporter
+For each model of the zoo (:mod:`benchmarks.zoo_models`: 45 small random-weight
+models from ``transformers`` and ``torchvision``; ``--models survey`` for the 27 more
+architectures of ``zoo_models.SURVEY``, off the default run) and each torch exporter
 (:mod:`benchmarks.zoo_export`, exports cached in ``--cache``):
 
 1. rewrite with ``two-pass-softmax`` (``rewriter.job.rewrite_file``, verified on the
