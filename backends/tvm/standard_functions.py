@@ -50,21 +50,21 @@ def expand(model: ir.Model, supported: Collection[str]) -> int:
     graph's level of the optimizer's inlining)."""
     opset = model.opset_imports.get("", 1)
     nodes = [
-        node
+        (node, version)
         for node in model.graph
         if node.domain in ("", "ai.onnx")
         and (node.op_type not in supported or node.op_type in MISREAD)
-        and _definition_version(node.op_type, opset) is not None
+        and (version := _definition_version(node.op_type, opset)) is not None
     ]
     if not nodes:
         return 0
-    if any(_definition_version(node.op_type, opset)[1] for node in nodes):  # type: ignore[index]
+    if any(dependent for _, (_, dependent) in nodes):
         ir.passes.common.ShapeInferencePass(strict_mode=False)(model)  # their input types
     imports = dict(model.opset_imports)
     count = 0
-    for index, node in enumerate(nodes):
+    for index, (node, version) in enumerate(nodes):
         try:
-            function = _definition(node, opset)
+            function = _definition(node, opset, version)
         except (onnx.defs.SchemaError, RuntimeError, ValueError) as error:
             logger.warning("%s %r: ONNX's definition could not be built: %s", node.op_type, node.name, error)
             continue
@@ -132,9 +132,10 @@ def _definition_version(op_type: str, opset: int) -> tuple[int, bool] | None:
     return max(plain), False
 
 
-def _definition(node: ir.Node, opset: int) -> onnx.FunctionProto:
-    """The FunctionProto that defines ``node``'s op at ``opset``, for ``node``."""
-    version, dependent = _definition_version(node.op_type, opset)  # type: ignore[misc]
+def _definition(node: ir.Node, opset: int, version: tuple[int, bool]) -> onnx.FunctionProto:
+    """The FunctionProto that defines ``node``'s op at ``opset``, for ``node``, from the
+    function ``version`` (:func:`_definition_version`)."""
+    function_opset, dependent = version
     schema: Any = onnx.defs.get_schema(node.op_type, opset, "")
     function = onnx.FunctionProto()
     if dependent:
@@ -144,16 +145,15 @@ def _definition(node: ir.Node, opset: int) -> onnx.FunctionProto:
             else onnx.TypeProto().SerializeToString()
             for value in node.inputs
         ]
-        # The node's own inputs and outputs name the body's: the schema reads the node
-        # for its attributes and which optional inputs are present.
+        # The schema reads the node for its attributes and which optional inputs are present.
         proto = ir.serde.serialize_node(node)
         function.ParseFromString(
             schema.get_context_dependent_function_with_opset_version(
-                version, proto.SerializeToString(), types
+                function_opset, proto.SerializeToString(), types
             )
         )
     else:
-        function.ParseFromString(schema.get_function_with_opset_version(version))
+        function.ParseFromString(schema.get_function_with_opset_version(function_opset))
     if not function.node and node.op_type in OWN:  # ONNX's builder declined this node
         function = OWN[node.op_type](node, opset)
     if not function.node:

@@ -500,14 +500,17 @@ def find_attention(model: ir.Model) -> list[AttentionMatch]:
     return found
 
 
-def softmax_notes(model: ir.Model, instances: Sequence[AttentionRule]) -> list[str]:
-    """One note per Softmax left in the graph: why it is not (rewritten) attention."""
+def softmax_notes(
+    model: ir.Model, instances: Sequence[AttentionRule], *, softmax: bool = True
+) -> list[str]:
+    """One note per Softmax and ``Attention`` node left in the graph: why it is not
+    (rewritten) attention; ``softmax=False``: the ``Attention`` nodes only."""
     reasons: dict[str, str] = {}
     for instance in instances:
         reasons.update(instance.reasons)
     notes = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
+        if softmax and node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
             why = reasons.get(node.name or "", "not attention (not MatMul(Softmax(QKᵀ...), V))")
             notes.append(f"Softmax {node.name!r} left as is: {why}")
         elif node.op_type == "Attention" and node.domain in ("", "ai.onnx"):

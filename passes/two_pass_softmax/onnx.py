@@ -122,12 +122,7 @@ def _expand_attention_ops(model: ir.Model) -> tuple[dict[str, int], list[str]]:
     rule_set, instances = attention.rules(_ExpandAttention, subgraph=False)
     expanded = rule_set.apply_to_model(model)
     attention.remove_replaced(model)
-    reasons = {name: why for instance in instances for name, why in instance.reasons.items()}
-    notes = [
-        f"Attention {node.name!r} left as is: {reasons.get(node.name or '', 'not matched')}"
-        for node in _find(model, "Attention")
-    ]
-    return {"attention_expanded": expanded}, notes
+    return {"attention_expanded": expanded}, attention.softmax_notes(model, instances, softmax=False)
 
 
 class _ExpandAttention(attention.AttentionRule):
