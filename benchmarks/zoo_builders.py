@@ -88,6 +88,14 @@ def _wrappers() -> dict[str, Any]:
         def forward(self, input_features: Any) -> Any:
             return self.out(input_features=input_features)
 
+    class Ids(Wrapped):
+        def forward(self, input_ids: Any) -> Any:
+            return self.out(input_ids=input_ids)
+
+    class Series(Wrapped):
+        def forward(self, past_values: Any) -> Any:
+            return self.out(past_values=past_values)
+
     return {
         "text": Text,
         "seq2seq": Seq2Seq,
@@ -95,6 +103,8 @@ def _wrappers() -> dict[str, Any]:
         "images": Images,
         "audio": Audio,
         "mel": Mel,
+        "ids": Ids,
+        "series": Series,
     }
 
 
@@ -792,3 +802,156 @@ def speech_to_text() -> Any:
     )
     config._attn_implementation = "eager"
     return _wrap(Speech2TextEncoder(config), "last_hidden_state", "mel")
+
+
+# The survey's second probe: operators the first one did not reach (FFT, MoE routing,
+# grouped 1-D convolutions, deformable sampling, selective scans, quantizer codebooks).
+
+_HEADS = {"num_hidden_layers": TEXT["layers"], "num_attention_heads": TEXT["heads"]}
+
+
+def fnet() -> Any:
+    """FNet: token mixing by a 2-D Fourier transform (the real part), no attention."""
+    return _hf("FNetConfig", "FNetModel", "last_hidden_state", "ids", vocab_size=VOCAB, hidden_size=TEXT["hidden"],
+               num_hidden_layers=TEXT["layers"], intermediate_size=TEXT["ffn"])  # fmt: skip
+
+
+def squeezebert() -> Any:
+    """SqueezeBERT: grouped 1-D convolutions in place of the dense projections."""
+    return _hf("SqueezeBertConfig", "SqueezeBertModel", "last_hidden_state", "text", vocab_size=VOCAB,
+               embedding_size=TEXT["hidden"], **HF_WIDTHS)  # fmt: skip
+
+
+def convbert() -> Any:
+    """ConvBERT: span-based dynamic convolution heads beside self-attention."""
+    return _hf("ConvBertConfig", "ConvBertModel", "last_hidden_state", "text", vocab_size=VOCAB,
+               embedding_size=TEXT["hidden"], **HF_WIDTHS)  # fmt: skip
+
+
+def funnel() -> Any:
+    """Funnel Transformer (base): the sequence pooled between blocks, relative attention."""
+    return _hf("FunnelConfig", "FunnelBaseModel", "last_hidden_state", "text", vocab_size=VOCAB, block_sizes=[1, 1],
+               d_model=TEXT["hidden"], n_head=TEXT["heads"], d_head=64, d_inner=TEXT["ffn"])  # fmt: skip
+
+
+def canine() -> Any:
+    """CANINE: hashed character embeddings, a strided 1-D convolution down, local attention."""
+    return _hf("CanineConfig", "CanineModel", "last_hidden_state", "text", **HF_WIDTHS)
+
+
+def esm() -> Any:
+    """ESM: rotary positions, token-dropout rescaling of the embeddings."""
+    return _hf("EsmConfig", "EsmModel", "last_hidden_state", "text", vocab_size=VOCAB, pad_token_id=1,
+               mask_token_id=32, position_embedding_type="rotary", token_dropout=True, **HF_WIDTHS)  # fmt: skip
+
+
+def mixtral() -> Any:
+    """Mixtral: a sparse mixture of 4 experts, 2 per token (top-k routing), GQA 4/2."""
+    return _hf("MixtralConfig", "MixtralForCausalLM", "logits", "text", vocab_size=VOCAB, **HF_WIDTHS,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, use_cache=False,
+               **_IDS)  # fmt: skip
+
+
+def xlnet() -> Any:
+    """XLNet: two-stream relative attention with its relative shift."""
+    return _hf("XLNetConfig", "XLNetModel", "last_hidden_state", "text", vocab_size=VOCAB, d_model=TEXT["hidden"],
+               n_layer=TEXT["layers"], n_head=TEXT["heads"], d_inner=TEXT["ffn"], use_mems_eval=False)  # fmt: skip
+
+
+def mamba() -> Any:
+    """Mamba: causal depthwise 1-D convolution and a selective state-space scan."""
+    return _hf("MambaConfig", "MambaModel", "last_hidden_state", "ids", vocab_size=VOCAB, hidden_size=TEXT["hidden"],
+               num_hidden_layers=TEXT["layers"], use_cache=False, **_IDS)  # fmt: skip
+
+
+def nystromformer() -> Any:
+    """Nystromformer: attention through 64 landmarks and an iterative pseudo-inverse."""
+    return _hf("NystromformerConfig", "NystromformerModel", "last_hidden_state", "text", vocab_size=VOCAB,
+               num_landmarks=32, segment_means_seq_len=128, **HF_WIDTHS)  # fmt: skip
+
+
+def longformer() -> Any:
+    """Longformer: sliding-window attention (32 tokens) in overlapping chunks."""
+    return _hf("LongformerConfig", "LongformerModel", "last_hidden_state", "text", vocab_size=VOCAB,
+               attention_window=32, **HF_WIDTHS)  # fmt: skip
+
+
+def _resnet_backbone(stages: list[str]) -> Any:
+    from transformers import ResNetConfig
+
+    return ResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[64, 128, 256, 512], out_features=stages)
+
+
+def detr() -> Any:
+    """DETR: a ResNet backbone, sine positions, 100 object queries through a decoder."""
+    return _hf("DetrConfig", "DetrForObjectDetection", "logits", "pixels", calibrate=(4, 3, 224, 224),
+               use_timm_backbone=False, use_pretrained_backbone=False,
+               backbone_config=_resnet_backbone(["stage4"]), d_model=TEXT["hidden"],
+               encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_dim=TEXT["ffn"], decoder_ffn_dim=TEXT["ffn"])  # fmt: skip
+
+
+def deformable_detr() -> Any:
+    """Deformable DETR: multi-scale deformable attention (bilinear sampling, GridSample)."""
+    return _hf("DeformableDetrConfig", "DeformableDetrForObjectDetection", "logits", "pixels",
+               calibrate=(4, 3, 224, 224), use_timm_backbone=False, use_pretrained_backbone=False,
+               backbone_config=_resnet_backbone(["stage2", "stage3", "stage4"]), d_model=TEXT["hidden"],
+               encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_dim=TEXT["ffn"], decoder_ffn_dim=TEXT["ffn"])  # fmt: skip
+
+
+def dpt() -> Any:
+    """DPT (segmentation head): a ViT's tokens reassembled at four scales, fused upward."""
+    return _hf("DPTConfig", "DPTForSemanticSegmentation", "logits", "pixels", calibrate=(4, 3, 224, 224), hidden_size=TEXT["hidden"],
+               num_hidden_layers=4, num_attention_heads=TEXT["heads"], intermediate_size=TEXT["ffn"],
+               image_size=224, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[32, 64, 128, 256],
+               fusion_hidden_size=64)  # fmt: skip
+
+
+def sam_vision() -> Any:
+    """SAM's image encoder: windowed attention with decomposed relative positions, a neck."""
+    return _hf("SamVisionConfig", "SamVisionModel", "last_hidden_state", "pixels", hidden_size=TEXT["hidden"],
+               **_HEADS, mlp_dim=TEXT["ffn"], image_size=224, window_size=7, global_attn_indexes=[1],
+               output_channels=128, initializer_range=0.02)  # fmt: skip
+
+
+def cvt() -> Any:
+    """CvT: convolutional token embeddings and depthwise convolutional projections."""
+    return _hf("CvtConfig", "CvtForImageClassification", "logits", "pixels", calibrate=(4, 3, 224, 224),
+               depth=[1, 2, 3], num_labels=1000)  # fmt: skip
+
+
+def mobilenet_v1() -> Any:
+    """MobileNetV1 (transformers): TensorFlow "same" padding computed from the input size."""
+    return _hf("MobileNetV1Config", "MobileNetV1ForImageClassification", "logits", "pixels",
+               calibrate=(4, 3, 224, 224), tf_padding=True, num_labels=1000)  # fmt: skip
+
+
+def swiftformer() -> Any:
+    """SwiftFormer: efficient additive attention, convolutional encoders."""
+    return _hf("SwiftFormerConfig", "SwiftFormerForImageClassification", "logits", "pixels",
+               calibrate=(4, 3, 224, 224), depths=[1, 1, 1, 1], num_labels=1000)  # fmt: skip
+
+
+def timesformer() -> Any:
+    """TimeSformer: divided space-time attention over 8 frames of 224 x 224."""
+    return _hf("TimesformerConfig", "TimesformerModel", "last_hidden_state", "pixels", **HF_WIDTHS,
+               image_size=224, num_frames=8)  # fmt: skip
+
+
+def encodec() -> Any:
+    """EnCodec: strided 1-D convolutions, LSTMs, a residual vector quantizer, and back."""
+    return _hf("EncodecConfig", "EncodecModel", "audio_values", "audio", num_filters=16, hidden_size=64,
+               codebook_size=256, target_bandwidths=[1.5, 3.0])  # fmt: skip
+
+
+def sew_d() -> Any:
+    """SEW-D: a squeezed wav2vec2 front end, DeBERTa-style disentangled attention."""
+    return _hf("SEWDConfig", "SEWDModel", "last_hidden_state", "audio", **HF_WIDTHS)
+
+
+def patchtst() -> Any:
+    """PatchTST: 7 series of 512 steps cut into patches, batch norms, a linear forecast."""
+    return _hf("PatchTSTConfig", "PatchTSTForPrediction", "prediction_outputs", "series", calibrate=(4, 512, 7),
+               num_input_channels=7, context_length=512, prediction_length=96, d_model=128,
+               num_attention_heads=4, num_hidden_layers=2, ffn_dim=512)  # fmt: skip

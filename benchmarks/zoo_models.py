@@ -237,6 +237,7 @@ ZOO: list[ZooModel] = [
 ]
 _AUDIO = (Input("input_values", ("batch", "samples")),)
 _SAMPLES = {"samples": 16000}
+_IDS = (Input("input_ids", ("batch", "sequence"), "ids"),)
 
 # More architectures, run by name or with ``--models survey`` (not in the default run,
 # whose table the README keeps): what a new user brings that the zoo above lacks.
@@ -284,6 +285,53 @@ SURVEY: list[ZooModel] = [
     _tv("swin_v2_t", "survey", build.torchvision_model("swin_v2_t"), "log-spaced continuous position bias"),
     _tv("maxvit_t", "survey", build.torchvision_model("maxvit_t"), "block and grid attention, MBConv"),
     _tv("wide_resnet50", "survey", build.torchvision_model("wide_resnet50_2")),
+    # The second probe: operators the first did not reach.
+    ZooModel("fnet", "survey", _IDS, "last_hidden_state", build.fnet, _SEQUENCE, "2-D Fourier token mixing"),
+    _text("squeezebert", "survey", build.squeezebert, "last_hidden_state", "grouped 1-D convolutions"),
+    _text("convbert", "survey", build.convbert, "last_hidden_state", "span-based dynamic convolution"),
+    _text("funnel", "survey", build.funnel, "last_hidden_state", "sequence pooled, relative attention"),
+    _text("canine", "survey", build.canine, "last_hidden_state", "hashed characters, strided conv down"),
+    _text("esm", "survey", build.esm, "last_hidden_state", "rotary, token-dropout rescaling"),
+    _text("mixtral", "survey", build.mixtral, "logits", "4 experts, top-2 routing"),
+    _text("xlnet", "survey", build.xlnet, "last_hidden_state", "two-stream relative attention"),
+    ZooModel("mamba", "survey", _IDS, "last_hidden_state", build.mamba, _SEQUENCE, "selective scan"),
+    _text("nystromformer", "survey", build.nystromformer, "last_hidden_state", "landmarks, iterative pinv"),
+    _text("longformer", "survey", build.longformer, "last_hidden_state", "sliding-window chunks of 32"),
+    _image("detr", "survey", build.detr, "logits", "ResNet backbone, 100 object queries"),
+    _image("deformable_detr", "survey", build.deformable_detr, "logits", "multi-scale deformable attention"),
+    _image("dpt", "survey", build.dpt, "logits", "ViT reassembled at four scales"),
+    _image("sam_vision", "survey", build.sam_vision, "last_hidden_state", "windows, decomposed relative positions"),
+    _image("cvt", "survey", build.cvt, "logits", "convolutional projections"),
+    _image("mobilenet_v1", "survey", build.mobilenet_v1, "logits", "TensorFlow 'same' padding"),
+    _image("swiftformer", "survey", build.swiftformer, "logits", "efficient additive attention"),
+    ZooModel(
+        "timesformer",
+        "survey",
+        (Input("pixel_values", ("batch", 8, 3, 224, 224)),),
+        "last_hidden_state",
+        build.timesformer,
+        {},
+        "divided space-time attention, 8 frames",
+    ),
+    ZooModel(
+        "encodec",
+        "survey",
+        (Input("input_values", ("batch", 1, "samples")),),
+        "audio_values",
+        build.encodec,
+        {"samples": 24000},
+        "1 s of 24 kHz audio: conv, LSTM, RVQ codebooks, back",
+    ),
+    ZooModel("sew_d", "survey", _AUDIO, "last_hidden_state", build.sew_d, _SAMPLES, "disentangled attention"),
+    ZooModel(
+        "patchtst",
+        "survey",
+        (Input("past_values", ("batch", 512, 7)),),
+        "prediction_outputs",
+        build.patchtst,
+        {},
+        "7 series x 512 steps in patches of 16",
+    ),
 ]
 MODELS = {model.name: model for model in [*ZOO, *SURVEY]}
 
