@@ -48,6 +48,7 @@ from rewriter.backends.tvm import (
     recurrent,
     shape_ops,
     shape_values,
+    spectral,
     standard_functions,
 )
 from rewriter.backends.tvm.ops import KernelFactory
@@ -70,7 +71,7 @@ MAX_NMS_BOXES = 1 << 20
 # ONNX ops TVM's importer lacks, converted by rewriter.backends.tvm.recurrent.
 RECURRENT = frozenset(recurrent.KERNEL_NAMES)
 # ONNX ops TVM's importer lacks, converted here (and by the modules named above).
-OWN_CONVERTERS = RECURRENT | {"Col2Im"}
+OWN_CONVERTERS = RECURRENT | spectral.OPS | {"Col2Im"}
 
 # Appended to the op type of a node that gets a static-shape kernel, while prepare runs
 # the optimizer again: no function has that name, so the node is kept as it is.
@@ -868,6 +869,8 @@ def _importer_class() -> type:
                 return recurrent.convert(self.bb, op_name, inputs, attrs, self._target)
             if op_name == "Col2Im":
                 return _col2im(self.bb, inputs, attrs)
+            if op_name in spectral.OPS:
+                return spectral.convert(self.bb, inputs, attrs, opset, self._sizes)
             if op_name == "Gather":
                 return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
             if op_name == "GatherElements" and (gathered := _gather_elements(self.bb, inputs, attrs)) is not None:
