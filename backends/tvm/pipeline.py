@@ -95,6 +95,7 @@ def relax_pipeline(
         conv_frames,
         conv_transpose,
         flat_rows,
+        fold_constant,
         global_pools,
         legalize_bf16_norms,
         outputs_as_params,
@@ -127,13 +128,15 @@ def relax_pipeline(
     # A pool whose one window covers its map: a global pool (TVM would pad the map to the
     # window: HF EfficientNet's 2560 x 2560 one over a 7 x 7 map, 67 GB).
     passes.append(global_pools.global_pools())
+    # Every constant fold builds our kernels for the target (fold_constant: for plain
+    # llvm, LLVM aborted on them).
     passes += [
-        relax.transform.FoldConstant(),
+        fold_constant.fold_constant(target),
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.DeadCodeElimination(),
-        relax.transform.FoldConstant(),
+        fold_constant.fold_constant(target),
     ]
     if not gpu:  # convolutions channels-last, for our conv schedules
         passes.append(conv_transpose.blocks_as_conv2d())  # upsampling blocks: 1 x 1 ones
@@ -163,7 +166,11 @@ def relax_pipeline(
     # On CUDA our pass applies dlight's rules in place of its ApplyDefaultSchedule, passing
     # over a rule that raises on a function (cpu_schedule.gpu_schedule).
     replaced = ("LegalizeOps", "ApplyDefaultSchedule")
-    passes += [p for p in stages.legalize_passes(target) if p.info.name not in replaced]
+    passes += [
+        fold_constant.fold_constant(target) if p.info.name == "FoldConstant" else p
+        for p in stages.legalize_passes(target)
+        if p.info.name not in replaced
+    ]
     if gpu:
         passes.append(cpu_schedule.gpu_schedule(target))
     else:
