@@ -44,6 +44,7 @@ import onnx_ir.passes.common
 from rewriter import input_sizes
 from rewriter.backends.tvm import (
     attention_fusion,
+    einsum,
     ops,
     recurrent,
     shape_ops,
@@ -869,6 +870,8 @@ def _importer_class() -> type:
                 return recurrent.convert(self.bb, op_name, inputs, attrs, self._target)
             if op_name == "Col2Im":
                 return _col2im(self.bb, inputs, attrs)
+            if op_name == "Einsum" and (product := einsum.convert(self.bb, inputs, attrs)) is not None:
+                return product
             if op_name in spectral.OPS:
                 return spectral.convert(self.bb, inputs, attrs, opset, self._sizes)
             if op_name == "Gather":
