@@ -140,6 +140,7 @@ def relax_pipeline(
     ]
     if not gpu:  # convolutions channels-last, for our conv schedules
         passes.append(conv_transpose.blocks_as_conv2d())  # upsampling blocks: 1 x 1 ones
+        passes.append(conv_transpose.overlap_add())  # the others: a matmul, an overlap-add
         passes.append(conv.channels_last())  # 3-D ones then as 2-D ones over stacked taps
         passes.append(carried_channels.carried())  # padded channels on to the next convolution
         # Then (on their NWC form) 1-D ones get whole tiles of frames (no masked last tile).
