@@ -639,6 +639,53 @@ def _constant_pad(bb: Any, inputs: list, attrs: dict) -> Any | None:
     return bb.normalize(relax.op.nn.pad(inputs[0], interleaved, pad_value=fill))
 
 
+def _computed_pad(bb: Any, inputs: list, attrs: dict, sizes: Any) -> Any | None:
+    """A ``Pad`` whose pads are shape arithmetic (EnCodec's reflect pads, computed from the
+    signal's length so that its frames divide it), as one TE kernel that reads each output
+    element's source: ``constant`` (the value outside), ``reflect`` or ``edge``. TVM's
+    converter refuses such pads ("Dynamic pads are not supported yet"), so the model kept
+    no symbolic length. None for constant pads, an ``axes`` input, other modes or pads
+    that are not shape arithmetic (TVM's converter takes them, or refuses)."""
+    import tvm
+    from tvm import te, tirx
+
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode not in ("constant", "reflect", "edge") or not 2 <= len(inputs) <= 3:
+        return None
+    pads, value = inputs[1], inputs[2] if len(inputs) == 3 else None
+    if isinstance(pads, tvm.ir.GenericConst) or not (value is None or isinstance(value, tvm.ir.GenericConst)):
+        return None
+    widths = shape_ops.values(bb, pads, sizes)
+    dims = dims_of(inputs[0])
+    if widths is None or dims is None or len(widths) != 2 * len(dims):
+        return None
+    rank = len(dims)
+    fill = 0.0 if value is None else float(value.value.numpy().reshape(-1)[0])
+
+    def pad(x: te.Tensor) -> te.Tensor:
+        extents = [x.shape[axis] + widths[axis] + widths[rank + axis] for axis in range(rank)]
+
+        def element(*index: Any) -> Any:
+            source, inside = [], []
+            for axis, position in enumerate(index):
+                size, j = x.shape[axis], position - widths[axis]
+                if mode == "reflect":  # ONNX: pads shorter than the axis
+                    j = tirx.if_then_else(j < 0, -j, tirx.if_then_else(j >= size, 2 * (size - 1) - j, j))
+                else:
+                    inside += [j >= 0, j < size]
+                    j = tirx.max(tirx.min(j, size - 1), 0)
+                source.append(j)
+            read = x[tuple(source)]
+            if mode != "constant":
+                return read
+            return tirx.if_then_else(tirx.all(*inside), read, tirx.const(fill, x.dtype))
+
+        return te.compute(extents, element, name="pad")
+
+    return bb.normalize(bb.call_te(pad, inputs[0], primfunc_name_hint=f"{mode}_pad"))
+
+
 def _col2im(bb: Any, inputs: list, attrs: dict) -> Any:
     """``Col2Im`` (opset 18: ``torch.nn.functional.fold``, MobileViTV2's patches back to
     a map) as one gather kernel: each output pixel sums the block entries that cover it,
@@ -885,6 +932,8 @@ def _importer_class() -> type:
             if op_name == "NonMaxSuppression":
                 inputs = _nms_box_limit(inputs)
             if op_name == "Pad" and (padded := _constant_pad(self.bb, inputs, attrs)) is not None:
+                return padded
+            if op_name == "Pad" and (padded := _computed_pad(self.bb, inputs, attrs, self._sizes)) is not None:
                 return padded
             if op_name == "Clip" and (clipped := _clip(self.bb, inputs, attrs, opset)) is not None:
                 return clipped

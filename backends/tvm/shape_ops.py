@@ -177,8 +177,8 @@ def operands(
             if read is None:
                 return inputs
         return _with(inputs, index, relax.ShapeExpr(read))
-    if op_name == "Tile":
-        return inputs  # lowered here (lower)
+    if op_name in ("Tile", "Pad"):
+        return inputs  # lowered here (lower), or by the importer (its _computed_pad)
     raise ValueError(
         f"{op_name} with sizes of the input dimensions ({_symbolic(read)}): TVM takes constants only"
     )
