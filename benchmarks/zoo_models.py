@@ -238,6 +238,10 @@ ZOO: list[ZooModel] = [
 _AUDIO = (Input("input_values", ("batch", "samples")),)
 _SAMPLES = {"samples": 16000}
 _IDS = (Input("input_ids", ("batch", "sequence"), "ids"),)
+# Models whose code reads the sequence length as a Python int (pooling strides, chunked
+# windows, an unrolled scan): both exporters bake the traced length into the graph, so
+# their sequence is fixed at 128 and only the batch is symbolic.
+_TOKENS_128 = (Input("input_ids", ("batch", 128), "ids"), Input("attention_mask", ("batch", 128), "mask"))
 
 # More architectures, run by name or with ``--models survey`` (not in the default run,
 # whose table the README keeps): what a new user brings that the zoo above lacks.
@@ -289,14 +293,15 @@ SURVEY: list[ZooModel] = [
     ZooModel("fnet", "survey", _IDS, "last_hidden_state", build.fnet, _SEQUENCE, "2-D Fourier token mixing"),
     _text("squeezebert", "survey", build.squeezebert, "last_hidden_state", "grouped 1-D convolutions"),
     _text("convbert", "survey", build.convbert, "last_hidden_state", "span-based dynamic convolution"),
-    _text("funnel", "survey", build.funnel, "last_hidden_state", "sequence pooled, relative attention"),
-    _text("canine", "survey", build.canine, "last_hidden_state", "hashed characters, strided conv down"),
+    ZooModel("funnel", "survey", _TOKENS_128, "last_hidden_state", build.funnel, {}, "sequence pooled, relative attention"),
+    ZooModel("canine", "survey", _TOKENS_128, "last_hidden_state", build.canine, {}, "hashed characters, strided conv down"),
     _text("esm", "survey", build.esm, "last_hidden_state", "rotary, token-dropout rescaling"),
     _text("mixtral", "survey", build.mixtral, "logits", "4 experts, top-2 routing"),
     _text("xlnet", "survey", build.xlnet, "last_hidden_state", "two-stream relative attention"),
-    ZooModel("mamba", "survey", _IDS, "last_hidden_state", build.mamba, _SEQUENCE, "selective scan"),
-    _text("nystromformer", "survey", build.nystromformer, "last_hidden_state", "landmarks, iterative pinv"),
-    _text("longformer", "survey", build.longformer, "last_hidden_state", "sliding-window chunks of 32"),
+    ZooModel("mamba", "survey", (Input("input_ids", ("batch", 128), "ids"),), "last_hidden_state", build.mamba, {},
+             "selective scan, unrolled over 128 tokens"),  # fmt: skip
+    ZooModel("nystromformer", "survey", _TOKENS_128, "last_hidden_state", build.nystromformer, {}, "landmarks, iterative pinv"),
+    ZooModel("longformer", "survey", _TOKENS_128, "last_hidden_state", build.longformer, {}, "sliding-window chunks of 32"),
     _image("detr", "survey", build.detr, "logits", "ResNet backbone, 100 object queries"),
     _image("deformable_detr", "survey", build.deformable_detr, "logits", "multi-scale deformable attention"),
     _image("dpt", "survey", build.dpt, "logits", "ViT reassembled at four scales"),
