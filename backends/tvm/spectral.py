@@ -183,15 +183,16 @@ def _matrix(bb: Any, length: Any, bins: Any, parts: int, inverse: bool, dtype: s
             rows.append(np.concatenate([-sin, cos], axis=1))
         matrix = np.concatenate(rows, axis=0) / (length if inverse else 1)
         return relax.const(matrix.astype(dtype))
-    return bb.emit_te(_symbolic_matrix, length, bins, parts, sign, inverse, dtype, primfunc_name_hint="dft_matrix")
+    table = bb.emit_te(_angles, length, sign, dtype, primfunc_name_hint="dft_angles")
+    return bb.emit_te(_symbolic_matrix, table, length, bins, parts, inverse, primfunc_name_hint="dft_matrix")
 
 
-def _symbolic_matrix(length: Any, bins: Any, parts: int, sign: float, inverse: bool, dtype: str) -> Any:
+def _symbolic_matrix(table: Any, length: Any, bins: Any, parts: int, inverse: bool) -> Any:
     """The TE compute of ``W`` at a run-time length: a table of the N angles' cosines and
     sines (N trigonometric calls, not N·K), read at ``nk mod N``."""
     from tvm import te, tirx
 
-    table = _angles(length, sign, dtype)
+    dtype = table.dtype
     scale = tirx.const(1.0, dtype) / tirx.Cast(dtype, length) if inverse else tirx.const(1.0, dtype)
 
     def entry(row: Any, column: Any) -> Any:
@@ -222,7 +223,8 @@ def _irfft_matrix(bb: Any, bins: Any, length: Any, parts: int, dtype: str) -> An
         weight = _irfft_weight(k, length, np.where, np.logical_or) / length
         rows = [weight * np.cos(angle)] + ([-weight * np.sin(angle)] if parts == 2 else [])
         return relax.const(np.concatenate(rows, axis=0).astype(dtype))
-    return bb.emit_te(_symbolic_irfft_matrix, bins, length, parts, dtype, primfunc_name_hint="dft_matrix")
+    table = bb.emit_te(_angles, length, 1.0, dtype, primfunc_name_hint="dft_angles")
+    return bb.emit_te(_symbolic_irfft_matrix, table, bins, length, parts, primfunc_name_hint="dft_matrix")
 
 
 def _angles(length: Any, sign: float, dtype: str) -> Any:
@@ -254,10 +256,10 @@ def _tir_select(dtype: str) -> Any:
     return select
 
 
-def _symbolic_irfft_matrix(bins: Any, length: Any, parts: int, dtype: str) -> Any:
+def _symbolic_irfft_matrix(table: Any, bins: Any, length: Any, parts: int) -> Any:
     from tvm import te, tirx
 
-    table = _angles(length, 1.0, dtype)
+    dtype = table.dtype
 
     def entry(row: Any, t: Any) -> Any:
         k = tirx.floormod(row, bins)
