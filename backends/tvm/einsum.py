@@ -18,31 +18,70 @@ and symbolic sizes. Exact up to the order of the additions.
 
 Left to TVM's converter (None): one operand or more than two, ellipses, an index
 repeated within one term (a diagonal), and sizes that broadcast (1 against n).
+
+The forms with one index of each kind (CvT's attention, ``bhlk,bhtk->bhlt``) are
+``MatMul``s already, before the import (``onnx_simplify``, with :func:`indices`): there
+the attention matcher sees ``MatMul -> Softmax -> MatMul`` and the fused attention
+kernel takes it. This lowering takes the rest, whose groups of indices need reshapes by
+sizes that are plain products here (symbolic ones too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from rewriter.backends.tvm.relax_passes import dims_of
+
+
+@dataclasses.dataclass(frozen=True)
+class Indices:
+    """A two-operand equation's indices by kind (see the module docstring), each list in
+    the order of the term it is taken from: ``batch``, ``left`` and ``right`` in the
+    output's order, ``contracted`` in the first operand's."""
+
+    a: str
+    b: str
+    out: str
+    batch: list[str]
+    left: list[str]
+    right: list[str]
+    contracted: list[str]
+
+
+def indices(equation: Any) -> Indices | None:
+    """The indices of a two-operand ``equation`` by kind, or None for a form left to TVM
+    (one operand or three, an ellipsis, a repeated index).
+
+    >>> indices("ibh,hnd->ibnd").right, indices("ibh,hnd->ibnd").contracted
+    (['n', 'd'], ['h'])
+    """
+    terms = _terms(equation)
+    if terms is None or len(terms[0]) != 2:
+        return None
+    (a, b), out = terms
+    return Indices(
+        a, b, out,
+        batch=[c for c in out if c in a and c in b],
+        left=[c for c in out if c in a and c not in b],
+        right=[c for c in out if c in b and c not in a],
+        contracted=[c for c in a if c in b and c not in out],
+    )  # fmt: skip
 
 
 def convert(bb: Any, inputs: list, attrs: dict) -> Any | None:
     """The Relax expression of the ``Einsum`` node, or None (see the module docstring)."""
     from tvm import relax
 
-    terms = _terms(attrs.get("equation", ""))
-    if terms is None or len(inputs) != 2 or len(terms[0]) != 2:
+    found = indices(attrs.get("equation", ""))
+    if found is None or len(inputs) != 2:
         return None
-    (a_sub, b_sub), out = terms
+    a_sub, b_sub, out = found.a, found.b, found.out
+    batch, left, right, contracted = found.batch, found.left, found.right, found.contracted
     a, b = (bb.normalize(value) for value in inputs)
     sizes = _sizes([(a_sub, dims_of(a)), (b_sub, dims_of(b))])
     if sizes is None or any(letter not in sizes for letter in out):
         return None
-    batch = [c for c in out if c in a_sub and c in b_sub]
-    left = [c for c in out if c in a_sub and c not in b_sub]
-    right = [c for c in out if c in b_sub and c not in a_sub]
-    contracted = [c for c in a_sub if c in b_sub and c not in out]
     a, a_sub = _sum_alone(bb, a, a_sub, b_sub + out)
     b, b_sub = _sum_alone(bb, b, b_sub, a_sub + out)
     rows = _arrange(bb, a, a_sub, batch + left + contracted, [*batch, left, contracted], sizes)

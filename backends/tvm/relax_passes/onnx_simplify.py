@@ -222,23 +222,16 @@ def matmul_order(equation: str) -> tuple[list[int], list[int], list[int]] | None
     >>> matmul_order("bij,bjk->bik"), matmul_order("ij,jk->ki"), matmul_order("bik,bjk->bk")
     (([0, 1, 2], [0, 1, 2], [0, 1, 2]), ([0, 1], [0, 1], [1, 0]), None)
     """
-    equation = equation.replace(" ", "")
-    if "..." in equation or "->" not in equation:
+    from rewriter.backends.tvm.einsum import indices
+
+    found = indices(equation) if "->" in equation else None
+    if found is None:
         return None
-    operands, out = equation.split("->")
-    parts = operands.split(",")
-    if len(parts) != 2:
-        return None
-    a, b = parts
-    if any(len(set(term)) != len(term) for term in (a, b, out)):
-        return None
-    batch = [c for c in out if c in a and c in b]
-    contracted = [c for c in a if c in b and c not in out]
-    left = [c for c in a if c not in b]
-    right = [c for c in b if c not in a]
+    a, b, out = found.a, found.b, found.out
+    batch, left, right, contracted = found.batch, found.left, found.right, found.contracted
     if len(contracted) != 1 or len(left) != 1 or len(right) != 1:
-        return None
-    if set(out) != {*batch, *left, *right}:
+        return None  # the importer's einsum lowering takes these (reshapes by sizes)
+    if set(a) | set(b) != {*batch, *left, *right, *contracted}:
         return None  # an index of one operand summed away
     product = [*batch, left[0], right[0]]
     return (

@@ -1239,6 +1239,8 @@ def _rules() -> dict[str, Any]:
         def _schedule(self, func: tirx.PrimFunc) -> Any:
             sch = s_tir.Schedule(func)
             infos = normalize_prim_func(sch)
+            if infos is not None and self._lone_row_reduction(infos):
+                return self._reduction_last(sch, infos)
             if infos is None or len(infos) < 2 or not infos[-1].is_injective():
                 return None
             kinds = [info.dom_kind() for info in infos]
@@ -1298,6 +1300,48 @@ def _rules() -> dict[str, Any]:
                 # Under the row: the lane loop first, unit loops, the chunk loop last.
                 loops = sch.get_loops(partial)
                 lane, chunk = loops[1], loops[-1]
+                if static_extents(sch, [lane]) != [self.lanes]:
+                    return None
+                sch.reorder(chunk, lane)
+                sch.vectorize(lane)
+                sch.decompose_reduction(partial, chunk)
+            return sch
+
+        @staticmethod
+        def _lone_row_reduction(infos: list[Any]) -> bool:
+            """Whether the function ends in its one reduction, over the last axis, with
+            only elementwise blocks before it (``(a * b).sum(-1)``: Deformable DETR's
+            sampled values weighted and summed, 16 points a head)."""
+            kind = infos[-1].dom_kind()
+            return (
+                not infos[-1].is_injective()
+                and len(kind) >= 2
+                and kind == "S" * (len(kind) - 1) + "R"
+                and all(info.is_injective() for info in infos[:-1])
+            )
+
+        def _reduction_last(self, sch: Any, infos: list[Any]) -> Any:
+            """A function ending in its row reduction (:meth:`_lone_row_reduction`): the
+            elementwise blocks inlined, the output's elements in parallel, and the row
+            summed as ``lanes`` partial sums in a vector (a reduction of a whole number
+            of vectors) before one fold; TVM's default lowering ran it scalar on one
+            thread (4x ONNX Runtime's time)."""
+            for info in infos[:-1]:
+                if len(sch.get_consumers(info.block_rv)) != 1:
+                    return None
+                sch.compute_inline(info.block_rv)
+            block = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+            extents = static_extents(sch, sch.get_loops(block)[-1:])
+            partial = None
+            if extents is not None and extents[0] >= self.lanes and extents[0] % self.lanes == 0:
+                _, lane = sch.split(sch.get_loops(block)[-1], [None, self.lanes])
+                partial = sch.rfactor(lane, factor_axis=len(sch.get(block).writes[0].region))
+            loops = sch.get_loops(block)
+            row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+            sch.parallel(row)
+            if partial is not None:
+                sch.compute_at(partial, row, preserve_unit_loops=True)
+                lane, chunk = sch.get_loops(partial)[1], sch.get_loops(partial)[-1]
                 if static_extents(sch, [lane]) != [self.lanes]:
                     return None
                 sch.reorder(chunk, lane)

@@ -306,26 +306,31 @@ def test_bert_export_imports_after_cleanup(tiny_bert):
     assert import_onnx.import_onnx(path, target=targets.resolve("llvm")) is not None
 
 
-def _pad_to_multiple_of_8() -> onnx.ModelProto:
-    """``x`` padded at the end to a multiple of 8 columns, ``length`` symbolic: pads
-    computed from a shape, which TVM takes as constants only."""
+def _pad_to_a_float_ceiling() -> onnx.ModelProto:
+    """``x`` padded at the end to ``ceil(length / 8.0) * 8`` columns, ``length`` symbolic:
+    pads computed through float arithmetic (TorchScript's ``math.ceil`` on a size), which
+    the importer does not read as a size, and TVM takes as constants only."""
     nodes = [
         helper.make_node("Shape", ["x"], ["shape"]),
         helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
-        helper.make_node("Mod", ["length", "eight"], ["rest"]),
-        helper.make_node("Sub", ["eight", "rest"], ["missing"]),
-        helper.make_node("Mod", ["missing", "eight"], ["amount"]),
+        helper.make_node("Cast", ["length"], ["float_length"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["float_length", "eight"], ["blocks"]),
+        helper.make_node("Ceil", ["blocks"], ["whole"]),
+        helper.make_node("Cast", ["whole"], ["count"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["count", "eight_int"], ["padded"]),
+        helper.make_node("Sub", ["padded", "length"], ["amount"]),
         helper.make_node("Concat", ["zeros", "amount"], ["pads"], axis=0),
         helper.make_node("Pad", ["x", "pads"], ["out"]),
     ]
     graph = helper.make_graph(
         nodes,
-        "pad_to_multiple_of_8",
+        "pad_to_a_float_ceiling",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length"])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
         initializer=[
             numpy_helper.from_array(np.array([1], np.int64), "one"),
-            numpy_helper.from_array(np.array([8], np.int64), "eight"),
+            numpy_helper.from_array(np.array([8.0], np.float32), "eight"),
+            numpy_helper.from_array(np.array([8], np.int64), "eight_int"),
             numpy_helper.from_array(np.array([0, 0, 0], np.int64), "zeros"),
         ],
     )
@@ -334,7 +339,7 @@ def _pad_to_multiple_of_8() -> onnx.ModelProto:
 
 def test_symbolic_dims_that_tvm_cannot_build_are_an_input_error():
     with pytest.raises(InputError, match="symbolic input dimensions.*--dim"):
-        backend.compile(_pad_to_multiple_of_8(), "llvm")
+        backend.compile(_pad_to_a_float_ceiling(), "llvm")
 
 
 def test_position_ids_from_the_sequence_length_keep_it_symbolic():
@@ -817,20 +822,22 @@ def test_symbolic_dims_tvm_cannot_keep_are_fixed_and_the_report_says_so():
     rng = np.random.default_rng(SEED)
     feeds = {"x": rng.standard_normal((3, 5)).astype(np.float32)}
     check = compiled_check.check_compiled(
-        _pad_to_multiple_of_8(), "avx512", feeds=feeds, reference=None
+        _pad_to_a_float_ceiling(), "avx512", feeds=feeds, reference=None
     )
     assert check.note is not None and "fixed to the verification inputs' sizes" in check.note
     assert check.accepts == {name: list(value.shape) for name, value in feeds.items()}
 
 
 def test_an_operator_tvm_cannot_import_is_an_input_error_naming_it():
-    # TVM's importer has no converter for this op: one line naming the operator, exit 2.
+    # TVM's importer has no converter for this op (nor ours, nor an ONNX function): one
+    # line naming the operator, exit 2.
     graph = helper.make_graph(
-        [helper.make_node("DFT", ["x"], ["y"], onesided=1)],
+        [helper.make_node("STFT", ["x", "step"], ["y"], onesided=1)],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(8, np.int64), "step")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(InputError, match="DFT"):
+    with pytest.raises(InputError, match="STFT"):
         backend.compile(model, "llvm")
