@@ -1,7 +1,7 @@
 """Compiled speed on every architecture: our TVM libraries against ONNX Runtime, model by model.
 
 For each model of the zoo (:mod:`benchmarks.zoo_models`: 45 small random-weight
-models from ``transformers`` and ``torchvision``; ``--models survey`` for the 27 more
+models from ``transformers`` and ``torchvision``; ``--models survey`` for the 49 more
 architectures of ``zoo_models.SURVEY``, off the default run) and each torch exporter
 (:mod:`benchmarks.zoo_export`, exports cached in ``--cache``):
 

@@ -846,7 +846,9 @@ def esm() -> Any:
 
 
 def mixtral() -> Any:
-    """Mixtral: a sparse mixture of 4 experts, 2 per token (top-k routing), GQA 4/2."""
+    """Mixtral: a sparse mixture of 4 experts, 2 per token (top-k routing), GQA 4/2.
+    Neither exporter takes transformers 5's expert dispatch (``torch.histc``; dynamo's
+    conversion fails): listed so that the probe reports it."""
     return _hf("MixtralConfig", "MixtralForCausalLM", "logits", "text", vocab_size=VOCAB, **HF_WIDTHS,
                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, use_cache=False,
                **_IDS)  # fmt: skip
@@ -916,7 +918,8 @@ def sam_vision() -> Any:
 
 
 def cvt() -> Any:
-    """CvT: convolutional token embeddings and depthwise convolutional projections."""
+    """CvT: convolutional token embeddings and depthwise convolutional projections (a
+    stage's depth at least its index + 1: transformers indexes its drop-path rates so)."""
     return _hf("CvtConfig", "CvtForImageClassification", "logits", "pixels", calibrate=(4, 3, 224, 224),
                depth=[1, 2, 3], num_labels=1000)  # fmt: skip
 
