@@ -101,7 +101,19 @@ def symbolic_range(bb: Any, inputs: Sequence[Any], sizes: Sizes | None = None) -
     if not isinstance(delta, tvm.tirx.IntImm) or delta.value == 0:
         return None
     (dtype,) = dtypes
-    positions = bb.normalize(relax.op.arange(start, limit, delta, "int64"))
+    if delta.value < 0:
+        # TVM sizes a descending arange as if it ascended (arange(s, -s, -1): 2s + 2
+        # elements, XLNet's relative positions; an Expand to its shape then failed): the
+        # ascending arange of the same elements, reversed.
+        step = -delta.value
+        count = simplify(tvm.tirx.floordiv(start - limit + step - 1, step))
+        if not (sizes or Sizes()).can_prove(start - limit >= 0):
+            count = tvm.tirx.max(count, 0)
+        first = simplify(start - (count - 1) * step)
+        ascending = bb.normalize(relax.op.arange(first, first + count * step, step, "int64"))
+        positions = bb.normalize(relax.op.flip(ascending, axis=0))
+    else:
+        positions = bb.normalize(relax.op.arange(start, limit, delta, "int64"))
     if dtype != "int64":
         positions = bb.normalize(relax.op.astype(positions, dtype))
     return positions

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import tvm
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter import verify
@@ -546,3 +547,26 @@ def test_a_slice_to_its_own_length_keeps_the_size_the_rest_of_the_model_has():
     inits = [numpy_helper.from_array(weight, "w"), ints("zero", 0), ints("two", 2)]
     proto = model(nodes, {"x": ["batch", 1, "n"]}, "y", inits)
     assert_runs_symbolic(proto, [{"x": (2, 1, 20)}, {"x": (1, 1, 9)}])
+
+
+@pytest.mark.parametrize(
+    ("limit", "step", "size"),
+    [("minus_length", -1, lambda n: n * 2), ("zero", -3, lambda n: tvm.tirx.floordiv(n + 2, 3))],
+)
+def test_a_descending_range_of_sizes_has_its_own_length(limit, step, size):
+    # XLNet's relative positions: Range(n, -n, -1). TVM sizes a descending arange as if
+    # it ascended (2n + 2 elements), and XLNet's Expand to that shape failed to compile.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+        helper.make_node("Neg", ["length"], ["minus_length"]),
+        helper.make_node("Range", ["length", limit, "step"], ["positions"]),
+        helper.make_node("Cast", ["positions"], ["out"], to=TensorProto.FLOAT),
+    ]
+    initializers = [ints("one", 1, scalar=True), ints("zero", 0, scalar=True), ints("step", step, scalar=True)]
+    proto = model(nodes, {"x": ["batch", "sequence"]}, "out", initializers)
+    mod = import_onnx.import_onnx(proto, target=targets.resolve("llvm"))
+    (dim,) = mod["main"].ret_ty.shape.values
+    sequence = mod["main"].params[0].ty.shape.values[1]
+    assert tvm.sym.Analyzer().can_prove_equal(dim, size(sequence)), dim
+    assert_runs_symbolic(proto, [{"x": (1, 5)}, {"x": (2, 8)}])
