@@ -1297,15 +1297,22 @@ def _rules() -> dict[str, Any]:
                 if not _is_reduction(sch, block):
                     self._vectorize_inner(sch, block)
             for partial in partials:
-                # Under the row: the lane loop first, unit loops, the chunk loop last.
-                loops = sch.get_loops(partial)
-                lane, chunk = loops[1], loops[-1]
-                if static_extents(sch, [lane]) != [self.lanes]:
+                if not self._vectorize_partial(sch, partial):
                     return None
-                sch.reorder(chunk, lane)
-                sch.vectorize(lane)
-                sch.decompose_reduction(partial, chunk)
             return sch
+
+        def _vectorize_partial(self, sch: Any, partial: Any) -> bool:
+            """The partial sums of ``partial`` (an ``rfactor`` computed at its row loop:
+            under the row the lane loop first, unit loops, the chunk loop last) in one
+            vector, the chunk loop inside; False where the lanes are not one vector."""
+            loops = sch.get_loops(partial)
+            lane, chunk = loops[1], loops[-1]
+            if static_extents(sch, [lane]) != [self.lanes]:
+                return False
+            sch.reorder(chunk, lane)
+            sch.vectorize(lane)
+            sch.decompose_reduction(partial, chunk)
+            return True
 
         @staticmethod
         def _lone_row_reduction(infos: list[Any]) -> bool:
@@ -1341,12 +1348,8 @@ def _rules() -> dict[str, Any]:
             sch.parallel(row)
             if partial is not None:
                 sch.compute_at(partial, row, preserve_unit_loops=True)
-                lane, chunk = sch.get_loops(partial)[1], sch.get_loops(partial)[-1]
-                if static_extents(sch, [lane]) != [self.lanes]:
+                if not self._vectorize_partial(sch, partial):
                     return None
-                sch.reorder(chunk, lane)
-                sch.vectorize(lane)
-                sch.decompose_reduction(partial, chunk)
             return sch
 
         def _ragged(self, sch: Any, block: Any) -> bool:
