@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from rewriter.backends.tvm.relax_passes import dims_of
+from rewriter.backends.tvm.relax_passes import dims_of, product
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,14 +152,7 @@ def _arrange(bb: Any, value: Any, subscripts: str, order: list[str], groups: lis
 
     if list(subscripts) != order:
         value = bb.emit(relax.op.permute_dims(value, [subscripts.index(c) for c in order]))
-    shape = [_product([sizes[c] for c in group]) if isinstance(group, list) else sizes[group] for group in groups]
+    shape = [product([sizes[c] for c in group]) if isinstance(group, list) else sizes[group] for group in groups]
     if any(isinstance(group, list) and len(group) != 1 for group in groups):
         value = bb.emit(relax.op.reshape(value, shape))
     return value
-
-
-def _product(dims: list) -> Any:
-    result: Any = 1
-    for dim in dims:
-        result = result * dim
-    return result

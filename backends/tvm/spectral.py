@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from rewriter.backends.tvm.ops import constant_value
-from rewriter.backends.tvm.relax_passes import dims_of
+from rewriter.backends.tvm.relax_passes import dims_of, product
 from rewriter.errors import InputError
 
 OPS = frozenset({"DFT"})
@@ -89,17 +89,17 @@ def _apply(bb: Any, x: Any, axis: int, matrix: Any, bins: Any, out_parts: int) -
         # [..., N, c] -> [..., c, N] -> [..., c·N] @ W -> [..., o, K] -> [..., K, o]
         rows = bb.emit(relax.op.permute_dims(x, [*range(rank - 2), rank - 1, rank - 2]))
         rows = bb.emit(relax.op.reshape(rows, [*signal[:-1], parts * length]))
-        product = bb.emit(relax.op.matmul(rows, matrix))
-        product = bb.emit(relax.op.reshape(product, [*signal[:-1], out_parts, bins]))
-        return bb.emit(relax.op.permute_dims(product, [*range(rank - 2), rank - 1, rank - 2]))
+        result = bb.emit(relax.op.matmul(rows, matrix))
+        result = bb.emit(relax.op.reshape(result, [*signal[:-1], out_parts, bins]))
+        return bb.emit(relax.op.permute_dims(result, [*range(rank - 2), rank - 1, rank - 2]))
     # [A..., N, T..., c] -> [A..., c, N, T...] -> [a, c·N, t]; Wᵀ @ -> [a, o·K, t]
     # -> [A..., o, K, T...] -> [A..., K, T..., o]
     before, after = signal[:axis], signal[axis + 1 :]
     moved = bb.emit(relax.op.permute_dims(x, [*range(axis), rank - 1, *range(axis, rank - 1)]))
-    columns = bb.emit(relax.op.reshape(moved, [_product(before), parts * length, _product(after)]))
-    product = bb.emit(relax.op.matmul(bb.emit(relax.op.permute_dims(matrix, [1, 0])), columns))
-    product = bb.emit(relax.op.reshape(product, [*before, out_parts, bins, *after]))
-    return bb.emit(relax.op.permute_dims(product, [*range(axis), *range(axis + 1, rank), axis]))
+    columns = bb.emit(relax.op.reshape(moved, [product(before), parts * length, product(after)]))
+    result = bb.emit(relax.op.matmul(bb.emit(relax.op.permute_dims(matrix, [1, 0])), columns))
+    result = bb.emit(relax.op.reshape(result, [*before, out_parts, bins, *after]))
+    return bb.emit(relax.op.permute_dims(result, [*range(axis), *range(axis + 1, rank), axis]))
 
 
 def _axis(inputs: list, attrs: dict, opset: int, rank: int) -> int:
@@ -159,14 +159,6 @@ def _given_length(bb: Any, inputs: list, sizes: Any) -> Any:
     if read is None or len(read) != 1:
         raise InputError("TVM cannot import the model: DFT's dft_length is computed at run time (it must be a constant)")
     return int(read[0]) if isinstance(read[0], tirx.IntImm) else read[0]
-
-
-def _product(dims: list) -> Any:
-    """The product of ``dims`` (1 for none): a reshape's extent."""
-    result: Any = 1
-    for dim in dims:
-        result = result * dim
-    return result
 
 
 def _matrix(bb: Any, length: Any, bins: Any, parts: int, inverse: bool, dtype: str) -> Any:

@@ -61,6 +61,18 @@ def dims_of(expr: Any) -> list[Any] | None:
     return list(shape.values) if isinstance(shape, relax.ShapeExpr) else None
 
 
+def product(dims: Any) -> Any:
+    """The product of ``dims`` (ints or TIR expressions) as an int64 TIR expression (1 for
+    none; TVM folds the leading 1): a reshape's extent, or one side of a proof that two
+    shapes hold as many elements."""
+    from tvm import tirx
+
+    total: Any = tirx.const(1, "int64")
+    for dim in dims:
+        total = total * dim
+    return total
+
+
 def size_terms(size: Any) -> tuple[int, tuple[Any, ...]] | None:
     """``size`` (a TIR expression: a storage's bytes, a symbolic batch) as ``coefficient *
     v1 * v2 ...``: ``(coefficient, (v1, v2, ...))`` the variables sorted by name; None for

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import dims_of, rewrite_calls
+from rewriter.backends.tvm.relax_passes import dims_of, product, rewrite_calls
 
 if TYPE_CHECKING:
     import tvm
@@ -122,9 +122,9 @@ def as_overlap_add(builder: Any, call: Any) -> Any:
     emit = builder.emit
     # x [n, c, *s] -> [n, prod(s), c]; W [c, o, *k] -> [c, o·prod(k)]
     rows = emit(relax.op.permute_dims(x, [0, *range(2, 2 + rank), 1]))
-    positions = _product(shape[2:])
+    positions = product(shape[2:])
     rows = emit(relax.op.reshape(rows, [shape[0], positions, channels]))
-    matrix = emit(relax.op.reshape(weight, [channels, outputs * _product(kernel)]))
+    matrix = emit(relax.op.reshape(weight, [channels, outputs * product(kernel)]))
     cols = emit(relax.op.matmul(rows, matrix))
     strides = [int(stride) for stride in attrs.strides]
     before = [int(pad) for pad in attrs.padding[:rank]]
@@ -156,10 +156,3 @@ def _overlap_add(
         return te.sum(tirx.if_then_else(tirx.all(*inside), value, tirx.const(0, cols.dtype)), axis=reduce)
 
     return te.compute(out_shape, element, name="overlap_add")
-
-
-def _product(dims: list) -> Any:
-    result: Any = 1
-    for dim in dims:
-        result = result * dim
-    return result

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewriter.backends.tvm.relax_passes import dims_of
+from rewriter.backends.tvm.relax_passes import dims_of, product
 
 
 def legalizations() -> dict[str, Any]:
@@ -129,7 +129,7 @@ def dataflow_reshapes() -> Any:
             source_dims, dims = dims_of(source), dims_of(call)
             if source_dims is None or dims is None or source.ty.dtype != call.ty.dtype:
                 return None
-            if not analyzer.can_prove_equal(_product(source_dims), _product(dims)):
+            if not analyzer.can_prove_equal(product(source_dims), product(dims)):
                 return None
             return relax.op.reshape(source, call.ty.shape)
 
@@ -169,12 +169,3 @@ def _read_inputs(func: Any, count: int) -> list[int]:
 
     tvm_ffi.structural_walk(func.body, (tvm.ir.TensorLoad, note), order="post")
     return sorted(read)
-
-
-def _product(dims: list[Any]) -> Any:
-    from tvm import tirx
-
-    total: Any = tirx.const(1, "int64")
-    for dim in dims:
-        total = total * dim
-    return total
