@@ -614,19 +614,44 @@ def _narrow_float_scalar(result: Any, inputs: list) -> Any:
     return tirx.const(result.value, "float32") if widths == {"float32"} else result
 
 
-def _constant_pad(bb: Any, inputs: list, attrs: dict) -> Any | None:
-    """A constant-mode ``Pad`` with constant pads and value (opset 11 on, no ``axes``) as
-    Relax's ``nn.pad``, whose layout the convolution pass carries channels-last
-    (:func:`~rewriter.backends.tvm.relax_passes.conv.pads_as_pools`); TVM's converter
-    emits the padding PrimFunc itself, which no later pass can read as a pad. None for the
-    other forms (TVM's converter takes them)."""
+def _pad(bb: Any, inputs: list, attrs: dict, sizes: Any) -> Any | None:
+    """A ``Pad`` (opset 11 on, no ``axes``, a constant value) in one of two forms of ours,
+    else None (TVM's converter takes it, or refuses):
+
+    * constant pads, constant mode: Relax's ``nn.pad``, whose layout the convolution pass
+      carries channels-last (:func:`~rewriter.backends.tvm.relax_passes.conv.pads_as_pools`);
+      TVM's converter emits the padding PrimFunc itself, which no later pass can read as
+      a pad;
+    * pads that are shape arithmetic (EnCodec's reflect pads, computed from the signal's
+      length so that its frames divide it): one TE kernel that reads each output
+      element's source, in ``constant`` (the value outside), ``reflect`` or ``edge``
+      mode. TVM's converter refuses such pads ("Dynamic pads are not supported yet"),
+      so the model kept no symbolic length."""
     import tvm
     from tvm import relax
 
-    if attrs.get("mode", b"constant") not in (b"constant", "constant") or not 2 <= len(inputs) <= 3:
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if not 2 <= len(inputs) <= 3:
         return None
     pads, value = inputs[1], inputs[2] if len(inputs) == 3 else None
-    if not isinstance(pads, tvm.ir.GenericConst) or not (value is None or isinstance(value, tvm.ir.GenericConst)):
+    if not (value is None or isinstance(value, tvm.ir.GenericConst)):
+        return None
+    fill = 0.0 if value is None else float(value.value.numpy().reshape(-1)[0])
+    if not isinstance(pads, tvm.ir.GenericConst):
+        if mode not in ("constant", "reflect", "edge"):
+            return None
+        widths = shape_ops.values(bb, pads, sizes)
+        dims = dims_of(inputs[0])
+        if widths is None or dims is None or len(widths) != 2 * len(dims):
+            return None
+        amounts: list[Any] = widths
+
+        def kernel(x: Any) -> Any:
+            return _padded(x, amounts, mode, fill)
+
+        return bb.normalize(bb.call_te(kernel, inputs[0], primfunc_name_hint=f"{mode}_pad"))
+    if mode != "constant":
         return None
     widths = [int(width) for width in pads.value.numpy().reshape(-1)]
     rank = len(widths) // 2
@@ -634,56 +659,34 @@ def _constant_pad(bb: Any, inputs: list, attrs: dict) -> Any | None:
         return None
     if not any(widths):
         return inputs[0]  # (Swin pads its windows by nothing where they divide the map)
-    fill = 0.0 if value is None else float(value.value.numpy().reshape(-1)[0])
     interleaved = [width for axis in range(rank) for width in (widths[axis], widths[rank + axis])]
     return bb.normalize(relax.op.nn.pad(inputs[0], interleaved, pad_value=fill))
 
 
-def _computed_pad(bb: Any, inputs: list, attrs: dict, sizes: Any) -> Any | None:
-    """A ``Pad`` whose pads are shape arithmetic (EnCodec's reflect pads, computed from the
-    signal's length so that its frames divide it), as one TE kernel that reads each output
-    element's source: ``constant`` (the value outside), ``reflect`` or ``edge``. TVM's
-    converter refuses such pads ("Dynamic pads are not supported yet"), so the model kept
-    no symbolic length. None for constant pads, an ``axes`` input, other modes or pads
-    that are not shape arithmetic (TVM's converter takes them, or refuses)."""
-    import tvm
+def _padded(x: Any, widths: list, mode: str, fill: float) -> Any:
+    """The TE compute of :func:`_pad`'s kernel: ``x`` padded by ``widths`` (ONNX order,
+    TIR expressions) in ``mode``."""
     from tvm import te, tirx
 
-    mode = attrs.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
-    if mode not in ("constant", "reflect", "edge") or not 2 <= len(inputs) <= 3:
-        return None
-    pads, value = inputs[1], inputs[2] if len(inputs) == 3 else None
-    if isinstance(pads, tvm.ir.GenericConst) or not (value is None or isinstance(value, tvm.ir.GenericConst)):
-        return None
-    widths = shape_ops.values(bb, pads, sizes)
-    dims = dims_of(inputs[0])
-    if widths is None or dims is None or len(widths) != 2 * len(dims):
-        return None
-    rank = len(dims)
-    fill = 0.0 if value is None else float(value.value.numpy().reshape(-1)[0])
+    rank = len(x.shape)
+    extents = [x.shape[axis] + widths[axis] + widths[rank + axis] for axis in range(rank)]
 
-    def pad(x: te.Tensor) -> te.Tensor:
-        extents = [x.shape[axis] + widths[axis] + widths[rank + axis] for axis in range(rank)]
+    def element(*index: Any) -> Any:
+        source, inside = [], []
+        for axis, position in enumerate(index):
+            size, j = x.shape[axis], position - widths[axis]
+            if mode == "reflect":  # ONNX: pads shorter than the axis
+                j = tirx.if_then_else(j < 0, -j, tirx.if_then_else(j >= size, 2 * (size - 1) - j, j))
+            else:
+                inside += [j >= 0, j < size]
+                j = tirx.max(tirx.min(j, size - 1), 0)
+            source.append(j)
+        read = x[tuple(source)]
+        if mode != "constant":
+            return read
+        return tirx.if_then_else(tirx.all(*inside), read, tirx.const(fill, x.dtype))
 
-        def element(*index: Any) -> Any:
-            source, inside = [], []
-            for axis, position in enumerate(index):
-                size, j = x.shape[axis], position - widths[axis]
-                if mode == "reflect":  # ONNX: pads shorter than the axis
-                    j = tirx.if_then_else(j < 0, -j, tirx.if_then_else(j >= size, 2 * (size - 1) - j, j))
-                else:
-                    inside += [j >= 0, j < size]
-                    j = tirx.max(tirx.min(j, size - 1), 0)
-                source.append(j)
-            read = x[tuple(source)]
-            if mode != "constant":
-                return read
-            return tirx.if_then_else(tirx.all(*inside), read, tirx.const(fill, x.dtype))
-
-        return te.compute(extents, element, name="pad")
-
-    return bb.normalize(bb.call_te(pad, inputs[0], primfunc_name_hint=f"{mode}_pad"))
+    return te.compute(extents, element, name="pad")
 
 
 def _col2im(bb: Any, inputs: list, attrs: dict) -> Any:
@@ -931,9 +934,7 @@ def _importer_class() -> type:
                 return _topk_runtime_k(self.bb, inputs, attrs)
             if op_name == "NonMaxSuppression":
                 inputs = _nms_box_limit(inputs)
-            if op_name == "Pad" and (padded := _constant_pad(self.bb, inputs, attrs)) is not None:
-                return padded
-            if op_name == "Pad" and (padded := _computed_pad(self.bb, inputs, attrs, self._sizes)) is not None:
+            if op_name == "Pad" and (padded := _pad(self.bb, inputs, attrs, self._sizes)) is not None:
                 return padded
             if op_name == "Clip" and (clipped := _clip(self.bb, inputs, attrs, opset)) is not None:
                 return clipped

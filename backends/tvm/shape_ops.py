@@ -178,7 +178,7 @@ def operands(
                 return inputs
         return _with(inputs, index, relax.ShapeExpr(read))
     if op_name in ("Tile", "Pad"):
-        return inputs  # lowered here (lower), or by the importer (its _computed_pad)
+        return inputs  # lowered here (lower), or by the importer (its _pad)
     raise ValueError(
         f"{op_name} with sizes of the input dimensions ({_symbolic(read)}): TVM takes constants only"
     )
