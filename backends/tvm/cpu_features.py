@@ -125,6 +125,12 @@ def missing(features: Iterable[str], flags: Iterable[str] | None = None) -> list
     return sorted(f for f in set(features) if f in LLVM_TO_FLAG and LLVM_TO_FLAG[f] not in have)
 
 
+def missing_for(target: tvm.target.Target, flags: Iterable[str] | None = None) -> list[str]:
+    """The features code for CPU ``target`` may use that this CPU (``flags``, read when not
+    given) lacks: :func:`missing` of :func:`target_features`."""
+    return missing(target_features(target), flags)
+
+
 def target_features(target: tvm.target.Target) -> list[str]:
     """Every feature LLVM enables for CPU ``target`` (its ``mcpu`` and ``mattr``), sorted;
     [] for a target that is not LLVM's."""

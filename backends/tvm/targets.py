@@ -138,7 +138,7 @@ def tuned_cpu(
     if target.kind.name != "llvm":
         return ""
     mcpu = str(target.attrs.get("mcpu", "x86-64"))
-    if mcpu not in ISA_LEVELS or cpu_features.missing(cpu_features.target_features(target), flags):
+    if mcpu not in ISA_LEVELS or cpu_features.missing_for(target, flags):
         return mcpu
     if host is None:
         from tvm.target import codegen

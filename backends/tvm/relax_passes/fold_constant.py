@@ -36,9 +36,7 @@ def fold_constant(target: tvm.target.Target) -> tvm.transform.Pass:
     import tvm
     from tvm import relax
 
-    runnable = target.kind.name == "llvm" and not cpu_features.missing(
-        cpu_features.target_features(target)
-    )
+    runnable = target.kind.name == "llvm" and not cpu_features.missing_for(target)
 
     @tvm.transform.module_pass(opt_level=0, name="FoldConstantForTarget")
     def pass_(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
