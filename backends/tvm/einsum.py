@@ -116,7 +116,7 @@ def _terms(equation: Any) -> tuple[list[str], str] | None:
 def _sizes(operands: list[tuple[str, list | None]]) -> dict[str, Any] | None:
     """Each index's size; None where a rank is unknown or wrong, or two sizes of one index
     differ (a broadcast, or sizes not provably equal)."""
-    from tvm import sym, tirx
+    from tvm import sym
 
     sizes: dict[str, Any] = {}
     analyzer = sym.Analyzer()
@@ -126,10 +126,7 @@ def _sizes(operands: list[tuple[str, list | None]]) -> dict[str, Any] | None:
         for letter, dim in zip(subscripts, dims, strict=True):
             if letter not in sizes:
                 sizes[letter] = dim
-            elif not (
-                (isinstance(dim, tirx.IntImm) and isinstance(sizes[letter], tirx.IntImm) and int(dim) == int(sizes[letter]))
-                or analyzer.can_prove_equal(dim, sizes[letter])
-            ):
+            elif not analyzer.can_prove_equal(dim, sizes[letter]):  # constants too
                 return None
     return sizes
 
