@@ -9,10 +9,13 @@ field, 400 samples, or ONNX Runtime fails on the first window that does not fit.
 
 :func:`smallest_size` follows the axis a symbolic dimension names from the graph inputs
 through the windows (Conv, MaxPool, AveragePool, LpPool), elementwise ops, Pad with
-constant pads, Unsqueeze, Squeeze, Transpose, and a Reshape or Expand to the ``Shape`` of
-a value it follows (GroupNorm exported as Reshape, InstanceNormalization, Reshape back),
-and stops where it cannot tell where the
-axis went (a Reshape, a Slice, a reduction); it returns the smallest size, from a given
+constant pads, Unsqueeze, Squeeze, Transpose, a Reshape or Expand to the ``Shape`` of
+a value it follows (GroupNorm exported as Reshape, InstanceNormalization, Reshape back), and
+a Reshape to a constant shape of the same rank that keeps every other axis (``0``, or the
+size the graph's shape inference recorded there) and puts ``0`` or ``-1`` at the axis (the
+same GroupNorm once a fixed batch let the exporter's optimizer fold the ``Shape``:
+``Reshape(x, [1, 256, -1])``). It stops where it cannot tell where the axis went (another
+Reshape, a Slice, a reduction); it returns the smallest size, from a given
 start, for which every window it reached has an output of at least one element (or ``keep``
 elements). The output size only grows with the input's, so the search doubles, then
 bisects.
@@ -76,6 +79,7 @@ def fits(graph: onnx.GraphProto, axes: Sequence[tuple[str, int, int]], size: int
     tracked: dict[str, Tracked] = {name: (axis - rank, rank, size) for name, axis, rank in axes}
     weights = {init.name: list(init.dims) for init in graph.initializer}
     constants = _constants(graph)
+    static = _static_sizes(graph)
     shape_of: dict[str, str] = {}  # the output of Shape(v): v
     for node in graph.node:
         whole = _int(node, "start", 0) == 0 and not any(attribute.name == "end" for attribute in node.attribute)
@@ -108,6 +112,8 @@ def fits(graph: onnx.GraphProto, axes: Sequence[tuple[str, int, int]], size: int
             result = (axis, rank, length)
         elif node.op_type in ("Unsqueeze", "Squeeze", "Transpose", "Pad") and rank is not None:
             result = _moved(node, (axis, rank, length), constants)
+        elif node.op_type == "Reshape" and index == 0 and rank is not None:
+            result = _kept_by_reshape(node, (axis, rank, length), constants, static.get(node.input[0]))
         if result is not None:
             for output in node.output[:1]:
                 tracked[output] = result
@@ -128,6 +134,36 @@ def _constants(graph: onnx.GraphProto) -> dict[str, list[int]]:
             elif attribute.name == "value_ints":
                 values[node.output[0]] = list(attribute.ints)
     return values
+
+
+def _static_sizes(graph: onnx.GraphProto) -> dict[str, list[int | None]]:
+    """Each value's dimensions as the graph records them (inputs, value_info, outputs): an
+    int where static, None elsewhere."""
+    sizes: dict[str, list[int | None]] = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            sizes[value.name] = [int(d.dim_value) if d.HasField("dim_value") else None for d in dims]
+    return sizes
+
+
+def _kept_by_reshape(
+    node: onnx.NodeProto, tracked: Tracked, constants: dict[str, list[int]], shape: list[int | None] | None
+) -> Tracked | None:
+    """The tracked axis after a Reshape to a constant shape that keeps it where it was:
+    same rank, ``0`` (a copy, unless ``allowzero``) or ``-1`` at the axis, and a copy or the
+    input's static size at every other axis (so the ``-1`` is the axis's own size); None
+    otherwise."""
+    axis, rank, length = tracked
+    target = constants.get(node.input[1]) if len(node.input) > 1 else None
+    if target is None or shape is None or len(target) != rank or len(shape) != rank:
+        return None
+    position = axis + rank
+    copy = 0 if _int(node, "allowzero", 0) == 0 else None  # with allowzero, a 0 is a 0
+    others = (t == copy or (t > 0 and t == shape[i]) for i, t in enumerate(target) if i != position)
+    if target[position] not in (copy, -1) or not all(others):
+        return None
+    return tracked
 
 
 def _ints(node: onnx.NodeProto, name: str) -> list[int] | None:

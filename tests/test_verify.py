@@ -159,6 +159,51 @@ def test_generated_length_fits_the_windows(group_norm):
     assert verify.make_inputs(model, dims={"samples": 12})["samples"].shape == (2, 12)
 
 
+def _group_norm_folded(back: list[int]) -> onnx.ModelProto:
+    """The front end of :func:`_conv_front_end` at a fixed batch of 1, with a group per
+    channel, as the exporter's optimizer leaves it once the batch is known: the Reshape
+    back after InstanceNormalization is to the constant ``back``, not to ``Shape(x)``."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 1, 10)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 4, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([0, 4, -1], np.int64), "groups"),
+        numpy_helper.from_array(np.array(back, np.int64), "back"),
+        numpy_helper.from_array(np.ones(4, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "beta"),
+    ]
+    nodes = [
+        helper.make_node("Unsqueeze", ["samples", "axis1"], ["x"]),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[10], strides=[5]),
+        helper.make_node("Reshape", ["c1", "groups"], ["g"]),
+        helper.make_node("InstanceNormalization", ["g", "gamma", "beta"], ["n"]),
+        helper.make_node("Reshape", ["n", "back"], ["c1n"]),
+        helper.make_node("Conv", ["c1n", "w2"], ["c2"], strides=[2]),
+        helper.make_node("MaxPool", ["c2"], ["y"], kernel_shape=[2], strides=[2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "front_end",
+        [helper.make_tensor_value_info("samples", TensorProto.FLOAT, [1, "samples"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, None])],
+        inits,
+    )
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+
+
+def test_the_length_is_followed_through_reshapes_to_constant_shapes_that_keep_it():
+    from rewriter import input_sizes
+
+    # [1, 4, -1] and [0, 0, -1] keep the frames where they were (shape inference records
+    # the 4 channels): the second window is reached, 30 samples.
+    assert input_sizes.smallest_size(_group_norm_folded([1, 4, -1]), [("samples", 1, 2)], start=8) == 30
+    assert input_sizes.smallest_size(_group_norm_folded([0, 0, -1]), [("samples", 1, 2)], start=8) == 30
+    # [1, 2, -1] halves the channels, so doubles the frames: the search stops at the
+    # Reshape (the first window's 10 samples), as it would not know the frames' count.
+    assert input_sizes.smallest_size(_group_norm_folded([1, 2, -1]), [("samples", 1, 2)], start=8) == 10
+
+
 def test_windows_pads_dilation_ceil_and_same():
     from rewriter import input_sizes
 

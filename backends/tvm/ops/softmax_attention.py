@@ -75,9 +75,38 @@ def emit_unfused(
     if scale != 1.0:
         scores = bb.emit(relax.op.multiply(scores, relax.const(scale, "float32")))
     if mask is not None and not all_zero(mask):
-        scores = bb.emit(relax.op.add(scores, mask))
+        scores = bb.emit(relax.op.add(scores, _sized_like(bb, mask, scores)))
     probs = emit_two_pass_softmax(bb, scores, log=False, target=target, kernel=kernel)
     return bb.emit(relax.op.matmul(probs, v))
+
+
+def _sized_like(bb: relax.BlockBuilder, mask: relax.Expr, scores: relax.Expr) -> relax.Expr:
+    """``mask`` cast (checked at run time) to the scores' size at each of its axes (the
+    scores' last ones) where its own is not 1, where it has other expressions of the same lengths: a mask sized by a length
+    the model's code computes (``(samples - 10) / 5 + 1``, ONNX's truncating division),
+    keys by a convolution's output (``(samples - 10) // 5 + 1``). TVM can neither size nor
+    lower the sum of the two. A mask sized by an input dimension of its own (a bare
+    variable) is left as it is: TVM's CanonicalizeBindings would replace one variable by
+    the other in part of the function and drop the cast, and with it the check."""
+    from tvm import relax, sym, tirx
+
+    mask = bb.normalize(mask)
+    mask_shape, shape = mask.ty.shape, scores.ty.shape
+    if mask_shape is None or shape is None or len(mask_shape.values) > len(shape.values):
+        return mask
+    analyzer = sym.Analyzer()
+    sized = []
+    trailing = shape.values[len(shape.values) - len(mask_shape.values) :]  # broadcast from the right
+    for dim, size in zip(mask_shape.values, trailing, strict=True):
+        if (isinstance(dim, tirx.IntImm) and dim.value == 1) or analyzer.can_prove_equal(dim, size):
+            sized.append(dim)
+        elif isinstance(dim, tirx.Var):
+            return mask
+        else:
+            sized.append(size)
+    if all(a.same_as(b) for a, b in zip(sized, mask_shape.values, strict=True)):
+        return mask
+    return bb.match_cast(mask, relax.TensorType(sized, mask.ty.dtype))
 
 
 def emit_softmax_attention(

@@ -16,8 +16,10 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
@@ -246,6 +248,70 @@ def test_a_symbolic_head_dimension_gets_three_kernels() -> None:
     expected = verify.run(proto.SerializeToString(), feeds)["y"]
     got = backend.compile(proto, target="avx512").run(feeds)["y"]
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def _mask_of_a_computed_length() -> onnx.ModelProto:
+    """Attention over a convolution's frames, ``(samples - 10) // 5 + 1``, with an additive
+    mask over positions counted to ``(samples - 10) / 5 + 1`` (ONNX's truncating Div, as
+    wav2vec2's code computes its frame count). The convolution's input is a Reshape that
+    the window search does not follow, so nothing bounds the samples from below."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Reshape", ["x", "signal_shape"], ["signal"]),
+        helper.make_node("Conv", ["signal", "w"], ["frames"], strides=[5]),
+        helper.make_node("Transpose", ["frames"], ["by_frame"], perm=[0, 2, 1]),
+        helper.make_node("Unsqueeze", ["by_frame", "one_1d"], ["q"]),
+        helper.make_node("Transpose", ["q"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["samples"], axis=0),
+        helper.make_node("Sub", ["samples", "ten"], ["reach"]),
+        helper.make_node("Div", ["reach", "five"], ["steps"]),
+        helper.make_node("Add", ["steps", "one"], ["count"]),
+        helper.make_node("Range", ["zero", "count", "one"], ["positions"]),
+        helper.make_node("Cast", ["positions"], ["position_values"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["position_values", "slope"], ["bias"]),
+        helper.make_node("Add", ["scaled", "bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "q"], ["y"]),
+    ]
+    constants = {
+        "signal_shape": np.array([1, 1, -1], np.int64),
+        "w": rng.standard_normal((8, 1, 10)).astype(np.float32),
+        "one_1d": np.array([1], np.int64),
+        "scale": np.array(0.25, np.float32),
+        "one": np.array(1, np.int64),
+        "ten": np.array(10, np.int64),
+        "five": np.array(5, np.int64),
+        "zero": np.array(0, np.int64),
+        "slope": np.array(-0.1, np.float32),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "computed_mask",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "samples"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_mask_sized_by_a_computed_length_gets_three_kernels_and_agrees() -> None:
+    # The kernel cannot prove the mask fits the keys, nor TVM size their sum: the three
+    # kernels run, the mask cast (checked at run time) to the scores' shape.
+    proto = ir.serde.serialize_model(two_pass(ir.serde.deserialize_model(_mask_of_a_computed_length())))
+    assert fused_nodes(import_onnx.prepare(proto)) == [FUSED]
+    names = kernels(proto)
+    assert KERNEL_NAME not in names
+    assert any(name.startswith("rewriter_two_pass") for name in names)
+    compiled = backend.compile(proto, target="avx512")
+    for samples in (10, 37, 64):
+        feeds = {"x": np.random.default_rng(samples).standard_normal((1, samples)).astype(np.float32)}
+        expected = verify.run(proto.SerializeToString(), feeds)["y"]
+        got = compiled.run(feeds)["y"]
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize(
