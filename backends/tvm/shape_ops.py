@@ -285,11 +285,11 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         position = int(axis.value) % rank
         extent = shape_values.as_int64(shape.values[position])
         begin = _clamped(start, extent, sizes)
-        stop = shape_values.simplify(tvm.tirx.max(_clamped(end, extent, sizes), begin))
+        stop = sizes.simplify(tvm.tirx.max(_clamped(end, extent, sizes), begin))
         positions.append(position)
         begins.append(begin)
         stops.append(stop)
-        out_shape[position] = shape_values.simplify(stop - begin)
+        out_shape[position] = sizes.simplify(stop - begin)
     if not isinstance(data, tvm.ir.GenericConst):
         return bb.normalize(relax.op.strided_slice(data, positions, begins, stops, assume_inbound=True))
 
@@ -333,7 +333,7 @@ def _clamped(index: Any, extent: Any, sizes: Sizes) -> Any:
         wrapped = index + extent
     else:
         wrapped = tvm.tirx.Select(index < zero, index + extent, index)
-    return shape_values.simplify(tvm.tirx.max(tvm.tirx.min(wrapped, extent), zero))
+    return sizes.simplify(tvm.tirx.max(tvm.tirx.min(wrapped, extent), zero))
 
 
 def unclamped_slice(bb: Any, inputs: list[Any], sliced: Any, sizes: Sizes) -> Any:

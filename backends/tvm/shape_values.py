@@ -14,13 +14,24 @@ to the shapes it started from, and returns its elements as TIR expressions of th
 dimensions, or ``None`` where it is not shape arithmetic. :func:`symbolic_range` uses it
 for ``Range``: ``arange(0, sequence, 1)`` has the shape ``(sequence,)``.
 
+Sizes computed in floats (EnCodec's and DAC's padding, ``ceil(float(n - k) / s + 1)``,
+MobileViT's ``int(ceil(h / 2) * 2)``) are read as exact fractions, :class:`Ratio`: an
+integer expression over a positive integer constant. ``Ceil``, ``Floor`` and the cast
+back to an integer are then integer divisions, so the size is an integer expression of
+the input dimensions like any other. This is what ONNX Runtime computes wherever float32
+holds the sizes exactly (below 2**24) and the quotients are not within float32 rounding
+of an integer without being one, which holds for divisors up to :data:`_MAX_DENOMINATOR`;
+float constants with a larger denominator (``1 / 3``) are not read.
+
 >>> symbolic_range(bb, [start, limit, delta])  # doctest: +SKIP
 R.arange(0, sequence, 1, dtype="int64")
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -57,6 +68,11 @@ class Sizes:
         """Whether ``condition`` holds at every size the model runs at."""
         return bool(self._analyzer.can_prove(condition))
 
+    def simplify(self, value: Any) -> Any:
+        """``value`` simplified with what holds at every size the model runs at (a clamp
+        to ``[0, n]`` of a bound that is in it there, dropped)."""
+        return self._analyzer.simplify(value)
+
     def divide(self, a: Any, b: Any) -> Any:
         """ONNX ``Div`` of integer sizes: floor division where ``a >= 0`` and ``b > 0``
         hold at every size the model runs at, else the truncating division."""
@@ -76,7 +92,7 @@ def prim_values(bb: Any, expr: Any, *, max_elements: int = 8, sizes: Sizes | Non
     as int64 TIR expressions, or ``None`` where they are not computed from shapes and
     constants by the ops this reads (integer division as ``sizes`` says, see there)."""
     array = _values(bb, expr, max_elements, 0, sizes or Sizes())
-    if array is None or array.ndim > 1 or array.size > max_elements:
+    if array is None or array.ndim > 1 or array.size > max_elements or _has_ratio(array):
         return None
     return list(array.reshape(-1))
 
@@ -151,8 +167,11 @@ def _constant_values(expr: Any, max_elements: int) -> _Array | None:
     if data is None:
         return None
     array = np.asarray(data.numpy())
-    if array.size > max_elements or array.dtype.kind not in "iub":
+    if array.size > max_elements or array.dtype.kind not in "iubf":
         return None
+    if array.dtype.kind == "f":
+        ratios = [Ratio.of_float(float(item)) for item in array.reshape(-1)]
+        return None if any(ratio is None for ratio in ratios) else _array(ratios, array.shape)
     items = [tvm.tirx.const(int(item), "int64") for item in array.reshape(-1)]
     return _array(items, array.shape)
 
@@ -200,10 +219,17 @@ def _values(bb: Any, expr: Any, max_elements: int, depth: int, sizes: Sizes) -> 
         return None
     args, attrs = expr.args, expr.attrs
 
-    def arg(index: int) -> _Array | None:
-        return _values(bb, args[index], max_elements, depth + 1, sizes)
-
     name = op.name
+    floats = name in _RATIO_BINARY or name == "relax.where"
+    if name in ("relax.astype", "relax.isfinite") or name in _FLOAT_OPS or (floats and _is_float(_dtype(expr))):
+        operands = [_values(bb, operand, max_elements, depth + 1, sizes) for operand in args]
+        return _float_op(name, operands, _dtype(expr), sizes)
+
+    def arg(index: int) -> _Array | None:
+        """An operand's values; None where it is not read, or is a fraction (the ops
+        below are integer ops)."""
+        values = _values(bb, args[index], max_elements, depth + 1, sizes)
+        return None if values is None or _has_ratio(values) else values
     if name == "relax.shape_of":
         shape = getattr(_type(args[0]), "shape", None)
         if isinstance(shape, relax.ShapeExpr):
@@ -211,11 +237,6 @@ def _values(bb: Any, expr: Any, max_elements: int, depth: int, sizes: Sizes) -> 
         return None
     if name == "relax.shape_to_tensor":
         return arg(0)
-    if name == "relax.astype":
-        data = arg(0)
-        if data is None or _dtype(expr) not in ("int32", "int64", "bool"):
-            return None
-        return data if _dtype(expr) == "bool" else _elementwise(as_int64, data)
     if name in ("relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.broadcast_to"):
         data, shape = arg(0), _static_shape(expr)
         if data is None or shape is None:
@@ -267,6 +288,9 @@ def _values(bb: Any, expr: Any, max_elements: int, depth: int, sizes: Sizes) -> 
             return None
     if name in ("relax.min", "relax.max"):
         return _reduce(arg(0), attrs, _minimum if name == "relax.min" else _maximum)
+    if name == "relax.logical_not":
+        condition = arg(0)
+        return None if condition is None else _elementwise(lambda value: simplify(tvm.tirx.Not(value)), condition)
     if name == "relax.negative":
         negated = arg(0)
         return None if negated is None else _elementwise(lambda value: -value, negated)
@@ -290,6 +314,139 @@ def _values(bb: Any, expr: Any, max_elements: int, depth: int, sizes: Sizes) -> 
         except ValueError:  # shapes that do not broadcast
             return None
     return None
+
+
+class Ratio:
+    """A size computed in floats, exactly: ``num / den``, ``num`` an int64 TIR expression
+    and ``den`` a positive int (see the module docstring).
+
+    >>> Ratio(samples - 7, 2).ceil()  # doctest: +SKIP
+    Ratio((samples - 6) // 2, 1)
+    """
+
+    __slots__ = ("den", "num")
+
+    def __init__(self, num: Any, den: int = 1) -> None:
+        self.num, self.den = as_int64(num), int(den)
+
+    def __repr__(self) -> str:
+        return f"Ratio({self.num}, {self.den})"
+
+    @staticmethod
+    def of(value: Any) -> Ratio:
+        """``value`` (a Ratio, or an integer TIR expression) as a Ratio."""
+        return value if isinstance(value, Ratio) else Ratio(value)
+
+    @staticmethod
+    def of_float(value: float) -> Ratio | None:
+        """A float constant as a Ratio; None where it is not finite or its exact fraction's
+        denominator is past :data:`_MAX_DENOMINATOR`."""
+        if not math.isfinite(value):
+            return None
+        fraction = Fraction(value)
+        if fraction.denominator > _MAX_DENOMINATOR or abs(fraction.numerator) >= _LARGEST:
+            return None
+        return Ratio(fraction.numerator, fraction.denominator)
+
+    def _constant(self) -> int | None:
+        import tvm
+
+        return int(self.num.value) if isinstance(self.num, tvm.tirx.IntImm) else None
+
+    def __add__(self, other: Ratio) -> Ratio:
+        if self.den == other.den:
+            return Ratio(simplify(self.num + other.num), self.den)
+        return Ratio(simplify(self.num * other.den + other.num * self.den), self.den * other.den)
+
+    def __sub__(self, other: Ratio) -> Ratio:
+        return self + -other
+
+    def __neg__(self) -> Ratio:
+        return Ratio(simplify(-self.num), self.den)
+
+    def __mul__(self, other: Ratio) -> Ratio | None:
+        den = self.den * other.den
+        return Ratio(simplify(self.num * other.num), den) if den <= _MAX_DENOMINATOR else None
+
+    def __truediv__(self, other: Ratio) -> Ratio | None:
+        """By a nonzero constant only (the quotient's denominator is an int)."""
+        divisor = other._constant()
+        if not divisor:
+            return None
+        sign = 1 if divisor > 0 else -1
+        return self * Ratio(sign * other.den, abs(divisor))
+
+    def floor(self) -> Ratio:
+        import tvm
+
+        return Ratio(simplify(tvm.tirx.floordiv(self.num, self.den)))
+
+    def ceil(self) -> Ratio:
+        import tvm
+
+        return Ratio(simplify(tvm.tirx.floordiv(self.num + (self.den - 1), self.den)))
+
+    def truncated(self, sizes: Sizes) -> Any:
+        """The integer a cast to an integer type gives: truncation toward zero (ONNX's
+        ``Div`` of integers, see :class:`Sizes`)."""
+        return self.num if self.den == 1 else simplify(sizes.divide(self.num, as_int64(self.den)))
+
+
+def _has_ratio(values: Any) -> bool:
+    """Whether ``values`` (an array, or one element: a slice can index one out) has a
+    :class:`Ratio`."""
+    items = values.reshape(-1) if isinstance(values, np.ndarray) else [values]
+    return any(isinstance(item, Ratio) for item in items)
+
+
+def _is_float(dtype: str | None) -> bool:
+    """A float type that holds sizes exactly (float16 rounds past 2048: not read)."""
+    return dtype in ("float32", "float64")
+
+
+def _float_op(name: str, operands: list[_Array | None], dtype: str | None, sizes: Sizes) -> _Array | None:
+    """``name`` (a cast, a rounding or an arithmetic op in floats) over operands read as
+    :class:`Ratio`; None where an operand is not read, or the result is not exact."""
+    import tvm
+
+    if any(operand is None for operand in operands):
+        return None
+    arrays = [operand for operand in operands if operand is not None]
+
+    def exact(function: Callable[..., Any]) -> _Array | None:
+        try:
+            result = _elementwise(function, *arrays)
+        except ValueError:  # shapes that do not broadcast
+            return None
+        return None if any(item is None for item in result.reshape(-1)) else result
+
+    if name == "relax.astype":
+        if _is_float(dtype):
+            return exact(Ratio.of)
+        if dtype in ("int32", "int64"):
+            return exact(lambda value: value.truncated(sizes) if isinstance(value, Ratio) else as_int64(value))
+        return arrays[0] if dtype == "bool" and not _has_ratio(arrays[0]) else None
+    if name in _FLOAT_OPS:
+        rounding = _FLOAT_OPS[name]
+        return exact(lambda value: rounding(Ratio.of(value)))
+    if name == "relax.isfinite":  # a size is (TVM's Cast to an integer asks, and zeroes the rest)
+        return exact(lambda _value: tvm.tirx.const(True, "bool"))
+    if name == "relax.where":  # of a condition that the sizes decide
+        if _has_ratio(arrays[0]):
+            return None
+        return exact(lambda condition, a, b: _decided(condition, Ratio.of(a), Ratio.of(b)))
+    binary = _RATIO_BINARY[name]
+    return exact(lambda a, b: binary(Ratio.of(a), Ratio.of(b)))
+
+
+def _decided(condition: Any, chosen: Any, other: Any) -> Any | None:
+    """``chosen`` or ``other`` where ``condition`` simplifies to a constant, else None."""
+    import tvm
+
+    condition = simplify(condition)
+    if not isinstance(condition, tvm.tirx.IntImm):
+        return None
+    return chosen if condition.value else other
 
 
 def _elementwise(function: Callable[..., Any], *arrays: _Array) -> _Array:
@@ -404,6 +561,20 @@ def _minimum(a: Any, b: Any) -> Any:
 
     return tvm.tirx.min(a, b)
 
+
+# Ops on sizes in floats, read as Ratio (see there).
+_FLOAT_OPS: dict[str, Callable[[Ratio], Ratio]] = {
+    "relax.ceil": Ratio.ceil,
+    "relax.floor": Ratio.floor,
+}
+_RATIO_BINARY: dict[str, Callable[[Ratio, Ratio], Ratio | None]] = {
+    "relax.add": Ratio.__add__,
+    "relax.subtract": Ratio.__sub__,
+    "relax.multiply": Ratio.__mul__,
+    "relax.divide": Ratio.__truediv__,
+}
+# The largest denominator a float constant is read with (see the module docstring).
+_MAX_DENOMINATOR = 1 << 10
 
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "relax.add": lambda a, b: a + b,

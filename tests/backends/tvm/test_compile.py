@@ -306,40 +306,36 @@ def test_bert_export_imports_after_cleanup(tiny_bert):
     assert import_onnx.import_onnx(path, target=targets.resolve("llvm")) is not None
 
 
-def _pad_to_a_float_ceiling() -> onnx.ModelProto:
-    """``x`` padded at the end to ``ceil(length / 8.0) * 8`` columns, ``length`` symbolic:
-    pads computed through float arithmetic (TorchScript's ``math.ceil`` on a size), which
-    the importer does not read as a size, and TVM takes as constants only."""
+def _wrapped_to_a_multiple() -> onnx.ModelProto:
+    """``x`` padded at the end, in wrap mode, to a multiple of 8 columns, ``length``
+    symbolic: pads computed from the length, which TVM takes as constants only, and in a
+    mode the importer's own pad kernel does not take (constant, reflect and edge)."""
     nodes = [
         helper.make_node("Shape", ["x"], ["shape"]),
         helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
-        helper.make_node("Cast", ["length"], ["float_length"], to=TensorProto.FLOAT),
-        helper.make_node("Div", ["float_length", "eight"], ["blocks"]),
-        helper.make_node("Ceil", ["blocks"], ["whole"]),
-        helper.make_node("Cast", ["whole"], ["count"], to=TensorProto.INT64),
-        helper.make_node("Mul", ["count", "eight_int"], ["padded"]),
-        helper.make_node("Sub", ["padded", "length"], ["amount"]),
+        helper.make_node("Mod", ["length", "eight"], ["rest"]),
+        helper.make_node("Sub", ["eight", "rest"], ["missing"]),
+        helper.make_node("Mod", ["missing", "eight"], ["amount"]),
         helper.make_node("Concat", ["zeros", "amount"], ["pads"], axis=0),
-        helper.make_node("Pad", ["x", "pads"], ["out"]),
+        helper.make_node("Pad", ["x", "pads"], ["out"], mode="wrap"),
     ]
     graph = helper.make_graph(
         nodes,
-        "pad_to_a_float_ceiling",
+        "wrapped_to_a_multiple",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length"])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
         initializer=[
             numpy_helper.from_array(np.array([1], np.int64), "one"),
-            numpy_helper.from_array(np.array([8.0], np.float32), "eight"),
-            numpy_helper.from_array(np.array([8], np.int64), "eight_int"),
+            numpy_helper.from_array(np.array([8], np.int64), "eight"),
             numpy_helper.from_array(np.array([0, 0, 0], np.int64), "zeros"),
         ],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
 
 
 def test_symbolic_dims_that_tvm_cannot_build_are_an_input_error():
     with pytest.raises(InputError, match="symbolic input dimensions.*--dim"):
-        backend.compile(_pad_to_a_float_ceiling(), "llvm")
+        backend.compile(_wrapped_to_a_multiple(), "llvm")
 
 
 def test_position_ids_from_the_sequence_length_keep_it_symbolic():
@@ -822,7 +818,7 @@ def test_symbolic_dims_tvm_cannot_keep_are_fixed_and_the_report_says_so():
     rng = np.random.default_rng(SEED)
     feeds = {"x": rng.standard_normal((3, 5)).astype(np.float32)}
     check = compiled_check.check_compiled(
-        _pad_to_a_float_ceiling(), "avx512", feeds=feeds, reference=None
+        _wrapped_to_a_multiple(), "avx512", feeds=feeds, reference=None
     )
     assert check.note is not None and "fixed to the verification inputs' sizes" in check.note
     assert check.accepts == {name: list(value.shape) for name, value in feeds.items()}

@@ -194,6 +194,86 @@ def test_reflect_edge_and_constant_pads_computed_from_the_length(mode):
     assert_runs_symbolic(_computed_pad(mode), [{"x": (1, 4, 13)}, {"x": (2, 4, 30)}])
 
 
+def _frames_padding(kernel: int, stride: int, padding: int) -> onnx.ModelProto:
+    """EnCodec's ``_get_extra_padding_for_conv1d`` before a strided Conv1d, as TorchScript
+    exports it: ``frames = ceil(float(n - kernel + padding) / stride + 1)``, the ideal
+    length ``(frames - 1) * stride + kernel - padding``, and ``x[batch, 1, n]`` padded by
+    ``padding`` before and ``ideal - n`` after (every size computed in floats)."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "two"], ["n"], axis=0),
+        helper.make_node("Sub", ["n", "reach"], ["short"]),
+        helper.make_node("Add", ["short", "padding"], ["span"]),
+        helper.make_node("Cast", ["span"], ["span_f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["span_f", "stride_f"], ["steps_f"]),
+        helper.make_node("Add", ["steps_f", "one_f"], ["frames_f"]),
+        helper.make_node("Ceil", ["frames_f"], ["whole_f"]),
+        helper.make_node("Cast", ["whole_f"], ["frames"], to=TensorProto.INT64),
+        helper.make_node("Sub", ["frames", "one"], ["gaps"]),
+        helper.make_node("Mul", ["gaps", "stride"], ["covered"]),
+        helper.make_node("Add", ["covered", "reach"], ["reached"]),
+        helper.make_node("Sub", ["reached", "padding"], ["ideal"]),
+        helper.make_node("Sub", ["ideal", "n"], ["extra"]),
+        helper.make_node("Add", ["extra", "padding"], ["after"]),
+        helper.make_node("Unsqueeze", ["after", "zero_1d"], ["after_1d"]),
+        helper.make_node("Concat", ["before", "after_1d"], ["pads"], axis=0),
+        helper.make_node("Pad", ["x", "pads"], ["padded"]),
+        helper.make_node("Conv", ["padded", "w"], ["out"], strides=[stride]),
+    ]
+    initializers = [
+        ints("two", 2, scalar=True),
+        ints("reach", kernel, scalar=True),
+        ints("padding", padding, scalar=True),
+        ints("one", 1, scalar=True),
+        ints("stride", stride, scalar=True),
+        ints("zero_1d", 0),
+        ints("before", 0, 0, padding, 0, 0),
+        numpy_helper.from_array(np.array(float(stride), np.float32), "stride_f"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one_f"),
+        numpy_helper.from_array(
+            np.random.default_rng(SEED).standard_normal((4, 1, kernel)).astype(np.float32), "w"
+        ),
+    ]
+    return model(nodes, {"x": ["batch", 1, "n"]}, "out", initializers)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(4, 2, 2), (7, 3, 0), (16, 8, 8)])
+def test_padding_computed_in_floats_keeps_the_length_symbolic(kernel, stride, padding):
+    # The sizes in floats are read as exact fractions: Ceil is a ceiling division, the
+    # cast back a truncating one. TVM took the pads as constants only (the library fell
+    # back to the verification inputs' sizes).
+    proto = _frames_padding(kernel, stride, padding)
+    lengths = [kernel, kernel + 1, 5 * stride + 1, 64]
+    assert_runs_symbolic(proto, [{"x": (1 + i % 2, 1, n)} for i, n in enumerate(lengths)])
+
+
+def test_float_sizes_are_read_as_exact_fractions():
+    from tvm import relax
+
+    n = tvm.tirx.Var("n", "int64")
+    sizes = shape_values.Sizes({n: 8})
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([n], "float32"))
+    with bb.function("main", [x]):
+        length = bb.emit(relax.op.astype(relax.op.shape_to_tensor(relax.op.shape_of(x)), "float32"))
+
+        def sized(expr: relax.Expr) -> list | None:
+            return shape_values.prim_values(bb, bb.emit(expr), sizes=sizes)
+
+        half = relax.op.multiply(length, relax.const(np.array([0.5], np.float32)))
+        assert [str(v) for v in sized(relax.op.astype(relax.op.ceil(half), "int64"))] == ["(n + T.int64(1)) // T.int64(2)"]
+        assert [str(v) for v in sized(relax.op.astype(relax.op.floor(half), "int64"))] == ["n // T.int64(2)"]
+        # The cast truncates: of a nonnegative size, the floor division (as Sizes reads Div).
+        thirds = relax.op.divide(length, relax.const(np.array([3.0], np.float32)))
+        assert [str(v) for v in sized(relax.op.astype(thirds, "int64"))] == ["n // T.int64(3)"]
+        # A float result is not a size; nor is a product by a constant whose exact
+        # fraction has a denominator past 1024 (float32's 1/3): float rounding decides.
+        assert sized(half) is None
+        third = relax.op.multiply(length, relax.const(np.array([1 / 3], np.float32)))
+        assert sized(relax.op.astype(relax.op.floor(third), "int64")) is None
+        bb.emit_func_output(x)
+
+
 def test_a_computed_wrap_pad_is_refused_in_one_line():
     with pytest.raises(backend.SymbolicDimsError, match="Dynamic pads") as error:
         backend.compile(_computed_pad("wrap"), "llvm")
