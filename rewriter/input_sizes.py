@@ -11,7 +11,8 @@ field, 400 samples, or ONNX Runtime fails on the first window that does not fit.
 through the windows (Conv, MaxPool, AveragePool, LpPool), elementwise ops, Pad with
 constant pads, Unsqueeze, Squeeze, Transpose, a Reshape or Expand to the ``Shape`` of
 a value it follows (GroupNorm exported as Reshape, InstanceNormalization, Reshape back), and
-a Reshape to a constant shape of the same rank that keeps every other axis (``0``, or the
+a MatMul by a 2-D weight (a projection between convolutions: SEW's), a Reshape to a
+constant shape of the same rank that keeps every other axis (``0``, or the
 size the graph's shape inference recorded there) and puts ``0`` or ``-1`` at the axis (the
 same GroupNorm once a fixed batch let the exporter's optimizer fold the ``Shape``:
 ``Reshape(x, [1, 256, -1])``). It stops where it cannot tell where the axis went (another
@@ -112,6 +113,8 @@ def fits(graph: onnx.GraphProto, axes: Sequence[tuple[str, int, int]], size: int
             result = (axis, rank, length)
         elif node.op_type in ("Unsqueeze", "Squeeze", "Transpose", "Pad") and rank is not None:
             result = _moved(node, (axis, rank, length), constants)
+        elif node.op_type == "MatMul" and index == 0 and axis < -1 and len(weights.get(node.input[1], [])) == 2:
+            result = (axis, rank, length)  # x @ W by a 2-D weight keeps every axis but the last
         elif node.op_type == "Reshape" and index == 0 and rank is not None:
             result = _kept_by_reshape(node, (axis, rank, length), constants, static.get(node.input[0]))
         if result is not None:

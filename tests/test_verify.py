@@ -204,6 +204,33 @@ def test_the_length_is_followed_through_reshapes_to_constant_shapes_that_keep_it
     assert input_sizes.smallest_size(_group_norm_folded([1, 2, -1]), [("samples", 1, 2)], start=8) == 10
 
 
+def test_the_length_is_followed_through_a_projection_by_a_2d_weight():
+    from rewriter import input_sizes
+
+    # SEW's squeeze: Conv(k=10, s=5) -> frames last-but-one -> a linear projection ->
+    # back -> AveragePool(k=2, s=2), which needs 2 frames: 15 samples, not the conv's 10.
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[10], strides=[5]),
+        helper.make_node("Transpose", ["c1"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "projection"], ["p"]),
+        helper.make_node("Transpose", ["p"], ["back"], perm=[0, 2, 1]),
+        helper.make_node("AveragePool", ["back"], ["y"], kernel_shape=[2], strides=[2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "squeeze",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "samples"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 1, 10)).astype(np.float32), "w1"),
+            numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "projection"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert input_sizes.smallest_size(model, [("x", 2, 3)], start=1) == 15
+
+
 def test_windows_pads_dilation_ceil_and_same():
     from rewriter import input_sizes
 
