@@ -137,22 +137,32 @@ def as_overlap_add(builder: Any, call: Any) -> Any:
 def _overlap_add(
     cols: Any, sizes: list, out_shape: list, outputs: int, kernel: list[int], strides: list[int], before: list[int]
 ) -> Any:
-    """The TE compute of the overlap-add: ``cols[n, position, (o, *k)]`` to ``y[n, o, *j]``."""
+    """The TE compute of the overlap-add: ``cols[n, position, (o, *k)]`` to ``y[n, o, *j]``.
+
+    The ``ceil(k / s)`` taps that reach an output are summed as terms of one expression,
+    not as a reduction: the function is elementwise, and the elementwise schedule's
+    parallel rows and vectors take it (as a reduction of two taps per output, each
+    output was a row of the row-reduction rule, its index a division by the symbolic
+    length: EnCodec's decoder at symbolic sizes, 4-5x its time at fixed ones)."""
+    import itertools
+
     from tvm import te, tirx
 
     taps = [-(-k // s) for k, s in zip(kernel, strides, strict=True)]
-    reduce = [te.reduce_axis((0, count), f"m{axis}") for axis, count in enumerate(taps)]
 
     def element(n: Any, o: Any, *j: Any) -> Any:
-        inside, position, tap = [], 0, o
-        for axis, (index, m) in enumerate(zip(j, reduce, strict=True)):
-            q = index + before[axis]
-            k = tirx.floormod(q, strides[axis]) + m * strides[axis]
-            t = tirx.floordiv(q, strides[axis]) - m
-            inside += [k < kernel[axis], t >= 0, t < sizes[axis]]
-            position = position * sizes[axis] + tirx.max(tirx.min(t, sizes[axis] - 1), 0)
-            tap = tap * kernel[axis] + tirx.min(k, kernel[axis] - 1)
-        value = cols[n, position, tap]
-        return te.sum(tirx.if_then_else(tirx.all(*inside), value, tirx.const(0, cols.dtype)), axis=reduce)
+        total = None
+        for step in itertools.product(*(range(count) for count in taps)):
+            inside, position, tap = [], 0, o
+            for axis, (index, m) in enumerate(zip(j, step, strict=True)):
+                q = index + before[axis]
+                k = tirx.floormod(q, strides[axis]) + m * strides[axis]
+                t = tirx.floordiv(q, strides[axis]) - m
+                inside += [k < kernel[axis], t >= 0, t < sizes[axis]]
+                position = position * sizes[axis] + tirx.max(tirx.min(t, sizes[axis] - 1), 0)
+                tap = tap * kernel[axis] + tirx.min(k, kernel[axis] - 1)
+            term = tirx.if_then_else(tirx.all(*inside), cols[n, position, tap], tirx.const(0, cols.dtype))
+            total = term if total is None else total + term
+        return total
 
     return te.compute(out_shape, element, name="overlap_add")
