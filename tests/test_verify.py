@@ -101,18 +101,23 @@ def test_varying_or_single_outputs_are_not_warned(values):
     assert verify.compare("y", values, values).warning is None
 
 
-def _conv_front_end(*, group_norm: bool = True) -> onnx.ModelProto:
+def _conv_front_end(*, group_norm: bool = True, back: list[int] | None = None) -> onnx.ModelProto:
     """wav2vec2's feature encoder in small: [batch, samples] -> Unsqueeze -> Conv(k=10, s=5)
     -> GroupNorm as exported (Reshape, InstanceNormalization, Reshape to Shape(x)) ->
-    Conv(k=3, s=2) -> MaxPool(k=2, s=2): 10 + 5 * (2 + 2 * 1) = 30 samples at the least."""
+    Conv(k=3, s=2) -> MaxPool(k=2, s=2): 10 + 5 * (2 + 2 * 1) = 30 samples at the least.
+
+    ``back``: as the exporter's optimizer leaves it at a fixed batch of 1, with a group per
+    channel: the Reshape back to the constant ``back``, not to ``Shape(x)`` (the model
+    shape-inferred, as exports are)."""
     rng = np.random.default_rng(0)
+    groups = 2 if back is None else 4
     inits = [
         numpy_helper.from_array(rng.standard_normal((4, 1, 10)).astype(np.float32), "w1"),
         numpy_helper.from_array(rng.standard_normal((4, 4, 3)).astype(np.float32), "w2"),
         numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-        numpy_helper.from_array(np.array([0, 2, -1], np.int64), "groups"),
-        numpy_helper.from_array(np.ones(2, np.float32), "gamma"),
-        numpy_helper.from_array(np.zeros(2, np.float32), "beta"),
+        numpy_helper.from_array(np.array([0, groups, -1], np.int64), "groups"),
+        numpy_helper.from_array(np.ones(groups, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(groups, np.float32), "beta"),
     ]
     nodes = [
         helper.make_node("Unsqueeze", ["samples", "axis1"], ["x"]),
@@ -122,9 +127,12 @@ def _conv_front_end(*, group_norm: bool = True) -> onnx.ModelProto:
         nodes += [
             helper.make_node("Reshape", ["c1", "groups"], ["g"]),
             helper.make_node("InstanceNormalization", ["g", "gamma", "beta"], ["n"]),
-            helper.make_node("Shape", ["c1"], ["c1_shape"]),
-            helper.make_node("Reshape", ["n", "c1_shape"], ["c1n"]),
         ]
+        if back is None:
+            nodes.append(helper.make_node("Shape", ["c1"], ["c1_shape"]))
+        else:
+            inits.append(numpy_helper.from_array(np.array(back, np.int64), "c1_shape"))
+        nodes.append(helper.make_node("Reshape", ["n", "c1_shape"], ["c1n"]))
     nodes += [
         helper.make_node("Gelu", ["c1n" if group_norm else "c1"], ["a1"]),
         helper.make_node("Conv", ["a1", "w2"], ["c2"], strides=[2]),
@@ -132,16 +140,17 @@ def _conv_front_end(*, group_norm: bool = True) -> onnx.ModelProto:
         helper.make_node("Transpose", ["t"], ["c2b"], perm=[0, 2, 1]),
         helper.make_node("MaxPool", ["c2b"], ["y"], kernel_shape=[2], strides=[2]),
     ]
+    batch = "batch" if back is None else 1
     graph = helper.make_graph(
         nodes,
         "front_end",
-        [helper.make_tensor_value_info("samples", TensorProto.FLOAT, ["batch", "samples"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, None])],
+        [helper.make_tensor_value_info("samples", TensorProto.FLOAT, [batch, "samples"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, None])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     onnx.checker.check_model(model, full_check=True)
-    return model
+    return model if back is None else onnx.shape_inference.infer_shapes(model)
 
 
 @pytest.mark.parametrize("group_norm", [True, False])
@@ -159,49 +168,16 @@ def test_generated_length_fits_the_windows(group_norm):
     assert verify.make_inputs(model, dims={"samples": 12})["samples"].shape == (2, 12)
 
 
-def _group_norm_folded(back: list[int]) -> onnx.ModelProto:
-    """The front end of :func:`_conv_front_end` at a fixed batch of 1, with a group per
-    channel, as the exporter's optimizer leaves it once the batch is known: the Reshape
-    back after InstanceNormalization is to the constant ``back``, not to ``Shape(x)``."""
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((4, 1, 10)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.standard_normal((4, 4, 3)).astype(np.float32), "w2"),
-        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-        numpy_helper.from_array(np.array([0, 4, -1], np.int64), "groups"),
-        numpy_helper.from_array(np.array(back, np.int64), "back"),
-        numpy_helper.from_array(np.ones(4, np.float32), "gamma"),
-        numpy_helper.from_array(np.zeros(4, np.float32), "beta"),
-    ]
-    nodes = [
-        helper.make_node("Unsqueeze", ["samples", "axis1"], ["x"]),
-        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[10], strides=[5]),
-        helper.make_node("Reshape", ["c1", "groups"], ["g"]),
-        helper.make_node("InstanceNormalization", ["g", "gamma", "beta"], ["n"]),
-        helper.make_node("Reshape", ["n", "back"], ["c1n"]),
-        helper.make_node("Conv", ["c1n", "w2"], ["c2"], strides=[2]),
-        helper.make_node("MaxPool", ["c2"], ["y"], kernel_shape=[2], strides=[2]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "front_end",
-        [helper.make_tensor_value_info("samples", TensorProto.FLOAT, [1, "samples"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, None])],
-        inits,
-    )
-    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
-
-
 def test_the_length_is_followed_through_reshapes_to_constant_shapes_that_keep_it():
     from rewriter import input_sizes
 
     # [1, 4, -1] and [0, 0, -1] keep the frames where they were (shape inference records
     # the 4 channels): the second window is reached, 30 samples.
-    assert input_sizes.smallest_size(_group_norm_folded([1, 4, -1]), [("samples", 1, 2)], start=8) == 30
-    assert input_sizes.smallest_size(_group_norm_folded([0, 0, -1]), [("samples", 1, 2)], start=8) == 30
-    # [1, 2, -1] halves the channels, so doubles the frames: the search stops at the
-    # Reshape (the first window's 10 samples), as it would not know the frames' count.
-    assert input_sizes.smallest_size(_group_norm_folded([1, 2, -1]), [("samples", 1, 2)], start=8) == 10
+    for back in ([1, 4, -1], [0, 0, -1]):
+        assert input_sizes.smallest_size(_conv_front_end(back=back), [("samples", 1, 2)], start=8) == 30
+    # [-1, 4, 0] keeps them too, but the search reads a -1 only at the axis: it stops at
+    # the Reshape (the first window's 10 samples) where it cannot tell.
+    assert input_sizes.smallest_size(_conv_front_end(back=[-1, 4, 0]), [("samples", 1, 2)], start=8) == 10
 
 
 def test_the_length_is_followed_through_a_projection_by_a_2d_weight():
