@@ -958,3 +958,55 @@ def patchtst() -> Any:
     return _hf("PatchTSTConfig", "PatchTSTForPrediction", "prediction_outputs", "series", calibrate=(4, 512, 7),
                num_input_channels=7, context_length=512, prediction_length=96, d_model=128,
                num_attention_heads=4, num_hidden_layers=2, ffn_dim=512)  # fmt: skip
+
+
+# --- The third probe ------------------------------------------------------------------
+
+
+def gpt_bigcode() -> Any:
+    """GPT-BigCode (StarCoder's): multi-query attention from one fused QKV projection."""
+    return _hf("GPTBigCodeConfig", "GPTBigCodeForCausalLM", "logits", "text", vocab_size=VOCAB, n_embd=TEXT["hidden"],
+               n_layer=TEXT["layers"], n_head=TEXT["heads"], n_inner=TEXT["ffn"], n_positions=TEXT["positions"],
+               multi_query=True, use_cache=False, **_IDS)  # fmt: skip
+
+
+def videomae() -> Any:
+    """VideoMAE: 2 x 16 x 16 tubelets (a strided 3-D convolution), fixed sine positions."""
+    return _hf("VideoMAEConfig", "VideoMAEModel", "last_hidden_state", "pixels", **HF_WIDTHS, image_size=224,
+               num_frames=8, tubelet_size=2)  # fmt: skip
+
+
+def data2vec_audio() -> Any:
+    """Data2Vec audio: wav2vec2's front end with layer norms, five positional convolutions."""
+    return _hf("Data2VecAudioConfig", "Data2VecAudioModel", "last_hidden_state", "audio", **HF_WIDTHS,
+               conv_dim=(256,) * 7, num_conv_pos_embeddings=5, num_conv_pos_embedding_groups=16)  # fmt: skip
+
+
+def depth_anything() -> Any:
+    """Depth Anything: a DINOv2 backbone's tokens reassembled (DPT) and upsampled to depth."""
+    from transformers import Dinov2Config
+
+    backbone = Dinov2Config(hidden_size=TEXT["hidden"], num_hidden_layers=4, num_attention_heads=TEXT["heads"],
+                            intermediate_size=TEXT["ffn"], image_size=224, patch_size=14,
+                            out_features=["stage1", "stage2", "stage3", "stage4"], reshape_hidden_states=False)
+    return _hf("DepthAnythingConfig", "DepthAnythingForDepthEstimation", "predicted_depth", "pixels",
+               backbone_config=backbone, neck_hidden_sizes=[32, 64, 128, 256], fusion_hidden_size=64,
+               reassemble_hidden_size=TEXT["hidden"], patch_size=14)  # fmt: skip
+
+
+def glpn() -> Any:
+    """GLPN: a Mix Transformer encoder and a decoder of selective feature fusion to depth."""
+    return _hf("GLPNConfig", "GLPNForDepthEstimation", "predicted_depth", "pixels", calibrate=(4, 3, 224, 224),
+               depths=[1, 1, 1, 1], decoder_hidden_size=32)  # fmt: skip
+
+
+def upernet() -> Any:
+    """UperNet over a ConvNeXt backbone: a pyramid pooling module (adaptive pools to 1, 2,
+    3 and 6 of a 7 x 7 map) and an FPN, resized back and fused."""
+    from transformers import ConvNextConfig
+
+    backbone = ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 256],
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+    return _hf("UperNetConfig", "UperNetForSemanticSegmentation", "logits", "pixels", calibrate=(4, 3, 224, 224),
+               backbone_config=backbone, hidden_size=64, auxiliary_in_channels=128, use_auxiliary_head=False,
+               num_labels=21)  # fmt: skip

@@ -337,6 +337,21 @@ SURVEY: list[ZooModel] = [
         {},
         "7 series x 512 steps in patches of 16",
     ),
+    # The third probe (thirty-fifth session).
+    _text("gpt_bigcode", "survey", build.gpt_bigcode, "logits", "multi-query attention, fused QKV"),
+    ZooModel(
+        "videomae",
+        "survey",
+        (Input("pixel_values", ("batch", 8, 3, 224, 224)),),
+        "last_hidden_state",
+        build.videomae,
+        {},
+        "tubelets: a strided 3-D convolution",
+    ),
+    ZooModel("data2vec_audio", "survey", _AUDIO, "last_hidden_state", build.data2vec_audio, _SAMPLES, "five positional convolutions"),
+    _image("depth_anything", "survey", build.depth_anything, "predicted_depth", "DINOv2 + DPT head"),
+    _image("glpn", "survey", build.glpn, "predicted_depth", "selective feature fusion"),
+    _image("upernet", "survey", build.upernet, "logits", "pyramid pooling to 1, 2, 3, 6"),
 ]
 MODELS = {model.name: model for model in [*ZOO, *SURVEY]}
 
