@@ -96,6 +96,10 @@ def _wrappers() -> dict[str, Any]:
         def forward(self, past_values: Any) -> Any:
             return self.out(past_values=past_values)
 
+    class Spectrogram(Wrapped):
+        def forward(self, spectrogram: Any) -> Any:
+            return self.out(spectrogram)
+
     return {
         "text": Text,
         "seq2seq": Seq2Seq,
@@ -105,6 +109,7 @@ def _wrappers() -> dict[str, Any]:
         "mel": Mel,
         "ids": Ids,
         "series": Series,
+        "spectrogram": Spectrogram,
     }
 
 
@@ -658,7 +663,7 @@ def wav2vec2_conformer() -> Any:
 def _hf(
     config_name: str,
     model_name: str,
-    field: str,
+    field: str | None,
     signature: str,
     *,
     calibrate: tuple[int, ...] | None = None,
@@ -1010,3 +1015,55 @@ def upernet() -> Any:
     return _hf("UperNetConfig", "UperNetForSemanticSegmentation", "logits", "pixels", calibrate=(4, 3, 224, 224),
                backbone_config=backbone, hidden_size=64, auxiliary_in_channels=128, use_auxiliary_head=False,
                num_labels=21)  # fmt: skip
+
+
+def swin2sr() -> Any:
+    """Swin2SR (x2 super-resolution): window attention over 64 x 64 patches, a pixel
+    shuffle up."""
+    return _hf("Swin2SRConfig", "Swin2SRForImageSuperResolution", "reconstruction", "pixels", image_size=64,
+               embed_dim=60, depths=[2, 2], num_heads=[6, 6], window_size=8, upscale=2,
+               upsampler="pixelshuffle")  # fmt: skip
+
+
+def hifigan() -> Any:
+    """SpeechT5's HiFi-GAN vocoder: a mel spectrogram to a waveform through transposed
+    1-D convolutions and dilated residual blocks."""
+    return _hf("SpeechT5HifiGanConfig", "SpeechT5HifiGan", None, "spectrogram", upsample_initial_channel=128)
+
+
+def dac() -> Any:
+    """Descript's audio codec: snake activations, strided 1-D convolutions, a residual
+    vector quantizer with projections, transposed convolutions back."""
+    return _hf("DacConfig", "DacModel", "audio_values", "audio", encoder_hidden_size=16, decoder_hidden_size=128,
+               downsampling_ratios=[2, 4, 5, 8], upsampling_ratios=[8, 5, 4, 2], hidden_size=64, n_codebooks=4,
+               codebook_size=256)  # fmt: skip
+
+
+def mimi() -> Any:
+    """Mimi (Moshi's codec): EnCodec-like convolutions around a transformer with rotary
+    attention, split residual quantizers."""
+    return _hf("MimiConfig", "MimiModel", "audio_values", "audio", hidden_size=128, num_filters=16,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+               intermediate_size=512, codebook_size=256, num_quantizers=4, sliding_window=64)  # fmt: skip
+
+
+def recurrent_gemma() -> Any:
+    """RecurrentGemma (Griffin): RG-LRU recurrences (unrolled over the 128 tokens) beside
+    local attention."""
+    return _hf("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", "logits", "text", vocab_size=VOCAB,
+               hidden_size=TEXT["hidden"], intermediate_size=TEXT["ffn"], num_hidden_layers=3,
+               num_attention_heads=TEXT["heads"], num_key_value_heads=1, lru_width=TEXT["hidden"],
+               attention_window_size=64, **_IDS)  # fmt: skip
+
+
+def rt_detr() -> Any:
+    """RT-DETR: a hybrid encoder (attention on the coarsest map, a CNN fusion across
+    scales), top-k query selection, deformable-attention decoder."""
+    from transformers import RTDetrResNetConfig
+
+    backbone = RTDetrResNetConfig(depths=[1, 1, 1, 1], hidden_sizes=[64, 128, 256, 512], layer_type="basic",
+                                  out_features=["stage2", "stage3", "stage4"])
+    return _hf("RTDetrConfig", "RTDetrForObjectDetection", "logits", "pixels", calibrate=(4, 3, 224, 224),
+               backbone_config=backbone, encoder_in_channels=[128, 256, 512], d_model=TEXT["hidden"],
+               encoder_hidden_dim=TEXT["hidden"], decoder_layers=2, num_queries=100,
+               use_pretrained_backbone=False)  # fmt: skip

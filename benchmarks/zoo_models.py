@@ -352,6 +352,17 @@ SURVEY: list[ZooModel] = [
     _image("depth_anything", "survey", build.depth_anything, "predicted_depth", "DINOv2 + DPT head"),
     _image("glpn", "survey", build.glpn, "predicted_depth", "selective feature fusion"),
     _image("upernet", "survey", build.upernet, "logits", "pyramid pooling to 1, 2, 3, 6"),
+    ZooModel("swin2sr", "survey", (Input("pixel_values", ("batch", 3, 64, 64)),), "reconstruction", build.swin2sr, {},
+             "x2 super-resolution, pixel shuffle"),  # fmt: skip
+    ZooModel("hifigan", "survey", (Input("spectrogram", ("batch", "frames", 80)),), "waveform", build.hifigan,
+             {"frames": 100}, "mel to waveform: transposed 1-D convolutions"),  # fmt: skip
+    ZooModel("dac", "survey", (Input("input_values", ("batch", 1, "samples")),), "audio_values", build.dac,
+             {"samples": 16000}, "snake activations, 4 codebooks"),  # fmt: skip
+    ZooModel("mimi", "survey", (Input("input_values", ("batch", 1, "samples")),), "audio_values", build.mimi,
+             {"samples": 24000}, "convolutions around a transformer"),  # fmt: skip
+    ZooModel("recurrent_gemma", "survey", _TOKENS_128, "logits", build.recurrent_gemma, {},
+             "RG-LRU recurrences unrolled over 128 tokens"),  # fmt: skip
+    _image("rt_detr", "survey", build.rt_detr, "logits", "hybrid encoder, top-k queries"),
 ]
 MODELS = {model.name: model for model in [*ZOO, *SURVEY]}
 
