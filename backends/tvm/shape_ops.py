@@ -256,9 +256,11 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         return None
     if any(step.value != 1 for step in steps):
         return None
-    # An axis sliced from 0 to its own size (read back from the shape: a conformer's
-    # rotary table, ``[:frames]``) stays as it is: clamped, its size would read
-    # max(frames, 0), which a later broadcast against the frames cannot match.
+    # An axis sliced from 0 to its own size or past it (read back from the shape: a
+    # conformer's rotary table, ``[:frames]``) stays as it is: clamped, its size would
+    # read max(frames, 0), which a later broadcast against the frames cannot match; and
+    # past it, TVM's converter would slice as if in bounds (DAC's output read 8 samples
+    # past its decoder's).
     sliced = [
         (start, end, axis)
         for start, end, axis in zip(starts, ends, axes, strict=True)
@@ -308,13 +310,14 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
 
 def _whole_axis(start: Any, end: Any, extent: Any, sizes: Sizes) -> bool:
     """Whether a slice from ``start`` to ``end`` (step 1) takes all of an axis of
-    ``extent``: from 0 to the extent itself."""
+    ``extent``: from 0 to the extent or past it (ONNX clamps the end: DAC's decoder
+    output, ``(n - 312) // 320 * 320 + 312`` samples, sliced to the input's ``n``)."""
     import tvm
 
     start = shape_values.as_int64(start)
     if not isinstance(start, tvm.tirx.IntImm) or int(start) != 0:
         return False
-    return bool(sizes.can_prove(shape_values.as_int64(end) == shape_values.as_int64(extent)))
+    return bool(sizes.can_prove(shape_values.as_int64(end) >= shape_values.as_int64(extent)))
 
 
 def _clamped(index: Any, extent: Any, sizes: Sizes) -> Any:
@@ -374,6 +377,9 @@ def unclamped_slice(bb: Any, inputs: list[Any], sliced: Any, sizes: Sizes) -> An
         extent = shape_values.as_int64(shape.values[position])
         computed = not (_all_constant([start, end]))
         if step.value != 1 or (isinstance(extent, tvm.tirx.IntImm) and not computed):
+            continue
+        if _whole_axis(start, end, extent, sizes):  # to the axis's end or past it: all of it
+            exact[position] = extent
             continue
         begin, stop = _bound(start, extent, _begin, sizes), _bound(end, extent, _stop, sizes)
         if begin is not None and stop is not None:

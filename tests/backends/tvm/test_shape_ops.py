@@ -612,6 +612,23 @@ def test_a_slice_from_a_computed_negative_start_counts_from_the_end():
     assert_runs_symbolic(proto, [{"x": (2, 5, 8), "y": (2, 3, 8)}, {"x": (1, 9, 8), "y": (1, 8, 8)}])
 
 
+def test_a_slice_past_the_end_of_a_shorter_axis_is_the_whole_axis():
+    # DAC's output, x[..., :n] of its decoder's (n - 312) // 320 * 320 + 312 samples:
+    # ONNX clamps the end, so the output is the decoder's length. TVM's converter sliced
+    # to n as if in bounds, and the library returned n samples, the last ones read past
+    # the decoder's buffer. Here: pairs of samples max-pooled and repeated, (n // 2) * 2
+    # samples, sliced to n.
+    nodes = [
+        helper.make_node("MaxPool", ["x"], ["pooled"], kernel_shape=[2], strides=[2]),
+        helper.make_node("Tile", ["pooled", "repeats"], ["even"]),
+        helper.make_node("Shape", ["x"], ["n"], start=2, end=3),
+        helper.make_node("Slice", ["even", "zero", "n", "axis"], ["out"]),
+    ]
+    initializers = [ints("repeats", 1, 1, 2), ints("zero", 0), ints("axis", 2)]
+    proto = model(nodes, {"x": ["batch", 1, "n"]}, "out", initializers)
+    assert_runs_symbolic(proto, [{"x": (1, 1, 9)}, {"x": (2, 1, 16)}, {"x": (1, 1, 31)}])
+
+
 def test_a_slice_to_its_own_length_keeps_the_size_the_rest_of_the_model_has():
     # A strided convolution's frames, (n - 4) // 2 + 1, sliced to that length read back
     # from the shape (a conformer's rotary table, [:frames]), then multiplied by the
