@@ -1044,7 +1044,8 @@ def mimi() -> Any:
     attention, split residual quantizers."""
     return _hf("MimiConfig", "MimiModel", "audio_values", "audio", hidden_size=128, num_filters=16,
                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
-               intermediate_size=512, codebook_size=256, num_quantizers=4, sliding_window=64)  # fmt: skip
+               intermediate_size=512, codebook_size=256, num_quantizers=4, sliding_window=64, upsample_groups=128,
+               vector_quantization_hidden_dimension=128, codebook_dim=128)  # fmt: skip
 
 
 def recurrent_gemma() -> Any:

@@ -354,8 +354,8 @@ SURVEY: list[ZooModel] = [
     _image("upernet", "survey", build.upernet, "logits", "pyramid pooling to 1, 2, 3, 6"),
     ZooModel("swin2sr", "survey", (Input("pixel_values", ("batch", 3, 64, 64)),), "reconstruction", build.swin2sr, {},
              "x2 super-resolution, pixel shuffle"),  # fmt: skip
-    ZooModel("hifigan", "survey", (Input("spectrogram", ("batch", "frames", 80)),), "waveform", build.hifigan,
-             {"frames": 100}, "mel to waveform: transposed 1-D convolutions"),  # fmt: skip
+    ZooModel("hifigan", "survey", (Input("spectrogram", ("batch", "sequence", 80)),), "waveform", build.hifigan,
+             {"sequence": 100}, "mel frames to a waveform: transposed 1-D convolutions"),  # fmt: skip
     ZooModel("dac", "survey", (Input("input_values", ("batch", 1, "samples")),), "audio_values", build.dac,
              {"samples": 16000}, "snake activations, 4 codebooks"),  # fmt: skip
     ZooModel("mimi", "survey", (Input("input_values", ("batch", 1, "samples")),), "audio_values", build.mimi,
