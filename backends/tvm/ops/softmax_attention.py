@@ -82,12 +82,13 @@ def emit_unfused(
 
 def _sized_like(bb: relax.BlockBuilder, mask: relax.Expr, scores: relax.Expr) -> relax.Expr:
     """``mask`` cast (checked at run time) to the scores' size at each of its axes (the
-    scores' last ones) where its own is not 1, where it has other expressions of the same lengths: a mask sized by a length
-    the model's code computes (``(samples - 10) / 5 + 1``, ONNX's truncating division),
-    keys by a convolution's output (``(samples - 10) // 5 + 1``). TVM can neither size nor
-    lower the sum of the two. A mask sized by an input dimension of its own (a bare
-    variable) is left as it is: TVM's CanonicalizeBindings would replace one variable by
-    the other in part of the function and drop the cast, and with it the check."""
+    scores' last ones) where its own is not 1 and is another expression of the same
+    length: a mask sized by a length the model's code computes (``(samples - 10) / 5 +
+    1``, ONNX's truncating division), the keys by a convolution's output (``(samples -
+    10) // 5 + 1``); TVM can neither size nor lower the sum of the two. A mask sized by
+    an input dimension of its own (a bare variable) is left as it is: TVM's
+    CanonicalizeBindings would replace one variable by the other in part of the function
+    and drop the cast, and with it the check."""
     from tvm import relax, sym, tirx
 
     mask = bb.normalize(mask)

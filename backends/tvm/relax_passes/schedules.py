@@ -1181,7 +1181,9 @@ def _rules() -> dict[str, Any]:
         7) // 8 * 8`` (rows with a constant factor: XLNet's relative positions, ``2 *
         sequence * batch``); there the epilogue stays a pass of its own after the matmul,
         rows in parallel, and the register tiles are whole (else the function went to
-        TVM's scalar lowering: 32 of the model's 40 ms)."""
+        TVM's scalar lowering: 32 of the model's 40 ms). The flag is TVM's own, cached
+        per block by the schedule state (its ``_get_cached_flags``: a private method; a
+        TVM without it raises, and the rule passes the function on)."""
         return bool(sch.state._get_cached_flags(sch.get_sref(tail)).region_cover)
 
     def _is_pad(sch: Any, info: Any) -> bool:
