@@ -52,12 +52,13 @@ logger = logging.getLogger(__name__)
 # The sidecar beside an exported library: what load() needs besides the code, the
 # library's SHA-256 (since version 2), checked before the library is mapped, and its
 # target's CPU features (version 3), checked against this CPU's before it is mapped, and
-# the upper bounds of symbolic dimensions its memory is planned for (version 4), checked
-# on every call. Version 3 (no bounds) is still read; a reader of version 3 refuses 4,
-# which could hold bounds it would not check.
+# the upper bounds of symbolic dimensions its memory is planned for (version 4) and their
+# lower bounds, the smallest sizes the model's windows take (version 5), checked on every
+# call. Versions 3 (no bounds) and 4 are still read; a reader of an older version refuses
+# a newer one, which could hold bounds it would not check.
 METADATA_SUFFIX = ".json"
-METADATA_VERSION = 4
-READABLE_VERSIONS = (3, 4)
+METADATA_VERSION = 5
+READABLE_VERSIONS = (3, 4, 5)
 
 
 @dataclasses.dataclass
@@ -66,7 +67,10 @@ class Signature:
     target: the preset's name, the TVM target (as a dict) and every feature LLVM enabled
     for it (:func:`cpu_features.target_features`; [] for GPU code); ``max_dims``: the
     largest size of each symbolic dimension (by name) whose memory is planned statically
-    (``compile(max_dims=...)``), which a run may not exceed."""
+    (``compile(max_dims=...)``), which a run may not exceed; ``min_dims``: the smallest
+    size of each symbolic dimension that the model's convolution and pooling windows
+    take (where more than 1: wav2vec2's samples >= 400; ONNX Runtime fails below it),
+    which a run may not go under."""
 
     inputs: list[tuple[str, list[int | str | None], str]]
     outputs: list[str]
@@ -74,6 +78,7 @@ class Signature:
     target_json: dict[str, Any]
     features: list[str]
     max_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    min_dims: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def accepts(self) -> str:
         """The input shapes this model takes, as text: ``images[batch, 3, 224, 224] with
@@ -82,7 +87,7 @@ class Signature:
             f"{name}[{', '.join('?' if dim is None else str(dim) for dim in shape)}]"
             for name, shape, _ in self.inputs
         )
-        bounds = ", ".join(f"{name} <= {bound}" for name, bound in self.max_dims.items())
+        bounds = dimension_bounds(self.min_dims, self.max_dims)
         return f"{shapes} with {bounds}" if bounds else shapes
 
     def missing_features(self) -> list[str]:
@@ -98,6 +103,7 @@ class Signature:
             "target_json": self.target_json,
             "features": self.features,
             "max_dims": self.max_dims,
+            "min_dims": self.min_dims,
         }
 
     @classmethod
@@ -109,11 +115,13 @@ class Signature:
                 "SHA-256 and CPU features): export the model again"
             )
         max_dims = data.get("max_dims", {}) if data["version"] >= 4 else {}
-        if not isinstance(max_dims, dict) or not all(
-            isinstance(bound, int) and not isinstance(bound, bool) and bound > 0
-            for bound in max_dims.values()
-        ):
-            raise TypeError(f"max_dims is not a dict of positive integers: {max_dims!r}")
+        min_dims = data.get("min_dims", {}) if data["version"] >= 5 else {}
+        for field, bounds in (("max_dims", max_dims), ("min_dims", min_dims)):
+            if not isinstance(bounds, dict) or not all(
+                isinstance(bound, int) and not isinstance(bound, bool) and bound > 0
+                for bound in bounds.values()
+            ):
+                raise TypeError(f"{field} is not a dict of positive integers: {bounds!r}")
         return cls(
             inputs=[(i["name"], list(i["shape"]), i["dtype"]) for i in data["inputs"]],
             outputs=list(data["outputs"]),
@@ -121,7 +129,14 @@ class Signature:
             target_json=dict(data["target_json"]),
             features=[str(feature) for feature in data["features"]],
             max_dims={str(name): int(bound) for name, bound in max_dims.items()},
+            min_dims={str(name): int(bound) for name, bound in min_dims.items()},
         )
+
+
+def dimension_bounds(min_dims: Mapping[str, int], max_dims: Mapping[str, int]) -> str:
+    """The bounds of symbolic dimensions, as text: ``samples >= 400, batch <= 16``."""
+    lower = [f"{name} >= {bound}" for name, bound in min_dims.items()]
+    return ", ".join([*lower, *(f"{name} <= {bound}" for name, bound in max_dims.items())])
 
 
 class Compiled:
@@ -388,6 +403,7 @@ def compile(
     if tune is not None or tune_db is not None:
         tuner = tuning.Tuner(tune or 0, tune_db, tune_seconds, progress, remote=tune_rpc)
     bounds: dict[str, int] = {}
+    smallest: dict[str, int] = {}  # torch.export states its own bounds (Dim(min=...))
     if torch_import.is_exported_program(model):
         if max_dims:
             raise InputError(
@@ -405,6 +421,7 @@ def compile(
         source = onnx_import.prepare(model, dims=dims, gpu=targets.is_gpu(target))
         inputs = onnx_import.input_signature(source)
         outputs = [output.name for output in source.graph.output]
+        smallest = onnx_import.smallest_sizes(source)
     signature = Signature(
         inputs=inputs,
         outputs=outputs,
@@ -412,6 +429,7 @@ def compile(
         target_json=targets.target_dict(target, cuda_arch=cuda_arch),
         features=cpu_features.target_features(tvm_target),
         max_dims=bounds,
+        min_dims=smallest,
     )
     symbolic = [
         f"{name}[{axis}]={dim or '?'}"

@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 ALIGNMENT = 64  # bytes: TVM's kernels assume their buffers start on this boundary
 # Output layouts remembered per session (input shapes seen), before starting afresh.
 MAX_LAYOUTS = 64
+# The upper bound of a dimension that has only a lower one (past any real size).
+UNBOUNDED = 1 << 62
 # dtypes numpy cannot pass through DLPack, and the same-sized integer they travel as.
 _VIEWED = {"bfloat16": "uint16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8"}
 # What tvm_ffi.from_dlpack raises for an array it cannot share.
@@ -90,9 +92,11 @@ def check_input(
     shape: Sequence[int | str | None],
     dtype: str,
     max_dims: Mapping[str, int] | None = None,
+    min_dims: Mapping[str, int] | None = None,
 ) -> None:
     """Raise :class:`InputError` unless ``value`` has the input's dtype, rank and static
-    sizes, and no dimension over its bound in ``max_dims`` (by name)."""
+    sizes, no dimension over its bound in ``max_dims`` and none under its bound in
+    ``min_dims`` (by name)."""
     got = dtype_name(value)
     if got != dtype:
         raise InputError(f"input {name!r} has dtype {got}, the compiled model takes {dtype}")
@@ -114,6 +118,13 @@ def check_input(
                 f"input {name!r} has shape {sizes}: axis {axis} ({dim}) is {size}, over the "
                 f"compiled model's bound {dim} <= {bound} (its memory is planned for that size; "
                 f"compile with a larger --max-dim {dim})"
+            )
+        low = (min_dims or {}).get(dim) if isinstance(dim, str) else None
+        if low is not None and size < low:
+            raise InputError(
+                f"input {name!r} has shape {sizes}: axis {axis} ({dim}) is {size}, under the "
+                f"compiled model's bound {dim} >= {low} (the smallest size its convolution and "
+                f"pooling windows take; ONNX Runtime fails below it too)"
             )
 
 
@@ -220,8 +231,9 @@ class Session:
         self._names = [name for name, _, _ in signature.inputs]
         self._known = set(self._names)
         # Per input: name, shape, dtype name, numpy dtype (None: no numpy equivalent), the
-        # static sizes by axis and the upper bounds by axis, for the fast check of numpy
-        # arrays (a size over its bound would overflow the statically planned memory).
+        # static sizes by axis and the (lower, upper) bounds by axis, for the fast check of
+        # numpy arrays (a size over its bound would overflow the statically planned memory;
+        # one under it is a window with no output).
         self._specs = [
             (
                 name,
@@ -230,9 +242,9 @@ class Session:
                 _numpy_dtype(dtype),
                 [(axis, dim) for axis, dim in enumerate(shape) if isinstance(dim, int) and dim > 0],
                 [
-                    (axis, signature.max_dims[dim])
+                    (axis, signature.min_dims.get(dim, 0), signature.max_dims.get(dim, UNBOUNDED))
                     for axis, dim in enumerate(shape)
-                    if isinstance(dim, str) and dim in signature.max_dims
+                    if isinstance(dim, str) and (dim in signature.max_dims or dim in signature.min_dims)
                 ],
             )
             for name, shape, dtype in signature.inputs
@@ -321,7 +333,7 @@ class Session:
     def _argument(
         self,
         value: Any,
-        spec: tuple[str, Any, str, Any, list[tuple[int, int]], list[tuple[int, int]]],
+        spec: tuple[str, Any, str, Any, list[tuple[int, int]], list[tuple[int, int, int]]],
     ) -> Any:
         name, shape, dtype, np_dtype, static, bounded = spec
         if (
@@ -329,11 +341,11 @@ class Session:
             or value.dtype != np_dtype
             or value.ndim != len(shape)
             or any(value.shape[axis] != size for axis, size in static)
-            or (bounded and any(value.shape[axis] > bound for axis, bound in bounded))
+            or (bounded and any(not low <= value.shape[axis] <= high for axis, low, high in bounded))
         ):  # not a numpy array that passes the checks: the full checks say why
             if not _is_torch(value) and not isinstance(value, np.ndarray):
                 value = np.asarray(value)
-            check_input(name, value, shape, dtype, self.signature.max_dims)
+            check_input(name, value, shape, dtype, self.signature.max_dims, self.signature.min_dims)
         if self._gpu is not None:
             import tvm
 

@@ -75,6 +75,9 @@ class CompiledCheck:
     # The largest size of each bounded symbolic dimension (by name; --max-dim), which
     # the library refuses to exceed (its .so.json too).
     max_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The smallest size of each symbolic dimension the model's windows take (by name),
+    # which the library refuses to go under (its .so.json too).
+    min_dims: dict[str, int] = dataclasses.field(default_factory=dict)
     # Each Relax function's storage allocations, planned statically or sized on each call
     # (rewriter.backends.tvm.relax_passes.memory_plan.StorageRecord.to_json()).
     memory: dict[str, dict[str, int]] | None = None
@@ -101,6 +104,7 @@ class CompiledCheck:
             "accepts": self.accepts,
             "features": self.features,
             "max_dims": self.max_dims,
+            "min_dims": self.min_dims,
             "memory": self.memory,
         }
 
@@ -218,6 +222,7 @@ def check_compiled(
         accepts={name: list(shape) for name, shape, _ in compiled.signature.inputs},
         features=compiled.signature.features,
         max_dims=dict(compiled.signature.max_dims),
+        min_dims=dict(compiled.signature.min_dims),
         memory=compiled.memory.to_json() if compiled.memory is not None else None,
     )
     if library is not None and check.passed:

@@ -1,10 +1,13 @@
-"""Upper bounds of symbolic dimensions (``compile(max_dims=...)``, ``--max-dim``).
+"""Bounds of symbolic dimensions: upper ones (``compile(max_dims=...)``, ``--max-dim``),
+and lower ones, the smallest sizes the model's windows take (``signature.min_dims``).
 
-The bound reaches memory planning (``tir_var_upper_bound``), so every intermediate buffer
+The upper bound reaches memory planning (``tir_var_upper_bound``), so every intermediate buffer
 sized by the dimension gets a constant size (:class:`memory_plan.StorageRecord`); the
 library agrees with ONNX Runtime at sizes up to the bound, refuses a larger one (the
 planned buffers would overflow) in memory and after ``load``, and records the bound in
-its ``.so.json``. Tolerance: :data:`COMPILED_TOLERANCE` (float32), see there why.
+its ``.so.json``. A size under a lower bound (a window with no output, where ONNX
+Runtime fails) is refused in one line, not run. Tolerance: :data:`COMPILED_TOLERANCE`
+(float32), see there why.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def test_a_size_over_the_bound_is_refused_naming_input_axis_and_bound(bounded):
 def test_a_loaded_library_keeps_the_bound(bounded, tmp_path):
     path = bounded.export(tmp_path / "bounded.so")
     metadata = json.loads((tmp_path / "bounded.so.json").read_text())
-    assert metadata["version"] == backend.METADATA_VERSION == 4
+    assert metadata["version"] == backend.METADATA_VERSION == 5
     assert metadata["max_dims"] == {"batch": BOUND}
     loaded = backend.load(path)
     assert loaded.signature.max_dims == {"batch": BOUND}
@@ -211,3 +214,54 @@ def test_cli_max_dim_bounds_the_library_and_reports_it(tmp_path, capsys):
     assert_agrees(ort_run(conv_net(), images(1)), loaded.run(images(1)))
     with pytest.raises(InputError, match="batch <= 1"):
         loaded.run(images(2))
+
+
+def front_end() -> onnx.ModelProto:
+    """Conv(k=10, s=5) -> MaxPool(k=2, s=2) over ``[batch, 1, samples]``: 15 samples at
+    the least (two frames for the pool)."""
+    rng = np.random.default_rng(SEED)
+    w = numpy_helper.from_array(rng.standard_normal((4, 1, 10)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], strides=[5]),
+            helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[2], strides=[2]),
+        ],
+        "front_end",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "samples"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_size_under_the_windows_smallest_is_refused_in_memory_and_after_load(tmp_path):
+    # Under 15 samples the pool has no window: ONNX Runtime fails; the library gave an
+    # empty output, or TVM's "match_cast error" from inside the VM.
+    compiled = backend.compile(front_end(), "avx512", max_dims={"batch": BOUND})
+    assert compiled.signature.min_dims == {"samples": 15}
+    assert compiled.signature.accepts() == "x[batch, 1, samples] with samples >= 15, batch <= 4"
+    rng = np.random.default_rng(SEED)
+    feeds = {"x": rng.standard_normal((2, 1, 15)).astype(np.float32)}
+    assert_agrees(ort_run(front_end(), feeds), compiled.run(feeds))
+    short = {"x": rng.standard_normal((2, 1, 14)).astype(np.float32)}
+    path = compiled.export(tmp_path / "front.so")
+    assert json.loads((tmp_path / "front.so.json").read_text())["min_dims"] == {"samples": 15}
+    loaded = backend.load(path)
+    for model in (compiled, loaded):
+        with pytest.raises(InputError) as raised:
+            model.run(short)
+        message = str(raised.value)
+        assert "'x'" in message and "axis 2 (samples) is 14" in message and "samples >= 15" in message
+        assert "\n" not in message
+        with pytest.raises(InputError, match="samples >= 15"):
+            model.session().run(short)
+
+
+def test_metadata_version_4_loads_without_lower_bounds(tmp_path):
+    path = backend.compile(front_end(), "avx512").export(tmp_path / "old.so")
+    meta = tmp_path / "old.so.json"
+    metadata = json.loads(meta.read_text())
+    metadata["version"] = 4
+    del metadata["min_dims"]
+    meta.write_text(json.dumps(metadata))
+    assert backend.load(path).signature.min_dims == {}
