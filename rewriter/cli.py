@@ -359,9 +359,7 @@ def _compiled_lines(compiled: Any) -> list[str]:
             f"{name}[{', '.join('?' if dim is None else str(dim) for dim in shape)}]"
             for name, shape in compiled.accepts.items()
         )
-        from rewriter.backends.tvm.build import dimension_bounds  # compiled: TVM is loaded
-
-        bounds = dimension_bounds(compiled.min_dims, compiled.max_dims)
+        bounds = verify.dimension_bounds(compiled.min_dims, compiled.max_dims)
         if bounds:
             lines.append(f"    accepts {shapes} with {bounds} (a name without a bound: any size)")
         else:

@@ -587,6 +587,14 @@ def check_dims(
     )
 
 
+def dimension_bounds(min_dims: Mapping[str, int], max_dims: Mapping[str, int]) -> str:
+    """The bounds of a library's symbolic dimensions, as text: ``samples >= 400, batch <=
+    16`` (the lower ones, the smallest sizes the model's windows take; the upper ones,
+    ``max_dims``)."""
+    lower = [f"{name} >= {bound}" for name, bound in min_dims.items()]
+    return ", ".join([*lower, *(f"{name} <= {bound}" for name, bound in max_dims.items())])
+
+
 def check_max_dims(
     shapes: Mapping[str, Sequence[int | str | None]],
     max_dims: Mapping[str, int],

@@ -87,7 +87,7 @@ class Signature:
             f"{name}[{', '.join('?' if dim is None else str(dim) for dim in shape)}]"
             for name, shape, _ in self.inputs
         )
-        bounds = dimension_bounds(self.min_dims, self.max_dims)
+        bounds = verify.dimension_bounds(self.min_dims, self.max_dims)
         return f"{shapes} with {bounds}" if bounds else shapes
 
     def missing_features(self) -> list[str]:
@@ -131,12 +131,6 @@ class Signature:
             max_dims={str(name): int(bound) for name, bound in max_dims.items()},
             min_dims={str(name): int(bound) for name, bound in min_dims.items()},
         )
-
-
-def dimension_bounds(min_dims: Mapping[str, int], max_dims: Mapping[str, int]) -> str:
-    """The bounds of symbolic dimensions, as text: ``samples >= 400, batch <= 16``."""
-    lower = [f"{name} >= {bound}" for name, bound in min_dims.items()]
-    return ", ".join([*lower, *(f"{name} <= {bound}" for name, bound in max_dims.items())])
 
 
 class Compiled:
