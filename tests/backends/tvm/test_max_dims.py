@@ -63,6 +63,15 @@ def assert_agrees(reference: dict[str, np.ndarray], candidate: dict[str, np.ndar
         assert TOLERANCE.allows(comparison.max_abs_err, float(np.abs(ref).max())), (name, comparison)
 
 
+def assert_refused(model: backend.Compiled, feeds: dict[str, np.ndarray], *fragments: str) -> None:
+    """``run`` and a session's ``run`` refuse ``feeds`` in one line holding ``fragments``."""
+    for run in (model.run, model.session().run):
+        with pytest.raises(InputError) as raised:
+            run(feeds)
+        message = str(raised.value)
+        assert all(fragment in message for fragment in fragments) and "\n" not in message, message
+
+
 @pytest.fixture(scope="module")
 def unbounded() -> backend.Compiled:
     return backend.compile(conv_net(), "avx512")
@@ -95,13 +104,7 @@ def test_outputs_agree_with_onnx_runtime_up_to_the_bound(bounded, batch):
 
 def test_a_size_over_the_bound_is_refused_naming_input_axis_and_bound(bounded):
     too_big = images(BOUND + 1)
-    with pytest.raises(InputError) as raised:
-        bounded.run(too_big)
-    message = str(raised.value)
-    assert "'x'" in message and "axis 0 (batch) is 5" in message and "batch <= 4" in message
-    assert "\n" not in message
-    with pytest.raises(InputError, match="batch <= 4"):
-        bounded.session().run(too_big)
+    assert_refused(bounded, too_big, "'x'", "axis 0 (batch) is 5", "batch <= 4")
     import torch
 
     with pytest.raises(InputError, match="batch <= 4"):  # the full check, not numpy's fast one
@@ -248,13 +251,7 @@ def test_a_size_under_the_windows_smallest_is_refused_in_memory_and_after_load(t
     assert json.loads((tmp_path / "front.so.json").read_text())["min_dims"] == {"samples": 15}
     loaded = backend.load(path)
     for model in (compiled, loaded):
-        with pytest.raises(InputError) as raised:
-            model.run(short)
-        message = str(raised.value)
-        assert "'x'" in message and "axis 2 (samples) is 14" in message and "samples >= 15" in message
-        assert "\n" not in message
-        with pytest.raises(InputError, match="samples >= 15"):
-            model.session().run(short)
+        assert_refused(model, short, "'x'", "axis 2 (samples) is 14", "samples >= 15")
 
 
 def test_metadata_version_4_loads_without_lower_bounds(tmp_path):
