@@ -13,6 +13,7 @@ Runtime fails) is refused in one line, not run. Tolerance: :data:`COMPILED_TOLER
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -125,14 +126,21 @@ def test_a_loaded_library_keeps_the_bound(bounded, tmp_path):
         loaded.run(images(BOUND + 3))
 
 
-def test_metadata_version_3_loads_without_bounds(unbounded, tmp_path):
-    path = unbounded.export(tmp_path / "old.so")
-    meta = tmp_path / "old.so.json"
+def written_as(library: Path, version: int, *dropped: str) -> backend.Compiled:
+    """``library`` (an exported path) loaded after its ``.so.json`` is rewritten as an
+    older ``version`` would have written it: without the ``dropped`` fields."""
+    meta = Path(f"{library}.json")
     metadata = json.loads(meta.read_text())
-    metadata["version"] = 3
-    del metadata["max_dims"]
+    metadata["version"] = version
+    for field in dropped:
+        del metadata[field]
     meta.write_text(json.dumps(metadata))
-    assert backend.load(path).signature.max_dims == {}
+    return backend.load(library)
+
+
+def test_metadata_version_3_loads_without_bounds(unbounded, tmp_path):
+    loaded = written_as(unbounded.export(tmp_path / "old.so"), 3, "max_dims", "min_dims")
+    assert loaded.signature.max_dims == {}
 
 
 def test_an_axis_position_names_the_dimension(bounded):
@@ -255,10 +263,5 @@ def test_a_size_under_the_windows_smallest_is_refused_in_memory_and_after_load(t
 
 
 def test_metadata_version_4_loads_without_lower_bounds(tmp_path):
-    path = backend.compile(front_end(), "avx512").export(tmp_path / "old.so")
-    meta = tmp_path / "old.so.json"
-    metadata = json.loads(meta.read_text())
-    metadata["version"] = 4
-    del metadata["min_dims"]
-    meta.write_text(json.dumps(metadata))
-    assert backend.load(path).signature.min_dims == {}
+    loaded = written_as(backend.compile(front_end(), "avx512").export(tmp_path / "old.so"), 4, "min_dims")
+    assert loaded.signature.min_dims == {}
