@@ -67,7 +67,8 @@ class Signature:
     target: the preset's name, the TVM target (as a dict) and every feature LLVM enabled
     for it (:func:`cpu_features.target_features`; [] for GPU code); ``max_dims``: the
     largest size of each symbolic dimension (by name) whose memory is planned statically
-    (``compile(max_dims=...)``), which a run may not exceed; ``min_dims``: the smallest
+    (``compile(max_dims=...)``) or that a fixed-length table of the model takes (BERT's
+    512 positions; :func:`import_onnx.largest_sizes`), which a run may not exceed; ``min_dims``: the smallest
     size of each symbolic dimension that the model's convolution and pooling windows
     take (where more than 1: wav2vec2's samples >= 400; ONNX Runtime fails below it),
     which a run may not go under."""
@@ -422,7 +423,7 @@ def compile(
         target=target,
         target_json=targets.target_dict(target, cuda_arch=cuda_arch),
         features=cpu_features.target_features(tvm_target),
-        max_dims=bounds,
+        max_dims=dict(bounds),  # and the tables' bounds, which do not plan memory
         min_dims=smallest,
     )
     symbolic = [
@@ -445,6 +446,10 @@ def compile(
                 raise UnsupportedModelError(
                     f"TVM cannot import the model: {_importer_failure(exc, source)}"
                 ) from exc
+            # Past a fixed-length table's end (BERT's 512 positions) ONNX Runtime fails
+            # and the library would read past it: refused as the bounds given are.
+            for name, largest in onnx_import.largest_sizes(mod).items():
+                signature.max_dims[name] = min(largest, signature.max_dims.get(name, largest))
         mod = memory_plan.bound_dims(mod, bounds)
         record = cpu_schedule.ScheduleRecord()
         storage = memory_plan.StorageRecord()

@@ -460,14 +460,36 @@ def import_onnx(
         # "Error converting operator ..." before it re-raises (our errors say it).
         warnings.simplefilter("ignore")
         try:
-            return importer.from_onnx(proto.graph, opset)
+            mod = importer.from_onnx(proto.graph, opset)
         except Exception as exc:
             if type(exc).__name__ == "OpNotImplemented":
                 raise InputError(f"TVM cannot import the model: {exc}") from exc
             raise
+    largest = importer.largest_sizes()
+    return _with_largest(mod, largest) if largest else mod
+
+
+def _with_largest(mod: tvm.IRModule, largest: Mapping[str, int]) -> tvm.IRModule:
+    """``mod`` with ``main`` stating the largest size of each input dimension the model's
+    fixed-length tables take (:data:`LARGEST_SIZES`)."""
+    mod["main"] = mod["main"].with_attr(LARGEST_SIZES, {name: int(bound) for name, bound in largest.items()})
+    return mod
+
+
+def largest_sizes(mod: tvm.IRModule) -> dict[str, int]:
+    """The largest size of each input dimension (by name) at which the imported model
+    reads its fixed-length tables in bounds (BERT's 512 positions: ``{"sequence":
+    512}``); ONNX Runtime fails past it, and the library refuses it. Empty where none."""
+    attrs = mod["main"].attrs
+    if attrs is None or LARGEST_SIZES not in attrs:
+        return {}
+    return {str(name): int(bound) for name, bound in attrs[LARGEST_SIZES].items()}
+
 
 
 _IMPORTER: type | None = None
+# The attribute of the imported ``main`` that holds :func:`largest_sizes`.
+LARGEST_SIZES = "rewriter_largest_sizes"
 
 
 def _bounds_safe_take(bb: Any, expr: Any) -> Any:
@@ -480,6 +502,49 @@ def _bounds_safe_take(bb: Any, expr: Any) -> Any:
     if isinstance(expr, relax.Call) and expr.op == tvm.ir.Op.get("relax.take") and expr.attrs.mode == "fast":
         return bb.normalize(relax.op.take(expr.args[0], expr.args[1], expr.attrs.axis, mode="clip"))
     return expr
+
+
+# Ops through which a tensor of positions keeps its values (reshaped, broadcast, cast).
+_POSITIONS_KEPT = ("relax.expand_dims", "relax.reshape", "relax.broadcast_to", "relax.astype", "relax.squeeze")
+
+
+def _limit_by_positions(bb: Any, inputs: list, attrs: dict, sizes: shape_values.Sizes) -> None:
+    """A ``Gather`` from a table of fixed length by positions ``start .. end - 1`` (an
+    ``arange`` of the sizes, as :func:`shape_values.symbolic_range` reads ``Range``:
+    GPT-2's 1024 learned positions at ``arange(sequence)``) bounds ``end`` by the table's
+    length (:meth:`Sizes.limit`): past it ONNX Runtime fails on the index, and the clamped
+    take would repeat the last row."""
+    import tvm
+    from tvm import relax
+
+    shape = getattr(getattr(inputs[0], "ty", None), "shape", None)
+    if not isinstance(shape, relax.ShapeExpr) or not shape.values:
+        return
+    extent = shape.values[int(attrs.get("axis", 0)) % len(shape.values)]
+    positions = _arange(bb, inputs[1])
+    if not isinstance(extent, tvm.tirx.IntImm) or positions is None:
+        return
+    start, end = positions
+    if sizes.can_prove(start >= 0) and not sizes.can_prove(end <= extent):
+        sizes.limit(end, int(extent))
+
+
+def _arange(bb: Any, expr: Any, depth: int = 0) -> tuple[Any, Any] | None:
+    """``(start, end)`` where ``expr`` holds ``arange(start, end)`` (step 1), reshaped,
+    broadcast or cast; None otherwise."""
+    import tvm
+    from tvm import relax
+
+    if isinstance(expr, relax.Var) and depth < 16:
+        bound = bb.lookup_binding(expr)
+        return None if bound is None else _arange(bb, bound, depth + 1)
+    if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op) or depth >= 16:
+        return None
+    if expr.op.name in _POSITIONS_KEPT:
+        return _arange(bb, expr.args[0], depth + 1)
+    if expr.op.name == "relax.arange" and isinstance(step := expr.args[2], tvm.tirx.IntImm) and int(step) == 1:
+        return expr.args[0], expr.args[1]
+    return None
 
 
 def _gather_elements(bb: Any, inputs: list, attrs: dict) -> Any | None:
@@ -870,6 +935,10 @@ def _importer_class() -> type:
             self._smallest = dict(smallest or {})
             self._sizes = shape_values.Sizes()
 
+        def largest_sizes(self) -> dict[str, int]:
+            """The largest sizes the import found (see :func:`largest_sizes`)."""
+            return dict(self._sizes.largest)
+
         def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
             standard = onnx.GraphProto()
             standard.CopyFrom(graph)
@@ -925,6 +994,7 @@ def _importer_class() -> type:
             if op_name in spectral.OPS:
                 return spectral.convert(self.bb, inputs, attrs, opset, self._sizes)
             if op_name == "Gather":
+                _limit_by_positions(self.bb, inputs, attrs, self._sizes)
                 return _bounds_safe_take(self.bb, super()._convert_operator(op_name, inputs, attrs, opset))
             if op_name == "GatherElements" and (gathered := _gather_elements(self.bb, inputs, attrs)) is not None:
                 return gathered

@@ -116,8 +116,8 @@ def check_input(
         if bound is not None and size > bound:
             raise InputError(
                 f"input {name!r} has shape {sizes}: axis {axis} ({dim}) is {size}, over the "
-                f"compiled model's bound {dim} <= {bound} (its memory is planned for that size; "
-                f"compile with a larger --max-dim {dim})"
+                f"compiled model's bound {dim} <= {bound} (the length of a table the model reads "
+                f"by it, past which ONNX Runtime fails too, or the size --max-dim planned its memory for)"
             )
         low = (min_dims or {}).get(dim) if isinstance(dim, str) else None
         if low is not None and size < low:
@@ -232,8 +232,8 @@ class Session:
         self._known = set(self._names)
         # Per input: name, shape, dtype name, numpy dtype (None: no numpy equivalent), the
         # static sizes by axis and the (lower, upper) bounds by axis, for the fast check of
-        # numpy arrays (a size over its bound would overflow the statically planned memory;
-        # one under it is a window with no output).
+        # numpy arrays (a size over its bound would overflow the statically planned memory
+        # or read past a table; one under it is a window with no output).
         self._specs = [
             (
                 name,

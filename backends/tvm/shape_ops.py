@@ -273,6 +273,8 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         extent = shape_values.as_int64(shape.values[int(axis.value) % rank])
         begin, stop = _bound(start, extent, _begin, sizes), _bound(end, extent, _stop, sizes)
         size = None if begin is None or stop is None else shape_values.simplify(stop - begin)
+        if size is not None and _limited(begin, stop, extent, sizes):
+            continue  # a table read to an input's size, in bounds where the library runs
         if size is None or isinstance(size, tvm.tirx.Var):
             # A slice to an input's size (BERT's position ids, [:, :sequence]): TVM's
             # converter, whose shape the later passes bind (TVM's CanonicalizeBindings
@@ -306,6 +308,22 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         return te.compute(out_shape, element, name="T_strided_slice")
 
     return bb.normalize(bb.call_te(slice_, data, primfunc_name_hint="strided_slice"))
+
+
+def _limited(begin: Any, stop: Any, extent: Any, sizes: Sizes) -> bool:
+    """Whether a slice from ``begin`` to ``stop`` of a fixed ``extent`` is in bounds
+    where the library runs, its stop bounded by the extent if need be (:meth:`Sizes.limit`):
+    a table of positions read to the sequence's length (BERT's 512, ``[:, :sequence]``;
+    GPT-2's causal mask, ``[:, :, :sequence, :sequence]`` of 1024). ONNX clamps the
+    slice, and then fails where its rows meet the sequence's; TVM's converter slices as if
+    in bounds, reading past the table."""
+    import tvm
+
+    if not isinstance(extent, tvm.tirx.IntImm) or not sizes.can_prove(begin >= 0):
+        return False
+    if not sizes.can_prove(stop <= extent) and not sizes.limit(stop, int(extent)):
+        return False
+    return bool(sizes.can_prove(begin <= stop))
 
 
 def _whole_axis(start: Any, end: Any, extent: Any, sizes: Sizes) -> bool:

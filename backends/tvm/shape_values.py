@@ -52,6 +52,11 @@ class Sizes:
     there it is the floor division that TVM's shape inference writes (``(samples - 400)
     // 320 + 1`` for wav2vec2's frames), so the two forms of one size compare equal.
 
+    The largest size too, where the model reads a table of a fixed length by one
+    (:meth:`limit`: BERT's 512 positions sliced to the sequence): past it ONNX Runtime
+    fails and the library would read past the table, so the library refuses it
+    (:attr:`largest`, by the variable's name, the signature's ``max_dims``).
+
     >>> Sizes({samples: 400}).divide(samples // 80 - 3, 2)  # doctest: +SKIP
     (samples // 80 - 3) // 2
     """
@@ -61,8 +66,30 @@ class Sizes:
         from tvm import sym
 
         self._analyzer = sym.Analyzer()
-        for var, size in (smallest or {}).items():
+        self._smallest = dict(smallest or {})
+        self.largest: dict[str, int] = {}
+        for var, size in self._smallest.items():
             self._analyzer.bind(var, tvm.ir.Range.from_min_extent(size, _LARGEST - size))
+
+    def limit(self, value: Any, bound: int) -> bool:
+        """Take ``value <= bound`` to hold from here on, where ``value`` is an input
+        dimension plus a constant (``sequence``, ``sequence + 1``) and the bound leaves it
+        its smallest size: the dimension's largest size is then recorded (:attr:`largest`,
+        checked on every run) and known to the proofs. Whether it was taken."""
+        import tvm
+
+        value = self._analyzer.simplify(as_int64(value))
+        offset = 0
+        if isinstance(value, tvm.tirx.Add) and isinstance(value.b, tvm.tirx.IntImm):
+            value, offset = value.a, int(value.b)
+        if not isinstance(value, tvm.tirx.Var) or value not in self._smallest:
+            return False
+        smallest, largest = self._smallest[value], min(bound - offset, self.largest.get(value.name, _LARGEST))
+        if largest < max(smallest, 1):
+            return False
+        self.largest[value.name] = largest
+        self._analyzer.bind(value, tvm.ir.Range.from_min_extent(smallest, largest - smallest + 1), allow_override=True)
+        return True
 
     def can_prove(self, condition: Any) -> bool:
         """Whether ``condition`` holds at every size the model runs at."""

@@ -20,6 +20,7 @@ from rewriter import verify
 from rewriter.backends import tvm as backend
 from rewriter.backends.tvm import import_onnx, shape_values, targets
 from rewriter.backends.tvm.verify import COMPILED_TOLERANCE
+from rewriter.errors import InputError
 from tests.helpers import run
 
 TOLERANCE = COMPILED_TOLERANCE["float32"]
@@ -627,6 +628,82 @@ def test_a_slice_past_the_end_of_a_shorter_axis_is_the_whole_axis():
     initializers = [ints("repeats", 1, 1, 2), ints("zero", 0), ints("axis", 2)]
     proto = model(nodes, {"x": ["batch", 1, "n"]}, "out", initializers)
     assert_runs_symbolic(proto, [{"x": (1, 1, 9)}, {"x": (2, 1, 16)}, {"x": (1, 1, 31)}])
+
+
+def _position_table(offset: int) -> onnx.ModelProto:
+    """BERT's positions: a table of 16 position ids, ``[:, offset : offset + sequence]``
+    (``past : past + sequence`` at offset > 0), embedded and added to ``x``."""
+    table = np.arange(16, dtype=np.int64)[None]
+    embedding = np.random.default_rng(SEED).standard_normal((16, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["sequence"], start=1, end=2),
+        helper.make_node("Add", ["sequence", "offset"], ["end"]),
+        helper.make_node("Slice", ["table", "offset", "end", "one"], ["ids"]),
+        helper.make_node("Gather", ["embedding", "ids"], ["positions"]),
+        helper.make_node("Add", ["x", "positions"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(embedding, "embedding")]
+    inits += [ints("offset", offset), ints("one", 1)]
+    return model(nodes, {"x": ["batch", "sequence", 8]}, "y", inits)
+
+
+def _position_range() -> onnx.ModelProto:
+    """GPT-2's positions: ``arange(sequence)`` gathered from a table of 16."""
+    embedding = np.random.default_rng(SEED).standard_normal((16, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["sequence"]),
+        helper.make_node("Range", ["zero", "sequence", "one"], ["range"]),
+        helper.make_node("Unsqueeze", ["range", "zeros"], ["ids"]),
+        helper.make_node("Gather", ["embedding", "ids"], ["positions"]),
+        helper.make_node("Add", ["x", "positions"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(embedding, "embedding"), ints("zeros", 0)]
+    inits += [ints("zero", 0, scalar=True), ints("one", 1, scalar=True)]
+    return model(nodes, {"x": ["batch", "sequence", 8]}, "y", inits)
+
+
+@pytest.mark.parametrize(
+    ("positions", "largest"),
+    [(lambda: _position_table(0), 16), (lambda: _position_table(3), 13), (_position_range, 16)],
+    ids=["slice", "slice-from-3", "range"],
+)
+def test_a_table_read_to_the_sequence_bounds_it(positions, largest, tmp_path):
+    # TVM's converter sliced the table as if in bounds: past its end the library read
+    # position ids past the table (BERT's 512 at 600 tokens), and a gather by positions
+    # past it repeated the last row (GPT-2's 1024), where ONNX Runtime fails. The library
+    # now takes the table's length as the sequence's bound and refuses longer inputs.
+    proto = positions()
+    assert_runs_symbolic(proto, [{"x": (2, 3, 8)}, {"x": (1, largest, 8)}])
+    compiled = backend.compile(proto, "llvm")
+    assert compiled.signature.max_dims == {"sequence": largest}
+    longer = {"x": np.zeros((1, largest + 1, 8), np.float32)}
+    with pytest.raises(Exception, match="Incompatible dimensions|Attempting to broadcast|out of data bounds"):
+        run(proto, longer)  # ONNX Runtime fails there too
+    refusal = rf"axis 1 \(sequence\) is {largest + 1}, over the compiled model's bound sequence <= {largest}"
+    with pytest.raises(InputError, match=refusal):
+        compiled.run(longer)
+    with pytest.raises(InputError, match=refusal):
+        backend.load(compiled.export(tmp_path / "positions.so")).session().run(longer)
+
+
+def test_a_table_bound_and_a_given_bound_the_smaller_holds():
+    compiled = backend.compile(_position_table(0), "llvm", max_dims={"sequence": 8})
+    assert compiled.signature.max_dims == {"sequence": 8}
+    compiled = backend.compile(_position_table(0), "llvm", max_dims={"sequence": 64, "batch": 4})
+    assert compiled.signature.max_dims == {"sequence": 16, "batch": 4}
+
+
+def test_a_size_is_limited_only_where_it_is_an_input_dimension_plus_a_constant():
+    n, m = tvm.tirx.Var("n", "int64"), tvm.tirx.Var("m", "int64")
+    sizes = shape_values.Sizes({n: 4, m: 0})
+    assert not sizes.limit(n * 2, 16)  # not a dimension plus a constant
+    assert not sizes.limit(n + 1, 4)  # would leave n no size it runs at (n >= 4)
+    assert not sizes.limit(tvm.tirx.Var("k", "int64"), 16)  # not an input dimension
+    assert sizes.largest == {}
+    assert sizes.limit(n + 1, 16) and sizes.limit(n, 20)
+    assert sizes.largest == {"n": 15}  # the tighter bound holds
+    assert sizes.can_prove(n <= 15) and not sizes.can_prove(m <= 15)
 
 
 def test_a_slice_to_its_own_length_keeps_the_size_the_rest_of_the_model_has():
