@@ -542,9 +542,28 @@ def _arange(bb: Any, expr: Any, depth: int = 0) -> tuple[Any, Any] | None:
         return None
     if expr.op.name in _POSITIONS_KEPT:
         return _arange(bb, expr.args[0], depth + 1)
+    if expr.op.name in ("relax.add", "relax.subtract"):  # BART's positions, offset by 2
+        shift = _integer_scalar(expr.args[1])
+        if shift is None and expr.op.name == "relax.add":
+            expr, shift = relax.Call(expr.op, [expr.args[1], expr.args[0]]), _integer_scalar(expr.args[0])
+        positions = None if shift is None else _arange(bb, expr.args[0], depth + 1)
+        if positions is None or shift is None:
+            return None
+        shift = shift if expr.op.name == "relax.add" else -shift
+        return positions[0] + shift, positions[1] + shift
     if expr.op.name == "relax.arange" and isinstance(step := expr.args[2], tvm.tirx.IntImm) and int(step) == 1:
         return expr.args[0], expr.args[1]
     return None
+
+
+def _integer_scalar(expr: Any) -> int | None:
+    """The value of an integer constant of one element, or None."""
+    import tvm
+
+    if not isinstance(expr, tvm.ir.GenericConst) or shape_values.dtype_of(expr) not in ("int32", "int64"):
+        return None
+    read = shape_values.prim_values(None, expr, max_elements=1)
+    return int(read[0]) if read and isinstance(read[0], tvm.tirx.IntImm) else None
 
 
 def _gather_elements(bb: Any, inputs: list, attrs: dict) -> Any | None:

@@ -647,31 +647,39 @@ def _position_table(offset: int) -> onnx.ModelProto:
     return model(nodes, {"x": ["batch", "sequence", 8]}, "y", inits)
 
 
-def _position_range() -> onnx.ModelProto:
-    """GPT-2's positions: ``arange(sequence)`` gathered from a table of 16."""
+def _position_range(offset: int) -> onnx.ModelProto:
+    """GPT-2's positions: ``arange(sequence)`` gathered from a table of 16 (BART's:
+    ``arange(sequence) + offset``)."""
     embedding = np.random.default_rng(SEED).standard_normal((16, 8)).astype(np.float32)
     nodes = [
         helper.make_node("Shape", ["x"], ["shape"]),
         helper.make_node("Gather", ["shape", "one"], ["sequence"]),
         helper.make_node("Range", ["zero", "sequence", "one"], ["range"]),
-        helper.make_node("Unsqueeze", ["range", "zeros"], ["ids"]),
+        helper.make_node("Unsqueeze", ["range", "zeros"], ["unshifted"]),
+        helper.make_node("Add", ["unshifted", "offset"], ["ids"]),
         helper.make_node("Gather", ["embedding", "ids"], ["positions"]),
         helper.make_node("Add", ["x", "positions"], ["y"]),
     ]
-    inits = [numpy_helper.from_array(embedding, "embedding"), ints("zeros", 0)]
+    inits = [numpy_helper.from_array(embedding, "embedding"), ints("zeros", 0), ints("offset", offset)]
     inits += [ints("zero", 0, scalar=True), ints("one", 1, scalar=True)]
     return model(nodes, {"x": ["batch", "sequence", 8]}, "y", inits)
 
 
 @pytest.mark.parametrize(
     ("positions", "largest"),
-    [(lambda: _position_table(0), 16), (lambda: _position_table(3), 13), (_position_range, 16)],
-    ids=["slice", "slice-from-3", "range"],
+    [
+        (lambda: _position_table(0), 16),
+        (lambda: _position_table(3), 13),
+        (lambda: _position_range(0), 16),
+        (lambda: _position_range(2), 14),
+    ],
+    ids=["slice", "slice-from-3", "range", "range-plus-2"],
 )
 def test_a_table_read_to_the_sequence_bounds_it(positions, largest, tmp_path):
     # TVM's converter sliced the table as if in bounds: past its end the library read
     # position ids past the table (BERT's 512 at 600 tokens), and a gather by positions
-    # past it repeated the last row (GPT-2's 1024), where ONNX Runtime fails. The library
+    # past it repeated the last row (GPT-2's; BART's, offset by 2), where ONNX Runtime
+    # fails. The library
     # now takes the table's length as the sequence's bound and refuses longer inputs.
     proto = positions()
     assert_runs_symbolic(proto, [{"x": (2, 3, 8)}, {"x": (1, largest, 8)}])
