@@ -53,7 +53,7 @@ from rewriter.backends.tvm import (
     standard_functions,
 )
 from rewriter.backends.tvm.ops import KernelFactory
-from rewriter.backends.tvm.relax_passes import dims_of, onnx_simplify
+from rewriter.backends.tvm.relax_passes import dims_of, in_placeholder_vars, onnx_simplify
 from rewriter.backends.tvm.relax_passes.loss_decompose import expand_losses
 from rewriter.backends.tvm.relax_passes.unroll import unroll_loops
 from rewriter.errors import InputError
@@ -729,10 +729,14 @@ def _pad(bb: Any, inputs: list, attrs: dict, sizes: Any) -> Any | None:
         dims = dims_of(inputs[0])
         if widths is None or dims is None or len(widths) != 2 * len(dims):
             return None
-        amounts: list[Any] = widths
+        amounts, shape = widths, dims
 
         def kernel(x: Any) -> Any:
-            return _padded(x, amounts, mode, fill)
+            # The widths in the placeholder's own copies of the shape's variables: the
+            # caller's would be a second variable of the same name, and the output's
+            # shape, in both, would not match its readers' when fused (FuseTIR).
+            own = [in_placeholder_vars(width, shape, x.shape) for width in amounts]
+            return _padded(x, own, mode, fill)
 
         return bb.normalize(bb.call_te(kernel, inputs[0], primfunc_name_hint=f"{mode}_pad"))
     if mode != "constant":

@@ -34,7 +34,9 @@ The pipeline, in order (each stage a list in :func:`relax_pipeline`):
    (:mod:`rewriter.backends.tvm.relax_passes.reciprocal`, within one ulp);
 4. TVM's legalization and fusion (``LegalizeOps`` ... ``FuseTIR``), float ``max``/``min``
    reduced from ``-inf``/``+inf`` rather than TVM's finite extremes
-   (:mod:`rewriter.backends.tvm.relax_passes.reduce_identity`);
+   (:mod:`rewriter.backends.tvm.relax_passes.reduce_identity`), pads, reversals and
+   slices at symbolic sizes fused as injective, as at fixed sizes
+   (:mod:`rewriter.backends.tvm.relax_passes.op_patterns`);
 5. scheduling: on CPUs constant matmul and convolution weights packed in panels
    (:mod:`rewriter.backends.tvm.relax_passes.pack_weights`), then our rules
    (:mod:`rewriter.backends.tvm.relax_passes.cpu_schedule`: register-tiled matmul and
@@ -98,6 +100,7 @@ def relax_pipeline(
         fold_constant,
         global_pools,
         legalize_bf16_norms,
+        op_patterns,
         outputs_as_params,
         pack_weights,
         pairwise,
@@ -167,11 +170,11 @@ def relax_pipeline(
     # On CUDA our pass applies dlight's rules in place of its ApplyDefaultSchedule, passing
     # over a rule that raises on a function (cpu_schedule.gpu_schedule).
     replaced = ("LegalizeOps", "ApplyDefaultSchedule")
-    passes += [
-        fold_constant.fold_constant(target) if p.info.name == "FoldConstant" else p
-        for p in stages.legalize_passes(target)
-        if p.info.name not in replaced
-    ]
+    ours = {
+        "FoldConstant": fold_constant.fold_constant(target),
+        "AnnotateTIROpPattern": op_patterns.annotate_op_patterns(),  # pads at symbolic sizes fuse too
+    }
+    passes += [ours.get(p.info.name, p) for p in stages.legalize_passes(target) if p.info.name not in replaced]
     if gpu:
         passes.append(cpu_schedule.gpu_schedule(target))
     else:

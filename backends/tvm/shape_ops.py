@@ -276,9 +276,10 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         if size is not None and _limited(begin, stop, extent, sizes):
             continue  # a table read to an input's size, in bounds where the library runs
         if size is None or isinstance(size, tvm.tirx.Var):
-            # A slice to an input's size (BERT's position ids, [:, :sequence]): TVM's
-            # converter, whose shape the later passes bind (TVM's CanonicalizeBindings
-            # crashed on a match_cast of this slice to a size another input defines).
+            # A slice to an input's size that no table bounds (of a symbolic axis):
+            # TVM's converter, whose shape the later passes bind (TVM's
+            # CanonicalizeBindings crashed on a match_cast of this slice to a size
+            # another input defines).
             return None
     # The bounds clamped as ONNX clamps them (a negative one counted from the end), so
     # the slice is in bounds (Relax's own clamping types the shape with if_then_else,

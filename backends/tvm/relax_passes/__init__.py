@@ -94,3 +94,18 @@ def size_terms(size: Any) -> tuple[int, tuple[Any, ...]] | None:
     if not variables:
         return None
     return coefficient, tuple(sorted(variables, key=lambda var: var.name))
+
+
+def in_placeholder_vars(expr: Any, values: Any, shape: Any) -> Any:
+    """``expr`` with the variables of ``values`` (a Relax shape) replaced by those of
+    ``shape``, the shape of the TE placeholder that ``emit_te`` made of it (the same
+    expressions over fresh variables)."""
+    import tvm_ffi
+    from tvm import tirx
+
+    fresh: dict[Any, Any] = {}
+    for value, placeholder in zip(values, shape, strict=True):
+        olds = tirx.analysis.undefined_vars(value, [])
+        news = tirx.analysis.undefined_vars(placeholder, [])
+        fresh.update(zip(olds, news, strict=True))
+    return tvm_ffi.structural_map(expr, [(tirx.Var, lambda var: fresh.get(var, var))])

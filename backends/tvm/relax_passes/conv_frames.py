@@ -39,7 +39,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rewriter.backends.tvm.relax_passes import conv, dims_of, rewrite_calls, schedules
+from rewriter.backends.tvm.relax_passes import (
+    conv,
+    dims_of,
+    in_placeholder_vars,
+    rewrite_calls,
+    schedules,
+)
 
 if TYPE_CHECKING:
     import tvm
@@ -144,24 +150,13 @@ def padded_conv(builder: Any, call: Any, lanes: int) -> Any:
     # Without padding, the copy may fuse into the epilogue of the function that computes
     # ``data`` (wav2vec2: the previous convolution's), which writes only the samples its
     # tiles produce: the real frames read only those. Padded, the real frames read zeros
-    # that such an epilogue would not write; the copy stays a function of its own.
+    # that such an epilogue would not write; the copy stays a function of its own. So it
+    # does at a symbolic length: TVM cannot tell that the rows the copy reads are the
+    # rows the function before it writes (the guard is no bound of the region it
+    # reads), and every schedule primitive refused the fused function (EnCodec's).
     padded_input = left or int(call.attrs.padding[1])
-    attrs = {"op_pattern": OPAQUE} if padded_input else None
+    symbolic = not isinstance(length, tirx.IntImm)
+    attrs = {"op_pattern": OPAQUE} if padded_input or symbolic else None
     source = builder.emit_te(copy, data, primfunc_name_hint="pad_frames", primfunc_attrs=attrs)
     whole = builder.emit(conv._conv_like(call, source, weight, padding=[0, 0]))
     return relax.op.strided_slice(whole, axes=[1], begin=[0], end=[frames], assume_inbound=True)
-
-
-def in_placeholder_vars(expr: Any, values: Any, shape: Any) -> Any:
-    """``expr`` with the variables of ``values`` (a Relax shape) replaced by those of
-    ``shape``, the shape of the TE placeholder that ``emit_te`` made of it (the same
-    expressions over fresh variables)."""
-    import tvm_ffi
-    from tvm import tirx
-
-    fresh: dict[Any, Any] = {}
-    for value, placeholder in zip(values, shape, strict=True):
-        olds = tirx.analysis.undefined_vars(value, [])
-        news = tirx.analysis.undefined_vars(placeholder, [])
-        fresh.update(zip(olds, news, strict=True))
-    return tvm_ffi.structural_map(expr, [(tirx.Var, lambda var: fresh.get(var, var))])
