@@ -121,7 +121,11 @@ def rule() -> Any:
             and int(extents[out_inner]) % size == 0
             and int(extents[in_inner]) % size == 0
         )
-        if whole or not any(static):
+        # Whole tiles along the output's axis at a symbolic input axis (EnCodec's 64
+        # channels out of [batch, 64, frames]): the bounds check of the last tile is the
+        # same for every lane of the vector.
+        lanes_whole = static[0] and not static[1] and int(extents[out_inner]) % size == 0
+        if whole or lanes_whole or not any(static):
             sch.vectorize(a_inner)
         if all(static):
             sch.parallel(sch.fuse(*rest, b_outer, a_outer))

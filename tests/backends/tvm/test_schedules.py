@@ -112,6 +112,33 @@ def test_symbolic_transpose_agrees_at_several_sizes():
 
 
 @I.ir_module
+class ChannelsLast:
+    @R.function
+    def main(x: R.Tensor(("batch", 64, "frames"), "float32")):
+        with R.dataflow():
+            y = R.permute_dims(x, [0, 2, 1])  # [b, c, t] -> [b, t, c]
+            R.output(y)
+        return y
+
+
+def test_a_transpose_to_whole_vectors_of_static_channels_is_vectorized_at_any_length():
+    # EnCodec's [batch, 64, frames] -> [batch, frames, 64] at a symbolic length: tiled,
+    # its 16-channel rows now stored as vectors (the last tile's bounds check is the same
+    # for every lane); scalar stores before, 3.3x the time.
+    record = cpu_schedule.ScheduleRecord()
+    func = _scheduled(ChannelsLast, record)
+    assert set(record.scheduled.values()) == {"transpose"}, record
+    loops = _loops(func)
+    assert loops[-1].kind == tvm.tirx.ForKind.VECTORIZED and int(loops[-1].extent) == 16, loops
+    vm = _machine(ChannelsLast)
+    rng = np.random.default_rng(0)
+    for batch, frames in [(1, 1), (2, 13), (1, 40), (3, 77)]:
+        x = rng.standard_normal((batch, 64, frames)).astype(np.float32)
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(got, x.transpose(0, 2, 1))
+
+
+@I.ir_module
 class Buckets:
     @R.function
     def main(x: R.Tensor(("rows", "cols"), "float32")):
