@@ -12,9 +12,9 @@ three at symbolic ones (the library at symbolic sizes 1.6x the fixed one's time)
 :func:`annotate_op_patterns` takes ``AnnotateTIROpPattern``'s place: it runs it, then
 marks injective (``op_pattern`` 2) each function it found opaque that is injective at
 every value of its sizes and reads its inputs at indices of its sizes alone
-(:func:`injective`: pads, slices, reversals; not gathers, not tables computed from the
-sizes). A function that came marked (``pad_frames``,
-opaque on purpose) keeps its mark, as ``AnnotateTIROpPattern`` keeps it.
+(:func:`injective`: pads, slices, reversals; not gathers, nor tables read at products
+of positions). A function that came marked (``pad_frames``, opaque on purpose) keeps its
+mark, as ``AnnotateTIROpPattern`` keeps it.
 
 >>> mod = annotate_op_patterns()(mod)  # doctest: +SKIP
 """
@@ -38,7 +38,11 @@ def annotate_op_patterns() -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="AnnotateOpPatterns")
     def run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        unmarked = {gv.name_hint for gv, func in mod.functions.items() if isinstance(func, tvm.tirx.PrimFunc) and not _pattern(func)}
+        unmarked = {
+            gv.name_hint
+            for gv, func in mod.functions.items()
+            if isinstance(func, tvm.tirx.PrimFunc) and not _pattern(func)
+        }
         mod = relax.transform.AnnotateTIROpPattern()(mod)
         for gv, func in list(mod.functions.items()):
             if gv.name_hint in unmarked and _pattern(func) == OPAQUE and injective(func):
