@@ -150,13 +150,9 @@ def padded_conv(builder: Any, call: Any, lanes: int) -> Any:
     # Without padding, the copy may fuse into the epilogue of the function that computes
     # ``data`` (wav2vec2: the previous convolution's), which writes only the samples its
     # tiles produce: the real frames read only those. Padded, the real frames read zeros
-    # that such an epilogue would not write; the copy stays a function of its own. So it
-    # does at a symbolic length: TVM cannot tell that the rows the copy reads are the
-    # rows the function before it writes (the guard is no bound of the region it
-    # reads), and every schedule primitive refused the fused function (EnCodec's).
+    # that such an epilogue would not write; the copy stays a function of its own.
     padded_input = left or int(call.attrs.padding[1])
-    symbolic = not isinstance(length, tirx.IntImm)
-    attrs = {"op_pattern": OPAQUE} if padded_input or symbolic else None
+    attrs = {"op_pattern": OPAQUE} if padded_input else None
     source = builder.emit_te(copy, data, primfunc_name_hint="pad_frames", primfunc_attrs=attrs)
     whole = builder.emit(conv._conv_like(call, source, weight, padding=[0, 0]))
     return relax.op.strided_slice(whole, axes=[1], begin=[0], end=[frames], assume_inbound=True)

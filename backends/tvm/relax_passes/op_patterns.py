@@ -13,8 +13,8 @@ three at symbolic ones (the library at symbolic sizes 1.6x the fixed one's time)
 marks injective (``op_pattern`` 2) each function it found opaque that is injective at
 every value of its sizes and reads its inputs at indices of its sizes alone
 (:func:`injective`: pads, slices, reversals; not gathers, nor tables read at products
-of positions). A function that came marked (``pad_frames``, opaque on purpose) keeps its
-mark, as ``AnnotateTIROpPattern`` keeps it.
+of positions). A function that came marked (a padded convolution's ``pad_frames``,
+opaque on purpose) keeps its mark, as ``AnnotateTIROpPattern`` keeps it.
 
 >>> mod = annotate_op_patterns()(mod)  # doctest: +SKIP
 """
