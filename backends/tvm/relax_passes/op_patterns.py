@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rewriter.backends.tvm.vector_tails import uses
+
 if TYPE_CHECKING:
     import tvm
 
@@ -88,8 +90,7 @@ def injective(func: Any) -> bool:
         for load in loads:
             if any(_nodes(index, tvm.ir.TensorLoad) or _multiplies(index, iters) for index in load.indices):
                 return False  # a gather, or a table read at products of positions
-            used = [var for index in load.indices for var in _nodes(index, tirx.Var)]
-            if any(var.same_as(other) for var in used for other in unstored):
+            if any(uses(index, var) for index in load.indices for var in unstored):
                 return False
     return True
 
@@ -98,13 +99,13 @@ def _multiplies(index: Any, iters: list[Any]) -> bool:
     """Whether ``index`` multiplies two expressions of ``iters``, or divides by one."""
     from tvm import tirx
 
-    def uses(expr: Any) -> bool:
-        return any(var.same_as(other) for var in _nodes(expr, tirx.Var) for other in iters)
+    def varies(expr: Any) -> bool:
+        return any(uses(expr, var) for var in iters)
 
-    if any(uses(node.a) and uses(node.b) for node in _nodes(index, tirx.Mul)):
+    if any(varies(node.a) and varies(node.b) for node in _nodes(index, tirx.Mul)):
         return True
     divisions = (tirx.FloorDiv, tirx.FloorMod, tirx.Div, tirx.Mod)
-    return any(uses(node.b) for kind in divisions for node in _nodes(index, kind))
+    return any(varies(node.b) for kind in divisions for node in _nodes(index, kind))
 
 
 def _nodes(root: Any, kind: type) -> list[Any]:
