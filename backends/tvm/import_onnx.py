@@ -543,10 +543,10 @@ def _arange(bb: Any, expr: Any, depth: int = 0) -> tuple[Any, Any] | None:
     if expr.op.name in _POSITIONS_KEPT:
         return _arange(bb, expr.args[0], depth + 1)
     if expr.op.name in ("relax.add", "relax.subtract"):  # BART's positions, offset by 2
-        shift = _integer_scalar(expr.args[1])
-        if shift is None and expr.op.name == "relax.add":
-            expr, shift = relax.Call(expr.op, [expr.args[1], expr.args[0]]), _integer_scalar(expr.args[0])
-        positions = None if shift is None else _arange(bb, expr.args[0], depth + 1)
+        operand, shift = expr.args[0], _integer_scalar(expr.args[1])
+        if shift is None and expr.op.name == "relax.add":  # 2 + arange(...)
+            operand, shift = expr.args[1], _integer_scalar(expr.args[0])
+        positions = None if shift is None else _arange(bb, operand, depth + 1)
         if positions is None or shift is None:
             return None
         shift = shift if expr.op.name == "relax.add" else -shift
