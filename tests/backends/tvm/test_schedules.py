@@ -121,23 +121,6 @@ class ChannelsLast:
         return y
 
 
-def test_a_transpose_to_whole_vectors_of_static_channels_is_vectorized_at_any_length():
-    # EnCodec's [batch, 64, frames] -> [batch, frames, 64] at a symbolic length: tiled,
-    # its 16-channel rows now stored as vectors (the last tile's bounds check is the same
-    # for every lane); scalar stores before, 3.3x the time.
-    record = cpu_schedule.ScheduleRecord()
-    func = _scheduled(ChannelsLast, record)
-    assert set(record.scheduled.values()) == {"transpose"}, record
-    loops = _loops(func)
-    assert loops[-1].kind == tvm.tirx.ForKind.VECTORIZED and int(loops[-1].extent) == 16, loops
-    vm = _machine(ChannelsLast)
-    rng = np.random.default_rng(0)
-    for batch, frames in [(1, 1), (2, 13), (1, 40), (3, 77)]:
-        x = rng.standard_normal((batch, 64, frames)).astype(np.float32)
-        got = vm["main"](tvm.runtime.tensor(x)).numpy()
-        np.testing.assert_array_equal(got, x.transpose(0, 2, 1))
-
-
 @I.ir_module
 class Buckets:
     @R.function
@@ -180,18 +163,30 @@ class Scores:
         return y
 
 
-def test_transpose_of_two_symbolic_axes_is_tiled_and_agrees():
-    # Both innermost axes symbolic: 16 x 16 tiles, the output's axis a masked vector loop
-    # (the elementwise rule's vectors gathered one column apart: 1.5x a scalar loop).
+@pytest.mark.parametrize(
+    ("module", "shapes"),
+    [
+        # Both innermost axes symbolic (DeBERTa's p2c scores): 16 x 16 tiles, the output's
+        # axis a masked vector loop (the elementwise rule's vectors gathered one column
+        # apart: 1.5x a scalar loop).
+        (Scores, [(1, 1, 1), (2, 13, 13), (3, 37, 37), (1, 32, 32)]),
+        # EnCodec's [batch, 64, frames] -> [batch, frames, 64] at a symbolic length: its
+        # 16-channel rows stored as vectors (the last tile's bounds check is the same for
+        # every lane); scalar stores before, 3.3x the time.
+        (ChannelsLast, [(1, 64, 1), (2, 64, 13), (1, 64, 40), (3, 64, 77)]),
+    ],
+    ids=["two-symbolic-axes", "static-channels"],
+)
+def test_transpose_at_symbolic_sizes_is_tiled_in_vectors_and_agrees(module, shapes):
     record = cpu_schedule.ScheduleRecord()
-    func = _scheduled(Scores, record)
+    func = _scheduled(module, record)
     assert set(record.scheduled.values()) == {"transpose"}, record
     loops = _loops(func)
     assert loops[0].kind == tvm.tirx.ForKind.PARALLEL
-    assert loops[-1].kind == tvm.tirx.ForKind.VECTORIZED and int(loops[-1].extent) == 16
-    vm = _machine(Scores)
-    for groups, sequence in [(1, 1), (2, 13), (3, 37), (1, 32)]:
-        x = np.random.default_rng(sequence).standard_normal((groups, sequence, sequence)).astype(np.float32)
+    assert loops[-1].kind == tvm.tirx.ForKind.VECTORIZED and int(loops[-1].extent) == 16, loops
+    vm = _machine(module)
+    for shape in shapes:
+        x = np.random.default_rng(shape[-1]).standard_normal(shape).astype(np.float32)
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), x.transpose(0, 2, 1))
 
 
