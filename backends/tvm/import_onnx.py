@@ -45,6 +45,7 @@ from rewriter import input_sizes
 from rewriter.backends.tvm import (
     attention_fusion,
     einsum,
+    grid_sample,
     ops,
     recurrent,
     shape_ops,
@@ -1012,6 +1013,10 @@ def _importer_class() -> type:
                 return recurrent.convert(self.bb, op_name, inputs, attrs, self._target)
             if op_name == "Col2Im":
                 return _col2im(self.bb, inputs, attrs)
+            if op_name == "GridSample" and (
+                sampled := grid_sample.convert(self.bb, inputs, attrs, self._target)
+            ) is not None:
+                return sampled
             if op_name == "Einsum" and (product := einsum.convert(self.bb, inputs, attrs)) is not None:
                 return product
             if op_name in spectral.OPS:
