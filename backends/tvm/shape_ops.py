@@ -275,6 +275,8 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         size = None if begin is None or stop is None else shape_values.simplify(stop - begin)
         if size is not None and _limited(begin, stop, extent, sizes):
             continue  # a table read to an input's size, in bounds where the library runs
+        if isinstance(size, tvm.tirx.Var) and not isinstance(data, tvm.ir.GenericConst) and _inside(begin, stop, extent, sizes):
+            continue  # a computed tensor's first half (torch.chunk: RAFT's two frames' features)
         if size is None or isinstance(size, tvm.tirx.Var):
             # A slice to an input's size that no table bounds (of a symbolic axis):
             # TVM's converter, whose shape the later passes bind (TVM's
@@ -290,7 +292,9 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         position = int(axis.value) % rank
         extent = shape_values.as_int64(shape.values[position])
         begin = _clamped(start, extent, sizes)
-        stop = sizes.simplify(tvm.tirx.max(_clamped(end, extent, sizes), begin))
+        stop = _clamped(end, extent, sizes)
+        if not sizes.can_prove(stop >= begin):
+            stop = sizes.simplify(tvm.tirx.max(stop, begin))
         positions.append(position)
         begins.append(begin)
         stops.append(stop)
@@ -309,6 +313,11 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         return te.compute(out_shape, element, name="T_strided_slice")
 
     return bb.normalize(bb.call_te(slice_, data, primfunc_name_hint="strided_slice"))
+
+
+def _inside(begin: Any, stop: Any, extent: Any, sizes: Sizes) -> bool:
+    """Whether ``0 <= begin <= stop <= extent`` at every size (no clamp to type)."""
+    return all(sizes.can_prove(fact) for fact in (begin >= 0, begin <= stop, stop <= extent))
 
 
 def _limited(begin: Any, stop: Any, extent: Any, sizes: Sizes) -> bool:
@@ -355,7 +364,14 @@ def _clamped(index: Any, extent: Any, sizes: Sizes) -> Any:
         wrapped = index + extent
     else:
         wrapped = tvm.tirx.Select(index < zero, index + extent, index)
-    return sizes.simplify(tvm.tirx.max(tvm.tirx.min(wrapped, extent), zero))
+    # Each clamp only where it can bind: TVM's simplifier keeps min(b, 2b) (RAFT's chunk
+    # of a doubled batch), and the slice's size then matched its unclamped one in a
+    # match_cast that crashed the compile.
+    if not sizes.can_prove(wrapped <= extent):
+        wrapped = tvm.tirx.min(wrapped, extent)
+    if not sizes.can_prove(wrapped >= zero):
+        wrapped = tvm.tirx.max(wrapped, zero)
+    return sizes.simplify(wrapped)
 
 
 def unclamped_slice(bb: Any, inputs: list[Any], sliced: Any, sizes: Sizes) -> Any:

@@ -464,6 +464,34 @@ def test_a_chunk_of_static_channels_keeps_its_shape_for_a_reshape_by_sizes():
     assert_runs_symbolic(proto, [{"x": (1, 300)}, {"x": (3, 300)}])
 
 
+def test_a_chunk_of_a_symbolic_batch_keeps_its_shape_for_the_sizes_read_after_it():
+    # RAFT's TorchScript export: both frames go through the feature encoder as one batch
+    # (Concat), then torch.chunk(2, dim=0) slices [0, (2b + 1) / 2) and [(2b + 1) / 2, 2b):
+    # halves of the size an input defines. TVM's converter sliced them to an unknown
+    # shape, and the Gather from the half's Shape failed ("shape_of expects a tensor
+    # input"): the symbolic compile was refused.
+    nodes = [
+        helper.make_node("Concat", ["a", "b"], ["both"], axis=0),
+        helper.make_node("Relu", ["both"], ["features"]),
+        helper.make_node("Shape", ["features"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["rows"], axis=0),
+        helper.make_node("Add", ["rows", "one"], ["rounded"]),
+        helper.make_node("Div", ["rounded", "two"], ["half"]),
+        helper.make_node("Mul", ["half", "two"], ["end"]),
+        helper.make_node("Slice", ["features", "zero", "half", "zero"], ["first"]),
+        helper.make_node("Slice", ["features", "half", "end", "zero"], ["second"]),
+        helper.make_node("Shape", ["first"], ["first_shape"]),
+        helper.make_node("Gather", ["first_shape", "zero_scalar"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "zero"], ["batch_1d"]),
+        helper.make_node("Concat", ["batch_1d", "flat"], ["target"], axis=0),
+        helper.make_node("Mul", ["first", "second"], ["product"]),
+        helper.make_node("Reshape", ["product", "target"], ["out"]),
+    ]
+    initializers = [ints("zero", 0), ints("one", 1), ints("two", 2), ints("zero_scalar", 0, scalar=True), ints("flat", 24)]
+    proto = model(nodes, {"a": ["batch", 4, 6], "b": ["batch", 4, 6]}, "out", initializers)
+    assert_runs_symbolic(proto, [{"a": (1, 4, 6), "b": (1, 4, 6)}, {"a": (3, 4, 6), "b": (3, 4, 6)}])
+
+
 def test_a_static_size_through_float_arithmetic_folds_for_a_reshape():
     # MobileViT's TorchScript export: the patched height, int(ceil(h / 2) * 2), computed
     # in floats from Shape(x)[2] (a scalar Gather, which onnxscript's folder leaves), and
