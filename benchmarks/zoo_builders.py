@@ -100,6 +100,10 @@ def _wrappers() -> dict[str, Any]:
         def forward(self, spectrogram: Any) -> Any:
             return self.out(spectrogram)
 
+    class Frames(Wrapped):
+        def forward(self, image1: Any, image2: Any) -> Any:
+            return self.out(image1, image2)[-1]  # optical flow: the last refinement
+
     return {
         "text": Text,
         "seq2seq": Seq2Seq,
@@ -110,6 +114,7 @@ def _wrappers() -> dict[str, Any]:
         "ids": Ids,
         "series": Series,
         "spectrogram": Spectrogram,
+        "frames": Frames,
     }
 
 
@@ -1068,3 +1073,28 @@ def rt_detr() -> Any:
                backbone_config=backbone, encoder_in_channels=[128, 256, 512], d_model=TEXT["hidden"],
                encoder_hidden_dim=TEXT["hidden"], decoder_layers=2, num_queries=100,
                use_pretrained_backbone=False)  # fmt: skip
+
+
+# --- The fourth probe (thirty-seventh session: bilinear sampling, GridSample) ----------
+
+
+def raft_small() -> Any:
+    """torchvision's RAFT (small): optical flow between two frames, a correlation pyramid
+    looked up by ``grid_sample`` at every refinement (4 here), a convolutional GRU."""
+    _seeded()
+    import torchvision
+
+    return _wrap(torchvision.models.optical_flow.raft_small(weights=None), None, "frames", num_flow_updates=4)
+
+
+def mask2former() -> Any:
+    """Mask2Former: a Swin backbone, a multi-scale deformable-attention pixel decoder
+    (``grid_sample``), masked attention over 50 queries."""
+    from transformers import SwinConfig
+
+    backbone = SwinConfig(image_size=224, embed_dim=48, depths=[1, 1, 1, 1], num_heads=[2, 2, 4, 4],
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    return _hf("Mask2FormerConfig", "Mask2FormerForUniversalSegmentation", "masks_queries_logits", "pixels",
+               backbone_config=backbone, hidden_dim=128, encoder_layers=2, decoder_layers=3, num_queries=50,
+               encoder_feedforward_dim=256, dim_feedforward=256, mask_feature_size=128, feature_size=128,
+               num_attention_heads=4)  # fmt: skip

@@ -363,6 +363,10 @@ SURVEY: list[ZooModel] = [
     ZooModel("recurrent_gemma", "survey", _TOKENS_128, "logits", build.recurrent_gemma, {},
              "RG-LRU recurrences unrolled over 128 tokens"),  # fmt: skip
     _image("rt_detr", "survey", build.rt_detr, "logits", "hybrid encoder, top-k queries"),
+    # The fourth probe (thirty-seventh session).
+    ZooModel("raft_small", "survey", (Input("image1", ("batch", 3, 224, 224)), Input("image2", ("batch", 3, 224, 224))),
+             "flow", build.raft_small, {}, "optical flow: correlation lookups by grid_sample"),  # fmt: skip
+    _image("mask2former", "survey", build.mask2former, "masks_queries_logits", "deformable pixel decoder, masked attention"),
 ]
 MODELS = {model.name: model for model in [*ZOO, *SURVEY]}
 
