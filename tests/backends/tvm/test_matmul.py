@@ -477,6 +477,29 @@ def test_a_head_one_panel_wide_is_register_tiled_at_symbolic_rows_and_agrees(n):
         assert_agrees_at(model, compiled, {"x": (batch, sequence, 64)})
 
 
+def test_a_product_of_one_batch_wider_than_a_panel_is_not_taken_for_a_packed_weight():
+    # Mask2Former's masks at batch 1: [1, 50, 128] x [1, 128, 3136], both computed.
+    # B reads B[0, k, j], as a weight packed in one panel does, and was taken for one:
+    # one register tile 3136 columns wide (5 GFLOP/s, 22 of the fixed library's 62 ms).
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["b"], ["rb"]), helper.make_node("MatMul", ["a", "rb"], ["y"])],
+        "masks",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 50, 128]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 128, 3136]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 50, 3136])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    funcs = {name: f for name, f in scheduled(model).items() if "matmul" in name}
+    (func,) = funcs.values()
+    import tvm
+
+    assert micro_kernel(func)[-1] == (tvm.tirx.ForKind.VECTORIZED, 32)
+    compiled = backend.compile(model, "avx512")
+    assert_agrees_at(model, compiled, {"a": (1, 50, 128), "b": (1, 128, 3136)})
+
+
 def test_rows_with_a_constant_factor_get_whole_tiles_and_agree():
     # Rows 2n (XLNet's relative positions: 2 * sequence * batch) padded to (2n + 7) // 8
     # * 8: TVM's analyzer cannot prove that the padded rows cover the 2n the copy back
