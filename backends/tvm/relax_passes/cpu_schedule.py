@@ -63,6 +63,7 @@ def cpu_rules(target: tvm.target.Target) -> list[Any]:
         schedules.rule("matmul")(lanes, prefetch_tiles),
         conv.rules()["window"](lanes, conv.stream_bytes(target)),
         schedules.rule("row_reduction")(lanes),
+        schedules.rule("column_reduction")(lanes),
         dl.cpu.Reduction(),
         transpose.rule()(lanes),
         schedules.rule("elementwise")(lanes),
