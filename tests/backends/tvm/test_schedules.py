@@ -749,3 +749,27 @@ def test_channels_last_statistics_are_column_reductions_and_agree(channels):
         got = compiled.run(feeds)["y"]
         # The statistics of 480 pixels in float32 against ORT's: a few ulps of the output.
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@T.prim_func(private=True, s_tir=True)
+def _column_sum(x: T.Buffer((8, 64, 32), "float32"), y: T.Buffer((8, 32), "float32")):
+    for n, c, k in T.grid(8, 32, 64):
+        with T.sblock("sum"):
+            vn, vc, vk = T.axis.remap("SSR", [n, c, k])
+            with T.init():
+                y[vn, vc] = T.float32(0)
+            y[vn, vc] = y[vn, vc] + x[vn, vk, vc]
+
+
+def test_a_column_sum_accumulates_vectors_of_the_kept_axis():
+    target = targets.resolve("avx512")
+    (rule,) = [r for r in cpu_schedule.cpu_rules(target) if getattr(r, "what", "") == "column reduction"]
+    func = rule.apply(_column_sum, target, False).mod["main"].with_attr("global_symbol", "main")
+    script = func.script()
+    # The update's lanes loop is vectorized inside the loop over the 64 summed rows.
+    assert 'T.vectorized(16)' in script.split('T.sblock("sum_update")')[0].rsplit("for ", 1)[-1]
+    x = np.random.default_rng(0).standard_normal((8, 64, 32)).astype(np.float32)
+    library = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    y = tvm.runtime.tensor(np.empty((8, 32), np.float32))
+    library["main"](tvm.runtime.tensor(x), y)
+    np.testing.assert_array_equal(y.numpy(), x.sum(axis=1, dtype=np.float32))  # each column in order
