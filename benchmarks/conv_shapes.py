@@ -41,6 +41,7 @@ class Layer:
     groups: int = 1
     pool: str = ""
     batch: int = 1
+    instance_norm: bool = False  # InstanceNormalization between the Conv and the Relu
 
     @property
     def flops(self) -> float:
@@ -73,11 +74,14 @@ LAYERS = [
     Layer("wav2vec2 conv1d 10/5 x512", 1, (16000,), 512, 10, 5, 0),
     Layer("wav2vec2 conv1d 3/2 512", 512, (3199,), 512, 3, 2, 0),
     Layer("whisper conv1d 3 80->384", 80, (3000,), 384, 3, 1, 1),
+    # RAFT's feature encoder: instance norms after its convolutions (channels-last).
+    Layer("raft 3x3 112x112x32 + instance norm", 32, (112, 112), 32, 3, 1, 1, batch=2, instance_norm=True),
 ]
 
 
 def model(layer: Layer) -> onnx.ModelProto:
-    """The layer as a one-node ONNX model (``Conv`` then ``Relu``, or the pool), NCHW."""
+    """The layer as a one-node ONNX model (``Conv`` then ``Relu``, an instance norm
+    between them if asked, or the pool), NCHW."""
     rng = np.random.default_rng(0)
     dims = len(layer.size)
     attrs = {
@@ -97,8 +101,14 @@ def model(layer: Layer) -> onnx.ModelProto:
         ]
         nodes = [
             helper.make_node("Conv", ["x", "w", "b"], ["c"], group=layer.groups, **attrs),
-            helper.make_node("Relu", ["c"], ["y"]),
+            helper.make_node("Relu", ["n" if layer.instance_norm else "c"], ["y"]),
         ]
+        if layer.instance_norm:
+            inits += [
+                numpy_helper.from_array(rng.uniform(0.5, 2, layer.out).astype(np.float32), "scale"),
+                numpy_helper.from_array(rng.standard_normal(layer.out).astype(np.float32), "shift"),
+            ]
+            nodes.insert(1, helper.make_node("InstanceNormalization", ["c", "scale", "shift"], ["n"]))
     graph = helper.make_graph(
         nodes,
         "layer",
