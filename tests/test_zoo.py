@@ -95,7 +95,7 @@ def test_the_survey_is_off_the_default_run() -> None:
     assert not set(survey) & {m.name for m in zoo_models.select(None)}
 
 
-@pytest.mark.slow  # 49 models built, seconds each
+@pytest.mark.slow  # 63 models built, seconds each
 @pytest.mark.parametrize("name", [model.name for model in zoo_models.SURVEY])
 def test_every_survey_model_builds(name: str) -> None:
     model = zoo_models.MODELS[name]
