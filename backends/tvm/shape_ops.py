@@ -276,7 +276,7 @@ def symbolic_slice(bb: Any, inputs: list[Any], sizes: Sizes) -> Any | None:
         if size is not None and _limited(begin, stop, extent, sizes):
             continue  # a table read to an input's size, in bounds where the library runs
         if isinstance(size, tvm.tirx.Var) and not isinstance(data, tvm.ir.GenericConst) and _inside(begin, stop, extent, sizes):
-            continue  # a computed tensor's first half (torch.chunk: RAFT's two frames' features)
+            continue  # a computed tensor's part to an input's size, in bounds (torch.chunk: RAFT's frames)
         if size is None or isinstance(size, tvm.tirx.Var):
             # A slice to an input's size that no table bounds (of a symbolic axis):
             # TVM's converter, whose shape the later passes bind (TVM's

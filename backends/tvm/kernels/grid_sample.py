@@ -175,10 +175,10 @@ def grid_sample(
         out = T.decl_buffer((batch, channels, points), f32, data=Y.data)
         index = T.alloc_buffer((batch * taps * points,), i32, scope="global")
         weight = T.alloc_buffer((batch * taps * points,), f32, scope="global")
-        # Phase 1: whole vectors of points in parallel, then each map's last points; the
-        # coordinates of a vector first, in a buffer (bound by a let, TVM's vectorizer gave
-        # every lane the last lane's). The quotients divide by at least 1: with no whole
-        # vector no task runs, but they were computed all the same (SIGFPE).
+        # Phase 1: whole vectors of points in parallel, then each map's last points. A
+        # vector's coordinates go to a buffer first: bound by a let instead, TVM's
+        # vectorizer gave every lane the last lane's. The quotients divide by at least 1:
+        # with no whole vector no task runs, but they were computed all the same (SIGFPE).
         for task in T.parallel(batch * blocks):
             xy = T.alloc_buffer((2, lanes), f32, scope="local")
             for lane in T.vectorized(lanes):
