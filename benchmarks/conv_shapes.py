@@ -13,7 +13,6 @@ ratio is ORT's time / ours (above 1: faster than ORT). Run::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 
@@ -121,11 +120,7 @@ def model(layer: Layer) -> onnx.ModelProto:
 
 def main() -> None:
     timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="timing per layer")
-    parser.add_argument("--only", default="", help="layers whose name contains this")
-    parser.add_argument("--target", default="avx512")
-    args = parser.parse_args()
+    args = timing.case_arguments(__doc__.split("\n")[0], 3.0, "layer")
     options = timing.ort_options(1)
     print(f"{'layer':<30} {'ours GF/s':>10} {'ORT GF/s':>9} {'ORT/ours':>9} {'max err':>9}")
     for layer in LAYERS:

@@ -14,7 +14,6 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 from unittest import mock
@@ -81,11 +80,7 @@ def model(case: Case) -> onnx.ModelProto:
 
 def main() -> None:
     timing.quiet_threads()  # every runtime's idle threads sleep (see timing.py)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="timing per case")
-    parser.add_argument("--only", default="", help="cases whose name contains this")
-    parser.add_argument("--target", default="avx512")
-    args = parser.parse_args()
+    args = timing.case_arguments(__doc__.split("\n")[0], 2.0, "case")
     options = timing.ort_options(1)
     print(f"{'case':<40} {'ours ms':>8} {'ours/ORT':>9} {'ours/TVM':>9} {'max err':>9}")
     for case in CASES:

@@ -23,6 +23,7 @@ directory on ``sys.path``).
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -62,6 +63,17 @@ def quiet_threads() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], quiet_env())
+
+
+def case_arguments(description: str, seconds: float, noun: str) -> argparse.Namespace:
+    """The command line of a benchmark over named cases (``noun``: "layer"): ``--seconds``
+    of timing per case (``seconds`` by default), ``--only`` the cases whose name contains
+    it, ``--target`` (avx512)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seconds", type=float, default=seconds, help=f"timing per {noun}")
+    parser.add_argument("--only", default="", help=f"{noun}s whose name contains this")
+    parser.add_argument("--target", default="avx512")
+    return parser.parse_args()
 
 
 def ort_options(threads: int) -> Any:
