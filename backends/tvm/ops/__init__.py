@@ -41,14 +41,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
+from rewriter.backends.tvm.relax_passes.op_patterns import (
+    OPAQUE,  # FuseOps fuses a kernel with nothing
+)
 from rewriter.pass_base import DOMAIN
 
 if TYPE_CHECKING:
     import tvm
     from tvm import relax
 
-# TVM's op-pattern kind "opaque": FuseOps never fuses the kernel with its neighbours.
-OPAQUE = 8
 
 # compile(kernel=...): builds the two-pass softmax PrimFunc (see ops.two_pass_softmax).
 KernelFactory = Callable[..., Any]

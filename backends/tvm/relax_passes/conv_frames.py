@@ -23,7 +23,7 @@ epilogue, which writes only the real frames, and the conv rule tiles the padded 
 without a mask. Unpadded, the copy fuses into the epilogue of its producer (the previous
 convolution's), which writes only the samples that its own tiles produce: the rest of
 the copy only feeds padded frames. Padded, the real frames read the copy's zeros, so it
-stays a function of its own (:data:`OPAQUE`).
+stays a function of its own (``op_patterns.OPAQUE``).
 
 Exact: every real frame reads the same samples and zeros as before; the padded frames
 read whatever lies past the real samples, and are dropped. Requires channels-last
@@ -46,12 +46,10 @@ from rewriter.backends.tvm.relax_passes import (
     rewrite_calls,
     schedules,
 )
+from rewriter.backends.tvm.relax_passes.op_patterns import OPAQUE
 
 if TYPE_CHECKING:
     import tvm
-
-# TVM's ``OpPatternKind.kOpaque``: ``FuseOps`` fuses a function of this kind with nothing.
-OPAQUE = 8
 
 
 def whole_tiles(target: tvm.target.Target) -> tvm.transform.Pass:

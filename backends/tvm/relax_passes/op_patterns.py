@@ -28,6 +28,7 @@ from rewriter.backends.tvm.vector_tails import uses
 if TYPE_CHECKING:
     import tvm
 
+# TVM's ``OpPatternKind``: ``FuseOps`` fuses an opaque function with nothing.
 OPAQUE = 8
 INJECTIVE = 2
 

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from rewriter.backends.tvm.relax_passes import conv, dims_of, rewrite_calls, size_terms
-from rewriter.backends.tvm.relax_passes.conv_frames import OPAQUE
+from rewriter.backends.tvm.relax_passes.op_patterns import OPAQUE
 
 if TYPE_CHECKING:
     import tvm
