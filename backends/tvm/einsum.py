@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rewriter.backends.tvm.ops import attribute_text
 from rewriter.backends.tvm.relax_passes import dims_of, product
 
 
@@ -98,7 +99,7 @@ def convert(bb: Any, inputs: list, attrs: dict) -> Any | None:
 def _terms(equation: Any) -> tuple[list[str], str] | None:
     """``(inputs' subscripts, output's)`` of ``equation``, or None for a form left to TVM
     (ellipses, a repeated index). An implicit output is the indices seen once, sorted."""
-    text = (equation.decode() if isinstance(equation, bytes) else str(equation)).replace(" ", "")
+    text = attribute_text(equation).replace(" ", "")
     if "..." in text:
         return None
     lhs, arrow, out = text.partition("->")

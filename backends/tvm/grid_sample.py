@@ -32,12 +32,12 @@ def convert(bb: Any, inputs: list, attrs: dict, target: Any) -> Any | None:
     from tvm import relax
 
     from rewriter.backends.tvm.kernels import grid_sample as kernel
-    from rewriter.backends.tvm.ops import kernel_dim, scheduled_kernel
+    from rewriter.backends.tvm.ops import attribute_text, kernel_dim, scheduled_kernel
 
     if target.kind.name != "llvm":
         return None
-    mode = MODE_NAMES.get(_text(attrs.get("mode", "bilinear")))
-    padding = _text(attrs.get("padding_mode", "zeros"))
+    mode = MODE_NAMES.get(attribute_text(attrs.get("mode", "bilinear")))
+    padding = attribute_text(attrs.get("padding_mode", "zeros"))
     data, grid = bb.normalize(inputs[0]), bb.normalize(inputs[1])
     data_dims, grid_dims = dims_of(data), dims_of(grid)
     if (
@@ -68,7 +68,3 @@ def convert(bb: Any, inputs: list, attrs: dict, target: Any) -> Any | None:
     gvar = bb.add_func(scheduled_kernel(func), KERNEL_NAME)
     out = relax.TensorType([batch, channels, out_height, out_width], "float32")
     return bb.emit(relax.call_tir(gvar, [data, grid], out))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

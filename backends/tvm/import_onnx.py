@@ -715,8 +715,7 @@ def _pad(bb: Any, inputs: list, attrs: dict, sizes: Any) -> Any | None:
     import tvm
     from tvm import relax
 
-    mode = attrs.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    mode = ops.attribute_text(attrs.get("mode", b"constant"))
     if not 2 <= len(inputs) <= 3:
         return None
     pads, value = inputs[1], inputs[2] if len(inputs) == 3 else None

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from rewriter.backends.tvm.ops import constant_value
+from rewriter.backends.tvm.ops import attribute_text, constant_value
 from rewriter.errors import InputError
 
 DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh")}
@@ -52,7 +52,7 @@ def convert(bb: Any, op_name: str, inputs: list, attrs: dict, target: Any) -> An
         if weights[2] is not None
         else np.zeros((directions, 2 * gates * hidden), np.float32)
     )
-    direction = _text(attrs.get("direction", "forward"))
+    direction = attribute_text(attrs.get("direction", "forward"))
     layout = int(attrs.get("layout", 0))
     clip = attrs.get("clip")
     linear_before_reset = bool(int(attrs.get("linear_before_reset", 0)))
@@ -168,7 +168,7 @@ def _check(op_name: str, x: Any, inputs: list, attrs: dict, weights: list) -> No
     ):
         raise InputError("LSTM: the peepholes P must be an initializer")
     defaults = DEFAULT_ACTIVATIONS[op_name]
-    given = tuple(_text(name).lower() for name in attrs.get("activations", ()) or ())
+    given = tuple(attribute_text(name).lower() for name in attrs.get("activations", ()) or ())
     if given and given != defaults * (len(given) // len(defaults)):
         raise InputError(
             f"{op_name}: activations {list(given)} are not supported (only ONNX's defaults, {list(defaults)})"
@@ -191,10 +191,6 @@ def _state(
     if hp != hidden:
         value = bb.emit(relax.op.nn.pad(value, [0, 0, 0, 0, 0, hp - hidden]))
     return value
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def fold_weights(model: Any) -> int:

@@ -187,6 +187,11 @@ def kernel_dim(value: Any, name: str) -> Any:
     return tirx.Var(name, "int64")
 
 
+def attribute_text(value: Any) -> str:
+    """An ONNX string attribute as text (TVM's importer passes them as bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def constant_value(expr: Any) -> np.ndarray | None:
     """The value of a constant tensor of the module (an initializer), else None."""
     from tvm import ir

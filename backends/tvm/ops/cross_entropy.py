@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from rewriter.backends.tvm.ops import (
     OpCall,
+    attribute_text,
     constant_value,
     register,
     scheduled_kernel,
@@ -139,8 +140,7 @@ def loss_options(attrs: Mapping[str, Any], weighted: bool) -> Any:
     """The kernels' ``LossOptions`` from the ONNX node's attributes."""
     from rewriter.backends.tvm.kernels.cross_entropy import LossOptions
 
-    reduction = attrs.get("reduction", b"mean")
-    reduction = reduction.decode() if isinstance(reduction, bytes) else str(reduction)
+    reduction = attribute_text(attrs.get("reduction", b"mean"))
     ignore = attrs.get("ignore_index")
     return LossOptions(reduction, None if ignore is None else int(ignore), weighted)
 
