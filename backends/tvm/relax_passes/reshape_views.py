@@ -8,14 +8,18 @@ stays, with those divisions per element: two reshapes of wav2vec2's feature enco
 took 30% of its symbolic library's time, one of them an identity. A reshape of a
 contiguous tensor is a view whatever its sizes, so the ones with a symbolic dimension
 are not legalized: the VM lowers them to its reshape builtin. Static reshapes keep TVM's
-path, where fusion folds them into their neighbours' index. A reshape whose symbolic
-dimensions are a prefix both shapes share (``[batch, 256, 3136] -> [batch, 256, 56,
-56]``) is legalized by :func:`prefix_reshape`: the prefix indexes as it is, the static
-rest through divisions by constants, so fusion folds it too (TVM's own takes the whole
-flat index modulo the batch, which its fusion treats as opaque; a view there kept the
+path, where fusion folds them into their neighbours' index. A reshape whose axes fall
+into runs of equal size in which only the first axis on either side is symbolic
+(:func:`reshape_groups`: ``[batch, 256, 3136] -> [batch, 256, 56, 56]``, a head split
+``[batch, 256, n] -> [batch, 4, 64, n]``, heads into the batch ``[batch, 4, n, 64] ->
+[4 * batch, n, 64]``) is legalized by :func:`grouped_reshape`: each run's index splits
+by constants only, so fusion folds it too (TVM's own takes the whole flat index modulo
+the symbolic extents, which its fusion treats as opaque; a view there kept the
 transposes around SegFormer's decode-head reshapes apart, and its resize read
-channels-first maps with gathers: 4.4 ms against 1.2 ms at fixed sizes). Where nothing
-fuses with it, TVM's ``RewriteDataflowReshape`` still makes it a view.
+channels-first maps with gathers: 4.4 ms against 1.2 ms at fixed sizes; SqueezeBERT's
+head splits and merges around its channels-first convolutions were two transposes and
+two views each, one fused copy at fixed sizes). Where nothing fuses with it, TVM's
+``RewriteDataflowReshape`` still makes it a view.
 
 >>> LegalizeOps(customize_legalize_map=legalizations())  # doctest: +SKIP
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewriter.backends.tvm.relax_passes import dims_of, product
+from rewriter.backends.tvm.relax_passes import dims_of, in_placeholder_vars, product
 
 
 def legalizations() -> dict[str, Any]:
@@ -36,15 +40,17 @@ def legalizations() -> dict[str, Any]:
 
     def legalize(bb: Any, call: Any) -> Any:
         source, target = dims_of(call.args[0]), dims_of(call)
-        shared = shared_prefix(source, target)
-        if shared is None:
+        if source is not None and target is not None and _static(source + target):
+            return stock(bb, call)
+        groups = reshape_groups(source, target) if source and target else None
+        if groups is None:
             return call  # kept: VMBuiltinLower makes it vm.builtin.reshape (a view)
-        if shared == 0:
-            return stock(bb, call)  # static
         return bb.call_te(
-            # The prefix in the placeholder's own variables (the caller's would be a second
+            # The target in the placeholder's own variables (the caller's would be a second
             # variable of the same name, which TVM orders differently every build).
-            lambda x: prefix_reshape(x, [int(d) for d in target[shared:]], x.shape[:shared]),  # type: ignore[index]
+            lambda x: grouped_reshape(
+                x, [in_placeholder_vars(d, source, x.shape) for d in target], groups  # type: ignore[union-attr]
+            ),
             call.args[0],
             primfunc_name_hint="reshape",
         )
@@ -52,45 +58,116 @@ def legalizations() -> dict[str, Any]:
     return {"relax.reshape": legalize}
 
 
-def shared_prefix(source: Any, target: Any) -> int | None:
-    """How many leading symbolic dimensions ``source`` and ``target`` share (0: both
-    static) where every dimension after them is static; None otherwise."""
-    import tvm_ffi
+def _static(dims: list[Any]) -> bool:
     from tvm import tirx
 
-    if source is None or target is None:
+    return all(isinstance(dim, tirx.IntImm) for dim in dims)
+
+
+Group = tuple[list[int], list[int]]
+
+
+def reshape_groups(source: list[Any], target: list[Any]) -> list[Group] | None:
+    """``source``'s and ``target``'s axes (sizes of 1 left out) in runs of equal product,
+    ``[([source axes], [target axes]), ...]`` in order, where every axis of a run but its
+    first is static on both sides, so that a run's index splits by constants only
+    (``[b, 256, n] -> [b, 4, 64, n]``: ``[0] [0]``, ``[1] [1, 2]``, ``[2] [3]``;
+    ``[b, 4, n, 64] -> [4b, n, 64]``: ``[0, 1] [0]`` ...). None where no such runs exist:
+    a run that would divide by a symbolic extent (``[2, n, 8] -> [2n, 8]``), or sizes
+    whose products cannot be matched as products of the same variables."""
+    from tvm import tirx
+
+    kept_source = [i for i, dim in enumerate(source) if not _is_one(dim)]
+    kept_target = [i for i, dim in enumerate(target) if not _is_one(dim)]
+    groups: list[Group] = []
+    i = j = 0
+    while i < len(kept_source) and j < len(kept_target):
+        run_source, run_target = [kept_source[i]], [kept_target[j]]
+        i, j = i + 1, j + 1
+        while True:
+            left = _terms([source[k] for k in run_source])
+            right = _terms([target[k] for k in run_target])
+            if left is None or right is None:
+                return None
+            if left == right:
+                break
+            if _smaller(left, right) and i < len(kept_source):
+                run_source.append(kept_source[i])
+                i += 1
+            elif _smaller(right, left) and j < len(kept_target):
+                run_target.append(kept_target[j])
+                j += 1
+            else:
+                return None
+        for run, dims in ((run_source, source), (run_target, target)):
+            if not all(isinstance(dims[k], tirx.IntImm) for k in run[1:]):
+                return None
+        groups.append((run_source, run_target))
+    if i < len(kept_source) or j < len(kept_target):
         return None
-    shared = 0
-    while (
-        shared < min(len(source), len(target))
-        and not isinstance(source[shared], tirx.IntImm)
-        and tvm_ffi.structural_equal(source[shared], target[shared])
-    ):
-        shared += 1
-    rest = [*source[shared:], *target[shared:]]
-    return shared if all(isinstance(dim, tirx.IntImm) for dim in rest) else None
+    return groups
 
 
-def prefix_reshape(x: Any, tail: list[int], prefix: Any) -> Any:
-    """``x`` reshaped to ``prefix + tail``: the prefix indexes ``x`` as it is, the static
-    tail through its flat index (divisions by constants only; TVM's reshape flattens the
-    whole index and takes it modulo the symbolic extents, which its fusion treats as
-    opaque)."""
+def _is_one(dim: Any) -> bool:
+    from tvm import tirx
+
+    return isinstance(dim, tirx.IntImm) and int(dim.value) == 1
+
+
+def _terms(dims: list[Any]) -> tuple[int, tuple[str, ...]] | None:
+    """The product of ``dims`` as a constant and the sorted structural keys of its other
+    factors (a variable, or any expression that is not a product: ``(n + 6) // 7``)."""
+    from tvm import tirx
+
+    coefficient, factors = 1, []
+    pending = list(dims)
+    while pending:
+        term = pending.pop()
+        if isinstance(term, tirx.Mul):
+            pending += [term.a, term.b]
+        elif isinstance(term, tirx.IntImm):
+            coefficient *= int(term.value)
+        else:
+            factors.append(str(term))
+    if coefficient <= 0:
+        return None
+    return coefficient, tuple(sorted(factors))
+
+
+def _smaller(part: tuple[int, tuple[str, ...]], whole: tuple[int, tuple[str, ...]]) -> bool:
+    """Whether the run of ``part`` (:func:`_terms`) must grow to match ``whole``'s: its
+    symbolic factors are some of ``whole``'s, and fewer, or the same with a smaller
+    constant (``128`` against ``255``: ``128 x 255`` may match ``255 x 128``)."""
+    rest = list(whole[1])
+    for factor in part[1]:
+        if factor not in rest:
+            return False
+        rest.remove(factor)
+    return bool(rest) or part[0] < whole[0]
+
+
+def grouped_reshape(x: Any, target: list[Any], groups: list[Group]) -> Any:
+    """``x`` reshaped to ``target`` run by run (:func:`reshape_groups`): within a run, the
+    target's index flattened and split into the source's axes by the run's static extents
+    (TVM's reshape flattens the whole index and takes it modulo the symbolic extents,
+    which its fusion treats as opaque). Axes of size 1 index at 0."""
     from tvm import te, tirx
 
-    source_tail = [int(d) for d in x.shape[len(prefix) :]]
+    source = list(x.shape)
 
     def element(*index: Any) -> Any:
-        flat: Any = tirx.const(0, "int64")
-        for i, size in zip(index[len(prefix) :], tail, strict=True):
-            flat = flat * size + i
-        inner = []
-        for size in reversed(source_tail[1:]):
-            inner.append(flat % size)
-            flat = flat // size
-        return x(*index[: len(prefix)], *([flat] if source_tail else []), *reversed(inner))
+        at: list[Any] = [tirx.const(0, "int64")] * len(source)
+        for run_source, run_target in groups:
+            flat = index[run_target[0]]
+            for k in run_target[1:]:
+                flat = flat * target[k] + index[k]
+            for k in reversed(run_source[1:]):
+                at[k] = flat % source[k]
+                flat = flat // source[k]
+            at[run_source[0]] = flat
+        return x(*at)
 
-    return te.compute([*prefix, *tail], element, name="T_reshape")
+    return te.compute(target, element, name="T_reshape")
 
 
 def dataflow_reshapes() -> Any:

@@ -3,7 +3,8 @@
 TVM's copying reshape over symbolic sizes divides by run-time extents per element (two
 of wav2vec2's took 30% of its symbolic library's time). Over symbolic sizes the reshape
 is kept for the VM's view builtin; static ones keep TVM's legalization, and those whose
-symbolic dimensions are a shared prefix (a batch) are legalized by ``prefix_reshape``.
+symbolic dimensions lead runs of static ones (a batch, a head split before a symbolic
+length) are legalized by ``grouped_reshape``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Reshapes:
         with R.dataflow():
             flat = R.reshape(x + R.const(1.0, "float32"), R.shape([2 * n, 8]))  # symbolic: a view
             fixed = R.reshape(y, R.shape([8, 8]))  # static: TVM's legalization
-            batched = R.reshape(z, R.shape([b, 32]))  # a symbolic prefix, then static: prefix_reshape
+            batched = R.reshape(z, R.shape([b, 32]))  # a symbolic prefix, then static: grouped_reshape
             out = (flat, fixed, batched)
             R.output(out)
         return out
@@ -200,3 +201,59 @@ def test_a_function_tvms_reshape_test_aborts_on_is_not_taken_for_a_reshape():
     main = reshape_views.dataflow_reshapes()(RelativePositions)["main"].script()
     assert "R.call_tir(transpose" in main  # kept: not provably a reshape
     assert "R.call_tir(flatten" not in main and "R.reshape(y" in main  # a reshape: a view
+
+
+def test_reshape_groups_split_by_constants_only():
+    b, n = (tvm.tirx.Var(name, "int64") for name in ("b", "n"))
+
+    def groups(source: list[object], target: list[object]) -> object:
+        def dims(values: list[object]) -> list[object]:
+            return [tvm.tirx.IntImm("int64", v) if isinstance(v, int) else v for v in values]
+
+        return reshape_views.reshape_groups(dims(source), dims(target))
+
+    assert groups([b, 256, n], [b, 4, 64, n]) == [([0], [0]), ([1], [1, 2]), ([2], [3])]
+    assert groups([b, 4, n, 64], [b * 4, n, 64]) == [([0, 1], [0]), ([2], [1]), ([3], [2])]
+    assert groups([1, b, 12, n], [b, 3, 4, n, 1]) == [([1], [0]), ([2], [1, 2]), ([3], [3])]
+    assert groups([2, n, 8], [2 * n, 8]) is None  # would divide by n
+    assert groups([b, n], [n, b]) is None  # no runs of equal size
+    assert groups([b, 4, 128, 255], [b, 4, 255, 128]) == [([0], [0]), ([1], [1]), ([2, 3], [2, 3])]
+    assert groups([b, 6], [b, 4]) is None
+
+
+@I.ir_module
+class Heads:
+    @R.function
+    def main(x: R.Tensor(("batch", "n", 256), "float32")):
+        batch = T.int64()
+        n = T.int64()
+        with R.dataflow():
+            # SqueezeBERT's heads around its channels-first (NCW) 1-D convolutions:
+            # [b, n, 256] -> [b, 256, n] -> [b, 4, 64, n] -> [b, 4, n, 64] -> [4b, n, 64]
+            channels_first = R.permute_dims(x, [0, 2, 1])
+            heads = R.reshape(channels_first, R.shape([batch, 4, 64, n]))
+            rows = R.permute_dims(heads, [0, 1, 3, 2])
+            y = R.reshape(rows, R.shape([batch * 4, n, 64]))
+            R.output(y)
+        return y
+
+
+def test_head_split_under_a_symbolic_length_fuses_with_its_transposes():
+    # Both reshapes split or merge runs by constants: one function, as at fixed sizes
+    # (two transposes and two views before).
+    target = targets.resolve("avx512")
+    with target:
+        mod = relax.transform.LegalizeOps(customize_legalize_map=reshape_views.legalizations())(Heads)
+        mod = relax.transform.AnnotateTIROpPattern()(mod)
+        mod = relax.transform.FuseOps()(mod)
+        mod = relax.transform.FuseTIR()(mod)
+    script = mod["main"].script()
+    assert script.count("R.call_tir(") == 1 and "R.reshape(" not in script, script
+    assert shared_names(mod) == {}
+    executable = relax.build(Heads, target=target, relax_pipeline=pipeline.relax_pipeline(target))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    for batch, n in ((1, 5), (3, 17)):
+        x = np.random.default_rng(n).standard_normal((batch, n, 256)).astype(np.float32)
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        want = x.transpose(0, 2, 1).reshape(batch, 4, 64, n).transpose(0, 1, 3, 2).reshape(batch * 4, n, 64)
+        np.testing.assert_array_equal(got, want)
