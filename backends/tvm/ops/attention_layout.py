@@ -14,7 +14,9 @@ symbolic), and hand their kernels::
 vector width, for static shapes only; 1 for the softmax kernel, which reads any number
 of keys, so nothing is padded). Padded keys are zeros in Kᵀ, V and the mask: the sigmoid
 kernel's padded V rows are zero, so they add 0. A constant all-zero mask (the rewrite's
-"no mask") is dropped.
+"no mask") is dropped. A mask computed from broadcasts (an ``Expand`` to the batch, then
+the ``Where`` that makes it additive) is computed before them (:func:`narrowed`): the
+kernel broadcasts it over the heads and rows itself.
 """
 
 from __future__ import annotations
@@ -141,6 +143,12 @@ def kernel_operands(
     sizes = {"batch": b, "heads": h, "q_len": n, "k_len": mp, "head_dim": d, "value_dim": dv}
     if mask is None or mshape is None:
         return KernelOperands(args, **sizes)
+    narrow = narrowed(bb, mask)
+    nshape = _shape(narrow)
+    if nshape is not None and len(nshape) <= 4:
+        nshape = [1] * (4 - len(nshape)) + nshape
+        if all(_is_one(x) or analyzer.can_prove_equal(x, y) for x, y in zip(nshape, mshape, strict=True)):
+            mask, mshape = narrow, nshape
     per_head = not (_is_one(mshape[0]) and _is_one(mshape[1]))
     per_row = not _is_one(mshape[2])
     full = [b if per_head else 1, h if per_head else 1, n if per_row else 1, m]
@@ -150,6 +158,44 @@ def kernel_operands(
     mask3 = bb.emit(relax.op.reshape(mask4, [bh if per_head else 1, full[2], m]))
     args.append(padded_keys(mask3, 2))
     return KernelOperands(args, **sizes, per_head=per_head, per_row=per_row)
+
+
+# Elementwise Relax ops (their output the broadcast of their operands): a mask they make
+# of broadcast operands is made of the operands before the broadcast (narrowed).
+ELEMENTWISE = frozenset(
+    f"relax.{name}"
+    for name in (
+        *("add", "subtract", "multiply", "divide", "maximum", "minimum", "negative", "where"),
+        *("astype", "logical_not", "logical_and", "logical_or", "equal", "not_equal"),
+        *("less", "less_equal", "greater", "greater_equal"),
+    )
+)
+
+
+def narrowed(bb: relax.BlockBuilder, mask: relax.Expr, depth: int = 8) -> relax.Expr:
+    """``mask`` computed before the broadcasts it reads: the same values at every index of
+    an axis that a ``broadcast_to`` (or an elementwise op of broadcast operands) made, so
+    that the kernel reads one row, or one head, for all (a dynamo export's constant mask
+    broadcast to the batch and then to the heads: AST's [batch x 4, 1214, 1214], 6 ms of
+    a run made and read at a symbolic batch, where a fixed batch folds it). Emits the
+    elementwise ops again on the narrowed operands; ``mask`` itself where nothing
+    narrows."""
+    import tvm
+    from tvm import relax
+
+    if depth == 0:
+        return mask
+    value = bb.lookup_binding(mask) if isinstance(mask, relax.Var) else mask
+    if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+        return mask
+    if value.op.name == "relax.broadcast_to":
+        return narrowed(bb, value.args[0], depth - 1)
+    if value.op.name not in ELEMENTWISE:
+        return mask
+    args = [narrowed(bb, arg, depth - 1) for arg in value.args]
+    if all(new.same_as(old) for new, old in zip(args, value.args, strict=True)):
+        return mask
+    return bb.emit(relax.Call(value.op, args, value.attrs, value.ty_args))
 
 
 def _shape(x: relax.Expr) -> list[Any] | None:

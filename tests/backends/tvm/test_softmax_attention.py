@@ -336,3 +336,56 @@ def test_real_exports_fuse_every_attention_and_agree(real_model, tmp_path, name:
         for key, value in expected.items():
             assert np.abs(got[key] - value).max() <= 1e-4 * np.abs(value).max(), key
     assert KERNEL_NAME in kernels(import_onnx.prepare(path))
+
+
+def _mask_expanded_to_the_batch() -> onnx.ModelProto:
+    """Attention at a symbolic batch whose additive mask is a constant causal pattern
+    expanded to the batch before the ``Where`` that makes it additive (as dynamo exports a
+    mask the model builds from sizes: AST's)."""
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+        helper.make_node("Shape", ["q"], ["shape"], start=0, end=1),
+        helper.make_node("Concat", ["shape", "rest"], ["mask_shape"], axis=0),
+        helper.make_node("Expand", ["causal", "mask_shape"], ["keep"]),
+        helper.make_node("Where", ["keep", "zero", "lowest"], ["mask"]),
+        helper.make_node("Add", ["scaled", "mask"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["y"]),
+    ]
+    constants = {
+        "scale": np.array(0.5, np.float32),
+        "rest": np.array([1, 8, 8], np.int64),
+        "causal": np.tril(np.ones((8, 8), dtype=bool))[None, None],
+        "zero": np.array(0.0, np.float32),
+        "lowest": np.array(np.finfo(np.float32).min, np.float32),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "expanded_mask",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 2, 8, 4]) for n in "qkv"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_mask_expanded_to_a_symbolic_batch_is_read_once_for_all() -> None:
+    # The kernel reads the mask before the batch's expansion (one [1, 8, 8] constant),
+    # where it read a [2 x batch, 8, 8] copy made on every call.
+    proto = ir.serde.serialize_model(two_pass(ir.serde.deserialize_model(_mask_expanded_to_the_batch())))
+    mod = import_onnx.import_onnx(proto, target=AVX512)
+    masks = [
+        binding.value.args[1].fields[3].ty.shape
+        for block in mod["main"].body.blocks
+        for binding in block.bindings
+        if KERNEL_NAME in str(getattr(binding.value, "args", [""])[0])
+    ]
+    assert [[int(size) for size in mask] for mask in masks] == [[1, 8, 8]], masks
+    compiled = backend.compile(proto, target="avx512")
+    for batch in (1, 3):
+        rng = np.random.default_rng(batch)
+        feeds = {n: rng.standard_normal((batch, 2, 8, 4)).astype(np.float32) for n in "qkv"}
+        expected = verify.run(proto.SerializeToString(), feeds)["y"]
+        assert_close(compiled.run(feeds)["y"], expected)
