@@ -148,9 +148,42 @@ def padded_conv(builder: Any, call: Any, lanes: int) -> Any:
     # Without padding, the copy may fuse into the epilogue of the function that computes
     # ``data`` (wav2vec2: the previous convolution's), which writes only the samples its
     # tiles produce: the real frames read only those. Padded, the real frames read zeros
-    # that such an epilogue would not write; the copy stays a function of its own.
+    # that such an epilogue would not write; the copy stays a function of its own. So it
+    # does after a pad by computed amounts: fused, no rule could schedule the function.
     padded_input = left or int(call.attrs.padding[1])
-    attrs = {"op_pattern": OPAQUE} if padded_input else None
+    attrs = {"op_pattern": OPAQUE} if padded_input or after_computed_pad(builder, data) else None
     source = builder.emit_te(copy, data, primfunc_name_hint="pad_frames", primfunc_attrs=attrs)
     whole = builder.emit(conv._conv_like(call, source, weight, padding=[0, 0]))
     return relax.op.strided_slice(whole, axes=[1], begin=[0], end=[frames], assume_inbound=True)
+
+
+def after_computed_pad(builder: Any, data: Any) -> bool:
+    """Whether ``data`` is, through transposes, a pad whose amounts are computed from the
+    sizes: the importer's pad kernel (``reflect_pad``, ``constant_pad``, ``edge_pad``:
+    EnCodec's reflect pads to whole frames) with an axis longer than its input's by no
+    constant. Fused with the copy of the frames, such a pad can make a function that no
+    rule schedules (TVM finds the copy's rows and the pad's outputs not provably the same
+    region: "not a stage pipeline"): EnCodec's first, after a transpose from its input,
+    was left scalar, 2 ms of its 27 at symbolic sizes, where the pad and the copy apart
+    take 0.3."""
+    import tvm
+    from tvm import relax, sym, tirx
+
+    permute, call_tir = (tvm.ir.Op.get(name) for name in ("relax.permute_dims", "relax.call_tir"))
+    expr = data
+    for _ in range(4):
+        value = builder.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        if not isinstance(value, relax.Call) or not value.op.same_as(permute):
+            break
+        expr = value.args[0]
+    if not (isinstance(value, relax.Call) and value.op.same_as(call_tir)):
+        return False
+    if not value.args[0].name_hint.endswith("_pad") or not isinstance(value.args[1], relax.Tuple):
+        return False
+    before, after = dims_of(value.args[1].fields[0]), dims_of(value)
+    if before is None or after is None or len(before) != len(after):
+        return False
+    analyzer = sym.Analyzer()
+    return any(
+        not isinstance(analyzer.simplify(b - a), tirx.IntImm) for a, b in zip(before, after, strict=True)
+    )

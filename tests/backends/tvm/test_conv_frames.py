@@ -245,3 +245,53 @@ def test_wav2vec2_compiled_for_any_length_agrees_at_ragged_lengths(real_model, e
         got = next(iter(compiled.run(feeds).values()))
         assert got.shape == reference.shape
         assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, samples
+
+
+def _reflect_padded_conv() -> object:
+    """EnCodec's downsampling: ``Conv(Pad(Elu(x), reflect, (0, (samples + 1) % 2)))``, the
+    pad's amount computed from the length, so that the stride-2 frames cover it."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((32, 16, 4)) / 8).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([2], np.int64), "two"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.zeros(5, np.int64), "zeros"),
+    ]
+    nodes = [
+        helper.make_node("Elu", ["x"], ["e"]),
+        helper.make_node("Shape", ["x"], ["length"], start=2),
+        helper.make_node("Add", ["length", "one"], ["longer"]),
+        helper.make_node("Mod", ["longer", "two"], ["extra"]),
+        helper.make_node("Concat", ["zeros", "extra"], ["pads"], axis=0),
+        helper.make_node("Pad", ["e", "pads"], ["p"], mode="reflect"),
+        helper.make_node("Conv", ["p", "w"], ["y"], kernel_shape=[4], strides=[2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, "samples"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_copy_after_a_computed_pad_stays_apart_and_everything_is_scheduled():
+    # Fused with the pad (and the transposes around it), the copy of the frames made one
+    # function; EnCodec's first such function no rule could schedule (scalar: 2 ms of its
+    # 27 at symbolic sizes). The copy is a function of its own after such a pad.
+    model = _reflect_padded_conv()
+    compiled = backend.compile(model, "avx512")
+    assert compiled.schedules is not None
+    rules, unscheduled = compiled.schedules.scheduled, compiled.schedules.unscheduled
+    assert not unscheduled, unscheduled
+    assert any(name == "pad_frames" or name.startswith("pad_frames") for name in rules), rules
+    assert not any("reflect_pad" in name and "pad_frames" in name for name in rules), rules
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+    rng = np.random.default_rng(4)
+    for batch, length in ((1, 67), (2, 66), (1, 18), (1, 131)):
+        x = rng.standard_normal((batch, 16, length)).astype(np.float32)
+        reference = session.run(None, {"x": x})[0]
+        got = compiled.run({"x": x})["y"]
+        assert got.shape == reference.shape
+        assert float(np.abs(got - reference).max() / np.abs(reference).max()) < TOLERANCE.rtol, length
