@@ -74,10 +74,13 @@ def rule() -> Any:
                 without_offset(merged_inner(analyzer.simplify(index), stmt.iter_vars))
                 for index in stmt.body.value.indices
             ]
-            for index in write_index + read_index:  # iterators, or unit axes (constant 0)
-                if not (isinstance(index, tirx.IntImm) or any(index.same_as(v) for v in ivars)):
+            # Iterators, unit axes (constant 0), or, before the input's innermost axis, an
+            # iterator split by a constant (an output axis that is two of the input's: heads
+            # merged into a symbolic batch, RoBERTa's keys [b, s, h * d] -> [b * h, d, s]).
+            for index in write_index + read_index[:-1]:
+                if not (isinstance(index, tirx.IntImm) or _iterator(split_of(index), ivars)):
                     return None
-            if isinstance(write_index[-1], tirx.IntImm) or isinstance(read_index[-1], tirx.IntImm):
+            if not _iterator(read_index[-1], ivars) or not _iterator(write_index[-1], ivars):
                 return None
             loops = sch.get_loops(block)
             if len(loops) != len(ivars):
@@ -253,15 +256,26 @@ def rule() -> Any:
         offset = isinstance(index, (tirx.Add, tirx.Sub)) and isinstance(index.b, tirx.IntImm)
         return index.a if offset and isinstance(index.a, tirx.Var) else index
 
+    def _iterator(index: Any, ivars: list[Any]) -> bool:
+        return any(index.same_as(v) for v in ivars)
+
+    def split_of(index: Any) -> Any:
+        """``i`` for an index ``i // c`` or ``i % c`` of an iterator ``i`` and a constant
+        ``c`` (one part of an output axis that is two input axes); ``index`` otherwise."""
+        split = isinstance(index, (tirx.FloorDiv, tirx.FloorMod)) and isinstance(index.b, tirx.IntImm)
+        return index.a if split and isinstance(index.a, tirx.Var) else index
+
     def merged_inner(index: Any, iter_vars: list[Any]) -> Any:
-        """``b`` for an index ``a * n + b`` of two iterators, ``b``'s extent ``n`` (two axes
-        of the output that are one of the input); ``index`` itself otherwise."""
+        """``b`` for an index ``a * n + b`` of two iterators (``a`` or a part of one,
+        :func:`split_of`), ``b``'s extent ``n`` (two axes of the output that are one of the
+        input); ``index`` itself otherwise."""
         if not isinstance(index, tirx.Add):
             return index
         outer, inner = index.a, index.b
         if not isinstance(outer, tirx.Mul) or not isinstance(inner, tirx.Var):
             return index
         factor, var = (outer.b, outer.a) if isinstance(outer.b, tirx.IntImm) else (outer.a, outer.b)
+        var = split_of(var)
         if not isinstance(factor, tirx.IntImm) or not isinstance(var, tirx.Var):
             return index
         extents = [iv.dom.extent for iv in iter_vars if iv.var.same_as(inner)]
