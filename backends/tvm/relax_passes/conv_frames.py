@@ -149,7 +149,8 @@ def padded_conv(builder: Any, call: Any, lanes: int) -> Any:
     # ``data`` (wav2vec2: the previous convolution's), which writes only the samples its
     # tiles produce: the real frames read only those. Padded, the real frames read zeros
     # that such an epilogue would not write; the copy stays a function of its own. So it
-    # does after a pad by computed amounts: fused, no rule could schedule the function.
+    # does after a pad by computed amounts, with which it can fuse into a function that no
+    # rule schedules.
     padded_input = left or int(call.attrs.padding[1])
     attrs = {"op_pattern": OPAQUE} if padded_input or after_computed_pad(builder, data) else None
     source = builder.emit_te(copy, data, primfunc_name_hint="pad_frames", primfunc_attrs=attrs)
@@ -165,7 +166,7 @@ def after_computed_pad(builder: Any, data: Any) -> bool:
     rule schedules (TVM finds the copy's rows and the pad's outputs not provably the same
     region: "not a stage pipeline"): EnCodec's first, after a transpose from its input,
     was left scalar, 2 ms of its 27 at symbolic sizes, where the pad and the copy apart
-    take 0.3."""
+    take 0.22."""
     import tvm
     from tvm import relax, sym, tirx
 
