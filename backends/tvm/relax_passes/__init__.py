@@ -73,25 +73,32 @@ def product(dims: Any) -> Any:
     return total
 
 
-def size_terms(size: Any) -> tuple[int, tuple[Any, ...]] | None:
-    """``size`` (a TIR expression: a storage's bytes, a symbolic batch) as ``coefficient *
-    v1 * v2 ...``: ``(coefficient, (v1, v2, ...))`` the variables sorted by name; None for
-    any other form (a sum, a division) or a constant."""
+def product_factors(terms: Any) -> tuple[int, list[Any]]:
+    """The product of ``terms`` (TIR expressions) as its constant and its other factors,
+    products taken apart (``4 * b * (n + 6) // 7`` -> ``(4, [b, (n + 6) // 7])``)."""
     from tvm import tirx
 
-    coefficient, variables = 1, []
-    pending = [size]
+    coefficient, factors = 1, []
+    pending = list(terms)
     while pending:
         term = pending.pop()
         if isinstance(term, tirx.Mul):
             pending += [term.a, term.b]
         elif isinstance(term, tirx.IntImm):
             coefficient *= int(term.value)
-        elif isinstance(term, tirx.Var):
-            variables.append(term)
         else:
-            return None
-    if not variables:
+            factors.append(term)
+    return coefficient, factors
+
+
+def size_terms(size: Any) -> tuple[int, tuple[Any, ...]] | None:
+    """``size`` (a TIR expression: a storage's bytes, a symbolic batch) as ``coefficient *
+    v1 * v2 ...``: ``(coefficient, (v1, v2, ...))`` the variables sorted by name; None for
+    any other form (a sum, a division) or a constant."""
+    from tvm import tirx
+
+    coefficient, variables = product_factors([size])
+    if not variables or not all(isinstance(var, tirx.Var) for var in variables):
         return None
     return coefficient, tuple(sorted(variables, key=lambda var: var.name))
 

@@ -28,7 +28,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from rewriter.backends.tvm.relax_passes import dims_of, in_placeholder_vars, product
+from rewriter.backends.tvm.relax_passes import (
+    dims_of,
+    in_placeholder_vars,
+    product,
+    product_factors,
+)
 
 
 def legalizations() -> dict[str, Any]:
@@ -75,7 +80,6 @@ def reshape_groups(source: list[Any], target: list[Any]) -> list[Group] | None:
     ``[b, 4, n, 64] -> [4b, n, 64]``: ``[0, 1] [0]`` ...). None where no such runs exist:
     a run that would divide by a symbolic extent (``[2, n, 8] -> [2n, 8]``), or sizes
     whose products cannot be matched as products of the same variables."""
-    from tvm import tirx
 
     kept_source = [i for i, dim in enumerate(source) if not _is_one(dim)]
     kept_target = [i for i, dim in enumerate(target) if not _is_one(dim)]
@@ -100,7 +104,7 @@ def reshape_groups(source: list[Any], target: list[Any]) -> list[Group] | None:
             else:
                 return None
         for run, dims in ((run_source, source), (run_target, target)):
-            if not all(isinstance(dims[k], tirx.IntImm) for k in run[1:]):
+            if not _static([dims[k] for k in run[1:]]):
                 return None
         groups.append((run_source, run_target))
     if i < len(kept_source) or j < len(kept_target):
@@ -117,21 +121,10 @@ def _is_one(dim: Any) -> bool:
 def _terms(dims: list[Any]) -> tuple[int, tuple[str, ...]] | None:
     """The product of ``dims`` as a constant and the sorted structural keys of its other
     factors (a variable, or any expression that is not a product: ``(n + 6) // 7``)."""
-    from tvm import tirx
-
-    coefficient, factors = 1, []
-    pending = list(dims)
-    while pending:
-        term = pending.pop()
-        if isinstance(term, tirx.Mul):
-            pending += [term.a, term.b]
-        elif isinstance(term, tirx.IntImm):
-            coefficient *= int(term.value)
-        else:
-            factors.append(str(term))
+    coefficient, factors = product_factors(dims)
     if coefficient <= 0:
         return None
-    return coefficient, tuple(sorted(factors))
+    return coefficient, tuple(sorted(str(factor) for factor in factors))
 
 
 def _smaller(part: tuple[int, tuple[str, ...]], whole: tuple[int, tuple[str, ...]]) -> bool:

@@ -142,6 +142,18 @@ def test_ragged_frames_are_padded_then_sliced(length):
     tvm.ir.assert_structural_equal(conv_frames.pad_frames(once, 16), once)
 
 
+def _model(nodes: list[object], inits: list[object]) -> object:
+    """An opset-17 model of ``nodes`` from ``x`` [batch, 16, samples] to ``y``."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, "samples"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def _two_convs(pads: list[int]) -> object:
     """``Conv(Relu(Conv(x)), pads=pads)`` over a symbolic length: the second one's copy
     reads the first one's output."""
@@ -155,14 +167,7 @@ def _two_convs(pads: list[int]) -> object:
         helper.make_node("Relu", ["c"], ["r"]),
         helper.make_node("Conv", ["r", "w2"], ["y"], kernel_shape=[3], pads=pads),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, "samples"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _model(nodes, inits)
 
 
 @pytest.mark.parametrize(("pads", "fused"), [([0, 0], True), ([0, 5], False), ([3, 0], False)])
@@ -266,14 +271,7 @@ def _reflect_padded_conv() -> object:
         helper.make_node("Pad", ["e", "pads"], ["p"], mode="reflect"),
         helper.make_node("Conv", ["p", "w"], ["y"], kernel_shape=[4], strides=[2]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, "samples"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _model(nodes, inits)
 
 
 def test_a_copy_after_a_computed_pad_stays_apart_and_everything_is_scheduled():

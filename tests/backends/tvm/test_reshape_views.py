@@ -82,8 +82,7 @@ def test_symbolic_reshape_agrees_at_several_sizes():
     # RewriteDataflowReshape): no copy.
     lowered = pipeline.relax_pipeline(target)(Reshapes)["main"].script()
     assert lowered.count('R.call_packed("vm.builtin.reshape"') == 3, lowered
-    executable = relax.build(Reshapes, target=target, relax_pipeline=pipeline.relax_pipeline(target))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = machine(Reshapes)
     y = np.arange(64, dtype=np.float32).reshape(2, 4, 8)
     for n in (1, 5):
         x = np.random.default_rng(n).standard_normal((2, n, 8)).astype(np.float32)
@@ -108,20 +107,31 @@ class Tokens:
         return y
 
 
+
+def fused(module: object) -> object:
+    """``module`` legalized with our reshapes, its op patterns annotated and fused, as
+    the pipeline does before scheduling."""
+    with targets.resolve("avx512"):
+        mod = relax.transform.LegalizeOps(customize_legalize_map=reshape_views.legalizations())(module)
+        mod = relax.transform.AnnotateTIROpPattern()(mod)
+        mod = relax.transform.FuseOps()(mod)
+        return relax.transform.FuseTIR()(mod)
+
+
+def machine(module: object) -> relax.VirtualMachine:
+    """``module`` built through our pipeline for avx512, on the CPU."""
+    target = targets.resolve("avx512")
+    executable = relax.build(module, target=target, relax_pipeline=pipeline.relax_pipeline(target))
+    return relax.VirtualMachine(executable, tvm.cpu())
+
 def test_reshape_under_a_symbolic_batch_fuses_with_its_neighbours():
     # The batch is a prefix both shapes share: the reshape's index divides by constants,
     # TVM's fusion takes it, and the three ops are one function (TVM's own reshape
     # indexes modulo the batch, which its fusion treats as opaque: three copies).
-    target = targets.resolve("avx512")
-    with target:
-        mod = relax.transform.LegalizeOps(customize_legalize_map=reshape_views.legalizations())(Tokens)
-        mod = relax.transform.AnnotateTIROpPattern()(mod)
-        mod = relax.transform.FuseOps()(mod)
-        mod = relax.transform.FuseTIR()(mod)
+    mod = fused(Tokens)
     script = mod["main"].script()
     assert script.count("R.call_tir(") == 1 and "R.reshape(" not in script, script
-    executable = relax.build(Tokens, target=target, relax_pipeline=pipeline.relax_pipeline(target))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = machine(Tokens)
     for batch in (1, 3):
         x = np.random.default_rng(batch).standard_normal((batch, 16, 64)).astype(np.float32)
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -241,17 +251,11 @@ class Heads:
 def test_head_split_under_a_symbolic_length_fuses_with_its_transposes():
     # Both reshapes split or merge runs by constants: one function, as at fixed sizes
     # (two transposes and two views before).
-    target = targets.resolve("avx512")
-    with target:
-        mod = relax.transform.LegalizeOps(customize_legalize_map=reshape_views.legalizations())(Heads)
-        mod = relax.transform.AnnotateTIROpPattern()(mod)
-        mod = relax.transform.FuseOps()(mod)
-        mod = relax.transform.FuseTIR()(mod)
+    mod = fused(Heads)
     script = mod["main"].script()
     assert script.count("R.call_tir(") == 1 and "R.reshape(" not in script, script
     assert shared_names(mod) == {}
-    executable = relax.build(Heads, target=target, relax_pipeline=pipeline.relax_pipeline(target))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm = machine(Heads)
     for batch, n in ((1, 5), (3, 17)):
         x = np.random.default_rng(n).standard_normal((batch, n, 256)).astype(np.float32)
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
