@@ -738,6 +738,7 @@ def _pad(bb: Any, inputs: list, attrs: dict, sizes: Any) -> Any | None:
             own = [in_placeholder_vars(width, shape, x.shape) for width in amounts]
             return _padded(x, own, mode, fill)
 
+        # Named ``{mode}_pad``: conv_frames.after_computed_pad finds it by that name.
         return bb.normalize(bb.call_te(kernel, inputs[0], primfunc_name_hint=f"{mode}_pad"))
     if mode != "constant":
         return None
